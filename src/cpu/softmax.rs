@@ -1,0 +1,206 @@
+//! The tiled softmax core shared by every temperature-softmax loss (InfoNCE, NT-Xent, CLIP, MoCo,
+//! SupCon). Logits are `logit_ij = scale * q_i . k_j` for queries `q` (rows x dim) and keys `k`
+//! (cols x dim). Row tiles run in parallel; within a row tile, key tiles are visited in order with
+//! a running max and sum of exponentials, so memory is O(ROW_TILE x KEY_TILE) per thread and never
+//! rows x cols. The backward recomputes each score tile from the saved per-row log-sum-exp.
+
+use rayon::prelude::*;
+
+use super::gemm::MatRef;
+use super::{Real, KEY_TILE, ROW_TILE};
+
+/// Queries, keys and how their scores become logits.
+#[derive(Clone, Copy)]
+pub struct Scores<'a, T> {
+    pub queries: &'a [T],
+    pub keys: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub dim: usize,
+    /// Multiplies every score: `1 / tau`, or `exp(log_scale)` for CLIP.
+    pub scale: f64,
+    /// Drops the logit `(i, i)` (a row never contrasts with itself).
+    pub self_mask: bool,
+}
+
+/// Per-row results of the forward sweep.
+pub struct RowStats {
+    /// `LSE_j logit_ij` over the unmasked keys (and the row's extra logit, if any).
+    pub lse: Vec<f64>,
+    /// `sum_j target(i, j) * logit_ij`: the positive logit (or mean of positive logits).
+    pub target_logit: Vec<f64>,
+}
+
+/// Gradients of `sum_i row_weight_i * (lse_i - target_logit_i)`.
+pub struct Grads<T> {
+    pub queries: Vec<T>,
+    /// `None` when the caller did not ask for key gradients.
+    pub keys: Option<Vec<T>>,
+    /// `sum_ij dlogit_ij * logit_ij`: the gradient with respect to `log(scale)`.
+    pub log_scale: f64,
+}
+
+impl<T: Real> Scores<'_, T> {
+    fn query_tile(&self, start: usize, len: usize) -> MatRef<'_, T> {
+        MatRef::row_major(&self.queries[start * self.dim..(start + len) * self.dim], len, self.dim)
+    }
+
+    fn key_tile(&self, start: usize, len: usize) -> MatRef<'_, T> {
+        MatRef::row_major(&self.keys[start * self.dim..(start + len) * self.dim], len, self.dim)
+    }
+
+    /// Fills `tile` (row_len x key_len) with logits of rows `r0..` against keys `k0..`; masked
+    /// entries become -inf.
+    fn logits(&self, r0: usize, row_len: usize, k0: usize, key_len: usize, tile: &mut [T]) {
+        let tile = &mut tile[..row_len * key_len];
+        T::gemm(
+            T::of(self.scale),
+            self.query_tile(r0, row_len),
+            self.key_tile(k0, key_len).t(),
+            T::zero(),
+            tile,
+        );
+        if self.self_mask {
+            for r in 0..row_len {
+                let i = r0 + r;
+                if (k0..k0 + key_len).contains(&i) {
+                    tile[r * key_len + (i - k0)] = T::neg_infinity();
+                }
+            }
+        }
+    }
+}
+
+fn tiles(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..total).step_by(size).map(move |start| (start, size.min(total - start)))
+}
+
+/// The forward sweep: per-row log-sum-exp and target logit. `extra` adds one more logit to row
+/// `i`'s softmax (MoCo's positive); `target(i, j)` weights logit `(i, j)` in `target_logit`.
+pub fn forward<T, F>(s: &Scores<'_, T>, extra: Option<&[f64]>, target: F) -> RowStats
+where
+    T: Real,
+    F: Fn(usize, usize) -> f64 + Sync,
+{
+    let mut lse = vec![0.0f64; s.rows];
+    let mut target_logit = vec![0.0f64; s.rows];
+    lse.par_chunks_mut(ROW_TILE)
+        .zip(target_logit.par_chunks_mut(ROW_TILE))
+        .enumerate()
+        .for_each(|(t, (lse_tile, tgt_tile))| {
+            let r0 = t * ROW_TILE;
+            let row_len = lse_tile.len();
+            let mut tile = vec![T::zero(); ROW_TILE * KEY_TILE];
+            // Running max and sum of exp(logit - max) per row.
+            let mut max = vec![f64::NEG_INFINITY; row_len];
+            let mut sum = vec![0.0f64; row_len];
+            if let Some(extra) = extra {
+                for r in 0..row_len {
+                    max[r] = extra[r0 + r];
+                    sum[r] = 1.0;
+                }
+            }
+            for (k0, key_len) in tiles(s.cols, KEY_TILE) {
+                s.logits(r0, row_len, k0, key_len, &mut tile);
+                for r in 0..row_len {
+                    let row = &tile[r * key_len..(r + 1) * key_len];
+                    let tile_max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x)).f64();
+                    if tile_max == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let new_max = max[r].max(tile_max);
+                    let shift = T::of(new_max);
+                    let tile_sum: f64 = row.iter().map(|&x| (x - shift).exp().f64()).sum();
+                    sum[r] = sum[r] * (max[r] - new_max).exp() + tile_sum;
+                    max[r] = new_max;
+                    let i = r0 + r;
+                    tgt_tile[r] += row
+                        .iter()
+                        .enumerate()
+                        .map(|(c, &x)| {
+                            let w = target(i, k0 + c);
+                            if w != 0.0 {
+                                w * x.f64()
+                            } else {
+                                0.0
+                            }
+                        })
+                        .sum::<f64>();
+                }
+            }
+            for r in 0..row_len {
+                lse_tile[r] = max[r] + sum[r].ln();
+            }
+        });
+    RowStats { lse, target_logit }
+}
+
+/// The backward sweep for the loss `sum_i row_weight_i * (lse_i - target_logit_i)`:
+/// `dlogit_ij = row_weight_i * (softmax_ij - target(i, j))`, `dq = scale * dlogit k`,
+/// `dk = scale * dlogit^T q`.
+pub fn backward<T, F>(s: &Scores<'_, T>, lse: &[f64], row_weight: &[f64], target: F, want_keys: bool) -> Grads<T>
+where
+    T: Real,
+    F: Fn(usize, usize) -> f64 + Sync,
+{
+    let (rows, cols, dim) = (s.rows, s.cols, s.dim);
+    let mut dq = vec![T::zero(); rows * dim];
+    // Each rayon job owns one dK accumulator (cols x dim, never rows x cols); jobs are summed.
+    let key_len_total = if want_keys { cols * dim } else { 0 };
+    let (dk, log_scale) = dq
+        .par_chunks_mut(ROW_TILE * dim)
+        .enumerate()
+        .fold(
+            || (vec![T::zero(); key_len_total], 0.0f64),
+            |(mut dk, mut log_scale), (t, dq_tile)| {
+                let r0 = t * ROW_TILE;
+                let row_len = dq_tile.len() / dim;
+                let mut tile = vec![T::zero(); ROW_TILE * KEY_TILE];
+                for (k0, key_len) in tiles(cols, KEY_TILE) {
+                    s.logits(r0, row_len, k0, key_len, &mut tile);
+                    let g = &mut tile[..row_len * key_len];
+                    for r in 0..row_len {
+                        let i = r0 + r;
+                        let (lse_i, w) = (lse[i], row_weight[i]);
+                        for (c, x) in g[r * key_len..(r + 1) * key_len].iter_mut().enumerate() {
+                            let logit = x.f64();
+                            let p = if logit == f64::NEG_INFINITY { 0.0 } else { (logit - lse_i).exp() };
+                            let d = w * (p - target(i, k0 + c));
+                            if d != 0.0 {
+                                log_scale += d * logit;
+                            }
+                            *x = T::of(d * s.scale);
+                        }
+                    }
+                    let g = MatRef::row_major(&tile[..row_len * key_len], row_len, key_len);
+                    // dq_tile += g k_tile
+                    T::gemm(T::one(), g, s.key_tile(k0, key_len), T::one(), dq_tile);
+                    if want_keys {
+                        // dk[k0..] += g^T q_tile
+                        T::gemm(
+                            T::one(),
+                            g.t(),
+                            s.query_tile(r0, row_len),
+                            T::one(),
+                            &mut dk[k0 * dim..(k0 + key_len) * dim],
+                        );
+                    }
+                }
+                (dk, log_scale)
+            },
+        )
+        .reduce(
+            || (vec![T::zero(); key_len_total], 0.0f64),
+            |(mut a, la), (b, lb)| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += *y;
+                }
+                (a, la + lb)
+            },
+        );
+    Grads {
+        queries: dq,
+        keys: want_keys.then_some(dk),
+        log_scale,
+    }
+}

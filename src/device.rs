@@ -1,0 +1,69 @@
+//! Where an op runs. The same call works on every device: tensors carry their device and an op
+//! runs where its inputs live.
+
+use std::fmt;
+
+/// A compute device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Device {
+    /// Plain Rust on all cores (rayon): the reference implementation and the fallback.
+    #[default]
+    Cpu,
+    /// The CUDA kernels compiled as host C++, every CUDA thread run on the CPU. Slow by design;
+    /// it exists to test the kernels on machines without a GPU. Ops without a kernel yet run the
+    /// CPU path.
+    Interp,
+    /// GPU `i` through the CUDA driver (feature `cuda`).
+    Cuda(usize),
+}
+
+impl Device {
+    /// Parses `cpu`, `interp`, `cuda` (GPU 0) or `cuda:N`.
+    pub fn parse(name: &str) -> crate::Result<Device> {
+        let lower = name.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "interp" => Ok(Device::Interp),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => match lower.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Device::Cuda(i)),
+                _ => Err(crate::Error::invalid(
+                    "Device::parse",
+                    "name",
+                    format!("`{name}` is not one of cpu, interp, cuda, cuda:N"),
+                )),
+            },
+        }
+    }
+
+    /// True when tensors of this device live in host memory.
+    pub fn is_host(&self) -> bool {
+        matches!(self, Device::Cpu | Device::Interp)
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Interp => write!(f, "interp"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Device> {
+        Device::parse(s)
+    }
+}
+
+/// `Ok` when `device` can run ops here; otherwise the reason (no `cuda` feature, no driver,
+/// no such GPU).
+pub fn device_available(device: Device) -> Result<(), String> {
+    match device {
+        Device::Cpu | Device::Interp => Ok(()),
+        Device::Cuda(_) => Err("this build has no `cuda` feature".to_string()),
+    }
+}

@@ -1,0 +1,37 @@
+//! # contra
+//!
+//! Fused, memory-lean contrastive-learning losses with their gradients: L2 normalization,
+//! similarity matrices, InfoNCE / NT-Xent / CLIP / MoCo / SupCon, triplet losses with
+//! batch-all, batch-hard and semi-hard mining, the Hadsell margin loss, NCE, and the MoCo queue
+//! and momentum updates.
+//!
+//! Every op runs on a [`Device`]: the multithreaded CPU backend (the reference), the interpreted
+//! kernels (CUDA sources run on CPU threads, for testing) or a CUDA GPU (feature `cuda`). Softmax
+//! losses never build an N x N matrix on any backend.
+//!
+//! ```
+//! use contra::{ntxent, Device, NtXentOptions, Tensor};
+//! // Two views of 2 samples, D = 3: rows i and i + 2 are views of sample i.
+//! let z = Tensor::from_vec(
+//!     vec![1.0f32, 0.0, 0.0,  0.0, 1.0, 0.0,  0.9, 0.1, 0.0,  0.1, 0.9, 0.0],
+//!     &[4, 3],
+//!     Device::Cpu,
+//! )?;
+//! let out = ntxent(&z, &NtXentOptions { temperature: 0.5 })?;
+//! assert!(out.loss > 0.0);
+//! assert_eq!(out.grad_z.shape(), &[4, 3]);
+//! # Ok::<(), contra::Error>(())
+//! ```
+
+pub mod cpu;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod fixtures;
+pub mod ops;
+pub mod tensor;
+
+pub use device::{device_available, Device};
+pub use error::{Error, Result};
+pub use ops::*;
+pub use tensor::{DType, Element, Tensor};

@@ -1,0 +1,191 @@
+//! The safe public API: one file per op. Each op validates its inputs (shapes, dtypes, devices,
+//! finite values, option ranges) and then dispatches to a backend.
+
+pub mod clip;
+pub mod infonce;
+pub mod margin;
+pub mod moco;
+pub mod momentum;
+pub mod nce;
+pub mod normalize;
+pub mod ntxent;
+pub mod similarity;
+pub mod supcon;
+pub mod triplet;
+
+pub use clip::{clip, clip_backward, clip_forward, ClipForward, ClipGrads, ClipOutput, ClipSaved};
+pub use margin::{margin_backward, margin_forward, margin_loss, MarginOptions, MarginOutput};
+pub use moco::{moco, moco_backward, moco_enqueue, moco_forward, MocoOptions, MocoOutput};
+pub use momentum::momentum_update;
+pub use nce::{nce, nce_backward, nce_forward, NceOutput};
+pub use similarity::{similarity, Similarity};
+pub use supcon::{supcon, supcon_backward, supcon_forward, SupConOptions, SupConOutput};
+pub use triplet::{
+    triplet, triplet_backward, triplet_forward, Distance, Mining, TripletForward, TripletOptions, TripletOutput,
+    TripletSaved, TripletStats,
+};
+
+pub use infonce::{infonce, infonce_backward, infonce_forward, InfoNceOptions, InfoNceOutput, SoftmaxForward, SoftmaxSaved};
+pub use normalize::{normalize, normalize_backward};
+pub use ntxent::{ntxent, ntxent_backward, ntxent_forward, NtXentOptions, NtXentOutput};
+
+use std::borrow::Cow;
+
+use crate::cpu::Real;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// The dtype the CPU backend computes in for inputs of `dtype`: f64 stays f64, the rest (f32 and
+/// the 16-bit types, upcast) compute in f32.
+pub(crate) fn cpu_compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// Runs `$body` with `$T` bound to the CPU compute type for `$dtype` (f32 or f64).
+macro_rules! with_cpu_real {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $crate::ops::cpu_compute_dtype($dtype) {
+            $crate::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            _ => {
+                type $T = f32;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_cpu_real;
+
+/// The host values of `t` as `T`, borrowed when the dtype already matches.
+pub(crate) fn values<T: Real>(t: &Tensor) -> Cow<'_, [T]> {
+    match t.host::<T>() {
+        Some(v) => Cow::Borrowed(v),
+        None => Cow::Owned(t.to_vec_f64().into_iter().map(T::of).collect()),
+    }
+}
+
+/// An output of the CPU path, stored in `like`'s dtype on `like`'s device.
+pub(crate) fn output_like<T: Real>(like: &Tensor, values: Vec<T>, shape: &[usize]) -> Tensor {
+    let out = like.host_like(values, shape);
+    if out.dtype() == like.dtype() {
+        out
+    } else {
+        out.to_dtype(like.dtype())
+    }
+}
+
+/// Checks that every tensor of one call lives on the same device with the same dtype.
+pub(crate) fn same_place(op: &'static str, tensors: &[(&'static str, &Tensor)]) -> Result<(Device, DType)> {
+    let (first_name, first) = tensors[0];
+    for &(name, t) in &tensors[1..] {
+        if t.device() != first.device() {
+            return Err(Error::Mismatch {
+                op,
+                reason: format!(
+                    "`{first_name}` is on {} but `{name}` is on {}",
+                    first.device(),
+                    t.device()
+                ),
+            });
+        }
+        if t.dtype() != first.dtype() {
+            return Err(Error::Mismatch {
+                op,
+                reason: format!("`{first_name}` is {} but `{name}` is {}", first.dtype(), t.dtype()),
+            });
+        }
+    }
+    Ok((first.device(), first.dtype()))
+}
+
+/// Checks that `t` is a non-empty `rows x cols` matrix and returns `(rows, cols)`.
+pub(crate) fn matrix_dims(op: &'static str, arg: &'static str, t: &Tensor) -> Result<(usize, usize)> {
+    match *t.shape() {
+        [rows, cols] => {
+            if rows == 0 {
+                return Err(Error::Empty { op, arg, what: "it has 0 rows (empty batch)".into() });
+            }
+            if cols == 0 {
+                return Err(Error::Empty { op, arg, what: "its feature dimension D is 0".into() });
+            }
+            Ok((rows, cols))
+        }
+        _ => Err(Error::shape(op, arg, t.shape(), "a matrix (rank 2: rows x features)")),
+    }
+}
+
+/// Checks that `t` is a non-empty vector and returns its length.
+pub(crate) fn vector_len(op: &'static str, arg: &'static str, t: &Tensor) -> Result<usize> {
+    match *t.shape() {
+        [0] => Err(Error::Empty { op, arg, what: "it has 0 elements (empty batch)".into() }),
+        [n] => Ok(n),
+        _ => Err(Error::shape(op, arg, t.shape(), "a vector (rank 1)")),
+    }
+}
+
+/// Checks that `t` has `expected` shape.
+pub(crate) fn expect_shape(op: &'static str, arg: &'static str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.shape() == expected {
+        Ok(())
+    } else {
+        Err(Error::shape(op, arg, t.shape(), format!("{expected:?}")))
+    }
+}
+
+/// Rejects NaN and infinities, naming the first offending row (the first index of a `rows x ...`
+/// layout).
+pub(crate) fn check_finite(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
+    let row_len = t.shape().iter().skip(1).product::<usize>().max(1);
+    let bad = match t.host::<f32>() {
+        Some(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i] as f64)),
+        None => {
+            let v = t.to_vec_f64();
+            v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
+        }
+    };
+    match bad {
+        Some((index, value)) => Err(Error::NonFinite { op, arg, row: index / row_len, value }),
+        None => Ok(()),
+    }
+}
+
+/// Rejects a temperature that is not finite and positive.
+pub(crate) fn check_temperature(op: &'static str, arg: &'static str, tau: f64) -> Result<()> {
+    if tau.is_finite() && tau > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, arg, format!("{tau} must be finite and > 0")))
+    }
+}
+
+/// Rejects a scalar that is not finite.
+pub(crate) fn check_finite_scalar(op: &'static str, arg: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, arg, format!("{value} is not finite")))
+    }
+}
+
+/// Checks that `labels` has one entry per row.
+pub(crate) fn check_labels_len(op: &'static str, arg: &'static str, labels: &[i64], rows: usize) -> Result<()> {
+    if labels.len() == rows {
+        Ok(())
+    } else {
+        Err(Error::shape(op, arg, &[labels.len()], format!("[{rows}] (one label per row)")))
+    }
+}
+
+/// Which implementation runs ops of `kind` on `device` (reported per fixture case).
+pub fn backend_path(kind: &str, device: Device) -> String {
+    let _ = kind;
+    match device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Interp => "cpu fallback (no kernel yet)".to_string(),
+        Device::Cuda(_) => "cuda".to_string(),
+    }
+}

@@ -1,0 +1,38 @@
+//! Row-wise L2 normalization: `y = x / max(||x||_2, 1e-12)`.
+
+use super::{check_finite, matrix_dims, output_like, same_place, values, with_cpu_real};
+use crate::{cpu, Result, Tensor};
+
+const OP: &str = "normalize";
+
+/// L2-normalizes each row of `x` (N x D). A zero row stays zero.
+///
+/// ```
+/// use contra::{normalize, Device, Tensor};
+/// let x = Tensor::from_vec(vec![3.0f32, 4.0, 0.0, 0.0], &[2, 2], Device::Cpu)?;
+/// let y = normalize(&x)?;
+/// assert_eq!(y.to_vec::<f32>()?, vec![0.6, 0.8, 0.0, 0.0]);
+/// # Ok::<(), contra::Error>(())
+/// ```
+pub fn normalize(x: &Tensor) -> Result<Tensor> {
+    let (_, dim) = matrix_dims(OP, "x", x)?;
+    check_finite(OP, "x", x)?;
+    with_cpu_real!(x.dtype(), T => {
+        let y = cpu::normalize::forward::<T>(&values::<T>(x), dim);
+        Ok(output_like(x, y, x.shape()))
+    })
+}
+
+/// The gradient of [`normalize`] with respect to `x`, given the upstream gradient `grad_y`:
+/// `dx = (dy - y (y . dy)) / max(||x||, 1e-12)`.
+pub fn normalize_backward(x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
+    let (_, dim) = matrix_dims(OP, "x", x)?;
+    same_place(OP, &[("x", x), ("grad_y", grad_y)])?;
+    super::expect_shape(OP, "grad_y", grad_y, x.shape())?;
+    check_finite(OP, "x", x)?;
+    check_finite(OP, "grad_y", grad_y)?;
+    with_cpu_real!(x.dtype(), T => {
+        let gx = cpu::normalize::backward::<T>(&values::<T>(x), &values::<T>(grad_y), dim);
+        Ok(output_like(x, gx, x.shape()))
+    })
+}

@@ -1,0 +1,71 @@
+//! NT-Xent (SimCLR): `z` is 2N x D, rows `i` and `i + N` are two views of sample `i`; cosine
+//! similarity, self excluded, mean over the 2N rows.
+
+use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
+use super::{check_finite, check_temperature, matrix_dims, output_like, values, with_cpu_real};
+use crate::{cpu, Error, Result, Tensor};
+
+const OP: &str = "ntxent";
+
+/// Options of [`ntxent`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NtXentOptions {
+    /// Softmax temperature `tau` (> 0).
+    pub temperature: f64,
+}
+
+impl Default for NtXentOptions {
+    fn default() -> Self {
+        NtXentOptions { temperature: 0.5 }
+    }
+}
+
+/// Loss and gradient of [`ntxent`].
+#[derive(Clone, Debug)]
+pub struct NtXentOutput {
+    pub loss: f64,
+    pub grad_z: Tensor,
+}
+
+fn validate(z: &Tensor, opts: &NtXentOptions) -> Result<(usize, usize)> {
+    let (rows, dim) = matrix_dims(OP, "z", z)?;
+    if rows % 2 != 0 || rows < 2 {
+        return Err(Error::shape(OP, "z", z.shape(), "[2N, D]: an even number of rows (two views per sample)"));
+    }
+    check_temperature(OP, "temperature", opts.temperature)?;
+    check_finite(OP, "z", z)?;
+    Ok((rows, dim))
+}
+
+/// The NT-Xent forward: the mean loss and the per-row log-sum-exp for [`ntxent_backward`].
+pub fn ntxent_forward(z: &Tensor, opts: &NtXentOptions) -> Result<SoftmaxForward> {
+    let (rows, dim) = validate(z, opts)?;
+    with_cpu_real!(z.dtype(), T => {
+        let zv = values::<T>(z);
+        let positives = cpu::infonce::ntxent_positives(rows);
+        let (loss, lse) = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature).forward();
+        let lse = z.host_like(lse.into_iter().map(<T as cpu::Real>::of).collect::<Vec<T>>(), &[rows]);
+        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
+    })
+}
+
+/// The NT-Xent backward: the gradient of `grad_loss * loss` with respect to z.
+pub fn ntxent_backward(z: &Tensor, opts: &NtXentOptions, saved: &SoftmaxSaved, grad_loss: f64) -> Result<Tensor> {
+    let (rows, dim) = validate(z, opts)?;
+    check_saved_lse(OP, saved, rows)?;
+    super::check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    with_cpu_real!(z.dtype(), T => {
+        let zv = values::<T>(z);
+        let positives = cpu::infonce::ntxent_positives(rows);
+        let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
+        let grad = cpu::infonce::ntxent_backward(&problem, &saved.lse.to_vec_f64(), grad_loss);
+        Ok(output_like(z, grad, z.shape()))
+    })
+}
+
+/// NT-Xent loss and gradient in one call.
+pub fn ntxent(z: &Tensor, opts: &NtXentOptions) -> Result<NtXentOutput> {
+    let fwd = ntxent_forward(z, opts)?;
+    let grad_z = ntxent_backward(z, opts, &fwd.saved, 1.0)?;
+    Ok(NtXentOutput { loss: fwd.loss, grad_z })
+}

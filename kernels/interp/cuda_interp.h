@@ -352,8 +352,11 @@ template <class T> inline void __stwt(T* p, T v) { *p = v; }
 
 // ---------------------------------------------------------------------------
 // __half (IEEE binary16) and __nv_bfloat16: 2-byte storage types. Conversions
-// round to nearest even and keep NaNs NaN. Only storage + conversions are
-// provided (no half arithmetic operators, no __half2): convert to float to compute.
+// round to nearest even and keep NaNs NaN. Like cuda_fp16.h / cuda_bf16.h they
+// convert implicitly to/from float and have their own + - * / and comparisons
+// (so `h * 2.0f` is ambiguous here exactly as it is under nvcc). Each operator
+// computes in float and rounds once, which is correctly rounded because float
+// has more than 2p+2 mantissa bits. No __half2 / vector intrinsics.
 // ---------------------------------------------------------------------------
 namespace interp {
 
@@ -432,6 +435,36 @@ struct __align__(2) __nv_bfloat16 {
 };
 typedef __half half;
 typedef __nv_bfloat16 nv_bfloat16;
+
+#define INTERP_HALF_OPS(H)                                                                   \
+    inline H operator+(const H& a, const H& b) { return H(float(a) + float(b)); }           \
+    inline H operator-(const H& a, const H& b) { return H(float(a) - float(b)); }           \
+    inline H operator*(const H& a, const H& b) { return H(float(a) * float(b)); }           \
+    inline H operator/(const H& a, const H& b) { return H(float(a) / float(b)); }           \
+    inline H operator-(const H& a) { H r = a; r.__x ^= 0x8000u; return r; }                 \
+    inline H operator+(const H& a) { return a; }                                            \
+    inline H& operator+=(H& a, const H& b) { return a = a + b; }                            \
+    inline H& operator-=(H& a, const H& b) { return a = a - b; }                            \
+    inline H& operator*=(H& a, const H& b) { return a = a * b; }                            \
+    inline H& operator/=(H& a, const H& b) { return a = a / b; }                            \
+    inline bool operator==(const H& a, const H& b) { return float(a) == float(b); }         \
+    inline bool operator!=(const H& a, const H& b) { return float(a) != float(b); }         \
+    inline bool operator<(const H& a, const H& b) { return float(a) < float(b); }           \
+    inline bool operator>(const H& a, const H& b) { return float(a) > float(b); }           \
+    inline bool operator<=(const H& a, const H& b) { return float(a) <= float(b); }         \
+    inline bool operator>=(const H& a, const H& b) { return float(a) >= float(b); }         \
+    inline H __hadd(H a, H b) { return a + b; }                                             \
+    inline H __hsub(H a, H b) { return a - b; }                                             \
+    inline H __hmul(H a, H b) { return a * b; }                                             \
+    inline H __hdiv(H a, H b) { return a / b; }                                             \
+    inline H __hneg(H a) { return -a; }                                                     \
+    inline H __habs(H a) { H r = a; r.__x &= 0x7fffu; return r; }                          \
+    inline H __hmax(H a, H b) { return H(fmaxf(float(a), float(b))); }                     \
+    inline H __hmin(H a, H b) { return H(fminf(float(a), float(b))); }                      \
+    inline bool __hisnan(H a) { return float(a) != float(a); }
+INTERP_HALF_OPS(__half)
+INTERP_HALF_OPS(__nv_bfloat16)
+#undef INTERP_HALF_OPS
 
 inline __half __float2half(float f) { return __half(f); }
 inline __half __float2half_rn(float f) { return __half(f); }

@@ -16,7 +16,9 @@
 // Fiber switching: a hand-written x86-64 switch (saves callee-saved registers
 // and rsp, no syscall); elsewhere, or with -DCONTRA_INTERP_UCONTEXT, ucontext
 // (swapcontext costs a sigprocmask syscall per switch: correct, but slower).
-// AddressSanitizer is told about every stack switch.
+// AddressSanitizer and ThreadSanitizer are told about every stack switch
+// (TSan then sees the fibers of a block as ordered by the switches, and still
+// reports unsynchronised accesses between blocks).
 //
 // Environment knobs (read once):
 //   CONTRA_INTERP_THREADS   max worker threads per launch (default min(cores, 16))
@@ -40,6 +42,11 @@
 #define INTERP_ASAN 1
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
+#endif
+
+#if defined(__SANITIZE_THREAD__)
+#define INTERP_TSAN 1
+#include <sanitizer/tsan_interface.h>
 #endif
 
 #if defined(__x86_64__) && !defined(CONTRA_INTERP_UCONTEXT)
@@ -165,7 +172,7 @@ __attribute__((visibility("hidden"), used, noreturn)) void interp_fiber_main(voi
 // A new fiber's stack holds 6 dummy registers (r12 = the Fiber*) and the
 // address of interp_fiber_start, so the first switch "returns" into it.
 asm(R"(
-    .text
+    .pushsection .text
     .p2align 4
     .globl interp_ctx_switch
     .hidden interp_ctx_switch
@@ -197,13 +204,12 @@ interp_fiber_start:
     call interp_fiber_main
     ud2
     .size interp_fiber_start, .-interp_fiber_start
-    .section .note.GNU-stack,"",@progbits
-    .text
+    .popsection
 )");
 extern "C" __attribute__((visibility("hidden"))) char interp_fiber_start[];
 #endif
 
-enum class State : unsigned char { Ready, AtBarrier, AtWarp, Done };
+enum class State : unsigned char { Ready, AtBarrier, AtWarp, AtActiveMask, Done };
 
 struct Worker;
 
@@ -217,6 +223,9 @@ struct Fiber {
 #endif
 #if INTERP_ASAN
     void* fake_stack = nullptr;
+#endif
+#if INTERP_TSAN
+    void* tsan_fiber = nullptr;
 #endif
     uint3 tid{};
     unsigned lane = 0, warp = 0;
@@ -240,6 +249,7 @@ struct WarpGroup {
 struct Warp {
     unsigned existing = 0;  // lanes that exist (partial last warp)
     unsigned exited = 0;
+    unsigned at_activemask = 0;  // lanes waiting in __activemask()
     std::uint64_t in[32];   // value each waiting lane contributed
     int src[32];            // shfl: lane each lane reads from
     int ngroups = 0;
@@ -286,6 +296,9 @@ struct Worker {
     const void* sched_stack_bottom = nullptr;
     size_t sched_stack_size = 0;
 #endif
+#if INTERP_TSAN
+    void* tsan_sched = nullptr;
+#endif
 };
 
 __thread Worker* tls_worker;
@@ -302,6 +315,9 @@ void switch_to_fiber(Worker* w, Fiber* f) {
 #if INTERP_ASAN
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, f->stack, stack_size());
+#endif
+#if INTERP_TSAN
+    __tsan_switch_to_fiber(f->tsan_fiber, 0);
 #endif
 #if INTERP_ASM_SWITCH
     interp_ctx_switch(&w->sched_sp, f->sp);
@@ -321,6 +337,9 @@ void switch_to_scheduler(Worker* w, Fiber* f, bool forever) {
 #else
     (void)forever;
 #endif
+#if INTERP_TSAN
+    __tsan_switch_to_fiber(w->tsan_sched, 0);
+#endif
 #if INTERP_ASM_SWITCH
     interp_ctx_switch(&f->sp, w->sched_sp);
 #else
@@ -332,6 +351,18 @@ void switch_to_scheduler(Worker* w, Fiber* f, bool forever) {
 }
 
 void reset_fiber_stack(Fiber* f) {
+#if INTERP_ASAN
+    // A finished fiber never returns from fiber_main, so ASan's redzones for
+    // that frame (near the top of the stack) are still poisoned: clear them.
+    // (Whole stacks of abandoned fibers are cleared in run_block.)
+    const size_t top_bytes = std::min<size_t>(stack_size(), 16 * 1024);
+    __asan_unpoison_memory_region(f->stack + stack_size() - top_bytes, top_bytes);
+#endif
+#if INTERP_TSAN
+    // Fresh TSan fiber state: the old one still holds the unfinished frames.
+    if (f->tsan_fiber) __tsan_destroy_fiber(f->tsan_fiber);
+    f->tsan_fiber = __tsan_create_fiber(0);
+#endif
 #if INTERP_ASM_SWITCH
     // Initial frame, popped by interp_ctx_switch: r15 r14 r13 r12 rbx rbp, return
     // address. rsp must be 16-byte aligned when interp_fiber_start executes `call`.
@@ -359,11 +390,20 @@ Worker* need_worker(const char* what) {
     return w;
 }
 
-// Fails the launch and abandons the current block; never returns.
-[[noreturn]] void fail_block(Worker* w, const std::string& msg) {
+// Fails the launch and abandons the current block; never returns. printf-style
+// so that no heap object is alive on the abandoned stack (it would leak).
+[[noreturn]] void fail_block(Worker* w, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+[[noreturn]] void fail_block(Worker* w, const char* fmt, ...) {
     Fiber* f = w->cur;
-    w->L->fail(format("%s [block (%u,%u,%u), thread (%u,%u,%u)]", msg.c_str(), blockIdx.x,
-                      blockIdx.y, blockIdx.z, f->tid.x, f->tid.y, f->tid.z));
+    {
+        char msg[512];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof msg, fmt, ap);
+        va_end(ap);
+        w->L->fail(format("%s [block (%u,%u,%u), thread (%u,%u,%u)]", msg, blockIdx.x, blockIdx.y,
+                          blockIdx.z, f->tid.x, f->tid.y, f->tid.z));
+    }
     w->block_failed = true;
     switch_to_scheduler(w, f, true);
     abort();  // unreachable: abandoned fibers are never resumed
@@ -377,15 +417,12 @@ void on_fiber_exit(Worker* w, Fiber* f) {
     wp.exited |= bit;
     for (int g = 0; g < wp.ngroups; ++g) {
         if (wp.groups[g].mask & bit)
-            fail_block(w, format("thread exited while lanes 0x%08x of its warp wait for it in %s "
-                                 "with mask 0x%08x",
-                                 wp.groups[g].arrived, warp_kind_name(wp.groups[g].kind),
-                                 wp.groups[g].mask));
+            fail_block(w, "thread exited while lanes 0x%08x of its warp wait for it in %s with mask 0x%08x",
+                       wp.groups[g].arrived, warp_kind_name(wp.groups[g].kind), wp.groups[g].mask);
     }
     if (w->at_barrier > 0)
-        fail_block(w, format("divergent __syncthreads: thread exited while %u threads of its block "
-                             "wait at a barrier",
-                             w->at_barrier));
+        fail_block(w, "divergent __syncthreads: thread exited while %u threads of its block wait at a barrier",
+                   w->at_barrier);
 }
 
 void fiber_main(Fiber* f) {
@@ -399,7 +436,7 @@ void fiber_main(Fiber* f) {
     } catch (...) {
         threw = true;  // fail outside the handler, which must be left normally
     }
-    if (threw) fail_block(w, "C++ exception escaped the kernel");
+    if (threw) fail_block(w, "%s", "C++ exception escaped the kernel");
     on_fiber_exit(w, f);
     switch_to_scheduler(w, f, true);
     abort();  // unreachable
@@ -432,6 +469,26 @@ void diagnose_stall(Worker* w) {
     w->block_failed = true;
 }
 
+// __activemask(): the lanes that reach it together are those waiting in it once
+// no other lane of the warp can run (the rest exited or block elsewhere), which
+// is what a diverged warp reports on real hardware. Checked after every switch
+// back from a lane of a warp with waiters: only a lane's own run can make the
+// warp quiescent.
+void maybe_complete_activemask(Worker* w, unsigned warp) {
+    Fiber* lanes = &w->fibers[warp * 32];
+    const unsigned n = std::min(32u, w->nthreads - warp * 32);
+    for (unsigned l = 0; l < n; ++l)
+        if (lanes[l].state == State::Ready) return;
+    Warp& wp = w->warps[warp];
+    for (unsigned l = 0; l < n; ++l) {
+        if (wp.at_activemask >> l & 1u) {
+            lanes[l].warp_result = wp.at_activemask;
+            lanes[l].state = State::Ready;
+        }
+    }
+    wp.at_activemask = 0;
+}
+
 bool run_block(Worker* w, unsigned long long linear) {
     const InterpLaunchConfig& c = w->L->cfg;
     blockIdx = uint3{static_cast<unsigned>(linear % c.grid[0]),
@@ -450,6 +507,7 @@ bool run_block(Worker* w, unsigned long long linear) {
     }
     for (Warp& wp : w->warps) {
         wp.exited = 0;
+        wp.at_activemask = 0;
         wp.ngroups = 0;
     }
     w->done = w->at_barrier = 0;
@@ -463,6 +521,8 @@ bool run_block(Worker* w, unsigned long long linear) {
             ran = true;
             switch_to_fiber(w, &f);
             if (w->block_failed) break;
+            Warp& wp = w->warps[f.warp];
+            if (wp.at_activemask) maybe_complete_activemask(w, f.warp);
         }
         if (!w->block_failed && !ran) diagnose_stall(w);
         if (w->block_failed) {
@@ -509,6 +569,9 @@ void worker_main(Launch* L) {
         w.warps[f.warp].existing |= 1u << f.lane;
     }
 
+#if INTERP_TSAN
+    w.tsan_sched = __tsan_get_current_fiber();
+#endif
     tls_worker = &w;
     interp::tls_dynamic_shared = w.dyn;
     blockDim = dim3(c.block[0], c.block[1], c.block[2]);
@@ -520,6 +583,10 @@ void worker_main(Launch* L) {
     tls_worker = nullptr;
     interp::tls_dynamic_shared = nullptr;
 
+#if INTERP_TSAN
+    for (Fiber& f : w.fibers)
+        if (f.tsan_fiber) __tsan_destroy_fiber(f.tsan_fiber);
+#endif
     free(w.dyn);
     release_arena(w.arena);
 }
@@ -572,7 +639,7 @@ int sync_block(int op, int pred) {
     Worker* w = need_worker("__syncthreads");
     Fiber* f = w->cur;
     if (w->done > 0)
-        fail_block(w, format("divergent __syncthreads: %u threads of the block already exited", w->done));
+        fail_block(w, "divergent __syncthreads: %u threads of the block already exited", w->done);
     w->barrier_count += pred != 0;
     if (++w->at_barrier == w->nthreads) {
         // Last to arrive: release everyone (no thread has exited, so all wait here).
@@ -606,14 +673,12 @@ std::uint64_t warp_collective(Worker* w, int kind, unsigned mask, std::uint64_t 
     const unsigned bit = 1u << f->lane;
     const char* name = warp_kind_name(kind);
     if (!(mask & bit))
-        fail_block(w, format("%s: calling lane %u is not in mask 0x%08x", name, f->lane, mask));
+        fail_block(w, "%s: calling lane %u is not in mask 0x%08x", name, f->lane, mask);
     if (mask & ~wp.existing)
-        fail_block(w, format("%s: mask 0x%08x names lanes 0x%08x that do not exist (block of %u "
-                             "threads has a partial last warp)",
-                             name, mask, mask & ~wp.existing, w->nthreads));
+        fail_block(w, "%s: mask 0x%08x names lanes 0x%08x that do not exist (block of %u threads has a partial last warp)",
+                   name, mask, mask & ~wp.existing, w->nthreads);
     if (mask & wp.exited)
-        fail_block(w, format("%s: mask 0x%08x names lanes 0x%08x that already exited", name, mask,
-                             mask & wp.exited));
+        fail_block(w, "%s: mask 0x%08x names lanes 0x%08x that already exited", name, mask, mask & wp.exited);
     wp.in[f->lane] = value;
     wp.src[f->lane] = src;
 
@@ -623,8 +688,8 @@ std::uint64_t warp_collective(Worker* w, int kind, unsigned mask, std::uint64_t 
         wp.groups[g] = WarpGroup{mask, 0, kind};
         ++wp.ngroups;
     } else if (wp.groups[g].kind != kind) {
-        fail_block(w, format("mismatched warp collectives with mask 0x%08x: %s vs %s", mask, name,
-                             warp_kind_name(wp.groups[g].kind)));
+        fail_block(w, "mismatched warp collectives with mask 0x%08x: %s vs %s", mask, name,
+                   warp_kind_name(wp.groups[g].kind));
     }
     WarpGroup& grp = wp.groups[g];
     grp.arrived |= bit;
@@ -662,7 +727,7 @@ std::uint64_t warp_collective(Worker* w, int kind, unsigned mask, std::uint64_t 
 std::uint64_t warp_shfl(unsigned mask, std::uint64_t bits, int mode, int arg, int width) {
     Worker* w = need_worker("__shfl*_sync");
     if (width < 1 || width > 32 || (width & (width - 1)))
-        fail_block(w, format("__shfl*_sync: width %d is not a power of two in [1, 32]", width));
+        fail_block(w, "__shfl*_sync: width %d is not a power of two in [1, 32]", width);
     const int lane = static_cast<int>(w->cur->lane);
     const int seg = lane & ~(width - 1);  // first lane of this lane's width-segment
     const int last = seg + width - 1;
@@ -686,17 +751,19 @@ void warp_sync(unsigned mask) {
     warp_collective(w, WARP_SYNC, mask, 0, 0);
 }
 
-// All lanes of the warp that exist and have not exited (the emulator keeps
-// warps converged between collectives).
+// Waits until the rest of the warp is blocked or gone; see maybe_complete_activemask.
 unsigned active_mask() {
     Worker* w = need_worker("__activemask");
-    const Warp& wp = w->warps[w->cur->warp];
-    return wp.existing & ~wp.exited;
+    Fiber* f = w->cur;
+    w->warps[f->warp].at_activemask |= 1u << f->lane;
+    f->state = State::AtActiveMask;
+    switch_to_scheduler(w, f, false);
+    return static_cast<unsigned>(f->warp_result);
 }
 
 void trap(const char* what) {
     Worker* w = need_worker(what);
-    fail_block(w, what);
+    fail_block(w, "%s", what);
 }
 
 }  // namespace interp

@@ -1,1 +1,71 @@
-fn main() {}
+//! The `contra` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use contra::fixtures::{load_cases, run_all};
+use contra::Device;
+
+#[derive(Parser)]
+#[command(name = "contra", version, about = "Fused contrastive-learning losses: checks and tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check contra against reference cases (folders with case.json and .npy arrays, e.g. exported
+    /// from your own PyTorch code). Prints one line per case and a summary; exits 1 on any failure.
+    CheckFixtures {
+        /// Folder holding one sub-folder per case.
+        dir: PathBuf,
+        /// Where to run: cpu, interp or cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+    },
+    /// Show the devices this build can use.
+    Info,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::CheckFixtures { dir, device } => check_fixtures(&dir, device),
+        Command::Info => {
+            println!("contra {}", env!("CARGO_PKG_VERSION"));
+            for device in [Device::Cpu, Device::Interp, Device::Cuda(0)] {
+                match contra::device_available(device) {
+                    Ok(()) => println!("  {device}: available"),
+                    Err(reason) => println!("  {device}: unavailable ({reason})"),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn check_fixtures(dir: &std::path::Path, device: Device) -> ExitCode {
+    if let Err(reason) = contra::device_available(device) {
+        eprintln!("error: {device} is not available: {reason}");
+        return ExitCode::from(2);
+    }
+    let cases = match load_cases(dir) {
+        Ok(cases) => cases,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reports = run_all(&cases, device);
+    for r in &reports {
+        println!("{}", r.line());
+    }
+    let failed = reports.iter().filter(|r| !r.passed()).count();
+    println!("fixtures: {} passed, {} failed", reports.len() - failed, failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

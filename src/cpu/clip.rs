@@ -1,1 +1,98 @@
-//! (being written)
+//! CLIP (symmetric InfoNCE with a learnable temperature) on the tiled softmax core.
+//!
+//! `logit_ij = exp(log_scale) * cos(a_i, b_j)`; the row pass is the softmax of `a'` against `b'`,
+//! the column pass the softmax of `b'` against `a'` (the transposed logits), both targeting the
+//! diagonal. Neither pass builds the N x N logit matrix.
+
+use super::softmax::{self, Scores};
+use super::{normalize, Real};
+
+/// One CLIP problem: paired embeddings `a`, `b` (rows x dim each) and the log of the logit
+/// scale. Sizes are validated by the caller.
+#[derive(Clone, Copy)]
+pub struct Problem<'a, T> {
+    pub a: &'a [T],
+    pub b: &'a [T],
+    pub rows: usize,
+    pub dim: usize,
+    pub log_scale: f64,
+}
+
+/// Gradients of `grad_loss * loss`.
+pub struct Grads<T> {
+    pub a: Vec<T>,
+    pub b: Vec<T>,
+    pub log_scale: f64,
+}
+
+fn diagonal(i: usize, j: usize) -> f64 {
+    if i == j {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+impl<T: Real> Problem<'_, T> {
+    /// Runs `f` on the row pass (`a'` against `b'`) and the column pass (`b'` against `a'`).
+    fn with_passes<R>(&self, f: impl FnOnce(&Scores<'_, T>, &Scores<'_, T>) -> R) -> R {
+        let an = normalize::forward(self.a, self.dim);
+        let bn = normalize::forward(self.b, self.dim);
+        let pass = |queries, keys| Scores {
+            queries,
+            keys,
+            rows: self.rows,
+            cols: self.rows,
+            dim: self.dim,
+            scale: self.log_scale.exp(),
+            self_mask: false,
+        };
+        f(&pass(&an, &bn), &pass(&bn, &an))
+    }
+
+    /// The loss and the per-row log-sum-exp of the row pass and of the column pass.
+    pub fn forward(&self) -> (f64, Vec<f64>, Vec<f64>) {
+        let (row, col) = self.with_passes(|row, col| {
+            (
+                softmax::forward(row, None, diagonal),
+                softmax::forward(col, None, diagonal),
+            )
+        });
+        let total: f64 = row
+            .lse
+            .iter()
+            .zip(&row.target_logit)
+            .chain(col.lse.iter().zip(&col.target_logit))
+            .map(|(l, t)| l - t)
+            .sum();
+        (total / (2 * self.rows) as f64, row.lse, col.lse)
+    }
+
+    /// Gradients of `grad_loss * loss` with respect to `a`, `b` and `log_scale`.
+    pub fn backward(&self, row_lse: &[f64], col_lse: &[f64], grad_loss: f64) -> Grads<T> {
+        let weight = vec![grad_loss / (2 * self.rows) as f64; self.rows];
+        let (row, col) = self.with_passes(|row, col| {
+            (
+                softmax::backward(row, row_lse, &weight, diagonal, true),
+                softmax::backward(col, col_lse, &weight, diagonal, true),
+            )
+        });
+        // The row pass has a' as queries and b' as keys; the column pass the other way round.
+        let mut da = row.queries;
+        let mut db = col.queries;
+        add_into(&mut da, col.keys.as_deref().unwrap_or_default());
+        add_into(&mut db, row.keys.as_deref().unwrap_or_default());
+        Grads {
+            a: normalize::backward(self.a, &da, self.dim),
+            b: normalize::backward(self.b, &db, self.dim),
+            // d logit / d log_scale = logit, so each pass reports its share directly.
+            log_scale: row.log_scale + col.log_scale,
+        }
+    }
+}
+
+fn add_into<T: Real>(acc: &mut [T], other: &[T]) {
+    for (x, &y) in acc.iter_mut().zip(other) {
+        *x += y;
+    }
+}

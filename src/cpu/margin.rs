@@ -1,1 +1,86 @@
-//! (being written)
+//! The Hadsell-Chopra-LeCun contrastive margin loss over pairs of rows, forward and backward,
+//! accumulated in f64. Rows run in parallel.
+
+use rayon::prelude::*;
+
+use super::triplet::DIST_EPS;
+use super::Real;
+
+/// `||a - b||^2` accumulated in f64.
+fn squared_distance<T: Real>(a: &[T], b: &[T]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&u, &v)| {
+            let t = u.f64() - v.f64();
+            t * t
+        })
+        .sum()
+}
+
+/// The loss of one pair: `d^2 / 2` when `similar`, else `relu(margin - d)^2 / 2`, with
+/// `d = sqrt(max(sq, 1e-12))`.
+fn pair_loss(sq: f64, similar: bool, margin: f64) -> f64 {
+    let d2 = sq.max(DIST_EPS);
+    if similar {
+        d2 / 2.0
+    } else {
+        let gap = (margin - d2.sqrt()).max(0.0);
+        gap * gap / 2.0
+    }
+}
+
+/// `k` such that `d loss / d x1 = k (x1 - x2)` (and `d loss / d x2 = -k (x1 - x2)`).
+fn pair_coef(sq: f64, similar: bool, margin: f64) -> f64 {
+    if sq < DIST_EPS {
+        return 0.0;
+    }
+    if similar {
+        1.0
+    } else {
+        let d = sq.sqrt();
+        if d < margin {
+            -(margin - d) / d
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The mean loss over the rows of `x1`, `x2` (rows of length `dim`); `y[i] == 0` marks a similar
+/// pair, anything else a dissimilar one (the caller checks `y` is 0 or 1).
+pub fn forward<T: Real>(x1: &[T], x2: &[T], y: &[i64], dim: usize, margin: f64) -> f64 {
+    let losses: Vec<f64> = x1
+        .par_chunks(dim)
+        .zip(x2.par_chunks(dim))
+        .zip(y.par_iter())
+        .map(|((a, b), &yi)| pair_loss(squared_distance(a, b), yi == 0, margin))
+        .collect();
+    losses.iter().sum::<f64>() / y.len() as f64
+}
+
+/// Gradients of `grad_loss * loss` with respect to `x1` and `x2`.
+pub fn backward<T: Real>(
+    x1: &[T],
+    x2: &[T],
+    y: &[i64],
+    dim: usize,
+    margin: f64,
+    grad_loss: f64,
+) -> (Vec<T>, Vec<T>) {
+    let scale = grad_loss / y.len() as f64;
+    let mut g1 = vec![T::zero(); x1.len()];
+    let mut g2 = vec![T::zero(); x2.len()];
+    g1.par_chunks_mut(dim)
+        .zip(g2.par_chunks_mut(dim))
+        .zip(x1.par_chunks(dim).zip(x2.par_chunks(dim)))
+        .zip(y.par_iter())
+        .for_each(|(((g1_row, g2_row), (a, b)), &yi)| {
+            let k = scale * pair_coef(squared_distance(a, b), yi == 0, margin);
+            for (((o1, o2), &u), &v) in g1_row.iter_mut().zip(g2_row.iter_mut()).zip(a).zip(b) {
+                let g = k * (u.f64() - v.f64());
+                *o1 = T::of(g);
+                *o2 = T::of(-g);
+            }
+        });
+    (g1, g2)
+}

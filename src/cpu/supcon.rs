@@ -1,1 +1,137 @@
-//! (being written)
+//! Supervised contrastive loss (Khosla et al., contrast_mode "all") on the tiled softmax core.
+//!
+//! The N x V x D features are N·V normalized rows (row `n * V + v` is view `v` of sample `n`);
+//! each row is an anchor against all the others (self masked); its positives are the other rows
+//! with the same label, each weighted `1 / |P(a)|` in the target.
+
+use super::softmax::{self, Scores};
+use super::{normalize, Real};
+
+/// One SupCon problem. Sizes are validated by the caller.
+#[derive(Clone, Copy)]
+pub struct Problem<'a, T> {
+    /// Features, (samples · views) x dim, sample-major.
+    pub features: &'a [T],
+    /// One label per sample.
+    pub labels: &'a [i64],
+    pub samples: usize,
+    pub views: usize,
+    pub dim: usize,
+    pub temperature: f64,
+    pub base_temperature: f64,
+}
+
+/// Per-row class ids and `1 / |P(a)|` (0 for an anchor without positives).
+struct Classes {
+    class: Vec<usize>,
+    inv_positives: Vec<f64>,
+}
+
+impl Classes {
+    fn new(labels: &[i64], views: usize) -> Self {
+        let mut distinct = labels.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let sample_class: Vec<usize> = labels
+            .iter()
+            .map(|l| distinct.binary_search(l).unwrap_or_default())
+            .collect();
+        let mut per_class = vec![0usize; distinct.len()];
+        for &c in &sample_class {
+            per_class[c] += views;
+        }
+        let class: Vec<usize> = sample_class
+            .iter()
+            .flat_map(|&c| std::iter::repeat_n(c, views))
+            .collect();
+        let inv_positives = class
+            .iter()
+            .map(|&c| match per_class[c] - 1 {
+                0 => 0.0,
+                p => 1.0 / p as f64,
+            })
+            .collect();
+        Classes {
+            class,
+            inv_positives,
+        }
+    }
+
+    fn target(&self) -> impl Fn(usize, usize) -> f64 + Sync + '_ {
+        move |i, j| {
+            if i != j && self.class[i] == self.class[j] {
+                self.inv_positives[i]
+            } else {
+                0.0
+            }
+        }
+    }
+
+    fn has_positive(&self, row: usize) -> bool {
+        self.inv_positives[row] != 0.0
+    }
+}
+
+impl<T: Real> Problem<'_, T> {
+    fn rows(&self) -> usize {
+        self.samples * self.views
+    }
+
+    /// `tau / base_tau / (N·V)`: the weight of each anchor's term in the mean.
+    fn anchor_weight(&self) -> f64 {
+        self.temperature / self.base_temperature / self.rows() as f64
+    }
+
+    fn with_scores<R>(&self, f: impl FnOnce(&Scores<'_, T>, &Classes) -> R) -> R {
+        let zn = normalize::forward(self.features, self.dim);
+        let classes = Classes::new(self.labels, self.views);
+        f(
+            &Scores {
+                queries: &zn,
+                keys: &zn,
+                rows: self.rows(),
+                cols: self.rows(),
+                dim: self.dim,
+                scale: 1.0 / self.temperature,
+                self_mask: true,
+            },
+            &classes,
+        )
+    }
+
+    /// The mean loss over the N·V anchors and the per-anchor log-sum-exp over `j != a`.
+    pub fn forward(&self) -> (f64, Vec<f64>) {
+        self.with_scores(|s, classes| {
+            let stats = softmax::forward(s, None, classes.target());
+            let total: f64 = (0..s.rows)
+                .filter(|&a| classes.has_positive(a))
+                .map(|a| stats.lse[a] - stats.target_logit[a])
+                .sum();
+            // A single anchor has nothing to contrast with: its LSE is -inf, and it has no
+            // positive either, so its (unused) saved value is set to 0.
+            let lse = stats
+                .lse
+                .into_iter()
+                .map(|l| if l.is_finite() { l } else { 0.0 })
+                .collect();
+            (total * self.anchor_weight(), lse)
+        })
+    }
+
+    /// The gradient of `grad_loss * loss` with respect to the features.
+    pub fn backward(&self, lse: &[f64], grad_loss: f64) -> Vec<T> {
+        let w = grad_loss * self.anchor_weight();
+        let dzn = self.with_scores(|s, classes| {
+            let weight: Vec<f64> = (0..s.rows)
+                .map(|a| if classes.has_positive(a) { w } else { 0.0 })
+                .collect();
+            let grads = softmax::backward(s, lse, &weight, classes.target(), true);
+            let mut dz = grads.queries;
+            for (x, &y) in dz.iter_mut().zip(grads.keys.as_deref().unwrap_or_default()) {
+                *x += y;
+            }
+            dz
+        });
+        normalize::backward(self.features, &dzn, self.dim)
+    }
+}

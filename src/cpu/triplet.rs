@@ -1,1 +1,377 @@
-//! (being written)
+//! Triplet margin losses over a labelled batch with batch-all, batch-hard and semi-hard mining,
+//! forward and backward, computed in f64.
+//!
+//! The forward builds the N x N matrix of pairwise distances (one GEMM; O(N^2) memory, which
+//! triplet mining needs anyway) and then walks the anchors in parallel. For each anchor the
+//! negatives are sorted by distance once, so counting the hard / semi-hard / easy triplets and the
+//! batch-all sums take O(N log N) per anchor instead of O(N^2): the whole forward is
+//! O(N^2 (D + log N)) time and never O(N^3) memory.
+//!
+//! The loss is a linear combination of pairwise distances (the relu terms that are active), so the
+//! forward keeps, per pair (i, j) that occurs in an active term, the coefficient of its distance
+//! in the loss. The backward chains those coefficients through the distance to the rows.
+//!
+//! Ties (equal distances) pick the lowest row index: the hardest positive is the first row with
+//! the largest distance, the hardest negative the first with the smallest, and the semi-hard
+//! negative the first with the smallest distance above `d_ap` (or, when there is none, the first
+//! with the largest distance).
+
+use rayon::prelude::*;
+
+use super::gemm::{Gemm, MatRef};
+use super::{normalize, ROW_TILE};
+use crate::ops::triplet::{Distance, Mining, TripletStats};
+
+/// The clamp inside euclidean distances: `d = sqrt(max(||a - b||^2, DIST_EPS))`; the derivative is
+/// 0 where the squared distance is below it.
+pub const DIST_EPS: f64 = 1e-12;
+
+/// One triplet problem; sizes are validated by the caller.
+#[derive(Clone, Copy)]
+pub struct Problem<'a> {
+    /// Embeddings, `rows x dim`, row-major.
+    pub x: &'a [f64],
+    pub rows: usize,
+    pub dim: usize,
+    /// One label per row.
+    pub labels: &'a [i64],
+    pub distance: Distance,
+    pub mining: Mining,
+    pub margin: f64,
+}
+
+/// The coefficient of the "raw" pair quantity of rows `i` and `j` in the loss (already divided by
+/// the loss's count): the squared distance for the euclidean distances, the cosine similarity of
+/// the normalized rows for the cosine distance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairCoef {
+    pub i: usize,
+    pub j: usize,
+    pub coef: f64,
+}
+
+/// Result of [`Problem::forward`].
+#[derive(Clone, Debug)]
+pub struct Forward {
+    pub loss: f64,
+    pub count: u64,
+    pub stats: TripletStats,
+    /// What the backward needs: the pairs with a nonzero coefficient.
+    pub pairs: Vec<PairCoef>,
+}
+
+/// What one anchor contributes.
+#[derive(Default)]
+struct Anchor {
+    sum: f64,
+    count: u64,
+    stats: TripletStats,
+    /// `(j, dloss/dd_aj)` before the division by the total count.
+    coefs: Vec<(usize, f64)>,
+}
+
+impl Problem<'_> {
+    fn cosine(&self) -> bool {
+        self.distance == Distance::Cosine
+    }
+
+    /// The N x N matrix of raw pair quantities: squared distances (exactly 0 on the diagonal), or
+    /// for the cosine distance the cosine similarities.
+    fn raw_matrix(&self) -> Vec<f64> {
+        let (n, dim) = (self.rows, self.dim);
+        let normed;
+        let x = if self.cosine() {
+            normed = normalize::forward(self.x, dim);
+            &normed[..]
+        } else {
+            self.x
+        };
+        let sq: Vec<f64> = if self.cosine() {
+            Vec::new()
+        } else {
+            x.par_chunks(dim)
+                .map(|r| r.iter().map(|v| v * v).sum())
+                .collect()
+        };
+        let all_t = MatRef::row_major(x, n, dim).t();
+        let mut raw = vec![0.0; n * n];
+        raw.par_chunks_mut(ROW_TILE * n)
+            .enumerate()
+            .for_each(|(tile, block)| {
+                let r0 = tile * ROW_TILE;
+                let len = block.len() / n;
+                let rows = MatRef::row_major(&x[r0 * dim..(r0 + len) * dim], len, dim);
+                f64::gemm(1.0, rows, all_t, 0.0, block);
+                if sq.is_empty() {
+                    return;
+                }
+                for (ii, row) in block.chunks_mut(n).enumerate() {
+                    let i = r0 + ii;
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = if i == j {
+                            0.0
+                        } else {
+                            (sq[i] + sq[j] - 2.0 * *v).max(0.0)
+                        };
+                    }
+                }
+            });
+        raw
+    }
+
+    /// The distance from a raw pair quantity.
+    fn dist(&self, raw: f64) -> f64 {
+        match self.distance {
+            Distance::Euclidean => raw.max(DIST_EPS).sqrt(),
+            Distance::SquaredEuclidean => raw,
+            Distance::Cosine => 1.0 - raw,
+        }
+    }
+
+    /// `d dist / d raw`.
+    fn dist_grad(&self, raw: f64) -> f64 {
+        match self.distance {
+            Distance::Euclidean => {
+                if raw >= DIST_EPS {
+                    0.5 / raw.sqrt()
+                } else {
+                    0.0
+                }
+            }
+            Distance::SquaredEuclidean => 1.0,
+            Distance::Cosine => -1.0,
+        }
+    }
+
+    /// Stats and mined terms of anchor `a`, whose raw row is `raw_row`.
+    fn anchor(&self, a: usize, raw_row: &[f64]) -> Anchor {
+        let n = self.rows;
+        let m = self.margin;
+        let ya = self.labels[a];
+        let d = |j: usize| self.dist(raw_row[j]);
+        let positives: Vec<usize> = (0..n).filter(|&j| j != a && self.labels[j] == ya).collect();
+        let mut negs: Vec<(f64, usize)> = (0..n)
+            .filter(|&j| self.labels[j] != ya)
+            .map(|j| (d(j), j))
+            .collect();
+        let mut out = Anchor::default();
+        if positives.is_empty() || negs.is_empty() {
+            return out;
+        }
+        // By distance, then by index: among equal distances the lowest index comes first.
+        negs.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+        let len = negs.len();
+
+        for &p in &positives {
+            let dp = d(p);
+            let hard = negs.partition_point(|&(dn, _)| dn < dp);
+            let within = negs.partition_point(|&(dn, _)| dn < dp + m);
+            out.stats.hard += hard as u64;
+            out.stats.semi_hard += within.saturating_sub(hard) as u64;
+            out.stats.easy += (len - within.max(hard)) as u64;
+        }
+
+        let mut coef = vec![0.0; n];
+        match self.mining {
+            Mining::BatchAll => {
+                let mut prefix = Vec::with_capacity(len + 1);
+                prefix.push(0.0);
+                for &(dn, _) in &negs {
+                    prefix.push(prefix[prefix.len() - 1] + dn);
+                }
+                // active[k]: positives whose first k sorted negatives give positive terms.
+                let mut active = vec![0u64; len + 1];
+                for &p in &positives {
+                    let dp = d(p);
+                    let k = negs.partition_point(|&(dn, _)| dp - dn + m > 0.0);
+                    if k == 0 {
+                        continue;
+                    }
+                    out.sum += k as f64 * (dp + m) - prefix[k];
+                    out.count += k as u64;
+                    coef[p] += k as f64;
+                    active[k] += 1;
+                }
+                // The negative at sorted rank r is in every term of a positive with k > r.
+                let mut beyond = 0u64;
+                for r in (0..len).rev() {
+                    beyond += active[r + 1];
+                    coef[negs[r].1] -= beyond as f64;
+                }
+            }
+            Mining::BatchHard => {
+                let (mut p_best, mut dp_best) = (positives[0], d(positives[0]));
+                for &p in &positives[1..] {
+                    let dp = d(p);
+                    if dp > dp_best {
+                        (p_best, dp_best) = (p, dp);
+                    }
+                }
+                let (dn, n_best) = negs[0];
+                out.count = 1;
+                let term = dp_best - dn + m;
+                if term > 0.0 {
+                    out.sum = term;
+                    coef[p_best] += 1.0;
+                    coef[n_best] -= 1.0;
+                }
+            }
+            Mining::SemiHard => {
+                let d_max = negs[len - 1].0;
+                let farthest = negs[negs.partition_point(|&(dn, _)| dn < d_max)];
+                for &p in &positives {
+                    let dp = d(p);
+                    let i = negs.partition_point(|&(dn, _)| dn <= dp);
+                    let (dn, chosen) = if i < len { negs[i] } else { farthest };
+                    out.count += 1;
+                    let term = dp - dn + m;
+                    if term > 0.0 {
+                        out.sum += term;
+                        coef[p] += 1.0;
+                        coef[chosen] -= 1.0;
+                    }
+                }
+            }
+        }
+        out.coefs = coef
+            .into_iter()
+            .enumerate()
+            .filter(|&(_, c)| c != 0.0)
+            .collect();
+        out
+    }
+
+    /// The loss (0 when nothing counts), its count, the stats of all valid triplets and the pair
+    /// coefficients for [`backward`].
+    pub fn forward(&self) -> Forward {
+        let n = self.rows;
+        let raw = self.raw_matrix();
+        let anchors: Vec<Anchor> = raw
+            .par_chunks(n)
+            .enumerate()
+            .map(|(a, row)| self.anchor(a, row))
+            .collect();
+        let mut stats = TripletStats::default();
+        let (mut sum, mut count) = (0.0, 0u64);
+        for an in &anchors {
+            sum += an.sum;
+            count += an.count;
+            stats.hard += an.stats.hard;
+            stats.semi_hard += an.stats.semi_hard;
+            stats.easy += an.stats.easy;
+        }
+        let (loss, scale) = if count > 0 {
+            (sum / count as f64, 1.0 / count as f64)
+        } else {
+            (0.0, 0.0)
+        };
+        let pairs = anchors
+            .iter()
+            .enumerate()
+            .flat_map(|(i, an)| {
+                let raw = &raw;
+                an.coefs.iter().map(move |&(j, c)| PairCoef {
+                    i,
+                    j,
+                    coef: c * scale * self.dist_grad(raw[i * n + j]),
+                })
+            })
+            .filter(|p| p.coef != 0.0)
+            .collect();
+        Forward {
+            loss,
+            count,
+            stats,
+            pairs,
+        }
+    }
+}
+
+/// The gradient of `grad_loss * loss` with respect to `x` (rows x dim), from the pair coefficients
+/// of [`Problem::forward`].
+///
+/// With `S` the symmetric matrix of coefficients (each pair adds its coefficient at (i, j) and
+/// (j, i)), the squared distances give `dx_r = 2 (sum_o S_ro x_r - (S x)_r)` and the cosine
+/// distance `dn_r = (S n)_r` through the normalize backward. Sparse pair lists (batch-hard,
+/// semi-hard) walk the pairs of each row; dense ones use one GEMM.
+pub fn backward(
+    x: &[f64],
+    rows: usize,
+    dim: usize,
+    distance: Distance,
+    pairs: &[PairCoef],
+    grad_loss: f64,
+) -> Vec<f64> {
+    let cosine = distance == Distance::Cosine;
+    let normed;
+    let y = if cosine {
+        normed = normalize::forward(x, dim);
+        &normed[..]
+    } else {
+        x
+    };
+    // s_r = sum_o S_ro and p_r = (S y)_r.
+    let mut s = vec![0.0; rows];
+    let mut p = vec![0.0; rows * dim];
+    if pairs.len().saturating_mul(8) >= rows * rows {
+        let mut dense = vec![0.0; rows * rows];
+        for e in pairs {
+            dense[e.i * rows + e.j] += e.coef;
+            dense[e.j * rows + e.i] += e.coef;
+        }
+        for (sr, row) in s.iter_mut().zip(dense.chunks(rows)) {
+            *sr = row.iter().sum();
+        }
+        let y_mat = MatRef::row_major(y, rows, dim);
+        p.par_chunks_mut(ROW_TILE * dim)
+            .enumerate()
+            .for_each(|(tile, block)| {
+                let r0 = tile * ROW_TILE;
+                let len = block.len() / dim;
+                let s_rows = MatRef::row_major(&dense[r0 * rows..(r0 + len) * rows], len, rows);
+                f64::gemm(1.0, s_rows, y_mat, 0.0, block);
+            });
+    } else {
+        // Incidence lists: every pair appears in the list of both of its rows.
+        let mut offsets = vec![0usize; rows + 1];
+        for e in pairs {
+            offsets[e.i + 1] += 1;
+            offsets[e.j + 1] += 1;
+        }
+        for r in 0..rows {
+            offsets[r + 1] += offsets[r];
+        }
+        let mut cursor = offsets.clone();
+        let mut edges = vec![(0usize, 0.0f64); 2 * pairs.len()];
+        for e in pairs {
+            edges[cursor[e.i]] = (e.j, e.coef);
+            cursor[e.i] += 1;
+            edges[cursor[e.j]] = (e.i, e.coef);
+            cursor[e.j] += 1;
+        }
+        p.par_chunks_mut(dim)
+            .zip(s.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (p_row, s_r))| {
+                for &(o, c) in &edges[offsets[r]..offsets[r + 1]] {
+                    *s_r += c;
+                    for (acc, &v) in p_row.iter_mut().zip(&y[o * dim..(o + 1) * dim]) {
+                        *acc += c * v;
+                    }
+                }
+            });
+    }
+    let mut grad = vec![0.0; rows * dim];
+    grad.par_chunks_mut(dim).enumerate().for_each(|(r, g)| {
+        let (x_r, p_r) = (&x[r * dim..(r + 1) * dim], &p[r * dim..(r + 1) * dim]);
+        if cosine {
+            let dn: Vec<f64> = p_r.iter().map(|&v| grad_loss * v).collect();
+            normalize::backward_row(x_r, &dn, g);
+        } else {
+            for ((out, &xv), &pv) in g.iter_mut().zip(x_r).zip(p_r) {
+                *out = 2.0 * grad_loss * (s[r] * xv - pv);
+            }
+        }
+    });
+    grad
+}

@@ -1,7 +1,14 @@
 //! CLIP: symmetric InfoNCE with a learnable temperature.
 //! `logits = exp(log_scale) * cos(a_i, b_j)`, `loss = (CE(logits, diag) + CE(logits^T, diag)) / 2`.
 
-use crate::{Result, Tensor};
+use super::{
+    check_finite, check_finite_scalar, expect_shape, matrix_dims, output_like, same_place, values,
+    with_cpu_real,
+};
+use crate::cpu::Real;
+use crate::{cpu, Error, Result, Tensor};
+
+const OP: &str = "clip";
 
 /// What the backward needs: the row and column log-sum-exp (N values each).
 #[derive(Clone, Debug)]
@@ -34,20 +41,131 @@ pub struct ClipOutput {
     pub grad_log_scale: f64,
 }
 
-/// Forward of the CLIP loss for paired embeddings `a`, `b` (N x D each).
+/// Rejects a logit scale (`exp(log_scale)` or `1 / temperature`) that overflows the compute type
+/// `T`: every logit would be infinite or NaN.
+pub(super) fn check_scale<T: Real>(
+    op: &'static str,
+    arg: &'static str,
+    value: f64,
+    scale: f64,
+) -> Result<()> {
+    if T::of(scale).is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            arg,
+            format!(
+                "{value} gives a logit scale of {scale:e}, which overflows {}",
+                <T as crate::Element>::DTYPE
+            ),
+        ))
+    }
+}
+
+/// Validates the inputs and returns `(rows, dim)`.
+fn validate(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<(usize, usize)> {
+    let (rows, dim) = matrix_dims(OP, "a", a)?;
+    matrix_dims(OP, "b", b)?;
+    same_place(OP, &[("a", a), ("b", b)])?;
+    if b.shape() != a.shape() {
+        return Err(Error::shape(
+            OP,
+            "b",
+            b.shape(),
+            format!("{:?} (the same shape as a: one pair per row)", a.shape()),
+        ));
+    }
+    check_finite_scalar(OP, "log_scale", log_scale)?;
+    check_finite(OP, "a", a)?;
+    check_finite(OP, "b", b)?;
+    Ok((rows, dim))
+}
+
+fn problem<'a, T>(
+    a: &'a [T],
+    b: &'a [T],
+    (rows, dim): (usize, usize),
+    log_scale: f64,
+) -> cpu::clip::Problem<'a, T> {
+    cpu::clip::Problem {
+        a,
+        b,
+        rows,
+        dim,
+        log_scale,
+    }
+}
+
+/// Forward of the CLIP loss for paired embeddings `a`, `b` (N x D each): the loss and the row
+/// and column log-sum-exp for [`clip_backward`].
 pub fn clip_forward(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipForward> {
-    let _ = (a, b, log_scale);
-    todo!()
+    let dims = validate(a, b, log_scale)?;
+    with_cpu_real!(a.dtype(), T => {
+        check_scale::<T>(OP, "log_scale", log_scale, log_scale.exp())?;
+        let (av, bv) = (values::<T>(a), values::<T>(b));
+        let (loss, row_lse, col_lse) = problem(&av, &bv, dims, log_scale).forward();
+        let saved = |lse: Vec<f64>| a.host_like(lse.into_iter().map(T::of).collect::<Vec<T>>(), &[dims.0]);
+        Ok(ClipForward { loss, saved: ClipSaved { row_lse: saved(row_lse), col_lse: saved(col_lse) } })
+    })
 }
 
-/// Backward of the CLIP loss: gradients of `grad_loss * loss`.
-pub fn clip_backward(a: &Tensor, b: &Tensor, log_scale: f64, saved: &ClipSaved, grad_loss: f64) -> Result<ClipGrads> {
-    let _ = (a, b, log_scale, saved, grad_loss);
-    todo!()
+/// Backward of the CLIP loss: gradients of `grad_loss * loss` with respect to `a`, `b` and
+/// `log_scale`.
+pub fn clip_backward(
+    a: &Tensor,
+    b: &Tensor,
+    log_scale: f64,
+    saved: &ClipSaved,
+    grad_loss: f64,
+) -> Result<ClipGrads> {
+    let dims = validate(a, b, log_scale)?;
+    for (arg, lse) in [
+        ("saved.row_lse", &saved.row_lse),
+        ("saved.col_lse", &saved.col_lse),
+    ] {
+        expect_shape(OP, arg, lse, &[dims.0])?;
+        check_finite(OP, arg, lse)?;
+    }
+    check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    with_cpu_real!(a.dtype(), T => {
+        check_scale::<T>(OP, "log_scale", log_scale, log_scale.exp())?;
+        let (av, bv) = (values::<T>(a), values::<T>(b));
+        let grads = problem(&av, &bv, dims, log_scale).backward(
+            &saved.row_lse.to_vec_f64(),
+            &saved.col_lse.to_vec_f64(),
+            grad_loss,
+        );
+        Ok(ClipGrads {
+            grad_a: output_like(a, grads.a, a.shape()),
+            grad_b: output_like(b, grads.b, b.shape()),
+            grad_log_scale: grads.log_scale,
+        })
+    })
 }
 
-/// CLIP loss and gradients in one call.
+/// CLIP loss and gradients in one call. Row `i` of `a` and row `i` of `b` are a matching pair;
+/// `log_scale` is the learnable log of the logit scale (`1 / temperature`).
+///
+/// ```
+/// use contra::{clip, Device, Tensor};
+/// // Two image embeddings and two text embeddings, D = 2.
+/// let a = Tensor::from_vec(vec![1.0f32, 0.1, 0.0, 1.0], &[2, 2], Device::Cpu)?;
+/// let b = Tensor::from_vec(vec![0.9f32, 0.0, 0.2, 0.8], &[2, 2], Device::Cpu)?;
+/// let out = clip(&a, &b, (1.0f64 / 0.07).ln())?;
+/// assert!(out.loss > 0.0 && out.loss < 2f64.ln());
+/// assert_eq!(out.grad_a.shape(), &[2, 2]);
+/// // The pairs already match, so a larger scale (lower temperature) lowers the loss.
+/// assert!(out.grad_log_scale < 0.0);
+/// # Ok::<(), contra::Error>(())
+/// ```
 pub fn clip(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipOutput> {
-    let _ = (a, b, log_scale);
-    todo!()
+    let fwd = clip_forward(a, b, log_scale)?;
+    let grads = clip_backward(a, b, log_scale, &fwd.saved, 1.0)?;
+    Ok(ClipOutput {
+        loss: fwd.loss,
+        grad_a: grads.grad_a,
+        grad_b: grads.grad_b,
+        grad_log_scale: grads.grad_log_scale,
+    })
 }

@@ -1,8 +1,16 @@
 //! The contrastive margin loss of Hadsell, Chopra and LeCun (2006): pairs `x1, x2`, `y = 0`
 //! similar, `y = 1` dissimilar, `d = sqrt(max(||x1 - x2||^2, 1e-12))`,
 //! `loss = mean((1 - y) d^2 / 2 + y relu(m - d)^2 / 2)`.
+//!
+//! The derivative of `d` is taken as 0 where `||x1 - x2||^2 < 1e-12` (the clamp is active).
 
-use crate::{Result, Tensor};
+use super::{
+    check_finite, check_finite_scalar, check_labels_len, matrix_dims, output_like, same_place,
+    values, with_cpu_real,
+};
+use crate::{cpu, Error, Result, Tensor};
+
+const OP: &str = "margin_loss";
 
 /// Options of [`margin_loss`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,20 +33,89 @@ pub struct MarginOutput {
     pub grad_x2: Tensor,
 }
 
+/// Validates the inputs and returns `dim`.
+fn validate(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<usize> {
+    let (rows, dim) = matrix_dims(OP, "x1", x1)?;
+    matrix_dims(OP, "x2", x2)?;
+    same_place(OP, &[("x1", x1), ("x2", x2)])?;
+    if x2.shape() != x1.shape() {
+        return Err(Error::shape(
+            OP,
+            "x2",
+            x2.shape(),
+            format!("{:?} (the shape of x1)", x1.shape()),
+        ));
+    }
+    check_labels_len(OP, "y", y, rows)?;
+    if let Some((i, &v)) = y.iter().enumerate().find(|&(_, &v)| v != 0 && v != 1) {
+        return Err(Error::invalid(
+            OP,
+            "y",
+            format!("y[{i}] = {v}: labels must be 0 (similar) or 1 (dissimilar)"),
+        ));
+    }
+    if !(opts.margin.is_finite() && opts.margin >= 0.0) {
+        return Err(Error::invalid(
+            OP,
+            "margin",
+            format!("{} must be finite and >= 0", opts.margin),
+        ));
+    }
+    check_finite(OP, "x1", x1)?;
+    check_finite(OP, "x2", x2)?;
+    Ok(dim)
+}
+
 /// The mean margin loss (forward only).
 pub fn margin_forward(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<f64> {
-    let _ = (x1, x2, y, opts);
-    todo!()
+    let dim = validate(x1, x2, y, opts)?;
+    with_cpu_real!(x1.dtype(), T => {
+        Ok(cpu::margin::forward::<T>(&values::<T>(x1), &values::<T>(x2), y, dim, opts.margin))
+    })
 }
 
 /// Gradients of `grad_loss * loss` with respect to x1 and x2.
-pub fn margin_backward(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions, grad_loss: f64) -> Result<(Tensor, Tensor)> {
-    let _ = (x1, x2, y, opts, grad_loss);
-    todo!()
+pub fn margin_backward(
+    x1: &Tensor,
+    x2: &Tensor,
+    y: &[i64],
+    opts: &MarginOptions,
+    grad_loss: f64,
+) -> Result<(Tensor, Tensor)> {
+    let dim = validate(x1, x2, y, opts)?;
+    check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    with_cpu_real!(x1.dtype(), T => {
+        let (g1, g2) = cpu::margin::backward::<T>(
+            &values::<T>(x1), &values::<T>(x2), y, dim, opts.margin, grad_loss,
+        );
+        Ok((output_like(x1, g1, x1.shape()), output_like(x2, g2, x2.shape())))
+    })
 }
 
 /// Margin loss and gradients in one call.
-pub fn margin_loss(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<MarginOutput> {
-    let _ = (x1, x2, y, opts);
-    todo!()
+///
+/// ```
+/// use contra::{margin_loss, Device, MarginOptions, Tensor};
+/// let x1 = Tensor::from_vec(vec![0.0f64, 0.0, 0.0, 0.0], &[2, 2], Device::Cpu)?;
+/// let x2 = Tensor::from_vec(vec![0.3f64, 0.4, 0.3, 0.4], &[2, 2], Device::Cpu)?;
+/// // Both pairs are 0.5 apart: the similar one costs 0.5^2 / 2, the dissimilar one
+/// // (1 - 0.5)^2 / 2 with margin 1.
+/// let out = margin_loss(&x1, &x2, &[0, 1], &MarginOptions { margin: 1.0 })?;
+/// assert!((out.loss - (0.125 + 0.125) / 2.0).abs() < 1e-12);
+/// assert_eq!(out.grad_x2.shape(), &[2, 2]);
+/// # Ok::<(), contra::Error>(())
+/// ```
+pub fn margin_loss(
+    x1: &Tensor,
+    x2: &Tensor,
+    y: &[i64],
+    opts: &MarginOptions,
+) -> Result<MarginOutput> {
+    let loss = margin_forward(x1, x2, y, opts)?;
+    let (grad_x1, grad_x2) = margin_backward(x1, x2, y, opts, 1.0)?;
+    Ok(MarginOutput {
+        loss,
+        grad_x1,
+        grad_x2,
+    })
 }

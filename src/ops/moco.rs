@@ -2,8 +2,17 @@
 //! `l_neg = q . queue^T` (queue K x D used as given); `loss = CE([l_pos, l_neg] / tau, 0)`.
 //! Plus the queue enqueue (ring buffer with wrap-around).
 
-use super::infonce::{SoftmaxForward, SoftmaxSaved};
-use crate::{Result, Tensor};
+use super::clip::check_scale;
+use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
+use super::{
+    check_finite, check_finite_scalar, check_temperature, matrix_dims, output_like, same_place,
+    values, with_cpu_real,
+};
+use crate::cpu::Real;
+use crate::{cpu, DType, Element, Error, Result, Tensor};
+
+const OP: &str = "moco";
+const ENQUEUE: &str = "moco_enqueue";
 
 /// Options of [`moco`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,10 +34,76 @@ pub struct MocoOutput {
     pub grad_q: Tensor,
 }
 
-/// MoCo forward: the mean loss and the per-query log-sum-exp.
-pub fn moco_forward(q: &Tensor, k: &Tensor, queue: &Tensor, opts: &MocoOptions) -> Result<SoftmaxForward> {
-    let _ = (q, k, queue, opts);
-    todo!()
+/// Validates the inputs and returns `(rows, queue_len, dim)`.
+fn validate(
+    q: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    opts: &MocoOptions,
+) -> Result<(usize, usize, usize)> {
+    let (rows, dim) = matrix_dims(OP, "q", q)?;
+    matrix_dims(OP, "k", k)?;
+    let (queue_len, queue_dim) = matrix_dims(OP, "queue", queue)?;
+    same_place(OP, &[("q", q), ("k", k), ("queue", queue)])?;
+    if k.shape() != q.shape() {
+        return Err(Error::shape(
+            OP,
+            "k",
+            k.shape(),
+            format!(
+                "{:?} (the same shape as q: one positive key per query)",
+                q.shape()
+            ),
+        ));
+    }
+    if queue_dim != dim {
+        return Err(Error::shape(
+            OP,
+            "queue",
+            queue.shape(),
+            format!("[K, {dim}] (same D as q)"),
+        ));
+    }
+    check_temperature(OP, "temperature", opts.temperature)?;
+    check_finite(OP, "q", q)?;
+    check_finite(OP, "k", k)?;
+    check_finite(OP, "queue", queue)?;
+    Ok((rows, queue_len, dim))
+}
+
+fn problem<'a, T>(
+    q: &'a [T],
+    k: &'a [T],
+    queue: &'a [T],
+    (rows, queue_len, dim): (usize, usize, usize),
+    opts: &MocoOptions,
+) -> cpu::moco::Problem<'a, T> {
+    cpu::moco::Problem {
+        q,
+        k,
+        queue,
+        rows,
+        queue_len,
+        dim,
+        temperature: opts.temperature,
+    }
+}
+
+/// MoCo forward: the mean loss and the per-query log-sum-exp over `[l_pos, l_neg] / tau`.
+pub fn moco_forward(
+    q: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    opts: &MocoOptions,
+) -> Result<SoftmaxForward> {
+    let dims = validate(q, k, queue, opts)?;
+    with_cpu_real!(q.dtype(), T => {
+        check_scale::<T>(OP, "temperature", opts.temperature, 1.0 / opts.temperature)?;
+        let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
+        let (loss, lse) = problem(&qv, &kv, &queue_v, dims, opts).forward();
+        let lse = q.host_like(lse.into_iter().map(T::of).collect::<Vec<T>>(), &[dims.0]);
+        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
+    })
 }
 
 /// MoCo backward: the gradient of `grad_loss * loss` with respect to q (k and the queue get none).
@@ -40,20 +115,95 @@ pub fn moco_backward(
     saved: &SoftmaxSaved,
     grad_loss: f64,
 ) -> Result<Tensor> {
-    let _ = (q, k, queue, opts, saved, grad_loss);
-    todo!()
+    let dims = validate(q, k, queue, opts)?;
+    check_saved_lse(OP, saved, dims.0)?;
+    check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    with_cpu_real!(q.dtype(), T => {
+        check_scale::<T>(OP, "temperature", opts.temperature, 1.0 / opts.temperature)?;
+        let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
+        let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
+        Ok(output_like(q, grad, q.shape()))
+    })
 }
 
-/// MoCo loss and query gradient in one call.
+/// MoCo loss and query gradient in one call: queries `q` and their positive keys `k` (N x D,
+/// L2-normalized inside) against the negatives in `queue` (K x D, used as given).
+///
+/// ```
+/// use contra::{moco, Device, MocoOptions, Tensor};
+/// let q = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 2.0], &[2, 2], Device::Cpu)?;
+/// let k = Tensor::from_vec(vec![0.9f32, 0.1, 0.1, 0.9], &[2, 2], Device::Cpu)?;
+/// let queue = Tensor::from_vec(vec![-1.0f32, 0.0, 0.0, -1.0, 0.6, 0.8], &[3, 2], Device::Cpu)?;
+/// let out = moco(&q, &k, &queue, &MocoOptions::default())?;
+/// assert!(out.loss > 0.0);
+/// assert_eq!(out.grad_q.shape(), &[2, 2]);
+/// # Ok::<(), contra::Error>(())
+/// ```
 pub fn moco(q: &Tensor, k: &Tensor, queue: &Tensor, opts: &MocoOptions) -> Result<MocoOutput> {
-    let _ = (q, k, queue, opts);
-    todo!()
+    let fwd = moco_forward(q, k, queue, opts)?;
+    let grad_q = moco_backward(q, k, queue, opts, &fwd.saved, 1.0)?;
+    Ok(MocoOutput {
+        loss: fwd.loss,
+        grad_q,
+    })
 }
 
 /// Writes the L2-normalized keys `k` (N x D) into `queue` (K x D) at rows `(ptr + i) mod K` and
 /// returns the new pointer `(ptr + N) mod K`. Wraps around; needs neither `K mod N = 0` nor
 /// `N <= K` (with N > K the last keys win).
+///
+/// ```
+/// use contra::{moco_enqueue, Device, Tensor};
+/// let mut queue = Tensor::zeros(&[3, 2], contra::DType::F32, Device::Cpu)?;
+/// let k = Tensor::from_vec(vec![3.0f32, 4.0, 0.0, 2.0], &[2, 2], Device::Cpu)?;
+/// // Pointer 2: key 0 goes to row 2, key 1 wraps around to row 0.
+/// let ptr = moco_enqueue(&mut queue, &k, 2)?;
+/// assert_eq!(ptr, 1);
+/// assert_eq!(queue.to_vec::<f32>()?, vec![0.0, 1.0, 0.0, 0.0, 0.6, 0.8]);
+/// # Ok::<(), contra::Error>(())
+/// ```
 pub fn moco_enqueue(queue: &mut Tensor, k: &Tensor, ptr: usize) -> Result<usize> {
-    let _ = (queue, k, ptr);
-    todo!()
+    let (queue_len, dim) = matrix_dims(ENQUEUE, "queue", queue)?;
+    let (rows, key_dim) = matrix_dims(ENQUEUE, "k", k)?;
+    same_place(ENQUEUE, &[("queue", queue), ("k", k)])?;
+    if key_dim != dim {
+        return Err(Error::shape(
+            ENQUEUE,
+            "k",
+            k.shape(),
+            format!("[N, {dim}] (same D as the queue)"),
+        ));
+    }
+    if ptr >= queue_len {
+        return Err(Error::invalid(
+            ENQUEUE,
+            "ptr",
+            format!("{ptr} is out of range for a queue of {queue_len} rows"),
+        ));
+    }
+    check_finite(ENQUEUE, "k", k)?;
+    with_cpu_real!(k.dtype(), T => {
+        let kv = values::<T>(k);
+        match queue.dtype() {
+            DType::F32 => enqueue_into::<T, f32>(queue, &kv, rows, dim, ptr),
+            DType::F64 => enqueue_into::<T, f64>(queue, &kv, rows, dim, ptr),
+            DType::Bf16 => enqueue_into::<T, half::bf16>(queue, &kv, rows, dim, ptr),
+            DType::F16 => enqueue_into::<T, half::f16>(queue, &kv, rows, dim, ptr),
+        }
+    })
+}
+
+fn enqueue_into<T: Real, E: Element>(
+    queue: &mut Tensor,
+    k: &[T],
+    rows: usize,
+    dim: usize,
+    ptr: usize,
+) -> Result<usize> {
+    let device = queue.device();
+    let slots = queue.host_mut::<E>().ok_or_else(|| Error::Mismatch {
+        op: ENQUEUE,
+        reason: format!("`queue` is not in host memory as {} on {device}", E::DTYPE),
+    })?;
+    Ok(cpu::moco::enqueue(slots, k, rows, dim, ptr))
 }

@@ -1,9 +1,47 @@
 //! The MoCo momentum (EMA) update of the key encoder: `theta_k <- m theta_k + (1 - m) theta_q`.
 
-use crate::{Result, Tensor};
+use half::{bf16, f16};
 
-/// Updates `theta_k` in place from `theta_q` (same shape) with momentum `m` in [0, 1].
+use super::{check_finite, expect_shape, same_place};
+use crate::{cpu, DType, Element, Error, Result, Tensor};
+
+const OP: &str = "momentum_update";
+
+/// Updates `theta_k` in place from `theta_q` (same shape, dtype and device) with momentum `m` in
+/// [0, 1]. Any shape works (a whole flattened parameter vector or one weight matrix); the update is
+/// computed in f64 and rounded once to the tensor's dtype. On an error `theta_k` is unchanged.
+///
+/// ```
+/// use contra::{momentum_update, Device, Tensor};
+/// let mut theta_k = Tensor::from_vec(vec![1.0f32, 2.0, 3.0], &[3], Device::Cpu)?;
+/// let theta_q = Tensor::from_vec(vec![3.0f32, 2.0, 1.0], &[3], Device::Cpu)?;
+/// momentum_update(&mut theta_k, &theta_q, 0.75)?;
+/// assert_eq!(theta_k.to_vec::<f32>()?, vec![1.5, 2.0, 2.5]);
+/// # Ok::<(), contra::Error>(())
+/// ```
 pub fn momentum_update(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result<()> {
-    let _ = (theta_k, theta_q, m);
-    todo!()
+    same_place(OP, &[("theta_k", theta_k), ("theta_q", theta_q)])?;
+    expect_shape(OP, "theta_q", theta_q, theta_k.shape())?;
+    if !(m.is_finite() && (0.0..=1.0).contains(&m)) {
+        return Err(Error::invalid(OP, "m", format!("{m} must lie in [0, 1]")));
+    }
+    check_finite(OP, "theta_k", theta_k)?;
+    check_finite(OP, "theta_q", theta_q)?;
+    match theta_k.dtype() {
+        DType::F32 => update::<f32>(theta_k, theta_q, m),
+        DType::F64 => update::<f64>(theta_k, theta_q, m),
+        DType::Bf16 => update::<bf16>(theta_k, theta_q, m),
+        DType::F16 => update::<f16>(theta_k, theta_q, m),
+    }
+}
+
+fn update<E: Element>(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result<()> {
+    let mismatch = || Error::Mismatch {
+        op: OP,
+        reason: format!("`theta_k` and `theta_q` do not both hold {}", E::DTYPE),
+    };
+    let q = theta_q.host::<E>().ok_or_else(mismatch)?;
+    let k = theta_k.host_mut::<E>().ok_or_else(mismatch)?;
+    cpu::momentum::update(k, q, m);
+    Ok(())
 }

@@ -1,8 +1,17 @@
 //! Noise-contrastive estimation (Gutmann & Hyvärinen; Mnih & Teh): data scores `s_pos` (B),
 //! noise scores `s_neg` (B x k), noise log-probabilities `logq_pos` (B), `logq_neg` (B x k);
 //! `delta = s - log k - logq`, `loss = mean_b [ softplus(-delta_pos) + sum_j softplus(delta_neg_j) ]`.
+//!
+//! `k` is the number of columns of `s_neg`. Softplus and sigmoid are evaluated in a form that
+//! does not overflow for large scores.
 
-use crate::{Result, Tensor};
+use super::{
+    check_finite, check_finite_scalar, expect_shape, matrix_dims, output_like, same_place, values,
+    vector_len, with_cpu_real,
+};
+use crate::{cpu, Error, Result, Tensor};
+
+const OP: &str = "nce";
 
 /// Loss and gradients of [`nce`].
 #[derive(Clone, Debug)]
@@ -12,20 +21,103 @@ pub struct NceOutput {
     pub grad_s_neg: Tensor,
 }
 
+/// Validates the inputs and returns `(B, k)`.
+fn validate(
+    s_pos: &Tensor,
+    s_neg: &Tensor,
+    logq_pos: &Tensor,
+    logq_neg: &Tensor,
+) -> Result<(usize, usize)> {
+    let rows = vector_len(OP, "s_pos", s_pos)?;
+    let (neg_rows, k) = matrix_dims(OP, "s_neg", s_neg)?;
+    if neg_rows != rows {
+        return Err(Error::shape(
+            OP,
+            "s_neg",
+            s_neg.shape(),
+            format!("[{rows}, k] (one row of noise scores per entry of s_pos)"),
+        ));
+    }
+    same_place(
+        OP,
+        &[
+            ("s_pos", s_pos),
+            ("s_neg", s_neg),
+            ("logq_pos", logq_pos),
+            ("logq_neg", logq_neg),
+        ],
+    )?;
+    expect_shape(OP, "logq_pos", logq_pos, &[rows])?;
+    expect_shape(OP, "logq_neg", logq_neg, &[rows, k])?;
+    check_finite(OP, "s_pos", s_pos)?;
+    check_finite(OP, "s_neg", s_neg)?;
+    check_finite(OP, "logq_pos", logq_pos)?;
+    check_finite(OP, "logq_neg", logq_neg)?;
+    Ok((rows, k))
+}
+
 /// The mean NCE loss (forward only).
-pub fn nce_forward(s_pos: &Tensor, s_neg: &Tensor, logq_pos: &Tensor, logq_neg: &Tensor) -> Result<f64> {
-    let _ = (s_pos, s_neg, logq_pos, logq_neg);
-    todo!()
+pub fn nce_forward(
+    s_pos: &Tensor,
+    s_neg: &Tensor,
+    logq_pos: &Tensor,
+    logq_neg: &Tensor,
+) -> Result<f64> {
+    let (rows, k) = validate(s_pos, s_neg, logq_pos, logq_neg)?;
+    with_cpu_real!(s_pos.dtype(), T => {
+        let (sp, sn, qp, qn) =
+            (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));
+        let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
+        Ok(problem.forward())
+    })
 }
 
 /// Gradients of `grad_loss * loss` with respect to `s_pos` and `s_neg`.
-pub fn nce_backward(s_pos: &Tensor, s_neg: &Tensor, logq_pos: &Tensor, logq_neg: &Tensor, grad_loss: f64) -> Result<(Tensor, Tensor)> {
-    let _ = (s_pos, s_neg, logq_pos, logq_neg, grad_loss);
-    todo!()
+pub fn nce_backward(
+    s_pos: &Tensor,
+    s_neg: &Tensor,
+    logq_pos: &Tensor,
+    logq_neg: &Tensor,
+    grad_loss: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (rows, k) = validate(s_pos, s_neg, logq_pos, logq_neg)?;
+    check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    with_cpu_real!(s_pos.dtype(), T => {
+        let (sp, sn, qp, qn) =
+            (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));
+        let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
+        let (gp, gn) = problem.backward(grad_loss);
+        Ok((output_like(s_pos, gp, &[rows]), output_like(s_neg, gn, &[rows, k])))
+    })
 }
 
 /// NCE loss and gradients in one call.
-pub fn nce(s_pos: &Tensor, s_neg: &Tensor, logq_pos: &Tensor, logq_neg: &Tensor) -> Result<NceOutput> {
-    let _ = (s_pos, s_neg, logq_pos, logq_neg);
-    todo!()
+///
+/// ```
+/// use contra::{nce, Device, Tensor};
+/// // B = 2 samples, k = 1 noise sample each, uniform noise log-probabilities of 0.
+/// let s_pos = Tensor::from_vec(vec![2.0f64, 0.0], &[2], Device::Cpu)?;
+/// let s_neg = Tensor::from_vec(vec![-1.0f64, 0.0], &[2, 1], Device::Cpu)?;
+/// let zeros_b = Tensor::from_vec(vec![0.0f64; 2], &[2], Device::Cpu)?;
+/// let zeros_bk = Tensor::from_vec(vec![0.0f64; 2], &[2, 1], Device::Cpu)?;
+/// let out = nce(&s_pos, &s_neg, &zeros_b, &zeros_bk)?;
+/// let softplus = |x: f64| (1.0 + x.exp()).ln();
+/// let want = (softplus(-2.0) + softplus(-1.0) + 2.0 * softplus(0.0)) / 2.0;
+/// assert!((out.loss - want).abs() < 1e-12);
+/// assert_eq!(out.grad_s_neg.shape(), &[2, 1]);
+/// # Ok::<(), contra::Error>(())
+/// ```
+pub fn nce(
+    s_pos: &Tensor,
+    s_neg: &Tensor,
+    logq_pos: &Tensor,
+    logq_neg: &Tensor,
+) -> Result<NceOutput> {
+    let loss = nce_forward(s_pos, s_neg, logq_pos, logq_neg)?;
+    let (grad_s_pos, grad_s_neg) = nce_backward(s_pos, s_neg, logq_pos, logq_neg, 1.0)?;
+    Ok(NceOutput {
+        loss,
+        grad_s_pos,
+        grad_s_neg,
+    })
 }

@@ -1,7 +1,10 @@
 //! Similarity / distance matrices between the rows of two matrices. This op builds the N x M
 //! matrix by definition; the losses never call it.
 
-use crate::{Result, Tensor};
+use super::{check_finite, matrix_dims, output_like, same_place, values, with_cpu_real};
+use crate::{cpu, Error, Result, Tensor};
+
+const OP: &str = "similarity";
 
 /// Which pairwise score to compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,8 +19,38 @@ pub enum Similarity {
     Euclidean,
 }
 
-/// The `N x M` matrix of `kind` scores between the rows of `a` (N x D) and `b` (M x D).
+/// The `N x M` matrix of `kind` scores between the rows of `a` (N x D) and `b` (M x D), in the
+/// dtype of the inputs (f32, bf16 and f16 compute in f32).
+///
+/// Distances use `||a||^2 + ||b||^2 - 2 a.b`, clamped at 0, with the dot products from one GEMM.
+///
+/// ```
+/// use contra::{similarity, Device, Similarity, Tensor};
+/// let a = Tensor::from_vec(vec![1.0f64, 0.0, 0.0, 2.0], &[2, 2], Device::Cpu)?;
+/// let b = Tensor::from_vec(vec![3.0f64, 4.0], &[1, 2], Device::Cpu)?;
+/// let dot = similarity(&a, &b, Similarity::Dot)?;
+/// assert_eq!(dot.shape(), &[2, 1]);
+/// assert_eq!(dot.to_vec::<f64>()?, vec![3.0, 8.0]);
+/// let dist = similarity(&a, &b, Similarity::Euclidean)?.to_vec::<f64>()?;
+/// assert!((dist[0] - 20f64.sqrt()).abs() < 1e-12);
+/// # Ok::<(), contra::Error>(())
+/// ```
 pub fn similarity(a: &Tensor, b: &Tensor, kind: Similarity) -> Result<Tensor> {
-    let _ = (a, b, kind);
-    todo!("similarity")
+    let (rows, dim) = matrix_dims(OP, "a", a)?;
+    let (cols, b_dim) = matrix_dims(OP, "b", b)?;
+    same_place(OP, &[("a", a), ("b", b)])?;
+    if b_dim != dim {
+        return Err(Error::shape(
+            OP,
+            "b",
+            b.shape(),
+            format!("[M, {dim}] (same D as a)"),
+        ));
+    }
+    check_finite(OP, "a", a)?;
+    check_finite(OP, "b", b)?;
+    with_cpu_real!(a.dtype(), T => {
+        let s = cpu::similarity::similarity::<T>(&values::<T>(a), &values::<T>(b), rows, cols, dim, kind);
+        Ok(output_like(a, s, &[rows, cols]))
+    })
 }

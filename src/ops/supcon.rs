@@ -1,8 +1,16 @@
 //! Supervised contrastive loss (Khosla et al., contrast_mode "all"): features N x V x D,
 //! normalized inside; every view is an anchor; positives are the other views with its label.
 
-use super::infonce::{SoftmaxForward, SoftmaxSaved};
-use crate::{Result, Tensor};
+use super::clip::check_scale;
+use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
+use super::{
+    check_finite, check_finite_scalar, check_labels_len, check_temperature, output_like, values,
+    with_cpu_real,
+};
+use crate::cpu::Real;
+use crate::{cpu, Error, Result, Tensor};
+
+const OP: &str = "supcon";
 
 /// Options of [`supcon`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -14,7 +22,10 @@ pub struct SupConOptions {
 
 impl Default for SupConOptions {
     fn default() -> Self {
-        SupConOptions { temperature: 0.07, base_temperature: 0.07 }
+        SupConOptions {
+            temperature: 0.07,
+            base_temperature: 0.07,
+        }
     }
 }
 
@@ -25,10 +36,86 @@ pub struct SupConOutput {
     pub grad_features: Tensor,
 }
 
+/// Validates the inputs and returns `(samples, views, dim)`.
+fn validate(
+    features: &Tensor,
+    labels: &[i64],
+    opts: &SupConOptions,
+) -> Result<(usize, usize, usize)> {
+    let (samples, views, dim) = match *features.shape() {
+        [n, v, d] => (n, v, d),
+        _ => {
+            return Err(Error::shape(
+                OP,
+                "features",
+                features.shape(),
+                "[N, V, D] (rank 3: samples x views x features)",
+            ))
+        }
+    };
+    let empty = |what: &str| {
+        Err(Error::Empty {
+            op: OP,
+            arg: "features",
+            what: what.into(),
+        })
+    };
+    if samples == 0 {
+        return empty("it has 0 samples (empty batch)");
+    }
+    if views == 0 {
+        return empty("it has 0 views per sample");
+    }
+    if dim == 0 {
+        return empty("its feature dimension D is 0");
+    }
+    check_labels_len(OP, "labels", labels, samples)?;
+    check_temperature(OP, "temperature", opts.temperature)?;
+    check_temperature(OP, "base_temperature", opts.base_temperature)?;
+    let ratio = opts.temperature / opts.base_temperature;
+    if !ratio.is_finite() {
+        return Err(Error::invalid(
+            OP,
+            "base_temperature",
+            format!("temperature / base_temperature = {ratio} is not finite"),
+        ));
+    }
+    // Row n of the error is sample n.
+    check_finite(OP, "features", features)?;
+    Ok((samples, views, dim))
+}
+
+fn problem<'a, T>(
+    features: &'a [T],
+    labels: &'a [i64],
+    (samples, views, dim): (usize, usize, usize),
+    opts: &SupConOptions,
+) -> cpu::supcon::Problem<'a, T> {
+    cpu::supcon::Problem {
+        features,
+        labels,
+        samples,
+        views,
+        dim,
+        temperature: opts.temperature,
+        base_temperature: opts.base_temperature,
+    }
+}
+
 /// SupCon forward: the mean loss over the N·V anchors and the per-anchor log-sum-exp.
-pub fn supcon_forward(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result<SoftmaxForward> {
-    let _ = (features, labels, opts);
-    todo!()
+pub fn supcon_forward(
+    features: &Tensor,
+    labels: &[i64],
+    opts: &SupConOptions,
+) -> Result<SoftmaxForward> {
+    let dims = validate(features, labels, opts)?;
+    with_cpu_real!(features.dtype(), T => {
+        check_scale::<T>(OP, "temperature", opts.temperature, 1.0 / opts.temperature)?;
+        let fv = values::<T>(features);
+        let (loss, lse) = problem(&fv, labels, dims, opts).forward();
+        let lse = features.host_like(lse.into_iter().map(T::of).collect::<Vec<T>>(), &[dims.0 * dims.1]);
+        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
+    })
 }
 
 /// SupCon backward: the gradient of `grad_loss * loss` with respect to the features.
@@ -39,12 +126,38 @@ pub fn supcon_backward(
     saved: &SoftmaxSaved,
     grad_loss: f64,
 ) -> Result<Tensor> {
-    let _ = (features, labels, opts, saved, grad_loss);
-    todo!()
+    let dims = validate(features, labels, opts)?;
+    check_saved_lse(OP, saved, dims.0 * dims.1)?;
+    check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    with_cpu_real!(features.dtype(), T => {
+        check_scale::<T>(OP, "temperature", opts.temperature, 1.0 / opts.temperature)?;
+        let fv = values::<T>(features);
+        let grad = problem(&fv, labels, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
+        Ok(output_like(features, grad, features.shape()))
+    })
 }
 
-/// SupCon loss and gradient in one call.
+/// SupCon loss and gradient in one call: `features` is N x V x D (V views of each of N samples),
+/// `labels` has one class per sample. Views of the same class pull together.
+///
+/// ```
+/// use contra::{supcon, Device, SupConOptions, Tensor};
+/// // 3 samples, 2 views each, D = 2; samples 0 and 1 share a class.
+/// let features = Tensor::from_vec(
+///     vec![1.0f32, 0.0, 0.9, 0.1,  0.8, 0.2, 1.0, 0.1,  0.0, 1.0, 0.1, 0.9],
+///     &[3, 2, 2],
+///     Device::Cpu,
+/// )?;
+/// let out = supcon(&features, &[7, 7, 3], &SupConOptions { temperature: 0.1, base_temperature: 0.1 })?;
+/// assert!(out.loss > 0.0);
+/// assert_eq!(out.grad_features.shape(), &[3, 2, 2]);
+/// # Ok::<(), contra::Error>(())
+/// ```
 pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result<SupConOutput> {
-    let _ = (features, labels, opts);
-    todo!()
+    let fwd = supcon_forward(features, labels, opts)?;
+    let grad_features = supcon_backward(features, labels, opts, &fwd.saved, 1.0)?;
+    Ok(SupConOutput {
+        loss: fwd.loss,
+        grad_features,
+    })
 }

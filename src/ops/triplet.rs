@@ -1,6 +1,27 @@
 //! Triplet margin loss with batch-all, batch-hard and semi-hard mining over a labelled batch.
+//!
+//! Distances: `euclidean = sqrt(max(||a - b||^2, 1e-12))` (derivative 0 where the squared distance
+//! is below 1e-12), `squared_euclidean = ||a - b||^2`, `cosine = 1 - norm(a) . norm(b)`. A valid
+//! triplet (a, p, n) has `a != p`, `y_a = y_p` and `y_n != y_a`.
+//!
+//! - batch-all: the mean of the terms `relu(d_ap - d_an + m)` that are positive over every valid
+//!   triplet (0 if none); `count` is the number of positive terms.
+//! - batch-hard: per anchor the hardest positive (largest `d_ap`) and hardest negative (smallest
+//!   `d_an`); the mean of `relu(d_ap - d_an + m)` over the anchors that have both, which `count`
+//!   counts.
+//! - semi-hard (TF-Addons `triplet_semihard_loss`): per positive pair (a, p) whose anchor has a
+//!   negative, the nearest negative with `d_an > d_ap`, or, if there is none, the farthest negative;
+//!   the mean of `relu(d_ap - d_an + m)` over those pairs, which `count` counts.
+//!
+//! Ties between equal distances pick the lowest row index. The CPU backend computes in f64 whatever
+//! the input dtype, with O(N^2) memory (the pairwise distances), never O(N^3).
 
-use crate::{Result, Tensor};
+use super::{
+    check_finite, check_finite_scalar, check_labels_len, matrix_dims, output_like, values,
+};
+use crate::{cpu, Error, Result, Tensor};
+
+const OP: &str = "triplet";
 
 /// Distance between embeddings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,7 +57,11 @@ pub struct TripletOptions {
 
 impl Default for TripletOptions {
     fn default() -> Self {
-        TripletOptions { distance: Distance::Euclidean, mining: Mining::BatchHard, margin: 0.2 }
+        TripletOptions {
+            distance: Distance::Euclidean,
+            mining: Mining::BatchHard,
+            margin: 0.2,
+        }
     }
 }
 
@@ -49,10 +74,14 @@ pub struct TripletStats {
     pub easy: u64,
 }
 
-/// What the backward needs from the forward (the mined triplets and their weights).
+/// What the backward needs from the forward: the options, the batch size and, for every pair of
+/// rows that occurs in a term with a positive loss, the coefficient of its distance in the loss
+/// (at most N^2 pairs; N for batch-hard).
 #[derive(Clone, Debug)]
 pub struct TripletSaved {
-    pub(crate) inner: (),
+    pub(crate) rows: usize,
+    pub(crate) opts: TripletOptions,
+    pub(crate) pairs: Vec<cpu::triplet::PairCoef>,
 }
 
 /// Result of [`triplet_forward`].
@@ -75,13 +104,54 @@ pub struct TripletOutput {
     pub grad_x: Tensor,
 }
 
-/// Triplet forward over embeddings `x` (N x D) with one label per row.
-pub fn triplet_forward(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Result<TripletForward> {
-    let _ = (x, labels, opts);
-    todo!()
+/// Validates the inputs and returns `(rows, dim)`.
+fn validate(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Result<(usize, usize)> {
+    let (rows, dim) = matrix_dims(OP, "x", x)?;
+    check_labels_len(OP, "labels", labels, rows)?;
+    if !(opts.margin.is_finite() && opts.margin >= 0.0) {
+        return Err(Error::invalid(
+            OP,
+            "margin",
+            format!("{} must be finite and >= 0", opts.margin),
+        ));
+    }
+    check_finite(OP, "x", x)?;
+    Ok((rows, dim))
 }
 
-/// Triplet backward: the gradient of `grad_loss * loss` with respect to `x`.
+/// Triplet forward over embeddings `x` (N x D) with one label per row: the loss, its count, the
+/// hard / semi-hard / easy split of all valid triplets, and what [`triplet_backward`] needs.
+pub fn triplet_forward(
+    x: &Tensor,
+    labels: &[i64],
+    opts: &TripletOptions,
+) -> Result<TripletForward> {
+    let (rows, dim) = validate(x, labels, opts)?;
+    let xv = values::<f64>(x);
+    let fwd = cpu::triplet::Problem {
+        x: &xv,
+        rows,
+        dim,
+        labels,
+        distance: opts.distance,
+        mining: opts.mining,
+        margin: opts.margin,
+    }
+    .forward();
+    Ok(TripletForward {
+        loss: fwd.loss,
+        count: fwd.count,
+        stats: fwd.stats,
+        saved: TripletSaved {
+            rows,
+            opts: *opts,
+            pairs: fwd.pairs,
+        },
+    })
+}
+
+/// Triplet backward: the gradient of `grad_loss * loss` with respect to `x`. Pass the `x`,
+/// `labels` and `opts` of the forward that produced `saved`.
 pub fn triplet_backward(
     x: &Tensor,
     labels: &[i64],
@@ -89,12 +159,48 @@ pub fn triplet_backward(
     saved: &TripletSaved,
     grad_loss: f64,
 ) -> Result<Tensor> {
-    let _ = (x, labels, opts, saved, grad_loss);
-    todo!()
+    let (rows, dim) = validate(x, labels, opts)?;
+    if saved.rows != rows {
+        return Err(Error::invalid(
+            OP,
+            "saved",
+            format!("it comes from a batch of {} rows, x has {rows}", saved.rows),
+        ));
+    }
+    if saved.opts != *opts {
+        return Err(Error::invalid(
+            OP,
+            "saved",
+            format!("it comes from options {:?}, not {opts:?}", saved.opts),
+        ));
+    }
+    check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    let xv = values::<f64>(x);
+    let grad = cpu::triplet::backward(&xv, rows, dim, opts.distance, &saved.pairs, grad_loss);
+    Ok(output_like(x, grad, x.shape()))
 }
 
 /// Triplet loss, gradient and counts in one call.
+///
+/// ```
+/// use contra::{triplet, Device, Distance, Mining, Tensor, TripletOptions};
+/// // Two classes on a line: 0.0 and 0.1 are class 7, 1.0 and 0.5 are class 9.
+/// let x = Tensor::from_vec(vec![0.0f64, 0.1, 1.0, 0.5], &[4, 1], Device::Cpu)?;
+/// let opts = TripletOptions { distance: Distance::Euclidean, mining: Mining::BatchHard, margin: 0.2 };
+/// let out = triplet(&x, &[7, 7, 9, 9], &opts)?;
+/// // Anchor 0.5: hardest positive 1.0 (0.5 away), hardest negative 0.1 (0.4 away).
+/// assert!((out.loss - (0.5 - 0.4 + 0.2) / 4.0).abs() < 1e-12);
+/// assert_eq!(out.count, 4);
+/// assert_eq!(out.grad_x.shape(), &[4, 1]);
+/// # Ok::<(), contra::Error>(())
+/// ```
 pub fn triplet(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Result<TripletOutput> {
-    let _ = (x, labels, opts);
-    todo!()
+    let fwd = triplet_forward(x, labels, opts)?;
+    let grad_x = triplet_backward(x, labels, opts, &fwd.saved, 1.0)?;
+    Ok(TripletOutput {
+        loss: fwd.loss,
+        count: fwd.count,
+        stats: fwd.stats,
+        grad_x,
+    })
 }

@@ -28,6 +28,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod fixtures;
+pub(crate) mod kernels;
 pub mod ops;
 pub mod tensor;
 

@@ -226,6 +226,7 @@ struct Fiber {
 #endif
 #if INTERP_TSAN
     void* tsan_fiber = nullptr;
+    unsigned tsan_runs = 0;
 #endif
     uint3 tid{};
     unsigned lane = 0, warp = 0;
@@ -359,9 +360,13 @@ void reset_fiber_stack(Fiber* f) {
     __asan_unpoison_memory_region(f->stack + stack_size() - top_bytes, top_bytes);
 #endif
 #if INTERP_TSAN
-    // Fresh TSan fiber state: the old one still holds the unfinished frames.
-    if (f->tsan_fiber) __tsan_destroy_fiber(f->tsan_fiber);
-    f->tsan_fiber = __tsan_create_fiber(0);
+    // The TSan fiber's shadow call stack keeps the frames of the previous run
+    // (fiber_main never returns); creating fibers is expensive, so only start a
+    // fresh one now and then to bound that growth.
+    if (!f->tsan_fiber || ++f->tsan_runs % 64 == 0) {
+        if (f->tsan_fiber) __tsan_destroy_fiber(f->tsan_fiber);
+        f->tsan_fiber = __tsan_create_fiber(0);
+    }
 #endif
 #if INTERP_ASM_SWITCH
     // Initial frame, popped by interp_ctx_switch: r15 r14 r13 r12 rbx rbp, return

@@ -124,7 +124,7 @@ extern "C" __global__ void atomics(const AtomicParams p) {
     atomicAdd(p.ull, 1ull << 32);
     atomicInc(p.inc, 999u);  // wraps to 0 after 999
     // increment via a CAS loop, like hand-written atomics in real kernels
-    unsigned old = *p.cas_count, assumed;
+    unsigned old = atomicAdd(p.cas_count, 0u), assumed;  // atomic read: other blocks write it
     do {
         assumed = old;
         old = atomicCAS(p.cas_count, assumed, assumed + 1);

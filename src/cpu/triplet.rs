@@ -8,8 +8,10 @@
 //! O(N^2 (D + log N)) time and never O(N^3) memory.
 //!
 //! The loss is a linear combination of pairwise distances (the relu terms that are active), so the
-//! forward keeps, per pair (i, j) that occurs in an active term, the coefficient of its distance
-//! in the loss. The backward chains those coefficients through the distance to the rows.
+//! forward keeps, per ordered pair (i, j) that occurs in an active term, the coefficient of its
+//! distance in the loss: an N x N matrix when most pairs occur (batch-all), a list of pairs
+//! otherwise (batch-hard: at most 2 per anchor). The backward chains those coefficients through
+//! the distances to the rows.
 //!
 //! Ties (equal distances) pick the lowest row index: the hardest positive is the first row with
 //! the largest distance, the hardest negative the first with the smallest, and the semi-hard
@@ -50,14 +52,33 @@ pub struct PairCoef {
     pub coef: f64,
 }
 
+/// The pair coefficients (see [`PairCoef`]) of a forward, stored densely or sparsely, whichever
+/// is smaller.
+#[derive(Clone)]
+pub enum Coefs {
+    /// `rows x rows`, row-major: entry (i, j) is the coefficient of pair (i, j).
+    Dense(Vec<f64>),
+    /// The pairs with a nonzero coefficient.
+    Sparse(Vec<PairCoef>),
+}
+
+impl std::fmt::Debug for Coefs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Coefs::Dense(w) => write!(f, "Dense({} coefficients)", w.len()),
+            Coefs::Sparse(pairs) => write!(f, "Sparse({} pairs)", pairs.len()),
+        }
+    }
+}
+
 /// Result of [`Problem::forward`].
 #[derive(Clone, Debug)]
 pub struct Forward {
     pub loss: f64,
     pub count: u64,
     pub stats: TripletStats,
-    /// What the backward needs: the pairs with a nonzero coefficient.
-    pub pairs: Vec<PairCoef>,
+    /// What the backward needs.
+    pub coefs: Coefs,
 }
 
 /// What one anchor contributes.
@@ -66,8 +87,8 @@ struct Anchor {
     sum: f64,
     count: u64,
     stats: TripletStats,
-    /// `(j, dloss/dd_aj)` before the division by the total count.
-    coefs: Vec<(usize, f64)>,
+    /// Nonzero coefficients the anchor left in its row.
+    nonzero: usize,
 }
 
 impl Problem<'_> {
@@ -143,8 +164,26 @@ impl Problem<'_> {
         }
     }
 
-    /// Stats and mined terms of anchor `a`, whose raw row is `raw_row`.
-    fn anchor(&self, a: usize, raw_row: &[f64]) -> Anchor {
+    /// Stats and mined terms of anchor `a`. `row` holds the raw pair quantities of the anchor on
+    /// entry and their coefficients in the loss (before the division by the count) on return.
+    fn anchor(&self, a: usize, row: &mut [f64]) -> Anchor {
+        let (mut anchor, terms) = self.mine(a, row);
+        // Chain each distance coefficient to its raw quantity before the row is overwritten.
+        let grads: Vec<(usize, f64)> = terms
+            .iter()
+            .map(|&(j, c)| (j, c * self.dist_grad(row[j])))
+            .collect();
+        row.fill(0.0);
+        for (j, g) in grads {
+            row[j] += g;
+        }
+        anchor.nonzero = row.iter().filter(|&&c| c != 0.0).count();
+        anchor
+    }
+
+    /// Stats and mined terms of anchor `a`, whose raw row is `raw_row`: the anchor's sums and the
+    /// coefficients `(j, dloss/dd_aj)` of its terms (a row may occur more than once).
+    fn mine(&self, a: usize, raw_row: &[f64]) -> (Anchor, Vec<(usize, f64)>) {
         let n = self.rows;
         let m = self.margin;
         let ya = self.labels[a];
@@ -155,11 +194,13 @@ impl Problem<'_> {
             .map(|j| (d(j), j))
             .collect();
         let mut out = Anchor::default();
+        let mut coefs = Vec::new();
         if positives.is_empty() || negs.is_empty() {
-            return out;
+            return (out, coefs);
         }
-        // By distance, then by index: among equal distances the lowest index comes first.
-        negs.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+        // By distance, then by index (so unique keys): among equal distances the lowest index
+        // comes first.
+        negs.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
         let len = negs.len();
 
         for &p in &positives {
@@ -171,7 +212,6 @@ impl Problem<'_> {
             out.stats.easy += (len - within.max(hard)) as u64;
         }
 
-        let mut coef = vec![0.0; n];
         match self.mining {
             Mining::BatchAll => {
                 let mut prefix = Vec::with_capacity(len + 1);
@@ -189,14 +229,16 @@ impl Problem<'_> {
                     }
                     out.sum += k as f64 * (dp + m) - prefix[k];
                     out.count += k as u64;
-                    coef[p] += k as f64;
+                    coefs.push((p, k as f64));
                     active[k] += 1;
                 }
                 // The negative at sorted rank r is in every term of a positive with k > r.
                 let mut beyond = 0u64;
                 for r in (0..len).rev() {
                     beyond += active[r + 1];
-                    coef[negs[r].1] -= beyond as f64;
+                    if beyond > 0 {
+                        coefs.push((negs[r].1, -(beyond as f64)));
+                    }
                 }
             }
             Mining::BatchHard => {
@@ -212,8 +254,8 @@ impl Problem<'_> {
                 let term = dp_best - dn + m;
                 if term > 0.0 {
                     out.sum = term;
-                    coef[p_best] += 1.0;
-                    coef[n_best] -= 1.0;
+                    coefs.push((p_best, 1.0));
+                    coefs.push((n_best, -1.0));
                 }
             }
             Mining::SemiHard => {
@@ -227,33 +269,29 @@ impl Problem<'_> {
                     let term = dp - dn + m;
                     if term > 0.0 {
                         out.sum += term;
-                        coef[p] += 1.0;
-                        coef[chosen] -= 1.0;
+                        coefs.push((p, 1.0));
+                        coefs.push((chosen, -1.0));
                     }
                 }
             }
         }
-        out.coefs = coef
-            .into_iter()
-            .enumerate()
-            .filter(|&(_, c)| c != 0.0)
-            .collect();
-        out
+        (out, coefs)
     }
 
     /// The loss (0 when nothing counts), its count, the stats of all valid triplets and the pair
     /// coefficients for [`backward`].
     pub fn forward(&self) -> Forward {
         let n = self.rows;
-        let raw = self.raw_matrix();
-        let anchors: Vec<Anchor> = raw
-            .par_chunks(n)
+        let mut w = self.raw_matrix();
+        let anchors: Vec<Anchor> = w
+            .par_chunks_mut(n)
             .enumerate()
             .map(|(a, row)| self.anchor(a, row))
             .collect();
         let mut stats = TripletStats::default();
-        let (mut sum, mut count) = (0.0, 0u64);
+        let (mut sum, mut count, mut nonzero) = (0.0, 0u64, 0usize);
         for an in &anchors {
+            nonzero += an.nonzero;
             sum += an.sum;
             count += an.count;
             stats.hard += an.stats.hard;
@@ -265,24 +303,32 @@ impl Problem<'_> {
         } else {
             (0.0, 0.0)
         };
-        let pairs = anchors
-            .iter()
-            .enumerate()
-            .flat_map(|(i, an)| {
-                let raw = &raw;
-                an.coefs.iter().map(move |&(j, c)| PairCoef {
-                    i,
-                    j,
-                    coef: c * scale * self.dist_grad(raw[i * n + j]),
-                })
-            })
-            .filter(|p| p.coef != 0.0)
-            .collect();
+        // A sparse entry takes three words, a dense one one.
+        let coefs = if nonzero.saturating_mul(3) >= n * n {
+            w.par_iter_mut().for_each(|c| *c *= scale);
+            Coefs::Dense(w)
+        } else {
+            Coefs::Sparse(
+                w.chunks(n)
+                    .enumerate()
+                    .flat_map(|(i, row)| {
+                        row.iter()
+                            .enumerate()
+                            .filter(|&(_, &c)| c != 0.0)
+                            .map(move |(j, &c)| PairCoef {
+                                i,
+                                j,
+                                coef: c * scale,
+                            })
+                    })
+                    .collect(),
+            )
+        };
         Forward {
             loss,
             count,
             stats,
-            pairs,
+            coefs,
         }
     }
 }
@@ -292,14 +338,14 @@ impl Problem<'_> {
 ///
 /// With `S` the symmetric matrix of coefficients (each pair adds its coefficient at (i, j) and
 /// (j, i)), the squared distances give `dx_r = 2 (sum_o S_ro x_r - (S x)_r)` and the cosine
-/// distance `dn_r = (S n)_r` through the normalize backward. Sparse pair lists (batch-hard,
-/// semi-hard) walk the pairs of each row; dense ones use one GEMM.
+/// distance `dn_r = (S n)_r` through the normalize backward. Sparse coefficients (batch-hard,
+/// semi-hard) walk the pairs of each row; dense ones use GEMMs.
 pub fn backward(
     x: &[f64],
     rows: usize,
     dim: usize,
     distance: Distance,
-    pairs: &[PairCoef],
+    coefs: &Coefs,
     grad_loss: f64,
 ) -> Vec<f64> {
     let cosine = distance == Distance::Cosine;
@@ -313,14 +359,15 @@ pub fn backward(
     // s_r = sum_o S_ro and p_r = (S y)_r.
     let mut s = vec![0.0; rows];
     let mut p = vec![0.0; rows * dim];
-    if pairs.len().saturating_mul(8) >= rows * rows {
-        let mut dense = vec![0.0; rows * rows];
-        for e in pairs {
-            dense[e.i * rows + e.j] += e.coef;
-            dense[e.j * rows + e.i] += e.coef;
-        }
-        for (sr, row) in s.iter_mut().zip(dense.chunks(rows)) {
+    if let Coefs::Dense(w) = coefs {
+        // S = W + W^T: row sums plus column sums, and S y = W y + W^T y.
+        for (sr, row) in s.iter_mut().zip(w.chunks(rows)) {
             *sr = row.iter().sum();
+        }
+        for row in w.chunks(rows) {
+            for (sr, &c) in s.iter_mut().zip(row) {
+                *sr += c;
+            }
         }
         let y_mat = MatRef::row_major(y, rows, dim);
         p.par_chunks_mut(ROW_TILE * dim)
@@ -328,10 +375,19 @@ pub fn backward(
             .for_each(|(tile, block)| {
                 let r0 = tile * ROW_TILE;
                 let len = block.len() / dim;
-                let s_rows = MatRef::row_major(&dense[r0 * rows..(r0 + len) * rows], len, rows);
-                f64::gemm(1.0, s_rows, y_mat, 0.0, block);
+                let w_rows = MatRef::row_major(&w[r0 * rows..(r0 + len) * rows], len, rows);
+                f64::gemm(1.0, w_rows, y_mat, 0.0, block);
+                // Rows r0.. of W^T are columns r0.. of W.
+                let w_cols = MatRef {
+                    data: &w[r0..],
+                    rows: len,
+                    cols: rows,
+                    row_stride: 1,
+                    col_stride: rows,
+                };
+                f64::gemm(1.0, w_cols, y_mat, 1.0, block);
             });
-    } else {
+    } else if let Coefs::Sparse(pairs) = coefs {
         // Incidence lists: every pair appears in the list of both of its rows.
         let mut offsets = vec![0usize; rows + 1];
         for e in pairs {

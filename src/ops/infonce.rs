@@ -3,7 +3,8 @@
 //! `normalize`), `j = i` dropped under `self_mask`.
 
 use super::{check_finite, check_temperature, matrix_dims, output_like, same_place, values, with_cpu_real};
-use crate::{cpu, Error, Result, Tensor};
+use crate::kernels::{self, interp::Interp, Backend};
+use crate::{cpu, Device, Error, Result, Tensor};
 
 const OP: &str = "infonce";
 
@@ -104,6 +105,13 @@ fn problem<'a, T>(
 /// The InfoNCE forward: the mean loss and the per-query log-sum-exp for [`infonce_backward`].
 pub fn infonce_forward(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOptions) -> Result<SoftmaxForward> {
     let dims = validate(q, k, positives, opts)?;
+    if q.device() == Device::Interp {
+        let b = Interp;
+        let inputs = KernelInputs::upload(&b, q, k, positives)?;
+        let (loss, lse) = inputs.problem(dims, opts).forward(&b)?;
+        let lse = q.host_like(b.download(&lse)?, &[dims.0]);
+        return Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } });
+    }
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv) = (values::<T>(q), values::<T>(k));
         let (loss, lse) = problem(&qv, &kv, dims, positives, opts).forward();
@@ -124,6 +132,14 @@ pub fn infonce_backward(
     let dims = validate(q, k, positives, opts)?;
     check_saved_lse(OP, saved, dims.0)?;
     super::check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    if q.device() == Device::Interp {
+        let b = Interp;
+        let inputs = KernelInputs::upload(&b, q, k, positives)?;
+        let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
+        let (dq, dk) = inputs.problem(dims, opts).backward(&b, &lse, grad_loss, false)?;
+        let dk = dk.expect("separate key gradient");
+        return Ok((output_like(q, b.download(&dq)?, q.shape()), output_like(k, b.download(&dk)?, k.shape())));
+    }
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv) = (values::<T>(q), values::<T>(k));
         let lse = saved.lse.to_vec_f64();
@@ -153,4 +169,37 @@ pub fn infonce(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOption
 pub(crate) fn check_saved_lse(op: &'static str, saved: &SoftmaxSaved, rows: usize) -> Result<()> {
     super::expect_shape(op, "saved.lse", &saved.lse, &[rows])?;
     check_finite(op, "saved.lse", &saved.lse)
+}
+
+/// q, k and the positive indices as kernel buffers.
+pub(crate) struct KernelInputs<B: Backend> {
+    pub q: B::Buf,
+    pub k: B::Buf,
+    pub positives: B::Buf,
+}
+
+impl<B: Backend> KernelInputs<B> {
+    pub fn upload(b: &B, q: &Tensor, k: &Tensor, positives: &[usize]) -> Result<Self> {
+        // Indices were validated against the key count, which fits the kernels' 32-bit sizes.
+        let positives: Vec<i32> = positives.iter().map(|&p| p as i32).collect();
+        Ok(KernelInputs {
+            q: b.upload("q", &values::<f32>(q))?,
+            k: b.upload("k", &values::<f32>(k))?,
+            positives: b.upload_i32("positives", &positives)?,
+        })
+    }
+
+    pub fn problem(&self, dims: (usize, usize, usize), opts: &InfoNceOptions) -> kernels::infonce::Problem<'_, B> {
+        kernels::infonce::Problem {
+            q: &self.q,
+            k: &self.k,
+            positives: &self.positives,
+            rows: dims.0,
+            cols: dims.1,
+            dim: dims.2,
+            temperature: opts.temperature,
+            normalize: opts.normalize,
+            self_mask: opts.self_mask,
+        }
+    }
 }

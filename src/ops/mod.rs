@@ -180,12 +180,15 @@ pub(crate) fn check_labels_len(op: &'static str, arg: &'static str, labels: &[i6
     }
 }
 
+/// The fixture kinds whose ops run as kernels on Interp and Cuda.
+pub const KERNEL_KINDS: &[&str] = &["normalize", "infonce", "ntxent"];
+
 /// Which implementation runs ops of `kind` on `device` (reported per fixture case).
 pub fn backend_path(kind: &str, device: Device) -> String {
-    let _ = kind;
-    match device {
-        Device::Cpu => "cpu".to_string(),
-        Device::Interp => "cpu fallback (no kernel yet)".to_string(),
-        Device::Cuda(_) => "cuda".to_string(),
+    let has_kernel = KERNEL_KINDS.contains(&kind);
+    match (device, has_kernel) {
+        (Device::Cpu, _) => "cpu".to_string(),
+        (_, true) => format!("{device} kernel"),
+        (_, false) => format!("{device}: cpu fallback, no kernel yet"),
     }
 }

@@ -1,9 +1,15 @@
 //! NT-Xent (SimCLR): `z` is 2N x D, rows `i` and `i + N` are two views of sample `i`; cosine
 //! similarity, self excluded, mean over the 2N rows.
 
-use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
+use super::infonce::{check_saved_lse, InfoNceOptions, KernelInputs, SoftmaxForward, SoftmaxSaved};
 use super::{check_finite, check_temperature, matrix_dims, output_like, values, with_cpu_real};
-use crate::{cpu, Error, Result, Tensor};
+use crate::kernels::{interp::Interp, Backend};
+use crate::{cpu, Device, Error, Result, Tensor};
+
+/// NT-Xent as the kernels see it: InfoNCE of z against itself, cosine, self excluded.
+fn kernel_options(opts: &NtXentOptions) -> InfoNceOptions {
+    InfoNceOptions { temperature: opts.temperature, normalize: true, self_mask: true }
+}
 
 const OP: &str = "ntxent";
 
@@ -40,6 +46,13 @@ fn validate(z: &Tensor, opts: &NtXentOptions) -> Result<(usize, usize)> {
 /// The NT-Xent forward: the mean loss and the per-row log-sum-exp for [`ntxent_backward`].
 pub fn ntxent_forward(z: &Tensor, opts: &NtXentOptions) -> Result<SoftmaxForward> {
     let (rows, dim) = validate(z, opts)?;
+    if z.device() == Device::Interp {
+        let b = Interp;
+        let inputs = KernelInputs::upload(&b, z, z, &cpu::infonce::ntxent_positives(rows))?;
+        let (loss, lse) = inputs.problem((rows, rows, dim), &kernel_options(opts)).forward(&b)?;
+        let lse = z.host_like(b.download(&lse)?, &[rows]);
+        return Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } });
+    }
     with_cpu_real!(z.dtype(), T => {
         let zv = values::<T>(z);
         let positives = cpu::infonce::ntxent_positives(rows);
@@ -54,6 +67,13 @@ pub fn ntxent_backward(z: &Tensor, opts: &NtXentOptions, saved: &SoftmaxSaved, g
     let (rows, dim) = validate(z, opts)?;
     check_saved_lse(OP, saved, rows)?;
     super::check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    if z.device() == Device::Interp {
+        let b = Interp;
+        let inputs = KernelInputs::upload(&b, z, z, &cpu::infonce::ntxent_positives(rows))?;
+        let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
+        let (dz, _) = inputs.problem((rows, rows, dim), &kernel_options(opts)).backward(&b, &lse, grad_loss, true)?;
+        return Ok(output_like(z, b.download(&dz)?, z.shape()));
+    }
     with_cpu_real!(z.dtype(), T => {
         let zv = values::<T>(z);
         let positives = cpu::infonce::ntxent_positives(rows);

@@ -75,13 +75,14 @@ pub struct TripletStats {
 }
 
 /// What the backward needs from the forward: the options, the batch size and, for every pair of
-/// rows that occurs in a term with a positive loss, the coefficient of its distance in the loss
-/// (at most N^2 pairs; N for batch-hard).
+/// rows that occurs in a term with a positive loss, the coefficient of its distance in the loss:
+/// an N x N matrix when most pairs occur (batch-all), else a list of the pairs (at most 2 per
+/// anchor for batch-hard). Never O(N^3).
 #[derive(Clone, Debug)]
 pub struct TripletSaved {
     pub(crate) rows: usize,
     pub(crate) opts: TripletOptions,
-    pub(crate) pairs: Vec<cpu::triplet::PairCoef>,
+    pub(crate) coefs: cpu::triplet::Coefs,
 }
 
 /// Result of [`triplet_forward`].
@@ -145,7 +146,7 @@ pub fn triplet_forward(
         saved: TripletSaved {
             rows,
             opts: *opts,
-            pairs: fwd.pairs,
+            coefs: fwd.coefs,
         },
     })
 }
@@ -176,7 +177,7 @@ pub fn triplet_backward(
     }
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
     let xv = values::<f64>(x);
-    let grad = cpu::triplet::backward(&xv, rows, dim, opts.distance, &saved.pairs, grad_loss);
+    let grad = cpu::triplet::backward(&xv, rows, dim, opts.distance, &saved.coefs, grad_loss);
     Ok(output_like(x, grad, x.shape()))
 }
 

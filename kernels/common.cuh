@@ -1,0 +1,60 @@
+// Shared by every kernel source: the CUDA / interpreted-mode switch, dtype loads and stores with
+// f32 accumulation, warp and block reductions, and the online log-sum-exp.
+#pragma once
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#else
+#include "interp/cuda_interp.h"
+#endif
+#include "include/params.h"
+#include "interp/export.h"
+
+namespace contra {
+
+// Every kernel computes in f32; these read and write the storage type.
+__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load(const __half* p, long long i) { return __half2float(p[i]); }
+__device__ __forceinline__ float load(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(__half* p, long long i, float v) { p[i] = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, long long i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+// Sum over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Sum / max over groups of `width` consecutive lanes (width a power of two <= 32).
+template <int width>
+__device__ __forceinline__ float group_sum(float v) {
+    for (int offset = width / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset, width);
+    return v;
+}
+template <int width>
+__device__ __forceinline__ float group_max(float v) {
+    for (int offset = width / 2; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset, width));
+    return v;
+}
+
+// Running log-sum-exp: `max` and `sum` of exp(x - max) over the values seen so far.
+struct OnlineLse {
+    float running_max;
+    float running_sum;
+    __device__ __forceinline__ void init() {
+        running_max = -INFINITY;
+        running_sum = 0.0f;
+    }
+    // Folds in a block of values already reduced to (block_max, sum of exp(x - block_max)).
+    __device__ __forceinline__ void merge(float block_max, float block_sum) {
+        if (block_max == -INFINITY) return;
+        float new_max = fmaxf(running_max, block_max);
+        running_sum = running_sum * expf(running_max - new_max) + block_sum * expf(block_max - new_max);
+        running_max = new_max;
+    }
+    __device__ __forceinline__ float value() const { return running_max + logf(running_sum); }
+};
+
+}  // namespace contra

@@ -1,0 +1,157 @@
+//! The interpreted mode: the kernels compiled as host C++ (build.rs) run every CUDA thread on the
+//! CPU. Buffers are host allocations with guard bands; contents start as a poison NaN, so a launch
+//! that writes out of bounds or leaves an output element unwritten is an error naming the kernel
+//! and the buffer, never a silent pass.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_ulong, c_void};
+
+use super::{Backend, KernelParams, Launch};
+use crate::{Error, Result};
+
+/// Words of guard band on each side of a buffer.
+const GUARD: usize = 64;
+/// A quiet NaN with a payload no arithmetic produces: "never written".
+const POISON: u32 = 0x7fc0_dead;
+
+/// The C ABI of `kernels/interp/abi.h`.
+#[repr(C)]
+struct InterpLaunchConfig {
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u64,
+}
+
+type InterpEntry = unsafe extern "C" fn(*const InterpLaunchConfig, *const c_void, *mut c_char, c_ulong) -> c_int;
+
+/// Declares the `interp_<kernel>` entry points that INTERP_EXPORT defines in kernels/*.cu and a
+/// lookup by kernel name. Each takes a pointer to its params struct, declared here as
+/// `*const c_void` so one table holds them all (a pointer is a pointer in the C ABI).
+macro_rules! interp_kernels {
+    ($($name:ident),* $(,)?) => {
+        extern "C" {
+            $(
+                #[link_name = concat!("interp_", stringify!($name))]
+                fn $name(cfg: *const InterpLaunchConfig, params: *const c_void, err: *mut c_char, err_len: c_ulong) -> c_int;
+            )*
+        }
+        fn entry(kernel: &str) -> Option<InterpEntry> {
+            match kernel {
+                $(stringify!($name) => Some($name as InterpEntry),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+interp_kernels!(
+    normalize_fwd_f32,
+    normalize_bwd_f32,
+    similarity_fwd_f32,
+    infonce_fwd_f32,
+    infonce_bwd_f32,
+    oob_test_f32,
+);
+
+/// A host buffer with poisoned guard bands on both sides.
+pub(crate) struct GuardedBuf {
+    name: &'static str,
+    words: RefCell<Vec<u32>>,
+    len: usize,
+}
+
+impl GuardedBuf {
+    fn new(name: &'static str, payload: impl ExactSizeIterator<Item = u32>) -> Self {
+        let len = payload.len();
+        let mut words = Vec::with_capacity(len + 2 * GUARD);
+        words.extend(std::iter::repeat_n(POISON, GUARD));
+        words.extend(payload);
+        words.extend(std::iter::repeat_n(POISON, GUARD));
+        GuardedBuf { name, words: RefCell::new(words), len }
+    }
+
+    fn check_guards(&self, kernel: &str) -> Result<()> {
+        let words = self.words.borrow();
+        let (front, back) = (&words[..GUARD], &words[GUARD + self.len..]);
+        if let Some(i) = front.iter().rposition(|&w| w != POISON) {
+            return Err(kernel_error(kernel, format!("wrote {} element(s) before the start of buffer `{}`", GUARD - i, self.name)));
+        }
+        if let Some(i) = back.iter().position(|&w| w != POISON) {
+            return Err(kernel_error(kernel, format!("wrote past the end of buffer `{}` (element {})", self.name, self.len + i)));
+        }
+        Ok(())
+    }
+
+    fn check_written(&self, kernel: &str) -> Result<()> {
+        let words = self.words.borrow();
+        let payload = &words[GUARD..GUARD + self.len];
+        let unwritten = payload.iter().filter(|&&w| w == POISON).count();
+        match payload.iter().position(|&w| w == POISON) {
+            Some(first) => Err(kernel_error(
+                kernel,
+                format!("left {unwritten} of {} element(s) of output `{}` unwritten (first: {first})", self.len, self.name),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+fn kernel_error(kernel: &str, reason: String) -> Error {
+    Error::Kernel { kernel: kernel.to_string(), reason }
+}
+
+/// The interpreted-mode backend.
+pub(crate) struct Interp;
+
+impl Backend for Interp {
+    type Buf = GuardedBuf;
+
+    fn upload(&self, name: &'static str, values: &[f32]) -> Result<GuardedBuf> {
+        Ok(GuardedBuf::new(name, values.iter().map(|v| v.to_bits())))
+    }
+
+    fn upload_i32(&self, name: &'static str, values: &[i32]) -> Result<GuardedBuf> {
+        Ok(GuardedBuf::new(name, values.iter().map(|&v| v as u32)))
+    }
+
+    fn output(&self, name: &'static str, len: usize) -> Result<GuardedBuf> {
+        Ok(GuardedBuf::new(name, std::iter::repeat_n(POISON, len)))
+    }
+
+    fn ptr(&self, buf: &GuardedBuf) -> *mut c_void {
+        // The payload starts GUARD words into the allocation; the Vec is never resized after
+        // creation, so the address stays valid for the buffer's lifetime.
+        buf.words.borrow_mut()[GUARD..].as_mut_ptr().cast()
+    }
+
+    fn download(&self, buf: &GuardedBuf) -> Result<Vec<f32>> {
+        Ok(buf.words.borrow()[GUARD..GUARD + buf.len].iter().map(|&w| f32::from_bits(w)).collect())
+    }
+
+    fn launch<P: KernelParams>(&self, kernel: &'static str, launch: Launch, params: &P, written: &[&GuardedBuf]) -> Result<()> {
+        let entry = entry(kernel).ok_or_else(|| kernel_error(kernel, "no interpreted build of this kernel".into()))?;
+        let cfg = InterpLaunchConfig { grid: launch.grid, block: launch.block, shared_bytes: 0 };
+        let mut message = vec![0u8; 512];
+        // SAFETY: `entry` is the INTERP_EXPORT wrapper of `kernel`, whose params type is `P`
+        // (the kernel layer pairs them by name); `params` points to a live `P`; `message` is a
+        // writable buffer of the length passed. Every pointer inside `params` comes from
+        // `Backend::ptr` on buffers the caller keeps alive across this call.
+        let status = unsafe {
+            entry(&cfg, (params as *const P).cast(), message.as_mut_ptr().cast(), message.len() as c_ulong)
+        };
+        if status != 0 {
+            let end = message.iter().position(|&b| b == 0).unwrap_or(message.len());
+            return Err(kernel_error(kernel, String::from_utf8_lossy(&message[..end]).into_owned()));
+        }
+        for buf in written {
+            buf.check_guards(kernel)?;
+            buf.check_written(kernel)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks the guard bands of input buffers after a launch (a kernel must never write them).
+pub(crate) fn check_inputs(kernel: &str, inputs: &[&GuardedBuf]) -> Result<()> {
+    inputs.iter().try_for_each(|b| b.check_guards(kernel))
+}

@@ -1,0 +1,38 @@
+//! Launch sequence of `kernels/similarity.cu`.
+
+use super::params::*;
+use super::{blocks_for, Backend, Launch};
+use crate::ops::Similarity;
+use crate::Result;
+
+/// The 64 x 64 output tile of similarity.cu.
+const TILE: usize = 64;
+
+/// The `rows x cols` score matrix of `kind` between the rows of `a` and `b`.
+pub(crate) fn forward<B: Backend>(
+    b: &B,
+    a: &B::Buf,
+    bm: &B::Buf,
+    (rows, cols, dim): (usize, usize, usize),
+    kind: Similarity,
+) -> Result<B::Buf> {
+    let out = b.output("out", rows * cols)?;
+    let kind = match kind {
+        Similarity::Dot => ContraSimilarityKind_CONTRA_SIM_DOT,
+        Similarity::Cosine => ContraSimilarityKind_CONTRA_SIM_COSINE,
+        Similarity::SquaredEuclidean => ContraSimilarityKind_CONTRA_SIM_SQUARED_EUCLIDEAN,
+        Similarity::Euclidean => ContraSimilarityKind_CONTRA_SIM_EUCLIDEAN,
+    };
+    let params = ContraSimilarityParams {
+        a: b.ptr(a),
+        b: b.ptr(bm),
+        out: b.ptr(&out).cast(),
+        rows: rows as i32,
+        cols: cols as i32,
+        dim: dim as i32,
+        kind: kind as i32,
+    };
+    let launch = Launch { grid: [blocks_for(cols, TILE) as u32, blocks_for(rows, TILE) as u32, 1], block: [16, 16, 1] };
+    b.launch("similarity_fwd_f32", launch, &params, &[&out])?;
+    Ok(out)
+}

@@ -13,7 +13,9 @@ pub enum Device {
     /// it exists to test the kernels on machines without a GPU. Ops without a kernel yet run the
     /// CPU path.
     Interp,
-    /// GPU `i` through the CUDA driver (feature `cuda`).
+    /// GPU `i` through the CUDA driver (feature `cuda`). Kernel ops run there; tensors keep a
+    /// host copy and each op moves its inputs and outputs (device-resident tensors are planned
+    /// with the trainer).
     Cuda(usize),
 }
 
@@ -64,6 +66,9 @@ impl std::str::FromStr for Device {
 pub fn device_available(device: Device) -> Result<(), String> {
     match device {
         Device::Cpu | Device::Interp => Ok(()),
-        Device::Cuda(_) => Err("this build has no `cuda` feature".to_string()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => crate::kernels::cuda::Cuda::get(i).map(|_| ()).map_err(|e| e.to_string()),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err("this build has no `cuda` feature (cargo build --features cuda)".to_string()),
     }
 }

@@ -176,9 +176,7 @@ impl Tensor {
 
     pub(crate) fn on_device(shape: Vec<usize>, data: HostData, device: Device) -> Result<Self> {
         if let Device::Cuda(_) = device {
-            return Err(Error::Device(format!(
-                "{device}: tensors on CUDA devices need the `cuda` feature and a GPU"
-            )));
+            crate::device_available(device).map_err(|reason| Error::Device(format!("{device}: {reason}")))?;
         }
         Ok(Tensor {
             shape,

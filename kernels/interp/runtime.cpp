@@ -209,6 +209,30 @@ interp_fiber_start:
 extern "C" __attribute__((visibility("hidden"))) char interp_fiber_start[];
 #endif
 
+#if INTERP_TSAN
+// TSan fiber contexts are costly to create and TSan slows down as dead ones
+// pile up, so they are pooled and reused across launches.
+struct TsanFiber {
+    void* fiber = nullptr;
+    unsigned runs = 0;
+};
+std::mutex g_tsan_mu;
+std::vector<TsanFiber> g_tsan_pool;
+
+TsanFiber tsan_fiber_get() {
+    std::lock_guard<std::mutex> lock(g_tsan_mu);
+    if (g_tsan_pool.empty()) return TsanFiber{__tsan_create_fiber(0), 0};
+    TsanFiber f = g_tsan_pool.back();
+    g_tsan_pool.pop_back();
+    return f;
+}
+
+void tsan_fiber_put(const TsanFiber& f) {
+    std::lock_guard<std::mutex> lock(g_tsan_mu);
+    g_tsan_pool.push_back(f);
+}
+#endif
+
 enum class State : unsigned char { Ready, AtBarrier, AtWarp, AtActiveMask, Done };
 
 struct Worker;
@@ -225,8 +249,7 @@ struct Fiber {
     void* fake_stack = nullptr;
 #endif
 #if INTERP_TSAN
-    void* tsan_fiber = nullptr;
-    unsigned tsan_runs = 0;
+    TsanFiber tsan;
 #endif
     uint3 tid{};
     unsigned lane = 0, warp = 0;
@@ -318,7 +341,7 @@ void switch_to_fiber(Worker* w, Fiber* f) {
     __sanitizer_start_switch_fiber(&fake, f->stack, stack_size());
 #endif
 #if INTERP_TSAN
-    __tsan_switch_to_fiber(f->tsan_fiber, 0);
+    __tsan_switch_to_fiber(f->tsan.fiber, 0);
 #endif
 #if INTERP_ASM_SWITCH
     interp_ctx_switch(&w->sched_sp, f->sp);
@@ -361,11 +384,10 @@ void reset_fiber_stack(Fiber* f) {
 #endif
 #if INTERP_TSAN
     // The TSan fiber's shadow call stack keeps the frames of the previous run
-    // (fiber_main never returns); creating fibers is expensive, so only start a
-    // fresh one now and then to bound that growth.
-    if (!f->tsan_fiber || ++f->tsan_runs % 64 == 0) {
-        if (f->tsan_fiber) __tsan_destroy_fiber(f->tsan_fiber);
-        f->tsan_fiber = __tsan_create_fiber(0);
+    // (fiber_main never returns): replace it now and then to bound that growth.
+    if (++f->tsan.runs % 1024 == 0) {
+        __tsan_destroy_fiber(f->tsan.fiber);
+        f->tsan.fiber = __tsan_create_fiber(0);
     }
 #endif
 #if INTERP_ASM_SWITCH
@@ -576,6 +598,7 @@ void worker_main(Launch* L) {
 
 #if INTERP_TSAN
     w.tsan_sched = __tsan_get_current_fiber();
+    for (Fiber& f : w.fibers) f.tsan = tsan_fiber_get();
 #endif
     tls_worker = &w;
     interp::tls_dynamic_shared = w.dyn;
@@ -589,8 +612,7 @@ void worker_main(Launch* L) {
     interp::tls_dynamic_shared = nullptr;
 
 #if INTERP_TSAN
-    for (Fiber& f : w.fibers)
-        if (f.tsan_fiber) __tsan_destroy_fiber(f.tsan_fiber);
+    for (Fiber& f : w.fibers) tsan_fiber_put(f.tsan);
 #endif
     free(w.dyn);
     release_arena(w.arena);

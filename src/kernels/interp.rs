@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_ulong, c_void};
 
+use super::params::ContraNormalizeParams;
 use super::{Backend, KernelParams, Launch};
 use crate::{Error, Result};
 
@@ -151,7 +152,22 @@ impl Backend for Interp {
     }
 }
 
-/// Checks the guard bands of input buffers after a launch (a kernel must never write them).
-pub(crate) fn check_inputs(kernel: &str, inputs: &[&GuardedBuf]) -> Result<()> {
-    inputs.iter().try_for_each(|b| b.check_guards(kernel))
+/// Launches the deliberately broken `oob_test_f32` (thread i writes y[i + 1]); the guard bands
+/// must turn it into an error.
+pub fn out_of_bounds_launch() -> Result<()> {
+    let b = Interp;
+    let y = b.output("y", 8)?;
+    let params = ContraNormalizeParams { y: b.ptr(&y), rows: 1, dim: 8, ..Default::default() };
+    b.launch("oob_test_f32", Launch::linear(1, 8), &params, &[&y])
+}
+
+/// Launches `normalize_fwd_f32` with one block too few, so rows are left unwritten; the poison
+/// check must turn it into an error.
+pub fn unwritten_output_launch() -> Result<()> {
+    let b = Interp;
+    let (rows, dim) = (16, 5);
+    let x = b.upload("x", &vec![1.0; rows * dim])?;
+    let y = b.output("y", rows * dim)?;
+    let params = ContraNormalizeParams { x: b.ptr(&x), y: b.ptr(&y), rows: rows as i32, dim: dim as i32, eps: 1e-12, ..Default::default() };
+    b.launch("normalize_fwd_f32", Launch::linear(1, 256), &params, &[&y])
 }

@@ -37,7 +37,10 @@ pub(crate) fn blocks_for(n: usize, per_block: usize) -> usize {
 }
 
 /// The kernel parameter structs of `kernels/include/params.h` (plain C data, passed by value).
+#[cfg(not(feature = "cuda"))]
 pub(crate) trait KernelParams: Copy {}
+#[cfg(feature = "cuda")]
+pub(crate) trait KernelParams: Copy + cudarc::driver::DeviceRepr {}
 impl KernelParams for params::ContraNormalizeParams {}
 impl KernelParams for params::ContraSimilarityParams {}
 impl KernelParams for params::ContraInfonceFwdParams {}
@@ -57,3 +60,24 @@ pub(crate) trait Backend {
     /// Runs `kernel` with `params`; `written` are the buffers the kernel must fill completely.
     fn launch<P: KernelParams>(&self, kernel: &'static str, launch: Launch, params: &P, written: &[&Self::Buf]) -> Result<()>;
 }
+
+/// Runs `$body` with `$b` bound to the kernel backend of `$device` and returns its result from
+/// the enclosing function; does nothing on the CPU (the caller goes on with the CPU path).
+macro_rules! run_on_kernels {
+    ($device:expr, $b:ident => $body:block) => {
+        match $device {
+            $crate::Device::Interp => {
+                let $b = &$crate::kernels::interp::Interp;
+                return $body;
+            }
+            #[cfg(feature = "cuda")]
+            $crate::Device::Cuda(ordinal) => {
+                let backend = $crate::kernels::cuda::Cuda::get(ordinal)?;
+                let $b = &*backend;
+                return $body;
+            }
+            _ => {}
+        }
+    };
+}
+pub(crate) use run_on_kernels;

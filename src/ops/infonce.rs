@@ -3,8 +3,8 @@
 //! `normalize`), `j = i` dropped under `self_mask`.
 
 use super::{check_finite, check_temperature, matrix_dims, output_like, same_place, values, with_cpu_real};
-use crate::kernels::{self, interp::Interp, Backend};
-use crate::{cpu, Device, Error, Result, Tensor};
+use crate::kernels::{self, run_on_kernels, Backend};
+use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "infonce";
 
@@ -105,13 +105,12 @@ fn problem<'a, T>(
 /// The InfoNCE forward: the mean loss and the per-query log-sum-exp for [`infonce_backward`].
 pub fn infonce_forward(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOptions) -> Result<SoftmaxForward> {
     let dims = validate(q, k, positives, opts)?;
-    if q.device() == Device::Interp {
-        let b = Interp;
-        let inputs = KernelInputs::upload(&b, q, k, positives)?;
-        let (loss, lse) = inputs.problem(dims, opts).forward(&b)?;
+    run_on_kernels!(q.device(), b => {
+        let inputs = KernelInputs::upload(b, q, k, positives)?;
+        let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
         let lse = q.host_like(b.download(&lse)?, &[dims.0]);
-        return Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } });
-    }
+        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
+    });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv) = (values::<T>(q), values::<T>(k));
         let (loss, lse) = problem(&qv, &kv, dims, positives, opts).forward();
@@ -132,14 +131,13 @@ pub fn infonce_backward(
     let dims = validate(q, k, positives, opts)?;
     check_saved_lse(OP, saved, dims.0)?;
     super::check_finite_scalar(OP, "grad_loss", grad_loss)?;
-    if q.device() == Device::Interp {
-        let b = Interp;
-        let inputs = KernelInputs::upload(&b, q, k, positives)?;
+    run_on_kernels!(q.device(), b => {
+        let inputs = KernelInputs::upload(b, q, k, positives)?;
         let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-        let (dq, dk) = inputs.problem(dims, opts).backward(&b, &lse, grad_loss, false)?;
+        let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss, false)?;
         let dk = dk.expect("separate key gradient");
-        return Ok((output_like(q, b.download(&dq)?, q.shape()), output_like(k, b.download(&dk)?, k.shape())));
-    }
+        Ok((output_like(q, b.download(&dq)?, q.shape()), output_like(k, b.download(&dk)?, k.shape())))
+    });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv) = (values::<T>(q), values::<T>(k));
         let lse = saved.lse.to_vec_f64();

@@ -1,8 +1,8 @@
 //! Row-wise L2 normalization: `y = x / max(||x||_2, 1e-12)`.
 
 use super::{check_finite, matrix_dims, output_like, same_place, values, with_cpu_real};
-use crate::kernels::{self, interp::Interp, Backend};
-use crate::{cpu, Device, Result, Tensor};
+use crate::kernels::{self, run_on_kernels, Backend};
+use crate::{cpu, Result, Tensor};
 
 const OP: &str = "normalize";
 
@@ -18,11 +18,10 @@ const OP: &str = "normalize";
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
     let (_, dim) = matrix_dims(OP, "x", x)?;
     check_finite(OP, "x", x)?;
-    if x.device() == Device::Interp {
-        let b = Interp;
-        let y = kernels::normalize::forward(&b, &b.upload("x", &values::<f32>(x))?, x.shape()[0], dim)?;
-        return Ok(output_like(x, b.download(&y)?, x.shape()));
-    }
+    run_on_kernels!(x.device(), b => {
+        let y = kernels::normalize::forward(b, &b.upload("x", &values::<f32>(x))?, x.shape()[0], dim)?;
+        Ok(output_like(x, b.download(&y)?, x.shape()))
+    });
     with_cpu_real!(x.dtype(), T => {
         let y = cpu::normalize::forward::<T>(&values::<T>(x), dim);
         Ok(output_like(x, y, x.shape()))
@@ -37,12 +36,11 @@ pub fn normalize_backward(x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
     super::expect_shape(OP, "grad_y", grad_y, x.shape())?;
     check_finite(OP, "x", x)?;
     check_finite(OP, "grad_y", grad_y)?;
-    if x.device() == Device::Interp {
-        let b = Interp;
+    run_on_kernels!(x.device(), b => {
         let (xb, gyb) = (b.upload("x", &values::<f32>(x))?, b.upload("grad_y", &values::<f32>(grad_y))?);
-        let gx = kernels::normalize::backward(&b, &xb, &gyb, x.shape()[0], dim)?;
-        return Ok(output_like(x, b.download(&gx)?, x.shape()));
-    }
+        let gx = kernels::normalize::backward(b, &xb, &gyb, x.shape()[0], dim)?;
+        Ok(output_like(x, b.download(&gx)?, x.shape()))
+    });
     with_cpu_real!(x.dtype(), T => {
         let gx = cpu::normalize::backward::<T>(&values::<T>(x), &values::<T>(grad_y), dim);
         Ok(output_like(x, gx, x.shape()))

@@ -3,8 +3,8 @@
 
 use super::infonce::{check_saved_lse, InfoNceOptions, KernelInputs, SoftmaxForward, SoftmaxSaved};
 use super::{check_finite, check_temperature, matrix_dims, output_like, values, with_cpu_real};
-use crate::kernels::{interp::Interp, Backend};
-use crate::{cpu, Device, Error, Result, Tensor};
+use crate::kernels::{run_on_kernels, Backend};
+use crate::{cpu, Error, Result, Tensor};
 
 /// NT-Xent as the kernels see it: InfoNCE of z against itself, cosine, self excluded.
 fn kernel_options(opts: &NtXentOptions) -> InfoNceOptions {
@@ -46,13 +46,12 @@ fn validate(z: &Tensor, opts: &NtXentOptions) -> Result<(usize, usize)> {
 /// The NT-Xent forward: the mean loss and the per-row log-sum-exp for [`ntxent_backward`].
 pub fn ntxent_forward(z: &Tensor, opts: &NtXentOptions) -> Result<SoftmaxForward> {
     let (rows, dim) = validate(z, opts)?;
-    if z.device() == Device::Interp {
-        let b = Interp;
-        let inputs = KernelInputs::upload(&b, z, z, &cpu::infonce::ntxent_positives(rows))?;
-        let (loss, lse) = inputs.problem((rows, rows, dim), &kernel_options(opts)).forward(&b)?;
+    run_on_kernels!(z.device(), b => {
+        let inputs = KernelInputs::upload(b, z, z, &cpu::infonce::ntxent_positives(rows))?;
+        let (loss, lse) = inputs.problem((rows, rows, dim), &kernel_options(opts)).forward(b)?;
         let lse = z.host_like(b.download(&lse)?, &[rows]);
-        return Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } });
-    }
+        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
+    });
     with_cpu_real!(z.dtype(), T => {
         let zv = values::<T>(z);
         let positives = cpu::infonce::ntxent_positives(rows);
@@ -67,13 +66,12 @@ pub fn ntxent_backward(z: &Tensor, opts: &NtXentOptions, saved: &SoftmaxSaved, g
     let (rows, dim) = validate(z, opts)?;
     check_saved_lse(OP, saved, rows)?;
     super::check_finite_scalar(OP, "grad_loss", grad_loss)?;
-    if z.device() == Device::Interp {
-        let b = Interp;
-        let inputs = KernelInputs::upload(&b, z, z, &cpu::infonce::ntxent_positives(rows))?;
+    run_on_kernels!(z.device(), b => {
+        let inputs = KernelInputs::upload(b, z, z, &cpu::infonce::ntxent_positives(rows))?;
         let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-        let (dz, _) = inputs.problem((rows, rows, dim), &kernel_options(opts)).backward(&b, &lse, grad_loss, true)?;
-        return Ok(output_like(z, b.download(&dz)?, z.shape()));
-    }
+        let (dz, _) = inputs.problem((rows, rows, dim), &kernel_options(opts)).backward(b, &lse, grad_loss, true)?;
+        Ok(output_like(z, b.download(&dz)?, z.shape()))
+    });
     with_cpu_real!(z.dtype(), T => {
         let zv = values::<T>(z);
         let positives = cpu::infonce::ntxent_positives(rows);

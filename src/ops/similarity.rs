@@ -2,6 +2,7 @@
 //! matrix by definition; the losses never call it.
 
 use super::{check_finite, matrix_dims, output_like, same_place, values, with_cpu_real};
+use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "similarity";
@@ -49,6 +50,11 @@ pub fn similarity(a: &Tensor, b: &Tensor, kind: Similarity) -> Result<Tensor> {
     }
     check_finite(OP, "a", a)?;
     check_finite(OP, "b", b)?;
+    run_on_kernels!(a.device(), k => {
+        let (ab, bb) = (k.upload("a", &values::<f32>(a))?, k.upload("b", &values::<f32>(b))?);
+        let out = kernels::similarity::forward(k, &ab, &bb, (rows, cols, dim), kind)?;
+        Ok(output_like(a, k.download(&out)?, &[rows, cols]))
+    });
     with_cpu_real!(a.dtype(), T => {
         let s = cpu::similarity::similarity::<T>(&values::<T>(a), &values::<T>(b), rows, cols, dim, kind);
         Ok(output_like(a, s, &[rows, cols]))

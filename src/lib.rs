@@ -41,4 +41,12 @@ pub use tensor::{DType, Element, Tensor};
 #[doc(hidden)]
 pub mod testing {
     pub use crate::kernels::interp::{out_of_bounds_launch, unwritten_output_launch};
+    #[cfg(feature = "cuda")]
+    pub use crate::kernels::timing::{kernel_timings, KernelTiming};
+
+    /// The name of GPU `ordinal`.
+    #[cfg(feature = "cuda")]
+    pub fn gpu_name(ordinal: usize) -> crate::Result<String> {
+        crate::kernels::cuda::Cuda::get(ordinal)?.name()
+    }
 }

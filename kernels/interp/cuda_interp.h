@@ -2,14 +2,20 @@
 //
 // Model: every CUDA thread is a fiber. All fibers of one block run on one OS
 // worker thread, cooperatively: a fiber only gives up the CPU inside
-// __syncthreads(), a warp collective (__shfl*_sync, __ballot_sync, __syncwarp...)
-// or when it returns. Blocks run in parallel on a small pool of worker threads
-// (runtime.cpp). Consequences:
+// __syncthreads*(), a warp collective (__shfl*_sync, __ballot_sync, __any_sync,
+// __all_sync, __syncwarp), __activemask() or when it returns. Blocks run in
+// parallel on a small pool of worker threads (runtime.cpp). Consequences:
 //   * `__shared__` is `static thread_local`: one copy per worker thread, i.e. per
 //     running block, shared by that block's fibers.
 //   * threadIdx & co. are thread-locals that the scheduler rewrites on each switch.
 //   * Code between two synchronisation points runs without interleaving, so
-//     warp-synchronous tricks without __syncwarp do not work (as on Volta+).
+//     warp-synchronous tricks without __syncwarp do not work (as on Volta+),
+//     but a missing __syncthreads may go unnoticed (threads run in order).
+//   * Misuse fails the launch with a message instead of hanging: divergent
+//     __syncthreads, a warp mask naming exited / non-existent lanes or not the
+//     caller, mismatched collectives, deadlock, __trap().
+//   * __activemask() returns the lanes of the warp that reach it together (the
+//     others have exited or block elsewhere), like a diverged warp on the GPU.
 //
 // Include this only when not compiling with nvcc (common.cuh does
 // `#ifndef __CUDACC__ / #include "interp/cuda_interp.h" / #endif`).

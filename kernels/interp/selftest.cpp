@@ -177,6 +177,21 @@ extern "C" __global__ void block3d(const Block3dParams p) {
 }
 INTERP_EXPORT(block3d, Block3dParams)
 
+extern "C" __global__ void big_block(const Block3dParams p) {
+    __shared__ int counts[32];
+    int linear = threadIdx.x + threadIdx.y * blockDim.x;
+    int lane = linear & 31;
+    int sum = linear;
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) counts[linear / 32] = sum;
+    __syncthreads();
+    int want = 0;
+    for (int l = 0; l < 32; ++l) want += (linear & ~31) + l;
+    if (counts[linear / 32] != want) atomicAdd(p.bad, 1);
+    if (__syncthreads_count(threadIdx.y == 5) != 32) atomicAdd(p.bad, 1);
+}
+INTERP_EXPORT(big_block, Block3dParams)
+
 // --- partial warp (block of 80 threads) -----------------------------------------
 struct PartialParams { const float* in; float* warp_sums; unsigned* active; };
 
@@ -426,6 +441,14 @@ static void test_block3d() {
     check("3-D block warps + __syncthreads_count/and/or", ok && bad == 0, std::to_string(bad));
 }
 
+static void test_big_block() {
+    int bad = 0;
+    Block3dParams p{&bad};
+    // 32x32 threads: reuse block3d's checks on a full 1024-thread block.
+    bool ok = launch(interp_big_block, dim3(3), dim3(32, 32), 0, p) == 0;
+    check("1024-thread block (32x32) barriers + shuffles", ok && bad == 0, std::to_string(bad));
+}
+
 static void test_partial_warp() {
     const int blocks = 5, threads = 80;
     std::vector<float> in(blocks * threads), sums(blocks * 3);
@@ -620,6 +643,7 @@ int main() {
     test_dyn_smem();
     test_transpose();
     test_block3d();
+    test_big_block();
     test_partial_warp();
     test_errors();
     test_concurrent_launches();

@@ -27,6 +27,14 @@ enum Command {
     },
     /// Show the devices this build can use.
     Info,
+    /// Time every kernel on a GPU (feature `cuda`); prints a markdown table.
+    #[command(hide = true)]
+    KernelTiming {
+        #[arg(long, default_value_t = 0)]
+        gpu: usize,
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,7 +50,32 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::KernelTiming { gpu, repeats } => kernel_timing(gpu, repeats),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn kernel_timing(gpu: usize, repeats: usize) -> ExitCode {
+    let rows = match contra::testing::kernel_timings(gpu, repeats) {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("GPU: {}", contra::testing::gpu_name(gpu).unwrap_or_default());
+    println!("| kernel | shape | median ms | GFLOP/s |");
+    println!("|---|---|---:|---:|");
+    for r in rows {
+        println!("| {} | {} | {:.3} | {:.0} |", r.kernel, r.shape, r.median_ms, r.flops / r.median_ms / 1e6);
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernel_timing(_gpu: usize, _repeats: usize) -> ExitCode {
+    eprintln!("error: kernel-timing needs a build with --features cuda");
+    ExitCode::from(2)
 }
 
 fn check_fixtures(dir: &std::path::Path, device: Device) -> ExitCode {

@@ -61,10 +61,6 @@ impl Cuda {
         self.ctx.name().map_err(|e| device_error("cuDeviceGetName", e))
     }
 
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| device_error("synchronize", e))
-    }
-
     /// The module (kernels/<name>.cu) holding `kernel`, loaded on first use.
     fn module(&self, kernel: &str) -> Result<Arc<CudaModule>> {
         let name = module_of(kernel);

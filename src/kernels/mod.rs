@@ -12,6 +12,8 @@ pub(crate) mod similarity;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "cuda")]
+pub mod timing;
 
 use std::ffi::c_void;
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (no cargo needed), from the repository root (for tests/fixtures):
+#     bash gpu-bundle/gpu-run.sh gpu-bundle report.md
+# Writes one markdown report: GPU, driver, date, pass/fail of every kernel test and fixture case
+# on cuda:0, compute-sanitizer memcheck / racecheck results, and kernel timings.
+set -uo pipefail
+bundle=${1:-gpu-bundle}
+report=${2:-gpu-report.md}
+overall=0
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+
+section() { printf '\n## %s\n\n' "$1" >>"$report"; }
+# run NAME TIMEOUT CMD...: runs a step, appends its output in a code block and its verdict.
+run() {
+  local name=$1 limit=$2; shift 2
+  local log; log=$(mktemp)
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  { echo '```'; tail -n 120 "$log"; echo '```'; } >>"$report"
+  if [ $rc -eq 0 ]; then verdict=PASS; else verdict="FAIL (exit $rc)"; overall=1; fi
+  printf '\n**%s: %s** (%ss)\n' "$name" "$verdict" $((SECONDS - start)) >>"$report"
+  echo "$name: $verdict"
+}
+
+{
+  echo "# contra GPU check"
+  echo
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader 2>/dev/null)"
+  echo "- driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null)"
+  echo "- host: $(uname -r), $(nproc) cores"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+} >"$report"
+
+section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
+run "kernel tests" 300 "$bundle/kernels" --test-threads=2 --nocapture
+section "Fixtures on cuda:0"
+run "fixtures on cuda:0" 120 env CONTRA_DEVICE=cuda "$bundle/fixtures" --nocapture
+section "compute-sanitizer memcheck over the kernel tests"
+if [ -n "$sanitizer" ]; then
+  run "memcheck" 400 "$sanitizer" --tool memcheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
+  section "compute-sanitizer racecheck over the kernel tests"
+  run "racecheck" 400 "$sanitizer" --tool racecheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
+else
+  echo "compute-sanitizer not found: skipped" >>"$report"; overall=1
+fi
+section "Kernel timings (median of 20 synchronized launches after a warm-up; f32, CUDA cores)"
+run "timings" 180 "$bundle/contra" kernel-timing --repeats 20
+section "Verdict"
+if [ $overall -eq 0 ]; then echo "ALL PASS" >>"$report"; else echo "SOME STEPS FAILED" >>"$report"; fi
+echo "report written to $report"
+exit $overall

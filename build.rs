@@ -98,12 +98,20 @@ mod cuda {
                  \"nvidia-cuda-cccl==13.0.*\""
             )
         });
-        let root = nvcc.parent().and_then(Path::parent).expect("nvcc in <root>/bin").to_path_buf();
+        let root = nvcc
+            .parent()
+            .and_then(Path::parent)
+            .expect("nvcc in <root>/bin")
+            .to_path_buf();
         let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
         let mut spills = Vec::new();
         let mut names = Vec::new();
         for source in sources {
-            let stem = source.file_stem().expect("file name").to_string_lossy().into_owned();
+            let stem = source
+                .file_stem()
+                .expect("file name")
+                .to_string_lossy()
+                .into_owned();
             let fatbin = out_dir.join(format!("{stem}.fatbin"));
             let mut cmd = Command::new(&nvcc);
             cmd.arg("--fatbin")
@@ -115,7 +123,9 @@ mod cuda {
                 .arg("-o")
                 .arg(&fatbin)
                 .arg(source);
-            let output = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+            let output = cmd
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
             let report = String::from_utf8_lossy(&output.stderr).into_owned();
             if !output.status.success() {
                 panic!(
@@ -130,12 +140,22 @@ mod cuda {
             let mut current = String::new();
             for line in report.lines() {
                 if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-                    current = rest.replace("' for '", " ").trim_end_matches('\'').to_string();
+                    current = rest
+                        .replace("' for '", " ")
+                        .trim_end_matches('\'')
+                        .to_string();
                 }
                 if line.contains("registers") || line.contains("spill") {
-                    println!("cargo:warning=ptxas {current}: {}", line.trim().trim_start_matches("ptxas info    : "));
+                    println!(
+                        "cargo:warning=ptxas {current}: {}",
+                        line.trim().trim_start_matches("ptxas info    : ")
+                    );
                 }
-                if let Some(n) = line.split(" bytes spill stores").next().and_then(|s| s.split_whitespace().last()) {
+                if let Some(n) = line
+                    .split(" bytes spill stores")
+                    .next()
+                    .and_then(|s| s.split_whitespace().last())
+                {
                     if line.contains("spill stores") && n.parse::<u64>().unwrap_or(0) > 0 {
                         spills.push(format!("{current}: {}", line.trim()));
                     }
@@ -149,9 +169,14 @@ mod cuda {
         // One include_bytes! per module for src/kernels/cuda.rs.
         let table: String = names
             .iter()
-            .map(|n| format!("    (\"{n}\", include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.fatbin\"))),\n"))
+            .map(|n| {
+                format!(
+                    "    (\"{n}\", include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.fatbin\"))),\n"
+                )
+            })
             .collect();
-        std::fs::write(out_dir.join("fatbins.rs"), format!("&[\n{table}]\n")).expect("write fatbins.rs");
+        std::fs::write(out_dir.join("fatbins.rs"), format!("&[\n{table}]\n"))
+            .expect("write fatbins.rs");
         check_bindings(&out_dir);
     }
 

@@ -24,8 +24,12 @@ fn bench_ntxent(c: &mut Criterion) {
     let opts = NtXentOptions { temperature: 0.5 };
     let mut group = c.benchmark_group("ntxent_cpu_f32");
     group.sample_size(10);
-    group.bench_function("forward/4096x128", |b| b.iter(|| ntxent_forward(&z, &opts).expect("ntxent").loss));
-    group.bench_function("forward_backward/4096x128", |b| b.iter(|| ntxent(&z, &opts).expect("ntxent").loss));
+    group.bench_function("forward/4096x128", |b| {
+        b.iter(|| ntxent_forward(&z, &opts).expect("ntxent").loss)
+    });
+    group.bench_function("forward_backward/4096x128", |b| {
+        b.iter(|| ntxent(&z, &opts).expect("ntxent").loss)
+    });
     group.finish();
 }
 

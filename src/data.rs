@@ -57,24 +57,41 @@ pub fn digits() -> Result<Dataset> {
 /// Parses the digits CSV: 64 pixel values in 0..=16 then the label, per line.
 pub fn parse_digits_csv(text: &str) -> Result<Dataset> {
     let (mut images, mut labels) = (Vec::new(), Vec::new());
-    for (line_no, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |reason: String| Error::format("digits.csv", format!("line {}: {reason}", line_no + 1));
+    for (line_no, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad =
+            |reason: String| Error::format("digits.csv", format!("line {}: {reason}", line_no + 1));
         let fields: Vec<&str> = line.trim().split(',').collect();
         if fields.len() != 65 {
             return Err(bad(format!("{} fields, expected 65", fields.len())));
         }
         for field in &fields[..64] {
-            let v: f32 = field.trim().parse().map_err(|_| bad(format!("pixel `{field}` is not a number")))?;
+            let v: f32 = field
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("pixel `{field}` is not a number")))?;
             if !(0.0..=16.0).contains(&v) {
                 return Err(bad(format!("pixel {v} outside 0..=16")));
             }
             images.push(v / 16.0);
         }
-        let label: i64 = fields[64].trim().parse().map_err(|_| bad(format!("label `{}` is not an integer", fields[64])))?;
+        let label: i64 = fields[64]
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("label `{}` is not an integer", fields[64])))?;
         if !(0..10).contains(&label) {
             return Err(bad(format!("label {label} outside 0..=9")));
         }
         labels.push(label);
     }
-    Ok(Dataset { images, labels, height: 8, width: 8, classes: 10 })
+    Ok(Dataset {
+        images,
+        labels,
+        height: 8,
+        width: 8,
+        classes: 10,
+    })
 }

@@ -67,8 +67,12 @@ pub fn device_available(device: Device) -> Result<(), String> {
     match device {
         Device::Cpu | Device::Interp => Ok(()),
         #[cfg(feature = "cuda")]
-        Device::Cuda(i) => crate::kernels::cuda::Cuda::get(i).map(|_| ()).map_err(|e| e.to_string()),
+        Device::Cuda(i) => crate::kernels::cuda::Cuda::get(i)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err("this build has no `cuda` feature (cargo build --features cuda)".to_string()),
+        Device::Cuda(_) => {
+            Err("this build has no `cuda` feature (cargo build --features cuda)".to_string())
+        }
     }
 }

@@ -61,11 +61,21 @@ impl CaseReport {
             None => self
                 .checks
                 .iter()
-                .map(|c| format!("{} {:.2e}{}", c.output, c.error, if c.passed { "" } else { " (!)" }))
+                .map(|c| {
+                    format!(
+                        "{} {:.2e}{}",
+                        c.output,
+                        c.error,
+                        if c.passed { "" } else { " (!)" }
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
         };
-        format!("{verdict} {} [{}, {}]: {details}", self.name, self.kind, self.path)
+        format!(
+            "{verdict} {} [{}, {}]: {details}",
+            self.name, self.kind, self.path
+        )
     }
 }
 
@@ -80,7 +90,10 @@ pub fn load_cases(dir: &Path) -> Result<Vec<Case>> {
         }
     }
     if cases.is_empty() {
-        return Err(Error::format(dir, "no case folders (sub-folders with a case.json) found"));
+        return Err(Error::format(
+            dir,
+            "no case folders (sub-folders with a case.json) found",
+        ));
     }
     cases.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(cases)
@@ -91,8 +104,8 @@ impl Case {
     pub fn load(dir: &Path) -> Result<Case> {
         let path = dir.join("case.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
         let kind = json["kind"]
             .as_str()
             .ok_or_else(|| Error::format(&path, "missing string field `kind`"))?
@@ -101,23 +114,35 @@ impl Case {
             .as_object()
             .ok_or_else(|| Error::format(&path, "missing object field `arrays`"))?
             .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_str().ok_or_else(|| Error::format(&path, format!("arrays.{k} is not a string")))?.to_string())))
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    v.as_str()
+                        .ok_or_else(|| Error::format(&path, format!("arrays.{k} is not a string")))?
+                        .to_string(),
+                ))
+            })
             .collect::<Result<_>>()?;
         Ok(Case {
-            name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             dir: dir.to_path_buf(),
             kind,
-            options: json.get("options").cloned().unwrap_or(serde_json::Value::Null),
+            options: json
+                .get("options")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
             arrays,
         })
     }
 
     /// Reads the array named `name` in `case.json`.
     pub fn array(&self, name: &str) -> Result<Array> {
-        let file = self
-            .arrays
-            .get(name)
-            .ok_or_else(|| Error::format(self.dir.join("case.json"), format!("no array `{name}`")))?;
+        let file = self.arrays.get(name).ok_or_else(|| {
+            Error::format(self.dir.join("case.json"), format!("no array `{name}`"))
+        })?;
         read_npy(&self.dir.join(file))
     }
 
@@ -126,7 +151,11 @@ impl Case {
         let a = self.array(name)?;
         match precision {
             Precision::F64 => Tensor::from_vec(a.values, &a.shape, device),
-            Precision::F32 => Tensor::from_vec(a.values.iter().map(|&v| v as f32).collect(), &a.shape, device),
+            Precision::F32 => Tensor::from_vec(
+                a.values.iter().map(|&v| v as f32).collect(),
+                &a.shape,
+                device,
+            ),
         }
     }
 
@@ -137,35 +166,61 @@ impl Case {
     fn indices(&self, name: &str) -> Result<Vec<usize>> {
         self.ints(name)?
             .into_iter()
-            .map(|v| usize::try_from(v).map_err(|_| Error::format(&self.dir, format!("{name} holds negative index {v}"))))
+            .map(|v| {
+                usize::try_from(v).map_err(|_| {
+                    Error::format(&self.dir, format!("{name} holds negative index {v}"))
+                })
+            })
             .collect()
     }
 
     fn option_f64(&self, key: &str) -> Result<f64> {
-        self.options[key]
-            .as_f64()
-            .ok_or_else(|| Error::format(self.dir.join("case.json"), format!("options.{key} is not a number")))
+        self.options[key].as_f64().ok_or_else(|| {
+            Error::format(
+                self.dir.join("case.json"),
+                format!("options.{key} is not a number"),
+            )
+        })
     }
 
     fn option_str(&self, key: &str) -> Result<&str> {
-        self.options[key]
-            .as_str()
-            .ok_or_else(|| Error::format(self.dir.join("case.json"), format!("options.{key} is not a string")))
+        self.options[key].as_str().ok_or_else(|| {
+            Error::format(
+                self.dir.join("case.json"),
+                format!("options.{key} is not a string"),
+            )
+        })
     }
 }
 
 /// Reads a `.npy` of f64, f32 or integers into f64 values.
 pub fn read_npy(path: &Path) -> Result<Array> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| Error::format(path, format!("not a .npy file: {e}")))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .map_err(|e| Error::format(path, format!("not a .npy file: {e}")))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     let descr = npy.dtype().descr();
     let bad = |e: std::io::Error| Error::format(path, format!("reading {descr}: {e}"));
     let values: Vec<f64> = match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
         "f8" => npy.into_vec::<f64>().map_err(bad)?,
-        "f4" => npy.into_vec::<f32>().map_err(bad)?.into_iter().map(f64::from).collect(),
-        "i8" => npy.into_vec::<i64>().map_err(bad)?.into_iter().map(|v| v as f64).collect(),
-        "i4" => npy.into_vec::<i32>().map_err(bad)?.into_iter().map(f64::from).collect(),
+        "f4" => npy
+            .into_vec::<f32>()
+            .map_err(bad)?
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+        "i8" => npy
+            .into_vec::<i64>()
+            .map_err(bad)?
+            .into_iter()
+            .map(|v| v as f64)
+            .collect(),
+        "i4" => npy
+            .into_vec::<i32>()
+            .map_err(bad)?
+            .into_iter()
+            .map(f64::from)
+            .collect(),
         other => return Err(Error::format(path, format!("unsupported dtype {other}"))),
     };
     Ok(Array { shape, values })
@@ -181,7 +236,10 @@ pub enum Precision {
 
 /// Runs every case and returns the reports in order.
 pub fn run_all(cases: &[Case], device: Device) -> Vec<CaseReport> {
-    cases.iter().map(|c| run_case(c, device, Precision::F32)).collect()
+    cases
+        .iter()
+        .map(|c| run_case(c, device, Precision::F32))
+        .collect()
 }
 
 /// Runs one case on `device` and compares every expected array.
@@ -197,7 +255,11 @@ pub fn run_case(case: &Case, device: Device, precision: Precision) -> CaseReport
         Precision::F32 => F32_TOLERANCE,
         Precision::F64 => 1e-9,
     };
-    let mut check = Checker { case, tolerance, checks: &mut report.checks };
+    let mut check = Checker {
+        case,
+        tolerance,
+        checks: &mut report.checks,
+    };
     if let Err(e) = run_kind(case, device, precision, &mut check) {
         report.failure = Some(e.to_string());
     }
@@ -221,7 +283,11 @@ impl Checker<'_> {
             (f64::INFINITY, false)
         };
         self.checks.push(Check {
-            output: if shape_ok { output.to_string() } else { format!("{output} shape {got_shape:?} vs {:?}", want.shape) },
+            output: if shape_ok {
+                output.to_string()
+            } else {
+                format!("{output} shape {got_shape:?} vs {:?}", want.shape)
+            },
             error,
             passed: shape_ok && error <= self.tolerance,
         });
@@ -237,9 +303,19 @@ impl Checker<'_> {
     }
 
     fn count(&mut self, output: &str, got: u64) -> Result<()> {
-        let want = self.case.array(output)?.values.first().copied().unwrap_or(f64::NAN);
+        let want = self
+            .case
+            .array(output)?
+            .values
+            .first()
+            .copied()
+            .unwrap_or(f64::NAN);
         let error = (got as f64 - want).abs();
-        self.checks.push(Check { output: format!("{output}={got}"), error, passed: error == 0.0 });
+        self.checks.push(Check {
+            output: format!("{output}={got}"),
+            error,
+            passed: error == 0.0,
+        });
         Ok(())
     }
 }
@@ -249,12 +325,22 @@ pub fn relative_error(got: &[f64], want: &[f64]) -> f64 {
     if got.len() != want.len() || got.iter().chain(want).any(|v| v.is_nan()) {
         return f64::INFINITY;
     }
-    let diff: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
     let norm: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
     diff / norm.max(1e-12)
 }
 
-fn run_kind(case: &Case, device: Device, precision: Precision, check: &mut Checker<'_>) -> Result<()> {
+fn run_kind(
+    case: &Case,
+    device: Device,
+    precision: Precision,
+    check: &mut Checker<'_>,
+) -> Result<()> {
     use crate::ops::*;
     let t = |name: &str| case.tensor(name, precision, device);
     match case.kind.as_str() {
@@ -275,7 +361,12 @@ fn run_kind(case: &Case, device: Device, precision: Precision, check: &mut Check
             check.tensor("grad_k", &out.grad_k)?;
         }
         "ntxent" => {
-            let out = ntxent(&t("z")?, &NtXentOptions { temperature: case.option_f64("temperature")? })?;
+            let out = ntxent(
+                &t("z")?,
+                &NtXentOptions {
+                    temperature: case.option_f64("temperature")?,
+                },
+            )?;
             check.scalar("loss", out.loss)?;
             check.tensor("grad_z", &out.grad_z)?;
         }
@@ -290,7 +381,9 @@ fn run_kind(case: &Case, device: Device, precision: Precision, check: &mut Check
         "moco" => {
             let (q, k) = (t("q")?, t("k")?);
             let mut queue = t("queue")?;
-            let opts = MocoOptions { temperature: case.option_f64("temperature")? };
+            let opts = MocoOptions {
+                temperature: case.option_f64("temperature")?,
+            };
             let out = moco(&q, &k, &queue, &opts)?;
             check.scalar("loss", out.loss)?;
             check.tensor("grad_q", &out.grad_q)?;
@@ -314,13 +407,23 @@ fn run_kind(case: &Case, device: Device, precision: Precision, check: &mut Check
                     "euclidean" => Distance::Euclidean,
                     "squared_euclidean" => Distance::SquaredEuclidean,
                     "cosine" => Distance::Cosine,
-                    other => return Err(Error::format(&case.dir, format!("unknown distance `{other}`"))),
+                    other => {
+                        return Err(Error::format(
+                            &case.dir,
+                            format!("unknown distance `{other}`"),
+                        ))
+                    }
                 },
                 mining: match case.option_str("mining")? {
                     "batch_all" => Mining::BatchAll,
                     "batch_hard" => Mining::BatchHard,
                     "semi_hard" => Mining::SemiHard,
-                    other => return Err(Error::format(&case.dir, format!("unknown mining `{other}`"))),
+                    other => {
+                        return Err(Error::format(
+                            &case.dir,
+                            format!("unknown mining `{other}`"),
+                        ))
+                    }
                 },
                 margin: case.option_f64("margin")?,
             };
@@ -330,7 +433,9 @@ fn run_kind(case: &Case, device: Device, precision: Precision, check: &mut Check
             check.count("count", out.count)?;
         }
         "margin" => {
-            let opts = MarginOptions { margin: case.option_f64("margin")? };
+            let opts = MarginOptions {
+                margin: case.option_f64("margin")?,
+            };
             let out = margin_loss(&t("x1")?, &t("x2")?, &case.ints("y")?, &opts)?;
             check.scalar("loss", out.loss)?;
             check.tensor("grad_x1", &out.grad_x1)?;

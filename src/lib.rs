@@ -50,3 +50,8 @@ pub mod testing {
         crate::kernels::cuda::Cuda::get(ordinal)?.name()
     }
 }
+
+/// The README's example compiles and runs as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

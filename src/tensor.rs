@@ -176,7 +176,8 @@ impl Tensor {
 
     pub(crate) fn on_device(shape: Vec<usize>, data: HostData, device: Device) -> Result<Self> {
         if let Device::Cuda(_) = device {
-            crate::device_available(device).map_err(|reason| Error::Device(format!("{device}: {reason}")))?;
+            crate::device_available(device)
+                .map_err(|reason| Error::Device(format!("{device}: {reason}")))?;
         }
         Ok(Tensor {
             shape,

@@ -9,7 +9,10 @@ fn embedded_digits_have_every_class() {
     for &l in &d.labels {
         per_class[l as usize] += 1;
     }
-    assert!(per_class.iter().all(|&c| (170..=190).contains(&c)), "{per_class:?}");
+    assert!(
+        per_class.iter().all(|&c| (170..=190).contains(&c)),
+        "{per_class:?}"
+    );
     assert!(d.images.iter().all(|&v| (0.0..=1.0).contains(&v)));
     // Not a blank image set: the mean intensity of a digit is well above zero.
     let mean: f32 = d.image(0).iter().sum::<f32>() / 64.0;

@@ -22,12 +22,17 @@ fn fixtures() {
             return;
         }
     }
-    let cases = load_cases(&dir).unwrap_or_else(|e| panic!("cannot load fixtures from {}: {e}", dir.display()));
+    let cases = load_cases(&dir)
+        .unwrap_or_else(|e| panic!("cannot load fixtures from {}: {e}", dir.display()));
     let reports = run_all(&cases, device);
     for r in &reports {
         println!("{}", r.line());
     }
     let failed = reports.iter().filter(|r| !r.passed()).count();
-    println!("fixtures: {} passed, {} failed", reports.len() - failed, failed);
+    println!(
+        "fixtures: {} passed, {} failed",
+        reports.len() - failed,
+        failed
+    );
     assert_eq!(failed, 0, "{failed} fixture case(s) failed on {device}");
 }

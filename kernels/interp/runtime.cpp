@@ -23,6 +23,9 @@
 // Environment knobs (read once):
 //   CONTRA_INTERP_THREADS   max worker threads per launch (default min(cores, 16))
 //   CONTRA_INTERP_STACK_KB  fiber stack size in KiB (default 256)
+//   CONTRA_INTERP_REVERSE=1 run the threads of a block in descending order
+//                           (another valid schedule: run tests both ways to
+//                           shake out missing __syncthreads / __syncwarp)
 
 #include "cuda_interp.h"
 
@@ -91,6 +94,11 @@ unsigned env_unsigned(const char* name, unsigned fallback) {
 size_t page_size() {
     static const size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     return p;
+}
+
+bool reverse_order() {
+    static const bool r = env_unsigned("CONTRA_INTERP_REVERSE", 0) != 0;
+    return r;
 }
 
 // 256 KiB: generous for kernels built at -O0 and/or with sanitizers; pages are
@@ -541,9 +549,12 @@ bool run_block(Worker* w, unsigned long long linear) {
     w->barrier_count = 0;
     w->block_failed = false;
 
+    const bool reverse = reverse_order();
+    const size_t n = w->fibers.size();
     while (w->done < w->nthreads) {
         bool ran = false;
-        for (Fiber& f : w->fibers) {
+        for (size_t i = 0; i < n; ++i) {
+            Fiber& f = w->fibers[reverse ? n - 1 - i : i];
             if (f.state != State::Ready) continue;
             ran = true;
             switch_to_fiber(w, &f);

@@ -283,12 +283,12 @@ INTERP_EXPORT(traps, Empty)
 struct PerfParams { float* out; };
 
 extern "C" __global__ void barriers10(const PerfParams p) {
-    __shared__ float s[256];
+    __shared__ float s[2][256];  // double-buffered: one barrier per step is enough
     float acc = threadIdx.x;
     for (int it = 0; it < 10; ++it) {
-        s[threadIdx.x] = acc;
+        s[it & 1][threadIdx.x] = acc;
         __syncthreads();
-        acc += s[(threadIdx.x + 1) % blockDim.x];
+        acc += s[it & 1][(threadIdx.x + 1) % blockDim.x];
     }
     p.out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
 }
@@ -298,6 +298,13 @@ INTERP_EXPORT(barriers10, PerfParams)
 // Host side
 // ===========================================================================
 static int g_failures = 0;
+
+// ThreadSanitizer makes every fiber switch cost microseconds: repeat less.
+#if defined(__SANITIZE_THREAD__)
+static const int kRepeat = 1;
+#else
+static const int kRepeat = 5;
+#endif
 
 static void check(const char* name, bool ok, const std::string& detail = "") {
     printf("%s  %s%s%s\n", ok ? "PASS" : "FAIL", name, detail.empty() ? "" : "  -- ", detail.c_str());
@@ -484,9 +491,10 @@ static void test_errors() {
     rc = launch(interp_divergent_b, dim3(4), dim3(256), 0, Empty{}, &err);
     expect_error("divergent __syncthreads (waiting first) -> error", rc, err, "divergent __syncthreads");
     rc = launch(interp_lane_exited_a, dim3(2), dim3(64), 0, Empty{}, &err);
-    expect_error("shuffle mask naming exited lanes -> error", rc, err, "already exited");
+    // Which of the two messages appears depends on the schedule (CONTRA_INTERP_REVERSE).
+    expect_error("shuffle mask naming exited lanes -> error", rc, err, "exited");
     rc = launch(interp_lane_exited_b, dim3(2), dim3(64), 0, Empty{}, &err);
-    expect_error("lane exits while named in a waiting mask -> error", rc, err, "exited while lanes");
+    expect_error("lane exits while named in a waiting mask -> error", rc, err, "exited");
     rc = launch(interp_warp_vs_block, dim3(1), dim3(32), 0, Empty{}, &err);
     expect_error("warp collective vs __syncthreads deadlock -> error", rc, err, "deadlock");
     rc = launch(interp_traps, dim3(8), dim3(64), 0, Empty{}, &err);
@@ -512,7 +520,7 @@ static void test_concurrent_launches() {
     std::vector<int> ok(4, 1);
     for (int k = 0; k < 4; ++k)
         ts.emplace_back([k, &ok] {
-            for (int it = 0; it < 8; ++it) ok[k] &= run_block_reduce(16 + k, 1.0f + k + it);
+            for (int it = 0; it < 2 * kRepeat; ++it) ok[k] &= run_block_reduce(16 + k, 1.0f + k + it);
         });
     for (auto& t : ts) t.join();
     check("4 host threads launching concurrently", ok[0] && ok[1] && ok[2] && ok[3]);
@@ -524,7 +532,7 @@ static void test_perf() {
     PerfParams p{out.data()};
     double best = 1e9, first = 0;
     bool ok = true;
-    for (int r = 0; r < 5; ++r) {
+    for (int r = 0; r < kRepeat; ++r) {
         auto t0 = std::chrono::steady_clock::now();
         ok &= launch(interp_barriers10, dim3(blocks), dim3(threads), 0, p) == 0;
         double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

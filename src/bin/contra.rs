@@ -8,7 +8,11 @@ use contra::fixtures::{load_cases, run_all};
 use contra::Device;
 
 #[derive(Parser)]
-#[command(name = "contra", version, about = "Fused contrastive-learning losses: checks and tools")]
+#[command(
+    name = "contra",
+    version,
+    about = "Fused contrastive-learning losses: checks and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,11 +67,20 @@ fn kernel_timing(gpu: usize, repeats: usize) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("GPU: {}", contra::testing::gpu_name(gpu).unwrap_or_default());
+    println!(
+        "GPU: {}",
+        contra::testing::gpu_name(gpu).unwrap_or_default()
+    );
     println!("| kernel | shape | median ms | GFLOP/s |");
     println!("|---|---|---:|---:|");
     for r in rows {
-        println!("| {} | {} | {:.3} | {:.0} |", r.kernel, r.shape, r.median_ms, r.flops / r.median_ms / 1e6);
+        println!(
+            "| {} | {} | {:.3} | {:.0} |",
+            r.kernel,
+            r.shape,
+            r.median_ms,
+            r.flops / r.median_ms / 1e6
+        );
     }
     ExitCode::SUCCESS
 }
@@ -95,7 +108,11 @@ fn check_fixtures(dir: &std::path::Path, device: Device) -> ExitCode {
         println!("{}", r.line());
     }
     let failed = reports.iter().filter(|r| !r.passed()).count();
-    println!("fixtures: {} passed, {} failed", reports.len() - failed, failed);
+    println!(
+        "fixtures: {} passed, {} failed",
+        reports.len() - failed,
+        failed
+    );
     if failed == 0 {
         ExitCode::SUCCESS
     } else {

@@ -55,9 +55,18 @@ pub trait Gemm: Copy {
 macro_rules! impl_gemm {
     ($t:ty, $f:path) => {
         impl Gemm for $t {
-            fn gemm(alpha: Self, a: MatRef<'_, Self>, b: MatRef<'_, Self>, beta: Self, c: &mut [Self]) {
+            fn gemm(
+                alpha: Self,
+                a: MatRef<'_, Self>,
+                b: MatRef<'_, Self>,
+                beta: Self,
+                c: &mut [Self],
+            ) {
                 let (m, k, n) = (a.rows, a.cols, b.cols);
-                assert!(b.rows == k && a.fits() && b.fits() && c.len() >= m * n, "gemm: bad views");
+                assert!(
+                    b.rows == k && a.fits() && b.fits() && c.len() >= m * n,
+                    "gemm: bad views"
+                );
                 if m == 0 || n == 0 {
                     return;
                 }

@@ -48,7 +48,12 @@ impl<'a, T: Real> Problem<'a, T> {
     /// The mean loss and the per-row log-sum-exp the backward needs.
     pub fn forward(&self) -> (f64, Vec<f64>) {
         let stats = self.with_scores(|s| softmax::forward(s, None, self.target()));
-        let total: f64 = stats.lse.iter().zip(&stats.target_logit).map(|(l, t)| l - t).sum();
+        let total: f64 = stats
+            .lse
+            .iter()
+            .zip(&stats.target_logit)
+            .map(|(l, t)| l - t)
+            .sum();
         (total / self.rows as f64, stats.lse)
     }
 
@@ -79,7 +84,13 @@ pub fn ntxent_positives(rows: usize) -> Vec<usize> {
 }
 
 /// NT-Xent as InfoNCE of `z` against itself: cosine, self excluded.
-pub fn ntxent_problem<'a, T>(z: &'a [T], rows: usize, dim: usize, positives: &'a [usize], temperature: f64) -> Problem<'a, T> {
+pub fn ntxent_problem<'a, T>(
+    z: &'a [T],
+    rows: usize,
+    dim: usize,
+    positives: &'a [usize],
+    temperature: f64,
+) -> Problem<'a, T> {
     Problem {
         q: z,
         k: z,

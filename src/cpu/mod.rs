@@ -25,14 +25,7 @@ use crate::tensor::Element;
 
 /// The float types the CPU backend computes in (f32 and f64).
 pub trait Real:
-    Element
-    + num_traits::Float
-    + gemm::Gemm
-    + Sum
-    + AddAssign
-    + SubAssign
-    + MulAssign
-    + Default
+    Element + num_traits::Float + gemm::Gemm + Sum + AddAssign + SubAssign + MulAssign + Default
 {
     fn of(value: f64) -> Self {
         <Self as Element>::from_f64(value)

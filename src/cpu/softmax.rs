@@ -42,11 +42,19 @@ pub struct Grads<T> {
 
 impl<T: Real> Scores<'_, T> {
     fn query_tile(&self, start: usize, len: usize) -> MatRef<'_, T> {
-        MatRef::row_major(&self.queries[start * self.dim..(start + len) * self.dim], len, self.dim)
+        MatRef::row_major(
+            &self.queries[start * self.dim..(start + len) * self.dim],
+            len,
+            self.dim,
+        )
     }
 
     fn key_tile(&self, start: usize, len: usize) -> MatRef<'_, T> {
-        MatRef::row_major(&self.keys[start * self.dim..(start + len) * self.dim], len, self.dim)
+        MatRef::row_major(
+            &self.keys[start * self.dim..(start + len) * self.dim],
+            len,
+            self.dim,
+        )
     }
 
     /// Fills `tile` (row_len x key_len) with logits of rows `r0..` against keys `k0..`; masked
@@ -72,7 +80,9 @@ impl<T: Real> Scores<'_, T> {
 }
 
 fn tiles(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..total).step_by(size).map(move |start| (start, size.min(total - start)))
+    (0..total)
+        .step_by(size)
+        .map(move |start| (start, size.min(total - start)))
 }
 
 /// The forward sweep: per-row log-sum-exp and target logit. `extra` adds one more logit to row
@@ -138,7 +148,13 @@ where
 /// The backward sweep for the loss `sum_i row_weight_i * (lse_i - target_logit_i)`:
 /// `dlogit_ij = row_weight_i * (softmax_ij - target(i, j))`, `dq = scale * dlogit k`,
 /// `dk = scale * dlogit^T q`.
-pub fn backward<T, F>(s: &Scores<'_, T>, lse: &[f64], row_weight: &[f64], target: F, want_keys: bool) -> Grads<T>
+pub fn backward<T, F>(
+    s: &Scores<'_, T>,
+    lse: &[f64],
+    row_weight: &[f64],
+    target: F,
+    want_keys: bool,
+) -> Grads<T>
 where
     T: Real,
     F: Fn(usize, usize) -> f64 + Sync,
@@ -164,7 +180,11 @@ where
                         let (lse_i, w) = (lse[i], row_weight[i]);
                         for (c, x) in g[r * key_len..(r + 1) * key_len].iter_mut().enumerate() {
                             let logit = x.f64();
-                            let p = if logit == f64::NEG_INFINITY { 0.0 } else { (logit - lse_i).exp() };
+                            let p = if logit == f64::NEG_INFINITY {
+                                0.0
+                            } else {
+                                (logit - lse_i).exp()
+                            };
                             let d = w * (p - target(i, k0 + c));
                             if d != 0.0 {
                                 log_scale += d * logit;

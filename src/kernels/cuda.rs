@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
 
 use super::params::*;
 use super::{Backend, KernelParams, Launch};
@@ -37,34 +40,52 @@ impl Cuda {
     /// The (cached) backend of GPU `ordinal`; a clear error without a driver or such a GPU.
     pub fn get(ordinal: usize) -> Result<Arc<Cuda>> {
         static OPEN: OnceLock<Mutex<HashMap<usize, Arc<Cuda>>>> = OnceLock::new();
-        let mut open = OPEN.get_or_init(Default::default).lock().map_err(|_| Error::Device("poisoned lock".into()))?;
+        let mut open = OPEN
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| Error::Device("poisoned lock".into()))?;
         if let Some(cuda) = open.get(&ordinal) {
             return Ok(cuda.clone());
         }
         // SAFETY: only probes whether libcuda can be loaded; cudarc panics on first use otherwise.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::Device("no CUDA driver (libcuda.so) found on this machine".into()));
+            return Err(Error::Device(
+                "no CUDA driver (libcuda.so) found on this machine".into(),
+            ));
         }
         let count = CudaContext::device_count().map_err(|e| device_error("cuDeviceGetCount", e))?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error::Device(format!("cuda:{ordinal} does not exist ({count} GPU(s) visible)")));
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} does not exist ({count} GPU(s) visible)"
+            )));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| device_error("creating a CUDA context", e))?;
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| device_error("creating a CUDA context", e))?;
         let stream = ctx.default_stream();
-        let cuda = Arc::new(Cuda { ordinal, ctx, stream, modules: Mutex::new(HashMap::new()) });
+        let cuda = Arc::new(Cuda {
+            ordinal,
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+        });
         open.insert(ordinal, cuda.clone());
         Ok(cuda)
     }
 
     /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn name(&self) -> Result<String> {
-        self.ctx.name().map_err(|e| device_error("cuDeviceGetName", e))
+        self.ctx
+            .name()
+            .map_err(|e| device_error("cuDeviceGetName", e))
     }
 
     /// The module (kernels/<name>.cu) holding `kernel`, loaded on first use.
     fn module(&self, kernel: &str) -> Result<Arc<CudaModule>> {
         let name = module_of(kernel);
-        let mut modules = self.modules.lock().map_err(|_| Error::Device("poisoned lock".into()))?;
+        let mut modules = self
+            .modules
+            .lock()
+            .map_err(|_| Error::Device("poisoned lock".into()))?;
         if let Some(m) = modules.get(name) {
             return Ok(m.clone());
         }
@@ -75,7 +96,12 @@ impl Cuda {
         let module = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
-            .map_err(|e| device_error(&format!("loading module {stem} on cuda:{}", self.ordinal), e))?;
+            .map_err(|e| {
+                device_error(
+                    &format!("loading module {stem} on cuda:{}", self.ordinal),
+                    e,
+                )
+            })?;
         modules.insert(stem, module.clone());
         Ok(module)
     }
@@ -96,16 +122,22 @@ impl Backend for Cuda {
 
     fn upload(&self, _name: &'static str, values: &[f32]) -> Result<CudaSlice<u32>> {
         let bits: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
-        self.stream.clone_htod(&bits).map_err(|e| device_error("host to device copy", e))
+        self.stream
+            .clone_htod(&bits)
+            .map_err(|e| device_error("host to device copy", e))
     }
 
     fn upload_i32(&self, _name: &'static str, values: &[i32]) -> Result<CudaSlice<u32>> {
         let bits: Vec<u32> = values.iter().map(|&v| v as u32).collect();
-        self.stream.clone_htod(&bits).map_err(|e| device_error("host to device copy", e))
+        self.stream
+            .clone_htod(&bits)
+            .map_err(|e| device_error("host to device copy", e))
     }
 
     fn output(&self, name: &'static str, len: usize) -> Result<CudaSlice<u32>> {
-        self.stream.alloc_zeros(len.max(1)).map_err(|e| device_error(&format!("allocating `{name}`"), e))
+        self.stream
+            .alloc_zeros(len.max(1))
+            .map_err(|e| device_error(&format!("allocating `{name}`"), e))
     }
 
     fn ptr(&self, buf: &CudaSlice<u32>) -> *mut c_void {
@@ -114,11 +146,20 @@ impl Backend for Cuda {
     }
 
     fn download(&self, buf: &CudaSlice<u32>) -> Result<Vec<f32>> {
-        let bits = self.stream.clone_dtoh(buf).map_err(|e| device_error("device to host copy", e))?;
+        let bits = self
+            .stream
+            .clone_dtoh(buf)
+            .map_err(|e| device_error("device to host copy", e))?;
         Ok(bits.into_iter().map(f32::from_bits).collect())
     }
 
-    fn launch<P: KernelParams>(&self, kernel: &'static str, launch: Launch, params: &P, _written: &[&CudaSlice<u32>]) -> Result<()> {
+    fn launch<P: KernelParams>(
+        &self,
+        kernel: &'static str,
+        launch: Launch,
+        params: &P,
+        _written: &[&CudaSlice<u32>],
+    ) -> Result<()> {
         let function = self
             .module(kernel)?
             .load_function(kernel)
@@ -134,7 +175,10 @@ impl Backend for Cuda {
         // the kernel layer); every pointer in `params` is a live device allocation of this
         // context sized for the shapes validated by the op; the grid covers what the kernel
         // expects (see the launch-shape functions next to each launch).
-        unsafe { builder.launch(cfg) }.map_err(|e| device_error(&format!("launching `{kernel}`"), e))?;
-        self.stream.synchronize().map_err(|e| device_error(&format!("running `{kernel}`"), e))
+        unsafe { builder.launch(cfg) }
+            .map_err(|e| device_error(&format!("launching `{kernel}`"), e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| device_error(&format!("running `{kernel}`"), e))
     }
 }

@@ -9,7 +9,10 @@ use crate::Result;
 const TILE: usize = 64;
 
 fn launch_shape(rows: usize) -> Launch {
-    Launch { grid: [blocks_for(rows, TILE) as u32, 1, 1], block: [16, 16, 1] }
+    Launch {
+        grid: [blocks_for(rows, TILE) as u32, 1, 1],
+        block: [16, 16, 1],
+    }
 }
 
 /// One InfoNCE problem on a backend. `q` and `k` are the raw inputs; with `normalize` the
@@ -68,7 +71,12 @@ impl<B: Backend> Problem<'_, B> {
             self_mask: self.self_mask as i32,
             scale: (1.0 / self.temperature) as f32,
         };
-        b.launch("infonce_fwd_f32", launch_shape(self.rows), &params, &[&lse, &row_loss])?;
+        b.launch(
+            "infonce_fwd_f32",
+            launch_shape(self.rows),
+            &params,
+            &[&lse, &row_loss],
+        )?;
         // The mean of N per-row losses is summed on the host in f64: N floats, deterministic.
         let total: f64 = b.download(&row_loss)?.iter().map(|&v| v as f64).sum();
         Ok((total / self.rows as f64, lse))
@@ -76,11 +84,21 @@ impl<B: Backend> Problem<'_, B> {
 
     /// Gradients of `grad_loss * loss` for q and k. With `sum_into_q` (NT-Xent, where q and k are
     /// the same rows) the key gradient is added to the query gradient and only that is returned.
-    pub fn backward(&self, b: &B, lse: &B::Buf, grad_loss: f64, sum_into_q: bool) -> Result<(B::Buf, Option<B::Buf>)> {
+    pub fn backward(
+        &self,
+        b: &B,
+        lse: &B::Buf,
+        grad_loss: f64,
+        sum_into_q: bool,
+    ) -> Result<(B::Buf, Option<B::Buf>)> {
         let ops = self.operands(b)?;
         let (q, k) = self.pick(&ops);
         let grad_q = b.output("grad_q", self.rows * self.dim)?;
-        let grad_k = if sum_into_q { None } else { Some(b.output("grad_k", self.cols * self.dim)?) };
+        let grad_k = if sum_into_q {
+            None
+        } else {
+            Some(b.output("grad_k", self.cols * self.dim)?)
+        };
         let base = ContraInfonceBwdParams {
             positives: b.ptr(self.positives).cast(),
             lse: b.ptr(lse).cast(),
@@ -100,7 +118,12 @@ impl<B: Backend> Problem<'_, B> {
             accumulate: 0,
             ..base
         };
-        b.launch("infonce_bwd_f32", launch_shape(self.rows), &query_pass, &[&grad_q])?;
+        b.launch(
+            "infonce_bwd_f32",
+            launch_shape(self.rows),
+            &query_pass,
+            &[&grad_q],
+        )?;
         let key_target = grad_k.as_ref().unwrap_or(&grad_q);
         let key_pass = ContraInfonceBwdParams {
             owner: b.ptr(k),
@@ -112,7 +135,12 @@ impl<B: Backend> Problem<'_, B> {
             accumulate: sum_into_q as i32,
             ..base
         };
-        b.launch("infonce_bwd_f32", launch_shape(self.cols), &key_pass, &[key_target])?;
+        b.launch(
+            "infonce_bwd_f32",
+            launch_shape(self.cols),
+            &key_pass,
+            &[key_target],
+        )?;
         if !self.normalize {
             return Ok((grad_q, grad_k));
         }

@@ -23,7 +23,8 @@ struct InterpLaunchConfig {
     shared_bytes: u64,
 }
 
-type InterpEntry = unsafe extern "C" fn(*const InterpLaunchConfig, *const c_void, *mut c_char, c_ulong) -> c_int;
+type InterpEntry =
+    unsafe extern "C" fn(*const InterpLaunchConfig, *const c_void, *mut c_char, c_ulong) -> c_int;
 
 /// Declares the `interp_<kernel>` entry points that INTERP_EXPORT defines in kernels/*.cu and a
 /// lookup by kernel name. Each takes a pointer to its params struct, declared here as
@@ -68,17 +69,35 @@ impl GuardedBuf {
         words.extend(std::iter::repeat_n(POISON, GUARD));
         words.extend(payload);
         words.extend(std::iter::repeat_n(POISON, GUARD));
-        GuardedBuf { name, words: RefCell::new(words), len }
+        GuardedBuf {
+            name,
+            words: RefCell::new(words),
+            len,
+        }
     }
 
     fn check_guards(&self, kernel: &str) -> Result<()> {
         let words = self.words.borrow();
         let (front, back) = (&words[..GUARD], &words[GUARD + self.len..]);
         if let Some(i) = front.iter().rposition(|&w| w != POISON) {
-            return Err(kernel_error(kernel, format!("wrote {} element(s) before the start of buffer `{}`", GUARD - i, self.name)));
+            return Err(kernel_error(
+                kernel,
+                format!(
+                    "wrote {} element(s) before the start of buffer `{}`",
+                    GUARD - i,
+                    self.name
+                ),
+            ));
         }
         if let Some(i) = back.iter().position(|&w| w != POISON) {
-            return Err(kernel_error(kernel, format!("wrote past the end of buffer `{}` (element {})", self.name, self.len + i)));
+            return Err(kernel_error(
+                kernel,
+                format!(
+                    "wrote past the end of buffer `{}` (element {})",
+                    self.name,
+                    self.len + i
+                ),
+            ));
         }
         Ok(())
     }
@@ -90,7 +109,10 @@ impl GuardedBuf {
         match payload.iter().position(|&w| w == POISON) {
             Some(first) => Err(kernel_error(
                 kernel,
-                format!("left {unwritten} of {} element(s) of output `{}` unwritten (first: {first})", self.len, self.name),
+                format!(
+                    "left {unwritten} of {} element(s) of output `{}` unwritten (first: {first})",
+                    self.len, self.name
+                ),
             )),
             None => Ok(()),
         }
@@ -98,7 +120,10 @@ impl GuardedBuf {
 }
 
 fn kernel_error(kernel: &str, reason: String) -> Error {
-    Error::Kernel { kernel: kernel.to_string(), reason }
+    Error::Kernel {
+        kernel: kernel.to_string(),
+        reason,
+    }
 }
 
 /// The interpreted-mode backend.
@@ -126,23 +151,48 @@ impl Backend for Interp {
     }
 
     fn download(&self, buf: &GuardedBuf) -> Result<Vec<f32>> {
-        Ok(buf.words.borrow()[GUARD..GUARD + buf.len].iter().map(|&w| f32::from_bits(w)).collect())
+        Ok(buf.words.borrow()[GUARD..GUARD + buf.len]
+            .iter()
+            .map(|&w| f32::from_bits(w))
+            .collect())
     }
 
-    fn launch<P: KernelParams>(&self, kernel: &'static str, launch: Launch, params: &P, written: &[&GuardedBuf]) -> Result<()> {
-        let entry = entry(kernel).ok_or_else(|| kernel_error(kernel, "no interpreted build of this kernel".into()))?;
-        let cfg = InterpLaunchConfig { grid: launch.grid, block: launch.block, shared_bytes: 0 };
+    fn launch<P: KernelParams>(
+        &self,
+        kernel: &'static str,
+        launch: Launch,
+        params: &P,
+        written: &[&GuardedBuf],
+    ) -> Result<()> {
+        let entry = entry(kernel)
+            .ok_or_else(|| kernel_error(kernel, "no interpreted build of this kernel".into()))?;
+        let cfg = InterpLaunchConfig {
+            grid: launch.grid,
+            block: launch.block,
+            shared_bytes: 0,
+        };
         let mut message = vec![0u8; 512];
         // SAFETY: `entry` is the INTERP_EXPORT wrapper of `kernel`, whose params type is `P`
         // (the kernel layer pairs them by name); `params` points to a live `P`; `message` is a
         // writable buffer of the length passed. Every pointer inside `params` comes from
         // `Backend::ptr` on buffers the caller keeps alive across this call.
         let status = unsafe {
-            entry(&cfg, (params as *const P).cast(), message.as_mut_ptr().cast(), message.len() as c_ulong)
+            entry(
+                &cfg,
+                (params as *const P).cast(),
+                message.as_mut_ptr().cast(),
+                message.len() as c_ulong,
+            )
         };
         if status != 0 {
-            let end = message.iter().position(|&b| b == 0).unwrap_or(message.len());
-            return Err(kernel_error(kernel, String::from_utf8_lossy(&message[..end]).into_owned()));
+            let end = message
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(message.len());
+            return Err(kernel_error(
+                kernel,
+                String::from_utf8_lossy(&message[..end]).into_owned(),
+            ));
         }
         for buf in written {
             buf.check_guards(kernel)?;
@@ -157,7 +207,12 @@ impl Backend for Interp {
 pub fn out_of_bounds_launch() -> Result<()> {
     let b = Interp;
     let y = b.output("y", 8)?;
-    let params = ContraNormalizeParams { y: b.ptr(&y), rows: 1, dim: 8, ..Default::default() };
+    let params = ContraNormalizeParams {
+        y: b.ptr(&y),
+        rows: 1,
+        dim: 8,
+        ..Default::default()
+    };
     b.launch("oob_test_f32", Launch::linear(1, 8), &params, &[&y])
 }
 
@@ -168,6 +223,13 @@ pub fn unwritten_output_launch() -> Result<()> {
     let (rows, dim) = (16, 5);
     let x = b.upload("x", &vec![1.0; rows * dim])?;
     let y = b.output("y", rows * dim)?;
-    let params = ContraNormalizeParams { x: b.ptr(&x), y: b.ptr(&y), rows: rows as i32, dim: dim as i32, eps: 1e-12, ..Default::default() };
+    let params = ContraNormalizeParams {
+        x: b.ptr(&x),
+        y: b.ptr(&y),
+        rows: rows as i32,
+        dim: dim as i32,
+        eps: 1e-12,
+        ..Default::default()
+    };
     b.launch("normalize_fwd_f32", Launch::linear(1, 256), &params, &[&y])
 }

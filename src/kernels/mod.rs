@@ -29,7 +29,10 @@ pub(crate) struct Launch {
 impl Launch {
     /// A 1-D grid of `blocks` blocks of `threads` threads.
     pub fn linear(blocks: usize, threads: u32) -> Launch {
-        Launch { grid: [blocks as u32, 1, 1], block: [threads, 1, 1] }
+        Launch {
+            grid: [blocks as u32, 1, 1],
+            block: [threads, 1, 1],
+        }
     }
 }
 
@@ -60,7 +63,13 @@ pub(crate) trait Backend {
     fn ptr(&self, buf: &Self::Buf) -> *mut c_void;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Runs `kernel` with `params`; `written` are the buffers the kernel must fill completely.
-    fn launch<P: KernelParams>(&self, kernel: &'static str, launch: Launch, params: &P, written: &[&Self::Buf]) -> Result<()>;
+    fn launch<P: KernelParams>(
+        &self,
+        kernel: &'static str,
+        launch: Launch,
+        params: &P,
+        written: &[&Self::Buf],
+    ) -> Result<()>;
 }
 
 /// Runs `$body` with `$b` bound to the kernel backend of `$device` and returns its result from

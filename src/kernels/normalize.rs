@@ -27,7 +27,13 @@ pub(crate) fn forward<B: Backend>(b: &B, x: &B::Buf, rows: usize, dim: usize) ->
 }
 
 /// The normalize backward per row, into a new buffer.
-pub(crate) fn backward<B: Backend>(b: &B, x: &B::Buf, grad_y: &B::Buf, rows: usize, dim: usize) -> Result<B::Buf> {
+pub(crate) fn backward<B: Backend>(
+    b: &B,
+    x: &B::Buf,
+    grad_y: &B::Buf,
+    rows: usize,
+    dim: usize,
+) -> Result<B::Buf> {
     let grad_x = b.output("grad_x", rows * dim)?;
     let params = ContraNormalizeParams {
         x: b.ptr(x),

@@ -32,7 +32,14 @@ pub(crate) fn forward<B: Backend>(
         dim: dim as i32,
         kind: kind as i32,
     };
-    let launch = Launch { grid: [blocks_for(cols, TILE) as u32, blocks_for(rows, TILE) as u32, 1], block: [16, 16, 1] };
+    let launch = Launch {
+        grid: [
+            blocks_for(cols, TILE) as u32,
+            blocks_for(rows, TILE) as u32,
+            1,
+        ],
+        block: [16, 16, 1],
+    };
     b.launch("similarity_fwd_f32", launch, &params, &[&out])?;
     Ok(out)
 }

@@ -51,15 +51,27 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     let x = b.upload("x", &random(n * d, 1))?;
     let gy = b.upload("grad_y", &random(n * d, 2))?;
     let ms = median_ms(repeats, || normalize::forward(b, &x, n, d).map(drop))?;
-    rows.push(KernelTiming { kernel: "normalize_fwd_f32", shape: format!("{n}x{d}"), median_ms: ms, flops: 3.0 * (n * d) as f64 });
+    rows.push(KernelTiming {
+        kernel: "normalize_fwd_f32",
+        shape: format!("{n}x{d}"),
+        median_ms: ms,
+        flops: 3.0 * (n * d) as f64,
+    });
     let ms = median_ms(repeats, || normalize::backward(b, &x, &gy, n, d).map(drop))?;
-    rows.push(KernelTiming { kernel: "normalize_bwd_f32", shape: format!("{n}x{d}"), median_ms: ms, flops: 6.0 * (n * d) as f64 });
+    rows.push(KernelTiming {
+        kernel: "normalize_bwd_f32",
+        shape: format!("{n}x{d}"),
+        median_ms: ms,
+        flops: 6.0 * (n * d) as f64,
+    });
 
     let (m, d) = (4096, 128);
     let a = b.upload("a", &random(m * d, 3))?;
     let c = b.upload("b", &random(m * d, 4))?;
     for kind in [Similarity::Dot, Similarity::Cosine] {
-        let ms = median_ms(repeats, || similarity::forward(b, &a, &c, (m, m, d), kind).map(drop))?;
+        let ms = median_ms(repeats, || {
+            similarity::forward(b, &a, &c, (m, m, d), kind).map(drop)
+        })?;
         rows.push(KernelTiming {
             kernel: "similarity_fwd_f32",
             shape: format!("{m}x{m}x{d} {kind:?}"),
@@ -70,7 +82,9 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
 
     for (n, d) in [(8192, 128), (16384, 128), (8192, 512)] {
         let z = b.upload("z", &random(n * d, 5))?;
-        let positives: Vec<i32> = (0..n as i32).map(|i| (i + n as i32 / 2) % n as i32).collect();
+        let positives: Vec<i32> = (0..n as i32)
+            .map(|i| (i + n as i32 / 2) % n as i32)
+            .collect();
         let positives = b.upload_i32("positives", &positives)?;
         let problem = infonce::Problem::<Cuda> {
             q: &z,
@@ -85,7 +99,12 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         };
         let gemm = 2.0 * (n * n * d) as f64;
         let ms = median_ms(repeats, || problem.forward(b).map(drop))?;
-        rows.push(KernelTiming { kernel: "ntxent forward (normalize + infonce_fwd_f32)", shape: format!("{n}x{d}"), median_ms: ms, flops: gemm });
+        rows.push(KernelTiming {
+            kernel: "ntxent forward (normalize + infonce_fwd_f32)",
+            shape: format!("{n}x{d}"),
+            median_ms: ms,
+            flops: gemm,
+        });
         let (_, lse) = problem.forward(b)?;
         let ms = median_ms(repeats, || problem.backward(b, &lse, 1.0, true).map(drop))?;
         rows.push(KernelTiming {

@@ -2,7 +2,9 @@
 //! `loss = mean_i [ LSE_j (s_ij / tau) - s_{i,p_i} / tau ]`, `s_ij = q_i . k_j` (cosine when
 //! `normalize`), `j = i` dropped under `self_mask`.
 
-use super::{check_finite, check_temperature, matrix_dims, output_like, same_place, values, with_cpu_real};
+use super::{
+    check_finite, check_temperature, matrix_dims, output_like, same_place, values, with_cpu_real,
+};
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
 
@@ -51,16 +53,31 @@ pub struct InfoNceOutput {
 }
 
 /// Validates the inputs and returns `(rows, cols, dim)`.
-fn validate(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOptions) -> Result<(usize, usize, usize)> {
+fn validate(
+    q: &Tensor,
+    k: &Tensor,
+    positives: &[usize],
+    opts: &InfoNceOptions,
+) -> Result<(usize, usize, usize)> {
     let (rows, dim) = matrix_dims(OP, "q", q)?;
     let (cols, key_dim) = matrix_dims(OP, "k", k)?;
     same_place(OP, &[("q", q), ("k", k)])?;
     if key_dim != dim {
-        return Err(Error::shape(OP, "k", k.shape(), format!("[M, {dim}] (same D as q)")));
+        return Err(Error::shape(
+            OP,
+            "k",
+            k.shape(),
+            format!("[M, {dim}] (same D as q)"),
+        ));
     }
     check_temperature(OP, "temperature", opts.temperature)?;
     if positives.len() != rows {
-        return Err(Error::shape(OP, "positives", &[positives.len()], format!("[{rows}] (one per query)")));
+        return Err(Error::shape(
+            OP,
+            "positives",
+            &[positives.len()],
+            format!("[{rows}] (one per query)"),
+        ));
     }
     if opts.self_mask && rows != cols {
         return Err(Error::invalid(
@@ -71,10 +88,18 @@ fn validate(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOptions) 
     }
     for (i, &p) in positives.iter().enumerate() {
         if p >= cols {
-            return Err(Error::invalid(OP, "positives", format!("positives[{i}] = {p} is out of range for {cols} keys")));
+            return Err(Error::invalid(
+                OP,
+                "positives",
+                format!("positives[{i}] = {p} is out of range for {cols} keys"),
+            ));
         }
         if opts.self_mask && p == i {
-            return Err(Error::invalid(OP, "positives", format!("positives[{i}] = {i} is the masked self key")));
+            return Err(Error::invalid(
+                OP,
+                "positives",
+                format!("positives[{i}] = {i} is the masked self key"),
+            ));
         }
     }
     check_finite(OP, "q", q)?;
@@ -103,7 +128,12 @@ fn problem<'a, T>(
 }
 
 /// The InfoNCE forward: the mean loss and the per-query log-sum-exp for [`infonce_backward`].
-pub fn infonce_forward(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOptions) -> Result<SoftmaxForward> {
+pub fn infonce_forward(
+    q: &Tensor,
+    k: &Tensor,
+    positives: &[usize],
+    opts: &InfoNceOptions,
+) -> Result<SoftmaxForward> {
     let dims = validate(q, k, positives, opts)?;
     run_on_kernels!(q.device(), b => {
         let inputs = KernelInputs::upload(b, q, k, positives)?;
@@ -157,10 +187,19 @@ pub fn infonce_backward(
 /// assert_eq!(out.grad_k.shape(), &[3, 2]);
 /// # Ok::<(), contra::Error>(())
 /// ```
-pub fn infonce(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOptions) -> Result<InfoNceOutput> {
+pub fn infonce(
+    q: &Tensor,
+    k: &Tensor,
+    positives: &[usize],
+    opts: &InfoNceOptions,
+) -> Result<InfoNceOutput> {
     let fwd = infonce_forward(q, k, positives, opts)?;
     let (grad_q, grad_k) = infonce_backward(q, k, positives, opts, &fwd.saved, 1.0)?;
-    Ok(InfoNceOutput { loss: fwd.loss, grad_q, grad_k })
+    Ok(InfoNceOutput {
+        loss: fwd.loss,
+        grad_q,
+        grad_k,
+    })
 }
 
 /// Checks that a saved log-sum-exp has one finite value per row.
@@ -187,7 +226,11 @@ impl<B: Backend> KernelInputs<B> {
         })
     }
 
-    pub fn problem(&self, dims: (usize, usize, usize), opts: &InfoNceOptions) -> kernels::infonce::Problem<'_, B> {
+    pub fn problem(
+        &self,
+        dims: (usize, usize, usize),
+        opts: &InfoNceOptions,
+    ) -> kernels::infonce::Problem<'_, B> {
         kernels::infonce::Problem {
             q: &self.q,
             k: &self.k,

@@ -21,11 +21,14 @@ pub use nce::{nce, nce_backward, nce_forward, NceOutput};
 pub use similarity::{similarity, Similarity};
 pub use supcon::{supcon, supcon_backward, supcon_forward, SupConOptions, SupConOutput};
 pub use triplet::{
-    triplet, triplet_backward, triplet_forward, Distance, Mining, TripletForward, TripletOptions, TripletOutput,
-    TripletSaved, TripletStats,
+    triplet, triplet_backward, triplet_forward, Distance, Mining, TripletForward, TripletOptions,
+    TripletOutput, TripletSaved, TripletStats,
 };
 
-pub use infonce::{infonce, infonce_backward, infonce_forward, InfoNceOptions, InfoNceOutput, SoftmaxForward, SoftmaxSaved};
+pub use infonce::{
+    infonce, infonce_backward, infonce_forward, InfoNceOptions, InfoNceOutput, SoftmaxForward,
+    SoftmaxSaved,
+};
 pub use normalize::{normalize, normalize_backward};
 pub use ntxent::{ntxent, ntxent_backward, ntxent_forward, NtXentOptions, NtXentOutput};
 
@@ -79,7 +82,10 @@ pub(crate) fn output_like<T: Real>(like: &Tensor, values: Vec<T>, shape: &[usize
 }
 
 /// Checks that every tensor of one call lives on the same device with the same dtype.
-pub(crate) fn same_place(op: &'static str, tensors: &[(&'static str, &Tensor)]) -> Result<(Device, DType)> {
+pub(crate) fn same_place(
+    op: &'static str,
+    tensors: &[(&'static str, &Tensor)],
+) -> Result<(Device, DType)> {
     let (first_name, first) = tensors[0];
     for &(name, t) in &tensors[1..] {
         if t.device() != first.device() {
@@ -95,7 +101,11 @@ pub(crate) fn same_place(op: &'static str, tensors: &[(&'static str, &Tensor)]) 
         if t.dtype() != first.dtype() {
             return Err(Error::Mismatch {
                 op,
-                reason: format!("`{first_name}` is {} but `{name}` is {}", first.dtype(), t.dtype()),
+                reason: format!(
+                    "`{first_name}` is {} but `{name}` is {}",
+                    first.dtype(),
+                    t.dtype()
+                ),
             });
         }
     }
@@ -103,32 +113,58 @@ pub(crate) fn same_place(op: &'static str, tensors: &[(&'static str, &Tensor)]) 
 }
 
 /// Checks that `t` is a non-empty `rows x cols` matrix and returns `(rows, cols)`.
-pub(crate) fn matrix_dims(op: &'static str, arg: &'static str, t: &Tensor) -> Result<(usize, usize)> {
+pub(crate) fn matrix_dims(
+    op: &'static str,
+    arg: &'static str,
+    t: &Tensor,
+) -> Result<(usize, usize)> {
     match *t.shape() {
         [rows, cols] => {
             if rows == 0 {
-                return Err(Error::Empty { op, arg, what: "it has 0 rows (empty batch)".into() });
+                return Err(Error::Empty {
+                    op,
+                    arg,
+                    what: "it has 0 rows (empty batch)".into(),
+                });
             }
             if cols == 0 {
-                return Err(Error::Empty { op, arg, what: "its feature dimension D is 0".into() });
+                return Err(Error::Empty {
+                    op,
+                    arg,
+                    what: "its feature dimension D is 0".into(),
+                });
             }
             Ok((rows, cols))
         }
-        _ => Err(Error::shape(op, arg, t.shape(), "a matrix (rank 2: rows x features)")),
+        _ => Err(Error::shape(
+            op,
+            arg,
+            t.shape(),
+            "a matrix (rank 2: rows x features)",
+        )),
     }
 }
 
 /// Checks that `t` is a non-empty vector and returns its length.
 pub(crate) fn vector_len(op: &'static str, arg: &'static str, t: &Tensor) -> Result<usize> {
     match *t.shape() {
-        [0] => Err(Error::Empty { op, arg, what: "it has 0 elements (empty batch)".into() }),
+        [0] => Err(Error::Empty {
+            op,
+            arg,
+            what: "it has 0 elements (empty batch)".into(),
+        }),
         [n] => Ok(n),
         _ => Err(Error::shape(op, arg, t.shape(), "a vector (rank 1)")),
     }
 }
 
 /// Checks that `t` has `expected` shape.
-pub(crate) fn expect_shape(op: &'static str, arg: &'static str, t: &Tensor, expected: &[usize]) -> Result<()> {
+pub(crate) fn expect_shape(
+    op: &'static str,
+    arg: &'static str,
+    t: &Tensor,
+    expected: &[usize],
+) -> Result<()> {
     if t.shape() == expected {
         Ok(())
     } else {
@@ -141,14 +177,22 @@ pub(crate) fn expect_shape(op: &'static str, arg: &'static str, t: &Tensor, expe
 pub(crate) fn check_finite(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
     let row_len = t.shape().iter().skip(1).product::<usize>().max(1);
     let bad = match t.host::<f32>() {
-        Some(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i] as f64)),
+        Some(v) => v
+            .iter()
+            .position(|x| !x.is_finite())
+            .map(|i| (i, v[i] as f64)),
         None => {
             let v = t.to_vec_f64();
             v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
         }
     };
     match bad {
-        Some((index, value)) => Err(Error::NonFinite { op, arg, row: index / row_len, value }),
+        Some((index, value)) => Err(Error::NonFinite {
+            op,
+            arg,
+            row: index / row_len,
+            value,
+        }),
         None => Ok(()),
     }
 }
@@ -158,7 +202,11 @@ pub(crate) fn check_temperature(op: &'static str, arg: &'static str, tau: f64) -
     if tau.is_finite() && tau > 0.0 {
         Ok(())
     } else {
-        Err(Error::invalid(op, arg, format!("{tau} must be finite and > 0")))
+        Err(Error::invalid(
+            op,
+            arg,
+            format!("{tau} must be finite and > 0"),
+        ))
     }
 }
 
@@ -172,11 +220,21 @@ pub(crate) fn check_finite_scalar(op: &'static str, arg: &'static str, value: f6
 }
 
 /// Checks that `labels` has one entry per row.
-pub(crate) fn check_labels_len(op: &'static str, arg: &'static str, labels: &[i64], rows: usize) -> Result<()> {
+pub(crate) fn check_labels_len(
+    op: &'static str,
+    arg: &'static str,
+    labels: &[i64],
+    rows: usize,
+) -> Result<()> {
     if labels.len() == rows {
         Ok(())
     } else {
-        Err(Error::shape(op, arg, &[labels.len()], format!("[{rows}] (one label per row)")))
+        Err(Error::shape(
+            op,
+            arg,
+            &[labels.len()],
+            format!("[{rows}] (one label per row)"),
+        ))
     }
 }
 

@@ -8,7 +8,11 @@ use crate::{cpu, Error, Result, Tensor};
 
 /// NT-Xent as the kernels see it: InfoNCE of z against itself, cosine, self excluded.
 fn kernel_options(opts: &NtXentOptions) -> InfoNceOptions {
-    InfoNceOptions { temperature: opts.temperature, normalize: true, self_mask: true }
+    InfoNceOptions {
+        temperature: opts.temperature,
+        normalize: true,
+        self_mask: true,
+    }
 }
 
 const OP: &str = "ntxent";
@@ -36,7 +40,12 @@ pub struct NtXentOutput {
 fn validate(z: &Tensor, opts: &NtXentOptions) -> Result<(usize, usize)> {
     let (rows, dim) = matrix_dims(OP, "z", z)?;
     if rows % 2 != 0 || rows < 2 {
-        return Err(Error::shape(OP, "z", z.shape(), "[2N, D]: an even number of rows (two views per sample)"));
+        return Err(Error::shape(
+            OP,
+            "z",
+            z.shape(),
+            "[2N, D]: an even number of rows (two views per sample)",
+        ));
     }
     check_temperature(OP, "temperature", opts.temperature)?;
     check_finite(OP, "z", z)?;
@@ -62,7 +71,12 @@ pub fn ntxent_forward(z: &Tensor, opts: &NtXentOptions) -> Result<SoftmaxForward
 }
 
 /// The NT-Xent backward: the gradient of `grad_loss * loss` with respect to z.
-pub fn ntxent_backward(z: &Tensor, opts: &NtXentOptions, saved: &SoftmaxSaved, grad_loss: f64) -> Result<Tensor> {
+pub fn ntxent_backward(
+    z: &Tensor,
+    opts: &NtXentOptions,
+    saved: &SoftmaxSaved,
+    grad_loss: f64,
+) -> Result<Tensor> {
     let (rows, dim) = validate(z, opts)?;
     check_saved_lse(OP, saved, rows)?;
     super::check_finite_scalar(OP, "grad_loss", grad_loss)?;
@@ -85,5 +99,8 @@ pub fn ntxent_backward(z: &Tensor, opts: &NtXentOptions, saved: &SoftmaxSaved, g
 pub fn ntxent(z: &Tensor, opts: &NtXentOptions) -> Result<NtXentOutput> {
     let fwd = ntxent_forward(z, opts)?;
     let grad_z = ntxent_backward(z, opts, &fwd.saved, 1.0)?;
-    Ok(NtXentOutput { loss: fwd.loss, grad_z })
+    Ok(NtXentOutput {
+        loss: fwd.loss,
+        grad_z,
+    })
 }

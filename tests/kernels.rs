@@ -1,0 +1,590 @@
+//! The kernel ops (normalize, similarity, InfoNCE, NT-Xent) on every kernel device, against the
+//! CPU backend computed in f64 on the same f32 inputs.
+//!
+//! Kernel devices: `Device::Interp` always (the CUDA sources run on CPU threads, with poisoned,
+//! guard-banded buffers), and `Device::Cuda(0)` when `device_available` says it can run here;
+//! otherwise every test prints `skipped on cuda:0: <reason>` and checks only the interpreted mode.
+//!
+//! Shapes are deliberately not multiples of the kernels' tiles (64 rows / cols, 16 features,
+//! warps of 32), include one row (or two for NT-Xent) and one feature, and one shape exceeds a
+//! tile in every dimension. Every output (loss, lse, gradients, y, the similarity matrix) must be
+//! within a relative norm error of `TOL` of the reference; NaN or infinity fails.
+//!
+//! The fixture harness (tests/fixtures.rs) runs the same kernels on the PyTorch fixtures; this file
+//! does not repeat that.
+
+use contra::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// Largest accepted `||device - cpu|| / max(||cpu||, 1e-12)` for every output.
+const TOL: f64 = 1e-4;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The devices that run kernels here: the interpreted mode always, GPU 0 when it is usable.
+fn kernel_devices(test: &str) -> Vec<Device> {
+    let mut devices = vec![Device::Interp];
+    let cuda = Device::Cuda(0);
+    match device_available(cuda) {
+        Ok(()) => devices.push(cuda),
+        Err(reason) => println!("{test}: skipped on {cuda}: {reason}"),
+    }
+    devices
+}
+
+/// Runs `check` once per kernel device.
+fn on_kernel_devices(test: &str, check: fn(Device)) {
+    for device in kernel_devices(test) {
+        println!("{test}: running on {device}");
+        check(device);
+    }
+}
+
+/// `||a - b|| / max(||b||, 1e-12)` (`b` is the reference); NaN anywhere or a length mismatch gives
+/// infinity, so it can never pass.
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() || a.iter().chain(b).any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let norm = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    diff / norm.max(1e-12)
+}
+
+/// A `rows x cols` matrix (row-major) of uniform values in [-1, 1).
+fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|_| (2.0 * rng.random::<f64>() - 1.0) as f32)
+        .collect()
+}
+
+/// One positive key in `0..cols` per query; with `self_mask`, never the query's own index.
+fn random_positives(rng: &mut StdRng, rows: usize, cols: usize, self_mask: bool) -> Vec<usize> {
+    (0..rows)
+        .map(|i| {
+            if self_mask {
+                let p = rng.random_range(0..cols - 1);
+                if p >= i {
+                    p + 1
+                } else {
+                    p
+                }
+            } else {
+                rng.random_range(0..cols)
+            }
+        })
+        .collect()
+}
+
+/// The named outputs of one op call, flattened to f64 (a scalar loss is a one-element vector).
+type Outputs = Vec<(&'static str, Vec<f64>)>;
+
+/// One input matrix: f32 values and their shape.
+type Input<'a> = (&'a [f32], &'a [usize]);
+
+/// Runs `op` on the CPU with f64 copies of `inputs` (the reference) and on `device` with the f32
+/// `inputs`, checks that every output of the device is within `TOL` of the reference, and returns
+/// the device's outputs.
+#[track_caller]
+fn compare_with_cpu(
+    device: Device,
+    case: &str,
+    inputs: &[Input],
+    op: impl Fn(&[Tensor]) -> Result<Outputs>,
+) -> Outputs {
+    let run = |on: Device| {
+        let tensors: Vec<Tensor> = inputs
+            .iter()
+            .map(|&(values, shape)| {
+                let tensor = if on == Device::Cpu {
+                    Tensor::from_vec(values.iter().map(|&v| v as f64).collect(), shape, on)
+                } else {
+                    Tensor::from_vec(values.to_vec(), shape, on)
+                };
+                tensor.unwrap_or_else(|e| panic!("{case}: input on {on}: {e}"))
+            })
+            .collect();
+        op(&tensors).unwrap_or_else(|e| panic!("{case} on {on}: {e}"))
+    };
+    let want = run(Device::Cpu);
+    let got = run(device);
+    let names = |o: &Outputs| o.iter().map(|(name, _)| *name).collect::<Vec<_>>();
+    assert_eq!(
+        names(&got),
+        names(&want),
+        "{case}: outputs differ between {device} and cpu"
+    );
+    let mut worst = 0.0f64;
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        let err = rel_err(g, w);
+        assert!(
+            err <= TOL,
+            "{case} on {device}: `{name}` relative error {err:e} > {TOL:e} against the cpu (f64)"
+        );
+        worst = worst.max(err);
+    }
+    println!("  {device} {case}: worst relative error {worst:.2e}");
+    got
+}
+
+/// The output named `name`.
+fn output<'a>(outputs: &'a Outputs, name: &str) -> &'a [f64] {
+    &outputs
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no output `{name}`"))
+        .1
+}
+
+fn scaled(values: &[f64], factor: f64) -> Vec<f64> {
+    values.iter().map(|v| v * factor).collect()
+}
+
+/// `(N, M, D)` shapes for ops between two matrices: not multiples of any tile, one query row,
+/// two query rows, one feature, and one shape bigger than a tile in every dimension.
+const PAIR_SHAPES: &[(usize, usize, usize)] = &[
+    (37, 53, 77),
+    (1, 3, 77),
+    (2, 5, 17),
+    (37, 53, 1),
+    (130, 70, 40),
+];
+
+/// `(N, D)` shapes for square problems (self mask: keys are the queries' set, N == M). N = 1 has
+/// no legal positive under the self mask.
+const SQUARE_SHAPES: &[(usize, usize)] = &[(37, 77), (2, 17), (37, 1), (130, 40)];
+
+const TEMPERATURES: &[f64] = &[0.07, 0.5];
+
+// ---------------------------------------------------------------------------------------------
+// normalize
+// ---------------------------------------------------------------------------------------------
+
+/// `(rows, D)` shapes for normalize; rows >= 3 get an all-zero row.
+const NORMALIZE_SHAPES: &[(usize, usize)] = &[(37, 77), (1, 77), (2, 17), (37, 1), (130, 40)];
+
+/// A random `rows x dim` matrix whose middle row is zero when `rows >= 3`; returns the zero row.
+fn matrix_with_zero_row(rng: &mut StdRng, rows: usize, dim: usize) -> (Vec<f32>, Option<usize>) {
+    let mut x = random_matrix(rng, rows, dim);
+    let zero = (rows >= 3).then_some(rows / 2);
+    if let Some(r) = zero {
+        x[r * dim..(r + 1) * dim].fill(0.0);
+    }
+    (x, zero)
+}
+
+fn check_normalize_forward(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x6e01);
+    for &(rows, dim) in NORMALIZE_SHAPES {
+        let (x, zero) = matrix_with_zero_row(&mut rng, rows, dim);
+        let case = format!("normalize {rows}x{dim}");
+        let got = compare_with_cpu(device, &case, &[(&x, &[rows, dim])], |t| {
+            Ok(vec![("y", normalize(&t[0])?.to_vec_f64())])
+        });
+        if let Some(r) = zero {
+            let y = output(&got, "y");
+            assert!(
+                y[r * dim..(r + 1) * dim].iter().all(|&v| v == 0.0),
+                "{case} on {device}: zero row not zero"
+            );
+        }
+    }
+}
+
+fn check_normalize_backward(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x6e02);
+    for &(rows, dim) in NORMALIZE_SHAPES {
+        let (x, zero) = matrix_with_zero_row(&mut rng, rows, dim);
+        let grad_y = random_matrix(&mut rng, rows, dim);
+        let shape = [rows, dim];
+        compare_with_cpu(
+            device,
+            &format!("normalize_backward {rows}x{dim}"),
+            &[(&x, &shape), (&grad_y, &shape)],
+            |t| {
+                let grad_x = normalize_backward(&t[0], &t[1])?.to_vec_f64();
+                // The zero row's gradient is grad_y / 1e-12 and would dwarf every other row in the
+                // norm: compare the other rows on their own too.
+                let others = grad_x
+                    .chunks(dim)
+                    .enumerate()
+                    .filter(|&(r, _)| Some(r) != zero)
+                    .flat_map(|(_, row)| row.iter().copied())
+                    .collect();
+                Ok(vec![("grad_x", grad_x), ("grad_x (nonzero rows)", others)])
+            },
+        );
+    }
+}
+
+#[test]
+fn normalize_forward_matches_cpu() {
+    on_kernel_devices("normalize_forward_matches_cpu", check_normalize_forward);
+}
+
+#[test]
+fn normalize_backward_matches_cpu() {
+    on_kernel_devices("normalize_backward_matches_cpu", check_normalize_backward);
+}
+
+// ---------------------------------------------------------------------------------------------
+// similarity
+// ---------------------------------------------------------------------------------------------
+
+fn check_similarity(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x5101);
+    for kind in [
+        Similarity::Dot,
+        Similarity::Cosine,
+        Similarity::SquaredEuclidean,
+        Similarity::Euclidean,
+    ] {
+        for &(n, m, d) in PAIR_SHAPES {
+            let a = random_matrix(&mut rng, n, d);
+            let b = random_matrix(&mut rng, m, d);
+            let case = format!("similarity {kind:?} {n}x{m}x{d}");
+            compare_with_cpu(device, &case, &[(&a, &[n, d]), (&b, &[m, d])], |t| {
+                Ok(vec![(
+                    "similarity",
+                    similarity(&t[0], &t[1], kind)?.to_vec_f64(),
+                )])
+            });
+        }
+    }
+}
+
+#[test]
+fn similarity_matches_cpu() {
+    on_kernel_devices("similarity_matches_cpu", check_similarity);
+}
+
+// ---------------------------------------------------------------------------------------------
+// InfoNCE
+// ---------------------------------------------------------------------------------------------
+
+/// Loss, saved lse and both gradients of the split forward / backward (grad_loss = 1).
+fn infonce_outputs(
+    q: &Tensor,
+    k: &Tensor,
+    positives: &[usize],
+    opts: &InfoNceOptions,
+) -> Result<Outputs> {
+    let fwd = infonce_forward(q, k, positives, opts)?;
+    let (grad_q, grad_k) = infonce_backward(q, k, positives, opts, &fwd.saved, 1.0)?;
+    Ok(vec![
+        ("loss", vec![fwd.loss]),
+        ("lse", fwd.saved.lse.to_vec_f64()),
+        ("grad_q", grad_q.to_vec_f64()),
+        ("grad_k", grad_k.to_vec_f64()),
+    ])
+}
+
+/// InfoNCE with the given options at every shape and temperature.
+fn check_infonce_options(device: Device, normalize: bool, self_mask: bool, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let shapes: Vec<(usize, usize, usize)> = if self_mask {
+        SQUARE_SHAPES.iter().map(|&(n, d)| (n, n, d)).collect()
+    } else {
+        PAIR_SHAPES.to_vec()
+    };
+    for &temperature in TEMPERATURES {
+        for &(n, m, d) in &shapes {
+            let q = random_matrix(&mut rng, n, d);
+            let k = random_matrix(&mut rng, m, d);
+            let positives = random_positives(&mut rng, n, m, self_mask);
+            let opts = InfoNceOptions {
+                temperature,
+                normalize,
+                self_mask,
+            };
+            let case = format!(
+                "infonce {n}x{m}x{d} tau={temperature} normalize={normalize} self_mask={self_mask}"
+            );
+            compare_with_cpu(device, &case, &[(&q, &[n, d]), (&k, &[m, d])], |t| {
+                infonce_outputs(&t[0], &t[1], &positives, &opts)
+            });
+        }
+    }
+}
+
+fn check_infonce_raw(device: Device) {
+    check_infonce_options(device, false, false, 0x1c01);
+}
+
+fn check_infonce_normalized(device: Device) {
+    check_infonce_options(device, true, false, 0x1c02);
+}
+
+fn check_infonce_raw_self_mask(device: Device) {
+    check_infonce_options(device, false, true, 0x1c03);
+}
+
+fn check_infonce_normalized_self_mask(device: Device) {
+    check_infonce_options(device, true, true, 0x1c04);
+}
+
+#[test]
+fn infonce_raw_matches_cpu() {
+    on_kernel_devices("infonce_raw_matches_cpu", check_infonce_raw);
+}
+
+#[test]
+fn infonce_normalized_matches_cpu() {
+    on_kernel_devices("infonce_normalized_matches_cpu", check_infonce_normalized);
+}
+
+#[test]
+fn infonce_raw_self_mask_matches_cpu() {
+    on_kernel_devices(
+        "infonce_raw_self_mask_matches_cpu",
+        check_infonce_raw_self_mask,
+    );
+}
+
+#[test]
+fn infonce_normalized_self_mask_matches_cpu() {
+    on_kernel_devices(
+        "infonce_normalized_self_mask_matches_cpu",
+        check_infonce_normalized_self_mask,
+    );
+}
+
+/// The split forward / backward with grad_loss = 2.5 gives 2.5x the one-call gradients, on the
+/// device, and both agree with the cpu.
+fn check_infonce_split_grad_loss(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x1c05);
+    for (normalize, self_mask) in [(false, false), (true, true)] {
+        let (n, m, d) = if self_mask {
+            (37, 37, 77)
+        } else {
+            (37, 53, 77)
+        };
+        let q = random_matrix(&mut rng, n, d);
+        let k = random_matrix(&mut rng, m, d);
+        let positives = random_positives(&mut rng, n, m, self_mask);
+        let opts = InfoNceOptions {
+            temperature: 0.07,
+            normalize,
+            self_mask,
+        };
+        let case = format!(
+            "infonce split grad_loss=2.5 {n}x{m}x{d} normalize={normalize} self_mask={self_mask}"
+        );
+        let got = compare_with_cpu(device, &case, &[(&q, &[n, d]), (&k, &[m, d])], |t| {
+            let one_call = infonce(&t[0], &t[1], &positives, &opts)?;
+            let fwd = infonce_forward(&t[0], &t[1], &positives, &opts)?;
+            let (grad_q, grad_k) =
+                infonce_backward(&t[0], &t[1], &positives, &opts, &fwd.saved, 2.5)?;
+            Ok(vec![
+                ("loss (one call)", vec![one_call.loss]),
+                ("loss (split)", vec![fwd.loss]),
+                ("grad_q (one call)", one_call.grad_q.to_vec_f64()),
+                ("grad_k (one call)", one_call.grad_k.to_vec_f64()),
+                ("grad_q (split, 2.5)", grad_q.to_vec_f64()),
+                ("grad_k (split, 2.5)", grad_k.to_vec_f64()),
+            ])
+        });
+        for grad in ["grad_q", "grad_k"] {
+            let split = output(&got, &format!("{grad} (split, 2.5)"));
+            let one_call = scaled(output(&got, &format!("{grad} (one call)")), 2.5);
+            let err = rel_err(split, &one_call);
+            assert!(err <= TOL, "{case} on {device}: {grad} with grad_loss 2.5 is not 2.5x the one-call one ({err:e})");
+        }
+    }
+}
+
+#[test]
+fn infonce_split_backward_scales_with_grad_loss() {
+    on_kernel_devices(
+        "infonce_split_backward_scales_with_grad_loss",
+        check_infonce_split_grad_loss,
+    );
+}
+
+/// Rows of random direction and a norm in [9, 11).
+fn rows_of_norm_ten(rng: &mut StdRng, rows: usize, dim: usize) -> Vec<f32> {
+    let mut x = random_matrix(rng, rows, dim);
+    for row in x.chunks_mut(dim) {
+        let norm = row
+            .iter()
+            .map(|&v| (v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-6);
+        let target = rng.random_range(9.0..11.0);
+        row.iter_mut()
+            .for_each(|v| *v = (*v as f64 * target / norm) as f32);
+    }
+    x
+}
+
+/// Temperature 0.01 on unnormalized rows of norm ~10: logits up to ~1e4, far beyond what exp
+/// survives in f32; an online log-sum-exp keeps everything finite and equal to the cpu.
+fn check_infonce_large_logits(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x1c06);
+    for self_mask in [false, true] {
+        let (n, m, d) = if self_mask { (37, 37, 6) } else { (37, 53, 6) };
+        let q = rows_of_norm_ten(&mut rng, n, d);
+        let k = rows_of_norm_ten(&mut rng, m, d);
+        let positives = random_positives(&mut rng, n, m, self_mask);
+        let opts = InfoNceOptions {
+            temperature: 0.01,
+            normalize: false,
+            self_mask,
+        };
+        let max_logit = q
+            .chunks(d)
+            .flat_map(|qi| {
+                k.chunks(d).map(move |kj| {
+                    qi.iter()
+                        .zip(kj)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                })
+            })
+            .fold(0.0f64, |acc, s| acc.max(s.abs()))
+            / opts.temperature;
+        assert!(
+            max_logit > 5e3,
+            "the test's logits are too small to matter ({max_logit})"
+        );
+        let case = format!(
+            "infonce large logits (max |logit| {max_logit:.0}) {n}x{m}x{d} self_mask={self_mask}"
+        );
+        let got = compare_with_cpu(device, &case, &[(&q, &[n, d]), (&k, &[m, d])], |t| {
+            infonce_outputs(&t[0], &t[1], &positives, &opts)
+        });
+        for (name, values) in &got {
+            assert!(
+                values.iter().all(|v| v.is_finite()),
+                "{case} on {device}: `{name}` is not finite"
+            );
+        }
+    }
+}
+
+#[test]
+fn infonce_large_logits_stay_finite() {
+    on_kernel_devices(
+        "infonce_large_logits_stay_finite",
+        check_infonce_large_logits,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// NT-Xent
+// ---------------------------------------------------------------------------------------------
+
+/// `(N, D)` for NT-Xent's 2N x D input: 2 rows, 4 rows, odd sizes, one feature, more than a tile.
+const NTXENT_SHAPES: &[(usize, usize)] = &[(1, 17), (2, 17), (37, 77), (37, 1), (65, 40)];
+
+fn check_ntxent(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x7e01);
+    for &temperature in TEMPERATURES {
+        for &(n, d) in NTXENT_SHAPES {
+            let z = random_matrix(&mut rng, 2 * n, d);
+            let opts = NtXentOptions { temperature };
+            let case = format!("ntxent 2x{n}x{d} tau={temperature}");
+            compare_with_cpu(device, &case, &[(&z, &[2 * n, d])], |t| {
+                let fwd = ntxent_forward(&t[0], &opts)?;
+                let grad_z = ntxent_backward(&t[0], &opts, &fwd.saved, 1.0)?;
+                Ok(vec![
+                    ("loss", vec![fwd.loss]),
+                    ("lse", fwd.saved.lse.to_vec_f64()),
+                    ("grad_z", grad_z.to_vec_f64()),
+                ])
+            });
+        }
+    }
+}
+
+#[test]
+fn ntxent_matches_cpu() {
+    on_kernel_devices("ntxent_matches_cpu", check_ntxent);
+}
+
+fn check_ntxent_split_grad_loss(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x7e02);
+    let (n, d) = (37, 77);
+    let z = random_matrix(&mut rng, 2 * n, d);
+    let opts = NtXentOptions { temperature: 0.07 };
+    let case = format!("ntxent split grad_loss=2.5 2x{n}x{d}");
+    let got = compare_with_cpu(device, &case, &[(&z, &[2 * n, d])], |t| {
+        let one_call = ntxent(&t[0], &opts)?;
+        let fwd = ntxent_forward(&t[0], &opts)?;
+        let grad_z = ntxent_backward(&t[0], &opts, &fwd.saved, 2.5)?;
+        Ok(vec![
+            ("loss (one call)", vec![one_call.loss]),
+            ("loss (split)", vec![fwd.loss]),
+            ("grad_z (one call)", one_call.grad_z.to_vec_f64()),
+            ("grad_z (split, 2.5)", grad_z.to_vec_f64()),
+        ])
+    });
+    let err = rel_err(
+        output(&got, "grad_z (split, 2.5)"),
+        &scaled(output(&got, "grad_z (one call)"), 2.5),
+    );
+    assert!(
+        err <= TOL,
+        "{case} on {device}: grad_z with grad_loss 2.5 is not 2.5x the one-call one ({err:e})"
+    );
+}
+
+#[test]
+fn ntxent_split_backward_scales_with_grad_loss() {
+    on_kernel_devices(
+        "ntxent_split_backward_scales_with_grad_loss",
+        check_ntxent_split_grad_loss,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The interpreted mode's guards (interp only: they launch deliberately broken kernels)
+// ---------------------------------------------------------------------------------------------
+
+/// Checks that `result` is an `Error::Kernel` whose reason names buffer `y` and contains one of
+/// `needles`.
+fn expect_kernel_error(what: &str, result: Result<()>, needles: &[&str]) {
+    match result {
+        Err(err @ Error::Kernel { .. }) => {
+            println!("{what}: {err}");
+            let Error::Kernel { reason, .. } = &err else {
+                unreachable!()
+            };
+            assert!(
+                reason.contains("`y`"),
+                "{what}: the message does not name buffer `y`: {err}"
+            );
+            assert!(
+                needles.iter().any(|n| reason.contains(n)),
+                "{what}: the message says none of {needles:?}: {err}"
+            );
+        }
+        other => panic!("{what}: expected Err(Error::Kernel {{ .. }}), got {other:?}"),
+    }
+}
+
+#[test]
+fn interp_out_of_bounds_write_is_an_error() {
+    expect_kernel_error(
+        "out_of_bounds_launch",
+        contra::testing::out_of_bounds_launch(),
+        &["out of bounds", "past the end", "before the start"],
+    );
+}
+
+#[test]
+fn interp_unwritten_output_is_an_error() {
+    expect_kernel_error(
+        "unwritten_output_launch",
+        contra::testing::unwritten_output_launch(),
+        &["unwritten"],
+    );
+}

@@ -4,7 +4,7 @@
 //! the column pass the softmax of `b'` against `a'` (the transposed logits), both targeting the
 //! diagonal. Neither pass builds the N x N logit matrix.
 
-use super::softmax::{self, Scores};
+use super::softmax::{self, Diagonal, Scores};
 use super::{normalize, Real};
 
 /// One CLIP problem: paired embeddings `a`, `b` (rows x dim each) and the log of the logit
@@ -54,8 +54,8 @@ impl<T: Real> Problem<'_, T> {
     pub fn forward(&self) -> (f64, Vec<f64>, Vec<f64>) {
         let (row, col) = self.with_passes(|row, col| {
             (
-                softmax::forward(row, None, diagonal),
-                softmax::forward(col, None, diagonal),
+                softmax::forward(row, None, &Diagonal),
+                softmax::forward(col, None, &Diagonal),
             )
         });
         let total: f64 = row
@@ -73,8 +73,8 @@ impl<T: Real> Problem<'_, T> {
         let weight = vec![grad_loss / (2 * self.rows) as f64; self.rows];
         let (row, col) = self.with_passes(|row, col| {
             (
-                softmax::backward(row, row_lse, &weight, diagonal, true),
-                softmax::backward(col, col_lse, &weight, diagonal, true),
+                softmax::backward(row, row_lse, &weight, &Diagonal, true),
+                softmax::backward(col, col_lse, &weight, &Diagonal, true),
             )
         });
         // The row pass has a' as queries and b' as keys; the column pass the other way round.

@@ -1,6 +1,6 @@
 //! InfoNCE (one positive per query) and NT-Xent on the tiled softmax core.
 
-use super::softmax::{self, Scores};
+use super::softmax::{self, IndexTargets, Scores};
 use super::{normalize, Real};
 
 /// One InfoNCE problem: queries `q` (rows x dim), keys `k` (cols x dim), the positive key of each
@@ -40,14 +40,10 @@ impl<'a, T: Real> Problem<'a, T> {
         })
     }
 
-    fn target(&self) -> impl Fn(usize, usize) -> f64 + Sync + 'a {
-        let positives = self.positives;
-        move |i, j| if positives[i] == j { 1.0 } else { 0.0 }
-    }
 
     /// The mean loss and the per-row log-sum-exp the backward needs.
     pub fn forward(&self) -> (f64, Vec<f64>) {
-        let stats = self.with_scores(|s| softmax::forward(s, None, self.target()));
+        let stats = self.with_scores(|s| softmax::forward(s, None, &IndexTargets(self.positives)));
         let total: f64 = stats
             .lse
             .iter()
@@ -60,7 +56,7 @@ impl<'a, T: Real> Problem<'a, T> {
     /// Gradients of `grad_loss * loss` with respect to q and k.
     pub fn backward(&self, lse: &[f64], grad_loss: f64) -> (Vec<T>, Vec<T>) {
         let weight = vec![grad_loss / self.rows as f64; self.rows];
-        let grads = self.with_scores(|s| softmax::backward(s, lse, &weight, self.target(), true));
+        let grads = self.with_scores(|s| softmax::backward(s, lse, &weight, &IndexTargets(self.positives), true));
         let (dq, dk) = (grads.queries, grads.keys.unwrap_or_default());
         if self.normalize {
             (

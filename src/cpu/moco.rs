@@ -4,7 +4,7 @@
 //! joins row `i`'s softmax as its extra logit, the negatives are `q'_i . queue_j / tau` with the
 //! queue used as given. `k` and the queue get no gradient.
 
-use super::softmax::{self, Scores};
+use super::softmax::{self, NoTargets, Scores};
 use super::{dot, normalize, Real};
 use crate::tensor::Element;
 
@@ -21,10 +21,6 @@ pub struct Problem<'a, T> {
     pub queue_len: usize,
     pub dim: usize,
     pub temperature: f64,
-}
-
-fn no_target(_: usize, _: usize) -> f64 {
-    0.0
 }
 
 impl<T: Real> Problem<'_, T> {
@@ -53,7 +49,7 @@ impl<T: Real> Problem<'_, T> {
     /// The mean loss and the per-query log-sum-exp over `[l_pos, l_neg]`.
     pub fn forward(&self) -> (f64, Vec<f64>) {
         self.with_scores(|s, _, l_pos| {
-            let stats = softmax::forward(s, Some(l_pos), no_target);
+            let stats = softmax::forward(s, Some(l_pos), &NoTargets);
             let total: f64 = stats.lse.iter().zip(l_pos).map(|(l, p)| l - p).sum();
             (total / self.rows as f64, stats.lse)
         })
@@ -66,7 +62,7 @@ impl<T: Real> Problem<'_, T> {
         let dim = self.dim;
         let dqn = self.with_scores(|s, kn, l_pos| {
             // The queue part: w * softmax_ij / tau * queue_j.
-            let mut dqn = softmax::backward(s, lse, &weight, no_target, false).queries;
+            let mut dqn = softmax::backward(s, lse, &weight, &NoTargets, false).queries;
             // The positive part: w * (softmax_i,pos - 1) / tau * k'_i.
             for (i, (dq, k)) in dqn.chunks_mut(dim).zip(kn.chunks(dim)).enumerate() {
                 let c = w * ((l_pos[i] - lse[i]).exp() - 1.0) / self.temperature;

@@ -40,9 +40,9 @@ impl Real for f64 {}
 
 /// Rows per parallel task in the tiled losses: big enough to amortize GEMM packing, small enough
 /// that N / ROW_TILE tasks keep every core busy.
-pub const ROW_TILE: usize = 64;
+pub const ROW_TILE: usize = 128;
 /// Keys per tile: one `ROW_TILE x KEY_TILE` score block stays in L2.
-pub const KEY_TILE: usize = 256;
+pub const KEY_TILE: usize = 512;
 
 /// `norm(x) = max(||x||_2, 1e-12)` as the losses define it.
 pub const NORM_EPS: f64 = 1e-12;

@@ -4,6 +4,8 @@
 //! a running max and sum of exponentials, so memory is O(ROW_TILE x KEY_TILE) per thread and never
 //! rows x cols. The backward recomputes each score tile from the saved per-row log-sum-exp.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
@@ -57,6 +59,13 @@ impl<T: Real> Scores<'_, T> {
         )
     }
 
+    /// One logit recomputed in f64 (for the few target entries).
+    fn logit(&self, i: usize, j: usize) -> f64 {
+        let q = &self.queries[i * self.dim..(i + 1) * self.dim];
+        let k = &self.keys[j * self.dim..(j + 1) * self.dim];
+        self.scale * super::dot(q, k)
+    }
+
     /// Fills `tile` (row_len x key_len) with logits of rows `r0..` against keys `k0..`; masked
     /// entries become -inf.
     fn logits(&self, r0: usize, row_len: usize, k0: usize, key_len: usize, tile: &mut [T]) {
@@ -85,13 +94,45 @@ fn tiles(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |start| (start, size.min(total - start)))
 }
 
+/// The target distribution of each row: which logits count as positives, with what weight.
+/// Sparse, because a row has few positives among many keys.
+pub trait Targets: Sync {
+    /// Calls `f(j, weight)` for every key `j` in `cols` with a non-zero target weight in row `i`.
+    fn visit(&self, i: usize, cols: Range<usize>, f: &mut dyn FnMut(usize, f64));
+}
+
+/// No positive among the keys (MoCo: the positive is the extra logit).
+pub struct NoTargets;
+
+impl Targets for NoTargets {
+    fn visit(&self, _: usize, _: Range<usize>, _: &mut dyn FnMut(usize, f64)) {}
+}
+
+/// One positive key per row, by index (InfoNCE, NT-Xent).
+pub struct IndexTargets<'a>(pub &'a [usize]);
+
+impl Targets for IndexTargets<'_> {
+    fn visit(&self, i: usize, cols: Range<usize>, f: &mut dyn FnMut(usize, f64)) {
+        if cols.contains(&self.0[i]) {
+            f(self.0[i], 1.0);
+        }
+    }
+}
+
+/// Row `i`'s positive is key `i` (CLIP).
+pub struct Diagonal;
+
+impl Targets for Diagonal {
+    fn visit(&self, i: usize, cols: Range<usize>, f: &mut dyn FnMut(usize, f64)) {
+        if cols.contains(&i) {
+            f(i, 1.0);
+        }
+    }
+}
+
 /// The forward sweep: per-row log-sum-exp and target logit. `extra` adds one more logit to row
-/// `i`'s softmax (MoCo's positive); `target(i, j)` weights logit `(i, j)` in `target_logit`.
-pub fn forward<T, F>(s: &Scores<'_, T>, extra: Option<&[f64]>, target: F) -> RowStats
-where
-    T: Real,
-    F: Fn(usize, usize) -> f64 + Sync,
-{
+/// `i`'s softmax (MoCo's positive); `targets` weights logits in `target_logit`.
+pub fn forward<T: Real>(s: &Scores<'_, T>, extra: Option<&[f64]>, targets: &impl Targets) -> RowStats {
     let mut lse = vec![0.0f64; s.rows];
     let mut target_logit = vec![0.0f64; s.rows];
     lse.par_chunks_mut(ROW_TILE)
@@ -120,22 +161,13 @@ where
                     }
                     let new_max = max[r].max(tile_max);
                     let shift = T::of(new_max);
-                    let tile_sum: f64 = row.iter().map(|&x| (x - shift).exp().f64()).sum();
-                    sum[r] = sum[r] * (max[r] - new_max).exp() + tile_sum;
+                    let mut tile_sum = T::zero();
+                    for &x in row {
+                        tile_sum += (x - shift).exp();
+                    }
+                    sum[r] = sum[r] * (max[r] - new_max).exp() + tile_sum.f64();
                     max[r] = new_max;
-                    let i = r0 + r;
-                    tgt_tile[r] += row
-                        .iter()
-                        .enumerate()
-                        .map(|(c, &x)| {
-                            let w = target(i, k0 + c);
-                            if w != 0.0 {
-                                w * x.f64()
-                            } else {
-                                0.0
-                            }
-                        })
-                        .sum::<f64>();
+                    targets.visit(r0 + r, k0..k0 + key_len, &mut |j, w| tgt_tile[r] += w * row[j - k0].f64());
                 }
             }
             for r in 0..row_len {
@@ -146,23 +178,20 @@ where
 }
 
 /// The backward sweep for the loss `sum_i row_weight_i * (lse_i - target_logit_i)`:
-/// `dlogit_ij = row_weight_i * (softmax_ij - target(i, j))`, `dq = scale * dlogit k`,
+/// `dlogit_ij = row_weight_i * (softmax_ij - target_ij)`, `dq = scale * dlogit k`,
 /// `dk = scale * dlogit^T q`.
-pub fn backward<T, F>(
+pub fn backward<T: Real>(
     s: &Scores<'_, T>,
     lse: &[f64],
     row_weight: &[f64],
-    target: F,
+    targets: &impl Targets,
     want_keys: bool,
-) -> Grads<T>
-where
-    T: Real,
-    F: Fn(usize, usize) -> f64 + Sync,
-{
+) -> Grads<T> {
     let (rows, cols, dim) = (s.rows, s.cols, s.dim);
     let mut dq = vec![T::zero(); rows * dim];
     // Each rayon job owns one dK accumulator (cols x dim, never rows x cols); jobs are summed.
     let key_len_total = if want_keys { cols * dim } else { 0 };
+    let scale = T::of(s.scale);
     let (dk, log_scale) = dq
         .par_chunks_mut(ROW_TILE * dim)
         .enumerate()
@@ -174,22 +203,29 @@ where
                 let mut tile = vec![T::zero(); ROW_TILE * KEY_TILE];
                 for (k0, key_len) in tiles(cols, KEY_TILE) {
                     s.logits(r0, row_len, k0, key_len, &mut tile);
-                    let g = &mut tile[..row_len * key_len];
                     for r in 0..row_len {
                         let i = r0 + r;
-                        let (lse_i, w) = (lse[i], row_weight[i]);
-                        for (c, x) in g[r * key_len..(r + 1) * key_len].iter_mut().enumerate() {
-                            let logit = x.f64();
-                            let p = if logit == f64::NEG_INFINITY {
-                                0.0
-                            } else {
-                                (logit - lse_i).exp()
-                            };
-                            let d = w * (p - target(i, k0 + c));
-                            if d != 0.0 {
-                                log_scale += d * logit;
+                        let (lse_i, w) = (T::of(lse[i]), T::of(row_weight[i]));
+                        let row = &mut tile[r * key_len..(r + 1) * key_len];
+                        // dlogit = w * softmax (masked logits are -inf: exp gives 0), and
+                        // d/dlog(scale) gathers dlogit * logit.
+                        let mut row_log_scale = T::zero();
+                        for x in row.iter_mut() {
+                            let d = w * (*x - lse_i).exp();
+                            if d != T::zero() {
+                                row_log_scale += d * *x;
                             }
-                            *x = T::of(d * s.scale);
+                            *x = d;
+                        }
+                        log_scale += row_log_scale.f64();
+                        targets.visit(i, k0..k0 + key_len, &mut |j, target| {
+                            let logit = s.logit(i, j);
+                            let d = row_weight[i] * target;
+                            log_scale -= d * logit;
+                            row[j - k0] -= T::of(d);
+                        });
+                        for x in row.iter_mut() {
+                            *x *= scale;
                         }
                     }
                     let g = MatRef::row_major(&tile[..row_len * key_len], row_len, key_len);

@@ -4,7 +4,7 @@
 //! each row is an anchor against all the others (self masked); its positives are the other rows
 //! with the same label, each weighted `1 / |P(a)|` in the target.
 
-use super::softmax::{self, Scores};
+use super::softmax::{self, Scores, Targets};
 use super::{normalize, Real};
 
 /// One SupCon problem. Sizes are validated by the caller.
@@ -57,15 +57,6 @@ impl Classes {
         }
     }
 
-    fn target(&self) -> impl Fn(usize, usize) -> f64 + Sync + '_ {
-        move |i, j| {
-            if i != j && self.class[i] == self.class[j] {
-                self.inv_positives[i]
-            } else {
-                0.0
-            }
-        }
-    }
 
     fn has_positive(&self, row: usize) -> bool {
         self.inv_positives[row] != 0.0
@@ -102,7 +93,7 @@ impl<T: Real> Problem<'_, T> {
     /// The mean loss over the N·V anchors and the per-anchor log-sum-exp over `j != a`.
     pub fn forward(&self) -> (f64, Vec<f64>) {
         self.with_scores(|s, classes| {
-            let stats = softmax::forward(s, None, classes.target());
+            let stats = softmax::forward(s, None, classes);
             let total: f64 = (0..s.rows)
                 .filter(|&a| classes.has_positive(a))
                 .map(|a| stats.lse[a] - stats.target_logit[a])
@@ -125,7 +116,7 @@ impl<T: Real> Problem<'_, T> {
             let weight: Vec<f64> = (0..s.rows)
                 .map(|a| if classes.has_positive(a) { w } else { 0.0 })
                 .collect();
-            let grads = softmax::backward(s, lse, &weight, classes.target(), true);
+            let grads = softmax::backward(s, lse, &weight, classes, true);
             let mut dz = grads.queries;
             for (x, &y) in dz.iter_mut().zip(grads.keys.as_deref().unwrap_or_default()) {
                 *x += y;
@@ -133,5 +124,19 @@ impl<T: Real> Problem<'_, T> {
             dz
         });
         normalize::backward(self.features, &dzn, self.dim)
+    }
+}
+
+/// The positives of anchor `i` are the other views with its label, each weighted `1 / |P(i)|`.
+impl Targets for Classes {
+    fn visit(&self, i: usize, cols: std::ops::Range<usize>, f: &mut dyn FnMut(usize, f64)) {
+        if self.inv_positives[i] == 0.0 {
+            return;
+        }
+        for j in cols {
+            if j != i && self.class[j] == self.class[i] {
+                f(j, self.inv_positives[i]);
+            }
+        }
     }
 }

@@ -480,7 +480,9 @@ void fiber_main(Fiber* f) {
 }  // namespace
 
 #if INTERP_ASM_SWITCH
-extern "C" void interp_fiber_main(void* fiber) { fiber_main(static_cast<Fiber*>(fiber)); }
+extern "C" __attribute__((visibility("hidden"))) void interp_fiber_main(void* fiber) {
+    fiber_main(static_cast<Fiber*>(fiber));
+}
 #else
 namespace {
 void fiber_entry_uc() { fiber_main(tls_worker->cur); }  // makecontext passes no pointer portably
@@ -573,11 +575,7 @@ bool run_block(Worker* w, unsigned long long linear) {
     return true;
 }
 
-void worker_main(Launch* L) {
-    if (tls_worker) {  // e.g. interp_run called from inside a kernel
-        L->fail("interp_run called from inside a running kernel");
-        return;
-    }
+void worker_body(Launch* L) {
     const InterpLaunchConfig& c = L->cfg;
     Worker w;
     w.L = L;
@@ -627,6 +625,15 @@ void worker_main(Launch* L) {
 #endif
     free(w.dyn);
     release_arena(w.arena);
+}
+
+void worker_main(Launch* L) {
+    try {
+        worker_body(L);
+    } catch (...) {  // allocation failure; must not escape a std::thread
+        tls_worker = nullptr;
+        L->fail("interp: out of memory in worker thread");
+    }
 }
 
 unsigned max_workers() {
@@ -809,9 +816,11 @@ void trap(const char* what) {
 // ---------------------------------------------------------------------------
 // C ABI
 // ---------------------------------------------------------------------------
-extern "C" int interp_run(const InterpLaunchConfig* cfg, void (*body)(const void* params),
-                          const void* params, char* err, unsigned long err_len) {
+namespace {
+int run_launch(const InterpLaunchConfig* cfg, void (*body)(const void* params), const void* params,
+               char* err, unsigned long err_len) {
     std::string problem = validate(cfg, body);
+    if (problem.empty() && tls_worker) problem = "interp_run called from inside a running kernel";
     if (!problem.empty()) {
         write_err(err, err_len, problem);
         return 1;
@@ -841,4 +850,15 @@ extern "C" int interp_run(const InterpLaunchConfig* cfg, void (*body)(const void
     }
     write_err(err, err_len, "");
     return 0;
+}
+}  // namespace
+
+extern "C" int interp_run(const InterpLaunchConfig* cfg, void (*body)(const void* params),
+                          const void* params, char* err, unsigned long err_len) {
+    try {  // nothing may unwind into the C / Rust caller
+        return run_launch(cfg, body, params, err, err_len);
+    } catch (...) {
+        write_err(err, err_len, "interp_run: internal error (out of memory?)");
+        return 2;
+    }
 }

@@ -65,6 +65,22 @@ fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Like [`random_matrix`], except that with one feature (`cols == 1`) the entries are signed powers
+/// of two. Then f32 normalization is exact (y = +-1) and the gradient through it, exactly 0 in every
+/// precision, comes out exactly 0 rather than as f32 rounding noise, which no relative tolerance
+/// against an all-zero reference accepts. Used wherever a gradient passes through normalization.
+fn feature_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
+    if cols != 1 {
+        return random_matrix(rng, rows, cols);
+    }
+    (0..rows)
+        .map(|_| {
+            let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+            sign * 2f32.powi(rng.random_range(-3..3))
+        })
+        .collect()
+}
+
 /// One positive key in `0..cols` per query; with `self_mask`, never the query's own index.
 fn random_positives(rng: &mut StdRng, rows: usize, cols: usize, self_mask: bool) -> Vec<usize> {
     (0..rows)
@@ -170,9 +186,8 @@ const TEMPERATURES: &[f64] = &[0.07, 0.5];
 /// `(rows, D)` shapes for normalize; rows >= 3 get an all-zero row.
 const NORMALIZE_SHAPES: &[(usize, usize)] = &[(37, 77), (1, 77), (2, 17), (37, 1), (130, 40)];
 
-/// A random `rows x dim` matrix whose middle row is zero when `rows >= 3`; returns the zero row.
-fn matrix_with_zero_row(rng: &mut StdRng, rows: usize, dim: usize) -> (Vec<f32>, Option<usize>) {
-    let mut x = random_matrix(rng, rows, dim);
+/// `x` (`rows x dim`) with its middle row zeroed when `rows >= 3`, and the index of that row.
+fn with_zero_row(mut x: Vec<f32>, rows: usize, dim: usize) -> (Vec<f32>, Option<usize>) {
     let zero = (rows >= 3).then_some(rows / 2);
     if let Some(r) = zero {
         x[r * dim..(r + 1) * dim].fill(0.0);
@@ -183,7 +198,7 @@ fn matrix_with_zero_row(rng: &mut StdRng, rows: usize, dim: usize) -> (Vec<f32>,
 fn check_normalize_forward(device: Device) {
     let mut rng = StdRng::seed_from_u64(0x6e01);
     for &(rows, dim) in NORMALIZE_SHAPES {
-        let (x, zero) = matrix_with_zero_row(&mut rng, rows, dim);
+        let (x, zero) = with_zero_row(random_matrix(&mut rng, rows, dim), rows, dim);
         let case = format!("normalize {rows}x{dim}");
         let got = compare_with_cpu(device, &case, &[(&x, &[rows, dim])], |t| {
             Ok(vec![("y", normalize(&t[0])?.to_vec_f64())])
@@ -201,7 +216,7 @@ fn check_normalize_forward(device: Device) {
 fn check_normalize_backward(device: Device) {
     let mut rng = StdRng::seed_from_u64(0x6e02);
     for &(rows, dim) in NORMALIZE_SHAPES {
-        let (x, zero) = matrix_with_zero_row(&mut rng, rows, dim);
+        let (x, zero) = with_zero_row(feature_matrix(&mut rng, rows, dim), rows, dim);
         let grad_y = random_matrix(&mut rng, rows, dim);
         let shape = [rows, dim];
         compare_with_cpu(
@@ -296,8 +311,14 @@ fn check_infonce_options(device: Device, normalize: bool, self_mask: bool, seed:
     };
     for &temperature in TEMPERATURES {
         for &(n, m, d) in &shapes {
-            let q = random_matrix(&mut rng, n, d);
-            let k = random_matrix(&mut rng, m, d);
+            let (q, k) = if normalize {
+                (
+                    feature_matrix(&mut rng, n, d),
+                    feature_matrix(&mut rng, m, d),
+                )
+            } else {
+                (random_matrix(&mut rng, n, d), random_matrix(&mut rng, m, d))
+            };
             let positives = random_positives(&mut rng, n, m, self_mask);
             let opts = InfoNceOptions {
                 temperature,
@@ -489,7 +510,7 @@ fn check_ntxent(device: Device) {
     let mut rng = StdRng::seed_from_u64(0x7e01);
     for &temperature in TEMPERATURES {
         for &(n, d) in NTXENT_SHAPES {
-            let z = random_matrix(&mut rng, 2 * n, d);
+            let z = feature_matrix(&mut rng, 2 * n, d);
             let opts = NtXentOptions { temperature };
             let case = format!("ntxent 2x{n}x{d} tau={temperature}");
             compare_with_cpu(device, &case, &[(&z, &[2 * n, d])], |t| {

@@ -25,14 +25,6 @@ pub struct Grads<T> {
     pub log_scale: f64,
 }
 
-fn diagonal(i: usize, j: usize) -> f64 {
-    if i == j {
-        1.0
-    } else {
-        0.0
-    }
-}
-
 impl<T: Real> Problem<'_, T> {
     /// Runs `f` on the row pass (`a'` against `b'`) and the column pass (`b'` against `a'`).
     fn with_passes<R>(&self, f: impl FnOnce(&Scores<'_, T>, &Scores<'_, T>) -> R) -> R {

@@ -40,7 +40,6 @@ impl<'a, T: Real> Problem<'a, T> {
         })
     }
 
-
     /// The mean loss and the per-row log-sum-exp the backward needs.
     pub fn forward(&self) -> (f64, Vec<f64>) {
         let stats = self.with_scores(|s| softmax::forward(s, None, &IndexTargets(self.positives)));
@@ -56,7 +55,9 @@ impl<'a, T: Real> Problem<'a, T> {
     /// Gradients of `grad_loss * loss` with respect to q and k.
     pub fn backward(&self, lse: &[f64], grad_loss: f64) -> (Vec<T>, Vec<T>) {
         let weight = vec![grad_loss / self.rows as f64; self.rows];
-        let grads = self.with_scores(|s| softmax::backward(s, lse, &weight, &IndexTargets(self.positives), true));
+        let grads = self.with_scores(|s| {
+            softmax::backward(s, lse, &weight, &IndexTargets(self.positives), true)
+        });
         let (dq, dk) = (grads.queries, grads.keys.unwrap_or_default());
         if self.normalize {
             (

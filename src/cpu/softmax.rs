@@ -132,7 +132,11 @@ impl Targets for Diagonal {
 
 /// The forward sweep: per-row log-sum-exp and target logit. `extra` adds one more logit to row
 /// `i`'s softmax (MoCo's positive); `targets` weights logits in `target_logit`.
-pub fn forward<T: Real>(s: &Scores<'_, T>, extra: Option<&[f64]>, targets: &impl Targets) -> RowStats {
+pub fn forward<T: Real>(
+    s: &Scores<'_, T>,
+    extra: Option<&[f64]>,
+    targets: &impl Targets,
+) -> RowStats {
     let mut lse = vec![0.0f64; s.rows];
     let mut target_logit = vec![0.0f64; s.rows];
     lse.par_chunks_mut(ROW_TILE)
@@ -167,7 +171,9 @@ pub fn forward<T: Real>(s: &Scores<'_, T>, extra: Option<&[f64]>, targets: &impl
                     }
                     sum[r] = sum[r] * (max[r] - new_max).exp() + tile_sum.f64();
                     max[r] = new_max;
-                    targets.visit(r0 + r, k0..k0 + key_len, &mut |j, w| tgt_tile[r] += w * row[j - k0].f64());
+                    targets.visit(r0 + r, k0..k0 + key_len, &mut |j, w| {
+                        tgt_tile[r] += w * row[j - k0].f64()
+                    });
                 }
             }
             for r in 0..row_len {

@@ -57,7 +57,6 @@ impl Classes {
         }
     }
 
-
     fn has_positive(&self, row: usize) -> bool {
         self.inv_positives[row] != 0.0
     }

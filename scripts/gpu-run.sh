@@ -34,19 +34,19 @@ run() {
 } >"$report"
 
 section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
-run "kernel tests" 300 "$bundle/kernels" --test-threads=2 --nocapture
+run "kernel tests" 120 "$bundle/kernels" --test-threads=2 --nocapture
 section "Fixtures on cuda:0"
-run "fixtures on cuda:0" 120 env CONTRA_DEVICE=cuda "$bundle/fixtures" --nocapture
+run "fixtures on cuda:0" 60 env CONTRA_DEVICE=cuda "$bundle/fixtures" --nocapture
 section "compute-sanitizer memcheck over the kernel tests"
 if [ -n "$sanitizer" ]; then
-  run "memcheck" 400 "$sanitizer" --tool memcheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
+  run "memcheck" 150 "$sanitizer" --tool memcheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
   section "compute-sanitizer racecheck over the kernel tests"
-  run "racecheck" 400 "$sanitizer" --tool racecheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
+  run "racecheck" 150 "$sanitizer" --tool racecheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
 else
   echo "compute-sanitizer not found: skipped" >>"$report"; overall=1
 fi
 section "Kernel timings (median of 20 synchronized launches after a warm-up; f32, CUDA cores)"
-run "timings" 180 "$bundle/contra" kernel-timing --repeats 20
+run "timings" 90 "$bundle/contra" kernel-timing --repeats 20
 section "Verdict"
 if [ $overall -eq 0 ]; then echo "ALL PASS" >>"$report"; else echo "SOME STEPS FAILED" >>"$report"; fi
 echo "report written to $report"

@@ -12,6 +12,10 @@
 // no atomics, and a deterministic result. The tensor-core path may fuse the two passes.
 #include "tile_dot.cuh"
 
+// The logit is rounded once (__fmul_rn) and identically in both passes: left to itself, nvcc
+// fuses `acc * scale - lse` into one FMA in the backward only, and a row whose softmax is a
+// single key then gets exp(tiny) - 1 != 0 instead of an exactly zero gradient.
+
 namespace contra {
 
 template <typename T>
@@ -38,7 +42,7 @@ __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
             for (int j = 0; j < kPerThread; ++j) {
                 const int col = c0 + tx + 16 * j;
                 const bool masked = col >= p.cols || (p.self_mask && col == row[i]);
-                logit[j] = masked ? -INFINITY : acc[i][j] * p.scale;
+                logit[j] = masked ? -INFINITY : __fmul_rn(acc[i][j], p.scale);
                 if (col == positive[i]) positive_logit[i] += logit[j];
                 local_max = fmaxf(local_max, logit[j]);
             }
@@ -82,7 +86,7 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
                 const int qi = p.owner_is_query ? o : t, kj = p.owner_is_query ? t : o;
                 float value = 0.0f;
                 if (o < p.owner_rows && t < p.other_rows && !(p.self_mask && qi == kj)) {
-                    const float prob = expf(acc[i][j] * p.scale - p.lse[qi]);
+                    const float prob = expf(__fmul_rn(acc[i][j], p.scale) - p.lse[qi]);
                     value = p.grad_scale * p.scale * (prob - (p.positives[qi] == kj ? 1.0f : 0.0f));
                 }
                 g[ty + 16 * i][tx + 16 * j] = value;

@@ -21,5 +21,7 @@ cargo test --release --features cuda --no-run --test kernels --test fixtures --m
   done
 strip --strip-debug "$bundle"/* 2>/dev/null || true
 cp scripts/gpu-run.sh "$bundle/"
+# The GPU machine gets a copy of the tree without .git: record what was built.
+git describe --always --dirty >"$bundle/COMMIT" 2>/dev/null || echo unknown >"$bundle/COMMIT"
 ls -la "$bundle"
 echo "bundle ready: on the GPU machine run  bash $bundle/gpu-run.sh $bundle report.md"

@@ -30,7 +30,7 @@ run() {
   echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader 2>/dev/null)"
   echo "- driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null)"
   echo "- host: $(uname -r), $(nproc) cores"
-  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "- commit: $(cat "$bundle/COMMIT" 2>/dev/null || echo unknown)"
 } >"$report"
 
 section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"

@@ -242,6 +242,20 @@ pub fn run_all(cases: &[Case], device: Device) -> Vec<CaseReport> {
         .collect()
 }
 
+/// Prints one line per report and the summary `fixtures: N passed, M failed`; returns M.
+pub fn print_reports(reports: &[CaseReport]) -> usize {
+    for r in reports {
+        println!("{}", r.line());
+    }
+    let failed = reports.iter().filter(|r| !r.passed()).count();
+    println!(
+        "fixtures: {} passed, {} failed",
+        reports.len() - failed,
+        failed
+    );
+    failed
+}
+
 /// Runs one case on `device` and compares every expected array.
 pub fn run_case(case: &Case, device: Device, precision: Precision) -> CaseReport {
     let mut report = CaseReport {

@@ -2,8 +2,8 @@
 //! `logits = exp(log_scale) * cos(a_i, b_j)`, `loss = (CE(logits, diag) + CE(logits^T, diag)) / 2`.
 
 use super::{
-    check_finite, check_finite_scalar, expect_shape, matrix_dims, output_like, same_place, values,
-    with_cpu_real,
+    check_finite, check_finite_scalar, check_scale, expect_shape, matrix_dims, output_like,
+    same_place, values, with_cpu_real,
 };
 use crate::cpu::Real;
 use crate::{cpu, Error, Result, Tensor};
@@ -39,28 +39,6 @@ pub struct ClipOutput {
     pub grad_a: Tensor,
     pub grad_b: Tensor,
     pub grad_log_scale: f64,
-}
-
-/// Rejects a logit scale (`exp(log_scale)` or `1 / temperature`) that overflows the compute type
-/// `T`: every logit would be infinite or NaN.
-pub(super) fn check_scale<T: Real>(
-    op: &'static str,
-    arg: &'static str,
-    value: f64,
-    scale: f64,
-) -> Result<()> {
-    if T::of(scale).is_finite() {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            op,
-            arg,
-            format!(
-                "{value} gives a logit scale of {scale:e}, which overflows {}",
-                <T as crate::Element>::DTYPE
-            ),
-        ))
-    }
 }
 
 /// Validates the inputs and returns `(rows, dim)`.

@@ -3,7 +3,8 @@
 //! `normalize`), `j = i` dropped under `self_mask`.
 
 use super::{
-    check_finite, check_temperature, matrix_dims, output_like, same_place, values, with_cpu_real,
+    check_finite, check_temperature, matrix_dims, output_like, same_place, same_width, values,
+    with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
@@ -60,16 +61,8 @@ fn validate(
     opts: &InfoNceOptions,
 ) -> Result<(usize, usize, usize)> {
     let (rows, dim) = matrix_dims(OP, "q", q)?;
-    let (cols, key_dim) = matrix_dims(OP, "k", k)?;
+    let cols = same_width(OP, "k", k, "M", "q", dim)?;
     same_place(OP, &[("q", q), ("k", k)])?;
-    if key_dim != dim {
-        return Err(Error::shape(
-            OP,
-            "k",
-            k.shape(),
-            format!("[M, {dim}] (same D as q)"),
-        ));
-    }
     check_temperature(OP, "temperature", opts.temperature)?;
     if positives.len() != rows {
         return Err(Error::shape(

@@ -2,11 +2,10 @@
 //! `l_neg = q . queue^T` (queue K x D used as given); `loss = CE([l_pos, l_neg] / tau, 0)`.
 //! Plus the queue enqueue (ring buffer with wrap-around).
 
-use super::clip::check_scale;
 use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
 use super::{
     check_finite, check_finite_scalar, check_temperature, matrix_dims, output_like, same_place,
-    values, with_cpu_real,
+    same_width, values, with_cpu_real,
 };
 use crate::cpu::Real;
 use crate::{cpu, DType, Element, Error, Result, Tensor};
@@ -43,7 +42,7 @@ fn validate(
 ) -> Result<(usize, usize, usize)> {
     let (rows, dim) = matrix_dims(OP, "q", q)?;
     matrix_dims(OP, "k", k)?;
-    let (queue_len, queue_dim) = matrix_dims(OP, "queue", queue)?;
+    let queue_len = same_width(OP, "queue", queue, "K", "q", dim)?;
     same_place(OP, &[("q", q), ("k", k), ("queue", queue)])?;
     if k.shape() != q.shape() {
         return Err(Error::shape(
@@ -54,14 +53,6 @@ fn validate(
                 "{:?} (the same shape as q: one positive key per query)",
                 q.shape()
             ),
-        ));
-    }
-    if queue_dim != dim {
-        return Err(Error::shape(
-            OP,
-            "queue",
-            queue.shape(),
-            format!("[K, {dim}] (same D as q)"),
         ));
     }
     check_temperature(OP, "temperature", opts.temperature)?;
@@ -98,7 +89,6 @@ pub fn moco_forward(
 ) -> Result<SoftmaxForward> {
     let dims = validate(q, k, queue, opts)?;
     with_cpu_real!(q.dtype(), T => {
-        check_scale::<T>(OP, "temperature", opts.temperature, 1.0 / opts.temperature)?;
         let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
         let (loss, lse) = problem(&qv, &kv, &queue_v, dims, opts).forward();
         let lse = q.host_like(lse.into_iter().map(T::of).collect::<Vec<T>>(), &[dims.0]);
@@ -119,7 +109,6 @@ pub fn moco_backward(
     check_saved_lse(OP, saved, dims.0)?;
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
     with_cpu_real!(q.dtype(), T => {
-        check_scale::<T>(OP, "temperature", opts.temperature, 1.0 / opts.temperature)?;
         let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
         let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
         Ok(output_like(q, grad, q.shape()))
@@ -164,16 +153,8 @@ pub fn moco(q: &Tensor, k: &Tensor, queue: &Tensor, opts: &MocoOptions) -> Resul
 /// ```
 pub fn moco_enqueue(queue: &mut Tensor, k: &Tensor, ptr: usize) -> Result<usize> {
     let (queue_len, dim) = matrix_dims(ENQUEUE, "queue", queue)?;
-    let (rows, key_dim) = matrix_dims(ENQUEUE, "k", k)?;
+    let rows = same_width(ENQUEUE, "k", k, "N", "the queue", dim)?;
     same_place(ENQUEUE, &[("queue", queue), ("k", k)])?;
-    if key_dim != dim {
-        return Err(Error::shape(
-            ENQUEUE,
-            "k",
-            k.shape(),
-            format!("[N, {dim}] (same D as the queue)"),
-        ));
-    }
     if ptr >= queue_len {
         return Err(Error::invalid(
             ENQUEUE,

@@ -145,6 +145,29 @@ pub(crate) fn matrix_dims(
     }
 }
 
+/// Checks that `other` is a non-empty matrix with the same feature dimension `dim` as `first`
+/// (named `first_name`) and returns its row count; `rows_name` names its rows in the message.
+pub(crate) fn same_width(
+    op: &'static str,
+    arg: &'static str,
+    other: &Tensor,
+    rows_name: &str,
+    first_name: &str,
+    dim: usize,
+) -> Result<usize> {
+    let (rows, width) = matrix_dims(op, arg, other)?;
+    if width == dim {
+        Ok(rows)
+    } else {
+        Err(Error::shape(
+            op,
+            arg,
+            other.shape(),
+            format!("[{rows_name}, {dim}] (same D as {first_name})"),
+        ))
+    }
+}
+
 /// Checks that `t` is a non-empty vector and returns its length.
 pub(crate) fn vector_len(op: &'static str, arg: &'static str, t: &Tensor) -> Result<usize> {
     match *t.shape() {
@@ -206,6 +229,28 @@ pub(crate) fn check_temperature(op: &'static str, arg: &'static str, tau: f64) -
             op,
             arg,
             format!("{tau} must be finite and > 0"),
+        ))
+    }
+}
+
+/// Rejects a logit scale (`exp(log_scale)` or `1 / temperature`) that overflows the compute type
+/// `T`: every logit would be infinite or NaN.
+pub(crate) fn check_scale<T: Real>(
+    op: &'static str,
+    arg: &'static str,
+    value: f64,
+    scale: f64,
+) -> Result<()> {
+    if T::of(scale).is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            arg,
+            format!(
+                "{value} gives a logit scale of {scale:e}, which overflows {}",
+                <T as crate::Element>::DTYPE
+            ),
         ))
     }
 }

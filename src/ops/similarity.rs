@@ -1,9 +1,11 @@
 //! Similarity / distance matrices between the rows of two matrices. This op builds the N x M
 //! matrix by definition; the losses never call it.
 
-use super::{check_finite, matrix_dims, output_like, same_place, values, with_cpu_real};
+use super::{
+    check_finite, matrix_dims, output_like, same_place, same_width, values, with_cpu_real,
+};
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, Error, Result, Tensor};
+use crate::{cpu, Result, Tensor};
 
 const OP: &str = "similarity";
 
@@ -38,16 +40,8 @@ pub enum Similarity {
 /// ```
 pub fn similarity(a: &Tensor, b: &Tensor, kind: Similarity) -> Result<Tensor> {
     let (rows, dim) = matrix_dims(OP, "a", a)?;
-    let (cols, b_dim) = matrix_dims(OP, "b", b)?;
+    let cols = same_width(OP, "b", b, "M", "a", dim)?;
     same_place(OP, &[("a", a), ("b", b)])?;
-    if b_dim != dim {
-        return Err(Error::shape(
-            OP,
-            "b",
-            b.shape(),
-            format!("[M, {dim}] (same D as a)"),
-        ));
-    }
     check_finite(OP, "a", a)?;
     check_finite(OP, "b", b)?;
     run_on_kernels!(a.device(), k => {

@@ -1,7 +1,6 @@
 //! Supervised contrastive loss (Khosla et al., contrast_mode "all"): features N x V x D,
 //! normalized inside; every view is an anchor; positives are the other views with its label.
 
-use super::clip::check_scale;
 use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
 use super::{
     check_finite, check_finite_scalar, check_labels_len, check_temperature, output_like, values,
@@ -110,7 +109,6 @@ pub fn supcon_forward(
 ) -> Result<SoftmaxForward> {
     let dims = validate(features, labels, opts)?;
     with_cpu_real!(features.dtype(), T => {
-        check_scale::<T>(OP, "temperature", opts.temperature, 1.0 / opts.temperature)?;
         let fv = values::<T>(features);
         let (loss, lse) = problem(&fv, labels, dims, opts).forward();
         let lse = features.host_like(lse.into_iter().map(T::of).collect::<Vec<T>>(), &[dims.0 * dims.1]);
@@ -130,7 +128,6 @@ pub fn supcon_backward(
     check_saved_lse(OP, saved, dims.0 * dims.1)?;
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
     with_cpu_real!(features.dtype(), T => {
-        check_scale::<T>(OP, "temperature", opts.temperature, 1.0 / opts.temperature)?;
         let fv = values::<T>(features);
         let grad = problem(&fv, labels, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
         Ok(output_like(features, grad, features.shape()))

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use contra::fixtures::{load_cases, run_all};
+use contra::fixtures::{load_cases, print_reports, run_all};
 use contra::Device;
 
 #[test]
@@ -24,15 +24,6 @@ fn fixtures() {
     }
     let cases = load_cases(&dir)
         .unwrap_or_else(|e| panic!("cannot load fixtures from {}: {e}", dir.display()));
-    let reports = run_all(&cases, device);
-    for r in &reports {
-        println!("{}", r.line());
-    }
-    let failed = reports.iter().filter(|r| !r.passed()).count();
-    println!(
-        "fixtures: {} passed, {} failed",
-        reports.len() - failed,
-        failed
-    );
+    let failed = print_reports(&run_all(&cases, device));
     assert_eq!(failed, 0, "{failed} fixture case(s) failed on {device}");
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use contra::fixtures::{load_cases, run_all};
+use contra::fixtures::{load_cases, print_reports, run_all};
 use contra::Device;
 
 #[derive(Parser)]
@@ -103,16 +103,7 @@ fn check_fixtures(dir: &std::path::Path, device: Device) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let reports = run_all(&cases, device);
-    for r in &reports {
-        println!("{}", r.line());
-    }
-    let failed = reports.iter().filter(|r| !r.passed()).count();
-    println!(
-        "fixtures: {} passed, {} failed",
-        reports.len() - failed,
-        failed
-    );
+    let failed = print_reports(&run_all(&cases, device));
     if failed == 0 {
         ExitCode::SUCCESS
     } else {

@@ -24,42 +24,69 @@ __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
     __shared__ float bs[kSlice][kTilePad];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int r0 = blockIdx.x * kTile;
-    int row[kPerThread], positive[kPerThread];
-    float positive_logit[kPerThread];
+    int row[kPerThread], positive[kPerThread], label[kPerThread];
+    float positive_logit[kPerThread], target_weight[kPerThread];
     OnlineLse state[kPerThread];
+    const T* q = static_cast<const T*>(p.q);
+#pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
         row[i] = r0 + ty + 16 * i;
-        positive[i] = row[i] < p.rows ? p.positives[row[i]] : -1;
+        positive[i] = (row[i] < p.rows && p.positives) ? p.positives[row[i]] : -1;
+        label[i] = (row[i] < p.rows && p.labels) ? p.labels[row[i]] : 0;
+        target_weight[i] = (row[i] < p.rows && p.labels) ? p.target_weight[row[i]] : 0.0f;
         positive_logit[i] = 0.0f;
         state[i].init();
+        if (p.extra_key) {
+            // MoCo's positive: scale * q_i . extra_key_i, from the 16 lanes that share row i.
+            const T* extra = static_cast<const T*>(p.extra_key);
+            float dot = 0.0f;
+            if (row[i] < p.rows)
+                for (int d = tx; d < p.dim; d += 16)
+                    dot += load(q, (long long)row[i] * p.dim + d) * load(extra, (long long)row[i] * p.dim + d);
+            const float logit = __fmul_rn(group_sum<16>(dot), p.scale);
+            state[i].merge(logit, 1.0f);
+            if (tx == 0) positive_logit[i] = logit;  // summed over the 16 lanes below
+        }
     }
     float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
     for (int c0 = 0; c0 < p.cols; c0 += kTile) {
-        tile_dot<T, false>(static_cast<const T*>(p.q), p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, as,
-                           bs, acc, unused_a, unused_b);
-        for (int i = 0; i < kPerThread; ++i) {
+        tile_dot<T, false>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, as, bs, acc, unused_a,
+                           unused_b);
+    #pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
             float logit[kPerThread], local_max = -INFINITY;
+#pragma unroll
             for (int j = 0; j < kPerThread; ++j) {
                 const int col = c0 + tx + 16 * j;
                 const bool masked = col >= p.cols || (p.self_mask && col == row[i]);
                 logit[j] = masked ? -INFINITY : __fmul_rn(acc[i][j], p.scale);
-                if (col == positive[i]) positive_logit[i] += logit[j];
+                if (p.labels) {
+                    // SupCon: every other row with the same label, weighted 1 / |P(i)|.
+                    if (!masked && p.labels[col] == label[i]) positive_logit[i] += logit[j] * target_weight[i];
+                } else if (col == positive[i]) {
+                    positive_logit[i] += logit[j];
+                }
                 local_max = fmaxf(local_max, logit[j]);
             }
             // The 16 lanes holding row i agree on its tile max and sum (all lanes shuffle).
             const float tile_max = group_max<16>(local_max);
             float local_sum = 0.0f;
             if (tile_max != -INFINITY)
+#pragma unroll
                 for (int j = 0; j < kPerThread; ++j) local_sum += expf(logit[j] - tile_max);
             state[i].merge(tile_max, group_sum<16>(local_sum));
         }
     }
+#pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
         const float pos = group_sum<16>(positive_logit[i]);
         if (tx == 0 && row[i] < p.rows) {
-            const float lse = state[i].value();
+            // A row with every key masked (a lone SupCon view) has an empty softmax: its loss is 0
+            // and its saved lse 0 (as on the CPU), never -inf.
+            const float lse = state[i].running_sum > 0.0f ? state[i].value() : 0.0f;
             p.lse[row[i]] = lse;
-            p.row_loss[row[i]] = lse - pos;
+            // A SupCon anchor without positives adds 0 (it still counts in the mean).
+            p.row_loss[row[i]] = (p.labels && target_weight[i] == 0.0f) ? 0.0f : lse - pos;
         }
     }
 }
@@ -87,7 +114,12 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
                 float value = 0.0f;
                 if (o < p.owner_rows && t < p.other_rows && !(p.self_mask && qi == kj)) {
                     const float prob = expf(__fmul_rn(acc[i][j], p.scale) - p.lse[qi]);
-                    value = p.grad_scale * p.scale * (prob - (p.positives[qi] == kj ? 1.0f : 0.0f));
+                    float target = (p.positives && p.positives[qi] == kj) ? 1.0f : 0.0f, weight = 1.0f;
+                    if (p.labels) {
+                        target = p.labels[qi] == p.labels[kj] ? p.target_weight[qi] : 0.0f;
+                        weight = p.target_weight[qi] > 0.0f ? 1.0f : 0.0f;
+                    }
+                    value = p.grad_scale * p.scale * weight * (prob - target);
                 }
                 g[ty + 16 * i][tx + 16 * j] = value;
             }
@@ -121,9 +153,27 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     }
 }
 
+// MoCo's extra logit in the backward: one warp per query row adds
+// grad_scale * scale * (softmax of the extra logit - 1) * extra_key_i to grad_q_i.
+template <typename T>
+__device__ void infonce_extra_bwd(const ContraInfonceExtraBwdParams& p) {
+    const int lane = threadIdx.x % 32;
+    const long long row = (long long)blockIdx.x * 8 + threadIdx.x / 32;
+    if (row >= p.rows) return;
+    const T* q = static_cast<const T*>(p.q) + row * p.dim;
+    const T* extra = static_cast<const T*>(p.extra_key) + row * p.dim;
+    float dot = 0.0f;
+    for (int d = lane; d < p.dim; d += 32) dot += load(q, d) * load(extra, d);
+    const float logit = __fmul_rn(warp_sum(dot), p.scale);
+    const float coef = p.grad_scale * p.scale * (expf(logit - p.lse[row]) - 1.0f);
+    for (int d = lane; d < p.dim; d += 32) p.grad_q[row * p.dim + d] += coef * load(extra, d);
+}
+
 }  // namespace contra
 
 extern "C" __global__ void __launch_bounds__(256) infonce_fwd_f32(const ContraInfonceFwdParams p) { contra::infonce_fwd<float>(p); }
 extern "C" __global__ void __launch_bounds__(256) infonce_bwd_f32(const ContraInfonceBwdParams p) { contra::infonce_bwd<float>(p); }
 INTERP_EXPORT(infonce_fwd_f32, ContraInfonceFwdParams)
 INTERP_EXPORT(infonce_bwd_f32, ContraInfonceBwdParams)
+extern "C" __global__ void __launch_bounds__(256) infonce_extra_bwd_f32(const ContraInfonceExtraBwdParams p) { contra::infonce_extra_bwd<float>(p); }
+INTERP_EXPORT(infonce_extra_bwd_f32, ContraInfonceExtraBwdParams)

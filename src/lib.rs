@@ -41,6 +41,7 @@ pub use tensor::{DType, Element, Tensor};
 #[doc(hidden)]
 pub mod testing {
     pub use crate::kernels::interp::{out_of_bounds_launch, unwritten_output_launch};
+    pub use crate::kernels::momentum::update_at_offsets as momentum_update_at_offsets;
     #[cfg(feature = "cuda")]
     pub use crate::kernels::timing::{kernel_timings, KernelTiming};
 

@@ -628,3 +628,73 @@ fn interp_unwritten_output_is_an_error() {
         &["unwritten"],
     );
 }
+
+/// (N, K, D) for MoCo: queues shorter and longer than a 64-key tile, a single negative, D = 1.
+const MOCO_SHAPES: &[(usize, usize, usize)] = &[
+    (37, 101, 77),
+    (1, 3, 17),
+    (2, 1, 17),
+    (37, 53, 1),
+    (130, 70, 40),
+];
+
+fn check_moco(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x3c0c);
+    for &temperature in TEMPERATURES {
+        for &(n, queue_len, d) in MOCO_SHAPES {
+            let q = feature_matrix(&mut rng, n, d);
+            let k = feature_matrix(&mut rng, n, d);
+            let queue = random_matrix(&mut rng, queue_len, d);
+            let opts = MocoOptions { temperature };
+            let case = format!("moco {n}x{queue_len}x{d} tau={temperature}");
+            let inputs: &[Input] = &[(&q, &[n, d]), (&k, &[n, d]), (&queue, &[queue_len, d])];
+            compare_with_cpu(device, &case, inputs, |t| {
+                let fwd = moco_forward(&t[0], &t[1], &t[2], &opts)?;
+                let grad_q = moco_backward(&t[0], &t[1], &t[2], &opts, &fwd.saved, 1.5)?;
+                Ok(vec![
+                    ("loss", vec![fwd.loss]),
+                    ("lse", fwd.saved.lse.to_vec_f64()),
+                    ("grad_q", grad_q.to_vec_f64()),
+                ])
+            });
+        }
+    }
+}
+
+#[test]
+fn moco_matches_cpu() {
+    on_kernel_devices("moco_matches_cpu", check_moco);
+}
+
+/// (N, V, D) for SupCon: N·V across a 64-row tile, a lone view (every key masked), V = 3.
+const SUPCON_SHAPES: &[(usize, usize, usize)] =
+    &[(37, 2, 77), (1, 1, 17), (2, 1, 17), (23, 3, 40), (37, 2, 1)];
+
+fn check_supcon(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x5c0b);
+    for &(n, views, d) in SUPCON_SHAPES {
+        let features = feature_matrix(&mut rng, n * views, d);
+        // Few classes so most anchors have positives, plus one label seen once.
+        let mut labels: Vec<i64> = (0..n).map(|_| rng.random_range(0..4)).collect();
+        labels[0] = 99;
+        let opts = SupConOptions {
+            temperature: 0.1,
+            base_temperature: 0.07,
+        };
+        let case = format!("supcon {n}x{views}x{d}");
+        compare_with_cpu(device, &case, &[(&features, &[n, views, d])], |t| {
+            let fwd = supcon_forward(&t[0], &labels, &opts)?;
+            let grad = supcon_backward(&t[0], &labels, &opts, &fwd.saved, 0.75)?;
+            Ok(vec![
+                ("loss", vec![fwd.loss]),
+                ("lse", fwd.saved.lse.to_vec_f64()),
+                ("grad_features", grad.to_vec_f64()),
+            ])
+        });
+    }
+}
+
+#[test]
+fn supcon_matches_cpu() {
+    on_kernel_devices("supcon_matches_cpu", check_supcon);
+}

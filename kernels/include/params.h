@@ -43,11 +43,18 @@ typedef struct ContraSimilarityParams {
 
 /* infonce_fwd: per query row i, lse[i] = LSE_j (scale * q_i . k_j) over the unmasked keys and
  * row_loss[i] = lse[i] - scale * q_i . k_{positives[i]}. q and k are already normalized when the
- * loss asks for cosine similarity. */
+ * loss asks for cosine similarity. MoCo: `positives` is NULL and `extra_key` (rows x dim) adds
+ * the logit scale * q_i . extra_key_i to row i's softmax and makes it the target. */
 typedef struct ContraInfonceFwdParams {
     const void* q;
     const void* k;
-    const int* positives;
+    const int* positives;  /* may be NULL: no positive among the keys */
+    const void* extra_key; /* may be NULL */
+    /* SupCon: with `labels` (one per row; q and k are the same rows) the positives of row i are
+     * the other rows with its label, each weighted target_weight[i] = 1 / |P(i)| (0: no positive,
+     * and the row's loss is 0). `positives` is then NULL. */
+    const int* labels;
+    const float* target_weight;
     float* lse;
     float* row_loss;
     int rows;
@@ -64,7 +71,9 @@ typedef struct ContraInfonceFwdParams {
 typedef struct ContraInfonceBwdParams {
     const void* owner;
     const void* other;
-    const int* positives;
+    const int* positives; /* may be NULL: no positive among the keys */
+    const int* labels;           /* SupCon, as in ContraInfonceFwdParams; may be NULL */
+    const float* target_weight;  /* with labels: 1 / |P(i)|, 0 for a row without positives */
     const float* lse;
     void* grad_owner;
     int owner_rows;
@@ -76,6 +85,78 @@ typedef struct ContraInfonceBwdParams {
     float scale;
     float grad_scale;
 } ContraInfonceBwdParams;
+
+/* infonce_extra_bwd: the gradient through MoCo's extra (positive) logit, added to grad_q:
+ * grad_q_i += grad_scale * scale * (exp(scale q_i . extra_key_i - lse_i) - 1) * extra_key_i. */
+typedef struct ContraInfonceExtraBwdParams {
+    const void* q;
+    const void* extra_key;
+    const float* lse;
+    float* grad_q;
+    int rows;
+    int dim;
+    float scale;
+    float grad_scale;
+} ContraInfonceExtraBwdParams;
+
+/* margin_fwd: per pair row i, d_i = sqrt(max(||x1_i - x2_i||^2, eps)) and row_loss[i] =
+ * d_i^2 / 2 when y[i] == 0 (similar), relu(margin - d_i)^2 / 2 when y[i] == 1 (dissimilar).
+ * margin_bwd: grad_x1_i = grad_scale * c_i (x1_i - x2_i) and grad_x2_i = -grad_x1_i, with c_i = 1
+ * (similar), -relu(margin - d_i) / d_i (dissimilar), and 0 where the clamp is active. */
+typedef struct ContraMarginParams {
+    const void* x1;
+    const void* x2;
+    const int* y;
+    float* row_loss; /* forward only */
+    void* grad_x1;   /* backward only */
+    void* grad_x2;   /* backward only */
+    int rows;
+    int dim;
+    float margin;
+    float eps;
+    float grad_scale; /* backward only: grad_loss / rows */
+} ContraMarginParams;
+
+/* nce_fwd: per row b, with delta = s - log_k - logq,
+ * row_loss[b] = softplus(-delta_pos_b) + sum_j softplus(delta_neg_bj).
+ * nce_bwd: grad_s_pos[b] = -grad_scale * sigmoid(-delta_pos_b),
+ * grad_s_neg[b, j] = grad_scale * sigmoid(delta_neg_bj). s_neg and logq_neg are rows x k. */
+typedef struct ContraNceParams {
+    const void* s_pos;
+    const void* s_neg;
+    const void* logq_pos;
+    const void* logq_neg;
+    float* row_loss;  /* forward only */
+    void* grad_s_pos; /* backward only */
+    void* grad_s_neg; /* backward only */
+    int rows;
+    int k;
+    float log_k;
+    float grad_scale; /* backward only: grad_loss / rows */
+} ContraNceParams;
+
+/* momentum_update: theta_k[i] = m theta_k[i] + one_minus_m theta_q[i] in place, for i < len.
+ * `len` is 64-bit: the buffer is often a whole flattened parameter vector. */
+typedef struct ContraMomentumParams {
+    void* theta_k;
+    const void* theta_q;
+    long long len;
+    float m;
+    float one_minus_m;
+} ContraMomentumParams;
+
+/* queue_enqueue: queue row (ptr + i) mod queue_len = k_i / max(||k_i||, eps) for the last
+ * min(rows, queue_len) key rows i (with rows > queue_len the last keys win); other queue rows are
+ * left as they are. */
+typedef struct ContraQueueParams {
+    const void* k;
+    void* queue;
+    int rows;
+    int queue_len;
+    int dim;
+    int ptr;
+    float eps;
+} ContraQueueParams;
 
 #ifdef __cplusplus
 }

@@ -22,13 +22,13 @@ pub struct Problem<'a, T> {
 }
 
 /// Per-row class ids and `1 / |P(a)|` (0 for an anchor without positives).
-struct Classes {
-    class: Vec<usize>,
-    inv_positives: Vec<f64>,
+pub(crate) struct Classes {
+    pub class: Vec<usize>,
+    pub inv_positives: Vec<f64>,
 }
 
 impl Classes {
-    fn new(labels: &[i64], views: usize) -> Self {
+    pub(crate) fn new(labels: &[i64], views: usize) -> Self {
         let mut distinct = labels.to_vec();
         distinct.sort_unstable();
         distinct.dedup();

@@ -23,6 +23,11 @@ unsafe impl DeviceRepr for ContraNormalizeParams {}
 unsafe impl DeviceRepr for ContraSimilarityParams {}
 unsafe impl DeviceRepr for ContraInfonceFwdParams {}
 unsafe impl DeviceRepr for ContraInfonceBwdParams {}
+unsafe impl DeviceRepr for ContraMarginParams {}
+unsafe impl DeviceRepr for ContraNceParams {}
+unsafe impl DeviceRepr for ContraMomentumParams {}
+unsafe impl DeviceRepr for ContraQueueParams {}
+unsafe impl DeviceRepr for ContraInfonceExtraBwdParams {}
 
 fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
@@ -113,6 +118,10 @@ fn module_of(kernel: &str) -> &'static str {
         "normalize" => "normalize",
         "similarity" => "similarity",
         "infonce" => "infonce",
+        "margin" => "margin",
+        "nce" => "nce",
+        "momentum" => "momentum",
+        "queue" => "queue",
         _ => "testing",
     }
 }

@@ -53,33 +53,29 @@ impl<B: Backend> Problem<'_, B> {
         }
     }
 
+    fn scale(&self) -> f32 {
+        (1.0 / self.temperature) as f32
+    }
+
     /// The mean loss and the per-row log-sum-exp.
     pub fn forward(&self, b: &B) -> Result<(f64, B::Buf)> {
         let ops = self.operands(b)?;
         let (q, k) = self.pick(&ops);
-        let lse = b.output("lse", self.rows)?;
-        let row_loss = b.output("row_loss", self.rows)?;
-        let params = ContraInfonceFwdParams {
-            q: b.ptr(q),
-            k: b.ptr(k),
-            positives: b.ptr(self.positives).cast(),
-            lse: b.ptr(&lse).cast(),
-            row_loss: b.ptr(&row_loss).cast(),
-            rows: self.rows as i32,
-            cols: self.cols as i32,
-            dim: self.dim as i32,
-            self_mask: self.self_mask as i32,
-            scale: (1.0 / self.temperature) as f32,
-        };
-        b.launch(
-            "infonce_fwd_f32",
-            launch_shape(self.rows),
-            &params,
-            &[&lse, &row_loss],
-        )?;
-        // The mean of N per-row losses is summed on the host in f64: N floats, deterministic.
-        let total: f64 = b.download(&row_loss)?.iter().map(|&v| v as f64).sum();
-        Ok((total / self.rows as f64, lse))
+        fused_forward(
+            b,
+            Softmax {
+                q,
+                k,
+                positives: Some(self.positives),
+                labels: None,
+                rows: self.rows,
+                cols: self.cols,
+                dim: self.dim,
+            },
+            self.scale(),
+            self.self_mask,
+            None,
+        )
     }
 
     /// Gradients of `grad_loss * loss` for q and k. With `sum_into_q` (NT-Xent, where q and k are
@@ -93,53 +89,44 @@ impl<B: Backend> Problem<'_, B> {
     ) -> Result<(B::Buf, Option<B::Buf>)> {
         let ops = self.operands(b)?;
         let (q, k) = self.pick(&ops);
+        let softmax = Softmax {
+            q,
+            k,
+            positives: Some(self.positives),
+            labels: None,
+            rows: self.rows,
+            cols: self.cols,
+            dim: self.dim,
+        };
+        let grad_scale = (grad_loss / self.rows as f64) as f32;
         let grad_q = b.output("grad_q", self.rows * self.dim)?;
+        backward_pass(
+            b,
+            &softmax,
+            Side::Queries,
+            lse,
+            &grad_q,
+            false,
+            self.scale(),
+            grad_scale,
+            self.self_mask,
+        )?;
         let grad_k = if sum_into_q {
             None
         } else {
             Some(b.output("grad_k", self.cols * self.dim)?)
         };
-        let base = ContraInfonceBwdParams {
-            positives: b.ptr(self.positives).cast(),
-            lse: b.ptr(lse).cast(),
-            dim: self.dim as i32,
-            self_mask: self.self_mask as i32,
-            scale: (1.0 / self.temperature) as f32,
-            grad_scale: (grad_loss / self.rows as f64) as f32,
-            ..Default::default()
-        };
-        let query_pass = ContraInfonceBwdParams {
-            owner: b.ptr(q),
-            other: b.ptr(k),
-            grad_owner: b.ptr(&grad_q),
-            owner_rows: self.rows as i32,
-            other_rows: self.cols as i32,
-            owner_is_query: 1,
-            accumulate: 0,
-            ..base
-        };
-        b.launch(
-            "infonce_bwd_f32",
-            launch_shape(self.rows),
-            &query_pass,
-            &[&grad_q],
-        )?;
         let key_target = grad_k.as_ref().unwrap_or(&grad_q);
-        let key_pass = ContraInfonceBwdParams {
-            owner: b.ptr(k),
-            other: b.ptr(q),
-            grad_owner: b.ptr(key_target),
-            owner_rows: self.cols as i32,
-            other_rows: self.rows as i32,
-            owner_is_query: 0,
-            accumulate: sum_into_q as i32,
-            ..base
-        };
-        b.launch(
-            "infonce_bwd_f32",
-            launch_shape(self.cols),
-            &key_pass,
-            &[key_target],
+        backward_pass(
+            b,
+            &softmax,
+            Side::Keys,
+            lse,
+            key_target,
+            sum_into_q,
+            self.scale(),
+            grad_scale,
+            self.self_mask,
         )?;
         if !self.normalize {
             return Ok((grad_q, grad_k));
@@ -151,4 +138,110 @@ impl<B: Backend> Problem<'_, B> {
         };
         Ok((grad_q, grad_k))
     }
+}
+
+/// The operands of one fused softmax as the kernels see them (already normalized if the loss
+/// asks for it).
+pub(crate) struct Softmax<'a, Buf> {
+    pub q: &'a Buf,
+    pub k: &'a Buf,
+    /// The positive key of each query; `None` when the positive is an extra logit (MoCo) or
+    /// given by labels.
+    pub positives: Option<&'a Buf>,
+    /// SupCon: a label per row (i32) and `1 / |P(i)|` per row (f32, 0 without positives).
+    pub labels: Option<(&'a Buf, &'a Buf)>,
+    pub rows: usize,
+    pub cols: usize,
+    pub dim: usize,
+}
+
+/// Whose gradient a backward pass writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Queries,
+    Keys,
+}
+
+/// The kernel address of an optional buffer (NULL when absent).
+fn or_null<B: Backend>(b: &B, buf: Option<&B::Buf>) -> *mut std::ffi::c_void {
+    buf.map_or(std::ptr::null_mut(), |buf| b.ptr(buf))
+}
+
+/// `infonce_fwd_f32`: the mean loss and the per-row log-sum-exp. `extra_key` adds MoCo's
+/// positive logit `scale * q_i . extra_key_i` to each row and makes it the target.
+pub(crate) fn fused_forward<B: Backend>(
+    b: &B,
+    s: Softmax<'_, B::Buf>,
+    scale: f32,
+    self_mask: bool,
+    extra_key: Option<&B::Buf>,
+) -> Result<(f64, B::Buf)> {
+    let lse = b.output("lse", s.rows)?;
+    let row_loss = b.output("row_loss", s.rows)?;
+    let params = ContraInfonceFwdParams {
+        q: b.ptr(s.q),
+        k: b.ptr(s.k),
+        positives: or_null(b, s.positives).cast(),
+        labels: or_null(b, s.labels.map(|(labels, _)| labels)).cast(),
+        target_weight: or_null(b, s.labels.map(|(_, weight)| weight)).cast(),
+        extra_key: or_null(b, extra_key),
+        lse: b.ptr(&lse).cast(),
+        row_loss: b.ptr(&row_loss).cast(),
+        rows: s.rows as i32,
+        cols: s.cols as i32,
+        dim: s.dim as i32,
+        self_mask: self_mask as i32,
+        scale,
+    };
+    b.launch(
+        "infonce_fwd_f32",
+        launch_shape(s.rows),
+        &params,
+        &[&lse, &row_loss],
+    )?;
+    // The mean of N per-row losses is summed on the host in f64: N floats, deterministic.
+    let total: f64 = b.download(&row_loss)?.iter().map(|&v| v as f64).sum();
+    Ok((total / s.rows as f64, lse))
+}
+
+/// One `infonce_bwd_f32` pass: writes (or, with `accumulate`, adds) the gradient of `side`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_pass<B: Backend>(
+    b: &B,
+    s: &Softmax<'_, B::Buf>,
+    side: Side,
+    lse: &B::Buf,
+    grad: &B::Buf,
+    accumulate: bool,
+    scale: f32,
+    grad_scale: f32,
+    self_mask: bool,
+) -> Result<()> {
+    let (owner, other, owner_rows, other_rows) = match side {
+        Side::Queries => (s.q, s.k, s.rows, s.cols),
+        Side::Keys => (s.k, s.q, s.cols, s.rows),
+    };
+    let params = ContraInfonceBwdParams {
+        owner: b.ptr(owner),
+        other: b.ptr(other),
+        positives: or_null(b, s.positives).cast(),
+        labels: or_null(b, s.labels.map(|(labels, _)| labels)).cast(),
+        target_weight: or_null(b, s.labels.map(|(_, weight)| weight)).cast(),
+        lse: b.ptr(lse).cast(),
+        grad_owner: b.ptr(grad),
+        owner_rows: owner_rows as i32,
+        other_rows: other_rows as i32,
+        dim: s.dim as i32,
+        self_mask: self_mask as i32,
+        owner_is_query: (side == Side::Queries) as i32,
+        accumulate: accumulate as i32,
+        scale,
+        grad_scale,
+    };
+    b.launch(
+        "infonce_bwd_f32",
+        launch_shape(owner_rows),
+        &params,
+        &[grad],
+    )
 }

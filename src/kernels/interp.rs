@@ -52,6 +52,13 @@ interp_kernels!(
     similarity_fwd_f32,
     infonce_fwd_f32,
     infonce_bwd_f32,
+    infonce_extra_bwd_f32,
+    margin_fwd_f32,
+    margin_bwd_f32,
+    nce_fwd_f32,
+    nce_bwd_f32,
+    momentum_update_f32,
+    queue_enqueue_f32,
     oob_test_f32,
 );
 

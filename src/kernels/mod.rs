@@ -4,11 +4,17 @@
 
 pub(crate) mod infonce;
 pub(crate) mod interp;
+pub(crate) mod margin;
+pub(crate) mod moco;
+pub(crate) mod momentum;
+pub(crate) mod nce;
 pub(crate) mod normalize;
 #[rustfmt::skip]
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, clippy::all)]
 pub(crate) mod params;
+pub(crate) mod queue;
 pub(crate) mod similarity;
+pub(crate) mod supcon;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
@@ -50,6 +56,11 @@ impl KernelParams for params::ContraNormalizeParams {}
 impl KernelParams for params::ContraSimilarityParams {}
 impl KernelParams for params::ContraInfonceFwdParams {}
 impl KernelParams for params::ContraInfonceBwdParams {}
+impl KernelParams for params::ContraMarginParams {}
+impl KernelParams for params::ContraNceParams {}
+impl KernelParams for params::ContraMomentumParams {}
+impl KernelParams for params::ContraQueueParams {}
+impl KernelParams for params::ContraInfonceExtraBwdParams {}
 
 /// A device that runs the kernels. Buffers hold 32-bit words (f32 values or i32 indices).
 pub(crate) trait Backend {

@@ -94,6 +94,9 @@ pub struct ContraInfonceFwdParams {
     pub q: *const ::std::os::raw::c_void,
     pub k: *const ::std::os::raw::c_void,
     pub positives: *const ::std::os::raw::c_int,
+    pub extra_key: *const ::std::os::raw::c_void,
+    pub labels: *const ::std::os::raw::c_int,
+    pub target_weight: *const f32,
     pub lse: *mut f32,
     pub row_loss: *mut f32,
     pub rows: ::std::os::raw::c_int,
@@ -104,7 +107,7 @@ pub struct ContraInfonceFwdParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 64usize];
+    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 88usize];
     ["Alignment of ContraInfonceFwdParams"]
         [::std::mem::align_of::<ContraInfonceFwdParams>() - 8usize];
     ["Offset of field: ContraInfonceFwdParams::q"]
@@ -113,20 +116,26 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceFwdParams, k) - 8usize];
     ["Offset of field: ContraInfonceFwdParams::positives"]
         [::std::mem::offset_of!(ContraInfonceFwdParams, positives) - 16usize];
+    ["Offset of field: ContraInfonceFwdParams::extra_key"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, extra_key) - 24usize];
+    ["Offset of field: ContraInfonceFwdParams::labels"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, labels) - 32usize];
+    ["Offset of field: ContraInfonceFwdParams::target_weight"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, target_weight) - 40usize];
     ["Offset of field: ContraInfonceFwdParams::lse"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, lse) - 24usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, lse) - 48usize];
     ["Offset of field: ContraInfonceFwdParams::row_loss"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, row_loss) - 32usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, row_loss) - 56usize];
     ["Offset of field: ContraInfonceFwdParams::rows"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, rows) - 40usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, rows) - 64usize];
     ["Offset of field: ContraInfonceFwdParams::cols"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, cols) - 44usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, cols) - 68usize];
     ["Offset of field: ContraInfonceFwdParams::dim"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, dim) - 48usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, dim) - 72usize];
     ["Offset of field: ContraInfonceFwdParams::self_mask"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, self_mask) - 52usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, self_mask) - 76usize];
     ["Offset of field: ContraInfonceFwdParams::scale"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 56usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 80usize];
 };
 impl Default for ContraInfonceFwdParams {
     fn default() -> Self {
@@ -143,6 +152,8 @@ pub struct ContraInfonceBwdParams {
     pub owner: *const ::std::os::raw::c_void,
     pub other: *const ::std::os::raw::c_void,
     pub positives: *const ::std::os::raw::c_int,
+    pub labels: *const ::std::os::raw::c_int,
+    pub target_weight: *const f32,
     pub lse: *const f32,
     pub grad_owner: *mut ::std::os::raw::c_void,
     pub owner_rows: ::std::os::raw::c_int,
@@ -156,7 +167,7 @@ pub struct ContraInfonceBwdParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 72usize];
+    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 88usize];
     ["Alignment of ContraInfonceBwdParams"]
         [::std::mem::align_of::<ContraInfonceBwdParams>() - 8usize];
     ["Offset of field: ContraInfonceBwdParams::owner"]
@@ -165,28 +176,249 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceBwdParams, other) - 8usize];
     ["Offset of field: ContraInfonceBwdParams::positives"]
         [::std::mem::offset_of!(ContraInfonceBwdParams, positives) - 16usize];
+    ["Offset of field: ContraInfonceBwdParams::labels"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, labels) - 24usize];
+    ["Offset of field: ContraInfonceBwdParams::target_weight"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, target_weight) - 32usize];
     ["Offset of field: ContraInfonceBwdParams::lse"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, lse) - 24usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, lse) - 40usize];
     ["Offset of field: ContraInfonceBwdParams::grad_owner"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_owner) - 32usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_owner) - 48usize];
     ["Offset of field: ContraInfonceBwdParams::owner_rows"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_rows) - 40usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_rows) - 56usize];
     ["Offset of field: ContraInfonceBwdParams::other_rows"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, other_rows) - 44usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, other_rows) - 60usize];
     ["Offset of field: ContraInfonceBwdParams::dim"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, dim) - 48usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, dim) - 64usize];
     ["Offset of field: ContraInfonceBwdParams::self_mask"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, self_mask) - 52usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, self_mask) - 68usize];
     ["Offset of field: ContraInfonceBwdParams::owner_is_query"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_is_query) - 56usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_is_query) - 72usize];
     ["Offset of field: ContraInfonceBwdParams::accumulate"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, accumulate) - 60usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, accumulate) - 76usize];
     ["Offset of field: ContraInfonceBwdParams::scale"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, scale) - 64usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, scale) - 80usize];
     ["Offset of field: ContraInfonceBwdParams::grad_scale"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 68usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 84usize];
 };
 impl Default for ContraInfonceBwdParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraInfonceExtraBwdParams {
+    pub q: *const ::std::os::raw::c_void,
+    pub extra_key: *const ::std::os::raw::c_void,
+    pub lse: *const f32,
+    pub grad_q: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub scale: f32,
+    pub grad_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraInfonceExtraBwdParams"]
+        [::std::mem::size_of::<ContraInfonceExtraBwdParams>() - 48usize];
+    ["Alignment of ContraInfonceExtraBwdParams"]
+        [::std::mem::align_of::<ContraInfonceExtraBwdParams>() - 8usize];
+    ["Offset of field: ContraInfonceExtraBwdParams::q"]
+        [::std::mem::offset_of!(ContraInfonceExtraBwdParams, q) - 0usize];
+    ["Offset of field: ContraInfonceExtraBwdParams::extra_key"]
+        [::std::mem::offset_of!(ContraInfonceExtraBwdParams, extra_key) - 8usize];
+    ["Offset of field: ContraInfonceExtraBwdParams::lse"]
+        [::std::mem::offset_of!(ContraInfonceExtraBwdParams, lse) - 16usize];
+    ["Offset of field: ContraInfonceExtraBwdParams::grad_q"]
+        [::std::mem::offset_of!(ContraInfonceExtraBwdParams, grad_q) - 24usize];
+    ["Offset of field: ContraInfonceExtraBwdParams::rows"]
+        [::std::mem::offset_of!(ContraInfonceExtraBwdParams, rows) - 32usize];
+    ["Offset of field: ContraInfonceExtraBwdParams::dim"]
+        [::std::mem::offset_of!(ContraInfonceExtraBwdParams, dim) - 36usize];
+    ["Offset of field: ContraInfonceExtraBwdParams::scale"]
+        [::std::mem::offset_of!(ContraInfonceExtraBwdParams, scale) - 40usize];
+    ["Offset of field: ContraInfonceExtraBwdParams::grad_scale"]
+        [::std::mem::offset_of!(ContraInfonceExtraBwdParams, grad_scale) - 44usize];
+};
+impl Default for ContraInfonceExtraBwdParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraMarginParams {
+    pub x1: *const ::std::os::raw::c_void,
+    pub x2: *const ::std::os::raw::c_void,
+    pub y: *const ::std::os::raw::c_int,
+    pub row_loss: *mut f32,
+    pub grad_x1: *mut ::std::os::raw::c_void,
+    pub grad_x2: *mut ::std::os::raw::c_void,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub margin: f32,
+    pub eps: f32,
+    pub grad_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraMarginParams"][::std::mem::size_of::<ContraMarginParams>() - 72usize];
+    ["Alignment of ContraMarginParams"][::std::mem::align_of::<ContraMarginParams>() - 8usize];
+    ["Offset of field: ContraMarginParams::x1"]
+        [::std::mem::offset_of!(ContraMarginParams, x1) - 0usize];
+    ["Offset of field: ContraMarginParams::x2"]
+        [::std::mem::offset_of!(ContraMarginParams, x2) - 8usize];
+    ["Offset of field: ContraMarginParams::y"]
+        [::std::mem::offset_of!(ContraMarginParams, y) - 16usize];
+    ["Offset of field: ContraMarginParams::row_loss"]
+        [::std::mem::offset_of!(ContraMarginParams, row_loss) - 24usize];
+    ["Offset of field: ContraMarginParams::grad_x1"]
+        [::std::mem::offset_of!(ContraMarginParams, grad_x1) - 32usize];
+    ["Offset of field: ContraMarginParams::grad_x2"]
+        [::std::mem::offset_of!(ContraMarginParams, grad_x2) - 40usize];
+    ["Offset of field: ContraMarginParams::rows"]
+        [::std::mem::offset_of!(ContraMarginParams, rows) - 48usize];
+    ["Offset of field: ContraMarginParams::dim"]
+        [::std::mem::offset_of!(ContraMarginParams, dim) - 52usize];
+    ["Offset of field: ContraMarginParams::margin"]
+        [::std::mem::offset_of!(ContraMarginParams, margin) - 56usize];
+    ["Offset of field: ContraMarginParams::eps"]
+        [::std::mem::offset_of!(ContraMarginParams, eps) - 60usize];
+    ["Offset of field: ContraMarginParams::grad_scale"]
+        [::std::mem::offset_of!(ContraMarginParams, grad_scale) - 64usize];
+};
+impl Default for ContraMarginParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraNceParams {
+    pub s_pos: *const ::std::os::raw::c_void,
+    pub s_neg: *const ::std::os::raw::c_void,
+    pub logq_pos: *const ::std::os::raw::c_void,
+    pub logq_neg: *const ::std::os::raw::c_void,
+    pub row_loss: *mut f32,
+    pub grad_s_pos: *mut ::std::os::raw::c_void,
+    pub grad_s_neg: *mut ::std::os::raw::c_void,
+    pub rows: ::std::os::raw::c_int,
+    pub k: ::std::os::raw::c_int,
+    pub log_k: f32,
+    pub grad_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraNceParams"][::std::mem::size_of::<ContraNceParams>() - 72usize];
+    ["Alignment of ContraNceParams"][::std::mem::align_of::<ContraNceParams>() - 8usize];
+    ["Offset of field: ContraNceParams::s_pos"]
+        [::std::mem::offset_of!(ContraNceParams, s_pos) - 0usize];
+    ["Offset of field: ContraNceParams::s_neg"]
+        [::std::mem::offset_of!(ContraNceParams, s_neg) - 8usize];
+    ["Offset of field: ContraNceParams::logq_pos"]
+        [::std::mem::offset_of!(ContraNceParams, logq_pos) - 16usize];
+    ["Offset of field: ContraNceParams::logq_neg"]
+        [::std::mem::offset_of!(ContraNceParams, logq_neg) - 24usize];
+    ["Offset of field: ContraNceParams::row_loss"]
+        [::std::mem::offset_of!(ContraNceParams, row_loss) - 32usize];
+    ["Offset of field: ContraNceParams::grad_s_pos"]
+        [::std::mem::offset_of!(ContraNceParams, grad_s_pos) - 40usize];
+    ["Offset of field: ContraNceParams::grad_s_neg"]
+        [::std::mem::offset_of!(ContraNceParams, grad_s_neg) - 48usize];
+    ["Offset of field: ContraNceParams::rows"]
+        [::std::mem::offset_of!(ContraNceParams, rows) - 56usize];
+    ["Offset of field: ContraNceParams::k"][::std::mem::offset_of!(ContraNceParams, k) - 60usize];
+    ["Offset of field: ContraNceParams::log_k"]
+        [::std::mem::offset_of!(ContraNceParams, log_k) - 64usize];
+    ["Offset of field: ContraNceParams::grad_scale"]
+        [::std::mem::offset_of!(ContraNceParams, grad_scale) - 68usize];
+};
+impl Default for ContraNceParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraMomentumParams {
+    pub theta_k: *mut ::std::os::raw::c_void,
+    pub theta_q: *const ::std::os::raw::c_void,
+    pub len: ::std::os::raw::c_longlong,
+    pub m: f32,
+    pub one_minus_m: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraMomentumParams"][::std::mem::size_of::<ContraMomentumParams>() - 32usize];
+    ["Alignment of ContraMomentumParams"][::std::mem::align_of::<ContraMomentumParams>() - 8usize];
+    ["Offset of field: ContraMomentumParams::theta_k"]
+        [::std::mem::offset_of!(ContraMomentumParams, theta_k) - 0usize];
+    ["Offset of field: ContraMomentumParams::theta_q"]
+        [::std::mem::offset_of!(ContraMomentumParams, theta_q) - 8usize];
+    ["Offset of field: ContraMomentumParams::len"]
+        [::std::mem::offset_of!(ContraMomentumParams, len) - 16usize];
+    ["Offset of field: ContraMomentumParams::m"]
+        [::std::mem::offset_of!(ContraMomentumParams, m) - 24usize];
+    ["Offset of field: ContraMomentumParams::one_minus_m"]
+        [::std::mem::offset_of!(ContraMomentumParams, one_minus_m) - 28usize];
+};
+impl Default for ContraMomentumParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraQueueParams {
+    pub k: *const ::std::os::raw::c_void,
+    pub queue: *mut ::std::os::raw::c_void,
+    pub rows: ::std::os::raw::c_int,
+    pub queue_len: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub ptr: ::std::os::raw::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraQueueParams"][::std::mem::size_of::<ContraQueueParams>() - 40usize];
+    ["Alignment of ContraQueueParams"][::std::mem::align_of::<ContraQueueParams>() - 8usize];
+    ["Offset of field: ContraQueueParams::k"]
+        [::std::mem::offset_of!(ContraQueueParams, k) - 0usize];
+    ["Offset of field: ContraQueueParams::queue"]
+        [::std::mem::offset_of!(ContraQueueParams, queue) - 8usize];
+    ["Offset of field: ContraQueueParams::rows"]
+        [::std::mem::offset_of!(ContraQueueParams, rows) - 16usize];
+    ["Offset of field: ContraQueueParams::queue_len"]
+        [::std::mem::offset_of!(ContraQueueParams, queue_len) - 20usize];
+    ["Offset of field: ContraQueueParams::dim"]
+        [::std::mem::offset_of!(ContraQueueParams, dim) - 24usize];
+    ["Offset of field: ContraQueueParams::ptr"]
+        [::std::mem::offset_of!(ContraQueueParams, ptr) - 28usize];
+    ["Offset of field: ContraQueueParams::eps"]
+        [::std::mem::offset_of!(ContraQueueParams, eps) - 32usize];
+};
+impl Default for ContraQueueParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -8,6 +8,7 @@ use super::{
     check_finite, check_finite_scalar, check_labels_len, matrix_dims, output_like, same_place,
     values, with_cpu_real,
 };
+use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "margin_loss";
@@ -66,9 +67,40 @@ fn validate(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result
     Ok(dim)
 }
 
+/// Uploads `x1`, `x2` and `y` (as i32; validated to be 0 or 1) to a kernel backend.
+fn upload<B: Backend>(b: &B, x1: &Tensor, x2: &Tensor, y: &[i64]) -> Result<[B::Buf; 3]> {
+    let labels: Vec<i32> = y.iter().map(|&v| v as i32).collect();
+    Ok([
+        b.upload("x1", &values::<f32>(x1))?,
+        b.upload("x2", &values::<f32>(x2))?,
+        b.upload_i32("y", &labels)?,
+    ])
+}
+
+/// The kernel problem over uploaded `[x1, x2, y]`.
+fn kernel_problem<'a, B: Backend>(
+    buffers: &'a [B::Buf; 3],
+    rows: usize,
+    dim: usize,
+    opts: &MarginOptions,
+) -> kernels::margin::Problem<'a, B> {
+    kernels::margin::Problem {
+        x1: &buffers[0],
+        x2: &buffers[1],
+        y: &buffers[2],
+        rows,
+        dim,
+        margin: opts.margin,
+    }
+}
+
 /// The mean margin loss (forward only).
 pub fn margin_forward(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<f64> {
     let dim = validate(x1, x2, y, opts)?;
+    run_on_kernels!(x1.device(), b => {
+        let buffers = upload(b, x1, x2, y)?;
+        kernel_problem(&buffers, y.len(), dim, opts).forward(b)
+    });
     with_cpu_real!(x1.dtype(), T => {
         Ok(cpu::margin::forward::<T>(&values::<T>(x1), &values::<T>(x2), y, dim, opts.margin))
     })
@@ -84,6 +116,11 @@ pub fn margin_backward(
 ) -> Result<(Tensor, Tensor)> {
     let dim = validate(x1, x2, y, opts)?;
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    run_on_kernels!(x1.device(), b => {
+        let buffers = upload(b, x1, x2, y)?;
+        let (g1, g2) = kernel_problem(&buffers, y.len(), dim, opts).backward(b, grad_loss)?;
+        Ok((output_like(x1, b.download(&g1)?, x1.shape()), output_like(x2, b.download(&g2)?, x2.shape())))
+    });
     with_cpu_real!(x1.dtype(), T => {
         let (g1, g2) = cpu::margin::backward::<T>(
             &values::<T>(x1), &values::<T>(x2), y, dim, opts.margin, grad_loss,

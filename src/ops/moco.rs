@@ -8,6 +8,7 @@ use super::{
     same_width, values, with_cpu_real,
 };
 use crate::cpu::Real;
+use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, DType, Element, Error, Result, Tensor};
 
 const OP: &str = "moco";
@@ -88,6 +89,11 @@ pub fn moco_forward(
     opts: &MocoOptions,
 ) -> Result<SoftmaxForward> {
     let dims = validate(q, k, queue, opts)?;
+    run_on_kernels!(q.device(), b => {
+        let buffers = [b.upload("q", &values::<f32>(q))?, b.upload("k", &values::<f32>(k))?, b.upload("queue", &values::<f32>(queue))?];
+        let (loss, lse) = kernel_problem(b, &buffers, dims, opts).forward(b)?;
+        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse: q.host_like(b.download(&lse)?, &[dims.0]) } })
+    });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
         let (loss, lse) = problem(&qv, &kv, &queue_v, dims, opts).forward();
@@ -108,6 +114,12 @@ pub fn moco_backward(
     let dims = validate(q, k, queue, opts)?;
     check_saved_lse(OP, saved, dims.0)?;
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    run_on_kernels!(q.device(), b => {
+        let buffers = [b.upload("q", &values::<f32>(q))?, b.upload("k", &values::<f32>(k))?, b.upload("queue", &values::<f32>(queue))?];
+        let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
+        let grad = kernel_problem(b, &buffers, dims, opts).backward(b, &lse, grad_loss)?;
+        Ok(output_like(q, b.download(&grad)?, q.shape()))
+    });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
         let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
@@ -163,6 +175,23 @@ pub fn moco_enqueue(queue: &mut Tensor, k: &Tensor, ptr: usize) -> Result<usize>
         ));
     }
     check_finite(ENQUEUE, "k", k)?;
+    // f32 queues on a kernel device: upload the queue, enqueue in place there, download it back.
+    if queue.dtype() == DType::F32 {
+        crate::kernels::run_on_kernels!(queue.device(), b => {
+            use crate::kernels::Backend as _;
+            let device = queue.device();
+            let slots = queue.host_mut::<f32>().ok_or_else(|| Error::Mismatch {
+                op: ENQUEUE,
+                reason: format!("`queue` is not in host memory as f32 on {device}"),
+            })?;
+            let queue_buf = b.upload("queue", slots)?;
+            let keys = b.upload("k", &values::<f32>(k))?;
+            let next =
+                crate::kernels::queue::enqueue(b, &queue_buf, &keys, rows, queue_len, dim, ptr)?;
+            slots.copy_from_slice(&b.download(&queue_buf)?);
+            Ok(next)
+        });
+    }
     with_cpu_real!(k.dtype(), T => {
         let kv = values::<T>(k);
         match queue.dtype() {
@@ -187,4 +216,22 @@ fn enqueue_into<T: Real, E: Element>(
         reason: format!("`queue` is not in host memory as {} on {device}", E::DTYPE),
     })?;
     Ok(cpu::moco::enqueue(slots, k, rows, dim, ptr))
+}
+
+/// The MoCo launch sequence over uploaded `[q, k, queue]`.
+fn kernel_problem<'a, B: Backend>(
+    _backend: &B,
+    buffers: &'a [B::Buf; 3],
+    (rows, queue_len, dim): (usize, usize, usize),
+    opts: &MocoOptions,
+) -> kernels::moco::Moco<'a, B> {
+    kernels::moco::Moco {
+        q: &buffers[0],
+        k: &buffers[1],
+        queue: &buffers[2],
+        rows,
+        queue_len,
+        dim,
+        temperature: opts.temperature,
+    }
 }

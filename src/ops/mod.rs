@@ -284,7 +284,16 @@ pub(crate) fn check_labels_len(
 }
 
 /// The fixture kinds whose ops run as kernels on Interp and Cuda.
-pub const KERNEL_KINDS: &[&str] = &["normalize", "infonce", "ntxent"];
+pub const KERNEL_KINDS: &[&str] = &[
+    "normalize",
+    "infonce",
+    "ntxent",
+    "moco",
+    "margin",
+    "nce",
+    "momentum",
+    "supcon",
+];
 
 /// Which implementation runs ops of `kind` on `device` (reported per fixture case).
 pub fn backend_path(kind: &str, device: Device) -> String {

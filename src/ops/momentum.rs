@@ -3,13 +3,15 @@
 use half::{bf16, f16};
 
 use super::{check_finite, expect_shape, same_place};
+use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, DType, Element, Error, Result, Tensor};
 
 const OP: &str = "momentum_update";
 
 /// Updates `theta_k` in place from `theta_q` (same shape, dtype and device) with momentum `m` in
 /// [0, 1]. Any shape works (a whole flattened parameter vector or one weight matrix); the update is
-/// computed in f64 and rounded once to the tensor's dtype. On an error `theta_k` is unchanged.
+/// computed in f64 and rounded once to the tensor's dtype, except that f32 tensors on a kernel
+/// device (Interp, Cuda) run the f32 kernel. On an error `theta_k` is unchanged.
 ///
 /// ```
 /// use contra::{momentum_update, Device, Tensor};
@@ -27,12 +29,39 @@ pub fn momentum_update(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result
     }
     check_finite(OP, "theta_k", theta_k)?;
     check_finite(OP, "theta_q", theta_q)?;
+    if theta_k.dtype() == DType::F32 && theta_k.numel() > 0 {
+        run_on_kernels!(theta_k.device(), b => { update_on_kernels(b, theta_k, theta_q, m) });
+    }
     match theta_k.dtype() {
         DType::F32 => update::<f32>(theta_k, theta_q, m),
         DType::F64 => update::<f64>(theta_k, theta_q, m),
         DType::Bf16 => update::<bf16>(theta_k, theta_q, m),
         DType::F16 => update::<f16>(theta_k, theta_q, m),
     }
+}
+
+/// The kernel path for f32 tensors: upload both, update in place on the device, download the
+/// result back into `theta_k`.
+fn update_on_kernels<B: Backend>(
+    b: &B,
+    theta_k: &mut Tensor,
+    theta_q: &Tensor,
+    m: f64,
+) -> Result<()> {
+    let mismatch = || Error::Mismatch {
+        op: OP,
+        reason: "`theta_k` and `theta_q` do not both hold f32".into(),
+    };
+    let len = theta_k.numel();
+    let kb = b.upload("theta_k", theta_k.host::<f32>().ok_or_else(mismatch)?)?;
+    let qb = b.upload("theta_q", theta_q.host::<f32>().ok_or_else(mismatch)?)?;
+    kernels::momentum::update(b, &kb, &qb, len, m)?;
+    let updated = b.download(&kb)?;
+    theta_k
+        .host_mut::<f32>()
+        .ok_or_else(mismatch)?
+        .copy_from_slice(&updated);
+    Ok(())
 }
 
 fn update<E: Element>(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result<()> {

@@ -9,6 +9,7 @@ use super::{
     check_finite, check_finite_scalar, expect_shape, matrix_dims, output_like, same_place, values,
     vector_len, with_cpu_real,
 };
+use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "nce";
@@ -56,6 +57,33 @@ fn validate(
     Ok((rows, k))
 }
 
+/// Uploads `[s_pos, s_neg, logq_pos, logq_neg]` to a kernel backend.
+fn upload<B: Backend>(b: &B, inputs: [&Tensor; 4]) -> Result<[B::Buf; 4]> {
+    let [s_pos, s_neg, logq_pos, logq_neg] = inputs;
+    Ok([
+        b.upload("s_pos", &values::<f32>(s_pos))?,
+        b.upload("s_neg", &values::<f32>(s_neg))?,
+        b.upload("logq_pos", &values::<f32>(logq_pos))?,
+        b.upload("logq_neg", &values::<f32>(logq_neg))?,
+    ])
+}
+
+/// The kernel problem over uploaded `[s_pos, s_neg, logq_pos, logq_neg]`.
+fn kernel_problem<B: Backend>(
+    buffers: &[B::Buf; 4],
+    rows: usize,
+    k: usize,
+) -> kernels::nce::Problem<'_, B> {
+    kernels::nce::Problem {
+        s_pos: &buffers[0],
+        s_neg: &buffers[1],
+        logq_pos: &buffers[2],
+        logq_neg: &buffers[3],
+        rows,
+        k,
+    }
+}
+
 /// The mean NCE loss (forward only).
 pub fn nce_forward(
     s_pos: &Tensor,
@@ -64,6 +92,10 @@ pub fn nce_forward(
     logq_neg: &Tensor,
 ) -> Result<f64> {
     let (rows, k) = validate(s_pos, s_neg, logq_pos, logq_neg)?;
+    run_on_kernels!(s_pos.device(), b => {
+        let buffers = upload(b, [s_pos, s_neg, logq_pos, logq_neg])?;
+        kernel_problem(&buffers, rows, k).forward(b)
+    });
     with_cpu_real!(s_pos.dtype(), T => {
         let (sp, sn, qp, qn) =
             (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));
@@ -82,6 +114,11 @@ pub fn nce_backward(
 ) -> Result<(Tensor, Tensor)> {
     let (rows, k) = validate(s_pos, s_neg, logq_pos, logq_neg)?;
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    run_on_kernels!(s_pos.device(), b => {
+        let buffers = upload(b, [s_pos, s_neg, logq_pos, logq_neg])?;
+        let (gp, gn) = kernel_problem(&buffers, rows, k).backward(b, grad_loss)?;
+        Ok((output_like(s_pos, b.download(&gp)?, &[rows]), output_like(s_neg, b.download(&gn)?, &[rows, k])))
+    });
     with_cpu_real!(s_pos.dtype(), T => {
         let (sp, sn, qp, qn) =
             (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));

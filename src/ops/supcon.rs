@@ -7,6 +7,7 @@ use super::{
     with_cpu_real,
 };
 use crate::cpu::Real;
+use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "supcon";
@@ -108,6 +109,12 @@ pub fn supcon_forward(
     opts: &SupConOptions,
 ) -> Result<SoftmaxForward> {
     let dims = validate(features, labels, opts)?;
+    run_on_kernels!(features.device(), b => {
+        let inputs = KernelInputs::upload(b, features, labels, dims)?;
+        let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
+        let lse = features.host_like(b.download(&lse)?, &[dims.0 * dims.1]);
+        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
+    });
     with_cpu_real!(features.dtype(), T => {
         let fv = values::<T>(features);
         let (loss, lse) = problem(&fv, labels, dims, opts).forward();
@@ -127,6 +134,12 @@ pub fn supcon_backward(
     let dims = validate(features, labels, opts)?;
     check_saved_lse(OP, saved, dims.0 * dims.1)?;
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    run_on_kernels!(features.device(), b => {
+        let inputs = KernelInputs::upload(b, features, labels, dims)?;
+        let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
+        let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
+        Ok(output_like(features, b.download(&grad)?, features.shape()))
+    });
     with_cpu_real!(features.dtype(), T => {
         let fv = values::<T>(features);
         let grad = problem(&fv, labels, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
@@ -157,4 +170,46 @@ pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result
         loss: fwd.loss,
         grad_features,
     })
+}
+
+/// The flattened views, a dense class id per view and `1 / |P(a)|` per view, as kernel buffers.
+struct KernelInputs<B: Backend> {
+    views: B::Buf,
+    labels: B::Buf,
+    target_weight: B::Buf,
+}
+
+impl<B: Backend> KernelInputs<B> {
+    fn upload(
+        b: &B,
+        features: &Tensor,
+        labels: &[i64],
+        (_, views, _): (usize, usize, usize),
+    ) -> Result<Self> {
+        let classes = cpu::supcon::Classes::new(labels, views);
+        // Dense class ids are < N, which fits the kernels' 32-bit labels.
+        let class: Vec<i32> = classes.class.iter().map(|&c| c as i32).collect();
+        let weight: Vec<f32> = classes.inv_positives.iter().map(|&w| w as f32).collect();
+        Ok(KernelInputs {
+            views: b.upload("features", &values::<f32>(features))?,
+            labels: b.upload_i32("labels", &class)?,
+            target_weight: b.upload("target_weight", &weight)?,
+        })
+    }
+
+    fn problem(
+        &self,
+        (samples, views, dim): (usize, usize, usize),
+        opts: &SupConOptions,
+    ) -> kernels::supcon::SupCon<'_, B> {
+        kernels::supcon::SupCon {
+            views: &self.views,
+            labels: &self.labels,
+            target_weight: &self.target_weight,
+            rows: samples * views,
+            dim,
+            temperature: opts.temperature,
+            base_temperature: opts.base_temperature,
+        }
+    }
 }

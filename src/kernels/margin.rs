@@ -1,0 +1,78 @@
+//! Launch sequences of `kernels/margin.cu`: the Hadsell margin loss over pairs of rows.
+
+use super::params::ContraMarginParams;
+use super::{blocks_for, Backend, Launch};
+use crate::Result;
+
+/// Pair rows per 256-thread block (one warp per row), as in margin.cu.
+const ROWS_PER_BLOCK: usize = 8;
+
+/// The `d = sqrt(max(||x1 - x2||^2, DIST_EPS))` clamp.
+const DIST_EPS: f32 = 1e-12;
+
+fn launch_shape(rows: usize) -> Launch {
+    Launch::linear(blocks_for(rows, ROWS_PER_BLOCK), 256)
+}
+
+/// One margin-loss problem on a backend: `x1`, `x2` (rows x dim) and the labels `y` (rows, i32:
+/// 0 similar, 1 dissimilar).
+pub(crate) struct Problem<'a, B: Backend> {
+    pub x1: &'a B::Buf,
+    pub x2: &'a B::Buf,
+    pub y: &'a B::Buf,
+    pub rows: usize,
+    pub dim: usize,
+    pub margin: f64,
+}
+
+impl<B: Backend> Problem<'_, B> {
+    fn params(&self, b: &B) -> ContraMarginParams {
+        ContraMarginParams {
+            x1: b.ptr(self.x1),
+            x2: b.ptr(self.x2),
+            y: b.ptr(self.y).cast(),
+            rows: self.rows as i32,
+            dim: self.dim as i32,
+            margin: self.margin as f32,
+            eps: DIST_EPS,
+            ..Default::default()
+        }
+    }
+
+    /// The mean loss.
+    pub fn forward(&self, b: &B) -> Result<f64> {
+        let row_loss = b.output("row_loss", self.rows)?;
+        let params = ContraMarginParams {
+            row_loss: b.ptr(&row_loss).cast(),
+            ..self.params(b)
+        };
+        b.launch(
+            "margin_fwd_f32",
+            launch_shape(self.rows),
+            &params,
+            &[&row_loss],
+        )?;
+        // N per-row losses summed on the host in f64: deterministic.
+        let total: f64 = b.download(&row_loss)?.iter().map(|&v| v as f64).sum();
+        Ok(total / self.rows as f64)
+    }
+
+    /// Gradients of `grad_loss * loss` for x1 and x2.
+    pub fn backward(&self, b: &B, grad_loss: f64) -> Result<(B::Buf, B::Buf)> {
+        let grad_x1 = b.output("grad_x1", self.rows * self.dim)?;
+        let grad_x2 = b.output("grad_x2", self.rows * self.dim)?;
+        let params = ContraMarginParams {
+            grad_x1: b.ptr(&grad_x1),
+            grad_x2: b.ptr(&grad_x2),
+            grad_scale: (grad_loss / self.rows as f64) as f32,
+            ..self.params(b)
+        };
+        b.launch(
+            "margin_bwd_f32",
+            launch_shape(self.rows),
+            &params,
+            &[&grad_x1, &grad_x2],
+        )?;
+        Ok((grad_x1, grad_x2))
+    }
+}

@@ -1,0 +1,86 @@
+//! Launch sequence of the MoCo loss: q and k normalized by the normalize kernel, the queue used as
+//! given; the fused InfoNCE forward with k as each row's extra (positive) logit; the backward's
+//! query pass over the queue plus the extra logit's term, then the normalize backward.
+
+use super::infonce::{backward_pass, fused_forward, Side, Softmax};
+use super::params::ContraInfonceExtraBwdParams;
+use super::{blocks_for, normalize, Backend, Launch};
+use crate::Result;
+
+/// One MoCo problem: q, k (rows x dim) raw, queue (queue_len x dim) used as given.
+pub(crate) struct Moco<'a, B: Backend> {
+    pub q: &'a B::Buf,
+    pub k: &'a B::Buf,
+    pub queue: &'a B::Buf,
+    pub rows: usize,
+    pub queue_len: usize,
+    pub dim: usize,
+    pub temperature: f64,
+}
+
+impl<B: Backend> Moco<'_, B> {
+    fn scale(&self) -> f32 {
+        (1.0 / self.temperature) as f32
+    }
+
+    fn normalized(&self, b: &B) -> Result<(B::Buf, B::Buf)> {
+        Ok((
+            normalize::forward(b, self.q, self.rows, self.dim)?,
+            normalize::forward(b, self.k, self.rows, self.dim)?,
+        ))
+    }
+
+    fn softmax<'s>(&'s self, qn: &'s B::Buf) -> Softmax<'s, B::Buf> {
+        Softmax {
+            q: qn,
+            k: self.queue,
+            positives: None,
+            labels: None,
+            rows: self.rows,
+            cols: self.queue_len,
+            dim: self.dim,
+        }
+    }
+
+    /// The mean loss and the per-row log-sum-exp (over the positive and the queue).
+    pub fn forward(&self, b: &B) -> Result<(f64, B::Buf)> {
+        let (qn, kn) = self.normalized(b)?;
+        fused_forward(b, self.softmax(&qn), self.scale(), false, Some(&kn))
+    }
+
+    /// The gradient of `grad_loss * loss` with respect to q (k and the queue get none).
+    pub fn backward(&self, b: &B, lse: &B::Buf, grad_loss: f64) -> Result<B::Buf> {
+        let (qn, kn) = self.normalized(b)?;
+        let grad_scale = (grad_loss / self.rows as f64) as f32;
+        let grad_qn = b.output("grad_q", self.rows * self.dim)?;
+        backward_pass(
+            b,
+            &self.softmax(&qn),
+            Side::Queries,
+            lse,
+            &grad_qn,
+            false,
+            self.scale(),
+            grad_scale,
+            false,
+        )?;
+        let params = ContraInfonceExtraBwdParams {
+            q: b.ptr(&qn),
+            extra_key: b.ptr(&kn),
+            lse: b.ptr(lse).cast(),
+            grad_q: b.ptr(&grad_qn).cast(),
+            rows: self.rows as i32,
+            dim: self.dim as i32,
+            scale: self.scale(),
+            grad_scale,
+        };
+        // One warp per row, 8 rows per 256-thread block.
+        b.launch(
+            "infonce_extra_bwd_f32",
+            Launch::linear(blocks_for(self.rows, 8), 256),
+            &params,
+            &[&grad_qn],
+        )?;
+        normalize::backward(b, self.q, &grad_qn, self.rows, self.dim)
+    }
+}

@@ -1,0 +1,77 @@
+//! Launch sequence of SupCon: the N·V views normalized by the normalize kernel, then the fused
+//! InfoNCE kernels in label mode (positives = the other views with the anchor's label), self
+//! excluded; the two backward passes sum into one gradient, then the normalize backward.
+
+use super::infonce::{backward_pass, fused_forward, Side, Softmax};
+use super::{normalize, Backend};
+use crate::Result;
+
+/// One SupCon problem over `rows = N·V` flattened views (`rows x dim`).
+pub(crate) struct SupCon<'a, B: Backend> {
+    pub views: &'a B::Buf,
+    /// The class of each view (i32).
+    pub labels: &'a B::Buf,
+    /// `1 / |P(a)|` per view (f32), 0 for an anchor without positives.
+    pub target_weight: &'a B::Buf,
+    pub rows: usize,
+    pub dim: usize,
+    pub temperature: f64,
+    pub base_temperature: f64,
+}
+
+impl<B: Backend> SupCon<'_, B> {
+    fn scale(&self) -> f32 {
+        (1.0 / self.temperature) as f32
+    }
+
+    fn softmax<'s>(&'s self, zn: &'s B::Buf) -> Softmax<'s, B::Buf> {
+        Softmax {
+            q: zn,
+            k: zn,
+            positives: None,
+            labels: Some((self.labels, self.target_weight)),
+            rows: self.rows,
+            cols: self.rows,
+            dim: self.dim,
+        }
+    }
+
+    /// The loss `(tau / base_tau) * mean_a loss_a` and the per-anchor log-sum-exp.
+    pub fn forward(&self, b: &B) -> Result<(f64, B::Buf)> {
+        let zn = normalize::forward(b, self.views, self.rows, self.dim)?;
+        let (mean, lse) = fused_forward(b, self.softmax(&zn), self.scale(), true, None)?;
+        Ok((mean * self.temperature / self.base_temperature, lse))
+    }
+
+    /// The gradient of `grad_loss * loss` with respect to the views.
+    pub fn backward(&self, b: &B, lse: &B::Buf, grad_loss: f64) -> Result<B::Buf> {
+        let zn = normalize::forward(b, self.views, self.rows, self.dim)?;
+        let softmax = self.softmax(&zn);
+        let grad_scale =
+            (grad_loss * self.temperature / self.base_temperature / self.rows as f64) as f32;
+        let grad = b.output("grad_features", self.rows * self.dim)?;
+        backward_pass(
+            b,
+            &softmax,
+            Side::Queries,
+            lse,
+            &grad,
+            false,
+            self.scale(),
+            grad_scale,
+            true,
+        )?;
+        backward_pass(
+            b,
+            &softmax,
+            Side::Keys,
+            lse,
+            &grad,
+            true,
+            self.scale(),
+            grad_scale,
+            true,
+        )?;
+        normalize::backward(b, self.views, &grad, self.rows, self.dim)
+    }
+}

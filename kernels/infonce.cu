@@ -106,8 +106,10 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     for (int t0 = 0; t0 < p.other_rows; t0 += kTile) {
         tile_dot<T, false>(owner_rows, p.owner_rows, o0, other_rows, p.other_rows, t0, p.dim, as, bs, acc, unused_a,
                            unused_b);
+#pragma unroll
         for (int i = 0; i < kPerThread; ++i) {
             const int o = o0 + ty + 16 * i;
+#pragma unroll
             for (int j = 0; j < kPerThread; ++j) {
                 const int t = t0 + tx + 16 * j;
                 const int qi = p.owner_is_query ? o : t, kj = p.owner_is_query ? t : o;
@@ -133,14 +135,17 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
                                   : 0.0f;
             }
             __syncthreads();
+#pragma unroll
             for (int i = 0; i < kPerThread; ++i) {
                 const int o = o0 + ty + 16 * i;
                 float out[kPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
                 for (int t = 0; t < kTile; ++t) {
                     const float gv = g[ty + 16 * i][t];
+#pragma unroll
                     for (int j = 0; j < kPerThread; ++j) out[j] = fmaf(gv, other[t][tx + 16 * j], out[j]);
                 }
                 if (o >= p.owner_rows) continue;
+#pragma unroll
                 for (int j = 0; j < kPerThread; ++j) {
                     const int d = d0 + tx + 16 * j;
                     if (d >= p.dim) continue;

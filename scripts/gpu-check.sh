@@ -14,7 +14,7 @@ rm -rf "$bundle" && mkdir -p "$bundle"
 cargo build --release --features cuda --bin contra
 cp "$target/release/contra" "$bundle/contra"
 # The test binaries: cargo prints their paths as JSON.
-cargo test --release --features cuda --no-run --test kernels --test fixtures --message-format=json \
+cargo test --release --features cuda --no-run --test kernels --test kernels_elementwise --test fixtures --message-format=json \
   | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | while read -r exe; do
     name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
     cp "$exe" "$bundle/$name"

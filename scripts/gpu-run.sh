@@ -35,13 +35,16 @@ run() {
 
 section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
 run "kernel tests" 120 "$bundle/kernels" --test-threads=2 --nocapture
+run "elementwise kernel tests" 60 "$bundle/kernels_elementwise" --test-threads=2 --nocapture
 section "Fixtures on cuda:0"
 run "fixtures on cuda:0" 60 env CONTRA_DEVICE=cuda "$bundle/fixtures" --nocapture
 section "compute-sanitizer memcheck over the kernel tests"
 if [ -n "$sanitizer" ]; then
   run "memcheck" 150 "$sanitizer" --tool memcheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
+  run "memcheck (elementwise)" 60 "$sanitizer" --tool memcheck --error-exitcode 1 "$bundle/kernels_elementwise" --test-threads=1
   section "compute-sanitizer racecheck over the kernel tests"
   run "racecheck" 150 "$sanitizer" --tool racecheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
+  run "racecheck (elementwise)" 60 "$sanitizer" --tool racecheck --error-exitcode 1 "$bundle/kernels_elementwise" --test-threads=1
 else
   echo "compute-sanitizer not found: skipped" >>"$report"; overall=1
 fi

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::cuda::Cuda;
-use super::{infonce, normalize, similarity, Backend};
+use super::{infonce, moco, momentum, normalize, queue, similarity, supcon, Backend};
 use crate::ops::Similarity;
 use crate::Result;
 
@@ -114,5 +114,100 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
             flops: 4.0 * gemm,
         });
     }
+    // MoCo at the reference shape of the benchmark issue: N = 256 queries, K = 65536 negatives.
+    let (n, queue_len, d) = (256, 65536, 128);
+    let (q, k) = (
+        b.upload("q", &random(n * d, 6))?,
+        b.upload("k", &random(n * d, 7))?,
+    );
+    let queue = b.upload("queue", &random(queue_len * d, 8))?;
+    let problem = moco::Moco::<Cuda> {
+        q: &q,
+        k: &k,
+        queue: &queue,
+        rows: n,
+        queue_len,
+        dim: d,
+        temperature: 0.2,
+    };
+    let gemm = 2.0 * (n * queue_len * d) as f64;
+    let ms = median_ms(repeats, || problem.forward(b).map(drop))?;
+    rows.push(KernelTiming {
+        kernel: "moco forward",
+        shape: format!("{n}x{queue_len}x{d}"),
+        median_ms: ms,
+        flops: gemm,
+    });
+    let (_, lse) = problem.forward(b)?;
+    let ms = median_ms(repeats, || problem.backward(b, &lse, 1.0).map(drop))?;
+    rows.push(KernelTiming {
+        kernel: "moco backward (grad q)",
+        shape: format!("{n}x{queue_len}x{d}"),
+        median_ms: ms,
+        flops: 2.0 * gemm,
+    });
+    let ms = median_ms(repeats, || {
+        queue::enqueue(b, &queue, &k, n, queue_len, d, 1000).map(drop)
+    })?;
+    rows.push(KernelTiming {
+        kernel: "queue_enqueue_f32",
+        shape: format!("{n}x{d} into {queue_len}"),
+        median_ms: ms,
+        flops: 3.0 * (n * d) as f64,
+    });
+
+    // SupCon: 4096 samples x 2 views, 100 classes.
+    let (samples, views, d) = (4096, 2, 128);
+    let rows_total = samples * views;
+    let features = b.upload("features", &random(rows_total * d, 9))?;
+    let labels: Vec<i64> = (0..samples as i64).map(|i| i % 100).collect();
+    let classes = crate::cpu::supcon::Classes::new(&labels, views);
+    let class: Vec<i32> = classes.class.iter().map(|&c| c as i32).collect();
+    let weight: Vec<f32> = classes.inv_positives.iter().map(|&w| w as f32).collect();
+    let (labels, weight) = (
+        b.upload_i32("labels", &class)?,
+        b.upload("target_weight", &weight)?,
+    );
+    let problem = supcon::SupCon::<Cuda> {
+        views: &features,
+        labels: &labels,
+        target_weight: &weight,
+        rows: rows_total,
+        dim: d,
+        temperature: 0.1,
+        base_temperature: 0.07,
+    };
+    let gemm = 2.0 * (rows_total * rows_total * d) as f64;
+    let ms = median_ms(repeats, || problem.forward(b).map(drop))?;
+    rows.push(KernelTiming {
+        kernel: "supcon forward",
+        shape: format!("{samples}x{views}x{d}"),
+        median_ms: ms,
+        flops: gemm,
+    });
+    let (_, lse) = problem.forward(b)?;
+    let ms = median_ms(repeats, || problem.backward(b, &lse, 1.0).map(drop))?;
+    rows.push(KernelTiming {
+        kernel: "supcon backward",
+        shape: format!("{samples}x{views}x{d}"),
+        median_ms: ms,
+        flops: 4.0 * gemm,
+    });
+
+    // Momentum over 25M parameters (a ResNet-50-sized encoder).
+    let len = 25_000_000;
+    let (theta_k, theta_q) = (
+        b.upload("theta_k", &random(len, 10))?,
+        b.upload("theta_q", &random(len, 11))?,
+    );
+    let ms = median_ms(repeats, || {
+        momentum::update(b, &theta_k, &theta_q, len, 0.999)
+    })?;
+    rows.push(KernelTiming {
+        kernel: "momentum_update_f32",
+        shape: format!("{len}"),
+        median_ms: ms,
+        flops: 3.0 * len as f64,
+    });
     Ok(rows)
 }

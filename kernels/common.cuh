@@ -57,4 +57,22 @@ struct OnlineLse {
     __device__ __forceinline__ float value() const { return running_max + logf(running_sum); }
 };
 
+// Folds a partial (max, sum of exp(x - max)) into a running log-sum-exp state shared by blocks:
+// a {max, sum} float pair packed in 64 bits, updated with compare-and-swap.
+__device__ __forceinline__ void merge_lse_state(unsigned long long* state, float block_max, float block_sum) {
+    if (block_max == -INFINITY) return;
+    unsigned long long seen = atomicCAS(state, 0ull, 0ull);  // an atomic read
+    unsigned long long expected;
+    do {
+        expected = seen;
+        const float old_max = __uint_as_float((unsigned)(expected & 0xffffffffull));
+        const float old_sum = __uint_as_float((unsigned)(expected >> 32));
+        const float new_max = fmaxf(old_max, block_max);
+        const float new_sum = old_sum * expf(old_max - new_max) + block_sum * expf(block_max - new_max);
+        const unsigned long long desired =
+            (unsigned long long)__float_as_uint(new_max) | ((unsigned long long)__float_as_uint(new_sum) << 32);
+        seen = atomicCAS(state, expected, desired);
+    } while (seen != expected);
+}
+
 }  // namespace contra

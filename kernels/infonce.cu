@@ -22,6 +22,8 @@ template <typename T>
 __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
     __shared__ float as[kSlice][kTilePad];
     __shared__ float bs[kSlice][kTilePad];
+    __shared__ float col_max[16][kTile];  // CLIP: per-ty partial column statistics
+    __shared__ float col_sum[16][kTile];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int r0 = blockIdx.x * kTile;
     int row[kPerThread], positive[kPerThread], label[kPerThread];
@@ -76,6 +78,39 @@ __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
                 for (int j = 0; j < kPerThread; ++j) local_sum += expf(logit[j] - tile_max);
             state[i].merge(tile_max, group_sum<16>(local_sum));
         }
+        if (p.col_state) {
+            // CLIP's column log-sum-exp from the same logits: reduce this block's 64 rows per
+            // column (4 per thread, then the 16 ty's through shared memory), then fold into the
+            // column's global state.
+#pragma unroll
+            for (int j = 0; j < kPerThread; ++j) {
+                float logit[kPerThread], local_max = -INFINITY, local_sum = 0.0f;
+#pragma unroll
+                for (int i = 0; i < kPerThread; ++i) {
+                    logit[i] = row[i] < p.rows ? __fmul_rn(acc[i][j], p.scale) : -INFINITY;
+                    local_max = fmaxf(local_max, logit[i]);
+                }
+                if (local_max != -INFINITY)
+#pragma unroll
+                    for (int i = 0; i < kPerThread; ++i) local_sum += expf(logit[i] - local_max);
+                col_max[ty][tx + 16 * j] = local_max;
+                col_sum[ty][tx + 16 * j] = local_sum;
+            }
+            __syncthreads();
+            if (ty == 0) {
+                for (int j = 0; j < kPerThread; ++j) {
+                    const int c = tx + 16 * j;
+                    if (c0 + c >= p.cols) continue;
+                    float m = -INFINITY, s = 0.0f;
+                    for (int k = 0; k < 16; ++k) m = fmaxf(m, col_max[k][c]);
+                    if (m != -INFINITY)
+                        for (int k = 0; k < 16; ++k)
+                            if (col_max[k][c] != -INFINITY) s += col_sum[k][c] * expf(col_max[k][c] - m);
+                    merge_lse_state(p.col_state + c0 + c, m, s);
+                }
+            }
+            __syncthreads();
+        }
     }
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
@@ -103,6 +138,7 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     const T* other_rows = static_cast<const T*>(p.other);
     float* grad = static_cast<float*>(p.grad_owner);
     float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
+    float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
     for (int t0 = 0; t0 < p.other_rows; t0 += kTile) {
         tile_dot<T, false>(owner_rows, p.owner_rows, o0, other_rows, p.other_rows, t0, p.dim, as, bs, acc, unused_a,
                            unused_b);
@@ -117,11 +153,19 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
                 if (o < p.owner_rows && t < p.other_rows && !(p.self_mask && qi == kj)) {
                     const float prob = expf(__fmul_rn(acc[i][j], p.scale) - p.lse[qi]);
                     float target = (p.positives && p.positives[qi] == kj) ? 1.0f : 0.0f, weight = 1.0f;
+                    float prob_total = prob;
+                    if (p.col_lse) {
+                        // CLIP: the column softmax of the same logit, with the same target.
+                        prob_total += expf(__fmul_rn(acc[i][j], p.scale) - p.col_lse[kj]);
+                        target *= 2.0f;
+                    }
                     if (p.labels) {
                         target = p.labels[qi] == p.labels[kj] ? p.target_weight[qi] : 0.0f;
                         weight = p.target_weight[qi] > 0.0f ? 1.0f : 0.0f;
                     }
-                    value = p.grad_scale * p.scale * weight * (prob - target);
+                    const float dlogit = p.grad_scale * weight * (prob_total - target);
+                    log_scale_acc += dlogit * __fmul_rn(acc[i][j], p.scale);
+                    value = dlogit * p.scale;
                 }
                 g[ty + 16 * i][tx + 16 * j] = value;
             }
@@ -155,6 +199,18 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
             }
         }
         __syncthreads();  // g and other are rewritten by the next tile
+    }
+    if (p.log_scale_partial) {
+        // One partial per block (summed on the host in f64): warp sums, then the 8 warps.
+        const float warp_total = warp_sum(log_scale_acc);
+        __shared__ float warp_partial[8];
+        if (tid % 32 == 0) warp_partial[tid / 32] = warp_total;
+        __syncthreads();
+        if (tid == 0) {
+            float total = 0.0f;
+            for (int w = 0; w < 8; ++w) total += warp_partial[w];
+            p.log_scale_partial[blockIdx.x] = total;
+        }
     }
 }
 

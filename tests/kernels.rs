@@ -698,3 +698,36 @@ fn check_supcon(device: Device) {
 fn supcon_matches_cpu() {
     on_kernel_devices("supcon_matches_cpu", check_supcon);
 }
+
+/// (N, D) for CLIP: rows and columns across 64-wide tiles, tiny batches, D = 1. (N = 1 is
+/// degenerate: the loss is identically 0 and both sides hold only rounding noise.)
+const CLIP_SHAPES: &[(usize, usize)] = &[(37, 77), (3, 17), (2, 17), (37, 1), (130, 40)];
+
+fn check_clip(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0xc11b);
+    // The CLIP init (1 / 0.07) and its usual cap (100).
+    for log_scale in [(1.0f64 / 0.07).ln(), 100f64.ln()] {
+        for &(n, d) in CLIP_SHAPES {
+            let a = feature_matrix(&mut rng, n, d);
+            let b = feature_matrix(&mut rng, n, d);
+            let case = format!("clip {n}x{d} log_scale={log_scale:.2}");
+            compare_with_cpu(device, &case, &[(&a, &[n, d]), (&b, &[n, d])], |t| {
+                let fwd = clip_forward(&t[0], &t[1], log_scale)?;
+                let grads = clip_backward(&t[0], &t[1], log_scale, &fwd.saved, 1.25)?;
+                Ok(vec![
+                    ("loss", vec![fwd.loss]),
+                    ("row_lse", fwd.saved.row_lse.to_vec_f64()),
+                    ("col_lse", fwd.saved.col_lse.to_vec_f64()),
+                    ("grad_a", grads.grad_a.to_vec_f64()),
+                    ("grad_b", grads.grad_b.to_vec_f64()),
+                    ("grad_log_scale", vec![grads.grad_log_scale]),
+                ])
+            });
+        }
+    }
+}
+
+#[test]
+fn clip_matches_cpu() {
+    on_kernel_devices("clip_matches_cpu", check_clip);
+}

@@ -55,6 +55,10 @@ typedef struct ContraInfonceFwdParams {
      * and the row's loss is 0). `positives` is then NULL. */
     const int* labels;
     const float* target_weight;
+    /* CLIP: with `col_state` (cols entries, each a packed {running max, running sum} pair of
+     * floats, initialised to {-inf, 0}) the same sweep also folds every column's log-sum-exp
+     * over the rows in, with a compare-and-swap per block and column. May be NULL. */
+    unsigned long long* col_state;
     float* lse;
     float* row_loss;
     int rows;
@@ -75,6 +79,11 @@ typedef struct ContraInfonceBwdParams {
     const int* labels;           /* SupCon, as in ContraInfonceFwdParams; may be NULL */
     const float* target_weight;  /* with labels: 1 / |P(i)|, 0 for a row without positives */
     const float* lse;
+    /* CLIP: the column log-sum-exp; then G also gets exp(logit - col_lse[j]) - [j == p_i], and
+     * log_scale_partial[block] receives sum of G_ij logit_ij / scale over the block's tile rows
+     * (query pass only). Both may be NULL. */
+    const float* col_lse;
+    float* log_scale_partial;
     void* grad_owner;
     int owner_rows;
     int other_rows;

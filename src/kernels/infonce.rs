@@ -68,12 +68,14 @@ impl<B: Backend> Problem<'_, B> {
                 k,
                 positives: Some(self.positives),
                 labels: None,
+                col_lse: None,
                 rows: self.rows,
                 cols: self.cols,
                 dim: self.dim,
             },
             self.scale(),
             self.self_mask,
+            None,
             None,
         )
     }
@@ -94,6 +96,7 @@ impl<B: Backend> Problem<'_, B> {
             k,
             positives: Some(self.positives),
             labels: None,
+            col_lse: None,
             rows: self.rows,
             cols: self.cols,
             dim: self.dim,
@@ -110,6 +113,7 @@ impl<B: Backend> Problem<'_, B> {
             self.scale(),
             grad_scale,
             self.self_mask,
+            None,
         )?;
         let grad_k = if sum_into_q {
             None
@@ -127,6 +131,7 @@ impl<B: Backend> Problem<'_, B> {
             self.scale(),
             grad_scale,
             self.self_mask,
+            None,
         )?;
         if !self.normalize {
             return Ok((grad_q, grad_k));
@@ -150,6 +155,8 @@ pub(crate) struct Softmax<'a, Buf> {
     pub positives: Option<&'a Buf>,
     /// SupCon: a label per row (i32) and `1 / |P(i)|` per row (f32, 0 without positives).
     pub labels: Option<(&'a Buf, &'a Buf)>,
+    /// CLIP's column log-sum-exp: the backward adds the column softmax (symmetric loss).
+    pub col_lse: Option<&'a Buf>,
     pub rows: usize,
     pub cols: usize,
     pub dim: usize,
@@ -175,6 +182,7 @@ pub(crate) fn fused_forward<B: Backend>(
     scale: f32,
     self_mask: bool,
     extra_key: Option<&B::Buf>,
+    col_state: Option<&B::Buf>,
 ) -> Result<(f64, B::Buf)> {
     let lse = b.output("lse", s.rows)?;
     let row_loss = b.output("row_loss", s.rows)?;
@@ -185,6 +193,7 @@ pub(crate) fn fused_forward<B: Backend>(
         labels: or_null(b, s.labels.map(|(labels, _)| labels)).cast(),
         target_weight: or_null(b, s.labels.map(|(_, weight)| weight)).cast(),
         extra_key: or_null(b, extra_key),
+        col_state: or_null(b, col_state).cast(),
         lse: b.ptr(&lse).cast(),
         row_loss: b.ptr(&row_loss).cast(),
         rows: s.rows as i32,
@@ -216,6 +225,7 @@ pub(crate) fn backward_pass<B: Backend>(
     scale: f32,
     grad_scale: f32,
     self_mask: bool,
+    log_scale_partial: Option<&B::Buf>,
 ) -> Result<()> {
     let (owner, other, owner_rows, other_rows) = match side {
         Side::Queries => (s.q, s.k, s.rows, s.cols),
@@ -228,6 +238,8 @@ pub(crate) fn backward_pass<B: Backend>(
         labels: or_null(b, s.labels.map(|(labels, _)| labels)).cast(),
         target_weight: or_null(b, s.labels.map(|(_, weight)| weight)).cast(),
         lse: b.ptr(lse).cast(),
+        col_lse: or_null(b, s.col_lse).cast(),
+        log_scale_partial: or_null(b, log_scale_partial).cast(),
         grad_owner: b.ptr(grad),
         owner_rows: owner_rows as i32,
         other_rows: other_rows as i32,

@@ -36,6 +36,7 @@ impl<B: Backend> Moco<'_, B> {
             k: self.queue,
             positives: None,
             labels: None,
+            col_lse: None,
             rows: self.rows,
             cols: self.queue_len,
             dim: self.dim,
@@ -45,7 +46,7 @@ impl<B: Backend> Moco<'_, B> {
     /// The mean loss and the per-row log-sum-exp (over the positive and the queue).
     pub fn forward(&self, b: &B) -> Result<(f64, B::Buf)> {
         let (qn, kn) = self.normalized(b)?;
-        fused_forward(b, self.softmax(&qn), self.scale(), false, Some(&kn))
+        fused_forward(b, self.softmax(&qn), self.scale(), false, Some(&kn), None)
     }
 
     /// The gradient of `grad_loss * loss` with respect to q (k and the queue get none).
@@ -63,6 +64,7 @@ impl<B: Backend> Moco<'_, B> {
             self.scale(),
             grad_scale,
             false,
+            None,
         )?;
         let params = ContraInfonceExtraBwdParams {
             q: b.ptr(&qn),

@@ -2,6 +2,7 @@
 //! (the interpreted mode, or a CUDA GPU). This layer holds the crate's only kernel-launching
 //! `unsafe` code, in `interp.rs` and `cuda.rs`, each block with its `// SAFETY:` reason.
 
+pub(crate) mod clip;
 pub(crate) mod infonce;
 pub(crate) mod interp;
 pub(crate) mod margin;

@@ -97,6 +97,7 @@ pub struct ContraInfonceFwdParams {
     pub extra_key: *const ::std::os::raw::c_void,
     pub labels: *const ::std::os::raw::c_int,
     pub target_weight: *const f32,
+    pub col_state: *mut ::std::os::raw::c_ulonglong,
     pub lse: *mut f32,
     pub row_loss: *mut f32,
     pub rows: ::std::os::raw::c_int,
@@ -107,7 +108,7 @@ pub struct ContraInfonceFwdParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 88usize];
+    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 96usize];
     ["Alignment of ContraInfonceFwdParams"]
         [::std::mem::align_of::<ContraInfonceFwdParams>() - 8usize];
     ["Offset of field: ContraInfonceFwdParams::q"]
@@ -122,20 +123,22 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceFwdParams, labels) - 32usize];
     ["Offset of field: ContraInfonceFwdParams::target_weight"]
         [::std::mem::offset_of!(ContraInfonceFwdParams, target_weight) - 40usize];
+    ["Offset of field: ContraInfonceFwdParams::col_state"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, col_state) - 48usize];
     ["Offset of field: ContraInfonceFwdParams::lse"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, lse) - 48usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, lse) - 56usize];
     ["Offset of field: ContraInfonceFwdParams::row_loss"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, row_loss) - 56usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, row_loss) - 64usize];
     ["Offset of field: ContraInfonceFwdParams::rows"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, rows) - 64usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, rows) - 72usize];
     ["Offset of field: ContraInfonceFwdParams::cols"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, cols) - 68usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, cols) - 76usize];
     ["Offset of field: ContraInfonceFwdParams::dim"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, dim) - 72usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, dim) - 80usize];
     ["Offset of field: ContraInfonceFwdParams::self_mask"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, self_mask) - 76usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, self_mask) - 84usize];
     ["Offset of field: ContraInfonceFwdParams::scale"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 80usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 88usize];
 };
 impl Default for ContraInfonceFwdParams {
     fn default() -> Self {
@@ -155,6 +158,8 @@ pub struct ContraInfonceBwdParams {
     pub labels: *const ::std::os::raw::c_int,
     pub target_weight: *const f32,
     pub lse: *const f32,
+    pub col_lse: *const f32,
+    pub log_scale_partial: *mut f32,
     pub grad_owner: *mut ::std::os::raw::c_void,
     pub owner_rows: ::std::os::raw::c_int,
     pub other_rows: ::std::os::raw::c_int,
@@ -167,7 +172,7 @@ pub struct ContraInfonceBwdParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 88usize];
+    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 104usize];
     ["Alignment of ContraInfonceBwdParams"]
         [::std::mem::align_of::<ContraInfonceBwdParams>() - 8usize];
     ["Offset of field: ContraInfonceBwdParams::owner"]
@@ -182,24 +187,28 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceBwdParams, target_weight) - 32usize];
     ["Offset of field: ContraInfonceBwdParams::lse"]
         [::std::mem::offset_of!(ContraInfonceBwdParams, lse) - 40usize];
+    ["Offset of field: ContraInfonceBwdParams::col_lse"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, col_lse) - 48usize];
+    ["Offset of field: ContraInfonceBwdParams::log_scale_partial"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, log_scale_partial) - 56usize];
     ["Offset of field: ContraInfonceBwdParams::grad_owner"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_owner) - 48usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_owner) - 64usize];
     ["Offset of field: ContraInfonceBwdParams::owner_rows"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_rows) - 56usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_rows) - 72usize];
     ["Offset of field: ContraInfonceBwdParams::other_rows"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, other_rows) - 60usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, other_rows) - 76usize];
     ["Offset of field: ContraInfonceBwdParams::dim"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, dim) - 64usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, dim) - 80usize];
     ["Offset of field: ContraInfonceBwdParams::self_mask"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, self_mask) - 68usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, self_mask) - 84usize];
     ["Offset of field: ContraInfonceBwdParams::owner_is_query"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_is_query) - 72usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_is_query) - 88usize];
     ["Offset of field: ContraInfonceBwdParams::accumulate"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, accumulate) - 76usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, accumulate) - 92usize];
     ["Offset of field: ContraInfonceBwdParams::scale"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, scale) - 80usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, scale) - 96usize];
     ["Offset of field: ContraInfonceBwdParams::grad_scale"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 84usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 100usize];
 };
 impl Default for ContraInfonceBwdParams {
     fn default() -> Self {

@@ -30,6 +30,7 @@ impl<B: Backend> SupCon<'_, B> {
             k: zn,
             positives: None,
             labels: Some((self.labels, self.target_weight)),
+            col_lse: None,
             rows: self.rows,
             cols: self.rows,
             dim: self.dim,
@@ -39,7 +40,7 @@ impl<B: Backend> SupCon<'_, B> {
     /// The loss `(tau / base_tau) * mean_a loss_a` and the per-anchor log-sum-exp.
     pub fn forward(&self, b: &B) -> Result<(f64, B::Buf)> {
         let zn = normalize::forward(b, self.views, self.rows, self.dim)?;
-        let (mean, lse) = fused_forward(b, self.softmax(&zn), self.scale(), true, None)?;
+        let (mean, lse) = fused_forward(b, self.softmax(&zn), self.scale(), true, None, None)?;
         Ok((mean * self.temperature / self.base_temperature, lse))
     }
 
@@ -60,6 +61,7 @@ impl<B: Backend> SupCon<'_, B> {
             self.scale(),
             grad_scale,
             true,
+            None,
         )?;
         backward_pass(
             b,
@@ -71,6 +73,7 @@ impl<B: Backend> SupCon<'_, B> {
             self.scale(),
             grad_scale,
             true,
+            None,
         )?;
         normalize::backward(b, self.views, &grad, self.rows, self.dim)
     }

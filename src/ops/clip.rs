@@ -6,6 +6,7 @@ use super::{
     same_place, values, with_cpu_real,
 };
 use crate::cpu::Real;
+use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "clip";
@@ -79,6 +80,13 @@ fn problem<'a, T>(
 /// and column log-sum-exp for [`clip_backward`].
 pub fn clip_forward(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipForward> {
     let dims = validate(a, b, log_scale)?;
+    run_on_kernels!(a.device(), k => {
+        check_scale::<f32>(OP, "log_scale", log_scale, log_scale.exp())?;
+        let inputs = KernelInputs::upload(k, a, b, dims.0)?;
+        let (loss, lse) = inputs.problem(dims, log_scale).forward(k)?;
+        let saved = ClipSaved { row_lse: a.host_like(k.download(&lse.rows)?, &[dims.0]), col_lse: a.host_like(lse.cols, &[dims.0]) };
+        Ok(ClipForward { loss, saved })
+    });
     with_cpu_real!(a.dtype(), T => {
         check_scale::<T>(OP, "log_scale", log_scale, log_scale.exp())?;
         let (av, bv) = (values::<T>(a), values::<T>(b));
@@ -106,6 +114,18 @@ pub fn clip_backward(
         check_finite(OP, arg, lse)?;
     }
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    run_on_kernels!(a.device(), k => {
+        check_scale::<f32>(OP, "log_scale", log_scale, log_scale.exp())?;
+        let inputs = KernelInputs::upload(k, a, b, dims.0)?;
+        let row_lse = k.upload("row_lse", &values::<f32>(&saved.row_lse))?;
+        let col_lse = values::<f32>(&saved.col_lse);
+        let (grad_a, grad_b, grad_log_scale) = inputs.problem(dims, log_scale).backward(k, &row_lse, &col_lse, grad_loss)?;
+        Ok(ClipGrads {
+            grad_a: output_like(a, k.download(&grad_a)?, a.shape()),
+            grad_b: output_like(b, k.download(&grad_b)?, b.shape()),
+            grad_log_scale,
+        })
+    });
     with_cpu_real!(a.dtype(), T => {
         check_scale::<T>(OP, "log_scale", log_scale, log_scale.exp())?;
         let (av, bv) = (values::<T>(a), values::<T>(b));
@@ -146,4 +166,33 @@ pub fn clip(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipOutput> {
         grad_b: grads.grad_b,
         grad_log_scale: grads.grad_log_scale,
     })
+}
+
+/// a, b and the diagonal positives as kernel buffers.
+struct KernelInputs<B: Backend> {
+    a: B::Buf,
+    b: B::Buf,
+    diagonal: B::Buf,
+}
+
+impl<B: Backend> KernelInputs<B> {
+    fn upload(k: &B, a: &Tensor, b: &Tensor, rows: usize) -> Result<Self> {
+        let diagonal: Vec<i32> = (0..rows as i32).collect();
+        Ok(KernelInputs {
+            a: k.upload("a", &values::<f32>(a))?,
+            b: k.upload("b", &values::<f32>(b))?,
+            diagonal: k.upload_i32("diagonal", &diagonal)?,
+        })
+    }
+
+    fn problem(&self, (rows, dim): (usize, usize), log_scale: f64) -> kernels::clip::Clip<'_, B> {
+        kernels::clip::Clip {
+            a: &self.a,
+            b: &self.b,
+            diagonal: &self.diagonal,
+            rows,
+            dim,
+            log_scale,
+        }
+    }
 }

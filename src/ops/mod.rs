@@ -293,6 +293,7 @@ pub const KERNEL_KINDS: &[&str] = &[
     "nce",
     "momentum",
     "supcon",
+    "clip",
 ];
 
 /// Which implementation runs ops of `kind` on `device` (reported per fixture case).

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::cuda::Cuda;
-use super::{infonce, moco, momentum, normalize, queue, similarity, supcon, Backend};
+use super::{clip, infonce, moco, momentum, normalize, queue, similarity, supcon, Backend};
 use crate::ops::Similarity;
 use crate::Result;
 
@@ -190,6 +190,41 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     rows.push(KernelTiming {
         kernel: "supcon backward",
         shape: format!("{samples}x{views}x{d}"),
+        median_ms: ms,
+        flops: 4.0 * gemm,
+    });
+
+    // CLIP: 8192 image-text pairs, D = 512.
+    let (n, d) = (8192, 512);
+    let (a, c) = (
+        b.upload("a", &random(n * d, 12))?,
+        b.upload("b", &random(n * d, 13))?,
+    );
+    let diagonal: Vec<i32> = (0..n as i32).collect();
+    let diagonal = b.upload_i32("diagonal", &diagonal)?;
+    let problem = clip::Clip::<Cuda> {
+        a: &a,
+        b: &c,
+        diagonal: &diagonal,
+        rows: n,
+        dim: d,
+        log_scale: (1.0f64 / 0.07).ln(),
+    };
+    let gemm = 2.0 * (n * n * d) as f64;
+    let ms = median_ms(repeats, || problem.forward(b).map(drop))?;
+    rows.push(KernelTiming {
+        kernel: "clip forward (row + column LSE, one sweep)",
+        shape: format!("{n}x{d}"),
+        median_ms: ms,
+        flops: gemm,
+    });
+    let (_, lse) = problem.forward(b)?;
+    let ms = median_ms(repeats, || {
+        problem.backward(b, &lse.rows, &lse.cols, 1.0).map(drop)
+    })?;
+    rows.push(KernelTiming {
+        kernel: "clip backward",
+        shape: format!("{n}x{d}"),
         median_ms: ms,
         flops: 4.0 * gemm,
     });

@@ -161,6 +161,16 @@ mod cuda {
                     }
                 }
             }
+            let entries = fatbin_entries(&std::fs::read(&fatbin).expect("read the fatbin"));
+            for wanted in ["sm_80 SASS", "sm_90 SASS", "compute_90 PTX"] {
+                if !entries.iter().any(|e| e == wanted) {
+                    panic!(
+                        "{}: fatbin lacks {wanted} (has {entries:?})",
+                        fatbin.display()
+                    );
+                }
+            }
+            println!("cargo:warning=fatbin {stem}: {}", entries.join(", "));
             names.push(stem);
         }
         if !spills.is_empty() {
@@ -178,6 +188,52 @@ mod cuda {
         std::fs::write(out_dir.join("fatbins.rs"), format!("&[\n{table}]\n"))
             .expect("write fatbins.rs");
         check_bindings(&out_dir);
+    }
+
+    /// The code objects in a fatbin: its header (magic 0xBA55ED50, u16 version, u16 header size,
+    /// u64 payload size) is followed by entries whose header starts with u16 kind (1 PTX, 2 ELF),
+    /// u16 version, u32 header size, u64 payload size, and holds the SM number at byte 28.
+    fn fatbin_entries(bytes: &[u8]) -> Vec<String> {
+        let u16_at = |o: usize| {
+            bytes
+                .get(o..o + 2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+        };
+        let u32_at = |o: usize| {
+            bytes
+                .get(o..o + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let u64_at = |o: usize| {
+            bytes
+                .get(o..o + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        };
+        let mut entries = Vec::new();
+        if u32_at(0) != Some(0xBA55_ED50) {
+            return entries;
+        }
+        let (Some(start), Some(payload)) = (u16_at(6), u64_at(8)) else {
+            return entries;
+        };
+        let mut offset = start;
+        while offset < start + payload {
+            let (Some(kind), Some(header), Some(size), Some(arch)) = (
+                u16_at(offset),
+                u32_at(offset + 4),
+                u64_at(offset + 8),
+                u32_at(offset + 28),
+            ) else {
+                break;
+            };
+            entries.push(match kind {
+                1 => format!("compute_{arch} PTX"),
+                2 => format!("sm_{arch} SASS"),
+                _ => format!("kind {kind} for {arch}"),
+            });
+            offset += header + size;
+        }
+        entries
     }
 
     /// bindgen over params.h must equal the checked-in src/kernels/params.rs.

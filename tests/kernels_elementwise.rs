@@ -13,120 +13,12 @@
 use contra::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// Largest accepted `||device - cpu|| / max(||cpu||, 1e-12)` for every output.
-const TOL: f64 = 1e-4;
-
-// ---------------------------------------------------------------------------------------------
-// Helpers (as in tests/kernels.rs)
-// ---------------------------------------------------------------------------------------------
-
-/// The devices that run kernels here: the interpreted mode always, GPU 0 when it is usable.
-fn kernel_devices(test: &str) -> Vec<Device> {
-    let mut devices = vec![Device::Interp];
-    let cuda = Device::Cuda(0);
-    match device_available(cuda) {
-        Ok(()) => devices.push(cuda),
-        Err(reason) => println!("{test}: skipped on {cuda}: {reason}"),
-    }
-    devices
-}
-
-/// Runs `check` once per kernel device.
-fn on_kernel_devices(test: &str, check: fn(Device)) {
-    for device in kernel_devices(test) {
-        println!("{test}: running on {device}");
-        check(device);
-    }
-}
-
-/// `||a - b|| / max(||b||, 1e-12)` (`b` is the reference); NaN or infinity anywhere, or a length
-/// mismatch, gives infinity, so it can never pass.
-fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    if a.len() != b.len() || a.iter().chain(b).any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
-    let norm = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    diff / norm.max(1e-12)
-}
+mod common;
+use common::*;
 
 /// `n` uniform values in [lo, hi).
 fn uniform(rng: &mut StdRng, n: usize, lo: f64, hi: f64) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(lo..hi) as f32).collect()
-}
-
-/// A `rows x cols` matrix (row-major) of uniform values in [-1, 1).
-fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
-    uniform(rng, rows * cols, -1.0, 1.0)
-}
-
-/// The named outputs of one op call, flattened to f64 (a scalar is a one-element vector).
-type Outputs = Vec<(&'static str, Vec<f64>)>;
-
-/// One input: f32 values and their shape.
-type Input<'a> = (&'a [f32], &'a [usize]);
-
-/// Runs `op` on the CPU with f64 copies of `inputs` (the reference) and on `device` with the f32
-/// `inputs`, checks that every output of the device is within `TOL` of the reference, and returns
-/// the device's outputs.
-#[track_caller]
-fn compare_with_cpu(
-    device: Device,
-    case: &str,
-    inputs: &[Input],
-    op: impl Fn(&[Tensor]) -> Result<Outputs>,
-) -> Outputs {
-    let run = |on: Device| {
-        let tensors: Vec<Tensor> = inputs
-            .iter()
-            .map(|&(values, shape)| {
-                let tensor = if on == Device::Cpu {
-                    Tensor::from_vec(values.iter().map(|&v| v as f64).collect(), shape, on)
-                } else {
-                    Tensor::from_vec(values.to_vec(), shape, on)
-                };
-                tensor.unwrap_or_else(|e| panic!("{case}: input on {on}: {e}"))
-            })
-            .collect();
-        op(&tensors).unwrap_or_else(|e| panic!("{case} on {on}: {e}"))
-    };
-    let want = run(Device::Cpu);
-    let got = run(device);
-    let names = |o: &Outputs| o.iter().map(|(name, _)| *name).collect::<Vec<_>>();
-    assert_eq!(
-        names(&got),
-        names(&want),
-        "{case}: outputs differ between {device} and cpu"
-    );
-    let mut worst = 0.0f64;
-    for ((name, g), (_, w)) in got.iter().zip(&want) {
-        let err = rel_err(g, w);
-        assert!(
-            err <= TOL,
-            "{case} on {device}: `{name}` relative error {err:e} > {TOL:e} against the cpu (f64)"
-        );
-        worst = worst.max(err);
-    }
-    println!("  {device} {case}: worst relative error {worst:.2e}");
-    got
-}
-
-/// The output named `name`.
-fn output<'a>(outputs: &'a Outputs, name: &str) -> &'a [f64] {
-    &outputs
-        .iter()
-        .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no output `{name}`"))
-        .1
-}
-
-fn scaled(values: &[f64], factor: f64) -> Vec<f64> {
-    values.iter().map(|v| v * factor).collect()
 }
 
 /// `||a - b||` of two rows, in f64.

@@ -1,0 +1,161 @@
+//! Helpers shared by the kernel test files: the kernel devices of this machine and the
+//! comparison of a device's outputs with the CPU backend computed in f64 on the same inputs.
+#![allow(dead_code)] // each test file uses a subset
+
+use contra::*;
+use rand::{rngs::StdRng, Rng};
+
+/// Largest accepted `||device - cpu|| / max(||cpu||, 1e-12)` for every output.
+pub const TOL: f64 = 1e-4;
+
+/// The devices that run kernels here: the interpreted mode always, GPU 0 when it is usable.
+pub fn kernel_devices(test: &str) -> Vec<Device> {
+    let mut devices = vec![Device::Interp];
+    let cuda = Device::Cuda(0);
+    match device_available(cuda) {
+        Ok(()) => devices.push(cuda),
+        Err(reason) => println!("{test}: skipped on {cuda}: {reason}"),
+    }
+    devices
+}
+
+/// Runs `check` once per kernel device.
+pub fn on_kernel_devices(test: &str, check: fn(Device)) {
+    for device in kernel_devices(test) {
+        println!("{test}: running on {device}");
+        check(device);
+    }
+}
+
+/// `||a - b|| / max(||b||, 1e-12)` (`b` is the reference); NaN anywhere or a length mismatch gives
+/// infinity, so it can never pass.
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() || a.iter().chain(b).any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let norm = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    diff / norm.max(1e-12)
+}
+
+/// A `rows x cols` matrix (row-major) of uniform values in [-1, 1).
+pub fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|_| (2.0 * rng.random::<f64>() - 1.0) as f32)
+        .collect()
+}
+
+/// Like [`random_matrix`], except that with one feature (`cols == 1`) the entries are signed powers
+/// of two. Then f32 normalization is exact (y = +-1) and the gradient through it, exactly 0 in every
+/// precision, comes out exactly 0 rather than as f32 rounding noise, which no relative tolerance
+/// against an all-zero reference accepts. Used wherever a gradient passes through normalization.
+pub fn feature_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
+    if cols != 1 {
+        return random_matrix(rng, rows, cols);
+    }
+    (0..rows)
+        .map(|_| {
+            let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+            sign * 2f32.powi(rng.random_range(-3..3))
+        })
+        .collect()
+}
+
+/// One positive key in `0..cols` per query; with `self_mask`, never the query's own index.
+pub fn random_positives(rng: &mut StdRng, rows: usize, cols: usize, self_mask: bool) -> Vec<usize> {
+    (0..rows)
+        .map(|i| {
+            if self_mask {
+                let p = rng.random_range(0..cols - 1);
+                if p >= i {
+                    p + 1
+                } else {
+                    p
+                }
+            } else {
+                rng.random_range(0..cols)
+            }
+        })
+        .collect()
+}
+
+/// The named outputs of one op call, flattened to f64 (a scalar loss is a one-element vector).
+pub type Outputs = Vec<(&'static str, Vec<f64>)>;
+
+/// One input matrix: f32 values and their shape.
+pub type Input<'a> = (&'a [f32], &'a [usize]);
+
+/// Runs `op` on the CPU with f64 copies of `inputs` (the reference) and on `device` with the f32
+/// `inputs`, checks that every output of the device is within `TOL` of the reference, and returns
+/// the device's outputs.
+#[track_caller]
+pub fn compare_with_cpu(
+    device: Device,
+    case: &str,
+    inputs: &[Input],
+    op: impl Fn(&[Tensor]) -> Result<Outputs>,
+) -> Outputs {
+    compare_with_cpu_within(device, case, inputs, TOL, op)
+}
+
+/// [`compare_with_cpu`] with a tolerance of its own.
+#[track_caller]
+pub fn compare_with_cpu_within(
+    device: Device,
+    case: &str,
+    inputs: &[Input],
+    tolerance: f64,
+    op: impl Fn(&[Tensor]) -> Result<Outputs>,
+) -> Outputs {
+    let run = |on: Device| {
+        let tensors: Vec<Tensor> = inputs
+            .iter()
+            .map(|&(values, shape)| {
+                let tensor = if on == Device::Cpu {
+                    Tensor::from_vec(values.iter().map(|&v| v as f64).collect(), shape, on)
+                } else {
+                    Tensor::from_vec(values.to_vec(), shape, on)
+                };
+                tensor.unwrap_or_else(|e| panic!("{case}: input on {on}: {e}"))
+            })
+            .collect();
+        op(&tensors).unwrap_or_else(|e| panic!("{case} on {on}: {e}"))
+    };
+    let want = run(Device::Cpu);
+    let got = run(device);
+    let names = |o: &Outputs| o.iter().map(|(name, _)| *name).collect::<Vec<_>>();
+    assert_eq!(
+        names(&got),
+        names(&want),
+        "{case}: outputs differ between {device} and cpu"
+    );
+    let mut worst = 0.0f64;
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        let err = rel_err(g, w);
+        assert!(
+            err <= tolerance,
+            "{case} on {device}: `{name}` relative error {err:e} > {tolerance:e} against the cpu (f64)"
+        );
+        worst = worst.max(err);
+    }
+    println!("  {device} {case}: worst relative error {worst:.2e}");
+    got
+}
+
+/// The output named `name`.
+pub fn output<'a>(outputs: &'a Outputs, name: &str) -> &'a [f64] {
+    &outputs
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no output `{name}`"))
+        .1
+}
+
+pub fn scaled(values: &[f64], factor: f64) -> Vec<f64> {
+    values.iter().map(|v| v * factor).collect()
+}

@@ -57,6 +57,14 @@ impl Classes {
         }
     }
 
+    /// The class ids (i32; dense ids are < N, which fits) and `1 / |P(a)|` (f32) the kernels take.
+    pub(crate) fn for_kernels(&self) -> (Vec<i32>, Vec<f32>) {
+        (
+            self.class.iter().map(|&c| c as i32).collect(),
+            self.inv_positives.iter().map(|&w| w as f32).collect(),
+        )
+    }
+
     fn has_positive(&self, row: usize) -> bool {
         self.inv_positives[row] != 0.0
     }

@@ -57,22 +57,27 @@ impl<B: Backend> Problem<'_, B> {
         (1.0 / self.temperature) as f32
     }
 
+    /// The fused softmax over the (possibly normalized) operands `q`, `k`.
+    fn softmax<'s>(&'s self, q: &'s B::Buf, k: &'s B::Buf) -> Softmax<'s, B::Buf> {
+        Softmax {
+            q,
+            k,
+            positives: Some(self.positives),
+            labels: None,
+            col_lse: None,
+            rows: self.rows,
+            cols: self.cols,
+            dim: self.dim,
+        }
+    }
+
     /// The mean loss and the per-row log-sum-exp.
     pub fn forward(&self, b: &B) -> Result<(f64, B::Buf)> {
         let ops = self.operands(b)?;
         let (q, k) = self.pick(&ops);
         fused_forward(
             b,
-            Softmax {
-                q,
-                k,
-                positives: Some(self.positives),
-                labels: None,
-                col_lse: None,
-                rows: self.rows,
-                cols: self.cols,
-                dim: self.dim,
-            },
+            self.softmax(q, k),
             self.scale(),
             self.self_mask,
             None,
@@ -91,16 +96,7 @@ impl<B: Backend> Problem<'_, B> {
     ) -> Result<(B::Buf, Option<B::Buf>)> {
         let ops = self.operands(b)?;
         let (q, k) = self.pick(&ops);
-        let softmax = Softmax {
-            q,
-            k,
-            positives: Some(self.positives),
-            labels: None,
-            col_lse: None,
-            rows: self.rows,
-            cols: self.cols,
-            dim: self.dim,
-        };
+        let softmax = self.softmax(q, k);
         let grad_scale = (grad_loss / self.rows as f64) as f32;
         let grad_q = b.output("grad_q", self.rows * self.dim)?;
         backward_pass(

@@ -41,6 +41,25 @@ fn median_ms(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64>
     Ok(times[times.len() / 2])
 }
 
+/// Times `run` (see [`median_ms`]) and records it as one row of the table.
+fn time(
+    rows: &mut Vec<KernelTiming>,
+    kernel: &'static str,
+    shape: String,
+    flops: f64,
+    repeats: usize,
+    run: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    let median_ms = median_ms(repeats, run)?;
+    rows.push(KernelTiming {
+        kernel,
+        shape,
+        median_ms,
+        flops,
+    });
+    Ok(())
+}
+
 /// Times normalize, similarity and the fused InfoNCE forward and backward on GPU `ordinal`.
 pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming>> {
     let cuda = Cuda::get(ordinal)?;
@@ -50,34 +69,35 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     let (n, d) = (65536, 128);
     let x = b.upload("x", &random(n * d, 1))?;
     let gy = b.upload("grad_y", &random(n * d, 2))?;
-    let ms = median_ms(repeats, || normalize::forward(b, &x, n, d).map(drop))?;
-    rows.push(KernelTiming {
-        kernel: "normalize_fwd_f32",
-        shape: format!("{n}x{d}"),
-        median_ms: ms,
-        flops: 3.0 * (n * d) as f64,
-    });
-    let ms = median_ms(repeats, || normalize::backward(b, &x, &gy, n, d).map(drop))?;
-    rows.push(KernelTiming {
-        kernel: "normalize_bwd_f32",
-        shape: format!("{n}x{d}"),
-        median_ms: ms,
-        flops: 6.0 * (n * d) as f64,
-    });
+    time(
+        &mut rows,
+        "normalize_fwd_f32",
+        format!("{n}x{d}"),
+        3.0 * (n * d) as f64,
+        repeats,
+        || normalize::forward(b, &x, n, d).map(drop),
+    )?;
+    time(
+        &mut rows,
+        "normalize_bwd_f32",
+        format!("{n}x{d}"),
+        6.0 * (n * d) as f64,
+        repeats,
+        || normalize::backward(b, &x, &gy, n, d).map(drop),
+    )?;
 
     let (m, d) = (4096, 128);
     let a = b.upload("a", &random(m * d, 3))?;
     let c = b.upload("b", &random(m * d, 4))?;
     for kind in [Similarity::Dot, Similarity::Cosine] {
-        let ms = median_ms(repeats, || {
-            similarity::forward(b, &a, &c, (m, m, d), kind).map(drop)
-        })?;
-        rows.push(KernelTiming {
-            kernel: "similarity_fwd_f32",
-            shape: format!("{m}x{m}x{d} {kind:?}"),
-            median_ms: ms,
-            flops: 2.0 * (m * m * d) as f64,
-        });
+        time(
+            &mut rows,
+            "similarity_fwd_f32",
+            format!("{m}x{m}x{d} {kind:?}"),
+            2.0 * (m * m * d) as f64,
+            repeats,
+            || similarity::forward(b, &a, &c, (m, m, d), kind).map(drop),
+        )?;
     }
 
     for (n, d) in [(8192, 128), (16384, 128), (8192, 512)] {
@@ -98,21 +118,23 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
             self_mask: true,
         };
         let gemm = 2.0 * (n * n * d) as f64;
-        let ms = median_ms(repeats, || problem.forward(b).map(drop))?;
-        rows.push(KernelTiming {
-            kernel: "ntxent forward (normalize + infonce_fwd_f32)",
-            shape: format!("{n}x{d}"),
-            median_ms: ms,
-            flops: gemm,
-        });
+        time(
+            &mut rows,
+            "ntxent forward (normalize + infonce_fwd_f32)",
+            format!("{n}x{d}"),
+            gemm,
+            repeats,
+            || problem.forward(b).map(drop),
+        )?;
         let (_, lse) = problem.forward(b)?;
-        let ms = median_ms(repeats, || problem.backward(b, &lse, 1.0, true).map(drop))?;
-        rows.push(KernelTiming {
-            kernel: "ntxent backward (2x infonce_bwd_f32 + normalize)",
-            shape: format!("{n}x{d}"),
-            median_ms: ms,
-            flops: 4.0 * gemm,
-        });
+        time(
+            &mut rows,
+            "ntxent backward (2x infonce_bwd_f32 + normalize)",
+            format!("{n}x{d}"),
+            4.0 * gemm,
+            repeats,
+            || problem.backward(b, &lse, 1.0, true).map(drop),
+        )?;
     }
     // MoCo at the reference shape of the benchmark issue: N = 256 queries, K = 65536 negatives.
     let (n, queue_len, d) = (256, 65536, 128);
@@ -131,39 +153,38 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         temperature: 0.2,
     };
     let gemm = 2.0 * (n * queue_len * d) as f64;
-    let ms = median_ms(repeats, || problem.forward(b).map(drop))?;
-    rows.push(KernelTiming {
-        kernel: "moco forward",
-        shape: format!("{n}x{queue_len}x{d}"),
-        median_ms: ms,
-        flops: gemm,
-    });
+    time(
+        &mut rows,
+        "moco forward",
+        format!("{n}x{queue_len}x{d}"),
+        gemm,
+        repeats,
+        || problem.forward(b).map(drop),
+    )?;
     let (_, lse) = problem.forward(b)?;
-    let ms = median_ms(repeats, || problem.backward(b, &lse, 1.0).map(drop))?;
-    rows.push(KernelTiming {
-        kernel: "moco backward (grad q)",
-        shape: format!("{n}x{queue_len}x{d}"),
-        median_ms: ms,
-        flops: 2.0 * gemm,
-    });
-    let ms = median_ms(repeats, || {
-        queue::enqueue(b, &queue, &k, n, queue_len, d, 1000).map(drop)
-    })?;
-    rows.push(KernelTiming {
-        kernel: "queue_enqueue_f32",
-        shape: format!("{n}x{d} into {queue_len}"),
-        median_ms: ms,
-        flops: 3.0 * (n * d) as f64,
-    });
+    time(
+        &mut rows,
+        "moco backward (grad q)",
+        format!("{n}x{queue_len}x{d}"),
+        2.0 * gemm,
+        repeats,
+        || problem.backward(b, &lse, 1.0).map(drop),
+    )?;
+    time(
+        &mut rows,
+        "queue_enqueue_f32",
+        format!("{n}x{d} into {queue_len}"),
+        3.0 * (n * d) as f64,
+        repeats,
+        || queue::enqueue(b, &queue, &k, n, queue_len, d, 1000).map(drop),
+    )?;
 
     // SupCon: 4096 samples x 2 views, 100 classes.
     let (samples, views, d) = (4096, 2, 128);
     let rows_total = samples * views;
     let features = b.upload("features", &random(rows_total * d, 9))?;
     let labels: Vec<i64> = (0..samples as i64).map(|i| i % 100).collect();
-    let classes = crate::cpu::supcon::Classes::new(&labels, views);
-    let class: Vec<i32> = classes.class.iter().map(|&c| c as i32).collect();
-    let weight: Vec<f32> = classes.inv_positives.iter().map(|&w| w as f32).collect();
+    let (class, weight) = crate::cpu::supcon::Classes::new(&labels, views).for_kernels();
     let (labels, weight) = (
         b.upload_i32("labels", &class)?,
         b.upload("target_weight", &weight)?,
@@ -178,21 +199,23 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         base_temperature: 0.07,
     };
     let gemm = 2.0 * (rows_total * rows_total * d) as f64;
-    let ms = median_ms(repeats, || problem.forward(b).map(drop))?;
-    rows.push(KernelTiming {
-        kernel: "supcon forward",
-        shape: format!("{samples}x{views}x{d}"),
-        median_ms: ms,
-        flops: gemm,
-    });
+    time(
+        &mut rows,
+        "supcon forward",
+        format!("{samples}x{views}x{d}"),
+        gemm,
+        repeats,
+        || problem.forward(b).map(drop),
+    )?;
     let (_, lse) = problem.forward(b)?;
-    let ms = median_ms(repeats, || problem.backward(b, &lse, 1.0).map(drop))?;
-    rows.push(KernelTiming {
-        kernel: "supcon backward",
-        shape: format!("{samples}x{views}x{d}"),
-        median_ms: ms,
-        flops: 4.0 * gemm,
-    });
+    time(
+        &mut rows,
+        "supcon backward",
+        format!("{samples}x{views}x{d}"),
+        4.0 * gemm,
+        repeats,
+        || problem.backward(b, &lse, 1.0).map(drop),
+    )?;
 
     // CLIP: 8192 image-text pairs, D = 512.
     let (n, d) = (8192, 512);
@@ -211,23 +234,23 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         log_scale: (1.0f64 / 0.07).ln(),
     };
     let gemm = 2.0 * (n * n * d) as f64;
-    let ms = median_ms(repeats, || problem.forward(b).map(drop))?;
-    rows.push(KernelTiming {
-        kernel: "clip forward (row + column LSE, one sweep)",
-        shape: format!("{n}x{d}"),
-        median_ms: ms,
-        flops: gemm,
-    });
+    time(
+        &mut rows,
+        "clip forward (row + column LSE, one sweep)",
+        format!("{n}x{d}"),
+        gemm,
+        repeats,
+        || problem.forward(b).map(drop),
+    )?;
     let (_, lse) = problem.forward(b)?;
-    let ms = median_ms(repeats, || {
-        problem.backward(b, &lse.rows, &lse.cols, 1.0).map(drop)
-    })?;
-    rows.push(KernelTiming {
-        kernel: "clip backward",
-        shape: format!("{n}x{d}"),
-        median_ms: ms,
-        flops: 4.0 * gemm,
-    });
+    time(
+        &mut rows,
+        "clip backward",
+        format!("{n}x{d}"),
+        4.0 * gemm,
+        repeats,
+        || problem.backward(b, &lse.rows, &lse.cols, 1.0).map(drop),
+    )?;
 
     // Momentum over 25M parameters (a ResNet-50-sized encoder).
     let len = 25_000_000;
@@ -235,14 +258,13 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         b.upload("theta_k", &random(len, 10))?,
         b.upload("theta_q", &random(len, 11))?,
     );
-    let ms = median_ms(repeats, || {
-        momentum::update(b, &theta_k, &theta_q, len, 0.999)
-    })?;
-    rows.push(KernelTiming {
-        kernel: "momentum_update_f32",
-        shape: format!("{len}"),
-        median_ms: ms,
-        flops: 3.0 * len as f64,
-    });
+    time(
+        &mut rows,
+        "momentum_update_f32",
+        format!("{len}"),
+        3.0 * len as f64,
+        repeats,
+        || momentum::update(b, &theta_k, &theta_q, len, 0.999),
+    )?;
     Ok(rows)
 }

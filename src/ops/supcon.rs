@@ -186,10 +186,7 @@ impl<B: Backend> KernelInputs<B> {
         labels: &[i64],
         (_, views, _): (usize, usize, usize),
     ) -> Result<Self> {
-        let classes = cpu::supcon::Classes::new(labels, views);
-        // Dense class ids are < N, which fits the kernels' 32-bit labels.
-        let class: Vec<i32> = classes.class.iter().map(|&c| c as i32).collect();
-        let weight: Vec<f32> = classes.inv_positives.iter().map(|&w| w as f32).collect();
+        let (class, weight) = cpu::supcon::Classes::new(labels, views).for_kernels();
         Ok(KernelInputs {
             views: b.upload("features", &values::<f32>(features))?,
             labels: b.upload_i32("labels", &class)?,

@@ -29,8 +29,10 @@ pub mod device;
 pub mod error;
 pub mod fixtures;
 pub(crate) mod kernels;
+pub mod nn;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 
 pub use device::{device_available, Device};
 pub use error::{Error, Result};

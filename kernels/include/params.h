@@ -167,6 +167,51 @@ typedef struct ContraQueueParams {
     float eps;
 } ContraQueueParams;
 
+/* Triplet distances and minings. */
+enum ContraTripletDistance {
+    CONTRA_TRIPLET_EUCLIDEAN = 0,
+    CONTRA_TRIPLET_SQUARED_EUCLIDEAN = 1,
+    CONTRA_TRIPLET_COSINE = 2
+};
+enum ContraTripletMining {
+    CONTRA_TRIPLET_BATCH_ALL = 0,
+    CONTRA_TRIPLET_BATCH_HARD = 1,
+    CONTRA_TRIPLET_SEMI_HARD = 2
+};
+
+/* triplet_mine: one block per anchor a over `raw` (rows x rows): squared distances, or for the
+ * cosine distance cosine similarities. Writes coef row a: d(anchor terms) / d raw(a, j), i.e. the
+ * number of times d(a, j) occurs with + (positives) or - (negatives) in the anchor's active relu
+ * terms times d dist / d raw; anchor_sum[a], the sum of those terms; anchor_count[a], what the
+ * mining counts for the anchor; anchor_stats[3a..3a+3], its hard, semi-hard and easy triplets. */
+typedef struct ContraTripletMineParams {
+    const float* raw;
+    const int* labels;
+    float* coef;
+    float* anchor_sum;
+    unsigned int* anchor_count;
+    unsigned int* anchor_stats;
+    int rows;
+    int distance;
+    int mining;
+    float margin;
+    float eps; /* euclidean: dist = sqrt(max(raw, eps)), derivative 0 below eps */
+} ContraTripletMineParams;
+
+/* triplet_bwd: with S = coef + coef^T (rows x rows), s_r = sum_o S_ro and p_r = sum_o S_ro y_o,
+ * out_r = grad_scale * 2 (s_r y_r - p_r) for the euclidean distances (y = x), and
+ * out_r = grad_scale * p_r for the cosine distance (y = normalized x; the caller chains the
+ * normalize backward). */
+typedef struct ContraTripletBwdParams {
+    const void* y;
+    const float* coef;
+    void* out;
+    int rows;
+    int dim;
+    int cosine;
+    float grad_scale;
+} ContraTripletBwdParams;
+
 #ifdef __cplusplus
 }
 #endif

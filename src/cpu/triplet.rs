@@ -62,6 +62,22 @@ pub enum Coefs {
     Sparse(Vec<PairCoef>),
 }
 
+impl Coefs {
+    /// The `rows x rows` row-major matrix of coefficients in f32 (what the kernels take).
+    pub(crate) fn to_dense_f32(&self, rows: usize) -> Vec<f32> {
+        match self {
+            Coefs::Dense(w) => w.iter().map(|&c| c as f32).collect(),
+            Coefs::Sparse(pairs) => {
+                let mut w = vec![0.0f32; rows * rows];
+                for e in pairs {
+                    w[e.i * rows + e.j] += e.coef as f32;
+                }
+                w
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for Coefs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

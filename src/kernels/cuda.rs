@@ -28,6 +28,8 @@ unsafe impl DeviceRepr for ContraNceParams {}
 unsafe impl DeviceRepr for ContraMomentumParams {}
 unsafe impl DeviceRepr for ContraQueueParams {}
 unsafe impl DeviceRepr for ContraInfonceExtraBwdParams {}
+unsafe impl DeviceRepr for ContraTripletMineParams {}
+unsafe impl DeviceRepr for ContraTripletBwdParams {}
 
 fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
@@ -122,6 +124,7 @@ fn module_of(kernel: &str) -> &'static str {
         "nce" => "nce",
         "momentum" => "momentum",
         "queue" => "queue",
+        "triplet" => "triplet",
         _ => "testing",
     }
 }

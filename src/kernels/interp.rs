@@ -59,6 +59,8 @@ interp_kernels!(
     nce_bwd_f32,
     momentum_update_f32,
     queue_enqueue_f32,
+    triplet_mine_f32,
+    triplet_bwd_f32,
     oob_test_f32,
 );
 

@@ -16,6 +16,7 @@ pub(crate) mod params;
 pub(crate) mod queue;
 pub(crate) mod similarity;
 pub(crate) mod supcon;
+pub(crate) mod triplet;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
@@ -62,6 +63,8 @@ impl KernelParams for params::ContraNceParams {}
 impl KernelParams for params::ContraMomentumParams {}
 impl KernelParams for params::ContraQueueParams {}
 impl KernelParams for params::ContraInfonceExtraBwdParams {}
+impl KernelParams for params::ContraTripletMineParams {}
+impl KernelParams for params::ContraTripletBwdParams {}
 
 /// A device that runs the kernels. Buffers hold 32-bit words (f32 values or i32 indices).
 pub(crate) trait Backend {

@@ -436,3 +436,103 @@ impl Default for ContraQueueParams {
         }
     }
 }
+pub const ContraTripletDistance_CONTRA_TRIPLET_EUCLIDEAN: ContraTripletDistance = 0;
+pub const ContraTripletDistance_CONTRA_TRIPLET_SQUARED_EUCLIDEAN: ContraTripletDistance = 1;
+pub const ContraTripletDistance_CONTRA_TRIPLET_COSINE: ContraTripletDistance = 2;
+pub type ContraTripletDistance = ::std::os::raw::c_uint;
+pub const ContraTripletMining_CONTRA_TRIPLET_BATCH_ALL: ContraTripletMining = 0;
+pub const ContraTripletMining_CONTRA_TRIPLET_BATCH_HARD: ContraTripletMining = 1;
+pub const ContraTripletMining_CONTRA_TRIPLET_SEMI_HARD: ContraTripletMining = 2;
+pub type ContraTripletMining = ::std::os::raw::c_uint;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraTripletMineParams {
+    pub raw: *const f32,
+    pub labels: *const ::std::os::raw::c_int,
+    pub coef: *mut f32,
+    pub anchor_sum: *mut f32,
+    pub anchor_count: *mut ::std::os::raw::c_uint,
+    pub anchor_stats: *mut ::std::os::raw::c_uint,
+    pub rows: ::std::os::raw::c_int,
+    pub distance: ::std::os::raw::c_int,
+    pub mining: ::std::os::raw::c_int,
+    pub margin: f32,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraTripletMineParams"][::std::mem::size_of::<ContraTripletMineParams>() - 72usize];
+    ["Alignment of ContraTripletMineParams"]
+        [::std::mem::align_of::<ContraTripletMineParams>() - 8usize];
+    ["Offset of field: ContraTripletMineParams::raw"]
+        [::std::mem::offset_of!(ContraTripletMineParams, raw) - 0usize];
+    ["Offset of field: ContraTripletMineParams::labels"]
+        [::std::mem::offset_of!(ContraTripletMineParams, labels) - 8usize];
+    ["Offset of field: ContraTripletMineParams::coef"]
+        [::std::mem::offset_of!(ContraTripletMineParams, coef) - 16usize];
+    ["Offset of field: ContraTripletMineParams::anchor_sum"]
+        [::std::mem::offset_of!(ContraTripletMineParams, anchor_sum) - 24usize];
+    ["Offset of field: ContraTripletMineParams::anchor_count"]
+        [::std::mem::offset_of!(ContraTripletMineParams, anchor_count) - 32usize];
+    ["Offset of field: ContraTripletMineParams::anchor_stats"]
+        [::std::mem::offset_of!(ContraTripletMineParams, anchor_stats) - 40usize];
+    ["Offset of field: ContraTripletMineParams::rows"]
+        [::std::mem::offset_of!(ContraTripletMineParams, rows) - 48usize];
+    ["Offset of field: ContraTripletMineParams::distance"]
+        [::std::mem::offset_of!(ContraTripletMineParams, distance) - 52usize];
+    ["Offset of field: ContraTripletMineParams::mining"]
+        [::std::mem::offset_of!(ContraTripletMineParams, mining) - 56usize];
+    ["Offset of field: ContraTripletMineParams::margin"]
+        [::std::mem::offset_of!(ContraTripletMineParams, margin) - 60usize];
+    ["Offset of field: ContraTripletMineParams::eps"]
+        [::std::mem::offset_of!(ContraTripletMineParams, eps) - 64usize];
+};
+impl Default for ContraTripletMineParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraTripletBwdParams {
+    pub y: *const ::std::os::raw::c_void,
+    pub coef: *const f32,
+    pub out: *mut ::std::os::raw::c_void,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub cosine: ::std::os::raw::c_int,
+    pub grad_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraTripletBwdParams"][::std::mem::size_of::<ContraTripletBwdParams>() - 40usize];
+    ["Alignment of ContraTripletBwdParams"]
+        [::std::mem::align_of::<ContraTripletBwdParams>() - 8usize];
+    ["Offset of field: ContraTripletBwdParams::y"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, y) - 0usize];
+    ["Offset of field: ContraTripletBwdParams::coef"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, coef) - 8usize];
+    ["Offset of field: ContraTripletBwdParams::out"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, out) - 16usize];
+    ["Offset of field: ContraTripletBwdParams::rows"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, rows) - 24usize];
+    ["Offset of field: ContraTripletBwdParams::dim"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, dim) - 28usize];
+    ["Offset of field: ContraTripletBwdParams::cosine"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, cosine) - 32usize];
+    ["Offset of field: ContraTripletBwdParams::grad_scale"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, grad_scale) - 36usize];
+};
+impl Default for ContraTripletBwdParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

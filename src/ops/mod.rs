@@ -294,6 +294,7 @@ pub const KERNEL_KINDS: &[&str] = &[
     "momentum",
     "supcon",
     "clip",
+    "triplet",
 ];
 
 /// Which implementation runs ops of `kind` on `device` (reported per fixture case).

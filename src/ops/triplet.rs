@@ -19,6 +19,8 @@
 use super::{
     check_finite, check_finite_scalar, check_labels_len, matrix_dims, output_like, values,
 };
+use crate::cpu::supcon::Classes;
+use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "triplet";
@@ -120,6 +122,32 @@ fn validate(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Result<(usize,
     Ok((rows, dim))
 }
 
+/// Uploads `x` (as f32) and dense class ids of `labels` (as i32) to a kernel backend.
+fn upload<B: Backend>(b: &B, x: &Tensor, labels: &[i64]) -> Result<[B::Buf; 2]> {
+    let (class_ids, _) = Classes::new(labels, 1).for_kernels();
+    Ok([
+        b.upload("x", &values::<f32>(x))?,
+        b.upload_i32("labels", &class_ids)?,
+    ])
+}
+
+/// The kernel problem over uploaded `[x, labels]`.
+fn kernel_problem<'a, B: Backend>(
+    buffers: &'a [B::Buf; 2],
+    (rows, dim): (usize, usize),
+    opts: &TripletOptions,
+) -> kernels::triplet::Problem<'a, B> {
+    kernels::triplet::Problem {
+        x: &buffers[0],
+        labels: &buffers[1],
+        rows,
+        dim,
+        distance: opts.distance,
+        mining: opts.mining,
+        margin: opts.margin,
+    }
+}
+
 /// Triplet forward over embeddings `x` (N x D) with one label per row: the loss, its count, the
 /// hard / semi-hard / easy split of all valid triplets, and what [`triplet_backward`] needs.
 pub fn triplet_forward(
@@ -128,6 +156,16 @@ pub fn triplet_forward(
     opts: &TripletOptions,
 ) -> Result<TripletForward> {
     let (rows, dim) = validate(x, labels, opts)?;
+    run_on_kernels!(x.device(), b => {
+        let buffers = upload(b, x, labels)?;
+        let fwd = kernel_problem(&buffers, (rows, dim), opts).forward(b)?;
+        Ok(TripletForward {
+            loss: fwd.loss,
+            count: fwd.count,
+            stats: fwd.stats,
+            saved: TripletSaved { rows, opts: *opts, coefs: fwd.coefs },
+        })
+    });
     let xv = values::<f64>(x);
     let fwd = cpu::triplet::Problem {
         x: &xv,
@@ -176,6 +214,11 @@ pub fn triplet_backward(
         ));
     }
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    run_on_kernels!(x.device(), b => {
+        let buffers = upload(b, x, labels)?;
+        let grad = kernel_problem(&buffers, (rows, dim), opts).backward(b, &saved.coefs, grad_loss)?;
+        Ok(output_like(x, b.download(&grad)?, x.shape()))
+    });
     let xv = values::<f64>(x);
     let grad = cpu::triplet::backward(&xv, rows, dim, opts.distance, &saved.coefs, grad_loss);
     Ok(output_like(x, grad, x.shape()))

@@ -1,0 +1,165 @@
+//! Launch sequences of `kernels/triplet.cu`: the pair quantities come from similarity.cu, the
+//! mining from `triplet_mine`, the gradient from `triplet_bwd` (and normalize.cu for the cosine
+//! distance).
+
+use super::params::*;
+use super::{blocks_for, normalize, similarity, Backend, Launch};
+use crate::cpu::triplet::{Coefs, DIST_EPS};
+use crate::ops::triplet::{Distance, Mining, TripletStats};
+use crate::ops::Similarity;
+use crate::{Error, Result};
+
+/// Threads of `triplet_mine` (one block per anchor).
+const MINE_THREADS: u32 = 256;
+/// Rows and feature columns of one `triplet_bwd` block.
+const BWD_ROWS: usize = 4;
+const BWD_THREADS: usize = 128;
+/// Per-anchor triplet counts are 32-bit in the kernel: at most (N / 2)^2 per anchor.
+pub(crate) const MAX_ROWS: usize = 65_536;
+
+/// What the kernel forward returns (the host sums the per-anchor values in f64 and u64).
+pub(crate) struct Forward {
+    pub loss: f64,
+    pub count: u64,
+    pub stats: TripletStats,
+    /// The coefficient of each pair's raw quantity in the loss, already divided by `count`.
+    pub coefs: Coefs,
+}
+
+/// One triplet problem on a backend: `x` (rows x dim) and dense class ids (i32) per row.
+pub(crate) struct Problem<'a, B: Backend> {
+    pub x: &'a B::Buf,
+    pub labels: &'a B::Buf,
+    pub rows: usize,
+    pub dim: usize,
+    pub distance: Distance,
+    pub mining: Mining,
+    pub margin: f64,
+}
+
+impl<B: Backend> Problem<'_, B> {
+    fn check_rows(&self) -> Result<()> {
+        if self.rows > MAX_ROWS {
+            return Err(Error::invalid(
+                "triplet",
+                "x",
+                format!(
+                    "{} rows: the triplet kernels take at most {MAX_ROWS} (use Device::Cpu)",
+                    self.rows
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn forward(&self, b: &B) -> Result<Forward> {
+        self.check_rows()?;
+        let n = self.rows;
+        let kind = match self.distance {
+            Distance::Cosine => Similarity::Cosine,
+            _ => Similarity::SquaredEuclidean,
+        };
+        let raw = similarity::forward(b, self.x, self.x, (n, n, self.dim), kind)?;
+        let coef = b.output("coef", n * n)?;
+        let anchor_sum = b.output("anchor_sum", n)?;
+        let anchor_count = b.output("anchor_count", n)?;
+        let anchor_stats = b.output("anchor_stats", 3 * n)?;
+        let params = ContraTripletMineParams {
+            raw: b.ptr(&raw).cast(),
+            labels: b.ptr(self.labels).cast(),
+            coef: b.ptr(&coef).cast(),
+            anchor_sum: b.ptr(&anchor_sum).cast(),
+            anchor_count: b.ptr(&anchor_count).cast(),
+            anchor_stats: b.ptr(&anchor_stats).cast(),
+            rows: n as i32,
+            distance: match self.distance {
+                Distance::Euclidean => ContraTripletDistance_CONTRA_TRIPLET_EUCLIDEAN,
+                Distance::SquaredEuclidean => {
+                    ContraTripletDistance_CONTRA_TRIPLET_SQUARED_EUCLIDEAN
+                }
+                Distance::Cosine => ContraTripletDistance_CONTRA_TRIPLET_COSINE,
+            } as i32,
+            mining: match self.mining {
+                Mining::BatchAll => ContraTripletMining_CONTRA_TRIPLET_BATCH_ALL,
+                Mining::BatchHard => ContraTripletMining_CONTRA_TRIPLET_BATCH_HARD,
+                Mining::SemiHard => ContraTripletMining_CONTRA_TRIPLET_SEMI_HARD,
+            } as i32,
+            margin: self.margin as f32,
+            eps: DIST_EPS as f32,
+        };
+        b.launch(
+            "triplet_mine_f32",
+            Launch::linear(n, MINE_THREADS),
+            &params,
+            &[&coef, &anchor_sum, &anchor_count, &anchor_stats],
+        )?;
+        // Per-anchor partials summed on the host in f64 / u64: deterministic.
+        let sum: f64 = b.download(&anchor_sum)?.iter().map(|&v| v as f64).sum();
+        let count: u64 = b
+            .download(&anchor_count)?
+            .iter()
+            .map(|v| v.to_bits() as u64)
+            .sum();
+        let mut stats = TripletStats::default();
+        for s in b.download(&anchor_stats)?.chunks(3) {
+            stats.hard += s[0].to_bits() as u64;
+            stats.semi_hard += s[1].to_bits() as u64;
+            stats.easy += s[2].to_bits() as u64;
+        }
+        let (loss, scale) = if count > 0 {
+            (sum / count as f64, 1.0 / count as f64)
+        } else {
+            (0.0, 0.0)
+        };
+        let coefs = b
+            .download(&coef)?
+            .into_iter()
+            .map(|c| c as f64 * scale)
+            .collect();
+        Ok(Forward {
+            loss,
+            count,
+            stats,
+            coefs: Coefs::Dense(coefs),
+        })
+    }
+
+    /// The gradient of `grad_loss * loss` with respect to x, from a forward's coefficients.
+    pub fn backward(&self, b: &B, coefs: &Coefs, grad_loss: f64) -> Result<B::Buf> {
+        self.check_rows()?;
+        let (n, dim) = (self.rows, self.dim);
+        let coef = b.upload("coef", &coefs.to_dense_f32(n))?;
+        let cosine = self.distance == Distance::Cosine;
+        let normed;
+        let y = if cosine {
+            normed = normalize::forward(b, self.x, n, dim)?;
+            &normed
+        } else {
+            self.x
+        };
+        let out = b.output(if cosine { "grad_normed" } else { "grad_x" }, n * dim)?;
+        let params = ContraTripletBwdParams {
+            y: b.ptr(y),
+            coef: b.ptr(&coef).cast(),
+            out: b.ptr(&out),
+            rows: n as i32,
+            dim: dim as i32,
+            cosine: cosine as i32,
+            grad_scale: grad_loss as f32,
+        };
+        let launch = Launch {
+            grid: [
+                blocks_for(n, BWD_ROWS) as u32,
+                blocks_for(dim, BWD_THREADS) as u32,
+                1,
+            ],
+            block: [BWD_THREADS as u32, 1, 1],
+        };
+        b.launch("triplet_bwd_f32", launch, &params, &[&out])?;
+        if cosine {
+            normalize::backward(b, self.x, &out, n, dim)
+        } else {
+            Ok(out)
+        }
+    }
+}

@@ -76,3 +76,16 @@ __device__ __forceinline__ void merge_lse_state(unsigned long long* state, float
 }
 
 }  // namespace contra
+
+// Defines the f32, bf16 and f16 instantiations `name_f32`, `name_bf16`, `name_f16` of the kernel
+// body `contra::name<T>` (T: the storage type of the operands it reads), each exported to the
+// interpreted mode too.
+#define CONTRA_TYPED_KERNELS(name, Params, threads)                                                           \
+    extern "C" __global__ void __launch_bounds__(threads) name##_f32(const Params p) { contra::name<float>(p); } \
+    extern "C" __global__ void __launch_bounds__(threads) name##_bf16(const Params p) {                       \
+        contra::name<__nv_bfloat16>(p);                                                                      \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(threads) name##_f16(const Params p) { contra::name<__half>(p); } \
+    INTERP_EXPORT(name##_f32, Params)                                                                        \
+    INTERP_EXPORT(name##_bf16, Params)                                                                       \
+    INTERP_EXPORT(name##_f16, Params)

@@ -232,9 +232,6 @@ __device__ void infonce_extra_bwd(const ContraInfonceExtraBwdParams& p) {
 
 }  // namespace contra
 
-extern "C" __global__ void __launch_bounds__(256) infonce_fwd_f32(const ContraInfonceFwdParams p) { contra::infonce_fwd<float>(p); }
-extern "C" __global__ void __launch_bounds__(256) infonce_bwd_f32(const ContraInfonceBwdParams p) { contra::infonce_bwd<float>(p); }
-INTERP_EXPORT(infonce_fwd_f32, ContraInfonceFwdParams)
-INTERP_EXPORT(infonce_bwd_f32, ContraInfonceBwdParams)
-extern "C" __global__ void __launch_bounds__(256) infonce_extra_bwd_f32(const ContraInfonceExtraBwdParams p) { contra::infonce_extra_bwd<float>(p); }
-INTERP_EXPORT(infonce_extra_bwd_f32, ContraInfonceExtraBwdParams)
+CONTRA_TYPED_KERNELS(infonce_fwd, ContraInfonceFwdParams, 256)
+CONTRA_TYPED_KERNELS(infonce_bwd, ContraInfonceBwdParams, 256)
+CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)

@@ -29,8 +29,9 @@ __device__ void normalize_bwd(const ContraNormalizeParams& p) {
     const long long row = (long long)blockIdx.x * kNormalizeWarps + threadIdx.x / 32;
     if (row >= p.rows) return;
     const T* x = static_cast<const T*>(p.x) + row * p.dim;
-    const T* gy = static_cast<const T*>(p.grad_y) + row * p.dim;
-    T* gx = static_cast<T*>(p.grad_x) + row * p.dim;
+    // Gradients are f32 whatever T is (T only says how x is stored).
+    const float* gy = static_cast<const float*>(p.grad_y) + row * p.dim;
+    float* gx = static_cast<float*>(p.grad_x) + row * p.dim;
     float sq = 0.0f, x_dot_gy = 0.0f;
     for (int d = lane; d < p.dim; d += 32) {
         float v = load(x, d);
@@ -46,7 +47,5 @@ __device__ void normalize_bwd(const ContraNormalizeParams& p) {
 
 }  // namespace contra
 
-extern "C" __global__ void __launch_bounds__(256) normalize_fwd_f32(const ContraNormalizeParams p) { contra::normalize_fwd<float>(p); }
-extern "C" __global__ void __launch_bounds__(256) normalize_bwd_f32(const ContraNormalizeParams p) { contra::normalize_bwd<float>(p); }
-INTERP_EXPORT(normalize_fwd_f32, ContraNormalizeParams)
-INTERP_EXPORT(normalize_bwd_f32, ContraNormalizeParams)
+CONTRA_TYPED_KERNELS(normalize_fwd, ContraNormalizeParams, 256)
+CONTRA_TYPED_KERNELS(normalize_bwd, ContraNormalizeParams, 256)

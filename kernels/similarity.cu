@@ -41,5 +41,4 @@ __device__ void similarity_fwd(const ContraSimilarityParams& p) {
 
 }  // namespace contra
 
-extern "C" __global__ void __launch_bounds__(256) similarity_fwd_f32(const ContraSimilarityParams p) { contra::similarity_fwd<float>(p); }
-INTERP_EXPORT(similarity_fwd_f32, ContraSimilarityParams)
+CONTRA_TYPED_KERNELS(similarity_fwd, ContraSimilarityParams, 256)

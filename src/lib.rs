@@ -42,7 +42,9 @@ pub use tensor::{DType, Element, Tensor};
 /// Hooks for the crate's own tests of the interpreted mode (not part of the API).
 #[doc(hidden)]
 pub mod testing {
-    pub use crate::kernels::interp::{out_of_bounds_launch, unwritten_output_launch};
+    pub use crate::kernels::interp::{
+        out_of_bounds_launch, take_launched_kernels, unwritten_output_launch,
+    };
     pub use crate::kernels::momentum::update_at_offsets as momentum_update_at_offsets;
     #[cfg(feature = "cuda")]
     pub use crate::kernels::timing::{kernel_timings, KernelTiming};

@@ -10,8 +10,9 @@
 extern "C" {
 #endif
 
-/* normalize_fwd: y = x / max(||x||, eps) per row.
- * normalize_bwd: grad_x = (grad_y - y (y . grad_y)) / max(||x||, eps). */
+/* normalize_fwd: y = x / max(||x||, eps) per row; y has x's type.
+ * normalize_bwd: grad_x = (grad_y - y (y . grad_y)) / max(||x||, eps); grad_y and grad_x are f32
+ * in every instantiation (the kernel's type suffix is the type of x). */
 typedef struct ContraNormalizeParams {
     const void* x;
     const void* grad_y; /* backward only */

@@ -11,7 +11,7 @@ use cudarc::driver::{
 };
 
 use super::params::*;
-use super::{Backend, KernelParams, Launch};
+use super::{Backend, BufInfo, KernelParams, Launch};
 use crate::{Error, Result};
 
 /// (module name, fatbin) for every kernels/*.cu, embedded at build time.
@@ -114,6 +114,12 @@ impl Cuda {
     }
 }
 
+/// A device allocation of 32-bit words and what they hold.
+pub(crate) struct CudaBuf {
+    words: CudaSlice<u32>,
+    info: BufInfo,
+}
+
 /// kernels/<module>.cu of a kernel named `{op}_{pass}_{dtype}`.
 fn module_of(kernel: &str) -> &'static str {
     match kernel.split('_').next().unwrap_or("") {
@@ -130,39 +136,42 @@ fn module_of(kernel: &str) -> &'static str {
 }
 
 impl Backend for Cuda {
-    type Buf = CudaSlice<u32>;
+    type Buf = CudaBuf;
 
-    fn upload(&self, _name: &'static str, values: &[f32]) -> Result<CudaSlice<u32>> {
-        let bits: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
-        self.stream
-            .clone_htod(&bits)
-            .map_err(|e| device_error("host to device copy", e))
+    fn upload_words(&self, _name: &'static str, words: &[u32], info: BufInfo) -> Result<CudaBuf> {
+        let words = if words.is_empty() {
+            self.stream.alloc_zeros(1)
+        } else {
+            self.stream.clone_htod(words)
+        }
+        .map_err(|e| device_error("host to device copy", e))?;
+        Ok(CudaBuf { words, info })
     }
 
-    fn upload_i32(&self, _name: &'static str, values: &[i32]) -> Result<CudaSlice<u32>> {
-        let bits: Vec<u32> = values.iter().map(|&v| v as u32).collect();
-        self.stream
-            .clone_htod(&bits)
-            .map_err(|e| device_error("host to device copy", e))
+    fn output_of(&self, name: &'static str, info: BufInfo) -> Result<CudaBuf> {
+        let words = self
+            .stream
+            .alloc_zeros(info.elem.words(info.count).max(1))
+            .map_err(|e| device_error(&format!("allocating `{name}`"), e))?;
+        Ok(CudaBuf { words, info })
     }
 
-    fn output(&self, name: &'static str, len: usize) -> Result<CudaSlice<u32>> {
-        self.stream
-            .alloc_zeros(len.max(1))
-            .map_err(|e| device_error(&format!("allocating `{name}`"), e))
-    }
-
-    fn ptr(&self, buf: &CudaSlice<u32>) -> *mut c_void {
-        let (ptr, _sync) = buf.device_ptr(&self.stream);
+    fn ptr(&self, buf: &CudaBuf) -> *mut c_void {
+        let (ptr, _sync) = buf.words.device_ptr(&self.stream);
         ptr as usize as *mut c_void
     }
 
-    fn download(&self, buf: &CudaSlice<u32>) -> Result<Vec<f32>> {
-        let bits = self
+    fn info(&self, buf: &CudaBuf) -> BufInfo {
+        buf.info
+    }
+
+    fn download_words(&self, buf: &CudaBuf) -> Result<Vec<u32>> {
+        let mut words = self
             .stream
-            .clone_dtoh(buf)
+            .clone_dtoh(&buf.words)
             .map_err(|e| device_error("device to host copy", e))?;
-        Ok(bits.into_iter().map(f32::from_bits).collect())
+        words.truncate(buf.info.elem.words(buf.info.count));
+        Ok(words)
     }
 
     fn launch<P: KernelParams>(
@@ -170,7 +179,7 @@ impl Backend for Cuda {
         kernel: &'static str,
         launch: Launch,
         params: &P,
-        _written: &[&CudaSlice<u32>],
+        _written: &[&CudaBuf],
     ) -> Result<()> {
         let function = self
             .module(kernel)?

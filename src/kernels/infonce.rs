@@ -2,7 +2,7 @@
 //! around the fused forward (per-row LSE, no N x M buffer) and the two-pass backward.
 
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams};
-use super::{blocks_for, normalize, Backend, Launch};
+use super::{blocks_for, normalize, typed_kernel, Backend, Launch};
 use crate::Result;
 
 /// Query (or owner) rows per block in infonce.cu.
@@ -199,7 +199,7 @@ pub(crate) fn fused_forward<B: Backend>(
         scale,
     };
     b.launch(
-        "infonce_fwd_f32",
+        typed_kernel!("infonce_fwd", b.info(s.q).elem),
         launch_shape(s.rows),
         &params,
         &[&lse, &row_loss],
@@ -247,7 +247,7 @@ pub(crate) fn backward_pass<B: Backend>(
         grad_scale,
     };
     b.launch(
-        "infonce_bwd_f32",
+        typed_kernel!("infonce_bwd", b.info(owner).elem),
         launch_shape(owner_rows),
         &params,
         &[grad],

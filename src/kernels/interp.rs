@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_ulong, c_void};
 
 use super::params::ContraNormalizeParams;
-use super::{Backend, KernelParams, Launch};
+use super::{Backend, BufInfo, KernelParams, Launch};
 use crate::{Error, Result};
 
 /// Words of guard band on each side of a buffer.
@@ -48,11 +48,23 @@ macro_rules! interp_kernels {
 
 interp_kernels!(
     normalize_fwd_f32,
+    normalize_fwd_bf16,
+    normalize_fwd_f16,
     normalize_bwd_f32,
+    normalize_bwd_bf16,
+    normalize_bwd_f16,
     similarity_fwd_f32,
+    similarity_fwd_bf16,
+    similarity_fwd_f16,
     infonce_fwd_f32,
+    infonce_fwd_bf16,
+    infonce_fwd_f16,
     infonce_bwd_f32,
+    infonce_bwd_bf16,
+    infonce_bwd_f16,
     infonce_extra_bwd_f32,
+    infonce_extra_bwd_bf16,
+    infonce_extra_bwd_f16,
     margin_fwd_f32,
     margin_bwd_f32,
     nce_fwd_f32,
@@ -68,11 +80,13 @@ interp_kernels!(
 pub(crate) struct GuardedBuf {
     name: &'static str,
     words: RefCell<Vec<u32>>,
+    /// Payload words.
     len: usize,
+    info: BufInfo,
 }
 
 impl GuardedBuf {
-    fn new(name: &'static str, payload: impl ExactSizeIterator<Item = u32>) -> Self {
+    fn new(name: &'static str, payload: impl ExactSizeIterator<Item = u32>, info: BufInfo) -> Self {
         let len = payload.len();
         let mut words = Vec::with_capacity(len + 2 * GUARD);
         words.extend(std::iter::repeat_n(POISON, GUARD));
@@ -82,6 +96,7 @@ impl GuardedBuf {
             name,
             words: RefCell::new(words),
             len,
+            info,
         }
     }
 
@@ -135,22 +150,38 @@ fn kernel_error(kernel: &str, reason: String) -> Error {
     }
 }
 
+thread_local! {
+    /// The kernels launched on this thread since the last [`take_launched_kernels`].
+    static LAUNCHED: RefCell<Vec<&'static str>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The names of the kernels the interpreted mode ran on this thread since the last call (lets the
+/// tests see which instantiation, e.g. `_bf16`, an op picked).
+pub fn take_launched_kernels() -> Vec<&'static str> {
+    LAUNCHED.with(|l| std::mem::take(&mut *l.borrow_mut()))
+}
+
 /// The interpreted-mode backend.
 pub(crate) struct Interp;
 
 impl Backend for Interp {
     type Buf = GuardedBuf;
 
-    fn upload(&self, name: &'static str, values: &[f32]) -> Result<GuardedBuf> {
-        Ok(GuardedBuf::new(name, values.iter().map(|v| v.to_bits())))
+    fn upload_words(&self, name: &'static str, words: &[u32], info: BufInfo) -> Result<GuardedBuf> {
+        Ok(GuardedBuf::new(name, words.iter().copied(), info))
     }
 
-    fn upload_i32(&self, name: &'static str, values: &[i32]) -> Result<GuardedBuf> {
-        Ok(GuardedBuf::new(name, values.iter().map(|&v| v as u32)))
+    fn output_of(&self, name: &'static str, info: BufInfo) -> Result<GuardedBuf> {
+        let words = info.elem.words(info.count);
+        Ok(GuardedBuf::new(
+            name,
+            std::iter::repeat_n(POISON, words),
+            info,
+        ))
     }
 
-    fn output(&self, name: &'static str, len: usize) -> Result<GuardedBuf> {
-        Ok(GuardedBuf::new(name, std::iter::repeat_n(POISON, len)))
+    fn info(&self, buf: &GuardedBuf) -> BufInfo {
+        buf.info
     }
 
     fn ptr(&self, buf: &GuardedBuf) -> *mut c_void {
@@ -159,11 +190,8 @@ impl Backend for Interp {
         buf.words.borrow_mut()[GUARD..].as_mut_ptr().cast()
     }
 
-    fn download(&self, buf: &GuardedBuf) -> Result<Vec<f32>> {
-        Ok(buf.words.borrow()[GUARD..GUARD + buf.len]
-            .iter()
-            .map(|&w| f32::from_bits(w))
-            .collect())
+    fn download_words(&self, buf: &GuardedBuf) -> Result<Vec<u32>> {
+        Ok(buf.words.borrow()[GUARD..GUARD + buf.len].to_vec())
     }
 
     fn launch<P: KernelParams>(
@@ -175,6 +203,7 @@ impl Backend for Interp {
     ) -> Result<()> {
         let entry = entry(kernel)
             .ok_or_else(|| kernel_error(kernel, "no interpreted build of this kernel".into()))?;
+        LAUNCHED.with(|l| l.borrow_mut().push(kernel));
         let cfg = InterpLaunchConfig {
             grid: launch.grid,
             block: launch.block,

@@ -4,7 +4,7 @@
 
 use super::infonce::{backward_pass, fused_forward, Side, Softmax};
 use super::params::ContraInfonceExtraBwdParams;
-use super::{blocks_for, normalize, Backend, Launch};
+use super::{blocks_for, normalize, typed_kernel, Backend, Launch};
 use crate::Result;
 
 /// One MoCo problem: q, k (rows x dim) raw, queue (queue_len x dim) used as given.
@@ -78,7 +78,7 @@ impl<B: Backend> Moco<'_, B> {
         };
         // One warp per row, 8 rows per 256-thread block.
         b.launch(
-            "infonce_extra_bwd_f32",
+            typed_kernel!("infonce_extra_bwd", b.info(&qn).elem),
             Launch::linear(blocks_for(self.rows, 8), 256),
             &params,
             &[&grad_qn],

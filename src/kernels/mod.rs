@@ -66,17 +66,59 @@ impl KernelParams for params::ContraInfonceExtraBwdParams {}
 impl KernelParams for params::ContraTripletMineParams {}
 impl KernelParams for params::ContraTripletBwdParams {}
 
-/// A device that runs the kernels. Buffers hold 32-bit words (f32 values or i32 indices).
+/// What one element of a kernel buffer holds. Buffers are stored as 32-bit words; 16-bit
+/// elements are packed two to a word, element `2i` in the low half (both backends are
+/// little-endian, as the kernels' `__nv_bfloat16*` / `__half*` views expect).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Elem {
+    F32,
+    I32,
+    Bf16,
+    F16,
+}
+
+impl Elem {
+    /// 32-bit words that hold `count` elements.
+    pub fn words(self, count: usize) -> usize {
+        match self {
+            Elem::Bf16 | Elem::F16 => count.div_ceil(2),
+            Elem::F32 | Elem::I32 => count,
+        }
+    }
+}
+
+/// The element type and count of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BufInfo {
+    pub elem: Elem,
+    pub count: usize,
+}
+
+/// `{base}_{f32|bf16|f16}`: the instantiation of kernel `base` for operands of type `$elem`.
+macro_rules! typed_kernel {
+    ($base:literal, $elem:expr) => {
+        match $elem {
+            $crate::kernels::Elem::Bf16 => concat!($base, "_bf16"),
+            $crate::kernels::Elem::F16 => concat!($base, "_f16"),
+            _ => concat!($base, "_f32"),
+        }
+    };
+}
+pub(crate) use typed_kernel;
+
+/// A device that runs the kernels. Buffers hold 32-bit words: f32 values, i32 indices, or pairs
+/// of 16-bit floats.
 pub(crate) trait Backend {
     type Buf;
-    /// A buffer holding a copy of `values`.
-    fn upload(&self, name: &'static str, values: &[f32]) -> Result<Self::Buf>;
-    fn upload_i32(&self, name: &'static str, values: &[i32]) -> Result<Self::Buf>;
-    /// An output buffer of `len` floats whose contents are undefined (poisoned in interp mode).
-    fn output(&self, name: &'static str, len: usize) -> Result<Self::Buf>;
+    /// A buffer holding a copy of `words`, which encode `info.count` elements.
+    fn upload_words(&self, name: &'static str, words: &[u32], info: BufInfo) -> Result<Self::Buf>;
+    /// An output buffer of `info.count` elements whose contents are undefined (poisoned in interp
+    /// mode).
+    fn output_of(&self, name: &'static str, info: BufInfo) -> Result<Self::Buf>;
     /// The address a kernel sees.
     fn ptr(&self, buf: &Self::Buf) -> *mut c_void;
-    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn info(&self, buf: &Self::Buf) -> BufInfo;
+    fn download_words(&self, buf: &Self::Buf) -> Result<Vec<u32>>;
     /// Runs `kernel` with `params`; `written` are the buffers the kernel must fill completely.
     fn launch<P: KernelParams>(
         &self,
@@ -85,6 +127,67 @@ pub(crate) trait Backend {
         params: &P,
         written: &[&Self::Buf],
     ) -> Result<()>;
+
+    /// A buffer holding a copy of `values`.
+    fn upload(&self, name: &'static str, values: &[f32]) -> Result<Self::Buf> {
+        let words: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        let info = BufInfo {
+            elem: Elem::F32,
+            count: values.len(),
+        };
+        self.upload_words(name, &words, info)
+    }
+
+    fn upload_i32(&self, name: &'static str, values: &[i32]) -> Result<Self::Buf> {
+        let words: Vec<u32> = values.iter().map(|&v| v as u32).collect();
+        let info = BufInfo {
+            elem: Elem::I32,
+            count: values.len(),
+        };
+        self.upload_words(name, &words, info)
+    }
+
+    /// A buffer of 16-bit floats (`elem` is `Bf16` or `F16`) given by their bit patterns.
+    fn upload_half(&self, name: &'static str, bits: &[u16], elem: Elem) -> Result<Self::Buf> {
+        let words: Vec<u32> = bits
+            .chunks(2)
+            .map(|pair| pair[0] as u32 | (pair.get(1).copied().unwrap_or(0) as u32) << 16)
+            .collect();
+        let info = BufInfo {
+            elem,
+            count: bits.len(),
+        };
+        self.upload_words(name, &words, info)
+    }
+
+    /// An f32 output buffer of `len` elements.
+    fn output(&self, name: &'static str, len: usize) -> Result<Self::Buf> {
+        self.output_of(
+            name,
+            BufInfo {
+                elem: Elem::F32,
+                count: len,
+            },
+        )
+    }
+
+    /// The buffer's elements as f32 (i32 buffers: the raw bits, for `f32::to_bits`).
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
+        let info = self.info(buf);
+        let words = self.download_words(buf)?;
+        let half = |bits: u16| match info.elem {
+            Elem::Bf16 => half::bf16::from_bits(bits).to_f32(),
+            _ => half::f16::from_bits(bits).to_f32(),
+        };
+        Ok(match info.elem {
+            Elem::F32 | Elem::I32 => words.into_iter().map(f32::from_bits).collect(),
+            Elem::Bf16 | Elem::F16 => words
+                .iter()
+                .flat_map(|&w| [half(w as u16), half((w >> 16) as u16)])
+                .take(info.count)
+                .collect(),
+        })
+    }
 }
 
 /// Runs `$body` with `$b` bound to the kernel backend of `$device` and returns its result from

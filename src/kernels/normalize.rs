@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/normalize.cu`.
 
 use super::params::ContraNormalizeParams;
-use super::{blocks_for, Backend, Launch};
+use super::{blocks_for, typed_kernel, Backend, BufInfo, Launch};
 use crate::Result;
 
 /// Rows per 256-thread block (one warp per row), as in normalize.cu.
@@ -11,9 +11,16 @@ fn launch_shape(rows: usize) -> Launch {
     Launch::linear(blocks_for(rows, ROWS_PER_BLOCK), 256)
 }
 
-/// `y = x / max(||x||, 1e-12)` per row, into a new buffer.
+/// `y = x / max(||x||, 1e-12)` per row, into a new buffer of x's element type.
 pub(crate) fn forward<B: Backend>(b: &B, x: &B::Buf, rows: usize, dim: usize) -> Result<B::Buf> {
-    let y = b.output("y", rows * dim)?;
+    let elem = b.info(x).elem;
+    let y = b.output_of(
+        "y",
+        BufInfo {
+            elem,
+            count: rows * dim,
+        },
+    )?;
     let params = ContraNormalizeParams {
         x: b.ptr(x),
         y: b.ptr(&y),
@@ -22,11 +29,12 @@ pub(crate) fn forward<B: Backend>(b: &B, x: &B::Buf, rows: usize, dim: usize) ->
         eps: 1e-12,
         ..Default::default()
     };
-    b.launch("normalize_fwd_f32", launch_shape(rows), &params, &[&y])?;
+    let kernel = typed_kernel!("normalize_fwd", elem);
+    b.launch(kernel, launch_shape(rows), &params, &[&y])?;
     Ok(y)
 }
 
-/// The normalize backward per row, into a new buffer.
+/// The normalize backward per row, into a new f32 buffer (`grad_y` is f32 too).
 pub(crate) fn backward<B: Backend>(
     b: &B,
     x: &B::Buf,
@@ -44,6 +52,7 @@ pub(crate) fn backward<B: Backend>(
         eps: 1e-12,
         ..Default::default()
     };
-    b.launch("normalize_bwd_f32", launch_shape(rows), &params, &[&grad_x])?;
+    let kernel = typed_kernel!("normalize_bwd", b.info(x).elem);
+    b.launch(kernel, launch_shape(rows), &params, &[&grad_x])?;
     Ok(grad_x)
 }

@@ -1,7 +1,7 @@
 //! Launch sequence of `kernels/similarity.cu`.
 
 use super::params::*;
-use super::{blocks_for, Backend, Launch};
+use super::{blocks_for, typed_kernel, Backend, Launch};
 use crate::ops::Similarity;
 use crate::Result;
 
@@ -40,6 +40,7 @@ pub(crate) fn forward<B: Backend>(
         ],
         block: [16, 16, 1],
     };
-    b.launch("similarity_fwd_f32", launch, &params, &[&out])?;
+    let kernel = typed_kernel!("similarity_fwd", b.info(a).elem);
+    b.launch(kernel, launch, &params, &[&out])?;
     Ok(out)
 }

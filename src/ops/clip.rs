@@ -3,7 +3,7 @@
 
 use super::{
     check_finite, check_finite_scalar, check_scale, expect_shape, matrix_dims, output_like,
-    same_place, values, with_cpu_real,
+    same_place, upload_features, values, with_cpu_real,
 };
 use crate::cpu::Real;
 use crate::kernels::{self, run_on_kernels, Backend};
@@ -179,8 +179,8 @@ impl<B: Backend> KernelInputs<B> {
     fn upload(k: &B, a: &Tensor, b: &Tensor, rows: usize) -> Result<Self> {
         let diagonal: Vec<i32> = (0..rows as i32).collect();
         Ok(KernelInputs {
-            a: k.upload("a", &values::<f32>(a))?,
-            b: k.upload("b", &values::<f32>(b))?,
+            a: upload_features(k, "a", a)?,
+            b: upload_features(k, "b", b)?,
             diagonal: k.upload_i32("diagonal", &diagonal)?,
         })
     }

@@ -3,8 +3,8 @@
 //! `normalize`), `j = i` dropped under `self_mask`.
 
 use super::{
-    check_finite, check_temperature, matrix_dims, output_like, same_place, same_width, values,
-    with_cpu_real,
+    check_finite, check_temperature, matrix_dims, output_like, same_place, same_width,
+    upload_features, values, with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
@@ -213,8 +213,8 @@ impl<B: Backend> KernelInputs<B> {
         // Indices were validated against the key count, which fits the kernels' 32-bit sizes.
         let positives: Vec<i32> = positives.iter().map(|&p| p as i32).collect();
         Ok(KernelInputs {
-            q: b.upload("q", &values::<f32>(q))?,
-            k: b.upload("k", &values::<f32>(k))?,
+            q: upload_features(b, "q", q)?,
+            k: upload_features(b, "k", k)?,
             positives: b.upload_i32("positives", &positives)?,
         })
     }

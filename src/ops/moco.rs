@@ -5,7 +5,7 @@
 use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
 use super::{
     check_finite, check_finite_scalar, check_temperature, matrix_dims, output_like, same_place,
-    same_width, values, with_cpu_real,
+    same_width, upload_features, values, with_cpu_real,
 };
 use crate::cpu::Real;
 use crate::kernels::{self, run_on_kernels, Backend};
@@ -90,7 +90,7 @@ pub fn moco_forward(
 ) -> Result<SoftmaxForward> {
     let dims = validate(q, k, queue, opts)?;
     run_on_kernels!(q.device(), b => {
-        let buffers = [b.upload("q", &values::<f32>(q))?, b.upload("k", &values::<f32>(k))?, b.upload("queue", &values::<f32>(queue))?];
+        let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
         let (loss, lse) = kernel_problem(b, &buffers, dims, opts).forward(b)?;
         Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse: q.host_like(b.download(&lse)?, &[dims.0]) } })
     });
@@ -115,7 +115,7 @@ pub fn moco_backward(
     check_saved_lse(OP, saved, dims.0)?;
     check_finite_scalar(OP, "grad_loss", grad_loss)?;
     run_on_kernels!(q.device(), b => {
-        let buffers = [b.upload("q", &values::<f32>(q))?, b.upload("k", &values::<f32>(k))?, b.upload("queue", &values::<f32>(queue))?];
+        let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
         let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
         let grad = kernel_problem(b, &buffers, dims, opts).backward(b, &lse, grad_loss)?;
         Ok(output_like(q, b.download(&grad)?, q.shape()))

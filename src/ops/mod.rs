@@ -71,6 +71,25 @@ pub(crate) fn values<T: Real>(t: &Tensor) -> Cow<'_, [T]> {
     }
 }
 
+/// Uploads a feature tensor to a kernel backend in its own storage type: bf16 and f16 as 16-bit
+/// values (the kernels read them so and accumulate in f32), f32 and f64 as f32.
+pub(crate) fn upload_features<B: crate::kernels::Backend>(
+    b: &B,
+    name: &'static str,
+    t: &Tensor,
+) -> Result<B::Buf> {
+    use crate::kernels::Elem;
+    if let Some(v) = t.host::<half::bf16>() {
+        let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+        return b.upload_half(name, &bits, Elem::Bf16);
+    }
+    if let Some(v) = t.host::<half::f16>() {
+        let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+        return b.upload_half(name, &bits, Elem::F16);
+    }
+    b.upload(name, &values::<f32>(t))
+}
+
 /// An output of the CPU path, stored in `like`'s dtype on `like`'s device.
 pub(crate) fn output_like<T: Real>(like: &Tensor, values: Vec<T>, shape: &[usize]) -> Tensor {
     let out = like.host_like(values, shape);

@@ -1,6 +1,8 @@
 //! Row-wise L2 normalization: `y = x / max(||x||_2, 1e-12)`.
 
-use super::{check_finite, matrix_dims, output_like, same_place, values, with_cpu_real};
+use super::{
+    check_finite, matrix_dims, output_like, same_place, upload_features, values, with_cpu_real,
+};
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Result, Tensor};
 
@@ -19,7 +21,7 @@ pub fn normalize(x: &Tensor) -> Result<Tensor> {
     let (_, dim) = matrix_dims(OP, "x", x)?;
     check_finite(OP, "x", x)?;
     run_on_kernels!(x.device(), b => {
-        let y = kernels::normalize::forward(b, &b.upload("x", &values::<f32>(x))?, x.shape()[0], dim)?;
+        let y = kernels::normalize::forward(b, &upload_features(b, "x", x)?, x.shape()[0], dim)?;
         Ok(output_like(x, b.download(&y)?, x.shape()))
     });
     with_cpu_real!(x.dtype(), T => {
@@ -37,7 +39,7 @@ pub fn normalize_backward(x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
     check_finite(OP, "x", x)?;
     check_finite(OP, "grad_y", grad_y)?;
     run_on_kernels!(x.device(), b => {
-        let (xb, gyb) = (b.upload("x", &values::<f32>(x))?, b.upload("grad_y", &values::<f32>(grad_y))?);
+        let (xb, gyb) = (upload_features(b, "x", x)?, b.upload("grad_y", &values::<f32>(grad_y))?);
         let gx = kernels::normalize::backward(b, &xb, &gyb, x.shape()[0], dim)?;
         Ok(output_like(x, b.download(&gx)?, x.shape()))
     });

@@ -2,7 +2,8 @@
 //! matrix by definition; the losses never call it.
 
 use super::{
-    check_finite, matrix_dims, output_like, same_place, same_width, values, with_cpu_real,
+    check_finite, matrix_dims, output_like, same_place, same_width, upload_features, values,
+    with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Result, Tensor};
@@ -45,7 +46,7 @@ pub fn similarity(a: &Tensor, b: &Tensor, kind: Similarity) -> Result<Tensor> {
     check_finite(OP, "a", a)?;
     check_finite(OP, "b", b)?;
     run_on_kernels!(a.device(), k => {
-        let (ab, bb) = (k.upload("a", &values::<f32>(a))?, k.upload("b", &values::<f32>(b))?);
+        let (ab, bb) = (upload_features(k, "a", a)?, upload_features(k, "b", b)?);
         let out = kernels::similarity::forward(k, &ab, &bb, (rows, cols, dim), kind)?;
         Ok(output_like(a, k.download(&out)?, &[rows, cols]))
     });

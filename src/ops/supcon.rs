@@ -3,8 +3,8 @@
 
 use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
 use super::{
-    check_finite, check_finite_scalar, check_labels_len, check_temperature, output_like, values,
-    with_cpu_real,
+    check_finite, check_finite_scalar, check_labels_len, check_temperature, output_like,
+    upload_features, values, with_cpu_real,
 };
 use crate::cpu::Real;
 use crate::kernels::{self, run_on_kernels, Backend};
@@ -188,7 +188,7 @@ impl<B: Backend> KernelInputs<B> {
     ) -> Result<Self> {
         let (class, weight) = cpu::supcon::Classes::new(labels, views).for_kernels();
         Ok(KernelInputs {
-            views: b.upload("features", &values::<f32>(features))?,
+            views: upload_features(b, "features", features)?,
             labels: b.upload_i32("labels", &class)?,
             target_weight: b.upload("target_weight", &weight)?,
         })

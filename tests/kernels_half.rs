@@ -1,0 +1,202 @@
+//! The bf16 and f16 instantiations of normalize, similarity and every softmax loss (InfoNCE,
+//! NT-Xent, CLIP, MoCo, SupCon) on every kernel device, against the CPU backend on the same inputs
+//! (the 16-bit values, widened): the kernels read 16-bit operands and accumulate in f32, so every
+//! output must be within a relative norm error of 2e-2.
+//!
+//! On the interpreted mode each test also checks that the 16-bit kernels ran (not an f32 copy).
+//! `Device::Cuda(0)` runs too when it is usable; otherwise the test prints why it was skipped.
+
+use contra::*;
+use rand::{rngs::StdRng, SeedableRng};
+
+mod common;
+use common::*;
+
+/// The tolerance of the issue: 16-bit inputs, f32 accumulation, against f32/f64 on the same inputs.
+const HALF_TOL: f64 = 2e-2;
+const HALF_DTYPES: [DType; 2] = [DType::Bf16, DType::F16];
+
+/// `values` rounded to `dtype`, on `device`, and the same rounded values in f64 on the CPU.
+fn rounded(values: &[f32], shape: &[usize], dtype: DType, device: Device) -> (Tensor, Tensor) {
+    let half = Tensor::from_vec(values.to_vec(), shape, Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype);
+    let reference = Tensor::from_vec(half.to_vec_f64(), shape, Device::Cpu).unwrap();
+    (half.to_device(device).unwrap(), reference)
+}
+
+/// Runs `op` on the 16-bit inputs on `device` and on their f64 copies on the CPU, and compares
+/// every output; on the interpreted mode, checks that a `_bf16` / `_f16` kernel ran.
+fn compare_half(
+    device: Device,
+    dtype: DType,
+    case: &str,
+    inputs: &[Input],
+    op: impl Fn(&[Tensor]) -> Result<Outputs>,
+) {
+    let (on_device, reference): (Vec<Tensor>, Vec<Tensor>) = inputs
+        .iter()
+        .map(|&(values, shape)| rounded(values, shape, dtype, device))
+        .unzip();
+    testing::take_launched_kernels();
+    let got = op(&on_device).unwrap_or_else(|e| panic!("{case} {dtype} on {device}: {e}"));
+    if device == Device::Interp {
+        let suffix = if dtype == DType::Bf16 {
+            "_bf16"
+        } else {
+            "_f16"
+        };
+        let launched = testing::take_launched_kernels();
+        assert!(
+            launched.iter().any(|k| k.ends_with(suffix)),
+            "{case} {dtype}: no {suffix} kernel ran: {launched:?}"
+        );
+    }
+    let want = op(&reference).unwrap_or_else(|e| panic!("{case} on cpu: {e}"));
+    let mut worst = 0.0f64;
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        let err = rel_err(g, w);
+        assert!(
+            err <= HALF_TOL,
+            "{case} {dtype} on {device}: `{name}` relative error {err:e} > {HALF_TOL:e}"
+        );
+        worst = worst.max(err);
+    }
+    println!("  {device} {case} {dtype}: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn half_normalize_and_similarity_match_cpu() {
+    on_kernel_devices("half_normalize_and_similarity_match_cpu", |device| {
+        let mut rng = StdRng::seed_from_u64(0x4a1f);
+        for dtype in HALF_DTYPES {
+            let (n, m, d) = (37, 23, 77);
+            let x = random_matrix(&mut rng, n, d);
+            let y = random_matrix(&mut rng, m, d);
+            let grad_y = random_matrix(&mut rng, n, d);
+            compare_half(device, dtype, "normalize 37x77", &[(&x, &[n, d])], |t| {
+                Ok(vec![("y", normalize(&t[0])?.to_vec_f64())])
+            });
+            compare_half(
+                device,
+                dtype,
+                "normalize backward 37x77",
+                &[(&x, &[n, d]), (&grad_y, &[n, d])],
+                |t| {
+                    Ok(vec![(
+                        "grad_x",
+                        normalize_backward(&t[0], &t[1])?.to_vec_f64(),
+                    )])
+                },
+            );
+            for kind in [
+                Similarity::Dot,
+                Similarity::Cosine,
+                Similarity::SquaredEuclidean,
+                Similarity::Euclidean,
+            ] {
+                let case = format!("similarity {kind:?} 37x23x77");
+                compare_half(device, dtype, &case, &[(&x, &[n, d]), (&y, &[m, d])], |t| {
+                    Ok(vec![(
+                        "scores",
+                        similarity(&t[0], &t[1], kind)?.to_vec_f64(),
+                    )])
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn half_infonce_and_ntxent_match_cpu() {
+    on_kernel_devices("half_infonce_and_ntxent_match_cpu", |device| {
+        let mut rng = StdRng::seed_from_u64(0x4a20);
+        for dtype in HALF_DTYPES {
+            let (n, m, d) = (37, 70, 40);
+            let q = random_matrix(&mut rng, n, d);
+            let k = random_matrix(&mut rng, m, d);
+            let positives = random_positives(&mut rng, n, m, false);
+            for normalize in [true, false] {
+                let opts = InfoNceOptions {
+                    temperature: if normalize { 0.1 } else { 1.0 },
+                    normalize,
+                    self_mask: false,
+                };
+                let case = format!("infonce 37x70x40 normalize={normalize}");
+                compare_half(device, dtype, &case, &[(&q, &[n, d]), (&k, &[m, d])], |t| {
+                    let out = infonce(&t[0], &t[1], &positives, &opts)?;
+                    Ok(vec![
+                        ("loss", vec![out.loss]),
+                        ("grad_q", out.grad_q.to_vec_f64()),
+                        ("grad_k", out.grad_k.to_vec_f64()),
+                    ])
+                });
+            }
+            let z = random_matrix(&mut rng, 2 * 33, d);
+            let opts = NtXentOptions { temperature: 0.2 };
+            compare_half(device, dtype, "ntxent 66x40", &[(&z, &[66, d])], |t| {
+                let out = ntxent(&t[0], &opts)?;
+                Ok(vec![
+                    ("loss", vec![out.loss]),
+                    ("grad_z", out.grad_z.to_vec_f64()),
+                ])
+            });
+        }
+    });
+}
+
+#[test]
+fn half_clip_moco_supcon_match_cpu() {
+    on_kernel_devices("half_clip_moco_supcon_match_cpu", |device| {
+        let mut rng = StdRng::seed_from_u64(0x4a21);
+        for dtype in HALF_DTYPES {
+            let (n, d) = (37, 40);
+            let a = random_matrix(&mut rng, n, d);
+            let b = random_matrix(&mut rng, n, d);
+            compare_half(
+                device,
+                dtype,
+                "clip 37x40",
+                &[(&a, &[n, d]), (&b, &[n, d])],
+                |t| {
+                    let out = clip(&t[0], &t[1], (1.0f64 / 0.07).ln())?;
+                    Ok(vec![
+                        ("loss", vec![out.loss]),
+                        ("grad_a", out.grad_a.to_vec_f64()),
+                        ("grad_b", out.grad_b.to_vec_f64()),
+                        ("grad_log_scale", vec![out.grad_log_scale]),
+                    ])
+                },
+            );
+            let queue = random_matrix(&mut rng, 101, d);
+            let opts = MocoOptions { temperature: 0.2 };
+            let inputs: &[Input] = &[(&a, &[n, d]), (&b, &[n, d]), (&queue, &[101, d])];
+            compare_half(device, dtype, "moco 37x101x40", inputs, |t| {
+                let out = moco(&t[0], &t[1], &t[2], &opts)?;
+                Ok(vec![
+                    ("loss", vec![out.loss]),
+                    ("grad_q", out.grad_q.to_vec_f64()),
+                ])
+            });
+            let features = random_matrix(&mut rng, 23 * 2, d);
+            let labels: Vec<i64> = (0..23).map(|i| i % 5).collect();
+            let opts = SupConOptions {
+                temperature: 0.1,
+                base_temperature: 0.07,
+            };
+            compare_half(
+                device,
+                dtype,
+                "supcon 23x2x40",
+                &[(&features, &[23, 2, d])],
+                |t| {
+                    let out = supcon(&t[0], &labels, &opts)?;
+                    Ok(vec![
+                        ("loss", vec![out.loss]),
+                        ("grad_features", out.grad_features.to_vec_f64()),
+                    ])
+                },
+            );
+        }
+    });
+}

@@ -36,6 +36,28 @@ impl Dataset {
     pub fn image(&self, i: usize) -> &[f32] {
         &self.images[i * self.dim()..(i + 1) * self.dim()]
     }
+
+    /// The images at `indices` (in that order, repeats allowed) as a new data set.
+    pub fn subset(&self, indices: &[usize]) -> Result<Dataset> {
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(Error::invalid(
+                "Dataset::subset",
+                "indices",
+                format!("index {bad} out of range for {} images", self.len()),
+            ));
+        }
+        let mut images = Vec::with_capacity(indices.len() * self.dim());
+        for &i in indices {
+            images.extend_from_slice(self.image(i));
+        }
+        Ok(Dataset {
+            images,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            height: self.height,
+            width: self.width,
+            classes: self.classes,
+        })
+    }
 }
 
 /// The embedded UCI digits: 1797 images of 8 x 8 pixels, labels 0..9.

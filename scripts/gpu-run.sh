@@ -33,22 +33,25 @@ run() {
   echo "- commit: $(cat "$bundle/COMMIT" 2>/dev/null || echo unknown)"
 } >"$report"
 
+# Every kernel test binary: f32 softmax losses, elementwise ops, triplet mining, bf16/f16.
+kernel_tests="kernels kernels_elementwise kernels_triplet kernels_half"
 section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
-run "kernel tests" 120 "$bundle/kernels" --test-threads=2 --nocapture
-run "elementwise kernel tests" 60 "$bundle/kernels_elementwise" --test-threads=2 --nocapture
+for t in $kernel_tests; do
+  run "$t" 180 "$bundle/$t" --test-threads=2 --nocapture
+done
 section "Fixtures on cuda:0"
 run "fixtures on cuda:0" 60 env CONTRA_DEVICE=cuda "$bundle/fixtures" --nocapture
-section "compute-sanitizer memcheck over the kernel tests"
 if [ -n "$sanitizer" ]; then
-  run "memcheck" 150 "$sanitizer" --tool memcheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
-  run "memcheck (elementwise)" 60 "$sanitizer" --tool memcheck --error-exitcode 1 "$bundle/kernels_elementwise" --test-threads=1
-  section "compute-sanitizer racecheck over the kernel tests"
-  run "racecheck" 150 "$sanitizer" --tool racecheck --error-exitcode 1 "$bundle/kernels" --test-threads=1
-  run "racecheck (elementwise)" 60 "$sanitizer" --tool racecheck --error-exitcode 1 "$bundle/kernels_elementwise" --test-threads=1
+  for tool in memcheck racecheck; do
+    section "compute-sanitizer $tool over the kernel tests"
+    for t in $kernel_tests; do
+      run "$tool $t" 180 "$sanitizer" --tool "$tool" --error-exitcode 1 "$bundle/$t" --test-threads=1
+    done
+  done
 else
   echo "compute-sanitizer not found: skipped" >>"$report"; overall=1
 fi
-section "Kernel timings (median of 20 synchronized launches after a warm-up; f32, CUDA cores)"
+section "Kernel timings (median of 20 synchronized launches after a warm-up; CUDA cores, f32 unless the shape says bf16)"
 run "timings" 90 "$bundle/contra" kernel-timing --repeats 20
 section "Verdict"
 if [ $overall -eq 0 ]; then echo "ALL PASS" >>"$report"; else echo "SOME STEPS FAILED" >>"$report"; fi

@@ -4,7 +4,10 @@
 use std::time::Instant;
 
 use super::cuda::Cuda;
-use super::{clip, infonce, moco, momentum, normalize, queue, similarity, supcon, Backend};
+use super::{
+    clip, infonce, moco, momentum, normalize, queue, similarity, supcon, triplet, Backend, Elem,
+};
+use crate::ops::triplet::{Distance, Mining};
 use crate::ops::Similarity;
 use crate::Result;
 
@@ -100,8 +103,23 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         )?;
     }
 
-    for (n, d) in [(8192, 128), (16384, 128), (8192, 512)] {
-        let z = b.upload("z", &random(n * d, 5))?;
+    for (n, d, elem) in [
+        (8192, 128, Elem::F32),
+        (16384, 128, Elem::F32),
+        (8192, 512, Elem::F32),
+        (16384, 128, Elem::Bf16),
+    ] {
+        let values = random(n * d, 5);
+        let z = if elem == Elem::Bf16 {
+            let bits: Vec<u16> = values
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            b.upload_half("z", &bits, Elem::Bf16)?
+        } else {
+            b.upload("z", &values)?
+        };
+        let dtype = if elem == Elem::Bf16 { "bf16" } else { "f32" };
         let positives: Vec<i32> = (0..n as i32)
             .map(|i| (i + n as i32 / 2) % n as i32)
             .collect();
@@ -120,8 +138,8 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         let gemm = 2.0 * (n * n * d) as f64;
         time(
             &mut rows,
-            "ntxent forward (normalize + infonce_fwd_f32)",
-            format!("{n}x{d}"),
+            "ntxent forward (normalize + infonce_fwd)",
+            format!("{n}x{d} {dtype}"),
             gemm,
             repeats,
             || problem.forward(b).map(drop),
@@ -129,8 +147,8 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         let (_, lse) = problem.forward(b)?;
         time(
             &mut rows,
-            "ntxent backward (2x infonce_bwd_f32 + normalize)",
-            format!("{n}x{d}"),
+            "ntxent backward (2x infonce_bwd + normalize)",
+            format!("{n}x{d} {dtype}"),
             4.0 * gemm,
             repeats,
             || problem.backward(b, &lse, 1.0, true).map(drop),
@@ -251,6 +269,41 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         repeats,
         || problem.backward(b, &lse.rows, &lse.cols, 1.0).map(drop),
     )?;
+
+    // Triplet mining over a 4096-row batch with 64 classes (pair matrix, mining, backward).
+    let (n, d) = (4096, 128);
+    let x = b.upload("x", &random(n * d, 14))?;
+    let class: Vec<i32> = (0..n as i32).map(|i| i % 64).collect();
+    let labels = b.upload_i32("labels", &class)?;
+    for mining in [Mining::BatchAll, Mining::BatchHard, Mining::SemiHard] {
+        let problem = triplet::Problem::<Cuda> {
+            x: &x,
+            labels: &labels,
+            rows: n,
+            dim: d,
+            distance: Distance::Euclidean,
+            mining,
+            margin: 0.2,
+        };
+        let pairs = 2.0 * (n * n * d) as f64;
+        time(
+            &mut rows,
+            "triplet forward (similarity + triplet_mine)",
+            format!("{n}x{d} {mining:?}"),
+            pairs,
+            repeats,
+            || problem.forward(b).map(drop),
+        )?;
+        let fwd = problem.forward(b)?;
+        time(
+            &mut rows,
+            "triplet backward (triplet_bwd)",
+            format!("{n}x{d} {mining:?}"),
+            pairs,
+            repeats,
+            || problem.backward(b, &fwd.coefs, 1.0).map(drop),
+        )?;
+    }
 
     // Momentum over 25M parameters (a ResNet-50-sized encoder).
     let len = 25_000_000;

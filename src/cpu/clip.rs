@@ -65,8 +65,8 @@ impl<T: Real> Problem<'_, T> {
         let weight = vec![grad_loss / (2 * self.rows) as f64; self.rows];
         let (row, col) = self.with_passes(|row, col| {
             (
-                softmax::backward(row, row_lse, &weight, &Diagonal, true),
-                softmax::backward(col, col_lse, &weight, &Diagonal, true),
+                softmax::backward(row, row_lse, &weight, &Diagonal, true, true),
+                softmax::backward(col, col_lse, &weight, &Diagonal, true, true),
             )
         });
         // The row pass has a' as queries and b' as keys; the column pass the other way round.

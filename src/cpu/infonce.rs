@@ -56,7 +56,7 @@ impl<'a, T: Real> Problem<'a, T> {
     pub fn backward(&self, lse: &[f64], grad_loss: f64) -> (Vec<T>, Vec<T>) {
         let weight = vec![grad_loss / self.rows as f64; self.rows];
         let grads = self.with_scores(|s| {
-            softmax::backward(s, lse, &weight, &IndexTargets(self.positives), true)
+            softmax::backward(s, lse, &weight, &IndexTargets(self.positives), true, false)
         });
         let (dq, dk) = (grads.queries, grads.keys.unwrap_or_default());
         if self.normalize {

@@ -9,7 +9,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
-use super::{Real, KEY_TILE, ROW_TILE};
+use super::{lane_sum, Real, KEY_TILE, ROW_TILE};
 
 /// Queries, keys and how their scores become logits.
 #[derive(Clone, Copy)]
@@ -163,17 +163,17 @@ pub fn forward<T: Real>(
                     if tile_max == f64::NEG_INFINITY {
                         continue;
                     }
-                    let new_max = max[r].max(tile_max);
-                    let shift = T::of(new_max);
-                    let mut tile_sum = T::zero();
-                    for &x in row {
-                        tile_sum += (x - shift).exp();
-                    }
-                    sum[r] = sum[r] * (max[r] - new_max).exp() + tile_sum.f64();
-                    max[r] = new_max;
                     targets.visit(r0 + r, k0..k0 + key_len, &mut |j, w| {
                         tgt_tile[r] += w * row[j - k0].f64()
                     });
+                    let new_max = max[r].max(tile_max);
+                    let shift = T::of(new_max);
+                    let row = &mut tile[r * key_len..(r + 1) * key_len];
+                    for x in row.iter_mut() {
+                        *x = (*x - shift).exp_fast();
+                    }
+                    sum[r] = sum[r] * (max[r] - new_max).exp() + lane_sum(row).f64();
+                    max[r] = new_max;
                 }
             }
             for r in 0..row_len {
@@ -183,15 +183,31 @@ pub fn forward<T: Real>(
     RowStats { lse, target_logit }
 }
 
+/// Replaces the logits of `row` by `w * exp(logit - lse)` and returns the sum of
+/// `w * exp(logit - lse) * logit` (CLIP's d loss / d log_scale gathers it).
+fn softmax_and_log_scale_term<T: Real>(row: &mut [T], w: T, lse: T) -> f64 {
+    // A masked logit is -inf and its term 0: clamping it to the lowest finite value makes the
+    // product 0 instead of NaN.
+    let lowest = T::min_value();
+    let mut total = 0.0;
+    for x in row.iter_mut() {
+        let d = w * (*x - lse).exp_fast();
+        total += (d * x.max(lowest)).f64();
+        *x = d;
+    }
+    total
+}
+
 /// The backward sweep for the loss `sum_i row_weight_i * (lse_i - target_logit_i)`:
 /// `dlogit_ij = row_weight_i * (softmax_ij - target_ij)`, `dq = scale * dlogit k`,
-/// `dk = scale * dlogit^T q`.
+/// `dk = scale * dlogit^T q`; with `want_log_scale` also `d loss / d log(scale)` (CLIP).
 pub fn backward<T: Real>(
     s: &Scores<'_, T>,
     lse: &[f64],
     row_weight: &[f64],
     targets: &impl Targets,
     want_keys: bool,
+    want_log_scale: bool,
 ) -> Grads<T> {
     let (rows, cols, dim) = (s.rows, s.cols, s.dim);
     let mut dq = vec![T::zero(); rows * dim];
@@ -213,34 +229,29 @@ pub fn backward<T: Real>(
                         let i = r0 + r;
                         let (lse_i, w) = (T::of(lse[i]), T::of(row_weight[i]));
                         let row = &mut tile[r * key_len..(r + 1) * key_len];
-                        // dlogit = w * softmax (masked logits are -inf: exp gives 0), and
-                        // d/dlog(scale) gathers dlogit * logit.
-                        let mut row_log_scale = T::zero();
-                        for x in row.iter_mut() {
-                            let d = w * (*x - lse_i).exp();
-                            if d != T::zero() {
-                                row_log_scale += d * *x;
+                        // dlogit = w * softmax (masked logits are -inf: exp gives 0).
+                        if want_log_scale {
+                            log_scale += softmax_and_log_scale_term(row, w, lse_i);
+                        } else {
+                            for x in row.iter_mut() {
+                                *x = w * (*x - lse_i).exp_fast();
                             }
-                            *x = d;
                         }
-                        log_scale += row_log_scale.f64();
                         targets.visit(i, k0..k0 + key_len, &mut |j, target| {
                             let logit = s.logit(i, j);
                             let d = row_weight[i] * target;
                             log_scale -= d * logit;
                             row[j - k0] -= T::of(d);
                         });
-                        for x in row.iter_mut() {
-                            *x *= scale;
-                        }
                     }
+                    // The scale is folded into the GEMMs' alpha.
                     let g = MatRef::row_major(&tile[..row_len * key_len], row_len, key_len);
-                    // dq_tile += g k_tile
-                    T::gemm(T::one(), g, s.key_tile(k0, key_len), T::one(), dq_tile);
+                    // dq_tile += scale g k_tile
+                    T::gemm(scale, g, s.key_tile(k0, key_len), T::one(), dq_tile);
                     if want_keys {
-                        // dk[k0..] += g^T q_tile
+                        // dk[k0..] += scale g^T q_tile
                         T::gemm(
-                            T::one(),
+                            scale,
                             g.t(),
                             s.query_tile(r0, row_len),
                             T::one(),

@@ -123,7 +123,7 @@ impl<T: Real> Problem<'_, T> {
             let weight: Vec<f64> = (0..s.rows)
                 .map(|a| if classes.has_positive(a) { w } else { 0.0 })
                 .collect();
-            let grads = softmax::backward(s, lse, &weight, classes, true);
+            let grads = softmax::backward(s, lse, &weight, classes, true, false);
             let mut dz = grads.queries;
             for (x, &y) in dz.iter_mut().zip(grads.keys.as_deref().unwrap_or_default()) {
                 *x += y;

@@ -1461,3 +1461,60 @@ fn error_bad_saved_state_and_grad_loss() {
         "{err:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. The one-call forms (one fused sweep on the CPU) against forward + backward
+// ---------------------------------------------------------------------------------------------
+
+/// `infonce` / `ntxent` in one call take a single sweep over row strips of 256 rows; they must
+/// agree with `*_forward` + `*_backward` (two sweeps) across several strips, in f32 and f64.
+#[test]
+fn one_call_matches_forward_backward_across_strips() {
+    let mut r = rng(71);
+    let (n, m, d) = (600, 523, 7);
+    let q = uniform(&mut r, n * d);
+    let k = uniform(&mut r, m * d);
+    let positives: Vec<usize> = (0..n).map(|_| r.random_range(0..m)).collect();
+    let z = uniform(&mut r, 2 * 301 * d);
+    for (to, tol) in [(t64 as fn(&[f64], &[usize]) -> Tensor, 1e-12), (t32, 1e-5)] {
+        for normalize in [true, false] {
+            let opts = InfoNceOptions {
+                temperature: 0.2,
+                normalize,
+                self_mask: false,
+            };
+            let (qt, kt) = (to(&q, &[n, d]), to(&k, &[m, d]));
+            let one = infonce(&qt, &kt, &positives, &opts).unwrap();
+            let fwd = infonce_forward(&qt, &kt, &positives, &opts).unwrap();
+            let (gq, gk) = infonce_backward(&qt, &kt, &positives, &opts, &fwd.saved, 1.0).unwrap();
+            let what = format!("infonce one call, normalize={normalize}, tol {tol:e}");
+            assert_scalar_close(one.loss, fwd.loss, tol, &what);
+            assert_close(&v64(&one.grad_q), &v64(&gq), tol, &what);
+            assert_close(&v64(&one.grad_k), &v64(&gk), tol, &what);
+        }
+        let opts = NtXentOptions { temperature: 0.3 };
+        let zt = to(&z, &[602, d]);
+        let one = ntxent(&zt, &opts).unwrap();
+        let fwd = ntxent_forward(&zt, &opts).unwrap();
+        let g = ntxent_backward(&zt, &opts, &fwd.saved, 1.0).unwrap();
+        assert_scalar_close(one.loss, fwd.loss, tol, "ntxent one call");
+        assert_close(&v64(&one.grad_z), &v64(&g), tol, "ntxent one call");
+    }
+}
+
+/// Beyond 65536 keys the one call falls back to two sweeps (a row strip would be too large).
+#[test]
+fn one_call_with_more_keys_than_a_strip_holds() {
+    let mut r = rng(72);
+    let (n, m, d) = (3, 65_537, 2);
+    let q = uniform(&mut r, n * d);
+    let k = uniform(&mut r, m * d);
+    let positives = [0, 65_536, 7];
+    let opts = InfoNceOptions::default();
+    let (qt, kt) = (t64(&q, &[n, d]), t64(&k, &[m, d]));
+    let one = infonce(&qt, &kt, &positives, &opts).unwrap();
+    let fwd = infonce_forward(&qt, &kt, &positives, &opts).unwrap();
+    let (gq, _) = infonce_backward(&qt, &kt, &positives, &opts, &fwd.saved, 1.0).unwrap();
+    assert_scalar_close(one.loss, fwd.loss, 1e-12, "many keys: loss");
+    assert_close(&v64(&one.grad_q), &v64(&gq), 1e-12, "many keys: grad_q");
+}

@@ -1,6 +1,6 @@
 //! InfoNCE (one positive per query) and NT-Xent on the tiled softmax core.
 
-use super::softmax::{self, IndexTargets, Scores};
+use super::softmax::{self, IndexTargets, Scores, STRIP_MAX_COLS};
 use super::{normalize, Real};
 
 /// One InfoNCE problem: queries `q` (rows x dim), keys `k` (cols x dim), the positive key of each
@@ -70,6 +70,38 @@ impl<'a, T: Real> Problem<'a, T> {
     }
 }
 
+impl<T: Real> Problem<'_, T> {
+    /// Loss and the gradients of `grad_loss * loss` in one sweep (see
+    /// [`softmax::forward_backward`]); two sweeps when the keys are too many for a row strip.
+    pub fn forward_backward(&self, grad_loss: f64) -> (f64, Vec<T>, Vec<T>) {
+        if self.cols > STRIP_MAX_COLS {
+            let (loss, lse) = self.forward();
+            let (dq, dk) = self.backward(&lse, grad_loss);
+            return (loss, dq, dk);
+        }
+        let weight = vec![grad_loss / self.rows as f64; self.rows];
+        let (stats, grads) = self.with_scores(|s| {
+            softmax::forward_backward(s, &weight, &IndexTargets(self.positives), true)
+        });
+        let total: f64 = stats
+            .lse
+            .iter()
+            .zip(&stats.target_logit)
+            .map(|(l, t)| l - t)
+            .sum();
+        let (dq, dk) = (grads.queries, grads.keys.unwrap_or_default());
+        let (dq, dk) = if self.normalize {
+            (
+                normalize_backward(self.q, &dq, self.dim),
+                normalize_backward(self.k, &dk, self.dim),
+            )
+        } else {
+            (dq, dk)
+        };
+        (total / self.rows as f64, dq, dk)
+    }
+}
+
 fn normalize_backward<T: Real>(x: &[T], grad_y: &[T], dim: usize) -> Vec<T> {
     normalize::backward(x, grad_y, dim)
 }
@@ -99,6 +131,15 @@ pub fn ntxent_problem<'a, T>(
         normalize: true,
         self_mask: true,
     }
+}
+
+/// NT-Xent loss and gradient in one sweep: z is both the queries and the keys.
+pub fn ntxent_forward_backward<T: Real>(p: &Problem<'_, T>, grad_loss: f64) -> (f64, Vec<T>) {
+    let (loss, mut dq, dk) = p.forward_backward(grad_loss);
+    for (a, b) in dq.iter_mut().zip(&dk) {
+        *a += *b;
+    }
+    (loss, dq)
 }
 
 /// The NT-Xent gradient: z is both the queries and the keys.

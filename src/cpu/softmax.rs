@@ -183,6 +183,94 @@ pub fn forward<T: Real>(
     RowStats { lse, target_logit }
 }
 
+/// Key counts up to which [`forward_backward`] keeps a whole row strip of logits
+/// (`STRIP_ROWS x cols` per thread: 64 MiB of f32 at this bound) instead of sweeping twice.
+pub const STRIP_MAX_COLS: usize = 65_536;
+/// Rows per strip: taller than ROW_TILE, because every strip repacks all the keys for its GEMMs.
+const STRIP_ROWS: usize = 256;
+
+/// Forward and backward in one sweep, for the one-call losses: each row tile computes its whole
+/// strip of logits (`STRIP_ROWS x cols`, never `rows x cols`) with one GEMM, takes the row
+/// log-sum-exp from it, turns it into `dlogit` in place and multiplies it out. That saves the
+/// backward's recomputation of the logits and its second pass of exponentials: three GEMMs
+/// instead of four. Needs `cols <= STRIP_MAX_COLS`; no extra logit, no `d log_scale`.
+pub fn forward_backward<T: Real>(
+    s: &Scores<'_, T>,
+    row_weight: &[f64],
+    targets: &impl Targets,
+    want_keys: bool,
+) -> (RowStats, Grads<T>) {
+    let (rows, cols, dim) = (s.rows, s.cols, s.dim);
+    debug_assert!(cols <= STRIP_MAX_COLS);
+    let mut lse = vec![0.0f64; rows];
+    let mut target_logit = vec![0.0f64; rows];
+    let mut dq = vec![T::zero(); rows * dim];
+    let key_len_total = if want_keys { cols * dim } else { 0 };
+    let scale = T::of(s.scale);
+    let all_keys = s.key_tile(0, cols);
+    let dk = dq
+        .par_chunks_mut(STRIP_ROWS * dim)
+        .zip(lse.par_chunks_mut(STRIP_ROWS))
+        .zip(target_logit.par_chunks_mut(STRIP_ROWS))
+        .enumerate()
+        .fold(
+            || vec![T::zero(); key_len_total],
+            |mut dk, (t, ((dq_tile, lse_tile), tgt_tile))| {
+                let r0 = t * STRIP_ROWS;
+                let row_len = lse_tile.len();
+                let mut strip = vec![T::zero(); row_len * cols];
+                s.logits(r0, row_len, 0, cols, &mut strip);
+                for r in 0..row_len {
+                    let i = r0 + r;
+                    let row = &mut strip[r * cols..(r + 1) * cols];
+                    targets.visit(i, 0..cols, &mut |j, w| tgt_tile[r] += w * row[j].f64());
+                    let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                    if max == T::neg_infinity() {
+                        // Every key masked: no softmax, and nothing to differentiate.
+                        lse_tile[r] = f64::NEG_INFINITY;
+                        row.fill(T::zero());
+                        continue;
+                    }
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp_fast();
+                    }
+                    let sum = lane_sum(row).f64();
+                    lse_tile[r] = max.f64() + sum.ln();
+                    // dlogit = w * softmax - w * target.
+                    let w = row_weight[i];
+                    let factor = T::of(w / sum);
+                    for x in row.iter_mut() {
+                        *x *= factor;
+                    }
+                    targets.visit(i, 0..cols, &mut |j, target| row[j] -= T::of(w * target));
+                }
+                let g = MatRef::row_major(&strip, row_len, cols);
+                T::gemm(scale, g, all_keys, T::zero(), dq_tile);
+                if want_keys {
+                    T::gemm(scale, g.t(), s.query_tile(r0, row_len), T::one(), &mut dk);
+                }
+                dk
+            },
+        )
+        .reduce(
+            || vec![T::zero(); key_len_total],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += *y;
+                }
+                a
+            },
+        );
+    (
+        RowStats { lse, target_logit },
+        Grads {
+            queries: dq,
+            keys: want_keys.then_some(dk),
+            log_scale: 0.0,
+        },
+    )
+}
+
 /// Replaces the logits of `row` by `w * exp(logit - lse)` and returns the sum of
 /// `w * exp(logit - lse) * logit` (CLIP's d loss / d log_scale gathers it).
 fn softmax_and_log_scale_term<T: Real>(row: &mut [T], w: T, lse: T) -> f64 {

@@ -7,7 +7,7 @@ use super::{
     upload_features, values, with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, Error, Result, Tensor};
+use crate::{cpu, Device, Error, Result, Tensor};
 
 const OP: &str = "infonce";
 
@@ -186,6 +186,19 @@ pub fn infonce(
     positives: &[usize],
     opts: &InfoNceOptions,
 ) -> Result<InfoNceOutput> {
+    if q.device() == Device::Cpu {
+        // One sweep for loss and gradients (see cpu::softmax::forward_backward).
+        let dims = validate(q, k, positives, opts)?;
+        return with_cpu_real!(q.dtype(), T => {
+            let (qv, kv) = (values::<T>(q), values::<T>(k));
+            let (loss, dq, dk) = problem(&qv, &kv, dims, positives, opts).forward_backward(1.0);
+            Ok(InfoNceOutput {
+                loss,
+                grad_q: output_like(q, dq, q.shape()),
+                grad_k: output_like(k, dk, k.shape()),
+            })
+        });
+    }
     let fwd = infonce_forward(q, k, positives, opts)?;
     let (grad_q, grad_k) = infonce_backward(q, k, positives, opts, &fwd.saved, 1.0)?;
     Ok(InfoNceOutput {

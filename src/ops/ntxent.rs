@@ -4,7 +4,7 @@
 use super::infonce::{check_saved_lse, InfoNceOptions, KernelInputs, SoftmaxForward, SoftmaxSaved};
 use super::{check_finite, check_temperature, matrix_dims, output_like, values, with_cpu_real};
 use crate::kernels::{run_on_kernels, Backend};
-use crate::{cpu, Error, Result, Tensor};
+use crate::{cpu, Device, Error, Result, Tensor};
 
 /// NT-Xent as the kernels see it: InfoNCE of z against itself, cosine, self excluded.
 fn kernel_options(opts: &NtXentOptions) -> InfoNceOptions {
@@ -97,6 +97,17 @@ pub fn ntxent_backward(
 
 /// NT-Xent loss and gradient in one call.
 pub fn ntxent(z: &Tensor, opts: &NtXentOptions) -> Result<NtXentOutput> {
+    if z.device() == Device::Cpu {
+        // One sweep for loss and gradient (see cpu::softmax::forward_backward).
+        let (rows, dim) = validate(z, opts)?;
+        return with_cpu_real!(z.dtype(), T => {
+            let zv = values::<T>(z);
+            let positives = cpu::infonce::ntxent_positives(rows);
+            let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
+            let (loss, grad) = cpu::infonce::ntxent_forward_backward(&problem, 1.0);
+            Ok(NtXentOutput { loss, grad_z: output_like(z, grad, z.shape()) })
+        });
+    }
     let fwd = ntxent_forward(z, opts)?;
     let grad_z = ntxent_backward(z, opts, &fwd.saved, 1.0)?;
     Ok(NtXentOutput {

@@ -40,24 +40,24 @@ impl<'a, T: Real> Problem<'a, T> {
         })
     }
 
-    /// The mean loss and the per-row log-sum-exp the backward needs.
-    pub fn forward(&self) -> (f64, Vec<f64>) {
-        let stats = self.with_scores(|s| softmax::forward(s, None, &IndexTargets(self.positives)));
+    /// The mean of `lse_i - target_logit_i` over the rows.
+    fn mean_loss(&self, stats: &softmax::RowStats) -> f64 {
         let total: f64 = stats
             .lse
             .iter()
             .zip(&stats.target_logit)
             .map(|(l, t)| l - t)
             .sum();
-        (total / self.rows as f64, stats.lse)
+        total / self.rows as f64
     }
 
-    /// Gradients of `grad_loss * loss` with respect to q and k.
-    pub fn backward(&self, lse: &[f64], grad_loss: f64) -> (Vec<T>, Vec<T>) {
-        let weight = vec![grad_loss / self.rows as f64; self.rows];
-        let grads = self.with_scores(|s| {
-            softmax::backward(s, lse, &weight, &IndexTargets(self.positives), true, false)
-        });
+    /// Every row weighs `grad_loss / rows` in the gradient of the mean loss.
+    fn row_weights(&self, grad_loss: f64) -> Vec<f64> {
+        vec![grad_loss / self.rows as f64; self.rows]
+    }
+
+    /// The gradients with respect to the inputs: through the normalization when there is one.
+    fn input_grads(&self, grads: softmax::Grads<T>) -> (Vec<T>, Vec<T>) {
         let (dq, dk) = (grads.queries, grads.keys.unwrap_or_default());
         if self.normalize {
             (
@@ -68,9 +68,21 @@ impl<'a, T: Real> Problem<'a, T> {
             (dq, dk)
         }
     }
-}
 
-impl<T: Real> Problem<'_, T> {
+    /// The mean loss and the per-row log-sum-exp the backward needs.
+    pub fn forward(&self) -> (f64, Vec<f64>) {
+        let stats = self.with_scores(|s| softmax::forward(s, None, &IndexTargets(self.positives)));
+        (self.mean_loss(&stats), stats.lse)
+    }
+
+    /// Gradients of `grad_loss * loss` with respect to q and k.
+    pub fn backward(&self, lse: &[f64], grad_loss: f64) -> (Vec<T>, Vec<T>) {
+        let weight = self.row_weights(grad_loss);
+        self.input_grads(self.with_scores(|s| {
+            softmax::backward(s, lse, &weight, &IndexTargets(self.positives), true, false)
+        }))
+    }
+
     /// Loss and the gradients of `grad_loss * loss` in one sweep (see
     /// [`softmax::forward_backward`]); two sweeps when the keys are too many for a row strip.
     pub fn forward_backward(&self, grad_loss: f64) -> (f64, Vec<T>, Vec<T>) {
@@ -79,26 +91,12 @@ impl<T: Real> Problem<'_, T> {
             let (dq, dk) = self.backward(&lse, grad_loss);
             return (loss, dq, dk);
         }
-        let weight = vec![grad_loss / self.rows as f64; self.rows];
+        let weight = self.row_weights(grad_loss);
         let (stats, grads) = self.with_scores(|s| {
             softmax::forward_backward(s, &weight, &IndexTargets(self.positives), true)
         });
-        let total: f64 = stats
-            .lse
-            .iter()
-            .zip(&stats.target_logit)
-            .map(|(l, t)| l - t)
-            .sum();
-        let (dq, dk) = (grads.queries, grads.keys.unwrap_or_default());
-        let (dq, dk) = if self.normalize {
-            (
-                normalize_backward(self.q, &dq, self.dim),
-                normalize_backward(self.k, &dk, self.dim),
-            )
-        } else {
-            (dq, dk)
-        };
-        (total / self.rows as f64, dq, dk)
+        let (dq, dk) = self.input_grads(grads);
+        (self.mean_loss(&stats), dq, dk)
     }
 }
 

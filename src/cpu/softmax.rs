@@ -88,6 +88,15 @@ impl<T: Real> Scores<'_, T> {
     }
 }
 
+/// The least number of row tiles a rayon job takes so that there is one job per worker thread:
+/// each job of a backward owns a key-gradient accumulator (cols x dim), so their count must not
+/// grow with the batch (rayon's adaptive splitting alone makes many more).
+fn tiles_per_job(rows: usize, tile: usize) -> usize {
+    rows.div_ceil(tile)
+        .div_ceil(rayon::current_num_threads())
+        .max(1)
+}
+
 fn tiles(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..total)
         .step_by(size)
@@ -213,6 +222,7 @@ pub fn forward_backward<T: Real>(
         .zip(lse.par_chunks_mut(STRIP_ROWS))
         .zip(target_logit.par_chunks_mut(STRIP_ROWS))
         .enumerate()
+        .with_min_len(tiles_per_job(rows, STRIP_ROWS))
         .fold(
             || vec![T::zero(); key_len_total],
             |mut dk, (t, ((dq_tile, lse_tile), tgt_tile))| {
@@ -299,12 +309,14 @@ pub fn backward<T: Real>(
 ) -> Grads<T> {
     let (rows, cols, dim) = (s.rows, s.cols, s.dim);
     let mut dq = vec![T::zero(); rows * dim];
-    // Each rayon job owns one dK accumulator (cols x dim, never rows x cols); jobs are summed.
+    // Each rayon job (one per thread) owns a dK accumulator (cols x dim, never rows x cols);
+    // the jobs' accumulators are summed.
     let key_len_total = if want_keys { cols * dim } else { 0 };
     let scale = T::of(s.scale);
     let (dk, log_scale) = dq
         .par_chunks_mut(ROW_TILE * dim)
         .enumerate()
+        .with_min_len(tiles_per_job(rows, ROW_TILE))
         .fold(
             || (vec![T::zero(); key_len_total], 0.0f64),
             |(mut dk, mut log_scale), (t, dq_tile)| {

@@ -23,6 +23,7 @@
 //! # Ok::<(), contra::Error>(())
 //! ```
 
+pub mod bench;
 pub mod cpu;
 pub mod data;
 pub mod device;

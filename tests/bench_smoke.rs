@@ -1,0 +1,270 @@
+//! The benchmark suite's machinery at tiny shapes: rows, table, JSON, the child protocol, the
+//! kernel runners (on the interpreted backend), the scaling sweep and the "torch missing" path.
+
+use std::path::PathBuf;
+
+use contra::bench::{
+    self, cases, child_main, measure, torch, BenchArgs, Case, Impl, Pass, Runner, Timing,
+};
+use contra::Device;
+use serde_json::Value;
+
+fn tiny_args() -> BenchArgs {
+    BenchArgs {
+        tiny: true,
+        no_torch: true,
+        in_process: true,
+        ..Default::default()
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("contra-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn tiny_run_gives_agreeing_rows_a_table_and_json() {
+    let report = bench::run(&tiny_args()).unwrap();
+    let n_cases = cases::tiny_cases().len();
+    assert_eq!(report.rows.len(), n_cases, "one naive row per case");
+    for row in &report.rows {
+        assert_eq!(row.reference, "naive", "{}", row.case);
+        let contra = row.contra.as_ref().expect("contra measured");
+        let naive = row.reference_result.as_ref().expect("naive measured");
+        assert!(contra.median_ms > 0.0 && naive.median_ms > 0.0);
+        assert!(row.speedup().unwrap() > 0.0);
+        assert_eq!(row.agree(), Some(true), "{}: {:?}", row.case, row.note);
+        assert_eq!(
+            row.case.flops().is_some(),
+            row.contra_gflops().is_some(),
+            "{}",
+            row.case
+        );
+        if std::path::Path::new("/proc/self/clear_refs").exists() {
+            assert!(contra.peak_bytes.is_some(), "{}: peak memory", row.case);
+        }
+        if row.case.pass == Pass::ForwardBackward {
+            assert!(contra.outcome.grad_check.is_some(), "{}", row.case);
+        }
+    }
+    assert!(report.gemm.contra_gflops.unwrap() > 0.0);
+
+    let text = bench::table(&report);
+    assert!(text.contains("| op "), "{text}");
+    assert!(text.contains("speedup"), "{text}");
+    assert!(
+        text.contains("ntxent") && text.contains("momentum"),
+        "{text}"
+    );
+
+    let path = scratch("report.json");
+    bench::write_json(&path, &bench::report_json(&report)).unwrap();
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), n_cases);
+    for row in rows {
+        for key in [
+            "op",
+            "pass",
+            "shape",
+            "reference",
+            "contra_ms",
+            "reference_ms",
+            "speedup",
+            "contra_peak_bytes",
+            "reference_peak_bytes",
+            "contra_gflops",
+            "agree",
+        ] {
+            assert!(row.get(key).is_some(), "row lacks `{key}`: {row}");
+        }
+        assert!(row["speedup"].as_f64().unwrap() > 0.0);
+    }
+    assert!(v["gemm"]["peak_gflops"].as_f64().unwrap() > 0.0);
+    assert!(v["machine"]["logical_cores"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn filter_selects_cases_and_rejects_unknown_ones() {
+    let args = BenchArgs {
+        filter: Some("ntxent fwd+bwd".into()),
+        no_naive: true,
+        ..tiny_args()
+    };
+    let report = bench::run(&args).unwrap();
+    assert_eq!(report.rows.len(), 1);
+    assert_eq!(report.rows[0].reference, "-");
+    assert_eq!(report.rows[0].speedup(), None);
+    let args = BenchArgs {
+        filter: Some("no such op".into()),
+        ..tiny_args()
+    };
+    assert!(bench::run(&args).is_err());
+}
+
+#[test]
+fn child_protocol_round_trips_a_measurement() {
+    let case = Case::ntxent(Pass::ForwardBackward, 32, 8);
+    let spec = bench::runner::child_spec(&case, Impl::Naive, Device::Cpu, &Timing::once());
+    let line = child_main(&spec).unwrap();
+    let json = line.strip_prefix("CONTRA_BENCH_RESULT ").expect("marker");
+    let v: Value = serde_json::from_str(json).unwrap();
+    assert!(v["median_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["reps"].as_u64(), Some(1));
+    assert!(v["check"].as_f64().unwrap() > 0.0, "NT-Xent loss");
+    assert!(v["grad_check"].as_f64().is_some());
+    assert!(child_main("{not json").is_err());
+}
+
+/// The GPU path (kernels on device-resident buffers, device memory counted by a wrapper backend)
+/// on the interpreted backend: every tiny case runs and returns contra's CPU results.
+#[test]
+fn kernel_runners_match_the_cpu_on_the_interpreter() {
+    for case in cases::tiny_cases() {
+        let mut cpu = Runner::new(&case, Impl::Contra, Device::Cpu).unwrap();
+        let want = measure(&mut cpu, &Timing::once()).unwrap();
+        let mut interp = Runner::new(&case, Impl::Contra, Device::Interp).unwrap();
+        let got = measure(&mut interp, &Timing::once()).unwrap();
+        let close =
+            |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * a.abs().max(b.abs()).max(1e-6);
+        assert!(
+            close(got.outcome.check, want.outcome.check, 1e-3),
+            "{case}: interp {:?} vs cpu {:?}",
+            got.outcome,
+            want.outcome
+        );
+        if let (Some(a), Some(b)) = (got.outcome.grad_check, want.outcome.grad_check) {
+            assert!(close(a, b, 1e-2), "{case}: gradients {a} vs {b}");
+        }
+        let peak = got.peak_bytes.expect("device bytes are counted");
+        if case.op != cases::Op::Momentum {
+            assert!(peak > 0, "{case}: the call allocates its outputs");
+        }
+    }
+}
+
+#[test]
+fn scaling_sweep_draws_a_png() {
+    let png = scratch("scaling.png");
+    let args = BenchArgs {
+        scaling: true,
+        out: png.clone(),
+        ..tiny_args()
+    };
+    let report = bench::run_scaling(&args).unwrap();
+    let contra: Vec<_> = report
+        .points
+        .iter()
+        .filter(|p| p.implementation == "contra")
+        .collect();
+    assert_eq!(contra.len(), 3, "N = 64, 128, 256");
+    assert!(contra.iter().all(|p| p.result.is_ok()));
+    assert!(report.points.iter().any(|p| p.implementation == "naive"));
+    bench::scaling::plot(&report, &png).unwrap();
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+    let table = bench::scaling::table(&report);
+    assert!(table.contains("contra peak / input"), "{table}");
+    let v = bench::scaling::report_json(&report);
+    assert_eq!(v["points"].as_array().unwrap().len(), report.points.len());
+}
+
+/// Without torch the run still prints its table and says why the PyTorch columns are missing.
+#[test]
+fn missing_torch_is_reported() {
+    let cases = vec![Case::momentum(100)];
+    let opts = torch::TorchOptions {
+        python: "/nonexistent/python-for-contra-tests".into(),
+        device: Device::Cpu,
+        threads: Some(1),
+        compile: false,
+        timing: Timing::once(),
+        max_bytes: None,
+        gemm: false,
+    };
+    match torch::run_reference(&cases, &opts) {
+        torch::TorchStatus::Missing(msg) => {
+            assert!(msg.contains("not found"), "{msg}");
+            assert!(msg.contains("CONTRA_TORCH_PYTHON"), "{msg}");
+        }
+        other => panic!("expected Missing, got {other:?}"),
+    }
+
+    // Through `contra bench` itself, with CONTRA_TORCH_PYTHON naming the interpreter (the only
+    // test of this file that reads the variable).
+    std::env::set_var(
+        "CONTRA_TORCH_PYTHON",
+        "/nonexistent/python-for-contra-tests",
+    );
+    let args = BenchArgs {
+        no_torch: false,
+        filter: Some("momentum".into()),
+        ..tiny_args()
+    };
+    let report = bench::run(&args).unwrap();
+    std::env::remove_var("CONTRA_TORCH_PYTHON");
+    assert!(report.torch.is_none());
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("PyTorch reference skipped")),
+        "{:?}",
+        report.notes
+    );
+    assert!(bench::table(&report).contains("note: PyTorch reference skipped"));
+    assert_eq!(report.rows.len(), 1, "the naive row is still there");
+
+    // A real interpreter without torch: the script's own message.
+    if python_lacks_torch("python3") {
+        let opts = torch::TorchOptions {
+            python: "python3".into(),
+            ..opts
+        };
+        match torch::run_reference(&cases, &opts) {
+            torch::TorchStatus::Missing(msg) => {
+                assert!(msg.contains("PyTorch is not installed"), "{msg}")
+            }
+            other => panic!("expected Missing, got {other:?}"),
+        }
+    }
+}
+
+fn python_lacks_torch(python: &str) -> bool {
+    std::process::Command::new(python)
+        .args(["-c", "import torch"])
+        .output()
+        .is_ok_and(|o| !o.status.success())
+}
+
+/// The script's built-in case lists are the suite's (ids compared; needs no torch).
+#[test]
+fn script_case_lists_match_the_suite() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/reference_torch.py");
+    for (list, cases) in [
+        ("quick", cases::quick_cases()),
+        ("full", cases::full_cases()),
+    ] {
+        let Ok(out) = std::process::Command::new("python3")
+            .args([script, "--list", list])
+            .output()
+        else {
+            eprintln!("python3 not found: skipped");
+            return;
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let want: Vec<String> = cases.iter().map(Case::id).collect();
+        assert_eq!(ids, want, "--list {list}");
+    }
+    assert_eq!(torch::SCRIPT, std::fs::read_to_string(script).unwrap());
+}

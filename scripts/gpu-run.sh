@@ -51,6 +51,8 @@ if [ -n "$sanitizer" ]; then
 else
   echo "compute-sanitizer not found: skipped" >>"$report"; overall=1
 fi
+section "Trainer: the first steps of SimCLR, MoCo v2 and SupCon with the losses on cuda:0 against the CPU, same seed"
+run "train-check on cuda:0" 120 "$bundle/contra" train-check --device cuda --steps 5
 section "Kernel timings (median of 20 synchronized launches after a warm-up; CUDA cores, f32 unless the shape says bf16)"
 run "timings" 90 "$bundle/contra" kernel-timing --repeats 20
 section "Verdict"

@@ -41,7 +41,8 @@ enum Command {
     /// The encoder (forward, backward, optimizer) runs on the CPU. --device picks where the loss
     /// runs (and, for MoCo, the momentum update of the key encoder and the queue enqueue): with
     /// `cuda` these are the crate's CUDA kernels, with `interp` the same kernels interpreted on
-    /// the CPU. Unset flags take the per-method, per-data-set defaults (see the README).
+    /// the CPU. Unset flags take the per-method, per-data-set defaults (the README's trainer
+    /// section and `contra::train::config::TrainConfig::defaults` say which and why).
     Train(Box<TrainArgs>),
     /// Train a few steps of SimCLR, MoCo v2 and SupCon on the digits from the same seed with the
     /// losses on the CPU and on --device, print both loss sequences and fail when they differ
@@ -148,9 +149,10 @@ struct TrainArgs {
     /// Where the losses run: cpu, interp or cuda[:N] (the encoder always runs on the CPU).
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Epochs (default: 200 on digits, 20 on 28 x 28 data).
     #[arg(long)]
     epochs: Option<usize>,
-    /// Images per step.
+    /// Images per step (default 256).
     #[arg(long)]
     batch: Option<usize>,
     /// Output folder (default: a fresh runs/<method>-<date>-<time>/).
@@ -168,8 +170,10 @@ struct TrainArgs {
     /// Final learning rate as a fraction of --lr.
     #[arg(long)]
     final_lr_frac: Option<f32>,
+    /// Epochs of linear learning-rate warm-up (default: 10 on digits, 2 on 28 x 28 data).
     #[arg(long)]
     warmup_epochs: Option<usize>,
+    /// Weight decay of weights (not biases or BatchNorm parameters; default 1e-4).
     #[arg(long)]
     weight_decay: Option<f32>,
     /// Loss temperature.
@@ -201,6 +205,7 @@ struct TrainArgs {
     /// contrast, noise_std, erase_prob, erase_min, erase_max.
     #[arg(long, value_delimiter = ',', value_parser = parse_aug)]
     aug: Vec<(String, f32)>,
+    /// Seed of the weights, batch order, augmentations and MoCo queue (default 0).
     #[arg(long)]
     seed: Option<u64>,
     /// Train (and fit the probes) on a stratified subset of this many training images.

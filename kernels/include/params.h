@@ -213,6 +213,93 @@ typedef struct ContraTripletBwdParams {
     float grad_scale;
 } ContraTripletBwdParams;
 
+/* ---- The trainer's encoder layers (kernels/nn.cu). Matrices are row-major f32. ---- */
+
+/* nn_gemm: c = alpha * op(a) * op(b) + beta * c, with op(a) m x k, op(b) k x n and c m x n.
+ * lda / ldb / ldc are the row strides of the stored matrices; trans_a / trans_b nonzero means
+ * the stored matrix is the transpose of the operand (a stored k x m, b stored n x k). With
+ * beta == 0, c is not read (it may hold garbage). The fallback of the cuBLAS GEMM. */
+typedef struct ContraGemmParams {
+    const float* a;
+    const float* b;
+    float* c;
+    int m;
+    int n;
+    int k;
+    int lda;
+    int ldb;
+    int ldc;
+    int trans_a;
+    int trans_b;
+    float alpha;
+    float beta;
+} ContraGemmParams;
+
+/* nn_bias_relu: y[i, j] = x[i, j] + bias[j] (bias may be null), then max(., 0) when relu is
+ * nonzero (NaN stays NaN). In place (y == x) is allowed. */
+typedef struct ContraBiasReluParams {
+    const float* x;
+    const float* bias;
+    float* y;
+    int rows;
+    int cols;
+    int relu;
+} ContraBiasReluParams;
+
+/* nn_relu_bwd: dx = dy where y > 0, else 0 (y is the ReLU's output). */
+typedef struct ContraReluBwdParams {
+    const float* y;
+    const float* dy;
+    float* dx;
+    long long len;
+} ContraReluBwdParams;
+
+/* nn_column_sum: out[j] = sum_i x[i, j] (a bias gradient), accumulated in double. */
+typedef struct ContraColumnSumParams {
+    const float* x;
+    float* out;
+    int rows;
+    int cols;
+} ContraColumnSumParams;
+
+/* nn_batchnorm_fwd, one thread per feature (column). train: batch mean and biased variance
+ * (two passes, double), inv_std = 1 / sqrt(var + eps), and the running statistics updated in
+ * place as (1 - momentum) * running + momentum * batch (unbiased variance, rows >= 2);
+ * eval: the running statistics. x_hat = (x - mean) * inv_std, y = weight * x_hat + bias
+ * (weight and bias both null without affine). */
+typedef struct ContraBatchNormFwdParams {
+    const float* x;
+    const float* weight;
+    const float* bias;
+    float* y;
+    float* x_hat;
+    float* inv_std;
+    float* running_mean;
+    float* running_var;
+    int rows;
+    int cols;
+    int train;
+    float eps;
+    float momentum;
+} ContraBatchNormFwdParams;
+
+/* nn_batchnorm_bwd, one thread per feature: with g = dy * weight (weight null: 1),
+ * train: dx = inv_std / n * (n g - sum g - x_hat sum(g x_hat)); eval: dx = g inv_std.
+ * grad_weight[j] = sum dy x_hat and grad_bias[j] = sum dy (both written, not accumulated; null
+ * without affine). Sums in double. */
+typedef struct ContraBatchNormBwdParams {
+    const float* dy;
+    const float* x_hat;
+    const float* inv_std;
+    const float* weight;
+    float* dx;
+    float* grad_weight;
+    float* grad_bias;
+    int rows;
+    int cols;
+    int train;
+} ContraBatchNormBwdParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -38,15 +38,16 @@ enum Command {
     /// all labels and with 10 per class) against the untrained encoder and raw pixels, and write
     /// report.json, curves.png and checkpoint.safetensors into --out.
     ///
-    /// The encoder (forward, backward, optimizer) runs on the CPU. --device picks where the loss
-    /// runs (and, for MoCo, the momentum update of the key encoder and the queue enqueue): with
-    /// `cuda` these are the crate's CUDA kernels, with `interp` the same kernels interpreted on
-    /// the CPU. Unset flags take the per-method, per-data-set defaults (the README's trainer
+    /// --device picks where each step runs: the encoder's forward and backward passes, the loss
+    /// and, for MoCo, the key encoder, momentum update and queue enqueue. With `cuda` these are
+    /// cuBLAS and the crate's CUDA kernels, with `interp` the same kernels interpreted on the CPU.
+    /// The optimizer step and evaluation run on the CPU. Unset flags take the per-method, per-data-set defaults (the README's trainer
     /// section and `contra::train::config::TrainConfig::defaults` say which and why).
     Train(Box<TrainArgs>),
     /// Train a few steps of SimCLR, MoCo v2 and SupCon on the digits from the same seed with the
-    /// losses on the CPU and on --device, print both loss sequences and fail when they differ
-    /// (relative 1e-4 at the first step, 1e-3 after): the trainer's GPU check.
+    /// whole step (encoder and loss) on the CPU and on --device, print both loss sequences and
+    /// fail when they differ (relative 1e-4 at the first step, 1e-3 after): the trainer's GPU
+    /// check.
     TrainCheck {
         /// The device to compare with the CPU: interp or cuda[:N].
         #[arg(long, default_value = "interp")]
@@ -146,7 +147,7 @@ struct TrainArgs {
     /// MNIST: required).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Where the losses run: cpu, interp or cuda[:N] (the encoder always runs on the CPU).
+    /// Where each step runs (encoder passes and losses): cpu, interp or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Epochs (default: 200 on digits, 20 on 28 x 28 data).

@@ -10,6 +10,10 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::CudaBlas;
+
+use super::nn::{gemm_kernel, GemmShape};
 use super::params::*;
 use super::{Backend, BufInfo, KernelParams, Launch};
 use crate::{Error, Result};
@@ -30,6 +34,12 @@ unsafe impl DeviceRepr for ContraQueueParams {}
 unsafe impl DeviceRepr for ContraInfonceExtraBwdParams {}
 unsafe impl DeviceRepr for ContraTripletMineParams {}
 unsafe impl DeviceRepr for ContraTripletBwdParams {}
+unsafe impl DeviceRepr for ContraGemmParams {}
+unsafe impl DeviceRepr for ContraBiasReluParams {}
+unsafe impl DeviceRepr for ContraReluBwdParams {}
+unsafe impl DeviceRepr for ContraColumnSumParams {}
+unsafe impl DeviceRepr for ContraBatchNormFwdParams {}
+unsafe impl DeviceRepr for ContraBatchNormBwdParams {}
 
 fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
@@ -41,6 +51,9 @@ pub(crate) struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// cuBLAS on this GPU's stream, or `None` when libcublas cannot be loaded (the GEMMs then
+    /// run our `nn_gemm_f32` kernel).
+    blas: OnceLock<Option<CudaBlas>>,
 }
 
 impl Cuda {
@@ -74,6 +87,7 @@ impl Cuda {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
         });
         open.insert(ordinal, cuda.clone());
         Ok(cuda)
@@ -84,6 +98,29 @@ impl Cuda {
         self.ctx
             .name()
             .map_err(|e| device_error("cuDeviceGetName", e))
+    }
+
+    /// cuBLAS, loaded on first use; `None` when the library is not found.
+    fn blas(&self) -> Option<&CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: only probes whether libcublas can be loaded (cudarc panics on first use
+                // otherwise).
+                if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                    return None;
+                }
+                CudaBlas::new(self.stream.clone()).ok()
+            })
+            .as_ref()
+    }
+
+    /// What runs the encoder's GEMMs on this GPU: "cuBLAS", or our kernel when libcublas is
+    /// not on the library path.
+    pub fn gemm_library(&self) -> &'static str {
+        match self.blas() {
+            Some(_) => "cuBLAS",
+            None => "contra nn_gemm_f32 (libcublas not found)",
+        }
     }
 
     /// The module (kernels/<name>.cu) holding `kernel`, loaded on first use.
@@ -131,12 +168,54 @@ fn module_of(kernel: &str) -> &'static str {
         "momentum" => "momentum",
         "queue" => "queue",
         "triplet" => "triplet",
+        "nn" => "nn",
         _ => "testing",
     }
 }
 
 impl Backend for Cuda {
     type Buf = CudaBuf;
+
+    fn gemm(&self, shape: &GemmShape, a: &CudaBuf, b: &CudaBuf, c: &CudaBuf) -> Result<()> {
+        let Some(blas) = self.blas() else {
+            return gemm_kernel(self, shape, a, b, c);
+        };
+        shape.check([a.info.count, b.info.count, c.info.count])?;
+        let (lda, ldb, ldc) = shape.strides();
+        let op = |transposed: bool| match transposed {
+            true => cublasOperation_t::CUBLAS_OP_T,
+            false => cublasOperation_t::CUBLAS_OP_N,
+        };
+        let ptr = |buf: &CudaBuf| self.ptr(buf).cast::<f32>();
+        // cuBLAS is column-major, where a row-major matrix reads as its transpose: row-major
+        // c = op(a) op(b) is column-major c^T = op(b)^T op(a)^T, so b goes first.
+        // SAFETY: a, b and c are live allocations of this context holding at least the f32
+        // elements the shape and strides address (`check` above); alpha and beta are host
+        // values that outlive the call (host pointer mode, read before it returns); the handle
+        // belongs to this context's stream.
+        unsafe {
+            cudarc::cublas::result::sgemm(
+                *blas.handle(),
+                op(shape.trans_b),
+                op(shape.trans_a),
+                shape.n as i32,
+                shape.m as i32,
+                shape.k as i32,
+                &shape.alpha,
+                ptr(b),
+                ldb as i32,
+                ptr(a),
+                lda as i32,
+                &shape.beta,
+                ptr(c),
+                ldc as i32,
+            )
+        }
+        .map_err(|e| device_error("cublasSgemm", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| device_error("running cublasSgemm", e))
+    }
 
     fn upload_words(&self, _name: &'static str, words: &[u32], info: BufInfo) -> Result<CudaBuf> {
         let words = if words.is_empty() {

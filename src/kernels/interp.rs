@@ -73,6 +73,12 @@ interp_kernels!(
     queue_enqueue_f32,
     triplet_mine_f32,
     triplet_bwd_f32,
+    nn_gemm_f32,
+    nn_bias_relu_f32,
+    nn_relu_bwd_f32,
+    nn_column_sum_f32,
+    nn_batchnorm_fwd_f32,
+    nn_batchnorm_bwd_f32,
     oob_test_f32,
 );
 

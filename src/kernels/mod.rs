@@ -9,6 +9,7 @@ pub(crate) mod margin;
 pub(crate) mod moco;
 pub(crate) mod momentum;
 pub(crate) mod nce;
+pub(crate) mod nn;
 pub(crate) mod normalize;
 #[rustfmt::skip]
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, clippy::all)]
@@ -65,6 +66,12 @@ impl KernelParams for params::ContraQueueParams {}
 impl KernelParams for params::ContraInfonceExtraBwdParams {}
 impl KernelParams for params::ContraTripletMineParams {}
 impl KernelParams for params::ContraTripletBwdParams {}
+impl KernelParams for params::ContraGemmParams {}
+impl KernelParams for params::ContraBiasReluParams {}
+impl KernelParams for params::ContraReluBwdParams {}
+impl KernelParams for params::ContraColumnSumParams {}
+impl KernelParams for params::ContraBatchNormFwdParams {}
+impl KernelParams for params::ContraBatchNormBwdParams {}
 
 /// What one element of a kernel buffer holds. Buffers are stored as 32-bit words; 16-bit
 /// elements are packed two to a word, element `2i` in the low half (both backends are
@@ -127,6 +134,15 @@ pub(crate) trait Backend {
         params: &P,
         written: &[&Self::Buf],
     ) -> Result<()>;
+
+    /// `c = alpha op(a) op(b) + beta c` on row-major f32 buffers: our tiled kernel here; the
+    /// GPU backend uses cuBLAS when it can load it.
+    fn gemm(&self, shape: &nn::GemmShape, a: &Self::Buf, b: &Self::Buf, c: &Self::Buf) -> Result<()>
+    where
+        Self: Sized,
+    {
+        nn::gemm_kernel(self, shape, a, b, c)
+    }
 
     /// A buffer holding a copy of `values`.
     fn upload(&self, name: &'static str, values: &[f32]) -> Result<Self::Buf> {

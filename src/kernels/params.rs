@@ -536,3 +536,260 @@ impl Default for ContraTripletBwdParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraGemmParams {
+    pub a: *const f32,
+    pub b: *const f32,
+    pub c: *mut f32,
+    pub m: ::std::os::raw::c_int,
+    pub n: ::std::os::raw::c_int,
+    pub k: ::std::os::raw::c_int,
+    pub lda: ::std::os::raw::c_int,
+    pub ldb: ::std::os::raw::c_int,
+    pub ldc: ::std::os::raw::c_int,
+    pub trans_a: ::std::os::raw::c_int,
+    pub trans_b: ::std::os::raw::c_int,
+    pub alpha: f32,
+    pub beta: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraGemmParams"][::std::mem::size_of::<ContraGemmParams>() - 64usize];
+    ["Alignment of ContraGemmParams"][::std::mem::align_of::<ContraGemmParams>() - 8usize];
+    ["Offset of field: ContraGemmParams::a"][::std::mem::offset_of!(ContraGemmParams, a) - 0usize];
+    ["Offset of field: ContraGemmParams::b"][::std::mem::offset_of!(ContraGemmParams, b) - 8usize];
+    ["Offset of field: ContraGemmParams::c"][::std::mem::offset_of!(ContraGemmParams, c) - 16usize];
+    ["Offset of field: ContraGemmParams::m"][::std::mem::offset_of!(ContraGemmParams, m) - 24usize];
+    ["Offset of field: ContraGemmParams::n"][::std::mem::offset_of!(ContraGemmParams, n) - 28usize];
+    ["Offset of field: ContraGemmParams::k"][::std::mem::offset_of!(ContraGemmParams, k) - 32usize];
+    ["Offset of field: ContraGemmParams::lda"]
+        [::std::mem::offset_of!(ContraGemmParams, lda) - 36usize];
+    ["Offset of field: ContraGemmParams::ldb"]
+        [::std::mem::offset_of!(ContraGemmParams, ldb) - 40usize];
+    ["Offset of field: ContraGemmParams::ldc"]
+        [::std::mem::offset_of!(ContraGemmParams, ldc) - 44usize];
+    ["Offset of field: ContraGemmParams::trans_a"]
+        [::std::mem::offset_of!(ContraGemmParams, trans_a) - 48usize];
+    ["Offset of field: ContraGemmParams::trans_b"]
+        [::std::mem::offset_of!(ContraGemmParams, trans_b) - 52usize];
+    ["Offset of field: ContraGemmParams::alpha"]
+        [::std::mem::offset_of!(ContraGemmParams, alpha) - 56usize];
+    ["Offset of field: ContraGemmParams::beta"]
+        [::std::mem::offset_of!(ContraGemmParams, beta) - 60usize];
+};
+impl Default for ContraGemmParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraBiasReluParams {
+    pub x: *const f32,
+    pub bias: *const f32,
+    pub y: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
+    pub relu: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraBiasReluParams"][::std::mem::size_of::<ContraBiasReluParams>() - 40usize];
+    ["Alignment of ContraBiasReluParams"][::std::mem::align_of::<ContraBiasReluParams>() - 8usize];
+    ["Offset of field: ContraBiasReluParams::x"]
+        [::std::mem::offset_of!(ContraBiasReluParams, x) - 0usize];
+    ["Offset of field: ContraBiasReluParams::bias"]
+        [::std::mem::offset_of!(ContraBiasReluParams, bias) - 8usize];
+    ["Offset of field: ContraBiasReluParams::y"]
+        [::std::mem::offset_of!(ContraBiasReluParams, y) - 16usize];
+    ["Offset of field: ContraBiasReluParams::rows"]
+        [::std::mem::offset_of!(ContraBiasReluParams, rows) - 24usize];
+    ["Offset of field: ContraBiasReluParams::cols"]
+        [::std::mem::offset_of!(ContraBiasReluParams, cols) - 28usize];
+    ["Offset of field: ContraBiasReluParams::relu"]
+        [::std::mem::offset_of!(ContraBiasReluParams, relu) - 32usize];
+};
+impl Default for ContraBiasReluParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraReluBwdParams {
+    pub y: *const f32,
+    pub dy: *const f32,
+    pub dx: *mut f32,
+    pub len: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraReluBwdParams"][::std::mem::size_of::<ContraReluBwdParams>() - 32usize];
+    ["Alignment of ContraReluBwdParams"][::std::mem::align_of::<ContraReluBwdParams>() - 8usize];
+    ["Offset of field: ContraReluBwdParams::y"]
+        [::std::mem::offset_of!(ContraReluBwdParams, y) - 0usize];
+    ["Offset of field: ContraReluBwdParams::dy"]
+        [::std::mem::offset_of!(ContraReluBwdParams, dy) - 8usize];
+    ["Offset of field: ContraReluBwdParams::dx"]
+        [::std::mem::offset_of!(ContraReluBwdParams, dx) - 16usize];
+    ["Offset of field: ContraReluBwdParams::len"]
+        [::std::mem::offset_of!(ContraReluBwdParams, len) - 24usize];
+};
+impl Default for ContraReluBwdParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraColumnSumParams {
+    pub x: *const f32,
+    pub out: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraColumnSumParams"][::std::mem::size_of::<ContraColumnSumParams>() - 24usize];
+    ["Alignment of ContraColumnSumParams"]
+        [::std::mem::align_of::<ContraColumnSumParams>() - 8usize];
+    ["Offset of field: ContraColumnSumParams::x"]
+        [::std::mem::offset_of!(ContraColumnSumParams, x) - 0usize];
+    ["Offset of field: ContraColumnSumParams::out"]
+        [::std::mem::offset_of!(ContraColumnSumParams, out) - 8usize];
+    ["Offset of field: ContraColumnSumParams::rows"]
+        [::std::mem::offset_of!(ContraColumnSumParams, rows) - 16usize];
+    ["Offset of field: ContraColumnSumParams::cols"]
+        [::std::mem::offset_of!(ContraColumnSumParams, cols) - 20usize];
+};
+impl Default for ContraColumnSumParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraBatchNormFwdParams {
+    pub x: *const f32,
+    pub weight: *const f32,
+    pub bias: *const f32,
+    pub y: *mut f32,
+    pub x_hat: *mut f32,
+    pub inv_std: *mut f32,
+    pub running_mean: *mut f32,
+    pub running_var: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
+    pub train: ::std::os::raw::c_int,
+    pub eps: f32,
+    pub momentum: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraBatchNormFwdParams"]
+        [::std::mem::size_of::<ContraBatchNormFwdParams>() - 88usize];
+    ["Alignment of ContraBatchNormFwdParams"]
+        [::std::mem::align_of::<ContraBatchNormFwdParams>() - 8usize];
+    ["Offset of field: ContraBatchNormFwdParams::x"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, x) - 0usize];
+    ["Offset of field: ContraBatchNormFwdParams::weight"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, weight) - 8usize];
+    ["Offset of field: ContraBatchNormFwdParams::bias"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, bias) - 16usize];
+    ["Offset of field: ContraBatchNormFwdParams::y"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, y) - 24usize];
+    ["Offset of field: ContraBatchNormFwdParams::x_hat"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, x_hat) - 32usize];
+    ["Offset of field: ContraBatchNormFwdParams::inv_std"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, inv_std) - 40usize];
+    ["Offset of field: ContraBatchNormFwdParams::running_mean"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, running_mean) - 48usize];
+    ["Offset of field: ContraBatchNormFwdParams::running_var"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, running_var) - 56usize];
+    ["Offset of field: ContraBatchNormFwdParams::rows"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, rows) - 64usize];
+    ["Offset of field: ContraBatchNormFwdParams::cols"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, cols) - 68usize];
+    ["Offset of field: ContraBatchNormFwdParams::train"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, train) - 72usize];
+    ["Offset of field: ContraBatchNormFwdParams::eps"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, eps) - 76usize];
+    ["Offset of field: ContraBatchNormFwdParams::momentum"]
+        [::std::mem::offset_of!(ContraBatchNormFwdParams, momentum) - 80usize];
+};
+impl Default for ContraBatchNormFwdParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraBatchNormBwdParams {
+    pub dy: *const f32,
+    pub x_hat: *const f32,
+    pub inv_std: *const f32,
+    pub weight: *const f32,
+    pub dx: *mut f32,
+    pub grad_weight: *mut f32,
+    pub grad_bias: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
+    pub train: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraBatchNormBwdParams"]
+        [::std::mem::size_of::<ContraBatchNormBwdParams>() - 72usize];
+    ["Alignment of ContraBatchNormBwdParams"]
+        [::std::mem::align_of::<ContraBatchNormBwdParams>() - 8usize];
+    ["Offset of field: ContraBatchNormBwdParams::dy"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, dy) - 0usize];
+    ["Offset of field: ContraBatchNormBwdParams::x_hat"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, x_hat) - 8usize];
+    ["Offset of field: ContraBatchNormBwdParams::inv_std"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, inv_std) - 16usize];
+    ["Offset of field: ContraBatchNormBwdParams::weight"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, weight) - 24usize];
+    ["Offset of field: ContraBatchNormBwdParams::dx"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, dx) - 32usize];
+    ["Offset of field: ContraBatchNormBwdParams::grad_weight"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, grad_weight) - 40usize];
+    ["Offset of field: ContraBatchNormBwdParams::grad_bias"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, grad_bias) - 48usize];
+    ["Offset of field: ContraBatchNormBwdParams::rows"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, rows) - 56usize];
+    ["Offset of field: ContraBatchNormBwdParams::cols"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, cols) - 60usize];
+    ["Offset of field: ContraBatchNormBwdParams::train"]
+        [::std::mem::offset_of!(ContraBatchNormBwdParams, train) - 64usize];
+};
+impl Default for ContraBatchNormBwdParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

@@ -31,6 +31,7 @@
 //! ```
 
 mod batchnorm;
+mod device;
 mod encoder;
 mod linear;
 mod mat;
@@ -41,6 +42,7 @@ mod relu;
 mod schedule;
 
 pub use batchnorm::BatchNorm1d;
+pub use device::DeviceEncoder;
 pub use encoder::Encoder;
 pub use linear::Linear;
 pub use mat::Mat;

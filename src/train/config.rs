@@ -229,8 +229,8 @@ pub struct TrainConfig {
     /// Folder of the IDX files (Fashion-MNIST defaults to
     /// [`crate::train::DEFAULT_FASHION_MNIST_DIR`]; MNIST needs one).
     pub data_dir: Option<PathBuf>,
-    /// Where the losses, the MoCo momentum update and the queue run. The encoder itself always
-    /// runs on the CPU.
+    /// Where the step runs: the encoder's passes, the losses, the MoCo momentum update and the
+    /// queue. Evaluation (kNN, linear probe) and the optimizer step run on the CPU.
     pub device: Device,
     pub epochs: usize,
     /// Images per step (each contributes 2, or `views`, augmented rows).

@@ -18,12 +18,13 @@
 //! - `checkpoint.safetensors`: every parameter and BatchNorm buffer with the metadata to
 //!   rebuild the encoder ([`checkpoint`]); `contra eval --checkpoint F` prints the same table.
 //!
-//! **Where things run.** The encoder (forward, backward, optimizer) runs on the CPU. `--device`
-//! picks where the losses run and, for MoCo, the momentum update of the key encoder (on the
-//! flat parameter vector) and the queue enqueue: `cpu` (the reference), `interp` (the CUDA
-//! kernels interpreted on the CPU) or `cuda[:N]` (the kernels on the GPU, build with
-//! `--features cuda`). `contra train-check --device cuda` trains a few steps of each method
-//! with the losses on the CPU and on the device from the same seed and compares the losses.
+//! **Where things run.** `--device` picks where a training step runs: the encoder's forward and
+//! backward passes ([`crate::nn::DeviceEncoder`]), the losses and, for MoCo, the key encoder,
+//! the momentum update (on the flat parameter vector) and the queue enqueue: `cpu` (the
+//! reference), `interp` (the CUDA kernels interpreted on the CPU) or `cuda[:N]` (the kernels and
+//! cuBLAS on the GPU, build with `--features cuda`). The optimizer step and evaluation run on the
+//! CPU. `contra train-check --device cuda` trains a few steps of each method on the CPU and on
+//! the device from the same seed and compares the losses.
 //!
 //! **Defaults** ([`config::TrainConfig::defaults`], with the measurements behind them), chosen
 //! by measured runs on 2 CPU cores: digits: backbone 64 -> 512 -> 256 (`Linear - BN - ReLU`),

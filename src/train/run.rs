@@ -16,7 +16,7 @@ use super::report::EvalTable;
 use super::split::{derive_seed, digits_split, stratified_split};
 use super::trainer::{build_encoder, features, monitor_scores, train, Event, TrainOutput};
 use crate::data::Dataset;
-use crate::nn::Encoder;
+use crate::nn::{DeviceEncoder, Encoder};
 use crate::{Error, Result};
 
 /// Names of the files a run writes into its output folder.
@@ -246,7 +246,8 @@ pub fn run(
         "method": cfg.method.name(),
         "data": cfg.data.name(),
         "device": cfg.device.to_string(),
-        "encoder_device": "cpu",
+        "encoder_device": cfg.device.to_string(),
+        "gemm": DeviceEncoder::new(cfg.device).gemm_library()?,
         "epochs": out.epochs.len(),
         "steps": out.steps,
         "seconds": seconds,

@@ -1,10 +1,11 @@
 //! The training loops of SimCLR, MoCo v2 and SupCon over the crate's encoder and loss ops.
 //!
-//! The encoder ([`crate::nn`]) runs on the CPU; its projections are copied into [`Tensor`]s on
-//! the configured device, where the loss (NT-Xent, MoCo, SupCon) and, for MoCo, the momentum
-//! update of the key encoder and the queue enqueue run (as CUDA kernels on `cuda`, as the
-//! interpreted kernels on `interp`). The loss gradient comes back to the CPU for the encoder's
-//! backward pass.
+//! Everything a step computes runs on the configured device: the encoder's forward and backward
+//! passes ([`DeviceEncoder`]: GEMMs through cuBLAS on `cuda`, bias / ReLU / BatchNorm as our
+//! kernels; the same kernels interpreted on `interp`; the CPU layers on `cpu`), the loss
+//! (NT-Xent, MoCo, SupCon) and, for MoCo, the key encoder's forward pass, the momentum update
+//! and the queue enqueue. The host keeps the parameters: the optimizer step runs there on the
+//! gradients the device added, and the device receives the new weights at the next forward.
 //!
 //! One step:
 //! - SimCLR: a batch of N images, two augmented views (rows `i` and `i + N`), one forward pass
@@ -33,7 +34,7 @@ use super::config::{apply_augment, DataSet, Method, OptimizerKind, TrainConfig};
 use super::eval::{knn_accuracy, probe_accuracy, ProbeOptions};
 use super::split::{derive_seed, labels_per_class};
 use crate::data::Dataset;
-use crate::nn::{lr_at, AdamW, Encoder, Lars, Mat, MlpSpec, Optimizer, Sgd};
+use crate::nn::{lr_at, AdamW, DeviceEncoder, Encoder, Lars, Mat, MlpSpec, Optimizer, Sgd};
 use crate::{
     moco_backward, moco_enqueue, moco_forward, momentum_update, ntxent_backward, ntxent_forward,
     supcon_backward, supcon_forward, Device, Error, MocoOptions, NtXentOptions, Result,
@@ -275,6 +276,10 @@ impl MocoState {
 struct Stepper<'a> {
     cfg: &'a TrainConfig,
     moco: Option<MocoState>,
+    /// The query encoder's passes on `cfg.device`.
+    query: DeviceEncoder,
+    /// The key encoder's forward passes (MoCo) on `cfg.device`.
+    key: DeviceEncoder,
 }
 
 impl Stepper<'_> {
@@ -294,13 +299,13 @@ impl Stepper<'_> {
         match cfg.method {
             Method::SimClr => {
                 let x = Mat::from_vec(aug.two_views(images, n, h, w, seed)?, 2 * n, dim)?;
-                let z = enc.forward(&x, true)?.to_tensor(device)?;
+                let z = self.query.forward(enc, &x, true)?.to_tensor(device)?;
                 let opts = NtXentOptions {
                     temperature: cfg.temperature,
                 };
                 let fwd = ntxent_forward(&z, &opts)?;
                 let grad = ntxent_backward(&z, &opts, &fwd.saved, 1.0)?;
-                enc.backward(&Mat::from_tensor(&grad)?)?;
+                self.query.backward(enc, &Mat::from_tensor(&grad)?)?;
                 Ok(fwd.loss)
             }
             Method::Moco => {
@@ -324,11 +329,11 @@ impl Stepper<'_> {
                 let mut loss = 0.0;
                 let mut keys = Vec::with_capacity(pairs.len());
                 for (xq, xk) in pairs {
-                    let k = st.key.forward(xk, true)?.to_tensor(device)?;
-                    let q = enc.forward(xq, true)?.to_tensor(device)?;
+                    let k = self.key.forward(&mut st.key, xk, true)?.to_tensor(device)?;
+                    let q = self.query.forward(enc, xq, true)?.to_tensor(device)?;
                     let fwd = moco_forward(&q, &k, &st.queue, &opts)?;
                     let grad = moco_backward(&q, &k, &st.queue, &opts, &fwd.saved, scale)?;
-                    enc.backward(&Mat::from_tensor(&grad)?)?;
+                    self.query.backward(enc, &Mat::from_tensor(&grad)?)?;
                     loss += scale * fwd.loss;
                     keys.push(k);
                 }
@@ -340,7 +345,7 @@ impl Stepper<'_> {
             Method::SupCon => {
                 let v = cfg.views;
                 let x = Mat::from_vec(aug.views(images, n, h, w, v, seed)?, v * n, dim)?;
-                let z = enc.forward(&x, true)?;
+                let z = self.query.forward(enc, &x, true)?;
                 let d = z.cols;
                 // View-major rows (v * n + i) to the op's N x V x D layout.
                 let mut f = vec![0.0f32; n * v * d];
@@ -364,7 +369,7 @@ impl Stepper<'_> {
                             .copy_from_slice(&g[(i * v + j) * d..(i * v + j + 1) * d]);
                     }
                 }
-                enc.backward(&grad)?;
+                self.query.backward(enc, &grad)?;
                 Ok(fwd.loss)
             }
         }
@@ -420,6 +425,8 @@ pub fn train(
             Method::Moco => Some(MocoState::new(cfg, &encoder)?),
             _ => None,
         },
+        query: DeviceEncoder::new(cfg.device),
+        key: DeviceEncoder::new(cfg.device),
     };
     on_event(Event::Start {
         total_steps,

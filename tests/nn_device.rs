@@ -1,0 +1,204 @@
+//! The encoder's training passes as kernels (`DeviceEncoder`: GEMM, bias, ReLU and BatchNorm on
+//! the interpreted mode and, when usable, GPU 0) against the CPU layers on the same encoder and
+//! inputs: the projection, the input gradient, every parameter gradient and the BatchNorm running
+//! statistics, in train and eval mode, at widths that are no multiple of the 16-wide GEMM tile.
+
+mod common;
+
+use common::{on_kernel_devices, rel_err};
+use contra::nn::{DeviceEncoder, Encoder, Mat, MlpSpec};
+use contra::{Device, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Outputs of the device and the CPU agree to f32 rounding (the sums are ordered differently).
+const TOL: f64 = 1e-5;
+
+fn random_mat(rows: usize, cols: usize, rng: &mut StdRng) -> Mat {
+    let data = (0..rows * cols)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    Mat::from_vec(data, rows, cols).unwrap()
+}
+
+fn as_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn assert_close(what: &str, device: Device, got: &[f32], want: &[f32]) {
+    let err = rel_err(&as_f64(got), &as_f64(want));
+    assert!(
+        err <= TOL,
+        "{what} on {device}: relative error {err:e} > {TOL:e}"
+    );
+}
+
+/// SimCLR (Linear-BN-ReLU-Linear with bias) and MoCo v2 (Linear-ReLU-Linear) heads over a
+/// BN backbone, with every parameter moved off its initial value (BatchNorm's scale off 1).
+fn encoders(rng: &mut StdRng) -> Vec<(&'static str, Encoder)> {
+    let backbone = MlpSpec::backbone(&[29, 23, 19]);
+    let mut out = vec![
+        ("simclr", Encoder::simclr(&backbone, 21, 11, 3).unwrap()),
+        ("moco_v2", Encoder::moco_v2(&backbone, 17, 13, 4).unwrap()),
+    ];
+    for (_, enc) in &mut out {
+        let flat: Vec<f32> = enc
+            .flat_params()
+            .iter()
+            .map(|v| v + rng.random_range(-0.3..0.3))
+            .collect();
+        enc.load_flat(&flat).unwrap();
+    }
+    out
+}
+
+/// Forward then backward of `enc` on the CPU and on `device`, from the same state.
+fn compare_pass(device: Device, name: &str, enc: &Encoder, x: &Mat, train: bool, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cpu = enc.clone();
+    let mut dev = enc.clone();
+    let z_cpu = cpu.forward(x, train).unwrap();
+    let mut runner = DeviceEncoder::new(device);
+    let z_dev = runner.forward(&mut dev, x, train).unwrap();
+    let what = format!("{name} (train = {train})");
+    assert_close(
+        &format!("{what}: projection"),
+        device,
+        &z_dev.data,
+        &z_cpu.data,
+    );
+    for (a, b) in dev.buffers().iter().zip(cpu.buffers()) {
+        assert_close(&format!("{what}: {}", a.name), device, &a.value, &b.value);
+    }
+
+    let grad = random_mat(z_cpu.rows, z_cpu.cols, &mut rng);
+    cpu.zero_grad();
+    dev.zero_grad();
+    let gx_cpu = cpu.backward(&grad).unwrap();
+    let gx_dev = runner.backward(&mut dev, &grad).unwrap();
+    assert_close(
+        &format!("{what}: grad x"),
+        device,
+        &gx_dev.data,
+        &gx_cpu.data,
+    );
+    for (a, b) in dev.params().iter().zip(cpu.params()) {
+        assert!(
+            b.grad.iter().any(|&g| g != 0.0),
+            "{}: zero CPU gradient",
+            b.name
+        );
+        assert_close(
+            &format!("{what}: grad {}", a.name),
+            device,
+            &a.grad,
+            &b.grad,
+        );
+    }
+}
+
+#[test]
+fn device_passes_match_the_cpu_layers() {
+    on_kernel_devices("device_passes_match_the_cpu_layers", |device| {
+        let mut rng = StdRng::seed_from_u64(11);
+        // 37 rows, 29 inputs: neither is a multiple of the GEMM tile or of a warp.
+        let x = random_mat(37, 29, &mut rng);
+        for (name, enc) in encoders(&mut rng) {
+            compare_pass(device, name, &enc, &x, true, 1);
+            compare_pass(device, name, &enc, &x, false, 2);
+        }
+        // The smallest train batch and a single-row eval batch.
+        let (_, enc) = encoders(&mut rng).remove(0);
+        compare_pass(
+            device,
+            "simclr, 2 rows",
+            &enc,
+            &random_mat(2, 29, &mut rng),
+            true,
+            3,
+        );
+        compare_pass(
+            device,
+            "simclr, 1 row",
+            &enc,
+            &random_mat(1, 29, &mut rng),
+            false,
+            4,
+        );
+    });
+}
+
+#[test]
+fn device_backward_adds_to_the_gradients() {
+    on_kernel_devices("device_backward_adds_to_the_gradients", |device| {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (_, mut enc) = encoders(&mut rng).remove(0);
+        let x = random_mat(20, 29, &mut rng);
+        let grad = random_mat(20, 11, &mut rng);
+        let mut runner = DeviceEncoder::new(device);
+        enc.zero_grad();
+        let mut once = Vec::new();
+        for pass in 0..2 {
+            runner.forward(&mut enc, &x, false).unwrap();
+            runner.backward(&mut enc, &grad).unwrap();
+            if pass == 0 {
+                once = enc.params().iter().map(|p| p.grad.clone()).collect();
+            }
+        }
+        for (p, first) in enc.params().iter().zip(&once) {
+            let twice: Vec<f32> = first.iter().map(|g| 2.0 * g).collect();
+            assert_close(&format!("2 x grad {}", p.name), device, &p.grad, &twice);
+        }
+    });
+}
+
+fn expect_err(what: &str, result: Result<Mat>, needle: &str) {
+    match result {
+        Ok(_) => panic!("{what}: expected an error"),
+        Err(e) => assert!(
+            e.to_string().contains(needle),
+            "{what}: error `{e}` does not mention `{needle}`"
+        ),
+    }
+}
+
+#[test]
+fn device_passes_reject_bad_input() {
+    on_kernel_devices("device_passes_reject_bad_input", |device| {
+        let mut rng = StdRng::seed_from_u64(6);
+        let (_, mut enc) = encoders(&mut rng).remove(0);
+        let mut runner = DeviceEncoder::new(device);
+        let g = random_mat(4, 11, &mut rng);
+        expect_err(
+            "backward first",
+            runner.backward(&mut enc, &g),
+            "without a forward",
+        );
+        let x = random_mat(4, 28, &mut rng);
+        expect_err("input width", runner.forward(&mut enc, &x, true), "29");
+        let one = random_mat(1, 29, &mut rng);
+        expect_err(
+            "train batch of 1",
+            runner.forward(&mut enc, &one, true),
+            "batch of 1",
+        );
+        runner
+            .forward(&mut enc, &random_mat(4, 29, &mut rng), true)
+            .unwrap();
+        let wrong = random_mat(5, 11, &mut rng);
+        expect_err("grad rows", runner.backward(&mut enc, &wrong), "grad_out");
+        // The failed backward consumed the pass; another encoder cannot reuse one either.
+        runner
+            .forward(&mut enc, &random_mat(4, 29, &mut rng), true)
+            .unwrap();
+        let (_, mut moco) = encoders(&mut rng).remove(1);
+        expect_err("other encoder", runner.backward(&mut moco, &g), "differ");
+        let mut broken = enc.clone();
+        broken.backbone.layers_mut()[0] = contra::nn::Layer::Relu(contra::nn::Relu::new());
+        expect_err(
+            "layer list",
+            runner.forward(&mut broken, &random_mat(4, 29, &mut rng), true),
+            "29",
+        );
+    });
+}

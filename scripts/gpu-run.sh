@@ -8,6 +8,19 @@ bundle=${1:-gpu-bundle}
 report=${2:-gpu-report.md}
 overall=0
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+# cuBLAS for the encoder's GEMMs: cudarc loads libcublas at run time; on a machine whose only
+# CUDA libraries are PyTorch's pip wheels, put their folder on the library path.
+for py in python3 python; do
+  dir=$("$py" - 2>/dev/null <<'PY'
+import glob, os, importlib.util
+spec = importlib.util.find_spec("nvidia")
+roots = list(spec.submodule_search_locations) if spec else []
+hits = [p for r in roots for p in glob.glob(os.path.join(r, "**", "libcublas.so*"), recursive=True)]
+print(os.path.dirname(hits[0]) if hits else "")
+PY
+)
+  if [ -n "$dir" ]; then export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; break; fi
+done
 
 section() { printf '\n## %s\n\n' "$1" >>"$report"; }
 # run NAME TIMEOUT CMD...: runs a step, appends its output in a code block and its verdict.
@@ -31,10 +44,12 @@ run() {
   echo "- driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null)"
   echo "- host: $(uname -r), $(nproc) cores"
   echo "- commit: $(cat "$bundle/COMMIT" 2>/dev/null || echo unknown)"
+  echo "- libcublas: $(ls "${LD_LIBRARY_PATH%%:*}"/libcublas.so* 2>/dev/null | head -n 1 || echo 'system default')"
 } >"$report"
 
-# Every kernel test binary: f32 softmax losses, elementwise ops, triplet mining, bf16/f16.
-kernel_tests="kernels kernels_elementwise kernels_triplet kernels_half"
+# Every kernel test binary: f32 softmax losses, elementwise ops, triplet mining, bf16/f16, and
+# the encoder's layers (GEMM through cuBLAS, bias, ReLU, BatchNorm).
+kernel_tests="kernels kernels_elementwise kernels_triplet kernels_half nn_device"
 section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
 for t in $kernel_tests; do
   run "$t" 180 "$bundle/$t" --test-threads=2 --nocapture
@@ -51,7 +66,7 @@ if [ -n "$sanitizer" ]; then
 else
   echo "compute-sanitizer not found: skipped" >>"$report"; overall=1
 fi
-section "Trainer: the first steps of SimCLR, MoCo v2 and SupCon with the losses on cuda:0 against the CPU, same seed"
+section "Trainer: the first steps of SimCLR, MoCo v2 and SupCon (encoder passes and losses) on cuda:0 against the CPU, same seed"
 run "train-check on cuda:0" 120 "$bundle/contra" train-check --device cuda --steps 5
 section "Kernel timings (median of 20 synchronized launches after a warm-up; CUDA cores, f32 unless the shape says bf16)"
 run "timings" 90 "$bundle/contra" kernel-timing --repeats 20

@@ -145,6 +145,56 @@ fn kernel_runners_match_the_cpu_on_the_interpreter() {
     }
 }
 
+/// The unfused baseline (GEMM, then separate log-softmax / NLL / gradient kernels over the
+/// materialized matrix) on the interpreted backend, at shapes that are no multiple of a tile:
+/// it returns contra's CPU loss and gradient, and its device memory holds the full matrix that
+/// the fused kernels never allocate.
+#[test]
+fn unfused_baseline_matches_contra_and_materializes_the_matrix() {
+    use cases::{Case, Pass};
+    for pass in [Pass::Forward, Pass::ForwardBackward] {
+        for case in [Case::ntxent(pass, 38, 19), Case::infonce(pass, 23, 29, 19)] {
+            let mut cpu = Runner::new(&case, Impl::Contra, Device::Cpu).unwrap();
+            let want = measure(&mut cpu, &Timing::once()).unwrap();
+            let mut fused = Runner::new(&case, Impl::Contra, Device::Interp).unwrap();
+            let fused = measure(&mut fused, &Timing::once()).unwrap();
+            let mut unfused = Runner::new(&case, Impl::Unfused, Device::Interp).unwrap();
+            let got = measure(&mut unfused, &Timing::once()).unwrap();
+            let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-6);
+            assert!(
+                rel(got.outcome.check, want.outcome.check) < 1e-5,
+                "{case}: unfused {:?} vs cpu {:?}",
+                got.outcome,
+                want.outcome
+            );
+            match (got.outcome.grad_check, want.outcome.grad_check) {
+                (Some(a), Some(b)) => assert!(rel(a, b) < 1e-4, "{case}: gradients {a} vs {b}"),
+                (None, None) => assert_eq!(pass, Pass::Forward),
+                other => panic!("{case}: gradient checksums {other:?}"),
+            }
+            let cols = if case.op == cases::Op::Ntxent {
+                case.n
+            } else {
+                case.k
+            };
+            let matrix = (4 * case.n * cols) as u64;
+            let (peak, fused_peak) = (got.peak_bytes.unwrap(), fused.peak_bytes.unwrap());
+            assert!(
+                peak >= matrix,
+                "{case}: unfused peak {peak} < the {matrix}-byte matrix"
+            );
+            assert!(
+                fused_peak < peak,
+                "{case}: fused {fused_peak} >= unfused {peak}"
+            );
+        }
+    }
+    let unsupported = Case::triplet(Pass::Forward, 32, 16, 4);
+    assert!(Runner::new(&unsupported, Impl::Unfused, Device::Interp).is_err());
+    let on_cpu = Case::ntxent(Pass::Forward, 64, 16);
+    assert!(Runner::new(&on_cpu, Impl::Unfused, Device::Cpu).is_err());
+}
+
 #[test]
 fn scaling_sweep_draws_a_png() {
     let png = scratch("scaling.png");

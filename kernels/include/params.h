@@ -300,6 +300,25 @@ typedef struct ContraBatchNormBwdParams {
     int train;
 } ContraBatchNormBwdParams;
 
+/* ---- The unfused GPU baseline of the benchmarks (kernels/baseline.cu): PyTorch eager's
+ * kernel sequence after the logits GEMM, over a materialized rows x cols matrix. ---- */
+
+/* baseline_log_softmax (one block per row): logits[i, j] <- logits[i, j] - logsumexp_j, in
+ * place; with self_mask the diagonal j == i is excluded (written as -inf).
+ * baseline_nll (one thread per row): loss_rows[i] = -logits[i, targets[i]] (log-probabilities).
+ * baseline_nll_grad (elementwise, in place): logits[i, j] <- grad_scale * (exp(logits[i, j]) -
+ * [j == targets[i]]), the gradient of the mean loss with respect to the logits when grad_scale
+ * is 1 / rows. */
+typedef struct ContraBaselineParams {
+    float* logits;
+    const int* targets;
+    float* loss_rows;
+    int rows;
+    int cols;
+    int self_mask;
+    float grad_scale;
+} ContraBaselineParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::cases::{self, Case, Op, Pass};
-use super::runner::{raw_inputs, Outcome, RunOnce};
+use super::runner::{raw_inputs, Impl, Outcome, RunOnce};
 use crate::cpu::supcon::Classes;
+use crate::kernels::nn::GemmShape;
 use crate::kernels::{self, Backend, BufInfo, KernelParams, Launch};
 use crate::ops::triplet::{Distance, Mining};
 use crate::{Result, Similarity};
@@ -116,6 +117,14 @@ impl<B: Backend> Backend for Counted<B> {
         let written: Vec<&B::Buf> = written.iter().map(|b| &b.buf).collect();
         self.inner.launch(kernel, launch, params, &written)
     }
+
+    fn gemm(&self, shape: &GemmShape, a: &Self::Buf, b: &Self::Buf, c: &Self::Buf) -> Result<()> {
+        self.inner.gemm(shape, &a.buf, &b.buf, &c.buf)
+    }
+
+    fn timed<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+        self.inner.timed(work)
+    }
 }
 
 /// One input set on the device.
@@ -133,6 +142,8 @@ struct KernelRunner<B: Backend> {
     case: Case,
     sets: Vec<DeviceSet<B>>,
     next: usize,
+    /// Run the unfused baseline ([`super::unfused`]) instead of contra's fused kernels.
+    unfused: bool,
 }
 
 fn i32s(v: impl IntoIterator<Item = usize>) -> Vec<i32> {
@@ -140,7 +151,11 @@ fn i32s(v: impl IntoIterator<Item = usize>) -> Vec<i32> {
 }
 
 impl<B: Backend> KernelRunner<B> {
-    fn new(inner: Arc<B>, case: &Case) -> Result<Self> {
+    fn new(inner: Arc<B>, case: &Case, imp: Impl) -> Result<Self> {
+        let unfused = imp == Impl::Unfused;
+        if unfused {
+            super::unfused::check_supported(case)?;
+        }
         let b = Counted::new(inner);
         let mut sets = Vec::new();
         for set in 0..case.rotations() {
@@ -183,6 +198,7 @@ impl<B: Backend> KernelRunner<B> {
             case: *case,
             sets,
             next: 0,
+            unfused,
         })
     }
 
@@ -212,6 +228,13 @@ impl<B: Backend> RunOnce for KernelRunner<B> {
         self.run_set(set_index, check)
     }
 
+    fn run_timed(&mut self) -> Result<f64> {
+        let set_index = self.next;
+        self.next = (self.next + 1) % self.sets.len();
+        let (_, ms) = self.b.timed(|| self.run_set(set_index, false))?;
+        Ok(ms)
+    }
+
     fn device_peak(&mut self) -> Option<u64> {
         Some(self.b.peak())
     }
@@ -226,6 +249,9 @@ impl<B: Backend> KernelRunner<B> {
         let b = &self.b;
         let c = self.case;
         let set = &self.sets[set_index];
+        if self.unfused {
+            return super::unfused::run(b, &c, &set.tensors, &set.ints[0], check);
+        }
         let t = &set.tensors;
         let bwd = c.pass == Pass::ForwardBackward;
         let (n, d, k) = (c.n, c.d, c.k);
@@ -409,15 +435,16 @@ impl<B: Backend> KernelRunner<B> {
     }
 }
 
-/// contra's kernels on the interpreted backend (slow by design: tests of this module).
-pub(crate) fn runner_interp(case: &Case) -> Result<Box<dyn RunOnce>> {
+/// `imp` (contra's kernels or the unfused baseline) on the interpreted backend (slow by
+/// design: tests of this module).
+pub(crate) fn runner_interp(case: &Case, imp: Impl) -> Result<Box<dyn RunOnce>> {
     let inner = Arc::new(kernels::interp::Interp);
-    Ok(Box::new(KernelRunner::new(inner, case)?))
+    Ok(Box::new(KernelRunner::new(inner, case, imp)?))
 }
 
-/// contra's kernels on GPU `ordinal`.
+/// `imp` (contra's kernels or the unfused baseline) on GPU `ordinal`.
 #[cfg(feature = "cuda")]
-pub(crate) fn runner_cuda(case: &Case, ordinal: usize) -> Result<Box<dyn RunOnce>> {
+pub(crate) fn runner_cuda(case: &Case, ordinal: usize, imp: Impl) -> Result<Box<dyn RunOnce>> {
     let inner = kernels::cuda::Cuda::get(ordinal)?;
-    Ok(Box::new(KernelRunner::new(inner, case)?))
+    Ok(Box::new(KernelRunner::new(inner, case, imp)?))
 }

@@ -27,6 +27,7 @@ pub mod naive;
 pub mod runner;
 pub mod scaling;
 pub mod torch;
+pub(crate) mod unfused;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -72,7 +73,8 @@ pub struct BenchArgs {
     /// Leave out the PyTorch reference.
     #[arg(long)]
     pub no_torch: bool,
-    /// Leave out the naive Rust reference.
+    /// Leave out the in-process reference: the naive Rust version on the CPU, the unfused kernel
+    /// sequence (GEMM, then separate softmax and cross-entropy kernels) on a GPU.
     #[arg(long)]
     pub no_naive: bool,
     /// Also time torch.compile (compiles each case first: slow on small machines).
@@ -457,28 +459,32 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         let m = side.measure(case, Impl::Contra);
         progress("contra", case, &m);
         contra.push(m.map_err(|e| e.to_string()));
-        if !cpu || args.no_naive {
+        // The in-process reference: the eager-style Rust version on the CPU, the unfused kernel
+        // sequence (GEMM, then separate softmax and cross-entropy kernels) on a kernel device.
+        let reference = if cpu { Impl::Naive } else { Impl::Unfused };
+        let covered = cpu || unfused::check_supported(case).is_ok();
+        if args.no_naive || !covered {
             naive.push(None);
             continue;
         }
         let estimate = case.eager_bytes_estimate() as u64;
         if budget.is_some_and(|b| estimate > b) {
-            naive.push(Some(Err(format!(
-                "skipped: needs about {}",
-                fmt_bytes(estimate)
-            ))));
+            naive.push(Some((
+                reference,
+                Err(format!("skipped: needs about {}", fmt_bytes(estimate))),
+            )));
             continue;
         }
-        let m = side.measure(case, Impl::Naive);
-        progress("naive", case, &m);
-        naive.push(Some(m.map_err(|e| e.to_string())));
+        let m = side.measure(case, reference);
+        progress(reference.name(), case, &m);
+        naive.push(Some((reference, m.map_err(|e| e.to_string()))));
     }
 
     let mut torch_results = None;
     if args.device == Device::Interp {
-        report
-            .notes
-            .push("interp runs the kernels interpreted on the CPU (tests): no references".into());
+        report.notes.push(
+            "interp runs the kernels interpreted on the CPU (tests): no PyTorch reference".into(),
+        );
     } else if !args.no_torch {
         let opts = TorchOptions {
             python: torch::python(),
@@ -512,8 +518,8 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             Err(e) => (None, Some(format!("contra failed: {e}"))),
         };
         let mut refs: Vec<(String, torch::RefResult)> = Vec::new();
-        if let Some(n) = &naive[i] {
-            refs.push(("naive".into(), n.clone()));
+        if let Some((imp, n)) = &naive[i] {
+            refs.push((imp.name().into(), n.clone()));
         }
         if let Some(run) = &torch_results {
             match run.results.get(&case.id()) {

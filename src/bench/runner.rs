@@ -20,6 +20,9 @@ pub enum Impl {
     Contra,
     /// The eager-style Rust reference of [`super::naive`] (CPU only).
     Naive,
+    /// The unfused kernel sequence of [`super::unfused`] (GEMM, then separate log-softmax and
+    /// cross-entropy kernels; kernel devices only, NT-Xent and InfoNCE).
+    Unfused,
 }
 
 impl Impl {
@@ -27,6 +30,7 @@ impl Impl {
         match self {
             Impl::Contra => "contra",
             Impl::Naive => "naive",
+            Impl::Unfused => "unfused",
         }
     }
 
@@ -34,6 +38,7 @@ impl Impl {
         match name {
             "contra" => Ok(Impl::Contra),
             "naive" => Ok(Impl::Naive),
+            "unfused" => Ok(Impl::Unfused),
             _ => Err(Error::invalid(
                 "bench",
                 "impl",
@@ -126,6 +131,13 @@ pub(crate) trait RunOnce {
         None
     }
     fn reset_device_peak(&mut self) {}
+    /// One unchecked call on the next input set and its time in milliseconds: wall-clock here;
+    /// kernel backends time the device (CUDA events on a GPU).
+    fn run_timed(&mut self) -> Result<f64> {
+        let start = Instant::now();
+        std::hint::black_box(self.run(false)?);
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
 }
 
 /// A prepared case: inputs built, ready for timed calls.
@@ -150,11 +162,15 @@ impl Runner {
         let inner: Box<dyn RunOnce> = match (imp, device) {
             (Impl::Contra, Device::Cpu) => Box::new(ContraCpu::new(case)?),
             (Impl::Naive, Device::Cpu) => Box::new(NaiveCpu::new(case)),
-            (Impl::Contra, Device::Interp) => super::kernel::runner_interp(case)?,
+            (Impl::Contra | Impl::Unfused, Device::Interp) => {
+                super::kernel::runner_interp(case, imp)?
+            }
             #[cfg(feature = "cuda")]
-            (Impl::Contra, Device::Cuda(i)) => super::kernel::runner_cuda(case, i)?,
+            (Impl::Contra | Impl::Unfused, Device::Cuda(i)) => {
+                super::kernel::runner_cuda(case, i, imp)?
+            }
             #[cfg(not(feature = "cuda"))]
-            (Impl::Contra, Device::Cuda(_)) => {
+            (Impl::Contra | Impl::Unfused, Device::Cuda(_)) => {
                 return Err(Error::Device(
                     "this build has no `cuda` feature (cargo build --release --features cuda)"
                         .into(),
@@ -165,6 +181,13 @@ impl Runner {
                     "bench",
                     "device",
                     "the naive Rust reference runs on the CPU only",
+                ))
+            }
+            (Impl::Unfused, Device::Cpu) => {
+                return Err(Error::invalid(
+                    "bench",
+                    "device",
+                    "the unfused baseline runs on kernel devices (cuda, interp); the CPU's eager-style reference is `naive`",
                 ))
             }
         };
@@ -579,9 +602,7 @@ pub fn measure(runner: &mut Runner, timing: &Timing) -> Result<Measurement> {
         && (times.len() < timing.min_reps.max(1)
             || started.elapsed().as_secs_f64() < timing.min_time_s)
     {
-        let start = Instant::now();
-        std::hint::black_box(runner.inner.run(false)?);
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+        times.push(runner.inner.run_timed()?);
     }
     times.sort_by(f64::total_cmp);
     Ok(Measurement {

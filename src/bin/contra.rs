@@ -380,6 +380,13 @@ fn train_check(device: Device, steps: usize) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match contra::nn::DeviceEncoder::new(device).gemm_library() {
+        Ok(gemm) => println!("encoder GEMMs on {device}: {gemm}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let mut ok = true;
     for method in Method::ALL {
         let mut cfg = TrainConfig::defaults(method, DataSet::Digits);

@@ -3,8 +3,10 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{
     CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
     PushKernelArg,
@@ -40,6 +42,7 @@ unsafe impl DeviceRepr for ContraReluBwdParams {}
 unsafe impl DeviceRepr for ContraColumnSumParams {}
 unsafe impl DeviceRepr for ContraBatchNormFwdParams {}
 unsafe impl DeviceRepr for ContraBatchNormBwdParams {}
+unsafe impl DeviceRepr for ContraBaselineParams {}
 
 fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
@@ -54,6 +57,9 @@ pub(crate) struct Cuda {
     /// cuBLAS on this GPU's stream, or `None` when libcublas cannot be loaded (the GEMMs then
     /// run our `nn_gemm_f32` kernel).
     blas: OnceLock<Option<CudaBlas>>,
+    /// Whether each launch waits for its kernel (the default: errors name the kernel that
+    /// failed); [`Backend::timed`] turns it off while it measures.
+    sync_launches: AtomicBool,
 }
 
 impl Cuda {
@@ -88,6 +94,7 @@ impl Cuda {
             stream,
             modules: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
+            sync_launches: AtomicBool::new(true),
         });
         open.insert(ordinal, cuda.clone());
         Ok(cuda)
@@ -112,6 +119,16 @@ impl Cuda {
                 CudaBlas::new(self.stream.clone()).ok()
             })
             .as_ref()
+    }
+
+    /// Waits for the stream unless a [`Backend::timed`] measurement is running.
+    fn sync_after(&self, what: &str) -> Result<()> {
+        if !self.sync_launches.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.stream
+            .synchronize()
+            .map_err(|e| device_error(&format!("running `{what}`"), e))
     }
 
     /// What runs the encoder's GEMMs on this GPU: "cuBLAS", or our kernel when libcublas is
@@ -169,6 +186,7 @@ fn module_of(kernel: &str) -> &'static str {
         "queue" => "queue",
         "triplet" => "triplet",
         "nn" => "nn",
+        "baseline" => "baseline",
         _ => "testing",
     }
 }
@@ -212,9 +230,28 @@ impl Backend for Cuda {
             )
         }
         .map_err(|e| device_error("cublasSgemm", e))?;
+        self.sync_after("cublasSgemm")
+    }
+
+    fn timed<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+        let event = || {
+            self.stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| device_error("recording a CUDA event", e))
+        };
+        let start = event()?;
+        self.sync_launches.store(false, Ordering::Relaxed);
+        let out = work();
+        self.sync_launches.store(true, Ordering::Relaxed);
+        let end = event()?;
+        // Surfaces any error of the launches left asynchronous.
         self.stream
             .synchronize()
-            .map_err(|e| device_error("running cublasSgemm", e))
+            .map_err(|e| device_error("running the timed launches", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| device_error("reading CUDA event times", e))?;
+        Ok((out?, ms as f64))
     }
 
     fn upload_words(&self, _name: &'static str, words: &[u32], info: BufInfo) -> Result<CudaBuf> {
@@ -277,8 +314,6 @@ impl Backend for Cuda {
         // expects (see the launch-shape functions next to each launch).
         unsafe { builder.launch(cfg) }
             .map_err(|e| device_error(&format!("launching `{kernel}`"), e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| device_error(&format!("running `{kernel}`"), e))
+        self.sync_after(kernel)
     }
 }

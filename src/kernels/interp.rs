@@ -79,6 +79,9 @@ interp_kernels!(
     nn_column_sum_f32,
     nn_batchnorm_fwd_f32,
     nn_batchnorm_bwd_f32,
+    baseline_log_softmax_f32,
+    baseline_nll_f32,
+    baseline_nll_grad_f32,
     oob_test_f32,
 );
 

@@ -2,6 +2,7 @@
 //! (the interpreted mode, or a CUDA GPU). This layer holds the crate's only kernel-launching
 //! `unsafe` code, in `interp.rs` and `cuda.rs`, each block with its `// SAFETY:` reason.
 
+pub(crate) mod baseline;
 pub(crate) mod clip;
 pub(crate) mod infonce;
 pub(crate) mod interp;
@@ -72,6 +73,7 @@ impl KernelParams for params::ContraReluBwdParams {}
 impl KernelParams for params::ContraColumnSumParams {}
 impl KernelParams for params::ContraBatchNormFwdParams {}
 impl KernelParams for params::ContraBatchNormBwdParams {}
+impl KernelParams for params::ContraBaselineParams {}
 
 /// What one element of a kernel buffer holds. Buffers are stored as 32-bit words; 16-bit
 /// elements are packed two to a word, element `2i` in the low half (both backends are
@@ -142,6 +144,18 @@ pub(crate) trait Backend {
         Self: Sized,
     {
         nn::gemm_kernel(self, shape, a, b, c)
+    }
+
+    /// Runs `work` and returns its result with the milliseconds it took: wall-clock time here;
+    /// the GPU backend leaves the launches asynchronous and measures the stream between two
+    /// CUDA events.
+    fn timed<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<(T, f64)>
+    where
+        Self: Sized,
+    {
+        let start = std::time::Instant::now();
+        let out = work()?;
+        Ok((out, start.elapsed().as_secs_f64() * 1e3))
     }
 
     /// A buffer holding a copy of `values`.

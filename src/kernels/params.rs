@@ -793,3 +793,42 @@ impl Default for ContraBatchNormBwdParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraBaselineParams {
+    pub logits: *mut f32,
+    pub targets: *const ::std::os::raw::c_int,
+    pub loss_rows: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
+    pub self_mask: ::std::os::raw::c_int,
+    pub grad_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraBaselineParams"][::std::mem::size_of::<ContraBaselineParams>() - 40usize];
+    ["Alignment of ContraBaselineParams"][::std::mem::align_of::<ContraBaselineParams>() - 8usize];
+    ["Offset of field: ContraBaselineParams::logits"]
+        [::std::mem::offset_of!(ContraBaselineParams, logits) - 0usize];
+    ["Offset of field: ContraBaselineParams::targets"]
+        [::std::mem::offset_of!(ContraBaselineParams, targets) - 8usize];
+    ["Offset of field: ContraBaselineParams::loss_rows"]
+        [::std::mem::offset_of!(ContraBaselineParams, loss_rows) - 16usize];
+    ["Offset of field: ContraBaselineParams::rows"]
+        [::std::mem::offset_of!(ContraBaselineParams, rows) - 24usize];
+    ["Offset of field: ContraBaselineParams::cols"]
+        [::std::mem::offset_of!(ContraBaselineParams, cols) - 28usize];
+    ["Offset of field: ContraBaselineParams::self_mask"]
+        [::std::mem::offset_of!(ContraBaselineParams, self_mask) - 32usize];
+    ["Offset of field: ContraBaselineParams::grad_scale"]
+        [::std::mem::offset_of!(ContraBaselineParams, grad_scale) - 36usize];
+};
+impl Default for ContraBaselineParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

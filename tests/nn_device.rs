@@ -6,7 +6,7 @@
 mod common;
 
 use common::{on_kernel_devices, rel_err};
-use contra::nn::{DeviceEncoder, Encoder, Mat, MlpSpec};
+use contra::nn::{DeviceEncoder, Encoder, Mat, MlpSpec, Module};
 use contra::{Device, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

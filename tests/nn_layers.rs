@@ -3,8 +3,8 @@
 //! BatchNorm running statistics against PyTorch's formula, and bad input.
 
 use contra::nn::{
-    lr_at, AdamW, BatchNorm1d, Encoder, Lars, Layer, Linear, Mat, Mlp, MlpSpec, Norm, Optimizer,
-    Param, Relu, Sgd,
+    lr_at, AdamW, BatchNorm1d, Encoder, Lars, Layer, Linear, Mat, Mlp, MlpSpec, Module, Norm,
+    Optimizer, Param, Relu, Sgd,
 };
 use contra::Result;
 use rand::rngs::StdRng;
@@ -13,13 +13,13 @@ use rand::{Rng, SeedableRng};
 // ---------------------------------------------------------------- gradient-check machinery
 
 /// Something with a forward pass, a backward pass and parameters.
-trait Module {
+trait GradChecked {
     fn fwd(&mut self, x: &Mat) -> Result<Mat>;
     fn bwd(&mut self, grad_out: &Mat) -> Result<Mat>;
     fn params(&mut self) -> Vec<&mut Param>;
 }
 
-impl Module for Linear {
+impl GradChecked for Linear {
     fn fwd(&mut self, x: &Mat) -> Result<Mat> {
         self.forward(x)
     }
@@ -31,7 +31,7 @@ impl Module for Linear {
     }
 }
 
-impl Module for Relu {
+impl GradChecked for Relu {
     fn fwd(&mut self, x: &Mat) -> Result<Mat> {
         self.forward(x)
     }
@@ -44,7 +44,7 @@ impl Module for Relu {
 }
 
 /// BatchNorm in whatever mode it was set to.
-impl Module for BatchNorm1d {
+impl GradChecked for BatchNorm1d {
     fn fwd(&mut self, x: &Mat) -> Result<Mat> {
         self.forward(x)
     }
@@ -59,7 +59,7 @@ impl Module for BatchNorm1d {
 /// An MLP run in a fixed mode.
 struct MlpIn(Mlp, bool);
 
-impl Module for MlpIn {
+impl GradChecked for MlpIn {
     fn fwd(&mut self, x: &Mat) -> Result<Mat> {
         self.0.forward(x, self.1)
     }
@@ -74,7 +74,7 @@ impl Module for MlpIn {
 /// An encoder run in a fixed mode.
 struct EncoderIn(Encoder, bool);
 
-impl Module for EncoderIn {
+impl GradChecked for EncoderIn {
     fn fwd(&mut self, x: &Mat) -> Result<Mat> {
         self.0.forward(x, self.1)
     }
@@ -93,7 +93,7 @@ struct Broken {
     drop_bias_grad: bool,
 }
 
-impl Module for Broken {
+impl GradChecked for Broken {
     fn fwd(&mut self, x: &Mat) -> Result<Mat> {
         self.inner.forward(x)
     }
@@ -133,7 +133,7 @@ fn rel_err(analytic: &[f32], numeric: &[f64]) -> f64 {
 
 /// Relative errors of the analytic gradients of `loss = sum(out * r)` (r fixed and random)
 /// against central differences with step `eps`: one entry for the input, then one per param.
-fn grad_check<M: Module>(m: &mut M, x: &Mat, eps: f32, seed: u64) -> Vec<(String, f64)> {
+fn grad_check<M: GradChecked>(m: &mut M, x: &Mat, eps: f32, seed: u64) -> Vec<(String, f64)> {
     let mut rng = StdRng::seed_from_u64(seed);
     let out = m.fwd(x).unwrap();
     let r = random_mat(out.rows, out.cols, &mut rng);
@@ -190,7 +190,13 @@ fn grad_check<M: Module>(m: &mut M, x: &Mat, eps: f32, seed: u64) -> Vec<(String
 
 const TOL: f64 = 5e-3;
 
-fn assert_grads_ok<M: Module>(what: &str, m: &mut M, x: &Mat, eps: f32, expect_tensors: usize) {
+fn assert_grads_ok<M: GradChecked>(
+    what: &str,
+    m: &mut M,
+    x: &Mat,
+    eps: f32,
+    expect_tensors: usize,
+) {
     let report = grad_check(m, x, eps, 7);
     assert_eq!(report.len(), expect_tensors, "{what}: {report:?}");
     for (name, err) in &report {

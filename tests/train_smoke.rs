@@ -3,6 +3,7 @@
 //! checkpoint round trip and the files of a whole run.
 
 use contra::data::Dataset;
+use contra::nn::Module;
 use contra::train::checkpoint::{load_checkpoint, save_checkpoint};
 use contra::train::config::{DataSet, Method, TrainConfig};
 use contra::train::run::{load_data, run, stratified_subset, CHECKPOINT_FILE, PLOT_FILE};

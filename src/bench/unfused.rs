@@ -1,11 +1,13 @@
 //! The unfused GPU baseline: the kernel sequence of an eager framework, on the same
-//! device-resident inputs as contra's fused kernels. NT-Xent and InfoNCE:
+//! device-resident inputs as contra's fused kernels (NT-Xent and InfoNCE):
 //!
-//! 1. normalize the rows (our kernel), 2. the logits `S = q k^T / tau` as one GEMM (cuBLAS on
-//! a GPU) into a materialized `rows x cols` matrix, 3. log-softmax over each row, 4. the
-//! negative log-likelihood gather; backward: 5. `G = (softmax - onehot) / rows` in place,
-//! 6. `dq = G k / tau` (NT-Xent: `(G + G^T) z / tau`) and `dk = G^T q / tau` as GEMMs, 7. the
-//! normalize backward. Memory and traffic are O(rows x cols): what the fused kernels avoid.
+//! - forward: normalize the rows (our kernel); the logits `S = q k^T / tau` as one GEMM (cuBLAS
+//!   on a GPU) into a materialized `rows x cols` matrix; log-softmax over each row; the negative
+//!   log-likelihood gather;
+//! - backward: `G = (softmax - onehot) / rows` in place; `dq = G k / tau` (NT-Xent:
+//!   `(G + G^T) z / tau`) and `dk = G^T q / tau` as GEMMs; the normalize backward.
+//!
+//! Memory and traffic are O(rows x cols): what the fused kernels avoid.
 
 use super::cases::{self, Case, Op, Pass};
 use super::runner::Outcome;

@@ -8,7 +8,7 @@
 //! gradients into the host `grad`s, exactly where the CPU passes put them.
 //!
 //! ```
-//! use contra::nn::{DeviceEncoder, Encoder, Mat, MlpSpec};
+//! use contra::nn::{DeviceEncoder, Encoder, Mat, MlpSpec, Module};
 //! use contra::Device;
 //!
 //! let mut enc = Encoder::simclr(&MlpSpec::backbone(&[8, 16, 16]), 16, 4, 0)?;

@@ -5,9 +5,7 @@
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::nn::mlp::{copy_buffers, momentum_update};
-use crate::nn::param::{flatten, unflatten};
-use crate::nn::{Buffer, Mat, Mlp, MlpSpec, Param};
+use crate::nn::{Buffer, Mat, Mlp, MlpSpec, Module, Param};
 use crate::{Error, Result};
 
 /// Backbone MLP followed by a projection-head MLP. Parameter and buffer names are prefixed with
@@ -118,64 +116,22 @@ impl Encoder {
         b.extend(self.head.buffers_mut());
         b
     }
+}
 
-    pub fn zero_grad(&mut self) {
-        self.backbone.zero_grad();
-        self.head.zero_grad();
+impl Module for Encoder {
+    fn params(&self) -> Vec<&Param> {
+        Encoder::params(self)
     }
 
-    pub fn num_params(&self) -> usize {
-        self.backbone.num_params() + self.head.num_params()
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        Encoder::params_mut(self)
     }
 
-    /// All parameter values end to end, in `params()` order.
-    pub fn flat_params(&self) -> Vec<f32> {
-        flatten(self.params().into_iter().map(|p| p.value.as_slice()))
+    fn buffers(&self) -> Vec<&Buffer> {
+        Encoder::buffers(self)
     }
 
-    /// Overwrites the parameter values from a vector laid out like `flat_params()`.
-    pub fn load_flat(&mut self, flat: &[f32]) -> Result<()> {
-        let dst = self
-            .params_mut()
-            .into_iter()
-            .map(|p| &mut p.value)
-            .collect();
-        unflatten("Encoder::load_flat", dst, flat)
-    }
-
-    /// All buffer values end to end, in `buffers()` order.
-    pub fn flat_buffers(&self) -> Vec<f32> {
-        flatten(self.buffers().into_iter().map(|b| b.value.as_slice()))
-    }
-
-    /// Overwrites the buffers from a vector laid out like `flat_buffers()`.
-    pub fn load_flat_buffers(&mut self, flat: &[f32]) -> Result<()> {
-        let dst = self
-            .buffers_mut()
-            .into_iter()
-            .map(|b| &mut b.value)
-            .collect();
-        unflatten("Encoder::load_flat_buffers", dst, flat)
-    }
-
-    /// MoCo's key-encoder update `self = m * self + (1 - m) * query` over the parameters;
-    /// buffers are left alone as in MoCo (the key encoder keeps its own running statistics;
-    /// use `copy_buffers_from` to copy them instead).
-    pub fn momentum_update_from(&mut self, query: &Encoder, m: f32) -> Result<()> {
-        momentum_update(
-            "Encoder::momentum_update_from",
-            self.params_mut(),
-            query.params(),
-            m,
-        )
-    }
-
-    /// Copies the BatchNorm running statistics of `other` (same architecture).
-    pub fn copy_buffers_from(&mut self, other: &Encoder) -> Result<()> {
-        copy_buffers(
-            "Encoder::copy_buffers_from",
-            self.buffers_mut(),
-            other.buffers(),
-        )
+    fn buffers_mut(&mut self) -> Vec<&mut Buffer> {
+        Encoder::buffers_mut(self)
     }
 }

@@ -3,8 +3,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::nn::param::{check_same_layout, flatten, unflatten};
-use crate::nn::{BatchNorm1d, Buffer, Linear, Mat, Param, Relu};
+use crate::nn::{BatchNorm1d, Buffer, Linear, Mat, Module, Param, Relu};
 use crate::{Error, Result};
 
 /// One layer of an [`Mlp`].
@@ -316,128 +315,22 @@ impl Mlp {
             .flat_map(Layer::buffers_mut)
             .collect()
     }
-
-    pub fn zero_grad(&mut self) {
-        self.params_mut().into_iter().for_each(Param::zero_grad);
-    }
-
-    /// Total number of trainable values.
-    pub fn num_params(&self) -> usize {
-        self.params().iter().map(|p| p.len()).sum()
-    }
-
-    /// All parameter values end to end, in `params()` order.
-    pub fn flat_params(&self) -> Vec<f32> {
-        flatten(self.params().into_iter().map(|p| p.value.as_slice()))
-    }
-
-    /// Overwrites the parameter values from a vector laid out like `flat_params()`.
-    pub fn load_flat(&mut self, flat: &[f32]) -> Result<()> {
-        let dst = self
-            .params_mut()
-            .into_iter()
-            .map(|p| &mut p.value)
-            .collect();
-        unflatten("Mlp::load_flat", dst, flat)
-    }
-
-    /// All buffer values end to end, in `buffers()` order.
-    pub fn flat_buffers(&self) -> Vec<f32> {
-        flatten(self.buffers().into_iter().map(|b| b.value.as_slice()))
-    }
-
-    /// Overwrites the buffers from a vector laid out like `flat_buffers()`.
-    pub fn load_flat_buffers(&mut self, flat: &[f32]) -> Result<()> {
-        let dst = self
-            .buffers_mut()
-            .into_iter()
-            .map(|b| &mut b.value)
-            .collect();
-        unflatten("Mlp::load_flat_buffers", dst, flat)
-    }
-
-    /// MoCo's key-encoder update `self = m * self + (1 - m) * query` over the parameters
-    /// (buffers are left alone, as in MoCo; see [`Mlp::copy_buffers_from`]). `query` must have
-    /// the same architecture.
-    pub fn momentum_update_from(&mut self, query: &Mlp, m: f32) -> Result<()> {
-        momentum_update(
-            "Mlp::momentum_update_from",
-            self.params_mut(),
-            query.params(),
-            m,
-        )
-    }
-
-    /// Copies the BatchNorm running statistics of `other` (same architecture).
-    pub fn copy_buffers_from(&mut self, other: &Mlp) -> Result<()> {
-        copy_buffers(
-            "Mlp::copy_buffers_from",
-            self.buffers_mut(),
-            other.buffers(),
-        )
-    }
 }
 
-/// `key = m * key + (1 - m) * query`, element-wise over matching parameters.
-pub(crate) fn momentum_update(
-    op: &'static str,
-    key: Vec<&mut Param>,
-    query: Vec<&Param>,
-    m: f32,
-) -> Result<()> {
-    if !(0.0..=1.0).contains(&m) {
-        return Err(Error::invalid(
-            op,
-            "m",
-            format!("must be in [0, 1], got {m}"),
-        ));
+impl Module for Mlp {
+    fn params(&self) -> Vec<&Param> {
+        Mlp::params(self)
     }
-    check_same_layout(
-        op,
-        "query",
-        key.iter().map(|p| (p.name.as_str(), p.shape.as_slice())),
-        query.iter().map(|p| (p.name.as_str(), p.shape.as_slice())),
-    )?;
-    if key.iter().zip(&query).any(|(k, q)| k.len() != q.len()) {
-        return Err(Error::invalid(
-            op,
-            "query",
-            "a parameter's value length differs from the key's",
-        ));
-    }
-    for (k, q) in key.into_iter().zip(query) {
-        for (a, &b) in k.value.iter_mut().zip(&q.value) {
-            *a = m * *a + (1.0 - m) * b;
-        }
-    }
-    Ok(())
-}
 
-/// Copies matching buffers from `src` into `dst`.
-pub(crate) fn copy_buffers(
-    op: &'static str,
-    dst: Vec<&mut Buffer>,
-    src: Vec<&Buffer>,
-) -> Result<()> {
-    check_same_layout(
-        op,
-        "other",
-        dst.iter().map(|b| (b.name.as_str(), b.shape.as_slice())),
-        src.iter().map(|b| (b.name.as_str(), b.shape.as_slice())),
-    )?;
-    if dst
-        .iter()
-        .zip(&src)
-        .any(|(d, s)| d.value.len() != s.value.len())
-    {
-        return Err(Error::invalid(
-            op,
-            "other",
-            "a buffer's value length differs",
-        ));
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        Mlp::params_mut(self)
     }
-    for (d, s) in dst.into_iter().zip(src) {
-        d.value.copy_from_slice(&s.value);
+
+    fn buffers(&self) -> Vec<&Buffer> {
+        Mlp::buffers(self)
     }
-    Ok(())
+
+    fn buffers_mut(&mut self) -> Vec<&mut Buffer> {
+        Mlp::buffers_mut(self)
+    }
 }

@@ -7,7 +7,7 @@
 //! and returns the gradient of its input.
 //!
 //! ```
-//! use contra::nn::{lr_at, Encoder, Mat, MlpSpec, Optimizer, Sgd};
+//! use contra::nn::{lr_at, Encoder, Mat, MlpSpec, Module, Optimizer, Sgd};
 //!
 //! // A 2-layer backbone 8 -> 16 -> 16 and SimCLR's projection head 16 -> 16 -> 4.
 //! let mut enc = Encoder::simclr(&MlpSpec::backbone(&[8, 16, 16]), 16, 4, 0)?;
@@ -36,6 +36,7 @@ mod encoder;
 mod linear;
 mod mat;
 mod mlp;
+mod module;
 mod optim;
 mod param;
 mod relu;
@@ -47,6 +48,7 @@ pub use encoder::Encoder;
 pub use linear::Linear;
 pub use mat::Mat;
 pub use mlp::{Layer, Mlp, MlpSpec, Norm};
+pub use module::Module;
 pub use optim::{AdamW, Lars, Optimizer, Sgd};
 pub use param::{Buffer, Param};
 pub use relu::Relu;

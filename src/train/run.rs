@@ -16,7 +16,7 @@ use super::report::EvalTable;
 use super::split::{derive_seed, digits_split, stratified_split};
 use super::trainer::{build_encoder, features, monitor_scores, train, Event, TrainOutput};
 use crate::data::Dataset;
-use crate::nn::{DeviceEncoder, Encoder};
+use crate::nn::{DeviceEncoder, Encoder, Module};
 use crate::{Error, Result};
 
 /// Names of the files a run writes into its output folder.

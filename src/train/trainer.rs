@@ -34,7 +34,7 @@ use super::config::{apply_augment, DataSet, Method, OptimizerKind, TrainConfig};
 use super::eval::{knn_accuracy, probe_accuracy, ProbeOptions};
 use super::split::{derive_seed, labels_per_class};
 use crate::data::Dataset;
-use crate::nn::{lr_at, AdamW, DeviceEncoder, Encoder, Lars, Mat, MlpSpec, Optimizer, Sgd};
+use crate::nn::{lr_at, AdamW, DeviceEncoder, Encoder, Lars, Mat, MlpSpec, Module, Optimizer, Sgd};
 use crate::{
     moco_backward, moco_enqueue, moco_forward, momentum_update, ntxent_backward, ntxent_forward,
     supcon_backward, supcon_forward, Device, Error, MocoOptions, NtXentOptions, Result,

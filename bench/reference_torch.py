@@ -50,11 +50,16 @@ MOMENTUM_M = 0.999
 # Cases (mirrors src/bench/cases.rs; `contra bench` passes its own list with --cases)
 
 
-def case(op, pass_, n, d=0, k=0, v=0, c=0):
-    return {"op": op, "pass": pass_, "n": n, "d": d, "k": k, "v": v, "c": c}
+def case(op, pass_, n, d=0, k=0, v=0, c=0, dtype="f32"):
+    return {"op": op, "pass": pass_, "n": n, "d": d, "k": k, "v": v, "c": c, "dtype": dtype}
 
 
 def shape_label(cs):
+    dims = dims_label(cs)
+    return f"{dims} bf16" if cs.get("dtype", "f32") == "bf16" else dims
+
+
+def dims_label(cs):
     n, d, k, v, c = cs["n"], cs["d"], cs["k"], cs["v"], cs["c"]
     op = cs["op"]
     if op in ("ntxent", "clip", "margin", "normalize"):
@@ -181,11 +186,15 @@ def make_inputs(torch, cs, set_index, device):
     n, d, k, v = cs["n"], cs["d"], cs["k"], cs["v"]
     op = cs["op"]
 
+    # bf16 cases: the same values rounded to bf16, as contra uploads them (autocast-free: the
+    # ops then run in bf16 with PyTorch's own tensor-core GEMMs on a GPU).
+    dtype = torch.bfloat16 if cs.get("dtype", "f32") == "bf16" else torch.float32
+
     def u(shape, t):
         size = 1
         for s in shape:
             size *= s
-        return uniform(torch, size, seed(set_index, t)).reshape(shape).to(device)
+        return uniform(torch, size, seed(set_index, t)).reshape(shape).to(device=device, dtype=dtype)
 
     if op in ("ntxent", "triplet"):
         return [u((n, d), 0)]
@@ -423,7 +432,7 @@ class Call:
             value = loss.item()
             if check:
                 g = inputs[self.grad_inputs[0]].grad
-                return (value, float(g.flatten()[:64].sum()))
+                return (value, float(g.flatten()[:64].float().sum()))
             return None
         with torch.no_grad():
             out = self.fn(*inputs)

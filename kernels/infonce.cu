@@ -20,8 +20,7 @@ namespace contra {
 
 template <typename T>
 __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
-    __shared__ float as[kSlice][kTilePad];
-    __shared__ float bs[kSlice][kTilePad];
+    __shared__ float exchange[kTile][kTilePad];  // the tensor-core engine's result tile
     __shared__ float col_max[16][kTile];  // CLIP: per-ty partial column statistics
     __shared__ float col_sum[16][kTile];
     const int tx = threadIdx.x, ty = threadIdx.y;
@@ -52,7 +51,7 @@ __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
     }
     float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
     for (int c0 = 0; c0 < p.cols; c0 += kTile) {
-        tile_dot<T, false>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, as, bs, acc, unused_a,
+        tile_dot<T, false>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, exchange, acc, unused_a,
                            unused_b);
     #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
@@ -128,8 +127,6 @@ __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
 
 template <typename T>
 __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
-    __shared__ float as[kSlice][kTilePad];
-    __shared__ float bs[kSlice][kTilePad];
     __shared__ float g[kTile][kTilePad];      // G restricted to this (owner, other) tile
     __shared__ float other[kTile][kTilePad];  // 64 other rows x 64 features
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
@@ -140,7 +137,7 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
     float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
     for (int t0 = 0; t0 < p.other_rows; t0 += kTile) {
-        tile_dot<T, false>(owner_rows, p.owner_rows, o0, other_rows, p.other_rows, t0, p.dim, as, bs, acc, unused_a,
+        tile_dot<T, false>(owner_rows, p.owner_rows, o0, other_rows, p.other_rows, t0, p.dim, g, acc, unused_a,
                            unused_b);
 #pragma unroll
         for (int i = 0; i < kPerThread; ++i) {

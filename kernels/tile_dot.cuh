@@ -1,9 +1,19 @@
-// A 64 x 64 block of dot products between rows of two row-major matrices, staged through shared
-// memory in 16-wide slices of the feature dimension. 256 threads as 16 x 16; thread (ty, tx)
-// owns rows ty + 16 i and columns tx + 16 j (i, j < 4), so a row's 64 values sit in 16 lanes of
-// one warp (a half-warp) and row reductions are 16-lane shuffles.
+// A 64 x 64 block of dot products between rows of two row-major matrices. 256 threads as
+// 16 x 16; thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j (i, j < 4), so a row's 64
+// values sit in 16 lanes of one warp (a half-warp) and row reductions are 16-lane shuffles.
+//
+// Two engines behind one interface:
+//   * f32 operands (and the similarity kernel, which also needs the row norms): CUDA-core FMAs
+//     over 16-wide feature slices staged through shared memory as f32;
+//   * bf16 / f16 operands: tensor cores. Each of the 8 warps computes a 16 x 32 part of the tile
+//     with mma.sync m16n8k16 (f32 accumulators) from 16-bit slices that cp.async streams into a
+//     two-stage shared-memory pipeline (the next slice loads while the current one multiplies);
+//     the result goes through a caller-provided 64 x 65 f32 tile to the owner layout above.
 #pragma once
+#include <stdint.h>
+
 #include "common.cuh"
+#include "tensor_core.cuh"
 
 namespace contra {
 
@@ -24,35 +34,129 @@ __device__ __forceinline__ void load_slice(const T* m, int rows, int dim, int ro
     }
 }
 
+// Features per slice of the tensor-core pipeline, and the padded row length of a staged slice
+// (48 bytes: whole 16-byte chunks, and consecutive rows in different banks).
+constexpr int kTcSlice = 16;
+constexpr int kTcStride = 24;
+
+template <typename T>
+constexpr bool kIsHalf = std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value;
+
+// Stages chunk `chunk` (0..127: row chunk / 2, features 8 (chunk % 2) ..+8) of rows
+// [row0, row0 + 64) x features [k0, k0 + 16) of `m` into `s`: one 16-byte cp.async when the
+// chunk is whole and aligned, else element by element with zeros outside the matrix.
+template <typename T>
+__device__ __forceinline__ void stage_chunk(const T* m, int rows, int dim, int row0, int k0, int chunk,
+                                            unsigned short (*s)[kTcStride]) {
+    const int r = chunk / 2, c = 8 * (chunk % 2);
+    const int row = row0 + r, col = k0 + c;
+    unsigned short* dst = &s[r][c];
+    const unsigned short* bits = reinterpret_cast<const unsigned short*>(m);
+    const long long at = (long long)row * dim + col;
+    const bool whole = row < rows && col + 8 <= dim && dim % 8 == 0 && reinterpret_cast<uintptr_t>(bits) % 16 == 0;
+    if (whole) {
+        cp_async_16(dst, bits + at);
+    } else {
+        for (int e = 0; e < 8; ++e) dst[e] = (row < rows && col + e < dim) ? bits[at + e] : 0;
+    }
+}
+
+// Two consecutive 16-bit elements as one fragment register (the lower index in the low half).
+__device__ __forceinline__ unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// The tensor-core engine of tile_dot (T: bf16 or f16). `tile` is 64 x 65 f32 shared memory that
+// the caller may reuse after the call.
+template <typename T>
+__device__ void tile_dot_tc(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim,
+                            float (*tile)[kTilePad], float acc[kPerThread][kPerThread]) {
+    __shared__ __align__(16) unsigned short a_stage[2][kTile][kTcStride];
+    __shared__ __align__(16) unsigned short b_stage[2][kTile][kTcStride];
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+    // This warp's 16 x 32 part of the tile: rows m0.., four 8-column mma tiles from n0.
+    const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
+    float d[4][4];
+    for (int nt = 0; nt < 4; ++nt)
+        for (int e = 0; e < 4; ++e) d[nt][e] = 0.0f;
+    // Threads 0..127 stage the a rows, 128..255 the b rows.
+    auto stage = [&](int slice) {
+        const int k0 = slice * kTcSlice, buffer = slice % 2;
+        if (tid < 128)
+            stage_chunk(a, a_rows, dim, a0, k0, tid, a_stage[buffer]);
+        else
+            stage_chunk(b, b_rows, dim, b0, k0, tid - 128, b_stage[buffer]);
+        cp_async_commit();
+    };
+    const int slices = (dim + kTcSlice - 1) / kTcSlice;
+    stage(0);
+    for (int slice = 0; slice < slices; ++slice) {
+        if (slice + 1 < slices) {
+            stage(slice + 1);    // into the other buffer, freed by the last iteration's barrier
+            cp_async_wait<1>();  // this slice's group has landed; the next one may be in flight
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const unsigned short(*as)[kTcStride] = a_stage[slice % 2];
+        const unsigned short(*bs)[kTcStride] = b_stage[slice % 2];
+        const unsigned af[4] = {pair_at(&as[m0 + g][2 * t]), pair_at(&as[m0 + g + 8][2 * t]),
+                                pair_at(&as[m0 + g][2 * t + 8]), pair_at(&as[m0 + g + 8][2 * t + 8])};
+        for (int nt = 0; nt < 4; ++nt) {
+            const int n = n0 + 8 * nt + g;  // b row n is column n of the product
+            const unsigned bf[2] = {pair_at(&bs[n][2 * t]), pair_at(&bs[n][2 * t + 8])};
+            mma_16816<T>(d[nt], af, bf);
+        }
+        __syncthreads();  // this buffer is refilled two slices on
+    }
+    for (int nt = 0; nt < 4; ++nt) {
+        const int col = n0 + 8 * nt + 2 * t;
+        tile[m0 + g][col] = d[nt][0];
+        tile[m0 + g][col + 1] = d[nt][1];
+        tile[m0 + g + 8][col] = d[nt][2];
+        tile[m0 + g + 8][col + 1] = d[nt][3];
+    }
+    __syncthreads();
+    for (int i = 0; i < kPerThread; ++i)
+        for (int j = 0; j < kPerThread; ++j) acc[i][j] = tile[threadIdx.y + 16 * i][threadIdx.x + 16 * j];
+}
+
 // acc[i][j] = a_{a0 + ty + 16 i} . b_{b0 + tx + 16 j}. With `norms`, also a_sq[i] = ||a row||^2
-// and b_sq[j] = ||b row||^2. Every thread of the block must call it (it synchronizes).
+// and b_sq[j] = ||b row||^2 (CUDA cores). bf16 / f16 without norms run on the tensor cores and
+// need `tile` (64 x 65 f32 shared memory, free again after the call); otherwise `tile` is unused
+// and may be null. Every thread of the block must call it (it synchronizes).
 template <typename T, bool norms>
 __device__ void tile_dot(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim,
-                         float (*as)[kTilePad], float (*bs)[kTilePad], float acc[kPerThread][kPerThread],
-                         float a_sq[kPerThread], float b_sq[kPerThread]) {
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    for (int i = 0; i < kPerThread; ++i) {
-        if (norms) a_sq[i] = b_sq[i] = 0.0f;
-        for (int j = 0; j < kPerThread; ++j) acc[i][j] = 0.0f;
-    }
-    for (int k0 = 0; k0 < dim; k0 += kSlice) {
-        load_slice(a, a_rows, dim, a0, k0, as);
-        load_slice(b, b_rows, dim, b0, k0, bs);
-        __syncthreads();
-        for (int kk = 0; kk < kSlice; ++kk) {
-            float av[kPerThread], bv[kPerThread];
-            for (int i = 0; i < kPerThread; ++i) {
-                av[i] = as[kk][ty + 16 * i];
-                bv[i] = bs[kk][tx + 16 * i];
-                if (norms) {
-                    a_sq[i] += av[i] * av[i];
-                    b_sq[i] += bv[i] * bv[i];
-                }
-            }
-            for (int i = 0; i < kPerThread; ++i)
-                for (int j = 0; j < kPerThread; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                         float (*tile)[kTilePad], float acc[kPerThread][kPerThread], float a_sq[kPerThread],
+                         float b_sq[kPerThread]) {
+    if constexpr (kIsHalf<T> && !norms) {
+        tile_dot_tc(a, a_rows, a0, b, b_rows, b0, dim, tile, acc);
+    } else {
+        __shared__ float as[kSlice][kTilePad];
+        __shared__ float bs[kSlice][kTilePad];
+        const int tx = threadIdx.x, ty = threadIdx.y;
+        for (int i = 0; i < kPerThread; ++i) {
+            if (norms) a_sq[i] = b_sq[i] = 0.0f;
+            for (int j = 0; j < kPerThread; ++j) acc[i][j] = 0.0f;
         }
-        __syncthreads();  // the next slice overwrites as / bs
+        for (int k0 = 0; k0 < dim; k0 += kSlice) {
+            load_slice(a, a_rows, dim, a0, k0, as);
+            load_slice(b, b_rows, dim, b0, k0, bs);
+            __syncthreads();
+            for (int kk = 0; kk < kSlice; ++kk) {
+                float av[kPerThread], bv[kPerThread];
+                for (int i = 0; i < kPerThread; ++i) {
+                    av[i] = as[kk][ty + 16 * i];
+                    bv[i] = bs[kk][tx + 16 * i];
+                    if (norms) {
+                        a_sq[i] += av[i] * av[i];
+                        b_sq[i] += bv[i] * bv[i];
+                    }
+                }
+                for (int i = 0; i < kPerThread; ++i)
+                    for (int j = 0; j < kPerThread; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+            }
+            __syncthreads();  // the next slice overwrites as / bs
+        }
     }
 }
 

@@ -68,8 +68,16 @@ else
 fi
 section "Trainer: the first steps of SimCLR, MoCo v2 and SupCon (encoder passes and losses) on cuda:0 against the CPU, same seed"
 run "train-check on cuda:0" 120 "$bundle/contra" train-check --device cuda --steps 5
-section "Kernel timings (median of 20 synchronized launches after a warm-up; CUDA cores, f32 unless the shape says bf16)"
+section "Kernel timings (median of 20 CUDA-event times after a warm-up; f32 on CUDA cores, bf16 softmax losses on tensor cores)"
 run "timings" 90 "$bundle/contra" kernel-timing --repeats 20
+section "Tensor cores: NT-Xent forward + backward, bf16, N = 65536, D = 256 (TFLOP/s over 8 N^2 D)"
+run "tensor-core NT-Xent N=65536 D=256" 300 "$bundle/contra" kernel-timing --ntxent-bf16 65536 --dim 256 --repeats 5
+section "Tensor cores: the largest N that runs (D = 256, doubling from 65536 up to 1048576)"
+run "largest N" 420 "$bundle/contra" kernel-timing --largest 1048576 --dim 256
+section "Benchmark table on the GPU: contra (fused) vs the unfused baseline vs PyTorch eager"
+run "contra bench --device cuda --quick" 420 "$bundle/contra" bench --device cuda --quick --json "${report%.md}-bench.json"
+section "PyTorch eager at the tensor-core shape (bf16, same card): contra vs torch"
+run "bench N=65536 D=256 bf16" 420 "$bundle/contra" bench --device cuda --filter "N=65536 D=256 bf16" --json "${report%.md}-bench-tc.json"
 section "Verdict"
 if [ $overall -eq 0 ]; then echo "ALL PASS" >>"$report"; else echo "SOME STEPS FAILED" >>"$report"; fi
 echo "report written to $report"

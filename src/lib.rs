@@ -48,7 +48,9 @@ pub mod testing {
     };
     pub use crate::kernels::momentum::update_at_offsets as momentum_update_at_offsets;
     #[cfg(feature = "cuda")]
-    pub use crate::kernels::timing::{kernel_timings, KernelTiming};
+    pub use crate::kernels::timing::{
+        kernel_timings, largest_ntxent_bf16, ntxent_bf16 as ntxent_bf16_timing, KernelTiming,
+    };
 
     /// The name of GPU `ordinal`.
     #[cfg(feature = "cuda")]

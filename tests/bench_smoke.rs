@@ -195,6 +195,51 @@ fn unfused_baseline_matches_contra_and_materializes_the_matrix() {
     assert!(Runner::new(&on_cpu, Impl::Unfused, Device::Cpu).is_err());
 }
 
+/// A bf16 case on a kernel device runs the tensor-core kernels (the table's engine column says
+/// so) and agrees with contra's CPU ops on the same bf16 inputs; the f32-only references refuse
+/// it with a clear error.
+#[test]
+fn bf16_cases_run_the_tensor_core_kernels() {
+    use cases::{Case, Pass};
+    let case = Case::ntxent(Pass::ForwardBackward, 38, 24).in_bf16();
+    assert_eq!(case.shape(), "N=38 D=24 bf16");
+    assert_eq!(case.engine(Device::Interp), "tensor cores");
+    assert_eq!(case.engine(Device::Cpu), "cpu");
+    assert_eq!(
+        Case::ntxent(Pass::ForwardBackward, 38, 24).engine(Device::Interp),
+        "CUDA cores"
+    );
+    assert_eq!(Case::from_json(&case.to_json()).unwrap(), case);
+    let mut cpu = Runner::new(&case, Impl::Contra, Device::Cpu).unwrap();
+    let want = measure(&mut cpu, &Timing::once()).unwrap();
+    contra::testing::take_launched_kernels();
+    let mut interp = Runner::new(&case, Impl::Contra, Device::Interp).unwrap();
+    let got = measure(&mut interp, &Timing::once()).unwrap();
+    let launched = contra::testing::take_launched_kernels();
+    for kernel in ["infonce_fwd_bf16", "infonce_bwd_bf16"] {
+        assert!(
+            launched.contains(&kernel),
+            "{kernel} did not run: {launched:?}"
+        );
+    }
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-6);
+    assert!(
+        rel(got.outcome.check, want.outcome.check) < 2e-2,
+        "{:?} vs {:?}",
+        got.outcome,
+        want.outcome
+    );
+    let (a, b) = (
+        got.outcome.grad_check.unwrap(),
+        want.outcome.grad_check.unwrap(),
+    );
+    // The checksum sums 64 signed gradient entries that largely cancel, and the CPU returns its
+    // gradient rounded to bf16: compare it absolutely (kernels_half checks the whole gradient).
+    assert!((a - b).abs() < 2e-3, "gradients {a} vs {b}");
+    assert!(Runner::new(&case, Impl::Naive, Device::Cpu).is_err());
+    assert!(Runner::new(&case, Impl::Unfused, Device::Interp).is_err());
+}
+
 #[test]
 fn scaling_sweep_draws_a_png() {
     let png = scratch("scaling.png");

@@ -124,6 +124,8 @@ pub struct Case {
     pub v: usize,
     /// Classes (SupCon, triplet).
     pub c: usize,
+    /// Inputs in bf16 (kernel devices: the tensor-core kernels of the softmax losses), else f32.
+    pub bf16: bool,
 }
 
 impl Case {
@@ -136,6 +138,26 @@ impl Case {
             k: 0,
             v: 0,
             c: 0,
+            bf16: false,
+        }
+    }
+
+    /// The same case with bf16 inputs.
+    pub fn in_bf16(self) -> Case {
+        Case { bf16: true, ..self }
+    }
+
+    /// What runs contra's side of the case on `device`: "cpu", or on a kernel device
+    /// "tensor cores" (bf16 softmax losses: mma.sync kernels) or "CUDA cores".
+    pub fn engine(&self, device: crate::Device) -> &'static str {
+        let softmax = matches!(
+            self.op,
+            Op::Ntxent | Op::Infonce | Op::Clip | Op::Moco | Op::Supcon
+        );
+        match device {
+            crate::Device::Cpu => "cpu",
+            _ if self.bf16 && softmax => "tensor cores",
+            _ => "CUDA cores",
         }
     }
 
@@ -192,8 +214,16 @@ impl Case {
         Case::new(Op::Momentum, Pass::Forward, params, 0)
     }
 
-    /// The sizes as a short label, e.g. `N=4096 D=128`.
+    /// The sizes as a short label, e.g. `N=4096 D=128` (with ` bf16` for bf16 inputs).
     pub fn shape(&self) -> String {
+        let dims = self.dims();
+        match self.bf16 {
+            true => format!("{dims} bf16"),
+            false => dims,
+        }
+    }
+
+    fn dims(&self) -> String {
         let (n, d, k, v, c) = (self.n, self.d, self.k, self.v, self.c);
         match self.op {
             Op::Ntxent | Op::Clip | Op::Margin | Op::Normalize => format!("N={n} D={d}"),
@@ -299,6 +329,7 @@ impl Case {
             "op": self.op.name(),
             "pass": self.pass.name(),
             "n": self.n, "d": self.d, "k": self.k, "v": self.v, "c": self.c,
+            "dtype": if self.bf16 { "bf16" } else { "f32" },
             "rotations": self.rotations(),
         })
     }
@@ -324,6 +355,11 @@ impl Case {
             k: size("k")?,
             v: size("v")?,
             c: size("c")?,
+            bf16: match v.get("dtype").and_then(Value::as_str) {
+                None | Some("f32") => false,
+                Some("bf16") => true,
+                Some(other) => return Err(bad(&format!("unknown dtype `{other}`"))),
+            },
         })
     }
 }
@@ -390,6 +426,19 @@ pub fn tiny_cases() -> Vec<Case> {
     cases.push(Case::similarity(32, 24, 16));
     cases.push(Case::momentum(1000));
     cases
+}
+
+/// The tensor-core cases of a GPU run: NT-Xent forward + backward with bf16 inputs (quick: N =
+/// 4096 and 16384 at D = 128; full: also N = 65536 at D = 256, the tensor-core issue's shape).
+pub fn tensor_core_cases(quick: bool) -> Vec<Case> {
+    let mut shapes = vec![(4096, 128), (16384, 128)];
+    if !quick {
+        shapes.push((65536, 256));
+    }
+    shapes
+        .into_iter()
+        .map(|(n, d)| Case::ntxent(Pass::ForwardBackward, n, d).in_bf16())
+        .collect()
 }
 
 /// splitmix64.

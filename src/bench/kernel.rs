@@ -163,7 +163,16 @@ impl<B: Backend> KernelRunner<B> {
             let tensors = raw
                 .tensors
                 .iter()
-                .map(|t| b.upload("input", t))
+                .map(|t| match case.bf16 {
+                    true => {
+                        let bits: Vec<u16> = t
+                            .iter()
+                            .map(|&v| half::bf16::from_f32(v).to_bits())
+                            .collect();
+                        b.upload_half("input", &bits, kernels::Elem::Bf16)
+                    }
+                    false => b.upload("input", t),
+                })
                 .collect::<Result<Vec<_>>>()?;
             let n = case.n;
             let mut extra = None;

@@ -159,6 +159,13 @@ impl Runner {
                 format!("{} has no backward", case.op.name()),
             ));
         }
+        if case.bf16 && imp == Impl::Naive {
+            return Err(Error::invalid(
+                "bench",
+                "dtype",
+                "the naive Rust reference runs f32 inputs",
+            ));
+        }
         let inner: Box<dyn RunOnce> = match (imp, device) {
             (Impl::Contra, Device::Cpu) => Box::new(ContraCpu::new(case)?),
             (Impl::Naive, Device::Cpu) => Box::new(NaiveCpu::new(case)),
@@ -238,7 +245,13 @@ impl ContraCpu {
                     .tensors
                     .into_iter()
                     .zip(&shapes)
-                    .map(|(v, s)| Tensor::from_vec(v, s, Device::Cpu))
+                    .map(|(v, s)| {
+                        let t = Tensor::from_vec(v, s, Device::Cpu)?;
+                        Ok(match case.bf16 {
+                            true => t.to_dtype(crate::DType::Bf16),
+                            false => t,
+                        })
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Ok((tensors, raw.labels))
             })

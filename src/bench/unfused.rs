@@ -18,6 +18,13 @@ use crate::{Error, Result};
 
 /// Errors unless the baseline covers `case`'s op.
 pub(crate) fn check_supported(case: &Case) -> Result<()> {
+    if case.bf16 {
+        return Err(Error::invalid(
+            "bench",
+            "impl",
+            "the unfused baseline runs f32 inputs (its GEMM is SGEMM)",
+        ));
+    }
     match case.op {
         Op::Ntxent | Op::Infonce => Ok(()),
         op => Err(Error::invalid(

@@ -84,13 +84,21 @@ enum Command {
     /// Benchmark contra against PyTorch eager (and torch.compile) and a naive Rust reference:
     /// one table of time, speedup, peak memory and GFLOP/s; --scaling for the NT-Xent sweep.
     Bench(contra::bench::BenchArgs),
-    /// Time every kernel on a GPU (feature `cuda`); prints a markdown table.
+    /// Time every kernel on a GPU (feature `cuda`); prints a markdown table. With --ntxent-bf16 N:
+    /// only the tensor-core NT-Xent forward + backward at N x --dim, in TFLOP/s over 8 N^2 D;
+    /// with --largest MAX: the largest N (doubling from 65536 up to MAX) that runs.
     #[command(hide = true)]
     KernelTiming {
         #[arg(long, default_value_t = 0)]
         gpu: usize,
         #[arg(long, default_value_t = 20)]
         repeats: usize,
+        #[arg(long)]
+        ntxent_bf16: Option<usize>,
+        #[arg(long, default_value_t = 256)]
+        dim: usize,
+        #[arg(long)]
+        largest: Option<usize>,
     },
 }
 
@@ -107,7 +115,16 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::KernelTiming { gpu, repeats } => kernel_timing(gpu, repeats),
+        Command::KernelTiming {
+            gpu,
+            repeats,
+            ntxent_bf16,
+            dim,
+            largest,
+        } => match (ntxent_bf16, largest) {
+            (None, None) => kernel_timing(gpu, repeats),
+            (n, max_n) => tensor_core_timing(gpu, repeats, n, dim, max_n),
+        },
         Command::Bench(args) => match contra::bench::main(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -272,7 +289,7 @@ fn train(args: TrainArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     let mut desc = format!(
-        "{} on {}: {} epochs, batch {}, {} lr {}, temperature {}, backbone {:?}, loss on {}",
+        "{} on {}: {} epochs, batch {}, {} lr {}, temperature {}, backbone {:?}, on {}",
         cfg.method,
         cfg.data,
         cfg.epochs,
@@ -298,10 +315,18 @@ fn train(args: TrainArgs) -> ExitCode {
     if cfg.method == Method::SupCon {
         desc += &format!(", {} views", cfg.views);
     }
-    eprintln!(
-        "{desc} (encoder on the CPU, {} threads)",
-        rayon::current_num_threads()
-    );
+    match cfg.device {
+        Device::Cpu => eprintln!(
+            "{desc} (step on the CPU, {} threads)",
+            rayon::current_num_threads()
+        ),
+        device => eprintln!(
+            "{desc} (step on {device}: encoder GEMMs by {}; optimizer and evaluation on the CPU)",
+            contra::nn::DeviceEncoder::new(device)
+                .gemm_library()
+                .unwrap_or_else(|e| e.to_string())
+        ),
+    }
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -509,6 +534,68 @@ fn kernel_timing(gpu: usize, repeats: usize) -> ExitCode {
 fn kernel_timing(_gpu: usize, _repeats: usize) -> ExitCode {
     eprintln!("error: kernel-timing needs a build with --features cuda");
     ExitCode::from(2)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn tensor_core_timing(
+    _: usize,
+    _: usize,
+    _: Option<usize>,
+    _: usize,
+    _: Option<usize>,
+) -> ExitCode {
+    kernel_timing(0, 0)
+}
+
+/// The tensor-core NT-Xent at one shape (TFLOP/s over 8 N^2 D) and / or the largest N that runs.
+#[cfg(feature = "cuda")]
+fn tensor_core_timing(
+    gpu: usize,
+    repeats: usize,
+    n: Option<usize>,
+    dim: usize,
+    largest: Option<usize>,
+) -> ExitCode {
+    let tflops = |t: &contra::testing::KernelTiming| t.flops / t.median_ms / 1e9;
+    if let Some(n) = n {
+        match contra::testing::ntxent_bf16_timing(gpu, n, dim, repeats) {
+            Ok(t) => println!(
+                "{} {}: {:.3} ms (median of {repeats}, CUDA events), {:.1} TFLOP/s over 8 N^2 D",
+                t.kernel,
+                t.shape,
+                t.median_ms,
+                tflops(&t)
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let Some(max_n) = largest {
+        match contra::testing::largest_ntxent_bf16(gpu, dim, 65536, max_n) {
+            Ok((best, stop)) => {
+                match best {
+                    Some(t) => println!(
+                        "largest N that ran: {} ({:.1} ms, {:.1} TFLOP/s)",
+                        t.shape,
+                        t.median_ms,
+                        tflops(&t)
+                    ),
+                    None => println!("largest N that ran: none"),
+                }
+                match stop {
+                    Some(why) => println!("stopped at {why}"),
+                    None => println!("every N up to {max_n} ran"),
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn check_fixtures(dir: &std::path::Path, device: Device) -> ExitCode {

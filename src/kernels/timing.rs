@@ -1,7 +1,6 @@
 //! A short timing of every kernel on a GPU, for scripts/gpu-check.sh: device-resident random
-//! inputs, a warm-up launch, then the median wall time of synchronized launches.
-
-use std::time::Instant;
+//! inputs, a warm-up launch, then the median of CUDA-event times ([`Backend::timed`]), and the
+//! tensor-core NT-Xent measurements (TFLOP/s at a given shape, the largest N that runs).
 
 use super::cuda::Cuda;
 use super::{
@@ -32,13 +31,11 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn median_ms(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+fn median_ms(cuda: &Cuda, repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     run()?; // warm-up: module load, caches
-    let mut times = Vec::with_capacity(repeats);
-    for _ in 0..repeats {
-        let start = Instant::now();
-        run()?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+    let mut times = Vec::with_capacity(repeats.max(1));
+    for _ in 0..repeats.max(1) {
+        times.push(cuda.timed(&mut run)?.1);
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
@@ -46,6 +43,7 @@ fn median_ms(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64>
 
 /// Times `run` (see [`median_ms`]) and records it as one row of the table.
 fn time(
+    b: &Cuda,
     rows: &mut Vec<KernelTiming>,
     kernel: &'static str,
     shape: String,
@@ -53,7 +51,7 @@ fn time(
     repeats: usize,
     run: impl FnMut() -> Result<()>,
 ) -> Result<()> {
-    let median_ms = median_ms(repeats, run)?;
+    let median_ms = median_ms(b, repeats, run)?;
     rows.push(KernelTiming {
         kernel,
         shape,
@@ -61,6 +59,92 @@ fn time(
         flops,
     });
     Ok(())
+}
+
+/// NT-Xent forward + backward on `z` (n x d, bf16 on the device: the tensor-core kernels),
+/// positives i <-> i + n/2, temperature 0.1.
+fn ntxent_bf16_call(
+    b: &Cuda,
+    z: &<Cuda as Backend>::Buf,
+    positives: &<Cuda as Backend>::Buf,
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    let problem = infonce::Problem::<Cuda> {
+        q: z,
+        k: z,
+        positives,
+        rows: n,
+        cols: n,
+        dim: d,
+        temperature: 0.1,
+        normalize: true,
+        self_mask: true,
+    };
+    let (_, lse) = problem.forward(b)?;
+    problem.backward(b, &lse, 1.0, true).map(drop)
+}
+
+/// Uploads an n x d bf16 feature matrix and NT-Xent's positives.
+fn ntxent_bf16_inputs(
+    b: &Cuda,
+    n: usize,
+    d: usize,
+) -> Result<(<Cuda as Backend>::Buf, <Cuda as Backend>::Buf)> {
+    let bits: Vec<u16> = random(n * d, 9)
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect();
+    let z = b.upload_half("z", &bits, Elem::Bf16)?;
+    let positives: Vec<i32> = (0..n).map(|i| ((i + n / 2) % n) as i32).collect();
+    Ok((z, b.upload_i32("positives", &positives)?))
+}
+
+/// NT-Xent forward + backward with bf16 inputs at `n x d` on GPU `ordinal`: the median of
+/// `repeats` CUDA-event times, with `flops` = 8 N^2 D (the count of the tensor-core issue:
+/// 2 N^2 D forward, 6 N^2 D for the backward's score recomputation and two products).
+pub fn ntxent_bf16(ordinal: usize, n: usize, d: usize, repeats: usize) -> Result<KernelTiming> {
+    let cuda = Cuda::get(ordinal)?;
+    let b = &*cuda;
+    let (z, positives) = ntxent_bf16_inputs(b, n, d)?;
+    let median_ms = median_ms(b, repeats, || ntxent_bf16_call(b, &z, &positives, n, d))?;
+    Ok(KernelTiming {
+        kernel: "ntxent fwd+bwd bf16 (tensor cores)",
+        shape: format!("{n}x{d}"),
+        median_ms,
+        flops: 8.0 * (n as f64) * (n as f64) * d as f64,
+    })
+}
+
+/// Doubles N from `start` up to `max_n`, one timed call each, until a call fails: the timing
+/// of the largest N that ran, and the error that stopped the search (none when `max_n` ran).
+pub fn largest_ntxent_bf16(
+    ordinal: usize,
+    d: usize,
+    start: usize,
+    max_n: usize,
+) -> Result<(Option<KernelTiming>, Option<String>)> {
+    let cuda = Cuda::get(ordinal)?;
+    let b = &*cuda;
+    let mut best = None;
+    let mut n = start.max(2);
+    while n <= max_n {
+        let attempt = ntxent_bf16_inputs(b, n, d)
+            .and_then(|(z, positives)| cuda.timed(|| ntxent_bf16_call(b, &z, &positives, n, d)));
+        match attempt {
+            Ok((_, ms)) => {
+                best = Some(KernelTiming {
+                    kernel: "ntxent fwd+bwd bf16 (tensor cores)",
+                    shape: format!("{n}x{d}"),
+                    median_ms: ms,
+                    flops: 8.0 * (n as f64) * (n as f64) * d as f64,
+                })
+            }
+            Err(e) => return Ok((best, Some(format!("N = {n}: {e}")))),
+        }
+        n *= 2;
+    }
+    Ok((best, None))
 }
 
 /// Times normalize, similarity and the fused InfoNCE forward and backward on GPU `ordinal`.
@@ -73,6 +157,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     let x = b.upload("x", &random(n * d, 1))?;
     let gy = b.upload("grad_y", &random(n * d, 2))?;
     time(
+        b,
         &mut rows,
         "normalize_fwd_f32",
         format!("{n}x{d}"),
@@ -81,6 +166,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         || normalize::forward(b, &x, n, d).map(drop),
     )?;
     time(
+        b,
         &mut rows,
         "normalize_bwd_f32",
         format!("{n}x{d}"),
@@ -94,6 +180,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     let c = b.upload("b", &random(m * d, 4))?;
     for kind in [Similarity::Dot, Similarity::Cosine] {
         time(
+            b,
             &mut rows,
             "similarity_fwd_f32",
             format!("{m}x{m}x{d} {kind:?}"),
@@ -137,6 +224,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         };
         let gemm = 2.0 * (n * n * d) as f64;
         time(
+            b,
             &mut rows,
             "ntxent forward (normalize + infonce_fwd)",
             format!("{n}x{d} {dtype}"),
@@ -146,6 +234,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         )?;
         let (_, lse) = problem.forward(b)?;
         time(
+            b,
             &mut rows,
             "ntxent backward (2x infonce_bwd + normalize)",
             format!("{n}x{d} {dtype}"),
@@ -172,6 +261,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     };
     let gemm = 2.0 * (n * queue_len * d) as f64;
     time(
+        b,
         &mut rows,
         "moco forward",
         format!("{n}x{queue_len}x{d}"),
@@ -181,6 +271,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     )?;
     let (_, lse) = problem.forward(b)?;
     time(
+        b,
         &mut rows,
         "moco backward (grad q)",
         format!("{n}x{queue_len}x{d}"),
@@ -189,6 +280,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         || problem.backward(b, &lse, 1.0).map(drop),
     )?;
     time(
+        b,
         &mut rows,
         "queue_enqueue_f32",
         format!("{n}x{d} into {queue_len}"),
@@ -218,6 +310,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     };
     let gemm = 2.0 * (rows_total * rows_total * d) as f64;
     time(
+        b,
         &mut rows,
         "supcon forward",
         format!("{samples}x{views}x{d}"),
@@ -227,6 +320,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     )?;
     let (_, lse) = problem.forward(b)?;
     time(
+        b,
         &mut rows,
         "supcon backward",
         format!("{samples}x{views}x{d}"),
@@ -253,6 +347,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     };
     let gemm = 2.0 * (n * n * d) as f64;
     time(
+        b,
         &mut rows,
         "clip forward (row + column LSE, one sweep)",
         format!("{n}x{d}"),
@@ -262,6 +357,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     )?;
     let (_, lse) = problem.forward(b)?;
     time(
+        b,
         &mut rows,
         "clip backward",
         format!("{n}x{d}"),
@@ -287,6 +383,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         };
         let pairs = 2.0 * (n * n * d) as f64;
         time(
+            b,
             &mut rows,
             "triplet forward (similarity + triplet_mine)",
             format!("{n}x{d} {mining:?}"),
@@ -296,6 +393,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         )?;
         let fwd = problem.forward(b)?;
         time(
+            b,
             &mut rows,
             "triplet backward (triplet_bwd)",
             format!("{n}x{d} {mining:?}"),
@@ -312,6 +410,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         b.upload("theta_q", &random(len, 11))?,
     );
     time(
+        b,
         &mut rows,
         "momentum_update_f32",
         format!("{len}"),

@@ -1,0 +1,147 @@
+// Tensor-core building blocks for sm_80+: the warp-wide mma.sync m16n8k16 (bf16 / f16 operands,
+// f32 accumulators) and the cp.async global -> shared copies with their commit / wait groups.
+//
+// On the GPU these are the PTX instructions. In the interpreted mode they are emulated with the
+// semantics the PTX ISA documents, so that CI checks the callers' fragment indexing and pipeline
+// discipline:
+//   * mma: every lane contributes the fragment registers of the documented layout (below) and
+//     receives its elements of D; the emulation gathers the A rows and B columns it needs from
+//     the other lanes with warp shuffles, so a caller that loads a fragment from the wrong place
+//     gets a wrong product.
+//   * cp.async: a copy reads its source when issued but lands in shared memory only when a
+//     cp.async.wait_group covering its group runs, so reading a stage before waiting for it
+//     reads stale data, as it can on the GPU.
+//
+// Fragment layout of m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with
+// g = lane / 4 and t = lane % 4; each 32-bit register holds two 16-bit elements, the lower
+// column (or row, for B) in the low half:
+//   A (16 x 16, row-major): a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1],
+//                           a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9]
+//   B (16 x 8, "col"):      b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]
+//   C, D (16 x 8, f32):     c[0] = C[g][2t], c[1] = C[g][2t+1], c[2] = C[g+8][2t], c[3] = C[g+8][2t+1]
+#pragma once
+#include <type_traits>
+
+#include "common.cuh"
+
+#if defined(CONTRA_INTERP)
+#include <cstring>
+#include <vector>
+#endif
+
+namespace contra {
+
+// The f32 value of one 16-bit element of type T given by its bits.
+template <typename T>
+__device__ __forceinline__ float half_bits_to_float(unsigned bits) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(bits)));
+    } else {
+        return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+    }
+}
+
+#if defined(CONTRA_INTERP)
+// Two-element dot product of packed pairs.
+template <typename T>
+inline float pair_dot(unsigned a, unsigned b) {
+    return half_bits_to_float<T>(a & 0xffffu) * half_bits_to_float<T>(b & 0xffffu) +
+           half_bits_to_float<T>(a >> 16) * half_bits_to_float<T>(b >> 16);
+}
+#endif
+
+// d += A B for one 16 x 8 x 16 tile; every lane of the warp must call it together.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
+#if defined(CONTRA_INTERP)
+    const unsigned full = 0xffffffffu;
+    const int lane = (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32;
+    const int g = lane / 4, t = lane % 4;
+    // Lane 4 r + p holds columns 2p, 2p+1 (and 2p+8, 2p+9) of A rows r and r + 8; lane 4 c + p
+    // holds rows 2p, 2p+1 (and 2p+8, 2p+9) of B column c.
+    for (int p = 0; p < 4; ++p) {
+        const unsigned a_top_lo = __shfl_sync(full, a[0], 4 * g + p), a_bot_lo = __shfl_sync(full, a[1], 4 * g + p);
+        const unsigned a_top_hi = __shfl_sync(full, a[2], 4 * g + p), a_bot_hi = __shfl_sync(full, a[3], 4 * g + p);
+        for (int c = 0; c < 2; ++c) {
+            const int col = 2 * t + c;
+            const unsigned b_lo = __shfl_sync(full, b[0], 4 * col + p), b_hi = __shfl_sync(full, b[1], 4 * col + p);
+            d[c] += pair_dot<T>(a_top_lo, b_lo) + pair_dot<T>(a_top_hi, b_hi);
+            d[2 + c] += pair_dot<T>(a_bot_lo, b_lo) + pair_dot<T>(a_bot_hi, b_hi);
+        }
+    }
+#elif defined(__CUDA_ARCH__)
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#endif
+}
+
+#if defined(CONTRA_INTERP)
+namespace async_copy {
+struct Copy {
+    void* dst;
+    unsigned char bytes[16];
+};
+// Per CUDA thread: the committed groups not yet waited for (oldest first) and the open group.
+struct State {
+    std::vector<std::vector<Copy>> committed;
+    std::vector<Copy> open;
+};
+inline State& state() {
+    // One table per worker thread, i.e. per running block; indexed by the thread's linear id.
+    static thread_local State states[1024];
+    return states[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
+}
+}  // namespace async_copy
+#endif
+
+// Starts copying 16 bytes from global `src` to shared `dst` (both 16-byte aligned).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+#if defined(CONTRA_INTERP)
+    async_copy::Copy copy;
+    copy.dst = dst;
+    std::memcpy(copy.bytes, src, 16);
+    async_copy::state().open.push_back(copy);
+#elif defined(__CUDA_ARCH__)
+    const unsigned shared_address = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(src));
+#endif
+}
+
+// Closes the group of the copies started since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(CONTRA_INTERP)
+    async_copy::State& s = async_copy::state();
+    s.committed.push_back(s.open);
+    s.open.clear();
+#elif defined(__CUDA_ARCH__)
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `pending` of this thread's committed groups are still in flight (the most
+// recent ones). Other threads see the data after a following __syncthreads.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(CONTRA_INTERP)
+    async_copy::State& s = async_copy::state();
+    while (s.committed.size() > static_cast<size_t>(pending)) {
+        for (const async_copy::Copy& copy : s.committed.front()) std::memcpy(copy.dst, copy.bytes, 16);
+        s.committed.erase(s.committed.begin());
+    }
+#elif defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+#endif
+}
+
+}  // namespace contra

@@ -125,10 +125,94 @@ __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
     }
 }
 
+// The backward's second product: grad[o0 + r] (+)= sum_t g[r][t] * other[t0 + t] over the 64 x
+// 64 tile g, in 64-feature chunks (overwrite: the first tile of a non-accumulating pass).
+// CUDA cores, f32: thread (ty, tx) owns rows ty + 16 i and features tx + 16 j of each chunk.
+template <typename T>
+__device__ void grad_product(const float (*g)[kTilePad], const T* other_rows, int n_other, int t0, int dim, int o0,
+                             int n_owner, float* grad, bool overwrite) {
+    __shared__ float other[kTile][kTilePad];  // 64 other rows x 64 features
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
+    for (int d0 = 0; d0 < dim; d0 += kTile) {
+        __syncthreads();  // g is complete / the previous chunk of `other` is consumed
+        for (int e = tid; e < kTile * kTile; e += 256) {
+            const int t = e / kTile, d = e % kTile;
+            other[t][d] = (t0 + t < n_other && d0 + d < dim) ? load(other_rows, (long long)(t0 + t) * dim + d0 + d) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int o = o0 + ty + 16 * i;
+            float out[kPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int t = 0; t < kTile; ++t) {
+                const float gv = g[ty + 16 * i][t];
+#pragma unroll
+                for (int j = 0; j < kPerThread; ++j) out[j] = fmaf(gv, other[t][tx + 16 * j], out[j]);
+            }
+            if (o >= n_owner) continue;
+#pragma unroll
+            for (int j = 0; j < kPerThread; ++j) {
+                const int d = d0 + tx + 16 * j;
+                if (d >= dim) continue;
+                float* dst = grad + (long long)o * dim + d;
+                *dst = overwrite ? out[j] : *dst + out[j];
+            }
+        }
+    }
+}
+
+// bf16 packed pair of two f32 values (round to nearest even), the lower index in the low half.
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+
+// grad_product on the tensor cores (bf16 inputs): G rounded to bf16 as the A operand (its range
+// is f32's, so small probabilities do not underflow; f16 inputs keep the f32 path for that
+// reason), the other rows' 64-feature chunk staged transposed as the "col" B operand, f32
+// accumulators written straight to grad (each element by exactly one lane).
+__device__ void grad_product_tc(const float (*g)[kTilePad], const __nv_bfloat16* other_rows, int n_other, int t0,
+                                int dim, int o0, int n_owner, float* grad, bool overwrite) {
+    constexpr int kStride = kTile + 8;  // other_t row: 64 other rows, padded
+    __shared__ __align__(16) unsigned short other_t[kTile][kStride];  // [feature][other row]
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int gr = lane / 4, tq = lane % 4;
+    const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);  // owner rows, features of this warp
+    const unsigned short* bits = reinterpret_cast<const unsigned short*>(other_rows);
+    for (int d0 = 0; d0 < dim; d0 += kTile) {
+        __syncthreads();  // g is complete / the previous chunk is consumed
+        for (int e = tid; e < kTile * kTile; e += 256) {
+            const int t = e / kTile, d = e % kTile;  // consecutive threads read consecutive features
+            other_t[d][t] = (t0 + t < n_other && d0 + d < dim) ? bits[(long long)(t0 + t) * dim + d0 + d] : 0;
+        }
+        __syncthreads();
+        float out[4][4];
+        for (int nt = 0; nt < 4; ++nt)
+            for (int e = 0; e < 4; ++e) out[nt][e] = 0.0f;
+        for (int k0 = 0; k0 < kTile; k0 += 16) {
+            const unsigned af[4] = {bf16_pair(g[m0 + gr][k0 + 2 * tq], g[m0 + gr][k0 + 2 * tq + 1]),
+                                    bf16_pair(g[m0 + gr + 8][k0 + 2 * tq], g[m0 + gr + 8][k0 + 2 * tq + 1]),
+                                    bf16_pair(g[m0 + gr][k0 + 2 * tq + 8], g[m0 + gr][k0 + 2 * tq + 9]),
+                                    bf16_pair(g[m0 + gr + 8][k0 + 2 * tq + 8], g[m0 + gr + 8][k0 + 2 * tq + 9])};
+            for (int nt = 0; nt < 4; ++nt) {
+                const int n = n0 + 8 * nt + gr;
+                const unsigned bf[2] = {pair_at(&other_t[n][k0 + 2 * tq]), pair_at(&other_t[n][k0 + 2 * tq + 8])};
+                mma_16816<__nv_bfloat16>(out[nt], af, bf);
+            }
+        }
+        for (int nt = 0; nt < 4; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const int o = o0 + m0 + gr + 8 * (e / 2), d = d0 + n0 + 8 * nt + 2 * tq + e % 2;
+                if (o >= n_owner || d >= dim) continue;
+                float* dst = grad + (long long)o * dim + d;
+                *dst = overwrite ? out[nt][e] : *dst + out[nt][e];
+            }
+    }
+}
+
 template <typename T>
 __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
-    __shared__ float g[kTile][kTilePad];      // G restricted to this (owner, other) tile
-    __shared__ float other[kTile][kTilePad];  // 64 other rows x 64 features
+    __shared__ float g[kTile][kTilePad];  // G restricted to this (owner, other) tile
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
     const int o0 = blockIdx.x * kTile;
     const T* owner_rows = static_cast<const T*>(p.owner);
@@ -167,33 +251,11 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
                 g[ty + 16 * i][tx + 16 * j] = value;
             }
         }
-        for (int d0 = 0; d0 < p.dim; d0 += kTile) {
-            __syncthreads();  // g is complete / the previous chunk of `other` is consumed
-            for (int e = tid; e < kTile * kTile; e += 256) {
-                const int t = e / kTile, d = e % kTile;
-                other[t][d] = (t0 + t < p.other_rows && d0 + d < p.dim)
-                                  ? load(other_rows, (long long)(t0 + t) * p.dim + d0 + d)
-                                  : 0.0f;
-            }
-            __syncthreads();
-#pragma unroll
-            for (int i = 0; i < kPerThread; ++i) {
-                const int o = o0 + ty + 16 * i;
-                float out[kPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int t = 0; t < kTile; ++t) {
-                    const float gv = g[ty + 16 * i][t];
-#pragma unroll
-                    for (int j = 0; j < kPerThread; ++j) out[j] = fmaf(gv, other[t][tx + 16 * j], out[j]);
-                }
-                if (o >= p.owner_rows) continue;
-#pragma unroll
-                for (int j = 0; j < kPerThread; ++j) {
-                    const int d = d0 + tx + 16 * j;
-                    if (d >= p.dim) continue;
-                    float* dst = grad + (long long)o * p.dim + d;
-                    *dst = (t0 == 0 && !p.accumulate) ? out[j] : *dst + out[j];
-                }
-            }
+        const bool overwrite = t0 == 0 && !p.accumulate;
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+            grad_product_tc(g, other_rows, p.other_rows, t0, p.dim, o0, p.owner_rows, grad, overwrite);
+        } else {
+            grad_product(g, other_rows, p.other_rows, t0, p.dim, o0, p.owner_rows, grad, overwrite);
         }
         __syncthreads();  // g and other are rewritten by the next tile
     }

@@ -4,16 +4,15 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::Once;
 
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 use serde_json::{json, Value};
 
 use super::cases::{Case, Pass};
 use super::runner::{Impl, Measurement, Timing};
 use super::torch::{self, TorchOptions, TorchStatus};
 use super::{check_device, fmt_bytes, fmt_ms, reference_budget, BenchArgs, Machine, RustSide};
+use crate::train::plot::{register_font, FONT};
 use crate::{Device, Error, Result};
 
 /// One point of the sweep.
@@ -232,17 +231,6 @@ pub fn report_json(report: &ScalingReport) -> Value {
             "error": p.result.as_ref().err(),
         })).collect::<Vec<_>>(),
     })
-}
-
-const FONT: &str = "sans-serif";
-
-/// Registers DejaVu Sans for plotters' text (the same registration as `crate::train::plot`).
-fn register_font() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // The bytes are a valid TTF; a failure would only mean text-less charts.
-        let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
-    });
 }
 
 fn color(name: &str) -> RGBColor {

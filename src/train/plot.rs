@@ -9,20 +9,38 @@
 use std::path::Path;
 use std::sync::Once;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use super::trainer::MonitorPoint;
 use crate::{Error, Result};
 
-const FONT: &str = "sans-serif";
+/// The family name every chart of the crate draws its text with (DejaVu Sans, registered by
+/// [`register_font`]).
+pub(crate) const FONT: &str = "sans-serif";
 
-fn register_font() {
+/// Registers the embedded DejaVu Sans as [`FONT`] (once per process).
+pub(crate) fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The bytes are a valid TTF; a failure would only mean text-less charts.
         let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
     });
+}
+
+/// The grid and axis labels of a per-epoch panel.
+fn draw_epoch_mesh<DB: DrawingBackend>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> std::result::Result<(), String> {
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(|e| e.to_string())
 }
 
 /// The data of the curves.
@@ -81,14 +99,7 @@ pub fn plot_curves(path: impl AsRef<Path>, curves: &Curves<'_>) -> Result<()> {
         .y_label_area_size(55)
         .build_cartesian_2d(0.0..epochs, lo..hi)
         .map_err(|e| err(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("epoch")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .label_style((FONT, 14))
-        .axis_desc_style((FONT, 15))
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
+    draw_epoch_mesh(&mut chart).map_err(err)?;
     let loss_pts = curves
         .loss
         .iter()
@@ -150,14 +161,7 @@ pub fn plot_curves(path: impl AsRef<Path>, curves: &Curves<'_>) -> Result<()> {
             (alo - 0.6 * (ahi - alo)).max(0.0)..ahi.min(1.0),
         )
         .map_err(|e| err(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("epoch")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .label_style((FONT, 14))
-        .axis_desc_style((FONT, 15))
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
+    draw_epoch_mesh(&mut chart).map_err(err)?;
     let series = [
         ("kNN-1", knn, GREEN, curves.raw.map(|r| r.0)),
         (

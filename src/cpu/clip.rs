@@ -63,28 +63,17 @@ impl<T: Real> Problem<'_, T> {
     /// Gradients of `grad_loss * loss` with respect to `a`, `b` and `log_scale`.
     pub fn backward(&self, row_lse: &[f64], col_lse: &[f64], grad_loss: f64) -> Grads<T> {
         let weight = vec![grad_loss / (2 * self.rows) as f64; self.rows];
-        let (row, col) = self.with_passes(|row, col| {
-            (
-                softmax::backward(row, row_lse, &weight, &Diagonal, true, true),
-                softmax::backward(col, col_lse, &weight, &Diagonal, true, true),
-            )
+        // One sweep over the row pass's logits with both softmaxes: its queries are a', its keys
+        // b', and the column pass's gradients are the same products transposed.
+        let grads = self.with_passes(|row, _| {
+            softmax::backward(row, row_lse, Some(col_lse), &weight, &Diagonal, true, true)
         });
-        // The row pass has a' as queries and b' as keys; the column pass the other way round.
-        let mut da = row.queries;
-        let mut db = col.queries;
-        add_into(&mut da, col.keys.as_deref().unwrap_or_default());
-        add_into(&mut db, row.keys.as_deref().unwrap_or_default());
+        let db = grads.keys.unwrap_or_default();
         Grads {
-            a: normalize::backward(self.a, &da, self.dim),
+            a: normalize::backward(self.a, &grads.queries, self.dim),
             b: normalize::backward(self.b, &db, self.dim),
-            // d logit / d log_scale = logit, so each pass reports its share directly.
-            log_scale: row.log_scale + col.log_scale,
+            // d logit / d log_scale = logit, so the sweep reports it directly.
+            log_scale: grads.log_scale,
         }
-    }
-}
-
-fn add_into<T: Real>(acc: &mut [T], other: &[T]) {
-    for (x, &y) in acc.iter_mut().zip(other) {
-        *x += y;
     }
 }

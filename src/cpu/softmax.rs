@@ -296,12 +296,38 @@ fn softmax_and_log_scale_term<T: Real>(row: &mut [T], w: T, lse: T) -> f64 {
     total
 }
 
+/// `row[c] <- w * (exp(row[c] - lse) + exp(row[c] - col_lse[c]))`, returning
+/// `sum_c row[c] * logit_c` when `log_scale_term` (else 0).
+fn two_softmax_terms<T: Real>(
+    row: &mut [T],
+    w: T,
+    lse: T,
+    col_lse: &[f64],
+    log_scale_term: bool,
+) -> f64 {
+    let lowest = T::min_value();
+    let mut total = 0.0;
+    for (x, &col) in row.iter_mut().zip(col_lse) {
+        let d = w * ((*x - lse).exp_fast() + (*x - T::of(col)).exp_fast());
+        if log_scale_term {
+            total += (d * x.max(lowest)).f64();
+        }
+        *x = d;
+    }
+    total
+}
+
 /// The backward sweep for the loss `sum_i row_weight_i * (lse_i - target_logit_i)`:
 /// `dlogit_ij = row_weight_i * (softmax_ij - target_ij)`, `dq = scale * dlogit k`,
 /// `dk = scale * dlogit^T q`; with `want_log_scale` also `d loss / d log(scale)` (CLIP).
+///
+/// With `col_lse` (CLIP's symmetric loss) the column softmax of the same logits joins in one
+/// sweep: `dlogit_ij = row_weight_i * (softmax_ij + colsoftmax_ij - 2 target_ij)`, which is the
+/// row pass plus the transposed column pass (the column loss's weight must equal the row's).
 pub fn backward<T: Real>(
     s: &Scores<'_, T>,
     lse: &[f64],
+    col_lse: Option<&[f64]>,
     row_weight: &[f64],
     targets: &impl Targets,
     want_keys: bool,
@@ -330,16 +356,24 @@ pub fn backward<T: Real>(
                         let (lse_i, w) = (T::of(lse[i]), T::of(row_weight[i]));
                         let row = &mut tile[r * key_len..(r + 1) * key_len];
                         // dlogit = w * softmax (masked logits are -inf: exp gives 0).
-                        if want_log_scale {
-                            log_scale += softmax_and_log_scale_term(row, w, lse_i);
-                        } else {
-                            for x in row.iter_mut() {
-                                *x = w * (*x - lse_i).exp_fast();
+                        match col_lse {
+                            Some(col) => {
+                                let col = &col[k0..k0 + key_len];
+                                log_scale += two_softmax_terms(row, w, lse_i, col, want_log_scale);
+                            }
+                            None if want_log_scale => {
+                                log_scale += softmax_and_log_scale_term(row, w, lse_i);
+                            }
+                            None => {
+                                for x in row.iter_mut() {
+                                    *x = w * (*x - lse_i).exp_fast();
+                                }
                             }
                         }
+                        let target_count = if col_lse.is_some() { 2.0 } else { 1.0 };
                         targets.visit(i, k0..k0 + key_len, &mut |j, target| {
                             let logit = s.logit(i, j);
-                            let d = row_weight[i] * target;
+                            let d = row_weight[i] * target * target_count;
                             log_scale -= d * logit;
                             row[j - k0] -= T::of(d);
                         });

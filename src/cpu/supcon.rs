@@ -4,7 +4,7 @@
 //! each row is an anchor against all the others (self masked); its positives are the other rows
 //! with the same label, each weighted `1 / |P(a)|` in the target.
 
-use super::softmax::{self, Scores, Targets};
+use super::softmax::{self, RowStats, Scores, Targets, STRIP_MAX_COLS};
 use super::{normalize, Real};
 
 /// One SupCon problem. Sizes are validated by the caller.
@@ -101,10 +101,7 @@ impl<T: Real> Problem<'_, T> {
     pub fn forward(&self) -> (f64, Vec<f64>) {
         self.with_scores(|s, classes| {
             let stats = softmax::forward(s, None, classes);
-            let total: f64 = (0..s.rows)
-                .filter(|&a| classes.has_positive(a))
-                .map(|a| stats.lse[a] - stats.target_logit[a])
-                .sum();
+            let total = anchor_total(&stats, classes);
             // A single anchor has nothing to contrast with: its LSE is -inf, and it has no
             // positive either, so its (unused) saved value is set to 0.
             let lse = stats
@@ -118,20 +115,55 @@ impl<T: Real> Problem<'_, T> {
 
     /// The gradient of `grad_loss * loss` with respect to the features.
     pub fn backward(&self, lse: &[f64], grad_loss: f64) -> Vec<T> {
-        let w = grad_loss * self.anchor_weight();
         let dzn = self.with_scores(|s, classes| {
-            let weight: Vec<f64> = (0..s.rows)
-                .map(|a| if classes.has_positive(a) { w } else { 0.0 })
-                .collect();
-            let grads = softmax::backward(s, lse, &weight, classes, true, false);
-            let mut dz = grads.queries;
-            for (x, &y) in dz.iter_mut().zip(grads.keys.as_deref().unwrap_or_default()) {
-                *x += y;
-            }
-            dz
+            let weight = self.row_weights(classes, grad_loss);
+            view_grads(softmax::backward(
+                s, lse, None, &weight, classes, true, false,
+            ))
         });
         normalize::backward(self.features, &dzn, self.dim)
     }
+
+    /// Loss and the feature gradient of `grad_loss * loss` in one sweep (see
+    /// [`softmax::forward_backward`]); two sweeps when the views are too many for a row strip.
+    pub fn forward_backward(&self, grad_loss: f64) -> (f64, Vec<T>) {
+        if self.rows() > STRIP_MAX_COLS {
+            let (loss, lse) = self.forward();
+            return (loss, self.backward(&lse, grad_loss));
+        }
+        let (total, dzn) = self.with_scores(|s, classes| {
+            let weight = self.row_weights(classes, grad_loss);
+            let (stats, grads) = softmax::forward_backward(s, &weight, classes, true);
+            (anchor_total(&stats, classes), view_grads(grads))
+        });
+        let dz = normalize::backward(self.features, &dzn, self.dim);
+        (total * self.anchor_weight(), dz)
+    }
+
+    /// `grad_loss * anchor_weight` for anchors with positives, 0 for the others.
+    fn row_weights(&self, classes: &Classes, grad_loss: f64) -> Vec<f64> {
+        let w = grad_loss * self.anchor_weight();
+        (0..self.rows())
+            .map(|a| if classes.has_positive(a) { w } else { 0.0 })
+            .collect()
+    }
+}
+
+/// The sum of `lse_a - target_logit_a` over the anchors with positives.
+fn anchor_total(stats: &RowStats, classes: &Classes) -> f64 {
+    (0..stats.lse.len())
+        .filter(|&a| classes.has_positive(a))
+        .map(|a| stats.lse[a] - stats.target_logit[a])
+        .sum()
+}
+
+/// The views are both the queries and the keys: their gradient is the sum of the two.
+fn view_grads<T: Real>(grads: softmax::Grads<T>) -> Vec<T> {
+    let mut dz = grads.queries;
+    for (x, &y) in dz.iter_mut().zip(grads.keys.as_deref().unwrap_or_default()) {
+        *x += y;
+    }
+    dz
 }
 
 /// The positives of anchor `i` are the other views with its label, each weighted `1 / |P(i)|`.

@@ -8,7 +8,7 @@ use super::{
 };
 use crate::cpu::Real;
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, Error, Result, Tensor};
+use crate::{cpu, Device, Error, Result, Tensor};
 
 const OP: &str = "supcon";
 
@@ -164,6 +164,15 @@ pub fn supcon_backward(
 /// # Ok::<(), contra::Error>(())
 /// ```
 pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result<SupConOutput> {
+    if features.device() == Device::Cpu {
+        // One sweep for loss and gradient (see cpu::softmax::forward_backward).
+        let dims = validate(features, labels, opts)?;
+        return with_cpu_real!(features.dtype(), T => {
+            let fv = values::<T>(features);
+            let (loss, grad) = problem(&fv, labels, dims, opts).forward_backward(1.0);
+            Ok(SupConOutput { loss, grad_features: output_like(features, grad, features.shape()) })
+        });
+    }
     let fwd = supcon_forward(features, labels, opts)?;
     let grad_features = supcon_backward(features, labels, opts, &fwd.saved, 1.0)?;
     Ok(SupConOutput {

@@ -61,16 +61,14 @@ fn time(
     Ok(())
 }
 
-/// NT-Xent forward + backward on `z` (n x d, bf16 on the device: the tensor-core kernels),
-/// positives i <-> i + n/2, temperature 0.1.
-fn ntxent_bf16_call(
-    b: &Cuda,
-    z: &<Cuda as Backend>::Buf,
-    positives: &<Cuda as Backend>::Buf,
+/// NT-Xent on `z` (n x d) as the fused InfoNCE problem: positives i <-> i + n/2, temperature 0.1.
+fn ntxent_problem<'a>(
+    z: &'a <Cuda as Backend>::Buf,
+    positives: &'a <Cuda as Backend>::Buf,
     n: usize,
     d: usize,
-) -> Result<()> {
-    let problem = infonce::Problem::<Cuda> {
+) -> infonce::Problem<'a, Cuda> {
+    infonce::Problem {
         q: z,
         k: z,
         positives,
@@ -80,7 +78,19 @@ fn ntxent_bf16_call(
         temperature: 0.1,
         normalize: true,
         self_mask: true,
-    };
+    }
+}
+
+/// NT-Xent forward + backward on `z` (n x d, bf16 on the device: the tensor-core kernels),
+/// positives i <-> i + n/2, temperature 0.1.
+fn ntxent_bf16_call(
+    b: &Cuda,
+    z: &<Cuda as Backend>::Buf,
+    positives: &<Cuda as Backend>::Buf,
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    let problem = ntxent_problem(z, positives, n, d);
     let (_, lse) = problem.forward(b)?;
     problem.backward(b, &lse, 1.0, true).map(drop)
 }
@@ -211,17 +221,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
             .map(|i| (i + n as i32 / 2) % n as i32)
             .collect();
         let positives = b.upload_i32("positives", &positives)?;
-        let problem = infonce::Problem::<Cuda> {
-            q: &z,
-            k: &z,
-            positives: &positives,
-            rows: n,
-            cols: n,
-            dim: d,
-            temperature: 0.1,
-            normalize: true,
-            self_mask: true,
-        };
+        let problem = ntxent_problem(&z, &positives, n, d);
         let gemm = 2.0 * (n * n * d) as f64;
         time(
             b,

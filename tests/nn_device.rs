@@ -152,6 +152,36 @@ fn device_backward_adds_to_the_gradients() {
     });
 }
 
+#[test]
+fn parameter_only_backward_gives_the_same_gradients() {
+    on_kernel_devices(
+        "parameter_only_backward_gives_the_same_gradients",
+        |device| {
+            let mut rng = StdRng::seed_from_u64(8);
+            let x = random_mat(21, 29, &mut rng);
+            for (name, enc) in encoders(&mut rng) {
+                let grad = random_mat(21, enc.out_dim(), &mut rng);
+                for on in [Device::Cpu, device] {
+                    let (mut full, mut params) = (enc.clone(), enc.clone());
+                    let mut runner = DeviceEncoder::new(on);
+                    for (e, only_params) in [(&mut full, false), (&mut params, true)] {
+                        e.zero_grad();
+                        runner.forward(e, &x, true).unwrap();
+                        match only_params {
+                            true => runner.backward_params(e, &grad).unwrap(),
+                            false => drop(runner.backward(e, &grad).unwrap()),
+                        }
+                    }
+                    for (a, b) in params.params().iter().zip(full.params()) {
+                        assert_close(&format!("{name}: {}", a.name), on, &a.grad, &b.grad);
+                        assert!(b.grad.iter().any(|&g| g != 0.0), "{name}: zero gradient");
+                    }
+                }
+            }
+        },
+    );
+}
+
 fn expect_err(what: &str, result: Result<Mat>, needle: &str) {
     match result {
         Ok(_) => panic!("{what}: expected an error"),

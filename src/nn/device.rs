@@ -140,10 +140,31 @@ impl DeviceEncoder {
     /// Backpropagates `dL/dz` through the last [`forward`](Self::forward) of `enc`: adds every
     /// parameter's gradient to its `grad` and returns `dL/dx`. Each forward allows one backward.
     pub fn backward(&mut self, enc: &mut Encoder, grad_out: &Mat) -> Result<Mat> {
-        const OP: &str = "DeviceEncoder::backward";
         if self.device == Device::Cpu {
             return enc.backward(grad_out);
         }
+        // Asked for, the input gradient is always there.
+        Ok(self
+            .run_backward(enc, grad_out, true)?
+            .unwrap_or_else(|| Mat::zeros(0, 0)))
+    }
+
+    /// [`backward`](Self::backward) for the parameter gradients only (what training needs): the
+    /// first layer's input gradient, a GEMM as large as its weight gradient, is not computed.
+    pub fn backward_params(&mut self, enc: &mut Encoder, grad_out: &Mat) -> Result<()> {
+        if self.device == Device::Cpu {
+            return enc.backward_params(grad_out);
+        }
+        self.run_backward(enc, grad_out, false).map(drop)
+    }
+
+    fn run_backward(
+        &mut self,
+        enc: &mut Encoder,
+        grad_out: &Mat,
+        want_input: bool,
+    ) -> Result<Option<Mat>> {
+        const OP: &str = "DeviceEncoder::backward";
         let saved = self.saved.take().ok_or_else(|| {
             Error::invalid(
                 OP,
@@ -152,9 +173,9 @@ impl DeviceEncoder {
             )
         })?;
         match saved {
-            Saved::Interp(pass) => backward_on(&Interp, enc, pass, grad_out),
+            Saved::Interp(pass) => backward_on(&Interp, enc, pass, grad_out, want_input),
             #[cfg(feature = "cuda")]
-            Saved::Cuda(cuda, pass) => backward_on(&*cuda, enc, pass, grad_out),
+            Saved::Cuda(cuda, pass) => backward_on(&*cuda, enc, pass, grad_out, want_input),
         }
     }
 }
@@ -328,7 +349,8 @@ fn backward_on<B: Backend>(
     enc: &mut Encoder,
     pass: Pass<B::Buf>,
     grad_out: &Mat,
-) -> Result<Mat> {
+    want_input: bool,
+) -> Result<Option<Mat>> {
     const OP: &str = "DeviceEncoder::backward";
     let rows = pass.rows;
     grad_out.check_input(OP, "grad_out", pass.out_cols)?;
@@ -349,7 +371,9 @@ fn backward_on<B: Backend>(
     }
     let mut g = b.upload("grad_out", &grad_out.data)?;
     let mut cols = pass.out_cols;
-    for (layer, saved) in layers_mut(enc).rev().zip(pass.layers.into_iter().rev()) {
+    let first_layer = pass.layers.len().saturating_sub(1); // in backward order
+    let steps = layers_mut(enc).rev().zip(pass.layers.into_iter().rev());
+    for (step, (layer, saved)) in steps.enumerate() {
         g = match (layer, saved) {
             (Layer::Linear(l), SavedLayer::Linear { input, weight }) => {
                 let (out, inp) = (l.out_features(), l.in_features());
@@ -368,6 +392,9 @@ fn backward_on<B: Backend>(
                     let grad_b = b.output("grad_bias", out)?;
                     column_sum(b, &g, &grad_b, [rows, out])?;
                     add_into(&mut bias.grad, &b.download(&grad_b)?);
+                }
+                if step == first_layer && !want_input {
+                    return Ok(None);
                 }
                 let dx = b.output("grad_in", rows * inp)?;
                 b.gemm(
@@ -425,5 +452,8 @@ fn backward_on<B: Backend>(
             }
         };
     }
-    Mat::from_vec(b.download(&g)?, rows, cols)
+    match want_input {
+        true => Mat::from_vec(b.download(&g)?, rows, cols).map(Some),
+        false => Ok(None),
+    }
 }

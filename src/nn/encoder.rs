@@ -75,6 +75,13 @@ impl Encoder {
         self.backbone.backward(&g)
     }
 
+    /// [`backward`](Self::backward) for the parameter gradients only (what training needs):
+    /// the input gradient of the first layer is not computed.
+    pub fn backward_params(&mut self, grad_out: &Mat) -> Result<()> {
+        let g = self.head.backward(grad_out)?;
+        self.backbone.backward_params(&g)
+    }
+
     /// The backbone's representation in eval mode (running statistics), caching nothing: what
     /// kNN and linear-probe evaluation use.
     pub fn features(&self, x: &Mat) -> Result<Mat> {

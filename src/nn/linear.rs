@@ -95,6 +95,17 @@ impl Linear {
     /// Given `dL/dy` (`batch x out`), adds `dL/dW = grad_out^T x` and `dL/db = sum_rows
     /// grad_out` to the parameter gradients and returns `dL/dx = grad_out W`.
     pub fn backward(&mut self, grad_out: &Mat) -> Result<Mat> {
+        // Asked for, the input gradient is always there.
+        self.backward_with(grad_out, true)
+            .map(|g| g.unwrap_or_else(|| Mat::zeros(0, 0)))
+    }
+
+    /// [`backward`](Self::backward); `dL/dx` (one more GEMM) only when `want_input`.
+    pub(crate) fn backward_with(
+        &mut self,
+        grad_out: &Mat,
+        want_input: bool,
+    ) -> Result<Option<Mat>> {
         const OP: &str = "Linear::backward";
         self.check_self(OP)?;
         let x = self
@@ -134,10 +145,13 @@ impl Linear {
                 b.grad.iter_mut().zip(row).for_each(|(g, &d)| *g += d);
             }
         }
+        if !want_input {
+            return Ok(None);
+        }
         let mut grad_in = Mat::zeros(x.rows, inp);
         let w = MatRef::row_major(&self.weight.value, out, inp);
         f32::gemm(1.0, grad_out.view(), w, 0.0, &mut grad_in.data);
-        Ok(grad_in)
+        Ok(Some(grad_in))
     }
 
     /// Parameters in PyTorch order: weight, then bias.

@@ -295,6 +295,22 @@ impl Mlp {
             .try_fold(grad_out.clone(), |g, layer| layer.backward(&g))
     }
 
+    /// [`backward`](Self::backward) for the parameter gradients only: the first layer, when it is
+    /// linear, skips `dL/dx` (a GEMM as large as its weight gradient) that a trainer discards.
+    pub fn backward_params(&mut self, grad_out: &Mat) -> Result<()> {
+        let Some((first, rest)) = self.layers.split_first_mut() else {
+            return Ok(());
+        };
+        let g = rest
+            .iter_mut()
+            .rev()
+            .try_fold(grad_out.clone(), |g, layer| layer.backward(&g))?;
+        match first {
+            Layer::Linear(l) => l.backward_with(&g, false).map(drop),
+            other => other.backward(&g).map(drop),
+        }
+    }
+
     /// Parameters in layer order (weight before bias), like PyTorch's `parameters()`.
     pub fn params(&self) -> Vec<&Param> {
         self.layers.iter().flat_map(Layer::params).collect()

@@ -305,7 +305,7 @@ impl Stepper<'_> {
                 };
                 let fwd = ntxent_forward(&z, &opts)?;
                 let grad = ntxent_backward(&z, &opts, &fwd.saved, 1.0)?;
-                self.query.backward(enc, &Mat::from_tensor(&grad)?)?;
+                self.query.backward_params(enc, &Mat::from_tensor(&grad)?)?;
                 Ok(fwd.loss)
             }
             Method::Moco => {
@@ -333,7 +333,7 @@ impl Stepper<'_> {
                     let q = self.query.forward(enc, xq, true)?.to_tensor(device)?;
                     let fwd = moco_forward(&q, &k, &st.queue, &opts)?;
                     let grad = moco_backward(&q, &k, &st.queue, &opts, &fwd.saved, scale)?;
-                    self.query.backward(enc, &Mat::from_tensor(&grad)?)?;
+                    self.query.backward_params(enc, &Mat::from_tensor(&grad)?)?;
                     loss += scale * fwd.loss;
                     keys.push(k);
                 }
@@ -369,7 +369,7 @@ impl Stepper<'_> {
                             .copy_from_slice(&g[(i * v + j) * d..(i * v + j + 1) * d]);
                     }
                 }
-                self.query.backward(enc, &grad)?;
+                self.query.backward_params(enc, &grad)?;
                 Ok(fwd.loss)
             }
         }

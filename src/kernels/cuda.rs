@@ -198,7 +198,7 @@ impl Backend for Cuda {
         let Some(blas) = self.blas() else {
             return gemm_kernel(self, shape, a, b, c);
         };
-        shape.check([a.info.count, b.info.count, c.info.count])?;
+        shape.check([a.info, b.info, c.info])?;
         let (lda, ldb, ldc) = shape.strides();
         let op = |transposed: bool| match transposed {
             true => cublasOperation_t::CUBLAS_OP_T,

@@ -6,7 +6,7 @@ use super::params::{
     ContraBatchNormBwdParams, ContraBatchNormFwdParams, ContraBiasReluParams,
     ContraColumnSumParams, ContraGemmParams, ContraReluBwdParams,
 };
-use super::{blocks_for, Backend, Launch};
+use super::{blocks_for, Backend, BufInfo, Elem, Launch};
 use crate::{Error, Result};
 
 /// Threads per block of the one-thread-per-element and one-thread-per-column kernels.
@@ -52,10 +52,18 @@ impl GemmShape {
     }
 
     /// Errors unless every extent is positive and fits 32-bit indices, and the buffers of `a`,
-    /// `b` and `c` hold (at least) the elements the shape addresses.
-    pub fn check(&self, elements: [usize; 3]) -> Result<()> {
+    /// `b` and `c` are f32 and hold (at least) the elements the shape addresses.
+    pub fn check(&self, buffers: [BufInfo; 3]) -> Result<()> {
         let needed = [self.m * self.k, self.k * self.n, self.m * self.n];
-        for ((name, have), need) in ["a", "b", "c"].into_iter().zip(elements).zip(needed) {
+        for ((name, info), need) in ["a", "b", "c"].into_iter().zip(buffers).zip(needed) {
+            if info.elem != Elem::F32 {
+                return Err(Error::invalid(
+                    "gemm",
+                    name,
+                    format!("holds {:?} elements; the GEMM reads f32", info.elem),
+                ));
+            }
+            let have = info.count;
             if have < need {
                 return Err(Error::invalid(
                     "gemm",
@@ -89,7 +97,7 @@ pub(crate) fn gemm_kernel<B: Backend>(
     b: &B::Buf,
     c: &B::Buf,
 ) -> Result<()> {
-    shape.check([a, b, c].map(|buf| backend.info(buf).count))?;
+    shape.check([a, b, c].map(|buf| backend.info(buf)))?;
     let (lda, ldb, ldc) = shape.strides();
     let row_tiles = blocks_for(shape.m, GEMM_TILE);
     if row_tiles > 65535 {

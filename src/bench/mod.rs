@@ -6,6 +6,8 @@
 //! - contra: the public ops on the CPU, or the kernels on device-resident buffers on a GPU;
 //! - the naive Rust reference ([`naive`], CPU only): the loss written the way PyTorch eager runs
 //!   it, materializing the N x N matrix, on the same GEMM as contra;
+//! - on a kernel device, the unfused kernel sequence ([`unfused`]: GEMM, then separate
+//!   log-softmax and cross-entropy kernels) for NT-Xent and InfoNCE;
 //! - PyTorch eager (and `torch.compile` with `--compile`) through `bench/reference_torch.py`,
 //!   run in the same command with the interpreter named by `CONTRA_TORCH_PYTHON` (default
 //!   `python3`); when torch is missing the table says so and keeps the other columns.
@@ -268,7 +270,7 @@ impl GemmPeak {
 #[derive(Clone, Debug)]
 pub struct BenchRow {
     pub case: Case,
-    /// `naive` (Rust), `torch-eager`, `torch-compile`, or `-` when no reference ran.
+    /// `naive` (Rust, CPU), `unfused` (kernels, GPU), `torch-eager`, `torch-compile`, or `-` when no reference ran.
     pub reference: String,
     pub contra: Option<Measurement>,
     pub reference_result: Option<Measurement>,
@@ -428,7 +430,7 @@ impl RustSide {
     }
 }
 
-/// Runs the suite: contra, the naive reference and PyTorch on every case of `args`.
+/// Runs the suite: contra, the in-process reference (naive on the CPU, unfused on a kernel device) and PyTorch on every case of `args`.
 pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     check_device(args.device)?;
     let timing = args.timing();
@@ -463,7 +465,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
     let budget = reference_budget();
 
     let mut contra = Vec::new();
-    let mut naive = Vec::new();
+    let mut rust_refs = Vec::new();
     for case in &cases {
         let m = side.measure(case, Impl::Contra);
         progress("contra", case, &m);
@@ -473,12 +475,12 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         let reference = if cpu { Impl::Naive } else { Impl::Unfused };
         let covered = cpu || unfused::check_supported(case).is_ok();
         if args.no_naive || !covered {
-            naive.push(None);
+            rust_refs.push(None);
             continue;
         }
         let estimate = case.eager_bytes_estimate() as u64;
         if budget.is_some_and(|b| estimate > b) {
-            naive.push(Some((
+            rust_refs.push(Some((
                 reference,
                 Err(format!("skipped: needs about {}", fmt_bytes(estimate))),
             )));
@@ -486,7 +488,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         }
         let m = side.measure(case, reference);
         progress(reference.name(), case, &m);
-        naive.push(Some((reference, m.map_err(|e| e.to_string()))));
+        rust_refs.push(Some((reference, m.map_err(|e| e.to_string()))));
     }
 
     let mut torch_results = None;
@@ -527,7 +529,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             Err(e) => (None, Some(format!("contra failed: {e}"))),
         };
         let mut refs: Vec<(String, torch::RefResult)> = Vec::new();
-        if let Some((imp, n)) = &naive[i] {
+        if let Some((imp, n)) = &rust_refs[i] {
             refs.push((imp.name().into(), n.clone()));
         }
         if let Some(run) = &torch_results {

@@ -6,7 +6,7 @@
 //! - contra: the public ops on the CPU, or the kernels on device-resident buffers on a GPU;
 //! - the naive Rust reference ([`naive`], CPU only): the loss written the way PyTorch eager runs
 //!   it, materializing the N x N matrix, on the same GEMM as contra;
-//! - on a kernel device, the unfused kernel sequence ([`unfused`]: GEMM, then separate
+//! - on a kernel device, the unfused kernel sequence (`src/bench/unfused.rs`: GEMM, then separate
 //!   log-softmax and cross-entropy kernels) for NT-Xent and InfoNCE;
 //! - PyTorch eager (and `torch.compile` with `--compile`) through `bench/reference_torch.py`,
 //!   run in the same command with the interpreter named by `CONTRA_TORCH_PYTHON` (default

@@ -20,7 +20,7 @@ pub enum Impl {
     Contra,
     /// The eager-style Rust reference of [`super::naive`] (CPU only).
     Naive,
-    /// The unfused kernel sequence of [`super::unfused`] (GEMM, then separate log-softmax and
+    /// The unfused kernel sequence of `src/bench/unfused.rs` (GEMM, then separate log-softmax and
     /// cross-entropy kernels; kernel devices only, NT-Xent and InfoNCE).
     Unfused,
 }

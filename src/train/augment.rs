@@ -200,7 +200,7 @@ impl Augment {
 
     /// `views` augmented copies of a batch of `n` images (`n x height * width`, row-major):
     /// `(views * n) x (height * width)`, view-major (row `v * n + i` is view `v` of image `i`,
-    /// the layout of [`crate::ntxent`] for two views). Deterministic in `seed`; image `i` of
+    /// the layout of [`crate::ntxent()`] for two views). Deterministic in `seed`; image `i` of
     /// view `v` uses a generator seeded from `(seed, v, i)`.
     pub fn views(
         &self,

@@ -13,13 +13,13 @@
 //! - MoCo v2: the key encoder is first moved towards the query encoder
 //!   (`theta_k = m theta_k + (1 - m) theta_q`, [`crate::momentum_update`] on the flat parameter
 //!   vectors); the keys of view 2 come from the key encoder (no gradient), the queries of view 1
-//!   from the query encoder, the loss is [`crate::moco`] against the queue, then the keys are
+//!   from the query encoder, the loss is [`crate::moco()`] against the queue, then the keys are
 //!   enqueued ([`crate::moco_enqueue`]). With `moco_symmetric` the swapped pair (queries of
 //!   view 2, keys of view 1) is added and the loss is the mean of the two. The key encoder keeps
 //!   its own BatchNorm running statistics. Shuffled BatchNorm is not implemented: it exists to
 //!   stop a multi-GPU model from reading the positive out of per-GPU batch statistics, and here
 //!   the query and key batches each hold every image of the step on one device.
-//! - SupCon: V views per image, the labels of the batch, [`crate::supcon`] on the
+//! - SupCon: V views per image, the labels of the batch, [`crate::supcon()`] on the
 //!   `N x V x D` projections.
 
 use std::time::Instant;

@@ -39,7 +39,12 @@ __device__ __forceinline__ float group_max(float v) {
     return v;
 }
 
-// Running log-sum-exp: `max` and `sum` of exp(x - max) over the values seen so far.
+// log2(e) and ln(2): the softmax kernels work in log2 units (logit * log2(e)) so that every
+// exponential is one exp2 (MUFU.EX2) with the temperature folded into the same multiply.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Running log2-sum-exp2: `max` and `sum` of 2^(x - max) over the values (log2 units) seen so far.
 struct OnlineLse {
     float running_max;
     float running_sum;
@@ -47,17 +52,18 @@ struct OnlineLse {
         running_max = -INFINITY;
         running_sum = 0.0f;
     }
-    // Folds in a block of values already reduced to (block_max, sum of exp(x - block_max)).
+    // Folds in a block of values already reduced to (block_max, sum of 2^(x - block_max)).
     __device__ __forceinline__ void merge(float block_max, float block_sum) {
         if (block_max == -INFINITY) return;
         float new_max = fmaxf(running_max, block_max);
-        running_sum = running_sum * expf(running_max - new_max) + block_sum * expf(block_max - new_max);
+        running_sum = running_sum * exp2f(running_max - new_max) + block_sum * exp2f(block_max - new_max);
         running_max = new_max;
     }
-    __device__ __forceinline__ float value() const { return running_max + logf(running_sum); }
+    // log2 of the sum of 2^x.
+    __device__ __forceinline__ float value() const { return running_max + log2f(running_sum); }
 };
 
-// Folds a partial (max, sum of exp(x - max)) into a running log-sum-exp state shared by blocks:
+// Folds a partial (max, sum of 2^(x - max)), log2 units, into a running state shared by blocks:
 // a {max, sum} float pair packed in 64 bits, updated with compare-and-swap.
 __device__ __forceinline__ void merge_lse_state(unsigned long long* state, float block_max, float block_sum) {
     if (block_max == -INFINITY) return;
@@ -68,7 +74,7 @@ __device__ __forceinline__ void merge_lse_state(unsigned long long* state, float
         const float old_max = __uint_as_float((unsigned)(expected & 0xffffffffull));
         const float old_sum = __uint_as_float((unsigned)(expected >> 32));
         const float new_max = fmaxf(old_max, block_max);
-        const float new_sum = old_sum * expf(old_max - new_max) + block_sum * expf(block_max - new_max);
+        const float new_sum = old_sum * exp2f(old_max - new_max) + block_sum * exp2f(block_max - new_max);
         const unsigned long long desired =
             (unsigned long long)__float_as_uint(new_max) | ((unsigned long long)__float_as_uint(new_sum) << 32);
         seen = atomicCAS(state, expected, desired);
@@ -79,13 +85,14 @@ __device__ __forceinline__ void merge_lse_state(unsigned long long* state, float
 
 // Defines the f32, bf16 and f16 instantiations `name_f32`, `name_bf16`, `name_f16` of the kernel
 // body `contra::name<T>` (T: the storage type of the operands it reads), each exported to the
-// interpreted mode too.
-#define CONTRA_TYPED_KERNELS(name, Params, threads)                                                           \
-    extern "C" __global__ void __launch_bounds__(threads) name##_f32(const Params p) { contra::name<float>(p); } \
-    extern "C" __global__ void __launch_bounds__(threads) name##_bf16(const Params p) {                       \
-        contra::name<__nv_bfloat16>(p);                                                                      \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(threads) name##_f16(const Params p) { contra::name<__half>(p); } \
-    INTERP_EXPORT(name##_f32, Params)                                                                        \
-    INTERP_EXPORT(name##_bf16, Params)                                                                       \
+// interpreted mode too. `bounds` is the parenthesized __launch_bounds__ argument list.
+#define CONTRA_TYPED_KERNELS_BOUNDED(name, Params, bounds)                                                    \
+    extern "C" __global__ void __launch_bounds__ bounds name##_f32(const Params p) { contra::name<float>(p); } \
+    extern "C" __global__ void __launch_bounds__ bounds name##_bf16(const Params p) {                       \
+        contra::name<__nv_bfloat16>(p);                                                                    \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__ bounds name##_f16(const Params p) { contra::name<__half>(p); } \
+    INTERP_EXPORT(name##_f32, Params)                                                                      \
+    INTERP_EXPORT(name##_bf16, Params)                                                                     \
     INTERP_EXPORT(name##_f16, Params)
+#define CONTRA_TYPED_KERNELS(name, Params, threads) CONTRA_TYPED_KERNELS_BOUNDED(name, Params, (threads))

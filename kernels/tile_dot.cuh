@@ -64,19 +64,20 @@ __device__ __forceinline__ void stage_chunk(const T* m, int rows, int dim, int r
 // Two consecutive 16-bit elements as one fragment register (the lower index in the low half).
 __device__ __forceinline__ unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
 
-// The tensor-core engine of tile_dot (T: bf16 or f16). `tile` is 64 x 65 f32 shared memory that
-// the caller may reuse after the call.
+// The warp-level part of the tensor-core engine (T: bf16 or f16): warp w computes rows
+// m0 = 16 (w % 4) .. +16 and columns n0 = 32 (w / 4) .. +32 of the 64 x 64 tile of dot products
+// a_{a0 + r} . b_{b0 + c}, and returns them in the mma D-fragment layout: d[nt] holds columns
+// n0 + 8 nt .. +8 (tensor_core.cuh). Every thread of the block must call it (it synchronizes).
 template <typename T>
-__device__ void tile_dot_tc(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim,
-                            float (*tile)[kTilePad], float acc[kPerThread][kPerThread]) {
+__device__ void tile_mma(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim, float d[4][4]) {
     __shared__ __align__(16) unsigned short a_stage[2][kTile][kTcStride];
     __shared__ __align__(16) unsigned short b_stage[2][kTile][kTcStride];
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
-    // This warp's 16 x 32 part of the tile: rows m0.., four 8-column mma tiles from n0.
     const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
-    float d[4][4];
+#pragma unroll
     for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
         for (int e = 0; e < 4; ++e) d[nt][e] = 0.0f;
     // Threads 0..127 stage the a rows, 128..255 the b rows.
     auto stage = [&](int slice) {
@@ -108,6 +109,18 @@ __device__ void tile_dot_tc(const T* a, int a_rows, int a0, const T* b, int b_ro
         }
         __syncthreads();  // this buffer is refilled two slices on
     }
+}
+
+// The tensor-core engine of tile_dot: tile_mma, then the fragments through `tile` (64 x 65 f32
+// shared memory that the caller may reuse after the call) to the owner layout.
+template <typename T>
+__device__ void tile_dot_tc(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim,
+                            float (*tile)[kTilePad], float acc[kPerThread][kPerThread]) {
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
+    float d[4][4];
+    tile_mma(a, a_rows, a0, b, b_rows, b0, dim, d);
     for (int nt = 0; nt < 4; ++nt) {
         const int col = n0 + 8 * nt + 2 * t;
         tile[m0 + g][col] = d[nt][0];

@@ -58,7 +58,8 @@ typedef struct ContraInfonceFwdParams {
     const float* target_weight;
     /* CLIP: with `col_state` (cols entries, each a packed {running max, running sum} pair of
      * floats, initialised to {-inf, 0}) the same sweep also folds every column's log-sum-exp
-     * over the rows in, with a compare-and-swap per block and column. May be NULL. */
+     * over the rows in, with a compare-and-swap per block and column. In log2 units: the
+     * column's natural lse is (max + log2(sum)) * ln(2). May be NULL. */
     unsigned long long* col_state;
     float* lse;
     float* row_loss;
@@ -69,29 +70,32 @@ typedef struct ContraInfonceFwdParams {
     float scale;
 } ContraInfonceFwdParams;
 
-/* infonce_bwd: the gradient for one side. `owner` is the side whose gradient this launch writes
- * (q when owner_is_query, else k), `other` the opposite side. With
+/* infonce_bwd: the gradients, in one pass over blocks of 64 query rows. With
  * G_ij = grad_scale * (exp(scale q_i.k_j - lse_i) - [j == positives[i]]) * scale,
- * grad_q = G k and grad_k = G^T q. */
+ * grad_q = G k (written) and grad_k = G^T q (added with atomic adds when grad_k is not NULL). */
 typedef struct ContraInfonceBwdParams {
-    const void* owner;
-    const void* other;
+    const void* q;
+    const void* k;
     const int* positives; /* may be NULL: no positive among the keys */
     const int* labels;           /* SupCon, as in ContraInfonceFwdParams; may be NULL */
     const float* target_weight;  /* with labels: 1 / |P(i)|, 0 for a row without positives */
     const float* lse;
     /* CLIP: the column log-sum-exp; then G also gets exp(logit - col_lse[j]) - [j == p_i], and
-     * log_scale_partial[block] receives sum of G_ij logit_ij / scale over the block's tile rows
-     * (query pass only). Both may be NULL. */
+     * log_scale_partial[block] receives sum of G_ij logit_ij / scale over the block's rows.
+     * Both may be NULL. */
     const float* col_lse;
     float* log_scale_partial;
-    void* grad_owner;
-    int owner_rows;
-    int other_rows;
+    float* grad_q;
+    /* May be NULL (MoCo: the keys get no gradient; symmetric losses). Otherwise f32, cols x dim,
+     * holding zeros (or the values to add to). */
+    float* grad_k;
+    int rows;
+    int cols;
     int dim;
     int self_mask;
-    int owner_is_query;
-    int accumulate; /* add to grad_owner instead of overwriting it (NT-Xent: dz = dq + dk) */
+    /* q and k are the same rows (NT-Xent, SupCon): the logits are symmetric, so grad_q receives
+     * dz = (G + G^T) z, with G_ij and G_ji taken from the one recomputed logit. */
+    int symmetric;
     float scale;
     float grad_scale;
 } ContraInfonceBwdParams;

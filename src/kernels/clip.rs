@@ -1,9 +1,9 @@
 //! Launch sequence of CLIP: a and b normalized; one sweep of the fused InfoNCE forward over the
 //! tiles of `exp(log_scale) a' b'^T` yields the row log-sum-exp and, through a per-column
-//! compare-and-swap state, the column log-sum-exp; the backward's two passes use both softmaxes
-//! and the query pass also returns the gradient of `log_scale`.
+//! compare-and-swap state, the column log-sum-exp; the one-pass backward uses both softmaxes
+//! and also returns the gradient of `log_scale`.
 
-use super::infonce::{backward_pass, fused_forward, Side, Softmax};
+use super::infonce::{fused_forward, BackwardPass, Softmax};
 use super::{blocks_for, normalize, Backend};
 use crate::Result;
 
@@ -74,7 +74,11 @@ impl<B: Backend> Clip<'_, B> {
             Some(&col_state),
         )?;
         let state = b.download(&col_state)?;
-        let cols: Vec<f32> = state.chunks(2).map(|pair| pair[0] + pair[1].ln()).collect();
+        // The kernels keep the column states in log2 units.
+        let cols: Vec<f32> = state
+            .chunks(2)
+            .map(|pair| (pair[0] + pair[1].log2()) * std::f32::consts::LN_2)
+            .collect();
         // sum_i (row_lse_i - l_ii) = rows * row_mean, and the diagonal logits follow from it:
         // sum_i l_ii = sum_i row_lse_i - rows * row_mean.
         let n = self.rows as f64;
@@ -105,31 +109,15 @@ impl<B: Backend> Clip<'_, B> {
         let grad_scale = (grad_loss / (2 * self.rows) as f64) as f32;
         let partial = b.output("log_scale_partial", blocks_for(self.rows, TILE))?;
         let grad_an = b.output("grad_a", self.rows * self.dim)?;
-        backward_pass(
-            b,
-            &softmax,
-            Side::Queries,
-            row_lse,
-            &grad_an,
-            false,
-            self.scale(),
+        let grad_bn = b.zeros("grad_b", self.rows * self.dim)?;
+        let pass = BackwardPass {
+            lse: row_lse,
+            scale: self.scale(),
             grad_scale,
-            false,
-            Some(&partial),
-        )?;
-        let grad_bn = b.output("grad_b", self.rows * self.dim)?;
-        backward_pass(
-            b,
-            &softmax,
-            Side::Keys,
-            row_lse,
-            &grad_bn,
-            false,
-            self.scale(),
-            grad_scale,
-            false,
-            None,
-        )?;
+            self_mask: false,
+            log_scale_partial: Some(&partial),
+        };
+        pass.both_sides(b, &softmax, &grad_an, &grad_bn)?;
         let grad_log_scale: f64 = b.download(&partial)?.iter().map(|&v| v as f64).sum();
         Ok((
             normalize::backward(b, self.a, &grad_an, self.rows, self.dim)?,

@@ -272,6 +272,11 @@ impl Backend for Cuda {
         Ok(CudaBuf { words, info })
     }
 
+    fn zeros(&self, name: &'static str, len: usize) -> Result<CudaBuf> {
+        // Output buffers are allocated zeroed here: no host round trip.
+        self.output(name, len)
+    }
+
     fn ptr(&self, buf: &CudaBuf) -> *mut c_void {
         let (ptr, _sync) = buf.words.device_ptr(&self.stream);
         ptr as usize as *mut c_void

@@ -1,5 +1,5 @@
 //! Launch sequences of `kernels/infonce.cu` for InfoNCE and NT-Xent: optional normalize kernels
-//! around the fused forward (per-row LSE, no N x M buffer) and the two-pass backward.
+//! around the fused forward (per-row LSE, no N x M buffer) and the one-pass backward.
 
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams};
 use super::{blocks_for, normalize, typed_kernel, Backend, Launch};
@@ -85,8 +85,9 @@ impl<B: Backend> Problem<'_, B> {
         )
     }
 
-    /// Gradients of `grad_loss * loss` for q and k. With `sum_into_q` (NT-Xent, where q and k are
-    /// the same rows) the key gradient is added to the query gradient and only that is returned.
+    /// Gradients of `grad_loss * loss` for q and k, in one backward pass. With `sum_into_q`
+    /// (NT-Xent, where q and k are the same rows) the pass is the symmetric one and returns
+    /// only dz = dq + dk.
     pub fn backward(
         &self,
         b: &B,
@@ -99,36 +100,22 @@ impl<B: Backend> Problem<'_, B> {
         let softmax = self.softmax(q, k);
         let grad_scale = (grad_loss / self.rows as f64) as f32;
         let grad_q = b.output("grad_q", self.rows * self.dim)?;
-        backward_pass(
-            b,
-            &softmax,
-            Side::Queries,
-            lse,
-            &grad_q,
-            false,
-            self.scale(),
-            grad_scale,
-            self.self_mask,
-            None,
-        )?;
         let grad_k = if sum_into_q {
             None
         } else {
-            Some(b.output("grad_k", self.cols * self.dim)?)
+            Some(b.zeros("grad_k", self.cols * self.dim)?)
         };
-        let key_target = grad_k.as_ref().unwrap_or(&grad_q);
-        backward_pass(
-            b,
-            &softmax,
-            Side::Keys,
+        let pass = BackwardPass {
             lse,
-            key_target,
-            sum_into_q,
-            self.scale(),
+            scale: self.scale(),
             grad_scale,
-            self.self_mask,
-            None,
-        )?;
+            self_mask: self.self_mask,
+            log_scale_partial: None,
+        };
+        match &grad_k {
+            Some(grad_k) => pass.both_sides(b, &softmax, &grad_q, grad_k)?,
+            None => pass.symmetric(b, &softmax, &grad_q)?,
+        }
         if !self.normalize {
             return Ok((grad_q, grad_k));
         }
@@ -156,13 +143,6 @@ pub(crate) struct Softmax<'a, Buf> {
     pub rows: usize,
     pub cols: usize,
     pub dim: usize,
-}
-
-/// Whose gradient a backward pass writes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
-    Queries,
-    Keys,
 }
 
 /// The kernel address of an optional buffer (NULL when absent).
@@ -209,47 +189,84 @@ pub(crate) fn fused_forward<B: Backend>(
     Ok((total / s.rows as f64, lse))
 }
 
-/// One `infonce_bwd_f32` pass: writes (or, with `accumulate`, adds) the gradient of `side`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_pass<B: Backend>(
-    b: &B,
-    s: &Softmax<'_, B::Buf>,
-    side: Side,
-    lse: &B::Buf,
-    grad: &B::Buf,
-    accumulate: bool,
-    scale: f32,
-    grad_scale: f32,
-    self_mask: bool,
-    log_scale_partial: Option<&B::Buf>,
-) -> Result<()> {
-    let (owner, other, owner_rows, other_rows) = match side {
-        Side::Queries => (s.q, s.k, s.rows, s.cols),
-        Side::Keys => (s.k, s.q, s.cols, s.rows),
-    };
-    let params = ContraInfonceBwdParams {
-        owner: b.ptr(owner),
-        other: b.ptr(other),
-        positives: or_null(b, s.positives).cast(),
-        labels: or_null(b, s.labels.map(|(labels, _)| labels)).cast(),
-        target_weight: or_null(b, s.labels.map(|(_, weight)| weight)).cast(),
-        lse: b.ptr(lse).cast(),
-        col_lse: or_null(b, s.col_lse).cast(),
-        log_scale_partial: or_null(b, log_scale_partial).cast(),
-        grad_owner: b.ptr(grad),
-        owner_rows: owner_rows as i32,
-        other_rows: other_rows as i32,
-        dim: s.dim as i32,
-        self_mask: self_mask as i32,
-        owner_is_query: (side == Side::Queries) as i32,
-        accumulate: accumulate as i32,
-        scale,
-        grad_scale,
-    };
-    b.launch(
-        typed_kernel!("infonce_bwd", b.info(owner).elem),
-        launch_shape(owner_rows),
-        &params,
-        &[grad],
-    )
+/// What every `infonce_bwd` launch of one loss shares: the forward's log-sum-exp and the scales.
+pub(crate) struct BackwardPass<'a, Buf> {
+    pub lse: &'a Buf,
+    pub scale: f32,
+    /// d(total) / d(loss) over the loss's normaliser.
+    pub grad_scale: f32,
+    pub self_mask: bool,
+    /// CLIP: per-block partials of the gradient of `log_scale` (one f32 per 64 query rows).
+    pub log_scale_partial: Option<&'a Buf>,
+}
+
+impl<Buf> BackwardPass<'_, Buf> {
+    /// The query gradient only (MoCo: the keys get none).
+    pub fn queries<B: Backend<Buf = Buf>>(
+        &self,
+        b: &B,
+        s: &Softmax<'_, Buf>,
+        grad_q: &Buf,
+    ) -> Result<()> {
+        self.launch(b, s, grad_q, None, false)
+    }
+
+    /// Both gradients in one pass: `grad_q` written, `grad_k` (zeros on entry) added to
+    /// atomically.
+    pub fn both_sides<B: Backend<Buf = Buf>>(
+        &self,
+        b: &B,
+        s: &Softmax<'_, Buf>,
+        grad_q: &Buf,
+        grad_k: &Buf,
+    ) -> Result<()> {
+        self.launch(b, s, grad_q, Some(grad_k), false)
+    }
+
+    /// q and k are the same rows (NT-Xent, SupCon): `grad` = dq + dk from one pass.
+    pub fn symmetric<B: Backend<Buf = Buf>>(
+        &self,
+        b: &B,
+        s: &Softmax<'_, Buf>,
+        grad: &Buf,
+    ) -> Result<()> {
+        self.launch(b, s, grad, None, true)
+    }
+
+    fn launch<B: Backend<Buf = Buf>>(
+        &self,
+        b: &B,
+        s: &Softmax<'_, Buf>,
+        grad_q: &Buf,
+        grad_k: Option<&Buf>,
+        symmetric: bool,
+    ) -> Result<()> {
+        let params = ContraInfonceBwdParams {
+            q: b.ptr(s.q),
+            k: b.ptr(s.k),
+            positives: or_null(b, s.positives).cast(),
+            labels: or_null(b, s.labels.map(|(labels, _)| labels)).cast(),
+            target_weight: or_null(b, s.labels.map(|(_, weight)| weight)).cast(),
+            lse: b.ptr(self.lse).cast(),
+            col_lse: or_null(b, s.col_lse).cast(),
+            log_scale_partial: or_null(b, self.log_scale_partial).cast(),
+            grad_q: b.ptr(grad_q).cast(),
+            grad_k: or_null(b, grad_k).cast(),
+            rows: s.rows as i32,
+            cols: s.cols as i32,
+            dim: s.dim as i32,
+            self_mask: self.self_mask as i32,
+            symmetric: symmetric as i32,
+            scale: self.scale,
+            grad_scale: self.grad_scale,
+        };
+        let mut written = vec![grad_q];
+        written.extend(grad_k);
+        b.launch(
+            typed_kernel!("infonce_bwd", b.info(s.q).elem),
+            launch_shape(s.rows),
+            &params,
+            &written,
+        )
+    }
 }

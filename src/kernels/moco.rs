@@ -2,7 +2,7 @@
 //! given; the fused InfoNCE forward with k as each row's extra (positive) logit; the backward's
 //! query pass over the queue plus the extra logit's term, then the normalize backward.
 
-use super::infonce::{backward_pass, fused_forward, Side, Softmax};
+use super::infonce::{fused_forward, BackwardPass, Softmax};
 use super::params::ContraInfonceExtraBwdParams;
 use super::{blocks_for, normalize, typed_kernel, Backend, Launch};
 use crate::Result;
@@ -54,18 +54,14 @@ impl<B: Backend> Moco<'_, B> {
         let (qn, kn) = self.normalized(b)?;
         let grad_scale = (grad_loss / self.rows as f64) as f32;
         let grad_qn = b.output("grad_q", self.rows * self.dim)?;
-        backward_pass(
-            b,
-            &self.softmax(&qn),
-            Side::Queries,
+        let pass = BackwardPass {
             lse,
-            &grad_qn,
-            false,
-            self.scale(),
+            scale: self.scale(),
             grad_scale,
-            false,
-            None,
-        )?;
+            self_mask: false,
+            log_scale_partial: None,
+        };
+        pass.queries(b, &self.softmax(&qn), &grad_qn)?;
         let params = ContraInfonceExtraBwdParams {
             q: b.ptr(&qn),
             extra_key: b.ptr(&kn),

@@ -201,6 +201,11 @@ pub(crate) trait Backend {
         )
     }
 
+    /// An f32 buffer of `len` zeros (a target of atomic adds).
+    fn zeros(&self, name: &'static str, len: usize) -> Result<Self::Buf> {
+        self.upload(name, &vec![0.0; len])
+    }
+
     /// The buffer's elements as f32 (i32 buffers: the raw bits, for `f32::to_bits`).
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
         let info = self.info(buf);

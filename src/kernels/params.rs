@@ -152,33 +152,33 @@ impl Default for ContraInfonceFwdParams {
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct ContraInfonceBwdParams {
-    pub owner: *const ::std::os::raw::c_void,
-    pub other: *const ::std::os::raw::c_void,
+    pub q: *const ::std::os::raw::c_void,
+    pub k: *const ::std::os::raw::c_void,
     pub positives: *const ::std::os::raw::c_int,
     pub labels: *const ::std::os::raw::c_int,
     pub target_weight: *const f32,
     pub lse: *const f32,
     pub col_lse: *const f32,
     pub log_scale_partial: *mut f32,
-    pub grad_owner: *mut ::std::os::raw::c_void,
-    pub owner_rows: ::std::os::raw::c_int,
-    pub other_rows: ::std::os::raw::c_int,
+    pub grad_q: *mut f32,
+    pub grad_k: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
     pub dim: ::std::os::raw::c_int,
     pub self_mask: ::std::os::raw::c_int,
-    pub owner_is_query: ::std::os::raw::c_int,
-    pub accumulate: ::std::os::raw::c_int,
+    pub symmetric: ::std::os::raw::c_int,
     pub scale: f32,
     pub grad_scale: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 104usize];
+    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 112usize];
     ["Alignment of ContraInfonceBwdParams"]
         [::std::mem::align_of::<ContraInfonceBwdParams>() - 8usize];
-    ["Offset of field: ContraInfonceBwdParams::owner"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, owner) - 0usize];
-    ["Offset of field: ContraInfonceBwdParams::other"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, other) - 8usize];
+    ["Offset of field: ContraInfonceBwdParams::q"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, q) - 0usize];
+    ["Offset of field: ContraInfonceBwdParams::k"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, k) - 8usize];
     ["Offset of field: ContraInfonceBwdParams::positives"]
         [::std::mem::offset_of!(ContraInfonceBwdParams, positives) - 16usize];
     ["Offset of field: ContraInfonceBwdParams::labels"]
@@ -191,24 +191,24 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceBwdParams, col_lse) - 48usize];
     ["Offset of field: ContraInfonceBwdParams::log_scale_partial"]
         [::std::mem::offset_of!(ContraInfonceBwdParams, log_scale_partial) - 56usize];
-    ["Offset of field: ContraInfonceBwdParams::grad_owner"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_owner) - 64usize];
-    ["Offset of field: ContraInfonceBwdParams::owner_rows"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_rows) - 72usize];
-    ["Offset of field: ContraInfonceBwdParams::other_rows"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, other_rows) - 76usize];
+    ["Offset of field: ContraInfonceBwdParams::grad_q"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_q) - 64usize];
+    ["Offset of field: ContraInfonceBwdParams::grad_k"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_k) - 72usize];
+    ["Offset of field: ContraInfonceBwdParams::rows"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, rows) - 80usize];
+    ["Offset of field: ContraInfonceBwdParams::cols"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, cols) - 84usize];
     ["Offset of field: ContraInfonceBwdParams::dim"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, dim) - 80usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, dim) - 88usize];
     ["Offset of field: ContraInfonceBwdParams::self_mask"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, self_mask) - 84usize];
-    ["Offset of field: ContraInfonceBwdParams::owner_is_query"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, owner_is_query) - 88usize];
-    ["Offset of field: ContraInfonceBwdParams::accumulate"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, accumulate) - 92usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, self_mask) - 92usize];
+    ["Offset of field: ContraInfonceBwdParams::symmetric"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, symmetric) - 96usize];
     ["Offset of field: ContraInfonceBwdParams::scale"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, scale) - 96usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, scale) - 100usize];
     ["Offset of field: ContraInfonceBwdParams::grad_scale"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 100usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 104usize];
 };
 impl Default for ContraInfonceBwdParams {
     fn default() -> Self {

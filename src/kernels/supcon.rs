@@ -1,8 +1,9 @@
 //! Launch sequence of SupCon: the N·V views normalized by the normalize kernel, then the fused
 //! InfoNCE kernels in label mode (positives = the other views with the anchor's label), self
-//! excluded; the two backward passes sum into one gradient, then the normalize backward.
+//! excluded; one symmetric backward pass (the logits of the views with themselves are symmetric),
+//! then the normalize backward.
 
-use super::infonce::{backward_pass, fused_forward, Side, Softmax};
+use super::infonce::{fused_forward, BackwardPass, Softmax};
 use super::{normalize, Backend};
 use crate::Result;
 
@@ -51,30 +52,14 @@ impl<B: Backend> SupCon<'_, B> {
         let grad_scale =
             (grad_loss * self.temperature / self.base_temperature / self.rows as f64) as f32;
         let grad = b.output("grad_features", self.rows * self.dim)?;
-        backward_pass(
-            b,
-            &softmax,
-            Side::Queries,
+        let pass = BackwardPass {
             lse,
-            &grad,
-            false,
-            self.scale(),
+            scale: self.scale(),
             grad_scale,
-            true,
-            None,
-        )?;
-        backward_pass(
-            b,
-            &softmax,
-            Side::Keys,
-            lse,
-            &grad,
-            true,
-            self.scale(),
-            grad_scale,
-            true,
-            None,
-        )?;
+            self_mask: true,
+            log_scale_partial: None,
+        };
+        pass.symmetric(b, &softmax, &grad)?;
         normalize::backward(b, self.views, &grad, self.rows, self.dim)
     }
 }

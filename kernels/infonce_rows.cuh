@@ -1,0 +1,92 @@
+// Pieces of the InfoNCE-family kernels shared by the CUDA-core and tensor-core engines: what a
+// query row needs in the forward, MoCo's extra logit, CLIP's column fold, and the ways the
+// backward writes a gradient.
+#pragma once
+#include "tile_dot.cuh"
+
+namespace contra {
+
+// One query row of the forward: its positive key (or SupCon label and weight).
+struct QueryRow {
+    int row;
+    int positive;         // the positive key, -1 for none (MoCo, SupCon)
+    int label;            // SupCon
+    float target_weight;  // SupCon: 1 / |P(row)|, 0 without positives
+
+    __device__ __forceinline__ void load(const ContraInfonceFwdParams& p, int r) {
+        row = r;
+        const bool valid = r < p.rows;
+        positive = (valid && p.positives) ? p.positives[r] : -1;
+        label = (valid && p.labels) ? p.labels[r] : 0;
+        target_weight = (valid && p.labels) ? p.target_weight[r] : 0.0f;
+    }
+
+    // Key `col` is outside the matrix or is the row itself under the self mask.
+    __device__ __forceinline__ bool masked(const ContraInfonceFwdParams& p, int col) const {
+        return col >= p.cols || (p.self_mask && col == row);
+    }
+
+    // The share of logit `u` (log2 units) of key `col` in the row's target term.
+    __device__ __forceinline__ float target_share(const ContraInfonceFwdParams& p, int col, bool masked,
+                                                  float u) const {
+        if (p.labels) return (!masked && p.labels[col] == label) ? u * target_weight : 0.0f;
+        return col == positive ? u : 0.0f;
+    }
+
+    // Writes lse (natural units) and the row's loss from its softmax state and target term.
+    __device__ __forceinline__ void finish(const ContraInfonceFwdParams& p, const OnlineLse& state,
+                                           float target) const {
+        if (row >= p.rows) return;
+        // A row with every key masked (a lone SupCon view) has an empty softmax: its loss is 0
+        // and its saved lse 0 (as on the CPU), never -inf.
+        const float lse2 = state.running_sum > 0.0f ? state.value() : 0.0f;
+        p.lse[row] = __fmul_rn(lse2, kLn2);
+        // A SupCon anchor without positives adds 0 (it still counts in the mean).
+        p.row_loss[row] = (p.labels && target_weight == 0.0f) ? 0.0f : __fmul_rn(lse2 - target, kLn2);
+    }
+};
+
+// MoCo's positive logit scale * q_row . extra_key_row in log2 units, from the `lanes` adjacent
+// lanes that share the row (every lane of the warp must call it; all of a group get the value).
+template <int lanes, typename T>
+__device__ __forceinline__ float extra_logit(const ContraInfonceFwdParams& p, const T* q, int row, int lane_in_group,
+                                             float scale_log2) {
+    const T* extra = static_cast<const T*>(p.extra_key);
+    float dot = 0.0f;
+    if (row < p.rows)
+        for (int d = lane_in_group; d < p.dim; d += lanes)
+            dot += load(q, (long long)row * p.dim + d) * load(extra, (long long)row * p.dim + d);
+    return __fmul_rn(group_sum<lanes>(dot), scale_log2);
+}
+
+// CLIP: folds `parts` partial (max, sum) statistics of each of the tile's 64 columns (log2
+// units, computed by the block from disjoint row sets) into the columns' global states. Call
+// between barriers.
+template <int parts>
+__device__ __forceinline__ void fold_columns(const ContraInfonceFwdParams& p, int c0, const float (*part_max)[kTile],
+                                             const float (*part_sum)[kTile]) {
+    const int c = threadIdx.y * 16 + threadIdx.x;
+    if (c >= kTile || c0 + c >= p.cols) return;
+    float m = -INFINITY, s = 0.0f;
+    for (int k = 0; k < parts; ++k) m = fmaxf(m, part_max[k][c]);
+    if (m == -INFINITY) return;
+    for (int k = 0; k < parts; ++k)
+        if (part_max[k][c] != -INFINITY) s += part_sum[k][c] * exp2f(part_max[k][c] - m);
+    merge_lse_state(p.col_state + c0 + c, m, s);
+}
+
+// How the backward writes a product into a gradient: the first tile of a pass that owns the rows
+// overwrites, later tiles add, and a pass that does not own the rows adds atomically.
+enum class Write { kOverwrite, kAdd, kAtomicAdd };
+
+__device__ __forceinline__ void write_grad(float* dst, float value, Write how) {
+    if (how == Write::kOverwrite) {
+        *dst = value;
+    } else if (how == Write::kAdd) {
+        *dst += value;
+    } else {
+        atomicAdd(dst, value);
+    }
+}
+
+}  // namespace contra

@@ -1,0 +1,162 @@
+// The tensor-core engine of the InfoNCE-family kernels (bf16 / f16 operands, sm_80+).
+//
+// Forward: each warp holds a 16 x 32 part of the 64 x 64 score tile as mma D fragments
+// (tile_mma) and folds it into its rows' running max and sum right there, in registers: a row's
+// 8 values per lane, then the 4 lanes of its quad. The two column halves of a row (two warps)
+// meet once, at the end. No score value goes through shared memory, and each exponential is
+// one exp2 of a value the temperature was folded into.
+//
+// Backward (bf16): the second products G K and G^T Q on mma with G rounded to bf16 (its range
+// is f32's, so small probabilities do not underflow; f16 keeps those products in f32).
+#pragma once
+#include "infonce_rows.cuh"
+
+namespace contra {
+
+template <typename T>
+__device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
+    __shared__ float col_max[4][kTile];  // CLIP: per row-warp partial column statistics
+    __shared__ float col_sum[4][kTile];
+    __shared__ float second_half[3][kTile];  // column half 1: each row's max, sum and target
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int m0 = 16 * (warp % 4), half = warp / 4, n0 = 32 * half;
+    const int r0 = blockIdx.x * kTile;
+    const float scale_log2 = p.scale * kLog2e;
+    const T* q = static_cast<const T*>(p.q);
+    // This lane's rows: m0 + g (fragment elements 0, 1) and m0 + g + 8 (elements 2, 3).
+    QueryRow query[2];
+    OnlineLse state[2];
+    float target[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        query[h].load(p, r0 + m0 + g + 8 * h);
+        state[h].init();
+        target[h] = 0.0f;
+        if (p.extra_key && half == 0) {  // warp-uniform: the quad of column half 0 adds it
+            const float u = extra_logit<4>(p, q, query[h].row, t, scale_log2);
+            state[h].merge(u, 1.0f);
+            if (t == 0) target[h] = u;
+        }
+    }
+    float d[4][4];
+    for (int c0 = 0; c0 < p.cols; c0 += kTile) {
+        tile_mma(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, d);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float u[8], local_max = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = c0 + n0 + 8 * nt + 2 * t + e;
+                    const bool masked = query[h].masked(p, col);
+                    u[2 * nt + e] = masked ? -INFINITY : __fmul_rn(d[nt][2 * h + e], scale_log2);
+                    target[h] += query[h].target_share(p, col, masked, u[2 * nt + e]);
+                    local_max = fmaxf(local_max, u[2 * nt + e]);
+                }
+            const float tile_max = group_max<4>(local_max);
+            float local_sum = 0.0f;
+            if (tile_max != -INFINITY)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) local_sum += exp2f(u[e] - tile_max);
+            state[h].merge(tile_max, group_sum<4>(local_sum));
+        }
+        if (p.col_state) {
+            // CLIP's column statistics: this lane's 2 rows per column, the 8 lanes of the column
+            // (same t) across the warp, then the 4 row-warps through shared memory.
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float u_top = query[0].row < p.rows ? __fmul_rn(d[nt][e], scale_log2) : -INFINITY;
+                    const float u_bottom = query[1].row < p.rows ? __fmul_rn(d[nt][2 + e], scale_log2) : -INFINITY;
+                    float m = fmaxf(u_top, u_bottom);
+#pragma unroll
+                    for (int offset = 4; offset < 32; offset <<= 1)
+                        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+                    float s = m == -INFINITY ? 0.0f : exp2f(u_top - m) + exp2f(u_bottom - m);
+#pragma unroll
+                    for (int offset = 4; offset < 32; offset <<= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+                    if (g == 0) {
+                        col_max[warp % 4][n0 + 8 * nt + 2 * t + e] = m;
+                        col_sum[warp % 4][n0 + 8 * nt + 2 * t + e] = s;
+                    }
+                }
+            __syncthreads();
+            fold_columns<4>(p, c0, col_max, col_sum);
+            __syncthreads();
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) target[h] = group_sum<4>(target[h]);
+    if (half == 1 && t == 0)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = m0 + g + 8 * h;
+            second_half[0][r] = state[h].running_max;
+            second_half[1][r] = state[h].running_sum;
+            second_half[2][r] = target[h];
+        }
+    __syncthreads();
+    if (half == 0 && t == 0)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = m0 + g + 8 * h;
+            state[h].merge(second_half[0][r], second_half[1][r]);
+            query[h].finish(p, state[h], target[h] + second_half[2][r]);
+        }
+}
+
+// bf16 packed pair of two f32 values (round to nearest even), the lower index in the low half.
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+
+// The backward's second product on the tensor cores (bf16 sources):
+// out[dst0 + r] (how)= sum_t G'[r][t] src[src0 + t], G' = g or g^T (`transposed`), with G'
+// rounded to bf16 as the A operand and the src rows' 64-feature chunk staged transposed as the
+// "col" B operand. Each output element is written by exactly one lane.
+static_assert(kTile * (kTile + 8) * 2 <= kTile * kTilePad * 4, "src_t fits the staging buffer");
+template <bool transposed>
+__device__ void grad_product_tc(const float (*g)[kTilePad], float (*staged)[kTilePad], const __nv_bfloat16* src,
+                                int n_src, int src0, int dim, float* out, int dst0, int n_dst, Write how) {
+    constexpr int kStride = kTile + 8;  // src_t row: 64 src rows, padded
+    // [feature][src row] in the caller's staging buffer (9216 of its 16640 bytes).
+    unsigned short(*src_t)[kStride] = reinterpret_cast<unsigned short(*)[kStride]>(staged);
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int gr = lane / 4, tq = lane % 4;
+    const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);  // output rows, features of this warp
+    const unsigned short* bits = reinterpret_cast<const unsigned short*>(src);
+    auto g_at = [&](int r, int k) { return transposed ? g[k][r] : g[r][k]; };
+    for (int d0 = 0; d0 < dim; d0 += kTile) {
+        __syncthreads();  // g is complete / the previous chunk is consumed
+        for (int e = tid; e < kTile * kTile; e += 256) {
+            const int s = e / kTile, d = e % kTile;  // consecutive threads read consecutive features
+            src_t[d][s] = (src0 + s < n_src && d0 + d < dim) ? bits[(long long)(src0 + s) * dim + d0 + d] : 0;
+        }
+        __syncthreads();
+        float sum[4][4];
+        for (int nt = 0; nt < 4; ++nt)
+            for (int e = 0; e < 4; ++e) sum[nt][e] = 0.0f;
+        for (int k0 = 0; k0 < kTile; k0 += 16) {
+            const int r = m0 + gr, k = k0 + 2 * tq;
+            const unsigned af[4] = {bf16_pair(g_at(r, k), g_at(r, k + 1)), bf16_pair(g_at(r + 8, k), g_at(r + 8, k + 1)),
+                                    bf16_pair(g_at(r, k + 8), g_at(r, k + 9)),
+                                    bf16_pair(g_at(r + 8, k + 8), g_at(r + 8, k + 9))};
+            for (int nt = 0; nt < 4; ++nt) {
+                const int n = n0 + 8 * nt + gr;
+                const unsigned bf[2] = {pair_at(&src_t[n][k]), pair_at(&src_t[n][k + 8])};
+                mma_16816<__nv_bfloat16>(sum[nt], af, bf);
+            }
+        }
+        for (int nt = 0; nt < 4; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const int r = dst0 + m0 + gr + 8 * (e / 2), d = d0 + n0 + 8 * nt + 2 * tq + e % 2;
+                if (r < n_dst && d < dim) write_grad(out + (long long)r * dim + d, sum[nt][e], how);
+            }
+    }
+}
+
+}  // namespace contra

@@ -7,7 +7,10 @@
 // the API exposes); the backward turns it back with one rounded multiply.
 //
 // Forward: one block per 64 query rows walks the key tiles, keeping a running max and sum of
-// exponentials per row (OnlineLse); it writes only lse (N floats) and the per-row loss. f32
+// exponentials per row (OnlineLse); it writes only lse (N floats) and the per-row loss. When q
+// and k are the same rows (NT-Xent, SupCon) the logits are symmetric and each pair of tiles is
+// computed once, folded into the statistics of both its rows and its columns: half the work,
+// then infonce_finish. f32
 // operands run on CUDA cores (below); bf16 / f16 run on the tensor cores with the statistics
 // taken straight from the mma fragments (infonce_tc.cuh).
 //
@@ -30,8 +33,7 @@ namespace contra {
 // Forward on CUDA cores: thread (ty, tx) holds rows ty + 16 i and columns tx + 16 j of a tile.
 template <typename T>
 __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
-    __shared__ float col_max[16][kTile];  // CLIP: per-ty partial column statistics
-    __shared__ float col_sum[16][kTile];
+    __shared__ ColumnParts<16> columns;  // CLIP / symmetric sweep: per-ty partials
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int r0 = blockIdx.x * kTile;
     const float scale_log2 = p.scale * kLog2e;
@@ -51,7 +53,9 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
         }
     }
     float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
-    for (int c0 = 0; c0 < p.cols; c0 += kTile) {
+    const KeyTiles tiles(p, blockIdx.x);
+    for (int step = 0; step < tiles.count; ++step) {
+        const int c0 = tiles.column(step);
         tile_dot<T, false>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, nullptr, acc, unused_a,
                            unused_b);
 #pragma unroll
@@ -73,25 +77,28 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
                 for (int j = 0; j < kPerThread; ++j) local_sum += exp2f(u[j] - tile_max);
             state[i].merge(tile_max, group_sum<16>(local_sum));
         }
-        if (p.col_state) {
-            // CLIP's column statistics from the same logits: this thread's 4 rows per column,
-            // then the 16 ty's through shared memory.
+        if (tiles.folds_columns(p, step)) {
+            // Column statistics from the same logits: this thread's 4 rows per column, then the
+            // 16 ty's through shared memory.
 #pragma unroll
             for (int j = 0; j < kPerThread; ++j) {
-                float u[kPerThread], local_max = -INFINITY, local_sum = 0.0f;
+                const int c = tx + 16 * j;
+                float u[kPerThread], local_max = -INFINITY, local_sum = 0.0f, local_target = 0.0f;
 #pragma unroll
                 for (int i = 0; i < kPerThread; ++i) {
                     u[i] = query[i].row < p.rows ? __fmul_rn(acc[i][j], scale_log2) : -INFINITY;
+                    local_target += column_target_share(p, c0 + c, query[i].row, u[i]);
                     local_max = fmaxf(local_max, u[i]);
                 }
                 if (local_max != -INFINITY)
 #pragma unroll
                     for (int i = 0; i < kPerThread; ++i) local_sum += exp2f(u[i] - local_max);
-                col_max[ty][tx + 16 * j] = local_max;
-                col_sum[ty][tx + 16 * j] = local_sum;
+                columns.max[ty][c] = local_max;
+                columns.sum[ty][c] = local_sum;
+                columns.target[ty][c] = local_target;
             }
             __syncthreads();
-            fold_columns<16>(p, c0, col_max, col_sum);
+            fold_columns(p, c0, columns);
             __syncthreads();
         }
     }
@@ -243,7 +250,23 @@ __device__ void infonce_extra_bwd(const ContraInfonceExtraBwdParams& p) {
     for (int d = lane; d < p.dim; d += 32) p.grad_q[row * p.dim + d] += coef * load(extra, d);
 }
 
+// Symmetric forward, second step: each row's lse and loss from the state and target term the
+// sweep folded in (one thread per row).
+__device__ void infonce_finish(const ContraInfonceFwdParams& p) {
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= p.rows) return;
+    const unsigned long long state = p.col_state[row];
+    const float max = __uint_as_float((unsigned)(state & 0xffffffffull));
+    const float sum = __uint_as_float((unsigned)(state >> 32));
+    QueryRow::write_row_loss(p, row, max, sum, p.col_target[row]);
+}
+
 }  // namespace contra
+
+extern "C" __global__ void __launch_bounds__(256) infonce_finish(const ContraInfonceFwdParams p) {
+    contra::infonce_finish(p);
+}
+INTERP_EXPORT(infonce_finish, ContraInfonceFwdParams)
 
 // At least 3 resident blocks per SM: ptxas then allows 80 registers on sm_80 and sm_90 alike
 // (left alone it caps sm_90 at 64 and spills in the backward).

@@ -33,16 +33,49 @@ struct QueryRow {
         return col == positive ? u : 0.0f;
     }
 
-    // Writes lse (natural units) and the row's loss from its softmax state and target term.
+    // Writes lse (natural units) and the row's loss from its softmax state and target term, or,
+    // in a symmetric forward, folds both into the row's shared state.
     __device__ __forceinline__ void finish(const ContraInfonceFwdParams& p, const OnlineLse& state,
                                            float target) const {
         if (row >= p.rows) return;
+        if (p.symmetric) {
+            merge_lse_state(p.col_state + row, state.running_max, state.running_sum);
+            atomicAdd(p.col_target + row, target);
+        } else {
+            write_row_loss(p, row, state.running_max, state.running_sum, target);
+        }
+    }
+
+    // lse and loss of `row` from its (max, sum) in log2 units and its target term.
+    __device__ __forceinline__ static void write_row_loss(const ContraInfonceFwdParams& p, int row, float max,
+                                                          float sum, float target) {
         // A row with every key masked (a lone SupCon view) has an empty softmax: its loss is 0
         // and its saved lse 0 (as on the CPU), never -inf.
-        const float lse2 = state.running_sum > 0.0f ? state.value() : 0.0f;
+        const float lse2 = sum > 0.0f ? max + log2f(sum) : 0.0f;
         p.lse[row] = __fmul_rn(lse2, kLn2);
         // A SupCon anchor without positives adds 0 (it still counts in the mean).
-        p.row_loss[row] = (p.labels && target_weight == 0.0f) ? 0.0f : __fmul_rn(lse2 - target, kLn2);
+        const bool no_target = p.labels && p.target_weight[row] == 0.0f;
+        p.row_loss[row] = no_target ? 0.0f : __fmul_rn(lse2 - target, kLn2);
+    }
+};
+
+// The key tiles that row tile `tile` of `tiles` visits. Full sweep: all of them, in order.
+// Symmetric sweep: tile, tile + 1, ..., tile + tiles / 2 (mod tiles), and one fewer for the
+// upper half when `tiles` is even, so that every unordered pair of tiles is visited exactly once
+// and every block does about half a row of tiles.
+struct KeyTiles {
+    int first, count, tiles;
+    __device__ __forceinline__ KeyTiles(const ContraInfonceFwdParams& p, int tile) {
+        tiles = (p.cols + kTile - 1) / kTile;
+        first = p.symmetric ? tile : 0;
+        const int half = tiles / 2;
+        count = !p.symmetric ? tiles : (tiles % 2 == 0 && tile >= half) ? half : half + 1;
+    }
+    // The first key (column) of the step-th visited tile.
+    __device__ __forceinline__ int column(int step) const { return ((first + step) % tiles) * kTile; }
+    // A symmetric sweep's off-diagonal tile also gives its columns' rows their statistics.
+    __device__ __forceinline__ bool folds_columns(const ContraInfonceFwdParams& p, int step) const {
+        return p.col_state && !(p.symmetric && step == 0);
     }
 };
 
@@ -59,19 +92,40 @@ __device__ __forceinline__ float extra_logit(const ContraInfonceFwdParams& p, co
     return __fmul_rn(group_sum<lanes>(dot), scale_log2);
 }
 
-// CLIP: folds `parts` partial (max, sum) statistics of each of the tile's 64 columns (log2
-// units, computed by the block from disjoint row sets) into the columns' global states. Call
-// between barriers.
+// Partial statistics of a tile's 64 columns over disjoint sets of the block's rows (log2
+// units): `parts` (max, sum of 2^(u - max)) pairs and, in a symmetric sweep, target terms.
 template <int parts>
-__device__ __forceinline__ void fold_columns(const ContraInfonceFwdParams& p, int c0, const float (*part_max)[kTile],
-                                             const float (*part_sum)[kTile]) {
+struct ColumnParts {
+    float max[parts][kTile];
+    float sum[parts][kTile];
+    float target[parts][kTile];
+};
+
+// The share of logit u between row `row` and key `col` in the target term of the key's own row
+// (symmetric sweep: logit_ij = logit_ji).
+__device__ __forceinline__ float column_target_share(const ContraInfonceFwdParams& p, int col, int row, float u) {
+    if (!p.symmetric || col >= p.cols || row >= p.rows) return 0.0f;
+    QueryRow key;
+    key.load(p, col);
+    return key.target_share(p, row, false, u);
+}
+
+// Folds the partial statistics of the tile's columns into the columns' global states (CLIP: the
+// column softmax; symmetric sweep: the key rows' own softmax and target). Call between barriers.
+template <int parts>
+__device__ __forceinline__ void fold_columns(const ContraInfonceFwdParams& p, int c0, const ColumnParts<parts>& part) {
     const int c = threadIdx.y * 16 + threadIdx.x;
     if (c >= kTile || c0 + c >= p.cols) return;
+    if (p.symmetric) {
+        float target = 0.0f;
+        for (int k = 0; k < parts; ++k) target += part.target[k][c];
+        atomicAdd(p.col_target + c0 + c, target);
+    }
     float m = -INFINITY, s = 0.0f;
-    for (int k = 0; k < parts; ++k) m = fmaxf(m, part_max[k][c]);
+    for (int k = 0; k < parts; ++k) m = fmaxf(m, part.max[k][c]);
     if (m == -INFINITY) return;
     for (int k = 0; k < parts; ++k)
-        if (part_max[k][c] != -INFINITY) s += part_sum[k][c] * exp2f(part_max[k][c] - m);
+        if (part.max[k][c] != -INFINITY) s += part.sum[k][c] * exp2f(part.max[k][c] - m);
     merge_lse_state(p.col_state + c0 + c, m, s);
 }
 

@@ -15,8 +15,7 @@ namespace contra {
 
 template <typename T>
 __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
-    __shared__ float col_max[4][kTile];  // CLIP: per row-warp partial column statistics
-    __shared__ float col_sum[4][kTile];
+    __shared__ ColumnParts<4> columns;  // CLIP / symmetric sweep: per row-warp partials
     __shared__ float second_half[3][kTile];  // column half 1: each row's max, sum and target
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
@@ -40,7 +39,9 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
         }
     }
     float d[4][4];
-    for (int c0 = 0; c0 < p.cols; c0 += kTile) {
+    const KeyTiles tiles(p, blockIdx.x);
+    for (int step = 0; step < tiles.count; ++step) {
+        const int c0 = tiles.column(step);
         tile_mma(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, d);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -62,29 +63,36 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
                 for (int e = 0; e < 8; ++e) local_sum += exp2f(u[e] - tile_max);
             state[h].merge(tile_max, group_sum<4>(local_sum));
         }
-        if (p.col_state) {
-            // CLIP's column statistics: this lane's 2 rows per column, the 8 lanes of the column
-            // (same t) across the warp, then the 4 row-warps through shared memory.
+        if (tiles.folds_columns(p, step)) {
+            // Column statistics: this lane's 2 rows per column, the 8 lanes of the column (same
+            // t) across the warp, then the 4 row-warps through shared memory.
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
+                    const int c = n0 + 8 * nt + 2 * t + e;
                     const float u_top = query[0].row < p.rows ? __fmul_rn(d[nt][e], scale_log2) : -INFINITY;
                     const float u_bottom = query[1].row < p.rows ? __fmul_rn(d[nt][2 + e], scale_log2) : -INFINITY;
                     float m = fmaxf(u_top, u_bottom);
+                    float share = column_target_share(p, c0 + c, query[0].row, u_top) +
+                                  column_target_share(p, c0 + c, query[1].row, u_bottom);
 #pragma unroll
                     for (int offset = 4; offset < 32; offset <<= 1)
                         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
                     float s = m == -INFINITY ? 0.0f : exp2f(u_top - m) + exp2f(u_bottom - m);
 #pragma unroll
-                    for (int offset = 4; offset < 32; offset <<= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+                    for (int offset = 4; offset < 32; offset <<= 1) {
+                        s += __shfl_xor_sync(0xffffffffu, s, offset);
+                        share += __shfl_xor_sync(0xffffffffu, share, offset);
+                    }
                     if (g == 0) {
-                        col_max[warp % 4][n0 + 8 * nt + 2 * t + e] = m;
-                        col_sum[warp % 4][n0 + 8 * nt + 2 * t + e] = s;
+                        columns.max[warp % 4][c] = m;
+                        columns.sum[warp % 4][c] = s;
+                        columns.target[warp % 4][c] = share;
                     }
                 }
             __syncthreads();
-            fold_columns<4>(p, c0, col_max, col_sum);
+            fold_columns(p, c0, columns);
             __syncthreads();
         }
     }

@@ -366,8 +366,11 @@ fn infonce_large_logits_stay_finite() {
 // NT-Xent
 // ---------------------------------------------------------------------------------------------
 
-/// `(N, D)` for NT-Xent's 2N x D input: 2 rows, 4 rows, odd sizes, one feature, more than a tile.
-const NTXENT_SHAPES: &[(usize, usize)] = &[(1, 17), (2, 17), (37, 77), (37, 1), (65, 40)];
+/// `(N, D)` for NT-Xent's 2N x D input: 2 rows, 4 rows, odd sizes, one feature, and 2, 3 and 4
+/// row tiles (the symmetric forward visits each pair of tiles once; an even count of tiles
+/// gives the upper half one tile fewer).
+const NTXENT_SHAPES: &[(usize, usize)] =
+    &[(1, 17), (2, 17), (37, 77), (37, 1), (65, 40), (100, 24)];
 
 fn check_ntxent(device: Device) {
     let mut rng = StdRng::seed_from_u64(0x7e01);
@@ -510,9 +513,17 @@ fn moco_matches_cpu() {
     on_kernel_devices("moco_matches_cpu", check_moco);
 }
 
-/// (N, V, D) for SupCon: N·V across a 64-row tile, a lone view (every key masked), V = 3.
-const SUPCON_SHAPES: &[(usize, usize, usize)] =
-    &[(37, 2, 77), (1, 1, 17), (2, 1, 17), (23, 3, 40), (37, 2, 1)];
+/// (N, V, D) for SupCon: N·V across a 64-row tile, a lone view (every key masked), V = 3, and
+/// 3 and 4 row tiles for the symmetric forward.
+const SUPCON_SHAPES: &[(usize, usize, usize)] = &[
+    (37, 2, 77),
+    (1, 1, 17),
+    (2, 1, 17),
+    (23, 3, 40),
+    (37, 2, 1),
+    (45, 3, 19),
+    (50, 4, 33),
+];
 
 fn check_supcon(device: Device) {
     let mut rng = StdRng::seed_from_u64(0x5c0b);

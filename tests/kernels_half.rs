@@ -151,21 +151,24 @@ fn half_infonce_and_ntxent_match_cpu() {
                     ])
                 });
             }
-            let z = random_matrix(&mut rng, 2 * 33, d);
-            let opts = NtXentOptions { temperature: 0.2 };
-            compare_half(
-                device,
-                dtype,
-                &format!("ntxent 66x{d}"),
-                &[(&z, &[66, d])],
-                |t| {
-                    let out = ntxent(&t[0], &opts)?;
-                    Ok(vec![
-                        ("loss", vec![out.loss]),
-                        ("grad_z", out.grad_z.to_vec_f64()),
-                    ])
-                },
-            );
+            // 2 and 4 row tiles: the symmetric forward's pairs of tiles.
+            for rows in [66, 194] {
+                let z = random_matrix(&mut rng, rows, d);
+                let opts = NtXentOptions { temperature: 0.2 };
+                compare_half(
+                    device,
+                    dtype,
+                    &format!("ntxent {rows}x{d}"),
+                    &[(&z, &[rows, d])],
+                    |t| {
+                        let out = ntxent(&t[0], &opts)?;
+                        Ok(vec![
+                            ("loss", vec![out.loss]),
+                            ("grad_z", out.grad_z.to_vec_f64()),
+                        ])
+                    },
+                );
+            }
         }
     });
 }
@@ -203,25 +206,28 @@ fn half_clip_moco_supcon_match_cpu() {
                     ("grad_q", out.grad_q.to_vec_f64()),
                 ])
             });
-            let features = random_matrix(&mut rng, 23 * 2, d);
-            let labels: Vec<i64> = (0..23).map(|i| i % 5).collect();
-            let opts = SupConOptions {
-                temperature: 0.1,
-                base_temperature: 0.07,
-            };
-            compare_half(
-                device,
-                dtype,
-                "supcon 23x2x40",
-                &[(&features, &[23, 2, d])],
-                |t| {
-                    let out = supcon(&t[0], &labels, &opts)?;
-                    Ok(vec![
-                        ("loss", vec![out.loss]),
-                        ("grad_features", out.grad_features.to_vec_f64()),
-                    ])
-                },
-            );
+            // 1 and 4 row tiles (N·V = 46, 201).
+            for (samples, views) in [(23, 2), (67, 3)] {
+                let features = random_matrix(&mut rng, samples * views, d);
+                let labels: Vec<i64> = (0..samples as i64).map(|i| i % 5).collect();
+                let opts = SupConOptions {
+                    temperature: 0.1,
+                    base_temperature: 0.07,
+                };
+                compare_half(
+                    device,
+                    dtype,
+                    &format!("supcon {samples}x{views}x{d}"),
+                    &[(&features, &[samples, views, d])],
+                    |t| {
+                        let out = supcon(&t[0], &labels, &opts)?;
+                        Ok(vec![
+                            ("loss", vec![out.loss]),
+                            ("grad_features", out.grad_features.to_vec_f64()),
+                        ])
+                    },
+                );
+            }
         }
     });
 }

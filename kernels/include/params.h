@@ -61,6 +61,13 @@ typedef struct ContraInfonceFwdParams {
      * over the rows in, with a compare-and-swap per block and column. In log2 units: the
      * column's natural lse is (max + log2(sum)) * ln(2). May be NULL. */
     unsigned long long* col_state;
+    /* Symmetric forward (NT-Xent, SupCon: q and k are the same rows): each unordered pair of
+     * 64-row tiles is computed once and folded into the statistics of both its row tile and its
+     * column tile. Every row's state then goes to col_state (rows entries, as above) and its
+     * target logit sum (log2 units) to col_target (rows entries, zeros on entry) with atomic adds;
+     * infonce_finish turns them into lse and row_loss. */
+    int symmetric;
+    float* col_target;
     float* lse;
     float* row_loss;
     int rows;

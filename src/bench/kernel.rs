@@ -285,12 +285,13 @@ impl<B: Backend> KernelRunner<B> {
                     },
                     normalize: true,
                     self_mask: ntxent,
+                    symmetric: ntxent,
                 };
                 let (loss, lse) = problem.forward(b)?;
                 if !bwd {
                     return Ok(loss_only(loss));
                 }
-                let (dq, _) = problem.backward(b, &lse, 1.0, ntxent)?;
+                let (dq, _) = problem.backward(b, &lse, 1.0)?;
                 Ok(Outcome {
                     check: loss,
                     grad_check: self.grad(&dq, check)?,

@@ -3,7 +3,7 @@
 //! compare-and-swap state, the column log-sum-exp; the one-pass backward uses both softmaxes
 //! and also returns the gradient of `log_scale`.
 
-use super::infonce::{fused_forward, BackwardPass, Softmax};
+use super::infonce::{empty_lse_states, fused_forward, BackwardPass, Softmax};
 use super::{blocks_for, normalize, Backend};
 use crate::Result;
 
@@ -51,6 +51,7 @@ impl<B: Backend> Clip<'_, B> {
             positives: Some(self.diagonal),
             labels: None,
             col_lse,
+            symmetric: false,
             rows: self.rows,
             cols: self.rows,
             dim: self.dim,
@@ -60,11 +61,7 @@ impl<B: Backend> Clip<'_, B> {
     /// The loss `(CE(logits, diag) + CE(logits^T, diag)) / 2` and both log-sum-exps.
     pub fn forward(&self, b: &B) -> Result<(f64, ClipLse<B::Buf>)> {
         let (an, bn) = self.normalized(b)?;
-        // Each column's running {max, sum} starts at {-inf, 0}: low word max, high word sum.
-        let empty: Vec<i32> = (0..self.rows)
-            .flat_map(|_| [f32::NEG_INFINITY.to_bits() as i32, 0])
-            .collect();
-        let col_state = b.upload_i32("col_state", &empty)?;
+        let col_state = empty_lse_states(b, self.rows)?;
         let (row_mean, row_lse) = fused_forward(
             b,
             self.softmax(&an, &bn, None),

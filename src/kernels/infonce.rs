@@ -27,18 +27,27 @@ pub(crate) struct Problem<'a, B: Backend> {
     pub temperature: f64,
     pub normalize: bool,
     pub self_mask: bool,
+    /// q and k are the same rows (NT-Xent): the symmetric forward and backward.
+    pub symmetric: bool,
 }
 
-/// Normalized copies of q and k when the problem asks for cosine similarity.
+/// Normalized copies of q and k when the problem asks for cosine similarity (one copy when they
+/// are the same rows).
 enum Operands<Buf> {
     Raw,
     Normalized(Buf, Buf),
+    Shared(Buf),
 }
 
 impl<B: Backend> Problem<'_, B> {
     fn operands(&self, b: &B) -> Result<Operands<B::Buf>> {
         if !self.normalize {
             return Ok(Operands::Raw);
+        }
+        if self.symmetric {
+            return Ok(Operands::Shared(normalize::forward(
+                b, self.q, self.rows, self.dim,
+            )?));
         }
         Ok(Operands::Normalized(
             normalize::forward(b, self.q, self.rows, self.dim)?,
@@ -50,6 +59,7 @@ impl<B: Backend> Problem<'_, B> {
         match ops {
             Operands::Raw => (self.q, self.k),
             Operands::Normalized(q, k) => (q, k),
+            Operands::Shared(z) => (z, z),
         }
     }
 
@@ -65,6 +75,7 @@ impl<B: Backend> Problem<'_, B> {
             positives: Some(self.positives),
             labels: None,
             col_lse: None,
+            symmetric: self.symmetric,
             rows: self.rows,
             cols: self.cols,
             dim: self.dim,
@@ -85,22 +96,20 @@ impl<B: Backend> Problem<'_, B> {
         )
     }
 
-    /// Gradients of `grad_loss * loss` for q and k, in one backward pass. With `sum_into_q`
-    /// (NT-Xent, where q and k are the same rows) the pass is the symmetric one and returns
-    /// only dz = dq + dk.
+    /// Gradients of `grad_loss * loss` for q and k, in one backward pass. A symmetric problem
+    /// returns only dz = dq + dk.
     pub fn backward(
         &self,
         b: &B,
         lse: &B::Buf,
         grad_loss: f64,
-        sum_into_q: bool,
     ) -> Result<(B::Buf, Option<B::Buf>)> {
         let ops = self.operands(b)?;
         let (q, k) = self.pick(&ops);
         let softmax = self.softmax(q, k);
         let grad_scale = (grad_loss / self.rows as f64) as f32;
         let grad_q = b.output("grad_q", self.rows * self.dim)?;
-        let grad_k = if sum_into_q {
+        let grad_k = if self.symmetric {
             None
         } else {
             Some(b.zeros("grad_k", self.cols * self.dim)?)
@@ -119,6 +128,7 @@ impl<B: Backend> Problem<'_, B> {
         if !self.normalize {
             return Ok((grad_q, grad_k));
         }
+        // The symmetric problem's dz comes back in grad_q, through z = q's normalization.
         let grad_q = normalize::backward(b, self.q, &grad_q, self.rows, self.dim)?;
         let grad_k = match grad_k {
             Some(g) => Some(normalize::backward(b, self.k, &g, self.cols, self.dim)?),
@@ -140,6 +150,8 @@ pub(crate) struct Softmax<'a, Buf> {
     pub labels: Option<(&'a Buf, &'a Buf)>,
     /// CLIP's column log-sum-exp: the backward adds the column softmax (symmetric loss).
     pub col_lse: Option<&'a Buf>,
+    /// q and k are the same rows (NT-Xent, SupCon): the forward visits each pair of tiles once.
+    pub symmetric: bool,
     pub rows: usize,
     pub cols: usize,
     pub dim: usize,
@@ -150,8 +162,18 @@ fn or_null<B: Backend>(b: &B, buf: Option<&B::Buf>) -> *mut std::ffi::c_void {
     buf.map_or(std::ptr::null_mut(), |buf| b.ptr(buf))
 }
 
-/// `infonce_fwd_f32`: the mean loss and the per-row log-sum-exp. `extra_key` adds MoCo's
-/// positive logit `scale * q_i . extra_key_i` to each row and makes it the target.
+/// Running log-sum-exp states `{max: -inf, sum: 0}` for `n` rows or columns, as the kernels
+/// fold into them (pairs of f32 words).
+pub(crate) fn empty_lse_states<B: Backend>(b: &B, n: usize) -> Result<B::Buf> {
+    let empty: Vec<i32> = (0..n)
+        .flat_map(|_| [f32::NEG_INFINITY.to_bits() as i32, 0])
+        .collect();
+    b.upload_i32("lse_states", &empty)
+}
+
+/// `infonce_fwd`: the mean loss and the per-row log-sum-exp. `extra_key` adds MoCo's positive
+/// logit `scale * q_i . extra_key_i` to each row and makes it the target. A symmetric softmax
+/// sweeps half the tiles into shared row states, then `infonce_finish` writes lse and the loss.
 pub(crate) fn fused_forward<B: Backend>(
     b: &B,
     s: Softmax<'_, B::Buf>,
@@ -162,6 +184,11 @@ pub(crate) fn fused_forward<B: Backend>(
 ) -> Result<(f64, B::Buf)> {
     let lse = b.output("lse", s.rows)?;
     let row_loss = b.output("row_loss", s.rows)?;
+    let row_states = match s.symmetric {
+        true => Some((empty_lse_states(b, s.rows)?, b.zeros("row_target", s.rows)?)),
+        false => None,
+    };
+    let col_state = row_states.as_ref().map(|(states, _)| states).or(col_state);
     let params = ContraInfonceFwdParams {
         q: b.ptr(s.q),
         k: b.ptr(s.k),
@@ -170,6 +197,8 @@ pub(crate) fn fused_forward<B: Backend>(
         target_weight: or_null(b, s.labels.map(|(_, weight)| weight)).cast(),
         extra_key: or_null(b, extra_key),
         col_state: or_null(b, col_state).cast(),
+        symmetric: s.symmetric as i32,
+        col_target: or_null(b, row_states.as_ref().map(|(_, target)| target)).cast(),
         lse: b.ptr(&lse).cast(),
         row_loss: b.ptr(&row_loss).cast(),
         rows: s.rows as i32,
@@ -178,12 +207,18 @@ pub(crate) fn fused_forward<B: Backend>(
         self_mask: self_mask as i32,
         scale,
     };
-    b.launch(
-        typed_kernel!("infonce_fwd", b.info(s.q).elem),
-        launch_shape(s.rows),
-        &params,
-        &[&lse, &row_loss],
-    )?;
+    let kernel = typed_kernel!("infonce_fwd", b.info(s.q).elem);
+    if s.symmetric {
+        b.launch(kernel, launch_shape(s.rows), &params, &[])?;
+        b.launch(
+            "infonce_finish",
+            Launch::linear(blocks_for(s.rows, 256), 256),
+            &params,
+            &[&lse, &row_loss],
+        )?;
+    } else {
+        b.launch(kernel, launch_shape(s.rows), &params, &[&lse, &row_loss])?;
+    }
     // The mean of N per-row losses is summed on the host in f64: N floats, deterministic.
     let total: f64 = b.download(&row_loss)?.iter().map(|&v| v as f64).sum();
     Ok((total / s.rows as f64, lse))

@@ -65,6 +65,7 @@ interp_kernels!(
     infonce_extra_bwd_f32,
     infonce_extra_bwd_bf16,
     infonce_extra_bwd_f16,
+    infonce_finish,
     margin_fwd_f32,
     margin_bwd_f32,
     nce_fwd_f32,

@@ -98,6 +98,8 @@ pub struct ContraInfonceFwdParams {
     pub labels: *const ::std::os::raw::c_int,
     pub target_weight: *const f32,
     pub col_state: *mut ::std::os::raw::c_ulonglong,
+    pub symmetric: ::std::os::raw::c_int,
+    pub col_target: *mut f32,
     pub lse: *mut f32,
     pub row_loss: *mut f32,
     pub rows: ::std::os::raw::c_int,
@@ -108,7 +110,7 @@ pub struct ContraInfonceFwdParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 96usize];
+    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 112usize];
     ["Alignment of ContraInfonceFwdParams"]
         [::std::mem::align_of::<ContraInfonceFwdParams>() - 8usize];
     ["Offset of field: ContraInfonceFwdParams::q"]
@@ -125,20 +127,24 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceFwdParams, target_weight) - 40usize];
     ["Offset of field: ContraInfonceFwdParams::col_state"]
         [::std::mem::offset_of!(ContraInfonceFwdParams, col_state) - 48usize];
+    ["Offset of field: ContraInfonceFwdParams::symmetric"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, symmetric) - 56usize];
+    ["Offset of field: ContraInfonceFwdParams::col_target"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, col_target) - 64usize];
     ["Offset of field: ContraInfonceFwdParams::lse"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, lse) - 56usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, lse) - 72usize];
     ["Offset of field: ContraInfonceFwdParams::row_loss"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, row_loss) - 64usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, row_loss) - 80usize];
     ["Offset of field: ContraInfonceFwdParams::rows"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, rows) - 72usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, rows) - 88usize];
     ["Offset of field: ContraInfonceFwdParams::cols"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, cols) - 76usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, cols) - 92usize];
     ["Offset of field: ContraInfonceFwdParams::dim"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, dim) - 80usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, dim) - 96usize];
     ["Offset of field: ContraInfonceFwdParams::self_mask"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, self_mask) - 84usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, self_mask) - 100usize];
     ["Offset of field: ContraInfonceFwdParams::scale"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 88usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 104usize];
 };
 impl Default for ContraInfonceFwdParams {
     fn default() -> Self {

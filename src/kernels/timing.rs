@@ -78,6 +78,7 @@ fn ntxent_problem<'a>(
         temperature: 0.1,
         normalize: true,
         self_mask: true,
+        symmetric: true,
     }
 }
 
@@ -92,7 +93,7 @@ fn ntxent_bf16_call(
 ) -> Result<()> {
     let problem = ntxent_problem(z, positives, n, d);
     let (_, lse) = problem.forward(b)?;
-    problem.backward(b, &lse, 1.0, true).map(drop)
+    problem.backward(b, &lse, 1.0).map(drop)
 }
 
 /// Uploads an n x d bf16 feature matrix and NT-Xent's positives.
@@ -242,7 +243,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
             format!("{n}x{d} {dtype}"),
             4.0 * gemm,
             repeats,
-            || problem.backward(b, &lse, 1.0, true).map(drop),
+            || problem.backward(b, &lse, 1.0).map(drop),
         )?;
     }
     // MoCo at the reference shape of the benchmark issue: N = 256 queries, K = 65536 negatives.

@@ -157,7 +157,7 @@ pub fn infonce_backward(
     run_on_kernels!(q.device(), b => {
         let inputs = KernelInputs::upload(b, q, k, positives)?;
         let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-        let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss, false)?;
+        let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
         let dk = dk.expect("separate key gradient");
         Ok((output_like(q, b.download(&dq)?, q.shape()), output_like(k, b.download(&dk)?, k.shape())))
     });
@@ -247,6 +247,7 @@ impl<B: Backend> KernelInputs<B> {
             temperature: opts.temperature,
             normalize: opts.normalize,
             self_mask: opts.self_mask,
+            symmetric: false,
         }
     }
 }

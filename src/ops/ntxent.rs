@@ -3,7 +3,7 @@
 
 use super::infonce::{check_saved_lse, InfoNceOptions, KernelInputs, SoftmaxForward, SoftmaxSaved};
 use super::{check_finite, check_temperature, matrix_dims, output_like, values, with_cpu_real};
-use crate::kernels::{run_on_kernels, Backend};
+use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Device, Error, Result, Tensor};
 
 /// NT-Xent as the kernels see it: InfoNCE of z against itself, cosine, self excluded.
@@ -12,6 +12,20 @@ fn kernel_options(opts: &NtXentOptions) -> InfoNceOptions {
         temperature: opts.temperature,
         normalize: true,
         self_mask: true,
+    }
+}
+
+/// The kernels' problem: z against itself, symmetric (half the forward tiles, one backward
+/// product dz = (G + G^T) z).
+fn symmetric_problem<'a, B: Backend>(
+    inputs: &'a KernelInputs<B>,
+    rows: usize,
+    dim: usize,
+    opts: &NtXentOptions,
+) -> kernels::infonce::Problem<'a, B> {
+    kernels::infonce::Problem {
+        symmetric: true,
+        ..inputs.problem((rows, rows, dim), &kernel_options(opts))
     }
 }
 
@@ -57,7 +71,7 @@ pub fn ntxent_forward(z: &Tensor, opts: &NtXentOptions) -> Result<SoftmaxForward
     let (rows, dim) = validate(z, opts)?;
     run_on_kernels!(z.device(), b => {
         let inputs = KernelInputs::upload(b, z, z, &cpu::infonce::ntxent_positives(rows))?;
-        let (loss, lse) = inputs.problem((rows, rows, dim), &kernel_options(opts)).forward(b)?;
+        let (loss, lse) = symmetric_problem(&inputs, rows, dim, opts).forward(b)?;
         let lse = z.host_like(b.download(&lse)?, &[rows]);
         Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
     });
@@ -83,7 +97,7 @@ pub fn ntxent_backward(
     run_on_kernels!(z.device(), b => {
         let inputs = KernelInputs::upload(b, z, z, &cpu::infonce::ntxent_positives(rows))?;
         let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-        let (dz, _) = inputs.problem((rows, rows, dim), &kernel_options(opts)).backward(b, &lse, grad_loss, true)?;
+        let (dz, _) = symmetric_problem(&inputs, rows, dim, opts).backward(b, &lse, grad_loss)?;
         Ok(output_like(z, b.download(&dz)?, z.shape()))
     });
     with_cpu_real!(z.dtype(), T => {

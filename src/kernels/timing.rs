@@ -114,8 +114,9 @@ fn ntxent_bf16_inputs(
 /// NT-Xent forward + backward with bf16 inputs at `n x d` on GPU `ordinal`: the median of
 /// `repeats` CUDA-event times, with `flops` = 8 N^2 D (the count of the tensor-core issue:
 /// 2 N^2 D forward, 6 N^2 D for a backward that recomputes the scores and forms dQ and dK).
-/// contra's symmetric backward executes 4 N^2 D of it (one recomputation, one product
-/// dz = (G + G^T) z), so this is useful work per second, as the issue defines it.
+/// contra executes 5 N^2 D of it (the symmetric forward computes half the tiles; the symmetric
+/// backward one recomputation and one product dz = (G + G^T) z), so this is useful work per
+/// second, as the issue defines it.
 pub fn ntxent_bf16(ordinal: usize, n: usize, d: usize, repeats: usize) -> Result<KernelTiming> {
     let cuda = Cuda::get(ordinal)?;
     let b = &*cuda;

@@ -13,6 +13,10 @@
 
 namespace contra {
 
+// The forward streams 64-feature slices (16 mma per warp between barriers, 36 KB of stages);
+// the backward, which also holds G and the product's staging buffer, keeps 16.
+constexpr int kForwardSlice = 64;
+
 template <typename T>
 __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<4> columns;  // CLIP / symmetric sweep: per row-warp partials
@@ -42,7 +46,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     const KeyTiles tiles(p, blockIdx.x);
     for (int step = 0; step < tiles.count; ++step) {
         const int c0 = tiles.column(step);
-        tile_mma(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, d);
+        tile_mma<kForwardSlice>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, d);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float u[8], local_max = -INFINITY;

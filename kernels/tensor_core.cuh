@@ -8,9 +8,11 @@
 //     receives its elements of D; the emulation gathers the A rows and B columns it needs from
 //     the other lanes with warp shuffles, so a caller that loads a fragment from the wrong place
 //     gets a wrong product.
-//   * cp.async: a copy reads its source when issued but lands in shared memory only when a
-//     cp.async.wait_group covering its group runs, so reading a stage before waiting for it
-//     reads stale data, as it can on the GPU.
+//   * cp.async: on the GPU a copy lands at some time between its issue and the
+//     cp.async.wait_group that covers it. The emulation takes both extremes: the copies of
+//     even warps land at the wait (so reading a stage before waiting for it reads stale data),
+//     those of odd warps at once (so refilling a stage that other warps still read, without a
+//     barrier in between, corrupts their operands).
 //
 // Fragment layout of m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with
 // g = lane / 4 and t = lane % 4; each 32-bit register holds two 16-bit elements, the lower
@@ -108,6 +110,11 @@ inline State& state() {
 // Starts copying 16 bytes from global `src` to shared `dst` (both 16-byte aligned).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
 #if defined(CONTRA_INTERP)
+    const int linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if ((linear / 32) % 2 == 1) {  // an odd warp: the copy lands at issue
+        std::memcpy(dst, src, 16);
+        return;
+    }
     async_copy::Copy copy;
     copy.dst = dst;
     std::memcpy(copy.bytes, src, 16);

@@ -34,21 +34,24 @@ __device__ __forceinline__ void load_slice(const T* m, int rows, int dim, int ro
     }
 }
 
-// Features per slice of the tensor-core pipeline, and the padded row length of a staged slice
-// (48 bytes: whole 16-byte chunks, and consecutive rows in different banks).
+// Features per slice of the tensor-core pipeline (the default; a multiple of 16), and the
+// padded row length of a staged slice: 16 more bytes, so the 8 rows a fragment load touches
+// start in different banks.
 constexpr int kTcSlice = 16;
-constexpr int kTcStride = 24;
+template <int features>
+constexpr int kStageStride = features + 8;
 
 template <typename T>
 constexpr bool kIsHalf = std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value;
 
-// Stages chunk `chunk` (0..127: row chunk / 2, features 8 (chunk % 2) ..+8) of rows
-// [row0, row0 + 64) x features [k0, k0 + 16) of `m` into `s`: one 16-byte cp.async when the
-// chunk is whole and aligned, else element by element with zeros outside the matrix.
-template <typename T>
+// Stages 16-byte chunk `chunk` (row chunk / (features / 8), features 8 (chunk % (features / 8))
+// ..+8) of rows [row0, row0 + 64) x features [k0, k0 + features) of `m` into `s`: one cp.async
+// when the chunk is whole and aligned, else element by element with zeros outside the matrix.
+template <int features, typename T>
 __device__ __forceinline__ void stage_chunk(const T* m, int rows, int dim, int row0, int k0, int chunk,
-                                            unsigned short (*s)[kTcStride]) {
-    const int r = chunk / 2, c = 8 * (chunk % 2);
+                                            unsigned short (*s)[kStageStride<features>]) {
+    constexpr int chunks_per_row = features / 8;
+    const int r = chunk / chunks_per_row, c = 8 * (chunk % chunks_per_row);
     const int row = row0 + r, col = k0 + c;
     unsigned short* dst = &s[r][c];
     const unsigned short* bits = reinterpret_cast<const unsigned short*>(m);
@@ -67,11 +70,17 @@ __device__ __forceinline__ unsigned pair_at(const unsigned short* p) { return *r
 // The warp-level part of the tensor-core engine (T: bf16 or f16): warp w computes rows
 // m0 = 16 (w % 4) .. +16 and columns n0 = 32 (w / 4) .. +32 of the 64 x 64 tile of dot products
 // a_{a0 + r} . b_{b0 + c}, and returns them in the mma D-fragment layout: d[nt] holds columns
-// n0 + 8 nt .. +8 (tensor_core.cuh). Every thread of the block must call it (it synchronizes).
-template <typename T>
+// n0 + 8 nt .. +8 (tensor_core.cuh). The operands stream through two shared-memory stages of
+// `features` features each (wider: fewer barriers per tile, more shared memory:
+// 2 x 2 x 64 x (features + 8) x 2 bytes). Every thread of the block must call it (it
+// synchronizes).
+template <int features, typename T>
 __device__ void tile_mma(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim, float d[4][4]) {
-    __shared__ __align__(16) unsigned short a_stage[2][kTile][kTcStride];
-    __shared__ __align__(16) unsigned short b_stage[2][kTile][kTcStride];
+    static_assert(features % 16 == 0, "a slice is whole mma k-steps");
+    constexpr int stride = kStageStride<features>;
+    constexpr int chunks = kTile * features / 8;  // 16-byte chunks per operand and slice
+    __shared__ __align__(16) unsigned short a_stage[2][kTile][stride];
+    __shared__ __align__(16) unsigned short b_stage[2][kTile][stride];
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
@@ -79,16 +88,17 @@ __device__ void tile_mma(const T* a, int a_rows, int a0, const T* b, int b_rows,
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) d[nt][e] = 0.0f;
-    // Threads 0..127 stage the a rows, 128..255 the b rows.
     auto stage = [&](int slice) {
-        const int k0 = slice * kTcSlice, buffer = slice % 2;
-        if (tid < 128)
-            stage_chunk(a, a_rows, dim, a0, k0, tid, a_stage[buffer]);
-        else
-            stage_chunk(b, b_rows, dim, b0, k0, tid - 128, b_stage[buffer]);
+        const int k0 = slice * features, buffer = slice % 2;
+        for (int c = tid; c < 2 * chunks; c += 256) {
+            if (c < chunks)
+                stage_chunk<features>(a, a_rows, dim, a0, k0, c, a_stage[buffer]);
+            else
+                stage_chunk<features>(b, b_rows, dim, b0, k0, c - chunks, b_stage[buffer]);
+        }
         cp_async_commit();
     };
-    const int slices = (dim + kTcSlice - 1) / kTcSlice;
+    const int slices = (dim + features - 1) / features;
     stage(0);
     for (int slice = 0; slice < slices; ++slice) {
         if (slice + 1 < slices) {
@@ -98,14 +108,18 @@ __device__ void tile_mma(const T* a, int a_rows, int a0, const T* b, int b_rows,
             cp_async_wait<0>();
         }
         __syncthreads();
-        const unsigned short(*as)[kTcStride] = a_stage[slice % 2];
-        const unsigned short(*bs)[kTcStride] = b_stage[slice % 2];
-        const unsigned af[4] = {pair_at(&as[m0 + g][2 * t]), pair_at(&as[m0 + g + 8][2 * t]),
-                                pair_at(&as[m0 + g][2 * t + 8]), pair_at(&as[m0 + g + 8][2 * t + 8])};
-        for (int nt = 0; nt < 4; ++nt) {
-            const int n = n0 + 8 * nt + g;  // b row n is column n of the product
-            const unsigned bf[2] = {pair_at(&bs[n][2 * t]), pair_at(&bs[n][2 * t + 8])};
-            mma_16816<T>(d[nt], af, bf);
+        const unsigned short(*as)[stride] = a_stage[slice % 2];
+        const unsigned short(*bs)[stride] = b_stage[slice % 2];
+#pragma unroll
+        for (int kk = 0; kk < features; kk += 16) {
+            const unsigned af[4] = {pair_at(&as[m0 + g][kk + 2 * t]), pair_at(&as[m0 + g + 8][kk + 2 * t]),
+                                    pair_at(&as[m0 + g][kk + 2 * t + 8]), pair_at(&as[m0 + g + 8][kk + 2 * t + 8])};
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const int n = n0 + 8 * nt + g;  // b row n is column n of the product
+                const unsigned bf[2] = {pair_at(&bs[n][kk + 2 * t]), pair_at(&bs[n][kk + 2 * t + 8])};
+                mma_16816<T>(d[nt], af, bf);
+            }
         }
         __syncthreads();  // this buffer is refilled two slices on
     }
@@ -120,7 +134,7 @@ __device__ void tile_dot_tc(const T* a, int a_rows, int a0, const T* b, int b_ro
     const int g = lane / 4, t = lane % 4;
     const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
     float d[4][4];
-    tile_mma(a, a_rows, a0, b, b_rows, b0, dim, d);
+    tile_mma<kTcSlice>(a, a_rows, a0, b, b_rows, b0, dim, d);
     for (int nt = 0; nt < 4; ++nt) {
         const int col = n0 + 8 * nt + 2 * t;
         tile[m0 + g][col] = d[nt][0];

@@ -552,6 +552,11 @@ bool run_block(Worker* w, unsigned long long linear) {
     w->block_failed = false;
 
     const bool reverse = reverse_order();
+    // Odd blocks run warp by warp: each warp until all its threads wait at a barrier or exit,
+    // so one warp gets far ahead of the others (a missing __syncthreads between a warp's
+    // reads of shared memory and another warp's next writes then shows); even blocks
+    // round-robin over the threads. Both are schedules a GPU may run.
+    const bool warp_by_warp = linear % 2 == 1 && !reverse;
     const size_t n = w->fibers.size();
     while (w->done < w->nthreads) {
         bool ran = false;
@@ -563,6 +568,12 @@ bool run_block(Worker* w, unsigned long long linear) {
             if (w->block_failed) break;
             Warp& wp = w->warps[f.warp];
             if (wp.at_activemask) maybe_complete_activemask(w, f.warp);
+            if (!warp_by_warp || f.lane != 31 || w->done >= w->nthreads) continue;
+            // The warp's last lane ran: go back to its first lane while any lane is ready.
+            const size_t first = f.warp * 32;
+            bool ready = false;
+            for (size_t l = first; l < std::min(first + 32, n); ++l) ready = ready || w->fibers[l].state == State::Ready;
+            if (ready) i = first - 1;  // the loop's ++i resumes at `first`
         }
         if (!w->block_failed && !ran) diagnose_stall(w);
         if (w->block_failed) {

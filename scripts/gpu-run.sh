@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (no cargo needed), from the repository root (for tests/fixtures):
-#     bash gpu-bundle/gpu-run.sh gpu-bundle report.md
+#     bash gpu-bundle/gpu-run.sh gpu-bundle report.md [phase ...]
 # Writes one markdown report: GPU, driver, date, pass/fail of every kernel test and fixture case
 # on cuda:0, compute-sanitizer memcheck / racecheck results, and kernel timings.
+#
+# Phases, in this order of priority (default: all): check (kernel tests, fixtures, trainer),
+# tensor (the tensor-core NT-Xent figures: TFLOP/s, ratio to PyTorch, largest N), sanitize
+# (compute-sanitizer), bench (timings and the full benchmark table). The whole run keeps to
+# CONTRA_GPU_BUDGET_S seconds (default 540, under the device tool's 600 s per call): each step's
+# limit is cut to what is left, and a step with no time left is reported as skipped. Split a run
+# over several calls by naming phases.
 set -uo pipefail
 bundle=${1:-gpu-bundle}
 report=${2:-gpu-report.md}
+shift 2 2>/dev/null || shift $#
+phases=${*:-check tensor sanitize bench}
+deadline=$((SECONDS + ${CONTRA_GPU_BUDGET_S:-540}))
 overall=0
+wants() { [[ " $phases " == *" $1 "* ]]; }
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 # cuBLAS for the encoder's GEMMs: cudarc loads libcublas at run time; on a machine whose only
 # CUDA libraries are PyTorch's pip wheels, put their folder on the library path.
@@ -26,6 +37,12 @@ section() { printf '\n## %s\n\n' "$1" >>"$report"; }
 # run NAME TIMEOUT CMD...: runs a step, appends its output in a code block and its verdict.
 run() {
   local name=$1 limit=$2; shift 2
+  local left=$((deadline - SECONDS))
+  if [ "$left" -lt 10 ]; then
+    printf '\n**%s: SKIPPED** (the time budget is spent)\n' "$name" >>"$report"
+    echo "$name: SKIPPED"; overall=1; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local log; log=$(mktemp)
   local start=$SECONDS
   timeout "$limit" "$@" >"$log" 2>&1
@@ -44,40 +61,50 @@ run() {
   echo "- driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null)"
   echo "- host: $(uname -r), $(nproc) cores"
   echo "- commit: $(cat "$bundle/COMMIT" 2>/dev/null || echo unknown)"
-  echo "- libcublas: $(ls "${LD_LIBRARY_PATH%%:*}"/libcublas.so* 2>/dev/null | head -n 1 || echo 'system default')"
+  first_lib_dir=${LD_LIBRARY_PATH:-}
+  echo "- libcublas: $(ls "${first_lib_dir%%:*}"/libcublas.so* 2>/dev/null | head -n 1 || echo 'system default')"
+  echo "- phases: $phases (time budget ${CONTRA_GPU_BUDGET_S:-540} s)"
 } >"$report"
 
 # Every kernel test binary: f32 softmax losses, elementwise ops, triplet mining, bf16/f16, and
 # the encoder's layers (GEMM through cuBLAS, bias, ReLU, BatchNorm).
-kernel_tests="kernels kernels_elementwise kernels_triplet kernels_half nn_device"
-section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
-for t in $kernel_tests; do
-  run "$t" 180 "$bundle/$t" --test-threads=2 --nocapture
-done
-section "Fixtures on cuda:0"
-run "fixtures on cuda:0" 60 env CONTRA_DEVICE=cuda "$bundle/fixtures" --nocapture
-if [ -n "$sanitizer" ]; then
-  for tool in memcheck racecheck; do
-    section "compute-sanitizer $tool over the kernel tests"
-    for t in $kernel_tests; do
-      run "$tool $t" 180 "$sanitizer" --tool "$tool" --error-exitcode 1 "$bundle/$t" --test-threads=1
-    done
+kernel_tests="kernels kernels_half kernels_elementwise kernels_triplet nn_device"
+if wants check; then
+  section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
+  for t in $kernel_tests; do
+    run "$t" 180 "$bundle/$t" --test-threads=2 --nocapture
   done
-else
-  echo "compute-sanitizer not found: skipped" >>"$report"; overall=1
+  section "Fixtures on cuda:0"
+  run "fixtures on cuda:0" 60 env CONTRA_DEVICE=cuda "$bundle/fixtures" --nocapture
+  section "Trainer: the first steps of SimCLR, MoCo v2 and SupCon (encoder passes and losses) on cuda:0 against the CPU, same seed"
+  run "train-check on cuda:0" 120 "$bundle/contra" train-check --device cuda --steps 5
 fi
-section "Trainer: the first steps of SimCLR, MoCo v2 and SupCon (encoder passes and losses) on cuda:0 against the CPU, same seed"
-run "train-check on cuda:0" 120 "$bundle/contra" train-check --device cuda --steps 5
-section "Kernel timings (median of 20 CUDA-event times after a warm-up; f32 on CUDA cores, bf16 softmax losses on tensor cores)"
-run "timings" 90 "$bundle/contra" kernel-timing --repeats 20
-section "Tensor cores: NT-Xent forward + backward, bf16, N = 65536, D = 256 (TFLOP/s over 8 N^2 D)"
-run "tensor-core NT-Xent N=65536 D=256" 300 "$bundle/contra" kernel-timing --ntxent-bf16 65536 --dim 256 --repeats 5
-section "Tensor cores: the largest N that runs (D = 256, doubling from 65536 up to 1048576)"
-run "largest N" 420 "$bundle/contra" kernel-timing --largest 1048576 --dim 256
-section "Benchmark table on the GPU: contra (fused) vs the unfused baseline vs PyTorch eager"
-run "contra bench --device cuda --quick" 420 "$bundle/contra" bench --device cuda --quick --json "${report%.md}-bench.json"
-section "PyTorch eager at the tensor-core shape (bf16, same card): contra vs torch"
-run "bench N=65536 D=256 bf16" 420 "$bundle/contra" bench --device cuda --filter "N=65536 D=256 bf16" --json "${report%.md}-bench-tc.json"
+if wants tensor; then
+  section "Tensor cores: NT-Xent forward + backward, bf16, N = 65536, D = 256 (TFLOP/s over 8 N^2 D)"
+  run "tensor-core NT-Xent N=65536 D=256" 120 "$bundle/contra" kernel-timing --ntxent-bf16 65536 --dim 256 --repeats 5
+  section "PyTorch eager at the tensor-core shape (bf16, same card): contra vs torch"
+  run "bench N=65536 D=256 bf16" 180 "$bundle/contra" bench --device cuda --filter "N=65536 D=256 bf16" --json "${report%.md}-bench-tc.json"
+  section "Tensor cores: the largest N that runs (D = 256, doubling from 65536 up to 1048576)"
+  run "largest N" 240 "$bundle/contra" kernel-timing --largest 1048576 --dim 256
+fi
+if wants sanitize; then
+  if [ -n "$sanitizer" ]; then
+    for tool in memcheck racecheck; do
+      section "compute-sanitizer $tool over the kernel tests"
+      for t in $kernel_tests; do
+        run "$tool $t" 180 "$sanitizer" --tool "$tool" --error-exitcode 1 "$bundle/$t" --test-threads=1
+      done
+    done
+  else
+    echo "compute-sanitizer not found: skipped" >>"$report"; overall=1
+  fi
+fi
+if wants bench; then
+  section "Kernel timings (median of 20 CUDA-event times after a warm-up; f32 on CUDA cores, bf16 softmax losses on tensor cores)"
+  run "timings" 90 "$bundle/contra" kernel-timing --repeats 20
+  section "Benchmark table on the GPU: contra (fused) vs the unfused baseline vs PyTorch eager"
+  run "contra bench --device cuda --quick" 420 "$bundle/contra" bench --device cuda --quick --json "${report%.md}-bench.json"
+fi
 section "Verdict"
 if [ $overall -eq 0 ]; then echo "ALL PASS" >>"$report"; else echo "SOME STEPS FAILED" >>"$report"; fi
 echo "report written to $report"

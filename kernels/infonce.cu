@@ -56,7 +56,7 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
     const KeyTiles tiles(p, blockIdx.x);
     for (int step = 0; step < tiles.count; ++step) {
         const int c0 = tiles.column(step);
-        tile_dot<T, false>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, nullptr, acc, unused_a,
+        tile_dot<T, false>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, acc, unused_a,
                            unused_b);
 #pragma unroll
         for (int i = 0; i < kPerThread; ++i) {
@@ -191,17 +191,22 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     const float scale_log2 = p.scale * kLog2e;
     const T* q = static_cast<const T*>(p.q);
     const T* k = static_cast<const T*>(p.k);
-    float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
     float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
     for (int c0 = 0; c0 < p.cols; c0 += kTile) {
-        tile_dot<T, false>(q, p.rows, r0, k, p.cols, c0, p.dim, g, acc, unused_a, unused_b);
-        // The dot products go to g (the tensor-core engine already put them there; each thread
-        // rewrites only elements it read), then g becomes G in a flat, not unrolled loop: the
+        // The tile's dot products go to g, then g becomes G in a flat, not unrolled loop: the
         // loss-specific per-element code stays out of the register-heavy tile loop.
+        if constexpr (kIsHalf<T>) {
+            float d[4][4];
+            tile_mma<kTcSlice>(q, p.rows, r0, k, p.cols, c0, p.dim, d);
+            store_fragments(d, g);
+        } else {
+            float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
+            tile_dot<T, false>(q, p.rows, r0, k, p.cols, c0, p.dim, acc, unused_a, unused_b);
 #pragma unroll
-        for (int i = 0; i < kPerThread; ++i)
+            for (int i = 0; i < kPerThread; ++i)
 #pragma unroll
-            for (int j = 0; j < kPerThread; ++j) g[ty + 16 * i][tx + 16 * j] = acc[i][j];
+                for (int j = 0; j < kPerThread; ++j) g[ty + 16 * i][tx + 16 * j] = acc[i][j];
+        }
         __syncthreads();
         for (int e = tid; e < kTile * kTile; e += 256) {
             const int r = e / kTile, c = e % kTile, row = r0 + r, col = c0 + c;

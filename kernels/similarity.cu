@@ -9,7 +9,7 @@ template <typename T>
 __device__ void similarity_fwd(const ContraSimilarityParams& p) {
     const int a0 = blockIdx.y * kTile, b0 = blockIdx.x * kTile;
     float acc[kPerThread][kPerThread], a_sq[kPerThread], b_sq[kPerThread];
-    tile_dot<T, true>(static_cast<const T*>(p.a), p.rows, a0, static_cast<const T*>(p.b), p.cols, b0, p.dim, nullptr,
+    tile_dot<T, true>(static_cast<const T*>(p.a), p.rows, a0, static_cast<const T*>(p.b), p.cols, b0, p.dim,
                       acc, a_sq, b_sq);
     for (int i = 0; i < kPerThread; ++i) {
         const int row = a0 + threadIdx.y + 16 * i;

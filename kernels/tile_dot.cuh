@@ -1,14 +1,13 @@
-// A 64 x 64 block of dot products between rows of two row-major matrices. 256 threads as
-// 16 x 16; thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j (i, j < 4), so a row's 64
-// values sit in 16 lanes of one warp (a half-warp) and row reductions are 16-lane shuffles.
-//
-// Two engines behind one interface:
-//   * f32 operands (and the similarity kernel, which also needs the row norms): CUDA-core FMAs
-//     over 16-wide feature slices staged through shared memory as f32;
-//   * bf16 / f16 operands: tensor cores. Each of the 8 warps computes a 16 x 32 part of the tile
-//     with mma.sync m16n8k16 (f32 accumulators) from 16-bit slices that cp.async streams into a
-//     two-stage shared-memory pipeline (the next slice loads while the current one multiplies);
-//     the result goes through a caller-provided 64 x 65 f32 tile to the owner layout above.
+// A 64 x 64 block of dot products between rows of two row-major matrices, on one of two
+// engines:
+//   * tile_dot (CUDA cores; f32 operands, and the similarity kernel, which also needs the row
+//     norms): 256 threads as 16 x 16, thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j
+//     (i, j < 4), so a row's 64 values sit in 16 lanes of one warp and row reductions are
+//     16-lane shuffles; FMAs over 16-wide feature slices staged through shared memory as f32.
+//   * tile_mma (tensor cores; bf16 / f16 operands): each of the 8 warps computes a 16 x 32 part
+//     of the tile with mma.sync m16n8k16 (f32 accumulators) from 16-bit slices that cp.async
+//     streams into a two-stage shared-memory pipeline (the next slice loads while the current
+//     one multiplies), and keeps it as mma fragments.
 #pragma once
 #include <stdint.h>
 
@@ -125,16 +124,12 @@ __device__ void tile_mma(const T* a, int a_rows, int a0, const T* b, int b_rows,
     }
 }
 
-// The tensor-core engine of tile_dot: tile_mma, then the fragments through `tile` (64 x 65 f32
-// shared memory that the caller may reuse after the call) to the owner layout.
-template <typename T>
-__device__ void tile_dot_tc(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim,
-                            float (*tile)[kTilePad], float acc[kPerThread][kPerThread]) {
+// Writes a warp's tile_mma fragments to their places in the 64 x 65 f32 shared tile.
+__device__ __forceinline__ void store_fragments(const float d[4][4], float (*tile)[kTilePad]) {
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
-    float d[4][4];
-    tile_mma<kTcSlice>(a, a_rows, a0, b, b_rows, b0, dim, d);
+#pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
         const int col = n0 + 8 * nt + 2 * t;
         tile[m0 + g][col] = d[nt][0];
@@ -142,48 +137,39 @@ __device__ void tile_dot_tc(const T* a, int a_rows, int a0, const T* b, int b_ro
         tile[m0 + g + 8][col] = d[nt][2];
         tile[m0 + g + 8][col + 1] = d[nt][3];
     }
-    __syncthreads();
-    for (int i = 0; i < kPerThread; ++i)
-        for (int j = 0; j < kPerThread; ++j) acc[i][j] = tile[threadIdx.y + 16 * i][threadIdx.x + 16 * j];
 }
 
-// acc[i][j] = a_{a0 + ty + 16 i} . b_{b0 + tx + 16 j}. With `norms`, also a_sq[i] = ||a row||^2
-// and b_sq[j] = ||b row||^2 (CUDA cores). bf16 / f16 without norms run on the tensor cores and
-// need `tile` (64 x 65 f32 shared memory, free again after the call); otherwise `tile` is unused
-// and may be null. Every thread of the block must call it (it synchronizes).
+// acc[i][j] = a_{a0 + ty + 16 i} . b_{b0 + tx + 16 j} on CUDA cores. With `norms`, also
+// a_sq[i] = ||a row||^2 and b_sq[j] = ||b row||^2. Every thread of the block must call it (it
+// synchronizes).
 template <typename T, bool norms>
 __device__ void tile_dot(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim,
-                         float (*tile)[kTilePad], float acc[kPerThread][kPerThread], float a_sq[kPerThread],
-                         float b_sq[kPerThread]) {
-    if constexpr (kIsHalf<T> && !norms) {
-        tile_dot_tc(a, a_rows, a0, b, b_rows, b0, dim, tile, acc);
-    } else {
-        __shared__ float as[kSlice][kTilePad];
-        __shared__ float bs[kSlice][kTilePad];
-        const int tx = threadIdx.x, ty = threadIdx.y;
-        for (int i = 0; i < kPerThread; ++i) {
-            if (norms) a_sq[i] = b_sq[i] = 0.0f;
-            for (int j = 0; j < kPerThread; ++j) acc[i][j] = 0.0f;
-        }
-        for (int k0 = 0; k0 < dim; k0 += kSlice) {
-            load_slice(a, a_rows, dim, a0, k0, as);
-            load_slice(b, b_rows, dim, b0, k0, bs);
-            __syncthreads();
-            for (int kk = 0; kk < kSlice; ++kk) {
-                float av[kPerThread], bv[kPerThread];
-                for (int i = 0; i < kPerThread; ++i) {
-                    av[i] = as[kk][ty + 16 * i];
-                    bv[i] = bs[kk][tx + 16 * i];
-                    if (norms) {
-                        a_sq[i] += av[i] * av[i];
-                        b_sq[i] += bv[i] * bv[i];
-                    }
+                         float acc[kPerThread][kPerThread], float a_sq[kPerThread], float b_sq[kPerThread]) {
+    __shared__ float as[kSlice][kTilePad];
+    __shared__ float bs[kSlice][kTilePad];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int i = 0; i < kPerThread; ++i) {
+        if (norms) a_sq[i] = b_sq[i] = 0.0f;
+        for (int j = 0; j < kPerThread; ++j) acc[i][j] = 0.0f;
+    }
+    for (int k0 = 0; k0 < dim; k0 += kSlice) {
+        load_slice(a, a_rows, dim, a0, k0, as);
+        load_slice(b, b_rows, dim, b0, k0, bs);
+        __syncthreads();
+        for (int kk = 0; kk < kSlice; ++kk) {
+            float av[kPerThread], bv[kPerThread];
+            for (int i = 0; i < kPerThread; ++i) {
+                av[i] = as[kk][ty + 16 * i];
+                bv[i] = bs[kk][tx + 16 * i];
+                if (norms) {
+                    a_sq[i] += av[i] * av[i];
+                    b_sq[i] += bv[i] * bv[i];
                 }
-                for (int i = 0; i < kPerThread; ++i)
-                    for (int j = 0; j < kPerThread; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
             }
-            __syncthreads();  // the next slice overwrites as / bs
+            for (int i = 0; i < kPerThread; ++i)
+                for (int j = 0; j < kPerThread; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
         }
+        __syncthreads();  // the next slice overwrites as / bs
     }
 }
 

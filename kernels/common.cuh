@@ -85,14 +85,16 @@ __device__ __forceinline__ void merge_lse_state(unsigned long long* state, float
 
 // Defines the f32, bf16 and f16 instantiations `name_f32`, `name_bf16`, `name_f16` of the kernel
 // body `contra::name<T>` (T: the storage type of the operands it reads), each exported to the
-// interpreted mode too. `bounds` is the parenthesized __launch_bounds__ argument list.
-#define CONTRA_TYPED_KERNELS_BOUNDED(name, Params, bounds)                                                    \
-    extern "C" __global__ void __launch_bounds__ bounds name##_f32(const Params p) { contra::name<float>(p); } \
-    extern "C" __global__ void __launch_bounds__ bounds name##_bf16(const Params p) {                       \
-        contra::name<__nv_bfloat16>(p);                                                                    \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__ bounds name##_f16(const Params p) { contra::name<__half>(p); } \
-    INTERP_EXPORT(name##_f32, Params)                                                                      \
-    INTERP_EXPORT(name##_bf16, Params)                                                                     \
+// interpreted mode too. The bounds are parenthesized __launch_bounds__ argument lists, one per
+// instantiation.
+#define CONTRA_TYPED_KERNELS_EACH(name, Params, f32_bounds, bf16_bounds, f16_bounds)                           \
+    extern "C" __global__ void __launch_bounds__ f32_bounds name##_f32(const Params p) { contra::name<float>(p); } \
+    extern "C" __global__ void __launch_bounds__ bf16_bounds name##_bf16(const Params p) {                     \
+        contra::name<__nv_bfloat16>(p);                                                                      \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__ f16_bounds name##_f16(const Params p) { contra::name<__half>(p); } \
+    INTERP_EXPORT(name##_f32, Params)                                                                        \
+    INTERP_EXPORT(name##_bf16, Params)                                                                       \
     INTERP_EXPORT(name##_f16, Params)
+#define CONTRA_TYPED_KERNELS_BOUNDED(name, Params, bounds) CONTRA_TYPED_KERNELS_EACH(name, Params, bounds, bounds, bounds)
 #define CONTRA_TYPED_KERNELS(name, Params, threads) CONTRA_TYPED_KERNELS_BOUNDED(name, Params, (threads))

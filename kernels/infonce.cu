@@ -192,6 +192,10 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     const T* q = static_cast<const T*>(p.q);
     const T* k = static_cast<const T*>(p.k);
     float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
+    // bf16 with dim <= 256: dQ stays in registers for the whole sweep (grad_product_tc_resident).
+    constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+    const bool keep_resident = kBf16 && p.dim <= kResidentChunks * kTile;
+    float resident[kBf16 ? kResidentChunks : 1][4][4] = {};
     for (int c0 = 0; c0 < p.cols; c0 += kTile) {
         // The tile's dot products go to g, then g becomes G in a flat, not unrolled loop: the
         // loss-specific per-element code stays out of the register-heavy tile loop.
@@ -220,11 +224,17 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
             }
             g[r][c] = value;
         }
-        const Write own = c0 == 0 ? Write::kOverwrite : Write::kAdd;
-        grad_product_for<false>(g, staged, k, p.cols, c0, p.dim, p.grad_q, r0, p.rows, own);
+        if (keep_resident) {
+            if constexpr (kBf16) grad_product_tc_resident(g, staged, k, p.cols, c0, p.dim, resident);
+        } else {
+            const Write own = c0 == 0 ? Write::kOverwrite : Write::kAdd;
+            grad_product_for<false>(g, staged, k, p.cols, c0, p.dim, p.grad_q, r0, p.rows, own);
+        }
         if (p.grad_k) grad_product_for<true>(g, staged, q, p.rows, r0, p.dim, p.grad_k, c0, p.cols, Write::kAtomicAdd);
         __syncthreads();  // g and the staged rows are rewritten by the next tile
     }
+    if constexpr (kBf16)
+        if (keep_resident) write_resident(resident, p.grad_q, r0, p.rows, p.dim);
     if (p.log_scale_partial) {
         // One partial per block (summed on the host in f64): warp sums, then the 8 warps.
         const float warp_total = warp_sum(log_scale_acc);
@@ -274,7 +284,8 @@ extern "C" __global__ void __launch_bounds__(256) infonce_finish(const ContraInf
 INTERP_EXPORT(infonce_finish, ContraInfonceFwdParams)
 
 // At least 3 resident blocks per SM: ptxas then allows 80 registers on sm_80 and sm_90 alike
-// (left alone it caps sm_90 at 64 and spills in the backward).
+// (left alone it caps sm_90 at 64 and spills in the backward). The bf16 backward keeps dQ in
+// registers (about 150): one block per SM, no spills.
 CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd, ContraInfonceFwdParams, (256, 3))
-CONTRA_TYPED_KERNELS_BOUNDED(infonce_bwd, ContraInfonceBwdParams, (256, 3))
+CONTRA_TYPED_KERNELS_EACH(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3))
 CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)

@@ -126,49 +126,113 @@ __device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
            ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
 }
 
-// The backward's second product on the tensor cores (bf16 sources):
-// out[dst0 + r] (how)= sum_t G'[r][t] src[src0 + t], G' = g or g^T (`transposed`), with G'
-// rounded to bf16 as the A operand and the src rows' 64-feature chunk staged transposed as the
-// "col" B operand. Each output element is written by exactly one lane.
-static_assert(kTile * (kTile + 8) * 2 <= kTile * kTilePad * 4, "src_t fits the staging buffer");
+// The backward's second products on the tensor cores (bf16 sources):
+// out[dst0 + r] (+)= sum_t G'[r][t] src[src0 + t], G' = g or g^T (`transposed`), with G' rounded
+// to bf16 as the A operand and the src rows' 64-feature chunks staged transposed as the "col" B
+// operand. Warp w owns output rows 16 (w % 4) .. +16 and features 32 (w / 4) .. +32 of each chunk.
+constexpr int kSrcStride = kTile + 8;  // a staged chunk's row: 64 src rows, padded
+static_assert(kTile * kSrcStride * 2 <= kTile * kTilePad * 4, "a staged chunk fits the staging buffer");
+
+// This warp's A fragments of G' for the tile's four 16-wide k-steps (after a barrier that
+// completes g).
+template <bool transposed>
+__device__ __forceinline__ void g_fragments(const float (*g)[kTilePad], unsigned af[4][4]) {
+    const int lane = (threadIdx.y * 16 + threadIdx.x) % 32, warp = (threadIdx.y * 16 + threadIdx.x) / 32;
+    const int r = 16 * (warp % 4) + lane / 4;
+    auto g_at = [&](int row, int k) { return transposed ? g[k][row] : g[row][k]; };
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+        const int k = 16 * step + 2 * (lane % 4);
+        af[step][0] = bf16_pair(g_at(r, k), g_at(r, k + 1));
+        af[step][1] = bf16_pair(g_at(r + 8, k), g_at(r + 8, k + 1));
+        af[step][2] = bf16_pair(g_at(r, k + 8), g_at(r, k + 9));
+        af[step][3] = bf16_pair(g_at(r + 8, k + 8), g_at(r + 8, k + 9));
+    }
+}
+
+// One 64-feature chunk [d0, d0 + 64): stages the src rows' features transposed into `staged`
+// (the caller's buffer, 9216 of its 16640 bytes), then sum[nt] += G' src for this warp's part.
+__device__ __forceinline__ void product_chunk(const unsigned af[4][4], float (*staged)[kTilePad],
+                                              const __nv_bfloat16* src, int n_src, int src0, int dim, int d0,
+                                              float sum[4][4]) {
+    unsigned short(*src_t)[kSrcStride] = reinterpret_cast<unsigned short(*)[kSrcStride]>(staged);
+    const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = 32 * (tid / 32 / 4);
+    const unsigned short* bits = reinterpret_cast<const unsigned short*>(src);
+    __syncthreads();  // the previous chunk is consumed
+    for (int e = tid; e < kTile * kTile; e += 256) {
+        const int s = e / kTile, d = e % kTile;  // consecutive threads read consecutive features
+        src_t[d][s] = (src0 + s < n_src && d0 + d < dim) ? bits[(long long)(src0 + s) * dim + d0 + d] : 0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+        const int k = 16 * step + 2 * (lane % 4);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const int n = n0 + 8 * nt + lane / 4;
+            const unsigned bf[2] = {pair_at(&src_t[n][k]), pair_at(&src_t[n][k + 8])};
+            mma_16816<__nv_bfloat16>(sum[nt], af[step], bf);
+        }
+    }
+}
+
+// Where element e of fragment nt of chunk d0 lands in the output: (row, feature).
+__device__ __forceinline__ void fragment_place(int dst0, int d0, int nt, int e, int& row, int& feature) {
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
+    row = dst0 + 16 * (warp % 4) + lane / 4 + 8 * (e / 2);
+    feature = d0 + 32 * (warp / 4) + 8 * nt + 2 * (lane % 4) + e % 2;
+}
+
+// The product written to global memory chunk by chunk (`how`: the gradient's write mode).
 template <bool transposed>
 __device__ void grad_product_tc(const float (*g)[kTilePad], float (*staged)[kTilePad], const __nv_bfloat16* src,
                                 int n_src, int src0, int dim, float* out, int dst0, int n_dst, Write how) {
-    constexpr int kStride = kTile + 8;  // src_t row: 64 src rows, padded
-    // [feature][src row] in the caller's staging buffer (9216 of its 16640 bytes).
-    unsigned short(*src_t)[kStride] = reinterpret_cast<unsigned short(*)[kStride]>(staged);
-    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int gr = lane / 4, tq = lane % 4;
-    const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);  // output rows, features of this warp
-    const unsigned short* bits = reinterpret_cast<const unsigned short*>(src);
-    auto g_at = [&](int r, int k) { return transposed ? g[k][r] : g[r][k]; };
+    __syncthreads();  // g is complete
+    unsigned af[4][4];
+    g_fragments<transposed>(g, af);
     for (int d0 = 0; d0 < dim; d0 += kTile) {
-        __syncthreads();  // g is complete / the previous chunk is consumed
-        for (int e = tid; e < kTile * kTile; e += 256) {
-            const int s = e / kTile, d = e % kTile;  // consecutive threads read consecutive features
-            src_t[d][s] = (src0 + s < n_src && d0 + d < dim) ? bits[(long long)(src0 + s) * dim + d0 + d] : 0;
-        }
-        __syncthreads();
-        float sum[4][4];
+        float sum[4][4] = {};
+        product_chunk(af, staged, src, n_src, src0, dim, d0, sum);
+#pragma unroll
         for (int nt = 0; nt < 4; ++nt)
-            for (int e = 0; e < 4; ++e) sum[nt][e] = 0.0f;
-        for (int k0 = 0; k0 < kTile; k0 += 16) {
-            const int r = m0 + gr, k = k0 + 2 * tq;
-            const unsigned af[4] = {bf16_pair(g_at(r, k), g_at(r, k + 1)), bf16_pair(g_at(r + 8, k), g_at(r + 8, k + 1)),
-                                    bf16_pair(g_at(r, k + 8), g_at(r, k + 9)),
-                                    bf16_pair(g_at(r + 8, k + 8), g_at(r + 8, k + 9))};
-            for (int nt = 0; nt < 4; ++nt) {
-                const int n = n0 + 8 * nt + gr;
-                const unsigned bf[2] = {pair_at(&src_t[n][k]), pair_at(&src_t[n][k + 8])};
-                mma_16816<__nv_bfloat16>(sum[nt], af, bf);
-            }
-        }
-        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int r = dst0 + m0 + gr + 8 * (e / 2), d = d0 + n0 + 8 * nt + 2 * tq + e % 2;
-                if (r < n_dst && d < dim) write_grad(out + (long long)r * dim + d, sum[nt][e], how);
+                int row, feature;
+                fragment_place(dst0, d0, nt, e, row, feature);
+                if (row < n_dst && feature < dim) write_grad(out + (long long)row * dim + feature, sum[nt][e], how);
             }
     }
+}
+
+// dQ held in registers across the whole key sweep when dim <= 64 kResidentChunks: each lane
+// keeps its fragments of every chunk, so the query rows' gradient is written once, not read and
+// rewritten in global memory for every key tile.
+constexpr int kResidentChunks = 4;
+
+__device__ __forceinline__ void grad_product_tc_resident(const float (*g)[kTilePad], float (*staged)[kTilePad],
+                                                         const __nv_bfloat16* src, int n_src, int src0, int dim,
+                                                         float resident[kResidentChunks][4][4]) {
+    __syncthreads();  // g is complete
+    unsigned af[4][4];
+    g_fragments<false>(g, af);
+#pragma unroll
+    for (int chunk = 0; chunk < kResidentChunks; ++chunk)
+        if (chunk * kTile < dim) product_chunk(af, staged, src, n_src, src0, dim, chunk * kTile, resident[chunk]);
+}
+
+// Writes the resident dQ of rows [dst0, dst0 + 64) (overwriting).
+__device__ __forceinline__ void write_resident(const float resident[kResidentChunks][4][4], float* out, int dst0,
+                                               int n_dst, int dim) {
+#pragma unroll
+    for (int chunk = 0; chunk < kResidentChunks; ++chunk)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int row, feature;
+                fragment_place(dst0, chunk * kTile, nt, e, row, feature);
+                if (row < n_dst && feature < dim) out[(long long)row * dim + feature] = resident[chunk][nt][e];
+            }
 }
 
 }  // namespace contra

@@ -141,10 +141,11 @@ fn half_infonce_and_ntxent_match_cpu() {
         // d = 40: whole 16-byte chunks go through cp.async, the slice tail element by element;
         // d = 19: rows are not 16-byte aligned, every chunk element by element; d = 72: more
         // than one 64-feature chunk in the backward's second product; d = 136: three of the
-        // forward's 64-feature pipeline slices, so a stage buffer is refilled.
+        // forward's 64-feature pipeline slices, so a stage buffer is refilled; d = 264: past the
+        // 256 features whose bf16 dQ stays in registers, so dQ goes through global memory.
         for (dtype, d) in HALF_DTYPES
             .into_iter()
-            .flat_map(|t| [(t, 40), (t, 19), (t, 72), (t, 136)])
+            .flat_map(|t| [(t, 40), (t, 19), (t, 72), (t, 136), (t, 264)])
         {
             let (n, m) = (37, 70);
             let q = random_matrix(&mut rng, n, d);

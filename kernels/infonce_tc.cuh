@@ -7,7 +7,9 @@
 // one exp2 of a value the temperature was folded into.
 //
 // Backward (bf16): the second products G K and G^T Q on mma with G rounded to bf16 (its range
-// is f32's, so small probabilities do not underflow; f16 keeps those products in f32).
+// is f32's, so small probabilities do not underflow; f16 keeps those products in f32). Up to
+// 256 features, each lane keeps its fragments of the block's dQ in registers for the whole key
+// sweep and writes them once at the end.
 #pragma once
 #include "infonce_rows.cuh"
 

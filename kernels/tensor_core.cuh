@@ -121,7 +121,9 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
     async_copy::state().open.push_back(copy);
 #elif defined(__CUDA_ARCH__)
     const unsigned shared_address = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(src));
+    // "memory": the compiler must not move shared-memory accesses across the copy's issue,
+    // its commit or its wait (a barrier follows each wait today; this keeps it correct without).
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(src) : "memory");
 #endif
 }
 
@@ -132,7 +134,7 @@ __device__ __forceinline__ void cp_async_commit() {
     s.committed.push_back(s.open);
     s.open.clear();
 #elif defined(__CUDA_ARCH__)
-    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
@@ -147,7 +149,7 @@ __device__ __forceinline__ void cp_async_wait() {
         s.committed.erase(s.committed.begin());
     }
 #elif defined(__CUDA_ARCH__)
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
 #endif
 }
 

@@ -102,13 +102,29 @@ struct ColumnParts {
 };
 
 // The share of logit u between row `row` and key `col` in the target term of the key's own row
-// (symmetric sweep: logit_ij = logit_ji).
+// (symmetric sweep: logit_ij = logit_ji). The CUDA-core forward calls this per element: loading
+// the key once per column (KeyColumn) makes ptxas spill there.
 __device__ __forceinline__ float column_target_share(const ContraInfonceFwdParams& p, int col, int row, float u) {
     if (!p.symmetric || col >= p.cols || row >= p.rows) return 0.0f;
     QueryRow key;
     key.load(p, col);
     return key.target_share(p, row, false, u);
 }
+
+// A key column of a symmetric sweep as a row of its own: the shares of its target term that come
+// from the logits with the block's rows (logit_ij = logit_ji). Loaded once per column and tile;
+// outside a symmetric sweep every share is 0.
+struct KeyColumn {
+    QueryRow key;
+    bool active;
+    __device__ __forceinline__ KeyColumn(const ContraInfonceFwdParams& p, int col)
+        : active(p.symmetric && col < p.cols) {
+        if (active) key.load(p, col);
+    }
+    __device__ __forceinline__ float share(const ContraInfonceFwdParams& p, int row, float u) const {
+        return (active && row < p.rows) ? key.target_share(p, row, false, u) : 0.0f;
+    }
+};
 
 // Folds the partial statistics of the tile's columns into the columns' global states (CLIP: the
 // column softmax; symmetric sweep: the key rows' own softmax and target). Call between barriers.

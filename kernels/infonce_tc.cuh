@@ -80,8 +80,8 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
                     const float u_top = query[0].row < p.rows ? __fmul_rn(d[nt][e], scale_log2) : -INFINITY;
                     const float u_bottom = query[1].row < p.rows ? __fmul_rn(d[nt][2 + e], scale_log2) : -INFINITY;
                     float m = fmaxf(u_top, u_bottom);
-                    float share = column_target_share(p, c0 + c, query[0].row, u_top) +
-                                  column_target_share(p, c0 + c, query[1].row, u_bottom);
+                    const KeyColumn key(p, c0 + c);
+                    float share = key.share(p, query[0].row, u_top) + key.share(p, query[1].row, u_bottom);
 #pragma unroll
                     for (int offset = 4; offset < 32; offset <<= 1)
                         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));

@@ -1,8 +1,11 @@
 //! NT-Xent (SimCLR): `z` is 2N x D, rows `i` and `i + N` are two views of sample `i`; cosine
 //! similarity, self excluded, mean over the 2N rows.
 
-use super::infonce::{check_saved_lse, InfoNceOptions, KernelInputs, SoftmaxForward, SoftmaxSaved};
-use super::{check_finite, check_temperature, matrix_dims, output_like, values, with_cpu_real};
+use super::infonce::{check_saved_lse, InfoNceOptions, SoftmaxForward, SoftmaxSaved};
+use super::{
+    check_finite, check_temperature, matrix_dims, output_like, upload_features, values,
+    with_cpu_real,
+};
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Device, Error, Result, Tensor};
 
@@ -15,17 +18,45 @@ fn kernel_options(opts: &NtXentOptions) -> InfoNceOptions {
     }
 }
 
-/// The kernels' problem: z against itself, symmetric (half the forward tiles, one backward
-/// product dz = (G + G^T) z).
-fn symmetric_problem<'a, B: Backend>(
-    inputs: &'a KernelInputs<B>,
-    rows: usize,
-    dim: usize,
-    opts: &NtXentOptions,
-) -> kernels::infonce::Problem<'a, B> {
-    kernels::infonce::Problem {
-        symmetric: true,
-        ..inputs.problem((rows, rows, dim), &kernel_options(opts))
+/// z (uploaded once: it is both q and k) and the positive indices as kernel buffers.
+struct SymmetricInputs<B: Backend> {
+    z: B::Buf,
+    positives: B::Buf,
+}
+
+impl<B: Backend> SymmetricInputs<B> {
+    fn upload(b: &B, z: &Tensor, rows: usize) -> Result<Self> {
+        let positives: Vec<i32> = cpu::infonce::ntxent_positives(rows)
+            .iter()
+            .map(|&p| p as i32)
+            .collect();
+        Ok(SymmetricInputs {
+            z: upload_features(b, "z", z)?,
+            positives: b.upload_i32("positives", &positives)?,
+        })
+    }
+
+    /// The kernels' problem: z against itself, symmetric (half the forward tiles, one backward
+    /// product dz = (G + G^T) z).
+    fn problem(
+        &self,
+        rows: usize,
+        dim: usize,
+        opts: &NtXentOptions,
+    ) -> kernels::infonce::Problem<'_, B> {
+        let options = kernel_options(opts);
+        kernels::infonce::Problem {
+            q: &self.z,
+            k: &self.z,
+            positives: &self.positives,
+            rows,
+            cols: rows,
+            dim,
+            temperature: options.temperature,
+            normalize: options.normalize,
+            self_mask: options.self_mask,
+            symmetric: true,
+        }
     }
 }
 
@@ -70,8 +101,8 @@ fn validate(z: &Tensor, opts: &NtXentOptions) -> Result<(usize, usize)> {
 pub fn ntxent_forward(z: &Tensor, opts: &NtXentOptions) -> Result<SoftmaxForward> {
     let (rows, dim) = validate(z, opts)?;
     run_on_kernels!(z.device(), b => {
-        let inputs = KernelInputs::upload(b, z, z, &cpu::infonce::ntxent_positives(rows))?;
-        let (loss, lse) = symmetric_problem(&inputs, rows, dim, opts).forward(b)?;
+        let inputs = SymmetricInputs::upload(b, z, rows)?;
+        let (loss, lse) = inputs.problem(rows, dim, opts).forward(b)?;
         let lse = z.host_like(b.download(&lse)?, &[rows]);
         Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
     });
@@ -95,9 +126,9 @@ pub fn ntxent_backward(
     check_saved_lse(OP, saved, rows)?;
     super::check_finite_scalar(OP, "grad_loss", grad_loss)?;
     run_on_kernels!(z.device(), b => {
-        let inputs = KernelInputs::upload(b, z, z, &cpu::infonce::ntxent_positives(rows))?;
+        let inputs = SymmetricInputs::upload(b, z, rows)?;
         let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-        let (dz, _) = symmetric_problem(&inputs, rows, dim, opts).backward(b, &lse, grad_loss)?;
+        let (dz, _) = inputs.problem(rows, dim, opts).backward(b, &lse, grad_loss)?;
         Ok(output_like(z, b.download(&dz)?, z.shape()))
     });
     with_cpu_real!(z.dtype(), T => {

@@ -131,6 +131,30 @@ impl HostData {
     }
 }
 
+/// The element count of `shape`, or an error naming `arg` when the product of the extents (or
+/// its size in bytes) overflows: a wrapped product would describe a buffer far larger than the
+/// one that exists.
+pub(crate) fn checked_numel(
+    op: &'static str,
+    arg: &'static str,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<usize> {
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |acc, &extent| acc.checked_mul(extent));
+    match numel {
+        Some(n) if n.checked_mul(dtype.size()).is_some_and(|bytes| bytes <= isize::MAX as usize) => {
+            Ok(n)
+        }
+        _ => Err(Error::invalid(
+            op,
+            arg,
+            format!("{shape:?} holds more {dtype} elements than fit in memory (the product of the extents overflows)"),
+        )),
+    }
+}
+
 /// A dense, row-major tensor on a [`Device`].
 ///
 /// ```
@@ -150,7 +174,7 @@ pub struct Tensor {
 impl Tensor {
     /// Wraps `values` (row-major) as a tensor of `shape` on `device`.
     pub fn from_vec<T: Element>(values: Vec<T>, shape: &[usize], device: Device) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel("Tensor::from_vec", "shape", shape, T::DTYPE)?;
         if numel != values.len() {
             return Err(Error::shape(
                 "Tensor::from_vec",
@@ -169,8 +193,13 @@ impl Tensor {
 
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
-        let numel: usize = shape.iter().product();
-        let data = HostData::F64(vec![0.0; numel]).to_dtype(dtype);
+        let numel = checked_numel("Tensor::zeros", "shape", shape, dtype)?;
+        let data = match dtype {
+            DType::F32 => HostData::F32(vec![0.0; numel]),
+            DType::F64 => HostData::F64(vec![0.0; numel]),
+            DType::Bf16 => HostData::Bf16(vec![bf16::ZERO; numel]),
+            DType::F16 => HostData::F16(vec![f16::ZERO; numel]),
+        };
         Self::on_device(shape.to_vec(), data, device)
     }
 
@@ -203,6 +232,7 @@ impl Tensor {
         self.shape.len()
     }
 
+    /// The number of elements; the constructors checked that it fits (no wrapping product).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -250,7 +280,7 @@ impl Tensor {
 
     /// A view with another shape of the same number of elements.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel("Tensor::reshape", "shape", shape, self.dtype())?;
         if numel != self.numel() {
             return Err(Error::shape(
                 "Tensor::reshape",

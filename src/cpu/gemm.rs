@@ -35,11 +35,17 @@ impl<'a, T> MatRef<'a, T> {
         }
     }
 
+    /// Whether the largest offset of the view lies inside `data` (checked: a wrapped offset
+    /// would pass a bound check it should fail).
     fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < self.data.len()
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.row_stride)
+            .zip((self.cols - 1).checked_mul(self.col_stride))
+            .and_then(|(r, c)| r.checked_add(c));
+        last.is_some_and(|offset| offset < self.data.len())
     }
 }
 
@@ -64,7 +70,10 @@ macro_rules! impl_gemm {
             ) {
                 let (m, k, n) = (a.rows, a.cols, b.cols);
                 assert!(
-                    b.rows == k && a.fits() && b.fits() && c.len() >= m * n,
+                    b.rows == k
+                        && a.fits()
+                        && b.fits()
+                        && m.checked_mul(n).is_some_and(|len| c.len() >= len),
                     "gemm: bad views"
                 );
                 if m == 0 || n == 0 {
@@ -98,3 +107,24 @@ macro_rules! impl_gemm {
 
 impl_gemm!(f32, matrixmultiply::sgemm);
 impl_gemm!(f64, matrixmultiply::dgemm);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_whose_last_offset_wraps_does_not_fit() {
+        let data = [1.0f32, 2.0];
+        // (rows - 1) * row_stride wraps to 0 in a wrapping product; the view must not fit.
+        let view = MatRef {
+            data: &data,
+            rows: 2,
+            cols: 1,
+            row_stride: 1usize << 63,
+            col_stride: 1,
+        };
+        assert!(!view.fits());
+        assert!(MatRef::row_major(&data, 1, 2).fits());
+        assert!(!MatRef::row_major(&data, 2, 2).fits());
+    }
+}

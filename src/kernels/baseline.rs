@@ -2,7 +2,7 @@
 //! measure next to the fused kernels (PyTorch eager's kernel sequence after the logits GEMM).
 
 use super::params::ContraBaselineParams;
-use super::{blocks_for, Backend, Launch};
+use super::{blocks_for, extent, Backend, Launch};
 use crate::Result;
 
 const THREADS: u32 = 256;
@@ -13,16 +13,16 @@ fn params<B: Backend>(
     targets: &B::Buf,
     loss_rows: Option<&B::Buf>,
     [rows, cols]: [usize; 2],
-) -> ContraBaselineParams {
-    ContraBaselineParams {
+) -> Result<ContraBaselineParams> {
+    Ok(ContraBaselineParams {
         logits: b.ptr(logits).cast(),
         targets: b.ptr(targets).cast_const().cast(),
         loss_rows: loss_rows.map_or(std::ptr::null_mut(), |l| b.ptr(l).cast()),
-        rows: rows as i32,
-        cols: cols as i32,
+        rows: extent("rows", rows)?,
+        cols: extent("cols", cols)?,
         self_mask: 0,
         grad_scale: 0.0,
-    }
+    })
 }
 
 /// The mean cross-entropy of the `rows x cols` logits against `targets`, leaving the
@@ -35,7 +35,7 @@ pub(crate) fn cross_entropy<B: Backend>(
     self_mask: bool,
 ) -> Result<f64> {
     let loss_rows = b.output("loss_rows", rows)?;
-    let mut p = params(b, logits, targets, Some(&loss_rows), shape);
+    let mut p = params(b, logits, targets, Some(&loss_rows), shape)?;
     p.self_mask = self_mask as i32;
     let per_row = Launch::linear(rows, THREADS);
     b.launch("baseline_log_softmax_f32", per_row, &p, &[logits])?;
@@ -53,7 +53,7 @@ pub(crate) fn cross_entropy_grad<B: Backend>(
     targets: &B::Buf,
     shape @ [rows, cols]: [usize; 2],
 ) -> Result<()> {
-    let mut p = params(b, log_probs, targets, None, shape);
+    let mut p = params(b, log_probs, targets, None, shape)?;
     p.grad_scale = 1.0 / rows as f32;
     let blocks = blocks_for(rows * cols, THREADS as usize).clamp(1, 65535);
     b.launch(

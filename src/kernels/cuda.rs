@@ -17,7 +17,7 @@ use cudarc::cublas::CudaBlas;
 
 use super::nn::{gemm_kernel, GemmShape};
 use super::params::*;
-use super::{Backend, BufInfo, KernelParams, Launch};
+use super::{extent, Backend, BufInfo, KernelParams, Launch};
 use crate::{Error, Result};
 
 /// (module name, fatbin) for every kernels/*.cu, embedded at build time.
@@ -211,22 +211,32 @@ impl Backend for Cuda {
         // elements the shape and strides address (`check` above); alpha and beta are host
         // values that outlive the call (host pointer mode, read before it returns); the handle
         // belongs to this context's stream.
+        let (n, m, k) = (
+            extent("n", shape.n)?,
+            extent("m", shape.m)?,
+            extent("k", shape.k)?,
+        );
+        let (lda, ldb, ldc) = (
+            extent("lda", lda)?,
+            extent("ldb", ldb)?,
+            extent("ldc", ldc)?,
+        );
         unsafe {
             cudarc::cublas::result::sgemm(
                 *blas.handle(),
                 op(shape.trans_b),
                 op(shape.trans_a),
-                shape.n as i32,
-                shape.m as i32,
-                shape.k as i32,
+                n,
+                m,
+                k,
                 &shape.alpha,
                 ptr(b),
-                ldb as i32,
+                ldb,
                 ptr(a),
-                lda as i32,
+                lda,
                 &shape.beta,
                 ptr(c),
-                ldc as i32,
+                ldc,
             )
         }
         .map_err(|e| device_error("cublasSgemm", e))?;
@@ -302,13 +312,14 @@ impl Backend for Cuda {
         params: &P,
         _written: &[&CudaBuf],
     ) -> Result<()> {
+        let (grid, block) = launch.dims(kernel)?;
         let function = self
             .module(kernel)?
             .load_function(kernel)
             .map_err(|e| device_error(&format!("kernel `{kernel}`"), e))?;
         let cfg = LaunchConfig {
-            grid_dim: (launch.grid[0], launch.grid[1], launch.grid[2]),
-            block_dim: (launch.block[0], launch.block[1], launch.block[2]),
+            grid_dim: (grid[0], grid[1], grid[2]),
+            block_dim: (block[0], block[1], block[2]),
             shared_mem_bytes: 0,
         };
         let mut builder = self.stream.launch_builder(&function);

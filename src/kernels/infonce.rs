@@ -2,7 +2,7 @@
 //! around the fused forward (per-row LSE, no N x M buffer) and the one-pass backward.
 
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams};
-use super::{blocks_for, normalize, typed_kernel, Backend, Launch};
+use super::{blocks_for, extent, normalize, typed_kernel, Backend, Launch};
 use crate::Result;
 
 /// Query (or owner) rows per block in infonce.cu.
@@ -10,7 +10,7 @@ const TILE: usize = 64;
 
 fn launch_shape(rows: usize) -> Launch {
     Launch {
-        grid: [blocks_for(rows, TILE) as u32, 1, 1],
+        grid: [blocks_for(rows, TILE), 1, 1],
         block: [16, 16, 1],
     }
 }
@@ -201,9 +201,9 @@ pub(crate) fn fused_forward<B: Backend>(
         col_target: or_null(b, row_states.as_ref().map(|(_, target)| target)).cast(),
         lse: b.ptr(&lse).cast(),
         row_loss: b.ptr(&row_loss).cast(),
-        rows: s.rows as i32,
-        cols: s.cols as i32,
-        dim: s.dim as i32,
+        rows: extent("rows", s.rows)?,
+        cols: extent("cols", s.cols)?,
+        dim: extent("dim", s.dim)?,
         self_mask: self_mask as i32,
         scale,
     };
@@ -287,9 +287,9 @@ impl<Buf> BackwardPass<'_, Buf> {
             log_scale_partial: or_null(b, self.log_scale_partial).cast(),
             grad_q: b.ptr(grad_q).cast(),
             grad_k: or_null(b, grad_k).cast(),
-            rows: s.rows as i32,
-            cols: s.cols as i32,
-            dim: s.dim as i32,
+            rows: extent("rows", s.rows)?,
+            cols: extent("cols", s.cols)?,
+            dim: extent("dim", s.dim)?,
             self_mask: self.self_mask as i32,
             symmetric: symmetric as i32,
             scale: self.scale,

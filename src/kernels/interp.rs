@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_ulong, c_void};
 
 use super::params::ContraNormalizeParams;
-use super::{Backend, BufInfo, KernelParams, Launch};
+use super::{extent, Backend, BufInfo, KernelParams, Launch};
 use crate::{Error, Result};
 
 /// Words of guard band on each side of a buffer.
@@ -213,10 +213,11 @@ impl Backend for Interp {
     ) -> Result<()> {
         let entry = entry(kernel)
             .ok_or_else(|| kernel_error(kernel, "no interpreted build of this kernel".into()))?;
+        let (grid, block) = launch.dims(kernel)?;
         LAUNCHED.with(|l| l.borrow_mut().push(kernel));
         let cfg = InterpLaunchConfig {
-            grid: launch.grid,
-            block: launch.block,
+            grid,
+            block,
             shared_bytes: 0,
         };
         let mut message = vec![0u8; 512];
@@ -274,8 +275,8 @@ pub fn unwritten_output_launch() -> Result<()> {
     let params = ContraNormalizeParams {
         x: b.ptr(&x),
         y: b.ptr(&y),
-        rows: rows as i32,
-        dim: dim as i32,
+        rows: extent("rows", rows)?,
+        dim: extent("dim", dim)?,
         eps: 1e-12,
         ..Default::default()
     };

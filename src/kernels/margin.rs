@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/margin.cu`: the Hadsell margin loss over pairs of rows.
 
 use super::params::ContraMarginParams;
-use super::{blocks_for, Backend, Launch};
+use super::{blocks_for, extent, Backend, Launch};
 use crate::Result;
 
 /// Pair rows per 256-thread block (one warp per row), as in margin.cu.
@@ -26,17 +26,17 @@ pub(crate) struct Problem<'a, B: Backend> {
 }
 
 impl<B: Backend> Problem<'_, B> {
-    fn params(&self, b: &B) -> ContraMarginParams {
-        ContraMarginParams {
+    fn params(&self, b: &B) -> Result<ContraMarginParams> {
+        Ok(ContraMarginParams {
             x1: b.ptr(self.x1),
             x2: b.ptr(self.x2),
             y: b.ptr(self.y).cast(),
-            rows: self.rows as i32,
-            dim: self.dim as i32,
+            rows: extent("rows", self.rows)?,
+            dim: extent("dim", self.dim)?,
             margin: self.margin as f32,
             eps: DIST_EPS,
             ..Default::default()
-        }
+        })
     }
 
     /// The mean loss.
@@ -44,7 +44,7 @@ impl<B: Backend> Problem<'_, B> {
         let row_loss = b.output("row_loss", self.rows)?;
         let params = ContraMarginParams {
             row_loss: b.ptr(&row_loss).cast(),
-            ..self.params(b)
+            ..self.params(b)?
         };
         b.launch(
             "margin_fwd_f32",
@@ -65,7 +65,7 @@ impl<B: Backend> Problem<'_, B> {
             grad_x1: b.ptr(&grad_x1),
             grad_x2: b.ptr(&grad_x2),
             grad_scale: (grad_loss / self.rows as f64) as f32,
-            ..self.params(b)
+            ..self.params(b)?
         };
         b.launch(
             "margin_bwd_f32",

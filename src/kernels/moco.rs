@@ -4,7 +4,7 @@
 
 use super::infonce::{fused_forward, BackwardPass, Softmax};
 use super::params::ContraInfonceExtraBwdParams;
-use super::{blocks_for, normalize, typed_kernel, Backend, Launch};
+use super::{blocks_for, extent, normalize, typed_kernel, Backend, Launch};
 use crate::Result;
 
 /// One MoCo problem: q, k (rows x dim) raw, queue (queue_len x dim) used as given.
@@ -68,8 +68,8 @@ impl<B: Backend> Moco<'_, B> {
             extra_key: b.ptr(&kn),
             lse: b.ptr(lse).cast(),
             grad_q: b.ptr(&grad_qn).cast(),
-            rows: self.rows as i32,
-            dim: self.dim as i32,
+            rows: extent("rows", self.rows)?,
+            dim: extent("dim", self.dim)?,
             scale: self.scale(),
             grad_scale,
         };

@@ -29,20 +29,65 @@ use std::ffi::c_void;
 
 use crate::Result;
 
-/// Grid and block shape of one launch.
+/// Grid and block shape of one launch. The grid is kept in `usize` until [`Launch::dims`]
+/// checks it against CUDA's limits, so that no block count is truncated on the way.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Launch {
-    pub grid: [u32; 3],
+    pub grid: [usize; 3],
     pub block: [u32; 3],
 }
+
+/// CUDA's grid limits: 2^31 - 1 blocks along x, 65535 along y and z.
+const MAX_GRID: [usize; 3] = [i32::MAX as usize, 65535, 65535];
 
 impl Launch {
     /// A 1-D grid of `blocks` blocks of `threads` threads.
     pub fn linear(blocks: usize, threads: u32) -> Launch {
         Launch {
-            grid: [blocks as u32, 1, 1],
+            grid: [blocks, 1, 1],
             block: [threads, 1, 1],
         }
+    }
+
+    /// The grid and block as the driver takes them, or an error naming `kernel` when the grid
+    /// exceeds CUDA's limits (the launch layer never truncates a block count).
+    pub fn dims(&self, kernel: &str) -> Result<([u32; 3], [u32; 3])> {
+        let mut grid = [0u32; 3];
+        for (axis, (&blocks, &limit)) in self.grid.iter().zip(&MAX_GRID).enumerate() {
+            if blocks > limit {
+                return Err(crate::Error::invalid(
+                    "kernel launch",
+                    "grid",
+                    format!(
+                        "`{kernel}` needs {blocks} blocks along axis {axis}, more than CUDA's \
+                         limit of {limit}: the input is too large for one launch"
+                    ),
+                ));
+            }
+            grid[axis] = blocks as u32;
+        }
+        Ok((grid, self.block))
+    }
+}
+
+/// The largest extent (rows, columns, features, queue length) the kernels accept. They take
+/// extents as 32-bit `int` and form offsets in 64 bits; the margin below 2^31 - 1 keeps every
+/// strided loop counter (`i += blockDim`) from wrapping.
+pub(crate) const MAX_EXTENT: usize = i32::MAX as usize - 4096;
+
+/// `value` as a kernel's 32-bit extent parameter, or an error naming `arg` when it does not fit.
+pub(crate) fn extent(arg: &'static str, value: usize) -> Result<i32> {
+    if value <= MAX_EXTENT {
+        Ok(value as i32)
+    } else {
+        Err(crate::Error::invalid(
+            "kernel launch",
+            arg,
+            format!(
+                "{value} exceeds the kernels' 32-bit index range (at most {MAX_EXTENT}); \
+                 use Device::Cpu for inputs this large"
+            ),
+        ))
     }
 }
 
@@ -245,3 +290,34 @@ macro_rules! run_on_kernels {
     };
 }
 pub(crate) use run_on_kernels;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_beyond_32_bits_are_errors_naming_the_argument() {
+        assert_eq!(extent("rows", MAX_EXTENT).unwrap(), MAX_EXTENT as i32);
+        let err = extent("dim", MAX_EXTENT + 1).unwrap_err().to_string();
+        assert!(err.contains("`dim`") && err.contains("32-bit"), "{err}");
+        // A value that `as i32` would wrap to a small positive number.
+        assert!(extent("rows", (1usize << 32) + 5).is_err());
+    }
+
+    #[test]
+    fn grids_beyond_cuda_limits_are_errors_not_truncated() {
+        let fine = Launch {
+            grid: [MAX_GRID[0], 65535, 65535],
+            block: [256, 1, 1],
+        };
+        assert_eq!(fine.dims("k").unwrap().0, [i32::MAX as u32, 65535, 65535]);
+        for axis in 0..3 {
+            let mut launch = fine;
+            launch.grid[axis] += 1;
+            let err = launch.dims("similarity_fwd_f32").unwrap_err().to_string();
+            assert!(err.contains("similarity_fwd_f32") && err.contains("`grid`"), "{err}");
+        }
+        // 2^32 + 1 blocks would have been launched as 1 block.
+        assert!(Launch::linear((1 << 32) + 1, 256).dims("k").is_err());
+    }
+}

@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/nce.cu`: noise-contrastive estimation.
 
 use super::params::ContraNceParams;
-use super::{blocks_for, Backend, Launch};
+use super::{blocks_for, extent, Backend, Launch};
 use crate::Result;
 
 /// Rows per 256-thread block of the forward (one warp per row), as in nce.cu.
@@ -22,17 +22,17 @@ pub(crate) struct Problem<'a, B: Backend> {
 }
 
 impl<B: Backend> Problem<'_, B> {
-    fn params(&self, b: &B) -> ContraNceParams {
-        ContraNceParams {
+    fn params(&self, b: &B) -> Result<ContraNceParams> {
+        Ok(ContraNceParams {
             s_pos: b.ptr(self.s_pos),
             s_neg: b.ptr(self.s_neg),
             logq_pos: b.ptr(self.logq_pos),
             logq_neg: b.ptr(self.logq_neg),
-            rows: self.rows as i32,
-            k: self.k as i32,
+            rows: extent("rows", self.rows)?,
+            k: extent("k", self.k)?,
             log_k: (self.k as f64).ln() as f32,
             ..Default::default()
-        }
+        })
     }
 
     /// The mean loss.
@@ -40,7 +40,7 @@ impl<B: Backend> Problem<'_, B> {
         let row_loss = b.output("row_loss", self.rows)?;
         let params = ContraNceParams {
             row_loss: b.ptr(&row_loss).cast(),
-            ..self.params(b)
+            ..self.params(b)?
         };
         let shape = Launch::linear(blocks_for(self.rows, ROWS_PER_BLOCK), 256);
         b.launch("nce_fwd_f32", shape, &params, &[&row_loss])?;
@@ -57,7 +57,7 @@ impl<B: Backend> Problem<'_, B> {
             grad_s_pos: b.ptr(&grad_s_pos),
             grad_s_neg: b.ptr(&grad_s_neg),
             grad_scale: (grad_loss / self.rows as f64) as f32,
-            ..self.params(b)
+            ..self.params(b)?
         };
         let elements = self.rows * (self.k + 1);
         let blocks = blocks_for(elements, THREADS as usize).min(MAX_BLOCKS);

@@ -6,7 +6,7 @@ use super::params::{
     ContraBatchNormBwdParams, ContraBatchNormFwdParams, ContraBiasReluParams,
     ContraColumnSumParams, ContraGemmParams, ContraReluBwdParams,
 };
-use super::{blocks_for, Backend, BufInfo, Elem, Launch};
+use super::{blocks_for, extent, Backend, BufInfo, Elem, Launch};
 use crate::{Error, Result};
 
 /// Threads per block of the one-thread-per-element and one-thread-per-column kernels.
@@ -54,6 +54,21 @@ impl GemmShape {
     /// Errors unless every extent is positive and fits 32-bit indices, and the buffers of `a`,
     /// `b` and `c` are f32 and hold (at least) the elements the shape addresses.
     pub fn check(&self, buffers: [BufInfo; 3]) -> Result<()> {
+        // Extents first: each is below 2^31, so the products below cannot wrap a 64-bit usize.
+        let fits = |v: usize| v > 0 && v <= super::MAX_EXTENT;
+        if ![self.m, self.n, self.k].into_iter().all(fits) {
+            return Err(Error::invalid(
+                "gemm",
+                "shape",
+                format!(
+                    "m = {}, n = {}, k = {} must each be in 1..={}",
+                    self.m,
+                    self.n,
+                    self.k,
+                    super::MAX_EXTENT
+                ),
+            ));
+        }
         let needed = [self.m * self.k, self.k * self.n, self.m * self.n];
         for ((name, info), need) in ["a", "b", "c"].into_iter().zip(buffers).zip(needed) {
             if info.elem != Elem::F32 {
@@ -72,19 +87,7 @@ impl GemmShape {
                 ));
             }
         }
-        let fits = |v: usize| v > 0 && i32::try_from(v).is_ok();
-        if [self.m, self.n, self.k].into_iter().all(fits) {
-            Ok(())
-        } else {
-            Err(Error::invalid(
-                "gemm",
-                "shape",
-                format!(
-                    "m = {}, n = {}, k = {} must each be in 1..=2^31-1",
-                    self.m, self.n, self.k
-                ),
-            ))
-        }
+        Ok(())
     }
 }
 
@@ -111,19 +114,19 @@ pub(crate) fn gemm_kernel<B: Backend>(
         a: backend.ptr(a).cast(),
         b: backend.ptr(b).cast(),
         c: backend.ptr(c).cast(),
-        m: shape.m as i32,
-        n: shape.n as i32,
-        k: shape.k as i32,
-        lda: lda as i32,
-        ldb: ldb as i32,
-        ldc: ldc as i32,
+        m: extent("m", shape.m)?,
+        n: extent("n", shape.n)?,
+        k: extent("k", shape.k)?,
+        lda: extent("lda", lda)?,
+        ldb: extent("ldb", ldb)?,
+        ldc: extent("ldc", ldc)?,
         trans_a: shape.trans_a as i32,
         trans_b: shape.trans_b as i32,
         alpha: shape.alpha,
         beta: shape.beta,
     };
     let launch = Launch {
-        grid: [blocks_for(shape.n, GEMM_TILE) as u32, row_tiles as u32, 1],
+        grid: [blocks_for(shape.n, GEMM_TILE), row_tiles, 1],
         block: [GEMM_TILE as u32, GEMM_TILE as u32, 1],
     };
     backend.launch("nn_gemm_f32", launch, &params, &[c])
@@ -155,8 +158,8 @@ pub(crate) fn bias_relu<B: Backend>(
         x: backend.ptr(x).cast(),
         bias: bias.map_or(std::ptr::null(), |b| backend.ptr(b).cast()),
         y: backend.ptr(y).cast(),
-        rows: rows as i32,
-        cols: cols as i32,
+        rows: extent("rows", rows)?,
+        cols: extent("cols", cols)?,
         relu: relu as i32,
     };
     backend.launch("nn_bias_relu_f32", elementwise(rows * cols), &params, &[y])
@@ -189,8 +192,8 @@ pub(crate) fn column_sum<B: Backend>(
     let params = ContraColumnSumParams {
         x: backend.ptr(x).cast(),
         out: backend.ptr(out).cast(),
-        rows: rows as i32,
-        cols: cols as i32,
+        rows: extent("rows", rows)?,
+        cols: extent("cols", cols)?,
     };
     backend.launch("nn_column_sum_f32", per_column(cols), &params, &[out])
 }
@@ -228,8 +231,8 @@ pub(crate) fn batchnorm_fwd<B: Backend>(
         inv_std: backend.ptr(bufs.inv_std).cast(),
         running_mean: backend.ptr(bufs.running_mean).cast(),
         running_var: backend.ptr(bufs.running_var).cast(),
-        rows: rows as i32,
-        cols: cols as i32,
+        rows: extent("rows", rows)?,
+        cols: extent("cols", cols)?,
         train: train as i32,
         eps,
         momentum,
@@ -269,8 +272,8 @@ pub(crate) fn batchnorm_bwd<B: Backend>(
         dx: backend.ptr(bufs.dx).cast(),
         grad_weight: grad_weight.cast(),
         grad_bias: grad_bias.cast(),
-        rows: rows as i32,
-        cols: cols as i32,
+        rows: extent("rows", rows)?,
+        cols: extent("cols", cols)?,
         train: train as i32,
     };
     let mut written = vec![bufs.dx];

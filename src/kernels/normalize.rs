@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/normalize.cu`.
 
 use super::params::ContraNormalizeParams;
-use super::{blocks_for, typed_kernel, Backend, BufInfo, Launch};
+use super::{blocks_for, extent, typed_kernel, Backend, BufInfo, Launch};
 use crate::Result;
 
 /// Rows per 256-thread block (one warp per row), as in normalize.cu.
@@ -24,8 +24,8 @@ pub(crate) fn forward<B: Backend>(b: &B, x: &B::Buf, rows: usize, dim: usize) ->
     let params = ContraNormalizeParams {
         x: b.ptr(x),
         y: b.ptr(&y),
-        rows: rows as i32,
-        dim: dim as i32,
+        rows: extent("rows", rows)?,
+        dim: extent("dim", dim)?,
         eps: 1e-12,
         ..Default::default()
     };
@@ -47,8 +47,8 @@ pub(crate) fn backward<B: Backend>(
         x: b.ptr(x),
         grad_y: b.ptr(grad_y),
         grad_x: b.ptr(&grad_x),
-        rows: rows as i32,
-        dim: dim as i32,
+        rows: extent("rows", rows)?,
+        dim: extent("dim", dim)?,
         eps: 1e-12,
         ..Default::default()
     };

@@ -1,7 +1,7 @@
 //! Launch sequence of `kernels/queue.cu`: the MoCo queue enqueue.
 
 use super::params::ContraQueueParams;
-use super::{blocks_for, Backend, Launch};
+use super::{blocks_for, extent, Backend, Launch};
 use crate::Result;
 
 /// Key rows per 256-thread block (one warp per row), as in queue.cu.
@@ -22,10 +22,10 @@ pub(crate) fn enqueue<B: Backend>(
     let params = ContraQueueParams {
         k: b.ptr(k),
         queue: b.ptr(queue),
-        rows: rows as i32,
-        queue_len: queue_len as i32,
-        dim: dim as i32,
-        ptr: ptr as i32,
+        rows: extent("rows", rows)?,
+        queue_len: extent("queue_len", queue_len)?,
+        dim: extent("dim", dim)?,
+        ptr: extent("ptr", ptr)?,
         eps: 1e-12,
     };
     // The queue holds its current (real, never poison) rows and the kernel rewrites only some of

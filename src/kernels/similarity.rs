@@ -1,7 +1,7 @@
 //! Launch sequence of `kernels/similarity.cu`.
 
 use super::params::*;
-use super::{blocks_for, typed_kernel, Backend, Launch};
+use super::{blocks_for, extent, typed_kernel, Backend, Launch};
 use crate::ops::Similarity;
 use crate::Result;
 
@@ -27,17 +27,13 @@ pub(crate) fn forward<B: Backend>(
         a: b.ptr(a),
         b: b.ptr(bm),
         out: b.ptr(&out).cast(),
-        rows: rows as i32,
-        cols: cols as i32,
-        dim: dim as i32,
+        rows: extent("rows", rows)?,
+        cols: extent("cols", cols)?,
+        dim: extent("dim", dim)?,
         kind: kind as i32,
     };
     let launch = Launch {
-        grid: [
-            blocks_for(cols, TILE) as u32,
-            blocks_for(rows, TILE) as u32,
-            1,
-        ],
+        grid: [blocks_for(cols, TILE), blocks_for(rows, TILE), 1],
         block: [16, 16, 1],
     };
     let kernel = typed_kernel!("similarity_fwd", b.info(a).elem);

@@ -3,7 +3,7 @@
 //! distance).
 
 use super::params::*;
-use super::{blocks_for, normalize, similarity, Backend, Launch};
+use super::{blocks_for, extent, normalize, similarity, Backend, Launch};
 use crate::cpu::triplet::{Coefs, DIST_EPS};
 use crate::ops::triplet::{Distance, Mining, TripletStats};
 use crate::ops::Similarity;
@@ -71,7 +71,7 @@ impl<B: Backend> Problem<'_, B> {
             anchor_sum: b.ptr(&anchor_sum).cast(),
             anchor_count: b.ptr(&anchor_count).cast(),
             anchor_stats: b.ptr(&anchor_stats).cast(),
-            rows: n as i32,
+            rows: extent("n", n)?,
             distance: match self.distance {
                 Distance::Euclidean => ContraTripletDistance_CONTRA_TRIPLET_EUCLIDEAN,
                 Distance::SquaredEuclidean => {
@@ -142,17 +142,13 @@ impl<B: Backend> Problem<'_, B> {
             y: b.ptr(y),
             coef: b.ptr(&coef).cast(),
             out: b.ptr(&out),
-            rows: n as i32,
-            dim: dim as i32,
+            rows: extent("n", n)?,
+            dim: extent("dim", dim)?,
             cosine: cosine as i32,
             grad_scale: grad_loss as f32,
         };
         let launch = Launch {
-            grid: [
-                blocks_for(n, BWD_ROWS) as u32,
-                blocks_for(dim, BWD_THREADS) as u32,
-                1,
-            ],
+            grid: [blocks_for(n, BWD_ROWS), blocks_for(dim, BWD_THREADS), 1],
             block: [BWD_THREADS as u32, 1, 1],
         };
         b.launch("triplet_bwd_f32", launch, &params, &[&out])?;

@@ -43,6 +43,8 @@ pub fn similarity(a: &Tensor, b: &Tensor, kind: Similarity) -> Result<Tensor> {
     let (rows, dim) = matrix_dims(OP, "a", a)?;
     let cols = same_width(OP, "b", b, "M", "a", dim)?;
     same_place(OP, &[("a", a), ("b", b)])?;
+    // The N x M output must be addressable before anything is allocated.
+    crate::tensor::checked_numel(OP, "b", &[rows, cols], a.dtype())?;
     check_finite(OP, "a", a)?;
     check_finite(OP, "b", b)?;
     run_on_kernels!(a.device(), k => {

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::cpu::supcon::Classes;
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, Error, Result, Tensor};
+use crate::{cpu, DType, Error, Result, Tensor};
 
 const OP: &str = "triplet";
 
@@ -111,6 +111,8 @@ pub struct TripletOutput {
 fn validate(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Result<(usize, usize)> {
     let (rows, dim) = matrix_dims(OP, "x", x)?;
     check_labels_len(OP, "labels", labels, rows)?;
+    // Mining keeps the N x N pair matrix (never N^3): it must be addressable.
+    crate::tensor::checked_numel(OP, "x", &[rows, rows], DType::F64)?;
     if !(opts.margin.is_finite() && opts.margin >= 0.0) {
         return Err(Error::invalid(
             OP,

@@ -109,6 +109,9 @@ pub fn parse_digits_csv(text: &str) -> Result<Dataset> {
         }
         labels.push(label);
     }
+    if labels.is_empty() {
+        return Err(Error::format("digits.csv", "no data lines"));
+    }
     Ok(Dataset {
         images,
         labels,

@@ -138,12 +138,17 @@ impl Case {
         })
     }
 
-    /// Reads the array named `name` in `case.json`.
-    pub fn array(&self, name: &str) -> Result<Array> {
+    /// The file of the array named `name` in `case.json`.
+    fn array_path(&self, name: &str) -> Result<PathBuf> {
         let file = self.arrays.get(name).ok_or_else(|| {
             Error::format(self.dir.join("case.json"), format!("no array `{name}`"))
         })?;
-        read_npy(&self.dir.join(file))
+        Ok(self.dir.join(file))
+    }
+
+    /// Reads the array named `name` in `case.json`.
+    pub fn array(&self, name: &str) -> Result<Array> {
+        read_npy(&self.array_path(name)?)
     }
 
     /// The array as a tensor of `dtype`-compatible f32 or f64 on `device`.
@@ -159,19 +164,56 @@ impl Case {
         }
     }
 
-    fn ints(&self, name: &str) -> Result<Vec<i64>> {
-        Ok(self.array(name)?.values.iter().map(|&v| v as i64).collect())
+    /// The only value of the array `name`: an error unless it holds exactly one.
+    fn single_value(&self, name: &str) -> Result<f64> {
+        let path = self.array_path(name)?;
+        single_of(&read_npy(&path)?, name, &path)
     }
 
+    /// The array `name` as integers: every value must be finite and integral (3.0 is accepted,
+    /// 2.7 or NaN are errors naming the file and the index of the first bad value).
+    fn ints(&self, name: &str) -> Result<Vec<i64>> {
+        let path = self.array_path(name)?;
+        ints_of(&read_npy(&path)?.values, name, &path)
+    }
+
+    /// The array `name` as non-negative integers (indices).
     fn indices(&self, name: &str) -> Result<Vec<usize>> {
+        let path = self.array_path(name)?;
         self.ints(name)?
             .into_iter()
-            .map(|v| {
+            .enumerate()
+            .map(|(i, v)| {
                 usize::try_from(v).map_err(|_| {
-                    Error::format(&self.dir, format!("{name} holds negative index {v}"))
+                    Error::format(
+                        &path,
+                        format!("`{name}` holds negative index {v} at index {i}"),
+                    )
                 })
             })
             .collect()
+    }
+
+    /// The only value of the array `name` as a non-negative integer.
+    fn single_index(&self, name: &str) -> Result<usize> {
+        let path = self.array_path(name)?;
+        let v = single_of(&read_npy(&path)?, name, &path)?;
+        let v = ints_of(&[v], name, &path)?[0];
+        usize::try_from(v)
+            .map_err(|_| Error::format(&path, format!("`{name}` holds negative value {v}")))
+    }
+
+    /// A boolean option: false when absent, an error when present but not a boolean.
+    fn option_bool(&self, key: &str) -> Result<bool> {
+        match &self.options[key] {
+            serde_json::Value::Null => Ok(false),
+            v => v.as_bool().ok_or_else(|| {
+                Error::format(
+                    self.dir.join("case.json"),
+                    format!("options.{key} is {v}, not a boolean"),
+                )
+            }),
+        }
     }
 
     fn option_f64(&self, key: &str) -> Result<f64> {
@@ -194,36 +236,363 @@ impl Case {
 }
 
 /// Reads a `.npy` of f64, f32 or integers into f64 values.
+///
+/// Only C-order arrays of `f8`, `f4`, `i8` and `i4` (either byte order) are accepted. The
+/// shape's element count and byte size are computed with checked arithmetic and the payload
+/// must hold exactly that many bytes; any other file is an [`Error::Format`] naming it.
 pub fn read_npy(path: &Path) -> Result<Array> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let npy = npyz::NpyFile::new(&bytes[..])
-        .map_err(|e| Error::format(path, format!("not a .npy file: {e}")))?;
-    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let descr = npy.dtype().descr();
-    let bad = |e: std::io::Error| Error::format(path, format!("reading {descr}: {e}"));
-    let values: Vec<f64> = match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
-        "f8" => npy.into_vec::<f64>().map_err(bad)?,
-        "f4" => npy
-            .into_vec::<f32>()
-            .map_err(bad)?
-            .into_iter()
-            .map(f64::from)
+    parse_npy(&bytes, path)
+}
+
+/// Largest integer an f64 holds exactly (2^53); larger `i8` values are refused.
+const F64_EXACT_INT: i64 = 1 << 53;
+
+/// Nesting depth accepted in a `.npy` header (numpy writes depth 2: a dict holding a tuple).
+const NPY_MAX_DEPTH: usize = 8;
+
+/// Parses the bytes of a `.npy` file; `path` names it in errors.
+fn parse_npy(bytes: &[u8], path: &Path) -> Result<Array> {
+    let bad = |reason: String| Error::format(path, reason);
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad(format!(
+            "not a .npy file: {} bytes without the \\x93NUMPY magic and header length",
+            bytes.len()
+        )));
+    }
+    let (prefix, header_len): (usize, usize) = match (bytes[6], bytes[7]) {
+        (1, 0) => (10, usize::from(u16::from_le_bytes([bytes[8], bytes[9]]))),
+        (2, 0) | (3, 0) if bytes.len() >= 12 => {
+            let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+            let len = usize::try_from(len)
+                .map_err(|_| bad(format!("header length {len} does not fit in memory")))?;
+            (12, len)
+        }
+        (2, 0) | (3, 0) => return Err(bad("truncated .npy header length".into())),
+        (major, minor) => {
+            return Err(bad(format!(
+                "unsupported .npy version {major}.{minor} (1.0, 2.0 and 3.0 are read)"
+            )))
+        }
+    };
+    let data_start = prefix
+        .checked_add(header_len)
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| {
+            bad(format!(
+                "truncated: the header says it is {header_len} bytes, the file holds {} after \
+                 the {prefix}-byte prefix",
+                bytes.len() - prefix
+            ))
+        })?;
+    let text = std::str::from_utf8(&bytes[prefix..data_start])
+        .map_err(|e| bad(format!("header is not UTF-8 text: {e}")))?;
+    let header = PyParser::parse(text).map_err(|e| bad(format!("bad header {text:?}: {e}")))?;
+    let PyValue::Dict(entries) = header else {
+        return Err(bad(format!("header {text:?} is not a dict")));
+    };
+    let (mut descr, mut fortran, mut shape) = (None, None, None);
+    for (key, value) in entries {
+        match (key.as_str(), value) {
+            ("descr", PyValue::Str(s)) => descr = Some(s),
+            ("fortran_order", PyValue::Bool(b)) => fortran = Some(b),
+            ("shape", PyValue::Seq(dims)) => shape = Some(dims),
+            (key, value) => {
+                return Err(bad(format!(
+                    "unexpected header entry {key:?}: {value:?} (expected the string `descr`, \
+                     the boolean `fortran_order` and the tuple `shape`)"
+                )))
+            }
+        }
+    }
+    let missing = |key: &str| bad(format!("header {text:?} has no `{key}`"));
+    let descr = descr.ok_or_else(|| missing("descr"))?;
+    let fortran = fortran.ok_or_else(|| missing("fortran_order"))?;
+    let dims = shape.ok_or_else(|| missing("shape"))?;
+    // The shape as written, for messages (Python tuple syntax).
+    let shape_text = format!(
+        "({}{})",
+        dims.iter()
+            .map(|d| match d {
+                PyValue::Int(v) => v.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        if dims.len() == 1 { "," } else { "" }
+    );
+    let mut shape = Vec::with_capacity(dims.len());
+    for d in &dims {
+        let extent = match d {
+            PyValue::Int(v) => usize::try_from(*v).map_err(|_| {
+                bad(format!(
+                    "shape {shape_text}: extent {v} is negative or does not fit in memory"
+                ))
+            })?,
+            other => {
+                return Err(bad(format!(
+                    "shape {shape_text}: extent {other:?} is not an integer"
+                )))
+            }
+        };
+        shape.push(extent);
+    }
+    if fortran {
+        return Err(bad(format!(
+            "fortran_order arrays are not supported, save with C order \
+             (np.save(path, np.ascontiguousarray(a))); shape {shape_text}"
+        )));
+    }
+    let (order, kind) = match descr.as_bytes() {
+        [o @ (b'<' | b'>' | b'=' | b'|'), rest @ ..] => (*o, rest),
+        _ => (b'=', descr.as_bytes()),
+    };
+    let big = order == b'>' || order == b'=' && cfg!(target_endian = "big");
+    let item: usize = match kind {
+        b"f8" | b"i8" => 8,
+        b"f4" | b"i4" => 4,
+        _ => {
+            return Err(bad(format!(
+                "unsupported dtype {descr:?} (f8, f4, i8 and i4 are read)"
+            )))
+        }
+    };
+    let count = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            bad(format!(
+                "shape {shape_text} overflows: its element count does not fit in 64 bits"
+            ))
+        })?;
+    let size = count.checked_mul(item).ok_or_else(|| {
+        bad(format!(
+            "shape {shape_text} overflows: {count} elements of {item} bytes do not fit in 64 bits"
+        ))
+    })?;
+    let payload = &bytes[data_start..];
+    if payload.len() != size {
+        return Err(bad(format!(
+            "{}: shape {shape_text} of {descr} needs {size} data bytes, the file holds {}",
+            if payload.len() < size {
+                "truncated"
+            } else {
+                "trailing bytes"
+            },
+            payload.len()
+        )));
+    }
+    let word = |c: &[u8]| -> u64 {
+        let mut b = [0u8; 8];
+        b[..c.len()].copy_from_slice(c);
+        if big {
+            b[..c.len()].reverse();
+        }
+        u64::from_le_bytes(b)
+    };
+    let chunks = payload.chunks_exact(item);
+    let values: Vec<f64> = match kind {
+        b"f8" => chunks.map(|c| f64::from_bits(word(c))).collect(),
+        b"f4" => chunks
+            .map(|c| f64::from(f32::from_bits(word(c) as u32)))
             .collect(),
-        "i8" => npy
-            .into_vec::<i64>()
-            .map_err(bad)?
-            .into_iter()
-            .map(|v| v as f64)
-            .collect(),
-        "i4" => npy
-            .into_vec::<i32>()
-            .map_err(bad)?
-            .into_iter()
-            .map(f64::from)
-            .collect(),
-        other => return Err(Error::format(path, format!("unsupported dtype {other}"))),
+        b"i4" => chunks.map(|c| f64::from(word(c) as u32 as i32)).collect(),
+        _ => {
+            let ints: Vec<i64> = chunks.map(|c| word(c) as i64).collect();
+            if let Some((i, v)) = ints
+                .iter()
+                .enumerate()
+                .find(|(_, v)| v.unsigned_abs() > F64_EXACT_INT as u64)
+            {
+                return Err(bad(format!(
+                    "int64 value {v} at index {i} is beyond 2^53 and has no exact f64 value"
+                )));
+            }
+            ints.into_iter().map(|v| v as f64).collect()
+        }
     };
     Ok(Array { shape, values })
+}
+
+/// The only value of `a`; `name` and `path` name the array in errors.
+fn single_of(a: &Array, name: &str, path: &Path) -> Result<f64> {
+    match a.values[..] {
+        [v] => Ok(v),
+        _ => Err(Error::format(
+            path,
+            format!(
+                "`{name}` must hold exactly one value, it holds {} (shape {:?})",
+                a.values.len(),
+                a.shape
+            ),
+        )),
+    }
+}
+
+/// `values` as integers; `name` and `path` name the array in errors.
+fn ints_of(values: &[f64], name: &str, path: &Path) -> Result<Vec<i64>> {
+    // i64::MIN is -2^63 exactly; 2^63 itself is out of range.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if v.is_finite() && v.fract() == 0.0 && (-LIMIT..LIMIT).contains(&v) {
+                Ok(v as i64)
+            } else {
+                Err(Error::format(
+                    path,
+                    format!("`{name}` must hold integers, but value {v} at index {i} is not one"),
+                ))
+            }
+        })
+        .collect()
+}
+
+/// A Python literal of a `.npy` header.
+#[derive(Debug)]
+enum PyValue {
+    Dict(Vec<(String, PyValue)>),
+    /// A tuple or a list.
+    Seq(Vec<PyValue>),
+    Str(String),
+    Bool(bool),
+    None,
+    Int(i128),
+}
+
+/// A recursive-descent parser for the Python literals numpy writes in `.npy` headers.
+struct PyParser<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+impl PyParser<'_> {
+    fn parse(text: &str) -> std::result::Result<PyValue, String> {
+        let mut p = PyParser { text, pos: 0 };
+        let value = p.value(0)?;
+        p.skip_ws();
+        if p.pos != text.len() {
+            return Err(format!(
+                "unexpected text after the literal at byte {}",
+                p.pos
+            ));
+        }
+        Ok(value)
+    }
+
+    fn rest(&self) -> &str {
+        &self.text[self.pos..]
+    }
+
+    fn skip_ws(&mut self) {
+        let trimmed = self.rest().trim_start();
+        self.pos = self.text.len() - trimmed.len();
+    }
+
+    /// Skips whitespace, then consumes `c` if it comes next.
+    fn eat(&mut self, c: char) -> bool {
+        self.skip_ws();
+        if self.rest().starts_with(c) {
+            self.pos += c.len_utf8();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> std::result::Result<PyValue, String> {
+        if depth > NPY_MAX_DEPTH {
+            return Err(format!("nested deeper than {NPY_MAX_DEPTH} levels"));
+        }
+        self.skip_ws();
+        let at = self.pos;
+        if self.eat('{') {
+            let mut entries = Vec::new();
+            while !self.eat('}') {
+                let key = match self.value(depth + 1)? {
+                    PyValue::Str(s) => s,
+                    other => return Err(format!("dict key {other:?} is not a string")),
+                };
+                if !self.eat(':') {
+                    return Err(format!("expected `:` after key {key:?}"));
+                }
+                let value = self.value(depth + 1)?;
+                if entries.iter().any(|(k, _)| *k == key) {
+                    return Err(format!("duplicate key {key:?}"));
+                }
+                entries.push((key, value));
+                if !self.eat(',') && !self.rest().trim_start().starts_with('}') {
+                    return Err(format!("expected `,` or `}}` at byte {}", self.pos));
+                }
+            }
+            return Ok(PyValue::Dict(entries));
+        }
+        for (open, close) in [('(', ')'), ('[', ']')] {
+            if self.eat(open) {
+                let mut items = Vec::new();
+                while !self.eat(close) {
+                    items.push(self.value(depth + 1)?);
+                    if !self.eat(',') && !self.rest().trim_start().starts_with(close) {
+                        return Err(format!("expected `,` or `{close}` at byte {}", self.pos));
+                    }
+                }
+                return Ok(PyValue::Seq(items));
+            }
+        }
+        let rest = self.rest();
+        if let Some(quote) = rest.chars().next().filter(|c| *c == '\'' || *c == '"') {
+            let mut s = String::new();
+            let mut chars = rest[1..].char_indices();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    c if c == quote => {
+                        self.pos += 1 + i + 1;
+                        return Ok(PyValue::Str(s));
+                    }
+                    '\\' => match chars.next() {
+                        Some((_, e)) => s.push(e),
+                        None => break,
+                    },
+                    c => s.push(c),
+                }
+            }
+            return Err(format!("unterminated string at byte {at}"));
+        }
+        for (word, value) in [("True", true), ("False", false)] {
+            if rest.starts_with(word) {
+                self.pos += word.len();
+                return Ok(PyValue::Bool(value));
+            }
+        }
+        if rest.starts_with("None") {
+            self.pos += 4;
+            return Ok(PyValue::None);
+        }
+        let sign_len = usize::from(rest.starts_with(['-', '+']));
+        let digits = rest[sign_len..]
+            .bytes()
+            .take_while(u8::is_ascii_digit)
+            .count();
+        if digits == 0 {
+            return Err(format!(
+                "unexpected {:?} at byte {at}",
+                rest.chars()
+                    .next()
+                    .map_or(String::from("end"), String::from)
+            ));
+        }
+        let literal = &rest[..sign_len + digits];
+        let v: i128 = literal
+            .parse()
+            .map_err(|_| format!("integer {literal} is too large"))?;
+        self.pos += literal.len();
+        // Python 2 wrote long integers with an `L` suffix.
+        if self.rest().starts_with(['L', 'l']) {
+            self.pos += 1;
+        }
+        Ok(PyValue::Int(v))
+    }
 }
 
 /// Precision the case is computed in: f32 is what kernels run; f64 checks the CPU reference
@@ -317,14 +686,8 @@ impl Checker<'_> {
     }
 
     fn count(&mut self, output: &str, got: u64) -> Result<()> {
-        let want = self
-            .case
-            .array(output)?
-            .values
-            .first()
-            .copied()
-            .unwrap_or(f64::NAN);
-        let error = (got as f64 - want).abs();
+        let want = self.case.single_index(output)?;
+        let error = (got as f64 - want as f64).abs();
         self.checks.push(Check {
             output: format!("{output}={got}"),
             error,
@@ -366,8 +729,8 @@ fn run_kind(
         "infonce" => {
             let opts = InfoNceOptions {
                 temperature: case.option_f64("temperature")?,
-                normalize: case.options["normalize"].as_bool().unwrap_or(false),
-                self_mask: case.options["self_mask"].as_bool().unwrap_or(false),
+                normalize: case.option_bool("normalize")?,
+                self_mask: case.option_bool("self_mask")?,
             };
             let out = infonce(&t("q")?, &t("k")?, &case.indices("positives")?, &opts)?;
             check.scalar("loss", out.loss)?;
@@ -385,7 +748,7 @@ fn run_kind(
             check.tensor("grad_z", &out.grad_z)?;
         }
         "clip" => {
-            let log_scale = case.array("log_scale")?.values[0];
+            let log_scale = case.single_value("log_scale")?;
             let out = clip(&t("a")?, &t("b")?, log_scale)?;
             check.scalar("loss", out.loss)?;
             check.tensor("grad_a", &out.grad_a)?;
@@ -401,7 +764,7 @@ fn run_kind(
             let out = moco(&q, &k, &queue, &opts)?;
             check.scalar("loss", out.loss)?;
             check.tensor("grad_q", &out.grad_q)?;
-            let ptr = case.indices("ptr")?[0];
+            let ptr = case.single_index("ptr")?;
             let ptr_after = moco_enqueue(&mut queue, &k, ptr)?;
             check.tensor("queue_after", &queue)?;
             check.count("ptr_after", ptr_after as u64)?;

@@ -44,9 +44,9 @@ pub fn spec_from_json(v: &Value, path: &Path) -> Result<MlpSpec> {
         .as_array()
         .ok_or_else(|| bad("no `widths` array"))?
         .iter()
-        .map(|w| w.as_u64().map(|w| w as usize))
+        .map(|w| w.as_u64().and_then(|w| usize::try_from(w).ok()))
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| bad("a width is not a non-negative integer"))?;
+        .ok_or_else(|| bad("a width is not a non-negative integer that fits in memory"))?;
     let norm = |key: &str| -> Result<Norm> {
         match v[key].as_str() {
             Some("none") => Ok(Norm::None),
@@ -70,6 +70,37 @@ pub fn spec_from_json(v: &Value, path: &Path) -> Result<MlpSpec> {
         output_bias: flag("output_bias")?,
         output_relu: flag("output_relu")?,
     })
+}
+
+/// Most values (parameters and buffers, 4 bytes each) a checkpoint may hold: 2^31, 8 GiB.
+pub const MAX_CHECKPOINT_VALUES: usize = 1 << 31;
+
+/// The number of tensors and of f32 values (parameters and buffers) of an [`Mlp`] built from
+/// `spec`, computed with checked arithmetic without building it; `None` on overflow.
+///
+/// [`Mlp`]: crate::nn::Mlp
+fn spec_size(spec: &MlpSpec) -> Option<(usize, usize)> {
+    let (mut tensors, mut values) = (0usize, 0usize);
+    let layers = spec.widths.len().saturating_sub(1);
+    for (i, pair) in spec.widths.windows(2).enumerate() {
+        let (input, out) = (pair[0], pair[1]);
+        let (bias, norm) = if i + 1 == layers {
+            (spec.output_bias, spec.output_norm)
+        } else {
+            (spec.hidden_bias, spec.hidden_norm)
+        };
+        // Linear weight (out x in) and bias; BatchNorm weight, bias, running mean and variance.
+        let per_out = match norm {
+            Norm::None => 0,
+            Norm::BatchNorm => 4,
+            Norm::BatchNormNoAffine => 2,
+        } + usize::from(bias);
+        tensors += 1 + per_out;
+        values = values
+            .checked_add(out.checked_mul(input)?)?
+            .checked_add(out.checked_mul(per_out)?)?;
+    }
+    Some((tensors, values))
 }
 
 /// A loaded checkpoint.
@@ -165,6 +196,46 @@ pub fn load_checkpoint(path: impl AsRef<Path>) -> Result<Checkpoint> {
         .get("seed")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| Error::format(path, "metadata `seed` is missing or not an integer"))?;
+    // Bound the encoder of the metadata by what the file stores before building (allocating) it.
+    let implied = spec_size(&backbone)
+        .zip(spec_size(&head))
+        .and_then(|((bt, bv), (ht, hv))| Some((bt + ht, bv.checked_add(hv)?)))
+        .filter(|&(_, values)| values <= MAX_CHECKPOINT_VALUES)
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                format!(
+                    "the encoder of its metadata (backbone widths {:?}, head widths {:?}) has \
+                     more than {MAX_CHECKPOINT_VALUES} parameters and buffers (or their count \
+                     overflows)",
+                    backbone.widths, head.widths
+                ),
+            )
+        })?;
+    let stored = header
+        .tensors()
+        .values()
+        .try_fold(0usize, |acc, info| {
+            info.shape
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .and_then(|n| acc.checked_add(n))
+        })
+        .ok_or_else(|| Error::format(path, "tensor element counts overflow"))?;
+    if implied != (header.tensors().len(), stored) {
+        return Err(Error::format(
+            path,
+            format!(
+                "the encoder of its metadata (backbone widths {:?}, head widths {:?}) has {} \
+                 tensors of {} values in all, but the file stores {} tensors of {stored} values",
+                backbone.widths,
+                head.widths,
+                implied.0,
+                implied.1,
+                header.tensors().len()
+            ),
+        ));
+    }
     let untrained = Encoder::new(&backbone, &head, seed)?;
     let mut encoder = untrained.clone();
     let st = SafeTensors::deserialize(&bytes)
@@ -183,7 +254,7 @@ pub fn load_checkpoint(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let t = st
             .tensor(name)
             .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
-        if t.dtype() != Dtype::F32 || t.shape() != shape {
+        if t.dtype() != Dtype::F32 || t.shape() != shape || t.data().len() != 4 * dst.len() {
             return Err(Error::format(
                 path,
                 format!(

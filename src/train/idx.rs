@@ -36,14 +36,25 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
+/// Most bytes a gzipped IDX file may decompress to (4 GiB; Fashion-MNIST's largest file is
+/// 47 MB): a bound on the memory a small, malformed gzip stream can claim.
+pub const MAX_IDX_BYTES: u64 = 1 << 32;
+
 /// Reads a file whole, gunzipping it when it starts with the gzip magic `1f 8b`.
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(raw.as_slice())
+            .take(MAX_IDX_BYTES + 1)
             .read_to_end(&mut out)
             .map_err(|e| Error::format(path, format!("bad gzip stream: {e}")))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(Error::format(
+                path,
+                format!("decompresses to more than {MAX_IDX_BYTES} bytes"),
+            ));
+        }
         Ok(out)
     } else {
         Ok(raw)
@@ -72,7 +83,7 @@ pub fn parse_idx(bytes: &[u8], path: impl AsRef<Path>) -> Result<IdxArray> {
             bytes[2]
         )));
     }
-    let ndims = bytes[3] as usize;
+    let ndims = usize::from(bytes[3]);
     if ndims == 0 {
         return Err(bad("zero dimensions".into()));
     }
@@ -86,9 +97,10 @@ pub fn parse_idx(bytes: &[u8], path: impl AsRef<Path>) -> Result<IdxArray> {
     let dims: Vec<usize> = (0..ndims)
         .map(|i| {
             let b = &bytes[4 + 4 * i..8 + 4 * i];
-            u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
+            let d = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            usize::try_from(d).map_err(|_| bad(format!("extent {d} does not fit in memory")))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let count = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -215,9 +227,15 @@ pub fn load_idx_dataset(
     let (images_path, labels_path) = (images.as_ref(), labels.as_ref());
     let (pixels, height, width) = read_idx_images(images_path)?;
     let labels = read_idx_labels(labels_path, classes)?;
-    let dim = height * width;
+    let dim = height.checked_mul(width).unwrap_or(0);
     let n = pixels.len().checked_div(dim).unwrap_or(0);
-    if dim == 0 || n != labels.len() {
+    if n == 0 {
+        return Err(Error::format(
+            images_path,
+            format!("holds no images of {height} x {width} pixels"),
+        ));
+    }
+    if n != labels.len() {
         return Err(Error::format(
             images_path,
             format!(

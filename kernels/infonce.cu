@@ -182,6 +182,19 @@ __device__ __forceinline__ float dlogit(const ContraInfonceBwdParams& p, int qi,
     return p.grad_scale * weight * (prob - target);
 }
 
+// CLIP's share of d(grad_scale * loss) / d log_scale at logit (i, j), centred: the row softmax
+// minus its target against row i's own logit, the column softmax minus its target against column
+// j's. Each sums to zero along its row (column), so the centring changes only the rounding; the
+// plain sum of dlogit * logit cancels terms of size `scale` down to `scale * spread` when the
+// embeddings cluster, and got the sign wrong.
+__device__ __forceinline__ float clip_log_scale_term(const ContraInfonceBwdParams& p, int qi, int kj, float u,
+                                                      float dot) {
+    const float target = p.positives[qi] == kj ? 1.0f : 0.0f;
+    const float row = exp2f(u - __fmul_rn(p.lse[qi], kLog2e)) - target;
+    const float col = exp2f(u - __fmul_rn(p.col_lse[kj], kLog2e)) - target;
+    return p.grad_scale * p.scale * (row * (dot - p.diag_dot[qi]) + col * (dot - p.diag_dot[kj]));
+}
+
 template <typename T>
 __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     __shared__ float g[kTile][kTilePad];  // G restricted to this (query, key) tile
@@ -219,7 +232,7 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
                 const float dot = g[r][c], u = __fmul_rn(dot, scale_log2);
                 float dl = dlogit(p, row, col, u);
                 if (p.symmetric) dl += dlogit(p, col, row, u);  // logit_ji == logit_ij
-                if (p.log_scale_partial) log_scale_acc += dl * __fmul_rn(dot, p.scale);
+                if (p.log_scale_partial) log_scale_acc += clip_log_scale_term(p, row, col, u, dot);
                 value = dl * p.scale;
             }
             g[r][c] = value;
@@ -265,6 +278,20 @@ __device__ void infonce_extra_bwd(const ContraInfonceExtraBwdParams& p) {
     for (int d = lane; d < p.dim; d += 32) p.grad_q[row * p.dim + d] += coef * load(extra, d);
 }
 
+// out[i] = a_i . b_i, one warp per row.
+template <typename T>
+__device__ void infonce_row_dot(const ContraRowDotParams& p) {
+    const int lane = threadIdx.x % 32;
+    const long long row = (long long)blockIdx.x * 8 + threadIdx.x / 32;
+    if (row >= p.rows) return;  // whole warps leave together
+    const T* a = static_cast<const T*>(p.a) + row * p.dim;
+    const T* b = static_cast<const T*>(p.b) + row * p.dim;
+    float dot = 0.0f;
+    for (int d = lane; d < p.dim; d += 32) dot += load(a, d) * load(b, d);
+    dot = warp_sum(dot);
+    if (lane == 0) p.out[row] = dot;
+}
+
 // Symmetric forward, second step: each row's lse and loss from the state and target term the
 // sweep folded in (one thread per row).
 __device__ void infonce_finish(const ContraInfonceFwdParams& p) {
@@ -289,3 +316,4 @@ INTERP_EXPORT(infonce_finish, ContraInfonceFwdParams)
 CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd, ContraInfonceFwdParams, (256, 3))
 CONTRA_TYPED_KERNELS_EACH(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3))
 CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)
+CONTRA_TYPED_KERNELS(infonce_row_dot, ContraRowDotParams, 256)

@@ -40,6 +40,14 @@ pub enum Error {
     /// Inputs of one call disagree in element type or device, or a dtype is not supported here.
     #[error("{op}: {reason}")]
     Mismatch { op: &'static str, reason: String },
+    /// A result overflowed the precision the op computes in although every input and option
+    /// passed its checks; the reason names the options that scale the result.
+    #[error("{op}: `{what}` overflows the compute precision ({reason})")]
+    Overflow {
+        op: &'static str,
+        what: &'static str,
+        reason: String,
+    },
     /// A device could not be opened or a transfer / launch failed.
     #[error("device error: {0}")]
     Device(String),

@@ -293,6 +293,16 @@ impl Tensor {
         Ok(self)
     }
 
+    /// Calls `f` with the bits of every element, widened to 64 bits (for fingerprints).
+    pub(crate) fn for_each_bits(&self, mut f: impl FnMut(u64)) {
+        match &self.data {
+            HostData::F32(v) => v.iter().for_each(|x| f(x.to_bits() as u64)),
+            HostData::F64(v) => v.iter().for_each(|x| f(x.to_bits())),
+            HostData::Bf16(v) => v.iter().for_each(|x| f(x.to_bits() as u64)),
+            HostData::F16(v) => v.iter().for_each(|x| f(x.to_bits() as u64)),
+        }
+    }
+
     pub(crate) fn host<T: Element>(&self) -> Option<&[T]> {
         T::slice(&self.data)
     }

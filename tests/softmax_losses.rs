@@ -1378,9 +1378,8 @@ fn error_bad_saved_state_and_grad_loss() {
     let (q, k, queue) = (ramp(3, 2), ramp(3, 2), ramp(4, 2));
     let opts = MocoOptions::default();
     let fwd = moco_forward(&q, &k, &queue, &opts).unwrap();
-    let wrong = SoftmaxSaved {
-        lse: t64(&[0.0; 2], &[2]),
-    };
+    let mut wrong = fwd.saved.clone();
+    wrong.lse = t64(&[0.0; 2], &[2]);
     let err = expect_err(
         moco_backward(&q, &k, &queue, &opts, &wrong, 1.0),
         "saved.lse",
@@ -1419,10 +1418,8 @@ fn error_bad_saved_state_and_grad_loss() {
 
     let (a, b) = (ramp(3, 2), ramp(3, 2));
     let fwd = clip_forward(&a, &b, 1.0).unwrap();
-    let bad = ClipSaved {
-        row_lse: fwd.saved.row_lse.clone(),
-        col_lse: t64(&[f64::NAN, 0.0, 0.0], &[3]),
-    };
+    let mut bad = fwd.saved.clone();
+    bad.col_lse = t64(&[f64::NAN, 0.0, 0.0], &[3]);
     let err = expect_err(
         clip_backward(&a, &b, 1.0, &bad, 1.0),
         "saved.col_lse",
@@ -1441,9 +1438,8 @@ fn error_bad_saved_state_and_grad_loss() {
 
     let features = t64(&[0.5; 8], &[2, 2, 2]);
     let sopts = SupConOptions::default();
-    let wrong = SoftmaxSaved {
-        lse: t64(&[0.0; 2], &[2]),
-    };
+    let mut wrong = supcon_forward(&features, &[0, 1], &sopts).unwrap().saved;
+    wrong.lse = t64(&[0.0; 2], &[2]);
     let err = expect_err(
         supcon_backward(&features, &[0, 1], &sopts, &wrong, 1.0),
         "saved.lse",
@@ -1453,7 +1449,7 @@ fn error_bad_saved_state_and_grad_loss() {
         matches!(
             err,
             Error::Shape {
-                op: "supcon",
+                op: "supcon_backward",
                 arg: "saved.lse",
                 ..
             }

@@ -92,6 +92,10 @@ typedef struct ContraInfonceBwdParams {
      * Both may be NULL. */
     const float* col_lse;
     float* log_scale_partial;
+    /* CLIP with log_scale_partial: q_i . k_i per row. Each softmax's share of the log_scale sum
+     * is taken against its own target's logit (row i: q_i . k_i, column j: q_j . k_j), which
+     * changes only the rounding: the uncentred sum cancels catastrophically when logits cluster. */
+    const float* diag_dot;
     float* grad_q;
     /* May be NULL (MoCo: the keys get no gradient; symmetric losses). Otherwise f32, cols x dim,
      * holding zeros (or the values to add to). */
@@ -119,6 +123,15 @@ typedef struct ContraInfonceExtraBwdParams {
     float scale;
     float grad_scale;
 } ContraInfonceExtraBwdParams;
+
+/* infonce_row_dot: out[i] = a_i . b_i for each of the rows (CLIP's diagonal dot products). */
+typedef struct ContraRowDotParams {
+    const void* a;
+    const void* b;
+    float* out;
+    int rows;
+    int dim;
+} ContraRowDotParams;
 
 /* margin_fwd: per pair row i, d_i = sqrt(max(||x1_i - x2_i||^2, eps)) and row_loss[i] =
  * d_i^2 / 2 when y[i] == 0 (similar), relu(margin - d_i)^2 / 2 when y[i] == 1 (dissimilar).

@@ -4,7 +4,7 @@
 //! the column pass the softmax of `b'` against `a'` (the transposed logits), both targeting the
 //! diagonal. Neither pass builds the N x N logit matrix.
 
-use super::softmax::{self, Diagonal, Scores};
+use super::softmax::{self, ClipColumns, Diagonal, Scores};
 use super::{normalize, Real};
 
 /// One CLIP problem: paired embeddings `a`, `b` (rows x dim each) and the log of the logit
@@ -66,7 +66,11 @@ impl<T: Real> Problem<'_, T> {
         // One sweep over the row pass's logits with both softmaxes: its queries are a', its keys
         // b', and the column pass's gradients are the same products transposed.
         let grads = self.with_passes(|row, _| {
-            softmax::backward(row, row_lse, Some(col_lse), &weight, &Diagonal, true, true)
+            let clip = ClipColumns {
+                col_lse,
+                want_log_scale: true,
+            };
+            softmax::backward(row, row_lse, Some(clip), &weight, &Diagonal, true)
         });
         let db = grads.keys.unwrap_or_default();
         Grads {

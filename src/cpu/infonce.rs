@@ -79,15 +79,7 @@ impl<'a, T: Real> Problem<'a, T> {
     pub fn backward(&self, lse: &[f64], grad_loss: f64) -> (Vec<T>, Vec<T>) {
         let weight = self.row_weights(grad_loss);
         self.input_grads(self.with_scores(|s| {
-            softmax::backward(
-                s,
-                lse,
-                None,
-                &weight,
-                &IndexTargets(self.positives),
-                true,
-                false,
-            )
+            softmax::backward(s, lse, None, &weight, &IndexTargets(self.positives), true)
         }))
     }
 

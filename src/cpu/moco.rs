@@ -62,11 +62,11 @@ impl<T: Real> Problem<'_, T> {
         let dim = self.dim;
         let dqn = self.with_scores(|s, kn, l_pos| {
             // The queue part: w * softmax_ij / tau * queue_j.
-            let mut dqn =
-                softmax::backward(s, lse, None, &weight, &NoTargets, false, false).queries;
+            let mut dqn = softmax::backward(s, lse, None, &weight, &NoTargets, false).queries;
             // The positive part: w * (softmax_i,pos - 1) / tau * k'_i.
             for (i, (dq, k)) in dqn.chunks_mut(dim).zip(kn.chunks(dim)).enumerate() {
-                let c = w * ((l_pos[i] - lse[i]).exp() - 1.0) / self.temperature;
+                // exp_m1: the positive's softmax minus 1 keeps its digits when it is dominant.
+                let c = w * (l_pos[i] - lse[i]).exp_m1() / self.temperature;
                 for (g, &kv) in dq.iter_mut().zip(k) {
                     *g += T::of(c * kv.f64());
                 }

@@ -38,7 +38,7 @@ pub struct Grads<T> {
     pub queries: Vec<T>,
     /// `None` when the caller did not ask for key gradients.
     pub keys: Option<Vec<T>>,
-    /// `sum_ij dlogit_ij * logit_ij`: the gradient with respect to `log(scale)`.
+    /// `sum_ij dlogit_ij * logit_ij`: the gradient with respect to `log(scale)` (CLIP only).
     pub log_scale: f64,
 }
 
@@ -281,59 +281,67 @@ pub fn forward_backward<T: Real>(
     )
 }
 
-/// Replaces the logits of `row` by `w * exp(logit - lse)` and returns the sum of
-/// `w * exp(logit - lse) * logit` (CLIP's d loss / d log_scale gathers it).
-fn softmax_and_log_scale_term<T: Real>(row: &mut [T], w: T, lse: T) -> f64 {
-    // A masked logit is -inf and its term 0: clamping it to the lowest finite value makes the
-    // product 0 instead of NaN.
-    let lowest = T::min_value();
-    let mut total = 0.0;
-    for x in row.iter_mut() {
-        let d = w * (*x - lse).exp_fast();
-        total += (d * x.max(lowest)).f64();
-        *x = d;
-    }
-    total
-}
-
-/// `row[c] <- w * (exp(row[c] - lse) + exp(row[c] - col_lse[c]))`, returning
-/// `sum_c row[c] * logit_c` when `log_scale_term` (else 0).
+/// `row[c] <- w * (exp(row[c] - lse) + exp(row[c] - col_lse[c]))`, returning CLIP's share of
+/// `d loss / d log(scale)` from this row when `centres` (the diagonal logits) are given, else 0.
+///
+/// That derivative is `sum_ij dlogit_ij * logit_ij`, where `dlogit` sums to zero along every
+/// row (row softmax minus its target) and every column (column softmax minus its target). Summed
+/// as is, it cancels catastrophically when the logits cluster (early training): terms of size
+/// `scale` cancel to a result of size `scale * spread`. Each softmax is therefore taken against
+/// its own target's logit, `P_ij (l_ij - l_ii) + Q_ij (l_ij - l_jj)`: the same sum in exact
+/// arithmetic, with the targets' terms exactly zero and no large terms left to cancel.
 fn two_softmax_terms<T: Real>(
     row: &mut [T],
     w: T,
     lse: T,
     col_lse: &[f64],
-    log_scale_term: bool,
+    centres: Option<(f64, &[f64])>,
 ) -> f64 {
-    let lowest = T::min_value();
     let mut total = 0.0;
-    for (x, &col) in row.iter_mut().zip(col_lse) {
-        let d = w * ((*x - lse).exp_fast() + (*x - T::of(col)).exp_fast());
-        if log_scale_term {
-            total += (d * x.max(lowest)).f64();
+    for (c, (x, &col)) in row.iter_mut().zip(col_lse).enumerate() {
+        let (row_softmax, col_softmax) = ((*x - lse).exp_fast(), (*x - T::of(col)).exp_fast());
+        if let Some((row_centre, col_centres)) = centres {
+            let logit = x.f64();
+            total += w.f64()
+                * (row_softmax.f64() * (logit - row_centre)
+                    + col_softmax.f64() * (logit - col_centres[c]));
         }
-        *x = d;
+        *x = w * (row_softmax + col_softmax);
     }
     total
 }
 
+/// CLIP's column pass, folded into the row pass's backward sweep.
+#[derive(Clone, Copy)]
+pub struct ClipColumns<'a> {
+    /// The column log-sum-exp.
+    pub col_lse: &'a [f64],
+    /// Also return `d loss / d log(scale)`.
+    pub want_log_scale: bool,
+}
+
 /// The backward sweep for the loss `sum_i row_weight_i * (lse_i - target_logit_i)`:
 /// `dlogit_ij = row_weight_i * (softmax_ij - target_ij)`, `dq = scale * dlogit k`,
-/// `dk = scale * dlogit^T q`; with `want_log_scale` also `d loss / d log(scale)` (CLIP).
+/// `dk = scale * dlogit^T q`.
 ///
-/// With `col_lse` (CLIP's symmetric loss) the column softmax of the same logits joins in one
-/// sweep: `dlogit_ij = row_weight_i * (softmax_ij + colsoftmax_ij - 2 target_ij)`, which is the
-/// row pass plus the transposed column pass (the column loss's weight must equal the row's).
+/// With `clip` (CLIP's symmetric loss: the column log-sum-exp, and whether `d loss / d
+/// log(scale)` is wanted) the column softmax of the same logits joins in one sweep:
+/// `dlogit_ij = row_weight_i * (softmax_ij + colsoftmax_ij - 2 target_ij)`, which is the row
+/// pass plus the transposed column pass (the column loss's weight must equal the row's); the
+/// targets must be the diagonal.
 pub fn backward<T: Real>(
     s: &Scores<'_, T>,
     lse: &[f64],
-    col_lse: Option<&[f64]>,
+    clip: Option<ClipColumns<'_>>,
     row_weight: &[f64],
     targets: &impl Targets,
     want_keys: bool,
-    want_log_scale: bool,
 ) -> Grads<T> {
     let (rows, cols, dim) = (s.rows, s.cols, s.dim);
+    // CLIP's log-scale derivative is taken against the diagonal logits (see two_softmax_terms).
+    let centres: Option<Vec<f64>> = clip
+        .filter(|c| c.want_log_scale)
+        .map(|_| (0..rows).map(|i| s.logit(i, i)).collect());
     let mut dq = vec![T::zero(); rows * dim];
     // Each rayon job (one per thread) owns a dK accumulator (cols x dim, never rows x cols);
     // the jobs' accumulators are summed.
@@ -356,13 +364,12 @@ pub fn backward<T: Real>(
                         let (lse_i, w) = (T::of(lse[i]), T::of(row_weight[i]));
                         let row = &mut tile[r * key_len..(r + 1) * key_len];
                         // dlogit = w * softmax (masked logits are -inf: exp gives 0).
-                        match col_lse {
-                            Some(col) => {
-                                let col = &col[k0..k0 + key_len];
-                                log_scale += two_softmax_terms(row, w, lse_i, col, want_log_scale);
-                            }
-                            None if want_log_scale => {
-                                log_scale += softmax_and_log_scale_term(row, w, lse_i);
+                        match clip {
+                            Some(clip) => {
+                                let col = &clip.col_lse[k0..k0 + key_len];
+                                let centres =
+                                    centres.as_deref().map(|c| (c[i], &c[k0..k0 + key_len]));
+                                log_scale += two_softmax_terms(row, w, lse_i, col, centres);
                             }
                             None => {
                                 for x in row.iter_mut() {
@@ -370,12 +377,10 @@ pub fn backward<T: Real>(
                                 }
                             }
                         }
-                        let target_count = if col_lse.is_some() { 2.0 } else { 1.0 };
+                        // The targets' own log-scale terms are zero against their centres.
+                        let target_count = if clip.is_some() { 2.0 } else { 1.0 };
                         targets.visit(i, k0..k0 + key_len, &mut |j, target| {
-                            let logit = s.logit(i, j);
-                            let d = row_weight[i] * target * target_count;
-                            log_scale -= d * logit;
-                            row[j - k0] -= T::of(d);
+                            row[j - k0] -= T::of(row_weight[i] * target * target_count);
                         });
                     }
                     // The scale is folded into the GEMMs' alpha.

@@ -117,9 +117,7 @@ impl<T: Real> Problem<'_, T> {
     pub fn backward(&self, lse: &[f64], grad_loss: f64) -> Vec<T> {
         let dzn = self.with_scores(|s, classes| {
             let weight = self.row_weights(classes, grad_loss);
-            view_grads(softmax::backward(
-                s, lse, None, &weight, classes, true, false,
-            ))
+            view_grads(softmax::backward(s, lse, None, &weight, classes, true))
         });
         normalize::backward(self.features, &dzn, self.dim)
     }

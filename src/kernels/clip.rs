@@ -3,7 +3,7 @@
 //! compare-and-swap state, the column log-sum-exp; the one-pass backward uses both softmaxes
 //! and also returns the gradient of `log_scale`.
 
-use super::infonce::{empty_lse_states, fused_forward, BackwardPass, Softmax};
+use super::infonce::{empty_lse_states, fused_forward, row_dots, BackwardPass, Softmax};
 use super::{blocks_for, normalize, Backend};
 use crate::Result;
 
@@ -105,6 +105,7 @@ impl<B: Backend> Clip<'_, B> {
         let softmax = self.softmax(&an, &bn, Some(&col_lse));
         let grad_scale = (grad_loss / (2 * self.rows) as f64) as f32;
         let partial = b.output("log_scale_partial", blocks_for(self.rows, TILE))?;
+        let diag_dot = row_dots(b, &an, &bn, self.rows, self.dim)?;
         let grad_an = b.output("grad_a", self.rows * self.dim)?;
         let grad_bn = b.zeros("grad_b", self.rows * self.dim)?;
         let pass = BackwardPass {
@@ -112,7 +113,7 @@ impl<B: Backend> Clip<'_, B> {
             scale: self.scale(),
             grad_scale,
             self_mask: false,
-            log_scale_partial: Some(&partial),
+            log_scale_partial: Some((&partial, &diag_dot)),
         };
         pass.both_sides(b, &softmax, &grad_an, &grad_bn)?;
         let grad_log_scale: f64 = b.download(&partial)?.iter().map(|&v| v as f64).sum();

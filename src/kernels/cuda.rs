@@ -34,6 +34,7 @@ unsafe impl DeviceRepr for ContraNceParams {}
 unsafe impl DeviceRepr for ContraMomentumParams {}
 unsafe impl DeviceRepr for ContraQueueParams {}
 unsafe impl DeviceRepr for ContraInfonceExtraBwdParams {}
+unsafe impl DeviceRepr for ContraRowDotParams {}
 unsafe impl DeviceRepr for ContraTripletMineParams {}
 unsafe impl DeviceRepr for ContraTripletBwdParams {}
 unsafe impl DeviceRepr for ContraGemmParams {}

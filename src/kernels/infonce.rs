@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/infonce.cu` for InfoNCE and NT-Xent: optional normalize kernels
 //! around the fused forward (per-row LSE, no N x M buffer) and the one-pass backward.
 
-use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams};
+use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams, ContraRowDotParams};
 use super::{blocks_for, extent, normalize, typed_kernel, Backend, Launch};
 use crate::Result;
 
@@ -231,8 +231,9 @@ pub(crate) struct BackwardPass<'a, Buf> {
     /// d(total) / d(loss) over the loss's normaliser.
     pub grad_scale: f32,
     pub self_mask: bool,
-    /// CLIP: per-block partials of the gradient of `log_scale` (one f32 per 64 query rows).
-    pub log_scale_partial: Option<&'a Buf>,
+    /// CLIP: per-block partials of the gradient of `log_scale` (one f32 per 64 query rows),
+    /// and the diagonal dot products they are centred on.
+    pub log_scale_partial: Option<(&'a Buf, &'a Buf)>,
 }
 
 impl<Buf> BackwardPass<'_, Buf> {
@@ -284,7 +285,9 @@ impl<Buf> BackwardPass<'_, Buf> {
             target_weight: or_null(b, s.labels.map(|(_, weight)| weight)).cast(),
             lse: b.ptr(self.lse).cast(),
             col_lse: or_null(b, s.col_lse).cast(),
-            log_scale_partial: or_null(b, self.log_scale_partial).cast(),
+            log_scale_partial: or_null(b, self.log_scale_partial.map(|(partial, _)| partial))
+                .cast(),
+            diag_dot: or_null(b, self.log_scale_partial.map(|(_, diag)| diag)).cast(),
             grad_q: b.ptr(grad_q).cast(),
             grad_k: or_null(b, grad_k).cast(),
             rows: extent("rows", s.rows)?,
@@ -304,4 +307,30 @@ impl<Buf> BackwardPass<'_, Buf> {
             &written,
         )
     }
+}
+
+/// `a_i . b_i` for each row of two `rows x dim` buffers of one element type, as f32.
+pub(crate) fn row_dots<B: Backend>(
+    b: &B,
+    lhs: &B::Buf,
+    rhs: &B::Buf,
+    rows: usize,
+    dim: usize,
+) -> Result<B::Buf> {
+    let out = b.output("diag_dot", rows)?;
+    let params = ContraRowDotParams {
+        a: b.ptr(lhs),
+        b: b.ptr(rhs),
+        out: b.ptr(&out).cast(),
+        rows: extent("rows", rows)?,
+        dim: extent("dim", dim)?,
+    };
+    let kernel = typed_kernel!("infonce_row_dot", b.info(lhs).elem);
+    b.launch(
+        kernel,
+        Launch::linear(blocks_for(rows, 8), 256),
+        &params,
+        &[&out],
+    )?;
+    Ok(out)
 }

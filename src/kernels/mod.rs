@@ -110,6 +110,7 @@ impl KernelParams for params::ContraNceParams {}
 impl KernelParams for params::ContraMomentumParams {}
 impl KernelParams for params::ContraQueueParams {}
 impl KernelParams for params::ContraInfonceExtraBwdParams {}
+impl KernelParams for params::ContraRowDotParams {}
 impl KernelParams for params::ContraTripletMineParams {}
 impl KernelParams for params::ContraTripletBwdParams {}
 impl KernelParams for params::ContraGemmParams {}

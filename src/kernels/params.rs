@@ -166,6 +166,7 @@ pub struct ContraInfonceBwdParams {
     pub lse: *const f32,
     pub col_lse: *const f32,
     pub log_scale_partial: *mut f32,
+    pub diag_dot: *const f32,
     pub grad_q: *mut f32,
     pub grad_k: *mut f32,
     pub rows: ::std::os::raw::c_int,
@@ -178,7 +179,7 @@ pub struct ContraInfonceBwdParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 112usize];
+    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 120usize];
     ["Alignment of ContraInfonceBwdParams"]
         [::std::mem::align_of::<ContraInfonceBwdParams>() - 8usize];
     ["Offset of field: ContraInfonceBwdParams::q"]
@@ -197,24 +198,26 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceBwdParams, col_lse) - 48usize];
     ["Offset of field: ContraInfonceBwdParams::log_scale_partial"]
         [::std::mem::offset_of!(ContraInfonceBwdParams, log_scale_partial) - 56usize];
+    ["Offset of field: ContraInfonceBwdParams::diag_dot"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, diag_dot) - 64usize];
     ["Offset of field: ContraInfonceBwdParams::grad_q"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_q) - 64usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_q) - 72usize];
     ["Offset of field: ContraInfonceBwdParams::grad_k"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_k) - 72usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_k) - 80usize];
     ["Offset of field: ContraInfonceBwdParams::rows"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, rows) - 80usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, rows) - 88usize];
     ["Offset of field: ContraInfonceBwdParams::cols"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, cols) - 84usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, cols) - 92usize];
     ["Offset of field: ContraInfonceBwdParams::dim"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, dim) - 88usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, dim) - 96usize];
     ["Offset of field: ContraInfonceBwdParams::self_mask"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, self_mask) - 92usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, self_mask) - 100usize];
     ["Offset of field: ContraInfonceBwdParams::symmetric"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, symmetric) - 96usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, symmetric) - 104usize];
     ["Offset of field: ContraInfonceBwdParams::scale"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, scale) - 100usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, scale) - 108usize];
     ["Offset of field: ContraInfonceBwdParams::grad_scale"]
-        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 104usize];
+        [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 112usize];
 };
 impl Default for ContraInfonceBwdParams {
     fn default() -> Self {
@@ -261,6 +264,39 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceExtraBwdParams, grad_scale) - 44usize];
 };
 impl Default for ContraInfonceExtraBwdParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraRowDotParams {
+    pub a: *const ::std::os::raw::c_void,
+    pub b: *const ::std::os::raw::c_void,
+    pub out: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraRowDotParams"][::std::mem::size_of::<ContraRowDotParams>() - 32usize];
+    ["Alignment of ContraRowDotParams"][::std::mem::align_of::<ContraRowDotParams>() - 8usize];
+    ["Offset of field: ContraRowDotParams::a"]
+        [::std::mem::offset_of!(ContraRowDotParams, a) - 0usize];
+    ["Offset of field: ContraRowDotParams::b"]
+        [::std::mem::offset_of!(ContraRowDotParams, b) - 8usize];
+    ["Offset of field: ContraRowDotParams::out"]
+        [::std::mem::offset_of!(ContraRowDotParams, out) - 16usize];
+    ["Offset of field: ContraRowDotParams::rows"]
+        [::std::mem::offset_of!(ContraRowDotParams, rows) - 24usize];
+    ["Offset of field: ContraRowDotParams::dim"]
+        [::std::mem::offset_of!(ContraRowDotParams, dim) - 28usize];
+};
+impl Default for ContraRowDotParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

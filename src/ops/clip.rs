@@ -2,20 +2,28 @@
 //! `logits = exp(log_scale) * cos(a_i, b_j)`, `loss = (CE(logits, diag) + CE(logits^T, diag)) / 2`.
 
 use super::{
-    check_finite, check_finite_scalar, check_scale, expect_shape, matrix_dims, output_like,
-    same_place, upload_features, values, with_cpu_real,
+    check_finite, check_finite_scalar, check_grad_loss, check_result, check_scalar_result,
+    compute_dtype, expect_shape, matrix_dims, output_like, same_place, upload_features, values,
+    with_cpu_real, Fingerprint, Origin,
 };
-use crate::cpu::Real;
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, Error, Result, Tensor};
+use crate::{cpu, DType, Error, Result, Tensor};
 
 const OP: &str = "clip";
+const BACKWARD: &str = "clip_backward";
 
-/// What the backward needs: the row and column log-sum-exp (N values each).
+/// What scales CLIP's results, named when one overflows.
+const BLAME: &str = "the logits scale as `exp(log_scale)` and the gradients as `grad_loss * \
+                     exp(log_scale)`: lower them, or compute in f64 on Device::Cpu";
+
+/// What the backward needs: the row and column log-sum-exp (N values each). It also records
+/// the inputs and `log_scale` that made it: a backward given the state of another call is an
+/// error.
 #[derive(Clone, Debug)]
 pub struct ClipSaved {
     pub row_lse: Tensor,
     pub col_lse: Tensor,
+    pub(crate) origin: Origin,
 }
 
 /// Loss and saved state of [`clip_forward`].
@@ -42,23 +50,52 @@ pub struct ClipOutput {
     pub grad_log_scale: f64,
 }
 
-/// Validates the inputs and returns `(rows, dim)`.
-fn validate(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<(usize, usize)> {
-    let (rows, dim) = matrix_dims(OP, "a", a)?;
-    matrix_dims(OP, "b", b)?;
-    same_place(OP, &[("a", a), ("b", b)])?;
+/// Validates the inputs (errors named after `op`) and returns `(rows, dim)`.
+fn validate(op: &'static str, a: &Tensor, b: &Tensor, log_scale: f64) -> Result<(usize, usize)> {
+    let (rows, dim) = matrix_dims(op, "a", a)?;
+    matrix_dims(op, "b", b)?;
+    same_place(op, &[("a", a), ("b", b)])?;
     if b.shape() != a.shape() {
         return Err(Error::shape(
-            OP,
+            op,
             "b",
             b.shape(),
             format!("{:?} (the same shape as a: one pair per row)", a.shape()),
         ));
     }
-    check_finite_scalar(OP, "log_scale", log_scale)?;
-    check_finite(OP, "a", a)?;
-    check_finite(OP, "b", b)?;
+    check_log_scale(op, log_scale, compute_dtype(a.device(), a.dtype()))?;
+    check_finite(op, "a", a)?;
+    check_finite(op, "b", b)?;
     Ok((rows, dim))
+}
+
+/// Rejects a `log_scale` whose logit scale `exp(log_scale)` (times log2(e), which the kernels
+/// fold in) overflows the compute dtype.
+fn check_log_scale(op: &'static str, log_scale: f64, compute: DType) -> Result<()> {
+    check_finite_scalar(op, "log_scale", log_scale)?;
+    let largest = match compute {
+        DType::F64 => f64::MAX,
+        _ => f32::MAX as f64,
+    };
+    let scale = log_scale.exp();
+    if scale * std::f64::consts::LOG2_E <= largest {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            "log_scale",
+            format!(
+                "{log_scale} gives a logit scale of {scale:e}, which overflows the {compute} \
+                 the loss is computed in (the largest accepted is {:.3})",
+                (largest / std::f64::consts::LOG2_E).ln()
+            ),
+        ))
+    }
+}
+
+/// The origin of clip's saved state.
+fn origin(a: &Tensor, b: &Tensor, log_scale: f64) -> Origin {
+    Origin::new(OP, &log_scale, Fingerprint::new().tensor(a).tensor(b))
 }
 
 fn problem<'a, T>(
@@ -79,20 +116,30 @@ fn problem<'a, T>(
 /// Forward of the CLIP loss for paired embeddings `a`, `b` (N x D each): the loss and the row
 /// and column log-sum-exp for [`clip_backward`].
 pub fn clip_forward(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipForward> {
-    let dims = validate(a, b, log_scale)?;
-    run_on_kernels!(a.device(), k => {
-        check_scale::<f32>(OP, "log_scale", log_scale, log_scale.exp())?;
-        let inputs = KernelInputs::upload(k, a, b, dims.0)?;
-        let (loss, lse) = inputs.problem(dims, log_scale).forward(k)?;
-        let saved = ClipSaved { row_lse: a.host_like(k.download(&lse.rows)?, &[dims.0]), col_lse: a.host_like(lse.cols, &[dims.0]) };
-        Ok(ClipForward { loss, saved })
-    });
-    with_cpu_real!(a.dtype(), T => {
-        check_scale::<T>(OP, "log_scale", log_scale, log_scale.exp())?;
-        let (av, bv) = (values::<T>(a), values::<T>(b));
-        let (loss, row_lse, col_lse) = problem(&av, &bv, dims, log_scale).forward();
-        let saved = |lse: Vec<f64>| a.host_like(lse.into_iter().map(T::of).collect::<Vec<T>>(), &[dims.0]);
-        Ok(ClipForward { loss, saved: ClipSaved { row_lse: saved(row_lse), col_lse: saved(col_lse) } })
+    let dims = validate(OP, a, b, log_scale)?;
+    let (loss, row_lse, col_lse) = (|| {
+        run_on_kernels!(a.device(), k => {
+            let inputs = KernelInputs::upload(k, a, b, dims.0)?;
+            let (loss, lse) = inputs.problem(dims, log_scale).forward(k)?;
+            Ok((loss, a.host_like(k.download(&lse.rows)?, &[dims.0]), a.host_like(lse.cols, &[dims.0])))
+        });
+        with_cpu_real!(a.dtype(), T => {
+            let (av, bv) = (values::<T>(a), values::<T>(b));
+            let (loss, row_lse, col_lse) = problem(&av, &bv, dims, log_scale).forward();
+            Ok((loss, a.host_like(row_lse, &[dims.0]), a.host_like(col_lse, &[dims.0])))
+        })
+    })()?;
+    check_scalar_result(OP, "loss", loss, BLAME)?;
+    check_result(OP, "row_lse", &row_lse, BLAME)?;
+    check_result(OP, "col_lse", &col_lse, BLAME)?;
+    let origin = origin(a, b, log_scale);
+    Ok(ClipForward {
+        loss,
+        saved: ClipSaved {
+            row_lse,
+            col_lse,
+            origin,
+        },
     })
 }
 
@@ -105,17 +152,33 @@ pub fn clip_backward(
     saved: &ClipSaved,
     grad_loss: f64,
 ) -> Result<ClipGrads> {
-    let dims = validate(a, b, log_scale)?;
+    let dims = validate(BACKWARD, a, b, log_scale)?;
     for (arg, lse) in [
         ("saved.row_lse", &saved.row_lse),
         ("saved.col_lse", &saved.col_lse),
     ] {
-        expect_shape(OP, arg, lse, &[dims.0])?;
-        check_finite(OP, arg, lse)?;
+        expect_shape(BACKWARD, arg, lse, &[dims.0])?;
+        check_finite(BACKWARD, arg, lse)?;
     }
-    check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    saved.origin.check(BACKWARD, &origin(a, b, log_scale))?;
+    check_grad_loss(BACKWARD, grad_loss, compute_dtype(a.device(), a.dtype()))?;
+    let grads = backward_unchecked(a, b, log_scale, saved, grad_loss, dims)?;
+    check_result(BACKWARD, "grad_a", &grads.grad_a, BLAME)?;
+    check_result(BACKWARD, "grad_b", &grads.grad_b, BLAME)?;
+    check_scalar_result(BACKWARD, "grad_log_scale", grads.grad_log_scale, BLAME)?;
+    Ok(grads)
+}
+
+/// The backward on validated inputs.
+fn backward_unchecked(
+    a: &Tensor,
+    b: &Tensor,
+    log_scale: f64,
+    saved: &ClipSaved,
+    grad_loss: f64,
+    dims: (usize, usize),
+) -> Result<ClipGrads> {
     run_on_kernels!(a.device(), k => {
-        check_scale::<f32>(OP, "log_scale", log_scale, log_scale.exp())?;
         let inputs = KernelInputs::upload(k, a, b, dims.0)?;
         let row_lse = k.upload("row_lse", &values::<f32>(&saved.row_lse))?;
         let col_lse = values::<f32>(&saved.col_lse);
@@ -127,7 +190,6 @@ pub fn clip_backward(
         })
     });
     with_cpu_real!(a.dtype(), T => {
-        check_scale::<T>(OP, "log_scale", log_scale, log_scale.exp())?;
         let (av, bv) = (values::<T>(a), values::<T>(b));
         let grads = problem(&av, &bv, dims, log_scale).backward(
             &saved.row_lse.to_vec_f64(),

@@ -3,13 +3,15 @@
 //! `normalize`), `j = i` dropped under `self_mask`.
 
 use super::{
-    check_finite, check_temperature, matrix_dims, output_like, same_place, same_width,
-    upload_features, values, with_cpu_real,
+    check_finite, check_grad_loss, check_result, check_scalar_result, check_softmax_temperature,
+    compute_dtype, matrix_dims, output_like, same_place, same_width, upload_features, values,
+    with_cpu_real, Fingerprint, Origin,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Device, Error, Result, Tensor};
 
 const OP: &str = "infonce";
+const BACKWARD: &str = "infonce_backward";
 
 /// Options of [`infonce`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,9 +35,14 @@ impl Default for InfoNceOptions {
 }
 
 /// What the backward needs from the forward: the per-query log-sum-exp (N values, never N x M).
+/// It also records the op, options and inputs that made it: a backward given the state of
+/// another call is an error.
 #[derive(Clone, Debug)]
 pub struct SoftmaxSaved {
+    /// Natural-log units; f64 on the CPU (a rounded lse would blur a dominant positive's
+    /// gradient), f32 from the kernels.
     pub lse: Tensor,
+    pub(crate) origin: Origin,
 }
 
 /// Loss and saved state of a softmax-loss forward.
@@ -53,20 +60,21 @@ pub struct InfoNceOutput {
     pub grad_k: Tensor,
 }
 
-/// Validates the inputs and returns `(rows, cols, dim)`.
+/// Validates the inputs (errors named after `op`) and returns `(rows, cols, dim)`.
 fn validate(
+    op: &'static str,
     q: &Tensor,
     k: &Tensor,
     positives: &[usize],
     opts: &InfoNceOptions,
 ) -> Result<(usize, usize, usize)> {
-    let (rows, dim) = matrix_dims(OP, "q", q)?;
-    let cols = same_width(OP, "k", k, "M", "q", dim)?;
-    same_place(OP, &[("q", q), ("k", k)])?;
-    check_temperature(OP, "temperature", opts.temperature)?;
+    let (rows, dim) = matrix_dims(op, "q", q)?;
+    let cols = same_width(op, "k", k, "M", "q", dim)?;
+    same_place(op, &[("q", q), ("k", k)])?;
+    check_softmax_temperature(op, opts.temperature, compute_dtype(q.device(), q.dtype()))?;
     if positives.len() != rows {
         return Err(Error::shape(
-            OP,
+            op,
             "positives",
             &[positives.len()],
             format!("[{rows}] (one per query)"),
@@ -74,7 +82,7 @@ fn validate(
     }
     if opts.self_mask && rows != cols {
         return Err(Error::invalid(
-            OP,
+            op,
             "self_mask",
             format!("needs as many keys as queries (q has {rows} rows, k has {cols})"),
         ));
@@ -82,21 +90,21 @@ fn validate(
     for (i, &p) in positives.iter().enumerate() {
         if p >= cols {
             return Err(Error::invalid(
-                OP,
+                op,
                 "positives",
                 format!("positives[{i}] = {p} is out of range for {cols} keys"),
             ));
         }
         if opts.self_mask && p == i {
             return Err(Error::invalid(
-                OP,
+                op,
                 "positives",
                 format!("positives[{i}] = {i} is the masked self key"),
             ));
         }
     }
-    check_finite(OP, "q", q)?;
-    check_finite(OP, "k", k)?;
+    check_finite(op, "q", q)?;
+    check_finite(op, "k", k)?;
     Ok((rows, cols, dim))
 }
 
@@ -127,19 +135,68 @@ pub fn infonce_forward(
     positives: &[usize],
     opts: &InfoNceOptions,
 ) -> Result<SoftmaxForward> {
-    let dims = validate(q, k, positives, opts)?;
-    run_on_kernels!(q.device(), b => {
-        let inputs = KernelInputs::upload(b, q, k, positives)?;
-        let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
-        let lse = q.host_like(b.download(&lse)?, &[dims.0]);
-        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
-    });
-    with_cpu_real!(q.dtype(), T => {
-        let (qv, kv) = (values::<T>(q), values::<T>(k));
-        let (loss, lse) = problem(&qv, &kv, dims, positives, opts).forward();
-        let lse = q.host_like(lse.into_iter().map(<T as cpu::Real>::of).collect::<Vec<T>>(), &[dims.0]);
-        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
-    })
+    let dims = validate(OP, q, k, positives, opts)?;
+    let origin = origin(q, k, positives, opts);
+    let (loss, lse) = (|| {
+        run_on_kernels!(q.device(), b => {
+            let inputs = KernelInputs::upload(b, q, k, positives)?;
+            let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
+            Ok((loss, q.host_like(b.download(&lse)?, &[dims.0])))
+        });
+        with_cpu_real!(q.dtype(), T => {
+            let (qv, kv) = (values::<T>(q), values::<T>(k));
+            let (loss, lse) = problem(&qv, &kv, dims, positives, opts).forward();
+            Ok((loss, q.host_like(lse, &[dims.0])))
+        })
+    })()?;
+    SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
+}
+
+/// What scales the softmax losses' results, named when one overflows.
+pub(crate) const TEMPERATURE_BLAME: &str =
+    "the logits `q . k / temperature` overflow: raise `temperature`, normalize the inputs, or \
+     compute in f64 on Device::Cpu";
+
+/// What scales the softmax losses' gradients, named when one overflows.
+pub(crate) const GRADIENT_BLAME: &str =
+    "the gradient scales as `grad_loss / temperature`: lower `grad_loss`, raise `temperature`, \
+     or compute in f64 on Device::Cpu";
+
+/// The origin of infonce's saved state.
+fn origin(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOptions) -> Origin {
+    let inputs = Fingerprint::new().tensor(q).tensor(k).indices(positives);
+    Origin::new(OP, opts, inputs)
+}
+
+impl SoftmaxSaved {
+    /// The forward's result, once its loss and lse are known to be finite.
+    pub(crate) fn checked(
+        op: &'static str,
+        loss: f64,
+        lse: Tensor,
+        origin: Origin,
+        blame: &str,
+    ) -> Result<SoftmaxForward> {
+        check_scalar_result(op, "loss", loss, blame)?;
+        check_result(op, "lse", &lse, blame)?;
+        Ok(SoftmaxForward {
+            loss,
+            saved: SoftmaxSaved { lse, origin },
+        })
+    }
+
+    /// Errors (from `backward_op`) unless this state was saved by the forward of `origin`'s
+    /// call and has one finite value per row.
+    pub(crate) fn check(
+        &self,
+        backward_op: &'static str,
+        origin: &Origin,
+        rows: usize,
+    ) -> Result<()> {
+        super::expect_shape(backward_op, "saved.lse", &self.lse, &[rows])?;
+        check_finite(backward_op, "saved.lse", &self.lse)?;
+        self.origin.check(backward_op, origin)
+    }
 }
 
 /// The InfoNCE backward: gradients of `grad_loss * loss` with respect to q and k.
@@ -151,22 +208,27 @@ pub fn infonce_backward(
     saved: &SoftmaxSaved,
     grad_loss: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let dims = validate(q, k, positives, opts)?;
-    check_saved_lse(OP, saved, dims.0)?;
-    super::check_finite_scalar(OP, "grad_loss", grad_loss)?;
-    run_on_kernels!(q.device(), b => {
-        let inputs = KernelInputs::upload(b, q, k, positives)?;
-        let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-        let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
-        let dk = dk.expect("separate key gradient");
-        Ok((output_like(q, b.download(&dq)?, q.shape()), output_like(k, b.download(&dk)?, k.shape())))
-    });
-    with_cpu_real!(q.dtype(), T => {
-        let (qv, kv) = (values::<T>(q), values::<T>(k));
-        let lse = saved.lse.to_vec_f64();
-        let (dq, dk) = problem(&qv, &kv, dims, positives, opts).backward(&lse, grad_loss);
-        Ok((output_like(q, dq, q.shape()), output_like(k, dk, k.shape())))
-    })
+    let dims = validate(BACKWARD, q, k, positives, opts)?;
+    saved.check(BACKWARD, &origin(q, k, positives, opts), dims.0)?;
+    check_grad_loss(BACKWARD, grad_loss, compute_dtype(q.device(), q.dtype()))?;
+    let (dq, dk) = (|| {
+        run_on_kernels!(q.device(), b => {
+            let inputs = KernelInputs::upload(b, q, k, positives)?;
+            let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
+            let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
+            let dk = dk.ok_or_else(|| Error::Device("infonce: the kernels returned no key gradient".into()))?;
+            Ok((output_like(q, b.download(&dq)?, q.shape()), output_like(k, b.download(&dk)?, k.shape())))
+        });
+        with_cpu_real!(q.dtype(), T => {
+            let (qv, kv) = (values::<T>(q), values::<T>(k));
+            let lse = saved.lse.to_vec_f64();
+            let (dq, dk) = problem(&qv, &kv, dims, positives, opts).backward(&lse, grad_loss);
+            Ok((output_like(q, dq, q.shape()), output_like(k, dk, k.shape())))
+        })
+    })()?;
+    check_result(BACKWARD, "grad_q", &dq, GRADIENT_BLAME)?;
+    check_result(BACKWARD, "grad_k", &dk, GRADIENT_BLAME)?;
+    Ok((dq, dk))
 }
 
 /// InfoNCE loss and gradients in one call.
@@ -188,16 +250,20 @@ pub fn infonce(
 ) -> Result<InfoNceOutput> {
     if q.device() == Device::Cpu {
         // One sweep for loss and gradients (see cpu::softmax::forward_backward).
-        let dims = validate(q, k, positives, opts)?;
-        return with_cpu_real!(q.dtype(), T => {
+        let dims = validate(OP, q, k, positives, opts)?;
+        let out = with_cpu_real!(q.dtype(), T => {
             let (qv, kv) = (values::<T>(q), values::<T>(k));
             let (loss, dq, dk) = problem(&qv, &kv, dims, positives, opts).forward_backward(1.0);
-            Ok(InfoNceOutput {
+            InfoNceOutput {
                 loss,
                 grad_q: output_like(q, dq, q.shape()),
                 grad_k: output_like(k, dk, k.shape()),
-            })
+            }
         });
+        check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
+        check_result(OP, "grad_q", &out.grad_q, GRADIENT_BLAME)?;
+        check_result(OP, "grad_k", &out.grad_k, GRADIENT_BLAME)?;
+        return Ok(out);
     }
     let fwd = infonce_forward(q, k, positives, opts)?;
     let (grad_q, grad_k) = infonce_backward(q, k, positives, opts, &fwd.saved, 1.0)?;
@@ -206,12 +272,6 @@ pub fn infonce(
         grad_q,
         grad_k,
     })
-}
-
-/// Checks that a saved log-sum-exp has one finite value per row.
-pub(crate) fn check_saved_lse(op: &'static str, saved: &SoftmaxSaved, rows: usize) -> Result<()> {
-    super::expect_shape(op, "saved.lse", &saved.lse, &[rows])?;
-    check_finite(op, "saved.lse", &saved.lse)
 }
 
 /// q, k and the positive indices as kernel buffers.

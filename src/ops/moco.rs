@@ -2,16 +2,18 @@
 //! `l_neg = q . queue^T` (queue K x D used as given); `loss = CE([l_pos, l_neg] / tau, 0)`.
 //! Plus the queue enqueue (ring buffer with wrap-around).
 
-use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
+use super::infonce::{SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME};
 use super::{
-    check_finite, check_finite_scalar, check_temperature, matrix_dims, output_like, same_place,
-    same_width, upload_features, values, with_cpu_real,
+    check_finite, check_grad_loss, check_result, check_softmax_temperature, compute_dtype,
+    matrix_dims, output_like, same_place, same_width, upload_features, values, with_cpu_real,
+    Fingerprint, Origin,
 };
 use crate::cpu::Real;
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, DType, Element, Error, Result, Tensor};
 
 const OP: &str = "moco";
+const BACKWARD: &str = "moco_backward";
 const ENQUEUE: &str = "moco_enqueue";
 
 /// Options of [`moco`].
@@ -34,20 +36,21 @@ pub struct MocoOutput {
     pub grad_q: Tensor,
 }
 
-/// Validates the inputs and returns `(rows, queue_len, dim)`.
+/// Validates the inputs (errors named after `op`) and returns `(rows, queue_len, dim)`.
 fn validate(
+    op: &'static str,
     q: &Tensor,
     k: &Tensor,
     queue: &Tensor,
     opts: &MocoOptions,
 ) -> Result<(usize, usize, usize)> {
-    let (rows, dim) = matrix_dims(OP, "q", q)?;
-    matrix_dims(OP, "k", k)?;
-    let queue_len = same_width(OP, "queue", queue, "K", "q", dim)?;
-    same_place(OP, &[("q", q), ("k", k), ("queue", queue)])?;
+    let (rows, dim) = matrix_dims(op, "q", q)?;
+    matrix_dims(op, "k", k)?;
+    let queue_len = same_width(op, "queue", queue, "K", "q", dim)?;
+    same_place(op, &[("q", q), ("k", k), ("queue", queue)])?;
     if k.shape() != q.shape() {
         return Err(Error::shape(
-            OP,
+            op,
             "k",
             k.shape(),
             format!(
@@ -56,11 +59,18 @@ fn validate(
             ),
         ));
     }
-    check_temperature(OP, "temperature", opts.temperature)?;
-    check_finite(OP, "q", q)?;
-    check_finite(OP, "k", k)?;
-    check_finite(OP, "queue", queue)?;
+    check_softmax_temperature(op, opts.temperature, compute_dtype(q.device(), q.dtype()))?;
+    check_finite(op, "q", q)?;
+    check_finite(op, "k", k)?;
+    check_finite(op, "queue", queue)?;
     Ok((rows, queue_len, dim))
+}
+
+/// The origin of moco's saved state: the queue is part of it (a backward against another queue
+/// would use a log-sum-exp over other negatives).
+fn origin(q: &Tensor, k: &Tensor, queue: &Tensor, opts: &MocoOptions) -> Origin {
+    let inputs = Fingerprint::new().tensor(q).tensor(k).tensor(queue);
+    Origin::new(OP, opts, inputs)
 }
 
 fn problem<'a, T>(
@@ -88,18 +98,21 @@ pub fn moco_forward(
     queue: &Tensor,
     opts: &MocoOptions,
 ) -> Result<SoftmaxForward> {
-    let dims = validate(q, k, queue, opts)?;
-    run_on_kernels!(q.device(), b => {
-        let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
-        let (loss, lse) = kernel_problem(b, &buffers, dims, opts).forward(b)?;
-        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse: q.host_like(b.download(&lse)?, &[dims.0]) } })
-    });
-    with_cpu_real!(q.dtype(), T => {
-        let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
-        let (loss, lse) = problem(&qv, &kv, &queue_v, dims, opts).forward();
-        let lse = q.host_like(lse.into_iter().map(T::of).collect::<Vec<T>>(), &[dims.0]);
-        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
-    })
+    let dims = validate(OP, q, k, queue, opts)?;
+    let (loss, lse) = (|| {
+        run_on_kernels!(q.device(), b => {
+            let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
+            let (loss, lse) = kernel_problem(b, &buffers, dims, opts).forward(b)?;
+            Ok((loss, q.host_like(b.download(&lse)?, &[dims.0])))
+        });
+        with_cpu_real!(q.dtype(), T => {
+            let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
+            let (loss, lse) = problem(&qv, &kv, &queue_v, dims, opts).forward();
+            Ok((loss, q.host_like(lse, &[dims.0])))
+        })
+    })()?;
+    let origin = origin(q, k, queue, opts);
+    SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
 }
 
 /// MoCo backward: the gradient of `grad_loss * loss` with respect to q (k and the queue get none).
@@ -111,20 +124,24 @@ pub fn moco_backward(
     saved: &SoftmaxSaved,
     grad_loss: f64,
 ) -> Result<Tensor> {
-    let dims = validate(q, k, queue, opts)?;
-    check_saved_lse(OP, saved, dims.0)?;
-    check_finite_scalar(OP, "grad_loss", grad_loss)?;
-    run_on_kernels!(q.device(), b => {
-        let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
-        let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-        let grad = kernel_problem(b, &buffers, dims, opts).backward(b, &lse, grad_loss)?;
-        Ok(output_like(q, b.download(&grad)?, q.shape()))
-    });
-    with_cpu_real!(q.dtype(), T => {
-        let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
-        let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
-        Ok(output_like(q, grad, q.shape()))
-    })
+    let dims = validate(BACKWARD, q, k, queue, opts)?;
+    saved.check(BACKWARD, &origin(q, k, queue, opts), dims.0)?;
+    check_grad_loss(BACKWARD, grad_loss, compute_dtype(q.device(), q.dtype()))?;
+    let grad = (|| {
+        run_on_kernels!(q.device(), b => {
+            let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
+            let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
+            let grad = kernel_problem(b, &buffers, dims, opts).backward(b, &lse, grad_loss)?;
+            Ok(output_like(q, b.download(&grad)?, q.shape()))
+        });
+        with_cpu_real!(q.dtype(), T => {
+            let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
+            let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
+            Ok(output_like(q, grad, q.shape()))
+        })
+    })()?;
+    check_result(BACKWARD, "grad_q", &grad, GRADIENT_BLAME)?;
+    Ok(grad)
 }
 
 /// MoCo loss and query gradient in one call: queries `q` and their positive keys `k` (N x D,
@@ -175,6 +192,8 @@ pub fn moco_enqueue(queue: &mut Tensor, k: &Tensor, ptr: usize) -> Result<usize>
         ));
     }
     check_finite(ENQUEUE, "k", k)?;
+    // The same NaN policy as moco, which would reject this queue at its next call.
+    check_finite(ENQUEUE, "queue", queue)?;
     // f32 queues on a kernel device: upload the queue, enqueue in place there, download it back.
     if queue.dtype() == DType::F32 {
         crate::kernels::run_on_kernels!(queue.device(), b => {

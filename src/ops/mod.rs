@@ -79,6 +79,7 @@ pub(crate) fn upload_features<B: crate::kernels::Backend>(
     t: &Tensor,
 ) -> Result<B::Buf> {
     use crate::kernels::Elem;
+    check_f32_range(name, t)?;
     if let Some(v) = t.host::<half::bf16>() {
         let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
         return b.upload_half(name, &bits, Elem::Bf16);
@@ -87,6 +88,38 @@ pub(crate) fn upload_features<B: crate::kernels::Backend>(
         let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
         return b.upload_half(name, &bits, Elem::F16);
     }
+    b.upload(name, &values::<f32>(t))
+}
+
+/// Rejects an f64 tensor holding a value beyond the f32 range the kernels compute in (it would
+/// arrive as an infinity).
+pub(crate) fn check_f32_range(name: &'static str, t: &Tensor) -> Result<()> {
+    let Some(v) = t.host::<f64>() else {
+        return Ok(());
+    };
+    let row_len = t.shape().iter().skip(1).product::<usize>().max(1);
+    match v.iter().position(|x| x.abs() > f32::MAX as f64) {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(
+            "upload",
+            name,
+            format!(
+                "row {} holds {:e}, beyond the f32 range the kernels compute in; scale the \
+                 input or use Device::Cpu, which computes f64 inputs in f64",
+                i / row_len,
+                v[i]
+            ),
+        )),
+    }
+}
+
+/// An f32 kernel buffer of `t`'s values, checked against the f32 range.
+pub(crate) fn upload_f32<B: crate::kernels::Backend>(
+    b: &B,
+    name: &'static str,
+    t: &Tensor,
+) -> Result<B::Buf> {
+    check_f32_range(name, t)?;
     b.upload(name, &values::<f32>(t))
 }
 
@@ -252,28 +285,6 @@ pub(crate) fn check_temperature(op: &'static str, arg: &'static str, tau: f64) -
     }
 }
 
-/// Rejects a logit scale (`exp(log_scale)` or `1 / temperature`) that overflows the compute type
-/// `T`: every logit would be infinite or NaN.
-pub(crate) fn check_scale<T: Real>(
-    op: &'static str,
-    arg: &'static str,
-    value: f64,
-    scale: f64,
-) -> Result<()> {
-    if T::of(scale).is_finite() {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            op,
-            arg,
-            format!(
-                "{value} gives a logit scale of {scale:e}, which overflows {}",
-                <T as crate::Element>::DTYPE
-            ),
-        ))
-    }
-}
-
 /// Rejects a scalar that is not finite.
 pub(crate) fn check_finite_scalar(op: &'static str, arg: &'static str, value: f64) -> Result<()> {
     if value.is_finite() {
@@ -323,5 +334,173 @@ pub fn backend_path(kind: &str, device: Device) -> String {
         (Device::Cpu, _) => "cpu".to_string(),
         (_, true) => format!("{device} kernel"),
         (_, false) => format!("{device}: cpu fallback, no kernel yet"),
+    }
+}
+
+/// The dtype an op computes in on `device` for inputs of `dtype`: the kernels compute in f32
+/// whatever they read; the CPU as [`cpu_compute_dtype`] says.
+pub(crate) fn compute_dtype(device: Device, dtype: DType) -> DType {
+    match device {
+        Device::Cpu => cpu_compute_dtype(dtype),
+        _ => DType::F32,
+    }
+}
+
+/// The largest finite value of the compute dtype `compute` (f32 or f64).
+fn largest(compute: DType) -> f64 {
+    match compute {
+        DType::F64 => f64::MAX,
+        _ => f32::MAX as f64,
+    }
+}
+
+/// Rejects a softmax temperature that is not finite and positive, or so small that the logit
+/// scale `1 / tau` (times log2(e), which the kernels fold in) overflows the compute dtype: every
+/// logit would be infinite.
+pub(crate) fn check_softmax_temperature(op: &'static str, tau: f64, compute: DType) -> Result<()> {
+    check_temperature(op, "temperature", tau)?;
+    let scale = std::f64::consts::LOG2_E / tau;
+    if scale <= largest(compute) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            "temperature",
+            format!(
+                "{tau:e} gives a logit scale of {:e}, which overflows the {compute} the loss is \
+                 computed in (the smallest accepted is {:e})",
+                1.0 / tau,
+                std::f64::consts::LOG2_E / largest(compute)
+            ),
+        ))
+    }
+}
+
+/// Rejects a `grad_loss` that is not finite or not representable in the compute dtype.
+pub(crate) fn check_grad_loss(op: &'static str, grad_loss: f64, compute: DType) -> Result<()> {
+    check_finite_scalar(op, "grad_loss", grad_loss)?;
+    if grad_loss.abs() <= largest(compute) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            "grad_loss",
+            format!("{grad_loss:e} overflows the {compute} the gradients are computed in"),
+        ))
+    }
+}
+
+/// The last line of defence against a silently wrong number: an op whose inputs and options
+/// passed every check but whose result still overflowed the compute dtype returns an error
+/// naming the options that scale it, never inf or NaN.
+pub(crate) fn check_result(
+    op: &'static str,
+    what: &'static str,
+    values: &Tensor,
+    blame: &str,
+) -> Result<()> {
+    match values.to_vec_f64().iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(Error::Overflow {
+            op,
+            what,
+            reason: format!("element {index} is not finite; {blame}"),
+        }),
+    }
+}
+
+/// Like [`check_result`] for a scalar result (a loss).
+pub(crate) fn check_scalar_result(
+    op: &'static str,
+    what: &'static str,
+    value: f64,
+    blame: &str,
+) -> Result<()> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Overflow {
+            op,
+            what,
+            reason: format!("it is {value}; {blame}"),
+        })
+    }
+}
+
+/// Where a saved forward state comes from: the op, its options, and a fingerprint of its inputs
+/// (shapes, dtypes, devices, values, indices). A backward handed the state of another call is an
+/// error instead of gradients of nonsense.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Origin {
+    op: &'static str,
+    options: String,
+    inputs: u64,
+}
+
+impl Origin {
+    pub fn new(op: &'static str, options: &impl std::fmt::Debug, inputs: Fingerprint) -> Self {
+        Origin {
+            op,
+            options: format!("{options:?}"),
+            inputs: inputs.0,
+        }
+    }
+
+    /// Errors (from `backward_op`) unless `self` is what the forward of these inputs saves.
+    pub fn check(&self, backward_op: &'static str, expected: &Origin) -> Result<()> {
+        let reason = if self.op != expected.op {
+            format!("it was saved by {}, not by {}", self.op, expected.op)
+        } else if self.options != expected.options {
+            format!(
+                "it was saved with options {}, not {}",
+                self.options, expected.options
+            )
+        } else if self.inputs != expected.inputs {
+            "it was saved from other inputs (their shapes, dtypes, devices or values differ)"
+                .to_string()
+        } else {
+            return Ok(());
+        };
+        Err(Error::invalid(backward_op, "saved", reason))
+    }
+}
+
+/// A 64-bit hash of an op's inputs (FxHash-style multiply-rotate over their bits: fast enough to
+/// run beside the finiteness scan; it guards against mistakes, not adversaries).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Fingerprint(u64);
+
+impl Fingerprint {
+    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    pub fn new() -> Self {
+        Fingerprint(0)
+    }
+
+    fn word(mut self, word: u64) -> Self {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::K);
+        self
+    }
+
+    /// Folds in a tensor's shape, dtype, device and values.
+    pub fn tensor(self, t: &Tensor) -> Self {
+        let mut h = self.word(t.rank() as u64);
+        for &extent in t.shape() {
+            h = h.word(extent as u64);
+        }
+        h = h.word(t.dtype() as u64).word(match t.device() {
+            Device::Cpu => u64::MAX,
+            Device::Interp => u64::MAX - 1,
+            Device::Cuda(ordinal) => ordinal as u64,
+        });
+        t.for_each_bits(|bits| h = h.word(bits));
+        h
+    }
+
+    /// Folds in a list of indices or labels.
+    pub fn indices<I: Copy + TryInto<i64>>(self, values: &[I]) -> Self {
+        values.iter().fold(self.word(values.len() as u64), |h, &v| {
+            h.word(v.try_into().map_or(u64::MAX, |v| v as u64))
+        })
     }
 }

@@ -6,13 +6,17 @@
 //! does not overflow for large scores.
 
 use super::{
-    check_finite, check_finite_scalar, expect_shape, matrix_dims, output_like, same_place, values,
-    vector_len, with_cpu_real,
+    check_finite, check_grad_loss, check_result, check_scalar_result, compute_dtype, expect_shape,
+    matrix_dims, output_like, same_place, upload_f32, values, vector_len, with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "nce";
+const BACKWARD: &str = "nce_backward";
+
+/// What scales NCE's results, named when one overflows.
+const BLAME: &str = "the scores or `grad_loss` are too large for the compute precision";
 
 /// Loss and gradients of [`nce`].
 #[derive(Clone, Debug)]
@@ -22,25 +26,26 @@ pub struct NceOutput {
     pub grad_s_neg: Tensor,
 }
 
-/// Validates the inputs and returns `(B, k)`.
+/// Validates the inputs (errors named after `op`) and returns `(B, k)`.
 fn validate(
+    op: &'static str,
     s_pos: &Tensor,
     s_neg: &Tensor,
     logq_pos: &Tensor,
     logq_neg: &Tensor,
 ) -> Result<(usize, usize)> {
-    let rows = vector_len(OP, "s_pos", s_pos)?;
-    let (neg_rows, k) = matrix_dims(OP, "s_neg", s_neg)?;
+    let rows = vector_len(op, "s_pos", s_pos)?;
+    let (neg_rows, k) = matrix_dims(op, "s_neg", s_neg)?;
     if neg_rows != rows {
         return Err(Error::shape(
-            OP,
+            op,
             "s_neg",
             s_neg.shape(),
             format!("[{rows}, k] (one row of noise scores per entry of s_pos)"),
         ));
     }
     same_place(
-        OP,
+        op,
         &[
             ("s_pos", s_pos),
             ("s_neg", s_neg),
@@ -48,12 +53,12 @@ fn validate(
             ("logq_neg", logq_neg),
         ],
     )?;
-    expect_shape(OP, "logq_pos", logq_pos, &[rows])?;
-    expect_shape(OP, "logq_neg", logq_neg, &[rows, k])?;
-    check_finite(OP, "s_pos", s_pos)?;
-    check_finite(OP, "s_neg", s_neg)?;
-    check_finite(OP, "logq_pos", logq_pos)?;
-    check_finite(OP, "logq_neg", logq_neg)?;
+    expect_shape(op, "logq_pos", logq_pos, &[rows])?;
+    expect_shape(op, "logq_neg", logq_neg, &[rows, k])?;
+    check_finite(op, "s_pos", s_pos)?;
+    check_finite(op, "s_neg", s_neg)?;
+    check_finite(op, "logq_pos", logq_pos)?;
+    check_finite(op, "logq_neg", logq_neg)?;
     Ok((rows, k))
 }
 
@@ -61,10 +66,10 @@ fn validate(
 fn upload<B: Backend>(b: &B, inputs: [&Tensor; 4]) -> Result<[B::Buf; 4]> {
     let [s_pos, s_neg, logq_pos, logq_neg] = inputs;
     Ok([
-        b.upload("s_pos", &values::<f32>(s_pos))?,
-        b.upload("s_neg", &values::<f32>(s_neg))?,
-        b.upload("logq_pos", &values::<f32>(logq_pos))?,
-        b.upload("logq_neg", &values::<f32>(logq_neg))?,
+        upload_f32(b, "s_pos", s_pos)?,
+        upload_f32(b, "s_neg", s_neg)?,
+        upload_f32(b, "logq_pos", logq_pos)?,
+        upload_f32(b, "logq_neg", logq_neg)?,
     ])
 }
 
@@ -91,17 +96,21 @@ pub fn nce_forward(
     logq_pos: &Tensor,
     logq_neg: &Tensor,
 ) -> Result<f64> {
-    let (rows, k) = validate(s_pos, s_neg, logq_pos, logq_neg)?;
-    run_on_kernels!(s_pos.device(), b => {
-        let buffers = upload(b, [s_pos, s_neg, logq_pos, logq_neg])?;
-        kernel_problem(&buffers, rows, k).forward(b)
-    });
-    with_cpu_real!(s_pos.dtype(), T => {
-        let (sp, sn, qp, qn) =
-            (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));
-        let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
-        Ok(problem.forward())
-    })
+    let (rows, k) = validate(OP, s_pos, s_neg, logq_pos, logq_neg)?;
+    let loss = (|| {
+        run_on_kernels!(s_pos.device(), b => {
+            let buffers = upload(b, [s_pos, s_neg, logq_pos, logq_neg])?;
+            kernel_problem(&buffers, rows, k).forward(b)
+        });
+        with_cpu_real!(s_pos.dtype(), T => {
+            let (sp, sn, qp, qn) =
+                (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));
+            let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
+            Ok(problem.forward())
+        })
+    })()?;
+    check_scalar_result(OP, "loss", loss, BLAME)?;
+    Ok(loss)
 }
 
 /// Gradients of `grad_loss * loss` with respect to `s_pos` and `s_neg`.
@@ -112,20 +121,29 @@ pub fn nce_backward(
     logq_neg: &Tensor,
     grad_loss: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let (rows, k) = validate(s_pos, s_neg, logq_pos, logq_neg)?;
-    check_finite_scalar(OP, "grad_loss", grad_loss)?;
-    run_on_kernels!(s_pos.device(), b => {
-        let buffers = upload(b, [s_pos, s_neg, logq_pos, logq_neg])?;
-        let (gp, gn) = kernel_problem(&buffers, rows, k).backward(b, grad_loss)?;
-        Ok((output_like(s_pos, b.download(&gp)?, &[rows]), output_like(s_neg, b.download(&gn)?, &[rows, k])))
-    });
-    with_cpu_real!(s_pos.dtype(), T => {
-        let (sp, sn, qp, qn) =
-            (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));
-        let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
-        let (gp, gn) = problem.backward(grad_loss);
-        Ok((output_like(s_pos, gp, &[rows]), output_like(s_neg, gn, &[rows, k])))
-    })
+    let (rows, k) = validate(BACKWARD, s_pos, s_neg, logq_pos, logq_neg)?;
+    check_grad_loss(
+        BACKWARD,
+        grad_loss,
+        compute_dtype(s_pos.device(), s_pos.dtype()),
+    )?;
+    let (gp, gn) = (|| {
+        run_on_kernels!(s_pos.device(), b => {
+            let buffers = upload(b, [s_pos, s_neg, logq_pos, logq_neg])?;
+            let (gp, gn) = kernel_problem(&buffers, rows, k).backward(b, grad_loss)?;
+            Ok((output_like(s_pos, b.download(&gp)?, &[rows]), output_like(s_neg, b.download(&gn)?, &[rows, k])))
+        });
+        with_cpu_real!(s_pos.dtype(), T => {
+            let (sp, sn, qp, qn) =
+                (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));
+            let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
+            let (gp, gn) = problem.backward(grad_loss);
+            Ok((output_like(s_pos, gp, &[rows]), output_like(s_neg, gn, &[rows, k])))
+        })
+    })()?;
+    check_result(BACKWARD, "grad_s_pos", &gp, BLAME)?;
+    check_result(BACKWARD, "grad_s_neg", &gn, BLAME)?;
+    Ok((gp, gn))
 }
 
 /// NCE loss and gradients in one call.

@@ -1,10 +1,13 @@
 //! NT-Xent (SimCLR): `z` is 2N x D, rows `i` and `i + N` are two views of sample `i`; cosine
 //! similarity, self excluded, mean over the 2N rows.
 
-use super::infonce::{check_saved_lse, InfoNceOptions, SoftmaxForward, SoftmaxSaved};
+use super::infonce::{
+    InfoNceOptions, SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME,
+};
 use super::{
-    check_finite, check_temperature, matrix_dims, output_like, upload_features, values,
-    with_cpu_real,
+    check_finite, check_grad_loss, check_result, check_scalar_result, check_softmax_temperature,
+    compute_dtype, matrix_dims, output_like, upload_features, values, with_cpu_real, Fingerprint,
+    Origin,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Device, Error, Result, Tensor};
@@ -61,6 +64,7 @@ impl<B: Backend> SymmetricInputs<B> {
 }
 
 const OP: &str = "ntxent";
+const BACKWARD: &str = "ntxent_backward";
 
 /// Options of [`ntxent`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -82,37 +86,43 @@ pub struct NtXentOutput {
     pub grad_z: Tensor,
 }
 
-fn validate(z: &Tensor, opts: &NtXentOptions) -> Result<(usize, usize)> {
-    let (rows, dim) = matrix_dims(OP, "z", z)?;
+fn validate(op: &'static str, z: &Tensor, opts: &NtXentOptions) -> Result<(usize, usize)> {
+    let (rows, dim) = matrix_dims(op, "z", z)?;
     if rows % 2 != 0 || rows < 2 {
         return Err(Error::shape(
-            OP,
+            op,
             "z",
             z.shape(),
             "[2N, D]: an even number of rows (two views per sample)",
         ));
     }
-    check_temperature(OP, "temperature", opts.temperature)?;
-    check_finite(OP, "z", z)?;
+    check_softmax_temperature(op, opts.temperature, compute_dtype(z.device(), z.dtype()))?;
+    check_finite(op, "z", z)?;
     Ok((rows, dim))
+}
+
+/// The origin of ntxent's saved state.
+fn origin(z: &Tensor, opts: &NtXentOptions) -> Origin {
+    Origin::new(OP, opts, Fingerprint::new().tensor(z))
 }
 
 /// The NT-Xent forward: the mean loss and the per-row log-sum-exp for [`ntxent_backward`].
 pub fn ntxent_forward(z: &Tensor, opts: &NtXentOptions) -> Result<SoftmaxForward> {
-    let (rows, dim) = validate(z, opts)?;
-    run_on_kernels!(z.device(), b => {
-        let inputs = SymmetricInputs::upload(b, z, rows)?;
-        let (loss, lse) = inputs.problem(rows, dim, opts).forward(b)?;
-        let lse = z.host_like(b.download(&lse)?, &[rows]);
-        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
-    });
-    with_cpu_real!(z.dtype(), T => {
-        let zv = values::<T>(z);
-        let positives = cpu::infonce::ntxent_positives(rows);
-        let (loss, lse) = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature).forward();
-        let lse = z.host_like(lse.into_iter().map(<T as cpu::Real>::of).collect::<Vec<T>>(), &[rows]);
-        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
-    })
+    let (rows, dim) = validate(OP, z, opts)?;
+    let (loss, lse) = (|| {
+        run_on_kernels!(z.device(), b => {
+            let inputs = SymmetricInputs::upload(b, z, rows)?;
+            let (loss, lse) = inputs.problem(rows, dim, opts).forward(b)?;
+            Ok((loss, z.host_like(b.download(&lse)?, &[rows])))
+        });
+        with_cpu_real!(z.dtype(), T => {
+            let zv = values::<T>(z);
+            let positives = cpu::infonce::ntxent_positives(rows);
+            let (loss, lse) = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature).forward();
+            Ok((loss, z.host_like(lse, &[rows])))
+        })
+    })()?;
+    SoftmaxSaved::checked(OP, loss, lse, origin(z, opts), TEMPERATURE_BLAME)
 }
 
 /// The NT-Xent backward: the gradient of `grad_loss * loss` with respect to z.
@@ -122,36 +132,43 @@ pub fn ntxent_backward(
     saved: &SoftmaxSaved,
     grad_loss: f64,
 ) -> Result<Tensor> {
-    let (rows, dim) = validate(z, opts)?;
-    check_saved_lse(OP, saved, rows)?;
-    super::check_finite_scalar(OP, "grad_loss", grad_loss)?;
-    run_on_kernels!(z.device(), b => {
-        let inputs = SymmetricInputs::upload(b, z, rows)?;
-        let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-        let (dz, _) = inputs.problem(rows, dim, opts).backward(b, &lse, grad_loss)?;
-        Ok(output_like(z, b.download(&dz)?, z.shape()))
-    });
-    with_cpu_real!(z.dtype(), T => {
-        let zv = values::<T>(z);
-        let positives = cpu::infonce::ntxent_positives(rows);
-        let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
-        let grad = cpu::infonce::ntxent_backward(&problem, &saved.lse.to_vec_f64(), grad_loss);
-        Ok(output_like(z, grad, z.shape()))
-    })
+    let (rows, dim) = validate(BACKWARD, z, opts)?;
+    saved.check(BACKWARD, &origin(z, opts), rows)?;
+    check_grad_loss(BACKWARD, grad_loss, compute_dtype(z.device(), z.dtype()))?;
+    let grad = (|| {
+        run_on_kernels!(z.device(), b => {
+            let inputs = SymmetricInputs::upload(b, z, rows)?;
+            let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
+            let (dz, _) = inputs.problem(rows, dim, opts).backward(b, &lse, grad_loss)?;
+            Ok(output_like(z, b.download(&dz)?, z.shape()))
+        });
+        with_cpu_real!(z.dtype(), T => {
+            let zv = values::<T>(z);
+            let positives = cpu::infonce::ntxent_positives(rows);
+            let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
+            let grad = cpu::infonce::ntxent_backward(&problem, &saved.lse.to_vec_f64(), grad_loss);
+            Ok(output_like(z, grad, z.shape()))
+        })
+    })()?;
+    check_result(BACKWARD, "grad_z", &grad, GRADIENT_BLAME)?;
+    Ok(grad)
 }
 
 /// NT-Xent loss and gradient in one call.
 pub fn ntxent(z: &Tensor, opts: &NtXentOptions) -> Result<NtXentOutput> {
     if z.device() == Device::Cpu {
         // One sweep for loss and gradient (see cpu::softmax::forward_backward).
-        let (rows, dim) = validate(z, opts)?;
-        return with_cpu_real!(z.dtype(), T => {
+        let (rows, dim) = validate(OP, z, opts)?;
+        let out = with_cpu_real!(z.dtype(), T => {
             let zv = values::<T>(z);
             let positives = cpu::infonce::ntxent_positives(rows);
             let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
             let (loss, grad) = cpu::infonce::ntxent_forward_backward(&problem, 1.0);
-            Ok(NtXentOutput { loss, grad_z: output_like(z, grad, z.shape()) })
+            NtXentOutput { loss, grad_z: output_like(z, grad, z.shape()) }
         });
+        check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
+        check_result(OP, "grad_z", &out.grad_z, GRADIENT_BLAME)?;
+        return Ok(out);
     }
     let fwd = ntxent_forward(z, opts)?;
     let grad_z = ntxent_backward(z, opts, &fwd.saved, 1.0)?;

@@ -1,16 +1,17 @@
 //! Supervised contrastive loss (Khosla et al., contrast_mode "all"): features N x V x D,
 //! normalized inside; every view is an anchor; positives are the other views with its label.
 
-use super::infonce::{check_saved_lse, SoftmaxForward, SoftmaxSaved};
+use super::infonce::{SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME};
 use super::{
-    check_finite, check_finite_scalar, check_labels_len, check_temperature, output_like,
-    upload_features, values, with_cpu_real,
+    check_finite, check_grad_loss, check_labels_len, check_result, check_scalar_result,
+    check_softmax_temperature, check_temperature, compute_dtype, output_like, upload_features,
+    values, with_cpu_real, Fingerprint, Origin,
 };
-use crate::cpu::Real;
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Device, Error, Result, Tensor};
 
 const OP: &str = "supcon";
+const BACKWARD: &str = "supcon_backward";
 
 /// Options of [`supcon`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,8 +37,9 @@ pub struct SupConOutput {
     pub grad_features: Tensor,
 }
 
-/// Validates the inputs and returns `(samples, views, dim)`.
+/// Validates the inputs (errors named after `op`) and returns `(samples, views, dim)`.
 fn validate(
+    op: &'static str,
     features: &Tensor,
     labels: &[i64],
     opts: &SupConOptions,
@@ -46,7 +48,7 @@ fn validate(
         [n, v, d] => (n, v, d),
         _ => {
             return Err(Error::shape(
-                OP,
+                op,
                 "features",
                 features.shape(),
                 "[N, V, D] (rank 3: samples x views x features)",
@@ -55,7 +57,7 @@ fn validate(
     };
     let empty = |what: &str| {
         Err(Error::Empty {
-            op: OP,
+            op,
             arg: "features",
             what: what.into(),
         })
@@ -69,20 +71,33 @@ fn validate(
     if dim == 0 {
         return empty("its feature dimension D is 0");
     }
-    check_labels_len(OP, "labels", labels, samples)?;
-    check_temperature(OP, "temperature", opts.temperature)?;
-    check_temperature(OP, "base_temperature", opts.base_temperature)?;
+    check_labels_len(op, "labels", labels, samples)?;
+    check_softmax_temperature(
+        op,
+        opts.temperature,
+        compute_dtype(features.device(), features.dtype()),
+    )?;
+    check_temperature(op, "base_temperature", opts.base_temperature)?;
     let ratio = opts.temperature / opts.base_temperature;
     if !ratio.is_finite() {
         return Err(Error::invalid(
-            OP,
+            op,
             "base_temperature",
             format!("temperature / base_temperature = {ratio} is not finite"),
         ));
     }
     // Row n of the error is sample n.
-    check_finite(OP, "features", features)?;
+    check_finite(op, "features", features)?;
     Ok((samples, views, dim))
+}
+
+/// The origin of supcon's saved state.
+fn origin(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Origin {
+    Origin::new(
+        OP,
+        opts,
+        Fingerprint::new().tensor(features).indices(labels),
+    )
 }
 
 fn problem<'a, T>(
@@ -108,19 +123,21 @@ pub fn supcon_forward(
     labels: &[i64],
     opts: &SupConOptions,
 ) -> Result<SoftmaxForward> {
-    let dims = validate(features, labels, opts)?;
-    run_on_kernels!(features.device(), b => {
-        let inputs = KernelInputs::upload(b, features, labels, dims)?;
-        let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
-        let lse = features.host_like(b.download(&lse)?, &[dims.0 * dims.1]);
-        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
-    });
-    with_cpu_real!(features.dtype(), T => {
-        let fv = values::<T>(features);
-        let (loss, lse) = problem(&fv, labels, dims, opts).forward();
-        let lse = features.host_like(lse.into_iter().map(T::of).collect::<Vec<T>>(), &[dims.0 * dims.1]);
-        Ok(SoftmaxForward { loss, saved: SoftmaxSaved { lse } })
-    })
+    let dims = validate(OP, features, labels, opts)?;
+    let (loss, lse) = (|| {
+        run_on_kernels!(features.device(), b => {
+            let inputs = KernelInputs::upload(b, features, labels, dims)?;
+            let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
+            Ok((loss, features.host_like(b.download(&lse)?, &[dims.0 * dims.1])))
+        });
+        with_cpu_real!(features.dtype(), T => {
+            let fv = values::<T>(features);
+            let (loss, lse) = problem(&fv, labels, dims, opts).forward();
+            Ok((loss, features.host_like(lse, &[dims.0 * dims.1])))
+        })
+    })()?;
+    let origin = origin(features, labels, opts);
+    SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
 }
 
 /// SupCon backward: the gradient of `grad_loss * loss` with respect to the features.
@@ -131,20 +148,28 @@ pub fn supcon_backward(
     saved: &SoftmaxSaved,
     grad_loss: f64,
 ) -> Result<Tensor> {
-    let dims = validate(features, labels, opts)?;
-    check_saved_lse(OP, saved, dims.0 * dims.1)?;
-    check_finite_scalar(OP, "grad_loss", grad_loss)?;
-    run_on_kernels!(features.device(), b => {
-        let inputs = KernelInputs::upload(b, features, labels, dims)?;
-        let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-        let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
-        Ok(output_like(features, b.download(&grad)?, features.shape()))
-    });
-    with_cpu_real!(features.dtype(), T => {
-        let fv = values::<T>(features);
-        let grad = problem(&fv, labels, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
-        Ok(output_like(features, grad, features.shape()))
-    })
+    let dims = validate(BACKWARD, features, labels, opts)?;
+    saved.check(BACKWARD, &origin(features, labels, opts), dims.0 * dims.1)?;
+    check_grad_loss(
+        BACKWARD,
+        grad_loss,
+        compute_dtype(features.device(), features.dtype()),
+    )?;
+    let grad = (|| {
+        run_on_kernels!(features.device(), b => {
+            let inputs = KernelInputs::upload(b, features, labels, dims)?;
+            let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
+            let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
+            Ok(output_like(features, b.download(&grad)?, features.shape()))
+        });
+        with_cpu_real!(features.dtype(), T => {
+            let fv = values::<T>(features);
+            let grad = problem(&fv, labels, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
+            Ok(output_like(features, grad, features.shape()))
+        })
+    })()?;
+    check_result(BACKWARD, "grad_features", &grad, GRADIENT_BLAME)?;
+    Ok(grad)
 }
 
 /// SupCon loss and gradient in one call: `features` is N x V x D (V views of each of N samples),
@@ -166,12 +191,15 @@ pub fn supcon_backward(
 pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result<SupConOutput> {
     if features.device() == Device::Cpu {
         // One sweep for loss and gradient (see cpu::softmax::forward_backward).
-        let dims = validate(features, labels, opts)?;
-        return with_cpu_real!(features.dtype(), T => {
+        let dims = validate(OP, features, labels, opts)?;
+        let out = with_cpu_real!(features.dtype(), T => {
             let fv = values::<T>(features);
             let (loss, grad) = problem(&fv, labels, dims, opts).forward_backward(1.0);
-            Ok(SupConOutput { loss, grad_features: output_like(features, grad, features.shape()) })
+            SupConOutput { loss, grad_features: output_like(features, grad, features.shape()) }
         });
+        check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
+        check_result(OP, "grad_features", &out.grad_features, GRADIENT_BLAME)?;
+        return Ok(out);
     }
     let fwd = supcon_forward(features, labels, opts)?;
     let grad_features = supcon_backward(features, labels, opts, &fwd.saved, 1.0)?;

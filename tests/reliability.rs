@@ -37,7 +37,11 @@ fn clip_scale_gradient_is_right_on_clustered_embeddings() {
     // The views of a pair share a centre (the positives are the closest), or each side has its
     // own (every logit about equal).
     for shared_centre in [true, false] {
-        let mut centre = || (0..dim).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect::<Vec<f64>>();
+        let mut centre = || {
+            (0..dim)
+                .map(|_| rng.random::<f64>() * 2.0 - 1.0)
+                .collect::<Vec<f64>>()
+        };
         let (centre_a, centre_b) = (centre(), centre());
         let centre_b = if shared_centre { &centre_a } else { &centre_b };
         let a = clustered(&mut rng, &centre_a, rows, 1e-3);
@@ -80,7 +84,9 @@ fn all_finite(t: &Tensor) -> bool {
 }
 
 fn unit_rows(rng: &mut StdRng, rows: usize, dim: usize, device: Device) -> Tensor {
-    let values: Vec<f32> = (0..rows * dim).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+    let values: Vec<f32> = (0..rows * dim)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
     Tensor::from_vec(values, &[rows, dim], device).unwrap()
 }
 
@@ -108,27 +114,48 @@ fn temperatures_whose_logit_scale_overflows_f32_are_errors_naming_it() {
             let case = format!("{device} tau {tau:e}");
             let err = ntxent(&z, &NtXentOptions { temperature: tau }).unwrap_err();
             assert!(err.to_string().contains("`temperature`"), "{case}: {err}");
-            let opts = InfoNceOptions { temperature: tau, ..Default::default() };
+            let opts = InfoNceOptions {
+                temperature: tau,
+                ..Default::default()
+            };
             let err = infonce_forward(&z, &z, &positives, &opts).unwrap_err();
             assert!(err.to_string().contains("`temperature`"), "{case}: {err}");
             let err = moco(&z, &z, &z, &MocoOptions { temperature: tau }).unwrap_err();
             assert!(err.to_string().contains("`temperature`"), "{case}: {err}");
             let features = z.clone().reshape(&[3, 2, 5]).unwrap();
-            let sopts = SupConOptions { temperature: tau, base_temperature: 1.0 };
+            let sopts = SupConOptions {
+                temperature: tau,
+                base_temperature: 1.0,
+            };
             let err = supcon(&features, &[0, 1, 0], &sopts).unwrap_err();
             assert!(err.to_string().contains("`temperature`"), "{case}: {err}");
         }
         // Small but representable: a finite result or an error naming what overflowed.
         for tau in [1e-30, 1e-20, 1e-6] {
             let case = format!("{device} tau {tau:e}");
-            let opts = InfoNceOptions { temperature: tau, ..Default::default() };
+            let opts = InfoNceOptions {
+                temperature: tau,
+                ..Default::default()
+            };
             let names = ["temperature", "grad_q", "grad_k", "loss", "lse"];
-            let finite = |o: &InfoNceOutput| o.loss.is_finite() && all_finite(&o.grad_q) && all_finite(&o.grad_k);
+            let finite = |o: &InfoNceOutput| {
+                o.loss.is_finite() && all_finite(&o.grad_q) && all_finite(&o.grad_k)
+            };
             finite_or_named(infonce(&z, &z, &positives, &opts), finite, &names, &case);
             let finite = |o: &MocoOutput| o.loss.is_finite() && all_finite(&o.grad_q);
-            finite_or_named(moco(&z, &z, &z, &MocoOptions { temperature: tau }), finite, &names, &case);
+            finite_or_named(
+                moco(&z, &z, &z, &MocoOptions { temperature: tau }),
+                finite,
+                &names,
+                &case,
+            );
             let finite = |o: &NtXentOutput| o.loss.is_finite() && all_finite(&o.grad_z);
-            finite_or_named(ntxent(&z, &NtXentOptions { temperature: tau }), finite, &["temperature", "grad_z", "loss", "lse"], &case);
+            finite_or_named(
+                ntxent(&z, &NtXentOptions { temperature: tau }),
+                finite,
+                &["temperature", "grad_z", "loss", "lse"],
+                &case,
+            );
         }
     }
 }
@@ -142,31 +169,68 @@ fn grad_loss_and_log_scale_beyond_f32_are_errors_naming_them() {
         let fwd = ntxent_forward(&z, &opts).unwrap();
         let err = ntxent_backward(&z, &opts, &fwd.saved, 1e39).unwrap_err();
         assert!(err.to_string().contains("`grad_loss`"), "{device}: {err}");
-        assert!(err.to_string().starts_with("ntxent_backward"), "{device}: {err}");
+        assert!(
+            err.to_string().starts_with("ntxent_backward"),
+            "{device}: {err}"
+        );
         // exp(89) overflows f32; exp(80) does not, but the gradients then may.
         let err = clip(&z, &z, 89.0).unwrap_err();
         assert!(err.to_string().contains("`log_scale`"), "{device}: {err}");
         let finite = |o: &ClipOutput| {
-            o.loss.is_finite() && o.grad_log_scale.is_finite() && all_finite(&o.grad_a) && all_finite(&o.grad_b)
+            o.loss.is_finite()
+                && o.grad_log_scale.is_finite()
+                && all_finite(&o.grad_a)
+                && all_finite(&o.grad_b)
         };
-        let names = ["log_scale", "loss", "grad_a", "grad_b", "grad_log_scale", "row_lse", "col_lse"];
-        finite_or_named(clip(&z, &z, 80.0), finite, &names, &format!("{device} log_scale 80"));
+        let names = [
+            "log_scale",
+            "loss",
+            "grad_a",
+            "grad_b",
+            "grad_log_scale",
+            "row_lse",
+            "col_lse",
+        ];
+        finite_or_named(
+            clip(&z, &z, 80.0),
+            finite,
+            &names,
+            &format!("{device} log_scale 80"),
+        );
     }
     // f64 on the CPU computes in f64: the same grad_loss is fine there.
-    let z = Tensor::from_vec(vec![1.0f64, 0.0, 0.0, 1.0, 0.8, 0.6, 0.6, 0.8], &[4, 2], Device::Cpu).unwrap();
+    let z = Tensor::from_vec(
+        vec![1.0f64, 0.0, 0.0, 1.0, 0.8, 0.6, 0.6, 0.8],
+        &[4, 2],
+        Device::Cpu,
+    )
+    .unwrap();
     let opts = NtXentOptions { temperature: 0.5 };
     let fwd = ntxent_forward(&z, &opts).unwrap();
-    assert!(all_finite(&ntxent_backward(&z, &opts, &fwd.saved, 1e39).unwrap()));
+    assert!(all_finite(
+        &ntxent_backward(&z, &opts, &fwd.saved, 1e39).unwrap()
+    ));
 }
 
 #[test]
 fn raw_infonce_whose_logits_overflow_f32_is_an_error_not_nan() {
-    let opts = InfoNceOptions { temperature: 0.1, normalize: false, self_mask: false };
+    let opts = InfoNceOptions {
+        temperature: 0.1,
+        normalize: false,
+        self_mask: false,
+    };
     for device in devices("raw_infonce_overflow") {
         let q = Tensor::from_vec(vec![1e20f32, 0.0, 0.0, 1e20], &[2, 2], device).unwrap();
         let result = infonce(&q, &q, &[0, 1], &opts);
-        let finite = |o: &InfoNceOutput| o.loss.is_finite() && all_finite(&o.grad_q) && all_finite(&o.grad_k);
-        finite_or_named(result, finite, &["loss", "lse", "temperature", "grad_q"], &format!("{device}"));
+        let finite = |o: &InfoNceOutput| {
+            o.loss.is_finite() && all_finite(&o.grad_q) && all_finite(&o.grad_k)
+        };
+        finite_or_named(
+            result,
+            finite,
+            &["loss", "lse", "temperature", "grad_q"],
+            &format!("{device}"),
+        );
     }
     // In f64 on the CPU the loss is representable and right: 1e40 / 0.1 per row.
     let q = Tensor::from_vec(vec![1e20f64, 0.0, 0.0, 1e20], &[2, 2], Device::Cpu).unwrap();
@@ -178,7 +242,11 @@ fn raw_infonce_whose_logits_overflow_f32_is_an_error_not_nan() {
 fn a_backward_given_another_call_s_saved_state_is_an_error() {
     let mut rng = StdRng::seed_from_u64(9);
     for device in devices("saved_state") {
-        let (q, k, queue) = (unit_rows(&mut rng, 5, 4, device), unit_rows(&mut rng, 5, 4, device), unit_rows(&mut rng, 7, 4, device));
+        let (q, k, queue) = (
+            unit_rows(&mut rng, 5, 4, device),
+            unit_rows(&mut rng, 5, 4, device),
+            unit_rows(&mut rng, 7, 4, device),
+        );
         let opts = MocoOptions { temperature: 0.2 };
         let fwd = moco_forward(&q, &k, &queue, &opts).unwrap();
         // Same shapes, other temperature / other queue / other op: each an error naming `saved`.
@@ -187,11 +255,22 @@ fn a_backward_given_another_call_s_saved_state_is_an_error() {
         let errors = [
             moco_backward(&q, &k, &queue, &hotter, &fwd.saved, 1.0).unwrap_err(),
             moco_backward(&q, &k, &other_queue, &opts, &fwd.saved, 1.0).unwrap_err(),
-            infonce_backward(&q, &k, &[0, 1, 2, 3, 4], &InfoNceOptions::default(), &fwd.saved, 1.0).unwrap_err(),
+            infonce_backward(
+                &q,
+                &k,
+                &[0, 1, 2, 3, 4],
+                &InfoNceOptions::default(),
+                &fwd.saved,
+                1.0,
+            )
+            .unwrap_err(),
         ];
         for err in errors {
             let text = err.to_string();
-            assert!(text.contains("`saved`") && text.contains("_backward"), "{device}: {text}");
+            assert!(
+                text.contains("`saved`") && text.contains("_backward"),
+                "{device}: {text}"
+            );
         }
         // The matching call still works, and gets what the one-call form gets.
         let grad = moco_backward(&q, &k, &queue, &opts, &fwd.saved, 1.0).unwrap();
@@ -207,7 +286,8 @@ fn a_backward_given_another_call_s_saved_state_is_an_error() {
 #[test]
 fn enqueue_rejects_a_queue_that_moco_would_reject() {
     for device in devices("enqueue_nan") {
-        let mut queue = Tensor::from_vec(vec![0.0f32, f32::NAN, 1.0, 0.0], &[2, 2], device).unwrap();
+        let mut queue =
+            Tensor::from_vec(vec![0.0f32, f32::NAN, 1.0, 0.0], &[2, 2], device).unwrap();
         let k = Tensor::from_vec(vec![1.0f32, 0.0], &[1, 2], device).unwrap();
         let err = moco_enqueue(&mut queue, &k, 0).unwrap_err();
         assert!(err.to_string().contains("`queue`"), "{device}: {err}");
@@ -235,7 +315,11 @@ fn moco_gradient_with_a_dominant_positive_is_not_drowned_by_lse_rounding() {
     let q = Tensor::from_vec(q, &[rows, dim], Device::Cpu).unwrap();
     let queue = Tensor::from_vec(queue, &[rows, dim], Device::Cpu).unwrap();
     let out = moco(&q, &q, &queue, &MocoOptions { temperature: tau }).unwrap();
-    let largest = out.grad_q.to_vec_f64().iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let largest = out
+        .grad_q
+        .to_vec_f64()
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()));
     let bound = (1.0 / tau) * f64::EPSILON * 4.0 / tau;
     println!("largest |dq| {largest:e}");
     assert!(largest < bound, "largest |dq| {largest:e}, bound {bound:e}");

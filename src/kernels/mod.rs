@@ -316,7 +316,10 @@ mod tests {
             let mut launch = fine;
             launch.grid[axis] += 1;
             let err = launch.dims("similarity_fwd_f32").unwrap_err().to_string();
-            assert!(err.contains("similarity_fwd_f32") && err.contains("`grid`"), "{err}");
+            assert!(
+                err.contains("similarity_fwd_f32") && err.contains("`grid`"),
+                "{err}"
+            );
         }
         // 2^32 + 1 blocks would have been launched as 1 block.
         assert!(Launch::linear((1 << 32) + 1, 256).dims("k").is_err());

@@ -293,6 +293,23 @@ impl Tensor {
         Ok(self)
     }
 
+    /// The index and value of the first NaN or infinity, if any (no copy of the data).
+    pub(crate) fn first_non_finite(&self) -> Option<(usize, f64)> {
+        fn find<T: Element>(values: &[T]) -> Option<(usize, f64)> {
+            values
+                .iter()
+                .map(|v| v.to_f64())
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+        }
+        match &self.data {
+            HostData::F32(v) => find(v),
+            HostData::F64(v) => find(v),
+            HostData::Bf16(v) => find(v),
+            HostData::F16(v) => find(v),
+        }
+    }
+
     /// Calls `f` with the bits of every element, widened to 64 bits (for fingerprints).
     pub(crate) fn for_each_bits(&self, mut f: impl FnMut(u64)) {
         match &self.data {

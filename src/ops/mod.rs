@@ -251,17 +251,7 @@ pub(crate) fn expect_shape(
 /// layout).
 pub(crate) fn check_finite(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
     let row_len = t.shape().iter().skip(1).product::<usize>().max(1);
-    let bad = match t.host::<f32>() {
-        Some(v) => v
-            .iter()
-            .position(|x| !x.is_finite())
-            .map(|i| (i, v[i] as f64)),
-        None => {
-            let v = t.to_vec_f64();
-            v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
-        }
-    };
-    match bad {
+    match t.first_non_finite() {
         Some((index, value)) => Err(Error::NonFinite {
             op,
             arg,
@@ -399,9 +389,9 @@ pub(crate) fn check_result(
     values: &Tensor,
     blame: &str,
 ) -> Result<()> {
-    match values.to_vec_f64().iter().position(|v| !v.is_finite()) {
+    match values.first_non_finite() {
         None => Ok(()),
-        Some(index) => Err(Error::Overflow {
+        Some((index, _)) => Err(Error::Overflow {
             op,
             what,
             reason: format!("element {index} is not finite; {blame}"),

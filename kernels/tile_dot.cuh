@@ -22,14 +22,18 @@ constexpr int kPerThread = 4;  // rows (and columns) per thread
 constexpr int kTilePad = kTile + 1;  // pad so column-wise stores do not hit one bank
 
 // Loads rows [row0, row0 + 64) x features [k0, k0 + 16) of `m` transposed into `s[kk][r]`,
-// zero outside the matrix.
+// zero outside the matrix. With a `row_scale` (shared memory, one factor per tile row), each row
+// is multiplied by its factor as it is staged.
 template <typename T>
-__device__ __forceinline__ void load_slice(const T* m, int rows, int dim, int row0, int k0, float (*s)[kTilePad]) {
+__device__ __forceinline__ void load_slice(const T* m, int rows, int dim, int row0, int k0, float (*s)[kTilePad],
+                                           const float* row_scale = nullptr) {
     const int tid = threadIdx.y * 16 + threadIdx.x;
     for (int e = tid; e < kTile * kSlice; e += 256) {
         const int r = e / kSlice, kk = e % kSlice;
         const int row = row0 + r, col = k0 + kk;
-        s[kk][r] = (row < rows && col < dim) ? load(m, (long long)row * dim + col) : 0.0f;
+        float v = (row < rows && col < dim) ? load(m, (long long)row * dim + col) : 0.0f;
+        if (row_scale != nullptr) v *= row_scale[r];
+        s[kk][r] = v;
     }
 }
 
@@ -140,11 +144,14 @@ __device__ __forceinline__ void store_fragments(const float d[4][4], float (*til
 }
 
 // acc[i][j] = a_{a0 + ty + 16 i} . b_{b0 + tx + 16 j} on CUDA cores. With `norms`, also
-// a_sq[i] = ||a row||^2 and b_sq[j] = ||b row||^2. Every thread of the block must call it (it
-// synchronizes).
+// a_sq[i] = ||a row||^2 and b_sq[j] = ||b row||^2. With a_scale and b_scale (shared memory, one
+// factor per row of the tile, written before a barrier that precedes the call), every row is
+// first multiplied by its factor: the similarity kernel's overflow path. Every thread of the block
+// must call it (it synchronizes).
 template <typename T, bool norms>
 __device__ void tile_dot(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim,
-                         float acc[kPerThread][kPerThread], float a_sq[kPerThread], float b_sq[kPerThread]) {
+                         float acc[kPerThread][kPerThread], float a_sq[kPerThread], float b_sq[kPerThread],
+                         const float* a_scale = nullptr, const float* b_scale = nullptr) {
     __shared__ float as[kSlice][kTilePad];
     __shared__ float bs[kSlice][kTilePad];
     const int tx = threadIdx.x, ty = threadIdx.y;
@@ -153,8 +160,8 @@ __device__ void tile_dot(const T* a, int a_rows, int a0, const T* b, int b_rows,
         for (int j = 0; j < kPerThread; ++j) acc[i][j] = 0.0f;
     }
     for (int k0 = 0; k0 < dim; k0 += kSlice) {
-        load_slice(a, a_rows, dim, a0, k0, as);
-        load_slice(b, b_rows, dim, b0, k0, bs);
+        load_slice(a, a_rows, dim, a0, k0, as, a_scale);
+        load_slice(b, b_rows, dim, b0, k0, bs, b_scale);
         __syncthreads();
         for (int kk = 0; kk < kSlice; ++kk) {
             float av[kPerThread], bv[kPerThread];

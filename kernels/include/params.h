@@ -133,8 +133,9 @@ typedef struct ContraRowDotParams {
     int dim;
 } ContraRowDotParams;
 
-/* margin_fwd: per pair row i, d_i = sqrt(max(||x1_i - x2_i||^2, eps)) and row_loss[i] =
- * d_i^2 / 2 when y[i] == 0 (similar), relu(margin - d_i)^2 / 2 when y[i] == 1 (dissimilar).
+/* margin_fwd: per pair row i, row_loss[i] = d_i * 2^-64, the clamped distance
+ * d_i = sqrt(max(||x1_i - x2_i||^2, eps)) scaled so that it cannot overflow; the host forms
+ * d_i^2 / 2 (y[i] == 0, similar) or relu(margin - d_i)^2 / 2 (y[i] == 1, dissimilar) in f64.
  * margin_bwd: grad_x1_i = grad_scale * c_i (x1_i - x2_i) and grad_x2_i = -grad_x1_i, with c_i = 1
  * (similar), -relu(margin - d_i) / d_i (dissimilar), and 0 where the clamp is active. */
 typedef struct ContraMarginParams {

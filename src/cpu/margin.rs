@@ -1,12 +1,18 @@
 //! The Hadsell-Chopra-LeCun contrastive margin loss over pairs of rows, forward and backward,
 //! accumulated in f64. Rows run in parallel.
+//!
+//! Overflow: a squared distance that overflows f64 (f64 pairs more than ~1.3e154 apart) needs no
+//! rescaling: such a pair is beyond any valid margin (the op requires `margin^2` to be an f64), so
+//! a dissimilar one costs 0 and has no gradient, and a similar one's loss `d^2 / 2` is truly beyond
+//! f64: it comes out infinite, which the op turns into an error. The mean and the differences
+//! `x1 - x2` are taken so that they overflow only where their exact values do.
 
 use rayon::prelude::*;
 
 use super::triplet::DIST_EPS;
-use super::Real;
+use super::{ldexp, Real};
 
-/// `||a - b||^2` accumulated in f64.
+/// `||a - b||^2` accumulated in f64 (infinite when it overflows f64).
 fn squared_distance<T: Real>(a: &[T], b: &[T]) -> f64 {
     a.iter()
         .zip(b)
@@ -46,6 +52,17 @@ fn pair_coef(sq: f64, similar: bool, margin: f64) -> f64 {
     }
 }
 
+/// The mean of `values`; a sum that overflows is taken again from the values scaled by 2^-64, so
+/// the mean of finite values is finite whenever it is representable.
+pub fn mean(values: &[f64]) -> f64 {
+    let n = values.len() as f64;
+    let total: f64 = values.iter().sum();
+    if total.is_finite() || values.iter().any(|v| !v.is_finite()) {
+        return total / n;
+    }
+    ldexp(values.iter().map(|&v| ldexp(v, -64)).sum::<f64>() / n, 64)
+}
+
 /// The mean loss over the rows of `x1`, `x2` (rows of length `dim`); `y[i] == 0` marks a similar
 /// pair, anything else a dissimilar one (the caller checks `y` is 0 or 1).
 pub fn forward<T: Real>(x1: &[T], x2: &[T], y: &[i64], dim: usize, margin: f64) -> f64 {
@@ -55,7 +72,7 @@ pub fn forward<T: Real>(x1: &[T], x2: &[T], y: &[i64], dim: usize, margin: f64) 
         .zip(y.par_iter())
         .map(|((a, b), &yi)| pair_loss(squared_distance(a, b), yi == 0, margin))
         .collect();
-    losses.iter().sum::<f64>() / y.len() as f64
+    mean(&losses)
 }
 
 /// Gradients of `grad_loss * loss` with respect to `x1` and `x2`.
@@ -77,7 +94,13 @@ pub fn backward<T: Real>(
         .for_each(|(((g1_row, g2_row), (a, b)), &yi)| {
             let k = scale * pair_coef(squared_distance(a, b), yi == 0, margin);
             for (((o1, o2), &u), &v) in g1_row.iter_mut().zip(g2_row.iter_mut()).zip(a).zip(b) {
-                let g = k * (u.f64() - v.f64());
+                let t = u.f64() - v.f64();
+                // A difference beyond f64 (f64 rows near f64::MAX) is taken halved.
+                let g = if t.is_finite() {
+                    k * t
+                } else {
+                    2.0 * (k * (u.f64() / 2.0 - v.f64() / 2.0))
+                };
                 *o1 = T::of(g);
                 *o2 = T::of(-g);
             }

@@ -109,9 +109,60 @@ pub const KEY_TILE: usize = 512;
 /// `norm(x) = max(||x||_2, 1e-12)` as the losses define it.
 pub const NORM_EPS: f64 = 1e-12;
 
-/// Euclidean norm of a row, accumulated in f64.
+/// Euclidean norm of a row, accumulated in f64. Right for every finite row whose norm is a finite
+/// f64 (f64 rows up to ~1e308): when the plain sum of squares overflows (or falls below f64's
+/// normal range), the row is summed again scaled by a power of two (exact) chosen from its largest
+/// magnitude, and the norm is scaled back.
 pub fn row_norm<T: Real>(row: &[T]) -> f64 {
-    row.iter().map(|&v| v.f64() * v.f64()).sum::<f64>().sqrt()
+    let sq = row.iter().map(|&v| v.f64() * v.f64()).sum::<f64>();
+    if sq.is_finite() && sq >= f64::MIN_POSITIVE {
+        return sq.sqrt();
+    }
+    let max = max_abs(row);
+    if max == 0.0 || !max.is_finite() {
+        return if max == 0.0 { 0.0 } else { sq.sqrt() };
+    }
+    let e = exponent(max);
+    let scaled = row
+        .iter()
+        .map(|&v| {
+            let t = ldexp(v.f64(), -e);
+            t * t
+        })
+        .sum::<f64>();
+    ldexp(scaled.sqrt(), e)
+}
+
+/// The largest `|v|` of a row, in f64.
+pub fn max_abs<T: Real>(row: &[T]) -> f64 {
+    row.iter().fold(0.0f64, |m, &v| m.max(v.f64().abs()))
+}
+
+/// `e` with `|v| = m 2^e`, `m` in [0.5, 1), for a finite nonzero `v` (subnormals included).
+pub fn exponent(v: f64) -> i32 {
+    let biased = ((v.to_bits() >> 52) & 0x7ff) as i32;
+    if biased == 0 {
+        // Subnormal: normalize first.
+        return exponent(v * TWO_POW_64) - 64;
+    }
+    biased - 1022
+}
+
+const TWO_POW_64: f64 = 18_446_744_073_709_551_616.0;
+
+/// `x 2^k` for any `k`, exact unless the result over- or underflows (`scalbn`): multiplies by
+/// normal powers of two at most 2^1000 apart.
+pub fn ldexp(mut x: f64, mut k: i32) -> f64 {
+    let pow2 = |k: i32| f64::from_bits(((k + 1023) as u64) << 52);
+    while k > 1000 {
+        x *= pow2(1000);
+        k -= 1000;
+    }
+    while k < -1000 {
+        x *= pow2(-1000);
+        k += 1000;
+    }
+    x * pow2(k)
 }
 
 /// Dot product accumulated in f64.
@@ -158,6 +209,26 @@ mod tests {
         assert_eq!(exp_f32(-100.0), 0.0);
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn row_norm_is_right_at_every_scale() {
+        let close = |got: f64, want: f64| {
+            assert!((got - want).abs() <= 1e-15 * want, "{got:e} != {want:e}")
+        };
+        assert_eq!(row_norm(&[3.0f64, 4.0]), 5.0);
+        close(row_norm(&[3e200f64, 4e200]), 5e200);
+        close(row_norm(&[3e-200f64, 4e-200]), 5e-200);
+        close(row_norm(&[1.2e308f64, -1e308]), 1.2e308f64.hypot(1e308));
+        assert_eq!(row_norm(&[1e308f64; 4]), f64::INFINITY);
+        assert_eq!(row_norm(&[0.0f64, 0.0]), 0.0);
+        assert!((row_norm(&[3e19f32, 4e19]) - 5e19).abs() <= 1e-7 * 5e19);
+        assert_eq!(ldexp(1.0, -1074), f64::from_bits(1));
+        assert_eq!(ldexp(ldexp(3.0, 1000), -1500), 3.0 * 2f64.powi(-500));
+        assert_eq!(ldexp(3.0, 1100), f64::INFINITY);
+        assert_eq!(exponent(f64::from_bits(1)), -1073);
+        assert_eq!(exponent(1.0), 1);
+        assert_eq!(exponent(0.75), 0);
     }
 
     #[test]

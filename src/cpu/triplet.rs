@@ -21,7 +21,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{Gemm, MatRef};
-use super::{normalize, ROW_TILE};
+use super::{exponent, ldexp, normalize, row_norm, Real, ROW_TILE};
 use crate::ops::triplet::{Distance, Mining, TripletStats};
 
 /// The clamp inside euclidean distances: `d = sqrt(max(||a - b||^2, DIST_EPS))`; the derivative is
@@ -63,20 +63,62 @@ pub enum Coefs {
 }
 
 impl Coefs {
-    /// The `rows x rows` row-major matrix of coefficients in f32 (what the kernels take).
-    pub(crate) fn to_dense_f32(&self, rows: usize) -> Vec<f32> {
+    /// The `rows x rows` row-major matrix of coefficients times `2^exp`, in f32 (what the kernels
+    /// take).
+    pub(crate) fn to_dense_f32(&self, rows: usize, exp: i32) -> Vec<f32> {
         match self {
-            Coefs::Dense(w) => w.iter().map(|&c| c as f32).collect(),
+            Coefs::Dense(w) => w.iter().map(|&c| ldexp(c, exp) as f32).collect(),
             Coefs::Sparse(pairs) => {
                 let mut w = vec![0.0f32; rows * rows];
                 for e in pairs {
-                    w[e.i * rows + e.j] += e.coef as f32;
+                    w[e.i * rows + e.j] += ldexp(e.coef, exp) as f32;
                 }
                 w
             }
         }
     }
+
+    /// Multiplies every coefficient by `2^exp`.
+    pub(crate) fn scale_exp(&mut self, exp: i32) {
+        if exp == 0 {
+            return;
+        }
+        match self {
+            Coefs::Dense(w) => w.iter_mut().for_each(|c| *c = ldexp(*c, exp)),
+            Coefs::Sparse(pairs) => pairs.iter_mut().for_each(|e| e.coef = ldexp(e.coef, exp)),
+        }
+    }
 }
+
+/// `k > 0` such that the rows of `x` scaled by `2^-k` have a largest norm in
+/// `[2^(limit_exp - 1), 2^limit_exp)`, or 0 when the largest norm is below `2^limit_exp` already
+/// (then nothing is scaled). Norms are exact at any scale ([`row_norm`]).
+pub(crate) fn prescale_exponent<T: Real>(x: &[T], dim: usize, limit_exp: i32) -> i32 {
+    let max = x.par_chunks(dim).map(row_norm).reduce(|| 0.0, f64::max);
+    if max.is_finite() && max < ldexp(1.0, limit_exp) {
+        return 0;
+    }
+    if !max.is_finite() {
+        // Only an f64 norm can pass f64::MAX: 2^1024 sqrt(dim).
+        return 1024 + (dim as f64).log2().ceil() as i32 / 2 + 1 - limit_exp;
+    }
+    exponent(max) - limit_exp
+}
+
+/// `margin 2^exp`, kept at least `floor` when the margin is positive: a margin that underflows
+/// in a scaled problem still keeps ties out of the hard triplets (below the resolution of the
+/// scaled distances, it changes nothing else).
+pub(crate) fn scaled_margin(margin: f64, exp: i32, floor: f64) -> f64 {
+    if margin > 0.0 {
+        ldexp(margin, exp).max(floor)
+    } else {
+        margin
+    }
+}
+
+/// Rows of f64 norm from 2^400 on are mined scaled (squared distances and batch-all sums then
+/// stay far below f64::MAX).
+const F64_ROW_NORM_EXP: i32 = 400;
 
 impl std::fmt::Debug for Coefs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -156,20 +198,21 @@ impl Problem<'_> {
         raw
     }
 
-    /// The distance from a raw pair quantity.
-    fn dist(&self, raw: f64) -> f64 {
+    /// The distance from a raw pair quantity (`eps`: the euclidean clamp, [`DIST_EPS`] in the
+    /// units of the rows).
+    fn dist(&self, raw: f64, eps: f64) -> f64 {
         match self.distance {
-            Distance::Euclidean => raw.max(DIST_EPS).sqrt(),
+            Distance::Euclidean => raw.max(eps).sqrt(),
             Distance::SquaredEuclidean => raw,
             Distance::Cosine => 1.0 - raw,
         }
     }
 
     /// `d dist / d raw`.
-    fn dist_grad(&self, raw: f64) -> f64 {
+    fn dist_grad(&self, raw: f64, eps: f64) -> f64 {
         match self.distance {
             Distance::Euclidean => {
-                if raw >= DIST_EPS {
+                if raw >= eps {
                     0.5 / raw.sqrt()
                 } else {
                     0.0
@@ -182,12 +225,12 @@ impl Problem<'_> {
 
     /// Stats and mined terms of anchor `a`. `row` holds the raw pair quantities of the anchor on
     /// entry and their coefficients in the loss (before the division by the count) on return.
-    fn anchor(&self, a: usize, row: &mut [f64]) -> Anchor {
-        let (mut anchor, terms) = self.mine(a, row);
+    fn anchor(&self, a: usize, row: &mut [f64], eps: f64) -> Anchor {
+        let (mut anchor, terms) = self.mine(a, row, eps);
         // Chain each distance coefficient to its raw quantity before the row is overwritten.
         let grads: Vec<(usize, f64)> = terms
             .iter()
-            .map(|&(j, c)| (j, c * self.dist_grad(row[j])))
+            .map(|&(j, c)| (j, c * self.dist_grad(row[j], eps)))
             .collect();
         row.fill(0.0);
         for (j, g) in grads {
@@ -199,11 +242,11 @@ impl Problem<'_> {
 
     /// Stats and mined terms of anchor `a`, whose raw row is `raw_row`: the anchor's sums and the
     /// coefficients `(j, dloss/dd_aj)` of its terms (a row may occur more than once).
-    fn mine(&self, a: usize, raw_row: &[f64]) -> (Anchor, Vec<(usize, f64)>) {
+    fn mine(&self, a: usize, raw_row: &[f64], eps: f64) -> (Anchor, Vec<(usize, f64)>) {
         let n = self.rows;
         let m = self.margin;
         let ya = self.labels[a];
-        let d = |j: usize| self.dist(raw_row[j]);
+        let d = |j: usize| self.dist(raw_row[j], eps);
         let positives: Vec<usize> = (0..n).filter(|&j| j != a && self.labels[j] == ya).collect();
         let mut negs: Vec<(f64, usize)> = (0..n)
             .filter(|&j| self.labels[j] != ya)
@@ -296,13 +339,47 @@ impl Problem<'_> {
 
     /// The loss (0 when nothing counts), its count, the stats of all valid triplets and the pair
     /// coefficients for [`backward`].
+    ///
+    /// Overflow: the raw matrix holds squared distances, which overflow f64 for rows of norm
+    /// above ~1e154. Rows whose largest norm `M` passes 2^400 are therefore mined scaled by
+    /// `s = 2^-k` (exact), with `M s` in [2^399, 2^400): every distance scales by `s`
+    /// (euclidean) or `s^2` (squared), so with the margin and the clamp scaled alike the same
+    /// triplets are active and the loss is the scaled problem's times `s^-1` or `s^-2`
+    /// (infinite when that exceeds f64); the coefficients come back in the rows' units, so
+    /// [`backward`] needs no scale. The cosine distance is scale-invariant already.
     pub fn forward(&self) -> Forward {
+        let k = match self.distance {
+            Distance::Cosine => 0,
+            _ => prescale_exponent(self.x, self.dim, F64_ROW_NORM_EXP),
+        };
+        if k == 0 {
+            return self.forward_eps(DIST_EPS);
+        }
+        let p = if self.distance == Distance::SquaredEuclidean {
+            2
+        } else {
+            1
+        };
+        let x: Vec<f64> = self.x.iter().map(|&v| ldexp(v, -k)).collect();
+        let scaled = Problem {
+            x: &x,
+            margin: scaled_margin(self.margin, -k * p, f64::MIN_POSITIVE),
+            ..*self
+        };
+        let mut fwd = scaled.forward_eps(ldexp(DIST_EPS, -2 * k).max(f64::MIN_POSITIVE));
+        fwd.loss = ldexp(fwd.loss, k * p);
+        // d loss / d raw = 2^(kp) (d loss' / d raw') 2^(-2k).
+        fwd.coefs.scale_exp(k * (p - 2));
+        fwd
+    }
+
+    fn forward_eps(&self, eps: f64) -> Forward {
         let n = self.rows;
         let mut w = self.raw_matrix();
         let anchors: Vec<Anchor> = w
             .par_chunks_mut(n)
             .enumerate()
-            .map(|(a, row)| self.anchor(a, row))
+            .map(|(a, row)| self.anchor(a, row, eps))
             .collect();
         let mut stats = TripletStats::default();
         let (mut sum, mut count, mut nonzero) = (0.0, 0u64, 0usize);

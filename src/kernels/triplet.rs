@@ -4,7 +4,8 @@
 
 use super::params::*;
 use super::{blocks_for, extent, normalize, similarity, Backend, Launch};
-use crate::cpu::triplet::{Coefs, DIST_EPS};
+use crate::cpu::ldexp;
+use crate::cpu::triplet::{scaled_margin, Coefs, DIST_EPS};
 use crate::ops::triplet::{Distance, Mining, TripletStats};
 use crate::ops::Similarity;
 use crate::{Error, Result};
@@ -16,6 +17,13 @@ const BWD_ROWS: usize = 4;
 const BWD_THREADS: usize = 128;
 /// Per-anchor triplet counts are 32-bit in the kernel: at most (N / 2)^2 per anchor.
 pub(crate) const MAX_ROWS: usize = 65_536;
+
+/// The euclidean distances are mined from f32 squared distances: rows whose largest norm passes
+/// 2^40 go to the kernels scaled by a power of two (`prescale_exponent`), which keeps the squared
+/// distances below 2^82 and a batch-all anchor's sum of up to (N / 2)^2 terms below 2^114. Scaling
+/// is exact and the distances scale with it, so the mined triplets are the same (the op scales
+/// the margin and the clamp alike; `forward_scaled`, `backward_scaled`).
+pub(crate) const ROW_NORM_EXP: i32 = 40;
 
 /// What the kernel forward returns (the host sums the per-anchor values in f64 and u64).
 pub(crate) struct Forward {
@@ -38,6 +46,14 @@ pub(crate) struct Problem<'a, B: Backend> {
 }
 
 impl<B: Backend> Problem<'_, B> {
+    /// The power of the row scale in the distance: 2 for the squared euclidean, else 1.
+    fn power(&self) -> i32 {
+        match self.distance {
+            Distance::SquaredEuclidean => 2,
+            _ => 1,
+        }
+    }
+
     fn check_rows(&self) -> Result<()> {
         if self.rows > MAX_ROWS {
             return Err(Error::invalid(
@@ -53,7 +69,15 @@ impl<B: Backend> Problem<'_, B> {
     }
 
     pub fn forward(&self, b: &B) -> Result<Forward> {
+        self.forward_scaled(b, 0)
+    }
+
+    /// [`Problem::forward`] when `x` holds the rows scaled by `2^-k` (see [`ROW_NORM_EXP`]):
+    /// the margin and the euclidean clamp are scaled alike (each kept at least f32's smallest
+    /// normal), and the loss and coefficients come back in the rows' own units.
+    pub fn forward_scaled(&self, b: &B, k: i32) -> Result<Forward> {
         self.check_rows()?;
+        let p = self.power();
         let n = self.rows;
         let kind = match self.distance {
             Distance::Cosine => Similarity::Cosine,
@@ -84,8 +108,12 @@ impl<B: Backend> Problem<'_, B> {
                 Mining::BatchHard => ContraTripletMining_CONTRA_TRIPLET_BATCH_HARD,
                 Mining::SemiHard => ContraTripletMining_CONTRA_TRIPLET_SEMI_HARD,
             } as i32,
-            margin: self.margin as f32,
-            eps: DIST_EPS as f32,
+            margin: if k == 0 {
+                self.margin as f32
+            } else {
+                scaled_margin(self.margin, -k * p, f32::MIN_POSITIVE as f64) as f32
+            },
+            eps: (ldexp(DIST_EPS, -2 * k) as f32).max(f32::MIN_POSITIVE),
         };
         b.launch(
             "triplet_mine_f32",
@@ -111,10 +139,12 @@ impl<B: Backend> Problem<'_, B> {
         } else {
             (0.0, 0.0)
         };
+        // loss = loss' 2^(kp); d loss / d raw = 2^(kp) (d loss' / d raw') 2^(-2k).
+        let loss = ldexp(loss, k * p);
         let coefs = b
             .download(&coef)?
             .into_iter()
-            .map(|c| c as f64 * scale)
+            .map(|c| ldexp(c as f64 * scale, k * (p - 2)))
             .collect();
         Ok(Forward {
             loss,
@@ -126,9 +156,17 @@ impl<B: Backend> Problem<'_, B> {
 
     /// The gradient of `grad_loss * loss` with respect to x, from a forward's coefficients.
     pub fn backward(&self, b: &B, coefs: &Coefs, grad_loss: f64) -> Result<B::Buf> {
+        self.backward_scaled(b, coefs, grad_loss, 0)
+    }
+
+    /// [`Problem::backward`] when `x` holds the rows scaled by `2^-k`; `coefs` are in the rows'
+    /// own units (as every forward returns them). With L(x) = L'(x 2^-k) 2^(kp), the gradient is
+    /// the scaled problem's times 2^(k(p - 1)), from its coefficients 2^(k(2 - p)) coefs.
+    pub fn backward_scaled(&self, b: &B, coefs: &Coefs, grad_loss: f64, k: i32) -> Result<B::Buf> {
         self.check_rows()?;
         let (n, dim) = (self.rows, self.dim);
-        let coef = b.upload("coef", &coefs.to_dense_f32(n))?;
+        let p = self.power();
+        let coef = b.upload("coef", &coefs.to_dense_f32(n, k * (2 - p)))?;
         let cosine = self.distance == Distance::Cosine;
         let normed;
         let y = if cosine {
@@ -145,7 +183,7 @@ impl<B: Backend> Problem<'_, B> {
             rows: extent("n", n)?,
             dim: extent("dim", dim)?,
             cosine: cosine as i32,
-            grad_scale: grad_loss as f32,
+            grad_scale: ldexp(grad_loss, k * (p - 1)) as f32,
         };
         let launch = Launch {
             grid: [blocks_for(n, BWD_ROWS), blocks_for(dim, BWD_THREADS), 1],

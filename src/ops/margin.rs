@@ -5,13 +5,14 @@
 //! The derivative of `d` is taken as 0 where `||x1 - x2||^2 < 1e-12` (the clamp is active).
 
 use super::{
-    check_finite, check_finite_scalar, check_labels_len, matrix_dims, output_like, same_place,
-    values, with_cpu_real,
+    check_finite, check_grad_loss, check_labels_len, check_result, compute_dtype, matrix_dims,
+    output_like, same_place, upload_f32, values, with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, Error, Result, Tensor};
+use crate::{cpu, DType, Device, Error, Result, Tensor};
 
 const OP: &str = "margin_loss";
+const BACKWARD: &str = "margin_backward";
 
 /// Options of [`margin_loss`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -34,36 +35,67 @@ pub struct MarginOutput {
     pub grad_x2: Tensor,
 }
 
-/// Validates the inputs and returns `dim`.
-fn validate(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<usize> {
-    let (rows, dim) = matrix_dims(OP, "x1", x1)?;
-    matrix_dims(OP, "x2", x2)?;
-    same_place(OP, &[("x1", x1), ("x2", x2)])?;
+/// Validates the inputs (errors named after `op`) and returns `dim`.
+fn validate(
+    op: &'static str,
+    x1: &Tensor,
+    x2: &Tensor,
+    y: &[i64],
+    opts: &MarginOptions,
+) -> Result<usize> {
+    let (rows, dim) = matrix_dims(op, "x1", x1)?;
+    matrix_dims(op, "x2", x2)?;
+    same_place(op, &[("x1", x1), ("x2", x2)])?;
     if x2.shape() != x1.shape() {
         return Err(Error::shape(
-            OP,
+            op,
             "x2",
             x2.shape(),
             format!("{:?} (the shape of x1)", x1.shape()),
         ));
     }
-    check_labels_len(OP, "y", y, rows)?;
+    check_labels_len(op, "y", y, rows)?;
     if let Some((i, &v)) = y.iter().enumerate().find(|&(_, &v)| v != 0 && v != 1) {
         return Err(Error::invalid(
-            OP,
+            op,
             "y",
             format!("y[{i}] = {v}: labels must be 0 (similar) or 1 (dissimilar)"),
         ));
     }
     if !(opts.margin.is_finite() && opts.margin >= 0.0) {
         return Err(Error::invalid(
-            OP,
+            op,
             "margin",
             format!("{} must be finite and >= 0", opts.margin),
         ));
     }
-    check_finite(OP, "x1", x1)?;
-    check_finite(OP, "x2", x2)?;
+    // The loss squares relu(m - d) in f64 on every backend, so the margin's square must be an
+    // f64; where the distances are f32 (kernels, and f32 / bf16 / f16 inputs anywhere) the margin
+    // must be an f32 too.
+    let f32_compute = x1.device() != Device::Cpu || x1.dtype() != DType::F64;
+    if f32_compute && !((opts.margin as f32).is_finite()) {
+        return Err(Error::invalid(
+            op,
+            "margin",
+            format!(
+                "{:e} overflows f32 (max {:e}), the precision this call computes distances in",
+                opts.margin,
+                f32::MAX
+            ),
+        ));
+    }
+    if !(opts.margin * opts.margin).is_finite() {
+        return Err(Error::invalid(
+            op,
+            "margin",
+            format!(
+                "{:e}: its square, which the loss takes, overflows f64",
+                opts.margin
+            ),
+        ));
+    }
+    check_finite(op, "x1", x1)?;
+    check_finite(op, "x2", x2)?;
     Ok(dim)
 }
 
@@ -71,8 +103,8 @@ fn validate(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result
 fn upload<B: Backend>(b: &B, x1: &Tensor, x2: &Tensor, y: &[i64]) -> Result<[B::Buf; 3]> {
     let labels: Vec<i32> = y.iter().map(|&v| v as i32).collect();
     Ok([
-        b.upload("x1", &values::<f32>(x1))?,
-        b.upload("x2", &values::<f32>(x2))?,
+        upload_f32(b, "x1", x1)?,
+        upload_f32(b, "x2", x2)?,
         b.upload_i32("y", &labels)?,
     ])
 }
@@ -94,9 +126,30 @@ fn kernel_problem<'a, B: Backend>(
     }
 }
 
-/// The mean margin loss (forward only).
+/// The mean margin loss (forward only). Distances are right at any scale and the loss is formed
+/// in f64 on every backend (pairs 1e20 apart cost 5e39); a loss beyond f64 is an error naming
+/// `x1`.
 pub fn margin_forward(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<f64> {
-    let dim = validate(x1, x2, y, opts)?;
+    let dim = validate(OP, x1, x2, y, opts)?;
+    let loss = margin_forward_unchecked(x1, x2, y, dim, opts)?;
+    if loss.is_finite() {
+        Ok(loss)
+    } else {
+        Err(Error::invalid(
+            OP,
+            "x1",
+            "the loss overflows f64 (a similar pair's ||x1 - x2||^2 / 2 beyond f64::MAX)",
+        ))
+    }
+}
+
+fn margin_forward_unchecked(
+    x1: &Tensor,
+    x2: &Tensor,
+    y: &[i64],
+    dim: usize,
+    opts: &MarginOptions,
+) -> Result<f64> {
     run_on_kernels!(x1.device(), b => {
         let buffers = upload(b, x1, x2, y)?;
         kernel_problem(&buffers, y.len(), dim, opts).forward(b)
@@ -114,8 +167,24 @@ pub fn margin_backward(
     opts: &MarginOptions,
     grad_loss: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let dim = validate(x1, x2, y, opts)?;
-    check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    let dim = validate(BACKWARD, x1, x2, y, opts)?;
+    check_grad_loss(BACKWARD, grad_loss, compute_dtype(x1.device(), x1.dtype()))?;
+    let (g1, g2) = margin_backward_unchecked(x1, x2, y, dim, opts, grad_loss)?;
+    let blame =
+        "its exact value is beyond the output's range; scale `grad_loss` or `x1` - `x2` down";
+    check_result(BACKWARD, "grad_x1", &g1, blame)?;
+    check_result(BACKWARD, "grad_x2", &g2, blame)?;
+    Ok((g1, g2))
+}
+
+fn margin_backward_unchecked(
+    x1: &Tensor,
+    x2: &Tensor,
+    y: &[i64],
+    dim: usize,
+    opts: &MarginOptions,
+    grad_loss: f64,
+) -> Result<(Tensor, Tensor)> {
     run_on_kernels!(x1.device(), b => {
         let buffers = upload(b, x1, x2, y)?;
         let (g1, g2) = kernel_problem(&buffers, y.len(), dim, opts).backward(b, grad_loss)?;

@@ -418,7 +418,7 @@ pub(crate) fn check_scalar_result(
 }
 
 /// Where a saved forward state comes from: the op, its options, and a fingerprint of its inputs
-/// (shapes, dtypes, devices, values, indices). A backward handed the state of another call is an
+/// (shapes, dtypes, values, indices). A backward handed the state of another call is an
 /// error instead of gradients of nonsense.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Origin {
@@ -446,8 +446,7 @@ impl Origin {
                 self.options, expected.options
             )
         } else if self.inputs != expected.inputs {
-            "it was saved from other inputs (their shapes, dtypes, devices or values differ)"
-                .to_string()
+            "it was saved from other inputs (their shapes, dtypes or values differ)".to_string()
         } else {
             return Ok(());
         };
@@ -472,17 +471,14 @@ impl Fingerprint {
         self
     }
 
-    /// Folds in a tensor's shape, dtype, device and values.
+    /// Folds in a tensor's shape, dtype and values.
     pub fn tensor(self, t: &Tensor) -> Self {
         let mut h = self.word(t.rank() as u64);
         for &extent in t.shape() {
             h = h.word(extent as u64);
         }
-        h = h.word(t.dtype() as u64).word(match t.device() {
-            Device::Cpu => u64::MAX,
-            Device::Interp => u64::MAX - 1,
-            Device::Cuda(ordinal) => ordinal as u64,
-        });
+        // Not the device: a state saved on one backend may drive another's backward.
+        h = h.word(t.dtype() as u64);
         t.for_each_bits(|bits| h = h.word(bits));
         h
     }

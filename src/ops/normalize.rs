@@ -1,7 +1,8 @@
 //! Row-wise L2 normalization: `y = x / max(||x||_2, 1e-12)`.
 
 use super::{
-    check_finite, matrix_dims, output_like, same_place, upload_features, values, with_cpu_real,
+    check_finite, matrix_dims, output_like, same_place, upload_f32, upload_features, values,
+    with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, Result, Tensor};
@@ -33,18 +34,30 @@ pub fn normalize(x: &Tensor) -> Result<Tensor> {
 /// The gradient of [`normalize`] with respect to `x`, given the upstream gradient `grad_y`:
 /// `dx = (dy - y (y . dy)) / max(||x||, 1e-12)`.
 pub fn normalize_backward(x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
-    let (_, dim) = matrix_dims(OP, "x", x)?;
-    same_place(OP, &[("x", x), ("grad_y", grad_y)])?;
-    super::expect_shape(OP, "grad_y", grad_y, x.shape())?;
-    check_finite(OP, "x", x)?;
-    check_finite(OP, "grad_y", grad_y)?;
-    run_on_kernels!(x.device(), b => {
-        let (xb, gyb) = (upload_features(b, "x", x)?, b.upload("grad_y", &values::<f32>(grad_y))?);
-        let gx = kernels::normalize::backward(b, &xb, &gyb, x.shape()[0], dim)?;
-        Ok(output_like(x, b.download(&gx)?, x.shape()))
-    });
-    with_cpu_real!(x.dtype(), T => {
-        let gx = cpu::normalize::backward::<T>(&values::<T>(x), &values::<T>(grad_y), dim);
-        Ok(output_like(x, gx, x.shape()))
-    })
+    const BACKWARD: &str = "normalize_backward";
+    let (_, dim) = matrix_dims(BACKWARD, "x", x)?;
+    same_place(BACKWARD, &[("x", x), ("grad_y", grad_y)])?;
+    super::expect_shape(BACKWARD, "grad_y", grad_y, x.shape())?;
+    check_finite(BACKWARD, "x", x)?;
+    check_finite(BACKWARD, "grad_y", grad_y)?;
+    let grad_x = (|| {
+        run_on_kernels!(x.device(), b => {
+            let (xb, gyb) = (upload_features(b, "x", x)?, upload_f32(b, "grad_y", grad_y)?);
+            let gx = kernels::normalize::backward(b, &xb, &gyb, x.shape()[0], dim)?;
+            Ok(output_like(x, b.download(&gx)?, x.shape()))
+        });
+        with_cpu_real!(x.dtype(), T => {
+            let gx = cpu::normalize::backward::<T>(&values::<T>(x), &values::<T>(grad_y), dim);
+            Ok(output_like(x, gx, x.shape()))
+        })
+    })()?;
+    // dx scales as grad_y / ||x|| (with ||x|| clamped at 1e-12): it can overflow.
+    super::check_result(
+        BACKWARD,
+        "grad_x",
+        &grad_x,
+        "the gradient scales as `grad_y` / max(||x||, 1e-12); scale `grad_y` down or compute \
+         in f64 on Device::Cpu",
+    )?;
+    Ok(grad_x)
 }

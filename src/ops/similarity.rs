@@ -6,7 +6,7 @@ use super::{
     with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, Result, Tensor};
+use crate::{cpu, DType, Error, Result, Tensor};
 
 const OP: &str = "similarity";
 
@@ -28,6 +28,11 @@ pub enum Similarity {
 ///
 /// Distances use `||a||^2 + ||b||^2 - 2 a.b`, clamped at 0, with the dot products from one GEMM.
 ///
+/// Every score is right at any input scale (rows of norm 1e20 or 1e38 in f32, 1e300 in f64): the
+/// backends rescale rows by powers of two where a sum could overflow. A score whose exact value is
+/// beyond the output's range (a squared distance or dot product above `f32::MAX` for f32 / bf16 /
+/// f16 inputs, or above the 16-bit output's own range) is an error naming `a`.
+///
 /// ```
 /// use contra::{similarity, Device, Similarity, Tensor};
 /// let a = Tensor::from_vec(vec![1.0f64, 0.0, 0.0, 2.0], &[2, 2], Device::Cpu)?;
@@ -47,6 +52,34 @@ pub fn similarity(a: &Tensor, b: &Tensor, kind: Similarity) -> Result<Tensor> {
     crate::tensor::checked_numel(OP, "b", &[rows, cols], a.dtype())?;
     check_finite(OP, "a", a)?;
     check_finite(OP, "b", b)?;
+    let out = similarity_unchecked(a, b, (rows, cols, dim), kind)?;
+    match out.first_non_finite() {
+        None => Ok(out),
+        Some((at, _)) => Err(Error::invalid(
+            OP,
+            "a",
+            format!(
+                "the {kind:?} score of a row {} and b row {} overflows {} (the exact value is \
+                 beyond its range{})",
+                at / cols,
+                at % cols,
+                out.dtype(),
+                match out.dtype() {
+                    DType::F64 => "",
+                    _ => "; f32, bf16 and f16 inputs compute in f32",
+                }
+            ),
+        )),
+    }
+}
+
+/// The score matrix; a score beyond the output's range comes back infinite.
+fn similarity_unchecked(
+    a: &Tensor,
+    b: &Tensor,
+    (rows, cols, dim): (usize, usize, usize),
+    kind: Similarity,
+) -> Result<Tensor> {
     run_on_kernels!(a.device(), k => {
         let (ab, bb) = (upload_features(k, "a", a)?, upload_features(k, "b", b)?);
         let out = kernels::similarity::forward(k, &ab, &bb, (rows, cols, dim), kind)?;

@@ -17,13 +17,15 @@
 //! the input dtype, with O(N^2) memory (the pairwise distances), never O(N^3).
 
 use super::{
-    check_finite, check_finite_scalar, check_labels_len, matrix_dims, output_like, values,
+    check_f32_range, check_finite, check_grad_loss, check_labels_len, check_result, matrix_dims,
+    output_like, values, Fingerprint, Origin,
 };
 use crate::cpu::supcon::Classes;
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, DType, Error, Result, Tensor};
+use crate::{cpu, DType, Device, Error, Result, Tensor};
 
 const OP: &str = "triplet";
+const BACKWARD: &str = "triplet_backward";
 
 /// Distance between embeddings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +87,8 @@ pub struct TripletSaved {
     pub(crate) rows: usize,
     pub(crate) opts: TripletOptions,
     pub(crate) coefs: cpu::triplet::Coefs,
+    /// The inputs that made it (a backward on other rows or labels is an error).
+    pub(crate) origin: Origin,
 }
 
 /// Result of [`triplet_forward`].
@@ -107,30 +111,79 @@ pub struct TripletOutput {
     pub grad_x: Tensor,
 }
 
-/// Validates the inputs and returns `(rows, dim)`.
-fn validate(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Result<(usize, usize)> {
-    let (rows, dim) = matrix_dims(OP, "x", x)?;
-    check_labels_len(OP, "labels", labels, rows)?;
+/// Validates the inputs (errors named after `op`) and returns `(rows, dim)`.
+fn validate(
+    op: &'static str,
+    x: &Tensor,
+    labels: &[i64],
+    opts: &TripletOptions,
+) -> Result<(usize, usize)> {
+    let (rows, dim) = matrix_dims(op, "x", x)?;
+    check_labels_len(op, "labels", labels, rows)?;
     // Mining keeps the N x N pair matrix (never N^3): it must be addressable.
-    crate::tensor::checked_numel(OP, "x", &[rows, rows], DType::F64)?;
+    crate::tensor::checked_numel(op, "x", &[rows, rows], DType::F64)?;
     if !(opts.margin.is_finite() && opts.margin >= 0.0) {
         return Err(Error::invalid(
-            OP,
+            op,
             "margin",
             format!("{} must be finite and >= 0", opts.margin),
         ));
     }
-    check_finite(OP, "x", x)?;
+    // The kernels mine in f32: the margin must be an f32 there. The CPU mines in f64 whatever
+    // the input dtype.
+    if x.device() != Device::Cpu && !(opts.margin as f32).is_finite() {
+        return Err(Error::invalid(
+            op,
+            "margin",
+            format!(
+                "{:e} overflows f32 (max {:e}), the precision the kernels mine in",
+                opts.margin,
+                f32::MAX
+            ),
+        ));
+    }
+    check_finite(op, "x", x)?;
     Ok((rows, dim))
 }
 
-/// Uploads `x` (as f32) and dense class ids of `labels` (as i32) to a kernel backend.
-fn upload<B: Backend>(b: &B, x: &Tensor, labels: &[i64]) -> Result<[B::Buf; 2]> {
+/// The origin of triplet's saved state.
+fn origin(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Origin {
+    Origin::new(OP, opts, Fingerprint::new().tensor(x).indices(labels))
+}
+
+/// The power-of-two exponent `k` the kernels take `x` scaled by (`2^-k`; 0: unscaled): the
+/// euclidean distances of rows beyond 2^40 in norm are mined scaled (kernels::triplet::
+/// ROW_NORM_EXP), which is exact and leaves the mined triplets as they are.
+fn kernel_prescale(x: &[f32], dim: usize, opts: &TripletOptions) -> i32 {
+    match opts.distance {
+        Distance::Cosine => 0,
+        _ => cpu::triplet::prescale_exponent(x, dim, kernels::triplet::ROW_NORM_EXP),
+    }
+}
+
+/// Uploads `x` (as f32, scaled by `2^-k`) and dense class ids of `labels` (as i32) to a kernel
+/// backend; returns the buffers and `k`.
+fn upload<B: Backend>(
+    b: &B,
+    x: &Tensor,
+    labels: &[i64],
+    opts: &TripletOptions,
+) -> Result<([B::Buf; 2], i32)> {
     let (class_ids, _) = Classes::new(labels, 1).for_kernels();
-    Ok([
-        b.upload("x", &values::<f32>(x))?,
-        b.upload_i32("labels", &class_ids)?,
-    ])
+    check_f32_range("x", x)?;
+    let xv = values::<f32>(x);
+    let dim = x.shape()[1];
+    let k = kernel_prescale(&xv, dim, opts);
+    let xb = if k == 0 {
+        b.upload("x", &xv)?
+    } else {
+        let scaled: Vec<f32> = xv
+            .iter()
+            .map(|&v| cpu::ldexp(v as f64, -k) as f32)
+            .collect();
+        b.upload("x", &scaled)?
+    };
+    Ok(([xb, b.upload_i32("labels", &class_ids)?], k))
 }
 
 /// The kernel problem over uploaded `[x, labels]`.
@@ -152,20 +205,45 @@ fn kernel_problem<'a, B: Backend>(
 
 /// Triplet forward over embeddings `x` (N x D) with one label per row: the loss, its count, the
 /// hard / semi-hard / easy split of all valid triplets, and what [`triplet_backward`] needs.
+///
+/// Right at any input scale: the cosine distance is scale-invariant, and the euclidean distances
+/// of rows with huge norms are mined scaled by a power of two (exact), with the margin scaled
+/// alike. A loss beyond f64 (squared distances of f64 rows beyond ~1e154) is an error naming `x`.
 pub fn triplet_forward(
     x: &Tensor,
     labels: &[i64],
     opts: &TripletOptions,
 ) -> Result<TripletForward> {
-    let (rows, dim) = validate(x, labels, opts)?;
+    let (rows, dim) = validate(OP, x, labels, opts)?;
+    let fwd = triplet_forward_unchecked(x, labels, opts, (rows, dim))?;
+    if fwd.loss.is_finite() {
+        Ok(fwd)
+    } else {
+        Err(Error::invalid(
+            OP,
+            "x",
+            format!(
+                "the loss overflows f64 ({:?} distances between its rows are beyond f64)",
+                opts.distance
+            ),
+        ))
+    }
+}
+
+fn triplet_forward_unchecked(
+    x: &Tensor,
+    labels: &[i64],
+    opts: &TripletOptions,
+    (rows, dim): (usize, usize),
+) -> Result<TripletForward> {
     run_on_kernels!(x.device(), b => {
-        let buffers = upload(b, x, labels)?;
-        let fwd = kernel_problem(&buffers, (rows, dim), opts).forward(b)?;
+        let (buffers, k) = upload(b, x, labels, opts)?;
+        let fwd = kernel_problem(&buffers, (rows, dim), opts).forward_scaled(b, k)?;
         Ok(TripletForward {
             loss: fwd.loss,
             count: fwd.count,
             stats: fwd.stats,
-            saved: TripletSaved { rows, opts: *opts, coefs: fwd.coefs },
+            saved: TripletSaved { rows, opts: *opts, coefs: fwd.coefs, origin: origin(x, labels, opts) },
         })
     });
     let xv = values::<f64>(x);
@@ -187,6 +265,7 @@ pub fn triplet_forward(
             rows,
             opts: *opts,
             coefs: fwd.coefs,
+            origin: origin(x, labels, opts),
         },
     })
 }
@@ -200,25 +279,50 @@ pub fn triplet_backward(
     saved: &TripletSaved,
     grad_loss: f64,
 ) -> Result<Tensor> {
-    let (rows, dim) = validate(x, labels, opts)?;
+    let (rows, dim) = validate(BACKWARD, x, labels, opts)?;
     if saved.rows != rows {
         return Err(Error::invalid(
-            OP,
+            BACKWARD,
             "saved",
             format!("it comes from a batch of {} rows, x has {rows}", saved.rows),
         ));
     }
     if saved.opts != *opts {
         return Err(Error::invalid(
-            OP,
+            BACKWARD,
             "saved",
             format!("it comes from options {:?}, not {opts:?}", saved.opts),
         ));
     }
-    check_finite_scalar(OP, "grad_loss", grad_loss)?;
+    saved.origin.check(BACKWARD, &origin(x, labels, opts))?;
+    // Mining and its coefficients are f64 on the CPU and f32 on the kernels.
+    let compute = match x.device() {
+        Device::Cpu => DType::F64,
+        _ => DType::F32,
+    };
+    check_grad_loss(BACKWARD, grad_loss, compute)?;
+    let grad = triplet_backward_unchecked(x, labels, opts, saved, grad_loss, (rows, dim))?;
+    check_result(
+        BACKWARD,
+        "grad_x",
+        &grad,
+        "its exact value is beyond the output's range; scale `grad_loss` or `x` down",
+    )?;
+    Ok(grad)
+}
+
+fn triplet_backward_unchecked(
+    x: &Tensor,
+    labels: &[i64],
+    opts: &TripletOptions,
+    saved: &TripletSaved,
+    grad_loss: f64,
+    (rows, dim): (usize, usize),
+) -> Result<Tensor> {
     run_on_kernels!(x.device(), b => {
-        let buffers = upload(b, x, labels)?;
-        let grad = kernel_problem(&buffers, (rows, dim), opts).backward(b, &saved.coefs, grad_loss)?;
+        let (buffers, k) = upload(b, x, labels, opts)?;
+        let grad = kernel_problem(&buffers, (rows, dim), opts)
+            .backward_scaled(b, &saved.coefs, grad_loss, k)?;
         Ok(output_like(x, b.download(&grad)?, x.shape()))
     });
     let xv = values::<f64>(x);

@@ -324,3 +324,72 @@ fn moco_gradient_with_a_dominant_positive_is_not_drowned_by_lse_rounding() {
     println!("largest |dq| {largest:e}");
     assert!(largest < bound, "largest |dq| {largest:e}, bound {bound:e}");
 }
+
+/// Issue 13: rows of norm above ~1.8e19 were zeroed by the kernels (f32 sums of squares
+/// overflowed), so the cosine softmax losses returned ln M with zero gradients. They are
+/// scale-invariant: at 1e20 times the inputs the loss is the same and the gradients are 1e-20
+/// times as large.
+#[test]
+fn cosine_softmax_losses_are_scale_invariant_at_huge_norms() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (rows, dim, big) = (6, 5, 1e20f32);
+    let base: Vec<f32> = (0..rows * dim)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
+    let scaled: Vec<f32> = base.iter().map(|v| v * big).collect();
+    for device in devices("huge_norms") {
+        let at =
+            |values: &[f32], shape: &[usize]| Tensor::from_slice(values, shape, device).unwrap();
+        let (x, xb) = (at(&base, &[rows, dim]), at(&scaled, &[rows, dim]));
+        let check = |name: &str, small: (f64, Vec<Tensor>), large: (f64, Vec<Tensor>)| {
+            assert!(
+                (small.0 - large.0).abs() < 1e-5 * small.0.abs().max(1.0),
+                "{device} {name}: loss {} vs {}",
+                small.0,
+                large.0
+            );
+            for (g, gb) in small.1.iter().zip(&large.1) {
+                let gb: Vec<f64> = gb.to_vec_f64().iter().map(|v| v * big as f64).collect();
+                let err = rel_err(&gb, &g.to_vec_f64());
+                assert!(
+                    err < 1e-4,
+                    "{device} {name}: gradient relative error {err:e}"
+                );
+            }
+        };
+        let opts = NtXentOptions { temperature: 0.3 };
+        let run = |z: &Tensor| ntxent(z, &opts).map(|o| (o.loss, vec![o.grad_z])).unwrap();
+        check("ntxent", run(&x), run(&xb));
+        let iopts = InfoNceOptions {
+            temperature: 0.2,
+            normalize: true,
+            self_mask: false,
+        };
+        let run = |q: &Tensor| {
+            infonce(q, &x, &[1, 2, 3, 4, 5, 0], &iopts)
+                .map(|o| (o.loss, vec![o.grad_q]))
+                .unwrap()
+        };
+        check("infonce", run(&x), run(&xb));
+        let run = |a: &Tensor| clip(a, &x, 2.0).map(|o| (o.loss, vec![o.grad_a])).unwrap();
+        check("clip", run(&x), run(&xb));
+        let mopts = MocoOptions { temperature: 0.2 };
+        let run = |q: &Tensor| {
+            moco(q, &x, &x, &mopts)
+                .map(|o| (o.loss, vec![o.grad_q]))
+                .unwrap()
+        };
+        check("moco", run(&x), run(&xb));
+        let sopts = SupConOptions {
+            temperature: 0.3,
+            base_temperature: 0.3,
+        };
+        let run = |f: &Tensor| {
+            let f = f.clone().reshape(&[3, 2, dim]).unwrap();
+            supcon(&f, &[0, 1, 0], &sopts)
+                .map(|o| (o.loss, vec![o.grad_features]))
+                .unwrap()
+        };
+        check("supcon", run(&x), run(&xb));
+    }
+}

@@ -89,25 +89,141 @@ fn fail(msg: String) -> TestCaseError {
     TestCaseError::fail(msg)
 }
 
+/// `b`'s values laid out as `a`'s, for the second input of a pairwise loss (CLIP, margin): so
+/// clustered batches are clustered on both sides, yet the values differ.
+fn laid_out_as(a: &Values, b: &Values) -> Values {
+    Values {
+        layout: a.layout,
+        ..*b
+    }
+}
+
+/// The inputs as the f64 reference takes them (f64 on the CPU) and as the op under test does (the
+/// case's dtype on its device): every op builds both from the same rounded values.
+fn inputs<const N: usize>(
+    parts: [(&[f64], &[usize]); N],
+    dtype: DType,
+    device: Device,
+) -> ([Tensor; N], [Tensor; N]) {
+    (
+        parts.map(|(v, shape)| host_f64(v, shape)),
+        parts.map(|(v, shape)| tensor(v, shape, dtype, device)),
+    )
+}
+
+/// The reference's run (the single call `one` on the f64 inputs `refs`) and the runs under test:
+/// both public forms of a loss, `one` and `split` (forward + backward), on the inputs under test
+/// `devs`, named by `names` in messages.
+fn one_and_split<I: Clone>(
+    names: [&'static str; 2],
+    refs: &I,
+    devs: I,
+    one: impl Fn(I) -> Outcome<Outs>,
+    split: impl Fn(I) -> Outcome<Outs>,
+) -> (Outcome<Outs>, Vec<(&'static str, Outcome<Outs>)>) {
+    let reference = one(refs.clone());
+    let variants = vec![(names[0], one(devs.clone())), (names[1], split(devs))];
+    (reference, variants)
+}
+
+/// A loss and its tensor gradients as outputs (the loss first, as every loss op returns them).
+fn loss_outs(loss: f64, grads: &[(&'static str, &Tensor)]) -> Outs {
+    let mut outs = vec![("loss", Val::Scalar(loss))];
+    outs.extend(grads.iter().map(|&(name, g)| tv(name, g)));
+    outs
+}
+
+/// The f64 reference's output `name` against a naive f64 formula of it (`what` names both), within
+/// `rel` of it plus `abs`.
+fn ref_close(
+    want: &Outs,
+    name: &str,
+    naive: &[f64],
+    rel: f64,
+    abs: f64,
+    what: &str,
+) -> Result<(), String> {
+    close(get_t(want, name), naive, Tol { rel, abs }, 0.0)
+        .map_err(|m| format!("[REF_MISMATCH] f64 {what}: {m}"))
+}
+
+/// The f64 reference's loss against a naive f64 formula of it: agreement to 1e-10 relative, or to
+/// 1e3 f64 roundings of terms of magnitude `loss_mag` over length-`dim` dot products (`dim` 0 for
+/// terms that are plain scalars).
+fn loss_vs_naive(
+    op: &str,
+    want: &Outs,
+    naive: f64,
+    dim: usize,
+    loss_mag: f64,
+) -> Result<(), String> {
+    let abs = 1e3 * U_F64 * ((dim + 1) as f64).sqrt() * loss_mag;
+    agree("loss", get_s(want, "loss"), naive, 1e-10, abs)
+        .map_err(|e| format!("[REF_MISMATCH] f64 {op} loss vs naive formula: {e}"))
+}
+
+/// What the softmax losses (InfoNCE, NT-Xent, CLIP, MoCo, SupCon) judge alike, given the bound `L`
+/// of their logits: the magnitude of the loss's terms, `ratio (2 L + ln(keys) + 1)`; the f64 loss
+/// against its naive formula; the loss within `coef(1, D)` of that magnitude, each gradient within
+/// `coef(L, D)` of its terms' magnitude; an `Err` excused by an input beyond the compute type or
+/// by logits out of range.
+struct SoftmaxLoss {
+    op: &'static str,
+    prec: Prec,
+    dim: usize,
+    logit_bound: f64,
+    /// The magnitude of the loss's terms (also the scale of the finite-difference check's noise).
+    mag: f64,
+}
+
+impl SoftmaxLoss {
+    fn new(ctx: &Ctx, dim: usize, logit_bound: f64, keys: usize, ratio: f64) -> Self {
+        let mag = ratio * (2.0 * logit_bound + (keys as f64).ln() + 1.0);
+        SoftmaxLoss {
+            op: ctx.op,
+            prec: ctx.prec,
+            dim,
+            logit_bound,
+            mag,
+        }
+    }
+
+    fn check(&self, want: &Outs, naive: f64) -> Result<(), String> {
+        loss_vs_naive(self.op, want, naive, self.dim, self.mag)
+    }
+
+    /// `grads`: each gradient and the magnitude of its terms.
+    fn judgement(&self, grads: &[(&'static str, f64)], beyond: Option<String>) -> Judgement {
+        let (prec, l, dim) = (&self.prec, self.logit_bound, self.dim);
+        let mut floors = vec![("loss", prec.coef(1.0, dim) * self.mag)];
+        floors.extend(grads.iter().map(|&(name, s)| (name, prec.coef(l, dim) * s)));
+        Judgement::within(
+            prec,
+            &floors,
+            beyond.or_else(|| softmax_out_of_range(prec, l)),
+        )
+    }
+}
+
 /// Central finite differences of the f64 reference's loss `f` along a random direction against
 /// the reference's gradient. Skips points where `f` has a kink or jump within the step (mining,
-/// relu, clamps): there one-sided slopes differ.
-#[allow(clippy::too_many_arguments)]
+/// relu, clamps): there one-sided slopes differ. `wrt`: each input of `f` with the reference's
+/// gradient for it and its row length.
 fn fd_check(
     what: &str,
     desc: &str,
     f: &dyn Fn(&[Vec<f64>]) -> contra::Result<f64>,
-    x: &[Vec<f64>],
-    grads: &[&[f64]],
-    dims: &[usize],
+    wrt: &[(&[f64], &Tensor, usize)],
     seed: u64,
     loss_scale: f64,
 ) -> Result<bool, TestCaseError> {
+    let x: Vec<Vec<f64>> = wrt.iter().map(|(x, _, _)| x.to_vec()).collect();
+    let grads: Vec<Vec<f64>> = wrt.iter().map(|(_, g, _)| g.to_vec_f64()).collect();
     let v: Vec<Vec<f64>> = x
         .iter()
-        .zip(dims)
+        .zip(wrt)
         .enumerate()
-        .map(|(i, (xi, &d))| direction(xi, d, seed.wrapping_add(i as u64)))
+        .map(|(i, (xi, &(_, _, d)))| direction(xi, d, seed.wrapping_add(i as u64)))
         .collect();
     let h = 1e-6;
     let at = |t: f64| -> Result<f64, TestCaseError> {
@@ -169,7 +285,11 @@ struct NormCase {
     seed: u64,
 }
 
-fn norm_strategy(regime: Regime) -> impl Strategy<Value = NormCase> {
+/// A dtype, two extents, two matrices' values and a seed: the cases of normalize (x and grad_y of
+/// one shape) and of NCE (scores and log q of one shape).
+fn two_matrices(
+    regime: Regime,
+) -> impl Strategy<Value = (DType, usize, usize, Values, Values, u64)> {
     (
         dtype(),
         extent(),
@@ -178,54 +298,40 @@ fn norm_strategy(regime: Regime) -> impl Strategy<Value = NormCase> {
         values(regime),
         any::<u64>(),
     )
-        .prop_map(|(dtype, rows, dim, x, grad_y, seed)| NormCase {
-            dtype,
-            rows,
-            dim,
-            x,
-            grad_y,
-            seed,
-        })
+}
+
+fn norm_strategy(regime: Regime) -> impl Strategy<Value = NormCase> {
+    two_matrices(regime).prop_map(|(dtype, rows, dim, x, grad_y, seed)| NormCase {
+        dtype,
+        rows,
+        dim,
+        x,
+        grad_y,
+        seed,
+    })
 }
 
 fn normalize_case(regime: Regime, device: Device, c: NormCase) -> Result<Tally, TestCaseError> {
     let (rows, dim) = (c.rows, c.dim);
     let xv = matrix(c.seed, 1, rows, dim, &c.x, c.dtype, regime);
-    let run = |x: Tensor| guarded(move || Ok(vec![tv("y", &normalize(&x)?)]));
-    let reference = run(host_f64(&xv, &[rows, dim]));
-    let variants = vec![("normalize", run(tensor(&xv, &[rows, dim], c.dtype, device)))];
-    let ctx = ctx(
-        "normalize",
-        device,
-        c.dtype,
-        regime,
-        false,
-        format!("{c:?}"),
-    );
+    let run = |[x]: [Tensor; 1]| guarded(move || Ok(vec![tv("y", &normalize(&x)?)]));
+    let (refs, devs) = inputs([(&xv, &[rows, dim])], c.dtype, device);
+    let reference = run(refs);
+    let variants = vec![("normalize", run(devs))];
+    let desc = format!("{c:?}");
+    let ctx = ctx("normalize", device, c.dtype, regime, false, desc);
     let beyond = input_beyond_compute(&ctx.prec, &[&xv]);
     let prec = ctx.prec;
     verdict(&ctx, Expect::Valid, reference, variants, |want| {
         let (naive, _) = unit_rows(&xv, dim);
+        let what = "normalize vs x / max(||x||, 1e-12)";
+        ref_close(want, "y", &naive, 1e-12, 0.0, what)?;
         let y = get_t(want, "y");
-        close(
-            y,
-            &naive,
-            Tol {
-                rel: 1e-12,
-                abs: 0.0,
-            },
-            0.0,
-        )
-        .map_err(|m| format!("[REF_MISMATCH] f64 normalize vs x / max(||x||, 1e-12): {m}"))?;
-        let mut j = Judgement::new(vec![(
-            "y",
-            Tol {
-                rel: prec.rel,
-                abs: prec.coef(1.0, dim) * norm(y),
-            },
-        )]);
-        j.err_allowed = beyond;
-        Ok(j)
+        Ok(Judgement::within(
+            &prec,
+            &[("y", prec.coef(1.0, dim) * norm(y))],
+            beyond,
+        ))
     })
 }
 
@@ -237,25 +343,13 @@ fn normalize_backward_case(
     let (rows, dim) = (c.rows, c.dim);
     let xv = matrix(c.seed, 1, rows, dim, &c.x, c.dtype, regime);
     let gv = matrix(c.seed, 2, rows, dim, &c.grad_y, c.dtype, regime);
-    let run = |x: Tensor, g: Tensor| {
-        guarded(move || Ok(vec![tv("grad_x", &normalize_backward(&x, &g)?)]))
-    };
-    let reference = run(host_f64(&xv, &[rows, dim]), host_f64(&gv, &[rows, dim]));
-    let variants = vec![(
-        "normalize_backward",
-        run(
-            tensor(&xv, &[rows, dim], c.dtype, device),
-            tensor(&gv, &[rows, dim], c.dtype, device),
-        ),
-    )];
-    let ctx = ctx(
-        "normalize",
-        device,
-        c.dtype,
-        regime,
-        false,
-        format!("{c:?}"),
-    );
+    let run =
+        |[x, g]: [Tensor; 2]| guarded(move || Ok(vec![tv("grad_x", &normalize_backward(&x, &g)?)]));
+    let (refs, devs) = inputs([(&xv, &[rows, dim]), (&gv, &[rows, dim])], c.dtype, device);
+    let reference = run(refs);
+    let variants = vec![("normalize_backward", run(devs))];
+    let desc = format!("{c:?}");
+    let ctx = ctx("normalize", device, c.dtype, regime, false, desc);
     let beyond = input_beyond_compute(&ctx.prec, &[&xv, &gv]);
     let prec = ctx.prec;
     verdict(&ctx, Expect::Valid, reference, variants, |want| {
@@ -270,27 +364,13 @@ fn normalize_backward_case(
             mags.push(2.0 * norm(gi) / n[i]);
         }
         let s = norm(&mags);
-        close(
-            get_t(want, "grad_x"),
-            &naive,
-            Tol {
-                rel: 1e-12,
-                abs: 1e-12 * s,
-            },
-            0.0,
-        )
-        .map_err(|m| {
-            format!("[REF_MISMATCH] f64 normalize_backward vs (dy - y (y.dy)) / n: {m}")
-        })?;
-        let mut j = Judgement::new(vec![(
-            "grad_x",
-            Tol {
-                rel: prec.rel,
-                abs: prec.coef(1.0, dim) * s,
-            },
-        )]);
-        j.err_allowed = beyond;
-        Ok(j)
+        let what = "normalize_backward vs (dy - y (y.dy)) / n";
+        ref_close(want, "grad_x", &naive, 1e-12, 1e-12 * s, what)?;
+        Ok(Judgement::within(
+            &prec,
+            &[("grad_x", prec.coef(1.0, dim) * s)],
+            beyond,
+        ))
     })
 }
 
@@ -340,23 +420,12 @@ fn similarity_case(regime: Regime, device: Device, c: SimCase) -> Result<Tally, 
     let (rows, cols, dim, kind) = (c.rows, c.cols, c.dim, c.kind);
     let av = matrix(c.seed, 1, rows, dim, &c.a, c.dtype, regime);
     let bv = matrix(c.seed, 2, cols, dim, &c.b, c.dtype, regime);
-    let run = |a: Tensor, b: Tensor| guarded(move || Ok(vec![tv("s", &similarity(&a, &b, kind)?)]));
-    let reference = run(host_f64(&av, &[rows, dim]), host_f64(&bv, &[cols, dim]));
-    let variants = vec![(
-        "similarity",
-        run(
-            tensor(&av, &[rows, dim], c.dtype, device),
-            tensor(&bv, &[cols, dim], c.dtype, device),
-        ),
-    )];
-    let ctx = ctx(
-        "similarity",
-        device,
-        c.dtype,
-        regime,
-        false,
-        format!("{c:?}"),
-    );
+    let run = |[a, b]: [Tensor; 2]| guarded(move || Ok(vec![tv("s", &similarity(&a, &b, kind)?)]));
+    let (refs, devs) = inputs([(&av, &[rows, dim]), (&bv, &[cols, dim])], c.dtype, device);
+    let reference = run(refs);
+    let variants = vec![("similarity", run(devs))];
+    let desc = format!("{c:?}");
+    let ctx = ctx("similarity", device, c.dtype, regime, false, desc);
     let beyond = input_beyond_compute(&ctx.prec, &[&av, &bv]);
     let prec = ctx.prec;
     verdict(&ctx, Expect::Valid, reference, variants, |want| {
@@ -401,25 +470,9 @@ fn similarity_case(regime: Regime, device: Device, c: SimCase) -> Result<Tally, 
                 }
             }
         }
-        close(
-            get_t(want, "s"),
-            &naive,
-            Tol {
-                rel: 1e-12,
-                abs: 4.0 * norm(&bound64),
-            },
-            0.0,
-        )
-        .map_err(|m| format!("[REF_MISMATCH] f64 similarity vs naive loops: {m}"))?;
-        let mut j = Judgement::new(vec![(
-            "s",
-            Tol {
-                rel: prec.rel,
-                abs: norm(&bound),
-            },
-        )]);
-        j.err_allowed = beyond;
-        Ok(j)
+        let what = "similarity vs naive loops";
+        ref_close(want, "s", &naive, 1e-12, 4.0 * norm(&bound64), what)?;
+        Ok(Judgement::within(&prec, &[("s", norm(&bound))], beyond))
     })
 }
 
@@ -489,14 +542,6 @@ fn infonce_strategy(regime: Regime) -> impl Strategy<Value = InfoNceCase> {
         )
 }
 
-fn infonce_outs(loss: f64, gq: &Tensor, gk: &Tensor) -> Outs {
-    vec![
-        ("loss", Val::Scalar(loss)),
-        tv("grad_q", gq),
-        tv("grad_k", gk),
-    ]
-}
-
 fn infonce_case(regime: Regime, device: Device, c: InfoNceCase) -> Result<Tally, TestCaseError> {
     use rand::{Rng, SeedableRng};
     let (rows, dim) = (c.rows, c.dim);
@@ -531,37 +576,34 @@ fn infonce_case(regime: Regime, device: Device, c: InfoNceCase) -> Result<Tally,
         normalize: c.normalize,
         self_mask: c.self_mask,
     };
-    let one = |q: Tensor, k: Tensor, p: Vec<usize>| {
-        guarded(move || {
-            let o = infonce(&q, &k, &p, &opts)?;
-            Ok(infonce_outs(o.loss, &o.grad_q, &o.grad_k))
-        })
-    };
-    let split = |q: Tensor, k: Tensor, p: Vec<usize>| {
-        guarded(move || {
-            let f = infonce_forward(&q, &k, &p, &opts)?;
-            let (gq, gk) = infonce_backward(&q, &k, &p, &opts, &f.saved, 1.0)?;
-            Ok(infonce_outs(f.loss, &gq, &gk))
-        })
-    };
-    let (qr, kr) = (host_f64(&qv, &[rows, dim]), host_f64(&kv, &[cols, dim]));
-    let (qd, kd) = (
-        tensor(&qv, &[rows, dim], c.dtype, device),
-        tensor(&kv, &[cols, dim], c.dtype, device),
+    let (refs, devs) = inputs([(&qv, &[rows, dim]), (&kv, &[cols, dim])], c.dtype, device);
+    let (reference, variants) = one_and_split(
+        ["infonce", "infonce_forward + infonce_backward"],
+        &refs,
+        devs,
+        |[q, k]: [Tensor; 2]| {
+            let p = positives.clone();
+            guarded(move || {
+                let o = infonce(&q, &k, &p, &opts)?;
+                Ok(loss_outs(
+                    o.loss,
+                    &[("grad_q", &o.grad_q), ("grad_k", &o.grad_k)],
+                ))
+            })
+        },
+        |[q, k]: [Tensor; 2]| {
+            let p = positives.clone();
+            guarded(move || {
+                let f = infonce_forward(&q, &k, &p, &opts)?;
+                let (gq, gk) = infonce_backward(&q, &k, &p, &opts, &f.saved, 1.0)?;
+                Ok(loss_outs(f.loss, &[("grad_q", &gq), ("grad_k", &gk)]))
+            })
+        },
     );
-    let reference = one(qr.clone(), kr.clone(), positives.clone());
-    let variants = vec![
-        ("infonce", one(qd.clone(), kd.clone(), positives.clone())),
-        (
-            "infonce_forward + infonce_backward",
-            split(qd, kd, positives.clone()),
-        ),
-    ];
     let desc = format!("{c:?} (cols used {cols}, tau {:e})", opts.temperature);
     let ctx = ctx("infonce", device, c.dtype, regime, false, desc.clone());
     let beyond = input_beyond_compute(&ctx.prec, &[&qv, &kv]);
-    let prec = ctx.prec;
-    let mut mags_out = None;
+    let mut loss_mag = 1.0;
     let mut tally = verdict(&ctx, expect, reference, variants, |want| {
         let (qu, qn) = unit_rows(&qv, dim);
         let (ku, kn) = unit_rows(&kv, dim);
@@ -581,68 +623,26 @@ fn infonce_case(regime: Regime, device: Device, c: InfoNceCase) -> Result<Tally,
             row_weight: &weights,
         }
         .eval();
-        let l = m.logit_bound;
-        let loss_mag = 2.0 * l + ((cols + 1) as f64).ln() + 1.0;
-        let lib = get_s(want, "loss");
-        agree(
-            "loss",
-            lib,
-            m.loss,
-            1e-10,
-            1e3 * U_F64 * ((dim + 1) as f64).sqrt() * loss_mag,
-        )
-        .map_err(|e| format!("[REF_MISMATCH] f64 infonce loss vs naive formula: {e}"))?;
+        let loss = SoftmaxLoss::new(&ctx, dim, m.logit_bound, cols + 1, 1.0);
+        loss_mag = loss.mag;
+        loss.check(want, m.loss)?;
         let (sq, sk) = if c.normalize {
             (through_norm(&m.q, &qn), through_norm(&m.k, &kn))
         } else {
             (norm(&m.q), norm(&m.k))
         };
-        let kappa = l;
-        let mut j = Judgement::new(vec![
-            (
-                "loss",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(1.0, dim) * loss_mag,
-                },
-            ),
-            (
-                "grad_q",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(kappa, dim) * sq,
-                },
-            ),
-            (
-                "grad_k",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(kappa, dim) * sk,
-                },
-            ),
-        ]);
-        j.err_allowed = beyond.or_else(|| softmax_out_of_range(&prec, l));
-        mags_out = Some(loss_mag);
-        Ok(j)
+        Ok(loss.judgement(&[("grad_q", sq), ("grad_k", sk)], beyond))
     })?;
     if regime == Regime::Moderate && device == Device::Cpu && matches!(expect, Expect::Valid) {
         // The f64 reference's gradients are the gradients of its loss.
-        let out = infonce(&qr, &kr, &positives, &opts).unwrap();
+        let out = infonce(&refs[0], &refs[1], &positives, &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
             let q = host_f64(&x[0], &[rows, dim]);
             let k = host_f64(&x[1], &[cols, dim]);
             Ok(infonce_forward(&q, &k, &positives, &opts)?.loss)
         };
-        tally.fd(fd_check(
-            "infonce",
-            &desc,
-            &f,
-            &[qv.clone(), kv.clone()],
-            &[&out.grad_q.to_vec_f64(), &out.grad_k.to_vec_f64()],
-            &[dim, dim],
-            c.seed,
-            mags_out.unwrap_or(1.0),
-        )?);
+        let wrt = [(&qv[..], &out.grad_q, dim), (&kv[..], &out.grad_k, dim)];
+        tally.fd(fd_check("infonce", &desc, &f, &wrt, c.seed, loss_mag)?);
     }
     Ok(tally)
 }
@@ -686,30 +686,28 @@ fn ntxent_case(regime: Regime, device: Device, c: NtXentCase) -> Result<Tally, T
     let opts = NtXentOptions {
         temperature: tau_of(c.log_tau),
     };
-    let one = |z: Tensor| {
-        guarded(move || {
-            let o = ntxent(&z, &opts)?;
-            Ok(vec![("loss", Val::Scalar(o.loss)), tv("grad_z", &o.grad_z)])
-        })
-    };
-    let split = |z: Tensor| {
-        guarded(move || {
-            let f = ntxent_forward(&z, &opts)?;
-            let g = ntxent_backward(&z, &opts, &f.saved, 1.0)?;
-            Ok(vec![("loss", Val::Scalar(f.loss)), tv("grad_z", &g)])
-        })
-    };
-    let zr = host_f64(&zv, &[rows, dim]);
-    let zd = tensor(&zv, &[rows, dim], c.dtype, device);
-    let reference = one(zr.clone());
-    let variants = vec![
-        ("ntxent", one(zd.clone())),
-        ("ntxent_forward + ntxent_backward", split(zd)),
-    ];
+    let (refs, devs) = inputs([(&zv, &[rows, dim])], c.dtype, device);
+    let (reference, variants) = one_and_split(
+        ["ntxent", "ntxent_forward + ntxent_backward"],
+        &refs,
+        devs,
+        |[z]: [Tensor; 1]| {
+            guarded(move || {
+                let o = ntxent(&z, &opts)?;
+                Ok(loss_outs(o.loss, &[("grad_z", &o.grad_z)]))
+            })
+        },
+        |[z]: [Tensor; 1]| {
+            guarded(move || {
+                let f = ntxent_forward(&z, &opts)?;
+                let g = ntxent_backward(&z, &opts, &f.saved, 1.0)?;
+                Ok(loss_outs(f.loss, &[("grad_z", &g)]))
+            })
+        },
+    );
     let desc = format!("{c:?} (rows {rows}, tau {:e})", opts.temperature);
     let ctx = ctx("ntxent", device, c.dtype, regime, false, desc.clone());
     let beyond = input_beyond_compute(&ctx.prec, &[&zv]);
-    let prec = ctx.prec;
     let mut loss_mag = 1.0;
     let mut tally = verdict(&ctx, Expect::Valid, reference, variants, |want| {
         let (zu, zn) = unit_rows(&zv, dim);
@@ -730,51 +728,19 @@ fn ntxent_case(regime: Regime, device: Device, c: NtXentCase) -> Result<Tally, T
             row_weight: &weights,
         }
         .eval();
-        let l = m.logit_bound;
-        loss_mag = 2.0 * l + (rows as f64).ln() + 1.0;
-        agree(
-            "loss",
-            get_s(want, "loss"),
-            m.loss,
-            1e-10,
-            1e3 * U_F64 * ((dim + 1) as f64).sqrt() * loss_mag,
-        )
-        .map_err(|e| format!("[REF_MISMATCH] f64 ntxent loss vs naive formula: {e}"))?;
+        let loss = SoftmaxLoss::new(&ctx, dim, m.logit_bound, rows, 1.0);
+        loss_mag = loss.mag;
+        loss.check(want, m.loss)?;
         let mags: Vec<f64> = m.q.iter().zip(&m.k).map(|(a, b)| a + b).collect();
-        let mut j = Judgement::new(vec![
-            (
-                "loss",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(1.0, dim) * loss_mag,
-                },
-            ),
-            (
-                "grad_z",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(l, dim) * through_norm(&mags, &zn),
-                },
-            ),
-        ]);
-        j.err_allowed = beyond.or_else(|| softmax_out_of_range(&prec, l));
-        Ok(j)
+        Ok(loss.judgement(&[("grad_z", through_norm(&mags, &zn))], beyond))
     })?;
     if regime == Regime::Moderate && device == Device::Cpu {
-        let out = ntxent(&zr, &opts).unwrap();
+        let out = ntxent(&refs[0], &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
             Ok(ntxent_forward(&host_f64(&x[0], &[rows, dim]), &opts)?.loss)
         };
-        tally.fd(fd_check(
-            "ntxent",
-            &desc,
-            &f,
-            std::slice::from_ref(&zv),
-            &[&out.grad_z.to_vec_f64()],
-            &[dim],
-            c.seed,
-            loss_mag,
-        )?);
+        let wrt = [(&zv[..], &out.grad_z, dim)];
+        tally.fd(fd_check("ntxent", &desc, &f, &wrt, c.seed, loss_mag)?);
     }
     Ok(tally)
 }
@@ -822,52 +788,49 @@ fn clip_strategy(regime: Regime) -> impl Strategy<Value = ClipCase> {
 }
 
 fn clip_outs(loss: f64, g: &ClipGrads) -> Outs {
-    vec![
-        ("loss", Val::Scalar(loss)),
-        tv("grad_a", &g.grad_a),
-        tv("grad_b", &g.grad_b),
-        ("grad_log_scale", Val::Scalar(g.grad_log_scale)),
-    ]
+    let mut outs = loss_outs(loss, &[("grad_a", &g.grad_a), ("grad_b", &g.grad_b)]);
+    outs.push(("grad_log_scale", Val::Scalar(g.grad_log_scale)));
+    outs
 }
 
 fn clip_case(regime: Regime, device: Device, c: ClipCase) -> Result<Tally, TestCaseError> {
     let (rows, dim) = (c.rows, c.dim);
     let av = matrix(c.seed, 1, rows, dim, &c.a, c.dtype, regime);
-    // b shares a's layout (so clustered batches are clustered on both sides) but not its values.
-    let b_spec = Values {
-        layout: c.a.layout,
-        ..c.b
-    };
-    let bv = matrix(c.seed, 2, rows, dim, &b_spec, c.dtype, regime);
-    let log_scale = -c.log_tau * std::f64::consts::LN_10;
-    let one = |a: Tensor, b: Tensor| {
-        guarded(move || {
-            let o = clip(&a, &b, log_scale)?;
-            let g = ClipGrads {
-                grad_a: o.grad_a,
-                grad_b: o.grad_b,
-                grad_log_scale: o.grad_log_scale,
-            };
-            Ok(clip_outs(o.loss, &g))
-        })
-    };
-    let split = |a: Tensor, b: Tensor| {
-        guarded(move || {
-            let f = clip_forward(&a, &b, log_scale)?;
-            let g = clip_backward(&a, &b, log_scale, &f.saved, 1.0)?;
-            Ok(clip_outs(f.loss, &g))
-        })
-    };
-    let (ar, br) = (host_f64(&av, &[rows, dim]), host_f64(&bv, &[rows, dim]));
-    let (ad, bd) = (
-        tensor(&av, &[rows, dim], c.dtype, device),
-        tensor(&bv, &[rows, dim], c.dtype, device),
+    let bv = matrix(
+        c.seed,
+        2,
+        rows,
+        dim,
+        &laid_out_as(&c.a, &c.b),
+        c.dtype,
+        regime,
     );
-    let reference = one(ar.clone(), br.clone());
-    let variants = vec![
-        ("clip", one(ad.clone(), bd.clone())),
-        ("clip_forward + clip_backward", split(ad, bd)),
-    ];
+    let log_scale = -c.log_tau * std::f64::consts::LN_10;
+    let (refs, devs) = inputs([(&av, &[rows, dim]), (&bv, &[rows, dim])], c.dtype, device);
+    let [ar, br] = &refs;
+    let (reference, variants) = one_and_split(
+        ["clip", "clip_forward + clip_backward"],
+        &refs,
+        devs,
+        |[a, b]: [Tensor; 2]| {
+            guarded(move || {
+                let o = clip(&a, &b, log_scale)?;
+                let g = ClipGrads {
+                    grad_a: o.grad_a,
+                    grad_b: o.grad_b,
+                    grad_log_scale: o.grad_log_scale,
+                };
+                Ok(clip_outs(o.loss, &g))
+            })
+        },
+        |[a, b]: [Tensor; 2]| {
+            guarded(move || {
+                let f = clip_forward(&a, &b, log_scale)?;
+                let g = clip_backward(&a, &b, log_scale, &f.saved, 1.0)?;
+                Ok(clip_outs(f.loss, &g))
+            })
+        },
+    );
     let desc = format!("{c:?} (b laid out as a; log_scale {log_scale})");
     let ctx = ctx("clip", device, c.dtype, regime, false, desc.clone());
     let beyond = input_beyond_compute(&ctx.prec, &[&av, &bv]);
@@ -895,16 +858,9 @@ fn clip_case(regime: Regime, device: Device, c: ClipCase) -> Result<Tally, TestC
         };
         let (r, cl) = (pass(&au, &bu), pass(&bu, &au));
         let l = r.logit_bound;
-        loss_mag = 2.0 * l + ((rows + 1) as f64).ln() + 1.0;
-        let c64 = 1e3 * U_F64 * ((dim + 1) as f64).sqrt();
-        agree(
-            "loss",
-            get_s(want, "loss"),
-            r.loss + cl.loss,
-            1e-10,
-            c64 * loss_mag,
-        )
-        .map_err(|e| format!("[REF_MISMATCH] f64 clip loss vs naive formula: {e}"))?;
+        let loss = SoftmaxLoss::new(&ctx, dim, l, rows + 1, 1.0);
+        loss_mag = loss.mag;
+        loss.check(want, r.loss + cl.loss)?;
         let ma: Vec<f64> = r.q.iter().zip(&cl.k).map(|(x, y)| x + y).collect();
         let mb: Vec<f64> = r.k.iter().zip(&cl.q).map(|(x, y)| x + y).collect();
         // d loss / d log_scale = sum_i w_i sum_j (P_ij - T_ij) (l_ij - l_ii) is a small difference
@@ -915,41 +871,20 @@ fn clip_case(regime: Regime, device: Device, c: ClipCase) -> Result<Tally, TestC
         let centred = r.log_scale_centred + cl.log_scale_centred;
         let ls_abs = prec.coef(1.0, dim) * 2.0 * l * (1.0 + centred)
             + prec.coef_compute(1.0, rows * rows) * centred;
-        let mut j = Judgement::new(vec![
-            (
-                "loss",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(1.0, dim) * loss_mag,
-                },
-            ),
-            (
-                "grad_a",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(l, dim) * through_norm(&ma, &an),
-                },
-            ),
-            (
-                "grad_b",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(l, dim) * through_norm(&mb, &bn),
-                },
-            ),
-            (
-                "grad_log_scale",
-                Tol {
-                    rel: prec.rel,
-                    abs: ls_abs,
-                },
-            ),
-        ]);
-        j.err_allowed = beyond.or_else(|| softmax_out_of_range(&prec, l));
+        let grads = [
+            ("grad_a", through_norm(&ma, &an)),
+            ("grad_b", through_norm(&mb, &bn)),
+        ];
+        let mut j = loss.judgement(&grads, beyond);
+        let ls_tol = Tol {
+            rel: prec.rel,
+            abs: ls_abs,
+        };
+        j.tol.push(("grad_log_scale", ls_tol));
         Ok(j)
     })?;
     if regime == Regime::Moderate && device == Device::Cpu {
-        let out = clip(&ar, &br, log_scale).unwrap();
+        let out = clip(ar, br, log_scale).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
             Ok(clip_forward(
                 &host_f64(&x[0], &[rows, dim]),
@@ -958,18 +893,10 @@ fn clip_case(regime: Regime, device: Device, c: ClipCase) -> Result<Tally, TestC
             )?
             .loss)
         };
-        tally.fd(fd_check(
-            "clip (a, b)",
-            &desc,
-            &f,
-            &[av.clone(), bv.clone()],
-            &[&out.grad_a.to_vec_f64(), &out.grad_b.to_vec_f64()],
-            &[dim, dim],
-            c.seed,
-            loss_mag,
-        )?);
+        let wrt = [(&av[..], &out.grad_a, dim), (&bv[..], &out.grad_b, dim)];
+        tally.fd(fd_check("clip (a, b)", &desc, &f, &wrt, c.seed, loss_mag)?);
         // d loss / d log_scale, the scalar the issue saw with the wrong sign.
-        let g = |ls: f64| clip_forward(&ar, &br, ls).map(|f| f.loss);
+        let g = |ls: f64| clip_forward(ar, br, ls).map(|f| f.loss);
         let h = 1e-6;
         let (fp, fm, f0) = (
             g(log_scale + h).unwrap(),
@@ -1037,38 +964,33 @@ fn moco_case(regime: Regime, device: Device, c: MocoCase) -> Result<Tally, TestC
     let opts = MocoOptions {
         temperature: tau_of(c.log_tau),
     };
-    let one = |q: Tensor, k: Tensor, u: Tensor| {
-        guarded(move || {
-            let o = moco(&q, &k, &u, &opts)?;
-            Ok(vec![("loss", Val::Scalar(o.loss)), tv("grad_q", &o.grad_q)])
-        })
-    };
-    let split = |q: Tensor, k: Tensor, u: Tensor| {
-        guarded(move || {
-            let f = moco_forward(&q, &k, &u, &opts)?;
-            let g = moco_backward(&q, &k, &u, &opts, &f.saved, 1.0)?;
-            Ok(vec![("loss", Val::Scalar(f.loss)), tv("grad_q", &g)])
-        })
-    };
-    let (qr, kr, ur) = (
-        host_f64(&qv, &[rows, dim]),
-        host_f64(&kv, &[rows, dim]),
-        host_f64(&uv, &[kq, dim]),
+    let (refs, devs) = inputs(
+        [(&qv, &[rows, dim]), (&kv, &[rows, dim]), (&uv, &[kq, dim])],
+        c.dtype,
+        device,
     );
-    let (qd, kd, ud) = (
-        tensor(&qv, &[rows, dim], c.dtype, device),
-        tensor(&kv, &[rows, dim], c.dtype, device),
-        tensor(&uv, &[kq, dim], c.dtype, device),
+    let [qr, kr, ur] = &refs;
+    let (reference, variants) = one_and_split(
+        ["moco", "moco_forward + moco_backward"],
+        &refs,
+        devs,
+        |[q, k, u]: [Tensor; 3]| {
+            guarded(move || {
+                let o = moco(&q, &k, &u, &opts)?;
+                Ok(loss_outs(o.loss, &[("grad_q", &o.grad_q)]))
+            })
+        },
+        |[q, k, u]: [Tensor; 3]| {
+            guarded(move || {
+                let f = moco_forward(&q, &k, &u, &opts)?;
+                let g = moco_backward(&q, &k, &u, &opts, &f.saved, 1.0)?;
+                Ok(loss_outs(f.loss, &[("grad_q", &g)]))
+            })
+        },
     );
-    let reference = one(qr.clone(), kr.clone(), ur.clone());
-    let variants = vec![
-        ("moco", one(qd.clone(), kd.clone(), ud.clone())),
-        ("moco_forward + moco_backward", split(qd, kd, ud)),
-    ];
     let desc = format!("{c:?} (tau {:e})", opts.temperature);
     let ctx = ctx("moco", device, c.dtype, regime, false, desc.clone());
     let beyond = input_beyond_compute(&ctx.prec, &[&qv, &kv, &uv]);
-    let prec = ctx.prec;
     let mut loss_mag = 1.0;
     let mut tally = verdict(&ctx, Expect::Valid, reference, variants, |want| {
         let (qu, qn) = unit_rows(&qv, dim);
@@ -1087,50 +1009,18 @@ fn moco_case(regime: Regime, device: Device, c: MocoCase) -> Result<Tally, TestC
             row_weight: &weights,
         }
         .eval();
-        let l = m.logit_bound;
-        loss_mag = 2.0 * l + ((kq + 2) as f64).ln() + 1.0;
-        agree(
-            "loss",
-            get_s(want, "loss"),
-            m.loss,
-            1e-10,
-            1e3 * U_F64 * ((dim + 1) as f64).sqrt() * loss_mag,
-        )
-        .map_err(|e| format!("[REF_MISMATCH] f64 moco loss vs naive formula: {e}"))?;
-        let mut j = Judgement::new(vec![
-            (
-                "loss",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(1.0, dim) * loss_mag,
-                },
-            ),
-            (
-                "grad_q",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(l, dim) * through_norm(&m.q, &qn),
-                },
-            ),
-        ]);
-        j.err_allowed = beyond.or_else(|| softmax_out_of_range(&prec, l));
-        Ok(j)
+        let loss = SoftmaxLoss::new(&ctx, dim, m.logit_bound, kq + 2, 1.0);
+        loss_mag = loss.mag;
+        loss.check(want, m.loss)?;
+        Ok(loss.judgement(&[("grad_q", through_norm(&m.q, &qn))], beyond))
     })?;
     if regime == Regime::Moderate && device == Device::Cpu {
-        let out = moco(&qr, &kr, &ur, &opts).unwrap();
+        let out = moco(qr, kr, ur, &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
-            Ok(moco_forward(&host_f64(&x[0], &[rows, dim]), &kr, &ur, &opts)?.loss)
+            Ok(moco_forward(&host_f64(&x[0], &[rows, dim]), kr, ur, &opts)?.loss)
         };
-        tally.fd(fd_check(
-            "moco",
-            &desc,
-            &f,
-            std::slice::from_ref(&qv),
-            &[&out.grad_q.to_vec_f64()],
-            &[dim],
-            c.seed,
-            loss_mag,
-        )?);
+        let wrt = [(&qv[..], &out.grad_q, dim)];
+        tally.fd(fd_check("moco", &desc, &f, &wrt, c.seed, loss_mag)?);
     }
     Ok(tally)
 }
@@ -1187,28 +1077,17 @@ fn enqueue_case(regime: Regime, device: Device, c: EnqueueCase) -> Result<Tally,
     } else {
         c.ptr % kq
     };
-    let run = |mut queue: Tensor, k: Tensor| {
+    let run = |[mut queue, k]: [Tensor; 2]| {
         guarded(move || {
             let next = moco_enqueue(&mut queue, &k, ptr)?;
             Ok(vec![tv("queue", &queue), ("ptr", Val::Int(next as u64))])
         })
     };
-    let reference = run(host_f64(&uv, &[kq, dim]), host_f64(&kv, &[rows, dim]));
-    let variants = vec![(
-        "moco_enqueue",
-        run(
-            tensor(&uv, &[kq, dim], c.dtype, device),
-            tensor(&kv, &[rows, dim], c.dtype, device),
-        ),
-    )];
-    let ctx = ctx(
-        "moco_enqueue",
-        device,
-        c.dtype,
-        regime,
-        false,
-        format!("{c:?} (ptr {ptr})"),
-    );
+    let (refs, devs) = inputs([(&uv, &[kq, dim]), (&kv, &[rows, dim])], c.dtype, device);
+    let reference = run(refs);
+    let variants = vec![("moco_enqueue", run(devs))];
+    let desc = format!("{c:?} (ptr {ptr})");
+    let ctx = ctx("moco_enqueue", device, c.dtype, regime, false, desc);
     let beyond = input_beyond_compute(&ctx.prec, &[&uv, &kv]);
     let prec = ctx.prec;
     let expect = if c.bad_ptr {
@@ -1223,16 +1102,8 @@ fn enqueue_case(regime: Regime, device: Device, c: EnqueueCase) -> Result<Tally,
             let slot = (ptr + i) % kq;
             naive[slot * dim..(slot + 1) * dim].copy_from_slice(&ku[i * dim..(i + 1) * dim]);
         }
-        close(
-            get_t(want, "queue"),
-            &naive,
-            Tol {
-                rel: 1e-12,
-                abs: 0.0,
-            },
-            0.0,
-        )
-        .map_err(|m| format!("[REF_MISMATCH] f64 moco_enqueue vs naive ring buffer: {m}"))?;
+        let what = "moco_enqueue vs naive ring buffer";
+        ref_close(want, "queue", &naive, 1e-12, 0.0, what)?;
         match get(want, "ptr") {
             Val::Int(p) if *p as usize == (ptr + rows) % kq => {}
             other => {
@@ -1243,15 +1114,11 @@ fn enqueue_case(regime: Regime, device: Device, c: EnqueueCase) -> Result<Tally,
             }
         }
         let written = rows.min(kq) as f64;
-        let mut j = Judgement::new(vec![(
-            "queue",
-            Tol {
-                rel: prec.rel,
-                abs: prec.coef(1.0, dim) * written.sqrt(),
-            },
-        )]);
-        j.err_allowed = beyond;
-        Ok(j)
+        Ok(Judgement::within(
+            &prec,
+            &[("queue", prec.coef(1.0, dim) * written.sqrt())],
+            beyond,
+        ))
     })
 }
 
@@ -1312,29 +1179,18 @@ fn momentum_case(regime: Regime, device: Device, c: MomentumCase) -> Result<Tall
             matrix(c.seed, 2, rows, dim, &c.theta_q, c.dtype, regime),
         )
     };
-    let (m, shape) = (c.m, c.shape.clone());
-    let run = |mut k: Tensor, q: Tensor| {
+    let m = c.m;
+    let run = |[mut k, q]: [Tensor; 2]| {
         guarded(move || {
             momentum_update(&mut k, &q, m)?;
             Ok(vec![tv("theta_k", &k)])
         })
     };
-    let reference = run(host_f64(&kv, &shape), host_f64(&qv, &shape));
-    let variants = vec![(
-        "momentum_update",
-        run(
-            tensor(&kv, &shape, c.dtype, device),
-            tensor(&qv, &shape, c.dtype, device),
-        ),
-    )];
-    let ctx = ctx(
-        "momentum_update",
-        device,
-        c.dtype,
-        regime,
-        true,
-        format!("{c:?}"),
-    );
+    let (refs, devs) = inputs([(&kv, &c.shape), (&qv, &c.shape)], c.dtype, device);
+    let reference = run(refs);
+    let variants = vec![("momentum_update", run(devs))];
+    let desc = format!("{c:?}");
+    let ctx = ctx("momentum_update", device, c.dtype, regime, true, desc);
     let beyond = input_beyond_compute(&ctx.prec, &[&kv, &qv]);
     let prec = ctx.prec;
     let expect = if (0.0..=1.0).contains(&m) {
@@ -1353,25 +1209,20 @@ fn momentum_case(regime: Regime, device: Device, c: MomentumCase) -> Result<Tall
             .zip(&qv)
             .map(|(k, q)| m * k.abs() + (1.0 - m) * q.abs())
             .collect();
-        close(
-            get_t(want, "theta_k"),
-            &naive,
-            Tol {
-                rel: 0.0,
-                abs: 4.0 * U_F64 * norm(&mags),
-            },
-            0.0,
-        )
-        .map_err(|e| format!("[REF_MISMATCH] f64 momentum_update vs m k + (1 - m) q: {e}"))?;
-        let mut j = Judgement::new(vec![(
+        let what = "momentum_update vs m k + (1 - m) q";
+        ref_close(
+            want,
             "theta_k",
-            Tol {
-                rel: prec.rel,
-                abs: prec.coef(1.0, 1) * norm(&mags),
-            },
-        )]);
-        j.err_allowed = beyond;
-        Ok(j)
+            &naive,
+            0.0,
+            4.0 * U_F64 * norm(&mags),
+            what,
+        )?;
+        Ok(Judgement::within(
+            &prec,
+            &[("theta_k", prec.coef(1.0, 1) * norm(&mags))],
+            beyond,
+        ))
     })
 }
 
@@ -1431,39 +1282,30 @@ fn supcon_case(regime: Regime, device: Device, c: SupConCase) -> Result<Tally, T
         base_temperature: tau * 10f64.powf(c.log_base_ratio),
     };
     let shape = [n, v, dim];
-    let one = |f: Tensor, l: Vec<i64>| {
-        guarded(move || {
-            let o = supcon(&f, &l, &opts)?;
-            Ok(vec![
-                ("loss", Val::Scalar(o.loss)),
-                tv("grad_features", &o.grad_features),
-            ])
-        })
-    };
-    let split = |f: Tensor, l: Vec<i64>| {
-        guarded(move || {
-            let fw = supcon_forward(&f, &l, &opts)?;
-            let g = supcon_backward(&f, &l, &opts, &fw.saved, 1.0)?;
-            Ok(vec![
-                ("loss", Val::Scalar(fw.loss)),
-                tv("grad_features", &g),
-            ])
-        })
-    };
-    let fr = host_f64(&fv, &shape);
-    let fd = tensor(&fv, &shape, c.dtype, device);
-    let reference = one(fr.clone(), labels.clone());
-    let variants = vec![
-        ("supcon", one(fd.clone(), labels.clone())),
-        (
-            "supcon_forward + supcon_backward",
-            split(fd, labels.clone()),
-        ),
-    ];
+    let (refs, devs) = inputs([(&fv, &shape)], c.dtype, device);
+    let (reference, variants) = one_and_split(
+        ["supcon", "supcon_forward + supcon_backward"],
+        &refs,
+        devs,
+        |[f]: [Tensor; 1]| {
+            let l = labels.clone();
+            guarded(move || {
+                let o = supcon(&f, &l, &opts)?;
+                Ok(loss_outs(o.loss, &[("grad_features", &o.grad_features)]))
+            })
+        },
+        |[f]: [Tensor; 1]| {
+            let l = labels.clone();
+            guarded(move || {
+                let fw = supcon_forward(&f, &l, &opts)?;
+                let g = supcon_backward(&f, &l, &opts, &fw.saved, 1.0)?;
+                Ok(loss_outs(fw.loss, &[("grad_features", &g)]))
+            })
+        },
+    );
     let desc = format!("{c:?} (labels {labels:?}, {opts:?})");
     let ctx = ctx("supcon", device, c.dtype, regime, false, desc.clone());
     let beyond = input_beyond_compute(&ctx.prec, &[&fv]);
-    let prec = ctx.prec;
     let mut loss_mag = 1.0;
     let mut tally = verdict(&ctx, Expect::Valid, reference, variants, |want| {
         let (fu, fnorm) = unit_rows(&fv, dim);
@@ -1492,52 +1334,20 @@ fn supcon_case(regime: Regime, device: Device, c: SupConCase) -> Result<Tally, T
             row_weight: &weights,
         }
         .eval();
-        let l = m.logit_bound;
         let ratio = opts.temperature / opts.base_temperature;
-        loss_mag = ratio * (2.0 * l + (rows as f64).ln() + 1.0);
-        agree(
-            "loss",
-            get_s(want, "loss"),
-            m.loss,
-            1e-10,
-            1e3 * U_F64 * ((dim + 1) as f64).sqrt() * loss_mag,
-        )
-        .map_err(|e| format!("[REF_MISMATCH] f64 supcon loss vs naive formula: {e}"))?;
+        let loss = SoftmaxLoss::new(&ctx, dim, m.logit_bound, rows, ratio);
+        loss_mag = loss.mag;
+        loss.check(want, m.loss)?;
         let mags: Vec<f64> = m.q.iter().zip(&m.k).map(|(a, b)| a + b).collect();
-        let mut j = Judgement::new(vec![
-            (
-                "loss",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(1.0, dim) * loss_mag,
-                },
-            ),
-            (
-                "grad_features",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(l, dim) * through_norm(&mags, &fnorm),
-                },
-            ),
-        ]);
-        j.err_allowed = beyond.or_else(|| softmax_out_of_range(&prec, l));
-        Ok(j)
+        Ok(loss.judgement(&[("grad_features", through_norm(&mags, &fnorm))], beyond))
     })?;
     if regime == Regime::Moderate && device == Device::Cpu {
-        let out = supcon(&fr, &labels, &opts).unwrap();
+        let out = supcon(&refs[0], &labels, &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
             Ok(supcon_forward(&host_f64(&x[0], &shape), &labels, &opts)?.loss)
         };
-        tally.fd(fd_check(
-            "supcon",
-            &desc,
-            &f,
-            std::slice::from_ref(&fv),
-            &[&out.grad_features.to_vec_f64()],
-            &[dim],
-            c.seed,
-            loss_mag,
-        )?);
+        let wrt = [(&fv[..], &out.grad_features, dim)];
+        tally.fd(fd_check("supcon", &desc, &f, &wrt, c.seed, loss_mag)?);
     }
     Ok(tally)
 }
@@ -1640,29 +1450,27 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
         mining: c.mining,
         margin,
     };
-    let one = |x: Tensor, l: Vec<i64>| {
-        guarded(move || {
-            let o = triplet(&x, &l, &opts)?;
-            Ok(triplet_outs(o.loss, o.count, o.stats, &o.grad_x))
-        })
-    };
-    let split = |x: Tensor, l: Vec<i64>| {
-        guarded(move || {
-            let f = triplet_forward(&x, &l, &opts)?;
-            let g = triplet_backward(&x, &l, &opts, &f.saved, 1.0)?;
-            Ok(triplet_outs(f.loss, f.count, f.stats, &g))
-        })
-    };
-    let xr = host_f64(&xv, &[n, dim]);
-    let xd = tensor(&xv, &[n, dim], c.dtype, device);
-    let reference = one(xr.clone(), labels.clone());
-    let variants = vec![
-        ("triplet", one(xd.clone(), labels.clone())),
-        (
-            "triplet_forward + triplet_backward",
-            split(xd, labels.clone()),
-        ),
-    ];
+    let (refs, devs) = inputs([(&xv, &[n, dim])], c.dtype, device);
+    let (reference, variants) = one_and_split(
+        ["triplet", "triplet_forward + triplet_backward"],
+        &refs,
+        devs,
+        |[x]: [Tensor; 1]| {
+            let l = labels.clone();
+            guarded(move || {
+                let o = triplet(&x, &l, &opts)?;
+                Ok(triplet_outs(o.loss, o.count, o.stats, &o.grad_x))
+            })
+        },
+        |[x]: [Tensor; 1]| {
+            let l = labels.clone();
+            guarded(move || {
+                let f = triplet_forward(&x, &l, &opts)?;
+                let g = triplet_backward(&x, &l, &opts, &f.saved, 1.0)?;
+                Ok(triplet_outs(f.loss, f.count, f.stats, &g))
+            })
+        },
+    );
     let desc = format!("{c:?} (labels {labels:?}, margin {margin:e})");
     let ctx = ctx("triplet", device, c.dtype, regime, true, desc.clone());
     let beyond = input_beyond_compute(&ctx.prec, &[&xv, &[margin]]);
@@ -1814,28 +1622,15 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
             }
         }
         loss_mag = d.iter().fold(0.0f64, |m, &v| m.max(v)) + margin;
-        let mut j = Judgement::new(vec![
-            (
-                "loss",
-                Tol {
-                    rel: prec.rel,
-                    abs: 4.0 * eps_max,
-                },
-            ),
-            // (No term at all when every distance is 0: then nothing can be wrong by rounding.)
-            (
-                "grad_x",
-                Tol {
-                    rel: prec.rel,
-                    abs: if g_max == 0.0 {
-                        0.0
-                    } else {
-                        prec.coef(kappa, dim) * 4.0 * g_max
-                    },
-                },
-            ),
-        ]);
-        j.err_allowed = beyond;
+        let grad_floor = if g_max == 0.0 {
+            0.0
+        } else {
+            prec.coef(kappa, dim) * 4.0 * g_max
+        };
+        // (No gradient term at all when every distance is 0: then nothing can be wrong by
+        // rounding.)
+        let floors = [("loss", 4.0 * eps_max), ("grad_x", grad_floor)];
+        let mut j = Judgement::within(&prec, &floors, beyond);
         if fragile_loss.is_some() {
             j.skip_compare = fragile_loss;
         } else if fragile_stats.is_some() {
@@ -1844,20 +1639,12 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
         Ok(j)
     })?;
     if regime == Regime::Moderate && device == Device::Cpu {
-        let out = triplet(&xr, &labels, &opts).unwrap();
+        let out = triplet(&refs[0], &labels, &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
             Ok(triplet_forward(&host_f64(&x[0], &[n, dim]), &labels, &opts)?.loss)
         };
-        tally.fd(fd_check(
-            "triplet",
-            &desc,
-            &f,
-            std::slice::from_ref(&xv),
-            &[&out.grad_x.to_vec_f64()],
-            &[dim],
-            c.seed,
-            loss_mag,
-        )?);
+        let wrt = [(&xv[..], &out.grad_x, dim)];
+        tally.fd(fd_check("triplet", &desc, &f, &wrt, c.seed, loss_mag)?);
     }
     Ok(tally)
 }
@@ -1907,11 +1694,15 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
     use rand::{Rng, SeedableRng};
     let (n, dim) = (c.rows, c.dim);
     let x1 = matrix(c.seed, 1, n, dim, &c.x1, c.dtype, regime);
-    let x2_spec = Values {
-        layout: c.x1.layout,
-        ..c.x2
-    };
-    let x2 = matrix(c.seed, 2, n, dim, &x2_spec, c.dtype, regime);
+    let x2 = matrix(
+        c.seed,
+        2,
+        n,
+        dim,
+        &laid_out_as(&c.x1, &c.x2),
+        c.dtype,
+        regime,
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(c.seed ^ 0x3a);
     let y: Vec<i64> = (0..n)
         .map(|_| match c.y_mode {
@@ -1923,37 +1714,30 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
     let scale = 10f64.powf(clamp_log(c.x1.log_scale, c.dtype, regime));
     let margin = c.log_margin.map_or(0.0, |l| 10f64.powf(l) * scale);
     let opts = MarginOptions { margin };
-    let one = |a: Tensor, b: Tensor, y: Vec<i64>| {
-        guarded(move || {
-            let o = margin_loss(&a, &b, &y, &opts)?;
-            Ok(vec![
-                ("loss", Val::Scalar(o.loss)),
-                tv("grad_x1", &o.grad_x1),
-                tv("grad_x2", &o.grad_x2),
-            ])
-        })
-    };
-    let split = |a: Tensor, b: Tensor, y: Vec<i64>| {
-        guarded(move || {
-            let loss = margin_forward(&a, &b, &y, &opts)?;
-            let (g1, g2) = margin_backward(&a, &b, &y, &opts, 1.0)?;
-            Ok(vec![
-                ("loss", Val::Scalar(loss)),
-                tv("grad_x1", &g1),
-                tv("grad_x2", &g2),
-            ])
-        })
-    };
-    let (ar, br) = (host_f64(&x1, &[n, dim]), host_f64(&x2, &[n, dim]));
-    let (ad, bd) = (
-        tensor(&x1, &[n, dim], c.dtype, device),
-        tensor(&x2, &[n, dim], c.dtype, device),
+    let (refs, devs) = inputs([(&x1, &[n, dim]), (&x2, &[n, dim])], c.dtype, device);
+    let (reference, variants) = one_and_split(
+        ["margin_loss", "margin_forward + margin_backward"],
+        &refs,
+        devs,
+        |[a, b]: [Tensor; 2]| {
+            let y = y.clone();
+            guarded(move || {
+                let o = margin_loss(&a, &b, &y, &opts)?;
+                Ok(loss_outs(
+                    o.loss,
+                    &[("grad_x1", &o.grad_x1), ("grad_x2", &o.grad_x2)],
+                ))
+            })
+        },
+        |[a, b]: [Tensor; 2]| {
+            let y = y.clone();
+            guarded(move || {
+                let loss = margin_forward(&a, &b, &y, &opts)?;
+                let (g1, g2) = margin_backward(&a, &b, &y, &opts, 1.0)?;
+                Ok(loss_outs(loss, &[("grad_x1", &g1), ("grad_x2", &g2)]))
+            })
+        },
     );
-    let reference = one(ar.clone(), br.clone(), y.clone());
-    let variants = vec![
-        ("margin_loss", one(ad.clone(), bd.clone(), y.clone())),
-        ("margin_forward + margin_backward", split(ad, bd, y.clone())),
-    ];
     let desc = format!("{c:?} (y {y:?}, margin {margin:e})");
     let ctx = ctx("margin_loss", device, c.dtype, regime, false, desc.clone());
     let beyond = input_beyond_compute(&ctx.prec, &[&x1, &x2, &[margin]]);
@@ -1982,43 +1766,18 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
         }
         naive /= n as f64;
         loss_mag = lmag / n as f64;
-        agree(
-            "loss",
-            get_s(want, "loss"),
-            naive,
-            1e-10,
-            1e3 * U_F64 * ((dim + 1) as f64).sqrt() * loss_mag,
-        )
-        .map_err(|e| format!("[REF_MISMATCH] f64 margin loss vs naive formula: {e}"))?;
+        loss_vs_naive("margin", want, naive, dim, loss_mag)?;
         let gnorm = norm(&gmag) / n as f64;
-        let mut j = Judgement::new(vec![
-            (
-                "loss",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(1.0, dim) * loss_mag,
-                },
-            ),
-            (
-                "grad_x1",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(1.0, dim) * gnorm,
-                },
-            ),
-            (
-                "grad_x2",
-                Tol {
-                    rel: prec.rel,
-                    abs: prec.coef(1.0, dim) * gnorm,
-                },
-            ),
-        ]);
-        j.err_allowed = beyond;
-        Ok(j)
+        let c1 = prec.coef(1.0, dim);
+        let floors = [
+            ("loss", c1 * loss_mag),
+            ("grad_x1", c1 * gnorm),
+            ("grad_x2", c1 * gnorm),
+        ];
+        Ok(Judgement::within(&prec, &floors, beyond))
     })?;
     if regime == Regime::Moderate && device == Device::Cpu {
-        let out = margin_loss(&ar, &br, &y, &opts).unwrap();
+        let out = margin_loss(&refs[0], &refs[1], &y, &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
             margin_forward(
                 &host_f64(&x[0], &[n, dim]),
@@ -2027,16 +1786,8 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
                 &opts,
             )
         };
-        tally.fd(fd_check(
-            "margin_loss",
-            &desc,
-            &f,
-            &[x1.clone(), x2.clone()],
-            &[&out.grad_x1.to_vec_f64(), &out.grad_x2.to_vec_f64()],
-            &[dim, dim],
-            c.seed,
-            loss_mag,
-        )?);
+        let wrt = [(&x1[..], &out.grad_x1, dim), (&x2[..], &out.grad_x2, dim)];
+        tally.fd(fd_check("margin_loss", &desc, &f, &wrt, c.seed, loss_mag)?);
     }
     Ok(tally)
 }
@@ -2056,22 +1807,14 @@ struct NceCase {
 }
 
 fn nce_strategy(regime: Regime) -> impl Strategy<Value = NceCase> {
-    (
-        dtype(),
-        extent(),
-        extent(),
-        values(regime),
-        values(regime),
-        any::<u64>(),
-    )
-        .prop_map(|(dtype, batch, k, scores, logq, seed)| NceCase {
-            dtype,
-            batch,
-            k,
-            scores,
-            logq,
-            seed,
-        })
+    two_matrices(regime).prop_map(|(dtype, batch, k, scores, logq, seed)| NceCase {
+        dtype,
+        batch,
+        k,
+        scores,
+        logq,
+        seed,
+    })
 }
 
 fn softplus(x: f64) -> f64 {
@@ -2097,43 +1840,36 @@ fn nce_case(regime: Regime, device: Device, c: NceCase) -> Result<Tally, TestCas
     let sn = matrix(c.seed, 2, b, k, &c.scores, c.dtype, regime);
     let qp = matrix(c.seed, 3, b, 1, &c.logq, c.dtype, regime);
     let qn = matrix(c.seed, 4, b, k, &c.logq, c.dtype, regime);
-    let one = |t: [Tensor; 4]| {
-        guarded(move || {
-            let o = nce(&t[0], &t[1], &t[2], &t[3])?;
-            Ok(vec![
-                ("loss", Val::Scalar(o.loss)),
-                tv("grad_s_pos", &o.grad_s_pos),
-                tv("grad_s_neg", &o.grad_s_neg),
-            ])
-        })
-    };
-    let split = |t: [Tensor; 4]| {
-        guarded(move || {
-            let loss = nce_forward(&t[0], &t[1], &t[2], &t[3])?;
-            let (gp, gn) = nce_backward(&t[0], &t[1], &t[2], &t[3], 1.0)?;
-            Ok(vec![
-                ("loss", Val::Scalar(loss)),
-                tv("grad_s_pos", &gp),
-                tv("grad_s_neg", &gn),
-            ])
-        })
-    };
-    let make = |f: &dyn Fn(&[f64], &[usize]) -> Tensor| {
-        [f(&sp, &[b]), f(&sn, &[b, k]), f(&qp, &[b]), f(&qn, &[b, k])]
-    };
-    let refs = make(&|v, s| host_f64(v, s));
-    let devs = make(&|v, s| tensor(v, s, c.dtype, device));
-    let reference_out = one(refs.clone());
-    let variants = vec![
-        ("nce", one(devs.clone())),
-        ("nce_forward + nce_backward", split(devs)),
-    ];
+    let (refs, devs) = inputs(
+        [(&sp, &[b]), (&sn, &[b, k]), (&qp, &[b]), (&qn, &[b, k])],
+        c.dtype,
+        device,
+    );
+    let (reference, variants) = one_and_split(
+        ["nce", "nce_forward + nce_backward"],
+        &refs,
+        devs,
+        |t: [Tensor; 4]| {
+            guarded(move || {
+                let o = nce(&t[0], &t[1], &t[2], &t[3])?;
+                let grads = [("grad_s_pos", &o.grad_s_pos), ("grad_s_neg", &o.grad_s_neg)];
+                Ok(loss_outs(o.loss, &grads))
+            })
+        },
+        |t: [Tensor; 4]| {
+            guarded(move || {
+                let loss = nce_forward(&t[0], &t[1], &t[2], &t[3])?;
+                let (gp, gn) = nce_backward(&t[0], &t[1], &t[2], &t[3], 1.0)?;
+                Ok(loss_outs(loss, &[("grad_s_pos", &gp), ("grad_s_neg", &gn)]))
+            })
+        },
+    );
     let desc = format!("{c:?}");
     let ctx = ctx("nce", device, c.dtype, regime, false, desc.clone());
     let beyond = input_beyond_compute(&ctx.prec, &[&sp, &sn, &qp, &qn]);
     let prec = ctx.prec;
     let mut loss_mag = 1.0;
-    let mut tally = verdict(&ctx, Expect::Valid, reference_out, variants, |want| {
+    let mut tally = verdict(&ctx, Expect::Valid, reference, variants, |want| {
         let lk = (k as f64).ln();
         let mut naive = 0.0;
         let mut lmag = 0.0;
@@ -2156,61 +1892,29 @@ fn nce_case(regime: Regime, device: Device, c: NceCase) -> Result<Tally, TestCas
         }
         naive /= b as f64;
         loss_mag = lmag / b as f64;
-        agree(
-            "loss",
-            get_s(want, "loss"),
-            naive,
-            1e-10,
-            1e3 * U_F64 * loss_mag,
-        )
-        .map_err(|e| format!("[REF_MISMATCH] f64 nce loss vs naive formula: {e}"))?;
+        // Dimension 0: the scores are scalars, not dot products.
+        loss_vs_naive("nce", want, naive, 0, loss_mag)?;
         let c1 = prec.coef(1.0, 1);
-        let mut j = Judgement::new(vec![
-            (
-                "loss",
-                Tol {
-                    rel: prec.rel,
-                    abs: c1 * loss_mag,
-                },
-            ),
-            (
-                "grad_s_pos",
-                Tol {
-                    rel: prec.rel,
-                    abs: c1 * norm(&gp),
-                },
-            ),
-            (
-                "grad_s_neg",
-                Tol {
-                    rel: prec.rel,
-                    abs: c1 * norm(&gn),
-                },
-            ),
-        ]);
-        j.err_allowed = beyond;
-        Ok(j)
+        let floors = [
+            ("loss", c1 * loss_mag),
+            ("grad_s_pos", c1 * norm(&gp)),
+            ("grad_s_neg", c1 * norm(&gn)),
+        ];
+        Ok(Judgement::within(&prec, &floors, beyond))
     })?;
     if regime == Regime::Moderate && device == Device::Cpu {
-        let out = nce(&refs[0], &refs[1], &refs[2], &refs[3]).unwrap();
+        let [sp_r, sn_r, qp_r, qn_r] = &refs;
+        let out = nce(sp_r, sn_r, qp_r, qn_r).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
             nce_forward(
                 &host_f64(&x[0], &[b]),
                 &host_f64(&x[1], &[b, k]),
-                &refs[2],
-                &refs[3],
+                qp_r,
+                qn_r,
             )
         };
-        tally.fd(fd_check(
-            "nce",
-            &desc,
-            &f,
-            &[sp.clone(), sn.clone()],
-            &[&out.grad_s_pos.to_vec_f64(), &out.grad_s_neg.to_vec_f64()],
-            &[1, k],
-            c.seed,
-            loss_mag,
-        )?);
+        let wrt = [(&sp[..], &out.grad_s_pos, 1), (&sn[..], &out.grad_s_neg, k)];
+        tally.fd(fd_check("nce", &desc, &f, &wrt, c.seed, loss_mag)?);
     }
     Ok(tally)
 }

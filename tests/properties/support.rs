@@ -971,6 +971,24 @@ impl Judgement {
             skip_outputs: Vec::new(),
         }
     }
+
+    /// The usual judgement: every listed output within the precision's `rel` of the reference
+    /// plus its own absolute floor (only the floors differ between ops), and an `Err` excused by
+    /// `err_allowed`.
+    pub fn within(
+        prec: &Prec,
+        floors: &[(&'static str, f64)],
+        err_allowed: Option<String>,
+    ) -> Self {
+        let tol = floors
+            .iter()
+            .map(|&(name, abs)| (name, Tol { rel: prec.rel, abs }))
+            .collect();
+        Judgement {
+            err_allowed,
+            ..Judgement::new(tol)
+        }
+    }
 }
 
 /// The context of one case, for messages.

@@ -90,6 +90,7 @@ impl Error {
         }
     }
 
+    #[cfg_attr(not(any(feature = "train", feature = "fixtures")), allow(dead_code))]
     pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().display().to_string(),
@@ -97,6 +98,7 @@ impl Error {
         }
     }
 
+    #[cfg_attr(not(any(feature = "train", feature = "fixtures")), allow(dead_code))]
     pub(crate) fn format(path: impl AsRef<std::path::Path>, reason: impl Into<String>) -> Self {
         Error::Format {
             path: path.as_ref().display().to_string(),

@@ -23,16 +23,21 @@
 //! # Ok::<(), contra::Error>(())
 //! ```
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cpu;
+#[cfg(feature = "train")]
 pub mod data;
 pub mod device;
 pub mod error;
+#[cfg(feature = "fixtures")]
 pub mod fixtures;
 pub(crate) mod kernels;
+#[cfg(feature = "nn")]
 pub mod nn;
 pub mod ops;
 pub mod tensor;
+#[cfg(feature = "train")]
 pub mod train;
 
 pub use device::{device_available, Device};

@@ -134,6 +134,7 @@ impl Cuda {
 
     /// What runs the encoder's GEMMs on this GPU: "cuBLAS", or our kernel when libcublas is
     /// not on the library path.
+    #[cfg(feature = "nn")]
     pub fn gemm_library(&self) -> &'static str {
         match self.blas() {
             Some(_) => "cuBLAS",

@@ -2,6 +2,7 @@
 //! (the interpreted mode, or a CUDA GPU). This layer holds the crate's only kernel-launching
 //! `unsafe` code, in `interp.rs` and `cuda.rs`, each block with its `// SAFETY:` reason.
 
+#[cfg(feature = "bench")]
 pub(crate) mod baseline;
 pub(crate) mod clip;
 pub(crate) mod infonce;
@@ -10,6 +11,8 @@ pub(crate) mod margin;
 pub(crate) mod moco;
 pub(crate) mod momentum;
 pub(crate) mod nce;
+// The encoder's kernels (feature `nn`); its GEMM shape also serves the cuBLAS path.
+#[cfg_attr(not(feature = "nn"), allow(dead_code))]
 pub(crate) mod nn;
 pub(crate) mod normalize;
 #[rustfmt::skip]
@@ -185,6 +188,7 @@ pub(crate) trait Backend {
 
     /// `c = alpha op(a) op(b) + beta c` on row-major f32 buffers: our tiled kernel here; the
     /// GPU backend uses cuBLAS when it can load it.
+    #[cfg_attr(not(feature = "nn"), allow(dead_code))]
     fn gemm(&self, shape: &nn::GemmShape, a: &Self::Buf, b: &Self::Buf, c: &Self::Buf) -> Result<()>
     where
         Self: Sized,
@@ -195,6 +199,7 @@ pub(crate) trait Backend {
     /// Runs `work` and returns its result with the milliseconds it took: wall-clock time here;
     /// the GPU backend leaves the launches asynchronous and measures the stream between two
     /// CUDA events.
+    #[cfg_attr(not(any(feature = "bench", feature = "cuda")), allow(dead_code))]
     fn timed<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<(T, f64)>
     where
         Self: Sized,

@@ -68,6 +68,8 @@ impl<B: Backend> Problem<'_, B> {
         Ok(())
     }
 
+    // Unscaled entry points, for the benchmarks and the GPU timings.
+    #[cfg_attr(not(any(feature = "bench", feature = "cuda")), allow(dead_code))]
     pub fn forward(&self, b: &B) -> Result<Forward> {
         self.forward_scaled(b, 0)
     }
@@ -155,6 +157,7 @@ impl<B: Backend> Problem<'_, B> {
     }
 
     /// The gradient of `grad_loss * loss` with respect to x, from a forward's coefficients.
+    #[cfg_attr(not(any(feature = "bench", feature = "cuda")), allow(dead_code))]
     pub fn backward(&self, b: &B, coefs: &Coefs, grad_loss: f64) -> Result<B::Buf> {
         self.backward_scaled(b, coefs, grad_loss, 0)
     }

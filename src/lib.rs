@@ -36,6 +36,7 @@ pub(crate) mod kernels;
 #[cfg(feature = "nn")]
 pub mod nn;
 pub mod ops;
+pub(crate) mod shared;
 pub mod tensor;
 #[cfg(feature = "train")]
 pub mod train;

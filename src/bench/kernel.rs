@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use super::cases::{self, Case, Op, Pass};
 use super::runner::{raw_inputs, Impl, Outcome, RunOnce};
-use crate::cpu::supcon::Classes;
 use crate::kernels::nn::GemmShape;
 use crate::kernels::{self, Backend, BufInfo, KernelParams, Launch};
 use crate::ops::triplet::{Distance, Mining};
+use crate::shared::Classes;
 use crate::{Result, Similarity};
 
 #[derive(Default)]

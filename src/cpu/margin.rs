@@ -9,8 +9,8 @@
 
 use rayon::prelude::*;
 
-use super::triplet::DIST_EPS;
-use super::{ldexp, Real};
+use super::Real;
+use crate::shared::{mean, DIST_EPS};
 
 /// `||a - b||^2` accumulated in f64 (infinite when it overflows f64).
 fn squared_distance<T: Real>(a: &[T], b: &[T]) -> f64 {
@@ -50,17 +50,6 @@ fn pair_coef(sq: f64, similar: bool, margin: f64) -> f64 {
             0.0
         }
     }
-}
-
-/// The mean of `values`; a sum that overflows is taken again from the values scaled by 2^-64, so
-/// the mean of finite values is finite whenever it is representable.
-pub fn mean(values: &[f64]) -> f64 {
-    let n = values.len() as f64;
-    let total: f64 = values.iter().sum();
-    if total.is_finite() || values.iter().any(|v| !v.is_finite()) {
-        return total / n;
-    }
-    ldexp(values.iter().map(|&v| ldexp(v, -64)).sum::<f64>() / n, 64)
 }
 
 /// The mean loss over the rows of `x1`, `x2` (rows of length `dim`); `y[i] == 0` marks a similar

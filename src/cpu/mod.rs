@@ -18,6 +18,7 @@ pub mod softmax;
 pub mod supcon;
 pub mod triplet;
 
+use crate::shared::ldexp;
 use std::iter::Sum;
 use std::ops::{AddAssign, MulAssign, SubAssign};
 
@@ -149,21 +150,6 @@ pub fn exponent(v: f64) -> i32 {
 }
 
 const TWO_POW_64: f64 = 18_446_744_073_709_551_616.0;
-
-/// `x 2^k` for any `k`, exact unless the result over- or underflows (`scalbn`): multiplies by
-/// normal powers of two at most 2^1000 apart.
-pub fn ldexp(mut x: f64, mut k: i32) -> f64 {
-    let pow2 = |k: i32| f64::from_bits(((k + 1023) as u64) << 52);
-    while k > 1000 {
-        x *= pow2(1000);
-        k -= 1000;
-    }
-    while k < -1000 {
-        x *= pow2(-1000);
-        k += 1000;
-    }
-    x * pow2(k)
-}
 
 /// Dot product accumulated in f64.
 pub fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {

@@ -4,9 +4,8 @@
 use rayon::prelude::*;
 
 use super::gemm::{Gemm, MatRef};
-use super::triplet::DIST_EPS;
-use super::{exponent, ldexp, max_abs, normalize, row_norm, Real, ROW_TILE};
-use crate::ops::similarity::Similarity;
+use super::{exponent, max_abs, normalize, row_norm, Real, ROW_TILE};
+use crate::shared::{ldexp, Similarity, DIST_EPS};
 
 /// The `rows x cols` matrix of `kind` scores between the rows of `a` (rows x dim) and `b`
 /// (cols x dim). Sizes are validated by the caller.

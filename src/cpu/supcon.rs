@@ -6,6 +6,7 @@
 
 use super::softmax::{self, RowStats, Scores, Targets, STRIP_MAX_COLS};
 use super::{normalize, Real};
+use crate::shared::Classes;
 
 /// One SupCon problem. Sizes are validated by the caller.
 #[derive(Clone, Copy)]
@@ -19,55 +20,6 @@ pub struct Problem<'a, T> {
     pub dim: usize,
     pub temperature: f64,
     pub base_temperature: f64,
-}
-
-/// Per-row class ids and `1 / |P(a)|` (0 for an anchor without positives).
-pub(crate) struct Classes {
-    pub class: Vec<usize>,
-    pub inv_positives: Vec<f64>,
-}
-
-impl Classes {
-    pub(crate) fn new(labels: &[i64], views: usize) -> Self {
-        let mut distinct = labels.to_vec();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let sample_class: Vec<usize> = labels
-            .iter()
-            .map(|l| distinct.binary_search(l).unwrap_or_default())
-            .collect();
-        let mut per_class = vec![0usize; distinct.len()];
-        for &c in &sample_class {
-            per_class[c] += views;
-        }
-        let class: Vec<usize> = sample_class
-            .iter()
-            .flat_map(|&c| std::iter::repeat_n(c, views))
-            .collect();
-        let inv_positives = class
-            .iter()
-            .map(|&c| match per_class[c] - 1 {
-                0 => 0.0,
-                p => 1.0 / p as f64,
-            })
-            .collect();
-        Classes {
-            class,
-            inv_positives,
-        }
-    }
-
-    /// The class ids (i32; dense ids are < N, which fits) and `1 / |P(a)|` (f32) the kernels take.
-    pub(crate) fn for_kernels(&self) -> (Vec<i32>, Vec<f32>) {
-        (
-            self.class.iter().map(|&c| c as i32).collect(),
-            self.inv_positives.iter().map(|&w| w as f32).collect(),
-        )
-    }
-
-    fn has_positive(&self, row: usize) -> bool {
-        self.inv_positives[row] != 0.0
-    }
 }
 
 impl<T: Real> Problem<'_, T> {

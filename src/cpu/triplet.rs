@@ -21,12 +21,9 @@
 use rayon::prelude::*;
 
 use super::gemm::{Gemm, MatRef};
-use super::{exponent, ldexp, normalize, row_norm, Real, ROW_TILE};
-use crate::ops::triplet::{Distance, Mining, TripletStats};
-
-/// The clamp inside euclidean distances: `d = sqrt(max(||a - b||^2, DIST_EPS))`; the derivative is
-/// 0 where the squared distance is below it.
-pub const DIST_EPS: f64 = 1e-12;
+use super::{exponent, normalize, row_norm, Real, ROW_TILE};
+use crate::shared::{ldexp, scaled_margin, Distance, Mining, TripletStats};
+pub use crate::shared::{Coefs, PairCoef, DIST_EPS};
 
 /// One triplet problem; sizes are validated by the caller.
 #[derive(Clone, Copy)]
@@ -40,54 +37,6 @@ pub struct Problem<'a> {
     pub distance: Distance,
     pub mining: Mining,
     pub margin: f64,
-}
-
-/// The coefficient of the "raw" pair quantity of rows `i` and `j` in the loss (already divided by
-/// the loss's count): the squared distance for the euclidean distances, the cosine similarity of
-/// the normalized rows for the cosine distance.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PairCoef {
-    pub i: usize,
-    pub j: usize,
-    pub coef: f64,
-}
-
-/// The pair coefficients (see [`PairCoef`]) of a forward, stored densely or sparsely, whichever
-/// is smaller.
-#[derive(Clone)]
-pub enum Coefs {
-    /// `rows x rows`, row-major: entry (i, j) is the coefficient of pair (i, j).
-    Dense(Vec<f64>),
-    /// The pairs with a nonzero coefficient.
-    Sparse(Vec<PairCoef>),
-}
-
-impl Coefs {
-    /// The `rows x rows` row-major matrix of coefficients times `2^exp`, in f32 (what the kernels
-    /// take).
-    pub(crate) fn to_dense_f32(&self, rows: usize, exp: i32) -> Vec<f32> {
-        match self {
-            Coefs::Dense(w) => w.iter().map(|&c| ldexp(c, exp) as f32).collect(),
-            Coefs::Sparse(pairs) => {
-                let mut w = vec![0.0f32; rows * rows];
-                for e in pairs {
-                    w[e.i * rows + e.j] += ldexp(e.coef, exp) as f32;
-                }
-                w
-            }
-        }
-    }
-
-    /// Multiplies every coefficient by `2^exp`.
-    pub(crate) fn scale_exp(&mut self, exp: i32) {
-        if exp == 0 {
-            return;
-        }
-        match self {
-            Coefs::Dense(w) => w.iter_mut().for_each(|c| *c = ldexp(*c, exp)),
-            Coefs::Sparse(pairs) => pairs.iter_mut().for_each(|e| e.coef = ldexp(e.coef, exp)),
-        }
-    }
 }
 
 /// `k > 0` such that the rows of `x` scaled by `2^-k` have a largest norm in
@@ -105,29 +54,9 @@ pub(crate) fn prescale_exponent<T: Real>(x: &[T], dim: usize, limit_exp: i32) ->
     exponent(max) - limit_exp
 }
 
-/// `margin 2^exp`, kept at least `floor` when the margin is positive: a margin that underflows
-/// in a scaled problem still keeps ties out of the hard triplets (below the resolution of the
-/// scaled distances, it changes nothing else).
-pub(crate) fn scaled_margin(margin: f64, exp: i32, floor: f64) -> f64 {
-    if margin > 0.0 {
-        ldexp(margin, exp).max(floor)
-    } else {
-        margin
-    }
-}
-
 /// Rows of f64 norm from 2^400 on are mined scaled (squared distances and batch-all sums then
 /// stay far below f64::MAX).
 const F64_ROW_NORM_EXP: i32 = 400;
-
-impl std::fmt::Debug for Coefs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Coefs::Dense(w) => write!(f, "Dense({} coefficients)", w.len()),
-            Coefs::Sparse(pairs) => write!(f, "Sparse({} pairs)", pairs.len()),
-        }
-    }
-}
 
 /// Result of [`Problem::forward`].
 #[derive(Clone, Debug)]

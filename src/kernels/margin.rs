@@ -64,7 +64,7 @@ impl<B: Backend> Problem<'_, B> {
             .iter()
             .zip(&labels)
             .map(|(&d_scaled, &y)| {
-                let d = crate::cpu::ldexp(d_scaled as f64, DIST_OUT_EXP);
+                let d = crate::shared::ldexp(d_scaled as f64, DIST_OUT_EXP);
                 if y == 0 {
                     d * d / 2.0
                 } else {
@@ -73,7 +73,7 @@ impl<B: Backend> Problem<'_, B> {
                 }
             })
             .collect();
-        Ok(crate::cpu::margin::mean(&losses))
+        Ok(crate::shared::mean(&losses))
     }
 
     /// Gradients of `grad_loss * loss` for x1 and x2.

@@ -2,7 +2,7 @@
 
 use super::params::*;
 use super::{blocks_for, extent, typed_kernel, Backend, Launch};
-use crate::ops::Similarity;
+use crate::shared::Similarity;
 use crate::Result;
 
 /// The 64 x 64 output tile of similarity.cu.

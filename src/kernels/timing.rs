@@ -6,8 +6,7 @@ use super::cuda::Cuda;
 use super::{
     clip, infonce, moco, momentum, normalize, queue, similarity, supcon, triplet, Backend, Elem,
 };
-use crate::ops::triplet::{Distance, Mining};
-use crate::ops::Similarity;
+use crate::shared::{Distance, Mining, Similarity};
 use crate::Result;
 
 /// One timed kernel launch sequence.
@@ -298,7 +297,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     let rows_total = samples * views;
     let features = b.upload("features", &random(rows_total * d, 9))?;
     let labels: Vec<i64> = (0..samples as i64).map(|i| i % 100).collect();
-    let (class, weight) = crate::cpu::supcon::Classes::new(&labels, views).for_kernels();
+    let (class, weight) = crate::shared::Classes::new(&labels, views).for_kernels();
     let (labels, weight) = (
         b.upload_i32("labels", &class)?,
         b.upload("target_weight", &weight)?,

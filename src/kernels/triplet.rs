@@ -4,10 +4,9 @@
 
 use super::params::*;
 use super::{blocks_for, extent, normalize, similarity, Backend, Launch};
-use crate::cpu::ldexp;
-use crate::cpu::triplet::{scaled_margin, Coefs, DIST_EPS};
-use crate::ops::triplet::{Distance, Mining, TripletStats};
-use crate::ops::Similarity;
+use crate::shared::{
+    ldexp, scaled_margin, Coefs, Distance, Mining, Similarity, TripletStats, DIST_EPS,
+};
 use crate::{Error, Result};
 
 /// Threads of `triplet_mine` (one block per anchor).

@@ -8,20 +8,9 @@ use super::{
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, DType, Error, Result, Tensor};
 
-const OP: &str = "similarity";
+pub use crate::shared::Similarity;
 
-/// Which pairwise score to compute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Similarity {
-    /// `a_i . b_j`
-    Dot,
-    /// `norm(a_i) . norm(b_j)`
-    Cosine,
-    /// `||a_i - b_j||^2`
-    SquaredEuclidean,
-    /// `sqrt(max(||a_i - b_j||^2, 1e-12))`
-    Euclidean,
-}
+const OP: &str = "similarity";
 
 /// The `N x M` matrix of `kind` scores between the rows of `a` (N x D) and `b` (M x D), in the
 /// dtype of the inputs (f32, bf16 and f16 compute in f32).

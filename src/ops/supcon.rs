@@ -223,7 +223,7 @@ impl<B: Backend> KernelInputs<B> {
         labels: &[i64],
         (_, views, _): (usize, usize, usize),
     ) -> Result<Self> {
-        let (class, weight) = cpu::supcon::Classes::new(labels, views).for_kernels();
+        let (class, weight) = crate::shared::Classes::new(labels, views).for_kernels();
         Ok(KernelInputs {
             views: upload_features(b, "features", features)?,
             labels: b.upload_i32("labels", &class)?,

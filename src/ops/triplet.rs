@@ -20,35 +20,13 @@ use super::{
     check_f32_range, check_finite, check_grad_loss, check_labels_len, check_result, matrix_dims,
     output_like, values, Fingerprint, Origin,
 };
-use crate::cpu::supcon::Classes;
 use crate::kernels::{self, run_on_kernels, Backend};
+use crate::shared::{Classes, Coefs};
+pub use crate::shared::{Distance, Mining, TripletStats};
 use crate::{cpu, DType, Device, Error, Result, Tensor};
 
 const OP: &str = "triplet";
 const BACKWARD: &str = "triplet_backward";
-
-/// Distance between embeddings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Distance {
-    /// `sqrt(max(||a - b||^2, 1e-12))`
-    Euclidean,
-    /// `||a - b||^2`
-    SquaredEuclidean,
-    /// `1 - cos(a, b)`
-    Cosine,
-}
-
-/// Which triplets contribute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mining {
-    /// Every valid (a, p, n); mean over the terms that are positive.
-    BatchAll,
-    /// Per anchor, the hardest positive and the hardest negative (Hermans et al.).
-    BatchHard,
-    /// Per positive pair, the nearest negative farther than the positive, else the farthest
-    /// negative (FaceNet, as TF-Addons defines it).
-    SemiHard,
-}
 
 /// Options of [`triplet`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,15 +47,6 @@ impl Default for TripletOptions {
     }
 }
 
-/// How the valid triplets (a, p, n) of the batch split, as the FaceNet survey classifies them:
-/// hard `d_an < d_ap`, semi-hard `d_ap <= d_an < d_ap + m`, easy otherwise.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TripletStats {
-    pub hard: u64,
-    pub semi_hard: u64,
-    pub easy: u64,
-}
-
 /// What the backward needs from the forward: the options, the batch size and, for every pair of
 /// rows that occurs in a term with a positive loss, the coefficient of its distance in the loss:
 /// an N x N matrix when most pairs occur (batch-all), else a list of the pairs (at most 2 per
@@ -86,7 +55,7 @@ pub struct TripletStats {
 pub struct TripletSaved {
     pub(crate) rows: usize,
     pub(crate) opts: TripletOptions,
-    pub(crate) coefs: cpu::triplet::Coefs,
+    pub(crate) coefs: Coefs,
     /// The inputs that made it (a backward on other rows or labels is an error).
     pub(crate) origin: Origin,
 }
@@ -179,7 +148,7 @@ fn upload<B: Backend>(
     } else {
         let scaled: Vec<f32> = xv
             .iter()
-            .map(|&v| cpu::ldexp(v as f64, -k) as f32)
+            .map(|&v| crate::shared::ldexp(v as f64, -k) as f32)
             .collect();
         b.upload("x", &scaled)?
     };

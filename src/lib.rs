@@ -25,7 +25,7 @@
 
 #[cfg(feature = "bench")]
 pub mod bench;
-pub mod cpu;
+pub(crate) mod cpu;
 #[cfg(feature = "train")]
 pub mod data;
 pub mod device;

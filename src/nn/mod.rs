@@ -1,9 +1,9 @@
 //! A minimal encoder for the trainer: linear layers, ReLU, BatchNorm1d, MLPs and projection
 //! heads with hand-written backward passes, plus optimizers and learning-rate schedules.
 //!
-//! Everything runs on the CPU in f32 (GEMMs through [`crate::cpu::gemm`]); activations are
-//! `batch x features` matrices ([`Mat`]). Each layer caches what its backward pass needs during
-//! `forward`; `backward` adds to the parameter gradients (`+=`, clear them with `zero_grad`)
+//! Everything runs on the CPU in f32 (GEMMs through the CPU backend's packed SIMD GEMM);
+//! activations are `batch x features` matrices ([`Mat`]). Each layer caches what its backward
+//! pass needs during `forward`; `backward` adds to the parameter gradients (`+=`, clear them with `zero_grad`)
 //! and returns the gradient of its input.
 //!
 //! ```

@@ -9,7 +9,9 @@
 //     extern "C" int interp_kernel(const InterpLaunchConfig* cfg, const Params* p,
 //                                  char* err, unsigned long err_len);
 // which runs the whole grid on the CPU (see abi.h for the return convention).
-// Under nvcc it expands to nothing.
+// Under nvcc it expands to nothing. build.rs reads these lines (and CONTRA_TYPED_KERNELS*, which
+// expand to them) at line start to generate the Rust handles: one `Kernel<Params>` per export,
+// so a launch with another params struct does not compile.
 #ifndef CONTRA_INTERP_EXPORT_H
 #define CONTRA_INTERP_EXPORT_H
 

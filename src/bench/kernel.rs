@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::cases::{self, Case, Op, Pass};
 use super::runner::{raw_inputs, Impl, Outcome, RunOnce};
 use crate::kernels::nn::GemmShape;
-use crate::kernels::{self, Backend, BufInfo, KernelParams, Launch};
+use crate::kernels::{self, Backend, BufInfo, Kernel, KernelParams, Launch};
 use crate::ops::triplet::{Distance, Mining};
 use crate::shared::Classes;
 use crate::{Result, Similarity};
@@ -109,7 +109,7 @@ impl<B: Backend> Backend for Counted<B> {
 
     fn launch<P: KernelParams>(
         &self,
-        kernel: &'static str,
+        kernel: Kernel<P>,
         launch: Launch,
         params: &P,
         written: &[&Self::Buf],

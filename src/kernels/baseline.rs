@@ -2,7 +2,7 @@
 //! measure next to the fused kernels (PyTorch eager's kernel sequence after the logits GEMM).
 
 use super::params::ContraBaselineParams;
-use super::{blocks_for, extent, Backend, Launch};
+use super::{blocks_for, extent, handles, Backend, Launch};
 use crate::Result;
 
 const THREADS: u32 = 256;
@@ -38,9 +38,9 @@ pub(crate) fn cross_entropy<B: Backend>(
     let mut p = params(b, logits, targets, Some(&loss_rows), shape)?;
     p.self_mask = self_mask as i32;
     let per_row = Launch::linear(rows, THREADS);
-    b.launch("baseline_log_softmax_f32", per_row, &p, &[logits])?;
+    b.launch(handles::BASELINE_LOG_SOFTMAX_F32, per_row, &p, &[logits])?;
     let per_thread = Launch::linear(blocks_for(rows, THREADS as usize), THREADS);
-    b.launch("baseline_nll_f32", per_thread, &p, &[&loss_rows])?;
+    b.launch(handles::BASELINE_NLL_F32, per_thread, &p, &[&loss_rows])?;
     let losses = b.download(&loss_rows)?;
     Ok(losses.iter().map(|&l| l as f64).sum::<f64>() / rows as f64)
 }
@@ -57,7 +57,7 @@ pub(crate) fn cross_entropy_grad<B: Backend>(
     p.grad_scale = 1.0 / rows as f32;
     let blocks = blocks_for(rows * cols, THREADS as usize).clamp(1, 65535);
     b.launch(
-        "baseline_nll_grad_f32",
+        handles::BASELINE_NLL_GRAD_F32,
         Launch::linear(blocks, THREADS),
         &p,
         &[log_probs],

@@ -17,7 +17,7 @@ use cudarc::cublas::CudaBlas;
 
 use super::nn::{gemm_kernel, GemmShape};
 use super::params::*;
-use super::{extent, Backend, BufInfo, KernelParams, Launch};
+use super::{extent, Backend, BufInfo, Kernel, KernelParams, Launch};
 use crate::{Error, Result};
 
 /// (module name, fatbin) for every kernels/*.cu, embedded at build time.
@@ -143,8 +143,7 @@ impl Cuda {
     }
 
     /// The module (kernels/<name>.cu) holding `kernel`, loaded on first use.
-    fn module(&self, kernel: &str) -> Result<Arc<CudaModule>> {
-        let name = module_of(kernel);
+    fn module(&self, name: &'static str, kernel: &str) -> Result<Arc<CudaModule>> {
         let mut modules = self
             .modules
             .lock()
@@ -174,23 +173,6 @@ impl Cuda {
 pub(crate) struct CudaBuf {
     words: CudaSlice<u32>,
     info: BufInfo,
-}
-
-/// kernels/<module>.cu of a kernel named `{op}_{pass}_{dtype}`.
-fn module_of(kernel: &str) -> &'static str {
-    match kernel.split('_').next().unwrap_or("") {
-        "normalize" => "normalize",
-        "similarity" => "similarity",
-        "infonce" => "infonce",
-        "margin" => "margin",
-        "nce" => "nce",
-        "momentum" => "momentum",
-        "queue" => "queue",
-        "triplet" => "triplet",
-        "nn" => "nn",
-        "baseline" => "baseline",
-        _ => "testing",
-    }
 }
 
 impl Backend for Cuda {
@@ -309,14 +291,15 @@ impl Backend for Cuda {
 
     fn launch<P: KernelParams>(
         &self,
-        kernel: &'static str,
+        kernel: Kernel<P>,
         launch: Launch,
         params: &P,
         _written: &[&CudaBuf],
     ) -> Result<()> {
+        let (module, kernel) = (kernel.module, kernel.name);
         let (grid, block) = launch.dims(kernel)?;
         let function = self
-            .module(kernel)?
+            .module(module, kernel)?
             .load_function(kernel)
             .map_err(|e| device_error(&format!("kernel `{kernel}`"), e))?;
         let cfg = LaunchConfig {
@@ -326,8 +309,8 @@ impl Backend for Cuda {
         };
         let mut builder = self.stream.launch_builder(&function);
         builder.arg(params);
-        // SAFETY: `function` is `kernel`, whose single parameter has type `P` (paired by name in
-        // the kernel layer); every pointer in `params` is a live device allocation of this
+        // SAFETY: `function` is `kernel`, whose single parameter has type `P` (the handle's type,
+        // generated from the kernel's export in its source); every pointer in `params` is a live device allocation of this
         // context sized for the shapes validated by the op; the grid covers what the kernel
         // expects (see the launch-shape functions next to each launch).
         unsafe { builder.launch(cfg) }

@@ -2,7 +2,7 @@
 //! around the fused forward (per-row LSE, no N x M buffer) and the one-pass backward.
 
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams, ContraRowDotParams};
-use super::{blocks_for, extent, normalize, typed_kernel, Backend, Launch};
+use super::{blocks_for, extent, handles, normalize, Backend, Launch};
 use crate::Result;
 
 /// Query (or owner) rows per block in infonce.cu.
@@ -207,11 +207,11 @@ pub(crate) fn fused_forward<B: Backend>(
         self_mask: self_mask as i32,
         scale,
     };
-    let kernel = typed_kernel!("infonce_fwd", b.info(s.q).elem);
+    let kernel = handles::INFONCE_FWD.of(b.info(s.q).elem);
     if s.symmetric {
         b.launch(kernel, launch_shape(s.rows), &params, &[])?;
         b.launch(
-            "infonce_finish",
+            handles::INFONCE_FINISH,
             Launch::linear(blocks_for(s.rows, 256), 256),
             &params,
             &[&lse, &row_loss],
@@ -301,7 +301,7 @@ impl<Buf> BackwardPass<'_, Buf> {
         let mut written = vec![grad_q];
         written.extend(grad_k);
         b.launch(
-            typed_kernel!("infonce_bwd", b.info(s.q).elem),
+            handles::INFONCE_BWD.of(b.info(s.q).elem),
             launch_shape(s.rows),
             &params,
             &written,
@@ -325,7 +325,7 @@ pub(crate) fn row_dots<B: Backend>(
         rows: extent("rows", rows)?,
         dim: extent("dim", dim)?,
     };
-    let kernel = typed_kernel!("infonce_row_dot", b.info(lhs).elem);
+    let kernel = handles::INFONCE_ROW_DOT.of(b.info(lhs).elem);
     b.launch(
         kernel,
         Launch::linear(blocks_for(rows, 8), 256),

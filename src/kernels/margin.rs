@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/margin.cu`: the Hadsell margin loss over pairs of rows.
 
 use super::params::ContraMarginParams;
-use super::{blocks_for, extent, Backend, Launch};
+use super::{blocks_for, extent, handles, Backend, Launch};
 use crate::Result;
 
 /// Pair rows per 256-thread block (one warp per row), as in margin.cu.
@@ -53,7 +53,7 @@ impl<B: Backend> Problem<'_, B> {
             ..self.params(b)?
         };
         b.launch(
-            "margin_fwd_f32",
+            handles::MARGIN_FWD_F32,
             launch_shape(self.rows),
             &params,
             &[&row_loss],
@@ -87,7 +87,7 @@ impl<B: Backend> Problem<'_, B> {
             ..self.params(b)?
         };
         b.launch(
-            "margin_bwd_f32",
+            handles::MARGIN_BWD_F32,
             launch_shape(self.rows),
             &params,
             &[&grad_x1, &grad_x2],

@@ -4,7 +4,7 @@
 
 use super::infonce::{fused_forward, BackwardPass, Softmax};
 use super::params::ContraInfonceExtraBwdParams;
-use super::{blocks_for, extent, normalize, typed_kernel, Backend, Launch};
+use super::{blocks_for, extent, handles, normalize, Backend, Launch};
 use crate::Result;
 
 /// One MoCo problem: q, k (rows x dim) raw, queue (queue_len x dim) used as given.
@@ -75,7 +75,7 @@ impl<B: Backend> Moco<'_, B> {
         };
         // One warp per row, 8 rows per 256-thread block.
         b.launch(
-            typed_kernel!("infonce_extra_bwd", b.info(&qn).elem),
+            handles::INFONCE_EXTRA_BWD.of(b.info(&qn).elem),
             Launch::linear(blocks_for(self.rows, 8), 256),
             &params,
             &[&grad_qn],

@@ -3,7 +3,7 @@
 use std::ffi::c_void;
 
 use super::params::ContraMomentumParams;
-use super::{blocks_for, Backend, Launch};
+use super::{blocks_for, handles, Backend, Launch};
 use crate::Result;
 
 /// Threads per block.
@@ -44,7 +44,7 @@ pub(crate) fn update_at<B: Backend>(
     // Every element of theta_k is rewritten; its contents are real values (never poison), so
     // listing it as written turns on the interpreted mode's guard-band checks.
     b.launch(
-        "momentum_update_f32",
+        handles::MOMENTUM_UPDATE_F32,
         Launch::linear(blocks, THREADS),
         &params,
         &[theta_k],

@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/nce.cu`: noise-contrastive estimation.
 
 use super::params::ContraNceParams;
-use super::{blocks_for, extent, Backend, Launch};
+use super::{blocks_for, extent, handles, Backend, Launch};
 use crate::Result;
 
 /// Rows per 256-thread block of the forward (one warp per row), as in nce.cu.
@@ -43,7 +43,7 @@ impl<B: Backend> Problem<'_, B> {
             ..self.params(b)?
         };
         let shape = Launch::linear(blocks_for(self.rows, ROWS_PER_BLOCK), 256);
-        b.launch("nce_fwd_f32", shape, &params, &[&row_loss])?;
+        b.launch(handles::NCE_FWD_F32, shape, &params, &[&row_loss])?;
         // N per-row losses summed on the host in f64: deterministic.
         let total: f64 = b.download(&row_loss)?.iter().map(|&v| v as f64).sum();
         Ok(total / self.rows as f64)
@@ -62,7 +62,7 @@ impl<B: Backend> Problem<'_, B> {
         let elements = self.rows * (self.k + 1);
         let blocks = blocks_for(elements, THREADS as usize).min(MAX_BLOCKS);
         b.launch(
-            "nce_bwd_f32",
+            handles::NCE_BWD_F32,
             Launch::linear(blocks, THREADS),
             &params,
             &[&grad_s_pos, &grad_s_neg],

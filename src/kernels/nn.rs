@@ -6,7 +6,7 @@ use super::params::{
     ContraBatchNormBwdParams, ContraBatchNormFwdParams, ContraBiasReluParams,
     ContraColumnSumParams, ContraGemmParams, ContraReluBwdParams,
 };
-use super::{blocks_for, extent, Backend, BufInfo, Elem, Launch};
+use super::{blocks_for, extent, handles, Backend, BufInfo, Elem, Launch};
 use crate::{Error, Result};
 
 /// Threads per block of the one-thread-per-element and one-thread-per-column kernels.
@@ -129,7 +129,7 @@ pub(crate) fn gemm_kernel<B: Backend>(
         grid: [blocks_for(shape.n, GEMM_TILE), row_tiles, 1],
         block: [GEMM_TILE as u32, GEMM_TILE as u32, 1],
     };
-    backend.launch("nn_gemm_f32", launch, &params, &[c])
+    backend.launch(handles::NN_GEMM_F32, launch, &params, &[c])
 }
 
 /// A grid-stride launch over `len` elements.
@@ -162,7 +162,12 @@ pub(crate) fn bias_relu<B: Backend>(
         cols: extent("cols", cols)?,
         relu: relu as i32,
     };
-    backend.launch("nn_bias_relu_f32", elementwise(rows * cols), &params, &[y])
+    backend.launch(
+        handles::NN_BIAS_RELU_F32,
+        elementwise(rows * cols),
+        &params,
+        &[y],
+    )
 }
 
 /// `dx = dy` where the ReLU output `y` is positive, else 0.
@@ -179,7 +184,7 @@ pub(crate) fn relu_bwd<B: Backend>(
         dx: backend.ptr(dx).cast(),
         len: len as i64,
     };
-    backend.launch("nn_relu_bwd_f32", elementwise(len), &params, &[dx])
+    backend.launch(handles::NN_RELU_BWD_F32, elementwise(len), &params, &[dx])
 }
 
 /// `out[j] = sum_i x[i, j]`.
@@ -195,7 +200,12 @@ pub(crate) fn column_sum<B: Backend>(
         rows: extent("rows", rows)?,
         cols: extent("cols", cols)?,
     };
-    backend.launch("nn_column_sum_f32", per_column(cols), &params, &[out])
+    backend.launch(
+        handles::NN_COLUMN_SUM_F32,
+        per_column(cols),
+        &params,
+        &[out],
+    )
 }
 
 /// The buffers of one BatchNorm1d forward pass.
@@ -238,7 +248,12 @@ pub(crate) fn batchnorm_fwd<B: Backend>(
         momentum,
     };
     let written = [bufs.y, bufs.x_hat, bufs.inv_std];
-    backend.launch("nn_batchnorm_fwd_f32", per_column(cols), &params, &written)
+    backend.launch(
+        handles::NN_BATCHNORM_FWD_F32,
+        per_column(cols),
+        &params,
+        &written,
+    )
 }
 
 /// The buffers of one BatchNorm1d backward pass.
@@ -280,5 +295,10 @@ pub(crate) fn batchnorm_bwd<B: Backend>(
     if let Some((w, b)) = bufs.grad_affine {
         written.extend([w, b]);
     }
-    backend.launch("nn_batchnorm_bwd_f32", per_column(cols), &params, &written)
+    backend.launch(
+        handles::NN_BATCHNORM_BWD_F32,
+        per_column(cols),
+        &params,
+        &written,
+    )
 }

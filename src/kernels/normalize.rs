@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/normalize.cu`.
 
 use super::params::ContraNormalizeParams;
-use super::{blocks_for, extent, typed_kernel, Backend, BufInfo, Launch};
+use super::{blocks_for, extent, handles, Backend, BufInfo, Launch};
 use crate::Result;
 
 /// Rows per 256-thread block (one warp per row), as in normalize.cu.
@@ -29,7 +29,7 @@ pub(crate) fn forward<B: Backend>(b: &B, x: &B::Buf, rows: usize, dim: usize) ->
         eps: 1e-12,
         ..Default::default()
     };
-    let kernel = typed_kernel!("normalize_fwd", elem);
+    let kernel = handles::NORMALIZE_FWD.of(elem);
     b.launch(kernel, launch_shape(rows), &params, &[&y])?;
     Ok(y)
 }
@@ -52,7 +52,7 @@ pub(crate) fn backward<B: Backend>(
         eps: 1e-12,
         ..Default::default()
     };
-    let kernel = typed_kernel!("normalize_bwd", b.info(x).elem);
+    let kernel = handles::NORMALIZE_BWD.of(b.info(x).elem);
     b.launch(kernel, launch_shape(rows), &params, &[&grad_x])?;
     Ok(grad_x)
 }

@@ -1,7 +1,7 @@
 //! Launch sequence of `kernels/queue.cu`: the MoCo queue enqueue.
 
 use super::params::ContraQueueParams;
-use super::{blocks_for, extent, Backend, Launch};
+use super::{blocks_for, extent, handles, Backend, Launch};
 use crate::Result;
 
 /// Key rows per 256-thread block (one warp per row), as in queue.cu.
@@ -31,7 +31,7 @@ pub(crate) fn enqueue<B: Backend>(
     // The queue holds its current (real, never poison) rows and the kernel rewrites only some of
     // them; listing it as written is still sound and turns on the guard-band checks.
     b.launch(
-        "queue_enqueue_f32",
+        handles::QUEUE_ENQUEUE_F32,
         Launch::linear(blocks_for(rows, ROWS_PER_BLOCK), 256),
         &params,
         &[queue],

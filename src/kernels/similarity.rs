@@ -1,7 +1,7 @@
 //! Launch sequence of `kernels/similarity.cu`.
 
 use super::params::*;
-use super::{blocks_for, extent, typed_kernel, Backend, Launch};
+use super::{blocks_for, extent, handles, Backend, Launch};
 use crate::shared::Similarity;
 use crate::Result;
 
@@ -36,7 +36,7 @@ pub(crate) fn forward<B: Backend>(
         grid: [blocks_for(cols, TILE), blocks_for(rows, TILE), 1],
         block: [16, 16, 1],
     };
-    let kernel = typed_kernel!("similarity_fwd", b.info(a).elem);
+    let kernel = handles::SIMILARITY_FWD.of(b.info(a).elem);
     b.launch(kernel, launch, &params, &[&out])?;
     Ok(out)
 }

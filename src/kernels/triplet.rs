@@ -3,7 +3,7 @@
 //! distance).
 
 use super::params::*;
-use super::{blocks_for, extent, normalize, similarity, Backend, Launch};
+use super::{blocks_for, extent, handles, normalize, similarity, Backend, Launch};
 use crate::shared::{
     ldexp, scaled_margin, Coefs, Distance, Mining, Similarity, TripletStats, DIST_EPS,
 };
@@ -117,7 +117,7 @@ impl<B: Backend> Problem<'_, B> {
             eps: (ldexp(DIST_EPS, -2 * k) as f32).max(f32::MIN_POSITIVE),
         };
         b.launch(
-            "triplet_mine_f32",
+            handles::TRIPLET_MINE_F32,
             Launch::linear(n, MINE_THREADS),
             &params,
             &[&coef, &anchor_sum, &anchor_count, &anchor_stats],
@@ -191,7 +191,7 @@ impl<B: Backend> Problem<'_, B> {
             grid: [blocks_for(n, BWD_ROWS), blocks_for(dim, BWD_THREADS), 1],
             block: [BWD_THREADS as u32, 1, 1],
         };
-        b.launch("triplet_bwd_f32", launch, &params, &[&out])?;
+        b.launch(handles::TRIPLET_BWD_F32, launch, &params, &[&out])?;
         if cosine {
             normalize::backward(b, self.x, &out, n, dim)
         } else {

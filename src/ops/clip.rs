@@ -73,10 +73,7 @@ fn validate(op: &'static str, a: &Tensor, b: &Tensor, log_scale: f64) -> Result<
 /// fold in) overflows the compute dtype.
 fn check_log_scale(op: &'static str, log_scale: f64, compute: DType) -> Result<()> {
     check_finite_scalar(op, "log_scale", log_scale)?;
-    let largest = match compute {
-        DType::F64 => f64::MAX,
-        _ => f32::MAX as f64,
-    };
+    let largest = super::largest(compute);
     let scale = log_scale.exp();
     if scale * std::f64::consts::LOG2_E <= largest {
         Ok(())
@@ -117,6 +114,25 @@ fn problem<'a, T>(
 /// and column log-sum-exp for [`clip_backward`].
 pub fn clip_forward(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipForward> {
     let dims = validate(OP, a, b, log_scale)?;
+    let (loss, row_lse, col_lse) = forward_checked(a, b, log_scale, dims)?;
+    let origin = origin(a, b, log_scale);
+    Ok(ClipForward {
+        loss,
+        saved: ClipSaved {
+            row_lse,
+            col_lse,
+            origin,
+        },
+    })
+}
+
+/// The loss and the row and column log-sum-exp, on validated inputs, checked finite.
+fn forward_checked(
+    a: &Tensor,
+    b: &Tensor,
+    log_scale: f64,
+    dims: (usize, usize),
+) -> Result<(f64, Tensor, Tensor)> {
     let (loss, row_lse, col_lse) = (|| {
         run_on_kernels!(a.device(), k => {
             let inputs = KernelInputs::upload(k, a, b, dims.0)?;
@@ -132,15 +148,7 @@ pub fn clip_forward(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipForwar
     check_scalar_result(OP, "loss", loss, BLAME)?;
     check_result(OP, "row_lse", &row_lse, BLAME)?;
     check_result(OP, "col_lse", &col_lse, BLAME)?;
-    let origin = origin(a, b, log_scale);
-    Ok(ClipForward {
-        loss,
-        saved: ClipSaved {
-            row_lse,
-            col_lse,
-            origin,
-        },
-    })
+    Ok((loss, row_lse, col_lse))
 }
 
 /// Backward of the CLIP loss: gradients of `grad_loss * loss` with respect to `a`, `b` and
@@ -162,10 +170,24 @@ pub fn clip_backward(
     }
     saved.origin.check(BACKWARD, &origin(a, b, log_scale))?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(a.device(), a.dtype()))?;
-    let grads = backward_unchecked(a, b, log_scale, saved, grad_loss, dims)?;
-    check_result(BACKWARD, "grad_a", &grads.grad_a, BLAME)?;
-    check_result(BACKWARD, "grad_b", &grads.grad_b, BLAME)?;
-    check_scalar_result(BACKWARD, "grad_log_scale", grads.grad_log_scale, BLAME)?;
+    let lse = (&saved.row_lse, &saved.col_lse);
+    backward_checked(BACKWARD, a, b, log_scale, lse, grad_loss, dims)
+}
+
+/// The gradients on validated inputs, checked finite (errors named after `op`).
+fn backward_checked(
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    log_scale: f64,
+    lse: (&Tensor, &Tensor),
+    grad_loss: f64,
+    dims: (usize, usize),
+) -> Result<ClipGrads> {
+    let grads = backward_unchecked(a, b, log_scale, lse, grad_loss, dims)?;
+    check_result(op, "grad_a", &grads.grad_a, BLAME)?;
+    check_result(op, "grad_b", &grads.grad_b, BLAME)?;
+    check_scalar_result(op, "grad_log_scale", grads.grad_log_scale, BLAME)?;
     Ok(grads)
 }
 
@@ -174,14 +196,14 @@ fn backward_unchecked(
     a: &Tensor,
     b: &Tensor,
     log_scale: f64,
-    saved: &ClipSaved,
+    (row_lse, col_lse): (&Tensor, &Tensor),
     grad_loss: f64,
     dims: (usize, usize),
 ) -> Result<ClipGrads> {
     run_on_kernels!(a.device(), k => {
         let inputs = KernelInputs::upload(k, a, b, dims.0)?;
-        let row_lse = k.upload("row_lse", &values::<f32>(&saved.row_lse))?;
-        let col_lse = values::<f32>(&saved.col_lse);
+        let row_lse = k.upload("row_lse", &values::<f32>(row_lse))?;
+        let col_lse = values::<f32>(col_lse);
         let (grad_a, grad_b, grad_log_scale) = inputs.problem(dims, log_scale).backward(k, &row_lse, &col_lse, grad_loss)?;
         Ok(ClipGrads {
             grad_a: output_like(a, k.download(&grad_a)?, a.shape()),
@@ -192,8 +214,8 @@ fn backward_unchecked(
     with_cpu_real!(a.dtype(), T => {
         let (av, bv) = (values::<T>(a), values::<T>(b));
         let grads = problem(&av, &bv, dims, log_scale).backward(
-            &saved.row_lse.to_vec_f64(),
-            &saved.col_lse.to_vec_f64(),
+            &row_lse.to_vec_f64(),
+            &col_lse.to_vec_f64(),
             grad_loss,
         );
         Ok(ClipGrads {
@@ -220,10 +242,12 @@ fn backward_unchecked(
 /// # Ok::<(), contra::Error>(())
 /// ```
 pub fn clip(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipOutput> {
-    let fwd = clip_forward(a, b, log_scale)?;
-    let grads = clip_backward(a, b, log_scale, &fwd.saved, 1.0)?;
+    // Validated once; no saved state to fingerprint or verify.
+    let dims = validate(OP, a, b, log_scale)?;
+    let (loss, row_lse, col_lse) = forward_checked(a, b, log_scale, dims)?;
+    let grads = backward_checked(OP, a, b, log_scale, (&row_lse, &col_lse), 1.0, dims)?;
     Ok(ClipOutput {
-        loss: fwd.loss,
+        loss,
         grad_a: grads.grad_a,
         grad_b: grads.grad_b,
         grad_log_scale: grads.grad_log_scale,

@@ -136,20 +136,29 @@ pub fn infonce_forward(
     opts: &InfoNceOptions,
 ) -> Result<SoftmaxForward> {
     let dims = validate(OP, q, k, positives, opts)?;
+    let (loss, lse) = forward_lse(q, k, positives, opts, dims)?;
     let origin = origin(q, k, positives, opts);
-    let (loss, lse) = (|| {
-        run_on_kernels!(q.device(), b => {
-            let inputs = KernelInputs::upload(b, q, k, positives)?;
-            let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
-            Ok((loss, q.host_like(b.download(&lse)?, &[dims.0])))
-        });
-        with_cpu_real!(q.dtype(), T => {
-            let (qv, kv) = (values::<T>(q), values::<T>(k));
-            let (loss, lse) = problem(&qv, &kv, dims, positives, opts).forward();
-            Ok((loss, q.host_like(lse, &[dims.0])))
-        })
-    })()?;
     SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
+}
+
+/// The loss and the per-query log-sum-exp, on validated inputs.
+fn forward_lse(
+    q: &Tensor,
+    k: &Tensor,
+    positives: &[usize],
+    opts: &InfoNceOptions,
+    dims: (usize, usize, usize),
+) -> Result<(f64, Tensor)> {
+    run_on_kernels!(q.device(), b => {
+        let inputs = KernelInputs::upload(b, q, k, positives)?;
+        let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
+        Ok((loss, q.host_like(b.download(&lse)?, &[dims.0])))
+    });
+    with_cpu_real!(q.dtype(), T => {
+        let (qv, kv) = (values::<T>(q), values::<T>(k));
+        let (loss, lse) = problem(&qv, &kv, dims, positives, opts).forward();
+        Ok((loss, q.host_like(lse, &[dims.0])))
+    })
 }
 
 /// What scales the softmax losses' results, named when one overflows.
@@ -211,24 +220,34 @@ pub fn infonce_backward(
     let dims = validate(BACKWARD, q, k, positives, opts)?;
     saved.check(BACKWARD, &origin(q, k, positives, opts), dims.0)?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(q.device(), q.dtype()))?;
-    let (dq, dk) = (|| {
-        run_on_kernels!(q.device(), b => {
-            let inputs = KernelInputs::upload(b, q, k, positives)?;
-            let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-            let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
-            let dk = dk.ok_or_else(|| Error::Device("infonce: the kernels returned no key gradient".into()))?;
-            Ok((output_like(q, b.download(&dq)?, q.shape()), output_like(k, b.download(&dk)?, k.shape())))
-        });
-        with_cpu_real!(q.dtype(), T => {
-            let (qv, kv) = (values::<T>(q), values::<T>(k));
-            let lse = saved.lse.to_vec_f64();
-            let (dq, dk) = problem(&qv, &kv, dims, positives, opts).backward(&lse, grad_loss);
-            Ok((output_like(q, dq, q.shape()), output_like(k, dk, k.shape())))
-        })
-    })()?;
+    let (dq, dk) = input_grads(q, k, positives, opts, dims, &saved.lse, grad_loss)?;
     check_result(BACKWARD, "grad_q", &dq, GRADIENT_BLAME)?;
     check_result(BACKWARD, "grad_k", &dk, GRADIENT_BLAME)?;
     Ok((dq, dk))
+}
+
+/// dq and dk from the forward's `lse`, on validated inputs.
+fn input_grads(
+    q: &Tensor,
+    k: &Tensor,
+    positives: &[usize],
+    opts: &InfoNceOptions,
+    dims: (usize, usize, usize),
+    lse: &Tensor,
+    grad_loss: f64,
+) -> Result<(Tensor, Tensor)> {
+    run_on_kernels!(q.device(), b => {
+        let inputs = KernelInputs::upload(b, q, k, positives)?;
+        let lse = b.upload("lse", &values::<f32>(lse))?;
+        let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
+        let dk = dk.ok_or_else(|| Error::Device("infonce: the kernels returned no key gradient".into()))?;
+        Ok((output_like(q, b.download(&dq)?, q.shape()), output_like(k, b.download(&dk)?, k.shape())))
+    });
+    with_cpu_real!(q.dtype(), T => {
+        let (qv, kv) = (values::<T>(q), values::<T>(k));
+        let (dq, dk) = problem(&qv, &kv, dims, positives, opts).backward(&lse.to_vec_f64(), grad_loss);
+        Ok((output_like(q, dq, q.shape()), output_like(k, dk, k.shape())))
+    })
 }
 
 /// InfoNCE loss and gradients in one call.
@@ -248,10 +267,11 @@ pub fn infonce(
     positives: &[usize],
     opts: &InfoNceOptions,
 ) -> Result<InfoNceOutput> {
-    if q.device() == Device::Cpu {
+    // Validated once; no saved state to fingerprint or verify.
+    let dims = validate(OP, q, k, positives, opts)?;
+    let out = if q.device() == Device::Cpu {
         // One sweep for loss and gradients (see cpu::softmax::forward_backward).
-        let dims = validate(OP, q, k, positives, opts)?;
-        let out = with_cpu_real!(q.dtype(), T => {
+        with_cpu_real!(q.dtype(), T => {
             let (qv, kv) = (values::<T>(q), values::<T>(k));
             let (loss, dq, dk) = problem(&qv, &kv, dims, positives, opts).forward_backward(1.0);
             InfoNceOutput {
@@ -259,19 +279,21 @@ pub fn infonce(
                 grad_q: output_like(q, dq, q.shape()),
                 grad_k: output_like(k, dk, k.shape()),
             }
-        });
-        check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
-        check_result(OP, "grad_q", &out.grad_q, GRADIENT_BLAME)?;
-        check_result(OP, "grad_k", &out.grad_k, GRADIENT_BLAME)?;
-        return Ok(out);
-    }
-    let fwd = infonce_forward(q, k, positives, opts)?;
-    let (grad_q, grad_k) = infonce_backward(q, k, positives, opts, &fwd.saved, 1.0)?;
-    Ok(InfoNceOutput {
-        loss: fwd.loss,
-        grad_q,
-        grad_k,
-    })
+        })
+    } else {
+        let (loss, lse) = forward_lse(q, k, positives, opts, dims)?;
+        check_result(OP, "lse", &lse, TEMPERATURE_BLAME)?;
+        let (grad_q, grad_k) = input_grads(q, k, positives, opts, dims, &lse, 1.0)?;
+        InfoNceOutput {
+            loss,
+            grad_q,
+            grad_k,
+        }
+    };
+    check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
+    check_result(OP, "grad_q", &out.grad_q, GRADIENT_BLAME)?;
+    check_result(OP, "grad_k", &out.grad_k, GRADIENT_BLAME)?;
+    Ok(out)
 }
 
 /// q, k and the positive indices as kernel buffers.

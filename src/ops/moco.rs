@@ -4,9 +4,9 @@
 
 use super::infonce::{SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME};
 use super::{
-    check_finite, check_grad_loss, check_result, check_softmax_temperature, compute_dtype,
-    matrix_dims, output_like, same_place, same_width, upload_features, values, with_cpu_real,
-    Fingerprint, Origin,
+    check_finite, check_grad_loss, check_result, check_scalar_result, check_softmax_temperature,
+    compute_dtype, matrix_dims, output_like, same_place, same_width, upload_features, values,
+    with_cpu_real, Fingerprint, Origin,
 };
 use crate::cpu::Real;
 use crate::kernels::{self, run_on_kernels, Backend};
@@ -99,20 +99,29 @@ pub fn moco_forward(
     opts: &MocoOptions,
 ) -> Result<SoftmaxForward> {
     let dims = validate(OP, q, k, queue, opts)?;
-    let (loss, lse) = (|| {
-        run_on_kernels!(q.device(), b => {
-            let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
-            let (loss, lse) = kernel_problem(b, &buffers, dims, opts).forward(b)?;
-            Ok((loss, q.host_like(b.download(&lse)?, &[dims.0])))
-        });
-        with_cpu_real!(q.dtype(), T => {
-            let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
-            let (loss, lse) = problem(&qv, &kv, &queue_v, dims, opts).forward();
-            Ok((loss, q.host_like(lse, &[dims.0])))
-        })
-    })()?;
+    let (loss, lse) = forward_lse(q, k, queue, opts, dims)?;
     let origin = origin(q, k, queue, opts);
     SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
+}
+
+/// The loss and the per-query log-sum-exp, on validated inputs.
+fn forward_lse(
+    q: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    opts: &MocoOptions,
+    dims: (usize, usize, usize),
+) -> Result<(f64, Tensor)> {
+    run_on_kernels!(q.device(), b => {
+        let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
+        let (loss, lse) = kernel_problem(b, &buffers, dims, opts).forward(b)?;
+        Ok((loss, q.host_like(b.download(&lse)?, &[dims.0])))
+    });
+    with_cpu_real!(q.dtype(), T => {
+        let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
+        let (loss, lse) = problem(&qv, &kv, &queue_v, dims, opts).forward();
+        Ok((loss, q.host_like(lse, &[dims.0])))
+    })
 }
 
 /// MoCo backward: the gradient of `grad_loss * loss` with respect to q (k and the queue get none).
@@ -127,21 +136,32 @@ pub fn moco_backward(
     let dims = validate(BACKWARD, q, k, queue, opts)?;
     saved.check(BACKWARD, &origin(q, k, queue, opts), dims.0)?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(q.device(), q.dtype()))?;
-    let grad = (|| {
-        run_on_kernels!(q.device(), b => {
-            let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
-            let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-            let grad = kernel_problem(b, &buffers, dims, opts).backward(b, &lse, grad_loss)?;
-            Ok(output_like(q, b.download(&grad)?, q.shape()))
-        });
-        with_cpu_real!(q.dtype(), T => {
-            let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
-            let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
-            Ok(output_like(q, grad, q.shape()))
-        })
-    })()?;
+    let grad = query_grad(q, k, queue, opts, dims, &saved.lse, grad_loss)?;
     check_result(BACKWARD, "grad_q", &grad, GRADIENT_BLAME)?;
     Ok(grad)
+}
+
+/// dq from the forward's `lse`, on validated inputs.
+fn query_grad(
+    q: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    opts: &MocoOptions,
+    dims: (usize, usize, usize),
+    lse: &Tensor,
+    grad_loss: f64,
+) -> Result<Tensor> {
+    run_on_kernels!(q.device(), b => {
+        let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
+        let lse = b.upload("lse", &values::<f32>(lse))?;
+        let grad = kernel_problem(b, &buffers, dims, opts).backward(b, &lse, grad_loss)?;
+        Ok(output_like(q, b.download(&grad)?, q.shape()))
+    });
+    with_cpu_real!(q.dtype(), T => {
+        let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
+        let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&lse.to_vec_f64(), grad_loss);
+        Ok(output_like(q, grad, q.shape()))
+    })
 }
 
 /// MoCo loss and query gradient in one call: queries `q` and their positive keys `k` (N x D,
@@ -158,12 +178,14 @@ pub fn moco_backward(
 /// # Ok::<(), contra::Error>(())
 /// ```
 pub fn moco(q: &Tensor, k: &Tensor, queue: &Tensor, opts: &MocoOptions) -> Result<MocoOutput> {
-    let fwd = moco_forward(q, k, queue, opts)?;
-    let grad_q = moco_backward(q, k, queue, opts, &fwd.saved, 1.0)?;
-    Ok(MocoOutput {
-        loss: fwd.loss,
-        grad_q,
-    })
+    // Validated once; no saved state to fingerprint or verify.
+    let dims = validate(OP, q, k, queue, opts)?;
+    let (loss, lse) = forward_lse(q, k, queue, opts, dims)?;
+    check_scalar_result(OP, "loss", loss, TEMPERATURE_BLAME)?;
+    check_result(OP, "lse", &lse, TEMPERATURE_BLAME)?;
+    let grad_q = query_grad(q, k, queue, opts, dims, &lse, 1.0)?;
+    check_result(OP, "grad_q", &grad_q, GRADIENT_BLAME)?;
+    Ok(MocoOutput { loss, grad_q })
 }
 
 /// Writes the L2-normalized keys `k` (N x D) into `queue` (K x D) at rows `(ptr + i) mod K` and

@@ -337,7 +337,7 @@ pub(crate) fn compute_dtype(device: Device, dtype: DType) -> DType {
 }
 
 /// The largest finite value of the compute dtype `compute` (f32 or f64).
-fn largest(compute: DType) -> f64 {
+pub(crate) fn largest(compute: DType) -> f64 {
     match compute {
         DType::F64 => f64::MAX,
         _ => f32::MAX as f64,

@@ -109,20 +109,23 @@ fn origin(z: &Tensor, opts: &NtXentOptions) -> Origin {
 /// The NT-Xent forward: the mean loss and the per-row log-sum-exp for [`ntxent_backward`].
 pub fn ntxent_forward(z: &Tensor, opts: &NtXentOptions) -> Result<SoftmaxForward> {
     let (rows, dim) = validate(OP, z, opts)?;
-    let (loss, lse) = (|| {
-        run_on_kernels!(z.device(), b => {
-            let inputs = SymmetricInputs::upload(b, z, rows)?;
-            let (loss, lse) = inputs.problem(rows, dim, opts).forward(b)?;
-            Ok((loss, z.host_like(b.download(&lse)?, &[rows])))
-        });
-        with_cpu_real!(z.dtype(), T => {
-            let zv = values::<T>(z);
-            let positives = cpu::infonce::ntxent_positives(rows);
-            let (loss, lse) = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature).forward();
-            Ok((loss, z.host_like(lse, &[rows])))
-        })
-    })()?;
+    let (loss, lse) = forward_lse(z, opts, rows, dim)?;
     SoftmaxSaved::checked(OP, loss, lse, origin(z, opts), TEMPERATURE_BLAME)
+}
+
+/// The loss and the per-row log-sum-exp, on validated inputs.
+fn forward_lse(z: &Tensor, opts: &NtXentOptions, rows: usize, dim: usize) -> Result<(f64, Tensor)> {
+    run_on_kernels!(z.device(), b => {
+        let inputs = SymmetricInputs::upload(b, z, rows)?;
+        let (loss, lse) = inputs.problem(rows, dim, opts).forward(b)?;
+        Ok((loss, z.host_like(b.download(&lse)?, &[rows])))
+    });
+    with_cpu_real!(z.dtype(), T => {
+        let zv = values::<T>(z);
+        let positives = cpu::infonce::ntxent_positives(rows);
+        let (loss, lse) = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature).forward();
+        Ok((loss, z.host_like(lse, &[rows])))
+    })
 }
 
 /// The NT-Xent backward: the gradient of `grad_loss * loss` with respect to z.
@@ -135,45 +138,55 @@ pub fn ntxent_backward(
     let (rows, dim) = validate(BACKWARD, z, opts)?;
     saved.check(BACKWARD, &origin(z, opts), rows)?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(z.device(), z.dtype()))?;
-    let grad = (|| {
-        run_on_kernels!(z.device(), b => {
-            let inputs = SymmetricInputs::upload(b, z, rows)?;
-            let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-            let (dz, _) = inputs.problem(rows, dim, opts).backward(b, &lse, grad_loss)?;
-            Ok(output_like(z, b.download(&dz)?, z.shape()))
-        });
-        with_cpu_real!(z.dtype(), T => {
-            let zv = values::<T>(z);
-            let positives = cpu::infonce::ntxent_positives(rows);
-            let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
-            let grad = cpu::infonce::ntxent_backward(&problem, &saved.lse.to_vec_f64(), grad_loss);
-            Ok(output_like(z, grad, z.shape()))
-        })
-    })()?;
+    let grad = input_grad(z, opts, rows, dim, &saved.lse, grad_loss)?;
     check_result(BACKWARD, "grad_z", &grad, GRADIENT_BLAME)?;
     Ok(grad)
 }
 
+/// dz from the forward's `lse`, on validated inputs.
+fn input_grad(
+    z: &Tensor,
+    opts: &NtXentOptions,
+    rows: usize,
+    dim: usize,
+    lse: &Tensor,
+    grad_loss: f64,
+) -> Result<Tensor> {
+    run_on_kernels!(z.device(), b => {
+        let inputs = SymmetricInputs::upload(b, z, rows)?;
+        let lse = b.upload("lse", &values::<f32>(lse))?;
+        let (dz, _) = inputs.problem(rows, dim, opts).backward(b, &lse, grad_loss)?;
+        Ok(output_like(z, b.download(&dz)?, z.shape()))
+    });
+    with_cpu_real!(z.dtype(), T => {
+        let zv = values::<T>(z);
+        let positives = cpu::infonce::ntxent_positives(rows);
+        let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
+        let grad = cpu::infonce::ntxent_backward(&problem, &lse.to_vec_f64(), grad_loss);
+        Ok(output_like(z, grad, z.shape()))
+    })
+}
+
 /// NT-Xent loss and gradient in one call.
 pub fn ntxent(z: &Tensor, opts: &NtXentOptions) -> Result<NtXentOutput> {
-    if z.device() == Device::Cpu {
+    // Validated once; no saved state to fingerprint or verify.
+    let (rows, dim) = validate(OP, z, opts)?;
+    let out = if z.device() == Device::Cpu {
         // One sweep for loss and gradient (see cpu::softmax::forward_backward).
-        let (rows, dim) = validate(OP, z, opts)?;
-        let out = with_cpu_real!(z.dtype(), T => {
+        with_cpu_real!(z.dtype(), T => {
             let zv = values::<T>(z);
             let positives = cpu::infonce::ntxent_positives(rows);
             let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
             let (loss, grad) = cpu::infonce::ntxent_forward_backward(&problem, 1.0);
             NtXentOutput { loss, grad_z: output_like(z, grad, z.shape()) }
-        });
-        check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
-        check_result(OP, "grad_z", &out.grad_z, GRADIENT_BLAME)?;
-        return Ok(out);
-    }
-    let fwd = ntxent_forward(z, opts)?;
-    let grad_z = ntxent_backward(z, opts, &fwd.saved, 1.0)?;
-    Ok(NtXentOutput {
-        loss: fwd.loss,
-        grad_z,
-    })
+        })
+    } else {
+        let (loss, lse) = forward_lse(z, opts, rows, dim)?;
+        check_result(OP, "lse", &lse, TEMPERATURE_BLAME)?;
+        let grad_z = input_grad(z, opts, rows, dim, &lse, 1.0)?;
+        NtXentOutput { loss, grad_z }
+    };
+    check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
+    check_result(OP, "grad_z", &out.grad_z, GRADIENT_BLAME)?;
+    Ok(out)
 }

@@ -124,20 +124,28 @@ pub fn supcon_forward(
     opts: &SupConOptions,
 ) -> Result<SoftmaxForward> {
     let dims = validate(OP, features, labels, opts)?;
-    let (loss, lse) = (|| {
-        run_on_kernels!(features.device(), b => {
-            let inputs = KernelInputs::upload(b, features, labels, dims)?;
-            let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
-            Ok((loss, features.host_like(b.download(&lse)?, &[dims.0 * dims.1])))
-        });
-        with_cpu_real!(features.dtype(), T => {
-            let fv = values::<T>(features);
-            let (loss, lse) = problem(&fv, labels, dims, opts).forward();
-            Ok((loss, features.host_like(lse, &[dims.0 * dims.1])))
-        })
-    })()?;
+    let (loss, lse) = forward_lse(features, labels, opts, dims)?;
     let origin = origin(features, labels, opts);
     SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
+}
+
+/// The loss and the per-anchor log-sum-exp, on validated inputs.
+fn forward_lse(
+    features: &Tensor,
+    labels: &[i64],
+    opts: &SupConOptions,
+    dims: (usize, usize, usize),
+) -> Result<(f64, Tensor)> {
+    run_on_kernels!(features.device(), b => {
+        let inputs = KernelInputs::upload(b, features, labels, dims)?;
+        let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
+        Ok((loss, features.host_like(b.download(&lse)?, &[dims.0 * dims.1])))
+    });
+    with_cpu_real!(features.dtype(), T => {
+        let fv = values::<T>(features);
+        let (loss, lse) = problem(&fv, labels, dims, opts).forward();
+        Ok((loss, features.host_like(lse, &[dims.0 * dims.1])))
+    })
 }
 
 /// SupCon backward: the gradient of `grad_loss * loss` with respect to the features.
@@ -155,21 +163,31 @@ pub fn supcon_backward(
         grad_loss,
         compute_dtype(features.device(), features.dtype()),
     )?;
-    let grad = (|| {
-        run_on_kernels!(features.device(), b => {
-            let inputs = KernelInputs::upload(b, features, labels, dims)?;
-            let lse = b.upload("lse", &values::<f32>(&saved.lse))?;
-            let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
-            Ok(output_like(features, b.download(&grad)?, features.shape()))
-        });
-        with_cpu_real!(features.dtype(), T => {
-            let fv = values::<T>(features);
-            let grad = problem(&fv, labels, dims, opts).backward(&saved.lse.to_vec_f64(), grad_loss);
-            Ok(output_like(features, grad, features.shape()))
-        })
-    })()?;
+    let grad = input_grad(features, labels, opts, dims, &saved.lse, grad_loss)?;
     check_result(BACKWARD, "grad_features", &grad, GRADIENT_BLAME)?;
     Ok(grad)
+}
+
+/// The feature gradient from the forward's `lse`, on validated inputs.
+fn input_grad(
+    features: &Tensor,
+    labels: &[i64],
+    opts: &SupConOptions,
+    dims: (usize, usize, usize),
+    lse: &Tensor,
+    grad_loss: f64,
+) -> Result<Tensor> {
+    run_on_kernels!(features.device(), b => {
+        let inputs = KernelInputs::upload(b, features, labels, dims)?;
+        let lse = b.upload("lse", &values::<f32>(lse))?;
+        let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
+        Ok(output_like(features, b.download(&grad)?, features.shape()))
+    });
+    with_cpu_real!(features.dtype(), T => {
+        let fv = values::<T>(features);
+        let grad = problem(&fv, labels, dims, opts).backward(&lse.to_vec_f64(), grad_loss);
+        Ok(output_like(features, grad, features.shape()))
+    })
 }
 
 /// SupCon loss and gradient in one call: `features` is N x V x D (V views of each of N samples),
@@ -189,24 +207,27 @@ pub fn supcon_backward(
 /// # Ok::<(), contra::Error>(())
 /// ```
 pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result<SupConOutput> {
-    if features.device() == Device::Cpu {
+    // Validated once; no saved state to fingerprint or verify.
+    let dims = validate(OP, features, labels, opts)?;
+    let out = if features.device() == Device::Cpu {
         // One sweep for loss and gradient (see cpu::softmax::forward_backward).
-        let dims = validate(OP, features, labels, opts)?;
-        let out = with_cpu_real!(features.dtype(), T => {
+        with_cpu_real!(features.dtype(), T => {
             let fv = values::<T>(features);
             let (loss, grad) = problem(&fv, labels, dims, opts).forward_backward(1.0);
             SupConOutput { loss, grad_features: output_like(features, grad, features.shape()) }
-        });
-        check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
-        check_result(OP, "grad_features", &out.grad_features, GRADIENT_BLAME)?;
-        return Ok(out);
-    }
-    let fwd = supcon_forward(features, labels, opts)?;
-    let grad_features = supcon_backward(features, labels, opts, &fwd.saved, 1.0)?;
-    Ok(SupConOutput {
-        loss: fwd.loss,
-        grad_features,
-    })
+        })
+    } else {
+        let (loss, lse) = forward_lse(features, labels, opts, dims)?;
+        check_result(OP, "lse", &lse, TEMPERATURE_BLAME)?;
+        let grad_features = input_grad(features, labels, opts, dims, &lse, 1.0)?;
+        SupConOutput {
+            loss,
+            grad_features,
+        }
+    };
+    check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
+    check_result(OP, "grad_features", &out.grad_features, GRADIENT_BLAME)?;
+    Ok(out)
 }
 
 /// The flattened views, a dense class id per view and `1 / |P(a)|` per view, as kernel buffers.

@@ -10,12 +10,12 @@ pub enum Device {
     #[default]
     Cpu,
     /// The CUDA kernels compiled as host C++, every CUDA thread run on the CPU. Slow by design;
-    /// it exists to test the kernels on machines without a GPU. Ops without a kernel yet run the
-    /// CPU path.
+    /// it exists to test the kernels on machines without a GPU. Its tensors live in
+    /// guard-banded buffers that stand for device memory: moving them to and from the host is
+    /// counted like a GPU's copies ([`Transfers`](crate::Transfers)).
     Interp,
-    /// GPU `i` through the CUDA driver (feature `cuda`). Kernel ops run there; tensors keep a
-    /// host copy and each op moves its inputs and outputs (device-resident tensors are planned
-    /// with the trainer).
+    /// GPU `i` through the CUDA driver (feature `cuda`). Tensors live in its memory and ops
+    /// leave their outputs there.
     Cuda(usize),
 }
 
@@ -38,9 +38,10 @@ impl Device {
         }
     }
 
-    /// True when tensors of this device live in host memory.
+    /// True when tensors of this device live in host memory (the CPU; an interpreted-mode
+    /// tensor stands for device memory, moved explicitly like a GPU's).
     pub fn is_host(&self) -> bool {
-        matches!(self, Device::Cpu | Device::Interp)
+        matches!(self, Device::Cpu)
     }
 }
 

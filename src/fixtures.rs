@@ -678,7 +678,7 @@ impl Checker<'_> {
     }
 
     fn tensor(&mut self, output: &str, got: &Tensor) -> Result<()> {
-        self.values(output, &got.to_vec_f64(), got.shape())
+        self.values(output, &got.to_vec_f64()?, got.shape())
     }
 
     fn scalar(&mut self, output: &str, got: f64) -> Result<()> {

@@ -43,6 +43,7 @@ pub mod train;
 
 pub use device::{device_available, Device};
 pub use error::{Error, Result};
+pub use kernels::storage::Transfers;
 pub use ops::*;
 pub use tensor::{DType, Element, Tensor};
 

@@ -1,7 +1,11 @@
 //! A dense row-major tensor that knows its element type and device.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use half::{bf16, f16};
 
+use crate::kernels::storage::{self, DeviceBuf};
 use crate::{Device, Error, Result};
 
 /// Element type of a tensor.
@@ -103,7 +107,7 @@ fn convert<S: Element, T: Element>(values: &[S]) -> Vec<T> {
 }
 
 impl HostData {
-    fn dtype(&self) -> DType {
+    pub(crate) fn dtype(&self) -> DType {
         match self {
             HostData::F32(_) => DType::F32,
             HostData::F64(_) => DType::F64,
@@ -112,7 +116,7 @@ impl HostData {
         }
     }
 
-    fn to_vec<T: Element>(&self) -> Vec<T> {
+    pub(crate) fn to_vec<T: Element>(&self) -> Vec<T> {
         match self {
             HostData::F32(v) => convert(v),
             HostData::F64(v) => convert(v),
@@ -121,7 +125,7 @@ impl HostData {
         }
     }
 
-    fn to_dtype(&self, dtype: DType) -> HostData {
+    pub(crate) fn to_dtype(&self, dtype: DType) -> HostData {
         match dtype {
             DType::F32 => HostData::F32(self.to_vec()),
             DType::F64 => HostData::F64(self.to_vec()),
@@ -155,24 +159,68 @@ pub(crate) fn checked_numel(
     }
 }
 
+/// Where a tensor's elements live, with the key that stands for their values in the
+/// fingerprints of saved forward states (see [`Tensor::content_key`]).
+#[derive(Clone, Debug)]
+pub(crate) enum Storage {
+    /// Host memory; `key` is known when the values came from a device (else hashed on demand).
+    Host { data: HostData, key: Option<u64> },
+    /// A kernel backend's buffer, shared by clones until one of them is written (copy on
+    /// write). `key` is the hash of the values uploaded into it, or a fresh id for values a
+    /// kernel wrote (no host scan).
+    Device { buf: Arc<DeviceBuf>, key: u64 },
+}
+
+/// A fresh content key for values only a kernel has seen.
+fn fresh_key() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    // Odd multiples of a large odd constant: distinct, and spread like the value hashes.
+    NEXT.fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// A 64-bit hash of the values (FxHash-style multiply-rotate over each element's bits, widened
+/// to 64): the content key of host values, the same wherever they are copied.
+fn hash_values(data: &HostData) -> u64 {
+    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+    let fold = |h: u64, bits: u64| (h.rotate_left(5) ^ bits).wrapping_mul(K);
+    match data {
+        HostData::F32(v) => v.iter().fold(0, |h, x| fold(h, x.to_bits() as u64)),
+        HostData::F64(v) => v.iter().fold(0, |h, x| fold(h, x.to_bits())),
+        HostData::Bf16(v) => v.iter().fold(0, |h, x| fold(h, x.to_bits() as u64)),
+        HostData::F16(v) => v.iter().fold(0, |h, x| fold(h, x.to_bits() as u64)),
+    }
+}
+
 /// A dense, row-major tensor on a [`Device`].
+///
+/// On `Device::Cpu` the elements live in host memory; on `Device::Interp` and `Device::Cuda`
+/// they live in a buffer of that device (for the interpreted mode a guard-banded host buffer
+/// that stands for device memory). Ops leave their outputs where their inputs are; moving is
+/// explicit ([`Tensor::to_device`], [`Tensor::to_host`], and the reads [`Tensor::to_vec`],
+/// [`Tensor::to_scalar`]), and every move between host and device is counted in
+/// [`Transfers`](crate::Transfers). Cloning a device tensor shares its buffer until one of the
+/// clones is written in place, which copies it on the device first.
 ///
 /// ```
 /// use contra::{Device, Tensor};
 /// let x = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[2, 2], Device::Cpu)?;
 /// assert_eq!(x.shape(), &[2, 2]);
-/// assert_eq!(x.to_vec::<f32>()?, vec![1.0, 2.0, 3.0, 4.0]);
+/// let on_device = x.to_device(Device::Interp)?;
+/// assert_eq!(on_device.to_vec::<f32>()?, vec![1.0, 2.0, 3.0, 4.0]);
 /// # Ok::<(), contra::Error>(())
 /// ```
 #[derive(Clone, Debug)]
 pub struct Tensor {
     shape: Vec<usize>,
     device: Device,
-    pub(crate) data: HostData,
+    dtype: DType,
+    pub(crate) storage: Storage,
 }
 
 impl Tensor {
-    /// Wraps `values` (row-major) as a tensor of `shape` on `device`.
+    /// Wraps `values` (row-major) as a tensor of `shape` on `device` (on a kernel device: one
+    /// copy to it).
     pub fn from_vec<T: Element>(values: Vec<T>, shape: &[usize], device: Device) -> Result<Self> {
         let numel = checked_numel("Tensor::from_vec", "shape", shape, T::DTYPE)?;
         if numel != values.len() {
@@ -183,7 +231,7 @@ impl Tensor {
                 format!("{numel} elements for shape {shape:?}"),
             ));
         }
-        Self::on_device(shape.to_vec(), T::wrap(values), device)
+        Self::from_host(shape.to_vec(), T::wrap(values), device)
     }
 
     /// Copies `values` into a new tensor.
@@ -191,36 +239,68 @@ impl Tensor {
         Self::from_vec(values.to_vec(), shape, device)
     }
 
-    /// A tensor of zeros.
+    /// A tensor of zeros (on a kernel device: filled there, no copy).
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
         let numel = checked_numel("Tensor::zeros", "shape", shape, dtype)?;
+        if device != Device::Cpu {
+            check_available(device)?;
+            let buf = storage::zeros(device, numel, dtype)?;
+            return Ok(Self::from_device_buf(shape.to_vec(), dtype, buf));
+        }
         let data = match dtype {
             DType::F32 => HostData::F32(vec![0.0; numel]),
             DType::F64 => HostData::F64(vec![0.0; numel]),
             DType::Bf16 => HostData::Bf16(vec![bf16::ZERO; numel]),
             DType::F16 => HostData::F16(vec![f16::ZERO; numel]),
         };
-        Self::on_device(shape.to_vec(), data, device)
+        Self::from_host(shape.to_vec(), data, device)
     }
 
-    pub(crate) fn on_device(shape: Vec<usize>, data: HostData, device: Device) -> Result<Self> {
-        if let Device::Cuda(_) = device {
-            crate::device_available(device)
-                .map_err(|reason| Error::Device(format!("{device}: {reason}")))?;
+    /// A tensor of `data` on `device`: host storage on the CPU, one copy to a kernel device.
+    pub(crate) fn from_host(shape: Vec<usize>, data: HostData, device: Device) -> Result<Self> {
+        Self::from_host_keyed(shape, data, None, device)
+    }
+
+    /// [`Tensor::from_host`] with the content key of `data` when it is already known.
+    fn from_host_keyed(
+        shape: Vec<usize>,
+        data: HostData,
+        key: Option<u64>,
+        device: Device,
+    ) -> Result<Self> {
+        let dtype = data.dtype();
+        if device == Device::Cpu {
+            return Ok(Tensor {
+                shape,
+                device,
+                dtype,
+                storage: Storage::Host { data, key },
+            });
         }
+        check_available(device)?;
+        let key = key.unwrap_or_else(|| hash_values(&data));
+        let buf = storage::upload(device, "tensor", &data)?;
         Ok(Tensor {
             shape,
             device,
-            data,
+            dtype,
+            storage: Storage::Device {
+                buf: Arc::new(buf),
+                key,
+            },
         })
     }
 
-    /// Builds a host tensor on the same device as `self` (used for op outputs).
-    pub(crate) fn host_like<T: Element>(&self, values: Vec<T>, shape: &[usize]) -> Tensor {
+    /// A device-resident tensor owning `buf` (the kernels' output buffers become tensors so).
+    pub(crate) fn from_device_buf(shape: Vec<usize>, dtype: DType, buf: DeviceBuf) -> Tensor {
         Tensor {
-            shape: shape.to_vec(),
-            device: self.device,
-            data: T::wrap(values),
+            shape,
+            device: buf.device(),
+            dtype,
+            storage: Storage::Device {
+                buf: Arc::new(buf),
+                key: fresh_key(),
+            },
         }
     }
 
@@ -238,44 +318,75 @@ impl Tensor {
     }
 
     pub fn dtype(&self) -> DType {
-        self.data.dtype()
+        self.dtype
     }
 
     pub fn device(&self) -> Device {
         self.device
     }
 
-    /// The elements, row-major, as `T`; `T` must be the tensor's dtype.
-    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
-        match T::slice(&self.data) {
-            Some(values) => Ok(values.to_vec()),
-            None => Err(Error::Mismatch {
-                op: "Tensor::to_vec",
-                reason: format!("tensor holds {}, asked for {}", self.dtype(), T::DTYPE),
-            }),
+    /// The elements as host storage: borrowed on the CPU, copied from a device.
+    fn host_data(&self) -> Result<std::borrow::Cow<'_, HostData>> {
+        match &self.storage {
+            Storage::Host { data, .. } => Ok(std::borrow::Cow::Borrowed(data)),
+            Storage::Device { buf, .. } => Ok(std::borrow::Cow::Owned(buf.to_host()?)),
         }
     }
 
-    /// The elements converted to f64, whatever the dtype.
-    pub fn to_vec_f64(&self) -> Vec<f64> {
-        self.data.to_vec()
+    /// The elements, row-major, as `T`; `T` must be the tensor's dtype. A device tensor is
+    /// copied to the host (the read that synchronises with the device).
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::Mismatch {
+                op: "Tensor::to_vec",
+                reason: format!("tensor holds {}, asked for {}", self.dtype(), T::DTYPE),
+            });
+        }
+        let data = self.host_data()?;
+        Ok(T::slice(&data).map(<[T]>::to_vec).unwrap_or_default())
+    }
+
+    /// The elements converted to f64, whatever the dtype (copied to the host from a device).
+    pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        Ok(self.host_data()?.to_vec())
+    }
+
+    /// The value of a tensor of one element (a loss), as f64.
+    pub fn to_scalar(&self) -> Result<f64> {
+        if self.numel() != 1 {
+            return Err(Error::shape(
+                "Tensor::to_scalar",
+                "self",
+                &self.shape,
+                "a single element (a 0-d tensor or any shape of one element)",
+            ));
+        }
+        Ok(self.to_vec_f64()?[0])
     }
 
     /// A copy converted to `dtype` on the same device.
-    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
-            return self.clone();
+            return Ok(self.clone());
         }
-        Tensor {
-            shape: self.shape.clone(),
-            device: self.device,
-            data: self.data.to_dtype(dtype),
-        }
+        // Converted on the host (two copies on a kernel device).
+        let data = self.host_data()?.to_dtype(dtype);
+        Self::from_host(self.shape.clone(), data, self.device)
     }
 
-    /// A copy on `device`.
+    /// The tensor on `device`: the same storage when it is already there, one copy between the
+    /// host and a device, two (through the host) between devices.
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
-        Self::on_device(self.shape.clone(), self.data.clone(), device)
+        if device == self.device {
+            return Ok(self.clone());
+        }
+        let data = self.host_data()?.into_owned();
+        Self::from_host_keyed(self.shape.clone(), data, Some(self.content_key()), device)
+    }
+
+    /// The tensor in host memory (`Device::Cpu`).
+    pub fn to_host(&self) -> Result<Tensor> {
+        self.to_device(Device::Cpu)
     }
 
     /// A view with another shape of the same number of elements.
@@ -293,8 +404,8 @@ impl Tensor {
         Ok(self)
     }
 
-    /// The index and value of the first NaN or infinity, if any (no copy of the data).
-    pub(crate) fn first_non_finite(&self) -> Option<(usize, f64)> {
+    /// The index and value of the first NaN or infinity, if any (no copy on the host).
+    pub(crate) fn first_non_finite(&self) -> Result<Option<(usize, f64)>> {
         fn find<T: Element>(values: &[T]) -> Option<(usize, f64)> {
             values
                 .iter()
@@ -302,29 +413,67 @@ impl Tensor {
                 .enumerate()
                 .find(|(_, v)| !v.is_finite())
         }
-        match &self.data {
+        Ok(match &*self.host_data()? {
             HostData::F32(v) => find(v),
             HostData::F64(v) => find(v),
             HostData::Bf16(v) => find(v),
             HostData::F16(v) => find(v),
-        }
+        })
     }
 
-    /// Calls `f` with the bits of every element, widened to 64 bits (for fingerprints).
-    pub(crate) fn for_each_bits(&self, mut f: impl FnMut(u64)) {
-        match &self.data {
-            HostData::F32(v) => v.iter().for_each(|x| f(x.to_bits() as u64)),
-            HostData::F64(v) => v.iter().for_each(|x| f(x.to_bits())),
-            HostData::Bf16(v) => v.iter().for_each(|x| f(x.to_bits() as u64)),
-            HostData::F16(v) => v.iter().for_each(|x| f(x.to_bits() as u64)),
+    /// What stands for the values in a saved state's fingerprint: the hash of the values,
+    /// kept across copies between host and devices, or the fresh key of values only a kernel
+    /// wrote (no copy to the host).
+    pub(crate) fn content_key(&self) -> u64 {
+        match &self.storage {
+            Storage::Host { key: Some(key), .. } | Storage::Device { key, .. } => *key,
+            Storage::Host { data, key: None } => hash_values(data),
         }
     }
 
     pub(crate) fn host<T: Element>(&self) -> Option<&[T]> {
-        T::slice(&self.data)
+        match &self.storage {
+            Storage::Host { data, .. } => T::slice(data),
+            Storage::Device { .. } => None,
+        }
     }
 
     pub(crate) fn host_mut<T: Element>(&mut self) -> Option<&mut [T]> {
-        T::slice_mut(&mut self.data)
+        match &mut self.storage {
+            Storage::Host { data, key } => {
+                // The values may change: the key is hashed anew when asked for.
+                *key = None;
+                T::slice_mut(data)
+            }
+            Storage::Device { .. } => None,
+        }
     }
+
+    /// The device buffer of a device-resident tensor.
+    pub(crate) fn device_buf(&self) -> Option<&DeviceBuf> {
+        match &self.storage {
+            Storage::Device { buf, .. } => Some(buf),
+            Storage::Host { .. } => None,
+        }
+    }
+
+    /// The device buffer to write in place: copied on the device first when a clone shares it,
+    /// and given a fresh content key (its values are about to change).
+    pub(crate) fn device_buf_mut(&mut self) -> Result<Option<&DeviceBuf>> {
+        match &mut self.storage {
+            Storage::Device { buf, key } => {
+                if Arc::get_mut(buf).is_none() {
+                    *buf = Arc::new(buf.duplicate()?);
+                }
+                *key = fresh_key();
+                Ok(Some(buf))
+            }
+            Storage::Host { .. } => Ok(None),
+        }
+    }
+}
+
+/// An error unless `device` can hold tensors here.
+fn check_available(device: Device) -> Result<()> {
+    crate::device_available(device).map_err(|reason| Error::Device(format!("{device}: {reason}")))
 }

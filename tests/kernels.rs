@@ -57,7 +57,7 @@ fn check_normalize_forward(device: Device) {
         let (x, zero) = with_zero_row(random_matrix(&mut rng, rows, dim), rows, dim);
         let case = format!("normalize {rows}x{dim}");
         let got = compare_with_cpu(device, &case, &[(&x, &[rows, dim])], |t| {
-            Ok(vec![("y", normalize(&t[0])?.to_vec_f64())])
+            Ok(vec![("y", normalize(&t[0])?.to_vec_f64().unwrap())])
         });
         if let Some(r) = zero {
             let y = output(&got, "y");
@@ -80,7 +80,7 @@ fn check_normalize_backward(device: Device) {
             &format!("normalize_backward {rows}x{dim}"),
             &[(&x, &shape), (&grad_y, &shape)],
             |t| {
-                let grad_x = normalize_backward(&t[0], &t[1])?.to_vec_f64();
+                let grad_x = normalize_backward(&t[0], &t[1])?.to_vec_f64().unwrap();
                 // The zero row's gradient is grad_y / 1e-12 and would dwarf every other row in the
                 // norm: compare the other rows on their own too.
                 let others = grad_x
@@ -124,7 +124,7 @@ fn check_similarity(device: Device) {
             compare_with_cpu(device, &case, &[(&a, &[n, d]), (&b, &[m, d])], |t| {
                 Ok(vec![(
                     "similarity",
-                    similarity(&t[0], &t[1], kind)?.to_vec_f64(),
+                    similarity(&t[0], &t[1], kind)?.to_vec_f64().unwrap(),
                 )])
             });
         }
@@ -151,9 +151,9 @@ fn infonce_outputs(
     let (grad_q, grad_k) = infonce_backward(q, k, positives, opts, &fwd.saved, 1.0)?;
     Ok(vec![
         ("loss", vec![fwd.loss]),
-        ("lse", fwd.saved.lse.to_vec_f64()),
-        ("grad_q", grad_q.to_vec_f64()),
-        ("grad_k", grad_k.to_vec_f64()),
+        ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
+        ("grad_q", grad_q.to_vec_f64().unwrap()),
+        ("grad_k", grad_k.to_vec_f64().unwrap()),
     ])
 }
 
@@ -262,10 +262,10 @@ fn check_infonce_split_grad_loss(device: Device) {
             Ok(vec![
                 ("loss (one call)", vec![one_call.loss]),
                 ("loss (split)", vec![fwd.loss]),
-                ("grad_q (one call)", one_call.grad_q.to_vec_f64()),
-                ("grad_k (one call)", one_call.grad_k.to_vec_f64()),
-                ("grad_q (split, 2.5)", grad_q.to_vec_f64()),
-                ("grad_k (split, 2.5)", grad_k.to_vec_f64()),
+                ("grad_q (one call)", one_call.grad_q.to_vec_f64().unwrap()),
+                ("grad_k (one call)", one_call.grad_k.to_vec_f64().unwrap()),
+                ("grad_q (split, 2.5)", grad_q.to_vec_f64().unwrap()),
+                ("grad_k (split, 2.5)", grad_k.to_vec_f64().unwrap()),
             ])
         });
         for grad in ["grad_q", "grad_k"] {
@@ -384,8 +384,8 @@ fn check_ntxent(device: Device) {
                 let grad_z = ntxent_backward(&t[0], &opts, &fwd.saved, 1.0)?;
                 Ok(vec![
                     ("loss", vec![fwd.loss]),
-                    ("lse", fwd.saved.lse.to_vec_f64()),
-                    ("grad_z", grad_z.to_vec_f64()),
+                    ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
+                    ("grad_z", grad_z.to_vec_f64().unwrap()),
                 ])
             });
         }
@@ -410,8 +410,8 @@ fn check_ntxent_split_grad_loss(device: Device) {
         Ok(vec![
             ("loss (one call)", vec![one_call.loss]),
             ("loss (split)", vec![fwd.loss]),
-            ("grad_z (one call)", one_call.grad_z.to_vec_f64()),
-            ("grad_z (split, 2.5)", grad_z.to_vec_f64()),
+            ("grad_z (one call)", one_call.grad_z.to_vec_f64().unwrap()),
+            ("grad_z (split, 2.5)", grad_z.to_vec_f64().unwrap()),
         ])
     });
     let err = rel_err(
@@ -500,8 +500,8 @@ fn check_moco(device: Device) {
                 let grad_q = moco_backward(&t[0], &t[1], &t[2], &opts, &fwd.saved, 1.5)?;
                 Ok(vec![
                     ("loss", vec![fwd.loss]),
-                    ("lse", fwd.saved.lse.to_vec_f64()),
-                    ("grad_q", grad_q.to_vec_f64()),
+                    ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
+                    ("grad_q", grad_q.to_vec_f64().unwrap()),
                 ])
             });
         }
@@ -542,8 +542,8 @@ fn check_supcon(device: Device) {
             let grad = supcon_backward(&t[0], &labels, &opts, &fwd.saved, 0.75)?;
             Ok(vec![
                 ("loss", vec![fwd.loss]),
-                ("lse", fwd.saved.lse.to_vec_f64()),
-                ("grad_features", grad.to_vec_f64()),
+                ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
+                ("grad_features", grad.to_vec_f64().unwrap()),
             ])
         });
     }
@@ -571,10 +571,10 @@ fn check_clip(device: Device) {
                 let grads = clip_backward(&t[0], &t[1], log_scale, &fwd.saved, 1.25)?;
                 Ok(vec![
                     ("loss", vec![fwd.loss]),
-                    ("row_lse", fwd.saved.row_lse.to_vec_f64()),
-                    ("col_lse", fwd.saved.col_lse.to_vec_f64()),
-                    ("grad_a", grads.grad_a.to_vec_f64()),
-                    ("grad_b", grads.grad_b.to_vec_f64()),
+                    ("row_lse", fwd.saved.row_lse.to_vec_f64().unwrap()),
+                    ("col_lse", fwd.saved.col_lse.to_vec_f64().unwrap()),
+                    ("grad_a", grads.grad_a.to_vec_f64().unwrap()),
+                    ("grad_b", grads.grad_b.to_vec_f64().unwrap()),
                     ("grad_log_scale", vec![grads.grad_log_scale]),
                 ])
             });

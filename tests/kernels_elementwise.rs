@@ -94,10 +94,10 @@ fn check_margin(device: Device) {
                 Ok(vec![
                     ("loss (one call)", vec![one_call.loss]),
                     ("loss (split)", vec![loss]),
-                    ("grad_x1", one_call.grad_x1.to_vec_f64()),
-                    ("grad_x2", one_call.grad_x2.to_vec_f64()),
-                    ("grad_x1 (grad_loss 2.5)", g1.to_vec_f64()),
-                    ("grad_x2 (grad_loss 2.5)", g2.to_vec_f64()),
+                    ("grad_x1", one_call.grad_x1.to_vec_f64().unwrap()),
+                    ("grad_x2", one_call.grad_x2.to_vec_f64().unwrap()),
+                    ("grad_x1 (grad_loss 2.5)", g1.to_vec_f64().unwrap()),
+                    ("grad_x2 (grad_loss 2.5)", g2.to_vec_f64().unwrap()),
                 ])
             });
             let (g1, g2) = (output(&got, "grad_x1"), output(&got, "grad_x2"));
@@ -150,10 +150,10 @@ fn check_nce_case(device: Device, case: &str, rows: usize, k: usize, inputs: [Ve
             Ok(vec![
                 ("loss (one call)", vec![one_call.loss]),
                 ("loss (split)", vec![loss]),
-                ("grad_s_pos", one_call.grad_s_pos.to_vec_f64()),
-                ("grad_s_neg", one_call.grad_s_neg.to_vec_f64()),
-                ("grad_s_pos (grad_loss 2.5)", gp.to_vec_f64()),
-                ("grad_s_neg (grad_loss 2.5)", gn.to_vec_f64()),
+                ("grad_s_pos", one_call.grad_s_pos.to_vec_f64().unwrap()),
+                ("grad_s_neg", one_call.grad_s_neg.to_vec_f64().unwrap()),
+                ("grad_s_pos (grad_loss 2.5)", gp.to_vec_f64().unwrap()),
+                ("grad_s_neg (grad_loss 2.5)", gn.to_vec_f64().unwrap()),
             ])
         },
     );
@@ -247,7 +247,7 @@ fn check_momentum(device: Device) {
                     let mut k = t[0].clone();
                     momentum_update(&mut k, &t[1], m)?;
                     assert_eq!(k.shape(), shape);
-                    Ok(vec![("theta_k", k.to_vec_f64())])
+                    Ok(vec![("theta_k", k.to_vec_f64().unwrap())])
                 },
             );
             // m = 1 keeps theta_k and m = 0 copies theta_q, exactly.
@@ -344,7 +344,10 @@ fn check_enqueue(device: Device) {
             |t| {
                 let mut q = t[0].clone();
                 let next = moco_enqueue(&mut q, &t[1], ptr)?;
-                Ok(vec![("queue", q.to_vec_f64()), ("ptr", vec![next as f64])])
+                Ok(vec![
+                    ("queue", q.to_vec_f64().unwrap()),
+                    ("ptr", vec![next as f64]),
+                ])
             },
         );
         assert_eq!(

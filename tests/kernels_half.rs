@@ -20,8 +20,9 @@ const HALF_DTYPES: [DType; 2] = [DType::Bf16, DType::F16];
 fn rounded(values: &[f32], shape: &[usize], dtype: DType, device: Device) -> (Tensor, Tensor) {
     let half = Tensor::from_vec(values.to_vec(), shape, Device::Cpu)
         .unwrap()
-        .to_dtype(dtype);
-    let reference = Tensor::from_vec(half.to_vec_f64(), shape, Device::Cpu).unwrap();
+        .to_dtype(dtype)
+        .unwrap();
+    let reference = Tensor::from_vec(half.to_vec_f64().unwrap(), shape, Device::Cpu).unwrap();
     (half.to_device(device).unwrap(), reference)
 }
 
@@ -102,7 +103,7 @@ fn half_normalize_and_similarity_match_cpu() {
             let y = random_matrix(&mut rng, m, d);
             let grad_y = random_matrix(&mut rng, n, d);
             compare_half(device, dtype, "normalize 37x77", &[(&x, &[n, d])], |t| {
-                Ok(vec![("y", normalize(&t[0])?.to_vec_f64())])
+                Ok(vec![("y", normalize(&t[0])?.to_vec_f64().unwrap())])
             });
             compare_half(
                 device,
@@ -112,7 +113,7 @@ fn half_normalize_and_similarity_match_cpu() {
                 |t| {
                     Ok(vec![(
                         "grad_x",
-                        normalize_backward(&t[0], &t[1])?.to_vec_f64(),
+                        normalize_backward(&t[0], &t[1])?.to_vec_f64().unwrap(),
                     )])
                 },
             );
@@ -126,7 +127,7 @@ fn half_normalize_and_similarity_match_cpu() {
                 compare_half(device, dtype, &case, &[(&x, &[n, d]), (&y, &[m, d])], |t| {
                     Ok(vec![(
                         "scores",
-                        similarity(&t[0], &t[1], kind)?.to_vec_f64(),
+                        similarity(&t[0], &t[1], kind)?.to_vec_f64().unwrap(),
                     )])
                 });
             }
@@ -162,8 +163,8 @@ fn half_infonce_and_ntxent_match_cpu() {
                     let out = infonce(&t[0], &t[1], &positives, &opts)?;
                     Ok(vec![
                         ("loss", vec![out.loss]),
-                        ("grad_q", out.grad_q.to_vec_f64()),
-                        ("grad_k", out.grad_k.to_vec_f64()),
+                        ("grad_q", out.grad_q.to_vec_f64().unwrap()),
+                        ("grad_k", out.grad_k.to_vec_f64().unwrap()),
                     ])
                 });
             }
@@ -186,7 +187,7 @@ fn half_infonce_and_ntxent_match_cpu() {
                         let out = ntxent(&t[0], &opts)?;
                         Ok(vec![
                             ("loss", vec![out.loss]),
-                            ("grad_z", out.grad_z.to_vec_f64()),
+                            ("grad_z", out.grad_z.to_vec_f64().unwrap()),
                         ])
                     },
                 );
@@ -212,8 +213,8 @@ fn half_clip_moco_supcon_match_cpu() {
                     let out = clip(&t[0], &t[1], (1.0f64 / 0.07).ln())?;
                     Ok(vec![
                         ("loss", vec![out.loss]),
-                        ("grad_a", out.grad_a.to_vec_f64()),
-                        ("grad_b", out.grad_b.to_vec_f64()),
+                        ("grad_a", out.grad_a.to_vec_f64().unwrap()),
+                        ("grad_b", out.grad_b.to_vec_f64().unwrap()),
                         ("grad_log_scale", vec![out.grad_log_scale]),
                     ])
                 },
@@ -225,7 +226,7 @@ fn half_clip_moco_supcon_match_cpu() {
                 let out = moco(&t[0], &t[1], &t[2], &opts)?;
                 Ok(vec![
                     ("loss", vec![out.loss]),
-                    ("grad_q", out.grad_q.to_vec_f64()),
+                    ("grad_q", out.grad_q.to_vec_f64().unwrap()),
                 ])
             });
             // 1 and 4 row tiles (N·V = 46, 201).
@@ -249,7 +250,7 @@ fn half_clip_moco_supcon_match_cpu() {
                         let out = supcon(&t[0], &labels, &opts)?;
                         Ok(vec![
                             ("loss", vec![out.loss]),
-                            ("grad_features", out.grad_features.to_vec_f64()),
+                            ("grad_features", out.grad_features.to_vec_f64().unwrap()),
                         ])
                     },
                 );

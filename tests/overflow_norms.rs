@@ -177,11 +177,12 @@ fn normalize_is_right_for_mixed_row_scales() {
     let want_gx = ref_normalize_backward(&f64s(&x), &f64s(&gy), DIM);
     for device in devices("normalize_is_right_for_mixed_row_scales") {
         let xt = t32(&x, &[rows, DIM], device);
-        let y = normalize(&xt).unwrap().to_vec_f64();
+        let y = normalize(&xt).unwrap().to_vec_f64().unwrap();
         assert_rows_close(&y, &want_y, DIM, 1e-6, &format!("normalize on {device}"));
         let gx = normalize_backward(&xt, &t32(&gy, &[rows, DIM], device))
             .unwrap()
-            .to_vec_f64();
+            .to_vec_f64()
+            .unwrap();
         // Rows of norm ~1e39 have gradients ~1e-39: f32 subnormals, good to ~1e-6.
         let case = format!("normalize_backward on {device}");
         assert_rows_close(&gx, &want_gx, DIM, 1e-5, &case);
@@ -205,7 +206,8 @@ fn normalize_rows_whose_norm_exceeds_f32_max() {
     for device in devices("normalize_rows_whose_norm_exceeds_f32_max") {
         let y = normalize(&t32(&x, &[rows, dim], device))
             .unwrap()
-            .to_vec_f64();
+            .to_vec_f64()
+            .unwrap();
         assert_rows_close(&y, &want, dim, 1e-6, &format!("normalize on {device}"));
     }
 }
@@ -215,12 +217,15 @@ fn normalize_rows_whose_norm_exceeds_f32_max() {
 fn normalize_bf16_huge_rows() {
     let (rows, mut rng) = (67, StdRng::seed_from_u64(0x1302));
     let x = scaled_rows(&mut rng, rows, &MIXED);
-    let xb = t32(&x, &[rows, DIM], Device::Cpu).to_dtype(DType::Bf16);
-    let want = ref_normalize(&xb.to_vec_f64(), DIM);
+    let xb = t32(&x, &[rows, DIM], Device::Cpu)
+        .to_dtype(DType::Bf16)
+        .unwrap();
+    let want = ref_normalize(&xb.to_vec_f64().unwrap(), DIM);
     for device in devices("normalize_bf16_huge_rows") {
         let y = normalize(&xb.to_device(device).unwrap())
             .unwrap()
-            .to_vec_f64();
+            .to_vec_f64()
+            .unwrap();
         assert_rows_close(&y, &want, DIM, 1e-2, &format!("bf16 normalize on {device}"));
     }
 }
@@ -237,11 +242,12 @@ fn normalize_f64_rows_up_to_1e307() {
         .map(|_| 2.0 * rng.random::<f64>() - 1.0)
         .collect();
     let xt = t64(&x, &[rows, DIM]);
-    let y = normalize(&xt).unwrap().to_vec_f64();
+    let y = normalize(&xt).unwrap().to_vec_f64().unwrap();
     assert_rows_close(&y, &ref_normalize(&x, DIM), DIM, 1e-13, "f64 normalize");
     let gx = normalize_backward(&xt, &t64(&gy, &[rows, DIM]))
         .unwrap()
-        .to_vec_f64();
+        .to_vec_f64()
+        .unwrap();
     let want = ref_normalize_backward(&x, &gy, DIM);
     // 1e307-scale rows have gradients ~1e-308: f64 subnormals.
     assert_rows_close(&gx, &want, DIM, 1e-6, "f64 normalize_backward");
@@ -259,7 +265,7 @@ fn moco_enqueue_normalizes_huge_keys() {
         let mut q = t32(&queue, &[queue_len, DIM], device);
         let next = moco_enqueue(&mut q, &t32(&k, &[keys, DIM], device), ptr).unwrap();
         assert_eq!(next, (ptr + keys) % queue_len);
-        let got = q.to_vec_f64();
+        let got = q.to_vec_f64().unwrap();
         for i in 0..keys {
             let slot = (ptr + i) % queue_len;
             let err = rel_err(
@@ -343,7 +349,8 @@ fn check_similarity(test: &str, scales: &[f64], kind: Similarity, tol: f64, seed
             kind,
         )
         .unwrap_or_else(|e| panic!("{test} on {device}: {e}"))
-        .to_vec_f64();
+        .to_vec_f64()
+        .unwrap();
         let case = format!("{test} {kind:?} on {device}");
         assert_scores_close(&got, &want, (rows, cols, scales.len()), tol, &case);
     }
@@ -412,7 +419,8 @@ fn similarity_squared_euclidean_and_dot_of_rows_past_2_pow_63() {
                 kind,
             )
             .unwrap_or_else(|e| panic!("{kind:?} on {device}: {e}"))
-            .to_vec_f64();
+            .to_vec_f64()
+            .unwrap();
             let case = format!("{kind:?} on {device}");
             assert_scores_close(&got, &want, (rows, cols, 4), 1e-4, &case);
         }
@@ -469,15 +477,25 @@ fn similarity_beyond_f32_is_an_error() {
 fn similarity_bf16_cosine_of_huge_rows() {
     let (rows, cols) = (67, 70);
     let mut rng = StdRng::seed_from_u64(0x1309);
-    let to_bf16 = |v: &[f32], r: usize| t32(v, &[r, DIM], Device::Cpu).to_dtype(DType::Bf16);
+    let to_bf16 = |v: &[f32], r: usize| {
+        t32(v, &[r, DIM], Device::Cpu)
+            .to_dtype(DType::Bf16)
+            .unwrap()
+    };
     let a = to_bf16(&scaled_rows(&mut rng, rows, &MIXED), rows);
     let b = to_bf16(&scaled_rows(&mut rng, cols, &MIXED), cols);
-    let want = ref_similarity(&a.to_vec_f64(), &b.to_vec_f64(), DIM, Similarity::Cosine);
+    let want = ref_similarity(
+        &a.to_vec_f64().unwrap(),
+        &b.to_vec_f64().unwrap(),
+        DIM,
+        Similarity::Cosine,
+    );
     for device in devices("similarity_bf16_cosine_of_huge_rows") {
         let (ad, bd) = (a.to_device(device).unwrap(), b.to_device(device).unwrap());
         let got = similarity(&ad, &bd, Similarity::Cosine)
             .unwrap()
-            .to_vec_f64();
+            .to_vec_f64()
+            .unwrap();
         let case = format!("bf16 cosine on {device}");
         assert_scores_close(&got, &want, (rows, cols, MIXED.len()), 2e-2, &case);
     }
@@ -499,7 +517,8 @@ fn similarity_f64_rows_up_to_1e300() {
     for kind in [Similarity::Cosine, Similarity::Euclidean] {
         let got = similarity(&t64(&a, &[rows, DIM]), &t64(&b, &[cols, DIM]), kind)
             .unwrap()
-            .to_vec_f64();
+            .to_vec_f64()
+            .unwrap();
         let want = ref_similarity(&a, &b, DIM, kind);
         let case = format!("f64 {kind:?}");
         assert_scores_close(&got, &want, (rows, cols, wide.len()), 1e-10, &case);
@@ -517,7 +536,8 @@ fn similarity_f64_rows_up_to_1e300() {
         Similarity::Dot,
     )
     .unwrap()
-    .to_vec_f64();
+    .to_vec_f64()
+    .unwrap();
     let want = ref_similarity(&a, &b, DIM, Similarity::Dot);
     assert_scores_close(&got, &want, (rows, cols, dots.len()), 1e-10, "f64 dot");
     let near = |rng: &mut StdRng, n: usize| -> Vec<f64> {
@@ -534,7 +554,8 @@ fn similarity_f64_rows_up_to_1e300() {
         Similarity::SquaredEuclidean,
     )
     .unwrap()
-    .to_vec_f64();
+    .to_vec_f64()
+    .unwrap();
     let want = ref_similarity(&a, &b, DIM, Similarity::SquaredEuclidean);
     assert_scores_close(&got, &want, (rows, cols, 4), 1e-10, "f64 squared euclidean");
     // Beyond f64: errors.
@@ -550,7 +571,8 @@ fn similarity_f64_rows_up_to_1e300() {
         Similarity::Dot,
     )
     .unwrap()
-    .to_vec_f64();
+    .to_vec_f64()
+    .unwrap();
     assert_eq!(got, vec![1e308]);
 }
 
@@ -615,10 +637,11 @@ fn assert_triplet_close(
     let want_grad: Vec<f64> = want
         .grad_x
         .to_vec_f64()
+        .unwrap()
         .iter()
         .map(|g| g * grad_pow)
         .collect();
-    let err = rel_err(&got.grad_x.to_vec_f64(), &want_grad);
+    let err = rel_err(&got.grad_x.to_vec_f64().unwrap(), &want_grad);
     assert!(err <= tol, "{case}: gradient relative error {err:e}");
 }
 
@@ -813,6 +836,7 @@ fn triplet_beyond_f32_is_an_error() {
     assert!(reference
         .grad_x
         .to_vec_f64()
+        .unwrap()
         .iter()
         .any(|g| g.abs() > f32::MAX as f64));
     for device in devices("triplet_beyond_f32_is_an_error") {
@@ -882,14 +906,14 @@ fn margin_loss_at_distance_1e20() {
                 "margin {margin:e} on {device}: loss {loss:e} vs {want_loss:e}"
             );
             let (g1, g2) = margin_backward(&a, &b, &y, &opts, 1.0).unwrap();
-            let err = rel_err(&g1.to_vec_f64(), &want_grad);
+            let err = rel_err(&g1.to_vec_f64().unwrap(), &want_grad);
             assert!(
                 err <= 1e-5,
                 "margin {margin:e} on {device}: grad_x1 {err:e}"
             );
             let minus: Vec<f64> = want_grad.iter().map(|g| -g).collect();
             assert!(
-                rel_err(&g2.to_vec_f64(), &minus) <= 1e-5,
+                rel_err(&g2.to_vec_f64().unwrap(), &minus) <= 1e-5,
                 "{device}: grad_x2"
             );
         }

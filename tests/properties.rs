@@ -218,7 +218,10 @@ fn fd_check(
     loss_scale: f64,
 ) -> Result<bool, TestCaseError> {
     let x: Vec<Vec<f64>> = wrt.iter().map(|(x, _, _)| x.to_vec()).collect();
-    let grads: Vec<Vec<f64>> = wrt.iter().map(|(_, g, _)| g.to_vec_f64()).collect();
+    let grads: Vec<Vec<f64>> = wrt
+        .iter()
+        .map(|(_, g, _)| g.to_vec_f64().unwrap())
+        .collect();
     let v: Vec<Vec<f64>> = x
         .iter()
         .zip(wrt)

@@ -23,11 +23,11 @@ fn t64(values: &[f64], shape: &[usize]) -> Tensor {
 }
 
 fn t32(values: &[f64], shape: &[usize]) -> Tensor {
-    t64(values, shape).to_dtype(DType::F32)
+    t64(values, shape).to_dtype(DType::F32).unwrap()
 }
 
 fn v64(t: &Tensor) -> Vec<f64> {
-    t.to_vec_f64()
+    t.to_vec_f64().unwrap()
 }
 
 /// Central differences with h = 1e-6.
@@ -1036,7 +1036,7 @@ fn error_clip_log_scale() {
     }
     // exp(100) fits f64 but not f32.
     assert!(clip(&ramp(3, 2), &ramp(3, 2), 100.0).is_ok());
-    let f32_in = ramp(3, 2).to_dtype(DType::F32);
+    let f32_in = ramp(3, 2).to_dtype(DType::F32).unwrap();
     let err = expect_err(clip(&f32_in, &f32_in, 100.0), "log_scale", &["f32"]);
     assert!(
         matches!(
@@ -1289,7 +1289,7 @@ fn error_moco_queue_width() {
 
 #[test]
 fn error_dtype_mismatch() {
-    let q32 = ramp(3, 2).to_dtype(DType::F32);
+    let q32 = ramp(3, 2).to_dtype(DType::F32).unwrap();
     let err = expect_err(
         infonce(&q32, &ramp(3, 2), &[0, 1, 2], &InfoNceOptions::default()),
         "q",

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::cases::{self, Case, Op, Pass};
 use super::runner::{raw_inputs, Impl, Outcome, RunOnce};
 use crate::kernels::nn::GemmShape;
+use crate::kernels::storage::DeviceBuf;
 use crate::kernels::{self, Backend, BufInfo, Kernel, KernelParams, Launch};
 use crate::ops::triplet::{Distance, Mining};
 use crate::shared::Classes;
@@ -105,6 +106,21 @@ impl<B: Backend> Backend for Counted<B> {
 
     fn download_words(&self, buf: &Self::Buf) -> Result<Vec<u32>> {
         self.inner.download_words(&buf.buf)
+    }
+
+    fn duplicate(&self, buf: &Self::Buf) -> Result<Self::Buf> {
+        let copy = self.inner.duplicate(&buf.buf)?;
+        Ok(self.wrap(copy, buf.bytes as usize / 4))
+    }
+
+    fn adopt(&self, buf: Self::Buf) -> Result<DeviceBuf> {
+        // A counted buffer frees its count when dropped: the tensor gets a copy of its own.
+        self.inner.adopt(self.inner.duplicate(&buf.buf)?)
+    }
+
+    fn resident<'a>(&self, _buf: &'a DeviceBuf) -> Option<&'a Self::Buf> {
+        // Tensors hold the inner backend's buffers, not counted ones: always copied in.
+        None
     }
 
     fn launch<P: KernelParams>(

@@ -17,6 +17,7 @@ use cudarc::cublas::CudaBlas;
 
 use super::nn::{gemm_kernel, GemmShape};
 use super::params::*;
+use super::storage::{count_to_device, count_to_host, DeviceBuf};
 use super::{extent, Backend, BufInfo, Kernel, KernelParams, Launch};
 use crate::{Error, Result};
 
@@ -173,6 +174,18 @@ impl Cuda {
 pub(crate) struct CudaBuf {
     words: CudaSlice<u32>,
     info: BufInfo,
+    ordinal: usize,
+}
+
+impl CudaBuf {
+    pub fn info(&self) -> BufInfo {
+        self.info
+    }
+
+    /// The GPU holding the buffer.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
 }
 
 impl Backend for Cuda {
@@ -252,10 +265,15 @@ impl Backend for Cuda {
         let words = if words.is_empty() {
             self.stream.alloc_zeros(1)
         } else {
+            count_to_device(words.len());
             self.stream.clone_htod(words)
         }
         .map_err(|e| device_error("host to device copy", e))?;
-        Ok(CudaBuf { words, info })
+        Ok(CudaBuf {
+            words,
+            info,
+            ordinal: self.ordinal,
+        })
     }
 
     fn output_of(&self, name: &'static str, info: BufInfo) -> Result<CudaBuf> {
@@ -263,7 +281,34 @@ impl Backend for Cuda {
             .stream
             .alloc_zeros(info.elem.words(info.count).max(1))
             .map_err(|e| device_error(&format!("allocating `{name}`"), e))?;
-        Ok(CudaBuf { words, info })
+        Ok(CudaBuf {
+            words,
+            info,
+            ordinal: self.ordinal,
+        })
+    }
+
+    fn duplicate(&self, buf: &CudaBuf) -> Result<CudaBuf> {
+        let words = self
+            .stream
+            .clone_dtod(&buf.words)
+            .map_err(|e| device_error("device to device copy", e))?;
+        Ok(CudaBuf {
+            words,
+            info: buf.info,
+            ordinal: self.ordinal,
+        })
+    }
+
+    fn adopt(&self, buf: CudaBuf) -> Result<DeviceBuf> {
+        Ok(DeviceBuf::Cuda(buf))
+    }
+
+    fn resident<'a>(&self, buf: &'a DeviceBuf) -> Option<&'a CudaBuf> {
+        match buf {
+            DeviceBuf::Cuda(buf) if buf.ordinal == self.ordinal => Some(buf),
+            _ => None,
+        }
     }
 
     fn zeros(&self, name: &'static str, len: usize) -> Result<CudaBuf> {
@@ -281,6 +326,7 @@ impl Backend for Cuda {
     }
 
     fn download_words(&self, buf: &CudaBuf) -> Result<Vec<u32>> {
+        count_to_host(buf.info.elem.words(buf.info.count));
         let mut words = self
             .stream
             .clone_dtoh(&buf.words)

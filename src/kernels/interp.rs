@@ -5,8 +5,10 @@
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_ulong, c_void};
+use std::sync::{Mutex, MutexGuard};
 
 use super::params::ContraNormalizeParams;
+use super::storage::{count_to_device, count_to_host, DeviceBuf};
 use super::{extent, handles, Backend, BufInfo, Kernel, KernelParams, Launch};
 use crate::{Error, Result};
 
@@ -32,10 +34,11 @@ type InterpEntry =
 // pointer is a pointer in the C ABI); the typed handle of the launch guarantees which.
 include!(concat!(env!("OUT_DIR"), "/interp_entries.rs"));
 
-/// A host buffer with poisoned guard bands on both sides.
+/// A host buffer with poisoned guard bands on both sides. The kernels write it through the
+/// address [`Backend::ptr`] hands out; the lock only orders the host's own reads and writes.
 pub(crate) struct GuardedBuf {
     name: &'static str,
-    words: RefCell<Vec<u32>>,
+    words: Mutex<Vec<u32>>,
     /// Payload words.
     len: usize,
     info: BufInfo,
@@ -50,14 +53,31 @@ impl GuardedBuf {
         words.extend(std::iter::repeat_n(POISON, GUARD));
         GuardedBuf {
             name,
-            words: RefCell::new(words),
+            words: Mutex::new(words),
             len,
             info,
         }
     }
 
+    /// A buffer of zeros (a fill on the device, not a copy from the host).
+    pub fn zeroed(name: &'static str, info: BufInfo) -> Self {
+        Self::new(
+            name,
+            std::iter::repeat_n(0, info.elem.words(info.count)),
+            info,
+        )
+    }
+
+    /// The words, guard bands included (a poisoned lock still holds valid words: nothing
+    /// panics while holding it).
+    fn words(&self) -> MutexGuard<'_, Vec<u32>> {
+        self.words
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn check_guards(&self, kernel: &str) -> Result<()> {
-        let words = self.words.borrow();
+        let words = self.words();
         let (front, back) = (&words[..GUARD], &words[GUARD + self.len..]);
         if let Some(i) = front.iter().rposition(|&w| w != POISON) {
             return Err(kernel_error(
@@ -83,7 +103,7 @@ impl GuardedBuf {
     }
 
     fn check_written(&self, kernel: &str) -> Result<()> {
-        let words = self.words.borrow();
+        let words = self.words();
         let payload = &words[GUARD..GUARD + self.len];
         let unwritten = payload.iter().filter(|&&w| w == POISON).count();
         match payload.iter().position(|&w| w == POISON) {
@@ -124,7 +144,38 @@ impl Backend for Interp {
     type Buf = GuardedBuf;
 
     fn upload_words(&self, name: &'static str, words: &[u32], info: BufInfo) -> Result<GuardedBuf> {
+        count_to_device(words.len());
         Ok(GuardedBuf::new(name, words.iter().copied(), info))
+    }
+
+    fn zeros(&self, name: &'static str, len: usize) -> Result<GuardedBuf> {
+        // A fill on the device (cudaMemset on a GPU), not a copy from the host.
+        let info = BufInfo {
+            elem: super::Elem::F32,
+            count: len,
+        };
+        Ok(GuardedBuf::zeroed(name, info))
+    }
+
+    fn duplicate(&self, buf: &GuardedBuf) -> Result<GuardedBuf> {
+        let words = buf.words();
+        Ok(GuardedBuf::new(
+            buf.name,
+            words[GUARD..GUARD + buf.len].iter().copied(),
+            buf.info,
+        ))
+    }
+
+    fn adopt(&self, buf: GuardedBuf) -> Result<DeviceBuf> {
+        Ok(DeviceBuf::Interp(buf))
+    }
+
+    fn resident<'a>(&self, buf: &'a DeviceBuf) -> Option<&'a GuardedBuf> {
+        match buf {
+            DeviceBuf::Interp(buf) => Some(buf),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
     }
 
     fn output_of(&self, name: &'static str, info: BufInfo) -> Result<GuardedBuf> {
@@ -143,11 +194,12 @@ impl Backend for Interp {
     fn ptr(&self, buf: &GuardedBuf) -> *mut c_void {
         // The payload starts GUARD words into the allocation; the Vec is never resized after
         // creation, so the address stays valid for the buffer's lifetime.
-        buf.words.borrow_mut()[GUARD..].as_mut_ptr().cast()
+        buf.words()[GUARD..].as_mut_ptr().cast()
     }
 
     fn download_words(&self, buf: &GuardedBuf) -> Result<Vec<u32>> {
-        Ok(buf.words.borrow()[GUARD..GUARD + buf.len].to_vec())
+        count_to_host(buf.len);
+        Ok(buf.words()[GUARD..GUARD + buf.len].to_vec())
     }
 
     fn launch<P: KernelParams>(

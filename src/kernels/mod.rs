@@ -20,6 +20,7 @@ pub(crate) mod normalize;
 pub(crate) mod params;
 pub(crate) mod queue;
 pub(crate) mod similarity;
+pub(crate) mod storage;
 pub(crate) mod supcon;
 pub(crate) mod triplet;
 
@@ -133,6 +134,9 @@ pub(crate) enum Elem {
     I32,
     Bf16,
     F16,
+    /// Storage only (device-resident f64 tensors, two words per element, low word first); the
+    /// kernels compute in f32 and never read it.
+    F64,
 }
 
 impl Elem {
@@ -141,6 +145,7 @@ impl Elem {
         match self {
             Elem::Bf16 | Elem::F16 => count.div_ceil(2),
             Elem::F32 | Elem::I32 => count,
+            Elem::F64 => 2 * count,
         }
     }
 }
@@ -193,7 +198,7 @@ impl<P> Typed<P> {
         match elem {
             Elem::Bf16 => self.bf16,
             Elem::F16 => self.f16,
-            Elem::F32 | Elem::I32 => self.f32,
+            Elem::F32 | Elem::I32 | Elem::F64 => self.f32,
         }
     }
 }
@@ -219,6 +224,12 @@ pub(crate) trait Backend {
     fn ptr(&self, buf: &Self::Buf) -> *mut c_void;
     fn info(&self, buf: &Self::Buf) -> BufInfo;
     fn download_words(&self, buf: &Self::Buf) -> Result<Vec<u32>>;
+    /// A copy of `buf` on the same device.
+    fn duplicate(&self, buf: &Self::Buf) -> Result<Self::Buf>;
+    /// `buf` as the storage of a device-resident tensor.
+    fn adopt(&self, buf: Self::Buf) -> Result<storage::DeviceBuf>;
+    /// The buffer of a device-resident tensor when it lives on this backend.
+    fn resident<'a>(&self, buf: &'a storage::DeviceBuf) -> Option<&'a Self::Buf>;
     /// Runs `kernel` with `params`; `written` are the buffers the kernel must fill completely.
     fn launch<P: KernelParams>(
         &self,
@@ -301,20 +312,27 @@ pub(crate) trait Backend {
 
     /// The buffer's elements as f32 (i32 buffers: the raw bits, for `f32::to_bits`).
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
-        let info = self.info(buf);
         let words = self.download_words(buf)?;
-        let half = |bits: u16| match info.elem {
-            Elem::Bf16 => half::bf16::from_bits(bits).to_f32(),
-            _ => half::f16::from_bits(bits).to_f32(),
-        };
-        Ok(match info.elem {
-            Elem::F32 | Elem::I32 => words.into_iter().map(f32::from_bits).collect(),
-            Elem::Bf16 | Elem::F16 => words
-                .iter()
-                .flat_map(|&w| [half(w as u16), half((w >> 16) as u16)])
-                .take(info.count)
-                .collect(),
+        Ok(match storage::decode(&words, self.info(buf)) {
+            crate::tensor::HostData::F32(v) => v,
+            other => other.to_vec(),
         })
+    }
+}
+
+/// A kernel operand: a device-resident tensor's own buffer, or a copy made for this call.
+pub(crate) enum Operand<'a, Buf> {
+    Resident(&'a Buf),
+    Copied(Buf),
+}
+
+impl<Buf> std::ops::Deref for Operand<'_, Buf> {
+    type Target = Buf;
+    fn deref(&self) -> &Buf {
+        match self {
+            Operand::Resident(buf) => buf,
+            Operand::Copied(buf) => buf,
+        }
     }
 }
 

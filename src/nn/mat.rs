@@ -47,7 +47,7 @@ impl Mat {
                 "a rank-2 tensor",
             ));
         }
-        let data = t.to_dtype(DType::F32).to_vec::<f32>()?;
+        let data = t.to_dtype(DType::F32)?.to_vec::<f32>()?;
         Mat::from_vec(data, t.shape()[0], t.shape()[1])
     }
 

@@ -3,10 +3,10 @@
 
 use super::{
     check_finite, check_finite_scalar, check_grad_loss, check_result, check_scalar_result,
-    compute_dtype, expect_shape, matrix_dims, output_like, same_place, upload_features, values,
-    with_cpu_real, Fingerprint, Origin,
+    compute_dtype, expect_shape, kernel_output, kernel_state, matrix_dims, output_like, same_place,
+    state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
 };
-use crate::kernels::{self, run_on_kernels, Backend};
+use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, DType, Error, Result, Tensor};
 
 const OP: &str = "clip";
@@ -137,12 +137,12 @@ fn forward_checked(
         run_on_kernels!(a.device(), k => {
             let inputs = KernelInputs::upload(k, a, b, dims.0)?;
             let (loss, lse) = inputs.problem(dims, log_scale).forward(k)?;
-            Ok((loss, a.host_like(k.download(&lse.rows)?, &[dims.0]), a.host_like(lse.cols, &[dims.0])))
+            Ok((loss, kernel_state(k, lse.rows, &[dims.0])?, state_like(a, lse.cols, &[dims.0])?))
         });
         with_cpu_real!(a.dtype(), T => {
-            let (av, bv) = (values::<T>(a), values::<T>(b));
+            let (av, bv) = (values::<T>(a)?, values::<T>(b)?);
             let (loss, row_lse, col_lse) = problem(&av, &bv, dims, log_scale).forward();
-            Ok((loss, a.host_like(row_lse, &[dims.0]), a.host_like(col_lse, &[dims.0])))
+            Ok((loss, state_like(a, row_lse, &[dims.0])?, state_like(a, col_lse, &[dims.0])?))
         })
     })()?;
     check_scalar_result(OP, "loss", loss, BLAME)?;
@@ -202,25 +202,25 @@ fn backward_unchecked(
 ) -> Result<ClipGrads> {
     run_on_kernels!(a.device(), k => {
         let inputs = KernelInputs::upload(k, a, b, dims.0)?;
-        let row_lse = k.upload("row_lse", &values::<f32>(row_lse))?;
-        let col_lse = values::<f32>(col_lse);
+        let row_lse = k.upload("row_lse", &values::<f32>(row_lse)?)?;
+        let col_lse = values::<f32>(col_lse)?;
         let (grad_a, grad_b, grad_log_scale) = inputs.problem(dims, log_scale).backward(k, &row_lse, &col_lse, grad_loss)?;
         Ok(ClipGrads {
-            grad_a: output_like(a, k.download(&grad_a)?, a.shape()),
-            grad_b: output_like(b, k.download(&grad_b)?, b.shape()),
+            grad_a: kernel_output(k, a, grad_a, a.shape())?,
+            grad_b: kernel_output(k, b, grad_b, b.shape())?,
             grad_log_scale,
         })
     });
     with_cpu_real!(a.dtype(), T => {
-        let (av, bv) = (values::<T>(a), values::<T>(b));
+        let (av, bv) = (values::<T>(a)?, values::<T>(b)?);
         let grads = problem(&av, &bv, dims, log_scale).backward(
-            &row_lse.to_vec_f64(),
-            &col_lse.to_vec_f64(),
+            &row_lse.to_vec_f64()?,
+            &col_lse.to_vec_f64()?,
             grad_loss,
         );
         Ok(ClipGrads {
-            grad_a: output_like(a, grads.a, a.shape()),
-            grad_b: output_like(b, grads.b, b.shape()),
+            grad_a: output_like(a, grads.a, a.shape())?,
+            grad_b: output_like(b, grads.b, b.shape())?,
             grad_log_scale: grads.log_scale,
         })
     })
@@ -255,14 +255,14 @@ pub fn clip(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipOutput> {
 }
 
 /// a, b and the diagonal positives as kernel buffers.
-struct KernelInputs<B: Backend> {
-    a: B::Buf,
-    b: B::Buf,
+struct KernelInputs<'t, B: Backend> {
+    a: Operand<'t, B::Buf>,
+    b: Operand<'t, B::Buf>,
     diagonal: B::Buf,
 }
 
-impl<B: Backend> KernelInputs<B> {
-    fn upload(k: &B, a: &Tensor, b: &Tensor, rows: usize) -> Result<Self> {
+impl<'t, B: Backend> KernelInputs<'t, B> {
+    fn upload(k: &B, a: &'t Tensor, b: &'t Tensor, rows: usize) -> Result<Self> {
         let diagonal: Vec<i32> = (0..rows as i32).collect();
         Ok(KernelInputs {
             a: upload_features(k, "a", a)?,

@@ -4,10 +4,10 @@
 
 use super::{
     check_finite, check_grad_loss, check_result, check_scalar_result, check_softmax_temperature,
-    compute_dtype, matrix_dims, output_like, same_place, same_width, upload_features, values,
-    with_cpu_real, Fingerprint, Origin,
+    compute_dtype, kernel_output, kernel_state, matrix_dims, output_like, same_place, same_width,
+    state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
 };
-use crate::kernels::{self, run_on_kernels, Backend};
+use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, Device, Error, Result, Tensor};
 
 const OP: &str = "infonce";
@@ -152,12 +152,12 @@ fn forward_lse(
     run_on_kernels!(q.device(), b => {
         let inputs = KernelInputs::upload(b, q, k, positives)?;
         let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
-        Ok((loss, q.host_like(b.download(&lse)?, &[dims.0])))
+        Ok((loss, kernel_state(b, lse, &[dims.0])?))
     });
     with_cpu_real!(q.dtype(), T => {
-        let (qv, kv) = (values::<T>(q), values::<T>(k));
+        let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
         let (loss, lse) = problem(&qv, &kv, dims, positives, opts).forward();
-        Ok((loss, q.host_like(lse, &[dims.0])))
+        Ok((loss, state_like(q, lse, &[dims.0])?))
     })
 }
 
@@ -238,15 +238,15 @@ fn input_grads(
 ) -> Result<(Tensor, Tensor)> {
     run_on_kernels!(q.device(), b => {
         let inputs = KernelInputs::upload(b, q, k, positives)?;
-        let lse = b.upload("lse", &values::<f32>(lse))?;
+        let lse = b.upload("lse", &values::<f32>(lse)?)?;
         let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
         let dk = dk.ok_or_else(|| Error::Device("infonce: the kernels returned no key gradient".into()))?;
-        Ok((output_like(q, b.download(&dq)?, q.shape()), output_like(k, b.download(&dk)?, k.shape())))
+        Ok((kernel_output(b, q, dq, q.shape())?, kernel_output(b, k, dk, k.shape())?))
     });
     with_cpu_real!(q.dtype(), T => {
-        let (qv, kv) = (values::<T>(q), values::<T>(k));
-        let (dq, dk) = problem(&qv, &kv, dims, positives, opts).backward(&lse.to_vec_f64(), grad_loss);
-        Ok((output_like(q, dq, q.shape()), output_like(k, dk, k.shape())))
+        let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
+        let (dq, dk) = problem(&qv, &kv, dims, positives, opts).backward(&lse.to_vec_f64()?, grad_loss);
+        Ok((output_like(q, dq, q.shape())?, output_like(k, dk, k.shape())?))
     })
 }
 
@@ -272,12 +272,12 @@ pub fn infonce(
     let out = if q.device() == Device::Cpu {
         // One sweep for loss and gradients (see cpu::softmax::forward_backward).
         with_cpu_real!(q.dtype(), T => {
-            let (qv, kv) = (values::<T>(q), values::<T>(k));
+            let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
             let (loss, dq, dk) = problem(&qv, &kv, dims, positives, opts).forward_backward(1.0);
             InfoNceOutput {
                 loss,
-                grad_q: output_like(q, dq, q.shape()),
-                grad_k: output_like(k, dk, k.shape()),
+                grad_q: output_like(q, dq, q.shape())?,
+                grad_k: output_like(k, dk, k.shape())?,
             }
         })
     } else {
@@ -297,14 +297,14 @@ pub fn infonce(
 }
 
 /// q, k and the positive indices as kernel buffers.
-pub(crate) struct KernelInputs<B: Backend> {
-    pub q: B::Buf,
-    pub k: B::Buf,
+pub(crate) struct KernelInputs<'t, B: Backend> {
+    pub q: Operand<'t, B::Buf>,
+    pub k: Operand<'t, B::Buf>,
     pub positives: B::Buf,
 }
 
-impl<B: Backend> KernelInputs<B> {
-    pub fn upload(b: &B, q: &Tensor, k: &Tensor, positives: &[usize]) -> Result<Self> {
+impl<'t, B: Backend> KernelInputs<'t, B> {
+    pub fn upload(b: &B, q: &'t Tensor, k: &'t Tensor, positives: &[usize]) -> Result<Self> {
         // Indices were validated against the key count, which fits the kernels' 32-bit sizes.
         let positives: Vec<i32> = positives.iter().map(|&p| p as i32).collect();
         Ok(KernelInputs {

@@ -5,10 +5,10 @@
 //! The derivative of `d` is taken as 0 where `||x1 - x2||^2 < 1e-12` (the clamp is active).
 
 use super::{
-    check_finite, check_grad_loss, check_labels_len, check_result, compute_dtype, matrix_dims,
-    output_like, same_place, upload_f32, values, with_cpu_real,
+    check_finite, check_grad_loss, check_labels_len, check_result, compute_dtype, kernel_output,
+    matrix_dims, output_like, same_place, upload_f32, values, with_cpu_real,
 };
-use crate::kernels::{self, run_on_kernels, Backend};
+use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, DType, Device, Error, Result, Tensor};
 
 const OP: &str = "margin_loss";
@@ -100,18 +100,23 @@ fn validate(
 }
 
 /// Uploads `x1`, `x2` and `y` (as i32; validated to be 0 or 1) to a kernel backend.
-fn upload<B: Backend>(b: &B, x1: &Tensor, x2: &Tensor, y: &[i64]) -> Result<[B::Buf; 3]> {
+fn upload<'t, B: Backend>(
+    b: &B,
+    x1: &'t Tensor,
+    x2: &'t Tensor,
+    y: &[i64],
+) -> Result<[Operand<'t, B::Buf>; 3]> {
     let labels: Vec<i32> = y.iter().map(|&v| v as i32).collect();
     Ok([
         upload_f32(b, "x1", x1)?,
         upload_f32(b, "x2", x2)?,
-        b.upload_i32("y", &labels)?,
+        Operand::Copied(b.upload_i32("y", &labels)?),
     ])
 }
 
 /// The kernel problem over uploaded `[x1, x2, y]`.
 fn kernel_problem<'a, B: Backend>(
-    buffers: &'a [B::Buf; 3],
+    buffers: &'a [Operand<'_, B::Buf>; 3],
     rows: usize,
     dim: usize,
     opts: &MarginOptions,
@@ -155,7 +160,7 @@ fn margin_forward_unchecked(
         kernel_problem(&buffers, y.len(), dim, opts).forward(b)
     });
     with_cpu_real!(x1.dtype(), T => {
-        Ok(cpu::margin::forward::<T>(&values::<T>(x1), &values::<T>(x2), y, dim, opts.margin))
+        Ok(cpu::margin::forward::<T>(&values::<T>(x1)?, &values::<T>(x2)?, y, dim, opts.margin))
     })
 }
 
@@ -188,13 +193,13 @@ fn margin_backward_unchecked(
     run_on_kernels!(x1.device(), b => {
         let buffers = upload(b, x1, x2, y)?;
         let (g1, g2) = kernel_problem(&buffers, y.len(), dim, opts).backward(b, grad_loss)?;
-        Ok((output_like(x1, b.download(&g1)?, x1.shape()), output_like(x2, b.download(&g2)?, x2.shape())))
+        Ok((kernel_output(b, x1, g1, x1.shape())?, kernel_output(b, x2, g2, x2.shape())?))
     });
     with_cpu_real!(x1.dtype(), T => {
         let (g1, g2) = cpu::margin::backward::<T>(
-            &values::<T>(x1), &values::<T>(x2), y, dim, opts.margin, grad_loss,
+            &values::<T>(x1)?, &values::<T>(x2)?, y, dim, opts.margin, grad_loss,
         );
-        Ok((output_like(x1, g1, x1.shape()), output_like(x2, g2, x2.shape())))
+        Ok((output_like(x1, g1, x1.shape())?, output_like(x2, g2, x2.shape())?))
     })
 }
 

@@ -5,12 +5,13 @@
 use super::infonce::{SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME};
 use super::{
     check_finite, check_grad_loss, check_result, check_scalar_result, check_softmax_temperature,
-    compute_dtype, matrix_dims, output_like, same_place, same_width, upload_features, values,
-    with_cpu_real, Fingerprint, Origin,
+    compute_dtype, kernel_output, kernel_state, matrix_dims, output_like, same_place, same_width,
+    state_like, upload_f32, upload_features, values, with_cpu_real, writable_on, Fingerprint,
+    Origin,
 };
 use crate::cpu::Real;
-use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, DType, Element, Error, Result, Tensor};
+use crate::kernels::{self, run_on_kernels, Backend, Operand};
+use crate::{cpu, DType, Device, Element, Error, Result, Tensor};
 
 const OP: &str = "moco";
 const BACKWARD: &str = "moco_backward";
@@ -115,12 +116,12 @@ fn forward_lse(
     run_on_kernels!(q.device(), b => {
         let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
         let (loss, lse) = kernel_problem(b, &buffers, dims, opts).forward(b)?;
-        Ok((loss, q.host_like(b.download(&lse)?, &[dims.0])))
+        Ok((loss, kernel_state(b, lse, &[dims.0])?))
     });
     with_cpu_real!(q.dtype(), T => {
-        let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
+        let (qv, kv, queue_v) = (values::<T>(q)?, values::<T>(k)?, values::<T>(queue)?);
         let (loss, lse) = problem(&qv, &kv, &queue_v, dims, opts).forward();
-        Ok((loss, q.host_like(lse, &[dims.0])))
+        Ok((loss, state_like(q, lse, &[dims.0])?))
     })
 }
 
@@ -153,14 +154,14 @@ fn query_grad(
 ) -> Result<Tensor> {
     run_on_kernels!(q.device(), b => {
         let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
-        let lse = b.upload("lse", &values::<f32>(lse))?;
+        let lse = upload_f32(b, "lse", lse)?;
         let grad = kernel_problem(b, &buffers, dims, opts).backward(b, &lse, grad_loss)?;
-        Ok(output_like(q, b.download(&grad)?, q.shape()))
+        kernel_output(b, q, grad, q.shape())
     });
     with_cpu_real!(q.dtype(), T => {
-        let (qv, kv, queue_v) = (values::<T>(q), values::<T>(k), values::<T>(queue));
-        let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&lse.to_vec_f64(), grad_loss);
-        Ok(output_like(q, grad, q.shape()))
+        let (qv, kv, queue_v) = (values::<T>(q)?, values::<T>(k)?, values::<T>(queue)?);
+        let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&lse.to_vec_f64()?, grad_loss);
+        output_like(q, grad, q.shape())
     })
 }
 
@@ -216,25 +217,23 @@ pub fn moco_enqueue(queue: &mut Tensor, k: &Tensor, ptr: usize) -> Result<usize>
     check_finite(ENQUEUE, "k", k)?;
     // The same NaN policy as moco, which would reject this queue at its next call.
     check_finite(ENQUEUE, "queue", queue)?;
-    // f32 queues on a kernel device: upload the queue, enqueue in place there, download it back.
-    if queue.dtype() == DType::F32 {
-        crate::kernels::run_on_kernels!(queue.device(), b => {
-            use crate::kernels::Backend as _;
-            let device = queue.device();
-            let slots = queue.host_mut::<f32>().ok_or_else(|| Error::Mismatch {
-                op: ENQUEUE,
-                reason: format!("`queue` is not in host memory as f32 on {device}"),
-            })?;
-            let queue_buf = b.upload("queue", slots)?;
-            let keys = b.upload("k", &values::<f32>(k))?;
-            let next =
-                crate::kernels::queue::enqueue(b, &queue_buf, &keys, rows, queue_len, dim, ptr)?;
-            slots.copy_from_slice(&b.download(&queue_buf)?);
-            Ok(next)
-        });
+    if queue.device() != Device::Cpu {
+        // f32 queues: the kernel writes the N new rows in place in the queue's device buffer.
+        if queue.dtype() == DType::F32 {
+            crate::kernels::run_on_kernels!(queue.device(), b => {
+                let keys = upload_f32(b, "k", k)?;
+                let slots = writable_on(b, ENQUEUE, "queue", queue)?;
+                crate::kernels::queue::enqueue(b, slots, &keys, rows, queue_len, dim, ptr)
+            });
+        }
+        // The 16-bit and f64 queues are written on the host and go back.
+        let mut host = queue.to_host()?;
+        let next = moco_enqueue(&mut host, &k.to_host()?, ptr)?;
+        *queue = host.to_device(queue.device())?;
+        return Ok(next);
     }
     with_cpu_real!(k.dtype(), T => {
-        let kv = values::<T>(k);
+        let kv = values::<T>(k)?;
         match queue.dtype() {
             DType::F32 => enqueue_into::<T, f32>(queue, &kv, rows, dim, ptr),
             DType::F64 => enqueue_into::<T, f64>(queue, &kv, rows, dim, ptr),
@@ -262,7 +261,7 @@ fn enqueue_into<T: Real, E: Element>(
 /// The MoCo launch sequence over uploaded `[q, k, queue]`.
 fn kernel_problem<'a, B: Backend>(
     _backend: &B,
-    buffers: &'a [B::Buf; 3],
+    buffers: &'a [Operand<'_, B::Buf>; 3],
     (rows, queue_len, dim): (usize, usize, usize),
     opts: &MocoOptions,
 ) -> kernels::moco::Moco<'a, B> {

@@ -35,6 +35,7 @@ pub use ntxent::{ntxent, ntxent_backward, ntxent_forward, NtXentOptions, NtXentO
 use std::borrow::Cow;
 
 use crate::cpu::Real;
+use crate::kernels::{Backend, Elem, Operand};
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// The dtype the CPU backend computes in for inputs of `dtype`: f64 stays f64, the rest (f32 and
@@ -63,40 +64,47 @@ macro_rules! with_cpu_real {
 }
 pub(crate) use with_cpu_real;
 
-/// The host values of `t` as `T`, borrowed when the dtype already matches.
-pub(crate) fn values<T: Real>(t: &Tensor) -> Cow<'_, [T]> {
+/// The host values of `t` as `T`: borrowed when `t` is on the host in that dtype, else
+/// converted (and copied from its device).
+pub(crate) fn values<T: Real>(t: &Tensor) -> Result<Cow<'_, [T]>> {
     match t.host::<T>() {
-        Some(v) => Cow::Borrowed(v),
-        None => Cow::Owned(t.to_vec_f64().into_iter().map(T::of).collect()),
+        Some(v) => Ok(Cow::Borrowed(v)),
+        None => Ok(Cow::Owned(t.to_vec_f64()?.into_iter().map(T::of).collect())),
     }
 }
 
-/// Uploads a feature tensor to a kernel backend in its own storage type: bf16 and f16 as 16-bit
-/// values (the kernels read them so and accumulate in f32), f32 and f64 as f32.
-pub(crate) fn upload_features<B: crate::kernels::Backend>(
+/// A feature tensor as a kernel operand in its own storage type: bf16 and f16 as 16-bit values
+/// (the kernels read them so and accumulate in f32), f32 and f64 as f32. A tensor already on
+/// `b` in a type the kernels read is used where it is (no copy).
+pub(crate) fn upload_features<'t, B: Backend>(
     b: &B,
     name: &'static str,
-    t: &Tensor,
-) -> Result<B::Buf> {
-    use crate::kernels::Elem;
+    t: &'t Tensor,
+) -> Result<Operand<'t, B::Buf>> {
+    if t.dtype() != DType::F64 {
+        if let Some(buf) = t.device_buf().and_then(|buf| b.resident(buf)) {
+            return Ok(Operand::Resident(buf));
+        }
+    }
     check_f32_range(name, t)?;
     if let Some(v) = t.host::<half::bf16>() {
         let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
-        return b.upload_half(name, &bits, Elem::Bf16);
+        return Ok(Operand::Copied(b.upload_half(name, &bits, Elem::Bf16)?));
     }
     if let Some(v) = t.host::<half::f16>() {
         let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
-        return b.upload_half(name, &bits, Elem::F16);
+        return Ok(Operand::Copied(b.upload_half(name, &bits, Elem::F16)?));
     }
-    b.upload(name, &values::<f32>(t))
+    Ok(Operand::Copied(b.upload(name, &values::<f32>(t)?)?))
 }
 
 /// Rejects an f64 tensor holding a value beyond the f32 range the kernels compute in (it would
 /// arrive as an infinity).
 pub(crate) fn check_f32_range(name: &'static str, t: &Tensor) -> Result<()> {
-    let Some(v) = t.host::<f64>() else {
+    if t.dtype() != DType::F64 {
         return Ok(());
-    };
+    }
+    let v = values::<f64>(t)?;
     let row_len = t.shape().iter().skip(1).product::<usize>().max(1);
     match v.iter().position(|x| x.abs() > f32::MAX as f64) {
         None => Ok(()),
@@ -113,24 +121,88 @@ pub(crate) fn check_f32_range(name: &'static str, t: &Tensor) -> Result<()> {
     }
 }
 
-/// An f32 kernel buffer of `t`'s values, checked against the f32 range.
-pub(crate) fn upload_f32<B: crate::kernels::Backend>(
+/// An f32 kernel operand of `t`'s values, checked against the f32 range (an f32 tensor already
+/// on `b` is used where it is).
+pub(crate) fn upload_f32<'t, B: Backend>(
     b: &B,
     name: &'static str,
-    t: &Tensor,
-) -> Result<B::Buf> {
+    t: &'t Tensor,
+) -> Result<Operand<'t, B::Buf>> {
+    if t.dtype() == DType::F32 {
+        if let Some(buf) = t.device_buf().and_then(|buf| b.resident(buf)) {
+            return Ok(Operand::Resident(buf));
+        }
+    }
     check_f32_range(name, t)?;
-    b.upload(name, &values::<f32>(t))
+    Ok(Operand::Copied(b.upload(name, &values::<f32>(t)?)?))
+}
+
+/// The device buffer of `t` on `b`, to be written in place (copied on the device first when a
+/// clone shares it).
+pub(crate) fn writable_on<'t, B: Backend>(
+    b: &B,
+    op: &'static str,
+    arg: &'static str,
+    t: &'t mut Tensor,
+) -> Result<&'t B::Buf> {
+    let device = t.device();
+    t.device_buf_mut()?
+        .and_then(|buf| b.resident(buf))
+        .ok_or_else(|| Error::Mismatch {
+            op,
+            reason: format!("`{arg}` is not resident on {device}"),
+        })
 }
 
 /// An output of the CPU path, stored in `like`'s dtype on `like`'s device.
-pub(crate) fn output_like<T: Real>(like: &Tensor, values: Vec<T>, shape: &[usize]) -> Tensor {
-    let out = like.host_like(values, shape);
-    if out.dtype() == like.dtype() {
-        out
-    } else {
-        out.to_dtype(like.dtype())
+pub(crate) fn output_like<T: Real>(
+    like: &Tensor,
+    values: Vec<T>,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let data = T::wrap(values);
+    let data = match data.dtype() == like.dtype() {
+        true => data,
+        false => data.to_dtype(like.dtype()),
+    };
+    Tensor::from_host(shape.to_vec(), data, like.device())
+}
+
+/// Saved forward state (an lse) computed on the host, kept in its own dtype on `like`'s device.
+pub(crate) fn state_like<T: crate::Element>(
+    like: &Tensor,
+    values: Vec<T>,
+    shape: &[usize],
+) -> Result<Tensor> {
+    Tensor::from_host(shape.to_vec(), T::wrap(values), like.device())
+}
+
+/// Saved forward state a kernel wrote (an f32 lse), kept where it is.
+pub(crate) fn kernel_state<B: Backend>(b: &B, buf: B::Buf, shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_device_buf(
+        shape.to_vec(),
+        DType::F32,
+        b.adopt(buf)?,
+    ))
+}
+
+/// A kernel's f32 output buffer as a tensor of `shape` in `like`'s dtype on `b`: the buffer
+/// itself for f32, converted otherwise.
+pub(crate) fn kernel_output<B: Backend>(
+    b: &B,
+    like: &Tensor,
+    buf: B::Buf,
+    shape: &[usize],
+) -> Result<Tensor> {
+    if like.dtype() == DType::F32 && b.info(&buf).elem == Elem::F32 {
+        return Ok(Tensor::from_device_buf(
+            shape.to_vec(),
+            DType::F32,
+            b.adopt(buf)?,
+        ));
     }
+    // Converted on the host for now (a cast kernel would keep it on the device).
+    output_like(like, b.download(&buf)?, shape)
 }
 
 /// Checks that every tensor of one call lives on the same device with the same dtype.
@@ -251,7 +323,7 @@ pub(crate) fn expect_shape(
 /// layout).
 pub(crate) fn check_finite(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
     let row_len = t.shape().iter().skip(1).product::<usize>().max(1);
-    match t.first_non_finite() {
+    match t.first_non_finite()? {
         Some((index, value)) => Err(Error::NonFinite {
             op,
             arg,
@@ -389,7 +461,7 @@ pub(crate) fn check_result(
     values: &Tensor,
     blame: &str,
 ) -> Result<()> {
-    match values.first_non_finite() {
+    match values.first_non_finite()? {
         None => Ok(()),
         Some((index, _)) => Err(Error::Overflow {
             op,
@@ -477,10 +549,9 @@ impl Fingerprint {
         for &extent in t.shape() {
             h = h.word(extent as u64);
         }
-        // Not the device: a state saved on one backend may drive another's backward.
-        h = h.word(t.dtype() as u64);
-        t.for_each_bits(|bits| h = h.word(bits));
-        h
+        // Not the device: a state saved on one backend may drive another's backward (the
+        // content key is the same for copies of the values).
+        h.word(t.dtype() as u64).word(t.content_key())
     }
 
     /// Folds in a list of indices or labels.

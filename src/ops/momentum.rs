@@ -2,16 +2,17 @@
 
 use half::{bf16, f16};
 
-use super::{check_finite, expect_shape, same_place};
+use super::{check_finite, expect_shape, same_place, upload_f32, writable_on};
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::{cpu, DType, Element, Error, Result, Tensor};
+use crate::{cpu, DType, Device, Element, Error, Result, Tensor};
 
 const OP: &str = "momentum_update";
 
 /// Updates `theta_k` in place from `theta_q` (same shape, dtype and device) with momentum `m` in
 /// [0, 1]. Any shape works (a whole flattened parameter vector or one weight matrix); the update is
 /// computed in f64 and rounded once to the tensor's dtype, except that f32 tensors on a kernel
-/// device (Interp, Cuda) run the f32 kernel. On an error `theta_k` is unchanged.
+/// device (Interp, Cuda) run the f32 kernel in place in their device buffer (no copy). On an
+/// error `theta_k` is unchanged.
 ///
 /// ```
 /// use contra::{momentum_update, Device, Tensor};
@@ -29,9 +30,20 @@ pub fn momentum_update(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result
     }
     check_finite(OP, "theta_k", theta_k)?;
     check_finite(OP, "theta_q", theta_q)?;
-    if theta_k.dtype() == DType::F32 && theta_k.numel() > 0 {
-        run_on_kernels!(theta_k.device(), b => { update_on_kernels(b, theta_k, theta_q, m) });
+    if theta_k.device() != Device::Cpu {
+        if theta_k.dtype() == DType::F32 && theta_k.numel() > 0 {
+            run_on_kernels!(theta_k.device(), b => { update_on_kernels(b, theta_k, theta_q, m) });
+        }
+        // The 16-bit and f64 updates run on the host (f64, rounded once) and go back.
+        let mut host = theta_k.to_host()?;
+        update_on_host(&mut host, &theta_q.to_host()?, m)?;
+        *theta_k = host.to_device(theta_k.device())?;
+        return Ok(());
     }
+    update_on_host(theta_k, theta_q, m)
+}
+
+fn update_on_host(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result<()> {
     match theta_k.dtype() {
         DType::F32 => update::<f32>(theta_k, theta_q, m),
         DType::F64 => update::<f64>(theta_k, theta_q, m),
@@ -40,28 +52,18 @@ pub fn momentum_update(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result
     }
 }
 
-/// The kernel path for f32 tensors: upload both, update in place on the device, download the
-/// result back into `theta_k`.
+/// The kernel path for f32 tensors: the update runs in place in `theta_k`'s device buffer
+/// (copied there first when a clone shares it).
 fn update_on_kernels<B: Backend>(
     b: &B,
     theta_k: &mut Tensor,
     theta_q: &Tensor,
     m: f64,
 ) -> Result<()> {
-    let mismatch = || Error::Mismatch {
-        op: OP,
-        reason: "`theta_k` and `theta_q` do not both hold f32".into(),
-    };
     let len = theta_k.numel();
-    let kb = b.upload("theta_k", theta_k.host::<f32>().ok_or_else(mismatch)?)?;
-    let qb = b.upload("theta_q", theta_q.host::<f32>().ok_or_else(mismatch)?)?;
-    kernels::momentum::update(b, &kb, &qb, len, m)?;
-    let updated = b.download(&kb)?;
-    theta_k
-        .host_mut::<f32>()
-        .ok_or_else(mismatch)?
-        .copy_from_slice(&updated);
-    Ok(())
+    let qb = upload_f32(b, "theta_q", theta_q)?;
+    let kb = writable_on(b, OP, "theta_k", theta_k)?;
+    kernels::momentum::update(b, kb, &qb, len, m)
 }
 
 fn update<E: Element>(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result<()> {

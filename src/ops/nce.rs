@@ -7,9 +7,10 @@
 
 use super::{
     check_finite, check_grad_loss, check_result, check_scalar_result, compute_dtype, expect_shape,
-    matrix_dims, output_like, same_place, upload_f32, values, vector_len, with_cpu_real,
+    kernel_output, matrix_dims, output_like, same_place, upload_f32, values, vector_len,
+    with_cpu_real,
 };
-use crate::kernels::{self, run_on_kernels, Backend};
+use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "nce";
@@ -63,7 +64,7 @@ fn validate(
 }
 
 /// Uploads `[s_pos, s_neg, logq_pos, logq_neg]` to a kernel backend.
-fn upload<B: Backend>(b: &B, inputs: [&Tensor; 4]) -> Result<[B::Buf; 4]> {
+fn upload<'t, B: Backend>(b: &B, inputs: [&'t Tensor; 4]) -> Result<[Operand<'t, B::Buf>; 4]> {
     let [s_pos, s_neg, logq_pos, logq_neg] = inputs;
     Ok([
         upload_f32(b, "s_pos", s_pos)?,
@@ -74,11 +75,11 @@ fn upload<B: Backend>(b: &B, inputs: [&Tensor; 4]) -> Result<[B::Buf; 4]> {
 }
 
 /// The kernel problem over uploaded `[s_pos, s_neg, logq_pos, logq_neg]`.
-fn kernel_problem<B: Backend>(
-    buffers: &[B::Buf; 4],
+fn kernel_problem<'a, B: Backend>(
+    buffers: &'a [Operand<'_, B::Buf>; 4],
     rows: usize,
     k: usize,
-) -> kernels::nce::Problem<'_, B> {
+) -> kernels::nce::Problem<'a, B> {
     kernels::nce::Problem {
         s_pos: &buffers[0],
         s_neg: &buffers[1],
@@ -104,7 +105,7 @@ pub fn nce_forward(
         });
         with_cpu_real!(s_pos.dtype(), T => {
             let (sp, sn, qp, qn) =
-                (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));
+                (values::<T>(s_pos)?, values::<T>(s_neg)?, values::<T>(logq_pos)?, values::<T>(logq_neg)?);
             let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
             Ok(problem.forward())
         })
@@ -131,14 +132,14 @@ pub fn nce_backward(
         run_on_kernels!(s_pos.device(), b => {
             let buffers = upload(b, [s_pos, s_neg, logq_pos, logq_neg])?;
             let (gp, gn) = kernel_problem(&buffers, rows, k).backward(b, grad_loss)?;
-            Ok((output_like(s_pos, b.download(&gp)?, &[rows]), output_like(s_neg, b.download(&gn)?, &[rows, k])))
+            Ok((kernel_output(b, s_pos, gp, &[rows])?, kernel_output(b, s_neg, gn, &[rows, k])?))
         });
         with_cpu_real!(s_pos.dtype(), T => {
             let (sp, sn, qp, qn) =
-                (values::<T>(s_pos), values::<T>(s_neg), values::<T>(logq_pos), values::<T>(logq_neg));
+                (values::<T>(s_pos)?, values::<T>(s_neg)?, values::<T>(logq_pos)?, values::<T>(logq_neg)?);
             let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
             let (gp, gn) = problem.backward(grad_loss);
-            Ok((output_like(s_pos, gp, &[rows]), output_like(s_neg, gn, &[rows, k])))
+            Ok((output_like(s_pos, gp, &[rows])?, output_like(s_neg, gn, &[rows, k])?))
         })
     })()?;
     check_result(BACKWARD, "grad_s_pos", &gp, BLAME)?;

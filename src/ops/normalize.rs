@@ -1,10 +1,10 @@
 //! Row-wise L2 normalization: `y = x / max(||x||_2, 1e-12)`.
 
 use super::{
-    check_finite, matrix_dims, output_like, same_place, upload_f32, upload_features, values,
-    with_cpu_real,
+    check_finite, kernel_output, matrix_dims, output_like, same_place, upload_f32, upload_features,
+    values, with_cpu_real,
 };
-use crate::kernels::{self, run_on_kernels, Backend};
+use crate::kernels::{self, run_on_kernels};
 use crate::{cpu, Result, Tensor};
 
 const OP: &str = "normalize";
@@ -22,12 +22,13 @@ pub fn normalize(x: &Tensor) -> Result<Tensor> {
     let (_, dim) = matrix_dims(OP, "x", x)?;
     check_finite(OP, "x", x)?;
     run_on_kernels!(x.device(), b => {
-        let y = kernels::normalize::forward(b, &upload_features(b, "x", x)?, x.shape()[0], dim)?;
-        Ok(output_like(x, b.download(&y)?, x.shape()))
+        let xb = upload_features(b, "x", x)?;
+        let y = kernels::normalize::forward(b, &xb, x.shape()[0], dim)?;
+        kernel_output(b, x, y, x.shape())
     });
     with_cpu_real!(x.dtype(), T => {
-        let y = cpu::normalize::forward::<T>(&values::<T>(x), dim);
-        Ok(output_like(x, y, x.shape()))
+        let y = cpu::normalize::forward::<T>(&values::<T>(x)?, dim);
+        output_like(x, y, x.shape())
     })
 }
 
@@ -44,11 +45,11 @@ pub fn normalize_backward(x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
         run_on_kernels!(x.device(), b => {
             let (xb, gyb) = (upload_features(b, "x", x)?, upload_f32(b, "grad_y", grad_y)?);
             let gx = kernels::normalize::backward(b, &xb, &gyb, x.shape()[0], dim)?;
-            Ok(output_like(x, b.download(&gx)?, x.shape()))
+            kernel_output(b, x, gx, x.shape())
         });
         with_cpu_real!(x.dtype(), T => {
-            let gx = cpu::normalize::backward::<T>(&values::<T>(x), &values::<T>(grad_y), dim);
-            Ok(output_like(x, gx, x.shape()))
+            let gx = cpu::normalize::backward::<T>(&values::<T>(x)?, &values::<T>(grad_y)?, dim);
+            output_like(x, gx, x.shape())
         })
     })()?;
     // dx scales as grad_y / ||x|| (with ||x|| clamped at 1e-12): it can overflow.

@@ -6,10 +6,10 @@ use super::infonce::{
 };
 use super::{
     check_finite, check_grad_loss, check_result, check_scalar_result, check_softmax_temperature,
-    compute_dtype, matrix_dims, output_like, upload_features, values, with_cpu_real, Fingerprint,
-    Origin,
+    compute_dtype, kernel_output, kernel_state, matrix_dims, output_like, state_like,
+    upload_features, values, with_cpu_real, Fingerprint, Origin,
 };
-use crate::kernels::{self, run_on_kernels, Backend};
+use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, Device, Error, Result, Tensor};
 
 /// NT-Xent as the kernels see it: InfoNCE of z against itself, cosine, self excluded.
@@ -22,13 +22,13 @@ fn kernel_options(opts: &NtXentOptions) -> InfoNceOptions {
 }
 
 /// z (uploaded once: it is both q and k) and the positive indices as kernel buffers.
-struct SymmetricInputs<B: Backend> {
-    z: B::Buf,
+struct SymmetricInputs<'t, B: Backend> {
+    z: Operand<'t, B::Buf>,
     positives: B::Buf,
 }
 
-impl<B: Backend> SymmetricInputs<B> {
-    fn upload(b: &B, z: &Tensor, rows: usize) -> Result<Self> {
+impl<'t, B: Backend> SymmetricInputs<'t, B> {
+    fn upload(b: &B, z: &'t Tensor, rows: usize) -> Result<Self> {
         let positives: Vec<i32> = cpu::infonce::ntxent_positives(rows)
             .iter()
             .map(|&p| p as i32)
@@ -118,13 +118,13 @@ fn forward_lse(z: &Tensor, opts: &NtXentOptions, rows: usize, dim: usize) -> Res
     run_on_kernels!(z.device(), b => {
         let inputs = SymmetricInputs::upload(b, z, rows)?;
         let (loss, lse) = inputs.problem(rows, dim, opts).forward(b)?;
-        Ok((loss, z.host_like(b.download(&lse)?, &[rows])))
+        Ok((loss, kernel_state(b, lse, &[rows])?))
     });
     with_cpu_real!(z.dtype(), T => {
-        let zv = values::<T>(z);
+        let zv = values::<T>(z)?;
         let positives = cpu::infonce::ntxent_positives(rows);
         let (loss, lse) = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature).forward();
-        Ok((loss, z.host_like(lse, &[rows])))
+        Ok((loss, state_like(z, lse, &[rows])?))
     })
 }
 
@@ -154,16 +154,16 @@ fn input_grad(
 ) -> Result<Tensor> {
     run_on_kernels!(z.device(), b => {
         let inputs = SymmetricInputs::upload(b, z, rows)?;
-        let lse = b.upload("lse", &values::<f32>(lse))?;
+        let lse = b.upload("lse", &values::<f32>(lse)?)?;
         let (dz, _) = inputs.problem(rows, dim, opts).backward(b, &lse, grad_loss)?;
-        Ok(output_like(z, b.download(&dz)?, z.shape()))
+        kernel_output(b, z, dz, z.shape())
     });
     with_cpu_real!(z.dtype(), T => {
-        let zv = values::<T>(z);
+        let zv = values::<T>(z)?;
         let positives = cpu::infonce::ntxent_positives(rows);
         let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
-        let grad = cpu::infonce::ntxent_backward(&problem, &lse.to_vec_f64(), grad_loss);
-        Ok(output_like(z, grad, z.shape()))
+        let grad = cpu::infonce::ntxent_backward(&problem, &lse.to_vec_f64()?, grad_loss);
+        output_like(z, grad, z.shape())
     })
 }
 
@@ -174,11 +174,11 @@ pub fn ntxent(z: &Tensor, opts: &NtXentOptions) -> Result<NtXentOutput> {
     let out = if z.device() == Device::Cpu {
         // One sweep for loss and gradient (see cpu::softmax::forward_backward).
         with_cpu_real!(z.dtype(), T => {
-            let zv = values::<T>(z);
+            let zv = values::<T>(z)?;
             let positives = cpu::infonce::ntxent_positives(rows);
             let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
             let (loss, grad) = cpu::infonce::ntxent_forward_backward(&problem, 1.0);
-            NtXentOutput { loss, grad_z: output_like(z, grad, z.shape()) }
+            NtXentOutput { loss, grad_z: output_like(z, grad, z.shape())? }
         })
     } else {
         let (loss, lse) = forward_lse(z, opts, rows, dim)?;

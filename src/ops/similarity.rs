@@ -2,10 +2,10 @@
 //! matrix by definition; the losses never call it.
 
 use super::{
-    check_finite, matrix_dims, output_like, same_place, same_width, upload_features, values,
-    with_cpu_real,
+    check_finite, kernel_output, matrix_dims, output_like, same_place, same_width, upload_features,
+    values, with_cpu_real,
 };
-use crate::kernels::{self, run_on_kernels, Backend};
+use crate::kernels::{self, run_on_kernels};
 use crate::{cpu, DType, Error, Result, Tensor};
 
 pub use crate::shared::Similarity;
@@ -42,7 +42,7 @@ pub fn similarity(a: &Tensor, b: &Tensor, kind: Similarity) -> Result<Tensor> {
     check_finite(OP, "a", a)?;
     check_finite(OP, "b", b)?;
     let out = similarity_unchecked(a, b, (rows, cols, dim), kind)?;
-    match out.first_non_finite() {
+    match out.first_non_finite()? {
         None => Ok(out),
         Some((at, _)) => Err(Error::invalid(
             OP,
@@ -72,10 +72,10 @@ fn similarity_unchecked(
     run_on_kernels!(a.device(), k => {
         let (ab, bb) = (upload_features(k, "a", a)?, upload_features(k, "b", b)?);
         let out = kernels::similarity::forward(k, &ab, &bb, (rows, cols, dim), kind)?;
-        Ok(output_like(a, k.download(&out)?, &[rows, cols]))
+        kernel_output(k, a, out, &[rows, cols])
     });
     with_cpu_real!(a.dtype(), T => {
-        let s = cpu::similarity::similarity::<T>(&values::<T>(a), &values::<T>(b), rows, cols, dim, kind);
-        Ok(output_like(a, s, &[rows, cols]))
+        let s = cpu::similarity::similarity::<T>(&values::<T>(a)?, &values::<T>(b)?, rows, cols, dim, kind);
+        output_like(a, s, &[rows, cols])
     })
 }

@@ -4,10 +4,10 @@
 use super::infonce::{SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME};
 use super::{
     check_finite, check_grad_loss, check_labels_len, check_result, check_scalar_result,
-    check_softmax_temperature, check_temperature, compute_dtype, output_like, upload_features,
-    values, with_cpu_real, Fingerprint, Origin,
+    check_softmax_temperature, check_temperature, compute_dtype, kernel_output, kernel_state,
+    output_like, state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
 };
-use crate::kernels::{self, run_on_kernels, Backend};
+use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, Device, Error, Result, Tensor};
 
 const OP: &str = "supcon";
@@ -139,12 +139,12 @@ fn forward_lse(
     run_on_kernels!(features.device(), b => {
         let inputs = KernelInputs::upload(b, features, labels, dims)?;
         let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
-        Ok((loss, features.host_like(b.download(&lse)?, &[dims.0 * dims.1])))
+        Ok((loss, kernel_state(b, lse, &[dims.0 * dims.1])?))
     });
     with_cpu_real!(features.dtype(), T => {
-        let fv = values::<T>(features);
+        let fv = values::<T>(features)?;
         let (loss, lse) = problem(&fv, labels, dims, opts).forward();
-        Ok((loss, features.host_like(lse, &[dims.0 * dims.1])))
+        Ok((loss, state_like(features, lse, &[dims.0 * dims.1])?))
     })
 }
 
@@ -179,14 +179,14 @@ fn input_grad(
 ) -> Result<Tensor> {
     run_on_kernels!(features.device(), b => {
         let inputs = KernelInputs::upload(b, features, labels, dims)?;
-        let lse = b.upload("lse", &values::<f32>(lse))?;
+        let lse = b.upload("lse", &values::<f32>(lse)?)?;
         let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
-        Ok(output_like(features, b.download(&grad)?, features.shape()))
+        kernel_output(b, features, grad, features.shape())
     });
     with_cpu_real!(features.dtype(), T => {
-        let fv = values::<T>(features);
-        let grad = problem(&fv, labels, dims, opts).backward(&lse.to_vec_f64(), grad_loss);
-        Ok(output_like(features, grad, features.shape()))
+        let fv = values::<T>(features)?;
+        let grad = problem(&fv, labels, dims, opts).backward(&lse.to_vec_f64()?, grad_loss);
+        output_like(features, grad, features.shape())
     })
 }
 
@@ -212,9 +212,9 @@ pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result
     let out = if features.device() == Device::Cpu {
         // One sweep for loss and gradient (see cpu::softmax::forward_backward).
         with_cpu_real!(features.dtype(), T => {
-            let fv = values::<T>(features);
+            let fv = values::<T>(features)?;
             let (loss, grad) = problem(&fv, labels, dims, opts).forward_backward(1.0);
-            SupConOutput { loss, grad_features: output_like(features, grad, features.shape()) }
+            SupConOutput { loss, grad_features: output_like(features, grad, features.shape())? }
         })
     } else {
         let (loss, lse) = forward_lse(features, labels, opts, dims)?;
@@ -231,16 +231,16 @@ pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result
 }
 
 /// The flattened views, a dense class id per view and `1 / |P(a)|` per view, as kernel buffers.
-struct KernelInputs<B: Backend> {
-    views: B::Buf,
+struct KernelInputs<'t, B: Backend> {
+    views: Operand<'t, B::Buf>,
     labels: B::Buf,
     target_weight: B::Buf,
 }
 
-impl<B: Backend> KernelInputs<B> {
+impl<'t, B: Backend> KernelInputs<'t, B> {
     fn upload(
         b: &B,
-        features: &Tensor,
+        features: &'t Tensor,
         labels: &[i64],
         (_, views, _): (usize, usize, usize),
     ) -> Result<Self> {

@@ -17,8 +17,8 @@
 //! the input dtype, with O(N^2) memory (the pairwise distances), never O(N^3).
 
 use super::{
-    check_f32_range, check_finite, check_grad_loss, check_labels_len, check_result, matrix_dims,
-    output_like, values, Fingerprint, Origin,
+    check_f32_range, check_finite, check_grad_loss, check_labels_len, check_result, kernel_output,
+    matrix_dims, output_like, values, Fingerprint, Origin,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::shared::{Classes, Coefs};
@@ -140,7 +140,7 @@ fn upload<B: Backend>(
 ) -> Result<([B::Buf; 2], i32)> {
     let (class_ids, _) = Classes::new(labels, 1).for_kernels();
     check_f32_range("x", x)?;
-    let xv = values::<f32>(x);
+    let xv = values::<f32>(x)?;
     let dim = x.shape()[1];
     let k = kernel_prescale(&xv, dim, opts);
     let xb = if k == 0 {
@@ -215,7 +215,7 @@ fn triplet_forward_unchecked(
             saved: TripletSaved { rows, opts: *opts, coefs: fwd.coefs, origin: origin(x, labels, opts) },
         })
     });
-    let xv = values::<f64>(x);
+    let xv = values::<f64>(x)?;
     let fwd = cpu::triplet::Problem {
         x: &xv,
         rows,
@@ -292,11 +292,11 @@ fn triplet_backward_unchecked(
         let (buffers, k) = upload(b, x, labels, opts)?;
         let grad = kernel_problem(&buffers, (rows, dim), opts)
             .backward_scaled(b, &saved.coefs, grad_loss, k)?;
-        Ok(output_like(x, b.download(&grad)?, x.shape()))
+        kernel_output(b, x, grad, x.shape())
     });
-    let xv = values::<f64>(x);
+    let xv = values::<f64>(x)?;
     let grad = cpu::triplet::backward(&xv, rows, dim, opts.distance, &saved.coefs, grad_loss);
-    Ok(output_like(x, grad, x.shape()))
+    output_like(x, grad, x.shape())
 }
 
 /// Triplet loss, gradient and counts in one call.

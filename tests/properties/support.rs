@@ -343,7 +343,7 @@ pub type Outs = Vec<(&'static str, Val)>;
 pub fn tv(name: &'static str, t: &Tensor) -> (&'static str, Val) {
     (
         name,
-        Val::Tensor(t.to_vec_f64(), t.shape().to_vec(), t.dtype()),
+        Val::Tensor(t.to_vec_f64().unwrap(), t.shape().to_vec(), t.dtype()),
     )
 }
 
@@ -653,7 +653,9 @@ pub fn round_to(values: Vec<f64>, dtype: DType) -> Vec<f64> {
     Tensor::from_vec(values, &[n], Device::Cpu)
         .unwrap()
         .to_dtype(dtype)
+        .unwrap()
         .to_vec_f64()
+        .unwrap()
 }
 
 fn pow10(log: f64) -> f64 {
@@ -759,6 +761,7 @@ pub fn tensor(values: &[f64], shape: &[usize], dtype: DType, device: Device) -> 
     Tensor::from_vec(values.to_vec(), shape, Device::Cpu)
         .unwrap()
         .to_dtype(dtype)
+        .unwrap()
         .to_device(device)
         .unwrap()
 }

@@ -25,10 +25,16 @@ fn bench_ntxent(c: &mut Criterion) {
     let mut group = c.benchmark_group("ntxent_cpu_f32");
     group.sample_size(10);
     group.bench_function("forward/4096x128", |b| {
-        b.iter(|| ntxent_forward(&z, &opts).expect("ntxent").loss)
+        b.iter(|| {
+            ntxent_forward(&z, &opts)
+                .expect("ntxent")
+                .loss
+                .to_scalar()
+                .unwrap()
+        })
     });
     group.bench_function("forward_backward/4096x128", |b| {
-        b.iter(|| ntxent(&z, &opts).expect("ntxent").loss)
+        b.iter(|| ntxent(&z, &opts).expect("ntxent").loss.to_scalar().unwrap())
     });
     group.finish();
 }

@@ -68,6 +68,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// An f64 input of a kernel device holding `value` in `row`, beyond the f32 range the
+    /// kernels compute in (it would arrive as an infinity).
+    pub(crate) fn beyond_f32(arg: &'static str, row: usize, value: f64) -> Self {
+        Error::invalid(
+            "upload",
+            arg,
+            format!(
+                "row {row} holds {value:e}, beyond the f32 range the kernels compute in; scale \
+                 the input or use Device::Cpu, which computes f64 inputs in f64"
+            ),
+        )
+    }
+
     pub(crate) fn invalid(op: &'static str, arg: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
             op,

@@ -733,7 +733,7 @@ fn run_kind(
                 self_mask: case.option_bool("self_mask")?,
             };
             let out = infonce(&t("q")?, &t("k")?, &case.indices("positives")?, &opts)?;
-            check.scalar("loss", out.loss)?;
+            check.scalar("loss", out.loss.to_scalar()?)?;
             check.tensor("grad_q", &out.grad_q)?;
             check.tensor("grad_k", &out.grad_k)?;
         }
@@ -744,13 +744,13 @@ fn run_kind(
                     temperature: case.option_f64("temperature")?,
                 },
             )?;
-            check.scalar("loss", out.loss)?;
+            check.scalar("loss", out.loss.to_scalar()?)?;
             check.tensor("grad_z", &out.grad_z)?;
         }
         "clip" => {
             let log_scale = case.single_value("log_scale")?;
             let out = clip(&t("a")?, &t("b")?, log_scale)?;
-            check.scalar("loss", out.loss)?;
+            check.scalar("loss", out.loss.to_scalar()?)?;
             check.tensor("grad_a", &out.grad_a)?;
             check.tensor("grad_b", &out.grad_b)?;
             check.scalar("grad_log_scale", out.grad_log_scale)?;
@@ -762,7 +762,7 @@ fn run_kind(
                 temperature: case.option_f64("temperature")?,
             };
             let out = moco(&q, &k, &queue, &opts)?;
-            check.scalar("loss", out.loss)?;
+            check.scalar("loss", out.loss.to_scalar()?)?;
             check.tensor("grad_q", &out.grad_q)?;
             let ptr = case.single_index("ptr")?;
             let ptr_after = moco_enqueue(&mut queue, &k, ptr)?;
@@ -775,7 +775,7 @@ fn run_kind(
                 base_temperature: case.option_f64("base_temperature")?,
             };
             let out = supcon(&t("features")?, &case.ints("labels")?, &opts)?;
-            check.scalar("loss", out.loss)?;
+            check.scalar("loss", out.loss.to_scalar()?)?;
             check.tensor("grad_features", &out.grad_features)?;
         }
         "triplet" => {
@@ -805,7 +805,7 @@ fn run_kind(
                 margin: case.option_f64("margin")?,
             };
             let out = triplet(&t("x")?, &case.ints("labels")?, &opts)?;
-            check.scalar("loss", out.loss)?;
+            check.scalar("loss", out.loss.to_scalar()?)?;
             check.tensor("grad_x", &out.grad_x)?;
             check.count("count", out.count)?;
         }
@@ -814,13 +814,13 @@ fn run_kind(
                 margin: case.option_f64("margin")?,
             };
             let out = margin_loss(&t("x1")?, &t("x2")?, &case.ints("y")?, &opts)?;
-            check.scalar("loss", out.loss)?;
+            check.scalar("loss", out.loss.to_scalar()?)?;
             check.tensor("grad_x1", &out.grad_x1)?;
             check.tensor("grad_x2", &out.grad_x2)?;
         }
         "nce" => {
             let out = nce(&t("s_pos")?, &t("s_neg")?, &t("logq_pos")?, &t("logq_neg")?)?;
-            check.scalar("loss", out.loss)?;
+            check.scalar("loss", out.loss.to_scalar()?)?;
             check.tensor("grad_s_pos", &out.grad_s_pos)?;
             check.tensor("grad_s_neg", &out.grad_s_neg)?;
         }

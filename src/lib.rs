@@ -18,13 +18,14 @@
 //!     Device::Cpu,
 //! )?;
 //! let out = ntxent(&z, &NtXentOptions { temperature: 0.5 })?;
-//! assert!(out.loss > 0.0);
+//! assert!(out.loss.to_scalar()? > 0.0);
 //! assert_eq!(out.grad_z.shape(), &[4, 3]);
 //! # Ok::<(), contra::Error>(())
 //! ```
 
 #[cfg(feature = "bench")]
 pub mod bench;
+pub(crate) mod checks;
 pub(crate) mod cpu;
 #[cfg(feature = "train")]
 pub mod data;

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
+use crate::checks::Checks;
 use crate::kernels::storage::{self, DeviceBuf};
+use crate::kernels::BufInfo;
 use crate::{Device, Error, Result};
 
 /// Element type of a tensor.
@@ -216,6 +218,8 @@ pub struct Tensor {
     device: Device,
     dtype: DType,
     pub(crate) storage: Storage,
+    /// The finiteness checks of the op that made this tensor, verified when it is read.
+    checks: Option<Arc<Checks>>,
 }
 
 impl Tensor {
@@ -275,6 +279,7 @@ impl Tensor {
                 device,
                 dtype,
                 storage: Storage::Host { data, key },
+                checks: None,
             });
         }
         check_available(device)?;
@@ -288,6 +293,7 @@ impl Tensor {
                 buf: Arc::new(buf),
                 key,
             },
+            checks: None,
         })
     }
 
@@ -301,7 +307,44 @@ impl Tensor {
                 buf: Arc::new(buf),
                 key: fresh_key(),
             },
+            checks: None,
         }
+    }
+
+    /// A device-resident tensor over `buf` (which may hold more words than its elements: the
+    /// loss's status words) whose reads verify `checks`.
+    pub(crate) fn from_device_buf_shared(
+        shape: Vec<usize>,
+        dtype: DType,
+        buf: Arc<DeviceBuf>,
+        checks: Arc<Checks>,
+    ) -> Tensor {
+        Tensor {
+            shape,
+            device: buf.device(),
+            dtype,
+            storage: Storage::Device {
+                buf,
+                key: fresh_key(),
+            },
+            checks: Some(checks),
+        }
+    }
+
+    /// Replaces the checks of a device tensor written in place (the new ones cover its previous
+    /// contents too).
+    pub(crate) fn set_checks(&mut self, checks: &Arc<Checks>) {
+        if self.device_buf().is_some() {
+            self.checks = Some(checks.clone());
+        }
+    }
+
+    /// The tensor, its reads verifying `checks` (the checks of the op that made it).
+    pub(crate) fn with_checks(mut self, checks: &Arc<Checks>) -> Tensor {
+        if self.device_buf().is_some() {
+            self.checks = Some(checks.clone());
+        }
+        self
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -325,12 +368,23 @@ impl Tensor {
         self.device
     }
 
-    /// The elements as host storage: borrowed on the CPU, copied from a device.
+    /// The elements as host storage: borrowed on the CPU, copied from a device (one copy, which
+    /// also brings the loss's status words; a marked word is the error of its check).
     fn host_data(&self) -> Result<std::borrow::Cow<'_, HostData>> {
-        match &self.storage {
-            Storage::Host { data, .. } => Ok(std::borrow::Cow::Borrowed(data)),
-            Storage::Device { buf, .. } => Ok(std::borrow::Cow::Owned(buf.to_host()?)),
+        let buf = match &self.storage {
+            Storage::Host { data, .. } => return Ok(std::borrow::Cow::Borrowed(data)),
+            Storage::Device { buf, .. } => buf,
+        };
+        let info = BufInfo {
+            elem: storage::elem_of(self.dtype),
+            count: self.numel(),
+        };
+        let words = buf.download_words()?;
+        let (values, tail) = words.split_at(info.elem.words(info.count).min(words.len()));
+        if let Some(checks) = &self.checks {
+            checks.verify(checks.lives_in(buf).then_some(tail))?;
         }
+        Ok(std::borrow::Cow::Owned(storage::decode(values, info)))
     }
 
     /// The elements, row-major, as `T`; `T` must be the tensor's dtype. A device tensor is

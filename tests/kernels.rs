@@ -150,7 +150,7 @@ fn infonce_outputs(
     let fwd = infonce_forward(q, k, positives, opts)?;
     let (grad_q, grad_k) = infonce_backward(q, k, positives, opts, &fwd.saved, 1.0)?;
     Ok(vec![
-        ("loss", vec![fwd.loss]),
+        ("loss", vec![fwd.loss.to_scalar().unwrap()]),
         ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
         ("grad_q", grad_q.to_vec_f64().unwrap()),
         ("grad_k", grad_k.to_vec_f64().unwrap()),
@@ -260,8 +260,8 @@ fn check_infonce_split_grad_loss(device: Device) {
             let (grad_q, grad_k) =
                 infonce_backward(&t[0], &t[1], &positives, &opts, &fwd.saved, 2.5)?;
             Ok(vec![
-                ("loss (one call)", vec![one_call.loss]),
-                ("loss (split)", vec![fwd.loss]),
+                ("loss (one call)", vec![one_call.loss.to_scalar().unwrap()]),
+                ("loss (split)", vec![fwd.loss.to_scalar().unwrap()]),
                 ("grad_q (one call)", one_call.grad_q.to_vec_f64().unwrap()),
                 ("grad_k (one call)", one_call.grad_k.to_vec_f64().unwrap()),
                 ("grad_q (split, 2.5)", grad_q.to_vec_f64().unwrap()),
@@ -383,7 +383,7 @@ fn check_ntxent(device: Device) {
                 let fwd = ntxent_forward(&t[0], &opts)?;
                 let grad_z = ntxent_backward(&t[0], &opts, &fwd.saved, 1.0)?;
                 Ok(vec![
-                    ("loss", vec![fwd.loss]),
+                    ("loss", vec![fwd.loss.to_scalar().unwrap()]),
                     ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
                     ("grad_z", grad_z.to_vec_f64().unwrap()),
                 ])
@@ -408,8 +408,8 @@ fn check_ntxent_split_grad_loss(device: Device) {
         let fwd = ntxent_forward(&t[0], &opts)?;
         let grad_z = ntxent_backward(&t[0], &opts, &fwd.saved, 2.5)?;
         Ok(vec![
-            ("loss (one call)", vec![one_call.loss]),
-            ("loss (split)", vec![fwd.loss]),
+            ("loss (one call)", vec![one_call.loss.to_scalar().unwrap()]),
+            ("loss (split)", vec![fwd.loss.to_scalar().unwrap()]),
             ("grad_z (one call)", one_call.grad_z.to_vec_f64().unwrap()),
             ("grad_z (split, 2.5)", grad_z.to_vec_f64().unwrap()),
         ])
@@ -499,7 +499,7 @@ fn check_moco(device: Device) {
                 let fwd = moco_forward(&t[0], &t[1], &t[2], &opts)?;
                 let grad_q = moco_backward(&t[0], &t[1], &t[2], &opts, &fwd.saved, 1.5)?;
                 Ok(vec![
-                    ("loss", vec![fwd.loss]),
+                    ("loss", vec![fwd.loss.to_scalar().unwrap()]),
                     ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
                     ("grad_q", grad_q.to_vec_f64().unwrap()),
                 ])
@@ -541,7 +541,7 @@ fn check_supcon(device: Device) {
             let fwd = supcon_forward(&t[0], &labels, &opts)?;
             let grad = supcon_backward(&t[0], &labels, &opts, &fwd.saved, 0.75)?;
             Ok(vec![
-                ("loss", vec![fwd.loss]),
+                ("loss", vec![fwd.loss.to_scalar().unwrap()]),
                 ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
                 ("grad_features", grad.to_vec_f64().unwrap()),
             ])
@@ -570,7 +570,7 @@ fn check_clip(device: Device) {
                 let fwd = clip_forward(&t[0], &t[1], log_scale)?;
                 let grads = clip_backward(&t[0], &t[1], log_scale, &fwd.saved, 1.25)?;
                 Ok(vec![
-                    ("loss", vec![fwd.loss]),
+                    ("loss", vec![fwd.loss.to_scalar().unwrap()]),
                     ("row_lse", fwd.saved.row_lse.to_vec_f64().unwrap()),
                     ("col_lse", fwd.saved.col_lse.to_vec_f64().unwrap()),
                     ("grad_a", grads.grad_a.to_vec_f64().unwrap()),

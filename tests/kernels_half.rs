@@ -162,7 +162,7 @@ fn half_infonce_and_ntxent_match_cpu() {
                 compare_half(device, dtype, &case, &[(&q, &[n, d]), (&k, &[m, d])], |t| {
                     let out = infonce(&t[0], &t[1], &positives, &opts)?;
                     Ok(vec![
-                        ("loss", vec![out.loss]),
+                        ("loss", vec![out.loss.to_scalar().unwrap()]),
                         ("grad_q", out.grad_q.to_vec_f64().unwrap()),
                         ("grad_k", out.grad_k.to_vec_f64().unwrap()),
                     ])
@@ -186,7 +186,7 @@ fn half_infonce_and_ntxent_match_cpu() {
                     |t| {
                         let out = ntxent(&t[0], &opts)?;
                         Ok(vec![
-                            ("loss", vec![out.loss]),
+                            ("loss", vec![out.loss.to_scalar().unwrap()]),
                             ("grad_z", out.grad_z.to_vec_f64().unwrap()),
                         ])
                     },
@@ -212,7 +212,7 @@ fn half_clip_moco_supcon_match_cpu() {
                 |t| {
                     let out = clip(&t[0], &t[1], (1.0f64 / 0.07).ln())?;
                     Ok(vec![
-                        ("loss", vec![out.loss]),
+                        ("loss", vec![out.loss.to_scalar().unwrap()]),
                         ("grad_a", out.grad_a.to_vec_f64().unwrap()),
                         ("grad_b", out.grad_b.to_vec_f64().unwrap()),
                         ("grad_log_scale", vec![out.grad_log_scale]),
@@ -225,7 +225,7 @@ fn half_clip_moco_supcon_match_cpu() {
             compare_half(device, dtype, "moco 37x101x40", inputs, |t| {
                 let out = moco(&t[0], &t[1], &t[2], &opts)?;
                 Ok(vec![
-                    ("loss", vec![out.loss]),
+                    ("loss", vec![out.loss.to_scalar().unwrap()]),
                     ("grad_q", out.grad_q.to_vec_f64().unwrap()),
                 ])
             });
@@ -249,7 +249,7 @@ fn half_clip_moco_supcon_match_cpu() {
                     |t| {
                         let out = supcon(&t[0], &labels, &opts)?;
                         Ok(vec![
-                            ("loss", vec![out.loss]),
+                            ("loss", vec![out.loss.to_scalar().unwrap()]),
                             ("grad_features", out.grad_features.to_vec_f64().unwrap()),
                         ])
                     },

@@ -51,7 +51,10 @@ fn check_case(
     let case = format!("{case} {:?} {:?}", opts.distance, opts.mining);
     assert_eq!(got.count, want.count, "{case} on {device}: count");
     assert_eq!(got.stats, want.stats, "{case} on {device}: stats");
-    let loss_err = rel_err(&[got.loss], &[want.loss]);
+    let loss_err = rel_err(
+        &[got.loss.to_scalar().unwrap()],
+        &[want.loss.to_scalar().unwrap()],
+    );
     let grad_err = rel_err(
         &got.grad_x.to_vec_f64().unwrap(),
         &want.grad_x.to_vec_f64().unwrap(),
@@ -62,7 +65,8 @@ fn check_case(
     );
     println!(
         "  {device} {case}: loss {:.5} count {} errors {loss_err:.1e} / {grad_err:.1e}",
-        got.loss, got.count
+        got.loss.to_scalar().unwrap(),
+        got.count
     );
 }
 

@@ -229,6 +229,8 @@ fn triplet_loss_f64(x: &[f64], labels: &[i64], d: usize, opts: &TripletOptions) 
     triplet_forward(&t64(x.to_vec(), &[labels.len(), d]), labels, opts)
         .unwrap()
         .loss
+        .to_scalar()
+        .unwrap()
 }
 
 fn random_labels(rng: &mut StdRng, n: usize, classes: i64) -> Vec<i64> {
@@ -321,6 +323,8 @@ fn margin_gradients_match_finite_differences() {
             &opts,
         )
         .unwrap()
+        .to_scalar()
+        .unwrap()
     };
     let out = margin_loss(
         &t64(x1.clone(), &[b, d]),
@@ -347,7 +351,7 @@ fn margin_gradients_match_finite_differences() {
         &MarginOptions { margin: 4.0 },
     )
     .unwrap();
-    assert_eq!(far.loss, 0.0);
+    assert_eq!(far.loss.to_scalar().unwrap(), 0.0);
     assert_eq!(far.grad_x1.to_vec::<f64>().unwrap(), vec![0.0, 0.0]);
 }
 
@@ -358,9 +362,9 @@ fn margin_loss_matches_formula() {
     let x2 = t64(vec![3.0, 4.0, 4.0, 5.0], &[2, 2]);
     let out = margin_loss(&x1, &x2, &[0, 1], &MarginOptions { margin: 7.0 }).unwrap();
     assert!(
-        (out.loss - (12.5 + 2.0) / 2.0).abs() < 1e-12,
+        (out.loss.to_scalar().unwrap() - (12.5 + 2.0) / 2.0).abs() < 1e-12,
         "{}",
-        out.loss
+        out.loss.to_scalar().unwrap()
     );
     // Row 0 (similar): d(d^2/2)/dx1 = (x1 - x2) / 2 (mean over 2 rows).
     // Row 1 (dissimilar): -(m - d) / d (x1 - x2) / 2 = -(2/5)(-3, -4)/2.
@@ -389,6 +393,8 @@ fn nce_gradients_match_finite_differences() {
             &logq_pos,
             &logq_neg,
         )
+        .unwrap()
+        .to_scalar()
         .unwrap()
     };
     let out = nce(
@@ -442,11 +448,12 @@ fn check_against_reference(x: &[f64], labels: &[i64], d: usize, what: &str) {
             };
             let got = triplet_forward(&xt, labels, &opts).unwrap();
             let want = ref_triplet(x, labels, d, &opts);
-            let err = (got.loss - want.loss).abs() / want.loss.abs().max(1e-12);
+            let err =
+                (got.loss.to_scalar().unwrap() - want.loss).abs() / want.loss.abs().max(1e-12);
             assert!(
                 err < 1e-9,
                 "{what} {opts:?}: loss {} vs {}",
-                got.loss,
+                got.loss.to_scalar().unwrap(),
                 want.loss
             );
             assert_eq!(got.count, want.count, "{what} {opts:?}: count");
@@ -498,7 +505,7 @@ fn triplet_with_no_valid_triplet_is_zero() {
                     margin: 0.5,
                 };
                 let out = triplet(&x, &labels, &opts).unwrap();
-                assert_eq!(out.loss, 0.0, "{opts:?} {labels:?}");
+                assert_eq!(out.loss.to_scalar().unwrap(), 0.0, "{opts:?} {labels:?}");
                 assert_eq!(out.count, 0, "{opts:?} {labels:?}");
                 assert_eq!(out.stats, TripletStats::default(), "{opts:?} {labels:?}");
                 let g = out.grad_x.to_vec::<f64>().unwrap();
@@ -513,7 +520,7 @@ fn triplet_with_no_valid_triplet_is_zero() {
         &TripletOptions::default(),
     )
     .unwrap();
-    assert_eq!((one.loss, one.count), (0.0, 0));
+    assert_eq!((one.loss.to_scalar().unwrap(), one.count), (0.0, 0));
 }
 
 #[test]
@@ -529,7 +536,11 @@ fn triplet_hand_computed_cases() {
     // Triplets: (0,1,n): d_ap 0.1 vs d_an 1.0, 0.5 -> easy; (1,0,n): 0.1 vs 0.9, 0.4 -> easy;
     // (2,3,n): 0.5 vs 1.0, 0.9 -> easy; (3,2,n): 0.5 vs 0.5 (semi-hard), 0.4 (hard).
     let hard = triplet(&x, &labels, &opts(Mining::BatchHard)).unwrap();
-    assert!((hard.loss - 0.3 / 4.0).abs() < 1e-12, "{}", hard.loss);
+    assert!(
+        (hard.loss.to_scalar().unwrap() - 0.3 / 4.0).abs() < 1e-12,
+        "{}",
+        hard.loss.to_scalar().unwrap()
+    );
     assert_eq!(hard.count, 4);
     assert_eq!(
         hard.stats,
@@ -545,7 +556,11 @@ fn triplet_hand_computed_cases() {
     assert!(rel_err(&g, &[0.0, 0.25, 0.25, -0.5]) < 1e-9, "{g:?}");
     // batch-all: the terms 0.5 - 0.5 + 0.2 = 0.2 and 0.5 - 0.4 + 0.2 = 0.3.
     let all = triplet(&x, &labels, &opts(Mining::BatchAll)).unwrap();
-    assert!((all.loss - 0.25).abs() < 1e-12, "{}", all.loss);
+    assert!(
+        (all.loss.to_scalar().unwrap() - 0.25).abs() < 1e-12,
+        "{}",
+        all.loss.to_scalar().unwrap()
+    );
     assert_eq!(all.count, 2);
 }
 
@@ -575,8 +590,12 @@ fn triplet_is_permutation_invariant() {
             };
             let a = triplet(&t64(x.clone(), &[n, d]), &labels, &opts).unwrap();
             let b = triplet(&t64(px.clone(), &[n, d]), &plabels, &opts).unwrap();
-            assert!(a.loss > 0.0, "{opts:?}: vacuous");
-            assert!((a.loss - b.loss).abs() <= 1e-12 * a.loss, "{opts:?}");
+            assert!(a.loss.to_scalar().unwrap() > 0.0, "{opts:?}: vacuous");
+            assert!(
+                (a.loss.to_scalar().unwrap() - b.loss.to_scalar().unwrap()).abs()
+                    <= 1e-12 * a.loss.to_scalar().unwrap(),
+                "{opts:?}"
+            );
             assert_eq!(a.count, b.count, "{opts:?}");
             assert_eq!(a.stats, b.stats, "{opts:?}");
             let ga = a.grad_x.to_vec::<f64>().unwrap();
@@ -744,9 +763,9 @@ fn nce_with_one_noise_sample_matches_direct_formula() {
     )
     .unwrap();
     assert!(
-        (out.loss - want).abs() < 1e-12 * want,
+        (out.loss.to_scalar().unwrap() - want).abs() < 1e-12 * want,
         "{} vs {want}",
-        out.loss
+        out.loss.to_scalar().unwrap()
     );
     let gp_want: Vec<f64> = (0..b)
         .map(|i| (sigmoid_direct(s_pos[i] - lq_pos[i]) - 1.0) / b as f64)
@@ -759,6 +778,8 @@ fn nce_with_one_noise_sample_matches_direct_formula() {
         &t64(lq_pos.clone(), &[b]),
         &t64(lq_neg.iter().flat_map(|&v| [v; 4]).collect(), &[b, 4]),
     )
+    .unwrap()
+    .to_scalar()
     .unwrap();
     let want4: f64 = (0..b)
         .map(|i| {
@@ -787,7 +808,11 @@ fn nce_large_scores_do_not_overflow() {
     .unwrap();
     // Row 0: softplus(1000) + softplus(1000) = 2000; row 1: ~0; row 2: 2 log 2.
     let want = (2000.0 + 2.0 * 2f64.ln()) / 3.0;
-    assert!((out.loss - want).abs() < 1e-9, "{}", out.loss);
+    assert!(
+        (out.loss.to_scalar().unwrap() - want).abs() < 1e-9,
+        "{}",
+        out.loss.to_scalar().unwrap()
+    );
     let gp = out.grad_s_pos.to_vec::<f64>().unwrap();
     let gn = out.grad_s_neg.to_vec::<f64>().unwrap();
     assert!(gp.iter().chain(&gn).all(|v| v.is_finite()));
@@ -806,9 +831,9 @@ fn nce_large_scores_do_not_overflow() {
     .unwrap();
     let want32 = (200.0 + 2.0 * 2f64.ln()) / 3.0;
     assert!(
-        (out32.loss - want32).abs() < 1e-6 * want32,
+        (out32.loss.to_scalar().unwrap() - want32).abs() < 1e-6 * want32,
         "{}",
-        out32.loss
+        out32.loss.to_scalar().unwrap()
     );
     assert!(out32
         .grad_s_neg

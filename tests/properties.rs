@@ -127,10 +127,13 @@ fn one_and_split<I: Clone>(
 }
 
 /// A loss and its tensor gradients as outputs (the loss first, as every loss op returns them).
-fn loss_outs(loss: f64, grads: &[(&'static str, &Tensor)]) -> Outs {
-    let mut outs = vec![("loss", Val::Scalar(loss))];
-    outs.extend(grads.iter().map(|&(name, g)| tv(name, g)));
-    outs
+fn loss_outs(loss: &Tensor, grads: &[(&'static str, &Tensor)]) -> contra::Result<Outs> {
+    // Reading the loss is where an error found on the device surfaces.
+    let mut outs = vec![("loss", Val::Scalar(loss.to_scalar()?))];
+    for &(name, g) in grads {
+        outs.push(tv(name, g)?);
+    }
+    Ok(outs)
 }
 
 /// The f64 reference's output `name` against a naive f64 formula of it (`what` names both), within
@@ -317,7 +320,7 @@ fn norm_strategy(regime: Regime) -> impl Strategy<Value = NormCase> {
 fn normalize_case(regime: Regime, device: Device, c: NormCase) -> Result<Tally, TestCaseError> {
     let (rows, dim) = (c.rows, c.dim);
     let xv = matrix(c.seed, 1, rows, dim, &c.x, c.dtype, regime);
-    let run = |[x]: [Tensor; 1]| guarded(move || Ok(vec![tv("y", &normalize(&x)?)]));
+    let run = |[x]: [Tensor; 1]| guarded(move || Ok(vec![tv("y", &normalize(&x)?)?]));
     let (refs, devs) = inputs([(&xv, &[rows, dim])], c.dtype, device);
     let reference = run(refs);
     let variants = vec![("normalize", run(devs))];
@@ -346,8 +349,9 @@ fn normalize_backward_case(
     let (rows, dim) = (c.rows, c.dim);
     let xv = matrix(c.seed, 1, rows, dim, &c.x, c.dtype, regime);
     let gv = matrix(c.seed, 2, rows, dim, &c.grad_y, c.dtype, regime);
-    let run =
-        |[x, g]: [Tensor; 2]| guarded(move || Ok(vec![tv("grad_x", &normalize_backward(&x, &g)?)]));
+    let run = |[x, g]: [Tensor; 2]| {
+        guarded(move || Ok(vec![tv("grad_x", &normalize_backward(&x, &g)?)?]))
+    };
     let (refs, devs) = inputs([(&xv, &[rows, dim]), (&gv, &[rows, dim])], c.dtype, device);
     let reference = run(refs);
     let variants = vec![("normalize_backward", run(devs))];
@@ -423,7 +427,7 @@ fn similarity_case(regime: Regime, device: Device, c: SimCase) -> Result<Tally, 
     let (rows, cols, dim, kind) = (c.rows, c.cols, c.dim, c.kind);
     let av = matrix(c.seed, 1, rows, dim, &c.a, c.dtype, regime);
     let bv = matrix(c.seed, 2, cols, dim, &c.b, c.dtype, regime);
-    let run = |[a, b]: [Tensor; 2]| guarded(move || Ok(vec![tv("s", &similarity(&a, &b, kind)?)]));
+    let run = |[a, b]: [Tensor; 2]| guarded(move || Ok(vec![tv("s", &similarity(&a, &b, kind)?)?]));
     let (refs, devs) = inputs([(&av, &[rows, dim]), (&bv, &[cols, dim])], c.dtype, device);
     let reference = run(refs);
     let variants = vec![("similarity", run(devs))];
@@ -588,10 +592,7 @@ fn infonce_case(regime: Regime, device: Device, c: InfoNceCase) -> Result<Tally,
             let p = positives.clone();
             guarded(move || {
                 let o = infonce(&q, &k, &p, &opts)?;
-                Ok(loss_outs(
-                    o.loss,
-                    &[("grad_q", &o.grad_q), ("grad_k", &o.grad_k)],
-                ))
+                loss_outs(&o.loss, &[("grad_q", &o.grad_q), ("grad_k", &o.grad_k)])
             })
         },
         |[q, k]: [Tensor; 2]| {
@@ -599,7 +600,7 @@ fn infonce_case(regime: Regime, device: Device, c: InfoNceCase) -> Result<Tally,
             guarded(move || {
                 let f = infonce_forward(&q, &k, &p, &opts)?;
                 let (gq, gk) = infonce_backward(&q, &k, &p, &opts, &f.saved, 1.0)?;
-                Ok(loss_outs(f.loss, &[("grad_q", &gq), ("grad_k", &gk)]))
+                loss_outs(&f.loss, &[("grad_q", &gq), ("grad_k", &gk)])
             })
         },
     );
@@ -642,7 +643,7 @@ fn infonce_case(regime: Regime, device: Device, c: InfoNceCase) -> Result<Tally,
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
             let q = host_f64(&x[0], &[rows, dim]);
             let k = host_f64(&x[1], &[cols, dim]);
-            Ok(infonce_forward(&q, &k, &positives, &opts)?.loss)
+            infonce_forward(&q, &k, &positives, &opts)?.loss.to_scalar()
         };
         let wrt = [(&qv[..], &out.grad_q, dim), (&kv[..], &out.grad_k, dim)];
         tally.fd(fd_check("infonce", &desc, &f, &wrt, c.seed, loss_mag)?);
@@ -697,14 +698,14 @@ fn ntxent_case(regime: Regime, device: Device, c: NtXentCase) -> Result<Tally, T
         |[z]: [Tensor; 1]| {
             guarded(move || {
                 let o = ntxent(&z, &opts)?;
-                Ok(loss_outs(o.loss, &[("grad_z", &o.grad_z)]))
+                loss_outs(&o.loss, &[("grad_z", &o.grad_z)])
             })
         },
         |[z]: [Tensor; 1]| {
             guarded(move || {
                 let f = ntxent_forward(&z, &opts)?;
                 let g = ntxent_backward(&z, &opts, &f.saved, 1.0)?;
-                Ok(loss_outs(f.loss, &[("grad_z", &g)]))
+                loss_outs(&f.loss, &[("grad_z", &g)])
             })
         },
     );
@@ -740,7 +741,9 @@ fn ntxent_case(regime: Regime, device: Device, c: NtXentCase) -> Result<Tally, T
     if regime == Regime::Moderate && device == Device::Cpu {
         let out = ntxent(&refs[0], &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
-            Ok(ntxent_forward(&host_f64(&x[0], &[rows, dim]), &opts)?.loss)
+            ntxent_forward(&host_f64(&x[0], &[rows, dim]), &opts)?
+                .loss
+                .to_scalar()
         };
         let wrt = [(&zv[..], &out.grad_z, dim)];
         tally.fd(fd_check("ntxent", &desc, &f, &wrt, c.seed, loss_mag)?);
@@ -790,10 +793,10 @@ fn clip_strategy(regime: Regime) -> impl Strategy<Value = ClipCase> {
         })
 }
 
-fn clip_outs(loss: f64, g: &ClipGrads) -> Outs {
-    let mut outs = loss_outs(loss, &[("grad_a", &g.grad_a), ("grad_b", &g.grad_b)]);
+fn clip_outs(loss: &Tensor, g: &ClipGrads) -> contra::Result<Outs> {
+    let mut outs = loss_outs(loss, &[("grad_a", &g.grad_a), ("grad_b", &g.grad_b)])?;
     outs.push(("grad_log_scale", Val::Scalar(g.grad_log_scale)));
-    outs
+    Ok(outs)
 }
 
 fn clip_case(regime: Regime, device: Device, c: ClipCase) -> Result<Tally, TestCaseError> {
@@ -823,14 +826,14 @@ fn clip_case(regime: Regime, device: Device, c: ClipCase) -> Result<Tally, TestC
                     grad_b: o.grad_b,
                     grad_log_scale: o.grad_log_scale,
                 };
-                Ok(clip_outs(o.loss, &g))
+                clip_outs(&o.loss, &g)
             })
         },
         |[a, b]: [Tensor; 2]| {
             guarded(move || {
                 let f = clip_forward(&a, &b, log_scale)?;
                 let g = clip_backward(&a, &b, log_scale, &f.saved, 1.0)?;
-                Ok(clip_outs(f.loss, &g))
+                clip_outs(&f.loss, &g)
             })
         },
     );
@@ -889,22 +892,23 @@ fn clip_case(regime: Regime, device: Device, c: ClipCase) -> Result<Tally, TestC
     if regime == Regime::Moderate && device == Device::Cpu {
         let out = clip(ar, br, log_scale).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
-            Ok(clip_forward(
+            clip_forward(
                 &host_f64(&x[0], &[rows, dim]),
                 &host_f64(&x[1], &[rows, dim]),
                 log_scale,
             )?
-            .loss)
+            .loss
+            .to_scalar()
         };
         let wrt = [(&av[..], &out.grad_a, dim), (&bv[..], &out.grad_b, dim)];
         tally.fd(fd_check("clip (a, b)", &desc, &f, &wrt, c.seed, loss_mag)?);
         // d loss / d log_scale, the scalar the issue saw with the wrong sign.
-        let g = |ls: f64| clip_forward(ar, br, ls).map(|f| f.loss);
+        let g = |ls: f64| clip_forward(ar, br, ls).and_then(|f| f.loss.to_scalar());
         let h = 1e-6;
         let (fp, fm, f0) = (
             g(log_scale + h).unwrap(),
             g(log_scale - h).unwrap(),
-            out.loss,
+            out.loss.to_scalar().unwrap(),
         );
         let fd = (fp - fm) / (2.0 * h);
         let noise = 1e-12 * (f0.abs() + loss_mag) / h;
@@ -980,14 +984,14 @@ fn moco_case(regime: Regime, device: Device, c: MocoCase) -> Result<Tally, TestC
         |[q, k, u]: [Tensor; 3]| {
             guarded(move || {
                 let o = moco(&q, &k, &u, &opts)?;
-                Ok(loss_outs(o.loss, &[("grad_q", &o.grad_q)]))
+                loss_outs(&o.loss, &[("grad_q", &o.grad_q)])
             })
         },
         |[q, k, u]: [Tensor; 3]| {
             guarded(move || {
                 let f = moco_forward(&q, &k, &u, &opts)?;
                 let g = moco_backward(&q, &k, &u, &opts, &f.saved, 1.0)?;
-                Ok(loss_outs(f.loss, &[("grad_q", &g)]))
+                loss_outs(&f.loss, &[("grad_q", &g)])
             })
         },
     );
@@ -1020,7 +1024,9 @@ fn moco_case(regime: Regime, device: Device, c: MocoCase) -> Result<Tally, TestC
     if regime == Regime::Moderate && device == Device::Cpu {
         let out = moco(qr, kr, ur, &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
-            Ok(moco_forward(&host_f64(&x[0], &[rows, dim]), kr, ur, &opts)?.loss)
+            moco_forward(&host_f64(&x[0], &[rows, dim]), kr, ur, &opts)?
+                .loss
+                .to_scalar()
         };
         let wrt = [(&qv[..], &out.grad_q, dim)];
         tally.fd(fd_check("moco", &desc, &f, &wrt, c.seed, loss_mag)?);
@@ -1083,7 +1089,7 @@ fn enqueue_case(regime: Regime, device: Device, c: EnqueueCase) -> Result<Tally,
     let run = |[mut queue, k]: [Tensor; 2]| {
         guarded(move || {
             let next = moco_enqueue(&mut queue, &k, ptr)?;
-            Ok(vec![tv("queue", &queue), ("ptr", Val::Int(next as u64))])
+            Ok(vec![tv("queue", &queue)?, ("ptr", Val::Int(next as u64))])
         })
     };
     let (refs, devs) = inputs([(&uv, &[kq, dim]), (&kv, &[rows, dim])], c.dtype, device);
@@ -1186,7 +1192,7 @@ fn momentum_case(regime: Regime, device: Device, c: MomentumCase) -> Result<Tall
     let run = |[mut k, q]: [Tensor; 2]| {
         guarded(move || {
             momentum_update(&mut k, &q, m)?;
-            Ok(vec![tv("theta_k", &k)])
+            Ok(vec![tv("theta_k", &k)?])
         })
     };
     let (refs, devs) = inputs([(&kv, &c.shape), (&qv, &c.shape)], c.dtype, device);
@@ -1294,7 +1300,7 @@ fn supcon_case(regime: Regime, device: Device, c: SupConCase) -> Result<Tally, T
             let l = labels.clone();
             guarded(move || {
                 let o = supcon(&f, &l, &opts)?;
-                Ok(loss_outs(o.loss, &[("grad_features", &o.grad_features)]))
+                loss_outs(&o.loss, &[("grad_features", &o.grad_features)])
             })
         },
         |[f]: [Tensor; 1]| {
@@ -1302,7 +1308,7 @@ fn supcon_case(regime: Regime, device: Device, c: SupConCase) -> Result<Tally, T
             guarded(move || {
                 let fw = supcon_forward(&f, &l, &opts)?;
                 let g = supcon_backward(&f, &l, &opts, &fw.saved, 1.0)?;
-                Ok(loss_outs(fw.loss, &[("grad_features", &g)]))
+                loss_outs(&fw.loss, &[("grad_features", &g)])
             })
         },
     );
@@ -1347,7 +1353,9 @@ fn supcon_case(regime: Regime, device: Device, c: SupConCase) -> Result<Tally, T
     if regime == Regime::Moderate && device == Device::Cpu {
         let out = supcon(&refs[0], &labels, &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
-            Ok(supcon_forward(&host_f64(&x[0], &shape), &labels, &opts)?.loss)
+            supcon_forward(&host_f64(&x[0], &shape), &labels, &opts)?
+                .loss
+                .to_scalar()
         };
         let wrt = [(&fv[..], &out.grad_features, dim)];
         tally.fd(fd_check("supcon", &desc, &f, &wrt, c.seed, loss_mag)?);
@@ -1403,15 +1411,20 @@ fn triplet_strategy(regime: Regime) -> impl Strategy<Value = TripletCase> {
         )
 }
 
-fn triplet_outs(loss: f64, count: u64, stats: TripletStats, g: &Tensor) -> Outs {
-    vec![
-        ("loss", Val::Scalar(loss)),
+fn triplet_outs(
+    loss: &Tensor,
+    count: u64,
+    stats: TripletStats,
+    g: &Tensor,
+) -> contra::Result<Outs> {
+    Ok(vec![
+        ("loss", Val::Scalar(loss.to_scalar()?)),
         ("count", Val::Int(count)),
         ("hard", Val::Int(stats.hard)),
         ("semi_hard", Val::Int(stats.semi_hard)),
         ("easy", Val::Int(stats.easy)),
-        tv("grad_x", g),
-    ]
+        tv("grad_x", g)?,
+    ])
 }
 
 /// Pairwise distances as the op defines them, in f64 (direct differences).
@@ -1462,7 +1475,7 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
             let l = labels.clone();
             guarded(move || {
                 let o = triplet(&x, &l, &opts)?;
-                Ok(triplet_outs(o.loss, o.count, o.stats, &o.grad_x))
+                triplet_outs(&o.loss, o.count, o.stats, &o.grad_x)
             })
         },
         |[x]: [Tensor; 1]| {
@@ -1470,7 +1483,7 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
             guarded(move || {
                 let f = triplet_forward(&x, &l, &opts)?;
                 let g = triplet_backward(&x, &l, &opts, &f.saved, 1.0)?;
-                Ok(triplet_outs(f.loss, f.count, f.stats, &g))
+                triplet_outs(&f.loss, f.count, f.stats, &g)
             })
         },
     );
@@ -1644,7 +1657,9 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
     if regime == Regime::Moderate && device == Device::Cpu {
         let out = triplet(&refs[0], &labels, &opts).unwrap();
         let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
-            Ok(triplet_forward(&host_f64(&x[0], &[n, dim]), &labels, &opts)?.loss)
+            triplet_forward(&host_f64(&x[0], &[n, dim]), &labels, &opts)?
+                .loss
+                .to_scalar()
         };
         let wrt = [(&xv[..], &out.grad_x, dim)];
         tally.fd(fd_check("triplet", &desc, &f, &wrt, c.seed, loss_mag)?);
@@ -1726,10 +1741,7 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
             let y = y.clone();
             guarded(move || {
                 let o = margin_loss(&a, &b, &y, &opts)?;
-                Ok(loss_outs(
-                    o.loss,
-                    &[("grad_x1", &o.grad_x1), ("grad_x2", &o.grad_x2)],
-                ))
+                loss_outs(&o.loss, &[("grad_x1", &o.grad_x1), ("grad_x2", &o.grad_x2)])
             })
         },
         |[a, b]: [Tensor; 2]| {
@@ -1737,7 +1749,7 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
             guarded(move || {
                 let loss = margin_forward(&a, &b, &y, &opts)?;
                 let (g1, g2) = margin_backward(&a, &b, &y, &opts, 1.0)?;
-                Ok(loss_outs(loss, &[("grad_x1", &g1), ("grad_x2", &g2)]))
+                loss_outs(&loss, &[("grad_x1", &g1), ("grad_x2", &g2)])
             })
         },
     );
@@ -1787,7 +1799,8 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
                 &host_f64(&x[1], &[n, dim]),
                 &y,
                 &opts,
-            )
+            )?
+            .to_scalar()
         };
         let wrt = [(&x1[..], &out.grad_x1, dim), (&x2[..], &out.grad_x2, dim)];
         tally.fd(fd_check("margin_loss", &desc, &f, &wrt, c.seed, loss_mag)?);
@@ -1856,14 +1869,14 @@ fn nce_case(regime: Regime, device: Device, c: NceCase) -> Result<Tally, TestCas
             guarded(move || {
                 let o = nce(&t[0], &t[1], &t[2], &t[3])?;
                 let grads = [("grad_s_pos", &o.grad_s_pos), ("grad_s_neg", &o.grad_s_neg)];
-                Ok(loss_outs(o.loss, &grads))
+                loss_outs(&o.loss, &grads)
             })
         },
         |t: [Tensor; 4]| {
             guarded(move || {
                 let loss = nce_forward(&t[0], &t[1], &t[2], &t[3])?;
                 let (gp, gn) = nce_backward(&t[0], &t[1], &t[2], &t[3], 1.0)?;
-                Ok(loss_outs(loss, &[("grad_s_pos", &gp), ("grad_s_neg", &gn)]))
+                loss_outs(&loss, &[("grad_s_pos", &gp), ("grad_s_neg", &gn)])
             })
         },
     );
@@ -1914,7 +1927,8 @@ fn nce_case(regime: Regime, device: Device, c: NceCase) -> Result<Tally, TestCas
                 &host_f64(&x[1], &[b, k]),
                 qp_r,
                 qn_r,
-            )
+            )?
+            .to_scalar()
         };
         let wrt = [(&sp[..], &out.grad_s_pos, 1), (&sn[..], &out.grad_s_neg, k)];
         tally.fd(fd_check("nce", &desc, &f, &wrt, c.seed, loss_mag)?);

@@ -149,6 +149,8 @@ fn check_infonce_grad(normalize: bool, self_mask: bool, seed: u64) {
         infonce(&t64(q, &[n, d]), &t64(k, &[m, d]), &positives, &opts)
             .unwrap()
             .loss
+            .to_scalar()
+            .unwrap()
     };
     let num_q = numeric_grad(|x| loss_at(x, &k), &q);
     let num_k = numeric_grad(|x| loss_at(&q, x), &k);
@@ -193,7 +195,16 @@ fn grad_ntxent() {
     let z = uniform(&mut r, rows * d);
     let opts = NtXentOptions { temperature: 0.4 };
     let out = ntxent(&t64(&z, &[rows, d]), &opts).unwrap();
-    let num = numeric_grad(|x| ntxent(&t64(x, &[rows, d]), &opts).unwrap().loss, &z);
+    let num = numeric_grad(
+        |x| {
+            ntxent(&t64(x, &[rows, d]), &opts)
+                .unwrap()
+                .loss
+                .to_scalar()
+                .unwrap()
+        },
+        &z,
+    );
     assert_close(&v64(&out.grad_z), &num, FD_TOL, "ntxent grad_z");
 }
 
@@ -205,8 +216,13 @@ fn grad_clip() {
     let b = uniform(&mut r, n * d);
     let ls = 1.3;
     let out = clip(&t64(&a, &[n, d]), &t64(&b, &[n, d]), ls).unwrap();
-    let loss_at =
-        |a: &[f64], b: &[f64], ls: f64| clip(&t64(a, &[n, d]), &t64(b, &[n, d]), ls).unwrap().loss;
+    let loss_at = |a: &[f64], b: &[f64], ls: f64| {
+        clip(&t64(a, &[n, d]), &t64(b, &[n, d]), ls)
+            .unwrap()
+            .loss
+            .to_scalar()
+            .unwrap()
+    };
     let num_a = numeric_grad(|x| loss_at(x, &b, ls), &a);
     let num_b = numeric_grad(|x| loss_at(&a, x, ls), &b);
     let num_ls = numeric_grad(|x| loss_at(&a, &b, x[0]), &[ls]);
@@ -231,7 +247,13 @@ fn grad_moco() {
     let (kt, queue_t) = (t64(&k, &[n, d]), t64(&queue, &[kq, d]));
     let out = moco(&t64(&q, &[n, d]), &kt, &queue_t, &opts).unwrap();
     let num = numeric_grad(
-        |x| moco(&t64(x, &[n, d]), &kt, &queue_t, &opts).unwrap().loss,
+        |x| {
+            moco(&t64(x, &[n, d]), &kt, &queue_t, &opts)
+                .unwrap()
+                .loss
+                .to_scalar()
+                .unwrap()
+        },
         &q,
     );
     assert_close(&v64(&out.grad_q), &num, FD_TOL, "moco grad_q");
@@ -241,9 +263,19 @@ fn check_supcon_grad(n: usize, v: usize, d: usize, labels: &[i64], opts: SupConO
     let mut r = rng(seed);
     let f = uniform(&mut r, n * v * d);
     let out = supcon(&t64(&f, &[n, v, d]), labels, &opts).unwrap();
-    assert!(out.loss > 0.0, "supcon loss {}", out.loss);
+    assert!(
+        out.loss.to_scalar().unwrap() > 0.0,
+        "supcon loss {}",
+        out.loss.to_scalar().unwrap()
+    );
     let num = numeric_grad(
-        |x| supcon(&t64(x, &[n, v, d]), labels, &opts).unwrap().loss,
+        |x| {
+            supcon(&t64(x, &[n, v, d]), labels, &opts)
+                .unwrap()
+                .loss
+                .to_scalar()
+                .unwrap()
+        },
         &f,
     );
     assert_close(
@@ -314,7 +346,12 @@ fn infonce_with_one_negative_is_softplus() {
         })
         .sum::<f64>()
         / n as f64;
-    assert_scalar_close(out.loss, want, 1e-12, "infonce vs softplus");
+    assert_scalar_close(
+        out.loss.to_scalar().unwrap(),
+        want,
+        1e-12,
+        "infonce vs softplus",
+    );
 }
 
 #[test]
@@ -338,7 +375,12 @@ fn supcon_two_views_distinct_labels_is_ntxent() {
         .map(|(s, v, c)| f[(s * 2 + v) * d + c])
         .collect();
     let nt = ntxent(&t64(&z, &[2 * n, d]), &NtXentOptions { temperature: tau }).unwrap();
-    assert_scalar_close(sc.loss, nt.loss, 1e-12, "supcon vs ntxent loss");
+    assert_scalar_close(
+        sc.loss.to_scalar().unwrap(),
+        nt.loss.to_scalar().unwrap(),
+        1e-12,
+        "supcon vs ntxent loss",
+    );
     let gz = v64(&nt.grad_z);
     let mapped: Vec<f64> = (0..n)
         .flat_map(|s| (0..2).flat_map(move |v| (0..d).map(move |c| (s, v, c))))
@@ -382,14 +424,19 @@ fn moco_equals_infonce_per_row() {
         let kn = unit(&k[i * d..(i + 1) * d]);
         let keys: Vec<f64> = kn.iter().chain(&queue).copied().collect();
         let row = infonce(&t64(&qn, &[1, d]), &t64(&keys, &[kq + 1, d]), &[0], &opts).unwrap();
-        loss += row.loss / n as f64;
+        loss += row.loss.to_scalar().unwrap() / n as f64;
         grad_qn.extend(v64(&row.grad_q).iter().map(|g| g / n as f64));
         // And directly: LSE([l_pos, l_neg]) - l_pos.
         let logits: Vec<f64> = keys.chunks(d).map(|kj| dot(&qn, kj) / tau).collect();
         naive += (log_sum_exp(&logits) - logits[0]) / n as f64;
     }
-    assert_scalar_close(out.loss, loss, 1e-12, "moco vs per-row infonce");
-    assert_scalar_close(out.loss, naive, 1e-12, "moco vs naive");
+    assert_scalar_close(
+        out.loss.to_scalar().unwrap(),
+        loss,
+        1e-12,
+        "moco vs per-row infonce",
+    );
+    assert_scalar_close(out.loss.to_scalar().unwrap(), naive, 1e-12, "moco vs naive");
     let grad_q = normalize_backward(&qt, &t64(&grad_qn, &[n, d])).unwrap();
     assert_close(
         &v64(&out.grad_q),
@@ -416,7 +463,12 @@ fn clip_is_mean_of_two_infonce() {
     };
     let ab = infonce(&a, &b, &diag, &opts).unwrap();
     let ba = infonce(&b, &a, &diag, &opts).unwrap();
-    assert_scalar_close(out.loss, (ab.loss + ba.loss) / 2.0, 1e-12, "clip loss");
+    assert_scalar_close(
+        out.loss.to_scalar().unwrap(),
+        (ab.loss.to_scalar().unwrap() + ba.loss.to_scalar().unwrap()) / 2.0,
+        1e-12,
+        "clip loss",
+    );
     let half_sum = |x: &Tensor, y: &Tensor| {
         v64(x)
             .iter()
@@ -444,7 +496,7 @@ fn supcon_without_any_positive_is_zero() {
     let (n, d) = (4, 3);
     let f = t64(&uniform(&mut r, n * d), &[n, 1, d]);
     let out = supcon(&f, &[1, 2, 3, 4], &SupConOptions::default()).unwrap();
-    assert_eq!(out.loss, 0.0);
+    assert_eq!(out.loss.to_scalar().unwrap(), 0.0);
     assert!(v64(&out.grad_features).iter().all(|&g| g == 0.0));
     // A single anchor has nothing to contrast with: still no error and a zero loss.
     let one = supcon(
@@ -453,7 +505,7 @@ fn supcon_without_any_positive_is_zero() {
         &SupConOptions::default(),
     )
     .unwrap();
-    assert_eq!(one.loss, 0.0);
+    assert_eq!(one.loss.to_scalar().unwrap(), 0.0);
     assert_eq!(v64(&one.grad_features), vec![0.0, 0.0]);
 }
 
@@ -479,7 +531,12 @@ fn infonce_permuting_queries_permutes_grad_q() {
     let pq = permute_rows(&q, d, &perm);
     let pp: Vec<usize> = perm.iter().map(|&i| positives[i]).collect();
     let out = infonce(&t64(&pq, &[n, d]), &kt, &pp, &opts).unwrap();
-    assert_scalar_close(out.loss, base.loss, 1e-12, "loss under query permutation");
+    assert_scalar_close(
+        out.loss.to_scalar().unwrap(),
+        base.loss.to_scalar().unwrap(),
+        1e-12,
+        "loss under query permutation",
+    );
     assert_close(
         &v64(&out.grad_q),
         &permute_rows(&v64(&base.grad_q), d, &perm),
@@ -519,7 +576,12 @@ fn infonce_permuting_keys_permutes_grad_k() {
     let pk = permute_rows(&k, d, &perm);
     let pp: Vec<usize> = positives.iter().map(|&p| inverse[p]).collect();
     let out = infonce(&qt, &t64(&pk, &[m, d]), &pp, &opts).unwrap();
-    assert_scalar_close(out.loss, base.loss, 1e-12, "loss under key permutation");
+    assert_scalar_close(
+        out.loss.to_scalar().unwrap(),
+        base.loss.to_scalar().unwrap(),
+        1e-12,
+        "loss under key permutation",
+    );
     assert_close(
         &v64(&out.grad_k),
         &permute_rows(&v64(&base.grad_k), d, &perm),
@@ -549,7 +611,12 @@ fn supcon_invariant_under_sample_permutation() {
     let pf = permute_rows(&f, v * d, &perm);
     let pl: Vec<i64> = perm.iter().map(|&i| labels[i]).collect();
     let out = supcon(&t64(&pf, &[n, v, d]), &pl, &opts).unwrap();
-    assert_scalar_close(out.loss, base.loss, 1e-12, "supcon loss under permutation");
+    assert_scalar_close(
+        out.loss.to_scalar().unwrap(),
+        base.loss.to_scalar().unwrap(),
+        1e-12,
+        "supcon loss under permutation",
+    );
     let want = permute_rows(&v64(&base.grad_features), v * d, &perm);
     assert_close(
         &v64(&out.grad_features),
@@ -561,7 +628,7 @@ fn supcon_invariant_under_sample_permutation() {
     assert_ne!(pl, labels, "pick a seed whose permutation moves the labels");
     let shuffled = supcon(&t64(&pf, &[n, v, d]), &labels, &opts).unwrap();
     assert!(
-        (shuffled.loss - base.loss).abs() > 1e-6,
+        (shuffled.loss.to_scalar().unwrap() - base.loss.to_scalar().unwrap()).abs() > 1e-6,
         "labels must travel with their samples"
     );
 }
@@ -655,7 +722,12 @@ fn f32_matches_f64_infonce() {
         let hi = infonce(&t64(&q, &[n, d]), &t64(&k, &[m, d]), &positives, &opts).unwrap();
         let lo = infonce(&t32(&q, &[n, d]), &t32(&k, &[m, d]), &positives, &opts).unwrap();
         assert_eq!(lo.grad_q.dtype(), DType::F32);
-        assert_scalar_close(lo.loss, hi.loss, F32_TOL, "infonce f32 loss");
+        assert_scalar_close(
+            lo.loss.to_scalar().unwrap(),
+            hi.loss.to_scalar().unwrap(),
+            F32_TOL,
+            "infonce f32 loss",
+        );
         assert_close(
             &v64(&lo.grad_q),
             &v64(&hi.grad_q),
@@ -679,7 +751,12 @@ fn f32_matches_f64_ntxent() {
     let opts = NtXentOptions { temperature: 0.1 };
     let hi = ntxent(&t64(&z, &[rows, d]), &opts).unwrap();
     let lo = ntxent(&t32(&z, &[rows, d]), &opts).unwrap();
-    assert_scalar_close(lo.loss, hi.loss, F32_TOL, "ntxent f32 loss");
+    assert_scalar_close(
+        lo.loss.to_scalar().unwrap(),
+        hi.loss.to_scalar().unwrap(),
+        F32_TOL,
+        "ntxent f32 loss",
+    );
     assert_close(
         &v64(&lo.grad_z),
         &v64(&hi.grad_z),
@@ -697,7 +774,12 @@ fn f32_matches_f64_clip_moco_supcon() {
     let ls = (1.0f64 / 0.07).ln();
     let hi = clip(&t64(&a, &[n, d]), &t64(&b, &[n, d]), ls).unwrap();
     let lo = clip(&t32(&a, &[n, d]), &t32(&b, &[n, d]), ls).unwrap();
-    assert_scalar_close(lo.loss, hi.loss, F32_TOL, "clip f32 loss");
+    assert_scalar_close(
+        lo.loss.to_scalar().unwrap(),
+        hi.loss.to_scalar().unwrap(),
+        F32_TOL,
+        "clip f32 loss",
+    );
     assert_close(
         &v64(&lo.grad_a),
         &v64(&hi.grad_a),
@@ -734,7 +816,12 @@ fn f32_matches_f64_clip_moco_supcon() {
         &opts,
     )
     .unwrap();
-    assert_scalar_close(lo.loss, hi.loss, F32_TOL, "moco f32 loss");
+    assert_scalar_close(
+        lo.loss.to_scalar().unwrap(),
+        hi.loss.to_scalar().unwrap(),
+        F32_TOL,
+        "moco f32 loss",
+    );
     assert_close(
         &v64(&lo.grad_q),
         &v64(&hi.grad_q),
@@ -751,7 +838,12 @@ fn f32_matches_f64_clip_moco_supcon() {
     };
     let hi = supcon(&t64(&f, &[samples, views, d]), &labels, &opts).unwrap();
     let lo = supcon(&t32(&f, &[samples, views, d]), &labels, &opts).unwrap();
-    assert_scalar_close(lo.loss, hi.loss, F32_TOL, "supcon f32 loss");
+    assert_scalar_close(
+        lo.loss.to_scalar().unwrap(),
+        hi.loss.to_scalar().unwrap(),
+        F32_TOL,
+        "supcon f32 loss",
+    );
     assert_close(
         &v64(&lo.grad_features),
         &v64(&hi.grad_features),
@@ -1484,7 +1576,12 @@ fn one_call_matches_forward_backward_across_strips() {
             let fwd = infonce_forward(&qt, &kt, &positives, &opts).unwrap();
             let (gq, gk) = infonce_backward(&qt, &kt, &positives, &opts, &fwd.saved, 1.0).unwrap();
             let what = format!("infonce one call, normalize={normalize}, tol {tol:e}");
-            assert_scalar_close(one.loss, fwd.loss, tol, &what);
+            assert_scalar_close(
+                one.loss.to_scalar().unwrap(),
+                fwd.loss.to_scalar().unwrap(),
+                tol,
+                &what,
+            );
             assert_close(&v64(&one.grad_q), &v64(&gq), tol, &what);
             assert_close(&v64(&one.grad_k), &v64(&gk), tol, &what);
         }
@@ -1493,7 +1590,12 @@ fn one_call_matches_forward_backward_across_strips() {
         let one = ntxent(&zt, &opts).unwrap();
         let fwd = ntxent_forward(&zt, &opts).unwrap();
         let g = ntxent_backward(&zt, &opts, &fwd.saved, 1.0).unwrap();
-        assert_scalar_close(one.loss, fwd.loss, tol, "ntxent one call");
+        assert_scalar_close(
+            one.loss.to_scalar().unwrap(),
+            fwd.loss.to_scalar().unwrap(),
+            tol,
+            "ntxent one call",
+        );
         assert_close(&v64(&one.grad_z), &v64(&g), tol, "ntxent one call");
     }
 }
@@ -1511,6 +1613,11 @@ fn one_call_with_more_keys_than_a_strip_holds() {
     let one = infonce(&qt, &kt, &positives, &opts).unwrap();
     let fwd = infonce_forward(&qt, &kt, &positives, &opts).unwrap();
     let (gq, _) = infonce_backward(&qt, &kt, &positives, &opts, &fwd.saved, 1.0).unwrap();
-    assert_scalar_close(one.loss, fwd.loss, 1e-12, "many keys: loss");
+    assert_scalar_close(
+        one.loss.to_scalar().unwrap(),
+        fwd.loss.to_scalar().unwrap(),
+        1e-12,
+        "many keys: loss",
+    );
     assert_close(&v64(&one.grad_q), &v64(&gq), 1e-12, "many keys: grad_q");
 }

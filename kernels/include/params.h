@@ -344,6 +344,48 @@ typedef struct ContraBaselineParams {
     float grad_scale;
 } ContraBaselineParams;
 
+/* nonfinite_rows: status[slot] = min(status[slot], r) for the first row r of x (`row_len`
+ * elements per row, `len` elements in all) holding a NaN or an infinity; status[slot] is left
+ * as it is when every element is finite. x has the kernel's type (f32, bf16, f16). */
+typedef struct ContraScanParams {
+    const void* x;
+    int* status;
+    long long len;
+    long long row_len;
+    int slot;
+} ContraScanParams;
+
+/* loss_finish (one block): out[0..2) = the bits of the double sum(values[0..n)) / divisor (low
+ * word first), out[2 + i] = status[i] for i < slots, and out[2 + slots] = the loss's own status
+ * (INT_MAX when finite, 0 when not). */
+typedef struct ContraLossParams {
+    const float* values;
+    const int* status;
+    unsigned* out;
+    int n;
+    int slots;
+    double divisor;
+} ContraLossParams;
+
+/* fill_words: out[i] = pattern[i % period] for i < len (period 1 to 4).
+ * index_ring: out[i] = (i + shift) % len as int (len <= 2^31 - 1). */
+typedef struct ContraFillParams {
+    unsigned* out;
+    long long len;
+    unsigned pattern[4];
+    int period;
+    int shift;
+} ContraFillParams;
+
+/* cast_from_f32_{f32,bf16,f16}: out[i] = in[i] (f32) rounded to the suffix's type;
+ * cast_to_f32_{f32,bf16,f16}: out[i] (f32) = in[i] of the suffix's type;
+ * cast_f64_to_f32 and cast_f32_to_f64 as named; i < len. */
+typedef struct ContraCastParams {
+    const void* in;
+    void* out;
+    long long len;
+} ContraCastParams;
+
 #ifdef __cplusplus
 }
 #endif

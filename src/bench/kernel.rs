@@ -303,7 +303,8 @@ impl<B: Backend> KernelRunner<B> {
                     self_mask: ntxent,
                     symmetric: ntxent,
                 };
-                let (loss, lse) = problem.forward(b)?;
+                let (row_loss, lse) = problem.forward(b)?;
+                let loss = kernels::host_sum(b, &row_loss)? / n as f64;
                 if !bwd {
                     return Ok(loss_only(loss));
                 }
@@ -342,7 +343,8 @@ impl<B: Backend> KernelRunner<B> {
                     dim: d,
                     temperature: cases::MOCO_TAU,
                 };
-                let (loss, lse) = problem.forward(b)?;
+                let (row_loss, lse) = problem.forward(b)?;
+                let loss = kernels::host_sum(b, &row_loss)? / n as f64;
                 if !bwd {
                     return Ok(loss_only(loss));
                 }
@@ -366,7 +368,8 @@ impl<B: Backend> KernelRunner<B> {
                     temperature: cases::SUPCON_TAU.0,
                     base_temperature: cases::SUPCON_TAU.1,
                 };
-                let (loss, lse) = problem.forward(b)?;
+                let (row_loss, lse) = problem.forward(b)?;
+                let loss = kernels::host_sum(b, &row_loss)? / problem.divisor();
                 if !bwd {
                     return Ok(loss_only(loss));
                 }

@@ -775,7 +775,7 @@ mod tests {
                 &crate::NtXentOptions { temperature: 0.1 },
             )
             .unwrap();
-            close("ntxent loss", loss, out.loss);
+            close("ntxent loss", loss, out.loss.to_scalar().unwrap());
             close_vec(
                 "ntxent grad",
                 &grad.unwrap(),
@@ -803,7 +803,7 @@ mod tests {
             &opts,
         )
         .unwrap();
-        close("infonce loss", loss, out.loss);
+        close("infonce loss", loss, out.loss.to_scalar().unwrap());
         close_vec(
             "infonce dq",
             &grad.unwrap(),
@@ -818,7 +818,7 @@ mod tests {
         let log_scale = (1.0f64 / 0.07).ln();
         let (loss, grad) = clip(&a, &b, d, log_scale, true);
         let out = crate::clip(&tensor(&a, &[n, d]), &tensor(&b, &[n, d]), log_scale).unwrap();
-        close("clip loss", loss, out.loss);
+        close("clip loss", loss, out.loss.to_scalar().unwrap());
         close_vec(
             "clip da",
             &grad.unwrap(),
@@ -842,7 +842,7 @@ mod tests {
             &crate::MocoOptions { temperature: 0.2 },
         )
         .unwrap();
-        close("moco loss", loss, out.loss);
+        close("moco loss", loss, out.loss.to_scalar().unwrap());
         close_vec(
             "moco dq",
             &grad.unwrap(),
@@ -861,7 +861,7 @@ mod tests {
             base_temperature: 0.07,
         };
         let out = crate::supcon(&tensor(&f, &[n, v, d]), &y, &opts).unwrap();
-        close("supcon loss", loss, out.loss);
+        close("supcon loss", loss, out.loss.to_scalar().unwrap());
         close_vec(
             "supcon grad",
             &grad.unwrap(),
@@ -881,7 +881,7 @@ mod tests {
             margin: 0.2,
         };
         let out = crate::triplet(&tensor(&x, &[n, d]), &y, &opts).unwrap();
-        close("triplet loss", loss, out.loss);
+        close("triplet loss", loss, out.loss.to_scalar().unwrap());
         close_vec(
             "triplet grad",
             &grad.unwrap(),
@@ -902,7 +902,7 @@ mod tests {
             &crate::MarginOptions { margin: 1.0 },
         )
         .unwrap();
-        close("margin loss", loss, out.loss);
+        close("margin loss", loss, out.loss.to_scalar().unwrap());
         close_vec(
             "margin dx1",
             &grad.unwrap(),
@@ -923,7 +923,7 @@ mod tests {
             &tensor(&qn, &[b, k]),
         )
         .unwrap();
-        close("nce loss", loss, out.loss);
+        close("nce loss", loss, out.loss.to_scalar().unwrap());
         close_vec(
             "nce ds_pos",
             &grad.unwrap(),

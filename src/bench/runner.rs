@@ -281,12 +281,12 @@ impl RunOnce for ContraCpu {
                 if bwd {
                     let out = crate::ntxent(&t[0], &opts)?;
                     Outcome {
-                        check: out.loss,
+                        check: out.loss.to_scalar()?,
                         grad_check: grad(&out.grad_z),
                     }
                 } else {
                     Outcome {
-                        check: crate::ntxent_forward(&t[0], &opts)?.loss,
+                        check: crate::ntxent_forward(&t[0], &opts)?.loss.to_scalar()?,
                         grad_check: None,
                     }
                 }
@@ -301,12 +301,14 @@ impl RunOnce for ContraCpu {
                 if bwd {
                     let out = crate::infonce(&t[0], &t[1], &positives, &opts)?;
                     Outcome {
-                        check: out.loss,
+                        check: out.loss.to_scalar()?,
                         grad_check: grad(&out.grad_q),
                     }
                 } else {
                     Outcome {
-                        check: crate::infonce_forward(&t[0], &t[1], &positives, &opts)?.loss,
+                        check: crate::infonce_forward(&t[0], &t[1], &positives, &opts)?
+                            .loss
+                            .to_scalar()?,
                         grad_check: None,
                     }
                 }
@@ -316,12 +318,12 @@ impl RunOnce for ContraCpu {
                 if bwd {
                     let out = crate::clip(&t[0], &t[1], s)?;
                     Outcome {
-                        check: out.loss,
+                        check: out.loss.to_scalar()?,
                         grad_check: grad(&out.grad_a),
                     }
                 } else {
                     Outcome {
-                        check: crate::clip_forward(&t[0], &t[1], s)?.loss,
+                        check: crate::clip_forward(&t[0], &t[1], s)?.loss.to_scalar()?,
                         grad_check: None,
                     }
                 }
@@ -333,12 +335,14 @@ impl RunOnce for ContraCpu {
                 if bwd {
                     let out = crate::moco(&t[0], &t[1], &t[2], &opts)?;
                     Outcome {
-                        check: out.loss,
+                        check: out.loss.to_scalar()?,
                         grad_check: grad(&out.grad_q),
                     }
                 } else {
                     Outcome {
-                        check: crate::moco_forward(&t[0], &t[1], &t[2], &opts)?.loss,
+                        check: crate::moco_forward(&t[0], &t[1], &t[2], &opts)?
+                            .loss
+                            .to_scalar()?,
                         grad_check: None,
                     }
                 }
@@ -351,12 +355,14 @@ impl RunOnce for ContraCpu {
                 if bwd {
                     let out = crate::supcon(&t[0], labels, &opts)?;
                     Outcome {
-                        check: out.loss,
+                        check: out.loss.to_scalar()?,
                         grad_check: grad(&out.grad_features),
                     }
                 } else {
                     Outcome {
-                        check: crate::supcon_forward(&t[0], labels, &opts)?.loss,
+                        check: crate::supcon_forward(&t[0], labels, &opts)?
+                            .loss
+                            .to_scalar()?,
                         grad_check: None,
                     }
                 }
@@ -370,12 +376,14 @@ impl RunOnce for ContraCpu {
                 if bwd {
                     let out = crate::triplet(&t[0], labels, &opts)?;
                     Outcome {
-                        check: out.loss,
+                        check: out.loss.to_scalar()?,
                         grad_check: grad(&out.grad_x),
                     }
                 } else {
                     Outcome {
-                        check: crate::triplet_forward(&t[0], labels, &opts)?.loss,
+                        check: crate::triplet_forward(&t[0], labels, &opts)?
+                            .loss
+                            .to_scalar()?,
                         grad_check: None,
                     }
                 }
@@ -387,12 +395,12 @@ impl RunOnce for ContraCpu {
                 if bwd {
                     let out = crate::margin_loss(&t[0], &t[1], labels, &opts)?;
                     Outcome {
-                        check: out.loss,
+                        check: out.loss.to_scalar()?,
                         grad_check: grad(&out.grad_x1),
                     }
                 } else {
                     Outcome {
-                        check: crate::margin_forward(&t[0], &t[1], labels, &opts)?,
+                        check: crate::margin_forward(&t[0], &t[1], labels, &opts)?.to_scalar()?,
                         grad_check: None,
                     }
                 }
@@ -401,12 +409,12 @@ impl RunOnce for ContraCpu {
                 if bwd {
                     let out = crate::nce(&t[0], &t[1], &t[2], &t[3])?;
                     Outcome {
-                        check: out.loss,
+                        check: out.loss.to_scalar()?,
                         grad_check: grad(&out.grad_s_pos),
                     }
                 } else {
                     Outcome {
-                        check: crate::nce_forward(&t[0], &t[1], &t[2], &t[3])?,
+                        check: crate::nce_forward(&t[0], &t[1], &t[2], &t[3])?.to_scalar()?,
                         grad_check: None,
                     }
                 }

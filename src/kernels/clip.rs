@@ -4,7 +4,7 @@
 //! and also returns the gradient of `log_scale`.
 
 use super::infonce::{empty_lse_states, fused_forward, row_dots, BackwardPass, Softmax};
-use super::{blocks_for, normalize, Backend};
+use super::{blocks_for, host_sum, normalize, Backend};
 use crate::Result;
 
 /// Rows per block of the InfoNCE kernels.
@@ -62,7 +62,7 @@ impl<B: Backend> Clip<'_, B> {
     pub fn forward(&self, b: &B) -> Result<(f64, ClipLse<B::Buf>)> {
         let (an, bn) = self.normalized(b)?;
         let col_state = empty_lse_states(b, self.rows)?;
-        let (row_mean, row_lse) = fused_forward(
+        let (row_loss, row_lse) = fused_forward(
             b,
             self.softmax(&an, &bn, None),
             self.scale(),
@@ -70,6 +70,7 @@ impl<B: Backend> Clip<'_, B> {
             None,
             Some(&col_state),
         )?;
+        let row_mean = host_sum(b, &row_loss)? / self.rows as f64;
         let state = b.download(&col_state)?;
         // The kernels keep the column states in log2 units.
         let cols: Vec<f32> = state

@@ -45,6 +45,10 @@ unsafe impl DeviceRepr for ContraColumnSumParams {}
 unsafe impl DeviceRepr for ContraBatchNormFwdParams {}
 unsafe impl DeviceRepr for ContraBatchNormBwdParams {}
 unsafe impl DeviceRepr for ContraBaselineParams {}
+unsafe impl DeviceRepr for ContraScanParams {}
+unsafe impl DeviceRepr for ContraLossParams {}
+unsafe impl DeviceRepr for ContraFillParams {}
+unsafe impl DeviceRepr for ContraCastParams {}
 
 fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))

@@ -2,7 +2,7 @@
 //! around the fused forward (per-row LSE, no N x M buffer) and the one-pass backward.
 
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams, ContraRowDotParams};
-use super::{blocks_for, extent, handles, normalize, Backend, Launch};
+use super::{blocks_for, elementwise, extent, handles, normalize, Backend, BufInfo, Elem, Launch};
 use crate::Result;
 
 /// Query (or owner) rows per block in infonce.cu.
@@ -82,10 +82,13 @@ impl<B: Backend> Problem<'_, B> {
         }
     }
 
-    /// The mean loss and the per-row log-sum-exp.
-    pub fn forward(&self, b: &B) -> Result<(f64, B::Buf)> {
-        let ops = self.operands(b)?;
-        let (q, k) = self.pick(&ops);
+    /// The per-row losses (the loss is their mean) and the per-row log-sum-exp.
+    pub fn forward(&self, b: &B) -> Result<(B::Buf, B::Buf)> {
+        self.forward_on(b, &self.operands(b)?)
+    }
+
+    fn forward_on(&self, b: &B, ops: &Operands<B::Buf>) -> Result<(B::Buf, B::Buf)> {
+        let (q, k) = self.pick(ops);
         fused_forward(
             b,
             self.softmax(q, k),
@@ -104,8 +107,30 @@ impl<B: Backend> Problem<'_, B> {
         lse: &B::Buf,
         grad_loss: f64,
     ) -> Result<(B::Buf, Option<B::Buf>)> {
+        self.backward_on(b, &self.operands(b)?, lse, grad_loss)
+    }
+
+    /// Forward and backward (`grad_loss` = 1) over operands normalized once.
+    pub fn forward_backward(&self, b: &B) -> Result<Sweep<B::Buf>> {
         let ops = self.operands(b)?;
-        let (q, k) = self.pick(&ops);
+        let (row_loss, lse) = self.forward_on(b, &ops)?;
+        let (grad_q, grad_k) = self.backward_on(b, &ops, &lse, 1.0)?;
+        Ok(Sweep {
+            row_loss,
+            lse,
+            grad_q,
+            grad_k,
+        })
+    }
+
+    fn backward_on(
+        &self,
+        b: &B,
+        ops: &Operands<B::Buf>,
+        lse: &B::Buf,
+        grad_loss: f64,
+    ) -> Result<(B::Buf, Option<B::Buf>)> {
+        let (q, k) = self.pick(ops);
         let softmax = self.softmax(q, k);
         let grad_scale = (grad_loss / self.rows as f64) as f32;
         let grad_q = b.output("grad_q", self.rows * self.dim)?;
@@ -138,6 +163,16 @@ impl<B: Backend> Problem<'_, B> {
     }
 }
 
+/// What a forward and backward in one call leave on the device.
+pub(crate) struct Sweep<Buf> {
+    /// The per-row losses (the loss is their mean).
+    pub row_loss: Buf,
+    pub lse: Buf,
+    pub grad_q: Buf,
+    /// None for a symmetric problem (`grad_q` is then dz).
+    pub grad_k: Option<Buf>,
+}
+
 /// The operands of one fused softmax as the kernels see them (already normalized if the loss
 /// asks for it).
 pub(crate) struct Softmax<'a, Buf> {
@@ -165,13 +200,14 @@ fn or_null<B: Backend>(b: &B, buf: Option<&B::Buf>) -> *mut std::ffi::c_void {
 /// Running log-sum-exp states `{max: -inf, sum: 0}` for `n` rows or columns, as the kernels
 /// fold into them (pairs of f32 words).
 pub(crate) fn empty_lse_states<B: Backend>(b: &B, n: usize) -> Result<B::Buf> {
-    let empty: Vec<i32> = (0..n)
-        .flat_map(|_| [f32::NEG_INFINITY.to_bits() as i32, 0])
-        .collect();
-    b.upload_i32("lse_states", &empty)
+    let info = BufInfo {
+        elem: Elem::I32,
+        count: 2 * n,
+    };
+    elementwise::filled(b, "lse_states", info, &[f32::NEG_INFINITY.to_bits(), 0])
 }
 
-/// `infonce_fwd`: the mean loss and the per-row log-sum-exp. `extra_key` adds MoCo's positive
+/// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp. `extra_key` adds MoCo's positive
 /// logit `scale * q_i . extra_key_i` to each row and makes it the target. A symmetric softmax
 /// sweeps half the tiles into shared row states, then `infonce_finish` writes lse and the loss.
 pub(crate) fn fused_forward<B: Backend>(
@@ -181,7 +217,7 @@ pub(crate) fn fused_forward<B: Backend>(
     self_mask: bool,
     extra_key: Option<&B::Buf>,
     col_state: Option<&B::Buf>,
-) -> Result<(f64, B::Buf)> {
+) -> Result<(B::Buf, B::Buf)> {
     let lse = b.output("lse", s.rows)?;
     let row_loss = b.output("row_loss", s.rows)?;
     let row_states = match s.symmetric {
@@ -219,9 +255,7 @@ pub(crate) fn fused_forward<B: Backend>(
     } else {
         b.launch(kernel, launch_shape(s.rows), &params, &[&lse, &row_loss])?;
     }
-    // The mean of N per-row losses is summed on the host in f64: N floats, deterministic.
-    let total: f64 = b.download(&row_loss)?.iter().map(|&v| v as f64).sum();
-    Ok((total / s.rows as f64, lse))
+    Ok((row_loss, lse))
 }
 
 /// What every `infonce_bwd` launch of one loss shares: the forward's log-sum-exp and the scales.

@@ -44,15 +44,40 @@ impl<B: Backend> Moco<'_, B> {
         }
     }
 
-    /// The mean loss and the per-row log-sum-exp (over the positive and the queue).
-    pub fn forward(&self, b: &B) -> Result<(f64, B::Buf)> {
+    /// The per-row losses (the loss is their mean) and the per-row log-sum-exp (over the
+    /// positive and the queue).
+    pub fn forward(&self, b: &B) -> Result<(B::Buf, B::Buf)> {
         let (qn, kn) = self.normalized(b)?;
-        fused_forward(b, self.softmax(&qn), self.scale(), false, Some(&kn), None)
+        self.forward_on(b, &qn, &kn)
+    }
+
+    fn forward_on(&self, b: &B, qn: &B::Buf, kn: &B::Buf) -> Result<(B::Buf, B::Buf)> {
+        fused_forward(b, self.softmax(qn), self.scale(), false, Some(kn), None)
     }
 
     /// The gradient of `grad_loss * loss` with respect to q (k and the queue get none).
     pub fn backward(&self, b: &B, lse: &B::Buf, grad_loss: f64) -> Result<B::Buf> {
         let (qn, kn) = self.normalized(b)?;
+        self.backward_on(b, &qn, &kn, lse, grad_loss)
+    }
+
+    /// Forward and backward (`grad_loss` = 1) over q and k normalized once: the per-row losses,
+    /// the lse and the query gradient.
+    pub fn forward_backward(&self, b: &B) -> Result<(B::Buf, B::Buf, B::Buf)> {
+        let (qn, kn) = self.normalized(b)?;
+        let (row_loss, lse) = self.forward_on(b, &qn, &kn)?;
+        let grad_q = self.backward_on(b, &qn, &kn, &lse, 1.0)?;
+        Ok((row_loss, lse, grad_q))
+    }
+
+    fn backward_on(
+        &self,
+        b: &B,
+        qn: &B::Buf,
+        kn: &B::Buf,
+        lse: &B::Buf,
+        grad_loss: f64,
+    ) -> Result<B::Buf> {
         let grad_scale = (grad_loss / self.rows as f64) as f32;
         let grad_qn = b.output("grad_q", self.rows * self.dim)?;
         let pass = BackwardPass {
@@ -62,10 +87,10 @@ impl<B: Backend> Moco<'_, B> {
             self_mask: false,
             log_scale_partial: None,
         };
-        pass.queries(b, &self.softmax(&qn), &grad_qn)?;
+        pass.queries(b, &self.softmax(qn), &grad_qn)?;
         let params = ContraInfonceExtraBwdParams {
-            q: b.ptr(&qn),
-            extra_key: b.ptr(&kn),
+            q: b.ptr(qn),
+            extra_key: b.ptr(kn),
             lse: b.ptr(lse).cast(),
             grad_q: b.ptr(&grad_qn).cast(),
             rows: extent("rows", self.rows)?,
@@ -75,7 +100,7 @@ impl<B: Backend> Moco<'_, B> {
         };
         // One warp per row, 8 rows per 256-thread block.
         b.launch(
-            handles::INFONCE_EXTRA_BWD.of(b.info(&qn).elem),
+            handles::INFONCE_EXTRA_BWD.of(b.info(qn).elem),
             Launch::linear(blocks_for(self.rows, 8), 256),
             &params,
             &[&grad_qn],

@@ -5,6 +5,7 @@
 #[cfg(feature = "bench")]
 pub(crate) mod baseline;
 pub(crate) mod clip;
+pub(crate) mod elementwise;
 pub(crate) mod infonce;
 pub(crate) mod interp;
 pub(crate) mod margin;
@@ -20,6 +21,7 @@ pub(crate) mod normalize;
 pub(crate) mod params;
 pub(crate) mod queue;
 pub(crate) mod similarity;
+pub(crate) mod status;
 pub(crate) mod storage;
 pub(crate) mod supcon;
 pub(crate) mod triplet;
@@ -124,6 +126,10 @@ impl KernelParams for params::ContraColumnSumParams {}
 impl KernelParams for params::ContraBatchNormFwdParams {}
 impl KernelParams for params::ContraBatchNormBwdParams {}
 impl KernelParams for params::ContraBaselineParams {}
+impl KernelParams for params::ContraScanParams {}
+impl KernelParams for params::ContraLossParams {}
+impl KernelParams for params::ContraFillParams {}
+impl KernelParams for params::ContraCastParams {}
 
 /// What one element of a kernel buffer holds. Buffers are stored as 32-bit words; 16-bit
 /// elements are packed two to a word, element `2i` in the low half (both backends are
@@ -318,6 +324,12 @@ pub(crate) trait Backend {
             other => other.to_vec(),
         })
     }
+}
+
+/// The sum of a buffer of f32 values, copied to the host and summed there in f64 (where a
+/// result is still formed on the host).
+pub(crate) fn host_sum<B: Backend>(b: &B, values: &B::Buf) -> Result<f64> {
+    Ok(b.download(values)?.iter().map(|&v| v as f64).sum())
 }
 
 /// A kernel operand: a device-resident tensor's own buffer, or a copy made for this call.

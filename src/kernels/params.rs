@@ -874,3 +874,130 @@ impl Default for ContraBaselineParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraScanParams {
+    pub x: *const ::std::os::raw::c_void,
+    pub status: *mut ::std::os::raw::c_int,
+    pub len: ::std::os::raw::c_longlong,
+    pub row_len: ::std::os::raw::c_longlong,
+    pub slot: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraScanParams"][::std::mem::size_of::<ContraScanParams>() - 40usize];
+    ["Alignment of ContraScanParams"][::std::mem::align_of::<ContraScanParams>() - 8usize];
+    ["Offset of field: ContraScanParams::x"][::std::mem::offset_of!(ContraScanParams, x) - 0usize];
+    ["Offset of field: ContraScanParams::status"]
+        [::std::mem::offset_of!(ContraScanParams, status) - 8usize];
+    ["Offset of field: ContraScanParams::len"]
+        [::std::mem::offset_of!(ContraScanParams, len) - 16usize];
+    ["Offset of field: ContraScanParams::row_len"]
+        [::std::mem::offset_of!(ContraScanParams, row_len) - 24usize];
+    ["Offset of field: ContraScanParams::slot"]
+        [::std::mem::offset_of!(ContraScanParams, slot) - 32usize];
+};
+impl Default for ContraScanParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraLossParams {
+    pub values: *const f32,
+    pub status: *const ::std::os::raw::c_int,
+    pub out: *mut ::std::os::raw::c_uint,
+    pub n: ::std::os::raw::c_int,
+    pub slots: ::std::os::raw::c_int,
+    pub divisor: f64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraLossParams"][::std::mem::size_of::<ContraLossParams>() - 40usize];
+    ["Alignment of ContraLossParams"][::std::mem::align_of::<ContraLossParams>() - 8usize];
+    ["Offset of field: ContraLossParams::values"]
+        [::std::mem::offset_of!(ContraLossParams, values) - 0usize];
+    ["Offset of field: ContraLossParams::status"]
+        [::std::mem::offset_of!(ContraLossParams, status) - 8usize];
+    ["Offset of field: ContraLossParams::out"]
+        [::std::mem::offset_of!(ContraLossParams, out) - 16usize];
+    ["Offset of field: ContraLossParams::n"][::std::mem::offset_of!(ContraLossParams, n) - 24usize];
+    ["Offset of field: ContraLossParams::slots"]
+        [::std::mem::offset_of!(ContraLossParams, slots) - 28usize];
+    ["Offset of field: ContraLossParams::divisor"]
+        [::std::mem::offset_of!(ContraLossParams, divisor) - 32usize];
+};
+impl Default for ContraLossParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraFillParams {
+    pub out: *mut ::std::os::raw::c_uint,
+    pub len: ::std::os::raw::c_longlong,
+    pub pattern: [::std::os::raw::c_uint; 4usize],
+    pub period: ::std::os::raw::c_int,
+    pub shift: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraFillParams"][::std::mem::size_of::<ContraFillParams>() - 40usize];
+    ["Alignment of ContraFillParams"][::std::mem::align_of::<ContraFillParams>() - 8usize];
+    ["Offset of field: ContraFillParams::out"]
+        [::std::mem::offset_of!(ContraFillParams, out) - 0usize];
+    ["Offset of field: ContraFillParams::len"]
+        [::std::mem::offset_of!(ContraFillParams, len) - 8usize];
+    ["Offset of field: ContraFillParams::pattern"]
+        [::std::mem::offset_of!(ContraFillParams, pattern) - 16usize];
+    ["Offset of field: ContraFillParams::period"]
+        [::std::mem::offset_of!(ContraFillParams, period) - 32usize];
+    ["Offset of field: ContraFillParams::shift"]
+        [::std::mem::offset_of!(ContraFillParams, shift) - 36usize];
+};
+impl Default for ContraFillParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraCastParams {
+    pub in_: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub len: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraCastParams"][::std::mem::size_of::<ContraCastParams>() - 24usize];
+    ["Alignment of ContraCastParams"][::std::mem::align_of::<ContraCastParams>() - 8usize];
+    ["Offset of field: ContraCastParams::in_"]
+        [::std::mem::offset_of!(ContraCastParams, in_) - 0usize];
+    ["Offset of field: ContraCastParams::out"]
+        [::std::mem::offset_of!(ContraCastParams, out) - 8usize];
+    ["Offset of field: ContraCastParams::len"]
+        [::std::mem::offset_of!(ContraCastParams, len) - 16usize];
+};
+impl Default for ContraCastParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

@@ -40,17 +40,12 @@ impl DeviceBuf {
     }
 
     /// The buffer's words, copied to the host (one counted transfer).
-    fn download_words(&self) -> Result<Vec<u32>> {
+    pub fn download_words(&self) -> Result<Vec<u32>> {
         match self {
             DeviceBuf::Interp(buf) => interp::Interp.download_words(buf),
             #[cfg(feature = "cuda")]
             DeviceBuf::Cuda(buf) => super::cuda::Cuda::get(buf.ordinal())?.download_words(buf),
         }
-    }
-
-    /// The values as host storage (one counted transfer).
-    pub fn to_host(&self) -> Result<HostData> {
-        Ok(decode(&self.download_words()?, self.info()))
     }
 
     /// A copy on the same device (no host round trip): what a write to a shared buffer copies

@@ -40,10 +40,15 @@ impl<B: Backend> SupCon<'_, B> {
     }
 
     /// The loss `(tau / base_tau) * mean_a loss_a` and the per-anchor log-sum-exp.
-    pub fn forward(&self, b: &B) -> Result<(f64, B::Buf)> {
+    pub fn forward(&self, b: &B) -> Result<(B::Buf, B::Buf)> {
         let zn = normalize::forward(b, self.views, self.rows, self.dim)?;
-        let (mean, lse) = fused_forward(b, self.softmax(&zn), self.scale(), true, None, None)?;
-        Ok((mean * self.temperature / self.base_temperature, lse))
+        fused_forward(b, self.softmax(&zn), self.scale(), true, None, None)
+    }
+
+    /// What the sum of the per-row losses is divided by: the loss is their mean scaled by
+    /// `temperature / base_temperature`.
+    pub fn divisor(&self) -> f64 {
+        self.rows as f64 * self.base_temperature / self.temperature
     }
 
     /// The gradient of `grad_loss * loss` with respect to the views.

@@ -3,8 +3,8 @@
 
 use super::{
     check_finite, check_finite_scalar, check_grad_loss, check_result, check_scalar_result,
-    compute_dtype, expect_shape, kernel_output, kernel_state, matrix_dims, output_like, same_place,
-    state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
+    compute_dtype, expect_shape, host_loss, kernel_output, kernel_state, matrix_dims, output_like,
+    same_place, state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
 };
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, DType, Error, Result, Tensor};
@@ -29,7 +29,8 @@ pub struct ClipSaved {
 /// Loss and saved state of [`clip_forward`].
 #[derive(Clone, Debug)]
 pub struct ClipForward {
-    pub loss: f64,
+    /// The loss, a 0-d f64 tensor on a\'s device.
+    pub loss: Tensor,
     pub saved: ClipSaved,
 }
 
@@ -44,7 +45,8 @@ pub struct ClipGrads {
 /// Loss and gradients of [`clip`].
 #[derive(Clone, Debug)]
 pub struct ClipOutput {
-    pub loss: f64,
+    /// The loss, a 0-d f64 tensor on a\'s device.
+    pub loss: Tensor,
     pub grad_a: Tensor,
     pub grad_b: Tensor,
     pub grad_log_scale: f64,
@@ -117,7 +119,7 @@ pub fn clip_forward(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipForwar
     let (loss, row_lse, col_lse) = forward_checked(a, b, log_scale, dims)?;
     let origin = origin(a, b, log_scale);
     Ok(ClipForward {
-        loss,
+        loss: host_loss(loss, a.device())?,
         saved: ClipSaved {
             row_lse,
             col_lse,
@@ -235,7 +237,8 @@ fn backward_unchecked(
 /// let a = Tensor::from_vec(vec![1.0f32, 0.1, 0.0, 1.0], &[2, 2], Device::Cpu)?;
 /// let b = Tensor::from_vec(vec![0.9f32, 0.0, 0.2, 0.8], &[2, 2], Device::Cpu)?;
 /// let out = clip(&a, &b, (1.0f64 / 0.07).ln())?;
-/// assert!(out.loss > 0.0 && out.loss < 2f64.ln());
+/// let loss = out.loss.to_scalar()?;
+/// assert!(loss > 0.0 && loss < 2f64.ln());
 /// assert_eq!(out.grad_a.shape(), &[2, 2]);
 /// // The pairs already match, so a larger scale (lower temperature) lowers the loss.
 /// assert!(out.grad_log_scale < 0.0);
@@ -247,7 +250,7 @@ pub fn clip(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipOutput> {
     let (loss, row_lse, col_lse) = forward_checked(a, b, log_scale, dims)?;
     let grads = backward_checked(OP, a, b, log_scale, (&row_lse, &col_lse), 1.0, dims)?;
     Ok(ClipOutput {
-        loss,
+        loss: host_loss(loss, a.device())?,
         grad_a: grads.grad_a,
         grad_b: grads.grad_b,
         grad_log_scale: grads.grad_log_scale,

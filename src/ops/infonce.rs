@@ -3,12 +3,14 @@
 //! `normalize`), `j = i` dropped under `self_mask`.
 
 use super::{
-    check_finite, check_grad_loss, check_result, check_scalar_result, check_softmax_temperature,
-    compute_dtype, kernel_output, kernel_state, matrix_dims, output_like, same_place, same_width,
-    state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
+    check_grad_loss, check_host_finite, check_result, check_scalar_result,
+    check_softmax_temperature, compute_dtype, host_loss, kernel_grads, kernel_state, matrix_dims,
+    output_like, same_place, same_width, state_like, upload_f32, upload_features, values,
+    with_cpu_real, Fingerprint, Origin,
 };
+use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
-use crate::{cpu, Device, Error, Result, Tensor};
+use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "infonce";
 const BACKWARD: &str = "infonce_backward";
@@ -48,14 +50,17 @@ pub struct SoftmaxSaved {
 /// Loss and saved state of a softmax-loss forward.
 #[derive(Clone, Debug)]
 pub struct SoftmaxForward {
-    pub loss: f64,
+    /// The mean loss, a 0-d f64 tensor on the inputs' device (reading it is the one copy to
+    /// the host a training step needs).
+    pub loss: Tensor,
     pub saved: SoftmaxSaved,
 }
 
 /// Loss and gradients of [`infonce`].
 #[derive(Clone, Debug)]
 pub struct InfoNceOutput {
-    pub loss: f64,
+    /// The mean loss, a 0-d f64 tensor on q's device.
+    pub loss: Tensor,
     pub grad_q: Tensor,
     pub grad_k: Tensor,
 }
@@ -103,8 +108,8 @@ fn validate(
             ));
         }
     }
-    check_finite(op, "q", q)?;
-    check_finite(op, "k", k)?;
+    check_host_finite(op, "q", q)?;
+    check_host_finite(op, "k", k)?;
     Ok((rows, cols, dim))
 }
 
@@ -136,28 +141,38 @@ pub fn infonce_forward(
     opts: &InfoNceOptions,
 ) -> Result<SoftmaxForward> {
     let dims = validate(OP, q, k, positives, opts)?;
-    let (loss, lse) = forward_lse(q, k, positives, opts, dims)?;
     let origin = origin(q, k, positives, opts);
-    SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
-}
-
-/// The loss and the per-query log-sum-exp, on validated inputs.
-fn forward_lse(
-    q: &Tensor,
-    k: &Tensor,
-    positives: &[usize],
-    opts: &InfoNceOptions,
-    dims: (usize, usize, usize),
-) -> Result<(f64, Tensor)> {
     run_on_kernels!(q.device(), b => {
-        let inputs = KernelInputs::upload(b, q, k, positives)?;
-        let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
-        Ok((loss, kernel_state(b, lse, &[dims.0])?))
+        let mut rec = Recorder::new(b, OP)?;
+        let inputs = KernelInputs::new(b, &mut rec, q, k, positives)?;
+        let (row_loss, lse) = inputs.problem(dims, opts).forward(b)?;
+        kernel_forward(b, rec, row_loss, lse, dims.0 as f64, origin)
     });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
         let (loss, lse) = problem(&qv, &kv, dims, positives, opts).forward();
-        Ok((loss, state_like(q, lse, &[dims.0])?))
+        SoftmaxSaved::checked(OP, loss, state_like(q, lse, &[dims.0])?, origin, TEMPERATURE_BLAME)
+    })
+}
+
+/// A softmax forward on a kernel backend: the 0-d loss `sum(row_loss) / divisor` and the lse,
+/// both left on the device with the call's checks (the inputs recorded in `rec`, and the lse,
+/// which must be finite).
+pub(crate) fn kernel_forward<B: Backend>(
+    b: &B,
+    mut rec: Recorder<'_, B>,
+    row_loss: B::Buf,
+    lse: B::Buf,
+    divisor: f64,
+    origin: Origin,
+) -> Result<SoftmaxForward> {
+    rec.result("lse", TEMPERATURE_BLAME, &lse, 1)?;
+    let rows = b.info(&lse).count;
+    let (loss, checks) = rec.finish_loss(&row_loss, divisor, TEMPERATURE_BLAME)?;
+    let lse = kernel_state(b, lse, &[rows])?.with_checks(&checks);
+    Ok(SoftmaxForward {
+        loss,
+        saved: SoftmaxSaved { lse, origin },
     })
 }
 
@@ -178,7 +193,7 @@ fn origin(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOptions) ->
 }
 
 impl SoftmaxSaved {
-    /// The forward's result, once its loss and lse are known to be finite.
+    /// A host forward's result, once its loss and lse are known to be finite.
     pub(crate) fn checked(
         op: &'static str,
         loss: f64,
@@ -189,9 +204,21 @@ impl SoftmaxSaved {
         check_scalar_result(op, "loss", loss, blame)?;
         check_result(op, "lse", &lse, blame)?;
         Ok(SoftmaxForward {
-            loss,
+            loss: host_loss(loss, lse.device())?,
             saved: SoftmaxSaved { lse, origin },
         })
+    }
+
+    /// The lse as an f32 kernel operand (where it is on the device, else copied in), its scan
+    /// recorded.
+    pub(crate) fn operand<'s, B: Backend>(
+        &'s self,
+        b: &B,
+        rec: &mut Recorder<'_, B>,
+    ) -> Result<Operand<'s, B::Buf>> {
+        let lse = upload_f32(b, "saved.lse", &self.lse)?;
+        rec.input("saved.lse", &self.lse, &lse)?;
+        Ok(lse)
     }
 
     /// Errors (from `backward_op`) unless this state was saved by the forward of `origin`'s
@@ -203,7 +230,7 @@ impl SoftmaxSaved {
         rows: usize,
     ) -> Result<()> {
         super::expect_shape(backward_op, "saved.lse", &self.lse, &[rows])?;
-        check_finite(backward_op, "saved.lse", &self.lse)?;
+        check_host_finite(backward_op, "saved.lse", &self.lse)?;
         self.origin.check(backward_op, origin)
     }
 }
@@ -220,33 +247,23 @@ pub fn infonce_backward(
     let dims = validate(BACKWARD, q, k, positives, opts)?;
     saved.check(BACKWARD, &origin(q, k, positives, opts), dims.0)?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(q.device(), q.dtype()))?;
-    let (dq, dk) = input_grads(q, k, positives, opts, dims, &saved.lse, grad_loss)?;
-    check_result(BACKWARD, "grad_q", &dq, GRADIENT_BLAME)?;
-    check_result(BACKWARD, "grad_k", &dk, GRADIENT_BLAME)?;
-    Ok((dq, dk))
-}
-
-/// dq and dk from the forward's `lse`, on validated inputs.
-fn input_grads(
-    q: &Tensor,
-    k: &Tensor,
-    positives: &[usize],
-    opts: &InfoNceOptions,
-    dims: (usize, usize, usize),
-    lse: &Tensor,
-    grad_loss: f64,
-) -> Result<(Tensor, Tensor)> {
     run_on_kernels!(q.device(), b => {
-        let inputs = KernelInputs::upload(b, q, k, positives)?;
-        let lse = b.upload("lse", &values::<f32>(lse)?)?;
+        let mut rec = Recorder::new(b, BACKWARD)?;
+        let inputs = KernelInputs::new(b, &mut rec, q, k, positives)?;
+        let lse = saved.operand(b, &mut rec)?;
         let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
         let dk = dk.ok_or_else(|| Error::Device("infonce: the kernels returned no key gradient".into()))?;
-        Ok((kernel_output(b, q, dq, q.shape())?, kernel_output(b, k, dk, k.shape())?))
+        let grads = [("grad_q", dq, q), ("grad_k", dk, k)];
+        let ((), [dq, dk]) = kernel_grads(b, rec, grads, GRADIENT_BLAME, |rec| Ok(((), rec.finish()?)))?;
+        Ok((dq, dk))
     });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
-        let (dq, dk) = problem(&qv, &kv, dims, positives, opts).backward(&lse.to_vec_f64()?, grad_loss);
-        Ok((output_like(q, dq, q.shape())?, output_like(k, dk, k.shape())?))
+        let (dq, dk) = problem(&qv, &kv, dims, positives, opts).backward(&saved.lse.to_vec_f64()?, grad_loss);
+        let (dq, dk) = (output_like(q, dq, q.shape())?, output_like(k, dk, k.shape())?);
+        check_result(BACKWARD, "grad_q", &dq, GRADIENT_BLAME)?;
+        check_result(BACKWARD, "grad_k", &dk, GRADIENT_BLAME)?;
+        Ok((dq, dk))
     })
 }
 
@@ -257,7 +274,7 @@ fn input_grads(
 /// let q = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0], &[2, 2], Device::Cpu)?;
 /// let k = Tensor::from_vec(vec![0.9f32, 0.1, 0.2, 0.8, -1.0, 0.0], &[3, 2], Device::Cpu)?;
 /// let out = infonce(&q, &k, &[0, 1], &InfoNceOptions::default())?;
-/// assert!(out.loss.is_finite());
+/// assert!(out.loss.to_scalar()?.is_finite());
 /// assert_eq!(out.grad_k.shape(), &[3, 2]);
 /// # Ok::<(), contra::Error>(())
 /// ```
@@ -269,31 +286,28 @@ pub fn infonce(
 ) -> Result<InfoNceOutput> {
     // Validated once; no saved state to fingerprint or verify.
     let dims = validate(OP, q, k, positives, opts)?;
-    let out = if q.device() == Device::Cpu {
-        // One sweep for loss and gradients (see cpu::softmax::forward_backward).
-        with_cpu_real!(q.dtype(), T => {
-            let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
-            let (loss, dq, dk) = problem(&qv, &kv, dims, positives, opts).forward_backward(1.0);
-            InfoNceOutput {
-                loss,
-                grad_q: output_like(q, dq, q.shape())?,
-                grad_k: output_like(k, dk, k.shape())?,
-            }
-        })
-    } else {
-        let (loss, lse) = forward_lse(q, k, positives, opts, dims)?;
-        check_result(OP, "lse", &lse, TEMPERATURE_BLAME)?;
-        let (grad_q, grad_k) = input_grads(q, k, positives, opts, dims, &lse, 1.0)?;
-        InfoNceOutput {
-            loss,
-            grad_q,
-            grad_k,
-        }
-    };
-    check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
-    check_result(OP, "grad_q", &out.grad_q, GRADIENT_BLAME)?;
-    check_result(OP, "grad_k", &out.grad_k, GRADIENT_BLAME)?;
-    Ok(out)
+    run_on_kernels!(q.device(), b => {
+        let mut rec = Recorder::new(b, OP)?;
+        let inputs = KernelInputs::new(b, &mut rec, q, k, positives)?;
+        let sweep = inputs.problem(dims, opts).forward_backward(b)?;
+        let dk = sweep.grad_k.ok_or_else(|| Error::Device("infonce: the kernels returned no key gradient".into()))?;
+        rec.result("lse", TEMPERATURE_BLAME, &sweep.lse, 1)?;
+        let row_loss = sweep.row_loss;
+        let finish = |rec: Recorder<'_, _>| rec.finish_loss(&row_loss, dims.0 as f64, TEMPERATURE_BLAME);
+        let grads = [("grad_q", sweep.grad_q, q), ("grad_k", dk, k)];
+        let (loss, [grad_q, grad_k]) = kernel_grads(b, rec, grads, GRADIENT_BLAME, finish)?;
+        Ok(InfoNceOutput { loss, grad_q, grad_k })
+    });
+    // One sweep for loss and gradients (see cpu::softmax::forward_backward).
+    with_cpu_real!(q.dtype(), T => {
+        let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
+        let (loss, dq, dk) = problem(&qv, &kv, dims, positives, opts).forward_backward(1.0);
+        check_scalar_result(OP, "loss", loss, TEMPERATURE_BLAME)?;
+        let (grad_q, grad_k) = (output_like(q, dq, q.shape())?, output_like(k, dk, k.shape())?);
+        check_result(OP, "grad_q", &grad_q, GRADIENT_BLAME)?;
+        check_result(OP, "grad_k", &grad_k, GRADIENT_BLAME)?;
+        Ok(InfoNceOutput { loss: host_loss(loss, q.device())?, grad_q, grad_k })
+    })
 }
 
 /// q, k and the positive indices as kernel buffers.
@@ -304,14 +318,25 @@ pub(crate) struct KernelInputs<'t, B: Backend> {
 }
 
 impl<'t, B: Backend> KernelInputs<'t, B> {
-    pub fn upload(b: &B, q: &'t Tensor, k: &'t Tensor, positives: &[usize]) -> Result<Self> {
+    /// q and k where they are (copied in from the host), their scans recorded; the positive
+    /// indices copied in.
+    pub fn new(
+        b: &B,
+        rec: &mut Recorder<'_, B>,
+        q: &'t Tensor,
+        k: &'t Tensor,
+        positives: &[usize],
+    ) -> Result<Self> {
         // Indices were validated against the key count, which fits the kernels' 32-bit sizes.
         let positives: Vec<i32> = positives.iter().map(|&p| p as i32).collect();
-        Ok(KernelInputs {
+        let inputs = KernelInputs {
             q: upload_features(b, "q", q)?,
             k: upload_features(b, "k", k)?,
             positives: b.upload_i32("positives", &positives)?,
-        })
+        };
+        rec.input("q", q, &inputs.q)?;
+        rec.input("k", k, &inputs.k)?;
+        Ok(inputs)
     }
 
     pub fn problem(

@@ -5,8 +5,8 @@
 //! The derivative of `d` is taken as 0 where `||x1 - x2||^2 < 1e-12` (the clamp is active).
 
 use super::{
-    check_finite, check_grad_loss, check_labels_len, check_result, compute_dtype, kernel_output,
-    matrix_dims, output_like, same_place, upload_f32, values, with_cpu_real,
+    check_finite, check_grad_loss, check_labels_len, check_result, compute_dtype, host_loss,
+    kernel_output, matrix_dims, output_like, same_place, upload_f32, values, with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, DType, Device, Error, Result, Tensor};
@@ -30,7 +30,8 @@ impl Default for MarginOptions {
 /// Loss and gradients of [`margin_loss`].
 #[derive(Clone, Debug)]
 pub struct MarginOutput {
-    pub loss: f64,
+    /// The mean loss, a 0-d f64 tensor on x1\'s device.
+    pub loss: Tensor,
     pub grad_x1: Tensor,
     pub grad_x2: Tensor,
 }
@@ -133,12 +134,12 @@ fn kernel_problem<'a, B: Backend>(
 
 /// The mean margin loss (forward only). Distances are right at any scale and the loss is formed
 /// in f64 on every backend (pairs 1e20 apart cost 5e39); a loss beyond f64 is an error naming
-/// `x1`.
-pub fn margin_forward(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<f64> {
+/// `x1`. The loss is a 0-d f64 tensor on the inputs' device.
+pub fn margin_forward(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<Tensor> {
     let dim = validate(OP, x1, x2, y, opts)?;
     let loss = margin_forward_unchecked(x1, x2, y, dim, opts)?;
     if loss.is_finite() {
-        Ok(loss)
+        host_loss(loss, x1.device())
     } else {
         Err(Error::invalid(
             OP,
@@ -212,7 +213,7 @@ fn margin_backward_unchecked(
 /// // Both pairs are 0.5 apart: the similar one costs 0.5^2 / 2, the dissimilar one
 /// // (1 - 0.5)^2 / 2 with margin 1.
 /// let out = margin_loss(&x1, &x2, &[0, 1], &MarginOptions { margin: 1.0 })?;
-/// assert!((out.loss - (0.125 + 0.125) / 2.0).abs() < 1e-12);
+/// assert!((out.loss.to_scalar()? - (0.125 + 0.125) / 2.0).abs() < 1e-12);
 /// assert_eq!(out.grad_x2.shape(), &[2, 2]);
 /// # Ok::<(), contra::Error>(())
 /// ```

@@ -2,13 +2,16 @@
 //! `l_neg = q . queue^T` (queue K x D used as given); `loss = CE([l_pos, l_neg] / tau, 0)`.
 //! Plus the queue enqueue (ring buffer with wrap-around).
 
-use super::infonce::{SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME};
-use super::{
-    check_finite, check_grad_loss, check_result, check_scalar_result, check_softmax_temperature,
-    compute_dtype, kernel_output, kernel_state, matrix_dims, output_like, same_place, same_width,
-    state_like, upload_f32, upload_features, values, with_cpu_real, writable_on, Fingerprint,
-    Origin,
+use super::infonce::{
+    kernel_forward, SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME,
 };
+use super::{
+    check_finite, check_grad_loss, check_host_finite, check_result, check_scalar_result,
+    check_softmax_temperature, compute_dtype, host_loss, kernel_grads, matrix_dims, output_like,
+    same_place, same_width, state_like, upload_f32, upload_features, values, with_cpu_real,
+    writable_on, Fingerprint, Origin,
+};
+use crate::checks::Recorder;
 use crate::cpu::Real;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, DType, Device, Element, Error, Result, Tensor};
@@ -33,7 +36,8 @@ impl Default for MocoOptions {
 /// Loss and query gradient of [`moco`].
 #[derive(Clone, Debug)]
 pub struct MocoOutput {
-    pub loss: f64,
+    /// The mean loss, a 0-d f64 tensor on q's device.
+    pub loss: Tensor,
     pub grad_q: Tensor,
 }
 
@@ -61,9 +65,9 @@ fn validate(
         ));
     }
     check_softmax_temperature(op, opts.temperature, compute_dtype(q.device(), q.dtype()))?;
-    check_finite(op, "q", q)?;
-    check_finite(op, "k", k)?;
-    check_finite(op, "queue", queue)?;
+    check_host_finite(op, "q", q)?;
+    check_host_finite(op, "k", k)?;
+    check_host_finite(op, "queue", queue)?;
     Ok((rows, queue_len, dim))
 }
 
@@ -100,28 +104,17 @@ pub fn moco_forward(
     opts: &MocoOptions,
 ) -> Result<SoftmaxForward> {
     let dims = validate(OP, q, k, queue, opts)?;
-    let (loss, lse) = forward_lse(q, k, queue, opts, dims)?;
     let origin = origin(q, k, queue, opts);
-    SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
-}
-
-/// The loss and the per-query log-sum-exp, on validated inputs.
-fn forward_lse(
-    q: &Tensor,
-    k: &Tensor,
-    queue: &Tensor,
-    opts: &MocoOptions,
-    dims: (usize, usize, usize),
-) -> Result<(f64, Tensor)> {
     run_on_kernels!(q.device(), b => {
-        let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
-        let (loss, lse) = kernel_problem(b, &buffers, dims, opts).forward(b)?;
-        Ok((loss, kernel_state(b, lse, &[dims.0])?))
+        let mut rec = Recorder::new(b, OP)?;
+        let inputs = KernelInputs::new(b, &mut rec, [q, k, queue])?;
+        let (row_loss, lse) = inputs.problem(dims, opts).forward(b)?;
+        kernel_forward(b, rec, row_loss, lse, dims.0 as f64, origin)
     });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv, queue_v) = (values::<T>(q)?, values::<T>(k)?, values::<T>(queue)?);
         let (loss, lse) = problem(&qv, &kv, &queue_v, dims, opts).forward();
-        Ok((loss, state_like(q, lse, &[dims.0])?))
+        SoftmaxSaved::checked(OP, loss, state_like(q, lse, &[dims.0])?, origin, TEMPERATURE_BLAME)
     })
 }
 
@@ -137,31 +130,20 @@ pub fn moco_backward(
     let dims = validate(BACKWARD, q, k, queue, opts)?;
     saved.check(BACKWARD, &origin(q, k, queue, opts), dims.0)?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(q.device(), q.dtype()))?;
-    let grad = query_grad(q, k, queue, opts, dims, &saved.lse, grad_loss)?;
-    check_result(BACKWARD, "grad_q", &grad, GRADIENT_BLAME)?;
-    Ok(grad)
-}
-
-/// dq from the forward's `lse`, on validated inputs.
-fn query_grad(
-    q: &Tensor,
-    k: &Tensor,
-    queue: &Tensor,
-    opts: &MocoOptions,
-    dims: (usize, usize, usize),
-    lse: &Tensor,
-    grad_loss: f64,
-) -> Result<Tensor> {
     run_on_kernels!(q.device(), b => {
-        let buffers = [upload_features(b, "q", q)?, upload_features(b, "k", k)?, upload_features(b, "queue", queue)?];
-        let lse = upload_f32(b, "lse", lse)?;
-        let grad = kernel_problem(b, &buffers, dims, opts).backward(b, &lse, grad_loss)?;
-        kernel_output(b, q, grad, q.shape())
+        let mut rec = Recorder::new(b, BACKWARD)?;
+        let inputs = KernelInputs::new(b, &mut rec, [q, k, queue])?;
+        let lse = saved.operand(b, &mut rec)?;
+        let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
+        let ((), [grad_q]) = kernel_grads(b, rec, [("grad_q", grad, q)], GRADIENT_BLAME, |rec| Ok(((), rec.finish()?)))?;
+        Ok(grad_q)
     });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv, queue_v) = (values::<T>(q)?, values::<T>(k)?, values::<T>(queue)?);
-        let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&lse.to_vec_f64()?, grad_loss);
-        output_like(q, grad, q.shape())
+        let grad = problem(&qv, &kv, &queue_v, dims, opts).backward(&saved.lse.to_vec_f64()?, grad_loss);
+        let grad = output_like(q, grad, q.shape())?;
+        check_result(BACKWARD, "grad_q", &grad, GRADIENT_BLAME)?;
+        Ok(grad)
     })
 }
 
@@ -174,19 +156,31 @@ fn query_grad(
 /// let k = Tensor::from_vec(vec![0.9f32, 0.1, 0.1, 0.9], &[2, 2], Device::Cpu)?;
 /// let queue = Tensor::from_vec(vec![-1.0f32, 0.0, 0.0, -1.0, 0.6, 0.8], &[3, 2], Device::Cpu)?;
 /// let out = moco(&q, &k, &queue, &MocoOptions::default())?;
-/// assert!(out.loss > 0.0);
+/// assert!(out.loss.to_scalar()? > 0.0);
 /// assert_eq!(out.grad_q.shape(), &[2, 2]);
 /// # Ok::<(), contra::Error>(())
 /// ```
 pub fn moco(q: &Tensor, k: &Tensor, queue: &Tensor, opts: &MocoOptions) -> Result<MocoOutput> {
     // Validated once; no saved state to fingerprint or verify.
     let dims = validate(OP, q, k, queue, opts)?;
-    let (loss, lse) = forward_lse(q, k, queue, opts, dims)?;
-    check_scalar_result(OP, "loss", loss, TEMPERATURE_BLAME)?;
-    check_result(OP, "lse", &lse, TEMPERATURE_BLAME)?;
-    let grad_q = query_grad(q, k, queue, opts, dims, &lse, 1.0)?;
-    check_result(OP, "grad_q", &grad_q, GRADIENT_BLAME)?;
-    Ok(MocoOutput { loss, grad_q })
+    run_on_kernels!(q.device(), b => {
+        let mut rec = Recorder::new(b, OP)?;
+        let inputs = KernelInputs::new(b, &mut rec, [q, k, queue])?;
+        let (row_loss, lse, grad) = inputs.problem(dims, opts).forward_backward(b)?;
+        rec.result("lse", TEMPERATURE_BLAME, &lse, 1)?;
+        let finish = |rec: Recorder<'_, _>| rec.finish_loss(&row_loss, dims.0 as f64, TEMPERATURE_BLAME);
+        let (loss, [grad_q]) = kernel_grads(b, rec, [("grad_q", grad, q)], GRADIENT_BLAME, finish)?;
+        Ok(MocoOutput { loss, grad_q })
+    });
+    with_cpu_real!(q.dtype(), T => {
+        let (qv, kv, queue_v) = (values::<T>(q)?, values::<T>(k)?, values::<T>(queue)?);
+        let problem = problem(&qv, &kv, &queue_v, dims, opts);
+        let (loss, lse) = problem.forward();
+        check_scalar_result(OP, "loss", loss, TEMPERATURE_BLAME)?;
+        let grad_q = output_like(q, problem.backward(&lse, 1.0), q.shape())?;
+        check_result(OP, "grad_q", &grad_q, GRADIENT_BLAME)?;
+        Ok(MocoOutput { loss: host_loss(loss, q.device())?, grad_q })
+    })
 }
 
 /// Writes the L2-normalized keys `k` (N x D) into `queue` (K x D) at rows `(ptr + i) mod K` and
@@ -214,19 +208,27 @@ pub fn moco_enqueue(queue: &mut Tensor, k: &Tensor, ptr: usize) -> Result<usize>
             format!("{ptr} is out of range for a queue of {queue_len} rows"),
         ));
     }
-    check_finite(ENQUEUE, "k", k)?;
-    // The same NaN policy as moco, which would reject this queue at its next call.
-    check_finite(ENQUEUE, "queue", queue)?;
+    // The same NaN policy as moco, which would reject this queue at its next call (on a
+    // device both are scanned there, and reading the queue reports what they held).
+    check_host_finite(ENQUEUE, "k", k)?;
+    check_host_finite(ENQUEUE, "queue", queue)?;
     if queue.device() != Device::Cpu {
         // f32 queues: the kernel writes the N new rows in place in the queue's device buffer.
         if queue.dtype() == DType::F32 {
             crate::kernels::run_on_kernels!(queue.device(), b => {
+                let mut rec = Recorder::new(b, ENQUEUE)?;
                 let keys = upload_f32(b, "k", k)?;
+                rec.input("k", k, &keys)?;
                 let slots = writable_on(b, ENQUEUE, "queue", queue)?;
-                crate::kernels::queue::enqueue(b, slots, &keys, rows, queue_len, dim, ptr)
+                rec.target("queue", slots, dim)?;
+                let next = crate::kernels::queue::enqueue(b, slots, &keys, rows, queue_len, dim, ptr)?;
+                queue.set_checks(&rec.finish()?);
+                Ok(next)
             });
         }
         // The 16-bit and f64 queues are written on the host and go back.
+        check_finite(ENQUEUE, "k", k)?;
+        check_finite(ENQUEUE, "queue", queue)?;
         let mut host = queue.to_host()?;
         let next = moco_enqueue(&mut host, &k.to_host()?, ptr)?;
         *queue = host.to_device(queue.device())?;
@@ -258,20 +260,41 @@ fn enqueue_into<T: Real, E: Element>(
     Ok(cpu::moco::enqueue(slots, k, rows, dim, ptr))
 }
 
-/// The MoCo launch sequence over uploaded `[q, k, queue]`.
-fn kernel_problem<'a, B: Backend>(
-    _backend: &B,
-    buffers: &'a [Operand<'_, B::Buf>; 3],
-    (rows, queue_len, dim): (usize, usize, usize),
-    opts: &MocoOptions,
-) -> kernels::moco::Moco<'a, B> {
-    kernels::moco::Moco {
-        q: &buffers[0],
-        k: &buffers[1],
-        queue: &buffers[2],
-        rows,
-        queue_len,
-        dim,
-        temperature: opts.temperature,
+/// q, k and the queue as kernel operands.
+struct KernelInputs<'t, B: Backend> {
+    operands: [Operand<'t, B::Buf>; 3],
+}
+
+impl<'t, B: Backend> KernelInputs<'t, B> {
+    /// `[q, k, queue]` where they are (copied in from the host), their scans recorded.
+    fn new(b: &B, rec: &mut Recorder<'_, B>, inputs: [&'t Tensor; 3]) -> Result<Self> {
+        let names = ["q", "k", "queue"];
+        let mut operands = Vec::with_capacity(3);
+        for (name, t) in names.into_iter().zip(inputs) {
+            let operand = upload_features(b, name, t)?;
+            rec.input(name, t, &operand)?;
+            operands.push(operand);
+        }
+        let operands = operands
+            .try_into()
+            .map_err(|_| Error::Device("moco: three operands".into()))?;
+        Ok(KernelInputs { operands })
+    }
+
+    fn problem(
+        &self,
+        (rows, queue_len, dim): (usize, usize, usize),
+        opts: &MocoOptions,
+    ) -> kernels::moco::Moco<'_, B> {
+        let [q, k, queue] = &self.operands;
+        kernels::moco::Moco {
+            q,
+            k,
+            queue,
+            rows,
+            queue_len,
+            dim,
+            temperature: opts.temperature,
+        }
     }
 }

@@ -34,6 +34,9 @@ pub use ntxent::{ntxent, ntxent_backward, ntxent_forward, NtXentOptions, NtXentO
 
 use std::borrow::Cow;
 
+use std::sync::Arc;
+
+use crate::checks::{Checks, Recorder};
 use crate::cpu::Real;
 use crate::kernels::{Backend, Elem, Operand};
 use crate::{DType, Device, Error, Result, Tensor};
@@ -81,10 +84,13 @@ pub(crate) fn upload_features<'t, B: Backend>(
     name: &'static str,
     t: &'t Tensor,
 ) -> Result<Operand<'t, B::Buf>> {
-    if t.dtype() != DType::F64 {
-        if let Some(buf) = t.device_buf().and_then(|buf| b.resident(buf)) {
-            return Ok(Operand::Resident(buf));
-        }
+    if let Some(buf) = t.device_buf().and_then(|buf| b.resident(buf)) {
+        return Ok(match t.dtype() {
+            // Read as f32 (a value beyond its range becomes an infinity, which the op's scan
+            // of this operand reports).
+            DType::F64 => Operand::Copied(crate::kernels::elementwise::cast(b, buf, Elem::F32)?),
+            _ => Operand::Resident(buf),
+        });
     }
     check_f32_range(name, t)?;
     if let Some(v) = t.host::<half::bf16>() {
@@ -108,16 +114,7 @@ pub(crate) fn check_f32_range(name: &'static str, t: &Tensor) -> Result<()> {
     let row_len = t.shape().iter().skip(1).product::<usize>().max(1);
     match v.iter().position(|x| x.abs() > f32::MAX as f64) {
         None => Ok(()),
-        Some(i) => Err(Error::invalid(
-            "upload",
-            name,
-            format!(
-                "row {} holds {:e}, beyond the f32 range the kernels compute in; scale the \
-                 input or use Device::Cpu, which computes f64 inputs in f64",
-                i / row_len,
-                v[i]
-            ),
-        )),
+        Some(i) => Err(Error::beyond_f32(name, i / row_len, v[i])),
     }
 }
 
@@ -128,10 +125,11 @@ pub(crate) fn upload_f32<'t, B: Backend>(
     name: &'static str,
     t: &'t Tensor,
 ) -> Result<Operand<'t, B::Buf>> {
-    if t.dtype() == DType::F32 {
-        if let Some(buf) = t.device_buf().and_then(|buf| b.resident(buf)) {
-            return Ok(Operand::Resident(buf));
-        }
+    if let Some(buf) = t.device_buf().and_then(|buf| b.resident(buf)) {
+        return Ok(match b.info(buf).elem {
+            Elem::F32 => Operand::Resident(buf),
+            _ => Operand::Copied(crate::kernels::elementwise::cast(b, buf, Elem::F32)?),
+        });
     }
     check_f32_range(name, t)?;
     Ok(Operand::Copied(b.upload(name, &values::<f32>(t)?)?))
@@ -186,23 +184,24 @@ pub(crate) fn kernel_state<B: Backend>(b: &B, buf: B::Buf, shape: &[usize]) -> R
     ))
 }
 
-/// A kernel's f32 output buffer as a tensor of `shape` in `like`'s dtype on `b`: the buffer
-/// itself for f32, converted otherwise.
+/// A kernel's output buffer as a tensor of `shape` in `like`'s dtype on `b`: the buffer itself
+/// when the types match, else converted on the device.
 pub(crate) fn kernel_output<B: Backend>(
     b: &B,
     like: &Tensor,
     buf: B::Buf,
     shape: &[usize],
 ) -> Result<Tensor> {
-    if like.dtype() == DType::F32 && b.info(&buf).elem == Elem::F32 {
-        return Ok(Tensor::from_device_buf(
-            shape.to_vec(),
-            DType::F32,
-            b.adopt(buf)?,
-        ));
-    }
-    // Converted on the host for now (a cast kernel would keep it on the device).
-    output_like(like, b.download(&buf)?, shape)
+    let elem = crate::kernels::storage::elem_of(like.dtype());
+    let buf = match b.info(&buf).elem == elem {
+        true => buf,
+        false => crate::kernels::elementwise::cast(b, &buf, elem)?,
+    };
+    Ok(Tensor::from_device_buf(
+        shape.to_vec(),
+        like.dtype(),
+        b.adopt(buf)?,
+    ))
 }
 
 /// Checks that every tensor of one call lives on the same device with the same dtype.
@@ -332,6 +331,60 @@ pub(crate) fn check_finite(op: &'static str, arg: &'static str, t: &Tensor) -> R
         }),
         None => Ok(()),
     }
+}
+
+/// [`check_finite`] for a host tensor; a device-resident one is scanned on the device by the
+/// op's [`Recorder`](crate::checks::Recorder), and the error comes with its results.
+pub(crate) fn check_host_finite(op: &'static str, arg: &'static str, t: &Tensor) -> Result<()> {
+    match t.device_buf() {
+        Some(_) => Ok(()),
+        None => check_finite(op, arg, t),
+    }
+}
+
+/// A loss formed on the host, as the 0-d f64 tensor every loss returns, on `device` (one copy
+/// to a kernel device, where the loss is not yet formed there).
+pub(crate) fn host_loss(value: f64, device: Device) -> Result<Tensor> {
+    Tensor::from_host(
+        Vec::new(),
+        crate::tensor::HostData::F64(vec![value]),
+        device,
+    )
+}
+
+/// The kernel gradients `grads` (name, buffer, the input it belongs to) as tensors like their
+/// inputs, after recording a scan of each in its final dtype (a gradient must be finite, also
+/// once rounded to a 16-bit type; `blame` names what scales it). `finish` closes the recorder
+/// (with or without a loss) once every scan is recorded; its checks go with every gradient.
+pub(crate) fn kernel_grads<'b, B: Backend, L, const N: usize>(
+    b: &'b B,
+    mut rec: Recorder<'b, B>,
+    grads: [(&'static str, B::Buf, &Tensor); N],
+    blame: &'static str,
+    finish: impl FnOnce(Recorder<'b, B>) -> Result<(L, Arc<Checks>)>,
+) -> Result<(L, [Tensor; N])> {
+    let mut tensors = Vec::with_capacity(N);
+    for (what, buf, like) in grads {
+        // f64 holds every f32: the kernel's own buffer is scanned then.
+        let row_len = like.shape().iter().skip(1).product();
+        if like.dtype() == DType::F64 {
+            rec.result(what, blame, &buf, row_len)?;
+        }
+        let grad = kernel_output(b, like, buf, like.shape())?;
+        if like.dtype() != DType::F64 {
+            rec.result_tensor(what, blame, &grad)?;
+        }
+        tensors.push(grad);
+    }
+    let (out, checks) = finish(rec)?;
+    let grads = tensors
+        .into_iter()
+        .map(|grad| grad.with_checks(&checks))
+        .collect::<Vec<_>>()
+        .try_into()
+        // N in, N out.
+        .map_err(|_| Error::Device("gradient count changed".into()))?;
+    Ok((out, grads))
 }
 
 /// Rejects a temperature that is not finite and positive.

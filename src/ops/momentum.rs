@@ -2,7 +2,8 @@
 
 use half::{bf16, f16};
 
-use super::{check_finite, expect_shape, same_place, upload_f32, writable_on};
+use super::{check_finite, check_host_finite, expect_shape, same_place, upload_f32, writable_on};
+use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::{cpu, DType, Device, Element, Error, Result, Tensor};
 
@@ -28,13 +29,15 @@ pub fn momentum_update(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result
     if !(m.is_finite() && (0.0..=1.0).contains(&m)) {
         return Err(Error::invalid(OP, "m", format!("{m} must lie in [0, 1]")));
     }
-    check_finite(OP, "theta_k", theta_k)?;
-    check_finite(OP, "theta_q", theta_q)?;
+    check_host_finite(OP, "theta_k", theta_k)?;
+    check_host_finite(OP, "theta_q", theta_q)?;
     if theta_k.device() != Device::Cpu {
         if theta_k.dtype() == DType::F32 && theta_k.numel() > 0 {
             run_on_kernels!(theta_k.device(), b => { update_on_kernels(b, theta_k, theta_q, m) });
         }
         // The 16-bit and f64 updates run on the host (f64, rounded once) and go back.
+        check_finite(OP, "theta_k", theta_k)?;
+        check_finite(OP, "theta_q", theta_q)?;
         let mut host = theta_k.to_host()?;
         update_on_host(&mut host, &theta_q.to_host()?, m)?;
         *theta_k = host.to_device(theta_k.device())?;
@@ -53,7 +56,7 @@ fn update_on_host(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result<()> 
 }
 
 /// The kernel path for f32 tensors: the update runs in place in `theta_k`'s device buffer
-/// (copied there first when a clone shares it).
+/// (copied there first when a clone shares it); both tensors are scanned on the device.
 fn update_on_kernels<B: Backend>(
     b: &B,
     theta_k: &mut Tensor,
@@ -61,9 +64,16 @@ fn update_on_kernels<B: Backend>(
     m: f64,
 ) -> Result<()> {
     let len = theta_k.numel();
+    let row_len = theta_k.shape().iter().skip(1).product();
+    let mut rec = Recorder::new(b, OP)?;
     let qb = upload_f32(b, "theta_q", theta_q)?;
+    rec.input("theta_q", theta_q, &qb)?;
     let kb = writable_on(b, OP, "theta_k", theta_k)?;
-    kernels::momentum::update(b, kb, &qb, len, m)
+    rec.target("theta_k", kb, row_len)?;
+    kernels::momentum::update(b, kb, &qb, len, m)?;
+    // Reading theta_k reports a non-finite value either held.
+    theta_k.set_checks(&rec.finish()?);
+    Ok(())
 }
 
 fn update<E: Element>(theta_k: &mut Tensor, theta_q: &Tensor, m: f64) -> Result<()> {

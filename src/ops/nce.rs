@@ -7,7 +7,7 @@
 
 use super::{
     check_finite, check_grad_loss, check_result, check_scalar_result, compute_dtype, expect_shape,
-    kernel_output, matrix_dims, output_like, same_place, upload_f32, values, vector_len,
+    host_loss, kernel_output, matrix_dims, output_like, same_place, upload_f32, values, vector_len,
     with_cpu_real,
 };
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
@@ -22,7 +22,8 @@ const BLAME: &str = "the scores or `grad_loss` are too large for the compute pre
 /// Loss and gradients of [`nce`].
 #[derive(Clone, Debug)]
 pub struct NceOutput {
-    pub loss: f64,
+    /// The mean loss, a 0-d f64 tensor on the inputs\' device.
+    pub loss: Tensor,
     pub grad_s_pos: Tensor,
     pub grad_s_neg: Tensor,
 }
@@ -96,7 +97,7 @@ pub fn nce_forward(
     s_neg: &Tensor,
     logq_pos: &Tensor,
     logq_neg: &Tensor,
-) -> Result<f64> {
+) -> Result<Tensor> {
     let (rows, k) = validate(OP, s_pos, s_neg, logq_pos, logq_neg)?;
     let loss = (|| {
         run_on_kernels!(s_pos.device(), b => {
@@ -111,7 +112,7 @@ pub fn nce_forward(
         })
     })()?;
     check_scalar_result(OP, "loss", loss, BLAME)?;
-    Ok(loss)
+    host_loss(loss, s_pos.device())
 }
 
 /// Gradients of `grad_loss * loss` with respect to `s_pos` and `s_neg`.
@@ -159,7 +160,7 @@ pub fn nce_backward(
 /// let out = nce(&s_pos, &s_neg, &zeros_b, &zeros_bk)?;
 /// let softplus = |x: f64| (1.0 + x.exp()).ln();
 /// let want = (softplus(-2.0) + softplus(-1.0) + 2.0 * softplus(0.0)) / 2.0;
-/// assert!((out.loss - want).abs() < 1e-12);
+/// assert!((out.loss.to_scalar()? - want).abs() < 1e-12);
 /// assert_eq!(out.grad_s_neg.shape(), &[2, 1]);
 /// # Ok::<(), contra::Error>(())
 /// ```

@@ -2,15 +2,16 @@
 //! similarity, self excluded, mean over the 2N rows.
 
 use super::infonce::{
-    InfoNceOptions, SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME,
+    kernel_forward, InfoNceOptions, SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME,
 };
 use super::{
-    check_finite, check_grad_loss, check_result, check_scalar_result, check_softmax_temperature,
-    compute_dtype, kernel_output, kernel_state, matrix_dims, output_like, state_like,
-    upload_features, values, with_cpu_real, Fingerprint, Origin,
+    check_grad_loss, check_host_finite, check_result, check_scalar_result,
+    check_softmax_temperature, compute_dtype, host_loss, kernel_grads, matrix_dims, output_like,
+    state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
 };
+use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
-use crate::{cpu, Device, Error, Result, Tensor};
+use crate::{cpu, Error, Result, Tensor};
 
 /// NT-Xent as the kernels see it: InfoNCE of z against itself, cosine, self excluded.
 fn kernel_options(opts: &NtXentOptions) -> InfoNceOptions {
@@ -21,22 +22,22 @@ fn kernel_options(opts: &NtXentOptions) -> InfoNceOptions {
     }
 }
 
-/// z (uploaded once: it is both q and k) and the positive indices as kernel buffers.
+/// z (one operand: it is both q and k) and the positive indices as kernel buffers.
 struct SymmetricInputs<'t, B: Backend> {
     z: Operand<'t, B::Buf>,
     positives: B::Buf,
 }
 
 impl<'t, B: Backend> SymmetricInputs<'t, B> {
-    fn upload(b: &B, z: &'t Tensor, rows: usize) -> Result<Self> {
-        let positives: Vec<i32> = cpu::infonce::ntxent_positives(rows)
-            .iter()
-            .map(|&p| p as i32)
-            .collect();
-        Ok(SymmetricInputs {
+    /// z where it is (copied in from the host), its scan recorded, and the positives
+    /// `(i + N) mod 2N` built on the device.
+    fn new(b: &B, rec: &mut Recorder<'_, B>, z: &'t Tensor, rows: usize) -> Result<Self> {
+        let inputs = SymmetricInputs {
             z: upload_features(b, "z", z)?,
-            positives: b.upload_i32("positives", &positives)?,
-        })
+            positives: kernels::elementwise::index_ring(b, rows, rows / 2)?,
+        };
+        rec.input("z", z, &inputs.z)?;
+        Ok(inputs)
     }
 
     /// The kernels' problem: z against itself, symmetric (half the forward tiles, one backward
@@ -82,7 +83,8 @@ impl Default for NtXentOptions {
 /// Loss and gradient of [`ntxent`].
 #[derive(Clone, Debug)]
 pub struct NtXentOutput {
-    pub loss: f64,
+    /// The mean loss, a 0-d f64 tensor on z's device.
+    pub loss: Tensor,
     pub grad_z: Tensor,
 }
 
@@ -97,7 +99,7 @@ fn validate(op: &'static str, z: &Tensor, opts: &NtXentOptions) -> Result<(usize
         ));
     }
     check_softmax_temperature(op, opts.temperature, compute_dtype(z.device(), z.dtype()))?;
-    check_finite(op, "z", z)?;
+    check_host_finite(op, "z", z)?;
     Ok((rows, dim))
 }
 
@@ -109,22 +111,17 @@ fn origin(z: &Tensor, opts: &NtXentOptions) -> Origin {
 /// The NT-Xent forward: the mean loss and the per-row log-sum-exp for [`ntxent_backward`].
 pub fn ntxent_forward(z: &Tensor, opts: &NtXentOptions) -> Result<SoftmaxForward> {
     let (rows, dim) = validate(OP, z, opts)?;
-    let (loss, lse) = forward_lse(z, opts, rows, dim)?;
-    SoftmaxSaved::checked(OP, loss, lse, origin(z, opts), TEMPERATURE_BLAME)
-}
-
-/// The loss and the per-row log-sum-exp, on validated inputs.
-fn forward_lse(z: &Tensor, opts: &NtXentOptions, rows: usize, dim: usize) -> Result<(f64, Tensor)> {
     run_on_kernels!(z.device(), b => {
-        let inputs = SymmetricInputs::upload(b, z, rows)?;
-        let (loss, lse) = inputs.problem(rows, dim, opts).forward(b)?;
-        Ok((loss, kernel_state(b, lse, &[rows])?))
+        let mut rec = Recorder::new(b, OP)?;
+        let inputs = SymmetricInputs::new(b, &mut rec, z, rows)?;
+        let (row_loss, lse) = inputs.problem(rows, dim, opts).forward(b)?;
+        kernel_forward(b, rec, row_loss, lse, rows as f64, origin(z, opts))
     });
     with_cpu_real!(z.dtype(), T => {
         let zv = values::<T>(z)?;
         let positives = cpu::infonce::ntxent_positives(rows);
         let (loss, lse) = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature).forward();
-        Ok((loss, state_like(z, lse, &[rows])?))
+        SoftmaxSaved::checked(OP, loss, state_like(z, lse, &[rows])?, origin(z, opts), TEMPERATURE_BLAME)
     })
 }
 
@@ -138,55 +135,50 @@ pub fn ntxent_backward(
     let (rows, dim) = validate(BACKWARD, z, opts)?;
     saved.check(BACKWARD, &origin(z, opts), rows)?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(z.device(), z.dtype()))?;
-    let grad = input_grad(z, opts, rows, dim, &saved.lse, grad_loss)?;
-    check_result(BACKWARD, "grad_z", &grad, GRADIENT_BLAME)?;
-    Ok(grad)
-}
-
-/// dz from the forward's `lse`, on validated inputs.
-fn input_grad(
-    z: &Tensor,
-    opts: &NtXentOptions,
-    rows: usize,
-    dim: usize,
-    lse: &Tensor,
-    grad_loss: f64,
-) -> Result<Tensor> {
     run_on_kernels!(z.device(), b => {
-        let inputs = SymmetricInputs::upload(b, z, rows)?;
-        let lse = b.upload("lse", &values::<f32>(lse)?)?;
+        let mut rec = Recorder::new(b, BACKWARD)?;
+        let inputs = SymmetricInputs::new(b, &mut rec, z, rows)?;
+        let lse = saved.operand(b, &mut rec)?;
         let (dz, _) = inputs.problem(rows, dim, opts).backward(b, &lse, grad_loss)?;
-        kernel_output(b, z, dz, z.shape())
+        let ((), [grad_z]) = kernel_grads(b, rec, [("grad_z", dz, z)], GRADIENT_BLAME, |rec| Ok(((), rec.finish()?)))?;
+        Ok(grad_z)
     });
     with_cpu_real!(z.dtype(), T => {
         let zv = values::<T>(z)?;
         let positives = cpu::infonce::ntxent_positives(rows);
         let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
-        let grad = cpu::infonce::ntxent_backward(&problem, &lse.to_vec_f64()?, grad_loss);
-        output_like(z, grad, z.shape())
+        let grad = cpu::infonce::ntxent_backward(&problem, &saved.lse.to_vec_f64()?, grad_loss);
+        let grad = output_like(z, grad, z.shape())?;
+        check_result(BACKWARD, "grad_z", &grad, GRADIENT_BLAME)?;
+        Ok(grad)
     })
 }
 
-/// NT-Xent loss and gradient in one call.
+/// NT-Xent loss and gradient in one call (on a kernel device: one normalization, the forward
+/// and the backward, with no copy to or from the host).
 pub fn ntxent(z: &Tensor, opts: &NtXentOptions) -> Result<NtXentOutput> {
     // Validated once; no saved state to fingerprint or verify.
     let (rows, dim) = validate(OP, z, opts)?;
-    let out = if z.device() == Device::Cpu {
-        // One sweep for loss and gradient (see cpu::softmax::forward_backward).
-        with_cpu_real!(z.dtype(), T => {
-            let zv = values::<T>(z)?;
-            let positives = cpu::infonce::ntxent_positives(rows);
-            let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
-            let (loss, grad) = cpu::infonce::ntxent_forward_backward(&problem, 1.0);
-            NtXentOutput { loss, grad_z: output_like(z, grad, z.shape())? }
-        })
-    } else {
-        let (loss, lse) = forward_lse(z, opts, rows, dim)?;
-        check_result(OP, "lse", &lse, TEMPERATURE_BLAME)?;
-        let grad_z = input_grad(z, opts, rows, dim, &lse, 1.0)?;
-        NtXentOutput { loss, grad_z }
-    };
-    check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
-    check_result(OP, "grad_z", &out.grad_z, GRADIENT_BLAME)?;
-    Ok(out)
+    run_on_kernels!(z.device(), b => {
+        let mut rec = Recorder::new(b, OP)?;
+        let inputs = SymmetricInputs::new(b, &mut rec, z, rows)?;
+        let sweep = inputs.problem(rows, dim, opts).forward_backward(b)?;
+        rec.result("lse", TEMPERATURE_BLAME, &sweep.lse, 1)?;
+        let row_loss = sweep.row_loss;
+        let finish = |rec: Recorder<'_, _>| rec.finish_loss(&row_loss, rows as f64, TEMPERATURE_BLAME);
+        let grads = [("grad_z", sweep.grad_q, z)];
+        let (loss, [grad_z]) = kernel_grads(b, rec, grads, GRADIENT_BLAME, finish)?;
+        Ok(NtXentOutput { loss, grad_z })
+    });
+    // One sweep for loss and gradient (see cpu::softmax::forward_backward).
+    with_cpu_real!(z.dtype(), T => {
+        let zv = values::<T>(z)?;
+        let positives = cpu::infonce::ntxent_positives(rows);
+        let problem = cpu::infonce::ntxent_problem(&zv, rows, dim, &positives, opts.temperature);
+        let (loss, grad) = cpu::infonce::ntxent_forward_backward(&problem, 1.0);
+        check_scalar_result(OP, "loss", loss, TEMPERATURE_BLAME)?;
+        let grad_z = output_like(z, grad, z.shape())?;
+        check_result(OP, "grad_z", &grad_z, GRADIENT_BLAME)?;
+        Ok(NtXentOutput { loss: host_loss(loss, z.device())?, grad_z })
+    })
 }

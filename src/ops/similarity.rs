@@ -2,9 +2,10 @@
 //! matrix by definition; the losses never call it.
 
 use super::{
-    check_finite, kernel_output, matrix_dims, output_like, same_place, same_width, upload_features,
-    values, with_cpu_real,
+    check_host_finite, kernel_output, matrix_dims, output_like, same_place, same_width,
+    upload_features, values, with_cpu_real,
 };
+use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels};
 use crate::{cpu, DType, Error, Result, Tensor};
 
@@ -39,43 +40,52 @@ pub fn similarity(a: &Tensor, b: &Tensor, kind: Similarity) -> Result<Tensor> {
     same_place(OP, &[("a", a), ("b", b)])?;
     // The N x M output must be addressable before anything is allocated.
     crate::tensor::checked_numel(OP, "b", &[rows, cols], a.dtype())?;
-    check_finite(OP, "a", a)?;
-    check_finite(OP, "b", b)?;
-    let out = similarity_unchecked(a, b, (rows, cols, dim), kind)?;
+    check_host_finite(OP, "a", a)?;
+    check_host_finite(OP, "b", b)?;
+    run_on_kernels!(a.device(), k => {
+        let mut rec = Recorder::new(k, OP)?;
+        let (ab, bb) = (upload_features(k, "a", a)?, upload_features(k, "b", b)?);
+        rec.input("a", a, &ab)?;
+        rec.input("b", b, &bb)?;
+        let out = kernels::similarity::forward(k, &ab, &bb, (rows, cols, dim), kind)?;
+        // The scores in the output's dtype (in f32 for f64, which holds them all): a score
+        // beyond its range is an error when read.
+        if a.dtype() == DType::F64 {
+            rec.result("scores", overflow_blame(DType::F32), &out, cols)?;
+        }
+        let out = kernel_output(k, a, out, &[rows, cols])?;
+        if a.dtype() != DType::F64 {
+            rec.result_tensor("scores", overflow_blame(a.dtype()), &out)?;
+        }
+        let checks = rec.finish()?;
+        Ok(out.with_checks(&checks))
+    });
+    let out = with_cpu_real!(a.dtype(), T => {
+        let s = cpu::similarity::similarity::<T>(&values::<T>(a)?, &values::<T>(b)?, rows, cols, dim, kind);
+        output_like(a, s, &[rows, cols])?
+    });
     match out.first_non_finite()? {
         None => Ok(out),
-        Some((at, _)) => Err(Error::invalid(
-            OP,
-            "a",
-            format!(
-                "the {kind:?} score of a row {} and b row {} overflows {} (the exact value is \
-                 beyond its range{})",
+        Some((at, _)) => Err(Error::Overflow {
+            op: OP,
+            what: "scores",
+            reason: format!(
+                "the {kind:?} score of a row {} and b row {} is not finite; {}",
                 at / cols,
                 at % cols,
-                out.dtype(),
-                match out.dtype() {
-                    DType::F64 => "",
-                    _ => "; f32, bf16 and f16 inputs compute in f32",
-                }
+                overflow_blame(out.dtype())
             ),
-        )),
+        }),
     }
 }
 
-/// The score matrix; a score beyond the output's range comes back infinite.
-fn similarity_unchecked(
-    a: &Tensor,
-    b: &Tensor,
-    (rows, cols, dim): (usize, usize, usize),
-    kind: Similarity,
-) -> Result<Tensor> {
-    run_on_kernels!(a.device(), k => {
-        let (ab, bb) = (upload_features(k, "a", a)?, upload_features(k, "b", b)?);
-        let out = kernels::similarity::forward(k, &ab, &bb, (rows, cols, dim), kind)?;
-        kernel_output(k, a, out, &[rows, cols])
-    });
-    with_cpu_real!(a.dtype(), T => {
-        let s = cpu::similarity::similarity::<T>(&values::<T>(a)?, &values::<T>(b)?, rows, cols, dim, kind);
-        output_like(a, s, &[rows, cols])
-    })
+/// What a score beyond the output's range is blamed on (the device check names its row).
+fn overflow_blame(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F64 => "a score overflows f64 (the exact value is beyond its range)",
+        _ => {
+            "a score overflows the output's dtype (the exact value is beyond its range; f32, \
+              bf16 and f16 inputs compute in f32)"
+        }
+    }
 }

@@ -1,14 +1,17 @@
 //! Supervised contrastive loss (Khosla et al., contrast_mode "all"): features N x V x D,
 //! normalized inside; every view is an anchor; positives are the other views with its label.
 
-use super::infonce::{SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME};
+use super::infonce::{
+    kernel_forward, SoftmaxForward, SoftmaxSaved, GRADIENT_BLAME, TEMPERATURE_BLAME,
+};
 use super::{
-    check_finite, check_grad_loss, check_labels_len, check_result, check_scalar_result,
-    check_softmax_temperature, check_temperature, compute_dtype, kernel_output, kernel_state,
+    check_grad_loss, check_host_finite, check_labels_len, check_result, check_scalar_result,
+    check_softmax_temperature, check_temperature, compute_dtype, host_loss, kernel_grads,
     output_like, state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
 };
+use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
-use crate::{cpu, Device, Error, Result, Tensor};
+use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "supcon";
 const BACKWARD: &str = "supcon_backward";
@@ -33,7 +36,8 @@ impl Default for SupConOptions {
 /// Loss and gradient of [`supcon`].
 #[derive(Clone, Debug)]
 pub struct SupConOutput {
-    pub loss: f64,
+    /// The loss, a 0-d f64 tensor on the features' device.
+    pub loss: Tensor,
     pub grad_features: Tensor,
 }
 
@@ -87,7 +91,7 @@ fn validate(
         ));
     }
     // Row n of the error is sample n.
-    check_finite(op, "features", features)?;
+    check_host_finite(op, "features", features)?;
     Ok((samples, views, dim))
 }
 
@@ -124,27 +128,19 @@ pub fn supcon_forward(
     opts: &SupConOptions,
 ) -> Result<SoftmaxForward> {
     let dims = validate(OP, features, labels, opts)?;
-    let (loss, lse) = forward_lse(features, labels, opts, dims)?;
     let origin = origin(features, labels, opts);
-    SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
-}
-
-/// The loss and the per-anchor log-sum-exp, on validated inputs.
-fn forward_lse(
-    features: &Tensor,
-    labels: &[i64],
-    opts: &SupConOptions,
-    dims: (usize, usize, usize),
-) -> Result<(f64, Tensor)> {
     run_on_kernels!(features.device(), b => {
-        let inputs = KernelInputs::upload(b, features, labels, dims)?;
-        let (loss, lse) = inputs.problem(dims, opts).forward(b)?;
-        Ok((loss, kernel_state(b, lse, &[dims.0 * dims.1])?))
+        let mut rec = Recorder::new(b, OP)?;
+        let inputs = KernelInputs::new(b, &mut rec, features, labels, dims)?;
+        let problem = inputs.problem(dims, opts);
+        let (row_loss, lse) = problem.forward(b)?;
+        kernel_forward(b, rec, row_loss, lse, problem.divisor(), origin)
     });
     with_cpu_real!(features.dtype(), T => {
         let fv = values::<T>(features)?;
         let (loss, lse) = problem(&fv, labels, dims, opts).forward();
-        Ok((loss, state_like(features, lse, &[dims.0 * dims.1])?))
+        let lse = state_like(features, lse, &[dims.0 * dims.1])?;
+        SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
     })
 }
 
@@ -163,30 +159,21 @@ pub fn supcon_backward(
         grad_loss,
         compute_dtype(features.device(), features.dtype()),
     )?;
-    let grad = input_grad(features, labels, opts, dims, &saved.lse, grad_loss)?;
-    check_result(BACKWARD, "grad_features", &grad, GRADIENT_BLAME)?;
-    Ok(grad)
-}
-
-/// The feature gradient from the forward's `lse`, on validated inputs.
-fn input_grad(
-    features: &Tensor,
-    labels: &[i64],
-    opts: &SupConOptions,
-    dims: (usize, usize, usize),
-    lse: &Tensor,
-    grad_loss: f64,
-) -> Result<Tensor> {
     run_on_kernels!(features.device(), b => {
-        let inputs = KernelInputs::upload(b, features, labels, dims)?;
-        let lse = b.upload("lse", &values::<f32>(lse)?)?;
+        let mut rec = Recorder::new(b, BACKWARD)?;
+        let inputs = KernelInputs::new(b, &mut rec, features, labels, dims)?;
+        let lse = saved.operand(b, &mut rec)?;
         let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
-        kernel_output(b, features, grad, features.shape())
+        let grads = [("grad_features", grad, features)];
+        let ((), [grad]) = kernel_grads(b, rec, grads, GRADIENT_BLAME, |rec| Ok(((), rec.finish()?)))?;
+        Ok(grad)
     });
     with_cpu_real!(features.dtype(), T => {
         let fv = values::<T>(features)?;
-        let grad = problem(&fv, labels, dims, opts).backward(&lse.to_vec_f64()?, grad_loss);
-        output_like(features, grad, features.shape())
+        let grad = problem(&fv, labels, dims, opts).backward(&saved.lse.to_vec_f64()?, grad_loss);
+        let grad = output_like(features, grad, features.shape())?;
+        check_result(BACKWARD, "grad_features", &grad, GRADIENT_BLAME)?;
+        Ok(grad)
     })
 }
 
@@ -202,32 +189,34 @@ fn input_grad(
 ///     Device::Cpu,
 /// )?;
 /// let out = supcon(&features, &[7, 7, 3], &SupConOptions { temperature: 0.1, base_temperature: 0.1 })?;
-/// assert!(out.loss > 0.0);
+/// assert!(out.loss.to_scalar()? > 0.0);
 /// assert_eq!(out.grad_features.shape(), &[3, 2, 2]);
 /// # Ok::<(), contra::Error>(())
 /// ```
 pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result<SupConOutput> {
     // Validated once; no saved state to fingerprint or verify.
     let dims = validate(OP, features, labels, opts)?;
-    let out = if features.device() == Device::Cpu {
-        // One sweep for loss and gradient (see cpu::softmax::forward_backward).
-        with_cpu_real!(features.dtype(), T => {
-            let fv = values::<T>(features)?;
-            let (loss, grad) = problem(&fv, labels, dims, opts).forward_backward(1.0);
-            SupConOutput { loss, grad_features: output_like(features, grad, features.shape())? }
-        })
-    } else {
-        let (loss, lse) = forward_lse(features, labels, opts, dims)?;
-        check_result(OP, "lse", &lse, TEMPERATURE_BLAME)?;
-        let grad_features = input_grad(features, labels, opts, dims, &lse, 1.0)?;
-        SupConOutput {
-            loss,
-            grad_features,
-        }
-    };
-    check_scalar_result(OP, "loss", out.loss, TEMPERATURE_BLAME)?;
-    check_result(OP, "grad_features", &out.grad_features, GRADIENT_BLAME)?;
-    Ok(out)
+    run_on_kernels!(features.device(), b => {
+        let mut rec = Recorder::new(b, OP)?;
+        let inputs = KernelInputs::new(b, &mut rec, features, labels, dims)?;
+        let problem = inputs.problem(dims, opts);
+        let (row_loss, lse) = problem.forward(b)?;
+        rec.result("lse", TEMPERATURE_BLAME, &lse, 1)?;
+        let grad = problem.backward(b, &lse, 1.0)?;
+        let finish = |rec: Recorder<'_, _>| rec.finish_loss(&row_loss, problem.divisor(), TEMPERATURE_BLAME);
+        let grads = [("grad_features", grad, features)];
+        let (loss, [grad_features]) = kernel_grads(b, rec, grads, GRADIENT_BLAME, finish)?;
+        Ok(SupConOutput { loss, grad_features })
+    });
+    // One sweep for loss and gradient (see cpu::softmax::forward_backward).
+    with_cpu_real!(features.dtype(), T => {
+        let fv = values::<T>(features)?;
+        let (loss, grad) = problem(&fv, labels, dims, opts).forward_backward(1.0);
+        check_scalar_result(OP, "loss", loss, TEMPERATURE_BLAME)?;
+        let grad_features = output_like(features, grad, features.shape())?;
+        check_result(OP, "grad_features", &grad_features, GRADIENT_BLAME)?;
+        Ok(SupConOutput { loss: host_loss(loss, features.device())?, grad_features })
+    })
 }
 
 /// The flattened views, a dense class id per view and `1 / |P(a)|` per view, as kernel buffers.
@@ -238,18 +227,23 @@ struct KernelInputs<'t, B: Backend> {
 }
 
 impl<'t, B: Backend> KernelInputs<'t, B> {
-    fn upload(
+    /// The features where they are (copied in from the host), their scan recorded; the class
+    /// table built on the host and copied in.
+    fn new(
         b: &B,
+        rec: &mut Recorder<'_, B>,
         features: &'t Tensor,
         labels: &[i64],
         (_, views, _): (usize, usize, usize),
     ) -> Result<Self> {
         let (class, weight) = crate::shared::Classes::new(labels, views).for_kernels();
-        Ok(KernelInputs {
+        let inputs = KernelInputs {
             views: upload_features(b, "features", features)?,
             labels: b.upload_i32("labels", &class)?,
             target_weight: b.upload("target_weight", &weight)?,
-        })
+        };
+        rec.input("features", features, &inputs.views)?;
+        Ok(inputs)
     }
 
     fn problem(

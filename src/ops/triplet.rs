@@ -17,8 +17,8 @@
 //! the input dtype, with O(N^2) memory (the pairwise distances), never O(N^3).
 
 use super::{
-    check_f32_range, check_finite, check_grad_loss, check_labels_len, check_result, kernel_output,
-    matrix_dims, output_like, values, Fingerprint, Origin,
+    check_f32_range, check_finite, check_grad_loss, check_labels_len, check_result, host_loss,
+    kernel_output, matrix_dims, output_like, values, Fingerprint, Origin,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::shared::{Classes, Coefs};
@@ -63,7 +63,8 @@ pub struct TripletSaved {
 /// Result of [`triplet_forward`].
 #[derive(Clone, Debug)]
 pub struct TripletForward {
-    pub loss: f64,
+    /// The loss, a 0-d f64 tensor on x\'s device.
+    pub loss: Tensor,
     /// batch_all: triplets with a positive loss; batch_hard: anchors with a positive and a
     /// negative; semi_hard: positive pairs whose anchor has a negative.
     pub count: u64,
@@ -74,7 +75,8 @@ pub struct TripletForward {
 /// Loss, gradient and counts of [`triplet`].
 #[derive(Clone, Debug)]
 pub struct TripletOutput {
-    pub loss: f64,
+    /// The loss, a 0-d f64 tensor on x\'s device.
+    pub loss: Tensor,
     pub count: u64,
     pub stats: TripletStats,
     pub grad_x: Tensor,
@@ -184,19 +186,23 @@ pub fn triplet_forward(
     opts: &TripletOptions,
 ) -> Result<TripletForward> {
     let (rows, dim) = validate(OP, x, labels, opts)?;
-    let fwd = triplet_forward_unchecked(x, labels, opts, (rows, dim))?;
-    if fwd.loss.is_finite() {
-        Ok(fwd)
-    } else {
-        Err(Error::invalid(
+    triplet_forward_unchecked(x, labels, opts, (rows, dim))
+}
+
+/// The forward's loss (formed in f64 on the host) as a 0-d tensor on `device`, once it is
+/// known to be finite.
+fn checked_loss(loss: f64, opts: &TripletOptions, device: crate::Device) -> Result<Tensor> {
+    if !loss.is_finite() {
+        return Err(Error::invalid(
             OP,
             "x",
             format!(
                 "the loss overflows f64 ({:?} distances between its rows are beyond f64)",
                 opts.distance
             ),
-        ))
+        ));
     }
+    host_loss(loss, device)
 }
 
 fn triplet_forward_unchecked(
@@ -209,7 +215,7 @@ fn triplet_forward_unchecked(
         let (buffers, k) = upload(b, x, labels, opts)?;
         let fwd = kernel_problem(&buffers, (rows, dim), opts).forward_scaled(b, k)?;
         Ok(TripletForward {
-            loss: fwd.loss,
+            loss: checked_loss(fwd.loss, opts, x.device())?,
             count: fwd.count,
             stats: fwd.stats,
             saved: TripletSaved { rows, opts: *opts, coefs: fwd.coefs, origin: origin(x, labels, opts) },
@@ -227,7 +233,7 @@ fn triplet_forward_unchecked(
     }
     .forward();
     Ok(TripletForward {
-        loss: fwd.loss,
+        loss: checked_loss(fwd.loss, opts, x.device())?,
         count: fwd.count,
         stats: fwd.stats,
         saved: TripletSaved {
@@ -308,7 +314,7 @@ fn triplet_backward_unchecked(
 /// let opts = TripletOptions { distance: Distance::Euclidean, mining: Mining::BatchHard, margin: 0.2 };
 /// let out = triplet(&x, &[7, 7, 9, 9], &opts)?;
 /// // Anchor 0.5: hardest positive 1.0 (0.5 away), hardest negative 0.1 (0.4 away).
-/// assert!((out.loss - (0.5 - 0.4 + 0.2) / 4.0).abs() < 1e-12);
+/// assert!((out.loss.to_scalar()? - (0.5 - 0.4 + 0.2) / 4.0).abs() < 1e-12);
 /// assert_eq!(out.count, 4);
 /// assert_eq!(out.grad_x.shape(), &[4, 1]);
 /// # Ok::<(), contra::Error>(())

@@ -306,7 +306,7 @@ impl Stepper<'_> {
                 let fwd = ntxent_forward(&z, &opts)?;
                 let grad = ntxent_backward(&z, &opts, &fwd.saved, 1.0)?;
                 self.query.backward_params(enc, &Mat::from_tensor(&grad)?)?;
-                Ok(fwd.loss)
+                Ok(fwd.loss.to_scalar()?)
             }
             Method::Moco => {
                 let st = self
@@ -334,7 +334,7 @@ impl Stepper<'_> {
                     let fwd = moco_forward(&q, &k, &st.queue, &opts)?;
                     let grad = moco_backward(&q, &k, &st.queue, &opts, &fwd.saved, scale)?;
                     self.query.backward_params(enc, &Mat::from_tensor(&grad)?)?;
-                    loss += scale * fwd.loss;
+                    loss += scale * fwd.loss.to_scalar()?;
                     keys.push(k);
                 }
                 for k in &keys {
@@ -370,7 +370,7 @@ impl Stepper<'_> {
                     }
                 }
                 self.query.backward_params(enc, &grad)?;
-                Ok(fwd.loss)
+                Ok(fwd.loss.to_scalar()?)
             }
         }
     }

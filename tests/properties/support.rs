@@ -340,11 +340,12 @@ pub enum Val {
 
 pub type Outs = Vec<(&'static str, Val)>;
 
-pub fn tv(name: &'static str, t: &Tensor) -> (&'static str, Val) {
-    (
+/// An output read to the host: an error found on the device surfaces here, as the op's error.
+pub fn tv(name: &'static str, t: &Tensor) -> contra::Result<(&'static str, Val)> {
+    Ok((
         name,
-        Val::Tensor(t.to_vec_f64().unwrap(), t.shape().to_vec(), t.dtype()),
-    )
+        Val::Tensor(t.to_vec_f64()?, t.shape().to_vec(), t.dtype()),
+    ))
 }
 
 pub fn get<'a>(outs: &'a Outs, name: &str) -> &'a Val {

@@ -1,0 +1,60 @@
+// Small elementwise kernels that keep data on the device: constant fills (the softmax's empty
+// running states, status words), the index ring of NT-Xent's positives, and dtype casts (a
+// kernel's f32 gradient returned in the input's 16-bit type; f64 tensors read as f32).
+#include "common.cuh"
+
+namespace contra {
+
+__device__ __forceinline__ long long first_index() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
+
+__device__ void fill_words(const ContraFillParams& p) {
+    for (long long i = first_index(); i < p.len; i += grid_stride()) {
+        // Selected, not indexed: a dynamic index would put the pattern in local memory.
+        const int k = (int)(i % p.period);
+        p.out[i] = k == 0 ? p.pattern[0] : k == 1 ? p.pattern[1] : k == 2 ? p.pattern[2] : p.pattern[3];
+    }
+}
+
+__device__ void index_ring(const ContraFillParams& p) {
+    for (long long i = first_index(); i < p.len; i += grid_stride()) p.out[i] = (unsigned)((i + p.shift) % p.len);
+}
+
+template <typename T>
+__device__ void cast_from_f32(const ContraCastParams& p) {
+    const float* in = static_cast<const float*>(p.in);
+    T* out = static_cast<T*>(p.out);
+    for (long long i = first_index(); i < p.len; i += grid_stride()) store(out, i, in[i]);
+}
+
+template <typename T>
+__device__ void cast_to_f32(const ContraCastParams& p) {
+    const T* in = static_cast<const T*>(p.in);
+    float* out = static_cast<float*>(p.out);
+    for (long long i = first_index(); i < p.len; i += grid_stride()) out[i] = load(in, i);
+}
+
+__device__ void cast_f64_to_f32(const ContraCastParams& p) {
+    const double* in = static_cast<const double*>(p.in);
+    float* out = static_cast<float*>(p.out);
+    for (long long i = first_index(); i < p.len; i += grid_stride()) out[i] = (float)in[i];
+}
+
+__device__ void cast_f32_to_f64(const ContraCastParams& p) {
+    const float* in = static_cast<const float*>(p.in);
+    double* out = static_cast<double*>(p.out);
+    for (long long i = first_index(); i < p.len; i += grid_stride()) out[i] = (double)in[i];
+}
+
+}  // namespace contra
+
+extern "C" __global__ void __launch_bounds__(256) fill_words(const ContraFillParams p) { contra::fill_words(p); }
+INTERP_EXPORT(fill_words, ContraFillParams)
+extern "C" __global__ void __launch_bounds__(256) index_ring(const ContraFillParams p) { contra::index_ring(p); }
+INTERP_EXPORT(index_ring, ContraFillParams)
+CONTRA_TYPED_KERNELS(cast_from_f32, ContraCastParams, 256)
+CONTRA_TYPED_KERNELS(cast_to_f32, ContraCastParams, 256)
+extern "C" __global__ void __launch_bounds__(256) cast_f64_to_f32(const ContraCastParams p) { contra::cast_f64_to_f32(p); }
+INTERP_EXPORT(cast_f64_to_f32, ContraCastParams)
+extern "C" __global__ void __launch_bounds__(256) cast_f32_to_f64(const ContraCastParams p) { contra::cast_f32_to_f64(p); }
+INTERP_EXPORT(cast_f32_to_f64, ContraCastParams)

@@ -1,0 +1,54 @@
+// What lets an op leave its results on the device and still refuse bad numbers: the scan that
+// marks the first non-finite row of a buffer in a status word (read with the loss, not scanned
+// on the host), and the loss's reduction, which writes the mean next to the status words so
+// that one small copy reads both.
+#include "common.cuh"
+
+namespace contra {
+
+constexpr int kAllFinite = 0x7fffffff;
+
+// Finite: |v| <= FLT_MAX (false for NaN and both infinities).
+__device__ __forceinline__ bool finite(float v) { return fabsf(v) <= 3.402823466e38f; }
+
+template <typename T>
+__device__ void nonfinite_rows(const ContraScanParams& p) {
+    const T* x = static_cast<const T*>(p.x);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    // Each thread walks its elements in increasing order: its first hit is its lowest row.
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.len; i += stride) {
+        if (!finite(load(x, i))) {
+            atomicMin(p.status + p.slot, (int)(i / p.row_len));
+            return;
+        }
+    }
+}
+
+constexpr int kLossThreads = 256;
+
+// One block; the additions run in a fixed order, so the loss is the same from run to run.
+__device__ void loss_finish(const ContraLossParams& p) {
+    __shared__ double partial[kLossThreads];
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < p.n; i += kLossThreads) sum += (double)p.values[i];
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int width = kLossThreads / 2; width > 0; width /= 2) {
+        if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < p.slots; i += kLossThreads) p.out[2 + i] = (unsigned)p.status[i];
+    if (threadIdx.x == 0) {
+        const double loss = partial[0] / p.divisor;
+        const unsigned long long bits = (unsigned long long)__double_as_longlong(loss);
+        p.out[0] = (unsigned)bits;
+        p.out[1] = (unsigned)(bits >> 32);
+        p.out[2 + p.slots] = fabs(loss) <= 1.7976931348623157e308 ? kAllFinite : 0;
+    }
+}
+
+}  // namespace contra
+
+CONTRA_TYPED_KERNELS(nonfinite_rows, ContraScanParams, 256)
+extern "C" __global__ void __launch_bounds__(contra::kLossThreads) loss_finish(const ContraLossParams p) { contra::loss_finish(p); }
+INTERP_EXPORT(loss_finish, ContraLossParams)

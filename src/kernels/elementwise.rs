@@ -1,0 +1,94 @@
+//! Launch sequences of `kernels/elementwise.cu`: constant fills, NT-Xent's index ring and dtype
+//! casts, so that constants and conversions never cross between host and device.
+
+use super::params::{ContraCastParams, ContraFillParams};
+use super::{blocks_for, handles, Backend, BufInfo, Elem, Kernel, Launch};
+use crate::{Error, Result};
+
+const THREADS: u32 = 256;
+/// Most blocks of the grid-stride loops (a few waves on any current GPU).
+const MAX_BLOCKS: usize = 1024;
+
+fn grid(len: usize) -> Launch {
+    Launch::linear(
+        blocks_for(len, THREADS as usize).clamp(1, MAX_BLOCKS),
+        THREADS,
+    )
+}
+
+/// A buffer of `info.count` elements whose 32-bit words repeat `pattern` (1 to 4 words).
+pub(crate) fn filled<B: Backend>(
+    b: &B,
+    name: &'static str,
+    info: BufInfo,
+    pattern: &[u32],
+) -> Result<B::Buf> {
+    let out = b.output_of(name, info)?;
+    let words = info.elem.words(info.count);
+    let mut padded = [0u32; 4];
+    padded[..pattern.len()].copy_from_slice(pattern);
+    let params = ContraFillParams {
+        out: b.ptr(&out).cast(),
+        len: words as i64,
+        pattern: padded,
+        period: pattern.len() as i32,
+        shift: 0,
+    };
+    if words > 0 {
+        b.launch(handles::FILL_WORDS, grid(words), &params, &[&out])?;
+    }
+    Ok(out)
+}
+
+/// `out[i] = (i + shift) % len` as i32: NT-Xent's positives (`shift` = N of 2N rows).
+pub(crate) fn index_ring<B: Backend>(b: &B, len: usize, shift: usize) -> Result<B::Buf> {
+    let out = b.output_of(
+        "positives",
+        BufInfo {
+            elem: Elem::I32,
+            count: len,
+        },
+    )?;
+    let params = ContraFillParams {
+        out: b.ptr(&out).cast(),
+        len: super::extent("rows", len)? as i64,
+        pattern: [0; 4],
+        period: 1,
+        shift: super::extent("shift", shift)?,
+    };
+    b.launch(handles::INDEX_RING, grid(len), &params, &[&out])?;
+    Ok(out)
+}
+
+/// A copy of `input` as `elem`, converted on the device: f32 to and from every other type,
+/// f64 to f32.
+pub(crate) fn cast<B: Backend>(b: &B, input: &B::Buf, elem: Elem) -> Result<B::Buf> {
+    let from = b.info(input);
+    let kernel: Kernel<ContraCastParams> = match (from.elem, elem) {
+        (Elem::F32, Elem::F64) => handles::CAST_F32_TO_F64,
+        (Elem::F64, Elem::F32) => handles::CAST_F64_TO_F32,
+        (Elem::F32, to @ (Elem::F32 | Elem::Bf16 | Elem::F16)) => handles::CAST_FROM_F32.of(to),
+        (from @ (Elem::Bf16 | Elem::F16), Elem::F32) => handles::CAST_TO_F32.of(from),
+        (from, to) => {
+            return Err(Error::Device(format!(
+                "no device cast from {from:?} to {to:?}"
+            )))
+        }
+    };
+    let out = b.output_of(
+        "cast",
+        BufInfo {
+            elem,
+            count: from.count,
+        },
+    )?;
+    let params = ContraCastParams {
+        in_: b.ptr(input),
+        out: b.ptr(&out),
+        len: from.count as i64,
+    };
+    if from.count > 0 {
+        b.launch(kernel, grid(from.count), &params, &[&out])?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,91 @@
+//! Launch sequences of `kernels/status.cu`: the finiteness scans whose status words travel with
+//! an op's results, and the loss's reduction that writes the mean next to them.
+
+use super::params::{ContraLossParams, ContraScanParams};
+use super::{blocks_for, elementwise, extent, handles, Backend, BufInfo, Elem, Launch};
+use crate::{Error, Result};
+
+/// A status word's value while every element it watches is finite (the kernels lower it to the
+/// first non-finite row).
+pub(crate) const ALL_FINITE: u32 = i32::MAX as u32;
+
+/// Words of the loss buffer before its status words: the two halves of the f64 loss.
+pub(crate) const LOSS_WORDS: usize = 2;
+
+/// A buffer of `slots` status words, all [`ALL_FINITE`].
+pub(crate) fn status_words<B: Backend>(b: &B, slots: usize) -> Result<B::Buf> {
+    let info = BufInfo {
+        elem: Elem::I32,
+        count: slots,
+    };
+    elementwise::filled(b, "status", info, &[ALL_FINITE])
+}
+
+/// Lowers `status[slot]` to the first row of `x` (`row_len` elements per row) that holds a NaN
+/// or an infinity.
+pub(crate) fn scan<B: Backend>(
+    b: &B,
+    x: &B::Buf,
+    row_len: usize,
+    status: &B::Buf,
+    slot: usize,
+) -> Result<()> {
+    let info = b.info(x);
+    if info.elem == Elem::F64 || info.elem == Elem::I32 {
+        return Err(Error::Device(format!(
+            "no finiteness scan for {:?} buffers",
+            info.elem
+        )));
+    }
+    if info.count == 0 {
+        return Ok(());
+    }
+    let params = ContraScanParams {
+        x: b.ptr(x),
+        status: b.ptr(status).cast(),
+        len: info.count as i64,
+        row_len: row_len.max(1) as i64,
+        slot: extent("slot", slot)?,
+    };
+    let blocks = blocks_for(info.count, 256).clamp(1, 1024);
+    b.launch(
+        handles::NONFINITE_ROWS.of(info.elem),
+        Launch::linear(blocks, 256),
+        &params,
+        &[],
+    )
+}
+
+/// The loss buffer: `sum(values) / divisor` in f64 ([`LOSS_WORDS`] words), then the `slots`
+/// status words of `status`, then the loss's own status word.
+pub(crate) fn finish_loss<B: Backend>(
+    b: &B,
+    values: &B::Buf,
+    divisor: f64,
+    status: &B::Buf,
+    slots: usize,
+) -> Result<B::Buf> {
+    let n = b.info(values).count;
+    let out = b.output_of(
+        "loss",
+        BufInfo {
+            elem: Elem::I32,
+            count: LOSS_WORDS + slots + 1,
+        },
+    )?;
+    let params = ContraLossParams {
+        values: b.ptr(values).cast(),
+        status: b.ptr(status).cast(),
+        out: b.ptr(&out).cast(),
+        n: extent("rows", n)?,
+        slots: extent("slots", slots)?,
+        divisor,
+    };
+    b.launch(
+        handles::LOSS_FINISH,
+        Launch::linear(1, 256),
+        &params,
+        &[&out],
+    )?;
+    Ok(out)
+}

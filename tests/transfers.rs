@@ -1,0 +1,277 @@
+//! Data stays where the caller put it: on device-resident inputs, an op makes no copy between
+//! host and device (counted by `contra::Transfers`) until a result is read, and reading the
+//! 0-d loss is one small copy that also brings the device's finiteness checks. Runs on every
+//! kernel device of the machine (the interpreted mode always).
+
+mod common;
+
+use common::{kernel_devices, random_matrix, random_positives, rel_err};
+use contra::*;
+use rand::{rngs::StdRng, SeedableRng};
+
+/// Odd shapes: no multiple of any tile.
+const ROWS: usize = 38;
+const DIM: usize = 13;
+
+fn device_matrix(rng: &mut StdRng, rows: usize, device: Device) -> Tensor {
+    Tensor::from_vec(random_matrix(rng, rows, DIM), &[rows, DIM], device).unwrap()
+}
+
+/// The copies `work` makes on this thread.
+fn moved<T>(work: impl FnOnce() -> T) -> (T, Transfers) {
+    let before = Transfers::current();
+    let out = work();
+    (out, Transfers::current() - before)
+}
+
+/// `work` makes no copy at all.
+fn stays<T>(what: &str, device: Device, work: impl FnOnce() -> T) -> T {
+    let (out, copies) = moved(work);
+    assert_eq!(copies, Transfers::default(), "{what} on {device}: {copies}");
+    out
+}
+
+/// Reading the loss is one copy to the host: its f64 value and the status words after it.
+fn read_loss(what: &str, device: Device, loss: &Tensor) -> f64 {
+    assert_eq!(loss.shape(), &[] as &[usize], "{what}: the loss is 0-d");
+    assert_eq!(
+        loss.device(),
+        device,
+        "{what}: the loss stays on the device"
+    );
+    let (value, copies) = moved(|| loss.to_scalar().unwrap());
+    assert_eq!(
+        (copies.to_device, copies.to_host),
+        (0, 1),
+        "{what} on {device}: reading the loss made {copies}"
+    );
+    // Two words of f64, at most 16 status words.
+    assert!(copies.to_host_bytes <= 8 + 16 * 4, "{what}: {copies}");
+    value
+}
+
+/// A device tensor agrees with the same op's CPU result.
+fn close(what: &str, got: &Tensor, want: &Tensor) {
+    let err = rel_err(&got.to_vec_f64().unwrap(), &want.to_vec_f64().unwrap());
+    assert!(err < 1e-4, "{what}: relative error {err:e}");
+}
+
+#[test]
+fn moving_tensors_is_counted() {
+    for device in kernel_devices("moving_tensors_is_counted") {
+        let host = Tensor::from_vec(vec![1.0f32; 10], &[2, 5], Device::Cpu).unwrap();
+        let (on_device, copies) = moved(|| host.to_device(device).unwrap());
+        assert_eq!((copies.to_device, copies.to_device_bytes), (1, 40));
+        // Already there: the same storage, no copy.
+        stays("to_device onto itself", device, || {
+            on_device.to_device(device).unwrap()
+        });
+        stays("Tensor::zeros", device, || {
+            Tensor::zeros(&[7, 3], DType::Bf16, device).unwrap()
+        });
+        let (back, copies) = moved(|| on_device.to_host().unwrap());
+        assert_eq!((copies.to_host, copies.to_host_bytes), (1, 40));
+        assert_eq!(back.device(), Device::Cpu);
+        assert_eq!(back.to_vec::<f32>().unwrap(), vec![1.0; 10]);
+    }
+}
+
+#[test]
+fn ntxent_forward_and_backward_stay_on_the_device() {
+    for device in kernel_devices("ntxent_transfers") {
+        let mut rng = StdRng::seed_from_u64(1);
+        let z = device_matrix(&mut rng, ROWS, device);
+        let opts = NtXentOptions { temperature: 0.3 };
+        let out = stays("ntxent", device, || ntxent(&z, &opts).unwrap());
+        assert_eq!(out.grad_z.device(), device);
+        let (fwd, grad) = stays("ntxent_forward + ntxent_backward", device, || {
+            let fwd = ntxent_forward(&z, &opts).unwrap();
+            let grad = ntxent_backward(&z, &opts, &fwd.saved, 1.0).unwrap();
+            (fwd, grad)
+        });
+        assert_eq!(fwd.saved.lse.device(), device);
+        let reference = ntxent(&z.to_host().unwrap(), &opts).unwrap();
+        let want = reference.loss.to_scalar().unwrap();
+        for (what, loss) in [("one call", &out.loss), ("split", &fwd.loss)] {
+            let got = read_loss(what, device, loss);
+            assert!((got - want).abs() < 1e-4 * want, "{what}: {got} vs {want}");
+        }
+        close("ntxent grad_z", &out.grad_z, &reference.grad_z);
+        close("ntxent_backward grad_z", &grad, &reference.grad_z);
+    }
+}
+
+#[test]
+fn moco_forward_backward_and_queue_stay_on_the_device() {
+    for device in kernel_devices("moco_transfers") {
+        let mut rng = StdRng::seed_from_u64(2);
+        let (q, k) = (
+            device_matrix(&mut rng, ROWS, device),
+            device_matrix(&mut rng, ROWS, device),
+        );
+        let mut queue = device_matrix(&mut rng, 301, device);
+        let opts = MocoOptions { temperature: 0.2 };
+        let out = stays("moco", device, || moco(&q, &k, &queue, &opts).unwrap());
+        stays("moco_forward + moco_backward", device, || {
+            let fwd = moco_forward(&q, &k, &queue, &opts).unwrap();
+            moco_backward(&q, &k, &queue, &opts, &fwd.saved, 1.0).unwrap()
+        });
+        let reference = moco(
+            &q.to_host().unwrap(),
+            &k.to_host().unwrap(),
+            &queue.to_host().unwrap(),
+            &opts,
+        )
+        .unwrap();
+        let got = read_loss("moco", device, &out.loss);
+        let want = reference.loss.to_scalar().unwrap();
+        assert!((got - want).abs() < 1e-4 * want, "moco: {got} vs {want}");
+        close("moco grad_q", &out.grad_q, &reference.grad_q);
+
+        // The enqueue writes its N rows in place: nothing crosses, not even the N rows.
+        let mut host_queue = queue.to_host().unwrap();
+        let next = stays("moco_enqueue", device, || {
+            moco_enqueue(&mut queue, &k, 290).unwrap()
+        });
+        let want_next = moco_enqueue(&mut host_queue, &k.to_host().unwrap(), 290).unwrap();
+        assert_eq!(next, want_next);
+        close("moco_enqueue queue", &queue, &host_queue);
+    }
+}
+
+#[test]
+fn infonce_and_supcon_copy_only_their_host_index_lists() {
+    for device in kernel_devices("infonce_supcon_transfers") {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (q, k) = (
+            device_matrix(&mut rng, ROWS, device),
+            device_matrix(&mut rng, 45, device),
+        );
+        let positives = random_positives(&mut rng, ROWS, 45, false);
+        let opts = InfoNceOptions::default();
+        // The positives are a host slice: one copy of ROWS i32 per call, nothing else.
+        let (out, copies) = moved(|| infonce(&q, &k, &positives, &opts).unwrap());
+        assert_eq!(copies.to_host, 0, "infonce on {device}: {copies}");
+        assert_eq!(
+            (copies.to_device, copies.to_device_bytes),
+            (1, 4 * ROWS as u64),
+            "infonce on {device}: {copies}"
+        );
+        let reference = infonce(
+            &q.to_host().unwrap(),
+            &k.to_host().unwrap(),
+            &positives,
+            &opts,
+        )
+        .unwrap();
+        let got = read_loss("infonce", device, &out.loss);
+        let want = reference.loss.to_scalar().unwrap();
+        assert!((got - want).abs() < 1e-4 * want, "infonce: {got} vs {want}");
+        close("infonce grad_k", &out.grad_k, &reference.grad_k);
+
+        let features = device_matrix(&mut rng, 2 * 19, device)
+            .reshape(&[19, 2, DIM])
+            .unwrap();
+        let labels: Vec<i64> = (0..19).map(|i| i % 5).collect();
+        let sopts = SupConOptions::default();
+        // The class table: one class id and one weight per view.
+        let (out, copies) = moved(|| supcon(&features, &labels, &sopts).unwrap());
+        assert_eq!(copies.to_host, 0, "supcon on {device}: {copies}");
+        assert_eq!(copies.to_device, 2, "supcon on {device}: {copies}");
+        let reference = supcon(&features.to_host().unwrap(), &labels, &sopts).unwrap();
+        let got = read_loss("supcon", device, &out.loss);
+        let want = reference.loss.to_scalar().unwrap();
+        assert!((got - want).abs() < 1e-4 * want, "supcon: {got} vs {want}");
+    }
+}
+
+#[test]
+fn normalize_similarity_and_momentum_stay_on_the_device() {
+    for device in kernel_devices("elementwise_transfers") {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (a, b) = (
+            device_matrix(&mut rng, ROWS, device),
+            device_matrix(&mut rng, 27, device),
+        );
+        let y = stays("normalize", device, || normalize(&a).unwrap());
+        let grad_y = device_matrix(&mut rng, ROWS, device);
+        let dx = stays("normalize_backward", device, || {
+            normalize_backward(&a, &grad_y).unwrap()
+        });
+        let s = stays("similarity", device, || {
+            similarity(&a, &b, Similarity::Cosine).unwrap()
+        });
+        let host_a = a.to_host().unwrap();
+        close("normalize", &y, &normalize(&host_a).unwrap());
+        close(
+            "normalize_backward",
+            &dx,
+            &normalize_backward(&host_a, &grad_y.to_host().unwrap()).unwrap(),
+        );
+        close(
+            "similarity",
+            &s,
+            &similarity(&host_a, &b.to_host().unwrap(), Similarity::Cosine).unwrap(),
+        );
+
+        // In place in the device buffer; a clone made before keeps its values.
+        let mut theta_k = a.clone();
+        let before = theta_k.clone();
+        let theta_q = device_matrix(&mut rng, ROWS, device);
+        stays("momentum_update", device, || {
+            momentum_update(&mut theta_k, &theta_q, 0.9).unwrap()
+        });
+        let mut want = host_a.clone();
+        momentum_update(&mut want, &theta_q.to_host().unwrap(), 0.9).unwrap();
+        close("momentum_update", &theta_k, &want);
+        close("the clone taken before the update", &before, &host_a);
+    }
+}
+
+/// A NaN in a device-resident input is found on the device: the call returns, and reading any
+/// of its results is the error the CPU gives at the call.
+#[test]
+fn non_finite_device_inputs_are_errors_when_results_are_read() {
+    for device in kernel_devices("non_finite_device_inputs") {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut values = random_matrix(&mut rng, ROWS, DIM);
+        values[7 * DIM + 3] = f32::INFINITY;
+        let z = Tensor::from_vec(values, &[ROWS, DIM], device).unwrap();
+        let opts = NtXentOptions::default();
+        let want = ntxent(&z.to_host().unwrap(), &opts).unwrap_err();
+        let out = stays("ntxent on a NaN", device, || ntxent(&z, &opts).unwrap());
+        for (what, read) in [
+            ("loss", out.loss.to_scalar().map(|_| ())),
+            ("grad_z", out.grad_z.to_vec_f64().map(|_| ())),
+        ] {
+            let err = read.unwrap_err();
+            assert_eq!(err.to_string(), want.to_string(), "{what} on {device}");
+            assert!(
+                matches!(
+                    err,
+                    Error::NonFinite {
+                        op: "ntxent",
+                        arg: "z",
+                        row: 7,
+                        ..
+                    }
+                ),
+                "{what} on {device}: {err}"
+            );
+        }
+        let y = normalize(&z).unwrap();
+        let err = y.to_vec_f64().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::NonFinite {
+                    op: "normalize",
+                    arg: "x",
+                    row: 7,
+                    ..
+                }
+            ),
+            "{device}: {err}"
+        );
+    }
+}

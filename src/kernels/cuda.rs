@@ -50,6 +50,12 @@ unsafe impl DeviceRepr for ContraLossParams {}
 unsafe impl DeviceRepr for ContraFillParams {}
 unsafe impl DeviceRepr for ContraCastParams {}
 
+/// Whether the debug switch `CONTRA_SYNC_LAUNCHES=1` asks for a synchronised launch (each
+/// kernel's errors named at its launch).
+fn sync_launches_asked() -> bool {
+    std::env::var("CONTRA_SYNC_LAUNCHES").is_ok_and(|v| v == "1")
+}
+
 fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
 }
@@ -63,8 +69,9 @@ pub(crate) struct Cuda {
     /// cuBLAS on this GPU's stream, or `None` when libcublas cannot be loaded (the GEMMs then
     /// run our `nn_gemm_f32` kernel).
     blas: OnceLock<Option<CudaBlas>>,
-    /// Whether each launch waits for its kernel (the default: errors name the kernel that
-    /// failed); [`Backend::timed`] turns it off while it measures.
+    /// Whether each launch waits for its kernel, so that a failing kernel is named in the
+    /// error: off by default (launches are asynchronous, errors surface at the next read),
+    /// on with `CONTRA_SYNC_LAUNCHES=1`. [`Backend::timed`] turns it off while it measures.
     sync_launches: AtomicBool,
 }
 
@@ -100,7 +107,7 @@ impl Cuda {
             stream,
             modules: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
-            sync_launches: AtomicBool::new(true),
+            sync_launches: AtomicBool::new(sync_launches_asked()),
         });
         open.insert(ordinal, cuda.clone());
         Ok(cuda)
@@ -253,7 +260,7 @@ impl Backend for Cuda {
         let start = event()?;
         self.sync_launches.store(false, Ordering::Relaxed);
         let out = work();
-        self.sync_launches.store(true, Ordering::Relaxed);
+        self.sync_launches.store(sync_launches_asked(), Ordering::Relaxed);
         let end = event()?;
         // Surfaces any error of the launches left asynchronous.
         self.stream

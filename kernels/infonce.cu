@@ -303,7 +303,24 @@ __device__ void infonce_finish(const ContraInfonceFwdParams& p) {
     QueryRow::write_row_loss(p, row, max, sum, p.col_target[row]);
 }
 
+// CLIP's forward, last step: each column's lse from its state, and each row's share of the loss.
+__device__ void clip_columns(const ContraClipColumnsParams& p) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= p.rows) return;
+    const unsigned long long state = p.col_state[i];
+    const float max = __uint_as_float((unsigned)(state & 0xffffffffull));
+    const float sum = __uint_as_float((unsigned)(state >> 32));
+    const float col_lse = (max + log2f(sum)) * 0.69314718056f;
+    p.col_lse[i] = col_lse;
+    p.row_value[i] = 2.0f * p.row_loss[i] + col_lse - p.row_lse[i];
+}
+
 }  // namespace contra
+
+extern "C" __global__ void __launch_bounds__(256) clip_columns(const ContraClipColumnsParams p) {
+    contra::clip_columns(p);
+}
+INTERP_EXPORT(clip_columns, ContraClipColumnsParams)
 
 extern "C" __global__ void __launch_bounds__(256) infonce_finish(const ContraInfonceFwdParams p) {
     contra::infonce_finish(p);

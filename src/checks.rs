@@ -190,17 +190,26 @@ impl<'b, B: Backend> Recorder<'b, B> {
     /// The 0-d f64 loss `sum(row_loss) / divisor`, with every status word after it in its own
     /// buffer, and the checks to attach to the call's other results.
     pub fn finish_loss(
-        mut self,
+        self,
         row_loss: &B::Buf,
         divisor: f64,
         blame: &'static str,
     ) -> Result<(Tensor, Arc<Checks>)> {
+        self.finish_scalar("loss", row_loss, divisor, blame)
+    }
+
+    /// The 0-d f64 result `what` = `sum(values) / divisor` (a loss, the gradient of a learnable
+    /// scalar), with every status word after it, and the checks to attach to the other results.
+    pub fn finish_scalar(
+        mut self,
+        what: &'static str,
+        values: &B::Buf,
+        divisor: f64,
+        blame: &'static str,
+    ) -> Result<(Tensor, Arc<Checks>)> {
         let slots = self.slots.len();
-        let out = status::finish_loss(self.b, row_loss, divisor, &self.status, slots)?;
-        self.slots.push(Slot::Result {
-            what: "loss",
-            blame,
-        });
+        let out = status::finish_loss(self.b, values, divisor, &self.status, slots)?;
+        self.slots.push(Slot::Result { what, blame });
         let buf = Arc::new(self.b.adopt(out)?);
         let checks = Arc::new(Checks {
             op: self.op,

@@ -753,7 +753,7 @@ fn run_kind(
             check.scalar("loss", out.loss.to_scalar()?)?;
             check.tensor("grad_a", &out.grad_a)?;
             check.tensor("grad_b", &out.grad_b)?;
-            check.scalar("grad_log_scale", out.grad_log_scale)?;
+            check.scalar("grad_log_scale", out.grad_log_scale.to_scalar()?)?;
         }
         "moco" => {
             let (q, k) = (t("q")?, t("k")?);

@@ -218,8 +218,8 @@ pub struct Tensor {
     device: Device,
     dtype: DType,
     pub(crate) storage: Storage,
-    /// The finiteness checks of the op that made this tensor, verified when it is read.
-    checks: Option<Arc<Checks>>,
+    /// The finiteness checks of the op (or ops) that made this tensor, verified when it is read.
+    checks: Vec<Arc<Checks>>,
 }
 
 impl Tensor {
@@ -279,7 +279,7 @@ impl Tensor {
                 device,
                 dtype,
                 storage: Storage::Host { data, key },
-                checks: None,
+                checks: Vec::new(),
             });
         }
         check_available(device)?;
@@ -293,7 +293,7 @@ impl Tensor {
                 buf: Arc::new(buf),
                 key,
             },
-            checks: None,
+            checks: Vec::new(),
         })
     }
 
@@ -307,7 +307,7 @@ impl Tensor {
                 buf: Arc::new(buf),
                 key: fresh_key(),
             },
-            checks: None,
+            checks: Vec::new(),
         }
     }
 
@@ -327,22 +327,27 @@ impl Tensor {
                 buf,
                 key: fresh_key(),
             },
-            checks: Some(checks),
+            checks: vec![checks],
         }
+    }
+
+    /// The checks its reads verify.
+    pub(crate) fn checks(&self) -> &[Arc<Checks>] {
+        &self.checks
     }
 
     /// Replaces the checks of a device tensor written in place (the new ones cover its previous
     /// contents too).
     pub(crate) fn set_checks(&mut self, checks: &Arc<Checks>) {
         if self.device_buf().is_some() {
-            self.checks = Some(checks.clone());
+            self.checks = vec![checks.clone()];
         }
     }
 
-    /// The tensor, its reads verifying `checks` (the checks of the op that made it).
+    /// The tensor, its reads also verifying `checks` (the checks of the op that made it).
     pub(crate) fn with_checks(mut self, checks: &Arc<Checks>) -> Tensor {
         if self.device_buf().is_some() {
-            self.checks = Some(checks.clone());
+            self.checks.push(checks.clone());
         }
         self
     }
@@ -381,7 +386,7 @@ impl Tensor {
         };
         let words = buf.download_words()?;
         let (values, tail) = words.split_at(info.elem.words(info.count).min(words.len()));
-        if let Some(checks) = &self.checks {
+        for checks in &self.checks {
             checks.verify(checks.lives_in(buf).then_some(tail))?;
         }
         Ok(std::borrow::Cow::Owned(storage::decode(values, info)))

@@ -575,7 +575,10 @@ fn check_clip(device: Device) {
                     ("col_lse", fwd.saved.col_lse.to_vec_f64().unwrap()),
                     ("grad_a", grads.grad_a.to_vec_f64().unwrap()),
                     ("grad_b", grads.grad_b.to_vec_f64().unwrap()),
-                    ("grad_log_scale", vec![grads.grad_log_scale]),
+                    (
+                        "grad_log_scale",
+                        vec![grads.grad_log_scale.to_scalar().unwrap()],
+                    ),
                 ])
             });
         }

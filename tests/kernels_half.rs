@@ -215,7 +215,10 @@ fn half_clip_moco_supcon_match_cpu() {
                         ("loss", vec![out.loss.to_scalar().unwrap()]),
                         ("grad_a", out.grad_a.to_vec_f64().unwrap()),
                         ("grad_b", out.grad_b.to_vec_f64().unwrap()),
-                        ("grad_log_scale", vec![out.grad_log_scale]),
+                        (
+                            "grad_log_scale",
+                            vec![out.grad_log_scale.to_scalar().unwrap()],
+                        ),
                     ])
                 },
             );

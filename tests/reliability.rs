@@ -49,14 +49,22 @@ fn clip_scale_gradient_is_right_on_clustered_embeddings() {
         let reference = {
             let a = Tensor::from_vec(a.clone(), &[rows, dim], Device::Cpu).unwrap();
             let b = Tensor::from_vec(b.clone(), &[rows, dim], Device::Cpu).unwrap();
-            clip(&a, &b, scale.ln()).unwrap().grad_log_scale
+            clip(&a, &b, scale.ln())
+                .unwrap()
+                .grad_log_scale
+                .to_scalar()
+                .unwrap()
         };
         println!("shared centre {shared_centre}: f64 grad_log_scale {reference:e}");
         for device in devices("clip_scale_gradient") {
             let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
             let a = Tensor::from_vec(to_f32(&a), &[rows, dim], device).unwrap();
             let b = Tensor::from_vec(to_f32(&b), &[rows, dim], device).unwrap();
-            let got = clip(&a, &b, scale.ln()).unwrap().grad_log_scale;
+            let got = clip(&a, &b, scale.ln())
+                .unwrap()
+                .grad_log_scale
+                .to_scalar()
+                .unwrap();
             let err = (got - reference).abs();
             println!("  {device}: {got:e}, error {err:.2e} (bound {bound:.2e})");
             assert!(err < bound, "{device}: {got:e} vs f64 {reference:e}");
@@ -189,7 +197,7 @@ fn grad_loss_and_log_scale_beyond_f32_are_errors_naming_them() {
         assert!(err.to_string().contains("`log_scale`"), "{device}: {err}");
         let finite = |o: &ClipOutput| {
             Ok(o.loss.to_scalar()?.is_finite()
-                && o.grad_log_scale.is_finite()
+                && o.grad_log_scale.to_scalar()?.is_finite()
                 && all_finite(&o.grad_a)?
                 && all_finite(&o.grad_b)?)
         };

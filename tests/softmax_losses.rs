@@ -228,9 +228,14 @@ fn grad_clip() {
     let num_ls = numeric_grad(|x| loss_at(&a, &b, x[0]), &[ls]);
     assert_close(&v64(&out.grad_a), &num_a, FD_TOL, "clip grad_a");
     assert_close(&v64(&out.grad_b), &num_b, FD_TOL, "clip grad_b");
-    assert_scalar_close(out.grad_log_scale, num_ls[0], FD_TOL, "clip grad_log_scale");
+    assert_scalar_close(
+        out.grad_log_scale.to_scalar().unwrap(),
+        num_ls[0],
+        FD_TOL,
+        "clip grad_log_scale",
+    );
     assert!(
-        out.grad_log_scale.abs() > 1e-3,
+        out.grad_log_scale.to_scalar().unwrap().abs() > 1e-3,
         "degenerate check: d loss / d log_scale is ~0"
     );
 }
@@ -793,8 +798,8 @@ fn f32_matches_f64_clip_moco_supcon() {
         "clip f32 grad_b",
     );
     assert_scalar_close(
-        lo.grad_log_scale,
-        hi.grad_log_scale,
+        lo.grad_log_scale.to_scalar().unwrap(),
+        hi.grad_log_scale.to_scalar().unwrap(),
         F32_TOL,
         "clip f32 grad_log_scale",
     );

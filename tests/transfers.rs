@@ -140,6 +140,41 @@ fn moco_forward_backward_and_queue_stay_on_the_device() {
 }
 
 #[test]
+fn clip_forward_and_backward_stay_on_the_device() {
+    for device in kernel_devices("clip_transfers") {
+        let mut rng = StdRng::seed_from_u64(6);
+        let (a, b) = (
+            device_matrix(&mut rng, ROWS, device),
+            device_matrix(&mut rng, ROWS, device),
+        );
+        let log_scale = 2.3;
+        let out = stays("clip", device, || clip(&a, &b, log_scale).unwrap());
+        let grads = stays("clip_forward + clip_backward", device, || {
+            let fwd = clip_forward(&a, &b, log_scale).unwrap();
+            clip_backward(&a, &b, log_scale, &fwd.saved, 1.0).unwrap()
+        });
+        let reference = clip(&a.to_host().unwrap(), &b.to_host().unwrap(), log_scale).unwrap();
+        let got = read_loss("clip", device, &out.loss);
+        let want = reference.loss.to_scalar().unwrap();
+        assert!((got - want).abs() < 1e-4 * want, "clip: {got} vs {want}");
+        let want = reference.grad_log_scale.to_scalar().unwrap();
+        for (what, g) in [
+            ("one call", &out.grad_log_scale),
+            ("split", &grads.grad_log_scale),
+        ] {
+            assert_eq!(g.device(), device);
+            let got = g.to_scalar().unwrap();
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs(),
+                "{what}: {got} vs {want}"
+            );
+        }
+        close("clip grad_b", &out.grad_b, &reference.grad_b);
+        close("clip_backward grad_a", &grads.grad_a, &reference.grad_a);
+    }
+}
+
+#[test]
 fn infonce_and_supcon_copy_only_their_host_index_lists() {
     for device in kernel_devices("infonce_supcon_transfers") {
         let mut rng = StdRng::seed_from_u64(3);

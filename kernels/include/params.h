@@ -344,6 +344,19 @@ typedef struct ContraBaselineParams {
     float grad_scale;
 } ContraBaselineParams;
 
+/* clip_columns (one thread per row / column i < rows): col_lse[i] = the natural log-sum-exp of
+ * column i from its packed {max, sum} state in log2 units (see ContraInfonceFwdParams), and
+ * row_value[i] = 2 row_loss[i] + col_lse[i] - row_lse[i], whose sum over 2 rows is CLIP's loss
+ * (row_lse[i] - row_loss[i] is the diagonal logit). */
+typedef struct ContraClipColumnsParams {
+    const unsigned long long* col_state;
+    const float* row_lse;
+    const float* row_loss;
+    float* col_lse;
+    float* row_value;
+    int rows;
+} ContraClipColumnsParams;
+
 /* nonfinite_rows: status[slot] = min(status[slot], r) for the first row r of x (`row_len`
  * elements per row, `len` elements in all) holding a NaN or an infinity; status[slot] is left
  * as it is when every element is finite. x has the kernel's type (f32, bf16, f16). */

@@ -143,6 +143,11 @@ impl<B: Backend> Backend for Counted<B> {
     }
 }
 
+/// The sum of per-row values, copied to the host and summed there in f64.
+fn host_sum<B: Backend>(b: &B, values: &B::Buf) -> Result<f64> {
+    Ok(b.download(values)?.iter().map(|&v| v as f64).sum())
+}
+
 /// One input set on the device.
 struct DeviceSet<B: Backend> {
     /// The f32 tensors of the case, in input order.
@@ -304,7 +309,7 @@ impl<B: Backend> KernelRunner<B> {
                     symmetric: ntxent,
                 };
                 let (row_loss, lse) = problem.forward(b)?;
-                let loss = kernels::host_sum(b, &row_loss)? / n as f64;
+                let loss = host_sum(b, &row_loss)? / n as f64;
                 if !bwd {
                     return Ok(loss_only(loss));
                 }
@@ -323,11 +328,12 @@ impl<B: Backend> KernelRunner<B> {
                     dim: d,
                     log_scale: cases::clip_log_scale(),
                 };
-                let (loss, lse) = problem.forward(b)?;
+                let fwd = problem.forward(b)?;
+                let loss = host_sum(b, &fwd.row_value)? / problem.divisor();
                 if !bwd {
                     return Ok(loss_only(loss));
                 }
-                let (da, _, _) = problem.backward(b, &lse.rows, &lse.cols, 1.0)?;
+                let (da, _, _) = problem.backward(b, &fwd.row_lse, &fwd.col_lse, 1.0)?;
                 Ok(Outcome {
                     check: loss,
                     grad_check: self.grad(&da, check)?,
@@ -344,7 +350,7 @@ impl<B: Backend> KernelRunner<B> {
                     temperature: cases::MOCO_TAU,
                 };
                 let (row_loss, lse) = problem.forward(b)?;
-                let loss = kernels::host_sum(b, &row_loss)? / n as f64;
+                let loss = host_sum(b, &row_loss)? / n as f64;
                 if !bwd {
                     return Ok(loss_only(loss));
                 }
@@ -369,7 +375,7 @@ impl<B: Backend> KernelRunner<B> {
                     base_temperature: cases::SUPCON_TAU.1,
                 };
                 let (row_loss, lse) = problem.forward(b)?;
-                let loss = kernels::host_sum(b, &row_loss)? / problem.divisor();
+                let loss = host_sum(b, &row_loss)? / problem.divisor();
                 if !bwd {
                     return Ok(loss_only(loss));
                 }

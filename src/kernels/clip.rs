@@ -4,7 +4,8 @@
 //! and also returns the gradient of `log_scale`.
 
 use super::infonce::{empty_lse_states, fused_forward, row_dots, BackwardPass, Softmax};
-use super::{blocks_for, host_sum, normalize, Backend};
+use super::params::ContraClipColumnsParams;
+use super::{blocks_for, extent, handles, normalize, Backend, Launch};
 use crate::Result;
 
 /// Rows per block of the InfoNCE kernels.
@@ -21,10 +22,12 @@ pub(crate) struct Clip<'a, B: Backend> {
     pub log_scale: f64,
 }
 
-/// The forward's saved state: row and column log-sum-exp.
-pub(crate) struct ClipLse<Buf> {
-    pub rows: Buf,
-    pub cols: Vec<f32>,
+/// What the forward leaves on the device.
+pub(crate) struct ClipForward<Buf> {
+    /// Per-row shares of the loss: the loss is their sum over `2 rows`.
+    pub row_value: Buf,
+    pub row_lse: Buf,
+    pub col_lse: Buf,
 }
 
 impl<B: Backend> Clip<'_, B> {
@@ -58,8 +61,9 @@ impl<B: Backend> Clip<'_, B> {
         }
     }
 
-    /// The loss `(CE(logits, diag) + CE(logits^T, diag)) / 2` and both log-sum-exps.
-    pub fn forward(&self, b: &B) -> Result<(f64, ClipLse<B::Buf>)> {
+    /// The loss `(CE(logits, diag) + CE(logits^T, diag)) / 2` (as per-row shares) and both
+    /// log-sum-exps.
+    pub fn forward(&self, b: &B) -> Result<ClipForward<B::Buf>> {
         let (an, bn) = self.normalized(b)?;
         let col_state = empty_lse_states(b, self.rows)?;
         let (row_loss, row_lse) = fused_forward(
@@ -70,40 +74,45 @@ impl<B: Backend> Clip<'_, B> {
             None,
             Some(&col_state),
         )?;
-        let row_mean = host_sum(b, &row_loss)? / self.rows as f64;
-        let state = b.download(&col_state)?;
-        // The kernels keep the column states in log2 units.
-        let cols: Vec<f32> = state
-            .chunks(2)
-            .map(|pair| (pair[0] + pair[1].log2()) * std::f32::consts::LN_2)
-            .collect();
-        // sum_i (row_lse_i - l_ii) = rows * row_mean, and the diagonal logits follow from it:
-        // sum_i l_ii = sum_i row_lse_i - rows * row_mean.
-        let n = self.rows as f64;
-        let row_lse_sum: f64 = b.download(&row_lse)?.iter().map(|&v| v as f64).sum();
-        let diagonal_sum = row_lse_sum - n * row_mean;
-        let col_lse_sum: f64 = cols.iter().map(|&v| v as f64).sum();
-        let loss = (n * row_mean + col_lse_sum - diagonal_sum) / (2.0 * n);
-        Ok((
-            loss,
-            ClipLse {
-                rows: row_lse,
-                cols,
-            },
-        ))
+        let col_lse = b.output("col_lse", self.rows)?;
+        let row_value = b.output("row_value", self.rows)?;
+        let params = ContraClipColumnsParams {
+            col_state: b.ptr(&col_state).cast(),
+            row_lse: b.ptr(&row_lse).cast(),
+            row_loss: b.ptr(&row_loss).cast(),
+            col_lse: b.ptr(&col_lse).cast(),
+            row_value: b.ptr(&row_value).cast(),
+            rows: extent("rows", self.rows)?,
+        };
+        b.launch(
+            handles::CLIP_COLUMNS,
+            Launch::linear(blocks_for(self.rows, 256), 256),
+            &params,
+            &[&col_lse, &row_value],
+        )?;
+        Ok(ClipForward {
+            row_value,
+            row_lse,
+            col_lse,
+        })
     }
 
-    /// Gradients of `grad_loss * loss` with respect to a, b and `log_scale`.
+    /// What the sum of the per-row shares is divided by.
+    pub fn divisor(&self) -> f64 {
+        2.0 * self.rows as f64
+    }
+
+    /// Gradients of `grad_loss * loss` with respect to a and b, and the per-block partials of
+    /// the gradient of `log_scale` (it is their sum).
     pub fn backward(
         &self,
         b: &B,
         row_lse: &B::Buf,
-        col_lse: &[f32],
+        col_lse: &B::Buf,
         grad_loss: f64,
-    ) -> Result<(B::Buf, B::Buf, f64)> {
+    ) -> Result<(B::Buf, B::Buf, B::Buf)> {
         let (an, bn) = self.normalized(b)?;
-        let col_lse = b.upload("col_lse", col_lse)?;
-        let softmax = self.softmax(&an, &bn, Some(&col_lse));
+        let softmax = self.softmax(&an, &bn, Some(col_lse));
         let grad_scale = (grad_loss / (2 * self.rows) as f64) as f32;
         let partial = b.output("log_scale_partial", blocks_for(self.rows, TILE))?;
         let diag_dot = row_dots(b, &an, &bn, self.rows, self.dim)?;
@@ -117,11 +126,10 @@ impl<B: Backend> Clip<'_, B> {
             log_scale_partial: Some((&partial, &diag_dot)),
         };
         pass.both_sides(b, &softmax, &grad_an, &grad_bn)?;
-        let grad_log_scale: f64 = b.download(&partial)?.iter().map(|&v| v as f64).sum();
         Ok((
             normalize::backward(b, self.a, &grad_an, self.rows, self.dim)?,
             normalize::backward(b, self.b, &grad_bn, self.rows, self.dim)?,
-            grad_log_scale,
+            partial,
         ))
     }
 }

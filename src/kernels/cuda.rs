@@ -46,6 +46,7 @@ unsafe impl DeviceRepr for ContraBatchNormFwdParams {}
 unsafe impl DeviceRepr for ContraBatchNormBwdParams {}
 unsafe impl DeviceRepr for ContraBaselineParams {}
 unsafe impl DeviceRepr for ContraScanParams {}
+unsafe impl DeviceRepr for ContraClipColumnsParams {}
 unsafe impl DeviceRepr for ContraLossParams {}
 unsafe impl DeviceRepr for ContraFillParams {}
 unsafe impl DeviceRepr for ContraCastParams {}
@@ -260,7 +261,8 @@ impl Backend for Cuda {
         let start = event()?;
         self.sync_launches.store(false, Ordering::Relaxed);
         let out = work();
-        self.sync_launches.store(sync_launches_asked(), Ordering::Relaxed);
+        self.sync_launches
+            .store(sync_launches_asked(), Ordering::Relaxed);
         let end = event()?;
         // Surfaces any error of the launches left asynchronous.
         self.stream

@@ -127,6 +127,7 @@ impl KernelParams for params::ContraBatchNormFwdParams {}
 impl KernelParams for params::ContraBatchNormBwdParams {}
 impl KernelParams for params::ContraBaselineParams {}
 impl KernelParams for params::ContraScanParams {}
+impl KernelParams for params::ContraClipColumnsParams {}
 impl KernelParams for params::ContraLossParams {}
 impl KernelParams for params::ContraFillParams {}
 impl KernelParams for params::ContraCastParams {}
@@ -324,12 +325,6 @@ pub(crate) trait Backend {
             other => other.to_vec(),
         })
     }
-}
-
-/// The sum of a buffer of f32 values, copied to the host and summed there in f64 (where a
-/// result is still formed on the host).
-pub(crate) fn host_sum<B: Backend>(b: &B, values: &B::Buf) -> Result<f64> {
-    Ok(b.download(values)?.iter().map(|&v| v as f64).sum())
 }
 
 /// A kernel operand: a device-resident tensor's own buffer, or a copy made for this call.

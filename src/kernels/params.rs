@@ -876,6 +876,43 @@ impl Default for ContraBaselineParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct ContraClipColumnsParams {
+    pub col_state: *const ::std::os::raw::c_ulonglong,
+    pub row_lse: *const f32,
+    pub row_loss: *const f32,
+    pub col_lse: *mut f32,
+    pub row_value: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraClipColumnsParams"][::std::mem::size_of::<ContraClipColumnsParams>() - 48usize];
+    ["Alignment of ContraClipColumnsParams"]
+        [::std::mem::align_of::<ContraClipColumnsParams>() - 8usize];
+    ["Offset of field: ContraClipColumnsParams::col_state"]
+        [::std::mem::offset_of!(ContraClipColumnsParams, col_state) - 0usize];
+    ["Offset of field: ContraClipColumnsParams::row_lse"]
+        [::std::mem::offset_of!(ContraClipColumnsParams, row_lse) - 8usize];
+    ["Offset of field: ContraClipColumnsParams::row_loss"]
+        [::std::mem::offset_of!(ContraClipColumnsParams, row_loss) - 16usize];
+    ["Offset of field: ContraClipColumnsParams::col_lse"]
+        [::std::mem::offset_of!(ContraClipColumnsParams, col_lse) - 24usize];
+    ["Offset of field: ContraClipColumnsParams::row_value"]
+        [::std::mem::offset_of!(ContraClipColumnsParams, row_value) - 32usize];
+    ["Offset of field: ContraClipColumnsParams::rows"]
+        [::std::mem::offset_of!(ContraClipColumnsParams, rows) - 40usize];
+};
+impl Default for ContraClipColumnsParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct ContraScanParams {
     pub x: *const ::std::os::raw::c_void,
     pub status: *mut ::std::os::raw::c_int,

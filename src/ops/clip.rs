@@ -2,10 +2,12 @@
 //! `logits = exp(log_scale) * cos(a_i, b_j)`, `loss = (CE(logits, diag) + CE(logits^T, diag)) / 2`.
 
 use super::{
-    check_finite, check_finite_scalar, check_grad_loss, check_result, check_scalar_result,
-    compute_dtype, expect_shape, host_loss, kernel_output, kernel_state, matrix_dims, output_like,
-    same_place, state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
+    attach_loss_checks, check_finite_scalar, check_grad_loss, check_host_finite, check_result,
+    check_scalar_result, compute_dtype, expect_shape, host_loss, kernel_grads, kernel_state,
+    matrix_dims, output_like, same_place, state_like, upload_f32, upload_features, values,
+    with_cpu_real, Fingerprint, Origin,
 };
+use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, DType, Error, Result, Tensor};
 
@@ -29,7 +31,7 @@ pub struct ClipSaved {
 /// Loss and saved state of [`clip_forward`].
 #[derive(Clone, Debug)]
 pub struct ClipForward {
-    /// The loss, a 0-d f64 tensor on a\'s device.
+    /// The loss, a 0-d f64 tensor on a's device.
     pub loss: Tensor,
     pub saved: ClipSaved,
 }
@@ -39,17 +41,19 @@ pub struct ClipForward {
 pub struct ClipGrads {
     pub grad_a: Tensor,
     pub grad_b: Tensor,
-    pub grad_log_scale: f64,
+    /// The gradient of the learnable `log_scale`, a 0-d f64 tensor on a's device.
+    pub grad_log_scale: Tensor,
 }
 
 /// Loss and gradients of [`clip`].
 #[derive(Clone, Debug)]
 pub struct ClipOutput {
-    /// The loss, a 0-d f64 tensor on a\'s device.
+    /// The loss, a 0-d f64 tensor on a's device.
     pub loss: Tensor,
     pub grad_a: Tensor,
     pub grad_b: Tensor,
-    pub grad_log_scale: f64,
+    /// The gradient of the learnable `log_scale`, a 0-d f64 tensor on a's device.
+    pub grad_log_scale: Tensor,
 }
 
 /// Validates the inputs (errors named after `op`) and returns `(rows, dim)`.
@@ -66,8 +70,8 @@ fn validate(op: &'static str, a: &Tensor, b: &Tensor, log_scale: f64) -> Result<
         ));
     }
     check_log_scale(op, log_scale, compute_dtype(a.device(), a.dtype()))?;
-    check_finite(op, "a", a)?;
-    check_finite(op, "b", b)?;
+    check_host_finite(op, "a", a)?;
+    check_host_finite(op, "b", b)?;
     Ok((rows, dim))
 }
 
@@ -116,41 +120,46 @@ fn problem<'a, T>(
 /// and column log-sum-exp for [`clip_backward`].
 pub fn clip_forward(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipForward> {
     let dims = validate(OP, a, b, log_scale)?;
-    let (loss, row_lse, col_lse) = forward_checked(a, b, log_scale, dims)?;
-    let origin = origin(a, b, log_scale);
-    Ok(ClipForward {
-        loss: host_loss(loss, a.device())?,
-        saved: ClipSaved {
-            row_lse,
-            col_lse,
-            origin,
-        },
-    })
+    run_on_kernels!(a.device(), k => {
+        let origin = origin(a, b, log_scale);
+        let mut rec = Recorder::new(k, OP)?;
+        let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0)?;
+        let problem = inputs.problem(dims, log_scale);
+        let fwd = problem.forward(k)?;
+        rec.result("row_lse", BLAME, &fwd.row_lse, 1)?;
+        rec.result("col_lse", BLAME, &fwd.col_lse, 1)?;
+        let (loss, checks) = rec.finish_loss(&fwd.row_value, problem.divisor(), BLAME)?;
+        let row_lse = kernel_state(k, fwd.row_lse, &[dims.0])?.with_checks(&checks);
+        let col_lse = kernel_state(k, fwd.col_lse, &[dims.0])?.with_checks(&checks);
+        Ok(ClipForward { loss, saved: ClipSaved { row_lse, col_lse, origin } })
+    });
+    clip_forward_cpu(a, b, log_scale, dims)
 }
 
-/// The loss and the row and column log-sum-exp, on validated inputs, checked finite.
-fn forward_checked(
+/// The forward on the CPU, its results checked finite.
+fn clip_forward_cpu(
     a: &Tensor,
     b: &Tensor,
     log_scale: f64,
     dims: (usize, usize),
-) -> Result<(f64, Tensor, Tensor)> {
-    let (loss, row_lse, col_lse) = (|| {
-        run_on_kernels!(a.device(), k => {
-            let inputs = KernelInputs::upload(k, a, b, dims.0)?;
-            let (loss, lse) = inputs.problem(dims, log_scale).forward(k)?;
-            Ok((loss, kernel_state(k, lse.rows, &[dims.0])?, state_like(a, lse.cols, &[dims.0])?))
-        });
-        with_cpu_real!(a.dtype(), T => {
-            let (av, bv) = (values::<T>(a)?, values::<T>(b)?);
-            let (loss, row_lse, col_lse) = problem(&av, &bv, dims, log_scale).forward();
-            Ok((loss, state_like(a, row_lse, &[dims.0])?, state_like(a, col_lse, &[dims.0])?))
-        })
-    })()?;
+) -> Result<ClipForward> {
+    let (loss, row_lse, col_lse) = with_cpu_real!(a.dtype(), T => {
+        let (av, bv) = (values::<T>(a)?, values::<T>(b)?);
+        let (loss, row_lse, col_lse) = problem(&av, &bv, dims, log_scale).forward();
+        (loss, state_like(a, row_lse, &[dims.0])?, state_like(a, col_lse, &[dims.0])?)
+    });
     check_scalar_result(OP, "loss", loss, BLAME)?;
     check_result(OP, "row_lse", &row_lse, BLAME)?;
     check_result(OP, "col_lse", &col_lse, BLAME)?;
-    Ok((loss, row_lse, col_lse))
+    let saved = ClipSaved {
+        row_lse,
+        col_lse,
+        origin: origin(a, b, log_scale),
+    };
+    Ok(ClipForward {
+        loss: host_loss(loss, a.device())?,
+        saved,
+    })
 }
 
 /// Backward of the CLIP loss: gradients of `grad_loss * loss` with respect to `a`, `b` and
@@ -168,33 +177,37 @@ pub fn clip_backward(
         ("saved.col_lse", &saved.col_lse),
     ] {
         expect_shape(BACKWARD, arg, lse, &[dims.0])?;
-        check_finite(BACKWARD, arg, lse)?;
+        check_host_finite(BACKWARD, arg, lse)?;
     }
     saved.origin.check(BACKWARD, &origin(a, b, log_scale))?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(a.device(), a.dtype()))?;
-    let lse = (&saved.row_lse, &saved.col_lse);
-    backward_checked(BACKWARD, a, b, log_scale, lse, grad_loss, dims)
+    run_on_kernels!(a.device(), k => {
+        let mut rec = Recorder::new(k, BACKWARD)?;
+        let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0)?;
+        let row_lse = upload_f32(k, "saved.row_lse", &saved.row_lse)?;
+        rec.input("saved.row_lse", &saved.row_lse, &row_lse)?;
+        let col_lse = upload_f32(k, "saved.col_lse", &saved.col_lse)?;
+        rec.input("saved.col_lse", &saved.col_lse, &col_lse)?;
+        let (ga, gb, partial) = inputs.problem(dims, log_scale).backward(k, &row_lse, &col_lse, grad_loss)?;
+        let finish = |rec: Recorder<'_, _>| rec.finish_scalar("grad_log_scale", &partial, 1.0, BLAME);
+        let (grad_log_scale, [grad_a, grad_b]) = kernel_grads(k, rec, [("grad_a", ga, a), ("grad_b", gb, b)], BLAME, finish)?;
+        Ok(ClipGrads { grad_a, grad_b, grad_log_scale })
+    });
+    cpu_grads(
+        BACKWARD,
+        a,
+        b,
+        log_scale,
+        (&saved.row_lse, &saved.col_lse),
+        grad_loss,
+        dims,
+    )
 }
 
-/// The gradients on validated inputs, checked finite (errors named after `op`).
-fn backward_checked(
+/// The gradients on the CPU from the forward's log-sum-exps, checked finite (errors named after
+/// `op`).
+fn cpu_grads(
     op: &'static str,
-    a: &Tensor,
-    b: &Tensor,
-    log_scale: f64,
-    lse: (&Tensor, &Tensor),
-    grad_loss: f64,
-    dims: (usize, usize),
-) -> Result<ClipGrads> {
-    let grads = backward_unchecked(a, b, log_scale, lse, grad_loss, dims)?;
-    check_result(op, "grad_a", &grads.grad_a, BLAME)?;
-    check_result(op, "grad_b", &grads.grad_b, BLAME)?;
-    check_scalar_result(op, "grad_log_scale", grads.grad_log_scale, BLAME)?;
-    Ok(grads)
-}
-
-/// The backward on validated inputs.
-fn backward_unchecked(
     a: &Tensor,
     b: &Tensor,
     log_scale: f64,
@@ -202,29 +215,19 @@ fn backward_unchecked(
     grad_loss: f64,
     dims: (usize, usize),
 ) -> Result<ClipGrads> {
-    run_on_kernels!(a.device(), k => {
-        let inputs = KernelInputs::upload(k, a, b, dims.0)?;
-        let row_lse = k.upload("row_lse", &values::<f32>(row_lse)?)?;
-        let col_lse = values::<f32>(col_lse)?;
-        let (grad_a, grad_b, grad_log_scale) = inputs.problem(dims, log_scale).backward(k, &row_lse, &col_lse, grad_loss)?;
-        Ok(ClipGrads {
-            grad_a: kernel_output(k, a, grad_a, a.shape())?,
-            grad_b: kernel_output(k, b, grad_b, b.shape())?,
-            grad_log_scale,
-        })
-    });
-    with_cpu_real!(a.dtype(), T => {
+    let (grad_a, grad_b, grad_log_scale) = with_cpu_real!(a.dtype(), T => {
         let (av, bv) = (values::<T>(a)?, values::<T>(b)?);
-        let grads = problem(&av, &bv, dims, log_scale).backward(
-            &row_lse.to_vec_f64()?,
-            &col_lse.to_vec_f64()?,
-            grad_loss,
-        );
-        Ok(ClipGrads {
-            grad_a: output_like(a, grads.a, a.shape())?,
-            grad_b: output_like(b, grads.b, b.shape())?,
-            grad_log_scale: grads.log_scale,
-        })
+        let (row_lse, col_lse) = (row_lse.to_vec_f64()?, col_lse.to_vec_f64()?);
+        let grads = problem(&av, &bv, dims, log_scale).backward(&row_lse, &col_lse, grad_loss);
+        (output_like(a, grads.a, a.shape())?, output_like(b, grads.b, b.shape())?, grads.log_scale)
+    });
+    check_result(op, "grad_a", &grad_a, BLAME)?;
+    check_result(op, "grad_b", &grad_b, BLAME)?;
+    check_scalar_result(op, "grad_log_scale", grad_log_scale, BLAME)?;
+    Ok(ClipGrads {
+        grad_a,
+        grad_b,
+        grad_log_scale: host_loss(grad_log_scale, a.device())?,
     })
 }
 
@@ -241,16 +244,32 @@ fn backward_unchecked(
 /// assert!(loss > 0.0 && loss < 2f64.ln());
 /// assert_eq!(out.grad_a.shape(), &[2, 2]);
 /// // The pairs already match, so a larger scale (lower temperature) lowers the loss.
-/// assert!(out.grad_log_scale < 0.0);
+/// assert!(out.grad_log_scale.to_scalar()? < 0.0);
 /// # Ok::<(), contra::Error>(())
 /// ```
 pub fn clip(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipOutput> {
     // Validated once; no saved state to fingerprint or verify.
     let dims = validate(OP, a, b, log_scale)?;
-    let (loss, row_lse, col_lse) = forward_checked(a, b, log_scale, dims)?;
-    let grads = backward_checked(OP, a, b, log_scale, (&row_lse, &col_lse), 1.0, dims)?;
+    run_on_kernels!(a.device(), k => {
+        let mut rec = Recorder::new(k, OP)?;
+        let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0)?;
+        let problem = inputs.problem(dims, log_scale);
+        let fwd = problem.forward(k)?;
+        rec.result("row_lse", BLAME, &fwd.row_lse, 1)?;
+        rec.result("col_lse", BLAME, &fwd.col_lse, 1)?;
+        let (ga, gb, partial) = problem.backward(k, &fwd.row_lse, &fwd.col_lse, 1.0)?;
+        // Its own buffer, whose reads also verify the call's checks (attached below).
+        let (grad_log_scale, _) = Recorder::new(k, OP)?.finish_scalar("grad_log_scale", &partial, 1.0, BLAME)?;
+        let finish = |rec: Recorder<'_, _>| rec.finish_loss(&fwd.row_value, problem.divisor(), BLAME);
+        let (loss, [grad_a, grad_b]) = kernel_grads(k, rec, [("grad_a", ga, a), ("grad_b", gb, b)], BLAME, finish)?;
+        let grad_log_scale = attach_loss_checks(grad_log_scale, &loss);
+        Ok(ClipOutput { loss, grad_a, grad_b, grad_log_scale })
+    });
+    let fwd = clip_forward_cpu(a, b, log_scale, dims)?;
+    let lse = (&fwd.saved.row_lse, &fwd.saved.col_lse);
+    let grads = cpu_grads(OP, a, b, log_scale, lse, 1.0, dims)?;
     Ok(ClipOutput {
-        loss: host_loss(loss, a.device())?,
+        loss: fwd.loss,
         grad_a: grads.grad_a,
         grad_b: grads.grad_b,
         grad_log_scale: grads.grad_log_scale,
@@ -265,13 +284,23 @@ struct KernelInputs<'t, B: Backend> {
 }
 
 impl<'t, B: Backend> KernelInputs<'t, B> {
-    fn upload(k: &B, a: &'t Tensor, b: &'t Tensor, rows: usize) -> Result<Self> {
-        let diagonal: Vec<i32> = (0..rows as i32).collect();
-        Ok(KernelInputs {
+    /// a and b where they are (copied in from the host), their scans recorded; the diagonal
+    /// `i -> i` built on the device.
+    fn new(
+        k: &B,
+        rec: &mut Recorder<'_, B>,
+        a: &'t Tensor,
+        b: &'t Tensor,
+        rows: usize,
+    ) -> Result<Self> {
+        let inputs = KernelInputs {
             a: upload_features(k, "a", a)?,
             b: upload_features(k, "b", b)?,
-            diagonal: k.upload_i32("diagonal", &diagonal)?,
-        })
+            diagonal: kernels::elementwise::index_ring(k, rows, 0)?,
+        };
+        rec.input("a", a, &inputs.a)?;
+        rec.input("b", b, &inputs.b)?;
+        Ok(inputs)
     }
 
     fn problem(&self, (rows, dim): (usize, usize), log_scale: f64) -> kernels::clip::Clip<'_, B> {

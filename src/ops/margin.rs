@@ -30,7 +30,7 @@ impl Default for MarginOptions {
 /// Loss and gradients of [`margin_loss`].
 #[derive(Clone, Debug)]
 pub struct MarginOutput {
-    /// The mean loss, a 0-d f64 tensor on x1\'s device.
+    /// The mean loss, a 0-d f64 tensor on x1's device.
     pub loss: Tensor,
     pub grad_x1: Tensor,
     pub grad_x2: Tensor,

@@ -387,6 +387,13 @@ pub(crate) fn kernel_grads<'b, B: Backend, L, const N: usize>(
     Ok((out, grads))
 }
 
+/// `t` (a second scalar result of a call) whose reads also verify the checks `loss` carries.
+pub(crate) fn attach_loss_checks(t: Tensor, loss: &Tensor) -> Tensor {
+    loss.checks()
+        .iter()
+        .fold(t, |t, checks| t.with_checks(checks))
+}
+
 /// Rejects a temperature that is not finite and positive.
 pub(crate) fn check_temperature(op: &'static str, arg: &'static str, tau: f64) -> Result<()> {
     if tau.is_finite() && tau > 0.0 {

@@ -22,7 +22,7 @@ const BLAME: &str = "the scores or `grad_loss` are too large for the compute pre
 /// Loss and gradients of [`nce`].
 #[derive(Clone, Debug)]
 pub struct NceOutput {
-    /// The mean loss, a 0-d f64 tensor on the inputs\' device.
+    /// The mean loss, a 0-d f64 tensor on the inputs' device.
     pub loss: Tensor,
     pub grad_s_pos: Tensor,
     pub grad_s_neg: Tensor,

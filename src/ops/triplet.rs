@@ -63,7 +63,7 @@ pub struct TripletSaved {
 /// Result of [`triplet_forward`].
 #[derive(Clone, Debug)]
 pub struct TripletForward {
-    /// The loss, a 0-d f64 tensor on x\'s device.
+    /// The loss, a 0-d f64 tensor on x's device.
     pub loss: Tensor,
     /// batch_all: triplets with a positive loss; batch_hard: anchors with a positive and a
     /// negative; semi_hard: positive pairs whose anchor has a negative.
@@ -75,7 +75,7 @@ pub struct TripletForward {
 /// Loss, gradient and counts of [`triplet`].
 #[derive(Clone, Debug)]
 pub struct TripletOutput {
-    /// The loss, a 0-d f64 tensor on x\'s device.
+    /// The loss, a 0-d f64 tensor on x's device.
     pub loss: Tensor,
     pub count: u64,
     pub stats: TripletStats,

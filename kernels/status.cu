@@ -26,11 +26,20 @@ __device__ void nonfinite_rows(const ContraScanParams& p) {
 
 constexpr int kLossThreads = 256;
 
+// Row i's term of the loss: the value itself, or the margin loss of a pair's scaled distance.
+__device__ __forceinline__ double row_value(const ContraLossParams& p, int i) {
+    const double v = (double)p.values[i];
+    if (p.labels == nullptr) return v;
+    const double d = ldexp(v, p.dist_exp);
+    const double gap = p.labels[i] == 0 ? d : fmax(p.margin - d, 0.0);
+    return 0.5 * gap * gap;
+}
+
 // One block; the additions run in a fixed order, so the loss is the same from run to run.
 __device__ void loss_finish(const ContraLossParams& p) {
     __shared__ double partial[kLossThreads];
     double sum = 0.0;
-    for (int i = threadIdx.x; i < p.n; i += kLossThreads) sum += (double)p.values[i];
+    for (int i = threadIdx.x; i < p.n; i += kLossThreads) sum += row_value(p, i);
     partial[threadIdx.x] = sum;
     __syncthreads();
     for (int width = kLossThreads / 2; width > 0; width /= 2) {

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::kernels::status::{self, ALL_FINITE, LOSS_WORDS};
+use crate::kernels::status::{self, Terms, ALL_FINITE, LOSS_WORDS};
 use crate::kernels::storage::DeviceBuf;
 use crate::kernels::Backend;
 use crate::{DType, Error, Result, Tensor};
@@ -201,14 +201,26 @@ impl<'b, B: Backend> Recorder<'b, B> {
     /// The 0-d f64 result `what` = `sum(values) / divisor` (a loss, the gradient of a learnable
     /// scalar), with every status word after it, and the checks to attach to the other results.
     pub fn finish_scalar(
-        mut self,
+        self,
         what: &'static str,
         values: &B::Buf,
         divisor: f64,
         blame: &'static str,
     ) -> Result<(Tensor, Arc<Checks>)> {
+        self.finish_terms(what, values, Terms::Values, divisor, blame)
+    }
+
+    /// [`Recorder::finish_scalar`] over the terms `terms` makes of `values`.
+    pub fn finish_terms(
+        mut self,
+        what: &'static str,
+        values: &B::Buf,
+        terms: Terms<'_, B::Buf>,
+        divisor: f64,
+        blame: &'static str,
+    ) -> Result<(Tensor, Arc<Checks>)> {
         let slots = self.slots.len();
-        let out = status::finish_loss(self.b, values, divisor, &self.status, slots)?;
+        let out = status::finish_loss(self.b, values, terms, divisor, &self.status, slots)?;
         self.slots.push(Slot::Result { what, blame });
         let buf = Arc::new(self.b.adopt(out)?);
         let checks = Arc::new(Checks {

@@ -944,7 +944,10 @@ fn margin_loss_limits() {
             (loss - want).abs() <= 1e-6 * want,
             "{device}: {loss:e} vs {want:e}"
         );
-        let err = margin_backward(&a, &b, &[0], &opts, 1.0).unwrap_err();
+        // On a kernel device the error comes with the read of the gradients.
+        let err = margin_backward(&a, &b, &[0], &opts, 1.0)
+            .and_then(|(g1, _)| g1.to_vec_f64())
+            .unwrap_err();
         assert!(is_overflow(&err, "grad_x1"), "{device}: {err}");
         let err = margin_forward(&a, &b, &[1], &MarginOptions { margin: 1e39 }).unwrap_err();
         assert!(is_invalid(&err, "margin"), "{device}: {err}");

@@ -263,6 +263,48 @@ fn normalize_similarity_and_momentum_stay_on_the_device() {
     }
 }
 
+#[test]
+fn margin_and_nce_stay_on_the_device_but_for_their_host_labels() {
+    for device in kernel_devices("margin_nce_transfers") {
+        let mut rng = StdRng::seed_from_u64(7);
+        let (x1, x2) = (
+            device_matrix(&mut rng, ROWS, device),
+            device_matrix(&mut rng, ROWS, device),
+        );
+        let y: Vec<i64> = (0..ROWS as i64).map(|i| i % 2).collect();
+        let opts = MarginOptions { margin: 1.5 };
+        // The labels are a host slice: one copy per call.
+        let (out, copies) = moved(|| margin_loss(&x1, &x2, &y, &opts).unwrap());
+        assert_eq!(
+            (copies.to_device, copies.to_host),
+            (2, 0),
+            "margin on {device}: {copies}"
+        );
+        let reference =
+            margin_loss(&x1.to_host().unwrap(), &x2.to_host().unwrap(), &y, &opts).unwrap();
+        let got = read_loss("margin", device, &out.loss);
+        let want = reference.loss.to_scalar().unwrap();
+        assert!((got - want).abs() < 1e-4 * want, "margin: {got} vs {want}");
+        close("margin grad_x2", &out.grad_x2, &reference.grad_x2);
+
+        let k = 5;
+        let inputs = [
+            Tensor::from_vec(random_matrix(&mut rng, ROWS, 1), &[ROWS], device).unwrap(),
+            Tensor::from_vec(random_matrix(&mut rng, ROWS, k), &[ROWS, k], device).unwrap(),
+            Tensor::from_vec(random_matrix(&mut rng, ROWS, 1), &[ROWS], device).unwrap(),
+            Tensor::from_vec(random_matrix(&mut rng, ROWS, k), &[ROWS, k], device).unwrap(),
+        ];
+        let [sp, sn, qp, qn] = &inputs;
+        let out = stays("nce", device, || nce(sp, sn, qp, qn).unwrap());
+        let host: Vec<Tensor> = inputs.iter().map(|t| t.to_host().unwrap()).collect();
+        let reference = nce(&host[0], &host[1], &host[2], &host[3]).unwrap();
+        let got = read_loss("nce", device, &out.loss);
+        let want = reference.loss.to_scalar().unwrap();
+        assert!((got - want).abs() < 1e-4 * want, "nce: {got} vs {want}");
+        close("nce grad_s_neg", &out.grad_s_neg, &reference.grad_s_neg);
+    }
+}
+
 /// A NaN in a device-resident input is found on the device: the call returns, and reading any
 /// of its results is the error the CPU gives at the call.
 #[test]

@@ -368,16 +368,21 @@ typedef struct ContraScanParams {
     int slot;
 } ContraScanParams;
 
-/* loss_finish (one block): out[0..2) = the bits of the double sum(values[0..n)) / divisor (low
+/* loss_finish (one block): out[0..2) = the bits of the double sum(v_i, i < n) / divisor (low
  * word first), out[2 + i] = status[i] for i < slots, and out[2 + slots] = the loss's own status
- * (INT_MAX when finite, 0 when not). */
+ * (INT_MAX when finite, 0 when not). v_i = values[i]; with `labels` (the margin loss) values[i]
+ * is a pair's distance times 2^-dist_exp and v_i = d^2 / 2 (label 0) or relu(margin - d)^2 / 2
+ * (label 1) with d = values[i] 2^dist_exp, in double (no overflow for any f32 distance). */
 typedef struct ContraLossParams {
     const float* values;
     const int* status;
     unsigned* out;
+    const int* labels; /* may be NULL */
     int n;
     int slots;
+    int dist_exp;
     double divisor;
+    double margin;
 } ContraLossParams;
 
 /* fill_words: out[i] = pattern[i % period] for i < len (period 1 to 4).

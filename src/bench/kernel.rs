@@ -414,7 +414,10 @@ impl<B: Backend> KernelRunner<B> {
                     dim: d,
                     margin: cases::MARGIN_MARGIN,
                 };
-                let loss = problem.forward(b)?;
+                let (row_dist, terms) = problem.forward(b)?;
+                let (loss, _) = crate::checks::Recorder::new(b, "margin_loss")?
+                    .finish_terms("loss", &row_dist, terms, n as f64, "")?;
+                let loss = loss.to_scalar()?;
                 if !bwd {
                     return Ok(loss_only(loss));
                 }
@@ -433,7 +436,7 @@ impl<B: Backend> KernelRunner<B> {
                     rows: n,
                     k,
                 };
-                let loss = problem.forward(b)?;
+                let loss = host_sum(b, &problem.forward(b)?)? / n as f64;
                 if !bwd {
                     return Ok(loss_only(loss));
                 }

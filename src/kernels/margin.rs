@@ -1,6 +1,7 @@
 //! Launch sequences of `kernels/margin.cu`: the Hadsell margin loss over pairs of rows.
 
 use super::params::ContraMarginParams;
+use super::status::Terms;
 use super::{blocks_for, extent, handles, Backend, Launch};
 use crate::Result;
 
@@ -42,38 +43,27 @@ impl<B: Backend> Problem<'_, B> {
         })
     }
 
-    /// The mean loss. The kernel writes each pair's clamped distance `d 2^-64` (exact in f32 for
-    /// any f32 rows); the host forms the loss `d^2 / 2` or `relu(m - d)^2 / 2` in f64, where a
-    /// pair 1e20 apart (`d^2 / 2 = 5e39`) is no overflow, and sums the rows (deterministic). The
-    /// result is infinite only when the mean loss exceeds f64 (the op turns that into an error).
-    pub fn forward(&self, b: &B) -> Result<f64> {
-        let row_loss = b.output("row_loss", self.rows)?;
+    /// Each pair's clamped distance `d 2^-64` (exact in f32 for any f32 rows), and how the
+    /// loss reduction turns them into its terms `d^2 / 2` or `relu(m - d)^2 / 2`, in f64, where
+    /// a pair 1e20 apart (`d^2 / 2 = 5e39`) is no overflow.
+    pub fn forward(&self, b: &B) -> Result<(B::Buf, Terms<'_, B::Buf>)> {
+        let row_dist = b.output("row_dist", self.rows)?;
         let params = ContraMarginParams {
-            row_loss: b.ptr(&row_loss).cast(),
+            row_loss: b.ptr(&row_dist).cast(),
             ..self.params(b)?
         };
         b.launch(
             handles::MARGIN_FWD_F32,
             launch_shape(self.rows),
             &params,
-            &[&row_loss],
+            &[&row_dist],
         )?;
-        let labels = b.download_words(self.y)?;
-        let losses: Vec<f64> = b
-            .download(&row_loss)?
-            .iter()
-            .zip(&labels)
-            .map(|(&d_scaled, &y)| {
-                let d = crate::shared::ldexp(d_scaled as f64, DIST_OUT_EXP);
-                if y == 0 {
-                    d * d / 2.0
-                } else {
-                    let gap = (self.margin - d).max(0.0);
-                    gap * gap / 2.0
-                }
-            })
-            .collect();
-        Ok(crate::shared::mean(&losses))
+        let terms = Terms::Margin {
+            labels: self.y,
+            margin: self.margin,
+            dist_exp: DIST_OUT_EXP,
+        };
+        Ok((row_dist, terms))
     }
 
     /// Gradients of `grad_loss * loss` for x1 and x2.

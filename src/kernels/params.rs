@@ -949,13 +949,16 @@ pub struct ContraLossParams {
     pub values: *const f32,
     pub status: *const ::std::os::raw::c_int,
     pub out: *mut ::std::os::raw::c_uint,
+    pub labels: *const ::std::os::raw::c_int,
     pub n: ::std::os::raw::c_int,
     pub slots: ::std::os::raw::c_int,
+    pub dist_exp: ::std::os::raw::c_int,
     pub divisor: f64,
+    pub margin: f64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraLossParams"][::std::mem::size_of::<ContraLossParams>() - 40usize];
+    ["Size of ContraLossParams"][::std::mem::size_of::<ContraLossParams>() - 64usize];
     ["Alignment of ContraLossParams"][::std::mem::align_of::<ContraLossParams>() - 8usize];
     ["Offset of field: ContraLossParams::values"]
         [::std::mem::offset_of!(ContraLossParams, values) - 0usize];
@@ -963,11 +966,17 @@ const _: () = {
         [::std::mem::offset_of!(ContraLossParams, status) - 8usize];
     ["Offset of field: ContraLossParams::out"]
         [::std::mem::offset_of!(ContraLossParams, out) - 16usize];
-    ["Offset of field: ContraLossParams::n"][::std::mem::offset_of!(ContraLossParams, n) - 24usize];
+    ["Offset of field: ContraLossParams::labels"]
+        [::std::mem::offset_of!(ContraLossParams, labels) - 24usize];
+    ["Offset of field: ContraLossParams::n"][::std::mem::offset_of!(ContraLossParams, n) - 32usize];
     ["Offset of field: ContraLossParams::slots"]
-        [::std::mem::offset_of!(ContraLossParams, slots) - 28usize];
+        [::std::mem::offset_of!(ContraLossParams, slots) - 36usize];
+    ["Offset of field: ContraLossParams::dist_exp"]
+        [::std::mem::offset_of!(ContraLossParams, dist_exp) - 40usize];
     ["Offset of field: ContraLossParams::divisor"]
-        [::std::mem::offset_of!(ContraLossParams, divisor) - 32usize];
+        [::std::mem::offset_of!(ContraLossParams, divisor) - 48usize];
+    ["Offset of field: ContraLossParams::margin"]
+        [::std::mem::offset_of!(ContraLossParams, margin) - 56usize];
 };
 impl Default for ContraLossParams {
     fn default() -> Self {

@@ -56,11 +56,25 @@ pub(crate) fn scan<B: Backend>(
     )
 }
 
-/// The loss buffer: `sum(values) / divisor` in f64 ([`LOSS_WORDS`] words), then the `slots`
+/// How the per-row values become the terms of a loss.
+pub(crate) enum Terms<'a, Buf> {
+    /// The values themselves.
+    Values,
+    /// The margin loss: each value is a pair's distance times `2^-dist_exp`; label 0 costs
+    /// `d^2 / 2`, label 1 `relu(margin - d)^2 / 2` (in f64).
+    Margin {
+        labels: &'a Buf,
+        margin: f64,
+        dist_exp: i32,
+    },
+}
+
+/// The loss buffer: `sum(terms) / divisor` in f64 ([`LOSS_WORDS`] words), then the `slots`
 /// status words of `status`, then the loss's own status word.
 pub(crate) fn finish_loss<B: Backend>(
     b: &B,
     values: &B::Buf,
+    terms: Terms<'_, B::Buf>,
     divisor: f64,
     status: &B::Buf,
     slots: usize,
@@ -73,13 +87,24 @@ pub(crate) fn finish_loss<B: Backend>(
             count: LOSS_WORDS + slots + 1,
         },
     )?;
+    let (labels, margin, dist_exp) = match terms {
+        Terms::Values => (std::ptr::null_mut(), 0.0, 0),
+        Terms::Margin {
+            labels,
+            margin,
+            dist_exp,
+        } => (b.ptr(labels), margin, dist_exp),
+    };
     let params = ContraLossParams {
         values: b.ptr(values).cast(),
         status: b.ptr(status).cast(),
         out: b.ptr(&out).cast(),
+        labels: labels.cast(),
         n: extent("rows", n)?,
         slots: extent("slots", slots)?,
+        dist_exp,
         divisor,
+        margin,
     };
     b.launch(
         handles::LOSS_FINISH,

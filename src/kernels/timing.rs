@@ -358,7 +358,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         repeats,
         || problem.forward(b).map(drop),
     )?;
-    let (_, lse) = problem.forward(b)?;
+    let fwd = problem.forward(b)?;
     time(
         b,
         &mut rows,
@@ -366,7 +366,11 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         format!("{n}x{d}"),
         4.0 * gemm,
         repeats,
-        || problem.backward(b, &lse.rows, &lse.cols, 1.0).map(drop),
+        || {
+            problem
+                .backward(b, &fwd.row_lse, &fwd.col_lse, 1.0)
+                .map(drop)
+        },
     )?;
 
     // Triplet mining over a 4096-row batch with 64 classes (pair matrix, mining, backward).

@@ -5,9 +5,10 @@
 //! The derivative of `d` is taken as 0 where `||x1 - x2||^2 < 1e-12` (the clamp is active).
 
 use super::{
-    check_finite, check_grad_loss, check_labels_len, check_result, compute_dtype, host_loss,
-    kernel_output, matrix_dims, output_like, same_place, upload_f32, values, with_cpu_real,
+    check_grad_loss, check_host_finite, check_labels_len, check_result, compute_dtype, host_loss,
+    kernel_grads, matrix_dims, output_like, same_place, upload_f32, values, with_cpu_real,
 };
+use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, DType, Device, Error, Result, Tensor};
 
@@ -95,24 +96,25 @@ fn validate(
             ),
         ));
     }
-    check_finite(op, "x1", x1)?;
-    check_finite(op, "x2", x2)?;
+    check_host_finite(op, "x1", x1)?;
+    check_host_finite(op, "x2", x2)?;
     Ok(dim)
 }
 
-/// Uploads `x1`, `x2` and `y` (as i32; validated to be 0 or 1) to a kernel backend.
+/// `x1` and `x2` as f32 kernel operands (where they are, else copied in), their scans
+/// recorded, and `y` (as i32; validated to be 0 or 1) copied in.
 fn upload<'t, B: Backend>(
     b: &B,
+    rec: &mut Recorder<'_, B>,
     x1: &'t Tensor,
     x2: &'t Tensor,
     y: &[i64],
 ) -> Result<[Operand<'t, B::Buf>; 3]> {
     let labels: Vec<i32> = y.iter().map(|&v| v as i32).collect();
-    Ok([
-        upload_f32(b, "x1", x1)?,
-        upload_f32(b, "x2", x2)?,
-        Operand::Copied(b.upload_i32("y", &labels)?),
-    ])
+    let (o1, o2) = (upload_f32(b, "x1", x1)?, upload_f32(b, "x2", x2)?);
+    rec.input("x1", x1, &o1)?;
+    rec.input("x2", x2, &o2)?;
+    Ok([o1, o2, Operand::Copied(b.upload_i32("y", &labels)?)])
 }
 
 /// The kernel problem over uploaded `[x1, x2, y]`.
@@ -132,37 +134,33 @@ fn kernel_problem<'a, B: Backend>(
     }
 }
 
+/// What the margin loss overflows on (a distance beyond f64 when squared).
+const LOSS_BLAME: &str = "a similar pair's ||x1 - x2||^2 / 2 is beyond f64::MAX";
+
 /// The mean margin loss (forward only). Distances are right at any scale and the loss is formed
 /// in f64 on every backend (pairs 1e20 apart cost 5e39); a loss beyond f64 is an error naming
 /// `x1`. The loss is a 0-d f64 tensor on the inputs' device.
 pub fn margin_forward(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<Tensor> {
     let dim = validate(OP, x1, x2, y, opts)?;
-    let loss = margin_forward_unchecked(x1, x2, y, dim, opts)?;
+    run_on_kernels!(x1.device(), b => {
+        let mut rec = Recorder::new(b, OP)?;
+        let buffers = upload(b, &mut rec, x1, x2, y)?;
+        let problem = kernel_problem(&buffers, y.len(), dim, opts);
+        let (row_dist, terms) = problem.forward(b)?;
+        Ok(rec.finish_terms("loss", &row_dist, terms, y.len() as f64, LOSS_BLAME)?.0)
+    });
+    let loss = with_cpu_real!(x1.dtype(), T => {
+        cpu::margin::forward::<T>(&values::<T>(x1)?, &values::<T>(x2)?, y, dim, opts.margin)
+    });
     if loss.is_finite() {
         host_loss(loss, x1.device())
     } else {
         Err(Error::invalid(
             OP,
             "x1",
-            "the loss overflows f64 (a similar pair's ||x1 - x2||^2 / 2 beyond f64::MAX)",
+            format!("the loss overflows f64 ({LOSS_BLAME})"),
         ))
     }
-}
-
-fn margin_forward_unchecked(
-    x1: &Tensor,
-    x2: &Tensor,
-    y: &[i64],
-    dim: usize,
-    opts: &MarginOptions,
-) -> Result<f64> {
-    run_on_kernels!(x1.device(), b => {
-        let buffers = upload(b, x1, x2, y)?;
-        kernel_problem(&buffers, y.len(), dim, opts).forward(b)
-    });
-    with_cpu_real!(x1.dtype(), T => {
-        Ok(cpu::margin::forward::<T>(&values::<T>(x1)?, &values::<T>(x2)?, y, dim, opts.margin))
-    })
 }
 
 /// Gradients of `grad_loss * loss` with respect to x1 and x2.
@@ -175,33 +173,25 @@ pub fn margin_backward(
 ) -> Result<(Tensor, Tensor)> {
     let dim = validate(BACKWARD, x1, x2, y, opts)?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(x1.device(), x1.dtype()))?;
-    let (g1, g2) = margin_backward_unchecked(x1, x2, y, dim, opts, grad_loss)?;
-    let blame =
+    const BLAME: &str =
         "its exact value is beyond the output's range; scale `grad_loss` or `x1` - `x2` down";
-    check_result(BACKWARD, "grad_x1", &g1, blame)?;
-    check_result(BACKWARD, "grad_x2", &g2, blame)?;
-    Ok((g1, g2))
-}
-
-fn margin_backward_unchecked(
-    x1: &Tensor,
-    x2: &Tensor,
-    y: &[i64],
-    dim: usize,
-    opts: &MarginOptions,
-    grad_loss: f64,
-) -> Result<(Tensor, Tensor)> {
     run_on_kernels!(x1.device(), b => {
-        let buffers = upload(b, x1, x2, y)?;
+        let mut rec = Recorder::new(b, BACKWARD)?;
+        let buffers = upload(b, &mut rec, x1, x2, y)?;
         let (g1, g2) = kernel_problem(&buffers, y.len(), dim, opts).backward(b, grad_loss)?;
-        Ok((kernel_output(b, x1, g1, x1.shape())?, kernel_output(b, x2, g2, x2.shape())?))
+        let grads = [("grad_x1", g1, x1), ("grad_x2", g2, x2)];
+        let ((), [g1, g2]) = kernel_grads(b, rec, grads, BLAME, |rec| Ok(((), rec.finish()?)))?;
+        Ok((g1, g2))
     });
-    with_cpu_real!(x1.dtype(), T => {
+    let (g1, g2) = with_cpu_real!(x1.dtype(), T => {
         let (g1, g2) = cpu::margin::backward::<T>(
             &values::<T>(x1)?, &values::<T>(x2)?, y, dim, opts.margin, grad_loss,
         );
-        Ok((output_like(x1, g1, x1.shape())?, output_like(x2, g2, x2.shape())?))
-    })
+        (output_like(x1, g1, x1.shape())?, output_like(x2, g2, x2.shape())?)
+    });
+    check_result(BACKWARD, "grad_x1", &g1, BLAME)?;
+    check_result(BACKWARD, "grad_x2", &g2, BLAME)?;
+    Ok((g1, g2))
 }
 
 /// Margin loss and gradients in one call.

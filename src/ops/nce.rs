@@ -6,10 +6,11 @@
 //! does not overflow for large scores.
 
 use super::{
-    check_finite, check_grad_loss, check_result, check_scalar_result, compute_dtype, expect_shape,
-    host_loss, kernel_output, matrix_dims, output_like, same_place, upload_f32, values, vector_len,
-    with_cpu_real,
+    check_grad_loss, check_host_finite, check_result, check_scalar_result, compute_dtype,
+    expect_shape, host_loss, kernel_grads, matrix_dims, output_like, same_place, upload_f32,
+    values, vector_len, with_cpu_real,
 };
+use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, Error, Result, Tensor};
 
@@ -57,22 +58,34 @@ fn validate(
     )?;
     expect_shape(op, "logq_pos", logq_pos, &[rows])?;
     expect_shape(op, "logq_neg", logq_neg, &[rows, k])?;
-    check_finite(op, "s_pos", s_pos)?;
-    check_finite(op, "s_neg", s_neg)?;
-    check_finite(op, "logq_pos", logq_pos)?;
-    check_finite(op, "logq_neg", logq_neg)?;
+    for (arg, t) in [
+        ("s_pos", s_pos),
+        ("s_neg", s_neg),
+        ("logq_pos", logq_pos),
+        ("logq_neg", logq_neg),
+    ] {
+        check_host_finite(op, arg, t)?;
+    }
     Ok((rows, k))
 }
 
-/// Uploads `[s_pos, s_neg, logq_pos, logq_neg]` to a kernel backend.
-fn upload<'t, B: Backend>(b: &B, inputs: [&'t Tensor; 4]) -> Result<[Operand<'t, B::Buf>; 4]> {
-    let [s_pos, s_neg, logq_pos, logq_neg] = inputs;
-    Ok([
-        upload_f32(b, "s_pos", s_pos)?,
-        upload_f32(b, "s_neg", s_neg)?,
-        upload_f32(b, "logq_pos", logq_pos)?,
-        upload_f32(b, "logq_neg", logq_neg)?,
-    ])
+/// `[s_pos, s_neg, logq_pos, logq_neg]` as f32 kernel operands (where they are, else copied
+/// in), their scans recorded.
+fn upload<'t, B: Backend>(
+    b: &B,
+    rec: &mut Recorder<'_, B>,
+    inputs: [&'t Tensor; 4],
+) -> Result<[Operand<'t, B::Buf>; 4]> {
+    let names = ["s_pos", "s_neg", "logq_pos", "logq_neg"];
+    let mut operands = Vec::with_capacity(4);
+    for (name, t) in names.into_iter().zip(inputs) {
+        let operand = upload_f32(b, name, t)?;
+        rec.input(name, t, &operand)?;
+        operands.push(operand);
+    }
+    operands
+        .try_into()
+        .map_err(|_| Error::Device("nce: four operands".into()))
 }
 
 /// The kernel problem over uploaded `[s_pos, s_neg, logq_pos, logq_neg]`.
@@ -99,18 +112,17 @@ pub fn nce_forward(
     logq_neg: &Tensor,
 ) -> Result<Tensor> {
     let (rows, k) = validate(OP, s_pos, s_neg, logq_pos, logq_neg)?;
-    let loss = (|| {
-        run_on_kernels!(s_pos.device(), b => {
-            let buffers = upload(b, [s_pos, s_neg, logq_pos, logq_neg])?;
-            kernel_problem(&buffers, rows, k).forward(b)
-        });
-        with_cpu_real!(s_pos.dtype(), T => {
-            let (sp, sn, qp, qn) =
-                (values::<T>(s_pos)?, values::<T>(s_neg)?, values::<T>(logq_pos)?, values::<T>(logq_neg)?);
-            let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
-            Ok(problem.forward())
-        })
-    })()?;
+    run_on_kernels!(s_pos.device(), b => {
+        let mut rec = Recorder::new(b, OP)?;
+        let buffers = upload(b, &mut rec, [s_pos, s_neg, logq_pos, logq_neg])?;
+        let row_loss = kernel_problem(&buffers, rows, k).forward(b)?;
+        Ok(rec.finish_loss(&row_loss, rows as f64, BLAME)?.0)
+    });
+    let loss = with_cpu_real!(s_pos.dtype(), T => {
+        let (sp, sn, qp, qn) =
+            (values::<T>(s_pos)?, values::<T>(s_neg)?, values::<T>(logq_pos)?, values::<T>(logq_neg)?);
+        cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k }.forward()
+    });
     check_scalar_result(OP, "loss", loss, BLAME)?;
     host_loss(loss, s_pos.device())
 }
@@ -129,20 +141,21 @@ pub fn nce_backward(
         grad_loss,
         compute_dtype(s_pos.device(), s_pos.dtype()),
     )?;
-    let (gp, gn) = (|| {
-        run_on_kernels!(s_pos.device(), b => {
-            let buffers = upload(b, [s_pos, s_neg, logq_pos, logq_neg])?;
-            let (gp, gn) = kernel_problem(&buffers, rows, k).backward(b, grad_loss)?;
-            Ok((kernel_output(b, s_pos, gp, &[rows])?, kernel_output(b, s_neg, gn, &[rows, k])?))
-        });
-        with_cpu_real!(s_pos.dtype(), T => {
-            let (sp, sn, qp, qn) =
-                (values::<T>(s_pos)?, values::<T>(s_neg)?, values::<T>(logq_pos)?, values::<T>(logq_neg)?);
-            let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
-            let (gp, gn) = problem.backward(grad_loss);
-            Ok((output_like(s_pos, gp, &[rows])?, output_like(s_neg, gn, &[rows, k])?))
-        })
-    })()?;
+    run_on_kernels!(s_pos.device(), b => {
+        let mut rec = Recorder::new(b, BACKWARD)?;
+        let buffers = upload(b, &mut rec, [s_pos, s_neg, logq_pos, logq_neg])?;
+        let (gp, gn) = kernel_problem(&buffers, rows, k).backward(b, grad_loss)?;
+        let grads = [("grad_s_pos", gp, s_pos), ("grad_s_neg", gn, s_neg)];
+        let ((), [gp, gn]) = kernel_grads(b, rec, grads, BLAME, |rec| Ok(((), rec.finish()?)))?;
+        Ok((gp, gn))
+    });
+    let (gp, gn) = with_cpu_real!(s_pos.dtype(), T => {
+        let (sp, sn, qp, qn) =
+            (values::<T>(s_pos)?, values::<T>(s_neg)?, values::<T>(logq_pos)?, values::<T>(logq_neg)?);
+        let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
+        let (gp, gn) = problem.backward(grad_loss);
+        (output_like(s_pos, gp, &[rows])?, output_like(s_neg, gn, &[rows, k])?)
+    });
     check_result(BACKWARD, "grad_s_pos", &gp, BLAME)?;
     check_result(BACKWARD, "grad_s_neg", &gn, BLAME)?;
     Ok((gp, gn))

@@ -419,10 +419,23 @@ fn train_check(device: Device, steps: usize) -> ExitCode {
         let mut losses = Vec::new();
         for d in [Device::Cpu, device] {
             cfg.device = d;
+            let before = contra::Transfers::current();
             let result = contra::train::build_encoder(&cfg, data.dim())
                 .and_then(|enc| contra::train::train(&cfg, &data, None, enc, &mut |_| {}));
+            let moved = contra::Transfers::current() - before;
             match result {
-                Ok(out) => losses.push(out.step_losses),
+                Ok(out) => {
+                    if d != Device::Cpu {
+                        // Encoder set-up included: what a step costs in host-device traffic.
+                        let steps = out.step_losses.len().max(1) as u64;
+                        println!(
+                            "{method} on {d}: {} bytes moved per step ({} copies; {moved} in all)",
+                            moved.bytes() / steps,
+                            moved.copies() / steps,
+                        );
+                    }
+                    losses.push(out.step_losses)
+                }
                 Err(e) => {
                     eprintln!("error: {method} on {d}: {e}");
                     return ExitCode::FAILURE;

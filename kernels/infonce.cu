@@ -292,15 +292,17 @@ __device__ void infonce_row_dot(const ContraRowDotParams& p) {
     if (lane == 0) p.out[row] = dot;
 }
 
+// A packed running state {max, sum} (log2 units): max in the low word, sum in the high word.
+__device__ __forceinline__ float state_max(unsigned long long state) { return __uint_as_float((unsigned)(state & 0xffffffffull)); }
+__device__ __forceinline__ float state_sum(unsigned long long state) { return __uint_as_float((unsigned)(state >> 32)); }
+
 // Symmetric forward, second step: each row's lse and loss from the state and target term the
 // sweep folded in (one thread per row).
 __device__ void infonce_finish(const ContraInfonceFwdParams& p) {
     const int row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= p.rows) return;
     const unsigned long long state = p.col_state[row];
-    const float max = __uint_as_float((unsigned)(state & 0xffffffffull));
-    const float sum = __uint_as_float((unsigned)(state >> 32));
-    QueryRow::write_row_loss(p, row, max, sum, p.col_target[row]);
+    QueryRow::write_row_loss(p, row, state_max(state), state_sum(state), p.col_target[row]);
 }
 
 // CLIP's forward, last step: each column's lse from its state, and each row's share of the loss.
@@ -308,9 +310,7 @@ __device__ void clip_columns(const ContraClipColumnsParams& p) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= p.rows) return;
     const unsigned long long state = p.col_state[i];
-    const float max = __uint_as_float((unsigned)(state & 0xffffffffull));
-    const float sum = __uint_as_float((unsigned)(state >> 32));
-    const float col_lse = (max + log2f(sum)) * 0.69314718056f;
+    const float col_lse = (state_max(state) + log2f(state_sum(state))) * 0.69314718056f;
     p.col_lse[i] = col_lse;
     p.row_value[i] = 2.0f * p.row_loss[i] + col_lse - p.row_lse[i];
 }

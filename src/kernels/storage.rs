@@ -230,20 +230,21 @@ impl std::fmt::Display for Transfers {
 
 /// Records one host-to-device copy of `words` 32-bit words.
 pub(crate) fn count_to_device(words: usize) {
-    TRANSFERS.with(|t| {
-        let mut now = t.get();
-        now.to_device += 1;
-        now.to_device_bytes += 4 * words as u64;
-        t.set(now);
-    });
+    record(|t| (&mut t.to_device, &mut t.to_device_bytes), words);
 }
 
 /// Records one device-to-host copy of `words` 32-bit words.
 pub(crate) fn count_to_host(words: usize) {
-    TRANSFERS.with(|t| {
-        let mut now = t.get();
-        now.to_host += 1;
-        now.to_host_bytes += 4 * words as u64;
-        t.set(now);
+    record(|t| (&mut t.to_host, &mut t.to_host_bytes), words);
+}
+
+/// Adds one copy of `words` words to the counters `which` picks.
+fn record(which: impl FnOnce(&mut Transfers) -> (&mut u64, &mut u64), words: usize) {
+    TRANSFERS.with(|cell| {
+        let mut now = cell.get();
+        let (copies, bytes) = which(&mut now);
+        *copies += 1;
+        *bytes += 4 * words as u64;
+        cell.set(now);
     });
 }

@@ -125,15 +125,25 @@ pub fn clip_forward(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipForwar
         let mut rec = Recorder::new(k, OP)?;
         let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0)?;
         let problem = inputs.problem(dims, log_scale);
-        let fwd = problem.forward(k)?;
-        rec.result("row_lse", BLAME, &fwd.row_lse, 1)?;
-        rec.result("col_lse", BLAME, &fwd.col_lse, 1)?;
+        let fwd = kernel_sweep(k, &mut rec, &problem)?;
         let (loss, checks) = rec.finish_loss(&fwd.row_value, problem.divisor(), BLAME)?;
         let row_lse = kernel_state(k, fwd.row_lse, &[dims.0])?.with_checks(&checks);
         let col_lse = kernel_state(k, fwd.col_lse, &[dims.0])?.with_checks(&checks);
         Ok(ClipForward { loss, saved: ClipSaved { row_lse, col_lse, origin } })
     });
     clip_forward_cpu(a, b, log_scale, dims)
+}
+
+/// The forward on a kernel backend, its log-sum-exps recorded for a scan.
+fn kernel_sweep<B: Backend>(
+    k: &B,
+    rec: &mut Recorder<'_, B>,
+    problem: &kernels::clip::Clip<'_, B>,
+) -> Result<kernels::clip::ClipForward<B::Buf>> {
+    let fwd = problem.forward(k)?;
+    rec.result("row_lse", BLAME, &fwd.row_lse, 1)?;
+    rec.result("col_lse", BLAME, &fwd.col_lse, 1)?;
+    Ok(fwd)
 }
 
 /// The forward on the CPU, its results checked finite.
@@ -254,9 +264,7 @@ pub fn clip(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipOutput> {
         let mut rec = Recorder::new(k, OP)?;
         let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0)?;
         let problem = inputs.problem(dims, log_scale);
-        let fwd = problem.forward(k)?;
-        rec.result("row_lse", BLAME, &fwd.row_lse, 1)?;
-        rec.result("col_lse", BLAME, &fwd.col_lse, 1)?;
+        let fwd = kernel_sweep(k, &mut rec, &problem)?;
         let (ga, gb, partial) = problem.backward(k, &fwd.row_lse, &fwd.col_lse, 1.0)?;
         // Its own buffer, whose reads also verify the call's checks (attached below).
         let (grad_log_scale, _) = Recorder::new(k, OP)?.finish_scalar("grad_log_scale", &partial, 1.0, BLAME)?;

@@ -27,6 +27,8 @@
 pub mod bench;
 pub(crate) mod checks;
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(feature = "train")]
 pub mod data;
 pub mod device;

@@ -516,6 +516,22 @@ impl Tensor {
         }
     }
 
+    /// The device buffer, owned (copied on the device when a clone shares it), once the checks
+    /// of the ops that made it are verified (the raw buffer leaves them behind).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn into_device_buf(self) -> Result<DeviceBuf> {
+        let Storage::Device { buf, .. } = self.storage else {
+            return Err(Error::Device("the tensor is in host memory".into()));
+        };
+        for checks in &self.checks {
+            checks.verify(None)?;
+        }
+        match Arc::try_unwrap(buf) {
+            Ok(owned) => Ok(owned),
+            Err(shared) => shared.duplicate(),
+        }
+    }
+
     /// The device buffer to write in place: copied on the device first when a clone shares it,
     /// and given a fresh content key (its values are about to change).
     pub(crate) fn device_buf_mut(&mut self) -> Result<Option<&DeviceBuf>> {

@@ -352,3 +352,47 @@ fn non_finite_device_inputs_are_errors_when_results_are_read() {
         );
     }
 }
+
+/// A caller's cudarc allocation becomes a tensor and a result goes back as a `CudaSlice`, with no
+/// copy through the host (on GPU 0 when this build and machine have one).
+#[test]
+fn cuda_slices_cross_without_a_copy() {
+    #[cfg(not(feature = "cuda"))]
+    println!("cuda_slices_cross_without_a_copy: skipped: this build has no `cuda` feature");
+    #[cfg(feature = "cuda")]
+    {
+        if let Err(reason) = device_available(Device::Cuda(0)) {
+            println!("cuda_slices_cross_without_a_copy: skipped on cuda:0: {reason}");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(8);
+        let values = random_matrix(&mut rng, ROWS, DIM);
+        let stream = contra::cuda::stream(0).unwrap();
+        let slice = stream.clone_htod(&values).unwrap();
+        let err = Tensor::from_cuda_slice(stream.clone_htod(&values).unwrap(), &[ROWS, DIM + 1]);
+        assert!(err.unwrap_err().to_string().contains("`slice`"));
+        let (z, copies) = moved(|| Tensor::from_cuda_slice(slice, &[ROWS, DIM]).unwrap());
+        assert_eq!(copies, Transfers::default());
+        let opts = NtXentOptions::default();
+        let out = ntxent(&z, &opts).unwrap();
+        let reference = ntxent(&z.to_host().unwrap(), &opts).unwrap();
+        let (grad, copies) = moved(|| out.grad_z.into_cuda_slice::<f32>().unwrap());
+        // The device checks are read first: one small copy.
+        assert_eq!((copies.to_device, copies.to_host), (0, 1), "{copies}");
+        let grad: Vec<f64> = stream
+            .clone_dtoh(&grad)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let err = rel_err(&grad, &reference.grad_z.to_vec_f64().unwrap());
+        assert!(err < 1e-4, "grad_z through a CudaSlice: {err:e}");
+        // A 16-bit slice of odd length is copied on the device into whole words.
+        let half: Vec<half::bf16> = values[..7]
+            .iter()
+            .map(|&v| half::bf16::from_f32(v))
+            .collect();
+        let t = Tensor::from_cuda_slice(stream.clone_htod(&half).unwrap(), &[7]).unwrap();
+        assert_eq!(t.to_vec::<half::bf16>().unwrap(), half);
+    }
+}

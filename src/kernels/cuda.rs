@@ -76,14 +76,18 @@ pub(crate) struct Cuda {
     sync_launches: AtomicBool,
 }
 
+/// The backends opened so far, by GPU ordinal.
+fn opened() -> Result<std::sync::MutexGuard<'static, HashMap<usize, Arc<Cuda>>>> {
+    static OPEN: OnceLock<Mutex<HashMap<usize, Arc<Cuda>>>> = OnceLock::new();
+    OPEN.get_or_init(Default::default)
+        .lock()
+        .map_err(|_| Error::Device("poisoned lock".into()))
+}
+
 impl Cuda {
     /// The (cached) backend of GPU `ordinal`; a clear error without a driver or such a GPU.
     pub fn get(ordinal: usize) -> Result<Arc<Cuda>> {
-        static OPEN: OnceLock<Mutex<HashMap<usize, Arc<Cuda>>>> = OnceLock::new();
-        let mut open = OPEN
-            .get_or_init(Default::default)
-            .lock()
-            .map_err(|_| Error::Device("poisoned lock".into()))?;
+        let mut open = opened()?;
         if let Some(cuda) = open.get(&ordinal) {
             return Ok(cuda.clone());
         }
@@ -101,17 +105,99 @@ impl Cuda {
         }
         let ctx =
             CudaContext::new(ordinal).map_err(|e| device_error("creating a CUDA context", e))?;
-        let stream = ctx.default_stream();
-        let cuda = Arc::new(Cuda {
+        let cuda = Cuda::on_stream(ordinal, ctx.default_stream());
+        open.insert(ordinal, cuda.clone());
+        Ok(cuda)
+    }
+
+    fn on_stream(ordinal: usize, stream: Arc<CudaStream>) -> Arc<Cuda> {
+        Arc::new(Cuda {
             ordinal,
-            ctx,
+            ctx: stream.context().clone(),
             stream,
             modules: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             sync_launches: AtomicBool::new(sync_launches_asked()),
-        });
-        open.insert(ordinal, cuda.clone());
-        Ok(cuda)
+        })
+    }
+
+    /// Makes `stream` the stream contra runs on for its GPU, so that contra's kernels are
+    /// ordered with the caller's work there. It must come before contra's first use of that GPU
+    /// (or name the stream contra already uses).
+    pub fn use_stream(stream: Arc<CudaStream>) -> Result<()> {
+        let ordinal = stream.context().ordinal();
+        let mut open = opened()?;
+        match open.get(&ordinal) {
+            Some(cuda) if Arc::ptr_eq(&cuda.stream, &stream) => Ok(()),
+            Some(_) => Err(Error::Device(format!(
+                "cuda:{ordinal} already runs contra's work on another stream: call \
+                 contra::cuda::use_stream before the first op or tensor on that GPU"
+            ))),
+            None => {
+                open.insert(ordinal, Cuda::on_stream(ordinal, stream));
+                Ok(())
+            }
+        }
+    }
+
+    /// The stream contra's work on this GPU runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// `slice` (the caller's allocation on this GPU's context) as the words of a buffer of
+    /// `info`, without a copy: the buffer owns and frees the allocation. The caller checked that
+    /// the slice holds `info.count` elements of `info.elem` and that the words cover exactly
+    /// its bytes.
+    pub fn adopt_slice<T>(&self, slice: CudaSlice<T>, info: BufInfo) -> Result<CudaBuf> {
+        if slice.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::Device(format!(
+                "the slice belongs to another CUDA context than contra's on cuda:{}",
+                self.ordinal
+            )));
+        }
+        // The caller's pending work on the slice's stream comes before contra's on its own.
+        self.stream
+            .join(slice.stream())
+            .map_err(|e| device_error("ordering the slice's stream before contra's", e))?;
+        let words = info.elem.words(info.count);
+        let ptr = slice.leak();
+        // SAFETY: `ptr` is a live allocation of this context (checked above) that `leak` gave
+        // up; it holds `words` 32-bit words (the caller checked its byte length), and from here
+        // the new slice owns and frees it.
+        let words = unsafe { self.stream.upgrade_device_ptr::<u32>(ptr, words) };
+        Ok(CudaBuf {
+            words,
+            info,
+            ordinal: self.ordinal,
+        })
+    }
+
+    /// A copy of `slice` in a new buffer of `info` (whole words: a 16-bit slice of odd length).
+    pub fn copy_slice<T>(&self, slice: &CudaSlice<T>, info: BufInfo) -> Result<CudaBuf> {
+        let out = self.output_of("slice", info)?;
+        let bytes = info.count * std::mem::size_of::<T>();
+        {
+            let (src, _read) = slice.device_ptr(&self.stream);
+            let (dst, _write) = out.words.device_ptr(&self.stream);
+            // SAFETY: both are live allocations of this context: `src` holds `bytes` bytes (the
+            // slice's length times its element size) and `dst` at least as many (whole words
+            // for the same count); the copy is ordered on this stream, which the guards record.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+            }
+            .map_err(|e| device_error("device to device copy", e))?;
+        }
+        Ok(out)
+    }
+
+    /// The words of `buf` as a slice of `len` elements of `T`, without a copy (the slice owns
+    /// the allocation from here). The caller checked that `T` is the buffer's element type.
+    pub fn release_slice<T>(&self, buf: CudaBuf, len: usize) -> CudaSlice<T> {
+        let ptr = buf.words.leak();
+        // SAFETY: `ptr` is the live allocation `leak` gave up, of at least `len` elements of
+        // `T` (the buffer's element type and count); the new slice owns and frees it.
+        unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) }
     }
 
     /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".

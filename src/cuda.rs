@@ -1,0 +1,102 @@
+//! cudarc interop (feature `cuda`): your own device memory as tensors without a copy, a tensor's
+//! memory back as a `CudaSlice`, and contra's kernels on your stream, ordered with your work.
+//!
+//! ```no_run
+//! use contra::cuda::cudarc::driver::CudaContext;
+//! use contra::{ntxent, NtXentOptions, Tensor};
+//!
+//! let ctx = CudaContext::new(0).unwrap();
+//! let stream = ctx.new_stream().unwrap();
+//! contra::cuda::use_stream(stream.clone())?; // before contra's first use of GPU 0
+//! let z = stream.clone_htod(&vec![0.5f32; 8 * 16]).unwrap(); // your allocation
+//! let z = Tensor::from_cuda_slice(z, &[8, 16])?; // no copy
+//! let out = ntxent(&z, &NtXentOptions::default())?;
+//! let grad = out.grad_z.into_cuda_slice::<f32>()?; // no copy
+//! assert_eq!(grad.len(), 8 * 16);
+//! # Ok::<(), contra::Error>(())
+//! ```
+
+use std::sync::Arc;
+
+pub use cudarc;
+use cudarc::driver::{CudaSlice, CudaStream};
+
+use crate::kernels::cuda::Cuda;
+use crate::kernels::storage::{elem_of, DeviceBuf};
+use crate::kernels::BufInfo;
+use crate::tensor::checked_numel;
+use crate::{Device, Element, Error, Result, Tensor};
+
+/// Runs contra's work on `stream`'s GPU on `stream`, so that its kernels are ordered with the
+/// caller's (a framework's stream, for example). Call it before contra's first op or tensor on
+/// that GPU; naming the stream contra already uses is fine.
+pub fn use_stream(stream: Arc<CudaStream>) -> Result<()> {
+    Cuda::use_stream(stream)
+}
+
+/// The stream contra runs its work on for GPU `ordinal` (the one [`use_stream`] set, else the
+/// context's default stream): order your work after contra's with it.
+pub fn stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    Ok(Cuda::get(ordinal)?.stream().clone())
+}
+
+impl Tensor {
+    /// Wraps `slice` (row-major `shape`) as a tensor on its GPU, without a copy: the tensor owns
+    /// the allocation from here. The slice must belong to the GPU's primary context (the one
+    /// `CudaContext::new` gives); work pending on its stream is ordered before contra's. A
+    /// 16-bit slice of odd length is copied on the device (contra's buffers are whole 32-bit
+    /// words).
+    pub fn from_cuda_slice<T: Element>(slice: CudaSlice<T>, shape: &[usize]) -> Result<Tensor> {
+        const OP: &str = "Tensor::from_cuda_slice";
+        let numel = checked_numel(OP, "shape", shape, T::DTYPE)?;
+        if slice.len() != numel {
+            return Err(Error::shape(
+                OP,
+                "slice",
+                &[slice.len()],
+                format!("{numel} elements for shape {shape:?}"),
+            ));
+        }
+        let cuda = Cuda::get(slice.ordinal())?;
+        let info = BufInfo {
+            elem: elem_of(T::DTYPE),
+            count: numel,
+        };
+        let buf = if T::DTYPE.size() == 2 && numel % 2 == 1 {
+            cuda.copy_slice(&slice, info)?
+        } else {
+            cuda.adopt_slice(slice, info)?
+        };
+        Ok(Tensor::from_device_buf(
+            shape.to_vec(),
+            T::DTYPE,
+            DeviceBuf::Cuda(buf),
+        ))
+    }
+
+    /// The tensor's memory as a `CudaSlice<T>` (`T` the tensor's dtype) on contra's stream,
+    /// without a copy when no clone shares it (copied on the device otherwise). The device's
+    /// checks of the op that made the tensor are verified first (one small read): a NaN input
+    /// or an overflow is the error here.
+    pub fn into_cuda_slice<T: Element>(self) -> Result<CudaSlice<T>> {
+        const OP: &str = "Tensor::into_cuda_slice";
+        let Device::Cuda(ordinal) = self.device() else {
+            return Err(Error::Mismatch {
+                op: OP,
+                reason: format!("the tensor is on {}, not on a GPU", self.device()),
+            });
+        };
+        if T::DTYPE != self.dtype() {
+            return Err(Error::Mismatch {
+                op: OP,
+                reason: format!("the tensor holds {}, asked for {}", self.dtype(), T::DTYPE),
+            });
+        }
+        let numel = self.numel();
+        match self.into_device_buf()? {
+            DeviceBuf::Cuda(buf) => Ok(Cuda::get(ordinal)?.release_slice(buf, numel)),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::Device(format!("{OP}: no GPU buffer"))),
+        }
+    }
+}

@@ -45,6 +45,19 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Waits until the work queued on this device so far has run (a GPU's launches are
+    /// asynchronous; reading a result waits by itself). Nothing to wait for on the CPU and in
+    /// the interpreted mode.
+    pub fn synchronize(self) -> crate::Result<()> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::kernels::cuda::Cuda::get(i)?.synchronize(),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

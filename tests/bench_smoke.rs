@@ -118,31 +118,39 @@ fn child_protocol_round_trips_a_measurement() {
     assert!(child_main("{not json").is_err());
 }
 
-/// The GPU path (kernels on device-resident buffers, device memory counted by a wrapper backend)
-/// on the interpreted backend: every tiny case runs and returns contra's CPU results.
+/// The GPU paths on the interpreted backend: the public ops on device-resident tensors and the
+/// kernel launches alone (device memory counted by a wrapper backend). Every tiny case runs and
+/// returns contra's CPU results.
 #[test]
 fn kernel_runners_match_the_cpu_on_the_interpreter() {
     for case in cases::tiny_cases() {
         let mut cpu = Runner::new(&case, Impl::Contra, Device::Cpu).unwrap();
         let want = measure(&mut cpu, &Timing::once()).unwrap();
-        let mut interp = Runner::new(&case, Impl::Contra, Device::Interp).unwrap();
-        let got = measure(&mut interp, &Timing::once()).unwrap();
-        let close =
-            |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * a.abs().max(b.abs()).max(1e-6);
-        assert!(
-            close(got.outcome.check, want.outcome.check, 1e-3),
-            "{case}: interp {:?} vs cpu {:?}",
-            got.outcome,
-            want.outcome
-        );
-        if let (Some(a), Some(b)) = (got.outcome.grad_check, want.outcome.grad_check) {
-            assert!(close(a, b, 1e-2), "{case}: gradients {a} vs {b}");
-        }
-        let peak = got.peak_bytes.expect("device bytes are counted");
-        if case.op != cases::Op::Momentum {
-            assert!(peak > 0, "{case}: the call allocates its outputs");
+        for imp in [Impl::Contra, Impl::Kernels] {
+            let mut interp = Runner::new(&case, imp, Device::Interp).unwrap();
+            let got = measure(&mut interp, &Timing::once()).unwrap();
+            let close =
+                |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * a.abs().max(b.abs()).max(1e-6);
+            assert!(
+                close(got.outcome.check, want.outcome.check, 1e-3),
+                "{case} {}: interp {:?} vs cpu {:?}",
+                imp.name(),
+                got.outcome,
+                want.outcome
+            );
+            if let (Some(a), Some(b)) = (got.outcome.grad_check, want.outcome.grad_check) {
+                assert!(close(a, b, 1e-2), "{case}: gradients {a} vs {b}");
+            }
+            if imp == Impl::Kernels {
+                let peak = got.peak_bytes.expect("device bytes are counted");
+                if case.op != cases::Op::Momentum {
+                    assert!(peak > 0, "{case}: the call allocates its outputs");
+                }
+            }
         }
     }
+    let on_cpu = cases::tiny_cases()[0];
+    assert!(Runner::new(&on_cpu, Impl::Kernels, Device::Cpu).is_err());
 }
 
 /// The unfused baseline (GEMM, then separate log-softmax / NLL / gradient kernels over the
@@ -156,7 +164,7 @@ fn unfused_baseline_matches_contra_and_materializes_the_matrix() {
         for case in [Case::ntxent(pass, 38, 19), Case::infonce(pass, 23, 29, 19)] {
             let mut cpu = Runner::new(&case, Impl::Contra, Device::Cpu).unwrap();
             let want = measure(&mut cpu, &Timing::once()).unwrap();
-            let mut fused = Runner::new(&case, Impl::Contra, Device::Interp).unwrap();
+            let mut fused = Runner::new(&case, Impl::Kernels, Device::Interp).unwrap();
             let fused = measure(&mut fused, &Timing::once()).unwrap();
             let mut unfused = Runner::new(&case, Impl::Unfused, Device::Interp).unwrap();
             let got = measure(&mut unfused, &Timing::once()).unwrap();

@@ -1,10 +1,11 @@
-//! contra's kernels on device-resident buffers: the GPU side of the suite (and the same code on
-//! the interpreted backend, which is how it is tested without a GPU).
+//! contra's kernels launched alone on device buffers (the `kernels` reference of a GPU run, next
+//! to the public calls), and the unfused baseline; the same code runs on the interpreted backend,
+//! which is how it is tested without a GPU.
 //!
 //! Inputs are uploaded once per input set; each call runs the kernel sequence of the op (the
-//! same `crate::kernels` problems the public ops use, minus the host transfers of the inputs and
-//! gradients). Every launch synchronizes, so wall time around a call is the device time of the
-//! whole sequence. Device memory is counted by a wrapper backend: the peak of bytes allocated
+//! same `crate::kernels` problems the public ops use, without their finiteness scans, output
+//! tensors and loss reduction). A timed call is measured on the device (between two CUDA events
+//! on a GPU, around the whole sequence). Device memory is counted by a wrapper backend: the peak of bytes allocated
 //! during a call beyond what was allocated before it (the inputs).
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -470,25 +470,34 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         let m = side.measure(case, Impl::Contra);
         progress("contra", case, &m);
         contra.push(m.map_err(|e| e.to_string()));
-        // The in-process reference: the eager-style Rust version on the CPU, the unfused kernel
-        // sequence (GEMM, then separate softmax and cross-entropy kernels) on a kernel device.
+        // The in-process references: the eager-style Rust version on the CPU; on a kernel
+        // device, contra's kernel launches alone (what the public calls add to them) and the
+        // unfused kernel sequence (GEMM, then separate softmax and cross-entropy kernels).
+        let mut refs = Vec::new();
+        if !cpu {
+            let m = side.measure(case, Impl::Kernels);
+            progress(Impl::Kernels.name(), case, &m);
+            refs.push((Impl::Kernels, m.map_err(|e| e.to_string())));
+        }
         let reference = if cpu { Impl::Naive } else { Impl::Unfused };
         let covered = cpu || unfused::check_supported(case).is_ok();
         if args.no_naive || !covered {
-            rust_refs.push(None);
+            rust_refs.push(refs);
             continue;
         }
         let estimate = case.eager_bytes_estimate() as u64;
         if budget.is_some_and(|b| estimate > b) {
-            rust_refs.push(Some((
+            refs.push((
                 reference,
                 Err(format!("skipped: needs about {}", fmt_bytes(estimate))),
-            )));
+            ));
+            rust_refs.push(refs);
             continue;
         }
         let m = side.measure(case, reference);
         progress(reference.name(), case, &m);
-        rust_refs.push(Some((reference, m.map_err(|e| e.to_string()))));
+        refs.push((reference, m.map_err(|e| e.to_string())));
+        rust_refs.push(refs);
     }
 
     let mut torch_results = None;
@@ -529,7 +538,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             Err(e) => (None, Some(format!("contra failed: {e}"))),
         };
         let mut refs: Vec<(String, torch::RefResult)> = Vec::new();
-        if let Some((imp, n)) = &rust_refs[i] {
+        for (imp, n) in &rust_refs[i] {
             refs.push((imp.name().into(), n.clone()));
         }
         if let Some(run) = &torch_results {

@@ -16,8 +16,12 @@ use crate::{Device, Error, Result, Tensor};
 /// Which implementation a runner calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Impl {
-    /// contra's public ops (CPU), or its kernels on device-resident buffers (GPU, interp).
+    /// contra's public ops on tensors already on the device (each call reads its loss, as a
+    /// training step does).
     Contra,
+    /// contra's kernel launches alone on device buffers (kernel devices only): what the public
+    /// ops cost without their checks, allocations and the read of the loss.
+    Kernels,
     /// The eager-style Rust reference of [`super::naive`] (CPU only).
     Naive,
     /// The unfused kernel sequence of `src/bench/unfused.rs` (GEMM, then separate log-softmax and
@@ -29,6 +33,7 @@ impl Impl {
     pub fn name(self) -> &'static str {
         match self {
             Impl::Contra => "contra",
+            Impl::Kernels => "kernels",
             Impl::Naive => "naive",
             Impl::Unfused => "unfused",
         }
@@ -37,6 +42,7 @@ impl Impl {
     pub fn parse(name: &str) -> Result<Impl> {
         match name {
             "contra" => Ok(Impl::Contra),
+            "kernels" => Ok(Impl::Kernels),
             "naive" => Ok(Impl::Naive),
             "unfused" => Ok(Impl::Unfused),
             _ => Err(Error::invalid(
@@ -167,17 +173,17 @@ impl Runner {
             ));
         }
         let inner: Box<dyn RunOnce> = match (imp, device) {
-            (Impl::Contra, Device::Cpu) => Box::new(ContraCpu::new(case)?),
+            (Impl::Contra, _) => Box::new(ContraApi::new(case, device)?),
             (Impl::Naive, Device::Cpu) => Box::new(NaiveCpu::new(case)),
-            (Impl::Contra | Impl::Unfused, Device::Interp) => {
+            (Impl::Kernels | Impl::Unfused, Device::Interp) => {
                 super::kernel::runner_interp(case, imp)?
             }
             #[cfg(feature = "cuda")]
-            (Impl::Contra | Impl::Unfused, Device::Cuda(i)) => {
+            (Impl::Kernels | Impl::Unfused, Device::Cuda(i)) => {
                 super::kernel::runner_cuda(case, i, imp)?
             }
             #[cfg(not(feature = "cuda"))]
-            (Impl::Contra | Impl::Unfused, Device::Cuda(_)) => {
+            (Impl::Kernels | Impl::Unfused, Device::Cuda(_)) => {
                 return Err(Error::Device(
                     "this build has no `cuda` feature (cargo build --release --features cuda)"
                         .into(),
@@ -190,11 +196,15 @@ impl Runner {
                     "the naive Rust reference runs on the CPU only",
                 ))
             }
-            (Impl::Unfused, Device::Cpu) => {
+            (Impl::Unfused | Impl::Kernels, Device::Cpu) => {
                 return Err(Error::invalid(
                     "bench",
                     "device",
-                    "the unfused baseline runs on kernel devices (cuda, interp); the CPU's eager-style reference is `naive`",
+                    format!(
+                        "`{}` runs on kernel devices (cuda, interp); the CPU's eager-style \
+                         reference is `naive`",
+                        imp.name()
+                    ),
                 ))
             }
         };
@@ -228,15 +238,16 @@ impl Runner {
     }
 }
 
-/// contra's public ops on `Device::Cpu` tensors.
-struct ContraCpu {
+/// contra's public ops on tensors on `device`, put there before the timed calls.
+struct ContraApi {
     case: Case,
+    device: Device,
     sets: Vec<(Vec<Tensor>, Vec<i64>)>,
     next: usize,
 }
 
-impl ContraCpu {
-    fn new(case: &Case) -> Result<ContraCpu> {
+impl ContraApi {
+    fn new(case: &Case, device: Device) -> Result<ContraApi> {
         let shapes = shapes(case);
         let sets = (0..case.rotations())
             .map(|set| {
@@ -247,32 +258,42 @@ impl ContraCpu {
                     .zip(&shapes)
                     .map(|(v, s)| {
                         let t = Tensor::from_vec(v, s, Device::Cpu)?;
-                        Ok(match case.bf16 {
+                        let t = match case.bf16 {
                             true => t.to_dtype(crate::DType::Bf16)?,
                             false => t,
-                        })
+                        };
+                        t.to_device(device)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok((tensors, raw.labels))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ContraCpu {
+        Ok(ContraApi {
             case: *case,
+            device,
             sets,
             next: 0,
         })
     }
 }
 
-impl RunOnce for ContraCpu {
-    fn run(&mut self, _check: bool) -> Result<Outcome> {
+impl RunOnce for ContraApi {
+    fn run(&mut self, check: bool) -> Result<Outcome> {
         let set = self.next;
         self.next = (self.next + 1) % self.sets.len();
         let case = self.case;
+        let device = self.device;
         let (tensors, labels) = &mut self.sets[set];
         let bwd = case.pass == Pass::ForwardBackward;
         let t = &*tensors;
-        let grad = |g: &Tensor| tensor_head(g).ok();
+        // Reading a gradient or an output from a device is a copy a training step does not
+        // make: only the checked calls do; the others wait for the device instead.
+        let read = check || device == Device::Cpu;
+        let grad = |g: &Tensor| read.then(|| tensor_head(g).ok()).flatten();
+        let head = |out: &Tensor| match read {
+            true => tensor_head(out),
+            false => device.synchronize().map(|()| 0.0),
+        };
         Ok(match case.op {
             Op::Ntxent => {
                 let opts = crate::NtXentOptions {
@@ -421,7 +442,7 @@ impl RunOnce for ContraCpu {
             }
             Op::Normalize => {
                 let y = crate::normalize(&t[0])?;
-                let check = tensor_head(&y)?;
+                let check = head(&y)?;
                 if bwd {
                     let gx = crate::normalize_backward(&t[0], &t[1])?;
                     Outcome {
@@ -438,7 +459,7 @@ impl RunOnce for ContraCpu {
             Op::Similarity => {
                 let s = crate::similarity(&t[0], &t[1], crate::Similarity::Cosine)?;
                 Outcome {
-                    check: tensor_head(&s)?,
+                    check: head(&s)?,
                     grad_check: None,
                 }
             }
@@ -446,7 +467,7 @@ impl RunOnce for ContraCpu {
                 let (k, q) = tensors.split_at_mut(1);
                 crate::momentum_update(&mut k[0], &q[0], cases::MOMENTUM_M)?;
                 Outcome {
-                    check: tensor_head(&k[0])?,
+                    check: head(&k[0])?,
                     grad_check: None,
                 }
             }

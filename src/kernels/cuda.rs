@@ -140,6 +140,13 @@ impl Cuda {
         }
     }
 
+    /// Waits for the work queued on this GPU's stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| device_error("waiting for the GPU", e))
+    }
+
     /// The stream contra's work on this GPU runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

@@ -23,7 +23,10 @@
 //! # Ok::<(), contra::Error>(())
 //! ```
 
+/// The benchmark suite behind `contra bench`: public for the command line and its tests, not part
+/// of the library's API.
 #[cfg(feature = "bench")]
+#[doc(hidden)]
 pub mod bench;
 pub(crate) mod checks;
 pub(crate) mod cpu;

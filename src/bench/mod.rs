@@ -1,10 +1,10 @@
 //! The benchmark suite behind `contra bench`: contra against the references a user would
 //! otherwise run, in one command and one table.
 //!
-//! For every case (an op, a pass and a shape, [`cases`]) the suite measures
+//! For every case (an op, a pass and a shape, `cases`) the suite measures
 //!
 //! - contra: the public ops on the CPU, or the kernels on device-resident buffers on a GPU;
-//! - the naive Rust reference ([`naive`], CPU only): the loss written the way PyTorch eager runs
+//! - the naive Rust reference (`naive`, CPU only): the loss written the way PyTorch eager runs
 //!   it, materializing the N x N matrix, on the same GEMM as contra;
 //! - on a kernel device, the unfused kernel sequence (`src/bench/unfused.rs`: GEMM, then separate
 //!   log-softmax and cross-entropy kernels) for NT-Xent and InfoNCE;
@@ -19,9 +19,9 @@
 //! freed memory cannot hide another's peak. The losses and the first gradient entries of every
 //! implementation are compared (column `agree`).
 //!
-//! Achieved GFLOP/s use the nominal flop model of [`Case::flops`] (the matrix products of the
+//! Achieved GFLOP/s use the nominal flop model of `Case::flops` (the matrix products of the
 //! eager formulation, the same count for every implementation) and are set against the
-//! machine's GEMM peak, which the command measures itself ([`gemm_peak`]).
+//! machine's GEMM peak, which the command measures itself (`gemm_peak`).
 
 pub mod cases;
 pub(crate) mod kernel;

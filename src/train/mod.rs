@@ -38,15 +38,27 @@
 //! The per-epoch monitor evaluates the held-out split, which is also the evaluation split
 //! (the data sets have no third split), so defaults tuned on it are mildly optimistic.
 
+// The API is what this module re-exports below; the files behind it stay reachable (the command
+// line and the tests use a few helpers) but are not documented as API.
+#[doc(hidden)]
 pub mod augment;
+#[doc(hidden)]
 pub mod checkpoint;
+#[doc(hidden)]
 pub mod config;
+#[doc(hidden)]
 pub mod eval;
+#[doc(hidden)]
 pub mod idx;
+#[doc(hidden)]
 pub mod plot;
+#[doc(hidden)]
 pub mod report;
+#[doc(hidden)]
 pub mod run;
+#[doc(hidden)]
 pub mod split;
+#[doc(hidden)]
 pub mod trainer;
 
 pub use augment::Augment;

@@ -36,7 +36,7 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<16> columns;  // CLIP / symmetric sweep: per-ty partials
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int r0 = blockIdx.x * kTile;
-    const float scale_log2 = p.scale * kLog2e;
+    const float scale_log2 = logit_scale(p) * kLog2e;
     const T* q = static_cast<const T*>(p.q);
     QueryRow query[kPerThread];
     OnlineLse state[kPerThread];
@@ -187,12 +187,12 @@ __device__ __forceinline__ float dlogit(const ContraInfonceBwdParams& p, int qi,
 // j's. Each sums to zero along its row (column), so the centring changes only the rounding; the
 // plain sum of dlogit * logit cancels terms of size `scale` down to `scale * spread` when the
 // embeddings cluster, and got the sign wrong.
-__device__ __forceinline__ float clip_log_scale_term(const ContraInfonceBwdParams& p, int qi, int kj, float u,
-                                                      float dot) {
+__device__ __forceinline__ float clip_log_scale_term(const ContraInfonceBwdParams& p, float scale, int qi, int kj,
+                                                      float u, float dot) {
     const float target = p.positives[qi] == kj ? 1.0f : 0.0f;
     const float row = exp2f(u - __fmul_rn(p.lse[qi], kLog2e)) - target;
     const float col = exp2f(u - __fmul_rn(p.col_lse[kj], kLog2e)) - target;
-    return p.grad_scale * p.scale * (row * (dot - p.diag_dot[qi]) + col * (dot - p.diag_dot[kj]));
+    return p.grad_scale * scale * (row * (dot - p.diag_dot[qi]) + col * (dot - p.diag_dot[kj]));
 }
 
 template <typename T>
@@ -201,7 +201,7 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     __shared__ __align__(16) float staged[kTile][kTilePad];  // the second products' source rows
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
     const int r0 = blockIdx.x * kTile;
-    const float scale_log2 = p.scale * kLog2e;
+    const float scale = logit_scale(p), scale_log2 = scale * kLog2e;
     const T* q = static_cast<const T*>(p.q);
     const T* k = static_cast<const T*>(p.k);
     float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
@@ -232,8 +232,8 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
                 const float dot = g[r][c], u = __fmul_rn(dot, scale_log2);
                 float dl = dlogit(p, row, col, u);
                 if (p.symmetric) dl += dlogit(p, col, row, u);  // logit_ji == logit_ij
-                if (p.log_scale_partial) log_scale_acc += clip_log_scale_term(p, row, col, u, dot);
-                value = dl * p.scale;
+                if (p.log_scale_partial) log_scale_acc += clip_log_scale_term(p, scale, row, col, u, dot);
+                value = dl * scale;
             }
             g[r][c] = value;
         }

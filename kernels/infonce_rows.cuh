@@ -6,6 +6,12 @@
 
 namespace contra {
 
+// The logit scale: the value passed, or exp of the learnable log-scale left on the device.
+template <typename Params>
+__device__ __forceinline__ float logit_scale(const Params& p) {
+    return p.log_scale ? expf(*p.log_scale) : p.scale;
+}
+
 // One query row of the forward: its positive key (or SupCon label and weight).
 struct QueryRow {
     int row;

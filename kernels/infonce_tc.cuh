@@ -27,7 +27,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     const int g = lane / 4, t = lane % 4;
     const int m0 = 16 * (warp % 4), half = warp / 4, n0 = 32 * half;
     const int r0 = blockIdx.x * kTile;
-    const float scale_log2 = p.scale * kLog2e;
+    const float scale_log2 = logit_scale(p) * kLog2e;
     const T* q = static_cast<const T*>(p.q);
     // This lane's rows: m0 + g (fragment elements 0, 1) and m0 + g + 8 (elements 2, 3).
     QueryRow query[2];

@@ -171,6 +171,24 @@ fn clip_forward_and_backward_stay_on_the_device() {
         }
         close("clip grad_b", &out.grad_b, &reference.grad_b);
         close("clip_backward grad_a", &grads.grad_a, &reference.grad_a);
+
+        // The learnable log-scale as a tensor on the device: read there, no copy either.
+        let learned = Tensor::from_vec(vec![log_scale as f32], &[], device).unwrap();
+        let out = stays("clip with a device log_scale", device, || {
+            clip(&a, &b, &learned).unwrap()
+        });
+        let got = read_loss("clip (device log_scale)", device, &out.loss);
+        let want = reference.loss.to_scalar().unwrap();
+        assert!((got - want).abs() < 1e-4 * want, "clip: {got} vs {want}");
+        let got = out.grad_log_scale.to_scalar().unwrap();
+        let want = reference.grad_log_scale.to_scalar().unwrap();
+        assert!((got - want).abs() < 1e-4 * want.abs(), "{got} vs {want}");
+        // A NaN log-scale is found there too, and named.
+        let nan = Tensor::from_vec(vec![f32::NAN], &[], device).unwrap();
+        let err = clip(&a, &b, &nan)
+            .and_then(|out| out.loss.to_scalar())
+            .unwrap_err();
+        assert!(err.to_string().contains("`log_scale`"), "{device}: {err}");
     }
 }
 

@@ -75,6 +75,9 @@ typedef struct ContraInfonceFwdParams {
     int dim;
     int self_mask;
     float scale;
+    /* CLIP's learnable scalar left on the device: when not NULL, the logit scale is
+     * exp(*log_scale) and `scale` is unused. */
+    const float* log_scale;
 } ContraInfonceFwdParams;
 
 /* infonce_bwd: the gradients, in one pass over blocks of 64 query rows. With
@@ -109,6 +112,8 @@ typedef struct ContraInfonceBwdParams {
     int symmetric;
     float scale;
     float grad_scale;
+    /* As in ContraInfonceFwdParams: when not NULL, the logit scale is exp(*log_scale). */
+    const float* log_scale;
 } ContraInfonceBwdParams;
 
 /* infonce_extra_bwd: the gradient through MoCo's extra (positive) logit, added to grad_q:

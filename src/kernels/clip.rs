@@ -19,7 +19,15 @@ pub(crate) struct Clip<'a, B: Backend> {
     pub diagonal: &'a B::Buf,
     pub rows: usize,
     pub dim: usize,
-    pub log_scale: f64,
+    /// The learnable log of the logit scale: a value, or one f32 on the device.
+    pub log_scale: LogScale<'a, B::Buf>,
+}
+
+/// CLIP's log-scale as the kernels take it.
+pub(crate) enum LogScale<'a, Buf> {
+    Value(f64),
+    /// One f32 on the device, read there (no copy to the host).
+    Device(&'a Buf),
 }
 
 /// What the forward leaves on the device.
@@ -31,8 +39,19 @@ pub(crate) struct ClipForward<Buf> {
 }
 
 impl<B: Backend> Clip<'_, B> {
+    /// The logit scale passed by value (unused when the log-scale is on the device).
     fn scale(&self) -> f32 {
-        self.log_scale.exp() as f32
+        match self.log_scale {
+            LogScale::Value(log_scale) => log_scale.exp() as f32,
+            LogScale::Device(_) => 1.0,
+        }
+    }
+
+    fn device_log_scale(&self) -> Option<&B::Buf> {
+        match self.log_scale {
+            LogScale::Value(_) => None,
+            LogScale::Device(buf) => Some(buf),
+        }
     }
 
     fn normalized(&self, b: &B) -> Result<(B::Buf, B::Buf)> {
@@ -54,6 +73,7 @@ impl<B: Backend> Clip<'_, B> {
             positives: Some(self.diagonal),
             labels: None,
             col_lse,
+            log_scale: self.device_log_scale(),
             symmetric: false,
             rows: self.rows,
             cols: self.rows,

@@ -75,6 +75,7 @@ impl<B: Backend> Problem<'_, B> {
             positives: Some(self.positives),
             labels: None,
             col_lse: None,
+            log_scale: None,
             symmetric: self.symmetric,
             rows: self.rows,
             cols: self.cols,
@@ -185,6 +186,9 @@ pub(crate) struct Softmax<'a, Buf> {
     pub labels: Option<(&'a Buf, &'a Buf)>,
     /// CLIP's column log-sum-exp: the backward adds the column softmax (symmetric loss).
     pub col_lse: Option<&'a Buf>,
+    /// CLIP's learnable log-scale left on the device (one f32): the logit scale is its exp,
+    /// in place of the scale passed by value.
+    pub log_scale: Option<&'a Buf>,
     /// q and k are the same rows (NT-Xent, SupCon): the forward visits each pair of tiles once.
     pub symmetric: bool,
     pub rows: usize,
@@ -242,6 +246,7 @@ pub(crate) fn fused_forward<B: Backend>(
         dim: extent("dim", s.dim)?,
         self_mask: self_mask as i32,
         scale,
+        log_scale: or_null(b, s.log_scale).cast(),
     };
     let kernel = handles::INFONCE_FWD.of(b.info(s.q).elem);
     if s.symmetric {
@@ -331,6 +336,7 @@ impl<Buf> BackwardPass<'_, Buf> {
             symmetric: symmetric as i32,
             scale: self.scale,
             grad_scale: self.grad_scale,
+            log_scale: or_null(b, s.log_scale).cast(),
         };
         let mut written = vec![grad_q];
         written.extend(grad_k);

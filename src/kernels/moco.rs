@@ -37,6 +37,7 @@ impl<B: Backend> Moco<'_, B> {
             positives: None,
             labels: None,
             col_lse: None,
+            log_scale: None,
             symmetric: false,
             rows: self.rows,
             cols: self.queue_len,

@@ -107,10 +107,11 @@ pub struct ContraInfonceFwdParams {
     pub dim: ::std::os::raw::c_int,
     pub self_mask: ::std::os::raw::c_int,
     pub scale: f32,
+    pub log_scale: *const f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 112usize];
+    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 120usize];
     ["Alignment of ContraInfonceFwdParams"]
         [::std::mem::align_of::<ContraInfonceFwdParams>() - 8usize];
     ["Offset of field: ContraInfonceFwdParams::q"]
@@ -145,6 +146,8 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceFwdParams, self_mask) - 100usize];
     ["Offset of field: ContraInfonceFwdParams::scale"]
         [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 104usize];
+    ["Offset of field: ContraInfonceFwdParams::log_scale"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, log_scale) - 112usize];
 };
 impl Default for ContraInfonceFwdParams {
     fn default() -> Self {
@@ -176,10 +179,11 @@ pub struct ContraInfonceBwdParams {
     pub symmetric: ::std::os::raw::c_int,
     pub scale: f32,
     pub grad_scale: f32,
+    pub log_scale: *const f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 120usize];
+    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 128usize];
     ["Alignment of ContraInfonceBwdParams"]
         [::std::mem::align_of::<ContraInfonceBwdParams>() - 8usize];
     ["Offset of field: ContraInfonceBwdParams::q"]
@@ -218,6 +222,8 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceBwdParams, scale) - 108usize];
     ["Offset of field: ContraInfonceBwdParams::grad_scale"]
         [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 112usize];
+    ["Offset of field: ContraInfonceBwdParams::log_scale"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, log_scale) - 120usize];
 };
 impl Default for ContraInfonceBwdParams {
     fn default() -> Self {

@@ -32,6 +32,7 @@ impl<B: Backend> SupCon<'_, B> {
             positives: None,
             labels: Some((self.labels, self.target_weight)),
             col_lse: None,
+            log_scale: None,
             symmetric: true,
             rows: self.rows,
             cols: self.rows,

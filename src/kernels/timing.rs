@@ -346,7 +346,7 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         diagonal: &diagonal,
         rows: n,
         dim: d,
-        log_scale: (1.0f64 / 0.07).ln(),
+        log_scale: super::clip::LogScale::Value((1.0f64 / 0.07).ln()),
     };
     let gemm = 2.0 * (n * n * d) as f64;
     time(

@@ -5,11 +5,11 @@ use super::{
     attach_loss_checks, check_finite_scalar, check_grad_loss, check_host_finite, check_result,
     check_scalar_result, compute_dtype, expect_shape, host_loss, kernel_grads, kernel_state,
     matrix_dims, output_like, same_place, state_like, upload_f32, upload_features, values,
-    with_cpu_real, Fingerprint, Origin,
+    with_cpu_real, Fingerprint, Origin, Scalar,
 };
 use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
-use crate::{cpu, DType, Error, Result, Tensor};
+use crate::{cpu, DType, Device, Error, Result, Tensor};
 
 const OP: &str = "clip";
 const BACKWARD: &str = "clip_backward";
@@ -57,7 +57,12 @@ pub struct ClipOutput {
 }
 
 /// Validates the inputs (errors named after `op`) and returns `(rows, dim)`.
-fn validate(op: &'static str, a: &Tensor, b: &Tensor, log_scale: f64) -> Result<(usize, usize)> {
+fn validate<'t>(
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    log_scale: Scalar<'t>,
+) -> Result<((usize, usize), LogScale<'t>)> {
     let (rows, dim) = matrix_dims(op, "a", a)?;
     matrix_dims(op, "b", b)?;
     same_place(op, &[("a", a), ("b", b)])?;
@@ -69,10 +74,62 @@ fn validate(op: &'static str, a: &Tensor, b: &Tensor, log_scale: f64) -> Result<
             format!("{:?} (the same shape as a: one pair per row)", a.shape()),
         ));
     }
-    check_log_scale(op, log_scale, compute_dtype(a.device(), a.dtype()))?;
+    let log_scale = LogScale::resolve(op, log_scale, a)?;
+    if let LogScale::Value(value) = log_scale {
+        check_log_scale(op, value, compute_dtype(a.device(), a.dtype()))?;
+    }
     check_host_finite(op, "a", a)?;
     check_host_finite(op, "b", b)?;
-    Ok((rows, dim))
+    Ok(((rows, dim), log_scale))
+}
+
+/// The log-scale of one call: a value (given, or read from a host tensor), or a tensor on a's
+/// kernel device, which the kernels read there (a non-finite one is caught there, and an
+/// `exp(log_scale)` that overflows makes the logits overflow, an error naming it).
+#[derive(Clone, Copy, Debug)]
+enum LogScale<'t> {
+    Value(f64),
+    Device(&'t Tensor),
+}
+
+impl<'t> LogScale<'t> {
+    fn resolve(op: &'static str, log_scale: Scalar<'t>, a: &Tensor) -> Result<LogScale<'t>> {
+        let t = match log_scale {
+            Scalar::Value(value) => return Ok(LogScale::Value(value)),
+            Scalar::Tensor(t) => t,
+        };
+        if t.numel() != 1 {
+            return Err(Error::shape(
+                op,
+                "log_scale",
+                t.shape(),
+                "one element (a 0-d tensor)",
+            ));
+        }
+        if t.device() == a.device() && a.device() != Device::Cpu {
+            return Ok(LogScale::Device(t));
+        }
+        if t.device() != Device::Cpu && a.device() != Device::Cpu {
+            return Err(Error::Mismatch {
+                op,
+                reason: format!(
+                    "`a` is on {} but `log_scale` is on {}",
+                    a.device(),
+                    t.device()
+                ),
+            });
+        }
+        // On the CPU (or `a` on the CPU): read it.
+        Ok(LogScale::Value(t.to_scalar()?))
+    }
+
+    /// The value, for the CPU path (where a log-scale is never left on a device).
+    fn value(self) -> Result<f64> {
+        match self {
+            LogScale::Value(value) => Ok(value),
+            LogScale::Device(t) => t.to_scalar(),
+        }
+    }
 }
 
 /// Rejects a `log_scale` whose logit scale `exp(log_scale)` (times log2(e), which the kernels
@@ -97,8 +154,12 @@ fn check_log_scale(op: &'static str, log_scale: f64, compute: DType) -> Result<(
 }
 
 /// The origin of clip's saved state.
-fn origin(a: &Tensor, b: &Tensor, log_scale: f64) -> Origin {
-    Origin::new(OP, &log_scale, Fingerprint::new().tensor(a).tensor(b))
+fn origin(a: &Tensor, b: &Tensor, log_scale: LogScale<'_>) -> Origin {
+    let inputs = Fingerprint::new().tensor(a).tensor(b);
+    match log_scale {
+        LogScale::Value(value) => Origin::new(OP, &value, inputs),
+        LogScale::Device(t) => Origin::new(OP, &"log_scale tensor", inputs.tensor(t)),
+    }
 }
 
 fn problem<'a, T>(
@@ -118,20 +179,24 @@ fn problem<'a, T>(
 
 /// Forward of the CLIP loss for paired embeddings `a`, `b` (N x D each): the loss and the row
 /// and column log-sum-exp for [`clip_backward`].
-pub fn clip_forward(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipForward> {
-    let dims = validate(OP, a, b, log_scale)?;
+pub fn clip_forward<'s>(
+    a: &Tensor,
+    b: &Tensor,
+    log_scale: impl Into<Scalar<'s>>,
+) -> Result<ClipForward> {
+    let (dims, log_scale) = validate(OP, a, b, log_scale.into())?;
     run_on_kernels!(a.device(), k => {
         let origin = origin(a, b, log_scale);
         let mut rec = Recorder::new(k, OP)?;
-        let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0)?;
-        let problem = inputs.problem(dims, log_scale);
+        let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0, log_scale)?;
+        let problem = inputs.problem(dims);
         let fwd = kernel_sweep(k, &mut rec, &problem)?;
         let (loss, checks) = rec.finish_loss(&fwd.row_value, problem.divisor(), BLAME)?;
         let row_lse = kernel_state(k, fwd.row_lse, &[dims.0])?.with_checks(&checks);
         let col_lse = kernel_state(k, fwd.col_lse, &[dims.0])?.with_checks(&checks);
         Ok(ClipForward { loss, saved: ClipSaved { row_lse, col_lse, origin } })
     });
-    clip_forward_cpu(a, b, log_scale, dims)
+    clip_forward_cpu(a, b, log_scale.value()?, dims)
 }
 
 /// The forward on a kernel backend, its log-sum-exps recorded for a scan.
@@ -164,7 +229,7 @@ fn clip_forward_cpu(
     let saved = ClipSaved {
         row_lse,
         col_lse,
-        origin: origin(a, b, log_scale),
+        origin: origin(a, b, LogScale::Value(log_scale)),
     };
     Ok(ClipForward {
         loss: host_loss(loss, a.device())?,
@@ -174,14 +239,14 @@ fn clip_forward_cpu(
 
 /// Backward of the CLIP loss: gradients of `grad_loss * loss` with respect to `a`, `b` and
 /// `log_scale`.
-pub fn clip_backward(
+pub fn clip_backward<'s>(
     a: &Tensor,
     b: &Tensor,
-    log_scale: f64,
+    log_scale: impl Into<Scalar<'s>>,
     saved: &ClipSaved,
     grad_loss: f64,
 ) -> Result<ClipGrads> {
-    let dims = validate(BACKWARD, a, b, log_scale)?;
+    let (dims, log_scale) = validate(BACKWARD, a, b, log_scale.into())?;
     for (arg, lse) in [
         ("saved.row_lse", &saved.row_lse),
         ("saved.col_lse", &saved.col_lse),
@@ -193,25 +258,18 @@ pub fn clip_backward(
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(a.device(), a.dtype()))?;
     run_on_kernels!(a.device(), k => {
         let mut rec = Recorder::new(k, BACKWARD)?;
-        let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0)?;
+        let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0, log_scale)?;
         let row_lse = upload_f32(k, "saved.row_lse", &saved.row_lse)?;
         rec.input("saved.row_lse", &saved.row_lse, &row_lse)?;
         let col_lse = upload_f32(k, "saved.col_lse", &saved.col_lse)?;
         rec.input("saved.col_lse", &saved.col_lse, &col_lse)?;
-        let (ga, gb, partial) = inputs.problem(dims, log_scale).backward(k, &row_lse, &col_lse, grad_loss)?;
+        let (ga, gb, partial) = inputs.problem(dims).backward(k, &row_lse, &col_lse, grad_loss)?;
         let finish = |rec: Recorder<'_, _>| rec.finish_scalar("grad_log_scale", &partial, 1.0, BLAME);
         let (grad_log_scale, [grad_a, grad_b]) = kernel_grads(k, rec, [("grad_a", ga, a), ("grad_b", gb, b)], BLAME, finish)?;
         Ok(ClipGrads { grad_a, grad_b, grad_log_scale })
     });
-    cpu_grads(
-        BACKWARD,
-        a,
-        b,
-        log_scale,
-        (&saved.row_lse, &saved.col_lse),
-        grad_loss,
-        dims,
-    )
+    let lse = (&saved.row_lse, &saved.col_lse);
+    cpu_grads(BACKWARD, a, b, log_scale.value()?, lse, grad_loss, dims)
 }
 
 /// The gradients on the CPU from the forward's log-sum-exps, checked finite (errors named after
@@ -257,13 +315,13 @@ fn cpu_grads(
 /// assert!(out.grad_log_scale.to_scalar()? < 0.0);
 /// # Ok::<(), contra::Error>(())
 /// ```
-pub fn clip(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipOutput> {
+pub fn clip<'s>(a: &Tensor, b: &Tensor, log_scale: impl Into<Scalar<'s>>) -> Result<ClipOutput> {
     // Validated once; no saved state to fingerprint or verify.
-    let dims = validate(OP, a, b, log_scale)?;
+    let (dims, log_scale) = validate(OP, a, b, log_scale.into())?;
     run_on_kernels!(a.device(), k => {
         let mut rec = Recorder::new(k, OP)?;
-        let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0)?;
-        let problem = inputs.problem(dims, log_scale);
+        let inputs = KernelInputs::new(k, &mut rec, a, b, dims.0, log_scale)?;
+        let problem = inputs.problem(dims);
         let fwd = kernel_sweep(k, &mut rec, &problem)?;
         let (ga, gb, partial) = problem.backward(k, &fwd.row_lse, &fwd.col_lse, 1.0)?;
         // Its own buffer, whose reads also verify the call's checks (attached below).
@@ -273,6 +331,7 @@ pub fn clip(a: &Tensor, b: &Tensor, log_scale: f64) -> Result<ClipOutput> {
         let grad_log_scale = attach_loss_checks(grad_log_scale, &loss);
         Ok(ClipOutput { loss, grad_a, grad_b, grad_log_scale })
     });
+    let log_scale = log_scale.value()?;
     let fwd = clip_forward_cpu(a, b, log_scale, dims)?;
     let lse = (&fwd.saved.row_lse, &fwd.saved.col_lse);
     let grads = cpu_grads(OP, a, b, log_scale, lse, 1.0, dims)?;
@@ -289,6 +348,13 @@ struct KernelInputs<'t, B: Backend> {
     a: Operand<'t, B::Buf>,
     b: Operand<'t, B::Buf>,
     diagonal: B::Buf,
+    log_scale: ScaleOperand<'t, B::Buf>,
+}
+
+/// The log-scale as the kernels take it: by value, or as an f32 operand on the device.
+enum ScaleOperand<'t, Buf> {
+    Value(f64),
+    Device(Operand<'t, Buf>),
 }
 
 impl<'t, B: Backend> KernelInputs<'t, B> {
@@ -300,25 +366,38 @@ impl<'t, B: Backend> KernelInputs<'t, B> {
         a: &'t Tensor,
         b: &'t Tensor,
         rows: usize,
+        log_scale: LogScale<'t>,
     ) -> Result<Self> {
+        let log_scale = match log_scale {
+            LogScale::Value(value) => ScaleOperand::Value(value),
+            LogScale::Device(t) => {
+                let operand = upload_f32(k, "log_scale", t)?;
+                rec.input("log_scale", t, &operand)?;
+                ScaleOperand::Device(operand)
+            }
+        };
         let inputs = KernelInputs {
             a: upload_features(k, "a", a)?,
             b: upload_features(k, "b", b)?,
             diagonal: kernels::elementwise::index_ring(k, rows, 0)?,
+            log_scale,
         };
         rec.input("a", a, &inputs.a)?;
         rec.input("b", b, &inputs.b)?;
         Ok(inputs)
     }
 
-    fn problem(&self, (rows, dim): (usize, usize), log_scale: f64) -> kernels::clip::Clip<'_, B> {
+    fn problem(&self, (rows, dim): (usize, usize)) -> kernels::clip::Clip<'_, B> {
         kernels::clip::Clip {
             a: &self.a,
             b: &self.b,
             diagonal: &self.diagonal,
             rows,
             dim,
-            log_scale,
+            log_scale: match &self.log_scale {
+                ScaleOperand::Value(value) => kernels::clip::LogScale::Value(*value),
+                ScaleOperand::Device(operand) => kernels::clip::LogScale::Device(operand),
+            },
         }
     }
 }

@@ -34,6 +34,38 @@ pub use ntxent::{ntxent, ntxent_backward, ntxent_forward, NtXentOptions, NtXentO
 
 use std::borrow::Cow;
 
+/// A scalar argument that can be learned (CLIP's `log_scale`): a plain value, or a tensor of one
+/// element. A tensor on the inputs' kernel device is read there by the kernels (no copy to the
+/// host, so a step that learns it makes none); one on the CPU is read directly.
+///
+/// ```
+/// use contra::{clip, Device, Tensor};
+/// let a = Tensor::from_vec(vec![1.0f32, 0.1, 0.0, 1.0], &[2, 2], Device::Interp)?;
+/// let b = Tensor::from_vec(vec![0.9f32, 0.0, 0.2, 0.8], &[2, 2], Device::Interp)?;
+/// let log_scale = Tensor::from_vec(vec![2.0f32], &[], Device::Interp)?;
+/// let learned = clip(&a, &b, &log_scale)?;
+/// let fixed = clip(&a, &b, 2.0)?;
+/// assert!((learned.loss.to_scalar()? - fixed.loss.to_scalar()?).abs() < 1e-5);
+/// # Ok::<(), contra::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub enum Scalar<'a> {
+    Value(f64),
+    Tensor(&'a Tensor),
+}
+
+impl From<f64> for Scalar<'_> {
+    fn from(value: f64) -> Self {
+        Scalar::Value(value)
+    }
+}
+
+impl<'a> From<&'a Tensor> for Scalar<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Scalar::Tensor(t)
+    }
+}
+
 use std::sync::Arc;
 
 use crate::checks::{Checks, Recorder};

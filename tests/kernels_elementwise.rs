@@ -89,11 +89,11 @@ fn check_margin(device: Device) {
             let shape = [n, d];
             let got = compare_with_cpu(device, &case, &[(&x1, &shape), (&x2, &shape)], |t| {
                 let one_call = margin_loss(&t[0], &t[1], &y, &opts)?;
-                let loss = margin_forward(&t[0], &t[1], &y, &opts)?;
-                let (g1, g2) = margin_backward(&t[0], &t[1], &y, &opts, 2.5)?;
+                let fwd = margin_forward(&t[0], &t[1], &y, &opts)?;
+                let (g1, g2) = margin_backward(&t[0], &t[1], &y, &opts, &fwd.saved, 2.5)?;
                 Ok(vec![
                     ("loss (one call)", vec![one_call.loss.to_scalar().unwrap()]),
-                    ("loss (split)", vec![loss.to_scalar().unwrap()]),
+                    ("loss (split)", vec![fwd.loss.to_scalar().unwrap()]),
                     ("grad_x1", one_call.grad_x1.to_vec_f64().unwrap()),
                     ("grad_x2", one_call.grad_x2.to_vec_f64().unwrap()),
                     ("grad_x1 (grad_loss 2.5)", g1.to_vec_f64().unwrap()),
@@ -145,11 +145,11 @@ fn check_nce_case(device: Device, case: &str, rows: usize, k: usize, inputs: [Ve
         ],
         |t| {
             let one_call = nce(&t[0], &t[1], &t[2], &t[3])?;
-            let loss = nce_forward(&t[0], &t[1], &t[2], &t[3])?;
-            let (gp, gn) = nce_backward(&t[0], &t[1], &t[2], &t[3], 2.5)?;
+            let fwd = nce_forward(&t[0], &t[1], &t[2], &t[3])?;
+            let (gp, gn) = nce_backward(&t[0], &t[1], &t[2], &t[3], &fwd.saved, 2.5)?;
             Ok(vec![
                 ("loss (one call)", vec![one_call.loss.to_scalar().unwrap()]),
-                ("loss (split)", vec![loss.to_scalar().unwrap()]),
+                ("loss (split)", vec![fwd.loss.to_scalar().unwrap()]),
                 ("grad_s_pos", one_call.grad_s_pos.to_vec_f64().unwrap()),
                 ("grad_s_neg", one_call.grad_s_neg.to_vec_f64().unwrap()),
                 ("grad_s_pos (grad_loss 2.5)", gp.to_vec_f64().unwrap()),

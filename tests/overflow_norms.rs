@@ -904,15 +904,17 @@ fn margin_loss_at_distance_1e20() {
                 t32(&x1, &[rows, DIM], device),
                 t32(&x2, &[rows, DIM], device),
             );
-            let loss = margin_forward(&a, &b, &y, &opts)
-                .and_then(|l| l.to_scalar())
+            let fwd = margin_forward(&a, &b, &y, &opts).unwrap_or_else(|e| panic!("{device}: {e}"));
+            let loss = fwd
+                .loss
+                .to_scalar()
                 .unwrap_or_else(|e| panic!("{device}: {e}"));
             let err = (loss - want_loss).abs() / want_loss;
             assert!(
                 err <= 1e-5,
                 "margin {margin:e} on {device}: loss {loss:e} vs {want_loss:e}"
             );
-            let (g1, g2) = margin_backward(&a, &b, &y, &opts, 1.0).unwrap();
+            let (g1, g2) = margin_backward(&a, &b, &y, &opts, &fwd.saved, 1.0).unwrap();
             let err = rel_err(&g1.to_vec_f64().unwrap(), &want_grad);
             assert!(
                 err <= 1e-5,
@@ -937,15 +939,17 @@ fn margin_loss_limits() {
     let opts = MarginOptions { margin: 1.0 };
     for device in devices("margin_loss_limits") {
         let (a, b) = (t32(&x1, &[1, 1], device), t32(&x2, &[1, 1], device));
-        let loss = margin_forward(&a, &b, &[0], &opts)
-            .and_then(|l| l.to_scalar())
+        let fwd = margin_forward(&a, &b, &[0], &opts).unwrap_or_else(|e| panic!("{device}: {e}"));
+        let loss = fwd
+            .loss
+            .to_scalar()
             .unwrap_or_else(|e| panic!("{device}: {e}"));
         assert!(
             (loss - want).abs() <= 1e-6 * want,
             "{device}: {loss:e} vs {want:e}"
         );
         // On a kernel device the error comes with the read of the gradients.
-        let err = margin_backward(&a, &b, &[0], &opts, 1.0)
+        let err = margin_backward(&a, &b, &[0], &opts, &fwd.saved, 1.0)
             .and_then(|(g1, _)| g1.to_vec_f64())
             .unwrap_err();
         assert!(is_overflow(&err, "grad_x1"), "{device}: {err}");
@@ -957,6 +961,7 @@ fn margin_loss_limits() {
     let (a, b) = (t64(&[1e150], &[1, 1]), t64(&[0.0], &[1, 1]));
     let loss = margin_forward(&a, &b, &[0], &MarginOptions { margin: 1e39 })
         .unwrap()
+        .loss
         .to_scalar()
         .unwrap();
     assert!((loss - 5e299).abs() <= 1e-12 * 5e299, "{loss:e}");
@@ -971,6 +976,7 @@ fn margin_loss_limits() {
     );
     let loss = margin_forward(&a, &b, &[0, 0, 0], &opts)
         .unwrap()
+        .loss
         .to_scalar()
         .unwrap();
     let want = 1.3e154f64 * 1.3e154 / 2.0;

@@ -323,6 +323,7 @@ fn margin_gradients_match_finite_differences() {
             &opts,
         )
         .unwrap()
+        .loss
         .to_scalar()
         .unwrap()
     };
@@ -394,6 +395,7 @@ fn nce_gradients_match_finite_differences() {
             &logq_neg,
         )
         .unwrap()
+        .loss
         .to_scalar()
         .unwrap()
     };
@@ -415,14 +417,21 @@ fn nce_gradients_match_finite_differences() {
         "nce s_neg",
     );
     // The backward is linear in grad_loss.
-    let (gp, _) = nce_backward(
-        &t64(s_pos.clone(), &[b]),
-        &t64(s_neg.clone(), &[b, k]),
-        &logq_pos,
-        &logq_neg,
-        3.0,
+    let inputs = [
+        t64(s_pos.clone(), &[b]),
+        t64(s_neg.clone(), &[b, k]),
+        logq_pos.clone(),
+        logq_neg.clone(),
+    ];
+    let [sp, sn, qp, qn] = &inputs;
+    let fwd = nce_forward(sp, sn, qp, qn).unwrap();
+    let (gp, _) = nce_backward(sp, sn, qp, qn, &fwd.saved, 3.0).unwrap();
+    // A saved state of other inputs is refused.
+    let err = nce_backward(
+        &inputs[0], &inputs[1], &inputs[0], &inputs[1], &fwd.saved, 1.0,
     )
-    .unwrap();
+    .unwrap_err();
+    assert!(err.to_string().contains("`saved`"), "{err}");
     let want: Vec<f64> = out
         .grad_s_pos
         .to_vec::<f64>()
@@ -779,6 +788,7 @@ fn nce_with_one_noise_sample_matches_direct_formula() {
         &t64(lq_neg.iter().flat_map(|&v| [v; 4]).collect(), &[b, 4]),
     )
     .unwrap()
+    .loss
     .to_scalar()
     .unwrap();
     let want4: f64 = (0..b)
@@ -1181,9 +1191,29 @@ fn error_triplet_backward_with_foreign_state() {
         "grad_loss",
         "not finite",
     );
+    let margin = margin_forward(&x, &x, &[0; 8], &MarginOptions::default()).unwrap();
     expect_invalid_err(
-        margin_backward(&x, &x, &[0; 8], &MarginOptions::default(), f64::INFINITY),
+        margin_backward(
+            &x,
+            &x,
+            &[0; 8],
+            &MarginOptions::default(),
+            &margin.saved,
+            f64::INFINITY,
+        ),
         "grad_loss",
         "not finite",
+    );
+    expect_invalid_err(
+        margin_backward(
+            &x,
+            &x,
+            &[0; 8],
+            &MarginOptions { margin: 2.0 },
+            &margin.saved,
+            1.0,
+        ),
+        "saved",
+        "options",
     );
 }

@@ -1749,9 +1749,9 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
         |[a, b]: [Tensor; 2]| {
             let y = y.clone();
             guarded(move || {
-                let loss = margin_forward(&a, &b, &y, &opts)?;
-                let (g1, g2) = margin_backward(&a, &b, &y, &opts, 1.0)?;
-                loss_outs(&loss, &[("grad_x1", &g1), ("grad_x2", &g2)])
+                let fwd = margin_forward(&a, &b, &y, &opts)?;
+                let (g1, g2) = margin_backward(&a, &b, &y, &opts, &fwd.saved, 1.0)?;
+                loss_outs(&fwd.loss, &[("grad_x1", &g1), ("grad_x2", &g2)])
             })
         },
     );
@@ -1802,6 +1802,7 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
                 &y,
                 &opts,
             )?
+            .loss
             .to_scalar()
         };
         let wrt = [(&x1[..], &out.grad_x1, dim), (&x2[..], &out.grad_x2, dim)];
@@ -1876,9 +1877,9 @@ fn nce_case(regime: Regime, device: Device, c: NceCase) -> Result<Tally, TestCas
         },
         |t: [Tensor; 4]| {
             guarded(move || {
-                let loss = nce_forward(&t[0], &t[1], &t[2], &t[3])?;
-                let (gp, gn) = nce_backward(&t[0], &t[1], &t[2], &t[3], 1.0)?;
-                loss_outs(&loss, &[("grad_s_pos", &gp), ("grad_s_neg", &gn)])
+                let fwd = nce_forward(&t[0], &t[1], &t[2], &t[3])?;
+                let (gp, gn) = nce_backward(&t[0], &t[1], &t[2], &t[3], &fwd.saved, 1.0)?;
+                loss_outs(&fwd.loss, &[("grad_s_pos", &gp), ("grad_s_neg", &gn)])
             })
         },
     );
@@ -1930,6 +1931,7 @@ fn nce_case(regime: Regime, device: Device, c: NceCase) -> Result<Tally, TestCas
                 qp_r,
                 qn_r,
             )?
+            .loss
             .to_scalar()
         };
         let wrt = [(&sp[..], &out.grad_s_pos, 1), (&sn[..], &out.grad_s_neg, k)];

@@ -421,7 +421,9 @@ impl RunOnce for ContraApi {
                     }
                 } else {
                     Outcome {
-                        check: crate::margin_forward(&t[0], &t[1], labels, &opts)?.to_scalar()?,
+                        check: crate::margin_forward(&t[0], &t[1], labels, &opts)?
+                            .loss
+                            .to_scalar()?,
                         grad_check: None,
                     }
                 }
@@ -435,7 +437,9 @@ impl RunOnce for ContraApi {
                     }
                 } else {
                     Outcome {
-                        check: crate::nce_forward(&t[0], &t[1], &t[2], &t[3])?.to_scalar()?,
+                        check: crate::nce_forward(&t[0], &t[1], &t[2], &t[3])?
+                            .loss
+                            .to_scalar()?,
                         grad_check: None,
                     }
                 }

@@ -7,6 +7,7 @@
 use super::{
     check_grad_loss, check_host_finite, check_labels_len, check_result, compute_dtype, host_loss,
     kernel_grads, matrix_dims, output_like, same_place, upload_f32, values, with_cpu_real,
+    Fingerprint, Origin,
 };
 use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
@@ -137,11 +138,55 @@ fn kernel_problem<'a, B: Backend>(
 /// What the margin loss overflows on (a distance beyond f64 when squared).
 const LOSS_BLAME: &str = "a similar pair's ||x1 - x2||^2 / 2 is beyond f64::MAX";
 
-/// The mean margin loss (forward only). Distances are right at any scale and the loss is formed
-/// in f64 on every backend (pairs 1e20 apart cost 5e39); a loss beyond f64 is an error naming
-/// `x1`. The loss is a 0-d f64 tensor on the inputs' device.
-pub fn margin_forward(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Result<Tensor> {
+/// What [`margin_backward`] needs from [`margin_forward`]: only the record of the call that made
+/// it (the backward recomputes each pair's distance, O(N D)), so that a backward of other
+/// inputs or options is an error instead of the gradient of another loss.
+#[derive(Clone, Debug)]
+pub struct MarginSaved {
+    pub(crate) origin: Origin,
+}
+
+/// Loss and saved state of [`margin_forward`].
+#[derive(Clone, Debug)]
+pub struct MarginForward {
+    /// The mean loss, a 0-d f64 tensor on x1's device.
+    pub loss: Tensor,
+    pub saved: MarginSaved,
+}
+
+/// The origin of the margin loss's saved state.
+fn origin(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Origin {
+    Origin::new(
+        OP,
+        opts,
+        Fingerprint::new().tensor(x1).tensor(x2).indices(y),
+    )
+}
+
+/// The mean margin loss. Distances are right at any scale and the loss is formed in f64 on every
+/// backend (pairs 1e20 apart cost 5e39); a loss beyond f64 is an error naming `x1`.
+pub fn margin_forward(
+    x1: &Tensor,
+    x2: &Tensor,
+    y: &[i64],
+    opts: &MarginOptions,
+) -> Result<MarginForward> {
     let dim = validate(OP, x1, x2, y, opts)?;
+    let loss = forward_loss(x1, x2, y, opts, dim)?;
+    let saved = MarginSaved {
+        origin: origin(x1, x2, y, opts),
+    };
+    Ok(MarginForward { loss, saved })
+}
+
+/// The loss on validated inputs.
+fn forward_loss(
+    x1: &Tensor,
+    x2: &Tensor,
+    y: &[i64],
+    opts: &MarginOptions,
+    dim: usize,
+) -> Result<Tensor> {
     run_on_kernels!(x1.device(), b => {
         let mut rec = Recorder::new(b, OP)?;
         let buffers = upload(b, &mut rec, x1, x2, y)?;
@@ -163,15 +208,30 @@ pub fn margin_forward(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions)
     }
 }
 
-/// Gradients of `grad_loss * loss` with respect to x1 and x2.
+/// Gradients of `grad_loss * loss` with respect to x1 and x2. Pass the inputs and options of the
+/// forward that produced `saved`.
 pub fn margin_backward(
     x1: &Tensor,
     x2: &Tensor,
     y: &[i64],
     opts: &MarginOptions,
+    saved: &MarginSaved,
     grad_loss: f64,
 ) -> Result<(Tensor, Tensor)> {
     let dim = validate(BACKWARD, x1, x2, y, opts)?;
+    saved.origin.check(BACKWARD, &origin(x1, x2, y, opts))?;
+    input_grads(x1, x2, y, opts, dim, grad_loss)
+}
+
+/// The gradients on validated inputs.
+fn input_grads(
+    x1: &Tensor,
+    x2: &Tensor,
+    y: &[i64],
+    opts: &MarginOptions,
+    dim: usize,
+    grad_loss: f64,
+) -> Result<(Tensor, Tensor)> {
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(x1.device(), x1.dtype()))?;
     const BLAME: &str =
         "its exact value is beyond the output's range; scale `grad_loss` or `x1` - `x2` down";
@@ -213,8 +273,10 @@ pub fn margin_loss(
     y: &[i64],
     opts: &MarginOptions,
 ) -> Result<MarginOutput> {
-    let loss = margin_forward(x1, x2, y, opts)?;
-    let (grad_x1, grad_x2) = margin_backward(x1, x2, y, opts, 1.0)?;
+    // Validated once; no saved state to fingerprint or verify.
+    let dim = validate(OP, x1, x2, y, opts)?;
+    let loss = forward_loss(x1, x2, y, opts, dim)?;
+    let (grad_x1, grad_x2) = input_grads(x1, x2, y, opts, dim, 1.0)?;
     Ok(MarginOutput {
         loss,
         grad_x1,

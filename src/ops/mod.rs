@@ -14,10 +14,13 @@ pub mod supcon;
 pub mod triplet;
 
 pub use clip::{clip, clip_backward, clip_forward, ClipForward, ClipGrads, ClipOutput, ClipSaved};
-pub use margin::{margin_backward, margin_forward, margin_loss, MarginOptions, MarginOutput};
+pub use margin::{
+    margin_backward, margin_forward, margin_loss, MarginForward, MarginOptions, MarginOutput,
+    MarginSaved,
+};
 pub use moco::{moco, moco_backward, moco_enqueue, moco_forward, MocoOptions, MocoOutput};
 pub use momentum::momentum_update;
-pub use nce::{nce, nce_backward, nce_forward, NceOutput};
+pub use nce::{nce, nce_backward, nce_forward, NceForward, NceOutput, NceSaved};
 pub use similarity::{similarity, Similarity};
 pub use supcon::{supcon, supcon_backward, supcon_forward, SupConOptions, SupConOutput};
 pub use triplet::{

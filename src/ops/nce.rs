@@ -8,7 +8,7 @@
 use super::{
     check_grad_loss, check_host_finite, check_result, check_scalar_result, compute_dtype,
     expect_shape, host_loss, kernel_grads, matrix_dims, output_like, same_place, upload_f32,
-    values, vector_len, with_cpu_real,
+    values, vector_len, with_cpu_real, Fingerprint, Origin,
 };
 use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
@@ -104,14 +104,49 @@ fn kernel_problem<'a, B: Backend>(
     }
 }
 
-/// The mean NCE loss (forward only).
+/// What [`nce_backward`] needs from [`nce_forward`]: only the record of the call that made it
+/// (the backward's terms are elementwise in the scores), so that a backward of other inputs is
+/// an error.
+#[derive(Clone, Debug)]
+pub struct NceSaved {
+    pub(crate) origin: Origin,
+}
+
+/// Loss and saved state of [`nce_forward`].
+#[derive(Clone, Debug)]
+pub struct NceForward {
+    /// The mean loss, a 0-d f64 tensor on the inputs' device.
+    pub loss: Tensor,
+    pub saved: NceSaved,
+}
+
+/// The origin of NCE's saved state.
+fn origin(inputs: [&Tensor; 4]) -> Origin {
+    let fingerprint = inputs
+        .into_iter()
+        .fold(Fingerprint::new(), |f, t| f.tensor(t));
+    Origin::new(OP, &(), fingerprint)
+}
+
+/// The mean NCE loss and what [`nce_backward`] needs.
 pub fn nce_forward(
     s_pos: &Tensor,
     s_neg: &Tensor,
     logq_pos: &Tensor,
     logq_neg: &Tensor,
-) -> Result<Tensor> {
-    let (rows, k) = validate(OP, s_pos, s_neg, logq_pos, logq_neg)?;
+) -> Result<NceForward> {
+    let dims = validate(OP, s_pos, s_neg, logq_pos, logq_neg)?;
+    let inputs = [s_pos, s_neg, logq_pos, logq_neg];
+    let loss = forward_loss(inputs, dims)?;
+    let saved = NceSaved {
+        origin: origin(inputs),
+    };
+    Ok(NceForward { loss, saved })
+}
+
+/// The loss on validated inputs.
+fn forward_loss(inputs: [&Tensor; 4], (rows, k): (usize, usize)) -> Result<Tensor> {
+    let [s_pos, s_neg, logq_pos, logq_neg] = inputs;
     run_on_kernels!(s_pos.device(), b => {
         let mut rec = Recorder::new(b, OP)?;
         let buffers = upload(b, &mut rec, [s_pos, s_neg, logq_pos, logq_neg])?;
@@ -127,15 +162,29 @@ pub fn nce_forward(
     host_loss(loss, s_pos.device())
 }
 
-/// Gradients of `grad_loss * loss` with respect to `s_pos` and `s_neg`.
+/// Gradients of `grad_loss * loss` with respect to `s_pos` and `s_neg`. Pass the inputs of the
+/// forward that produced `saved`.
 pub fn nce_backward(
     s_pos: &Tensor,
     s_neg: &Tensor,
     logq_pos: &Tensor,
     logq_neg: &Tensor,
+    saved: &NceSaved,
     grad_loss: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let (rows, k) = validate(BACKWARD, s_pos, s_neg, logq_pos, logq_neg)?;
+    let dims = validate(BACKWARD, s_pos, s_neg, logq_pos, logq_neg)?;
+    let inputs = [s_pos, s_neg, logq_pos, logq_neg];
+    saved.origin.check(BACKWARD, &origin(inputs))?;
+    input_grads(inputs, dims, grad_loss)
+}
+
+/// The gradients on validated inputs.
+fn input_grads(
+    inputs: [&Tensor; 4],
+    (rows, k): (usize, usize),
+    grad_loss: f64,
+) -> Result<(Tensor, Tensor)> {
+    let [s_pos, s_neg, logq_pos, logq_neg] = inputs;
     check_grad_loss(
         BACKWARD,
         grad_loss,
@@ -183,8 +232,11 @@ pub fn nce(
     logq_pos: &Tensor,
     logq_neg: &Tensor,
 ) -> Result<NceOutput> {
-    let loss = nce_forward(s_pos, s_neg, logq_pos, logq_neg)?;
-    let (grad_s_pos, grad_s_neg) = nce_backward(s_pos, s_neg, logq_pos, logq_neg, 1.0)?;
+    // Validated once; no saved state to fingerprint or verify.
+    let dims = validate(OP, s_pos, s_neg, logq_pos, logq_neg)?;
+    let inputs = [s_pos, s_neg, logq_pos, logq_neg];
+    let loss = forward_loss(inputs, dims)?;
+    let (grad_s_pos, grad_s_neg) = input_grads(inputs, dims, 1.0)?;
     Ok(NceOutput {
         loss,
         grad_s_pos,

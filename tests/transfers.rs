@@ -414,3 +414,19 @@ fn cuda_slices_cross_without_a_copy() {
         assert_eq!(t.to_vec::<half::bf16>().unwrap(), half);
     }
 }
+
+/// Tensors (device-resident ones and those carrying device checks included) move between
+/// threads, as a data loader or a multi-stream training loop needs.
+#[test]
+fn tensors_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Tensor>();
+    send_sync::<SoftmaxSaved>();
+    send_sync::<ClipSaved>();
+    let z = Tensor::from_vec(vec![0.5f32; 8], &[4, 2], Device::Interp).unwrap();
+    let out = ntxent(&z, &NtXentOptions::default()).unwrap();
+    let loss = std::thread::spawn(move || out.loss.to_scalar().unwrap())
+        .join()
+        .unwrap();
+    assert!(loss.is_finite());
+}

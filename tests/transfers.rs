@@ -69,6 +69,20 @@ fn moving_tensors_is_counted() {
         stays("Tensor::zeros", device, || {
             Tensor::zeros(&[7, 3], DType::Bf16, device).unwrap()
         });
+        // Conversions through f32 run on the device: no copy, the host's rounding.
+        let values: Vec<f32> = (0..10).map(|i| (i as f32 - 4.5) * 1.37e-2).collect();
+        let x = Tensor::from_vec(values, &[2, 5], device).unwrap();
+        for dtype in [DType::Bf16, DType::F16, DType::F64] {
+            let cast = stays("to_dtype", device, || x.to_dtype(dtype).unwrap());
+            assert_eq!(cast.dtype(), dtype);
+            let want = x.to_host().unwrap().to_dtype(dtype).unwrap();
+            assert_eq!(cast.to_vec_f64().unwrap(), want.to_vec_f64().unwrap());
+            let back = stays("to_dtype back", device, || {
+                cast.to_dtype(DType::F32).unwrap()
+            });
+            let want = want.to_dtype(DType::F32).unwrap();
+            assert_eq!(back.to_vec_f64().unwrap(), want.to_vec_f64().unwrap());
+        }
         let (back, copies) = moved(|| on_device.to_host().unwrap());
         assert_eq!((copies.to_host, copies.to_host_bytes), (1, 40));
         assert_eq!(back.device(), Device::Cpu);

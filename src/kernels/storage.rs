@@ -48,6 +48,29 @@ impl DeviceBuf {
         }
     }
 
+    /// A copy converted to `elem` on the same device, when a cast kernel converts these types
+    /// directly (f32 to and from the others, f64 to f32); `None` otherwise.
+    pub fn cast(&self, elem: Elem) -> Result<Option<DeviceBuf>> {
+        let from = self.info().elem;
+        let direct = matches!((from, elem), (Elem::F32, _) | (_, Elem::F32))
+            && !matches!((from, elem), (Elem::I32, _) | (_, Elem::I32));
+        if !direct {
+            return Ok(None);
+        }
+        match self {
+            DeviceBuf::Interp(buf) => {
+                let b = &interp::Interp;
+                Ok(Some(b.adopt(super::elementwise::cast(b, buf, elem)?)?))
+            }
+            #[cfg(feature = "cuda")]
+            DeviceBuf::Cuda(buf) => {
+                let cuda = super::cuda::Cuda::get(buf.ordinal())?;
+                let b = &*cuda;
+                Ok(Some(b.adopt(super::elementwise::cast(b, buf, elem)?)?))
+            }
+        }
+    }
+
     /// A copy on the same device (no host round trip): what a write to a shared buffer copies
     /// first, so that clones of a tensor stay independent values.
     pub fn duplicate(&self) -> Result<DeviceBuf> {

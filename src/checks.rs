@@ -56,7 +56,7 @@ impl Checks {
             Some(words) => words,
             None => {
                 downloaded = self.status.download_words()?;
-                &downloaded[self.offset..]
+                downloaded.get(self.offset..).unwrap_or_default()
             }
         };
         for (slot, &word) in self.slots.iter().zip(words) {

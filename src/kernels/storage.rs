@@ -200,9 +200,12 @@ pub(crate) fn decode(words: &[u32], info: BufInfo) -> HostData {
 pub struct Transfers {
     /// Host-to-device copies.
     pub to_device: u64,
+    /// Bytes those copies moved (whole 32-bit words: a buffer of an odd number of 16-bit
+    /// values counts its padding).
     pub to_device_bytes: u64,
     /// Device-to-host copies.
     pub to_host: u64,
+    /// Bytes those copies moved.
     pub to_host_bytes: u64,
 }
 

@@ -53,7 +53,9 @@ use std::borrow::Cow;
 /// ```
 #[derive(Clone, Copy, Debug)]
 pub enum Scalar<'a> {
+    /// A fixed value (or one the caller updates on the host).
     Value(f64),
+    /// A tensor of one element, of any float dtype, on the CPU or on the inputs' device.
     Tensor(&'a Tensor),
 }
 

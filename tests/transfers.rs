@@ -337,6 +337,40 @@ fn margin_and_nce_stay_on_the_device_but_for_their_host_labels() {
     }
 }
 
+/// The triplet loss still mines through the host (its row scale, per-anchor sums and statistics
+/// cross), but its N x N pair coefficients stay on the device between forward and backward.
+#[test]
+fn triplet_keeps_its_pair_coefficients_on_the_device() {
+    for device in kernel_devices("triplet_transfers") {
+        let mut rng = StdRng::seed_from_u64(9);
+        let rows = 300;
+        let x = device_matrix(&mut rng, rows, device);
+        let labels: Vec<i64> = (0..rows as i64).map(|i| i % 7).collect();
+        let opts = TripletOptions {
+            distance: Distance::Euclidean,
+            mining: Mining::BatchAll,
+            margin: 0.3,
+        };
+        let (out, copies) = moved(|| triplet(&x, &labels, &opts).unwrap());
+        let matrix = (4 * rows * rows) as u64;
+        assert!(
+            copies.bytes() < matrix / 2,
+            "triplet on {device} moved {copies}, the N x N coefficients are {matrix} bytes"
+        );
+        let reference = triplet(&x.to_host().unwrap(), &labels, &opts).unwrap();
+        assert_eq!(out.count, reference.count);
+        close("triplet grad_x", &out.grad_x, &reference.grad_x);
+        // A kernel forward's state drives the CPU backward (copied then) and back.
+        let fwd = triplet_forward(&x, &labels, &opts).unwrap();
+        let on_cpu = triplet_backward(&x.to_host().unwrap(), &labels, &opts, &fwd.saved, 1.0);
+        close(
+            "cpu backward of a kernel state",
+            &on_cpu.unwrap(),
+            &reference.grad_x,
+        );
+    }
+}
+
 /// A NaN in a device-resident input is found on the device: the call returns, and reading any
 /// of its results is the error the CPU gives at the call.
 #[test]

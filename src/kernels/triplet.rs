@@ -25,12 +25,27 @@ pub(crate) const MAX_ROWS: usize = 65_536;
 pub(crate) const ROW_NORM_EXP: i32 = 40;
 
 /// What the kernel forward returns (the host sums the per-anchor values in f64 and u64).
-pub(crate) struct Forward {
+pub(crate) struct Forward<Buf> {
     pub loss: f64,
     pub count: u64,
     pub stats: TripletStats,
-    /// The coefficient of each pair's raw quantity in the loss, already divided by `count`.
-    pub coefs: Coefs,
+    /// What the backward needs, left on the device.
+    pub coefs: DeviceCoefs<Buf>,
+}
+
+/// The mined pair coefficients as `triplet_mine` wrote them (n x n f32, in the units of the
+/// rows scaled by `2^-k`, not yet divided by the triplet count), and their scale `1 / count`.
+pub(crate) struct DeviceCoefs<Buf> {
+    pub raw: Buf,
+    pub scale: f64,
+    pub k: i32,
+}
+
+/// The coefficients a backward starts from: a forward's on the device, or host ones (a CPU
+/// forward's, copied in).
+pub(crate) enum CoefSource<'a, Buf> {
+    Device { raw: &'a Buf, scale: f64 },
+    Host(&'a Coefs),
 }
 
 /// One triplet problem on a backend: `x` (rows x dim) and dense class ids (i32) per row.
@@ -44,13 +59,17 @@ pub(crate) struct Problem<'a, B: Backend> {
     pub margin: f64,
 }
 
+/// The power of the row scale in `distance`: 2 for the squared euclidean, else 1.
+pub(crate) fn power(distance: Distance) -> i32 {
+    match distance {
+        Distance::SquaredEuclidean => 2,
+        _ => 1,
+    }
+}
+
 impl<B: Backend> Problem<'_, B> {
-    /// The power of the row scale in the distance: 2 for the squared euclidean, else 1.
     fn power(&self) -> i32 {
-        match self.distance {
-            Distance::SquaredEuclidean => 2,
-            _ => 1,
-        }
+        power(self.distance)
     }
 
     fn check_rows(&self) -> Result<()> {
@@ -69,14 +88,15 @@ impl<B: Backend> Problem<'_, B> {
 
     // Unscaled entry points, for the benchmarks and the GPU timings.
     #[cfg_attr(not(any(feature = "bench", feature = "cuda")), allow(dead_code))]
-    pub fn forward(&self, b: &B) -> Result<Forward> {
+    pub fn forward(&self, b: &B) -> Result<Forward<B::Buf>> {
         self.forward_scaled(b, 0)
     }
 
     /// [`Problem::forward`] when `x` holds the rows scaled by `2^-k` (see [`ROW_NORM_EXP`]):
     /// the margin and the euclidean clamp are scaled alike (each kept at least f32's smallest
-    /// normal), and the loss and coefficients come back in the rows' own units.
-    pub fn forward_scaled(&self, b: &B, k: i32) -> Result<Forward> {
+    /// normal), and the loss comes back in the rows' own units (the coefficients stay in the
+    /// scaled problem's, on the device).
+    pub fn forward_scaled(&self, b: &B, k: i32) -> Result<Forward<B::Buf>> {
         self.check_rows()?;
         let p = self.power();
         let n = self.rows;
@@ -140,35 +160,51 @@ impl<B: Backend> Problem<'_, B> {
         } else {
             (0.0, 0.0)
         };
-        // loss = loss' 2^(kp); d loss / d raw = 2^(kp) (d loss' / d raw') 2^(-2k).
-        let loss = ldexp(loss, k * p);
-        let coefs = b
-            .download(&coef)?
-            .into_iter()
-            .map(|c| ldexp(c as f64 * scale, k * (p - 2)))
-            .collect();
+        // loss = loss' 2^(kp).
         Ok(Forward {
-            loss,
+            loss: ldexp(loss, k * p),
             count,
             stats,
-            coefs: Coefs::Dense(coefs),
+            coefs: DeviceCoefs {
+                raw: coef,
+                scale,
+                k,
+            },
         })
     }
 
     /// The gradient of `grad_loss * loss` with respect to x, from a forward's coefficients.
     #[cfg_attr(not(any(feature = "bench", feature = "cuda")), allow(dead_code))]
-    pub fn backward(&self, b: &B, coefs: &Coefs, grad_loss: f64) -> Result<B::Buf> {
-        self.backward_scaled(b, coefs, grad_loss, 0)
+    pub fn backward(&self, b: &B, coefs: &DeviceCoefs<B::Buf>, grad_loss: f64) -> Result<B::Buf> {
+        let source = CoefSource::Device {
+            raw: &coefs.raw,
+            scale: coefs.scale,
+        };
+        self.backward_scaled(b, source, grad_loss, 0)
     }
 
-    /// [`Problem::backward`] when `x` holds the rows scaled by `2^-k`; `coefs` are in the rows'
-    /// own units (as every forward returns them). With L(x) = L'(x 2^-k) 2^(kp), the gradient is
-    /// the scaled problem's times 2^(k(p - 1)), from its coefficients 2^(k(2 - p)) coefs.
-    pub fn backward_scaled(&self, b: &B, coefs: &Coefs, grad_loss: f64, k: i32) -> Result<B::Buf> {
+    /// [`Problem::backward`] when `x` holds the rows scaled by `2^-k`. A forward's device
+    /// coefficients are in the scaled problem's units (from the same `k`); host ones are in the
+    /// rows' own units. With L(x) = L'(x 2^-k) 2^(kp), the gradient is the scaled problem's
+    /// times 2^(k(p - 1)), from its coefficients 2^(k(2 - p)) coefs.
+    pub fn backward_scaled(
+        &self,
+        b: &B,
+        coefs: CoefSource<'_, B::Buf>,
+        grad_loss: f64,
+        k: i32,
+    ) -> Result<B::Buf> {
         self.check_rows()?;
         let (n, dim) = (self.rows, self.dim);
         let p = self.power();
-        let coef = b.upload("coef", &coefs.to_dense_f32(n, k * (2 - p)))?;
+        let uploaded;
+        let (coef, coef_scale) = match coefs {
+            CoefSource::Device { raw, scale } => (raw, scale),
+            CoefSource::Host(coefs) => {
+                uploaded = b.upload("coef", &coefs.to_dense_f32(n, k * (2 - p)))?;
+                (&uploaded, 1.0)
+            }
+        };
         let cosine = self.distance == Distance::Cosine;
         let normed;
         let y = if cosine {
@@ -180,12 +216,12 @@ impl<B: Backend> Problem<'_, B> {
         let out = b.output(if cosine { "grad_normed" } else { "grad_x" }, n * dim)?;
         let params = ContraTripletBwdParams {
             y: b.ptr(y),
-            coef: b.ptr(&coef).cast(),
+            coef: b.ptr(coef).cast(),
             out: b.ptr(&out),
             rows: extent("n", n)?,
             dim: extent("dim", dim)?,
             cosine: cosine as i32,
-            grad_scale: ldexp(grad_loss, k * (p - 1)) as f32,
+            grad_scale: (ldexp(grad_loss, k * (p - 1)) * coef_scale) as f32,
         };
         let launch = Launch {
             grid: [blocks_for(n, BWD_ROWS), blocks_for(dim, BWD_THREADS), 1],

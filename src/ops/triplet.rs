@@ -18,7 +18,7 @@
 
 use super::{
     check_f32_range, check_finite, check_grad_loss, check_labels_len, check_result, host_loss,
-    kernel_output, matrix_dims, output_like, values, Fingerprint, Origin,
+    kernel_output, kernel_state, matrix_dims, output_like, values, Fingerprint, Origin,
 };
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::shared::{Classes, Coefs};
@@ -49,15 +49,46 @@ impl Default for TripletOptions {
 
 /// What the backward needs from the forward: the options, the batch size and, for every pair of
 /// rows that occurs in a term with a positive loss, the coefficient of its distance in the loss:
-/// an N x N matrix when most pairs occur (batch-all), else a list of the pairs (at most 2 per
-/// anchor for batch-hard). Never O(N^3).
+/// on the CPU an N x N matrix when most pairs occur (batch-all), else a list of the pairs (at
+/// most 2 per anchor for batch-hard); from the kernels the N x N matrix, left on the device.
+/// Never O(N^3).
 #[derive(Clone, Debug)]
 pub struct TripletSaved {
     pub(crate) rows: usize,
     pub(crate) opts: TripletOptions,
-    pub(crate) coefs: Coefs,
+    pub(crate) coefs: SavedCoefs,
     /// The inputs that made it (a backward on other rows or labels is an error).
     pub(crate) origin: Origin,
+}
+
+/// Where a forward's pair coefficients are.
+#[derive(Clone, Debug)]
+pub(crate) enum SavedCoefs {
+    /// The CPU's, in the rows' own units.
+    Host(Coefs),
+    /// The kernels' as `triplet_mine` wrote them: n x n f32 in the units of the rows scaled by
+    /// `2^-k`, to be multiplied by `scale` (1 / the triplet count).
+    Device { raw: Tensor, scale: f64, k: i32 },
+}
+
+impl SavedCoefs {
+    /// The coefficients in the rows' own units on the host (copied from the device when the
+    /// kernels made them): what the CPU backward, or a backward with another scale, takes.
+    fn to_host(&self, distance: Distance) -> Result<std::borrow::Cow<'_, Coefs>> {
+        match self {
+            SavedCoefs::Host(coefs) => Ok(std::borrow::Cow::Borrowed(coefs)),
+            SavedCoefs::Device { raw, scale, k } => {
+                // d loss / d raw = 2^(kp) (d loss' / d raw') 2^(-2k).
+                let exp = k * (kernels::triplet::power(distance) - 2);
+                let dense = raw
+                    .to_vec::<f32>()?
+                    .into_iter()
+                    .map(|c| crate::shared::ldexp(c as f64 * scale, exp))
+                    .collect();
+                Ok(std::borrow::Cow::Owned(Coefs::Dense(dense)))
+            }
+        }
+    }
 }
 
 /// Result of [`triplet_forward`].
@@ -214,11 +245,16 @@ fn triplet_forward_unchecked(
     run_on_kernels!(x.device(), b => {
         let (buffers, k) = upload(b, x, labels, opts)?;
         let fwd = kernel_problem(&buffers, (rows, dim), opts).forward_scaled(b, k)?;
+        let coefs = SavedCoefs::Device {
+            raw: kernel_state(b, fwd.coefs.raw, &[rows, rows])?,
+            scale: fwd.coefs.scale,
+            k: fwd.coefs.k,
+        };
         Ok(TripletForward {
             loss: checked_loss(fwd.loss, opts, x.device())?,
             count: fwd.count,
             stats: fwd.stats,
-            saved: TripletSaved { rows, opts: *opts, coefs: fwd.coefs, origin: origin(x, labels, opts) },
+            saved: TripletSaved { rows, opts: *opts, coefs, origin: origin(x, labels, opts) },
         })
     });
     let xv = values::<f64>(x)?;
@@ -239,7 +275,7 @@ fn triplet_forward_unchecked(
         saved: TripletSaved {
             rows,
             opts: *opts,
-            coefs: fwd.coefs,
+            coefs: SavedCoefs::Host(fwd.coefs),
             origin: origin(x, labels, opts),
         },
     })
@@ -296,12 +332,24 @@ fn triplet_backward_unchecked(
 ) -> Result<Tensor> {
     run_on_kernels!(x.device(), b => {
         let (buffers, k) = upload(b, x, labels, opts)?;
-        let grad = kernel_problem(&buffers, (rows, dim), opts)
-            .backward_scaled(b, &saved.coefs, grad_loss, k)?;
+        let problem = kernel_problem(&buffers, (rows, dim), opts);
+        // A kernel forward's coefficients on this device, for the same scale: used where they
+        // are (no N x N copy); any others come in from the host.
+        if let SavedCoefs::Device { raw, scale, k: saved_k } = &saved.coefs {
+            if let Some(raw) = raw.device_buf().and_then(|buf| b.resident(buf)).filter(|_| *saved_k == k) {
+                let source = kernels::triplet::CoefSource::Device { raw, scale: *scale };
+                let grad = problem.backward_scaled(b, source, grad_loss, k)?;
+                return kernel_output(b, x, grad, x.shape());
+            }
+        }
+        let coefs = saved.coefs.to_host(opts.distance)?;
+        let source = kernels::triplet::CoefSource::Host(&coefs);
+        let grad = problem.backward_scaled(b, source, grad_loss, k)?;
         kernel_output(b, x, grad, x.shape())
     });
     let xv = values::<f64>(x)?;
-    let grad = cpu::triplet::backward(&xv, rows, dim, opts.distance, &saved.coefs, grad_loss);
+    let coefs = saved.coefs.to_host(opts.distance)?;
+    let grad = cpu::triplet::backward(&xv, rows, dim, opts.distance, &coefs, grad_loss);
     output_like(x, grad, x.shape())
 }
 

@@ -216,7 +216,20 @@ fn infonce_and_supcon_copy_only_their_host_index_lists() {
         );
         let positives = random_positives(&mut rng, ROWS, 45, false);
         let opts = InfoNceOptions::default();
-        // The positives are a host slice: one copy of ROWS i32 per call, nothing else.
+        // Aligned pairs (positive of query i is key i) are built on the device: no copy.
+        let aligned: Vec<usize> = (0..ROWS).collect();
+        let out = stays("infonce, aligned pairs", device, || {
+            infonce(&q, &k, &aligned, &opts).unwrap()
+        });
+        let reference = infonce(
+            &q.to_host().unwrap(),
+            &k.to_host().unwrap(),
+            &aligned,
+            &opts,
+        )
+        .unwrap();
+        close("infonce grad_q (aligned)", &out.grad_q, &reference.grad_q);
+        // Any other list is a host slice: one copy of ROWS i32 per call, nothing else.
         let (out, copies) = moved(|| infonce(&q, &k, &positives, &opts).unwrap());
         assert_eq!(copies.to_host, 0, "infonce on {device}: {copies}");
         assert_eq!(

@@ -310,6 +310,24 @@ pub fn infonce(
     })
 }
 
+/// The positive indices on the device: a ring `(i + shift) mod N` (the aligned pairs of most
+/// uses, `shift` 0, or two views side by side) is built there; any other list is copied in.
+fn positives_on<B: Backend>(b: &B, positives: &[usize]) -> Result<B::Buf> {
+    let n = positives.len();
+    let shift = positives.first().copied().unwrap_or(0);
+    if shift < n.max(1)
+        && positives
+            .iter()
+            .enumerate()
+            .all(|(i, &p)| p == (i + shift) % n)
+    {
+        return kernels::elementwise::index_ring(b, n, shift);
+    }
+    // Indices were validated against the key count, which fits the kernels' 32-bit sizes.
+    let positives: Vec<i32> = positives.iter().map(|&p| p as i32).collect();
+    b.upload_i32("positives", &positives)
+}
+
 /// q, k and the positive indices as kernel buffers.
 pub(crate) struct KernelInputs<'t, B: Backend> {
     pub q: Operand<'t, B::Buf>,
@@ -327,12 +345,10 @@ impl<'t, B: Backend> KernelInputs<'t, B> {
         k: &'t Tensor,
         positives: &[usize],
     ) -> Result<Self> {
-        // Indices were validated against the key count, which fits the kernels' 32-bit sizes.
-        let positives: Vec<i32> = positives.iter().map(|&p| p as i32).collect();
         let inputs = KernelInputs {
             q: upload_features(b, "q", q)?,
             k: upload_features(b, "k", k)?,
-            positives: b.upload_i32("positives", &positives)?,
+            positives: positives_on(b, positives)?,
         };
         rec.input("q", q, &inputs.q)?;
         rec.input("k", k, &inputs.k)?;

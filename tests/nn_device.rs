@@ -182,6 +182,40 @@ fn parameter_only_backward_gives_the_same_gradients() {
     );
 }
 
+/// The tensor-facing passes (the output and its gradient left on the device, no copy of either)
+/// give the host passes' output and parameter gradients.
+#[test]
+fn tensor_passes_keep_the_output_on_the_device() {
+    on_kernel_devices("tensor_passes_keep_the_output_on_the_device", |device| {
+        let mut rng = StdRng::seed_from_u64(9);
+        let x = random_mat(21, 29, &mut rng);
+        for (name, enc) in encoders(&mut rng) {
+            let grad = random_mat(21, enc.out_dim(), &mut rng);
+            let (mut host, mut kept) = (enc.clone(), enc.clone());
+            host.zero_grad();
+            kept.zero_grad();
+            let mut runner = DeviceEncoder::new(device);
+            let z_host = runner.forward(&mut host, &x, true).unwrap();
+            runner.backward_params(&mut host, &grad).unwrap();
+            let z = runner.forward_tensor(&mut kept, &x, true).unwrap();
+            assert_eq!((z.device(), z.shape()), (device, &[21, enc.out_dim()][..]));
+            let g = grad.to_tensor(device).unwrap();
+            let before = contra::Transfers::current();
+            runner.backward_params_tensor(&mut kept, &g).unwrap();
+            let moved = contra::Transfers::current() - before;
+            // The parameter gradients still come to the host (the optimizer runs there).
+            assert_eq!(
+                moved.to_device, 0,
+                "{name}: the gradient was copied in: {moved}"
+            );
+            assert_close(name, device, &z.to_vec::<f32>().unwrap(), &z_host.data);
+            for (a, b) in kept.params().iter().zip(host.params()) {
+                assert_close(&format!("{name}: {}", a.name), device, &a.grad, &b.grad);
+            }
+        }
+    });
+}
+
 fn expect_err(what: &str, result: Result<Mat>, needle: &str) {
     match result {
         Ok(_) => panic!("{what}: expected an error"),

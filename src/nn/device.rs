@@ -36,7 +36,7 @@ use crate::kernels::nn::{
 };
 use crate::kernels::Backend;
 use crate::nn::{BatchNorm1d, Encoder, Layer, Linear, Mat, Param};
-use crate::{Device, Error, Result};
+use crate::{Device, Error, Result, Tensor};
 
 /// Runs an [`Encoder`]'s forward and backward passes on `device`, keeping the activations the
 /// backward pass needs on the device in between. On [`Device::Cpu`] it calls the encoder's own
@@ -122,6 +122,7 @@ impl DeviceEncoder {
             Device::Cpu => enc.forward(x, train),
             Device::Interp => {
                 let (z, pass) = forward_on(&Interp, enc, x)?;
+                let z = output_mat(&Interp, &z, &pass)?;
                 self.saved = Some(Saved::Interp(pass));
                 Ok(z)
             }
@@ -129,6 +130,34 @@ impl DeviceEncoder {
             Device::Cuda(ordinal) => {
                 let cuda = crate::kernels::cuda::Cuda::get(ordinal)?;
                 let (z, pass) = forward_on(&*cuda, enc, x)?;
+                let z = output_mat(&*cuda, &z, &pass)?;
+                self.saved = Some(Saved::Cuda(cuda, pass));
+                Ok(z)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(no_cuda()),
+        }
+    }
+
+    /// [`forward`](Self::forward) leaving the output on the device, as an f32 tensor
+    /// (`rows x out_features`) that a loss takes where it is (on the CPU, a host tensor).
+    pub fn forward_tensor(&mut self, enc: &mut Encoder, x: &Mat, train: bool) -> Result<Tensor> {
+        self.saved = None;
+        x.check_input("DeviceEncoder::forward", "x", enc.in_features())?;
+        enc.set_train(train);
+        match self.device {
+            Device::Cpu => enc.forward(x, train)?.to_tensor(Device::Cpu),
+            Device::Interp => {
+                let (z, pass) = forward_on(&Interp, enc, x)?;
+                let z = output_tensor(&Interp, z, &pass)?;
+                self.saved = Some(Saved::Interp(pass));
+                Ok(z)
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                let cuda = crate::kernels::cuda::Cuda::get(ordinal)?;
+                let (z, pass) = forward_on(&*cuda, enc, x)?;
+                let z = output_tensor(&*cuda, z, &pass)?;
                 self.saved = Some(Saved::Cuda(cuda, pass));
                 Ok(z)
             }
@@ -145,7 +174,7 @@ impl DeviceEncoder {
         }
         // Asked for, the input gradient is always there.
         Ok(self
-            .run_backward(enc, grad_out, true)?
+            .run_backward(enc, GradOut::Host(grad_out), true)?
             .unwrap_or_else(|| Mat::zeros(0, 0)))
     }
 
@@ -155,13 +184,24 @@ impl DeviceEncoder {
         if self.device == Device::Cpu {
             return enc.backward_params(grad_out);
         }
-        self.run_backward(enc, grad_out, false).map(drop)
+        self.run_backward(enc, GradOut::Host(grad_out), false)
+            .map(drop)
+    }
+
+    /// [`backward_params`](Self::backward_params) from a gradient left on the device (an f32
+    /// tensor like [`forward_tensor`](Self::forward_tensor)'s output): no copy of it to the host.
+    pub fn backward_params_tensor(&mut self, enc: &mut Encoder, grad_out: &Tensor) -> Result<()> {
+        if self.device == Device::Cpu {
+            return enc.backward_params(&Mat::from_tensor(grad_out)?);
+        }
+        self.run_backward(enc, GradOut::Device(grad_out), false)
+            .map(drop)
     }
 
     fn run_backward(
         &mut self,
         enc: &mut Encoder,
-        grad_out: &Mat,
+        grad_out: GradOut<'_>,
         want_input: bool,
     ) -> Result<Option<Mat>> {
         const OP: &str = "DeviceEncoder::backward";
@@ -211,7 +251,10 @@ fn add_into(grad: &mut [f32], delta: &[f32]) {
     grad.iter_mut().zip(delta).for_each(|(g, d)| *g += d);
 }
 
-fn forward_on<B: Backend>(b: &B, enc: &mut Encoder, x: &Mat) -> Result<(Mat, Pass<B::Buf>)> {
+/// The encoder's output on the device (`rows x cols` f32) and what the backward needs.
+type Forward<Buf> = (Rc<Buf>, Pass<Buf>);
+
+fn forward_on<B: Backend>(b: &B, enc: &mut Encoder, x: &Mat) -> Result<Forward<B::Buf>> {
     let rows = x.rows;
     let mut h = Rc::new(b.upload("x", &x.data)?);
     let mut cols = x.cols;
@@ -230,13 +273,69 @@ fn forward_on<B: Backend>(b: &B, enc: &mut Encoder, x: &Mat) -> Result<(Mat, Pas
         h = out;
         layers.push(saved);
     }
-    let z = Mat::from_vec(b.download(&h)?, rows, cols)?;
     let pass = Pass {
         rows,
         out_cols: cols,
         layers,
     };
-    Ok((z, pass))
+    Ok((h, pass))
+}
+
+/// The output of [`forward_on`] copied to the host.
+fn output_mat<B: Backend>(b: &B, out: &B::Buf, pass: &Pass<B::Buf>) -> Result<Mat> {
+    Mat::from_vec(b.download(out)?, pass.rows, pass.out_cols)
+}
+
+/// The output of [`forward_on`] as a device tensor (the buffer itself unless a layer keeps it
+/// for the backward, then a copy on the device).
+fn output_tensor<B: Backend>(b: &B, out: Rc<B::Buf>, pass: &Pass<B::Buf>) -> Result<Tensor> {
+    let buf = match Rc::try_unwrap(out) {
+        Ok(owned) => owned,
+        Err(shared) => b.duplicate(&shared)?,
+    };
+    let shape = vec![pass.rows, pass.out_cols];
+    Ok(Tensor::from_device_buf(
+        shape,
+        crate::DType::F32,
+        b.adopt(buf)?,
+    ))
+}
+
+/// The upstream gradient of a backward: a host matrix, or an f32 tensor on the device.
+enum GradOut<'a> {
+    Host(&'a Mat),
+    Device(&'a Tensor),
+}
+
+impl GradOut<'_> {
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            GradOut::Host(m) => m.shape().to_vec(),
+            GradOut::Device(t) => t.shape().to_vec(),
+        }
+    }
+
+    /// The gradient as an owned buffer on `b` (the backward overwrites it layer by layer).
+    fn to_buf<B: Backend>(&self, b: &B) -> Result<B::Buf> {
+        match self {
+            GradOut::Host(m) => b.upload("grad_out", &m.data),
+            GradOut::Device(t) => {
+                let resident = t
+                    .device_buf()
+                    .and_then(|buf| b.resident(buf))
+                    .filter(|buf| b.info(buf).elem == crate::kernels::Elem::F32)
+                    .ok_or_else(|| Error::Mismatch {
+                        op: "DeviceEncoder::backward",
+                        reason: format!(
+                            "`grad_out` must be an f32 tensor on the encoder's device, not {} on {}",
+                            t.dtype(),
+                            t.device()
+                        ),
+                    })?;
+                b.duplicate(resident)
+            }
+        }
+    }
 }
 
 /// `y = x W^T (+ b)`.
@@ -348,13 +447,15 @@ fn backward_on<B: Backend>(
     b: &B,
     enc: &mut Encoder,
     pass: Pass<B::Buf>,
-    grad_out: &Mat,
+    grad_out: GradOut<'_>,
     want_input: bool,
 ) -> Result<Option<Mat>> {
     const OP: &str = "DeviceEncoder::backward";
     let rows = pass.rows;
-    grad_out.check_input(OP, "grad_out", pass.out_cols)?;
-    if grad_out.rows != rows {
+    if let GradOut::Host(m) = &grad_out {
+        m.check_input(OP, "grad_out", pass.out_cols)?;
+    }
+    if grad_out.shape() != [rows, pass.out_cols] {
         return Err(Error::shape(
             OP,
             "grad_out",
@@ -369,7 +470,7 @@ fn backward_on<B: Backend>(
             "its layers differ from the forward pass's encoder",
         ));
     }
-    let mut g = b.upload("grad_out", &grad_out.data)?;
+    let mut g = grad_out.to_buf(b)?;
     let mut cols = pass.out_cols;
     let first_layer = pass.layers.len().saturating_sub(1); // in backward order
     let steps = layers_mut(enc).rev().zip(pass.layers.into_iter().rev());

@@ -299,13 +299,14 @@ impl Stepper<'_> {
         match cfg.method {
             Method::SimClr => {
                 let x = Mat::from_vec(aug.two_views(images, n, h, w, seed)?, 2 * n, dim)?;
-                let z = self.query.forward(enc, &x, true)?.to_tensor(device)?;
+                // z and its gradient stay on the device between the encoder and the loss.
+                let z = self.query.forward_tensor(enc, &x, true)?;
                 let opts = NtXentOptions {
                     temperature: cfg.temperature,
                 };
                 let fwd = ntxent_forward(&z, &opts)?;
                 let grad = ntxent_backward(&z, &opts, &fwd.saved, 1.0)?;
-                self.query.backward_params(enc, &Mat::from_tensor(&grad)?)?;
+                self.query.backward_params_tensor(enc, &grad)?;
                 Ok(fwd.loss.to_scalar()?)
             }
             Method::Moco => {
@@ -329,11 +330,11 @@ impl Stepper<'_> {
                 let mut loss = 0.0;
                 let mut keys = Vec::with_capacity(pairs.len());
                 for (xq, xk) in pairs {
-                    let k = self.key.forward(&mut st.key, xk, true)?.to_tensor(device)?;
-                    let q = self.query.forward(enc, xq, true)?.to_tensor(device)?;
+                    let k = self.key.forward_tensor(&mut st.key, xk, true)?;
+                    let q = self.query.forward_tensor(enc, xq, true)?;
                     let fwd = moco_forward(&q, &k, &st.queue, &opts)?;
                     let grad = moco_backward(&q, &k, &st.queue, &opts, &fwd.saved, scale)?;
-                    self.query.backward_params(enc, &Mat::from_tensor(&grad)?)?;
+                    self.query.backward_params_tensor(enc, &grad)?;
                     loss += scale * fwd.loss.to_scalar()?;
                     keys.push(k);
                 }

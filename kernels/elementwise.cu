@@ -46,12 +46,23 @@ __device__ void cast_f32_to_f64(const ContraCastParams& p) {
     for (long long i = first_index(); i < p.len; i += grid_stride()) out[i] = (double)in[i];
 }
 
+__device__ void swap_row_blocks(const ContraSwapParams& p) {
+    const long long len = (long long)p.outer * p.inner * p.dim;
+    for (long long e = first_index(); e < len; e += grid_stride()) {
+        const long long row = e / p.dim, c = e % p.dim;
+        const long long i = row / p.inner, j = row % p.inner;
+        p.out[(j * p.outer + i) * p.dim + c] = p.in[e];
+    }
+}
+
 }  // namespace contra
 
 extern "C" __global__ void __launch_bounds__(256) fill_words(const ContraFillParams p) { contra::fill_words(p); }
 INTERP_EXPORT(fill_words, ContraFillParams)
 extern "C" __global__ void __launch_bounds__(256) index_ring(const ContraFillParams p) { contra::index_ring(p); }
 INTERP_EXPORT(index_ring, ContraFillParams)
+extern "C" __global__ void __launch_bounds__(256) swap_row_blocks(const ContraSwapParams p) { contra::swap_row_blocks(p); }
+INTERP_EXPORT(swap_row_blocks, ContraSwapParams)
 CONTRA_TYPED_KERNELS(cast_from_f32, ContraCastParams, 256)
 CONTRA_TYPED_KERNELS(cast_to_f32, ContraCastParams, 256)
 extern "C" __global__ void __launch_bounds__(256) cast_f64_to_f32(const ContraCastParams p) { contra::cast_f64_to_f32(p); }

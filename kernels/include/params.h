@@ -400,6 +400,17 @@ typedef struct ContraFillParams {
     int shift;
 } ContraFillParams;
 
+/* swap_row_blocks (f32): `in` is outer x inner rows of `dim` floats; out row (j * outer + i) =
+ * in row (i * inner + j): the first two axes of an (outer, inner, dim) array swapped (views and
+ * samples of a SupCon batch). */
+typedef struct ContraSwapParams {
+    const float* in;
+    float* out;
+    int outer;
+    int inner;
+    int dim;
+} ContraSwapParams;
+
 /* cast_from_f32_{f32,bf16,f16}: out[i] = in[i] (f32) rounded to the suffix's type;
  * cast_to_f32_{f32,bf16,f16}: out[i] (f32) = in[i] of the suffix's type;
  * cast_f64_to_f32 and cast_f32_to_f64 as named; i < len. */

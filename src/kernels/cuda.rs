@@ -50,6 +50,7 @@ unsafe impl DeviceRepr for ContraClipColumnsParams {}
 unsafe impl DeviceRepr for ContraLossParams {}
 unsafe impl DeviceRepr for ContraFillParams {}
 unsafe impl DeviceRepr for ContraCastParams {}
+unsafe impl DeviceRepr for ContraSwapParams {}
 
 /// Whether the debug switch `CONTRA_SYNC_LAUNCHES=1` asks for a synchronised launch (each
 /// kernel's errors named at its launch).

@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/elementwise.cu`: constant fills, NT-Xent's index ring and dtype
 //! casts, so that constants and conversions never cross between host and device.
 
-use super::params::{ContraCastParams, ContraFillParams};
+use super::params::{ContraCastParams, ContraFillParams, ContraSwapParams};
 use super::{blocks_for, handles, Backend, BufInfo, Elem, Kernel, Launch};
 use crate::{Error, Result};
 
@@ -89,6 +89,38 @@ pub(crate) fn cast<B: Backend>(b: &B, input: &B::Buf, elem: Elem) -> Result<B::B
     };
     if from.count > 0 {
         b.launch(kernel, grid(from.count), &params, &[&out])?;
+    }
+    Ok(out)
+}
+
+/// `input` (f32, `outer x inner` rows of `dim`) with its first two axes swapped: row
+/// `j * outer + i` of the result is row `i * inner + j` of the input.
+pub(crate) fn swap_row_blocks<B: Backend>(
+    b: &B,
+    input: &B::Buf,
+    outer: usize,
+    inner: usize,
+    dim: usize,
+) -> Result<B::Buf> {
+    let len = outer
+        .checked_mul(inner)
+        .and_then(|rows| rows.checked_mul(dim))
+        .filter(|&len| len == b.info(input).count)
+        .ok_or_else(|| {
+            Error::Device(format!(
+                "swap_row_blocks: {outer} x {inner} x {dim} is not the buffer's size"
+            ))
+        })?;
+    let out = b.output("swapped", len)?;
+    let params = ContraSwapParams {
+        in_: b.ptr(input).cast(),
+        out: b.ptr(&out).cast(),
+        outer: super::extent("outer", outer)?,
+        inner: super::extent("inner", inner)?,
+        dim: super::extent("dim", dim)?,
+    };
+    if len > 0 {
+        b.launch(handles::SWAP_ROW_BLOCKS, grid(len), &params, &[&out])?;
     }
     Ok(out)
 }

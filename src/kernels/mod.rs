@@ -131,6 +131,7 @@ impl KernelParams for params::ContraClipColumnsParams {}
 impl KernelParams for params::ContraLossParams {}
 impl KernelParams for params::ContraFillParams {}
 impl KernelParams for params::ContraCastParams {}
+impl KernelParams for params::ContraSwapParams {}
 
 /// What one element of a kernel buffer holds. Buffers are stored as 32-bit words; 16-bit
 /// elements are packed two to a word, element `2i` in the low half (both backends are

@@ -1028,6 +1028,39 @@ impl Default for ContraFillParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct ContraSwapParams {
+    pub in_: *const f32,
+    pub out: *mut f32,
+    pub outer: ::std::os::raw::c_int,
+    pub inner: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraSwapParams"][::std::mem::size_of::<ContraSwapParams>() - 32usize];
+    ["Alignment of ContraSwapParams"][::std::mem::align_of::<ContraSwapParams>() - 8usize];
+    ["Offset of field: ContraSwapParams::in_"]
+        [::std::mem::offset_of!(ContraSwapParams, in_) - 0usize];
+    ["Offset of field: ContraSwapParams::out"]
+        [::std::mem::offset_of!(ContraSwapParams, out) - 8usize];
+    ["Offset of field: ContraSwapParams::outer"]
+        [::std::mem::offset_of!(ContraSwapParams, outer) - 16usize];
+    ["Offset of field: ContraSwapParams::inner"]
+        [::std::mem::offset_of!(ContraSwapParams, inner) - 20usize];
+    ["Offset of field: ContraSwapParams::dim"]
+        [::std::mem::offset_of!(ContraSwapParams, dim) - 24usize];
+};
+impl Default for ContraSwapParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct ContraCastParams {
     pub in_: *const ::std::os::raw::c_void,
     pub out: *mut ::std::os::raw::c_void,

@@ -346,35 +346,43 @@ impl Stepper<'_> {
             Method::SupCon => {
                 let v = cfg.views;
                 let x = Mat::from_vec(aug.views(images, n, h, w, v, seed)?, v * n, dim)?;
-                let z = self.query.forward(enc, &x, true)?;
-                let d = z.cols;
-                // View-major rows (v * n + i) to the op's N x V x D layout.
-                let mut f = vec![0.0f32; n * v * d];
-                for i in 0..n {
-                    for j in 0..v {
-                        f[(i * v + j) * d..(i * v + j + 1) * d].copy_from_slice(z.row(j * n + i));
-                    }
-                }
-                let features = Tensor::from_vec(f, &[n, v, d], device)?;
+                // View-major rows (j * n + i) to the op's N x V x D layout and back, on the
+                // encoder's device.
+                let z = self.query.forward_tensor(enc, &x, true)?;
+                let d = z.shape()[1];
+                let features = swap_row_blocks(&z, v, n)?.reshape(&[n, v, d])?;
                 let opts = SupConOptions {
                     temperature: cfg.temperature,
                     base_temperature: cfg.temperature,
                 };
                 let fwd = supcon_forward(&features, labels, &opts)?;
-                let g =
-                    supcon_backward(&features, labels, &opts, &fwd.saved, 1.0)?.to_vec::<f32>()?;
-                let mut grad = Mat::zeros(v * n, d);
-                for i in 0..n {
-                    for j in 0..v {
-                        grad.row_mut(j * n + i)
-                            .copy_from_slice(&g[(i * v + j) * d..(i * v + j + 1) * d]);
-                    }
-                }
-                self.query.backward_params(enc, &grad)?;
+                let g = supcon_backward(&features, labels, &opts, &fwd.saved, 1.0)?;
+                let grad = swap_row_blocks(&g.reshape(&[n * v, d])?, n, v)?;
+                self.query.backward_params_tensor(enc, &grad)?;
                 Ok(fwd.loss.to_scalar()?)
             }
         }
     }
+}
+
+/// `t` (f32, `outer * inner` rows) with its row blocks swapped: row `j * outer + i` of the
+/// result is row `i * inner + j` of `t`; on a kernel device by a kernel, in place there.
+fn swap_row_blocks(t: &Tensor, outer: usize, inner: usize) -> Result<Tensor> {
+    let dim = t.shape()[1];
+    crate::kernels::run_on_kernels!(t.device(), b => {
+        let input = crate::ops::upload_f32(b, "t", t)?;
+        let out = crate::kernels::elementwise::swap_row_blocks(b, &input, outer, inner, dim)?;
+        crate::ops::kernel_output(b, t, out, t.shape())
+    });
+    let values = t.to_vec::<f32>()?;
+    let mut out = vec![0.0f32; values.len()];
+    for i in 0..outer {
+        for j in 0..inner {
+            let (from, to) = ((i * inner + j) * dim, (j * outer + i) * dim);
+            out[to..to + dim].copy_from_slice(&values[from..from + dim]);
+        }
+    }
+    Tensor::from_vec(out, t.shape(), t.device())
 }
 
 /// Trains `encoder` on `train` with `cfg`; `monitor` = (reference, queries) is used for the

@@ -94,7 +94,8 @@ pub(crate) fn cast<B: Backend>(b: &B, input: &B::Buf, elem: Elem) -> Result<B::B
 }
 
 /// `input` (f32, `outer x inner` rows of `dim`) with its first two axes swapped: row
-/// `j * outer + i` of the result is row `i * inner + j` of the input.
+/// `j * outer + i` of the result is row `i * inner + j` of the input (the trainer's SupCon step).
+#[cfg_attr(not(feature = "train"), allow(dead_code))]
 pub(crate) fn swap_row_blocks<B: Backend>(
     b: &B,
     input: &B::Buf,

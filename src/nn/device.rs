@@ -115,28 +115,14 @@ impl DeviceEncoder {
     /// statistics; train mode updates the encoder's running statistics), remembering on the
     /// device what [`backward`](Self::backward) needs.
     pub fn forward(&mut self, enc: &mut Encoder, x: &Mat, train: bool) -> Result<Mat> {
-        self.saved = None;
-        x.check_input("DeviceEncoder::forward", "x", enc.in_features())?;
-        enc.set_train(train);
-        match self.device {
-            Device::Cpu => enc.forward(x, train),
-            Device::Interp => {
-                let (z, pass) = forward_on(&Interp, enc, x)?;
-                let z = output_mat(&Interp, &z, &pass)?;
-                self.saved = Some(Saved::Interp(pass));
-                Ok(z)
-            }
-            #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
-                let cuda = crate::kernels::cuda::Cuda::get(ordinal)?;
-                let (z, pass) = forward_on(&*cuda, enc, x)?;
-                let z = output_mat(&*cuda, &z, &pass)?;
-                self.saved = Some(Saved::Cuda(cuda, pass));
-                Ok(z)
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(no_cuda()),
+        if self.device == Device::Cpu {
+            self.saved = None;
+            x.check_input("DeviceEncoder::forward", "x", enc.in_features())?;
+            enc.set_train(train);
+            return enc.forward(x, train);
         }
+        // The device output, copied to the host.
+        Mat::from_tensor(&self.forward_tensor(enc, x, train)?)
     }
 
     /// [`forward`](Self::forward) leaving the output on the device, as an f32 tensor
@@ -279,11 +265,6 @@ fn forward_on<B: Backend>(b: &B, enc: &mut Encoder, x: &Mat) -> Result<Forward<B
         layers,
     };
     Ok((h, pass))
-}
-
-/// The output of [`forward_on`] copied to the host.
-fn output_mat<B: Backend>(b: &B, out: &B::Buf, pass: &Pass<B::Buf>) -> Result<Mat> {
-    Mat::from_vec(b.download(out)?, pass.rows, pass.out_cols)
 }
 
 /// The output of [`forward_on`] as a device tensor (the buffer itself unless a layer keeps it

@@ -3,10 +3,9 @@
 // on the host), and the loss's reduction, which writes the mean next to the status words so
 // that one small copy reads both.
 #include "common.cuh"
+#include "loss_words.cuh"
 
 namespace contra {
-
-constexpr int kAllFinite = 0x7fffffff;
 
 // Finite: |v| <= FLT_MAX (false for NaN and both infinities).
 __device__ __forceinline__ bool finite(float v) { return fabsf(v) <= 3.402823466e38f; }
@@ -46,14 +45,7 @@ __device__ void loss_finish(const ContraLossParams& p) {
         if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
         __syncthreads();
     }
-    for (int i = threadIdx.x; i < p.slots; i += kLossThreads) p.out[2 + i] = (unsigned)p.status[i];
-    if (threadIdx.x == 0) {
-        const double loss = partial[0] / p.divisor;
-        const unsigned long long bits = (unsigned long long)__double_as_longlong(loss);
-        p.out[0] = (unsigned)bits;
-        p.out[1] = (unsigned)(bits >> 32);
-        p.out[2 + p.slots] = fabs(loss) <= 1.7976931348623157e308 ? kAllFinite : 0;
-    }
+    write_loss_words(p.out, p.status, p.slots, partial[0] / p.divisor);
 }
 
 }  // namespace contra

@@ -16,13 +16,63 @@
 // count * d dist / d raw. Time per anchor is O(P * N) for P positives (O(N^3) at worst over the
 // batch), memory O(N^2) in all: never N^3.
 //
+// Rows whose norm passes 2^40 are mined scaled by 2^-k (exact; the squared distances stay far
+// inside f32): triplet_row_norms finds the largest norm, triplet_scale_rows writes the scaled rows,
+// and every later kernel reads k from the call's summary, so no value crosses to the host.
+// triplet_finish reduces the anchors' sums and counts into the loss and the summary's counts.
+//
 // Ties pick the lowest column, as the CPU reference does: comparisons are strict while the columns
 // are walked in increasing order, and the block reductions prefer the lower index.
 #include "common.cuh"
+#include "loss_words.cuh"
 
 namespace contra {
 
 constexpr int kMineThreads = 256;
+constexpr int kRowNormExp = 40;               // rows from 2^40 in norm are mined scaled
+constexpr float kFloatMinNormal = 1.17549435e-38f;
+
+// The row scale exponent k of a call (ContraTripletSummary): 0 while the largest row norm is
+// below 2^40, else frexp's exponent of that norm minus 40.
+__device__ __forceinline__ int triplet_row_exp(const unsigned long long* summary) {
+    const double norm = sqrt(__longlong_as_double((long long)summary[CONTRA_SUMMARY_MAX_SQ_NORM]));
+    if (!(norm >= 1099511627776.0 && norm <= 1.7976931348623157e308)) return 0;
+    int e;
+    frexp(norm, &e);
+    return e - kRowNormExp;
+}
+
+// 2 for the squared euclidean distance (it scales with the rows squared), else 1.
+__device__ __forceinline__ int triplet_power(int distance) {
+    return distance == CONTRA_TRIPLET_SQUARED_EUCLIDEAN ? 2 : 1;
+}
+
+// One warp per row: the squared norm in double, the largest raised into the summary (the bits
+// of nonnegative doubles order as the values do).
+__device__ void triplet_row_norms(const ContraTripletScaleParams& p) {
+    const int lane = threadIdx.x % 32;
+    const long long warps = (long long)gridDim.x * blockDim.x / 32;
+    double largest = 0.0;
+    for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32; r < p.rows; r += warps) {
+        double sum = 0.0;
+        for (int d = lane; d < p.dim; d += 32) {
+            const double v = p.x[r * p.dim + d];
+            sum += v * v;
+        }
+        for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+        largest = fmax(largest, sum);
+    }
+    if (lane == 0 && largest > 0.0)
+        atomicMax(p.summary + CONTRA_SUMMARY_MAX_SQ_NORM, (unsigned long long)__double_as_longlong(largest));
+}
+
+__device__ void triplet_scale_rows(const ContraTripletScaleParams& p) {
+    // 2^-k is a normal float for any f32 row (k <= 128 + 16 - 40): the product is exact.
+    const float scale = ldexpf(1.0f, -triplet_row_exp(p.summary));
+    const long long len = (long long)p.rows * p.dim;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (long long)gridDim.x * blockDim.x)
+        p.out[i] = p.x[i] * scale;
+}
 
 __device__ __forceinline__ float triplet_dist(float raw, int distance, float eps) {
     switch (distance) {
@@ -99,10 +149,15 @@ __device__ void triplet_mine(const ContraTripletMineParams& p) {
     float* coef = p.coef + (long long)a * n;
     int* count = reinterpret_cast<int*>(coef);  // per-pair counts until the last pass
     const int ya = p.labels[a];
-    const float m = p.margin;
     const int* labels = p.labels;
     const int distance = p.distance;
-    const float eps = p.eps;
+    // The margin and the clamp in the scaled rows' units, kept at least f32's smallest normal (a
+    // margin that underflows still keeps ties out of the hard triplets).
+    const int row_exp = triplet_row_exp(p.summary);
+    const float m = row_exp == 0 || !(p.margin > 0.0)
+                        ? (float)p.margin
+                        : fmaxf((float)ldexp(p.margin, -row_exp * triplet_power(distance)), kFloatMinNormal);
+    const float eps = fmaxf((float)ldexp(p.eps, -2 * row_exp), kFloatMinNormal);
 #define dist(j) triplet_dist(raw[j], distance, eps)
 #define is_positive(j) ((j) != a && labels[j] == ya)
 #define is_negative(j) (labels[j] != ya)
@@ -226,18 +281,61 @@ __device__ void triplet_mine(const ContraTripletMineParams& p) {
     }
 }
 
+constexpr int kFinishThreads = 256;
+
+// Sums in double and counts in u64 over the anchors, in a fixed order (deterministic).
+__device__ void triplet_finish(const ContraTripletFinishParams& p) {
+    __shared__ double s_sum[kFinishThreads];
+    __shared__ unsigned long long s_counts[4][kFinishThreads];
+    double sum = 0.0;
+    unsigned long long counts[4] = {0, 0, 0, 0};
+    for (int a = threadIdx.x; a < p.rows; a += kFinishThreads) {
+        sum += (double)p.anchor_sum[a];
+        counts[0] += p.anchor_count[a];
+        for (int i = 0; i < 3; ++i) counts[1 + i] += p.anchor_stats[3LL * a + i];
+    }
+    s_sum[threadIdx.x] = sum;
+    for (int i = 0; i < 4; ++i) s_counts[i][threadIdx.x] = counts[i];
+    __syncthreads();
+    for (int width = kFinishThreads / 2; width > 0; width /= 2) {
+        if ((int)threadIdx.x < width) {
+            s_sum[threadIdx.x] += s_sum[threadIdx.x + width];
+            for (int i = 0; i < 4; ++i) s_counts[i][threadIdx.x] += s_counts[i][threadIdx.x + width];
+        }
+        __syncthreads();
+    }
+    const unsigned long long count = s_counts[0][0];
+    // loss = loss' 2^(k p): the scaled problem's mean in the rows' own units.
+    const double loss = count == 0 ? 0.0 : ldexp(s_sum[0] / (double)count, triplet_row_exp(p.summary) * p.power);
+    write_loss_words(p.out, p.status, p.slots, loss);
+    if (threadIdx.x == 0) {
+        p.summary[CONTRA_SUMMARY_COUNT] = count;
+        p.summary[CONTRA_SUMMARY_HARD] = s_counts[1][0];
+        p.summary[CONTRA_SUMMARY_SEMI_HARD] = s_counts[2][0];
+        p.summary[CONTRA_SUMMARY_EASY] = s_counts[3][0];
+    }
+}
+
 constexpr int kBwdRows = 4;       // rows r per block
 constexpr int kBwdThreads = 128;  // one feature column per thread; grid.y covers dim
 
 // One block: rows r0..r0+4 x features d0..d0+128. The coefficients S_ro = coef_ro + coef_or of
 // its rows are staged through shared memory 128 columns o at a time.
-template <typename T>
 __device__ void triplet_bwd(const ContraTripletBwdParams& p) {
     __shared__ float s_tile[kBwdRows][kBwdThreads];
     const int n = p.rows;
     const int r0 = blockIdx.x * kBwdRows;
     const int d = blockIdx.y * kBwdThreads + threadIdx.x;
-    const T* y = static_cast<const T*>(p.y);
+    // The rows in the units the coefficients were mined in (exact: a power of two), and the
+    // factor that brings the gradient back to the rows' own units: L(x) = L'(x 2^-k) 2^(kp).
+    const int k = p.summary != nullptr ? triplet_row_exp(p.summary) : p.k;
+    const float row_scale = ldexpf(1.0f, -k);
+    double g = ldexp(p.grad_loss, k * (p.power - 1));
+    if (p.summary != nullptr) {
+        const unsigned long long count = p.summary[CONTRA_SUMMARY_COUNT];
+        g = count == 0 ? 0.0 : g * (1.0 / (double)count);
+    }
+    const float grad_scale = (float)g;
     float row_sum[kBwdRows], acc[kBwdRows];
     for (int i = 0; i < kBwdRows; ++i) row_sum[i] = acc[i] = 0.0f;
     for (int o0 = 0; o0 < n; o0 += kBwdThreads) {
@@ -249,10 +347,10 @@ __device__ void triplet_bwd(const ContraTripletBwdParams& p) {
         }
         __syncthreads();
         const int span = min(kBwdThreads, n - o0);
-        for (int k = 0; k < span; ++k) {
-            const float y_od = d < p.dim ? load(y, (long long)(o0 + k) * p.dim + d) : 0.0f;
+        for (int j = 0; j < span; ++j) {
+            const float y_od = d < p.dim ? p.x[(long long)(o0 + j) * p.dim + d] * row_scale : 0.0f;
             for (int i = 0; i < kBwdRows; ++i) {
-                const float s = s_tile[i][k];
+                const float s = s_tile[i][j];
                 row_sum[i] += s;
                 acc[i] += s * y_od;
             }
@@ -264,8 +362,8 @@ __device__ void triplet_bwd(const ContraTripletBwdParams& p) {
         const int r = r0 + i;
         if (r >= n) break;
         const long long at = (long long)r * p.dim + d;
-        const float g = p.cosine ? acc[i] : 2.0f * (row_sum[i] * load(y, at) - acc[i]);
-        store(static_cast<T*>(p.out), at, p.grad_scale * g);
+        const float gr = p.cosine ? acc[i] : 2.0f * (row_sum[i] * (p.x[at] * row_scale) - acc[i]);
+        p.out[at] = grad_scale * gr;
     }
 }
 
@@ -273,6 +371,12 @@ __device__ void triplet_bwd(const ContraTripletBwdParams& p) {
 
 // (256, 4): without a blocks-per-SM hint ptxas held the mining loop to 32 registers and spilled.
 extern "C" __global__ void __launch_bounds__(256, 4) triplet_mine_f32(const ContraTripletMineParams p) { contra::triplet_mine(p); }
-extern "C" __global__ void __launch_bounds__(128) triplet_bwd_f32(const ContraTripletBwdParams p) { contra::triplet_bwd<float>(p); }
+extern "C" __global__ void __launch_bounds__(128) triplet_bwd_f32(const ContraTripletBwdParams p) { contra::triplet_bwd(p); }
+extern "C" __global__ void __launch_bounds__(256) triplet_row_norms(const ContraTripletScaleParams p) { contra::triplet_row_norms(p); }
+extern "C" __global__ void __launch_bounds__(256) triplet_scale_rows(const ContraTripletScaleParams p) { contra::triplet_scale_rows(p); }
+extern "C" __global__ void __launch_bounds__(contra::kFinishThreads) triplet_finish(const ContraTripletFinishParams p) { contra::triplet_finish(p); }
 INTERP_EXPORT(triplet_mine_f32, ContraTripletMineParams)
 INTERP_EXPORT(triplet_bwd_f32, ContraTripletBwdParams)
+INTERP_EXPORT(triplet_row_norms, ContraTripletScaleParams)
+INTERP_EXPORT(triplet_scale_rows, ContraTripletScaleParams)
+INTERP_EXPORT(triplet_finish, ContraTripletFinishParams)

@@ -212,15 +212,29 @@ impl<'b, B: Backend> Recorder<'b, B> {
 
     /// [`Recorder::finish_scalar`] over the terms `terms` makes of `values`.
     pub fn finish_terms(
-        mut self,
+        self,
         what: &'static str,
         values: &B::Buf,
         terms: Terms<'_, B::Buf>,
         divisor: f64,
         blame: &'static str,
     ) -> Result<(Tensor, Arc<Checks>)> {
-        let slots = self.slots.len();
-        let out = status::finish_loss(self.b, values, terms, divisor, &self.status, slots)?;
+        let b = self.b;
+        self.finish_with(what, blame, |status, slots| {
+            status::finish_loss(b, values, terms, divisor, status, slots)
+        })
+    }
+
+    /// The 0-d f64 result `what` written by `write(status, slots)`, a launch that lays out the
+    /// result, the `slots` status words of `status` and the result's own status word as
+    /// `status::finish_loss` does; and the checks to attach to the other results.
+    pub fn finish_with(
+        mut self,
+        what: &'static str,
+        blame: &'static str,
+        write: impl FnOnce(&B::Buf, usize) -> Result<B::Buf>,
+    ) -> Result<(Tensor, Arc<Checks>)> {
+        let out = write(&self.status, self.slots.len())?;
         self.slots.push(Slot::Result { what, blame });
         let buf = Arc::new(self.b.adopt(out)?);
         let checks = Arc::new(Checks {

@@ -49,8 +49,16 @@ fn check_case(
     let want = run(Device::Cpu);
     let got = run(device);
     let case = format!("{case} {:?} {:?}", opts.distance, opts.mining);
-    assert_eq!(got.count, want.count, "{case} on {device}: count");
-    assert_eq!(got.stats, want.stats, "{case} on {device}: stats");
+    assert_eq!(
+        got.counts.count().unwrap(),
+        want.counts.count().unwrap(),
+        "{case} on {device}: count"
+    );
+    assert_eq!(
+        got.counts.stats().unwrap(),
+        want.counts.stats().unwrap(),
+        "{case} on {device}: stats"
+    );
     let loss_err = rel_err(
         &[got.loss.to_scalar().unwrap()],
         &[want.loss.to_scalar().unwrap()],
@@ -66,7 +74,7 @@ fn check_case(
     println!(
         "  {device} {case}: loss {:.5} count {} errors {loss_err:.1e} / {grad_err:.1e}",
         got.loss.to_scalar().unwrap(),
-        got.count
+        got.counts.count().unwrap()
     );
 }
 

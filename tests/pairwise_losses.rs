@@ -465,8 +465,16 @@ fn check_against_reference(x: &[f64], labels: &[i64], d: usize, what: &str) {
                 got.loss.to_scalar().unwrap(),
                 want.loss
             );
-            assert_eq!(got.count, want.count, "{what} {opts:?}: count");
-            assert_eq!(got.stats, want.stats, "{what} {opts:?}: stats");
+            assert_eq!(
+                got.counts.count().unwrap(),
+                want.count,
+                "{what} {opts:?}: count"
+            );
+            assert_eq!(
+                got.counts.stats().unwrap(),
+                want.stats,
+                "{what} {opts:?}: stats"
+            );
         }
     }
 }
@@ -515,8 +523,12 @@ fn triplet_with_no_valid_triplet_is_zero() {
                 };
                 let out = triplet(&x, &labels, &opts).unwrap();
                 assert_eq!(out.loss.to_scalar().unwrap(), 0.0, "{opts:?} {labels:?}");
-                assert_eq!(out.count, 0, "{opts:?} {labels:?}");
-                assert_eq!(out.stats, TripletStats::default(), "{opts:?} {labels:?}");
+                assert_eq!(out.counts.count().unwrap(), 0, "{opts:?} {labels:?}");
+                assert_eq!(
+                    out.counts.stats().unwrap(),
+                    TripletStats::default(),
+                    "{opts:?} {labels:?}"
+                );
                 let g = out.grad_x.to_vec::<f64>().unwrap();
                 assert!(g.iter().all(|&v| v == 0.0), "{opts:?}: nonzero gradient");
             }
@@ -529,7 +541,10 @@ fn triplet_with_no_valid_triplet_is_zero() {
         &TripletOptions::default(),
     )
     .unwrap();
-    assert_eq!((one.loss.to_scalar().unwrap(), one.count), (0.0, 0));
+    assert_eq!(
+        (one.loss.to_scalar().unwrap(), one.counts.count().unwrap()),
+        (0.0, 0)
+    );
 }
 
 #[test]
@@ -550,9 +565,9 @@ fn triplet_hand_computed_cases() {
         "{}",
         hard.loss.to_scalar().unwrap()
     );
-    assert_eq!(hard.count, 4);
+    assert_eq!(hard.counts.count().unwrap(), 4);
     assert_eq!(
-        hard.stats,
+        hard.counts.stats().unwrap(),
         TripletStats {
             hard: 1,
             semi_hard: 1,
@@ -570,7 +585,7 @@ fn triplet_hand_computed_cases() {
         "{}",
         all.loss.to_scalar().unwrap()
     );
-    assert_eq!(all.count, 2);
+    assert_eq!(all.counts.count().unwrap(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -605,8 +620,16 @@ fn triplet_is_permutation_invariant() {
                     <= 1e-12 * a.loss.to_scalar().unwrap(),
                 "{opts:?}"
             );
-            assert_eq!(a.count, b.count, "{opts:?}");
-            assert_eq!(a.stats, b.stats, "{opts:?}");
+            assert_eq!(
+                a.counts.count().unwrap(),
+                b.counts.count().unwrap(),
+                "{opts:?}"
+            );
+            assert_eq!(
+                a.counts.stats().unwrap(),
+                b.counts.stats().unwrap(),
+                "{opts:?}"
+            );
             let ga = a.grad_x.to_vec::<f64>().unwrap();
             let gb = b.grad_x.to_vec::<f64>().unwrap();
             let ga_perm: Vec<f64> = perm

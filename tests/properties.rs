@@ -1477,7 +1477,7 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
             let l = labels.clone();
             guarded(move || {
                 let o = triplet(&x, &l, &opts)?;
-                triplet_outs(&o.loss, o.count, o.stats, &o.grad_x)
+                triplet_outs(&o.loss, o.counts.count()?, o.counts.stats()?, &o.grad_x)
             })
         },
         |[x]: [Tensor; 1]| {
@@ -1485,7 +1485,7 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
             guarded(move || {
                 let f = triplet_forward(&x, &l, &opts)?;
                 let g = triplet_backward(&x, &l, &opts, &f.saved, 1.0)?;
-                triplet_outs(&f.loss, f.count, f.stats, &g)
+                triplet_outs(&f.loss, f.counts.count()?, f.counts.stats()?, &g)
             })
         },
     );

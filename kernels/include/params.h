@@ -210,14 +210,41 @@ enum ContraTripletMining {
     CONTRA_TRIPLET_SEMI_HARD = 2
 };
 
-/* triplet_mine: one block per anchor a over `raw` (rows x rows): squared distances, or for the
- * cosine distance cosine similarities. Writes coef row a: d(anchor terms) / d raw(a, j), i.e. the
- * number of times d(a, j) occurs with + (positives) or - (negatives) in the anchor's active relu
- * terms times d dist / d raw; anchor_sum[a], the sum of those terms; anchor_count[a], what the
- * mining counts for the anchor; anchor_stats[3a..3a+3], its hard, semi-hard and easy triplets. */
+/* The words of a triplet call's summary (u64 each, low word first): what triplet_finish counts,
+ * and the largest squared row norm (the bits of a nonnegative double; 0 before triplet_row_norms
+ * raises it) that sets the row scale 2^-k of the euclidean distances: k = 0 while the largest
+ * row norm is below 2^40, else frexp's exponent of that norm minus 40. */
+enum ContraTripletSummary {
+    CONTRA_SUMMARY_COUNT = 0,
+    CONTRA_SUMMARY_HARD = 1,
+    CONTRA_SUMMARY_SEMI_HARD = 2,
+    CONTRA_SUMMARY_EASY = 3,
+    CONTRA_SUMMARY_MAX_SQ_NORM = 4,
+    CONTRA_SUMMARY_LEN = 5
+};
+
+/* triplet_row_norms: raises summary[MAX_SQ_NORM] to the largest squared row norm of x (rows x
+ * dim, f32; summed in double). triplet_scale_rows: out = x 2^-k (f32, rows x dim), k read from
+ * the summary. */
+typedef struct ContraTripletScaleParams {
+    const float* x;
+    float* out;
+    unsigned long long* summary;
+    int rows;
+    int dim;
+} ContraTripletScaleParams;
+
+/* triplet_mine: one block per anchor a over `raw` (rows x rows): squared distances of the rows
+ * scaled by 2^-k (k from the summary), or for the cosine distance cosine similarities. The margin
+ * and the euclidean clamp (dist = sqrt(max(raw, eps)), derivative 0 below eps) are scaled alike.
+ * Writes coef row a: d(anchor terms) / d raw(a, j), i.e. the number of times d(a, j) occurs with
+ * + (positives) or - (negatives) in the anchor's active relu terms times d dist / d raw;
+ * anchor_sum[a], the sum of those terms; anchor_count[a], what the mining counts for the anchor;
+ * anchor_stats[3a..3a+3], its hard, semi-hard and easy triplets. */
 typedef struct ContraTripletMineParams {
     const float* raw;
     const int* labels;
+    const unsigned long long* summary;
     float* coef;
     float* anchor_sum;
     unsigned int* anchor_count;
@@ -225,22 +252,43 @@ typedef struct ContraTripletMineParams {
     int rows;
     int distance;
     int mining;
-    float margin;
-    float eps; /* euclidean: dist = sqrt(max(raw, eps)), derivative 0 below eps */
+    double margin; /* in the rows' own units */
+    double eps;    /* in the rows' own units */
 } ContraTripletMineParams;
 
-/* triplet_bwd: with S = coef + coef^T (rows x rows), s_r = sum_o S_ro and p_r = sum_o S_ro y_o,
- * out_r = grad_scale * 2 (s_r y_r - p_r) for the euclidean distances (y = x), and
- * out_r = grad_scale * p_r for the cosine distance (y = normalized x; the caller chains the
- * normalize backward). */
+/* triplet_finish (one block): sums the anchors' values in double and counts in u64 in a fixed
+ * order; writes the summary's counts and, like loss_finish, out[0..2) = the loss
+ * (sum / count 2^(k p), 0 without a triplet; p = 2 for the squared euclidean distance, else 1),
+ * out[2 + i] = status[i] for i < slots and out[2 + slots] = the loss's own status. */
+typedef struct ContraTripletFinishParams {
+    const float* anchor_sum;
+    const unsigned int* anchor_count;
+    const unsigned int* anchor_stats;
+    const int* status;
+    unsigned long long* summary;
+    unsigned* out;
+    int rows;
+    int slots;
+    int power;
+} ContraTripletFinishParams;
+
+/* triplet_bwd: with y = x 2^-k (euclidean) or y = x (cosine: x is then the normalized rows),
+ * S = coef + coef^T (rows x rows), s_r = sum_o S_ro and p_r = sum_o S_ro y_o,
+ * out_r = g 2 (s_r y_r - p_r) for the euclidean distances and out_r = g p_r for the cosine
+ * distance (the caller chains the normalize backward), g = grad_loss 2^(k (power - 1)), divided
+ * by the summary's count when `summary` is given (a kernel forward's coefficients, with k from
+ * the summary); without it the coefficients are final and k is `k`. */
 typedef struct ContraTripletBwdParams {
-    const void* y;
+    const float* x;
     const float* coef;
-    void* out;
+    const unsigned long long* summary; /* may be NULL */
+    float* out;
     int rows;
     int dim;
     int cosine;
-    float grad_scale;
+    int power;
+    int k;
+    double grad_loss;
 } ContraTripletBwdParams;
 
 /* ---- The trainer's encoder layers (kernels/nn.cu). Matrices are row-major f32. ---- */

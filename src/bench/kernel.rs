@@ -389,20 +389,29 @@ impl<B: Backend> KernelRunner<B> {
             Op::Triplet => {
                 let problem = kernels::triplet::Problem::<Counted<B>> {
                     x: &t[0],
-                    labels: &set.ints[0],
                     rows: n,
                     dim: d,
                     distance: Distance::Euclidean,
                     mining: Mining::BatchHard,
                     margin: cases::TRIPLET_MARGIN,
                 };
-                let fwd = problem.forward(b)?;
+                let mined = problem.forward(b, &set.ints[0])?;
+                let (loss, _) = crate::checks::Recorder::new(b, "triplet")?.finish_with(
+                    "loss",
+                    "",
+                    |status, slots| problem.finish(b, &mined, status, slots),
+                )?;
+                let loss = loss.to_scalar()?;
                 if !bwd {
-                    return Ok(loss_only(fwd.loss));
+                    return Ok(loss_only(loss));
                 }
-                let grad = problem.backward(b, &fwd.coefs, 1.0)?;
+                let source = kernels::triplet::CoefSource::Device {
+                    coef: &mined.coef,
+                    summary: &mined.summary,
+                };
+                let grad = problem.backward(b, source, 1.0)?;
                 Ok(Outcome {
-                    check: fwd.loss,
+                    check: loss,
                     grad_check: self.grad(&grad, check)?,
                 })
             }

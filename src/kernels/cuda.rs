@@ -38,6 +38,8 @@ unsafe impl DeviceRepr for ContraInfonceExtraBwdParams {}
 unsafe impl DeviceRepr for ContraRowDotParams {}
 unsafe impl DeviceRepr for ContraTripletMineParams {}
 unsafe impl DeviceRepr for ContraTripletBwdParams {}
+unsafe impl DeviceRepr for ContraTripletScaleParams {}
+unsafe impl DeviceRepr for ContraTripletFinishParams {}
 unsafe impl DeviceRepr for ContraGemmParams {}
 unsafe impl DeviceRepr for ContraBiasReluParams {}
 unsafe impl DeviceRepr for ContraReluBwdParams {}

@@ -119,6 +119,8 @@ impl KernelParams for params::ContraInfonceExtraBwdParams {}
 impl KernelParams for params::ContraRowDotParams {}
 impl KernelParams for params::ContraTripletMineParams {}
 impl KernelParams for params::ContraTripletBwdParams {}
+impl KernelParams for params::ContraTripletScaleParams {}
+impl KernelParams for params::ContraTripletFinishParams {}
 impl KernelParams for params::ContraGemmParams {}
 impl KernelParams for params::ContraBiasReluParams {}
 impl KernelParams for params::ContraReluBwdParams {}

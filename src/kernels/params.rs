@@ -492,11 +492,54 @@ pub const ContraTripletMining_CONTRA_TRIPLET_BATCH_ALL: ContraTripletMining = 0;
 pub const ContraTripletMining_CONTRA_TRIPLET_BATCH_HARD: ContraTripletMining = 1;
 pub const ContraTripletMining_CONTRA_TRIPLET_SEMI_HARD: ContraTripletMining = 2;
 pub type ContraTripletMining = ::std::os::raw::c_uint;
+pub const ContraTripletSummary_CONTRA_SUMMARY_COUNT: ContraTripletSummary = 0;
+pub const ContraTripletSummary_CONTRA_SUMMARY_HARD: ContraTripletSummary = 1;
+pub const ContraTripletSummary_CONTRA_SUMMARY_SEMI_HARD: ContraTripletSummary = 2;
+pub const ContraTripletSummary_CONTRA_SUMMARY_EASY: ContraTripletSummary = 3;
+pub const ContraTripletSummary_CONTRA_SUMMARY_MAX_SQ_NORM: ContraTripletSummary = 4;
+pub const ContraTripletSummary_CONTRA_SUMMARY_LEN: ContraTripletSummary = 5;
+pub type ContraTripletSummary = ::std::os::raw::c_uint;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraTripletScaleParams {
+    pub x: *const f32,
+    pub out: *mut f32,
+    pub summary: *mut ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraTripletScaleParams"]
+        [::std::mem::size_of::<ContraTripletScaleParams>() - 32usize];
+    ["Alignment of ContraTripletScaleParams"]
+        [::std::mem::align_of::<ContraTripletScaleParams>() - 8usize];
+    ["Offset of field: ContraTripletScaleParams::x"]
+        [::std::mem::offset_of!(ContraTripletScaleParams, x) - 0usize];
+    ["Offset of field: ContraTripletScaleParams::out"]
+        [::std::mem::offset_of!(ContraTripletScaleParams, out) - 8usize];
+    ["Offset of field: ContraTripletScaleParams::summary"]
+        [::std::mem::offset_of!(ContraTripletScaleParams, summary) - 16usize];
+    ["Offset of field: ContraTripletScaleParams::rows"]
+        [::std::mem::offset_of!(ContraTripletScaleParams, rows) - 24usize];
+    ["Offset of field: ContraTripletScaleParams::dim"]
+        [::std::mem::offset_of!(ContraTripletScaleParams, dim) - 28usize];
+};
+impl Default for ContraTripletScaleParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct ContraTripletMineParams {
     pub raw: *const f32,
     pub labels: *const ::std::os::raw::c_int,
+    pub summary: *const ::std::os::raw::c_ulonglong,
     pub coef: *mut f32,
     pub anchor_sum: *mut f32,
     pub anchor_count: *mut ::std::os::raw::c_uint,
@@ -504,36 +547,38 @@ pub struct ContraTripletMineParams {
     pub rows: ::std::os::raw::c_int,
     pub distance: ::std::os::raw::c_int,
     pub mining: ::std::os::raw::c_int,
-    pub margin: f32,
-    pub eps: f32,
+    pub margin: f64,
+    pub eps: f64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraTripletMineParams"][::std::mem::size_of::<ContraTripletMineParams>() - 72usize];
+    ["Size of ContraTripletMineParams"][::std::mem::size_of::<ContraTripletMineParams>() - 88usize];
     ["Alignment of ContraTripletMineParams"]
         [::std::mem::align_of::<ContraTripletMineParams>() - 8usize];
     ["Offset of field: ContraTripletMineParams::raw"]
         [::std::mem::offset_of!(ContraTripletMineParams, raw) - 0usize];
     ["Offset of field: ContraTripletMineParams::labels"]
         [::std::mem::offset_of!(ContraTripletMineParams, labels) - 8usize];
+    ["Offset of field: ContraTripletMineParams::summary"]
+        [::std::mem::offset_of!(ContraTripletMineParams, summary) - 16usize];
     ["Offset of field: ContraTripletMineParams::coef"]
-        [::std::mem::offset_of!(ContraTripletMineParams, coef) - 16usize];
+        [::std::mem::offset_of!(ContraTripletMineParams, coef) - 24usize];
     ["Offset of field: ContraTripletMineParams::anchor_sum"]
-        [::std::mem::offset_of!(ContraTripletMineParams, anchor_sum) - 24usize];
+        [::std::mem::offset_of!(ContraTripletMineParams, anchor_sum) - 32usize];
     ["Offset of field: ContraTripletMineParams::anchor_count"]
-        [::std::mem::offset_of!(ContraTripletMineParams, anchor_count) - 32usize];
+        [::std::mem::offset_of!(ContraTripletMineParams, anchor_count) - 40usize];
     ["Offset of field: ContraTripletMineParams::anchor_stats"]
-        [::std::mem::offset_of!(ContraTripletMineParams, anchor_stats) - 40usize];
+        [::std::mem::offset_of!(ContraTripletMineParams, anchor_stats) - 48usize];
     ["Offset of field: ContraTripletMineParams::rows"]
-        [::std::mem::offset_of!(ContraTripletMineParams, rows) - 48usize];
+        [::std::mem::offset_of!(ContraTripletMineParams, rows) - 56usize];
     ["Offset of field: ContraTripletMineParams::distance"]
-        [::std::mem::offset_of!(ContraTripletMineParams, distance) - 52usize];
+        [::std::mem::offset_of!(ContraTripletMineParams, distance) - 60usize];
     ["Offset of field: ContraTripletMineParams::mining"]
-        [::std::mem::offset_of!(ContraTripletMineParams, mining) - 56usize];
+        [::std::mem::offset_of!(ContraTripletMineParams, mining) - 64usize];
     ["Offset of field: ContraTripletMineParams::margin"]
-        [::std::mem::offset_of!(ContraTripletMineParams, margin) - 60usize];
+        [::std::mem::offset_of!(ContraTripletMineParams, margin) - 72usize];
     ["Offset of field: ContraTripletMineParams::eps"]
-        [::std::mem::offset_of!(ContraTripletMineParams, eps) - 64usize];
+        [::std::mem::offset_of!(ContraTripletMineParams, eps) - 80usize];
 };
 impl Default for ContraTripletMineParams {
     fn default() -> Self {
@@ -546,34 +591,90 @@ impl Default for ContraTripletMineParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
-pub struct ContraTripletBwdParams {
-    pub y: *const ::std::os::raw::c_void,
-    pub coef: *const f32,
-    pub out: *mut ::std::os::raw::c_void,
+pub struct ContraTripletFinishParams {
+    pub anchor_sum: *const f32,
+    pub anchor_count: *const ::std::os::raw::c_uint,
+    pub anchor_stats: *const ::std::os::raw::c_uint,
+    pub status: *const ::std::os::raw::c_int,
+    pub summary: *mut ::std::os::raw::c_ulonglong,
+    pub out: *mut ::std::os::raw::c_uint,
     pub rows: ::std::os::raw::c_int,
-    pub dim: ::std::os::raw::c_int,
-    pub cosine: ::std::os::raw::c_int,
-    pub grad_scale: f32,
+    pub slots: ::std::os::raw::c_int,
+    pub power: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraTripletBwdParams"][::std::mem::size_of::<ContraTripletBwdParams>() - 40usize];
+    ["Size of ContraTripletFinishParams"]
+        [::std::mem::size_of::<ContraTripletFinishParams>() - 64usize];
+    ["Alignment of ContraTripletFinishParams"]
+        [::std::mem::align_of::<ContraTripletFinishParams>() - 8usize];
+    ["Offset of field: ContraTripletFinishParams::anchor_sum"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, anchor_sum) - 0usize];
+    ["Offset of field: ContraTripletFinishParams::anchor_count"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, anchor_count) - 8usize];
+    ["Offset of field: ContraTripletFinishParams::anchor_stats"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, anchor_stats) - 16usize];
+    ["Offset of field: ContraTripletFinishParams::status"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, status) - 24usize];
+    ["Offset of field: ContraTripletFinishParams::summary"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, summary) - 32usize];
+    ["Offset of field: ContraTripletFinishParams::out"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, out) - 40usize];
+    ["Offset of field: ContraTripletFinishParams::rows"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, rows) - 48usize];
+    ["Offset of field: ContraTripletFinishParams::slots"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, slots) - 52usize];
+    ["Offset of field: ContraTripletFinishParams::power"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, power) - 56usize];
+};
+impl Default for ContraTripletFinishParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraTripletBwdParams {
+    pub x: *const f32,
+    pub coef: *const f32,
+    pub summary: *const ::std::os::raw::c_ulonglong,
+    pub out: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub cosine: ::std::os::raw::c_int,
+    pub power: ::std::os::raw::c_int,
+    pub k: ::std::os::raw::c_int,
+    pub grad_loss: f64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraTripletBwdParams"][::std::mem::size_of::<ContraTripletBwdParams>() - 64usize];
     ["Alignment of ContraTripletBwdParams"]
         [::std::mem::align_of::<ContraTripletBwdParams>() - 8usize];
-    ["Offset of field: ContraTripletBwdParams::y"]
-        [::std::mem::offset_of!(ContraTripletBwdParams, y) - 0usize];
+    ["Offset of field: ContraTripletBwdParams::x"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, x) - 0usize];
     ["Offset of field: ContraTripletBwdParams::coef"]
         [::std::mem::offset_of!(ContraTripletBwdParams, coef) - 8usize];
+    ["Offset of field: ContraTripletBwdParams::summary"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, summary) - 16usize];
     ["Offset of field: ContraTripletBwdParams::out"]
-        [::std::mem::offset_of!(ContraTripletBwdParams, out) - 16usize];
+        [::std::mem::offset_of!(ContraTripletBwdParams, out) - 24usize];
     ["Offset of field: ContraTripletBwdParams::rows"]
-        [::std::mem::offset_of!(ContraTripletBwdParams, rows) - 24usize];
+        [::std::mem::offset_of!(ContraTripletBwdParams, rows) - 32usize];
     ["Offset of field: ContraTripletBwdParams::dim"]
-        [::std::mem::offset_of!(ContraTripletBwdParams, dim) - 28usize];
+        [::std::mem::offset_of!(ContraTripletBwdParams, dim) - 36usize];
     ["Offset of field: ContraTripletBwdParams::cosine"]
-        [::std::mem::offset_of!(ContraTripletBwdParams, cosine) - 32usize];
-    ["Offset of field: ContraTripletBwdParams::grad_scale"]
-        [::std::mem::offset_of!(ContraTripletBwdParams, grad_scale) - 36usize];
+        [::std::mem::offset_of!(ContraTripletBwdParams, cosine) - 40usize];
+    ["Offset of field: ContraTripletBwdParams::power"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, power) - 44usize];
+    ["Offset of field: ContraTripletBwdParams::k"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, k) - 48usize];
+    ["Offset of field: ContraTripletBwdParams::grad_loss"]
+        [::std::mem::offset_of!(ContraTripletBwdParams, grad_loss) - 56usize];
 };
 impl Default for ContraTripletBwdParams {
     fn default() -> Self {

@@ -381,7 +381,6 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
     for mining in [Mining::BatchAll, Mining::BatchHard, Mining::SemiHard] {
         let problem = triplet::Problem::<Cuda> {
             x: &x,
-            labels: &labels,
             rows: n,
             dim: d,
             distance: Distance::Euclidean,
@@ -392,13 +391,15 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
         time(
             b,
             &mut rows,
-            "triplet forward (similarity + triplet_mine)",
+            "triplet forward (row scale + similarity + triplet_mine)",
             format!("{n}x{d} {mining:?}"),
             pairs,
             repeats,
-            || problem.forward(b).map(drop),
+            || problem.forward(b, &labels).map(drop),
         )?;
-        let fwd = problem.forward(b)?;
+        let mined = problem.forward(b, &labels)?;
+        let status = super::status::status_words(b, 1)?;
+        problem.finish(b, &mined, &status, 0)?;
         time(
             b,
             &mut rows,
@@ -406,7 +407,13 @@ pub fn kernel_timings(ordinal: usize, repeats: usize) -> Result<Vec<KernelTiming
             format!("{n}x{d} {mining:?}"),
             pairs,
             repeats,
-            || problem.backward(b, &fwd.coefs, 1.0).map(drop),
+            || {
+                let source = triplet::CoefSource::Device {
+                    coef: &mined.coef,
+                    summary: &mined.summary,
+                };
+                problem.backward(b, source, 1.0).map(drop)
+            },
         )?;
     }
 

@@ -24,8 +24,8 @@ pub use nce::{nce, nce_backward, nce_forward, NceForward, NceOutput, NceSaved};
 pub use similarity::{similarity, Similarity};
 pub use supcon::{supcon, supcon_backward, supcon_forward, SupConOptions, SupConOutput};
 pub use triplet::{
-    triplet, triplet_backward, triplet_forward, Distance, Mining, TripletForward, TripletOptions,
-    TripletOutput, TripletSaved, TripletStats,
+    triplet, triplet_backward, triplet_forward, Distance, Mining, TripletCounts, TripletForward,
+    TripletOptions, TripletOutput, TripletSaved, TripletStats,
 };
 
 pub use infonce::{

@@ -16,10 +16,14 @@
 //! Ties between equal distances pick the lowest row index. The CPU backend computes in f64 whatever
 //! the input dtype, with O(N^2) memory (the pairwise distances), never O(N^3).
 
+use std::sync::Arc;
+
 use super::{
-    check_f32_range, check_finite, check_grad_loss, check_labels_len, check_result, host_loss,
-    kernel_output, kernel_state, matrix_dims, output_like, values, Fingerprint, Origin,
+    check_grad_loss, check_host_finite, check_labels_len, check_result, host_loss, kernel_grads,
+    kernel_state, matrix_dims, output_like, upload_f32, values, Fingerprint, Origin,
 };
+use crate::checks::{Checks, Recorder};
+use crate::kernels::storage::DeviceBuf;
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::shared::{Classes, Coefs};
 pub use crate::shared::{Distance, Mining, TripletStats};
@@ -66,18 +70,23 @@ pub struct TripletSaved {
 pub(crate) enum SavedCoefs {
     /// The CPU's, in the rows' own units.
     Host(Coefs),
-    /// The kernels' as `triplet_mine` wrote them: n x n f32 in the units of the rows scaled by
-    /// `2^-k`, to be multiplied by `scale` (1 / the triplet count).
-    Device { raw: Tensor, scale: f64, k: i32 },
+    /// The kernels' as `triplet_mine` wrote them (n x n f32 in the units of the rows scaled by
+    /// `2^-k`, not yet divided by the triplet count), with the call's summary (the count, k).
+    Device {
+        raw: Tensor,
+        summary: Arc<DeviceBuf>,
+    },
 }
 
 impl SavedCoefs {
     /// The coefficients in the rows' own units on the host (copied from the device when the
-    /// kernels made them): what the CPU backward, or a backward with another scale, takes.
+    /// kernels made them): what the CPU backward, or a kernel backward on another device, takes.
     fn to_host(&self, distance: Distance) -> Result<std::borrow::Cow<'_, Coefs>> {
         match self {
             SavedCoefs::Host(coefs) => Ok(std::borrow::Cow::Borrowed(coefs)),
-            SavedCoefs::Device { raw, scale, k } => {
+            SavedCoefs::Device { raw, summary } => {
+                let (count, _, k) = kernels::triplet::read_summary(&summary.download_words()?)?;
+                let scale = if count == 0 { 0.0 } else { 1.0 / count as f64 };
                 // d loss / d raw = 2^(kp) (d loss' / d raw') 2^(-2k).
                 let exp = k * (kernels::triplet::power(distance) - 2);
                 let dense = raw
@@ -91,15 +100,53 @@ impl SavedCoefs {
     }
 }
 
+/// The counts of a triplet call: on the host from the CPU, or in the kernels' summary on the
+/// device until read (reading them waits for the call, like reading its loss).
+#[derive(Clone, Debug)]
+pub struct TripletCounts(Counts);
+
+#[derive(Clone, Debug)]
+enum Counts {
+    Host {
+        count: u64,
+        stats: TripletStats,
+    },
+    Device {
+        summary: Arc<DeviceBuf>,
+        checks: Arc<Checks>,
+    },
+}
+
+impl TripletCounts {
+    /// batch_all: triplets with a positive loss; batch_hard: anchors with a positive and a
+    /// negative; semi_hard: positive pairs whose anchor has a negative.
+    pub fn count(&self) -> Result<u64> {
+        Ok(self.read()?.0)
+    }
+
+    /// The hard / semi-hard / easy split of every valid triplet.
+    pub fn stats(&self) -> Result<TripletStats> {
+        Ok(self.read()?.1)
+    }
+
+    fn read(&self) -> Result<(u64, TripletStats)> {
+        match &self.0 {
+            Counts::Host { count, stats } => Ok((*count, *stats)),
+            Counts::Device { summary, checks } => {
+                checks.verify(None)?;
+                let (count, stats, _) = kernels::triplet::read_summary(&summary.download_words()?)?;
+                Ok((count, stats))
+            }
+        }
+    }
+}
+
 /// Result of [`triplet_forward`].
 #[derive(Clone, Debug)]
 pub struct TripletForward {
     /// The loss, a 0-d f64 tensor on x's device.
     pub loss: Tensor,
-    /// batch_all: triplets with a positive loss; batch_hard: anchors with a positive and a
-    /// negative; semi_hard: positive pairs whose anchor has a negative.
-    pub count: u64,
-    pub stats: TripletStats,
+    pub counts: TripletCounts,
     pub saved: TripletSaved,
 }
 
@@ -108,8 +155,7 @@ pub struct TripletForward {
 pub struct TripletOutput {
     /// The loss, a 0-d f64 tensor on x's device.
     pub loss: Tensor,
-    pub count: u64,
-    pub stats: TripletStats,
+    pub counts: TripletCounts,
     pub grad_x: Tensor,
 }
 
@@ -144,7 +190,7 @@ fn validate(
             ),
         ));
     }
-    check_finite(op, "x", x)?;
+    check_host_finite(op, "x", x)?;
     Ok((rows, dim))
 }
 
@@ -153,50 +199,25 @@ fn origin(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Origin {
     Origin::new(OP, opts, Fingerprint::new().tensor(x).indices(labels))
 }
 
-/// The power-of-two exponent `k` the kernels take `x` scaled by (`2^-k`; 0: unscaled): the
-/// euclidean distances of rows beyond 2^40 in norm are mined scaled (kernels::triplet::
-/// ROW_NORM_EXP), which is exact and leaves the mined triplets as they are.
-fn kernel_prescale(x: &[f32], dim: usize, opts: &TripletOptions) -> i32 {
+/// The power-of-two exponent `k` the kernels take the rows of host values `x` scaled by
+/// (`2^-k`; 0: unscaled) when a backward brings in a CPU forward's coefficients; a kernel
+/// forward finds its own on the device (kernels::triplet::ROW_NORM_EXP).
+fn host_prescale(x: &[f32], dim: usize, opts: &TripletOptions) -> i32 {
     match opts.distance {
         Distance::Cosine => 0,
         _ => cpu::triplet::prescale_exponent(x, dim, kernels::triplet::ROW_NORM_EXP),
     }
 }
 
-/// Uploads `x` (as f32, scaled by `2^-k`) and dense class ids of `labels` (as i32) to a kernel
-/// backend; returns the buffers and `k`.
-fn upload<B: Backend>(
-    b: &B,
-    x: &Tensor,
-    labels: &[i64],
-    opts: &TripletOptions,
-) -> Result<([B::Buf; 2], i32)> {
-    let (class_ids, _) = Classes::new(labels, 1).for_kernels();
-    check_f32_range("x", x)?;
-    let xv = values::<f32>(x)?;
-    let dim = x.shape()[1];
-    let k = kernel_prescale(&xv, dim, opts);
-    let xb = if k == 0 {
-        b.upload("x", &xv)?
-    } else {
-        let scaled: Vec<f32> = xv
-            .iter()
-            .map(|&v| crate::shared::ldexp(v as f64, -k) as f32)
-            .collect();
-        b.upload("x", &scaled)?
-    };
-    Ok(([xb, b.upload_i32("labels", &class_ids)?], k))
-}
-
-/// The kernel problem over uploaded `[x, labels]`.
+/// The kernel problem on `b` over the f32 operand `x`.
 fn kernel_problem<'a, B: Backend>(
-    buffers: &'a [B::Buf; 2],
+    _on: &B,
+    x: &'a B::Buf,
     (rows, dim): (usize, usize),
     opts: &TripletOptions,
 ) -> kernels::triplet::Problem<'a, B> {
     kernels::triplet::Problem {
-        x: &buffers[0],
-        labels: &buffers[1],
+        x,
         rows,
         dim,
         distance: opts.distance,
@@ -204,6 +225,9 @@ fn kernel_problem<'a, B: Backend>(
         margin: opts.margin,
     }
 }
+
+/// What the loss overflows on (only f64 rows can: the kernels' f32 rows never do).
+const LOSS_BLAME: &str = "distances between the rows of x are beyond f64";
 
 /// Triplet forward over embeddings `x` (N x D) with one label per row: the loss, its count, the
 /// hard / semi-hard / easy split of all valid triplets, and what [`triplet_backward`] needs.
@@ -220,17 +244,13 @@ pub fn triplet_forward(
     triplet_forward_unchecked(x, labels, opts, (rows, dim))
 }
 
-/// The forward's loss (formed in f64 on the host) as a 0-d tensor on `device`, once it is
-/// known to be finite.
+/// The CPU forward's loss as a 0-d tensor on `device`, once it is known to be finite.
 fn checked_loss(loss: f64, opts: &TripletOptions, device: crate::Device) -> Result<Tensor> {
     if !loss.is_finite() {
         return Err(Error::invalid(
             OP,
             "x",
-            format!(
-                "the loss overflows f64 ({:?} distances between its rows are beyond f64)",
-                opts.distance
-            ),
+            format!("the loss overflows f64 ({:?} {LOSS_BLAME})", opts.distance),
         ));
     }
     host_loss(loss, device)
@@ -242,19 +262,30 @@ fn triplet_forward_unchecked(
     opts: &TripletOptions,
     (rows, dim): (usize, usize),
 ) -> Result<TripletForward> {
+    let origin = origin(x, labels, opts);
     run_on_kernels!(x.device(), b => {
-        let (buffers, k) = upload(b, x, labels, opts)?;
-        let fwd = kernel_problem(&buffers, (rows, dim), opts).forward_scaled(b, k)?;
-        let coefs = SavedCoefs::Device {
-            raw: kernel_state(b, fwd.coefs.raw, &[rows, rows])?,
-            scale: fwd.coefs.scale,
-            k: fwd.coefs.k,
-        };
+        let mut rec = Recorder::new(b, OP)?;
+        let x_op = upload_f32(b, "x", x)?;
+        rec.input("x", x, &x_op)?;
+        // Dense class ids: the one copy a call makes.
+        let (class_ids, _) = Classes::new(labels, 1).for_kernels();
+        let class_ids = b.upload_i32("labels", &class_ids)?;
+        let problem = kernel_problem(b, &x_op, (rows, dim), opts);
+        let mined = problem.forward(b, &class_ids)?;
+        let (loss, checks) = rec.finish_with("loss", LOSS_BLAME, |status, slots| {
+            problem.finish(b, &mined, status, slots)
+        })?;
+        let summary = Arc::new(b.adopt(mined.summary)?);
+        let raw = kernel_state(b, mined.coef, &[rows, rows])?.with_checks(&checks);
         Ok(TripletForward {
-            loss: checked_loss(fwd.loss, opts, x.device())?,
-            count: fwd.count,
-            stats: fwd.stats,
-            saved: TripletSaved { rows, opts: *opts, coefs, origin: origin(x, labels, opts) },
+            loss,
+            counts: TripletCounts(Counts::Device { summary: summary.clone(), checks }),
+            saved: TripletSaved {
+                rows,
+                opts: *opts,
+                coefs: SavedCoefs::Device { raw, summary },
+                origin,
+            },
         })
     });
     let xv = values::<f64>(x)?;
@@ -270,13 +301,15 @@ fn triplet_forward_unchecked(
     .forward();
     Ok(TripletForward {
         loss: checked_loss(fwd.loss, opts, x.device())?,
-        count: fwd.count,
-        stats: fwd.stats,
+        counts: TripletCounts(Counts::Host {
+            count: fwd.count,
+            stats: fwd.stats,
+        }),
         saved: TripletSaved {
             rows,
             opts: *opts,
             coefs: SavedCoefs::Host(fwd.coefs),
-            origin: origin(x, labels, opts),
+            origin,
         },
     })
 }
@@ -312,45 +345,53 @@ pub fn triplet_backward(
         _ => DType::F32,
     };
     check_grad_loss(BACKWARD, grad_loss, compute)?;
-    let grad = triplet_backward_unchecked(x, labels, opts, saved, grad_loss, (rows, dim))?;
-    check_result(
-        BACKWARD,
-        "grad_x",
-        &grad,
-        "its exact value is beyond the output's range; scale `grad_loss` or `x` down",
-    )?;
-    Ok(grad)
+    triplet_backward_unchecked(x, opts, saved, grad_loss, (rows, dim))
 }
+
+/// What a gradient beyond its dtype's range blames.
+const GRAD_BLAME: &str =
+    "its exact value is beyond the output's range; scale `grad_loss` or `x` down";
 
 fn triplet_backward_unchecked(
     x: &Tensor,
-    labels: &[i64],
     opts: &TripletOptions,
     saved: &TripletSaved,
     grad_loss: f64,
     (rows, dim): (usize, usize),
 ) -> Result<Tensor> {
     run_on_kernels!(x.device(), b => {
-        let (buffers, k) = upload(b, x, labels, opts)?;
-        let problem = kernel_problem(&buffers, (rows, dim), opts);
-        // A kernel forward's coefficients on this device, for the same scale: used where they
-        // are (no N x N copy); any others come in from the host.
-        if let SavedCoefs::Device { raw, scale, k: saved_k } = &saved.coefs {
-            if let Some(raw) = raw.device_buf().and_then(|buf| b.resident(buf)).filter(|_| *saved_k == k) {
-                let source = kernels::triplet::CoefSource::Device { raw, scale: *scale };
-                let grad = problem.backward_scaled(b, source, grad_loss, k)?;
-                return kernel_output(b, x, grad, x.shape());
+        let mut rec = Recorder::new(b, BACKWARD)?;
+        let x_op = upload_f32(b, "x", x)?;
+        rec.input("x", x, &x_op)?;
+        // A kernel forward's coefficients on this device are used where they are (no N x N
+        // copy); any others come in from the host, with the rows scaled as the host finds.
+        let resident = match &saved.coefs {
+            SavedCoefs::Device { raw, summary } => raw
+                .device_buf()
+                .and_then(|raw| b.resident(raw))
+                .zip(b.resident(summary)),
+            SavedCoefs::Host(_) => None,
+        };
+        let host_coefs;
+        let source = match resident {
+            Some((coef, summary)) => kernels::triplet::CoefSource::Device { coef, summary },
+            None => {
+                host_coefs = saved.coefs.to_host(opts.distance)?;
+                let k = host_prescale(&values::<f32>(x)?, dim, opts);
+                kernels::triplet::CoefSource::Host { coefs: &host_coefs, k }
             }
-        }
-        let coefs = saved.coefs.to_host(opts.distance)?;
-        let source = kernels::triplet::CoefSource::Host(&coefs);
-        let grad = problem.backward_scaled(b, source, grad_loss, k)?;
-        kernel_output(b, x, grad, x.shape())
+        };
+        let grad = kernel_problem(b, &x_op, (rows, dim), opts).backward(b, source, grad_loss)?;
+        let ((), [grad]) =
+            kernel_grads(b, rec, [("grad_x", grad, x)], GRAD_BLAME, |rec| Ok(((), rec.finish()?)))?;
+        Ok(grad)
     });
     let xv = values::<f64>(x)?;
     let coefs = saved.coefs.to_host(opts.distance)?;
     let grad = cpu::triplet::backward(&xv, rows, dim, opts.distance, &coefs, grad_loss);
-    output_like(x, grad, x.shape())
+    let grad = output_like(x, grad, x.shape())?;
+    check_result(BACKWARD, "grad_x", &grad, GRAD_BLAME)?;
+    Ok(grad)
 }
 
 /// Triplet loss, gradient and counts in one call.
@@ -363,7 +404,7 @@ fn triplet_backward_unchecked(
 /// let out = triplet(&x, &[7, 7, 9, 9], &opts)?;
 /// // Anchor 0.5: hardest positive 1.0 (0.5 away), hardest negative 0.1 (0.4 away).
 /// assert!((out.loss.to_scalar()? - (0.5 - 0.4 + 0.2) / 4.0).abs() < 1e-12);
-/// assert_eq!(out.count, 4);
+/// assert_eq!(out.counts.count()?, 4);
 /// assert_eq!(out.grad_x.shape(), &[4, 1]);
 /// # Ok::<(), contra::Error>(())
 /// ```
@@ -372,8 +413,7 @@ pub fn triplet(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Result<Trip
     let grad_x = triplet_backward(x, labels, opts, &fwd.saved, 1.0)?;
     Ok(TripletOutput {
         loss: fwd.loss,
-        count: fwd.count,
-        stats: fwd.stats,
+        counts: fwd.counts,
         grad_x,
     })
 }

@@ -185,6 +185,39 @@ typedef struct ContraMomentumParams {
     float one_minus_m;
 } ContraMomentumParams;
 
+/* The optimizers' in-place updates of one f32 parameter tensor of `len` elements (kernels/optim.cu),
+ * in the host optimizers' exact f32 arithmetic:
+ * optim_sgd: g = grad + weight_decay value, state0 = momentum state0 + g,
+ *   value -= lr (nesterov ? g + momentum state0 : state0).
+ * optim_lars_norms (one block): norms = {sum value^2, sum g^2} in double, g = grad + weight_decay value.
+ * optim_lars: lr' = lr trust sqrt(norms[0] / norms[1]) when `norms` is given and both are
+ *   positive (else lr); state0 = momentum state0 + lr' g, value -= state0.
+ * optim_adamw: value *= shrink, state0 = beta1 state0 + one_minus_beta1 grad,
+ *   state1 = beta2 state1 + one_minus_beta2 grad^2,
+ *   value -= step_size state0 / (sqrt(state1) / bc2_sqrt + eps).
+ * optim_accumulate: value += grad (a gradient added into another). */
+typedef struct ContraOptimParams {
+    float* value;
+    const float* grad;
+    float* state0;
+    float* state1;
+    double* norms;
+    long long len;
+    float lr;
+    float momentum;
+    float weight_decay;
+    float trust;
+    float beta1;
+    float beta2;
+    float one_minus_beta1;
+    float one_minus_beta2;
+    float eps;
+    float step_size;
+    float shrink;
+    int nesterov;
+    double bc2_sqrt;
+} ContraOptimParams;
+
 /* queue_enqueue: queue row (ptr + i) mod queue_len = k_i / max(||k_i||, eps) for the last
  * min(rows, queue_len) key rows i (with rows > queue_len the last keys win); other queue rows are
  * left as they are. */

@@ -420,18 +420,29 @@ fn train_check(device: Device, steps: usize) -> ExitCode {
         for d in [Device::Cpu, device] {
             cfg.device = d;
             let before = contra::Transfers::current();
+            // The traffic at the end of each step: between two ends, one whole step.
+            let mut ends = Vec::new();
+            let mut on_event = |event: contra::train::Event| {
+                if let contra::train::Event::Step(_) = event {
+                    ends.push(contra::Transfers::current());
+                }
+            };
             let result = contra::train::build_encoder(&cfg, data.dim())
-                .and_then(|enc| contra::train::train(&cfg, &data, None, enc, &mut |_| {}));
+                .and_then(|enc| contra::train::train(&cfg, &data, None, enc, &mut on_event));
             let moved = contra::Transfers::current() - before;
             match result {
                 Ok(out) => {
-                    if d != Device::Cpu {
-                        // Encoder set-up included: what a step costs in host-device traffic.
-                        let steps = out.step_losses.len().max(1) as u64;
+                    if let (Some(first), Some(last), false) =
+                        (ends.first(), ends.last(), d == Device::Cpu)
+                    {
+                        let steps = (ends.len() as u64 - 1).max(1);
+                        let per_step = *last - *first;
                         println!(
-                            "{method} on {d}: {} bytes moved per step ({} copies; {moved} in all)",
-                            moved.bytes() / steps,
-                            moved.copies() / steps,
+                            "{method} on {d}: {} bytes moved per step ({} copies; steps 2 to {}), \
+                             {moved} in all with the set-up and the trained encoder's copy back",
+                            per_step.bytes() / steps,
+                            per_step.copies() / steps,
+                            ends.len()
                         );
                     }
                     losses.push(out.step_losses)

@@ -16,6 +16,8 @@ pub(crate) mod nce;
 #[cfg_attr(not(feature = "nn"), allow(dead_code))]
 pub(crate) mod nn;
 pub(crate) mod normalize;
+#[cfg_attr(not(feature = "nn"), allow(dead_code))]
+pub(crate) mod optim;
 #[rustfmt::skip]
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, clippy::all)]
 pub(crate) mod params;
@@ -134,6 +136,7 @@ impl KernelParams for params::ContraLossParams {}
 impl KernelParams for params::ContraFillParams {}
 impl KernelParams for params::ContraCastParams {}
 impl KernelParams for params::ContraSwapParams {}
+impl KernelParams for params::ContraOptimParams {}
 
 /// What one element of a kernel buffer holds. Buffers are stored as 32-bit words; 16-bit
 /// elements are packed two to a word, element `2i` in the low half (both backends are

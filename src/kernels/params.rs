@@ -447,6 +447,81 @@ impl Default for ContraMomentumParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct ContraOptimParams {
+    pub value: *mut f32,
+    pub grad: *const f32,
+    pub state0: *mut f32,
+    pub state1: *mut f32,
+    pub norms: *mut f64,
+    pub len: ::std::os::raw::c_longlong,
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub trust: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    pub step_size: f32,
+    pub shrink: f32,
+    pub nesterov: ::std::os::raw::c_int,
+    pub bc2_sqrt: f64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraOptimParams"][::std::mem::size_of::<ContraOptimParams>() - 104usize];
+    ["Alignment of ContraOptimParams"][::std::mem::align_of::<ContraOptimParams>() - 8usize];
+    ["Offset of field: ContraOptimParams::value"]
+        [::std::mem::offset_of!(ContraOptimParams, value) - 0usize];
+    ["Offset of field: ContraOptimParams::grad"]
+        [::std::mem::offset_of!(ContraOptimParams, grad) - 8usize];
+    ["Offset of field: ContraOptimParams::state0"]
+        [::std::mem::offset_of!(ContraOptimParams, state0) - 16usize];
+    ["Offset of field: ContraOptimParams::state1"]
+        [::std::mem::offset_of!(ContraOptimParams, state1) - 24usize];
+    ["Offset of field: ContraOptimParams::norms"]
+        [::std::mem::offset_of!(ContraOptimParams, norms) - 32usize];
+    ["Offset of field: ContraOptimParams::len"]
+        [::std::mem::offset_of!(ContraOptimParams, len) - 40usize];
+    ["Offset of field: ContraOptimParams::lr"]
+        [::std::mem::offset_of!(ContraOptimParams, lr) - 48usize];
+    ["Offset of field: ContraOptimParams::momentum"]
+        [::std::mem::offset_of!(ContraOptimParams, momentum) - 52usize];
+    ["Offset of field: ContraOptimParams::weight_decay"]
+        [::std::mem::offset_of!(ContraOptimParams, weight_decay) - 56usize];
+    ["Offset of field: ContraOptimParams::trust"]
+        [::std::mem::offset_of!(ContraOptimParams, trust) - 60usize];
+    ["Offset of field: ContraOptimParams::beta1"]
+        [::std::mem::offset_of!(ContraOptimParams, beta1) - 64usize];
+    ["Offset of field: ContraOptimParams::beta2"]
+        [::std::mem::offset_of!(ContraOptimParams, beta2) - 68usize];
+    ["Offset of field: ContraOptimParams::one_minus_beta1"]
+        [::std::mem::offset_of!(ContraOptimParams, one_minus_beta1) - 72usize];
+    ["Offset of field: ContraOptimParams::one_minus_beta2"]
+        [::std::mem::offset_of!(ContraOptimParams, one_minus_beta2) - 76usize];
+    ["Offset of field: ContraOptimParams::eps"]
+        [::std::mem::offset_of!(ContraOptimParams, eps) - 80usize];
+    ["Offset of field: ContraOptimParams::step_size"]
+        [::std::mem::offset_of!(ContraOptimParams, step_size) - 84usize];
+    ["Offset of field: ContraOptimParams::shrink"]
+        [::std::mem::offset_of!(ContraOptimParams, shrink) - 88usize];
+    ["Offset of field: ContraOptimParams::nesterov"]
+        [::std::mem::offset_of!(ContraOptimParams, nesterov) - 92usize];
+    ["Offset of field: ContraOptimParams::bc2_sqrt"]
+        [::std::mem::offset_of!(ContraOptimParams, bc2_sqrt) - 96usize];
+};
+impl Default for ContraOptimParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct ContraQueueParams {
     pub k: *const ::std::os::raw::c_void,
     pub queue: *mut ::std::os::raw::c_void,

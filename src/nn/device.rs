@@ -2,10 +2,12 @@
 //! through the backend (cuBLAS on the GPU, our `nn_gemm_f32` kernel otherwise), bias, ReLU and
 //! BatchNorm as the kernels of `kernels/nn.cu`, activations kept on the device between layers.
 //!
-//! The host [`Encoder`] stays the owner of the parameters: each forward uploads the current
+//! Here the host [`Encoder`] stays the owner of the parameters: each forward uploads the current
 //! weights (so optimizers, momentum updates and checkpoints work unchanged on the host), writes
 //! the updated BatchNorm running statistics back, and each backward adds the device's parameter
-//! gradients into the host `grad`s, exactly where the CPU passes put them.
+//! gradients into the host `grad`s, exactly where the CPU passes put them. To keep the
+//! parameters, gradients and optimizer state on the device instead, use
+//! [`ResidentEncoder`](crate::nn::ResidentEncoder), which runs the same passes.
 //!
 //! ```
 //! use contra::nn::{DeviceEncoder, Encoder, Mat, MlpSpec, Module};
@@ -36,7 +38,8 @@ use crate::kernels::nn::{
 };
 use crate::kernels::Backend;
 use crate::nn::{BatchNorm1d, Encoder, Layer, Linear, Mat, Param};
-use crate::{Device, Error, Result, Tensor};
+use crate::ops::writable_on;
+use crate::{DType, Device, Error, Result, Tensor};
 
 /// Runs an [`Encoder`]'s forward and backward passes on `device`, keeping the activations the
 /// backward pass needs on the device in between. On [`Device::Cpu`] it calls the encoder's own
@@ -57,7 +60,7 @@ enum Saved {
 }
 
 /// What one forward pass leaves for the backward pass.
-struct Pass<Buf> {
+pub(crate) struct Pass<Buf> {
     rows: usize,
     out_cols: usize,
     layers: Vec<SavedLayer<Buf>>,
@@ -66,16 +69,16 @@ struct Pass<Buf> {
 /// A layer's output and what its backward pass keeps.
 type LayerOut<Buf> = (Rc<Buf>, SavedLayer<Buf>);
 
-/// Per layer, the device buffers its backward pass reads.
+/// Per layer, what its backward pass reads: device buffers, and the weights it was run with.
 enum SavedLayer<Buf> {
     Linear {
         input: Rc<Buf>,
-        weight: Buf,
+        weight: Tensor,
     },
     BatchNorm {
         x_hat: Buf,
         inv_std: Buf,
-        weight: Option<Buf>,
+        weight: Option<Tensor>,
         train: bool,
     },
     Relu {
@@ -131,10 +134,39 @@ impl DeviceEncoder {
         self.saved = None;
         x.check_input("DeviceEncoder::forward", "x", enc.in_features())?;
         enc.set_train(train);
+        if self.device == Device::Cpu {
+            return enc.forward(x, train)?.to_tensor(Device::Cpu);
+        }
+        // The host encoder owns the parameters: this pass runs with copies of them, and the
+        // running statistics it updates come back.
+        let mut weights = Weights::upload(enc, self.device)?;
+        let z = self.forward_with(enc, &mut weights, x)?;
+        if train {
+            for (buffer, stats) in enc.buffers_mut().into_iter().zip(&weights.running) {
+                buffer.value = stats.to_vec::<f32>()?;
+            }
+        }
+        Ok(z)
+    }
+
+    /// The forward pass on a kernel device with the parameters `weights` (in place of the
+    /// encoder's own values); `enc` gives the layers and their modes.
+    pub(crate) fn forward_with(
+        &mut self,
+        enc: &Encoder,
+        weights: &mut Weights,
+        x: &Mat,
+    ) -> Result<Tensor> {
+        self.saved = None;
+        x.check_input("DeviceEncoder::forward", "x", enc.in_features())?;
         match self.device {
-            Device::Cpu => enc.forward(x, train)?.to_tensor(Device::Cpu),
+            Device::Cpu => Err(Error::invalid(
+                "DeviceEncoder::forward",
+                "device",
+                "device weights need a kernel device",
+            )),
             Device::Interp => {
-                let (z, pass) = forward_on(&Interp, enc, x)?;
+                let (z, pass) = forward_on(&Interp, enc, weights, x)?;
                 let z = output_tensor(&Interp, z, &pass)?;
                 self.saved = Some(Saved::Interp(pass));
                 Ok(z)
@@ -142,7 +174,7 @@ impl DeviceEncoder {
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
                 let cuda = crate::kernels::cuda::Cuda::get(ordinal)?;
-                let (z, pass) = forward_on(&*cuda, enc, x)?;
+                let (z, pass) = forward_on(&*cuda, enc, weights, x)?;
                 let z = output_tensor(&*cuda, z, &pass)?;
                 self.saved = Some(Saved::Cuda(cuda, pass));
                 Ok(z)
@@ -152,16 +184,20 @@ impl DeviceEncoder {
         }
     }
 
+    /// Forgets the last forward pass (its activations, and its hold on the weights).
+    pub(crate) fn clear(&mut self) {
+        self.saved = None;
+    }
+
     /// Backpropagates `dL/dz` through the last [`forward`](Self::forward) of `enc`: adds every
     /// parameter's gradient to its `grad` and returns `dL/dx`. Each forward allows one backward.
     pub fn backward(&mut self, enc: &mut Encoder, grad_out: &Mat) -> Result<Mat> {
         if self.device == Device::Cpu {
             return enc.backward(grad_out);
         }
+        let grad_x = self.add_param_grads(enc, GradOut::Host(grad_out), true)?;
         // Asked for, the input gradient is always there.
-        Ok(self
-            .run_backward(enc, GradOut::Host(grad_out), true)?
-            .unwrap_or_else(|| Mat::zeros(0, 0)))
+        Ok(grad_x.unwrap_or_else(|| Mat::zeros(0, 0)))
     }
 
     /// [`backward`](Self::backward) for the parameter gradients only (what training needs): the
@@ -170,7 +206,7 @@ impl DeviceEncoder {
         if self.device == Device::Cpu {
             return enc.backward_params(grad_out);
         }
-        self.run_backward(enc, GradOut::Host(grad_out), false)
+        self.add_param_grads(enc, GradOut::Host(grad_out), false)
             .map(drop)
     }
 
@@ -180,16 +216,36 @@ impl DeviceEncoder {
         if self.device == Device::Cpu {
             return enc.backward_params(&Mat::from_tensor(grad_out)?);
         }
-        self.run_backward(enc, GradOut::Device(grad_out), false)
+        self.add_param_grads(enc, GradOut::Device(grad_out), false)
             .map(drop)
     }
 
-    fn run_backward(
+    /// The backward into the host encoder's gradients (copied from the device).
+    fn add_param_grads(
         &mut self,
         enc: &mut Encoder,
         grad_out: GradOut<'_>,
         want_input: bool,
     ) -> Result<Option<Mat>> {
+        let (grads, grad_x) = self.backward_with(enc, grad_out, want_input)?;
+        for (p, grad) in enc.params_mut().into_iter().zip(grads) {
+            if let Some(grad) = grad {
+                let delta = grad.to_vec::<f32>()?;
+                p.grad.iter_mut().zip(&delta).for_each(|(g, d)| *g += d);
+            }
+        }
+        Ok(grad_x)
+    }
+
+    /// The backward of the last forward: each parameter's gradient as an f32 tensor on the
+    /// device (`params()` order; `None` where the pass did not reach it), and `dL/dx` when
+    /// `want_input`.
+    pub(crate) fn backward_with(
+        &mut self,
+        enc: &Encoder,
+        grad_out: GradOut<'_>,
+        want_input: bool,
+    ) -> Result<(Vec<Option<Tensor>>, Option<Mat>)> {
         const OP: &str = "DeviceEncoder::backward";
         let saved = self.saved.take().ok_or_else(|| {
             Error::invalid(
@@ -199,11 +255,37 @@ impl DeviceEncoder {
             )
         })?;
         match saved {
-            Saved::Interp(pass) => backward_on(&Interp, enc, pass, grad_out, want_input),
+            Saved::Interp(pass) => grads_as_tensors(&Interp, enc, pass, grad_out, want_input),
             #[cfg(feature = "cuda")]
-            Saved::Cuda(cuda, pass) => backward_on(&*cuda, enc, pass, grad_out, want_input),
+            Saved::Cuda(cuda, pass) => grads_as_tensors(&*cuda, enc, pass, grad_out, want_input),
         }
     }
+}
+
+/// [`backward_on`] with the parameter gradients as device tensors shaped like the parameters.
+fn grads_as_tensors<B: Backend>(
+    b: &B,
+    enc: &Encoder,
+    pass: Pass<B::Buf>,
+    grad_out: GradOut<'_>,
+    want_input: bool,
+) -> Result<(Vec<Option<Tensor>>, Option<Mat>)> {
+    let (grads, grad_x) = backward_on(b, enc, pass, grad_out, want_input)?;
+    let tensors = grads
+        .into_iter()
+        .zip(enc.params())
+        .map(|(grad, p)| {
+            grad.map(|buf| {
+                Ok(Tensor::from_device_buf(
+                    vec![p.len()],
+                    DType::F32,
+                    b.adopt(buf)?,
+                ))
+            })
+            .transpose()
+        })
+        .collect::<Result<_>>()?;
+    Ok((tensors, grad_x))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -212,11 +294,8 @@ fn no_cuda() -> Error {
 }
 
 /// Every layer of the encoder, backbone first.
-fn layers_mut(enc: &mut Encoder) -> impl DoubleEndedIterator<Item = &mut Layer> {
-    enc.backbone
-        .layers_mut()
-        .iter_mut()
-        .chain(enc.head.layers_mut().iter_mut())
+fn layers(enc: &Encoder) -> impl DoubleEndedIterator<Item = &Layer> {
+    enc.backbone.layers().iter().chain(enc.head.layers())
 }
 
 /// Errors unless `p` holds `len` values and as many gradients (its fields are public).
@@ -233,22 +312,84 @@ fn check_param(op: &'static str, p: &Param, len: usize) -> Result<()> {
     }
 }
 
-fn add_into(grad: &mut [f32], delta: &[f32]) {
-    grad.iter_mut().zip(delta).for_each(|(g, d)| *g += d);
+/// The encoder's parameter values (`params()` order) and BatchNorm running statistics
+/// (`buffers()` order) as f32 tensors on the pass's device.
+pub(crate) struct Weights {
+    pub values: Vec<Tensor>,
+    pub running: Vec<Tensor>,
+}
+
+impl Weights {
+    /// Copies of `enc`'s parameters and running statistics on `device`.
+    pub fn upload(enc: &Encoder, device: Device) -> Result<Weights> {
+        let upload = |values: &[f32], shape: &[usize]| {
+            Tensor::from_slice(values, &[shape.iter().product::<usize>()], device)
+        };
+        Ok(Weights {
+            values: (enc.params().into_iter())
+                .map(|p| upload(&p.value, &p.shape))
+                .collect::<Result<_>>()?,
+            running: (enc.buffers().into_iter())
+                .map(|b| upload(&b.value, &b.shape))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// The device buffer of `t` on `b`.
+fn buffer_of<'t, B: Backend>(b: &B, what: &'static str, t: &'t Tensor) -> Result<&'t B::Buf> {
+    t.device_buf()
+        .and_then(|buf| b.resident(buf))
+        .filter(|buf| b.info(buf).elem == crate::kernels::Elem::F32)
+        .ok_or_else(|| Error::Mismatch {
+            op: "DeviceEncoder",
+            reason: format!("`{what}` is not an f32 tensor on the pass's device"),
+        })
 }
 
 /// The encoder's output on the device (`rows x cols` f32) and what the backward needs.
 type Forward<Buf> = (Rc<Buf>, Pass<Buf>);
 
-fn forward_on<B: Backend>(b: &B, enc: &mut Encoder, x: &Mat) -> Result<Forward<B::Buf>> {
+/// `head(backbone(x))` on `b` with the parameters `weights` (train-mode BatchNorm updates
+/// `weights.running` in place); `enc` gives the layers.
+pub(crate) fn forward_on<B: Backend>(
+    b: &B,
+    enc: &Encoder,
+    weights: &mut Weights,
+    x: &Mat,
+) -> Result<Forward<B::Buf>> {
+    let (n_params, n_running) = (enc.params().len(), enc.buffers().len());
+    if weights.values.len() != n_params || weights.running.len() != n_running {
+        return Err(Error::invalid(
+            "DeviceEncoder::forward",
+            "weights",
+            format!(
+                "{} parameters and {} running statistics for an encoder of {n_params} and {n_running}",
+                weights.values.len(),
+                weights.running.len()
+            ),
+        ));
+    }
     let rows = x.rows;
     let mut h = Rc::new(b.upload("x", &x.data)?);
     let mut cols = x.cols;
-    let mut layers = Vec::new();
-    for layer in layers_mut(enc) {
+    let mut saved_layers = Vec::new();
+    let (mut param, mut running) = (0, 0);
+    for layer in layers(enc) {
         let (out, saved) = match layer {
-            Layer::Linear(l) => linear_fwd(b, l, &h, rows, cols)?,
-            Layer::BatchNorm(bn) => batchnorm_layer_fwd(b, bn, &h, rows, cols)?,
+            Layer::Linear(l) => {
+                let values = &weights.values[param..param + 1 + l.bias.is_some() as usize];
+                param += values.len();
+                linear_fwd(b, l, values, &h, rows, cols)?
+            }
+            Layer::BatchNorm(bn) => {
+                let affine = bn.weight.is_some() && bn.bias.is_some();
+                let values = &weights.values[param..param + 2 * affine as usize];
+                param += bn.params().len();
+                let stats = &mut weights.running[running..running + 2];
+                running += 2;
+                batchnorm_layer_fwd(b, bn, values, stats, &h, rows, cols)?
+            }
             Layer::Relu(_) => {
                 let y = Rc::new(b.output("relu_out", rows * cols)?);
                 bias_relu(b, &h, None, &y, [rows, cols], true)?;
@@ -257,19 +398,23 @@ fn forward_on<B: Backend>(b: &B, enc: &mut Encoder, x: &Mat) -> Result<Forward<B
         };
         cols = b.info(&out).count / rows;
         h = out;
-        layers.push(saved);
+        saved_layers.push(saved);
     }
     let pass = Pass {
         rows,
         out_cols: cols,
-        layers,
+        layers: saved_layers,
     };
     Ok((h, pass))
 }
 
 /// The output of [`forward_on`] as a device tensor (the buffer itself unless a layer keeps it
 /// for the backward, then a copy on the device).
-fn output_tensor<B: Backend>(b: &B, out: Rc<B::Buf>, pass: &Pass<B::Buf>) -> Result<Tensor> {
+pub(crate) fn output_tensor<B: Backend>(
+    b: &B,
+    out: Rc<B::Buf>,
+    pass: &Pass<B::Buf>,
+) -> Result<Tensor> {
     let buf = match Rc::try_unwrap(out) {
         Ok(owned) => owned,
         Err(shared) => b.duplicate(&shared)?,
@@ -283,7 +428,7 @@ fn output_tensor<B: Backend>(b: &B, out: Rc<B::Buf>, pass: &Pass<B::Buf>) -> Res
 }
 
 /// The upstream gradient of a backward: a host matrix, or an f32 tensor on the device.
-enum GradOut<'a> {
+pub(crate) enum GradOut<'a> {
     Host(&'a Mat),
     Device(&'a Tensor),
 }
@@ -319,10 +464,11 @@ impl GradOut<'_> {
     }
 }
 
-/// `y = x W^T (+ b)`.
+/// `y = x W^T (+ b)`; `values` are the weight and, with a bias, the bias.
 fn linear_fwd<B: Backend>(
     b: &B,
     l: &Linear,
+    values: &[Tensor],
     x: &Rc<B::Buf>,
     rows: usize,
     cols: usize,
@@ -338,29 +484,32 @@ fn linear_fwd<B: Backend>(
         ));
     }
     check_param(OP, &l.weight, out * inp)?;
-    let weight = b.upload("weight", &l.weight.value)?;
     let y = b.output("linear_out", rows * out)?;
     b.gemm(
         &GemmShape::product(rows, out, inp, false, true),
         x,
-        &weight,
+        buffer_of(b, "weight", &values[0])?,
         &y,
     )?;
-    if let Some(bias) = &l.bias {
+    if let (Some(bias), Some(value)) = (&l.bias, values.get(1)) {
         check_param(OP, bias, out)?;
-        let bias = b.upload("bias", &bias.value)?;
-        bias_relu(b, &y, Some(&bias), &y, [rows, out], false)?;
+        let bias = buffer_of(b, "bias", value)?;
+        bias_relu(b, &y, Some(bias), &y, [rows, out], false)?;
     }
     let saved = SavedLayer::Linear {
         input: x.clone(),
-        weight,
+        weight: values[0].clone(),
     };
     Ok((Rc::new(y), saved))
 }
 
+/// `values`: the affine weight and bias (empty without); `stats`: the running mean and
+/// variance, updated in place in train mode.
 fn batchnorm_layer_fwd<B: Backend>(
     b: &B,
-    bn: &mut BatchNorm1d,
+    bn: &BatchNorm1d,
+    values: &[Tensor],
+    stats: &mut [Tensor],
     x: &B::Buf,
     rows: usize,
     cols: usize,
@@ -383,19 +532,24 @@ fn batchnorm_layer_fwd<B: Backend>(
             "train mode needs more than 1 value per feature (got a batch of 1)",
         ));
     }
-    let affine = match (&bn.weight, &bn.bias) {
-        (Some(w), Some(s)) => {
+    let affine = match (&bn.weight, &bn.bias, values) {
+        (Some(w), Some(s), [weight, bias]) => {
             check_param(OP, w, d)?;
             check_param(OP, s, d)?;
             Some((
-                b.upload("bn_weight", &w.value)?,
-                b.upload("bn_bias", &s.value)?,
+                buffer_of(b, "bn_weight", weight)?,
+                buffer_of(b, "bn_bias", bias)?,
             ))
         }
         _ => None,
     };
-    let running_mean = b.upload("running_mean", &bn.running_mean.value)?;
-    let running_var = b.upload("running_var", &bn.running_var.value)?;
+    let [mean, var] = stats else {
+        return Err(Error::invalid(
+            OP,
+            "stats",
+            "a BatchNorm layer has two running statistics",
+        ));
+    };
     let (y, x_hat, inv_std) = (
         b.output("bn_out", rows * d)?,
         b.output("x_hat", rows * d)?,
@@ -403,34 +557,35 @@ fn batchnorm_layer_fwd<B: Backend>(
     );
     let bufs = BatchNormFwd {
         x,
-        affine: affine.as_ref().map(|(w, s)| (w, s)),
-        running_mean: &running_mean,
-        running_var: &running_var,
+        affine,
+        running_mean: writable_on(b, OP, "running_mean", mean)?,
+        running_var: writable_on(b, OP, "running_var", var)?,
         y: &y,
         x_hat: &x_hat,
         inv_std: &inv_std,
     };
     batchnorm_fwd(b, &bufs, [rows, d], train, bn.eps, bn.momentum)?;
-    if train {
-        bn.running_mean.value = b.download(&running_mean)?;
-        bn.running_var.value = b.download(&running_var)?;
-    }
     let saved = SavedLayer::BatchNorm {
         x_hat,
         inv_std,
-        weight: affine.map(|(w, _)| w),
+        weight: values.first().cloned(),
         train,
     };
     Ok((Rc::new(y), saved))
 }
 
-fn backward_on<B: Backend>(
+/// The parameter gradients of one backward, in `params()` order (`None`: not reached), and the
+/// input gradient when asked for.
+pub(crate) type Backward<Buf> = (Vec<Option<Buf>>, Option<Mat>);
+
+/// Backpropagates `grad_out` through `pass` of `enc` (its layers).
+pub(crate) fn backward_on<B: Backend>(
     b: &B,
-    enc: &mut Encoder,
+    enc: &Encoder,
     pass: Pass<B::Buf>,
     grad_out: GradOut<'_>,
     want_input: bool,
-) -> Result<Option<Mat>> {
+) -> Result<Backward<B::Buf>> {
     const OP: &str = "DeviceEncoder::backward";
     let rows = pass.rows;
     if let GradOut::Host(m) = &grad_out {
@@ -444,22 +599,26 @@ fn backward_on<B: Backend>(
             format!("({rows}, {}) like the forward output", pass.out_cols),
         ));
     }
-    if layers_mut(enc).count() != pass.layers.len() {
+    if layers(enc).count() != pass.layers.len() {
         return Err(Error::invalid(
             OP,
             "enc",
             "its layers differ from the forward pass's encoder",
         ));
     }
+    let mut grads: Vec<Option<B::Buf>> = enc.params().iter().map(|_| None).collect();
+    // Parameter indices are handed out from the end, as the layers are walked backwards.
+    let mut param = grads.len();
     let mut g = grad_out.to_buf(b)?;
     let mut cols = pass.out_cols;
     let first_layer = pass.layers.len().saturating_sub(1); // in backward order
-    let steps = layers_mut(enc).rev().zip(pass.layers.into_iter().rev());
+    let steps = layers(enc).rev().zip(pass.layers.into_iter().rev());
     for (step, (layer, saved)) in steps.enumerate() {
         g = match (layer, saved) {
             (Layer::Linear(l), SavedLayer::Linear { input, weight }) => {
                 let (out, inp) = (l.out_features(), l.in_features());
                 check_param(OP, &l.weight, out * inp)?;
+                param -= l.params().len();
                 // dW = dy^T x (out x in), db = column sums of dy, dx = dy W (rows x in).
                 let grad_w = b.output("grad_weight", out * inp)?;
                 b.gemm(
@@ -468,21 +627,21 @@ fn backward_on<B: Backend>(
                     &input,
                     &grad_w,
                 )?;
-                add_into(&mut l.weight.grad, &b.download(&grad_w)?);
-                if let Some(bias) = &mut l.bias {
+                grads[param] = Some(grad_w);
+                if let Some(bias) = &l.bias {
                     check_param(OP, bias, out)?;
                     let grad_b = b.output("grad_bias", out)?;
                     column_sum(b, &g, &grad_b, [rows, out])?;
-                    add_into(&mut bias.grad, &b.download(&grad_b)?);
+                    grads[param + 1] = Some(grad_b);
                 }
                 if step == first_layer && !want_input {
-                    return Ok(None);
+                    return Ok((grads, None));
                 }
                 let dx = b.output("grad_in", rows * inp)?;
                 b.gemm(
                     &GemmShape::product(rows, inp, out, false, false),
                     &g,
-                    &weight,
+                    buffer_of(b, "weight", &weight)?,
                     &dx,
                 )?;
                 cols = inp;
@@ -497,7 +656,8 @@ fn backward_on<B: Backend>(
                     train,
                 },
             ) => {
-                let grads = match weight {
+                param -= bn.params().len();
+                let affine_grads = match weight {
                     Some(_) => Some((
                         b.output("grad_bn_weight", cols)?,
                         b.output("grad_bn_bias", cols)?,
@@ -505,18 +665,22 @@ fn backward_on<B: Backend>(
                     None => None,
                 };
                 let dx = b.output("grad_in", rows * cols)?;
+                let weight = match &weight {
+                    Some(w) => Some(buffer_of(b, "bn_weight", w)?),
+                    None => None,
+                };
                 let bufs = BatchNormBwd {
                     dy: &g,
                     x_hat: &x_hat,
                     inv_std: &inv_std,
-                    weight: weight.as_ref(),
+                    weight,
                     dx: &dx,
-                    grad_affine: grads.as_ref().map(|(w, s)| (w, s)),
+                    grad_affine: affine_grads.as_ref().map(|(w, s)| (w, s)),
                 };
                 batchnorm_bwd(b, &bufs, [rows, cols], train)?;
-                if let (Some((gw, gb)), Some(w), Some(s)) = (&grads, &mut bn.weight, &mut bn.bias) {
-                    add_into(&mut w.grad, &b.download(gw)?);
-                    add_into(&mut s.grad, &b.download(gb)?);
+                if let Some((gw, gb)) = affine_grads {
+                    grads[param] = Some(gw);
+                    grads[param + 1] = Some(gb);
                 }
                 dx
             }
@@ -534,8 +698,9 @@ fn backward_on<B: Backend>(
             }
         };
     }
-    match want_input {
-        true => Mat::from_vec(b.download(&g)?, rows, cols).map(Some),
-        false => Ok(None),
-    }
+    let input = match want_input {
+        true => Some(Mat::from_vec(b.download(&g)?, rows, cols)?),
+        false => None,
+    };
+    Ok((grads, input))
 }

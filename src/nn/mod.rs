@@ -40,6 +40,7 @@ mod module;
 mod optim;
 mod param;
 mod relu;
+mod resident;
 mod schedule;
 
 pub use batchnorm::BatchNorm1d;
@@ -50,6 +51,7 @@ pub use mat::Mat;
 pub use mlp::{Layer, Mlp, MlpSpec, Norm};
 pub use module::Module;
 pub use optim::{AdamW, Lars, Optimizer, Sgd};
-pub use param::{Buffer, Param};
+pub use param::{Buffer, DeviceParam, Param};
 pub use relu::Relu;
+pub use resident::ResidentEncoder;
 pub use schedule::lr_at;

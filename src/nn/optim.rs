@@ -3,8 +3,11 @@
 //! Weight decay skips parameters with `decay == false` (biases, BatchNorm affine parameters) in
 //! every optimizer, and LARS does not adapt their learning rate either, as in SimCLR.
 
-use crate::nn::Param;
-use crate::{Error, Result};
+use crate::kernels::optim::{Coefs, Slots};
+use crate::kernels::{self, run_on_kernels, Backend};
+use crate::nn::{DeviceParam, Param};
+use crate::ops::writable_on;
+use crate::{DType, Device, Error, Result, Tensor};
 
 /// Updates parameters from their accumulated gradients.
 pub trait Optimizer {
@@ -12,6 +15,133 @@ pub trait Optimizer {
     /// (same order and sizes) at every call, since the optimizer keeps per-parameter state by
     /// position; a different list is an error.
     fn step(&mut self, params: &mut [&mut Param], lr: f32) -> Result<()>;
+
+    /// [`step`](Self::step) on parameters that live on a kernel device: the update runs there as
+    /// kernels, in place, with its state on the device too (nothing is copied). SGD, LARS and
+    /// AdamW give the host step's values (LARS's norms are summed in another order). An
+    /// optimizer keeps host and device state apart: use one of the two forms.
+    fn step_device(&mut self, params: &mut [DeviceParam], lr: f32) -> Result<()> {
+        let _ = (params, lr);
+        Err(Error::Device(
+            "this optimizer has no device step; keep the parameters on the host".into(),
+        ))
+    }
+}
+
+fn check_lr(op: &'static str, lr: f32) -> Result<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(Error::invalid(
+            op,
+            "lr",
+            format!("must be finite and >= 0, got {lr}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Per-parameter state tensors on a device (`slots` per parameter), created on the first step.
+#[derive(Clone, Debug, Default)]
+struct DeviceState {
+    state: Vec<Vec<Tensor>>,
+}
+
+impl DeviceState {
+    /// Checks `lr` and the parameters against the state (creating it, zeros, on the first
+    /// call); returns the parameters' device.
+    fn prepare(
+        &mut self,
+        op: &'static str,
+        params: &[DeviceParam],
+        lr: f32,
+        slots: usize,
+    ) -> Result<Device> {
+        check_lr(op, lr)?;
+        let device = params.first().map_or(Device::Interp, |p| p.value.device());
+        for p in params {
+            let same = |t: &Tensor| {
+                t.device() == device && t.dtype() == DType::F32 && t.shape() == p.value.shape()
+            };
+            if device == Device::Cpu || !same(&p.value) || !same(&p.grad) {
+                return Err(Error::Mismatch {
+                    op,
+                    reason: format!(
+                        "`{}`: value and gradient must be f32 tensors of one shape on one kernel \
+                         device (value {:?} {} on {}, gradient {:?} {} on {})",
+                        p.name,
+                        p.value.shape(),
+                        p.value.dtype(),
+                        p.value.device(),
+                        p.grad.shape(),
+                        p.grad.dtype(),
+                        p.grad.device()
+                    ),
+                });
+            }
+        }
+        if self.state.is_empty() {
+            self.state = params
+                .iter()
+                .map(|p| {
+                    (0..slots)
+                        .map(|_| Tensor::zeros(p.value.shape(), DType::F32, device))
+                        .collect()
+                })
+                .collect::<Result<_>>()?;
+            return Ok(device);
+        }
+        let same = self.state.len() == params.len()
+            && self.state.iter().zip(params).all(|(s, p)| {
+                s.iter()
+                    .all(|t| t.shape() == p.value.shape() && t.device() == device)
+            });
+        if !same {
+            return Err(Error::invalid(
+                op,
+                "params",
+                "differ from the parameters of the first step (count, sizes or device)",
+            ));
+        }
+        Ok(device)
+    }
+}
+
+/// One parameter's update on `b`: its buffers and whether it decays.
+type ParamStep<'s, B> = dyn Fn(&B, &Slots<'_, <B as Backend>::Buf>, bool) -> Result<()> + 's;
+
+/// Runs `step` on every parameter's buffers on `b` (value, gradient, state slots), with the
+/// parameter's `decay`.
+fn each_param<B: Backend>(
+    b: &B,
+    op: &'static str,
+    params: &mut [DeviceParam],
+    state: &mut DeviceState,
+    step: &ParamStep<'_, B>,
+) -> Result<()> {
+    for (p, slots) in params.iter_mut().zip(&mut state.state) {
+        let grad = p
+            .grad
+            .device_buf()
+            .and_then(|buf| b.resident(buf))
+            .ok_or_else(|| Error::Mismatch {
+                op,
+                reason: format!("the gradient of `{}` is not on the device", p.name),
+            })?;
+        let value = writable_on(b, op, "value", &mut p.value)?;
+        let mut state = [None, None];
+        for (slot, t) in state.iter_mut().zip(slots.iter_mut()) {
+            *slot = Some(writable_on(b, op, "state", t)?);
+        }
+        step(b, &Slots { value, grad, state }, p.decay)?;
+    }
+    Ok(())
+}
+
+/// The error after `run_on_kernels!` for parameters on the host (`prepare` refuses them).
+fn host_params(op: &'static str) -> Error {
+    Error::Mismatch {
+        op,
+        reason: "the parameters are on the host; use `step`".into(),
+    }
 }
 
 /// Per-parameter state vectors (`slots` of them per parameter), created on the first step.
@@ -30,13 +160,7 @@ impl State {
         lr: f32,
         slots: usize,
     ) -> Result<()> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(Error::invalid(
-                op,
-                "lr",
-                format!("must be finite and >= 0, got {lr}"),
-            ));
-        }
+        check_lr(op, lr)?;
         for p in params {
             if p.grad.len() != p.value.len() {
                 return Err(Error::shape(
@@ -91,6 +215,7 @@ pub struct Sgd {
     weight_decay: f32,
     nesterov: bool,
     state: State,
+    device_state: DeviceState,
 }
 
 impl Sgd {
@@ -106,6 +231,7 @@ impl Sgd {
             weight_decay,
             nesterov,
             state: State::default(),
+            device_state: DeviceState::default(),
         })
     }
 }
@@ -126,6 +252,24 @@ impl Optimizer for Sgd {
         }
         Ok(())
     }
+
+    fn step_device(&mut self, params: &mut [DeviceParam], lr: f32) -> Result<()> {
+        const OP: &str = "Sgd::step_device";
+        let device = self.device_state.prepare(OP, params, lr, 1)?;
+        let coefs = |decay: bool| Coefs {
+            lr,
+            momentum: self.momentum,
+            weight_decay: if decay { self.weight_decay } else { 0.0 },
+            nesterov: self.nesterov,
+            ..Coefs::default()
+        };
+        run_on_kernels!(device, b => {
+            each_param(b, OP, params, &mut self.device_state, &|b, slots, decay| {
+                kernels::optim::sgd(b, slots, &coefs(decay))
+            })
+        });
+        Err(host_params(OP))
+    }
 }
 
 /// LARS as in SimCLR: for each parameter with `decay`, `g = grad + wd * p` and the learning rate
@@ -137,6 +281,7 @@ pub struct Lars {
     weight_decay: f32,
     trust_coefficient: f32,
     state: State,
+    device_state: DeviceState,
 }
 
 impl Lars {
@@ -167,6 +312,7 @@ impl Lars {
             weight_decay,
             trust_coefficient,
             state: State::default(),
+            device_state: DeviceState::default(),
         })
     }
 }
@@ -199,6 +345,24 @@ impl Optimizer for Lars {
         }
         Ok(())
     }
+
+    fn step_device(&mut self, params: &mut [DeviceParam], lr: f32) -> Result<()> {
+        const OP: &str = "Lars::step_device";
+        let device = self.device_state.prepare(OP, params, lr, 1)?;
+        let coefs = |decay: bool| Coefs {
+            lr,
+            momentum: self.momentum,
+            weight_decay: if decay { self.weight_decay } else { 0.0 },
+            trust: self.trust_coefficient,
+            ..Coefs::default()
+        };
+        run_on_kernels!(device, b => {
+            each_param(b, OP, params, &mut self.device_state, &|b, slots, decay| {
+                kernels::optim::lars(b, slots, &coefs(decay), decay)
+            })
+        });
+        Err(host_params(OP))
+    }
 }
 
 /// Adam with decoupled weight decay (PyTorch's `AdamW`): `p *= 1 - lr * wd` (decayed params
@@ -211,6 +375,7 @@ pub struct AdamW {
     weight_decay: f32,
     t: u64,
     state: State,
+    device_state: DeviceState,
 }
 
 impl AdamW {
@@ -238,6 +403,7 @@ impl AdamW {
             weight_decay,
             t: 0,
             state: State::default(),
+            device_state: DeviceState::default(),
         })
     }
 
@@ -245,23 +411,33 @@ impl AdamW {
     pub fn steps(&self) -> u64 {
         self.t
     }
+
+    /// Counts a step and returns its step size `lr / (1 - beta1^t)` and `sqrt(1 - beta2^t)`.
+    fn next_step(&mut self, lr: f32) -> (f32, f64) {
+        self.t += 1;
+        let t = self.t.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - (self.beta1 as f64).powi(t);
+        let bc2_sqrt = (1.0 - (self.beta2 as f64).powi(t)).sqrt();
+        ((lr as f64 / bc1) as f32, bc2_sqrt)
+    }
+}
+
+/// The factor AdamW's decoupled weight decay shrinks a parameter by.
+fn shrink(decay: bool, lr: f32, weight_decay: f32) -> f32 {
+    if decay {
+        1.0 - lr * weight_decay
+    } else {
+        1.0
+    }
 }
 
 impl Optimizer for AdamW {
     fn step(&mut self, params: &mut [&mut Param], lr: f32) -> Result<()> {
         self.state.prepare("AdamW::step", params, lr, 2)?;
-        self.t += 1;
+        let (step_size, bc2_sqrt) = self.next_step(lr);
         let (b1, b2) = (self.beta1, self.beta2);
-        let t = self.t.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - (b1 as f64).powi(t);
-        let bc2_sqrt = (1.0 - (b2 as f64).powi(t)).sqrt();
-        let step_size = (lr as f64 / bc1) as f32;
         for (p, s) in params.iter_mut().zip(&mut self.state.state) {
-            let shrink = if p.decay {
-                1.0 - lr * self.weight_decay
-            } else {
-                1.0
-            };
+            let shrink = shrink(p.decay, lr, self.weight_decay);
             let Param { value, grad, .. } = &mut **p;
             let (m, v) = s.split_at_mut(1);
             let moments = m[0].iter_mut().zip(v[0].iter_mut());
@@ -274,5 +450,28 @@ impl Optimizer for AdamW {
             }
         }
         Ok(())
+    }
+
+    fn step_device(&mut self, params: &mut [DeviceParam], lr: f32) -> Result<()> {
+        const OP: &str = "AdamW::step_device";
+        let device = self.device_state.prepare(OP, params, lr, 2)?;
+        let (step_size, bc2_sqrt) = self.next_step(lr);
+        let coefs = |decay: bool| Coefs {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            one_minus_beta1: 1.0 - self.beta1,
+            one_minus_beta2: 1.0 - self.beta2,
+            eps: self.eps,
+            step_size,
+            shrink: shrink(decay, lr, self.weight_decay),
+            bc2_sqrt,
+            ..Coefs::default()
+        };
+        run_on_kernels!(device, b => {
+            each_param(b, OP, params, &mut self.device_state, &|b, slots, decay| {
+                kernels::optim::adamw(b, slots, &coefs(decay))
+            })
+        });
+        Err(host_params(OP))
     }
 }

@@ -1,6 +1,6 @@
 //! Trainable parameters and non-trainable buffers.
 
-use crate::{Error, Result};
+use crate::{Error, Result, Tensor};
 
 /// A trainable tensor with its gradient.
 ///
@@ -69,6 +69,20 @@ impl Param {
     pub fn zero_grad(&mut self) {
         self.grad.iter_mut().for_each(|g| *g = 0.0);
     }
+}
+
+/// A trainable parameter whose value and gradient live on a device: f32 tensors of the
+/// parameter's shape, flattened (what [`ResidentEncoder`](crate::nn::ResidentEncoder) keeps and
+/// [`Optimizer::step_device`](crate::nn::Optimizer::step_device) updates in place).
+#[derive(Clone, Debug)]
+pub struct DeviceParam {
+    /// The host parameter's name (`backbone.0.weight`).
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub value: Tensor,
+    pub grad: Tensor,
+    /// As [`Param::decay`].
+    pub decay: bool,
 }
 
 /// A non-trainable state tensor (BatchNorm running mean / variance): saved in checkpoints and

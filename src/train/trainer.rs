@@ -1,18 +1,20 @@
 //! The training loops of SimCLR, MoCo v2 and SupCon over the crate's encoder and loss ops.
 //!
 //! Everything a step computes runs on the configured device: the encoder's forward and backward
-//! passes ([`DeviceEncoder`]: GEMMs through cuBLAS on `cuda`, bias / ReLU / BatchNorm as our
+//! passes ([`ResidentEncoder`]: GEMMs through cuBLAS on `cuda`, bias / ReLU / BatchNorm as our
 //! kernels; the same kernels interpreted on `interp`; the CPU layers on `cpu`), the loss
-//! (NT-Xent, MoCo, SupCon) and, for MoCo, the key encoder's forward pass, the momentum update
-//! and the queue enqueue. The host keeps the parameters: the optimizer step runs there on the
-//! gradients the device added, and the device receives the new weights at the next forward.
+//! (NT-Xent, MoCo, SupCon), the optimizer step and, for MoCo, the key encoder's forward pass,
+//! the momentum update and the queue enqueue. The parameters, their gradients, the optimizer's
+//! state and the BatchNorm statistics stay on the device: a step copies the augmented batch in
+//! and the loss out, and the host copy of the encoder is made for the monitor's evaluations and
+//! at the end.
 //!
 //! One step:
 //! - SimCLR: a batch of N images, two augmented views (rows `i` and `i + N`), one forward pass
 //!   of the 2N rows, NT-Xent, backward, optimizer step.
 //! - MoCo v2: the key encoder is first moved towards the query encoder
-//!   (`theta_k = m theta_k + (1 - m) theta_q`, [`crate::momentum_update`] on the flat parameter
-//!   vectors); the keys of view 2 come from the key encoder (no gradient), the queries of view 1
+//!   (`theta_k = m theta_k + (1 - m) theta_q`, [`crate::momentum_update`] on each parameter
+//!   where it lives); the keys of view 2 come from the key encoder (no gradient), the queries of view 1
 //!   from the query encoder, the loss is [`crate::moco()`] against the queue, then the keys are
 //!   enqueued ([`crate::moco_enqueue`]). With `moco_symmetric` the swapped pair (queries of
 //!   view 2, keys of view 1) is added and the loss is the mean of the two. The key encoder keeps
@@ -34,11 +36,10 @@ use super::config::{apply_augment, DataSet, Method, OptimizerKind, TrainConfig};
 use super::eval::{knn_accuracy, probe_accuracy, ProbeOptions};
 use super::split::{derive_seed, labels_per_class};
 use crate::data::Dataset;
-use crate::nn::{lr_at, AdamW, DeviceEncoder, Encoder, Lars, Mat, MlpSpec, Module, Optimizer, Sgd};
+use crate::nn::{lr_at, AdamW, Encoder, Lars, Mat, MlpSpec, Optimizer, ResidentEncoder, Sgd};
 use crate::{
-    moco_backward, moco_enqueue, moco_forward, momentum_update, ntxent_backward, ntxent_forward,
-    supcon_backward, supcon_forward, Device, Error, MocoOptions, NtXentOptions, Result,
-    SupConOptions, Tensor,
+    moco_backward, moco_enqueue, moco_forward, ntxent_backward, ntxent_forward, supcon_backward,
+    supcon_forward, Error, MocoOptions, NtXentOptions, Result, SupConOptions, Tensor,
 };
 
 /// What the training loop reports as it goes.
@@ -230,19 +231,16 @@ fn take_rows(data: &[f32], dim: usize, rows: std::ops::Range<usize>) -> Vec<f32>
     data[rows.start * dim..rows.end * dim].to_vec()
 }
 
-/// MoCo's state: the key encoder, its flat parameters on the loss device, the queue.
+/// MoCo's state: the key encoder and the queue, on the training device.
 struct MocoState {
-    key: Encoder,
-    theta_k: Tensor,
+    key: ResidentEncoder,
     queue: Tensor,
     ptr: usize,
 }
 
 impl MocoState {
     fn new(cfg: &TrainConfig, query: &Encoder) -> Result<Self> {
-        let key = query.clone();
-        let flat = key.flat_params();
-        let theta_k = Tensor::from_vec(flat.clone(), &[flat.len()], cfg.device)?;
+        let key = ResidentEncoder::new(query.clone(), cfg.device)?;
         // The queue starts as random unit vectors, as in MoCo.
         let dim = query.out_dim();
         let mut rng = StdRng::seed_from_u64(derive_seed(cfg.seed, 0x0E0E));
@@ -254,20 +252,7 @@ impl MocoState {
             row.iter_mut().for_each(|v| *v /= n);
         }
         let queue = Tensor::from_vec(q, &[cfg.moco_k, dim], cfg.device)?;
-        Ok(MocoState {
-            key,
-            theta_k,
-            queue,
-            ptr: 0,
-        })
-    }
-
-    /// `theta_k = m theta_k + (1 - m) theta_q` through the momentum op on the loss device.
-    fn momentum_step(&mut self, query: &Encoder, m: f64, device: Device) -> Result<()> {
-        let flat = query.flat_params();
-        let theta_q = Tensor::from_vec(flat, self.theta_k.shape(), device)?;
-        momentum_update(&mut self.theta_k, &theta_q, m)?;
-        self.key.load_flat(&self.theta_k.to_vec::<f32>()?)
+        Ok(MocoState { key, queue, ptr: 0 })
     }
 }
 
@@ -276,16 +261,12 @@ impl MocoState {
 struct Stepper<'a> {
     cfg: &'a TrainConfig,
     moco: Option<MocoState>,
-    /// The query encoder's passes on `cfg.device`.
-    query: DeviceEncoder,
-    /// The key encoder's forward passes (MoCo) on `cfg.device`.
-    key: DeviceEncoder,
 }
 
 impl Stepper<'_> {
     fn step(
         &mut self,
-        enc: &mut Encoder,
+        enc: &mut ResidentEncoder,
         images: &[f32],
         labels: &[i64],
         (h, w): (usize, usize),
@@ -295,18 +276,17 @@ impl Stepper<'_> {
         let cfg = self.cfg;
         let n = labels.len();
         let dim = h * w;
-        let device = cfg.device;
         match cfg.method {
             Method::SimClr => {
                 let x = Mat::from_vec(aug.two_views(images, n, h, w, seed)?, 2 * n, dim)?;
                 // z and its gradient stay on the device between the encoder and the loss.
-                let z = self.query.forward_tensor(enc, &x, true)?;
+                let z = enc.forward(&x, true)?;
                 let opts = NtXentOptions {
                     temperature: cfg.temperature,
                 };
                 let fwd = ntxent_forward(&z, &opts)?;
                 let grad = ntxent_backward(&z, &opts, &fwd.saved, 1.0)?;
-                self.query.backward_params_tensor(enc, &grad)?;
+                enc.backward_params(&grad)?;
                 Ok(fwd.loss.to_scalar()?)
             }
             Method::Moco => {
@@ -314,7 +294,7 @@ impl Stepper<'_> {
                     .moco
                     .as_mut()
                     .ok_or_else(|| Error::invalid("train", "method", "MoCo state missing"))?;
-                st.momentum_step(enc, cfg.moco_m, device)?;
+                st.key.momentum_from(enc, cfg.moco_m)?;
                 let views = aug.two_views(images, n, h, w, seed)?;
                 let x1 = Mat::from_vec(take_rows(&views, dim, 0..n), n, dim)?;
                 let x2 = Mat::from_vec(take_rows(&views, dim, n..2 * n), n, dim)?;
@@ -330,11 +310,11 @@ impl Stepper<'_> {
                 let mut loss = 0.0;
                 let mut keys = Vec::with_capacity(pairs.len());
                 for (xq, xk) in pairs {
-                    let k = self.key.forward_tensor(&mut st.key, xk, true)?;
-                    let q = self.query.forward_tensor(enc, xq, true)?;
+                    let k = st.key.forward_detached(xk, true)?;
+                    let q = enc.forward(xq, true)?;
                     let fwd = moco_forward(&q, &k, &st.queue, &opts)?;
                     let grad = moco_backward(&q, &k, &st.queue, &opts, &fwd.saved, scale)?;
-                    self.query.backward_params_tensor(enc, &grad)?;
+                    enc.backward_params(&grad)?;
                     loss += scale * fwd.loss.to_scalar()?;
                     keys.push(k);
                 }
@@ -348,7 +328,7 @@ impl Stepper<'_> {
                 let x = Mat::from_vec(aug.views(images, n, h, w, v, seed)?, v * n, dim)?;
                 // View-major rows (j * n + i) to the op's N x V x D layout and back, on the
                 // encoder's device.
-                let z = self.query.forward_tensor(enc, &x, true)?;
+                let z = enc.forward(&x, true)?;
                 let d = z.shape()[1];
                 let features = swap_row_blocks(&z, v, n)?.reshape(&[n, v, d])?;
                 let opts = SupConOptions {
@@ -358,7 +338,7 @@ impl Stepper<'_> {
                 let fwd = supcon_forward(&features, labels, &opts)?;
                 let g = supcon_backward(&features, labels, &opts, &fwd.saved, 1.0)?;
                 let grad = swap_row_blocks(&g.reshape(&[n * v, d])?, n, v)?;
-                self.query.backward_params_tensor(enc, &grad)?;
+                enc.backward_params(&grad)?;
                 Ok(fwd.loss.to_scalar()?)
             }
         }
@@ -392,7 +372,7 @@ pub fn train(
     cfg: &TrainConfig,
     train: &Dataset,
     monitor: Option<(&Dataset, &Dataset)>,
-    mut encoder: Encoder,
+    encoder: Encoder,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<TrainOutput> {
     cfg.validate()?;
@@ -434,8 +414,6 @@ pub fn train(
             Method::Moco => Some(MocoState::new(cfg, &encoder)?),
             _ => None,
         },
-        query: DeviceEncoder::new(cfg.device),
-        key: DeviceEncoder::new(cfg.device),
     };
     on_event(Event::Start {
         total_steps,
@@ -445,6 +423,8 @@ pub fn train(
     if let Some(m) = monitor {
         monitor_curve.push(monitor_point(&encoder, m, 0)?);
     }
+    // From here the encoder lives on the training device.
+    let mut encoder = ResidentEncoder::new(encoder, cfg.device)?;
     let dim = train.dim();
     let mut step = 0;
     let mut step_losses = Vec::with_capacity(total_steps);
@@ -470,7 +450,7 @@ pub fn train(
                 labels.push(train.labels[i]);
             }
             let lr = lr_at(step, planned, warmup, cfg.lr, final_lr);
-            encoder.zero_grad();
+            encoder.zero_grad()?;
             let seed = derive_seed(derive_seed(cfg.seed, 0xA116), step as u64);
             let loss = stepper.step(
                 &mut encoder,
@@ -487,7 +467,7 @@ pub fn train(
                     format!("the loss became {loss} at step {step}; lower the learning rate"),
                 ));
             }
-            opt.step(&mut encoder.params_mut(), lr)?;
+            encoder.step(&mut *opt, lr)?;
             step_losses.push(loss);
             on_event(Event::Step(StepRecord {
                 step,
@@ -505,7 +485,7 @@ pub fn train(
         let last = epoch == cfg.epochs || step >= total_steps;
         let point = match monitor {
             Some(m) if last || (cfg.eval_every > 0 && epoch % cfg.eval_every == 0) => {
-                let p = monitor_point(&encoder, m, epoch)?;
+                let p = monitor_point(&encoder.to_encoder()?, m, epoch)?;
                 monitor_curve.push(p);
                 Some(p)
             }
@@ -526,7 +506,7 @@ pub fn train(
         }
     }
     Ok(TrainOutput {
-        encoder,
+        encoder: encoder.to_encoder()?,
         epochs,
         step_losses,
         monitor_curve,

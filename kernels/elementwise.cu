@@ -55,8 +55,25 @@ __device__ void swap_row_blocks(const ContraSwapParams& p) {
     }
 }
 
+// O(n) per sample, O(n^2) in all: SupCon's batches are thousands of samples, not millions.
+__device__ void class_weights(const ContraClassWeightsParams& p) {
+    for (long long i = first_index(); i < p.n; i += grid_stride()) {
+        const int label = p.labels[i];
+        long long same = 0;
+        for (int j = 0; j < p.n; ++j) same += p.labels[j] == label;
+        const long long positives = same * p.views - 1;
+        const float weight = positives == 0 ? 0.0f : (float)(1.0 / (double)positives);
+        for (int v = 0; v < p.views; ++v) {
+            p.row_labels[i * p.views + v] = label;
+            p.row_weights[i * p.views + v] = weight;
+        }
+    }
+}
+
 }  // namespace contra
 
+extern "C" __global__ void __launch_bounds__(256) class_weights(const ContraClassWeightsParams p) { contra::class_weights(p); }
+INTERP_EXPORT(class_weights, ContraClassWeightsParams)
 extern "C" __global__ void __launch_bounds__(256) fill_words(const ContraFillParams p) { contra::fill_words(p); }
 INTERP_EXPORT(fill_words, ContraFillParams)
 extern "C" __global__ void __launch_bounds__(256) index_ring(const ContraFillParams p) { contra::index_ring(p); }

@@ -23,6 +23,17 @@ __device__ void nonfinite_rows(const ContraScanParams& p) {
     }
 }
 
+__device__ void index_scan(const ContraIndexScanParams& p) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.len; i += stride) {
+        const long long v = p.values[i];
+        if (v < p.lo || v >= p.hi || (p.forbid_self && v == i)) {
+            atomicMin(p.status + p.slot, (int)i);
+            return;
+        }
+    }
+}
+
 constexpr int kLossThreads = 256;
 
 // Row i's term of the loss: the value itself, or the margin loss of a pair's scaled distance.
@@ -51,5 +62,7 @@ __device__ void loss_finish(const ContraLossParams& p) {
 }  // namespace contra
 
 CONTRA_TYPED_KERNELS(nonfinite_rows, ContraScanParams, 256)
+extern "C" __global__ void __launch_bounds__(256) index_scan(const ContraIndexScanParams p) { contra::index_scan(p); }
+INTERP_EXPORT(index_scan, ContraIndexScanParams)
 extern "C" __global__ void __launch_bounds__(contra::kLossThreads) loss_finish(const ContraLossParams p) { contra::loss_finish(p); }
 INTERP_EXPORT(loss_finish, ContraLossParams)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::kernels::status::{self, Terms, ALL_FINITE, LOSS_WORDS};
 use crate::kernels::storage::DeviceBuf;
 use crate::kernels::Backend;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Error, Indices, Result, Tensor};
 
 /// Status words one op call can use (inputs, results and the loss).
 const MAX_SLOTS: usize = 16;
@@ -30,6 +30,23 @@ enum Slot {
         what: &'static str,
         blame: &'static str,
     },
+    /// Device-resident indices that must follow `rule`.
+    Indices {
+        arg: &'static str,
+        indices: Indices,
+        rule: IndexRule,
+    },
+}
+
+/// What device-resident indices must satisfy: values in `lo..hi` (`range` says so in words),
+/// and with `forbid_self` no value equal to its own position.
+#[derive(Clone, Debug)]
+pub(crate) struct IndexRule {
+    pub lo: i64,
+    pub hi: i64,
+    pub forbid_self: bool,
+    /// The host check's words for a value out of range, after `arg[i] = v`.
+    pub range: String,
 }
 
 /// The checks of one op call, read with its results.
@@ -80,6 +97,15 @@ impl Checks {
                     what,
                     reason: format!("row {row} is not finite; {blame}"),
                 },
+                Slot::Indices { arg, indices, rule } => {
+                    let value = indices.to_vec()?.get(row).copied().unwrap_or_default();
+                    let reason = if rule.forbid_self && value == row as i64 {
+                        format!("{arg}[{row}] = {value} is the masked self key")
+                    } else {
+                        format!("{arg}[{row}] = {value} {}", rule.range)
+                    };
+                    Error::invalid(self.op, arg, reason)
+                }
             });
         }
         Ok(())
@@ -151,6 +177,23 @@ impl<'b, B: Backend> Recorder<'b, B> {
             tensor: Some(t.clone()),
         })?;
         status::scan(self.b, operand, row_len, &self.status, slot)
+    }
+
+    /// Checks the device-resident `indices` (their buffer `buf` on this backend) against `rule`.
+    pub fn indices(
+        &mut self,
+        arg: &'static str,
+        indices: &Indices,
+        buf: &B::Buf,
+        rule: IndexRule,
+    ) -> Result<()> {
+        let bounds = (rule.lo, rule.hi, rule.forbid_self);
+        let slot = self.next_slot(Slot::Indices {
+            arg,
+            indices: indices.clone(),
+            rule,
+        })?;
+        status::scan_indices(self.b, buf, bounds, &self.status, slot)
     }
 
     /// Scans `buf`, the device buffer of a tensor the op is about to write in place (rows of

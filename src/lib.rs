@@ -38,6 +38,7 @@ pub mod device;
 pub mod error;
 #[cfg(feature = "fixtures")]
 pub mod fixtures;
+mod indices;
 pub(crate) mod kernels;
 #[cfg(feature = "nn")]
 pub mod nn;
@@ -49,6 +50,7 @@ pub mod train;
 
 pub use device::{device_available, Device};
 pub use error::{Error, Result};
+pub use indices::{AsIndices, IndexView, Indices};
 pub use kernels::storage::Transfers;
 pub use ops::*;
 pub use tensor::{DType, Element, Tensor};

@@ -530,3 +530,114 @@ fn tensors_are_send_and_sync() {
         .unwrap();
     assert!(loss.is_finite());
 }
+
+/// Labels and positives already on the device (`Indices`) are read there: forward and backward
+/// of every loss that takes them make no copy, and give the host labels' results.
+#[test]
+fn device_indices_make_no_copy() {
+    for device in kernel_devices("device_indices") {
+        let mut rng = StdRng::seed_from_u64(21);
+        let (q, k) = (
+            device_matrix(&mut rng, ROWS, device),
+            device_matrix(&mut rng, ROWS, device),
+        );
+        let host = (q.to_host().unwrap(), k.to_host().unwrap());
+        let opts = InfoNceOptions {
+            self_mask: true,
+            ..InfoNceOptions::default()
+        };
+        let positives = random_positives(&mut rng, ROWS, ROWS, true);
+        let on_device = Indices::from_usize(&positives, device).unwrap();
+        let fwd = stays("infonce_forward", device, || {
+            infonce_forward(&q, &k, &on_device, &opts).unwrap()
+        });
+        let (dq, _) = stays("infonce_backward", device, || {
+            infonce_backward(&q, &k, &on_device, &opts, &fwd.saved, 1.0).unwrap()
+        });
+        let one = stays("infonce", device, || {
+            infonce(&q, &k, &on_device, &opts).unwrap()
+        });
+        let want = infonce(&host.0, &host.1, &positives, &opts).unwrap();
+        let got = read_loss("infonce", device, &fwd.loss);
+        assert!((got - want.loss.to_scalar().unwrap()).abs() < 1e-4 * got.abs());
+        close("infonce grad_q (device positives)", &dq, &want.grad_q);
+        close("infonce one call", &one.grad_k, &want.grad_k);
+        // A saved state of host positives drives a backward of the same device positives.
+        let host_fwd = infonce_forward(&q, &k, &positives, &opts).unwrap();
+        infonce_backward(&q, &k, &on_device, &opts, &host_fwd.saved, 1.0).unwrap();
+
+        let labels: Vec<i64> = (0..ROWS as i64).map(|i| i % 5 - 2).collect();
+        let device_labels = Indices::new(&labels, device).unwrap();
+        let features = q.clone().reshape(&[ROWS / 2, 2, DIM]).unwrap();
+        let half = &labels[..ROWS / 2];
+        let half_on_device = Indices::new(half, device).unwrap();
+        let sopts = SupConOptions::default();
+        let fwd = stays("supcon_forward", device, || {
+            supcon_forward(&features, &half_on_device, &sopts).unwrap()
+        });
+        let grad = stays("supcon_backward", device, || {
+            supcon_backward(&features, &half_on_device, &sopts, &fwd.saved, 1.0).unwrap()
+        });
+        let want = supcon(&features.to_host().unwrap(), half, &sopts).unwrap();
+        let got = read_loss("supcon", device, &fwd.loss);
+        assert!((got - want.loss.to_scalar().unwrap()).abs() < 1e-4 * got.abs());
+        close("supcon grad (device labels)", &grad, &want.grad_features);
+
+        let topts = TripletOptions {
+            mining: Mining::BatchAll,
+            ..TripletOptions::default()
+        };
+        let out = stays("triplet", device, || {
+            triplet(&q, &device_labels, &topts).unwrap()
+        });
+        let want = triplet(&host.0, &labels, &topts).unwrap();
+        close("triplet grad (device labels)", &out.grad_x, &want.grad_x);
+
+        let y: Vec<i64> = (0..ROWS as i64).map(|i| i % 2).collect();
+        let y_on_device = Indices::new(&y, device).unwrap();
+        let mopts = MarginOptions::default();
+        let out = stays("margin_loss", device, || {
+            margin_loss(&q, &k, &y_on_device, &mopts).unwrap()
+        });
+        let want = margin_loss(&host.0, &host.1, &y, &mopts).unwrap();
+        close("margin grad (device labels)", &out.grad_x1, &want.grad_x1);
+    }
+}
+
+/// Device indices that break an op's rule are found on the device: the call returns, and
+/// reading its results is the error the host check gives.
+#[test]
+fn bad_device_indices_are_errors_when_results_are_read() {
+    for device in kernel_devices("bad_device_indices") {
+        let mut rng = StdRng::seed_from_u64(22);
+        let (q, k) = (
+            device_matrix(&mut rng, ROWS, device),
+            device_matrix(&mut rng, ROWS, device),
+        );
+        let host = (q.to_host().unwrap(), k.to_host().unwrap());
+        let opts = InfoNceOptions {
+            self_mask: true,
+            ..InfoNceOptions::default()
+        };
+        let mut positives = random_positives(&mut rng, ROWS, ROWS, true);
+        for bad in [ROWS + 3, 11] {
+            positives[11] = bad;
+            let want = infonce(&host.0, &host.1, &positives, &opts).unwrap_err();
+            let on_device = Indices::from_usize(&positives, device).unwrap();
+            let out = infonce(&q, &k, &on_device, &opts).unwrap();
+            let got = out.loss.to_scalar().unwrap_err();
+            assert_eq!(got.to_string(), want.to_string(), "positives[11] = {bad}");
+            assert!(out.grad_q.to_vec_f64().is_err());
+        }
+        let mut y: Vec<i64> = (0..ROWS as i64).map(|i| i % 2).collect();
+        y[5] = 2;
+        let want = margin_loss(&host.0, &host.1, &y, &MarginOptions::default());
+        let out = margin_loss(&q, &k, &Indices::new(&y, device).unwrap(), &MarginOptions::default());
+        assert_eq!(
+            out.unwrap().loss.to_scalar().unwrap_err().to_string(),
+            want.unwrap_err().to_string()
+        );
+        let err = Indices::new(&[1 << 40], device).unwrap_err();
+        assert!(err.to_string().contains("i32"), "{err}");
+    }
+}

@@ -454,6 +454,29 @@ typedef struct ContraScanParams {
     int slot;
 } ContraScanParams;
 
+/* index_scan: lowers status[slot] to the first i < len whose values[i] (i32) lies outside
+ * [lo, hi), or equals i when forbid_self (a positive that is the query's own masked key). */
+typedef struct ContraIndexScanParams {
+    const int* values;
+    int* status;
+    long long len;
+    long long lo;
+    long long hi;
+    int forbid_self;
+    int slot;
+} ContraIndexScanParams;
+
+/* class_weights (SupCon, one thread per sample i of n): with `views` views per sample, row
+ * r = i views + v gets row_labels[r] = labels[i] and row_weights[r] = 1 / |P(r)| (f32 of the
+ * double; 0 without positives), |P(r)| = views * #{j : labels[j] = labels[i]} - 1. */
+typedef struct ContraClassWeightsParams {
+    const int* labels;
+    int* row_labels;
+    float* row_weights;
+    int n;
+    int views;
+} ContraClassWeightsParams;
+
 /* loss_finish (one block): out[0..2) = the bits of the double sum(v_i, i < n) / divisor (low
  * word first), out[2 + i] = status[i] for i < slots, and out[2 + slots] = the loss's own status
  * (INT_MAX when finite, 0 when not). v_i = values[i]; with `labels` (the margin loss) values[i]

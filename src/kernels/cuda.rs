@@ -54,6 +54,8 @@ unsafe impl DeviceRepr for ContraFillParams {}
 unsafe impl DeviceRepr for ContraCastParams {}
 unsafe impl DeviceRepr for ContraSwapParams {}
 unsafe impl DeviceRepr for ContraOptimParams {}
+unsafe impl DeviceRepr for ContraIndexScanParams {}
+unsafe impl DeviceRepr for ContraClassWeightsParams {}
 
 /// Whether the debug switch `CONTRA_SYNC_LAUNCHES=1` asks for a synchronised launch (each
 /// kernel's errors named at its launch).

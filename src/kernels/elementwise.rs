@@ -1,7 +1,9 @@
 //! Launch sequences of `kernels/elementwise.cu`: constant fills, NT-Xent's index ring and dtype
 //! casts, so that constants and conversions never cross between host and device.
 
-use super::params::{ContraCastParams, ContraFillParams, ContraSwapParams};
+use super::params::{
+    ContraCastParams, ContraClassWeightsParams, ContraFillParams, ContraSwapParams,
+};
 use super::{blocks_for, handles, Backend, BufInfo, Elem, Kernel, Launch};
 use crate::{Error, Result};
 
@@ -124,4 +126,41 @@ pub(crate) fn swap_row_blocks<B: Backend>(
         b.launch(handles::SWAP_ROW_BLOCKS, grid(len), &params, &[&out])?;
     }
     Ok(out)
+}
+
+/// SupCon's per-view class table from `labels` (i32, one per sample): each of the `views` rows
+/// of sample i gets its label and `1 / |P|`, built on the device (`class_weights`).
+pub(crate) fn class_weights<B: Backend>(
+    b: &B,
+    labels: &B::Buf,
+    views: usize,
+) -> Result<(B::Buf, B::Buf)> {
+    let n = b.info(labels).count;
+    let rows = n
+        .checked_mul(views)
+        .ok_or_else(|| Error::Device(format!("{n} samples x {views} views overflow usize")))?;
+    let row_labels = b.output_of(
+        "labels",
+        BufInfo {
+            elem: Elem::I32,
+            count: rows,
+        },
+    )?;
+    let row_weights = b.output("target_weight", rows)?;
+    let params = ContraClassWeightsParams {
+        labels: b.ptr(labels).cast(),
+        row_labels: b.ptr(&row_labels).cast(),
+        row_weights: b.ptr(&row_weights).cast(),
+        n: super::extent("samples", n)?,
+        views: super::extent("views", views)?,
+    };
+    if rows > 0 {
+        b.launch(
+            handles::CLASS_WEIGHTS,
+            grid(n),
+            &params,
+            &[&row_labels, &row_weights],
+        )?;
+    }
+    Ok((row_labels, row_weights))
 }

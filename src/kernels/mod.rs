@@ -137,6 +137,8 @@ impl KernelParams for params::ContraFillParams {}
 impl KernelParams for params::ContraCastParams {}
 impl KernelParams for params::ContraSwapParams {}
 impl KernelParams for params::ContraOptimParams {}
+impl KernelParams for params::ContraIndexScanParams {}
+impl KernelParams for params::ContraClassWeightsParams {}
 
 /// What one element of a kernel buffer holds. Buffers are stored as 32-bit words; 16-bit
 /// elements are packed two to a word, element `2i` in the low half (both backends are

@@ -1127,6 +1127,81 @@ impl Default for ContraScanParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct ContraIndexScanParams {
+    pub values: *const ::std::os::raw::c_int,
+    pub status: *mut ::std::os::raw::c_int,
+    pub len: ::std::os::raw::c_longlong,
+    pub lo: ::std::os::raw::c_longlong,
+    pub hi: ::std::os::raw::c_longlong,
+    pub forbid_self: ::std::os::raw::c_int,
+    pub slot: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraIndexScanParams"][::std::mem::size_of::<ContraIndexScanParams>() - 48usize];
+    ["Alignment of ContraIndexScanParams"]
+        [::std::mem::align_of::<ContraIndexScanParams>() - 8usize];
+    ["Offset of field: ContraIndexScanParams::values"]
+        [::std::mem::offset_of!(ContraIndexScanParams, values) - 0usize];
+    ["Offset of field: ContraIndexScanParams::status"]
+        [::std::mem::offset_of!(ContraIndexScanParams, status) - 8usize];
+    ["Offset of field: ContraIndexScanParams::len"]
+        [::std::mem::offset_of!(ContraIndexScanParams, len) - 16usize];
+    ["Offset of field: ContraIndexScanParams::lo"]
+        [::std::mem::offset_of!(ContraIndexScanParams, lo) - 24usize];
+    ["Offset of field: ContraIndexScanParams::hi"]
+        [::std::mem::offset_of!(ContraIndexScanParams, hi) - 32usize];
+    ["Offset of field: ContraIndexScanParams::forbid_self"]
+        [::std::mem::offset_of!(ContraIndexScanParams, forbid_self) - 40usize];
+    ["Offset of field: ContraIndexScanParams::slot"]
+        [::std::mem::offset_of!(ContraIndexScanParams, slot) - 44usize];
+};
+impl Default for ContraIndexScanParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraClassWeightsParams {
+    pub labels: *const ::std::os::raw::c_int,
+    pub row_labels: *mut ::std::os::raw::c_int,
+    pub row_weights: *mut f32,
+    pub n: ::std::os::raw::c_int,
+    pub views: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraClassWeightsParams"]
+        [::std::mem::size_of::<ContraClassWeightsParams>() - 32usize];
+    ["Alignment of ContraClassWeightsParams"]
+        [::std::mem::align_of::<ContraClassWeightsParams>() - 8usize];
+    ["Offset of field: ContraClassWeightsParams::labels"]
+        [::std::mem::offset_of!(ContraClassWeightsParams, labels) - 0usize];
+    ["Offset of field: ContraClassWeightsParams::row_labels"]
+        [::std::mem::offset_of!(ContraClassWeightsParams, row_labels) - 8usize];
+    ["Offset of field: ContraClassWeightsParams::row_weights"]
+        [::std::mem::offset_of!(ContraClassWeightsParams, row_weights) - 16usize];
+    ["Offset of field: ContraClassWeightsParams::n"]
+        [::std::mem::offset_of!(ContraClassWeightsParams, n) - 24usize];
+    ["Offset of field: ContraClassWeightsParams::views"]
+        [::std::mem::offset_of!(ContraClassWeightsParams, views) - 28usize];
+};
+impl Default for ContraClassWeightsParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct ContraLossParams {
     pub values: *const f32,
     pub status: *const ::std::os::raw::c_int,

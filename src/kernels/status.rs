@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/status.cu`: the finiteness scans whose status words travel with
 //! an op's results, and the loss's reduction that writes the mean next to them.
 
-use super::params::{ContraLossParams, ContraScanParams};
+use super::params::{ContraIndexScanParams, ContraLossParams, ContraScanParams};
 use super::{blocks_for, elementwise, extent, handles, Backend, BufInfo, Elem, Launch};
 use crate::{Error, Result};
 
@@ -50,6 +50,37 @@ pub(crate) fn scan<B: Backend>(
     let blocks = blocks_for(info.count, 256).clamp(1, 1024);
     b.launch(
         handles::NONFINITE_ROWS.of(info.elem),
+        Launch::linear(blocks, 256),
+        &params,
+        &[],
+    )
+}
+
+/// Lowers `status[slot]` to the first `i` whose index `values[i]` (i32) lies outside `lo..hi`,
+/// or equals `i` when `forbid_self`.
+pub(crate) fn scan_indices<B: Backend>(
+    b: &B,
+    values: &B::Buf,
+    (lo, hi, forbid_self): (i64, i64, bool),
+    status: &B::Buf,
+    slot: usize,
+) -> Result<()> {
+    let len = b.info(values).count;
+    if len == 0 {
+        return Ok(());
+    }
+    let params = ContraIndexScanParams {
+        values: b.ptr(values).cast(),
+        status: b.ptr(status).cast(),
+        len: len as i64,
+        lo,
+        hi,
+        forbid_self: forbid_self as i32,
+        slot: extent("slot", slot)?,
+    };
+    let blocks = blocks_for(len, 256).clamp(1, 1024);
+    b.launch(
+        handles::INDEX_SCAN,
         Launch::linear(blocks, 256),
         &params,
         &[],

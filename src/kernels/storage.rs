@@ -88,14 +88,24 @@ impl DeviceBuf {
 /// Copies host values to `device` (a kernel device; one counted transfer).
 pub(crate) fn upload(device: Device, name: &'static str, data: &HostData) -> Result<DeviceBuf> {
     let (words, info) = encode(data);
+    upload_words(device, name, &words, info)
+}
+
+/// Copies `words`, which encode `info.count` elements, to `device` (one counted transfer).
+pub(crate) fn upload_words(
+    device: Device,
+    name: &'static str,
+    words: &[u32],
+    info: BufInfo,
+) -> Result<DeviceBuf> {
     match device {
         Device::Interp => Ok(DeviceBuf::Interp(
-            interp::Interp.upload_words(name, &words, info)?,
+            interp::Interp.upload_words(name, words, info)?,
         )),
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
             let cuda = super::cuda::Cuda::get(ordinal)?;
-            Ok(DeviceBuf::Cuda(cuda.upload_words(name, &words, info)?))
+            Ok(DeviceBuf::Cuda(cuda.upload_words(name, words, info)?))
         }
         _ => Err(crate::Error::Device(format!(
             "{device} is not a kernel device (no buffer to upload to)"

@@ -4,13 +4,13 @@
 
 use super::{
     check_grad_loss, check_host_finite, check_result, check_scalar_result,
-    check_softmax_temperature, compute_dtype, host_loss, kernel_grads, kernel_state, matrix_dims,
-    output_like, same_place, same_width, state_like, upload_f32, upload_features, values,
-    with_cpu_real, Fingerprint, Origin,
+    check_softmax_temperature, compute_dtype, host_loss, index_operand, kernel_grads, kernel_state,
+    matrix_dims, output_like, place, same_place, same_width, state_like, upload_f32,
+    upload_features, values, with_cpu_real, Fingerprint, Origin, Placed,
 };
-use crate::checks::Recorder;
+use crate::checks::{IndexRule, Recorder};
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
-use crate::{cpu, Error, Result, Tensor};
+use crate::{cpu, AsIndices, Error, Result, Tensor};
 
 const OP: &str = "infonce";
 const BACKWARD: &str = "infonce_backward";
@@ -65,18 +65,23 @@ pub struct InfoNceOutput {
     pub grad_k: Tensor,
 }
 
-/// Validates the inputs (errors named after `op`) and returns `(rows, cols, dim)`.
-fn validate(
+/// The problem's `(rows, cols, dim)`.
+type Dims = (usize, usize, usize);
+
+/// Validates the inputs (errors named after `op`) and returns `(rows, cols, dim)` and the
+/// placed positives.
+fn validate<'p>(
     op: &'static str,
     q: &Tensor,
     k: &Tensor,
-    positives: &[usize],
+    positives: &'p (impl AsIndices<usize> + ?Sized),
     opts: &InfoNceOptions,
-) -> Result<(usize, usize, usize)> {
+) -> Result<(Dims, Placed<'p, usize>)> {
     let (rows, dim) = matrix_dims(op, "q", q)?;
     let cols = same_width(op, "k", k, "M", "q", dim)?;
     same_place(op, &[("q", q), ("k", k)])?;
     check_softmax_temperature(op, opts.temperature, compute_dtype(q.device(), q.dtype()))?;
+    let positives = place(op, "positives", positives.index_view(), q.device())?;
     if positives.len() != rows {
         return Err(Error::shape(
             op,
@@ -92,12 +97,12 @@ fn validate(
             format!("needs as many keys as queries (q has {rows} rows, k has {cols})"),
         ));
     }
-    for (i, &p) in positives.iter().enumerate() {
+    for (i, &p) in positives.host().unwrap_or_default().iter().enumerate() {
         if p >= cols {
             return Err(Error::invalid(
                 op,
                 "positives",
-                format!("positives[{i}] = {p} is out of range for {cols} keys"),
+                format!("positives[{i}] = {p} {}", out_of_range(cols)),
             ));
         }
         if opts.self_mask && p == i {
@@ -110,7 +115,19 @@ fn validate(
     }
     check_host_finite(op, "q", q)?;
     check_host_finite(op, "k", k)?;
-    Ok((rows, cols, dim))
+    Ok(((rows, cols, dim), positives))
+}
+
+/// What a positive index beyond the keys is told.
+fn out_of_range(cols: usize) -> String {
+    format!("is out of range for {cols} keys")
+}
+
+/// The positives of the CPU path (placed on the host: the CPU is no kernel device).
+fn host_positives<'p>(positives: &'p Placed<'_, usize>) -> Result<&'p [usize]> {
+    positives
+        .host()
+        .ok_or_else(|| Error::Device("infonce: device positives on the CPU path".into()))
 }
 
 fn problem<'a, T>(
@@ -137,20 +154,20 @@ fn problem<'a, T>(
 pub fn infonce_forward(
     q: &Tensor,
     k: &Tensor,
-    positives: &[usize],
+    positives: &(impl AsIndices<usize> + ?Sized),
     opts: &InfoNceOptions,
 ) -> Result<SoftmaxForward> {
-    let dims = validate(OP, q, k, positives, opts)?;
-    let origin = origin(q, k, positives, opts);
+    let (dims, positives) = validate(OP, q, k, positives, opts)?;
+    let origin = origin(q, k, &positives, opts);
     run_on_kernels!(q.device(), b => {
         let mut rec = Recorder::new(b, OP)?;
-        let inputs = KernelInputs::new(b, &mut rec, q, k, positives)?;
+        let inputs = KernelInputs::new(b, &mut rec, q, k, &positives, dims, opts)?;
         let (row_loss, lse) = inputs.problem(dims, opts).forward(b)?;
         kernel_forward(b, rec, row_loss, lse, dims.0 as f64, origin)
     });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
-        let (loss, lse) = problem(&qv, &kv, dims, positives, opts).forward();
+        let (loss, lse) = problem(&qv, &kv, dims, host_positives(&positives)?, opts).forward();
         SoftmaxSaved::checked(OP, loss, state_like(q, lse, &[dims.0])?, origin, TEMPERATURE_BLAME)
     })
 }
@@ -187,8 +204,8 @@ pub(crate) const GRADIENT_BLAME: &str =
      or compute in f64 on Device::Cpu";
 
 /// The origin of infonce's saved state.
-fn origin(q: &Tensor, k: &Tensor, positives: &[usize], opts: &InfoNceOptions) -> Origin {
-    let inputs = Fingerprint::new().tensor(q).tensor(k).indices(positives);
+fn origin(q: &Tensor, k: &Tensor, positives: &Placed<'_, usize>, opts: &InfoNceOptions) -> Origin {
+    let inputs = Fingerprint::new().tensor(q).tensor(k).placed(positives);
     Origin::new(OP, opts, inputs)
 }
 
@@ -239,17 +256,17 @@ impl SoftmaxSaved {
 pub fn infonce_backward(
     q: &Tensor,
     k: &Tensor,
-    positives: &[usize],
+    positives: &(impl AsIndices<usize> + ?Sized),
     opts: &InfoNceOptions,
     saved: &SoftmaxSaved,
     grad_loss: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let dims = validate(BACKWARD, q, k, positives, opts)?;
-    saved.check(BACKWARD, &origin(q, k, positives, opts), dims.0)?;
+    let (dims, positives) = validate(BACKWARD, q, k, positives, opts)?;
+    saved.check(BACKWARD, &origin(q, k, &positives, opts), dims.0)?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(q.device(), q.dtype()))?;
     run_on_kernels!(q.device(), b => {
         let mut rec = Recorder::new(b, BACKWARD)?;
-        let inputs = KernelInputs::new(b, &mut rec, q, k, positives)?;
+        let inputs = KernelInputs::new(b, &mut rec, q, k, &positives, dims, opts)?;
         let lse = saved.operand(b, &mut rec)?;
         let (dq, dk) = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
         let dk = dk.ok_or_else(|| Error::Device("infonce: the kernels returned no key gradient".into()))?;
@@ -259,7 +276,8 @@ pub fn infonce_backward(
     });
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
-        let (dq, dk) = problem(&qv, &kv, dims, positives, opts).backward(&saved.lse.to_vec_f64()?, grad_loss);
+        let (dq, dk) = problem(&qv, &kv, dims, host_positives(&positives)?, opts)
+            .backward(&saved.lse.to_vec_f64()?, grad_loss);
         let (dq, dk) = (output_like(q, dq, q.shape())?, output_like(k, dk, k.shape())?);
         check_result(BACKWARD, "grad_q", &dq, GRADIENT_BLAME)?;
         check_result(BACKWARD, "grad_k", &dk, GRADIENT_BLAME)?;
@@ -281,14 +299,14 @@ pub fn infonce_backward(
 pub fn infonce(
     q: &Tensor,
     k: &Tensor,
-    positives: &[usize],
+    positives: &(impl AsIndices<usize> + ?Sized),
     opts: &InfoNceOptions,
 ) -> Result<InfoNceOutput> {
     // Validated once; no saved state to fingerprint or verify.
-    let dims = validate(OP, q, k, positives, opts)?;
+    let (dims, positives) = validate(OP, q, k, positives, opts)?;
     run_on_kernels!(q.device(), b => {
         let mut rec = Recorder::new(b, OP)?;
-        let inputs = KernelInputs::new(b, &mut rec, q, k, positives)?;
+        let inputs = KernelInputs::new(b, &mut rec, q, k, &positives, dims, opts)?;
         let sweep = inputs.problem(dims, opts).forward_backward(b)?;
         let dk = sweep.grad_k.ok_or_else(|| Error::Device("infonce: the kernels returned no key gradient".into()))?;
         rec.result("lse", TEMPERATURE_BLAME, &sweep.lse, 1)?;
@@ -301,7 +319,8 @@ pub fn infonce(
     // One sweep for loss and gradients (see cpu::softmax::forward_backward).
     with_cpu_real!(q.dtype(), T => {
         let (qv, kv) = (values::<T>(q)?, values::<T>(k)?);
-        let (loss, dq, dk) = problem(&qv, &kv, dims, positives, opts).forward_backward(1.0);
+        let (loss, dq, dk) =
+            problem(&qv, &kv, dims, host_positives(&positives)?, opts).forward_backward(1.0);
         check_scalar_result(OP, "loss", loss, TEMPERATURE_BLAME)?;
         let (grad_q, grad_k) = (output_like(q, dq, q.shape())?, output_like(k, dk, k.shape())?);
         check_result(OP, "grad_q", &grad_q, GRADIENT_BLAME)?;
@@ -332,7 +351,7 @@ fn positives_on<B: Backend>(b: &B, positives: &[usize]) -> Result<B::Buf> {
 pub(crate) struct KernelInputs<'t, B: Backend> {
     pub q: Operand<'t, B::Buf>,
     pub k: Operand<'t, B::Buf>,
-    pub positives: B::Buf,
+    pub positives: Operand<'t, B::Buf>,
 }
 
 impl<'t, B: Backend> KernelInputs<'t, B> {
@@ -343,12 +362,22 @@ impl<'t, B: Backend> KernelInputs<'t, B> {
         rec: &mut Recorder<'_, B>,
         q: &'t Tensor,
         k: &'t Tensor,
-        positives: &[usize],
+        positives: &'t Placed<'_, usize>,
+        (_, cols, _): Dims,
+        opts: &InfoNceOptions,
     ) -> Result<Self> {
+        let rule = IndexRule {
+            lo: 0,
+            hi: cols as i64,
+            forbid_self: opts.self_mask,
+            range: out_of_range(cols),
+        };
         let inputs = KernelInputs {
             q: upload_features(b, "q", q)?,
             k: upload_features(b, "k", k)?,
-            positives: positives_on(b, positives)?,
+            positives: index_operand(b, rec, "positives", positives, Some(rule), |p| {
+                positives_on(b, p)
+            })?,
         };
         rec.input("q", q, &inputs.q)?;
         rec.input("k", k, &inputs.k)?;

@@ -6,12 +6,12 @@
 
 use super::{
     check_grad_loss, check_host_finite, check_labels_len, check_result, compute_dtype, host_loss,
-    kernel_grads, matrix_dims, output_like, same_place, upload_f32, values, with_cpu_real,
-    Fingerprint, Origin,
+    index_operand, kernel_grads, matrix_dims, output_like, place, same_place, upload_f32, values,
+    with_cpu_real, Fingerprint, Origin, Placed,
 };
-use crate::checks::Recorder;
+use crate::checks::{IndexRule, Recorder};
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
-use crate::{cpu, DType, Device, Error, Result, Tensor};
+use crate::{cpu, AsIndices, DType, Device, Error, Result, Tensor};
 
 const OP: &str = "margin_loss";
 const BACKWARD: &str = "margin_backward";
@@ -38,14 +38,14 @@ pub struct MarginOutput {
     pub grad_x2: Tensor,
 }
 
-/// Validates the inputs (errors named after `op`) and returns `dim`.
-fn validate(
+/// Validates the inputs (errors named after `op`) and returns `dim` and the placed labels.
+fn validate<'y>(
     op: &'static str,
     x1: &Tensor,
     x2: &Tensor,
-    y: &[i64],
+    y: &'y (impl AsIndices<i64> + ?Sized),
     opts: &MarginOptions,
-) -> Result<usize> {
+) -> Result<(usize, Placed<'y, i64>)> {
     let (rows, dim) = matrix_dims(op, "x1", x1)?;
     matrix_dims(op, "x2", x2)?;
     same_place(op, &[("x1", x1), ("x2", x2)])?;
@@ -57,13 +57,11 @@ fn validate(
             format!("{:?} (the shape of x1)", x1.shape()),
         ));
     }
-    check_labels_len(op, "y", y, rows)?;
-    if let Some((i, &v)) = y.iter().enumerate().find(|&(_, &v)| v != 0 && v != 1) {
-        return Err(Error::invalid(
-            op,
-            "y",
-            format!("y[{i}] = {v}: labels must be 0 (similar) or 1 (dissimilar)"),
-        ));
+    let y = place(op, "y", y.index_view(), x1.device())?;
+    check_labels_len(op, "y", y.len(), rows)?;
+    let host = y.host().unwrap_or_default();
+    if let Some((i, &v)) = host.iter().enumerate().find(|&(_, &v)| v != 0 && v != 1) {
+        return Err(Error::invalid(op, "y", format!("y[{i}] = {v} {Y_RANGE}")));
     }
     if !(opts.margin.is_finite() && opts.margin >= 0.0) {
         return Err(Error::invalid(
@@ -99,23 +97,36 @@ fn validate(
     }
     check_host_finite(op, "x1", x1)?;
     check_host_finite(op, "x2", x2)?;
-    Ok(dim)
+    Ok((dim, y))
 }
 
+/// What a label other than 0 or 1 is told.
+const Y_RANGE: &str = "is not a label: labels must be 0 (similar) or 1 (dissimilar)";
+
 /// `x1` and `x2` as f32 kernel operands (where they are, else copied in), their scans
-/// recorded, and `y` (as i32; validated to be 0 or 1) copied in.
+/// recorded, and `y` as i32 (on the device where it is, checked there; host labels, validated
+/// to be 0 or 1, copied in).
 fn upload<'t, B: Backend>(
     b: &B,
     rec: &mut Recorder<'_, B>,
     x1: &'t Tensor,
     x2: &'t Tensor,
-    y: &[i64],
+    y: &'t Placed<'_, i64>,
 ) -> Result<[Operand<'t, B::Buf>; 3]> {
-    let labels: Vec<i32> = y.iter().map(|&v| v as i32).collect();
     let (o1, o2) = (upload_f32(b, "x1", x1)?, upload_f32(b, "x2", x2)?);
     rec.input("x1", x1, &o1)?;
     rec.input("x2", x2, &o2)?;
-    Ok([o1, o2, Operand::Copied(b.upload_i32("y", &labels)?)])
+    let rule = IndexRule {
+        lo: 0,
+        hi: 2,
+        forbid_self: false,
+        range: Y_RANGE.into(),
+    };
+    let y = index_operand(b, rec, "y", y, Some(rule), |y| {
+        let labels: Vec<i32> = y.iter().map(|&v| v as i32).collect();
+        b.upload_i32("y", &labels)
+    })?;
+    Ok([o1, o2, y])
 }
 
 /// The kernel problem over uploaded `[x1, x2, y]`.
@@ -155,12 +166,8 @@ pub struct MarginForward {
 }
 
 /// The origin of the margin loss's saved state.
-fn origin(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Origin {
-    Origin::new(
-        OP,
-        opts,
-        Fingerprint::new().tensor(x1).tensor(x2).indices(y),
-    )
+fn origin(x1: &Tensor, x2: &Tensor, y: &Placed<'_, i64>, opts: &MarginOptions) -> Origin {
+    Origin::new(OP, opts, Fingerprint::new().tensor(x1).tensor(x2).placed(y))
 }
 
 /// The mean margin loss. Distances are right at any scale and the loss is formed in f64 on every
@@ -168,13 +175,13 @@ fn origin(x1: &Tensor, x2: &Tensor, y: &[i64], opts: &MarginOptions) -> Origin {
 pub fn margin_forward(
     x1: &Tensor,
     x2: &Tensor,
-    y: &[i64],
+    y: &(impl AsIndices<i64> + ?Sized),
     opts: &MarginOptions,
 ) -> Result<MarginForward> {
-    let dim = validate(OP, x1, x2, y, opts)?;
-    let loss = forward_loss(x1, x2, y, opts, dim)?;
+    let (dim, y) = validate(OP, x1, x2, y, opts)?;
+    let loss = forward_loss(x1, x2, &y, opts, dim)?;
     let saved = MarginSaved {
-        origin: origin(x1, x2, y, opts),
+        origin: origin(x1, x2, &y, opts),
     };
     Ok(MarginForward { loss, saved })
 }
@@ -183,17 +190,19 @@ pub fn margin_forward(
 fn forward_loss(
     x1: &Tensor,
     x2: &Tensor,
-    y: &[i64],
+    y: &Placed<'_, i64>,
     opts: &MarginOptions,
     dim: usize,
 ) -> Result<Tensor> {
+    let rows = y.len();
     run_on_kernels!(x1.device(), b => {
         let mut rec = Recorder::new(b, OP)?;
         let buffers = upload(b, &mut rec, x1, x2, y)?;
-        let problem = kernel_problem(&buffers, y.len(), dim, opts);
+        let problem = kernel_problem(&buffers, rows, dim, opts);
         let (row_dist, terms) = problem.forward(b)?;
-        Ok(rec.finish_terms("loss", &row_dist, terms, y.len() as f64, LOSS_BLAME)?.0)
+        Ok(rec.finish_terms("loss", &row_dist, terms, rows as f64, LOSS_BLAME)?.0)
     });
+    let y = host_labels(y)?;
     let loss = with_cpu_real!(x1.dtype(), T => {
         cpu::margin::forward::<T>(&values::<T>(x1)?, &values::<T>(x2)?, y, dim, opts.margin)
     });
@@ -213,21 +222,27 @@ fn forward_loss(
 pub fn margin_backward(
     x1: &Tensor,
     x2: &Tensor,
-    y: &[i64],
+    y: &(impl AsIndices<i64> + ?Sized),
     opts: &MarginOptions,
     saved: &MarginSaved,
     grad_loss: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let dim = validate(BACKWARD, x1, x2, y, opts)?;
-    saved.origin.check(BACKWARD, &origin(x1, x2, y, opts))?;
-    input_grads(x1, x2, y, opts, dim, grad_loss)
+    let (dim, y) = validate(BACKWARD, x1, x2, y, opts)?;
+    saved.origin.check(BACKWARD, &origin(x1, x2, &y, opts))?;
+    input_grads(x1, x2, &y, opts, dim, grad_loss)
+}
+
+/// The labels of the CPU path (placed on the host: the CPU is no kernel device).
+fn host_labels<'p>(y: &'p Placed<'_, i64>) -> Result<&'p [i64]> {
+    y.host()
+        .ok_or_else(|| Error::Device("margin_loss: device labels on the CPU path".into()))
 }
 
 /// The gradients on validated inputs.
 fn input_grads(
     x1: &Tensor,
     x2: &Tensor,
-    y: &[i64],
+    y: &Placed<'_, i64>,
     opts: &MarginOptions,
     dim: usize,
     grad_loss: f64,
@@ -243,6 +258,7 @@ fn input_grads(
         let ((), [g1, g2]) = kernel_grads(b, rec, grads, BLAME, |rec| Ok(((), rec.finish()?)))?;
         Ok((g1, g2))
     });
+    let y = host_labels(y)?;
     let (g1, g2) = with_cpu_real!(x1.dtype(), T => {
         let (g1, g2) = cpu::margin::backward::<T>(
             &values::<T>(x1)?, &values::<T>(x2)?, y, dim, opts.margin, grad_loss,
@@ -270,13 +286,13 @@ fn input_grads(
 pub fn margin_loss(
     x1: &Tensor,
     x2: &Tensor,
-    y: &[i64],
+    y: &(impl AsIndices<i64> + ?Sized),
     opts: &MarginOptions,
 ) -> Result<MarginOutput> {
     // Validated once; no saved state to fingerprint or verify.
-    let dim = validate(OP, x1, x2, y, opts)?;
-    let loss = forward_loss(x1, x2, y, opts, dim)?;
-    let (grad_x1, grad_x2) = input_grads(x1, x2, y, opts, dim, 1.0)?;
+    let (dim, y) = validate(OP, x1, x2, y, opts)?;
+    let loss = forward_loss(x1, x2, &y, opts, dim)?;
+    let (grad_x1, grad_x2) = input_grads(x1, x2, &y, opts, dim, 1.0)?;
     Ok(MarginOutput {
         loss,
         grad_x1,

@@ -73,10 +73,10 @@ impl<'a> From<&'a Tensor> for Scalar<'a> {
 
 use std::sync::Arc;
 
-use crate::checks::{Checks, Recorder};
+use crate::checks::{Checks, IndexRule, Recorder};
 use crate::cpu::Real;
 use crate::kernels::{Backend, Elem, Operand};
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{DType, Device, Error, IndexView, Indices, Result, Tensor};
 
 /// The dtype the CPU backend computes in for inputs of `dtype`: f64 stays f64, the rest (f32 and
 /// the 16-bit types, upcast) compute in f32.
@@ -457,16 +457,16 @@ pub(crate) fn check_finite_scalar(op: &'static str, arg: &'static str, value: f6
 pub(crate) fn check_labels_len(
     op: &'static str,
     arg: &'static str,
-    labels: &[i64],
+    len: usize,
     rows: usize,
 ) -> Result<()> {
-    if labels.len() == rows {
+    if len == rows {
         Ok(())
     } else {
         Err(Error::shape(
             op,
             arg,
-            &[labels.len()],
+            &[len],
             format!("[{rows}] (one label per row)"),
         ))
     }
@@ -653,8 +653,80 @@ impl Fingerprint {
 
     /// Folds in a list of indices or labels.
     pub fn indices<I: Copy + TryInto<i64>>(self, values: &[I]) -> Self {
-        values.iter().fold(self.word(values.len() as u64), |h, &v| {
-            h.word(v.try_into().map_or(u64::MAX, |v| v as u64))
-        })
+        self.word(values.len() as u64)
+            .word(crate::indices::hash(values))
+    }
+
+    /// Folds in placed indices: the same for host values and for [`Indices`] made from them.
+    pub fn placed<I: Copy + TryInto<i64>>(self, placed: &Placed<'_, I>) -> Self {
+        match placed {
+            Placed::Host(values) => self.indices(values),
+            Placed::Device(indices) => self.word(indices.len() as u64).word(indices.key()),
+        }
+    }
+}
+
+/// An op's index argument (labels, positives) once placed: values on the host (a slice, or
+/// indices copied from elsewhere), or [`Indices`] resident on the op's kernel device.
+pub(crate) enum Placed<'a, I: Clone> {
+    Host(Cow<'a, [I]>),
+    Device(&'a Indices),
+}
+
+impl<I: Copy + TryFrom<i64>> Placed<'_, I> {
+    pub fn len(&self) -> usize {
+        match self {
+            Placed::Host(values) => values.len(),
+            Placed::Device(indices) => indices.len(),
+        }
+    }
+
+    /// The host values (the device-resident ones are checked on the device).
+    pub fn host(&self) -> Option<&[I]> {
+        match self {
+            Placed::Host(values) => Some(values),
+            Placed::Device(_) => None,
+        }
+    }
+}
+
+/// Places the index argument `arg` of an op on `device`: indices resident there stay, any
+/// others are brought to the host (copied from their device).
+pub(crate) fn place<'a, I: Copy + TryFrom<i64>>(
+    op: &'static str,
+    arg: &'static str,
+    view: IndexView<'a, I>,
+    device: Device,
+) -> Result<Placed<'a, I>> {
+    match view {
+        IndexView::Indices(indices) if device != Device::Cpu && indices.device() == device => {
+            Ok(Placed::Device(indices))
+        }
+        other => Ok(Placed::Host(other.host(op, arg)?)),
+    }
+}
+
+/// Placed indices as an i32 kernel operand on `b`: resident ones where they are (checked
+/// against `rule` by a scan recorded in `rec`), host values as `copy_in` puts them on `b`.
+pub(crate) fn index_operand<'t, B: Backend, I: Copy + TryFrom<i64>>(
+    b: &B,
+    rec: &mut Recorder<'_, B>,
+    arg: &'static str,
+    placed: &'t Placed<'_, I>,
+    rule: Option<IndexRule>,
+    copy_in: impl FnOnce(&[I]) -> Result<B::Buf>,
+) -> Result<Operand<'t, B::Buf>> {
+    match placed {
+        Placed::Host(values) => Ok(Operand::Copied(copy_in(values)?)),
+        Placed::Device(indices) => {
+            let buf = indices
+                .device_buf()
+                .and_then(|buf| b.resident(buf))
+                .ok_or_else(|| Error::Device(format!("`{arg}` is not on the op's device")))?;
+            if let Some(rule) = rule {
+                rec.indices(arg, indices, buf, rule)?;
+            }
+            Ok(Operand::Resident(buf))
+        }
     }
 }

@@ -7,11 +7,12 @@ use super::infonce::{
 use super::{
     check_grad_loss, check_host_finite, check_labels_len, check_result, check_scalar_result,
     check_softmax_temperature, check_temperature, compute_dtype, host_loss, kernel_grads,
-    output_like, state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
+    output_like, place, state_like, upload_features, values, with_cpu_real, Fingerprint, Origin,
+    Placed,
 };
 use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
-use crate::{cpu, Error, Result, Tensor};
+use crate::{cpu, AsIndices, Error, Result, Tensor};
 
 const OP: &str = "supcon";
 const BACKWARD: &str = "supcon_backward";
@@ -41,13 +42,17 @@ pub struct SupConOutput {
     pub grad_features: Tensor,
 }
 
-/// Validates the inputs (errors named after `op`) and returns `(samples, views, dim)`.
-fn validate(
+/// The problem's `(samples, views, dim)`.
+type Dims = (usize, usize, usize);
+
+/// Validates the inputs (errors named after `op`) and returns `(samples, views, dim)` and the
+/// placed labels.
+fn validate<'l>(
     op: &'static str,
     features: &Tensor,
-    labels: &[i64],
+    labels: &'l (impl AsIndices<i64> + ?Sized),
     opts: &SupConOptions,
-) -> Result<(usize, usize, usize)> {
+) -> Result<(Dims, Placed<'l, i64>)> {
     let (samples, views, dim) = match *features.shape() {
         [n, v, d] => (n, v, d),
         _ => {
@@ -75,7 +80,8 @@ fn validate(
     if dim == 0 {
         return empty("its feature dimension D is 0");
     }
-    check_labels_len(op, "labels", labels, samples)?;
+    let labels = place(op, "labels", labels.index_view(), features.device())?;
+    check_labels_len(op, "labels", labels.len(), samples)?;
     check_softmax_temperature(
         op,
         opts.temperature,
@@ -92,16 +98,19 @@ fn validate(
     }
     // Row n of the error is sample n.
     check_host_finite(op, "features", features)?;
-    Ok((samples, views, dim))
+    Ok(((samples, views, dim), labels))
 }
 
 /// The origin of supcon's saved state.
-fn origin(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Origin {
-    Origin::new(
-        OP,
-        opts,
-        Fingerprint::new().tensor(features).indices(labels),
-    )
+fn origin(features: &Tensor, labels: &Placed<'_, i64>, opts: &SupConOptions) -> Origin {
+    Origin::new(OP, opts, Fingerprint::new().tensor(features).placed(labels))
+}
+
+/// The labels of the CPU path (placed on the host: the CPU is no kernel device).
+fn host_labels<'p>(labels: &'p Placed<'_, i64>) -> Result<&'p [i64]> {
+    labels
+        .host()
+        .ok_or_else(|| Error::Device("supcon: device labels on the CPU path".into()))
 }
 
 fn problem<'a, T>(
@@ -124,21 +133,21 @@ fn problem<'a, T>(
 /// SupCon forward: the mean loss over the N·V anchors and the per-anchor log-sum-exp.
 pub fn supcon_forward(
     features: &Tensor,
-    labels: &[i64],
+    labels: &(impl AsIndices<i64> + ?Sized),
     opts: &SupConOptions,
 ) -> Result<SoftmaxForward> {
-    let dims = validate(OP, features, labels, opts)?;
-    let origin = origin(features, labels, opts);
+    let (dims, labels) = validate(OP, features, labels, opts)?;
+    let origin = origin(features, &labels, opts);
     run_on_kernels!(features.device(), b => {
         let mut rec = Recorder::new(b, OP)?;
-        let inputs = KernelInputs::new(b, &mut rec, features, labels, dims)?;
+        let inputs = KernelInputs::new(b, &mut rec, features, &labels, dims)?;
         let problem = inputs.problem(dims, opts);
         let (row_loss, lse) = problem.forward(b)?;
         kernel_forward(b, rec, row_loss, lse, problem.divisor(), origin)
     });
     with_cpu_real!(features.dtype(), T => {
         let fv = values::<T>(features)?;
-        let (loss, lse) = problem(&fv, labels, dims, opts).forward();
+        let (loss, lse) = problem(&fv, host_labels(&labels)?, dims, opts).forward();
         let lse = state_like(features, lse, &[dims.0 * dims.1])?;
         SoftmaxSaved::checked(OP, loss, lse, origin, TEMPERATURE_BLAME)
     })
@@ -147,13 +156,13 @@ pub fn supcon_forward(
 /// SupCon backward: the gradient of `grad_loss * loss` with respect to the features.
 pub fn supcon_backward(
     features: &Tensor,
-    labels: &[i64],
+    labels: &(impl AsIndices<i64> + ?Sized),
     opts: &SupConOptions,
     saved: &SoftmaxSaved,
     grad_loss: f64,
 ) -> Result<Tensor> {
-    let dims = validate(BACKWARD, features, labels, opts)?;
-    saved.check(BACKWARD, &origin(features, labels, opts), dims.0 * dims.1)?;
+    let (dims, labels) = validate(BACKWARD, features, labels, opts)?;
+    saved.check(BACKWARD, &origin(features, &labels, opts), dims.0 * dims.1)?;
     check_grad_loss(
         BACKWARD,
         grad_loss,
@@ -161,7 +170,7 @@ pub fn supcon_backward(
     )?;
     run_on_kernels!(features.device(), b => {
         let mut rec = Recorder::new(b, BACKWARD)?;
-        let inputs = KernelInputs::new(b, &mut rec, features, labels, dims)?;
+        let inputs = KernelInputs::new(b, &mut rec, features, &labels, dims)?;
         let lse = saved.operand(b, &mut rec)?;
         let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
         let grads = [("grad_features", grad, features)];
@@ -170,7 +179,8 @@ pub fn supcon_backward(
     });
     with_cpu_real!(features.dtype(), T => {
         let fv = values::<T>(features)?;
-        let grad = problem(&fv, labels, dims, opts).backward(&saved.lse.to_vec_f64()?, grad_loss);
+        let grad = problem(&fv, host_labels(&labels)?, dims, opts)
+            .backward(&saved.lse.to_vec_f64()?, grad_loss);
         let grad = output_like(features, grad, features.shape())?;
         check_result(BACKWARD, "grad_features", &grad, GRADIENT_BLAME)?;
         Ok(grad)
@@ -193,12 +203,16 @@ pub fn supcon_backward(
 /// assert_eq!(out.grad_features.shape(), &[3, 2, 2]);
 /// # Ok::<(), contra::Error>(())
 /// ```
-pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result<SupConOutput> {
+pub fn supcon(
+    features: &Tensor,
+    labels: &(impl AsIndices<i64> + ?Sized),
+    opts: &SupConOptions,
+) -> Result<SupConOutput> {
     // Validated once; no saved state to fingerprint or verify.
-    let dims = validate(OP, features, labels, opts)?;
+    let (dims, labels) = validate(OP, features, labels, opts)?;
     run_on_kernels!(features.device(), b => {
         let mut rec = Recorder::new(b, OP)?;
-        let inputs = KernelInputs::new(b, &mut rec, features, labels, dims)?;
+        let inputs = KernelInputs::new(b, &mut rec, features, &labels, dims)?;
         let problem = inputs.problem(dims, opts);
         let (row_loss, lse) = problem.forward(b)?;
         rec.result("lse", TEMPERATURE_BLAME, &lse, 1)?;
@@ -211,7 +225,7 @@ pub fn supcon(features: &Tensor, labels: &[i64], opts: &SupConOptions) -> Result
     // One sweep for loss and gradient (see cpu::softmax::forward_backward).
     with_cpu_real!(features.dtype(), T => {
         let fv = values::<T>(features)?;
-        let (loss, grad) = problem(&fv, labels, dims, opts).forward_backward(1.0);
+        let (loss, grad) = problem(&fv, host_labels(&labels)?, dims, opts).forward_backward(1.0);
         check_scalar_result(OP, "loss", loss, TEMPERATURE_BLAME)?;
         let grad_features = output_like(features, grad, features.shape())?;
         check_result(OP, "grad_features", &grad_features, GRADIENT_BLAME)?;
@@ -228,19 +242,34 @@ struct KernelInputs<'t, B: Backend> {
 
 impl<'t, B: Backend> KernelInputs<'t, B> {
     /// The features where they are (copied in from the host), their scan recorded; the class
-    /// table built on the host and copied in.
+    /// table built on the device from device labels, or on the host and copied in.
     fn new(
         b: &B,
         rec: &mut Recorder<'_, B>,
         features: &'t Tensor,
-        labels: &[i64],
-        (_, views, _): (usize, usize, usize),
+        labels: &Placed<'_, i64>,
+        (_, views, _): Dims,
     ) -> Result<Self> {
-        let (class, weight) = crate::shared::Classes::new(labels, views).for_kernels();
+        let (labels, target_weight) = match labels {
+            Placed::Device(indices) => {
+                let buf = indices
+                    .device_buf()
+                    .and_then(|buf| b.resident(buf))
+                    .ok_or_else(|| Error::Device("supcon: labels not on the device".into()))?;
+                kernels::elementwise::class_weights(b, buf, views)?
+            }
+            Placed::Host(labels) => {
+                let (class, weight) = crate::shared::Classes::new(labels, views).for_kernels();
+                (
+                    b.upload_i32("labels", &class)?,
+                    b.upload("target_weight", &weight)?,
+                )
+            }
+        };
         let inputs = KernelInputs {
             views: upload_features(b, "features", features)?,
-            labels: b.upload_i32("labels", &class)?,
-            target_weight: b.upload("target_weight", &weight)?,
+            labels,
+            target_weight,
         };
         rec.input("features", features, &inputs.views)?;
         Ok(inputs)

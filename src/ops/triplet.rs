@@ -19,15 +19,16 @@
 use std::sync::Arc;
 
 use super::{
-    check_grad_loss, check_host_finite, check_labels_len, check_result, host_loss, kernel_grads,
-    kernel_state, matrix_dims, output_like, upload_f32, values, Fingerprint, Origin,
+    check_grad_loss, check_host_finite, check_labels_len, check_result, host_loss, index_operand,
+    kernel_grads, kernel_state, matrix_dims, output_like, place, upload_f32, values, Fingerprint,
+    Origin, Placed,
 };
 use crate::checks::{Checks, Recorder};
 use crate::kernels::storage::DeviceBuf;
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::shared::{Classes, Coefs};
 pub use crate::shared::{Distance, Mining, TripletStats};
-use crate::{cpu, DType, Device, Error, Result, Tensor};
+use crate::{cpu, AsIndices, DType, Device, Error, Result, Tensor};
 
 const OP: &str = "triplet";
 const BACKWARD: &str = "triplet_backward";
@@ -159,15 +160,17 @@ pub struct TripletOutput {
     pub grad_x: Tensor,
 }
 
-/// Validates the inputs (errors named after `op`) and returns `(rows, dim)`.
-fn validate(
+/// Validates the inputs (errors named after `op`) and returns `(rows, dim)` and the placed
+/// labels.
+fn validate<'l>(
     op: &'static str,
     x: &Tensor,
-    labels: &[i64],
+    labels: &'l (impl AsIndices<i64> + ?Sized),
     opts: &TripletOptions,
-) -> Result<(usize, usize)> {
+) -> Result<((usize, usize), Placed<'l, i64>)> {
     let (rows, dim) = matrix_dims(op, "x", x)?;
-    check_labels_len(op, "labels", labels, rows)?;
+    let labels = place(op, "labels", labels.index_view(), x.device())?;
+    check_labels_len(op, "labels", labels.len(), rows)?;
     // Mining keeps the N x N pair matrix (never N^3): it must be addressable.
     crate::tensor::checked_numel(op, "x", &[rows, rows], DType::F64)?;
     if !(opts.margin.is_finite() && opts.margin >= 0.0) {
@@ -191,12 +194,12 @@ fn validate(
         ));
     }
     check_host_finite(op, "x", x)?;
-    Ok((rows, dim))
+    Ok(((rows, dim), labels))
 }
 
 /// The origin of triplet's saved state.
-fn origin(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Origin {
-    Origin::new(OP, opts, Fingerprint::new().tensor(x).indices(labels))
+fn origin(x: &Tensor, labels: &Placed<'_, i64>, opts: &TripletOptions) -> Origin {
+    Origin::new(OP, opts, Fingerprint::new().tensor(x).placed(labels))
 }
 
 /// The power-of-two exponent `k` the kernels take the rows of host values `x` scaled by
@@ -237,11 +240,11 @@ const LOSS_BLAME: &str = "distances between the rows of x are beyond f64";
 /// alike. A loss beyond f64 (squared distances of f64 rows beyond ~1e154) is an error naming `x`.
 pub fn triplet_forward(
     x: &Tensor,
-    labels: &[i64],
+    labels: &(impl AsIndices<i64> + ?Sized),
     opts: &TripletOptions,
 ) -> Result<TripletForward> {
-    let (rows, dim) = validate(OP, x, labels, opts)?;
-    triplet_forward_unchecked(x, labels, opts, (rows, dim))
+    let (dims, labels) = validate(OP, x, labels, opts)?;
+    triplet_forward_unchecked(x, &labels, opts, dims)
 }
 
 /// The CPU forward's loss as a 0-d tensor on `device`, once it is known to be finite.
@@ -258,7 +261,7 @@ fn checked_loss(loss: f64, opts: &TripletOptions, device: crate::Device) -> Resu
 
 fn triplet_forward_unchecked(
     x: &Tensor,
-    labels: &[i64],
+    labels: &Placed<'_, i64>,
     opts: &TripletOptions,
     (rows, dim): (usize, usize),
 ) -> Result<TripletForward> {
@@ -267,9 +270,11 @@ fn triplet_forward_unchecked(
         let mut rec = Recorder::new(b, OP)?;
         let x_op = upload_f32(b, "x", x)?;
         rec.input("x", x, &x_op)?;
-        // Dense class ids: the one copy a call makes.
-        let (class_ids, _) = Classes::new(labels, 1).for_kernels();
-        let class_ids = b.upload_i32("labels", &class_ids)?;
+        // The mining compares labels only for equality: device labels are used as they are,
+        // host ones as dense class ids (the one copy a call with host labels makes).
+        let class_ids = index_operand(b, &mut rec, "labels", labels, None, |labels| {
+            b.upload_i32("labels", &Classes::new(labels, 1).for_kernels().0)
+        })?;
         let problem = kernel_problem(b, &x_op, (rows, dim), opts);
         let mined = problem.forward(b, &class_ids)?;
         let (loss, checks) = rec.finish_with("loss", LOSS_BLAME, |status, slots| {
@@ -289,6 +294,9 @@ fn triplet_forward_unchecked(
         })
     });
     let xv = values::<f64>(x)?;
+    let labels = labels
+        .host()
+        .ok_or_else(|| Error::Device("triplet: device labels on the CPU path".into()))?;
     let fwd = cpu::triplet::Problem {
         x: &xv,
         rows,
@@ -318,12 +326,12 @@ fn triplet_forward_unchecked(
 /// `labels` and `opts` of the forward that produced `saved`.
 pub fn triplet_backward(
     x: &Tensor,
-    labels: &[i64],
+    labels: &(impl AsIndices<i64> + ?Sized),
     opts: &TripletOptions,
     saved: &TripletSaved,
     grad_loss: f64,
 ) -> Result<Tensor> {
-    let (rows, dim) = validate(BACKWARD, x, labels, opts)?;
+    let ((rows, dim), labels) = validate(BACKWARD, x, labels, opts)?;
     if saved.rows != rows {
         return Err(Error::invalid(
             BACKWARD,
@@ -338,7 +346,7 @@ pub fn triplet_backward(
             format!("it comes from options {:?}, not {opts:?}", saved.opts),
         ));
     }
-    saved.origin.check(BACKWARD, &origin(x, labels, opts))?;
+    saved.origin.check(BACKWARD, &origin(x, &labels, opts))?;
     // Mining and its coefficients are f64 on the CPU and f32 on the kernels.
     let compute = match x.device() {
         Device::Cpu => DType::F64,
@@ -408,7 +416,11 @@ fn triplet_backward_unchecked(
 /// assert_eq!(out.grad_x.shape(), &[4, 1]);
 /// # Ok::<(), contra::Error>(())
 /// ```
-pub fn triplet(x: &Tensor, labels: &[i64], opts: &TripletOptions) -> Result<TripletOutput> {
+pub fn triplet(
+    x: &Tensor,
+    labels: &(impl AsIndices<i64> + ?Sized),
+    opts: &TripletOptions,
+) -> Result<TripletOutput> {
     let fwd = triplet_forward(x, labels, opts)?;
     let grad_x = triplet_backward(x, labels, opts, &fwd.saved, 1.0)?;
     Ok(TripletOutput {

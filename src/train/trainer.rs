@@ -39,7 +39,7 @@ use crate::data::Dataset;
 use crate::nn::{lr_at, AdamW, Encoder, Lars, Mat, MlpSpec, Optimizer, ResidentEncoder, Sgd};
 use crate::{
     moco_backward, moco_enqueue, moco_forward, ntxent_backward, ntxent_forward, supcon_backward,
-    supcon_forward, Error, MocoOptions, NtXentOptions, Result, SupConOptions, Tensor,
+    supcon_forward, Error, Indices, MocoOptions, NtXentOptions, Result, SupConOptions, Tensor,
 };
 
 /// What the training loop reports as it goes.
@@ -335,8 +335,10 @@ impl Stepper<'_> {
                     temperature: cfg.temperature,
                     base_temperature: cfg.temperature,
                 };
-                let fwd = supcon_forward(&features, labels, &opts)?;
-                let g = supcon_backward(&features, labels, &opts, &fwd.saved, 1.0)?;
+                // The labels go to the device once for both passes.
+                let labels = Indices::new(labels, z.device())?;
+                let fwd = supcon_forward(&features, &labels, &opts)?;
+                let g = supcon_backward(&features, &labels, &opts, &fwd.saved, 1.0)?;
                 let grad = swap_row_blocks(&g.reshape(&[n * v, d])?, n, v)?;
                 enc.backward_params(&grad)?;
                 Ok(fwd.loss.to_scalar()?)

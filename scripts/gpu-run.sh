@@ -2,7 +2,8 @@
 # Runs on the GPU machine (no cargo needed), from the repository root (for tests/fixtures):
 #     bash gpu-bundle/gpu-run.sh gpu-bundle report.md [phase ...]
 # Writes one markdown report: GPU, driver, date, pass/fail of every kernel test and fixture case
-# on cuda:0, compute-sanitizer memcheck / racecheck results, and kernel timings.
+# on cuda:0, compute-sanitizer memcheck / racecheck results, and timings of the public calls
+# next to the kernel-only sequences.
 #
 # Phases, in this order of priority (default: all): check (kernel tests, fixtures, trainer),
 # tensor (the tensor-core NT-Xent figures: TFLOP/s, ratio to PyTorch, largest N), sanitize
@@ -68,7 +69,7 @@ run() {
 
 # Every kernel test binary: f32 softmax losses, elementwise ops, triplet mining, bf16/f16, and
 # the encoder's layers (GEMM through cuBLAS, bias, ReLU, BatchNorm).
-kernel_tests="kernels kernels_half kernels_elementwise kernels_triplet nn_device"
+kernel_tests="kernels kernels_half kernels_elementwise kernels_triplet nn_device nn_resident transfers"
 if wants check; then
   section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
   for t in $kernel_tests; do
@@ -80,12 +81,12 @@ if wants check; then
   run "train-check on cuda:0" 120 "$bundle/contra" train-check --device cuda --steps 5
 fi
 if wants tensor; then
-  section "Tensor cores: NT-Xent forward + backward, bf16, N = 65536, D = 256 (TFLOP/s over 8 N^2 D)"
-  run "tensor-core NT-Xent N=65536 D=256" 120 "$bundle/contra" kernel-timing --ntxent-bf16 65536 --dim 256 --repeats 5
-  section "PyTorch eager at the tensor-core shape (bf16, same card): contra vs torch"
+  section "Tensor cores: NT-Xent forward + backward through the public API (bf16 on the device, loss read), N = 65536, D = 256 (TFLOP/s over 8 N^2 D)"
+  run "tensor-core NT-Xent N=65536 D=256" 120 "$bundle/contra" ntxent-timing --device cuda --n 65536 --dim 256 --repeats 5
+  section "At the tensor-core shape (bf16, same card): contra (public API) vs kernels (kernel-only) vs unfused vs PyTorch eager"
   run "bench N=65536 D=256 bf16" 180 "$bundle/contra" bench --device cuda --filter "N=65536 D=256 bf16" --json "${report%.md}-bench-tc.json"
   section "Tensor cores: the largest N that runs (D = 256, doubling from 65536 up to 1048576)"
-  run "largest N" 240 "$bundle/contra" kernel-timing --largest 1048576 --dim 256
+  run "largest N" 240 "$bundle/contra" ntxent-timing --device cuda --n 65536 --dim 256 --repeats 1 --largest 1048576
 fi
 if wants sanitize; then
   if [ -n "$sanitizer" ]; then
@@ -100,9 +101,7 @@ if wants sanitize; then
   fi
 fi
 if wants bench; then
-  section "Kernel timings (median of 20 CUDA-event times after a warm-up; f32 on CUDA cores, bf16 softmax losses on tensor cores)"
-  run "timings" 90 "$bundle/contra" kernel-timing --repeats 20
-  section "Benchmark table on the GPU: contra (fused) vs the unfused baseline vs PyTorch eager"
+  section "Benchmark table on the GPU: contra (public API on device-resident inputs) vs kernels (kernel-only) vs the unfused baseline vs PyTorch eager"
   run "contra bench --device cuda --quick" 420 "$bundle/contra" bench --device cuda --quick --json "${report%.md}-bench.json"
 fi
 section "Verdict"

@@ -62,16 +62,6 @@ pub mod testing {
         out_of_bounds_launch, take_launched_kernels, unwritten_output_launch,
     };
     pub use crate::kernels::momentum::update_at_offsets as momentum_update_at_offsets;
-    #[cfg(feature = "cuda")]
-    pub use crate::kernels::timing::{
-        kernel_timings, largest_ntxent_bf16, ntxent_bf16 as ntxent_bf16_timing, KernelTiming,
-    };
-
-    /// The name of GPU `ordinal`.
-    #[cfg(feature = "cuda")]
-    pub fn gpu_name(ordinal: usize) -> crate::Result<String> {
-        crate::kernels::cuda::Cuda::get(ordinal)?.name()
-    }
 }
 
 /// The README's example compiles and runs as a doc test.

@@ -248,6 +248,25 @@ fn bf16_cases_run_the_tensor_core_kernels() {
     assert!(Runner::new(&case, Impl::Unfused, Device::Interp).is_err());
 }
 
+/// `contra ntxent-timing`'s measurements run the public call (the tensor-core kernels on bf16
+/// features) and time it; the largest-N search doubles N and stops at its limit.
+#[test]
+fn ntxent_timing_runs_the_public_call() {
+    use contra::bench::ntxent_timing::{at_shape, largest};
+    contra::testing::take_launched_kernels();
+    let t = at_shape(Device::Interp, 38, 24, 2).unwrap();
+    let launched = contra::testing::take_launched_kernels();
+    assert!(launched.contains(&"infonce_fwd_bf16"), "{launched:?}");
+    assert!(t.median_ms > 0.0 && t.tflops() > 0.0, "{t:?}");
+    let (best, stop) = largest(Device::Interp, 8, 16, 70);
+    assert_eq!(best.map(|t| t.n), Some(64));
+    assert!(stop.is_none());
+    // A call that fails ends the search with its error (here: features of width 0).
+    let (best, stop) = largest(Device::Interp, 0, 16, 64);
+    assert!(best.is_none());
+    assert!(stop.unwrap().starts_with("N = 16: "));
+}
+
 #[test]
 fn scaling_sweep_draws_a_png() {
     let png = scratch("scaling.png");

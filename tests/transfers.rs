@@ -632,7 +632,12 @@ fn bad_device_indices_are_errors_when_results_are_read() {
         let mut y: Vec<i64> = (0..ROWS as i64).map(|i| i % 2).collect();
         y[5] = 2;
         let want = margin_loss(&host.0, &host.1, &y, &MarginOptions::default());
-        let out = margin_loss(&q, &k, &Indices::new(&y, device).unwrap(), &MarginOptions::default());
+        let out = margin_loss(
+            &q,
+            &k,
+            &Indices::new(&y, device).unwrap(),
+            &MarginOptions::default(),
+        );
         assert_eq!(
             out.unwrap().loss.to_scalar().unwrap_err().to_string(),
             want.unwrap_err().to_string()

@@ -26,6 +26,7 @@
 pub mod cases;
 pub(crate) mod kernel;
 pub mod naive;
+pub mod ntxent_timing;
 pub mod runner;
 pub mod scaling;
 pub mod torch;

@@ -84,19 +84,19 @@ enum Command {
     /// Benchmark contra against PyTorch eager (and torch.compile) and a naive Rust reference:
     /// one table of time, speedup, peak memory and GFLOP/s; --scaling for the NT-Xent sweep.
     Bench(contra::bench::BenchArgs),
-    /// Time every kernel on a GPU (feature `cuda`); prints a markdown table. With --ntxent-bf16 N:
-    /// only the tensor-core NT-Xent forward + backward at N x --dim, in TFLOP/s over 8 N^2 D;
-    /// with --largest MAX: the largest N (doubling from 65536 up to MAX) that runs.
-    #[command(hide = true)]
-    KernelTiming {
-        #[arg(long, default_value_t = 0)]
-        gpu: usize,
-        #[arg(long, default_value_t = 20)]
-        repeats: usize,
-        #[arg(long)]
-        ntxent_bf16: Option<usize>,
+    /// The tensor-core NT-Xent through the public API (bf16 features on the device, the loss
+    /// read after each call): forward + backward at N x --dim, median wall time and TFLOP/s
+    /// over 8 N^2 D; with --largest MAX, also the largest N (doubling from N up to MAX) that
+    /// runs.
+    NtxentTiming {
+        #[arg(long, default_value = "cuda")]
+        device: Device,
+        #[arg(long, default_value_t = 65536)]
+        n: usize,
         #[arg(long, default_value_t = 256)]
         dim: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
         #[arg(long)]
         largest: Option<usize>,
     },
@@ -115,16 +115,13 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::KernelTiming {
-            gpu,
-            repeats,
-            ntxent_bf16,
+        Command::NtxentTiming {
+            device,
+            n,
             dim,
+            repeats,
             largest,
-        } => match (ntxent_bf16, largest) {
-            (None, None) => kernel_timing(gpu, repeats),
-            (n, max_n) => tensor_core_timing(gpu, repeats, n, dim, max_n),
-        },
+        } => ntxent_timing(device, n, dim, repeats, largest),
         Command::Bench(args) => match contra::bench::main(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -527,96 +524,45 @@ fn eval(
     }
 }
 
-#[cfg(feature = "cuda")]
-fn kernel_timing(gpu: usize, repeats: usize) -> ExitCode {
-    let rows = match contra::testing::kernel_timings(gpu, repeats) {
-        Ok(rows) => rows,
+/// `contra ntxent-timing`: see [`contra::bench::ntxent_timing`].
+fn ntxent_timing(
+    device: Device,
+    n: usize,
+    dim: usize,
+    repeats: usize,
+    largest: Option<usize>,
+) -> ExitCode {
+    use contra::bench::ntxent_timing::{at_shape, largest as largest_n};
+    if let Err(reason) = contra::device_available(device) {
+        eprintln!("error: {device} is not available: {reason}");
+        return ExitCode::from(2);
+    }
+    match at_shape(device, n, dim, repeats) {
+        Ok(t) => println!(
+            "ntxent fwd+bwd bf16 {n}x{dim} on {device} (public API, loss read): {:.3} ms \
+             (median of {repeats}), {:.1} TFLOP/s over 8 N^2 D",
+            t.median_ms,
+            t.tflops()
+        ),
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    println!(
-        "GPU: {}",
-        contra::testing::gpu_name(gpu).unwrap_or_default()
-    );
-    println!("| kernel | shape | median ms | GFLOP/s |");
-    println!("|---|---|---:|---:|");
-    for r in rows {
-        println!(
-            "| {} | {} | {:.3} | {:.0} |",
-            r.kernel,
-            r.shape,
-            r.median_ms,
-            r.flops / r.median_ms / 1e6
-        );
-    }
-    ExitCode::SUCCESS
-}
-
-#[cfg(not(feature = "cuda"))]
-fn kernel_timing(_gpu: usize, _repeats: usize) -> ExitCode {
-    eprintln!("error: kernel-timing needs a build with --features cuda");
-    ExitCode::from(2)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn tensor_core_timing(
-    _: usize,
-    _: usize,
-    _: Option<usize>,
-    _: usize,
-    _: Option<usize>,
-) -> ExitCode {
-    kernel_timing(0, 0)
-}
-
-/// The tensor-core NT-Xent at one shape (TFLOP/s over 8 N^2 D) and / or the largest N that runs.
-#[cfg(feature = "cuda")]
-fn tensor_core_timing(
-    gpu: usize,
-    repeats: usize,
-    n: Option<usize>,
-    dim: usize,
-    largest: Option<usize>,
-) -> ExitCode {
-    let tflops = |t: &contra::testing::KernelTiming| t.flops / t.median_ms / 1e9;
-    if let Some(n) = n {
-        match contra::testing::ntxent_bf16_timing(gpu, n, dim, repeats) {
-            Ok(t) => println!(
-                "{} {}: {:.3} ms (median of {repeats}, CUDA events), {:.1} TFLOP/s over 8 N^2 D",
-                t.kernel,
-                t.shape,
-                t.median_ms,
-                tflops(&t)
-            ),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
     }
     if let Some(max_n) = largest {
-        match contra::testing::largest_ntxent_bf16(gpu, dim, 65536, max_n) {
-            Ok((best, stop)) => {
-                match best {
-                    Some(t) => println!(
-                        "largest N that ran: {} ({:.1} ms, {:.1} TFLOP/s)",
-                        t.shape,
-                        t.median_ms,
-                        tflops(&t)
-                    ),
-                    None => println!("largest N that ran: none"),
-                }
-                match stop {
-                    Some(why) => println!("stopped at {why}"),
-                    None => println!("every N up to {max_n} ran"),
-                }
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
+        let (best, stop) = largest_n(device, dim, n, max_n);
+        match best {
+            Some(t) => println!(
+                "largest N that ran: {}x{dim} ({:.1} ms, {:.1} TFLOP/s)",
+                t.n,
+                t.median_ms,
+                t.tflops()
+            ),
+            None => println!("largest N that ran: none"),
+        }
+        match stop {
+            Some(why) => println!("stopped at {why}"),
+            None => println!("every N up to {max_n} ran"),
         }
     }
     ExitCode::SUCCESS

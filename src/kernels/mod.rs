@@ -30,8 +30,6 @@ pub(crate) mod triplet;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
-#[cfg(feature = "cuda")]
-pub mod timing;
 
 use std::ffi::c_void;
 

@@ -216,3 +216,23 @@ fn resident_momentum_update_matches_the_host() {
         }
     });
 }
+
+/// A batch already on the device is used there (no copy) and gives the host batch's output.
+#[test]
+fn resident_forward_takes_a_device_batch() {
+    on_kernel_devices("resident_forward_takes_a_device_batch", |device| {
+        let mut model = ResidentEncoder::new(encoder(), device).unwrap();
+        let mut rng = StdRng::seed_from_u64(6);
+        let x = Mat::from_vec(random(&mut rng, 7 * 29), 7, 29).unwrap();
+        let want = model.forward(&x, false).unwrap().to_vec::<f32>().unwrap();
+        let on_device = x.to_tensor(device).unwrap();
+        let before = Transfers::current();
+        let z = model.forward(&on_device, false).unwrap();
+        let moved = Transfers::current() - before;
+        assert_eq!(moved.copies(), 0, "{device}: {moved}");
+        assert_eq!(z.to_vec::<f32>().unwrap(), want);
+        let wrong = Tensor::zeros(&[7, 28], DType::F32, device).unwrap();
+        let err = model.forward(&wrong, false).unwrap_err();
+        assert!(err.to_string().contains("29"), "{err}");
+    });
+}

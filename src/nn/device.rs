@@ -140,7 +140,7 @@ impl DeviceEncoder {
         // The host encoder owns the parameters: this pass runs with copies of them, and the
         // running statistics it updates come back.
         let mut weights = Weights::upload(enc, self.device)?;
-        let z = self.forward_with(enc, &mut weights, x)?;
+        let z = self.forward_with(enc, &mut weights, Batch::Host(x))?;
         if train {
             for (buffer, stats) in enc.buffers_mut().into_iter().zip(&weights.running) {
                 buffer.value = stats.to_vec::<f32>()?;
@@ -155,10 +155,10 @@ impl DeviceEncoder {
         &mut self,
         enc: &Encoder,
         weights: &mut Weights,
-        x: &Mat,
+        x: Batch<'_>,
     ) -> Result<Tensor> {
         self.saved = None;
-        x.check_input("DeviceEncoder::forward", "x", enc.in_features())?;
+        x.check(enc.in_features())?;
         match self.device {
             Device::Cpu => Err(Error::invalid(
                 "DeviceEncoder::forward",
@@ -350,13 +350,76 @@ fn buffer_of<'t, B: Backend>(b: &B, what: &'static str, t: &'t Tensor) -> Result
 /// The encoder's output on the device (`rows x cols` f32) and what the backward needs.
 type Forward<Buf> = (Rc<Buf>, Pass<Buf>);
 
+/// An encoder's input batch: host rows (copied in), or an f32 tensor (`rows x in_features`)
+/// already on the encoder's device (used there).
+#[derive(Clone, Copy, Debug)]
+pub enum Batch<'a> {
+    Host(&'a Mat),
+    Device(&'a Tensor),
+}
+
+impl<'a> From<&'a Mat> for Batch<'a> {
+    fn from(x: &'a Mat) -> Self {
+        Batch::Host(x)
+    }
+}
+
+impl<'a> From<&'a Tensor> for Batch<'a> {
+    fn from(x: &'a Tensor) -> Self {
+        Batch::Device(x)
+    }
+}
+
+impl Batch<'_> {
+    /// Errors unless the batch is `rows x cols` with rows > 0 (an f32 tensor of rank 2).
+    pub(crate) fn check(&self, cols: usize) -> Result<()> {
+        const OP: &str = "DeviceEncoder::forward";
+        match self {
+            Batch::Host(m) => m.check_input(OP, "x", cols),
+            Batch::Device(t) => {
+                if t.rank() != 2 || t.shape()[1] != cols || t.dtype() != DType::F32 {
+                    return Err(Error::shape(
+                        OP,
+                        "x",
+                        t.shape(),
+                        format!("(batch, {cols}) f32, not {}", t.dtype()),
+                    ));
+                }
+                if t.shape()[0] == 0 {
+                    return Err(Error::Empty {
+                        op: OP,
+                        arg: "x",
+                        what: "batch of 0 rows".into(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            Batch::Host(m) => m.rows,
+            Batch::Device(t) => t.shape()[0],
+        }
+    }
+
+    /// The batch as an owned buffer on `b` (copied in, or copied on the device).
+    fn to_buf<B: Backend>(self, b: &B) -> Result<B::Buf> {
+        match self {
+            Batch::Host(m) => b.upload("x", &m.data),
+            Batch::Device(t) => b.duplicate(buffer_of(b, "x", t)?),
+        }
+    }
+}
+
 /// `head(backbone(x))` on `b` with the parameters `weights` (train-mode BatchNorm updates
 /// `weights.running` in place); `enc` gives the layers.
 pub(crate) fn forward_on<B: Backend>(
     b: &B,
     enc: &Encoder,
     weights: &mut Weights,
-    x: &Mat,
+    x: Batch<'_>,
 ) -> Result<Forward<B::Buf>> {
     let (n_params, n_running) = (enc.params().len(), enc.buffers().len());
     if weights.values.len() != n_params || weights.running.len() != n_running {
@@ -370,9 +433,9 @@ pub(crate) fn forward_on<B: Backend>(
             ),
         ));
     }
-    let rows = x.rows;
-    let mut h = Rc::new(b.upload("x", &x.data)?);
-    let mut cols = x.cols;
+    let rows = x.rows();
+    let mut h = Rc::new(x.to_buf(b)?);
+    let mut cols = enc.in_features();
     let mut saved_layers = Vec::new();
     let (mut param, mut running) = (0, 0);
     for layer in layers(enc) {

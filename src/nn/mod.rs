@@ -44,7 +44,7 @@ mod resident;
 mod schedule;
 
 pub use batchnorm::BatchNorm1d;
-pub use device::DeviceEncoder;
+pub use device::{Batch, DeviceEncoder};
 pub use encoder::Encoder;
 pub use linear::Linear;
 pub use mat::Mat;

@@ -29,7 +29,7 @@
 //! ```
 
 use crate::kernels::{self, run_on_kernels, Backend};
-use crate::nn::device::{GradOut, Weights};
+use crate::nn::device::{Batch, GradOut, Weights};
 use crate::nn::{DeviceEncoder, DeviceParam, Encoder, Mat, Module, Optimizer};
 use crate::ops::writable_on;
 use crate::{momentum_update, DType, Device, Error, Result, Tensor};
@@ -88,12 +88,22 @@ impl ResidentEncoder {
         self.device
     }
 
-    /// `head(backbone(x))` as an f32 tensor on the device (`rows x out_dim`); `x` is copied
-    /// in. `train` picks batch or running BatchNorm statistics (train mode updates the running
-    /// statistics). What [`backward_params`](Self::backward_params) needs stays on the device.
-    pub fn forward(&mut self, x: &Mat, train: bool) -> Result<Tensor> {
+    /// `head(backbone(x))` as an f32 tensor on the device (`rows x out_dim`); `x` is a host
+    /// [`Mat`] (copied in) or an f32 tensor on the device (used there). `train` picks batch or
+    /// running BatchNorm statistics (train mode updates the running statistics). What
+    /// [`backward_params`](Self::backward_params) needs stays on the device.
+    pub fn forward<'x>(&mut self, x: impl Into<Batch<'x>>, train: bool) -> Result<Tensor> {
         self.pass_kept = false;
+        let x = x.into();
         if self.device == Device::Cpu {
+            let host;
+            let x = match x {
+                Batch::Host(m) => m,
+                Batch::Device(t) => {
+                    host = Mat::from_tensor(t)?;
+                    &host
+                }
+            };
             let z = self.passes.forward_tensor(&mut self.enc, x, train)?;
             self.pass_kept = true;
             return Ok(z);
@@ -110,7 +120,7 @@ impl ResidentEncoder {
     }
 
     /// [`forward`](Self::forward) without keeping anything for a backward (MoCo's key encoder).
-    pub fn forward_detached(&mut self, x: &Mat, train: bool) -> Result<Tensor> {
+    pub fn forward_detached<'x>(&mut self, x: impl Into<Batch<'x>>, train: bool) -> Result<Tensor> {
         let z = self.forward(x, train)?;
         self.passes.clear();
         self.pass_kept = false;

@@ -296,12 +296,13 @@ impl Stepper<'_> {
                     .ok_or_else(|| Error::invalid("train", "method", "MoCo state missing"))?;
                 st.key.momentum_from(enc, cfg.moco_m)?;
                 let views = aug.two_views(images, n, h, w, seed)?;
-                let x1 = Mat::from_vec(take_rows(&views, dim, 0..n), n, dim)?;
-                let x2 = Mat::from_vec(take_rows(&views, dim, n..2 * n), n, dim)?;
+                // Each view goes to the device once: the symmetric loss reads both twice.
+                let x1 = Tensor::from_vec(take_rows(&views, dim, 0..n), &[n, dim], cfg.device)?;
+                let x2 = Tensor::from_vec(take_rows(&views, dim, n..2 * n), &[n, dim], cfg.device)?;
                 let opts = MocoOptions {
                     temperature: cfg.temperature,
                 };
-                let pairs: Vec<(&Mat, &Mat)> = if cfg.moco_symmetric {
+                let pairs: Vec<(&Tensor, &Tensor)> = if cfg.moco_symmetric {
                     vec![(&x1, &x2), (&x2, &x1)]
                 } else {
                     vec![(&x1, &x2)]

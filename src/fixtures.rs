@@ -245,6 +245,22 @@ impl Case {
         }
     }
 
+    /// A string option, `default` when absent.
+    fn option_str_or<'s>(&'s self, key: &str, default: &'s str) -> Result<&'s str> {
+        match &self.options[key] {
+            serde_json::Value::Null => Ok(default),
+            _ => self.option_str(key),
+        }
+    }
+
+    /// The error for option `key` holding a value the checker does not know.
+    fn unknown_option(&self, key: &str, value: &str) -> Error {
+        Error::format(
+            self.dir.join("case.json"),
+            format!("options.{key} = `{value}` is not one the checker knows"),
+        )
+    }
+
     fn option_str(&self, key: &str) -> Result<&str> {
         self.options[key].as_str().ok_or_else(|| {
             Error::format(
@@ -880,6 +896,11 @@ fn run_kind(
                 temperature,
                 // Optional (PML and TF-Addons have none): the temperature itself.
                 base_temperature: case.option_f64_or("base_temperature", temperature)?,
+                reduction: match case.option_str_or("reduction", "all_anchors")? {
+                    "all_anchors" => SupConReduction::AllAnchors,
+                    "anchors_with_positives" => SupConReduction::AnchorsWithPositives,
+                    other => return Err(case.unknown_option("reduction", other)),
+                },
             };
             let out = supcon(&t("features")?, &case.ints("labels")?, &opts)?;
             check.scalar("loss", out.loss.to_scalar()?)?;

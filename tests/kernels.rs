@@ -535,6 +535,7 @@ fn check_supcon(device: Device) {
         let opts = SupConOptions {
             temperature: 0.1,
             base_temperature: 0.07,
+            ..Default::default()
         };
         let case = format!("supcon {n}x{views}x{d}");
         compare_with_cpu(device, &case, &[(&features, &[n, views, d])], |t| {

@@ -243,6 +243,7 @@ fn half_clip_moco_supcon_match_cpu() {
                 let opts = SupConOptions {
                     temperature: 0.1,
                     base_temperature: 0.07,
+                    ..Default::default()
                 };
                 compare_half(
                     device,

@@ -1291,6 +1291,7 @@ fn supcon_case(regime: Regime, device: Device, c: SupConCase) -> Result<Tally, T
     let opts = SupConOptions {
         temperature: tau,
         base_temperature: tau * 10f64.powf(c.log_base_ratio),
+        ..Default::default()
     };
     let shape = [n, v, dim];
     let (refs, devs) = inputs([(&fv, &shape)], c.dtype, device);

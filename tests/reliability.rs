@@ -141,6 +141,7 @@ fn temperatures_whose_logit_scale_overflows_f32_are_errors_naming_it() {
             let sopts = SupConOptions {
                 temperature: tau,
                 base_temperature: 1.0,
+                ..Default::default()
             };
             let err = supcon(&features, &[0, 1, 0], &sopts).unwrap_err();
             assert!(err.to_string().contains("`temperature`"), "{case}: {err}");
@@ -426,6 +427,7 @@ fn cosine_softmax_losses_are_scale_invariant_at_huge_norms() {
         let sopts = SupConOptions {
             temperature: 0.3,
             base_temperature: 0.3,
+            ..Default::default()
         };
         let run = |f: &Tensor| {
             let f = f.clone().reshape(&[3, 2, dim]).unwrap();

@@ -297,6 +297,7 @@ fn grad_supcon_three_views_singleton_class() {
     let opts = SupConOptions {
         temperature: 0.5,
         base_temperature: 0.7,
+        ..Default::default()
     };
     check_supcon_grad(5, 3, 4, &[0, 1, 0, 2, 1], opts, 8);
 }
@@ -307,6 +308,7 @@ fn grad_supcon_one_view_anchor_without_positive() {
     let opts = SupConOptions {
         temperature: 0.4,
         base_temperature: 0.4,
+        ..Default::default()
     };
     check_supcon_grad(5, 1, 3, &[0, 1, 0, 2, 1], opts, 9);
 }
@@ -371,6 +373,7 @@ fn supcon_two_views_distinct_labels_is_ntxent() {
         &SupConOptions {
             temperature: tau,
             base_temperature: tau,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -610,6 +613,7 @@ fn supcon_invariant_under_sample_permutation() {
     let opts = SupConOptions {
         temperature: 0.2,
         base_temperature: 0.07,
+        ..Default::default()
     };
     let base = supcon(&t64(&f, &[n, v, d]), &labels, &opts).unwrap();
     let perm = permutation(&mut r, n);
@@ -840,6 +844,7 @@ fn f32_matches_f64_clip_moco_supcon() {
     let opts = SupConOptions {
         temperature: 0.1,
         base_temperature: 0.07,
+        ..Default::default()
     };
     let hi = supcon(&t64(&f, &[samples, views, d]), &labels, &opts).unwrap();
     let lo = supcon(&t32(&f, &[samples, views, d]), &labels, &opts).unwrap();
@@ -1069,6 +1074,7 @@ fn error_temperature() {
         let opts = SupConOptions {
             temperature: tau,
             base_temperature: 0.07,
+            ..Default::default()
         };
         let err = expect_err(
             supcon(&features, &[0, 1], &opts),
@@ -1088,6 +1094,7 @@ fn error_temperature() {
         let opts = SupConOptions {
             temperature: 0.07,
             base_temperature: tau,
+            ..Default::default()
         };
         let err = expect_err(
             supcon(&features, &[0, 1], &opts),

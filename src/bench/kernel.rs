@@ -371,6 +371,7 @@ impl<B: Backend> KernelRunner<B> {
                     labels: &set.ints[0],
                     target_weight: weight,
                     rows: n * c.v,
+                    anchors: (n * c.v) as f64,
                     dim: d,
                     temperature: cases::SUPCON_TAU.0,
                     base_temperature: cases::SUPCON_TAU.1,

@@ -859,6 +859,7 @@ mod tests {
         let opts = crate::SupConOptions {
             temperature: 0.1,
             base_temperature: 0.07,
+            ..Default::default()
         };
         let out = crate::supcon(&tensor(&f, &[n, v, d]), &y, &opts).unwrap();
         close("supcon loss", loss, out.loss.to_scalar().unwrap());

@@ -372,6 +372,7 @@ impl RunOnce for ContraApi {
                 let opts = crate::SupConOptions {
                     temperature: cases::SUPCON_TAU.0,
                     base_temperature: cases::SUPCON_TAU.1,
+                    ..Default::default()
                 };
                 if bwd {
                     let out = crate::supcon(&t[0], labels, &opts)?;

@@ -20,6 +20,7 @@ pub struct Problem<'a, T> {
     pub dim: usize,
     pub temperature: f64,
     pub base_temperature: f64,
+    pub reduction: crate::ops::supcon::SupConReduction,
 }
 
 impl<T: Real> Problem<'_, T> {
@@ -27,9 +28,10 @@ impl<T: Real> Problem<'_, T> {
         self.samples * self.views
     }
 
-    /// `tau / base_tau / (N·V)`: the weight of each anchor's term in the mean.
-    fn anchor_weight(&self) -> f64 {
-        self.temperature / self.base_temperature / self.rows() as f64
+    /// `tau / base_tau / anchors`: the weight of each anchor's term in the mean (0 where the
+    /// reduction makes the loss 0).
+    fn anchor_weight(&self, classes: &Classes) -> f64 {
+        self.temperature / self.base_temperature / self.reduction.anchors(classes)
     }
 
     fn with_scores<R>(&self, f: impl FnOnce(&Scores<'_, T>, &Classes) -> R) -> R {
@@ -61,7 +63,7 @@ impl<T: Real> Problem<'_, T> {
                 .into_iter()
                 .map(|l| if l.is_finite() { l } else { 0.0 })
                 .collect();
-            (total * self.anchor_weight(), lse)
+            (total * self.anchor_weight(classes), lse)
         })
     }
 
@@ -81,18 +83,21 @@ impl<T: Real> Problem<'_, T> {
             let (loss, lse) = self.forward();
             return (loss, self.backward(&lse, grad_loss));
         }
-        let (total, dzn) = self.with_scores(|s, classes| {
+        let (loss, dzn) = self.with_scores(|s, classes| {
             let weight = self.row_weights(classes, grad_loss);
             let (stats, grads) = softmax::forward_backward(s, &weight, classes, true);
-            (anchor_total(&stats, classes), view_grads(grads))
+            (
+                anchor_total(&stats, classes) * self.anchor_weight(classes),
+                view_grads(grads),
+            )
         });
         let dz = normalize::backward(self.features, &dzn, self.dim);
-        (total * self.anchor_weight(), dz)
+        (loss, dz)
     }
 
     /// `grad_loss * anchor_weight` for anchors with positives, 0 for the others.
     fn row_weights(&self, classes: &Classes, grad_loss: f64) -> Vec<f64> {
-        let w = grad_loss * self.anchor_weight();
+        let w = grad_loss * self.anchor_weight(classes);
         (0..self.rows())
             .map(|a| if classes.has_positive(a) { w } else { 0.0 })
             .collect()

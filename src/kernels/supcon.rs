@@ -15,6 +15,9 @@ pub(crate) struct SupCon<'a, B: Backend> {
     /// `1 / |P(a)|` per view (f32), 0 for an anchor without positives.
     pub target_weight: &'a B::Buf,
     pub rows: usize,
+    /// The count the loss's sum is divided by (before the temperature ratio): the N·V rows, or
+    /// the anchors with a positive; infinite for a loss that is 0.
+    pub anchors: f64,
     pub dim: usize,
     pub temperature: f64,
     pub base_temperature: f64,
@@ -46,10 +49,10 @@ impl<B: Backend> SupCon<'_, B> {
         fused_forward(b, self.softmax(&zn), self.scale(), true, None, None)
     }
 
-    /// What the sum of the per-row losses is divided by: the loss is their mean scaled by
-    /// `temperature / base_temperature`.
+    /// What the sum of the per-row losses is divided by: the loss is their mean over the
+    /// anchors counted, scaled by `temperature / base_temperature`.
     pub fn divisor(&self) -> f64 {
-        self.rows as f64 * self.base_temperature / self.temperature
+        self.anchors * self.base_temperature / self.temperature
     }
 
     /// The gradient of `grad_loss * loss` with respect to the views.
@@ -57,7 +60,7 @@ impl<B: Backend> SupCon<'_, B> {
         let zn = normalize::forward(b, self.views, self.rows, self.dim)?;
         let softmax = self.softmax(&zn);
         let grad_scale =
-            (grad_loss * self.temperature / self.base_temperature / self.rows as f64) as f32;
+            (grad_loss * self.temperature / self.base_temperature / self.anchors) as f32;
         let grad = b.output("grad_features", self.rows * self.dim)?;
         let pass = BackwardPass {
             lse,

@@ -22,7 +22,9 @@ pub use moco::{moco, moco_backward, moco_enqueue, moco_forward, MocoOptions, Moc
 pub use momentum::momentum_update;
 pub use nce::{nce, nce_backward, nce_forward, NceForward, NceOutput, NceSaved};
 pub use similarity::{similarity, Similarity};
-pub use supcon::{supcon, supcon_backward, supcon_forward, SupConOptions, SupConOutput};
+pub use supcon::{
+    supcon, supcon_backward, supcon_forward, SupConOptions, SupConOutput, SupConReduction,
+};
 pub use triplet::{
     triplet, triplet_backward, triplet_forward, Distance, Mining, TripletCounts, TripletForward,
     TripletOptions, TripletOutput, TripletSaved, TripletStats,

@@ -23,6 +23,8 @@ pub struct SupConOptions {
     pub temperature: f64,
     /// The loss is scaled by `temperature / base_temperature`.
     pub base_temperature: f64,
+    /// Which anchors the mean is over.
+    pub reduction: SupConReduction,
 }
 
 impl Default for SupConOptions {
@@ -30,6 +32,42 @@ impl Default for SupConOptions {
         SupConOptions {
             temperature: 0.07,
             base_temperature: 0.07,
+            reduction: SupConReduction::AllAnchors,
+        }
+    }
+}
+
+/// Which anchors SupCon's mean is over: the libraries differ on anchors without a positive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SupConReduction {
+    /// SupContrast (Khosla et al.'s code): every one of the N·V anchors; an anchor without a
+    /// positive adds 0 and still counts.
+    #[default]
+    AllAnchors,
+    /// pytorch-metric-learning's `SupConLoss` (its `AvgNonZeroReducer`): the anchors with a
+    /// positive; the loss (and gradient) is 0 for a batch without a positive pair or without a
+    /// negative pair (one class). With `base_temperature = temperature`, PML's number.
+    AnchorsWithPositives,
+}
+
+impl SupConReduction {
+    /// The count SupCon's sum is divided by (times `base_temperature / temperature`) for the
+    /// class table `classes`: infinite where the loss is 0.
+    pub(crate) fn anchors(self, classes: &crate::shared::Classes) -> f64 {
+        let rows = classes.class.len();
+        match self {
+            SupConReduction::AllAnchors => rows as f64,
+            SupConReduction::AnchorsWithPositives => {
+                let with_positive = (0..rows).filter(|&a| classes.has_positive(a)).count();
+                let one_class = classes
+                    .class
+                    .iter()
+                    .all(|&c| Some(&c) == classes.class.first());
+                match (with_positive, one_class) {
+                    (0, _) | (_, true) => f64::INFINITY,
+                    (n, false) => n as f64,
+                }
+            }
         }
     }
 }
@@ -127,6 +165,7 @@ fn problem<'a, T>(
         dim,
         temperature: opts.temperature,
         base_temperature: opts.base_temperature,
+        reduction: opts.reduction,
     }
 }
 
@@ -140,7 +179,7 @@ pub fn supcon_forward(
     let origin = origin(features, &labels, opts);
     run_on_kernels!(features.device(), b => {
         let mut rec = Recorder::new(b, OP)?;
-        let inputs = KernelInputs::new(b, &mut rec, features, &labels, dims)?;
+        let inputs = KernelInputs::new(b, &mut rec, features, &labels, dims, opts.reduction)?;
         let problem = inputs.problem(dims, opts);
         let (row_loss, lse) = problem.forward(b)?;
         kernel_forward(b, rec, row_loss, lse, problem.divisor(), origin)
@@ -170,7 +209,7 @@ pub fn supcon_backward(
     )?;
     run_on_kernels!(features.device(), b => {
         let mut rec = Recorder::new(b, BACKWARD)?;
-        let inputs = KernelInputs::new(b, &mut rec, features, &labels, dims)?;
+        let inputs = KernelInputs::new(b, &mut rec, features, &labels, dims, opts.reduction)?;
         let lse = saved.operand(b, &mut rec)?;
         let grad = inputs.problem(dims, opts).backward(b, &lse, grad_loss)?;
         let grads = [("grad_features", grad, features)];
@@ -212,7 +251,7 @@ pub fn supcon(
     let (dims, labels) = validate(OP, features, labels, opts)?;
     run_on_kernels!(features.device(), b => {
         let mut rec = Recorder::new(b, OP)?;
-        let inputs = KernelInputs::new(b, &mut rec, features, &labels, dims)?;
+        let inputs = KernelInputs::new(b, &mut rec, features, &labels, dims, opts.reduction)?;
         let problem = inputs.problem(dims, opts);
         let (row_loss, lse) = problem.forward(b)?;
         rec.result("lse", TEMPERATURE_BLAME, &lse, 1)?;
@@ -238,6 +277,8 @@ struct KernelInputs<'t, B: Backend> {
     views: Operand<'t, B::Buf>,
     labels: B::Buf,
     target_weight: B::Buf,
+    /// What the loss's sum is divided by (before the temperature ratio).
+    anchors: f64,
 }
 
 impl<'t, B: Backend> KernelInputs<'t, B> {
@@ -248,8 +289,19 @@ impl<'t, B: Backend> KernelInputs<'t, B> {
         rec: &mut Recorder<'_, B>,
         features: &'t Tensor,
         labels: &Placed<'_, i64>,
-        (_, views, _): Dims,
+        (samples, views, _): Dims,
+        reduction: SupConReduction,
     ) -> Result<Self> {
+        let anchors = match (reduction, labels) {
+            (SupConReduction::AllAnchors, _) => (samples * views) as f64,
+            (_, Placed::Host(labels)) => {
+                reduction.anchors(&crate::shared::Classes::new(labels, views))
+            }
+            // The count depends on the labels: read from the device (one small copy).
+            (_, Placed::Device(indices)) => {
+                reduction.anchors(&crate::shared::Classes::new(&indices.to_vec()?, views))
+            }
+        };
         let (labels, target_weight) = match labels {
             Placed::Device(indices) => {
                 let buf = indices
@@ -270,6 +322,7 @@ impl<'t, B: Backend> KernelInputs<'t, B> {
             views: upload_features(b, "features", features)?,
             labels,
             target_weight,
+            anchors,
         };
         rec.input("features", features, &inputs.views)?;
         Ok(inputs)
@@ -285,6 +338,7 @@ impl<'t, B: Backend> KernelInputs<'t, B> {
             labels: &self.labels,
             target_weight: &self.target_weight,
             rows: samples * views,
+            anchors: self.anchors,
             dim,
             temperature: opts.temperature,
             base_temperature: opts.base_temperature,

@@ -335,6 +335,7 @@ impl Stepper<'_> {
                 let opts = SupConOptions {
                     temperature: cfg.temperature,
                     base_temperature: cfg.temperature,
+                    ..Default::default()
                 };
                 // The labels go to the device once for both passes.
                 let labels = Indices::new(labels, z.device())?;

@@ -9,6 +9,7 @@
 // it stays below 2^126; a row beyond (a distance above 2^63) is summed again from the differences
 // of x1 2^-80 and x2 2^-80 (exact scaling; the difference itself cannot overflow then).
 #include "common.cuh"
+#include "loss_words.cuh"
 
 namespace contra {
 
@@ -54,7 +55,9 @@ __device__ void margin_fwd(const ContraMarginParams& p) {
     // d = sqrt(max(sq, eps)); on the scaled path d > 2^63, far above the clamp.
     const float d_out = scale == 1.0f ? sqrtf(fmaxf(sq, p.eps)) * kMarginOutScale
                                       : sqrtf(sq) * (kMarginUnscale * kMarginOutScale);
-    p.row_loss[row] = d_out;
+    // PML's variant: a clamped pair is at distance 0 (it adds nothing to the nonzero means).
+    const bool clamped = scale == 1.0f && sq < p.eps;
+    p.row_loss[row] = p.pml && clamped ? 0.0f : d_out;
 }
 
 template <typename T>
@@ -74,7 +77,19 @@ __device__ void margin_bwd(const ContraMarginParams& p) {
     // k = -grad_scale relu(m - d), the unit vector first. No factor overflows where the gradient
     // does not (a margin near f32's max over a small d, say).
     float k = 0.0f, inv_d = 1.0f, back = 1.0f;
-    if (scale != 1.0f || sq >= p.eps) {
+    if (p.pml) {
+        // PML: d loss / d x1 = +-scale_y (x1 - x2) / d, the unit vector first.
+        if (scale != 1.0f || sq >= p.eps) {
+            const float d_scaled = sqrtf(sq);
+            const float d = d_scaled * (scale != 1.0f ? kMarginUnscale : 1.0f);
+            if (p.y[row] == 0) {
+                k = (float)(p.grad_scale * p.pml_scales[0]);
+            } else if (d < p.margin) {
+                k = (float)(-p.grad_scale * p.pml_scales[1]);
+            }
+            inv_d = 1.0f / d_scaled;
+        }
+    } else if (scale != 1.0f || sq >= p.eps) {
         if (scale != 1.0f) back = kMarginUnscale;
         if (p.y[row] == 0) {
             k = p.grad_scale;
@@ -95,8 +110,54 @@ __device__ void margin_bwd(const ContraMarginParams& p) {
     }
 }
 
+constexpr int kFinishThreads = 256;
+
+// One block; fixed-order sums (deterministic).
+__device__ void margin_pml_finish(const ContraMarginFinishParams& p) {
+    __shared__ double s_val[2][kFinishThreads];
+    __shared__ long long s_num[2][kFinishThreads];
+    // Per group (0: similar, 1: dissimilar): the sum and the number of positive terms.
+    double sum0 = 0.0, sum1 = 0.0;
+    long long num0 = 0, num1 = 0;
+    for (int i = threadIdx.x; i < p.rows; i += kFinishThreads) {
+        const double d = ldexp((double)p.dist[i], p.dist_exp);
+        if (p.y[i] == 0) {
+            if (d > 0.0) {
+                sum0 += d;
+                ++num0;
+            }
+        } else if (p.margin - d > 0.0) {
+            sum1 += p.margin - d;
+            ++num1;
+        }
+    }
+    s_val[0][threadIdx.x] = sum0;
+    s_val[1][threadIdx.x] = sum1;
+    s_num[0][threadIdx.x] = num0;
+    s_num[1][threadIdx.x] = num1;
+    __syncthreads();
+    for (int width = kFinishThreads / 2; width > 0; width /= 2) {
+        if ((int)threadIdx.x < width) {
+            for (int g = 0; g < 2; ++g) {
+                s_val[g][threadIdx.x] += s_val[g][threadIdx.x + width];
+                s_num[g][threadIdx.x] += s_num[g][threadIdx.x + width];
+            }
+        }
+        __syncthreads();
+    }
+    double loss = 0.0;
+    for (int g = 0; g < 2; ++g) {
+        const long long n = s_num[g][0];
+        if (n > 0) loss += s_val[g][0] / (double)n;
+        if (threadIdx.x == 0) p.scales[g] = n > 0 ? 1.0 / (double)n : 0.0;
+    }
+    if (p.out != nullptr) write_loss_words(p.out, p.status, p.slots, loss);
+}
+
 }  // namespace contra
 
+extern "C" __global__ void __launch_bounds__(contra::kFinishThreads) margin_pml_finish(const ContraMarginFinishParams p) { contra::margin_pml_finish(p); }
+INTERP_EXPORT(margin_pml_finish, ContraMarginFinishParams)
 extern "C" __global__ void __launch_bounds__(256) margin_fwd_f32(const ContraMarginParams p) { contra::margin_fwd<float>(p); }
 extern "C" __global__ void __launch_bounds__(256) margin_bwd_f32(const ContraMarginParams p) { contra::margin_bwd<float>(p); }
 INTERP_EXPORT(margin_fwd_f32, ContraMarginParams)

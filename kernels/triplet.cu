@@ -5,7 +5,7 @@
 // triplet_mine runs one block per anchor a. Each thread owns the columns j = tid, tid + 256, ...
 // of the anchor's row:
 //   - a positive j (same label, j != a) walks every negative of the row once: it counts its hard /
-//     semi-hard / easy triplets, and per mining its active terms (batch-all), or its chosen
+//     semi-hard / easy triplets, and per mining its active terms (batch-all, semi-hard-all), or its chosen
 //     negative (semi-hard: the nearest one beyond d_ap, else the farthest).
 //   - batch-all needs, for each negative j, how many positives make (p, j) active: a second pass in
 //     which negative columns walk the positives. No atomics, so the counts are exact and the
@@ -171,10 +171,14 @@ __device__ void triplet_mine(const ContraTripletMineParams& p) {
     const bool has_pos = __syncthreads_or(mine_pos);
     const bool has_neg = __syncthreads_or(mine_neg);
 
+    // batch-all and semi-hard-all take every eligible triplet (semi-hard-all: d_an > d_ap).
+    const bool every_triplet = p.mining == CONTRA_TRIPLET_BATCH_ALL || p.mining == CONTRA_TRIPLET_SEMI_HARD_ALL;
+    const bool beyond_only = p.mining == CONTRA_TRIPLET_SEMI_HARD_ALL;
     float sum = 0.0f;
-    unsigned int terms = 0, hard = 0, semi = 0, easy = 0;
+    // mined: the anchor's mined terms; terms: those of them that are positive.
+    unsigned int mined = 0, terms = 0, hard = 0, semi = 0, easy = 0;
     if (has_pos && has_neg) {
-        // Positive columns: stats, batch-all terms and the semi-hard choice.
+        // Positive columns: stats, the every-triplet terms and the semi-hard choice.
         for (int j = threadIdx.x; j < n; j += kMineThreads) {
             if (!is_positive(j)) continue;
             const float dp = dist(j);
@@ -191,11 +195,14 @@ __device__ void triplet_mine(const ContraTripletMineParams& p) {
                 } else {
                     ++easy;
                 }
-                if (p.mining == CONTRA_TRIPLET_BATCH_ALL) {
+                if (every_triplet) {
                     const float t = triplet_term(dp, dn, m);
-                    if (t > 0.0f) {
-                        ++active;
-                        sum += t;
+                    if (!beyond_only || dn > dp) {
+                        mined += !beyond_only || t >= 0.0f;
+                        if (t > 0.0f) {
+                            ++active;
+                            sum += t;
+                        }
                     }
                 } else if (p.mining == CONTRA_TRIPLET_SEMI_HARD) {
                     if (dn > dp && dn < nearest_beyond) {
@@ -208,28 +215,31 @@ __device__ void triplet_mine(const ContraTripletMineParams& p) {
                     }
                 }
             }
-            if (p.mining == CONTRA_TRIPLET_BATCH_ALL) {
+            if (every_triplet) {
                 terms += active;
                 count[j] = (int)active;
             } else if (p.mining == CONTRA_TRIPLET_SEMI_HARD) {
                 const int chosen = nearest_k >= 0 ? nearest_k : farthest_k;
                 const float t = triplet_term(dp, nearest_k >= 0 ? nearest_beyond : farthest, m);
-                ++terms;
+                ++mined;
                 if (t > 0.0f) {
+                    ++terms;
                     sum += t;
                     count[j] = 1;
                     atomicAdd(&count[chosen], -1);
                 }
             }
         }
-        if (p.mining == CONTRA_TRIPLET_BATCH_ALL) {
+        if (every_triplet) {
             // Negative columns: minus the number of positives whose term with them is active.
             for (int j = threadIdx.x; j < n; j += kMineThreads) {
                 if (!is_negative(j)) continue;
                 const float dn = dist(j);
                 int active = 0;
                 for (int k = 0; k < n; ++k) {
-                    if (is_positive(k) && triplet_term(dist(k), dn, m) > 0.0f) ++active;
+                    if (!is_positive(k)) continue;
+                    const float dp = dist(k);
+                    if ((!beyond_only || dn > dp) && triplet_term(dp, dn, m) > 0.0f) ++active;
                 }
                 count[j] = -active;
             }
@@ -250,9 +260,10 @@ __device__ void triplet_mine(const ContraTripletMineParams& p) {
             block_best(dp, hardest_p, true);
             block_best(dn, hardest_n, false);
             if (threadIdx.x == 0) {
-                terms = 1;
+                mined = 1;
                 const float t = triplet_term(dp, dn, m);
                 if (t > 0.0f) {
+                    terms = 1;
                     sum = t;
                     count[hardest_p] = 1;
                     count[hardest_n] = -1;
@@ -261,6 +272,7 @@ __device__ void triplet_mine(const ContraTripletMineParams& p) {
         }
     }
     sum = block_sum(sum);
+    mined = block_sum(mined);
     terms = block_sum(terms);
     hard = block_sum(hard);
     semi = block_sum(semi);
@@ -274,7 +286,8 @@ __device__ void triplet_mine(const ContraTripletMineParams& p) {
 #undef is_negative
     if (threadIdx.x == 0) {
         p.anchor_sum[a] = sum;
-        p.anchor_count[a] = terms;
+        p.anchor_count[2 * a] = mined;
+        p.anchor_count[2 * a + 1] = terms;
         p.anchor_stats[3 * a] = hard;
         p.anchor_stats[3 * a + 1] = semi;
         p.anchor_stats[3 * a + 2] = easy;
@@ -291,7 +304,7 @@ __device__ void triplet_finish(const ContraTripletFinishParams& p) {
     unsigned long long counts[4] = {0, 0, 0, 0};
     for (int a = threadIdx.x; a < p.rows; a += kFinishThreads) {
         sum += (double)p.anchor_sum[a];
-        counts[0] += p.anchor_count[a];
+        counts[0] += p.anchor_count[2LL * a + (p.nonzero_only ? 1 : 0)];
         for (int i = 0; i < 3; ++i) counts[1 + i] += p.anchor_stats[3LL * a + i];
     }
     s_sum[threadIdx.x] = sum;

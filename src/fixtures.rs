@@ -1,6 +1,12 @@
 //! Reference cases: a folder per case with `case.json` (kind, options, array files) and `.npy`
 //! arrays computed by PyTorch in float64. Every backend must reproduce them. Used by
-//! `tests/fixtures.rs` and `contra check-fixtures`.
+//! `tests/fixtures.rs`, `tests/peers.rs` and `contra check-fixtures`.
+//!
+//! Options beyond tests/fixtures/README.md (each optional, defaulting to contra's convention):
+//! supcon `base_temperature` (the temperature) and `reduction` (`all_anchors`,
+//! `anchors_with_positives`); triplet `reduction` (`conventional`, `nonzero`, `all_mined`) and
+//! the mining `semi_hard_all`; margin `variant` (`hadsell`, `pml_contrastive`). A triplet case's
+//! `count` array is optional. Labels must be integers.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -923,14 +929,16 @@ fn run_kind(
                     "batch_all" => Mining::BatchAll,
                     "batch_hard" => Mining::BatchHard,
                     "semi_hard" => Mining::SemiHard,
-                    other => {
-                        return Err(Error::format(
-                            &case.dir,
-                            format!("unknown mining `{other}`"),
-                        ))
-                    }
+                    "semi_hard_all" => Mining::SemiHardAll,
+                    other => return Err(case.unknown_option("mining", other)),
                 },
                 margin: case.option_f64("margin")?,
+                reduction: match case.option_str_or("reduction", "conventional")? {
+                    "conventional" => TripletReduction::Conventional,
+                    "nonzero" => TripletReduction::NonZero,
+                    "all_mined" => TripletReduction::AllMined,
+                    other => return Err(case.unknown_option("reduction", other)),
+                },
             };
             let out = triplet(&t("x")?, &case.ints("labels")?, &opts)?;
             check.scalar("loss", out.loss.to_scalar()?)?;
@@ -940,6 +948,11 @@ fn run_kind(
         "margin" => {
             let opts = MarginOptions {
                 margin: case.option_f64("margin")?,
+                variant: match case.option_str_or("variant", "hadsell")? {
+                    "hadsell" => MarginVariant::Hadsell,
+                    "pml_contrastive" => MarginVariant::PmlContrastive,
+                    other => return Err(case.unknown_option("variant", other)),
+                },
             };
             let out = margin_loss(&t("x1")?, &t("x2")?, &case.ints("y")?, &opts)?;
             check.scalar("loss", out.loss.to_scalar()?)?;

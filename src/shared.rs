@@ -37,6 +37,37 @@ pub enum Mining {
     /// Per positive pair, the nearest negative farther than the positive, else the farthest
     /// negative (FaceNet, as TF-Addons defines it).
     SemiHard,
+    /// Every semi-hard triplet, `d_ap < d_an` with `d_ap - d_an + m >= 0` (pytorch-metric-
+    /// learning's `TripletMarginMiner(type_of_triplets="semihard")`).
+    SemiHardAll,
+}
+
+/// What the triplet loss's sum of terms is divided by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TripletReduction {
+    /// The mining's own convention: batch-all and semi-hard-all average the positive terms,
+    /// batch-hard every anchor with a positive and a negative, semi-hard every positive pair
+    /// whose anchor has a negative (FaceNet / TF-Addons).
+    #[default]
+    Conventional,
+    /// The mean over the terms that are positive (pytorch-metric-learning's
+    /// `AvgNonZeroReducer`, its default for `TripletMarginLoss`).
+    NonZero,
+    /// The mean over every mined term, zeros included.
+    AllMined,
+}
+
+impl TripletReduction {
+    /// Whether the mean is over the positive terms only, for `mining`.
+    pub(crate) fn nonzero_only(self, mining: Mining) -> bool {
+        match self {
+            TripletReduction::Conventional => {
+                matches!(mining, Mining::BatchAll | Mining::SemiHardAll)
+            }
+            TripletReduction::NonZero => true,
+            TripletReduction::AllMined => false,
+        }
+    }
 }
 
 /// How the valid triplets (a, p, n) of the batch split, as the FaceNet survey classifies them:

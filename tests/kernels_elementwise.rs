@@ -84,7 +84,10 @@ fn check_margin(device: Device) {
                     outside += 1;
                 }
             }
-            let opts = MarginOptions { margin };
+            let opts = MarginOptions {
+                margin,
+                ..Default::default()
+            };
             let case = format!("margin {n}x{d} m={margin}");
             let shape = [n, d];
             let got = compare_with_cpu(device, &case, &[(&x1, &shape), (&x2, &shape)], |t| {

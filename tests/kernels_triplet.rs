@@ -18,7 +18,17 @@ const DISTANCES: [Distance; 3] = [
     Distance::SquaredEuclidean,
     Distance::Cosine,
 ];
-const MININGS: [Mining; 3] = [Mining::BatchAll, Mining::BatchHard, Mining::SemiHard];
+const REDUCTIONS: [TripletReduction; 3] = [
+    TripletReduction::Conventional,
+    TripletReduction::NonZero,
+    TripletReduction::AllMined,
+];
+const MININGS: [Mining; 4] = [
+    Mining::BatchAll,
+    Mining::BatchHard,
+    Mining::SemiHard,
+    Mining::SemiHardAll,
+];
 
 /// Labels drawn from `classes` classes (large, sparse label values: the kernels take dense ids).
 fn random_labels(rng: &mut StdRng, rows: usize, classes: i64) -> Vec<i64> {
@@ -89,12 +99,16 @@ fn triplet_matches_cpu_at_odd_shapes() {
             let labels = random_labels(&mut rng, rows, classes);
             for distance in DISTANCES {
                 for mining in MININGS {
-                    let opts = TripletOptions {
-                        distance,
-                        mining,
-                        margin: 0.3,
-                    };
-                    check_case(device, &format!("{rows}x{dim}"), &x, dim, &labels, &opts);
+                    for reduction in REDUCTIONS {
+                        let opts = TripletOptions {
+                            distance,
+                            mining,
+                            margin: 0.3,
+                            reduction,
+                        };
+                        let case = format!("{rows}x{dim} {reduction:?}");
+                        check_case(device, &case, &x, dim, &labels, &opts);
+                    }
                 }
             }
         }
@@ -124,6 +138,7 @@ fn triplet_edge_batches_match_cpu() {
                             distance,
                             mining,
                             margin,
+                            ..Default::default()
                         };
                         check_case(device, name, &x, dim, &labels, &opts);
                     }
@@ -149,6 +164,7 @@ fn triplet_ties_pick_the_same_rows_as_cpu() {
                     distance,
                     mining,
                     margin: 1.0,
+                    ..Default::default()
                 };
                 check_case(device, "grid", &x, 2, &labels, &opts);
             }
@@ -168,6 +184,7 @@ fn triplet_saved_state_crosses_backends() {
             distance: Distance::Euclidean,
             mining: Mining::SemiHard,
             margin: 0.4,
+            ..Default::default()
         };
         let on_cpu = Tensor::from_vec(x.clone(), &[rows, dim], Device::Cpu).unwrap();
         let on_device = Tensor::from_vec(x, &[rows, dim], device).unwrap();

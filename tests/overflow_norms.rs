@@ -614,6 +614,7 @@ fn run_triplet(
         distance,
         mining,
         margin,
+        ..Default::default()
     };
     triplet(x, labels, &opts)
         .unwrap_or_else(|e| panic!("{distance:?} {mining:?} on {}: {e}", x.device()))
@@ -829,6 +830,7 @@ fn triplet_f64_rows_at_2_pow_1000() {
             distance: Distance::SquaredEuclidean,
             mining,
             margin: 0.2,
+            ..Default::default()
         };
         let err = triplet(&t64(&huge, &[rows, DIM]), &labels, &opts).unwrap_err();
         assert!(is_invalid(&err, "x"), "f64 squared {mining:?}: {err}");
@@ -845,6 +847,7 @@ fn triplet_beyond_f32_is_an_error() {
         distance: Distance::SquaredEuclidean,
         mining: Mining::BatchAll,
         margin: 0.2,
+        ..Default::default()
     };
     let reference = triplet(&t64(&f64s(&x), &[4, 1]), &labels, &opts).unwrap();
     assert!(reference
@@ -909,7 +912,10 @@ fn margin_loss_at_distance_1e20() {
         let x1 = scaled_rows(&mut rng, rows, &scales);
         let x2 = scaled_rows(&mut rng, rows, &scales);
         let (want_loss, want_grad) = ref_margin(&f64s(&x1), &f64s(&x2), &y, margin);
-        let opts = MarginOptions { margin };
+        let opts = MarginOptions {
+            margin,
+            ..Default::default()
+        };
         for device in devices("margin_loss_at_distance_1e20") {
             let (a, b) = (
                 t32(&x1, &[rows, DIM], device),
@@ -947,7 +953,10 @@ fn margin_loss_at_distance_1e20() {
 fn margin_loss_limits() {
     let (x1, x2) = ([3e38f32], [-3e38f32]);
     let want = (3e38f32 as f64 * 2.0).powi(2) / 2.0;
-    let opts = MarginOptions { margin: 1.0 };
+    let opts = MarginOptions {
+        margin: 1.0,
+        ..Default::default()
+    };
     for device in devices("margin_loss_limits") {
         let (a, b) = (t32(&x1, &[1, 1], device), t32(&x2, &[1, 1], device));
         let fwd = margin_forward(&a, &b, &[0], &opts).unwrap_or_else(|e| panic!("{device}: {e}"));
@@ -964,19 +973,45 @@ fn margin_loss_limits() {
             .and_then(|(g1, _)| g1.to_vec_f64())
             .unwrap_err();
         assert!(is_overflow(&err, "grad_x1"), "{device}: {err}");
-        let err = margin_forward(&a, &b, &[1], &MarginOptions { margin: 1e39 }).unwrap_err();
+        let err = margin_forward(
+            &a,
+            &b,
+            &[1],
+            &MarginOptions {
+                margin: 1e39,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(is_invalid(&err, "margin"), "{device}: {err}");
     }
     // f64 on the CPU: a margin of 1e39 is fine, one whose square overflows is not; pairs 1e150
     // apart cost 5e299, pairs 1e200 apart overflow.
     let (a, b) = (t64(&[1e150], &[1, 1]), t64(&[0.0], &[1, 1]));
-    let loss = margin_forward(&a, &b, &[0], &MarginOptions { margin: 1e39 })
-        .unwrap()
-        .loss
-        .to_scalar()
-        .unwrap();
+    let loss = margin_forward(
+        &a,
+        &b,
+        &[0],
+        &MarginOptions {
+            margin: 1e39,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .loss
+    .to_scalar()
+    .unwrap();
     assert!((loss - 5e299).abs() <= 1e-12 * 5e299, "{loss:e}");
-    let err = margin_forward(&a, &b, &[1], &MarginOptions { margin: 1e200 }).unwrap_err();
+    let err = margin_forward(
+        &a,
+        &b,
+        &[1],
+        &MarginOptions {
+            margin: 1e200,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(is_invalid(&err, "margin"), "{err}");
     let err = margin_forward(&t64(&[1e200], &[1, 1]), &b, &[0], &opts).unwrap_err();
     assert!(is_invalid(&err, "x1"), "{err}");

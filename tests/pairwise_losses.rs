@@ -4,7 +4,7 @@
 use contra::{
     margin_backward, margin_forward, margin_loss, momentum_update, nce, nce_backward, nce_forward,
     similarity, triplet, triplet_backward, triplet_forward, DType, Device, Distance, Error,
-    MarginOptions, Mining, Similarity, Tensor, TripletOptions, TripletStats,
+    MarginOptions, Mining, Similarity, Tensor, TripletOptions, TripletReduction, TripletStats,
 };
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -14,7 +14,17 @@ const DISTANCES: [Distance; 3] = [
     Distance::SquaredEuclidean,
     Distance::Cosine,
 ];
-const MININGS: [Mining; 3] = [Mining::BatchAll, Mining::BatchHard, Mining::SemiHard];
+const MININGS: [Mining; 4] = [
+    Mining::BatchAll,
+    Mining::BatchHard,
+    Mining::SemiHard,
+    Mining::SemiHardAll,
+];
+const REDUCTIONS: [TripletReduction; 3] = [
+    TripletReduction::Conventional,
+    TripletReduction::NonZero,
+    TripletReduction::AllMined,
+];
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -116,7 +126,8 @@ fn ref_triplet(x: &[f64], labels: &[i64], d: usize, opts: &TripletOptions) -> Re
     let dist = ref_distances(x, n, d, opts.distance);
     let dd = |i: usize, j: usize| dist[i * n + j];
     let mut stats = TripletStats::default();
-    let (mut sum, mut count) = (0.0, 0u64);
+    // Every mined term, in mining order.
+    let mut terms: Vec<f64> = Vec::new();
     for a in 0..n {
         for p in 0..n {
             if p == a || labels[p] != labels[a] {
@@ -134,18 +145,17 @@ fn ref_triplet(x: &[f64], labels: &[i64], d: usize, opts: &TripletOptions) -> Re
                 } else {
                     stats.easy += 1;
                 }
-                if opts.mining == Mining::BatchAll {
-                    let term = dp - dn + m;
-                    if term > 0.0 {
-                        sum += term;
-                        count += 1;
-                    }
+                let term = dp - dn + m;
+                match opts.mining {
+                    Mining::BatchAll => terms.push(term.max(0.0)),
+                    Mining::SemiHardAll if dn > dp && term >= 0.0 => terms.push(term),
+                    _ => {}
                 }
             }
         }
     }
     match opts.mining {
-        Mining::BatchAll => {}
+        Mining::BatchAll | Mining::SemiHardAll => {}
         Mining::SemiHard => {
             for a in 0..n {
                 let negs: Vec<f64> = (0..n)
@@ -170,8 +180,7 @@ fn ref_triplet(x: &[f64], labels: &[i64], d: usize, opts: &TripletOptions) -> Re
                     } else {
                         negs.iter().copied().fold(f64::NEG_INFINITY, f64::max)
                     };
-                    sum += (dp - dn + m).max(0.0);
-                    count += 1;
+                    terms.push((dp - dn + m).max(0.0));
                 }
             }
         }
@@ -186,14 +195,28 @@ fn ref_triplet(x: &[f64], labels: &[i64], d: usize, opts: &TripletOptions) -> Re
                     .map(|q| dd(a, q))
                     .fold(f64::INFINITY, f64::min);
                 if pos.is_finite() && neg.is_finite() {
-                    sum += (pos - neg + m).max(0.0);
-                    count += 1;
+                    terms.push((pos - neg + m).max(0.0));
                 }
             }
         }
     }
+    let nonzero_only = match opts.reduction {
+        TripletReduction::Conventional => {
+            matches!(opts.mining, Mining::BatchAll | Mining::SemiHardAll)
+        }
+        TripletReduction::NonZero => true,
+        TripletReduction::AllMined => false,
+    };
+    if nonzero_only {
+        terms.retain(|&t| t > 0.0);
+    }
+    let count = terms.len() as u64;
     RefTriplet {
-        loss: if count > 0 { sum / count as f64 } else { 0.0 },
+        loss: if count > 0 {
+            terms.iter().sum::<f64>() / count as f64
+        } else {
+            0.0
+        },
         count,
         stats,
     }
@@ -251,6 +274,7 @@ fn triplet_gradients_match_finite_differences() {
                 distance,
                 mining,
                 margin: 0.5,
+                ..Default::default()
             };
             // The first seed whose batch has no term or choice near a kink and a positive loss.
             let x = (0..1000u64)
@@ -282,6 +306,7 @@ fn triplet_backward_scales_with_grad_loss() {
             distance: Distance::Euclidean,
             mining,
             margin: 1.0,
+            ..Default::default()
         };
         let fwd = triplet_forward(&x, &labels, &opts).unwrap();
         let g1 = triplet_backward(&x, &labels, &opts, &fwd.saved, 1.0)
@@ -303,7 +328,10 @@ fn margin_gradients_match_finite_differences() {
     let mut rng = StdRng::seed_from_u64(5);
     let (b, d) = (7, 3);
     let y: Vec<i64> = vec![0, 1, 1, 0, 1, 1, 0];
-    let opts = MarginOptions { margin: 1.5 };
+    let opts = MarginOptions {
+        margin: 1.5,
+        ..Default::default()
+    };
     let x1 = uniform(&mut rng, b * d);
     let x2 = uniform(&mut rng, b * d);
     // Keep the dissimilar pairs off the kink d = m (random pairs in [-1, 1]^3 mostly sit inside).
@@ -349,7 +377,10 @@ fn margin_gradients_match_finite_differences() {
         &t64(vec![0.0, 0.0], &[1, 2]),
         &t64(vec![3.0, 4.0], &[1, 2]),
         &[1],
-        &MarginOptions { margin: 4.0 },
+        &MarginOptions {
+            margin: 4.0,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert_eq!(far.loss.to_scalar().unwrap(), 0.0);
@@ -361,7 +392,16 @@ fn margin_loss_matches_formula() {
     // d = 5 for both pairs; margin 7: (25 / 2 + (7 - 5)^2 / 2) / 2.
     let x1 = t64(vec![0.0, 0.0, 1.0, 1.0], &[2, 2]);
     let x2 = t64(vec![3.0, 4.0, 4.0, 5.0], &[2, 2]);
-    let out = margin_loss(&x1, &x2, &[0, 1], &MarginOptions { margin: 7.0 }).unwrap();
+    let out = margin_loss(
+        &x1,
+        &x2,
+        &[0, 1],
+        &MarginOptions {
+            margin: 7.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(
         (out.loss.to_scalar().unwrap() - (12.5 + 2.0) / 2.0).abs() < 1e-12,
         "{}",
@@ -449,11 +489,12 @@ fn check_against_reference(x: &[f64], labels: &[i64], d: usize, what: &str) {
     let n = labels.len();
     let xt = t64(x.to_vec(), &[n, d]);
     for distance in DISTANCES {
-        for mining in MININGS {
+        for (mining, reduction) in MININGS.into_iter().flat_map(|m| REDUCTIONS.map(|r| (m, r))) {
             let opts = TripletOptions {
                 distance,
                 mining,
                 margin: 0.3,
+                reduction,
             };
             let got = triplet_forward(&xt, labels, &opts).unwrap();
             let want = ref_triplet(x, labels, d, &opts);
@@ -497,6 +538,7 @@ fn triplet_matches_brute_force_reference() {
                 distance: Distance::Euclidean,
                 mining: Mining::BatchAll,
                 margin: 0.3,
+                ..Default::default()
             },
         );
         assert!(
@@ -520,6 +562,7 @@ fn triplet_with_no_valid_triplet_is_zero() {
                     distance,
                     mining,
                     margin: 0.5,
+                    ..Default::default()
                 };
                 let out = triplet(&x, &labels, &opts).unwrap();
                 assert_eq!(out.loss.to_scalar().unwrap(), 0.0, "{opts:?} {labels:?}");
@@ -556,6 +599,7 @@ fn triplet_hand_computed_cases() {
         distance: Distance::Euclidean,
         mining,
         margin: 0.2,
+        ..Default::default()
     };
     // Triplets: (0,1,n): d_ap 0.1 vs d_an 1.0, 0.5 -> easy; (1,0,n): 0.1 vs 0.9, 0.4 -> easy;
     // (2,3,n): 0.5 vs 1.0, 0.9 -> easy; (3,2,n): 0.5 vs 0.5 (semi-hard), 0.4 (hard).
@@ -611,6 +655,7 @@ fn triplet_is_permutation_invariant() {
                 distance,
                 mining,
                 margin: 0.4,
+                ..Default::default()
             };
             let a = triplet(&t64(x.clone(), &[n, d]), &labels, &opts).unwrap();
             let b = triplet(&t64(px.clone(), &[n, d]), &plabels, &opts).unwrap();
@@ -1084,7 +1129,15 @@ fn error_margin_negative_or_not_finite() {
         };
         expect_invalid_err(triplet(&x, &[0, 0, 1, 1], &opts), "margin", ">= 0");
         expect_invalid_err(
-            margin_loss(&x, &x, &[0, 1, 0, 1], &MarginOptions { margin: bad }),
+            margin_loss(
+                &x,
+                &x,
+                &[0, 1, 0, 1],
+                &MarginOptions {
+                    margin: bad,
+                    ..Default::default()
+                },
+            ),
             "margin",
             ">= 0",
         );
@@ -1232,7 +1285,10 @@ fn error_triplet_backward_with_foreign_state() {
             &x,
             &x,
             &[0; 8],
-            &MarginOptions { margin: 2.0 },
+            &MarginOptions {
+                margin: 2.0,
+                ..Default::default()
+            },
             &margin.saved,
             1.0,
         ),

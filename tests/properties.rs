@@ -1468,6 +1468,7 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
         distance: c.distance,
         mining: c.mining,
         margin,
+        ..Default::default()
     };
     let (refs, devs) = inputs([(&xv, &[n, dim])], c.dtype, device);
     let (reference, variants) = one_and_split(
@@ -1596,7 +1597,7 @@ fn triplet_case(regime: Regime, device: Device, c: TripletCase) -> Result<Tally,
                 v
             };
             match c.mining {
-                Mining::BatchAll => {}
+                Mining::BatchAll | Mining::SemiHardAll => {}
                 Mining::BatchHard if !pos.is_empty() && !neg.is_empty() => {
                     let (sp, sn) = (sorted(&pos, true), sorted(&neg, false));
                     if sp.len() > 1 {
@@ -1734,7 +1735,10 @@ fn margin_case(regime: Regime, device: Device, c: MarginCase) -> Result<Tally, T
         .collect();
     let scale = 10f64.powf(clamp_log(c.x1.log_scale, c.dtype, regime));
     let margin = c.log_margin.map_or(0.0, |l| 10f64.powf(l) * scale);
-    let opts = MarginOptions { margin };
+    let opts = MarginOptions {
+        margin,
+        ..Default::default()
+    };
     let (refs, devs) = inputs([(&x1, &[n, dim]), (&x2, &[n, dim])], c.dtype, device);
     let (reference, variants) = one_and_split(
         ["margin_loss", "margin_forward + margin_backward"],

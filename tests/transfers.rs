@@ -317,7 +317,10 @@ fn margin_and_nce_stay_on_the_device_but_for_their_host_labels() {
             device_matrix(&mut rng, ROWS, device),
         );
         let y: Vec<i64> = (0..ROWS as i64).map(|i| i % 2).collect();
-        let opts = MarginOptions { margin: 1.5 };
+        let opts = MarginOptions {
+            margin: 1.5,
+            ..Default::default()
+        };
         // The labels are a host slice: one copy per call.
         let (out, copies) = moved(|| margin_loss(&x1, &x2, &y, &opts).unwrap());
         assert_eq!(
@@ -373,6 +376,7 @@ fn triplet_stays_on_the_device_but_for_its_host_labels() {
                 distance,
                 mining: Mining::BatchAll,
                 margin: 0.3 * scale as f64,
+                ..Default::default()
             };
             let what = format!("triplet {distance:?} on {device}");
             let (fwd, copies) = moved(|| triplet_forward(&x, &labels, &opts).unwrap());
@@ -644,5 +648,38 @@ fn bad_device_indices_are_errors_when_results_are_read() {
         );
         let err = Indices::new(&[1 << 40], device).unwrap_err();
         assert!(err.to_string().contains("i32"), "{err}");
+    }
+}
+
+/// pytorch-metric-learning's contrastive variant of the margin loss reduces on the device too:
+/// its group counts never cross; a call copies only its host labels in.
+#[test]
+fn pml_margin_variant_stays_on_the_device() {
+    for device in kernel_devices("pml_margin_transfers") {
+        let mut rng = StdRng::seed_from_u64(23);
+        let (x1, x2) = (
+            device_matrix(&mut rng, ROWS, device),
+            device_matrix(&mut rng, ROWS, device),
+        );
+        let y: Vec<i64> = (0..ROWS as i64).map(|i| i % 3 % 2).collect();
+        let opts = MarginOptions {
+            margin: 2.0,
+            variant: MarginVariant::PmlContrastive,
+        };
+        let (out, copies) = moved(|| margin_loss(&x1, &x2, &y, &opts).unwrap());
+        assert_eq!(
+            (copies.to_device, copies.to_host),
+            (2, 0),
+            "pml margin on {device}: {copies}"
+        );
+        let reference =
+            margin_loss(&x1.to_host().unwrap(), &x2.to_host().unwrap(), &y, &opts).unwrap();
+        let got = read_loss("pml margin", device, &out.loss);
+        let want = reference.loss.to_scalar().unwrap();
+        assert!(
+            (got - want).abs() < 1e-4 * want,
+            "pml margin: {got} vs {want}"
+        );
+        close("pml margin grad_x1", &out.grad_x1, &reference.grad_x1);
     }
 }

@@ -154,8 +154,29 @@ typedef struct ContraMarginParams {
     int dim;
     float margin;
     float eps;
-    float grad_scale; /* backward only: grad_loss / rows */
+    float grad_scale; /* backward only: grad_loss / rows (with pml_scales: grad_loss) */
+    /* pml: pytorch-metric-learning's ContrastiveLoss instead: the forward writes 0 for a
+     * clamped pair; the backward's c_i is pml_scales[0] / d_i (similar, unclamped) or
+     * -pml_scales[1] / d_i (dissimilar, d_i < margin), from margin_pml_finish. */
+    int pml;
+    const double* pml_scales;
 } ContraMarginParams;
+
+/* margin_pml_finish (one block): over the pairs' distances dist[i] 2^dist_exp, the similar
+ * pairs with d > 0 (n0 of them, sum s0) and the dissimilar ones with margin - d > 0 (n1, sum
+ * s1 of margin - d); scales = {1 / n0, 1 / n1} (0 for an empty group) and, when `out` is given,
+ * the loss s0 / n0 + s1 / n1 laid out like loss_finish's, with the `slots` status words. */
+typedef struct ContraMarginFinishParams {
+    const float* dist;
+    const int* y;
+    const int* status;
+    unsigned* out;
+    double* scales;
+    int rows;
+    int slots;
+    int dist_exp;
+    double margin;
+} ContraMarginFinishParams;
 
 /* nce_fwd: per row b, with delta = s - log_k - logq,
  * row_loss[b] = softplus(-delta_pos_b) + sum_j softplus(delta_neg_bj).
@@ -240,7 +261,8 @@ enum ContraTripletDistance {
 enum ContraTripletMining {
     CONTRA_TRIPLET_BATCH_ALL = 0,
     CONTRA_TRIPLET_BATCH_HARD = 1,
-    CONTRA_TRIPLET_SEMI_HARD = 2
+    CONTRA_TRIPLET_SEMI_HARD = 2,
+    CONTRA_TRIPLET_SEMI_HARD_ALL = 3
 };
 
 /* The words of a triplet call's summary (u64 each, low word first): what triplet_finish counts,
@@ -272,8 +294,9 @@ typedef struct ContraTripletScaleParams {
  * and the euclidean clamp (dist = sqrt(max(raw, eps)), derivative 0 below eps) are scaled alike.
  * Writes coef row a: d(anchor terms) / d raw(a, j), i.e. the number of times d(a, j) occurs with
  * + (positives) or - (negatives) in the anchor's active relu terms times d dist / d raw;
- * anchor_sum[a], the sum of those terms; anchor_count[a], what the mining counts for the anchor;
- * anchor_stats[3a..3a+3], its hard, semi-hard and easy triplets. */
+ * anchor_sum[a], the sum of those terms; anchor_count[2a] and [2a + 1], the anchor's mined terms
+ * and those of them that are positive; anchor_stats[3a..3a+3], its hard, semi-hard and easy
+ * triplets. */
 typedef struct ContraTripletMineParams {
     const float* raw;
     const int* labels;
@@ -290,7 +313,8 @@ typedef struct ContraTripletMineParams {
 } ContraTripletMineParams;
 
 /* triplet_finish (one block): sums the anchors' values in double and counts in u64 in a fixed
- * order; writes the summary's counts and, like loss_finish, out[0..2) = the loss
+ * order (the count: their positive terms when nonzero_only, else every mined term); writes the
+ * summary's counts and, like loss_finish, out[0..2) = the loss
  * (sum / count 2^(k p), 0 without a triplet; p = 2 for the squared euclidean distance, else 1),
  * out[2 + i] = status[i] for i < slots and out[2 + slots] = the loss's own status. */
 typedef struct ContraTripletFinishParams {
@@ -303,6 +327,7 @@ typedef struct ContraTripletFinishParams {
     int rows;
     int slots;
     int power;
+    int nonzero_only;
 } ContraTripletFinishParams;
 
 /* triplet_bwd: with y = x 2^-k (euclidean) or y = x (cosine: x is then the normalized rows),

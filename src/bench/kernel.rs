@@ -395,6 +395,7 @@ impl<B: Backend> KernelRunner<B> {
                     distance: Distance::Euclidean,
                     mining: Mining::BatchHard,
                     margin: cases::TRIPLET_MARGIN,
+                    nonzero_only: false,
                 };
                 let mined = problem.forward(b, &set.ints[0])?;
                 let (loss, _) = crate::checks::Recorder::new(b, "triplet")?.finish_with(
@@ -424,6 +425,7 @@ impl<B: Backend> KernelRunner<B> {
                     rows: n,
                     dim: d,
                     margin: cases::MARGIN_MARGIN,
+                    pml: false,
                 };
                 let (row_dist, terms) = problem.forward(b)?;
                 let (loss, _) = crate::checks::Recorder::new(b, "margin_loss")?

@@ -880,6 +880,7 @@ mod tests {
             distance: crate::Distance::Euclidean,
             mining: crate::Mining::BatchHard,
             margin: 0.2,
+            ..Default::default()
         };
         let out = crate::triplet(&tensor(&x, &[n, d]), &y, &opts).unwrap();
         close("triplet loss", loss, out.loss.to_scalar().unwrap());
@@ -900,7 +901,10 @@ mod tests {
             &tensor(&x1, &[n, d]),
             &tensor(&x2, &[n, d]),
             &y,
-            &crate::MarginOptions { margin: 1.0 },
+            &crate::MarginOptions {
+                margin: 1.0,
+                ..Default::default()
+            },
         )
         .unwrap();
         close("margin loss", loss, out.loss.to_scalar().unwrap());

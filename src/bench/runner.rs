@@ -394,6 +394,7 @@ impl RunOnce for ContraApi {
                     distance: crate::Distance::Euclidean,
                     mining: crate::Mining::BatchHard,
                     margin: cases::TRIPLET_MARGIN,
+                    ..Default::default()
                 };
                 if bwd {
                     let out = crate::triplet(&t[0], labels, &opts)?;
@@ -413,6 +414,7 @@ impl RunOnce for ContraApi {
             Op::Margin => {
                 let opts = crate::MarginOptions {
                     margin: cases::MARGIN_MARGIN,
+                    ..Default::default()
                 };
                 if bwd {
                     let out = crate::margin_loss(&t[0], &t[1], labels, &opts)?;

@@ -96,3 +96,80 @@ pub fn backward<T: Real>(
         });
     (g1, g2)
 }
+
+/// pytorch-metric-learning's `ContrastiveLoss` (pos_margin 0, neg_margin `margin`,
+/// `AvgNonZeroReducer` on each group): the mean of the similar pairs' distances `d > 0` plus
+/// the mean of the dissimilar pairs' `margin - d > 0`, an empty group adding 0. A pair closer
+/// than the clamp (`d^2 < 1e-12`) is at distance 0. Returns the loss and the two groups' `1 / n`.
+pub fn pml_forward<T: Real>(
+    x1: &[T],
+    x2: &[T],
+    y: &[i64],
+    dim: usize,
+    margin: f64,
+) -> (f64, [f64; 2]) {
+    let terms: Vec<(usize, f64)> = x1
+        .par_chunks(dim)
+        .zip(x2.par_chunks(dim))
+        .zip(y.par_iter())
+        .map(|((a, b), &yi)| {
+            let sq = squared_distance(a, b);
+            let d = if sq < DIST_EPS { 0.0 } else { sq.sqrt() };
+            match yi {
+                0 => (0, d),
+                _ => (1, margin - d),
+            }
+        })
+        .collect();
+    let mut loss = 0.0;
+    let mut scales = [0.0; 2];
+    for (group, scale) in scales.iter_mut().enumerate() {
+        let positive: Vec<f64> = terms
+            .iter()
+            .filter(|&&(g, t)| g == group && t > 0.0)
+            .map(|&(_, t)| t)
+            .collect();
+        if !positive.is_empty() {
+            loss += mean(&positive);
+            *scale = 1.0 / positive.len() as f64;
+        }
+    }
+    (loss, scales)
+}
+
+/// Gradients of `grad_loss * loss` of [`pml_forward`] with respect to `x1` and `x2`.
+pub fn pml_backward<T: Real>(
+    x1: &[T],
+    x2: &[T],
+    y: &[i64],
+    dim: usize,
+    margin: f64,
+    grad_loss: f64,
+) -> (Vec<T>, Vec<T>) {
+    let (_, scales) = pml_forward(x1, x2, y, dim, margin);
+    let mut g1 = vec![T::zero(); x1.len()];
+    let mut g2 = vec![T::zero(); x2.len()];
+    g1.par_chunks_mut(dim)
+        .zip(g2.par_chunks_mut(dim))
+        .zip(x1.par_chunks(dim).zip(x2.par_chunks(dim)))
+        .zip(y.par_iter())
+        .for_each(|(((g1_row, g2_row), (a, b)), &yi)| {
+            let sq = squared_distance(a, b);
+            if sq < DIST_EPS {
+                return;
+            }
+            let d = sq.sqrt();
+            // d d / d x1 = (x1 - x2) / d.
+            let k = match yi {
+                0 => grad_loss * scales[0] / d,
+                _ if d < margin => -grad_loss * scales[1] / d,
+                _ => 0.0,
+            };
+            for (((o1, o2), &u), &v) in g1_row.iter_mut().zip(g2_row.iter_mut()).zip(a).zip(b) {
+                let g = k * (u.f64() - v.f64());
+                *o1 = T::of(g);
+                *o2 = T::of(-g);
+            }
+        });
+    (g1, g2)
+}

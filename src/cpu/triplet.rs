@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::gemm::{Gemm, MatRef};
 use super::{exponent, normalize, row_norm, Real, ROW_TILE};
-use crate::shared::{ldexp, scaled_margin, Distance, Mining, TripletStats};
+use crate::shared::{ldexp, scaled_margin, Distance, Mining, TripletReduction, TripletStats};
 pub use crate::shared::{Coefs, PairCoef, DIST_EPS};
 
 /// One triplet problem; sizes are validated by the caller.
@@ -37,6 +37,7 @@ pub struct Problem<'a> {
     pub distance: Distance,
     pub mining: Mining,
     pub margin: f64,
+    pub reduction: TripletReduction,
 }
 
 /// `k > 0` such that the rows of `x` scaled by `2^-k` have a largest norm in
@@ -72,7 +73,9 @@ pub struct Forward {
 #[derive(Default)]
 struct Anchor {
     sum: f64,
-    count: u64,
+    /// Its mined terms, and those of them that are positive.
+    mined: u64,
+    active: u64,
     stats: TripletStats,
     /// Nonzero coefficients the anchor left in its row.
     nonzero: usize,
@@ -201,31 +204,44 @@ impl Problem<'_> {
         }
 
         match self.mining {
-            Mining::BatchAll => {
+            Mining::BatchAll | Mining::SemiHardAll => {
+                let semi_hard_only = self.mining == Mining::SemiHardAll;
                 let mut prefix = Vec::with_capacity(len + 1);
                 prefix.push(0.0);
                 for &(dn, _) in &negs {
                     prefix.push(prefix[prefix.len() - 1] + dn);
                 }
-                // active[k]: positives whose first k sorted negatives give positive terms.
-                let mut active = vec![0u64; len + 1];
+                // Each positive's active negatives are the sorted ranks lo..hi (lo = 0 unless
+                // only semi-hard triplets count); `starts` and `ends` count the ranges.
+                let mut starts = vec![0u64; len + 1];
+                let mut ends = vec![0u64; len + 1];
                 for &p in &positives {
                     let dp = d(p);
-                    let k = negs.partition_point(|&(dn, _)| dp - dn + m > 0.0);
-                    if k == 0 {
+                    let lo = match semi_hard_only {
+                        true => negs.partition_point(|&(dn, _)| dn <= dp),
+                        false => 0,
+                    };
+                    let hi = negs.partition_point(|&(dn, _)| dp - dn + m > 0.0).max(lo);
+                    out.mined += match semi_hard_only {
+                        true => negs.partition_point(|&(dn, _)| dp - dn + m >= 0.0).max(lo) - lo,
+                        false => len,
+                    } as u64;
+                    if hi == lo {
                         continue;
                     }
-                    out.sum += k as f64 * (dp + m) - prefix[k];
-                    out.count += k as u64;
+                    let k = hi - lo;
+                    out.sum += k as f64 * (dp + m) - (prefix[hi] - prefix[lo]);
+                    out.active += k as u64;
                     coefs.push((p, k as f64));
-                    active[k] += 1;
+                    starts[lo] += 1;
+                    ends[hi] += 1;
                 }
-                // The negative at sorted rank r is in every term of a positive with k > r.
-                let mut beyond = 0u64;
-                for r in (0..len).rev() {
-                    beyond += active[r + 1];
-                    if beyond > 0 {
-                        coefs.push((negs[r].1, -(beyond as f64)));
+                // The negative at sorted rank r is in the terms of every range holding r.
+                let mut open = 0u64;
+                for r in 0..len {
+                    open = open + starts[r] - ends[r];
+                    if open > 0 {
+                        coefs.push((negs[r].1, -(open as f64)));
                     }
                 }
             }
@@ -238,9 +254,10 @@ impl Problem<'_> {
                     }
                 }
                 let (dn, n_best) = negs[0];
-                out.count = 1;
+                out.mined = 1;
                 let term = dp_best - dn + m;
                 if term > 0.0 {
+                    out.active = 1;
                     out.sum = term;
                     coefs.push((p_best, 1.0));
                     coefs.push((n_best, -1.0));
@@ -253,9 +270,10 @@ impl Problem<'_> {
                     let dp = d(p);
                     let i = negs.partition_point(|&(dn, _)| dn <= dp);
                     let (dn, chosen) = if i < len { negs[i] } else { farthest };
-                    out.count += 1;
+                    out.mined += 1;
                     let term = dp - dn + m;
                     if term > 0.0 {
+                        out.active += 1;
                         out.sum += term;
                         coefs.push((p, 1.0));
                         coefs.push((chosen, -1.0));
@@ -312,10 +330,11 @@ impl Problem<'_> {
             .collect();
         let mut stats = TripletStats::default();
         let (mut sum, mut count, mut nonzero) = (0.0, 0u64, 0usize);
+        let nonzero_only = self.reduction.nonzero_only(self.mining);
         for an in &anchors {
             nonzero += an.nonzero;
             sum += an.sum;
-            count += an.count;
+            count += if nonzero_only { an.active } else { an.mined };
             stats.hard += an.stats.hard;
             stats.semi_hard += an.stats.semi_hard;
             stats.easy += an.stats.easy;

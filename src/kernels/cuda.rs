@@ -31,6 +31,7 @@ unsafe impl DeviceRepr for ContraSimilarityParams {}
 unsafe impl DeviceRepr for ContraInfonceFwdParams {}
 unsafe impl DeviceRepr for ContraInfonceBwdParams {}
 unsafe impl DeviceRepr for ContraMarginParams {}
+unsafe impl DeviceRepr for ContraMarginFinishParams {}
 unsafe impl DeviceRepr for ContraNceParams {}
 unsafe impl DeviceRepr for ContraMomentumParams {}
 unsafe impl DeviceRepr for ContraQueueParams {}

@@ -1,8 +1,8 @@
 //! Launch sequences of `kernels/margin.cu`: the Hadsell margin loss over pairs of rows.
 
-use super::params::ContraMarginParams;
-use super::status::Terms;
-use super::{blocks_for, extent, handles, Backend, Launch};
+use super::params::{ContraMarginFinishParams, ContraMarginParams};
+use super::status::{Terms, LOSS_WORDS};
+use super::{blocks_for, extent, handles, Backend, BufInfo, Elem, Launch};
 use crate::Result;
 
 /// Pair rows per 256-thread block (one warp per row), as in margin.cu.
@@ -27,6 +27,8 @@ pub(crate) struct Problem<'a, B: Backend> {
     pub rows: usize,
     pub dim: usize,
     pub margin: f64,
+    /// pytorch-metric-learning's `ContrastiveLoss` (`margin_pml_finish`) instead of Hadsell's.
+    pub pml: bool,
 }
 
 impl<B: Backend> Problem<'_, B> {
@@ -39,8 +41,60 @@ impl<B: Backend> Problem<'_, B> {
             dim: extent("dim", self.dim)?,
             margin: self.margin as f32,
             eps: DIST_EPS,
+            pml: self.pml as i32,
             ..Default::default()
         })
+    }
+
+    /// PML's reduction of the forward's distances `row_dist`: the group scales `{1 / n0,
+    /// 1 / n1}` (f64 on the device) and, with `slots`, the loss buffer (the loss, the `slots`
+    /// status words of `status`, its own status word).
+    pub fn finish_pml(
+        &self,
+        b: &B,
+        row_dist: &B::Buf,
+        status: &B::Buf,
+        slots: Option<usize>,
+    ) -> Result<(Option<B::Buf>, B::Buf)> {
+        let scales = b.output_of(
+            "pml_scales",
+            BufInfo {
+                elem: Elem::F64,
+                count: 2,
+            },
+        )?;
+        let out = match slots {
+            Some(slots) => Some(b.output_of(
+                "loss",
+                BufInfo {
+                    elem: Elem::I32,
+                    count: LOSS_WORDS + slots + 1,
+                },
+            )?),
+            None => None,
+        };
+        let params = ContraMarginFinishParams {
+            dist: b.ptr(row_dist).cast(),
+            y: b.ptr(self.y).cast(),
+            status: b.ptr(status).cast(),
+            out: out
+                .as_ref()
+                .map_or(std::ptr::null_mut(), |o| b.ptr(o).cast()),
+            scales: b.ptr(&scales).cast(),
+            rows: extent("rows", self.rows)?,
+            slots: extent("slots", slots.unwrap_or(0))?,
+            dist_exp: DIST_OUT_EXP,
+            margin: self.margin,
+        };
+        let mut written = vec![&scales];
+        written.extend(out.as_ref());
+        b.launch(
+            handles::MARGIN_PML_FINISH,
+            Launch::linear(1, 256),
+            &params,
+            &written,
+        )?;
+        Ok((out, scales))
     }
 
     /// Each pair's clamped distance `d 2^-64` (exact in f32 for any f32 rows), and how the
@@ -66,14 +120,30 @@ impl<B: Backend> Problem<'_, B> {
         Ok((row_dist, terms))
     }
 
-    /// Gradients of `grad_loss * loss` for x1 and x2.
+    /// Gradients of `grad_loss * loss` for x1 and x2 (PML's: from the group counts of a
+    /// forward run again here).
     pub fn backward(&self, b: &B, grad_loss: f64) -> Result<(B::Buf, B::Buf)> {
+        let scales = match self.pml {
+            true => {
+                let (row_dist, _) = self.forward(b)?;
+                let no_status = super::status::status_words(b, 1)?;
+                Some(self.finish_pml(b, &row_dist, &no_status, None)?.1)
+            }
+            false => None,
+        };
         let grad_x1 = b.output("grad_x1", self.rows * self.dim)?;
         let grad_x2 = b.output("grad_x2", self.rows * self.dim)?;
+        let grad_scale = match self.pml {
+            true => grad_loss,
+            false => grad_loss / self.rows as f64,
+        };
         let params = ContraMarginParams {
             grad_x1: b.ptr(&grad_x1),
             grad_x2: b.ptr(&grad_x2),
-            grad_scale: (grad_loss / self.rows as f64) as f32,
+            grad_scale: grad_scale as f32,
+            pml_scales: scales
+                .as_ref()
+                .map_or(std::ptr::null(), |s| b.ptr(s).cast_const().cast()),
             ..self.params(b)?
         };
         b.launch(

@@ -112,6 +112,7 @@ impl KernelParams for params::ContraSimilarityParams {}
 impl KernelParams for params::ContraInfonceFwdParams {}
 impl KernelParams for params::ContraInfonceBwdParams {}
 impl KernelParams for params::ContraMarginParams {}
+impl KernelParams for params::ContraMarginFinishParams {}
 impl KernelParams for params::ContraNceParams {}
 impl KernelParams for params::ContraMomentumParams {}
 impl KernelParams for params::ContraQueueParams {}

@@ -325,10 +325,12 @@ pub struct ContraMarginParams {
     pub margin: f32,
     pub eps: f32,
     pub grad_scale: f32,
+    pub pml: ::std::os::raw::c_int,
+    pub pml_scales: *const f64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraMarginParams"][::std::mem::size_of::<ContraMarginParams>() - 72usize];
+    ["Size of ContraMarginParams"][::std::mem::size_of::<ContraMarginParams>() - 80usize];
     ["Alignment of ContraMarginParams"][::std::mem::align_of::<ContraMarginParams>() - 8usize];
     ["Offset of field: ContraMarginParams::x1"]
         [::std::mem::offset_of!(ContraMarginParams, x1) - 0usize];
@@ -352,8 +354,59 @@ const _: () = {
         [::std::mem::offset_of!(ContraMarginParams, eps) - 60usize];
     ["Offset of field: ContraMarginParams::grad_scale"]
         [::std::mem::offset_of!(ContraMarginParams, grad_scale) - 64usize];
+    ["Offset of field: ContraMarginParams::pml"]
+        [::std::mem::offset_of!(ContraMarginParams, pml) - 68usize];
+    ["Offset of field: ContraMarginParams::pml_scales"]
+        [::std::mem::offset_of!(ContraMarginParams, pml_scales) - 72usize];
 };
 impl Default for ContraMarginParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct ContraMarginFinishParams {
+    pub dist: *const f32,
+    pub y: *const ::std::os::raw::c_int,
+    pub status: *const ::std::os::raw::c_int,
+    pub out: *mut ::std::os::raw::c_uint,
+    pub scales: *mut f64,
+    pub rows: ::std::os::raw::c_int,
+    pub slots: ::std::os::raw::c_int,
+    pub dist_exp: ::std::os::raw::c_int,
+    pub margin: f64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraMarginFinishParams"]
+        [::std::mem::size_of::<ContraMarginFinishParams>() - 64usize];
+    ["Alignment of ContraMarginFinishParams"]
+        [::std::mem::align_of::<ContraMarginFinishParams>() - 8usize];
+    ["Offset of field: ContraMarginFinishParams::dist"]
+        [::std::mem::offset_of!(ContraMarginFinishParams, dist) - 0usize];
+    ["Offset of field: ContraMarginFinishParams::y"]
+        [::std::mem::offset_of!(ContraMarginFinishParams, y) - 8usize];
+    ["Offset of field: ContraMarginFinishParams::status"]
+        [::std::mem::offset_of!(ContraMarginFinishParams, status) - 16usize];
+    ["Offset of field: ContraMarginFinishParams::out"]
+        [::std::mem::offset_of!(ContraMarginFinishParams, out) - 24usize];
+    ["Offset of field: ContraMarginFinishParams::scales"]
+        [::std::mem::offset_of!(ContraMarginFinishParams, scales) - 32usize];
+    ["Offset of field: ContraMarginFinishParams::rows"]
+        [::std::mem::offset_of!(ContraMarginFinishParams, rows) - 40usize];
+    ["Offset of field: ContraMarginFinishParams::slots"]
+        [::std::mem::offset_of!(ContraMarginFinishParams, slots) - 44usize];
+    ["Offset of field: ContraMarginFinishParams::dist_exp"]
+        [::std::mem::offset_of!(ContraMarginFinishParams, dist_exp) - 48usize];
+    ["Offset of field: ContraMarginFinishParams::margin"]
+        [::std::mem::offset_of!(ContraMarginFinishParams, margin) - 56usize];
+};
+impl Default for ContraMarginFinishParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {
@@ -566,6 +619,7 @@ pub type ContraTripletDistance = ::std::os::raw::c_uint;
 pub const ContraTripletMining_CONTRA_TRIPLET_BATCH_ALL: ContraTripletMining = 0;
 pub const ContraTripletMining_CONTRA_TRIPLET_BATCH_HARD: ContraTripletMining = 1;
 pub const ContraTripletMining_CONTRA_TRIPLET_SEMI_HARD: ContraTripletMining = 2;
+pub const ContraTripletMining_CONTRA_TRIPLET_SEMI_HARD_ALL: ContraTripletMining = 3;
 pub type ContraTripletMining = ::std::os::raw::c_uint;
 pub const ContraTripletSummary_CONTRA_SUMMARY_COUNT: ContraTripletSummary = 0;
 pub const ContraTripletSummary_CONTRA_SUMMARY_HARD: ContraTripletSummary = 1;
@@ -676,6 +730,7 @@ pub struct ContraTripletFinishParams {
     pub rows: ::std::os::raw::c_int,
     pub slots: ::std::os::raw::c_int,
     pub power: ::std::os::raw::c_int,
+    pub nonzero_only: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -701,6 +756,8 @@ const _: () = {
         [::std::mem::offset_of!(ContraTripletFinishParams, slots) - 52usize];
     ["Offset of field: ContraTripletFinishParams::power"]
         [::std::mem::offset_of!(ContraTripletFinishParams, power) - 56usize];
+    ["Offset of field: ContraTripletFinishParams::nonzero_only"]
+        [::std::mem::offset_of!(ContraTripletFinishParams, nonzero_only) - 60usize];
 };
 impl Default for ContraTripletFinishParams {
     fn default() -> Self {

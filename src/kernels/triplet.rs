@@ -59,6 +59,8 @@ pub(crate) struct Problem<'a, B: Backend> {
     pub distance: Distance,
     pub mining: Mining,
     pub margin: f64,
+    /// The loss is the mean over the positive terms (else over every mined term).
+    pub nonzero_only: bool,
 }
 
 /// The power of the row scale in `distance`: 2 for the squared euclidean, else 1.
@@ -197,7 +199,7 @@ impl<B: Backend> Problem<'_, B> {
             coef: b.output("coef", n * n)?,
             summary,
             anchor_sum: b.output("anchor_sum", n)?,
-            anchor_count: b.output("anchor_count", n)?,
+            anchor_count: b.output("anchor_count", 2 * n)?,
             anchor_stats: b.output("anchor_stats", 3 * n)?,
         };
         let params = ContraTripletMineParams {
@@ -220,6 +222,7 @@ impl<B: Backend> Problem<'_, B> {
                 Mining::BatchAll => ContraTripletMining_CONTRA_TRIPLET_BATCH_ALL,
                 Mining::BatchHard => ContraTripletMining_CONTRA_TRIPLET_BATCH_HARD,
                 Mining::SemiHard => ContraTripletMining_CONTRA_TRIPLET_SEMI_HARD,
+                Mining::SemiHardAll => ContraTripletMining_CONTRA_TRIPLET_SEMI_HARD_ALL,
             } as i32,
             margin: self.margin,
             eps: DIST_EPS,
@@ -265,6 +268,7 @@ impl<B: Backend> Problem<'_, B> {
             rows: extent("n", self.rows)?,
             slots: extent("slots", slots)?,
             power: power(self.distance),
+            nonzero_only: self.nonzero_only as i32,
         };
         b.launch(
             handles::TRIPLET_FINISH,

@@ -21,12 +21,31 @@ const BACKWARD: &str = "margin_backward";
 pub struct MarginOptions {
     /// Margin `m >= 0` dissimilar pairs are pushed beyond.
     pub margin: f64,
+    /// Which library's contrastive loss.
+    pub variant: MarginVariant,
 }
 
 impl Default for MarginOptions {
     fn default() -> Self {
-        MarginOptions { margin: 1.0 }
+        MarginOptions {
+            margin: 1.0,
+            variant: MarginVariant::Hadsell,
+        }
     }
+}
+
+/// The contrastive margin loss as its papers and libraries define it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MarginVariant {
+    /// Hadsell, Chopra and LeCun (2006): `mean((1 - y) d^2 / 2 + y relu(m - d)^2 / 2)`.
+    #[default]
+    Hadsell,
+    /// pytorch-metric-learning's `ContrastiveLoss` (pos_margin 0, neg_margin `m`, its default
+    /// `AvgNonZeroReducer`): the mean of the similar pairs' `d > 0` plus the mean of the
+    /// dissimilar pairs' `m - d > 0`, without squares (an empty group adds 0; a pair closer than
+    /// 1e-6 is at distance 0). PML forms the pairs from a labelled batch and normalizes the
+    /// embeddings by default: pass those pairs, normalized, for its number.
+    PmlContrastive,
 }
 
 /// Loss and gradients of [`margin_loss`].
@@ -143,6 +162,7 @@ fn kernel_problem<'a, B: Backend>(
         rows,
         dim,
         margin: opts.margin,
+        pml: opts.variant == MarginVariant::PmlContrastive,
     }
 }
 
@@ -200,11 +220,24 @@ fn forward_loss(
         let buffers = upload(b, &mut rec, x1, x2, y)?;
         let problem = kernel_problem(&buffers, rows, dim, opts);
         let (row_dist, terms) = problem.forward(b)?;
+        if problem.pml {
+            let finish = |status: &_, slots| {
+                let (out, _) = problem.finish_pml(b, &row_dist, status, Some(slots))?;
+                out.ok_or_else(|| Error::Device("margin_loss: no loss buffer".into()))
+            };
+            return Ok(rec.finish_with("loss", LOSS_BLAME, finish)?.0);
+        }
         Ok(rec.finish_terms("loss", &row_dist, terms, rows as f64, LOSS_BLAME)?.0)
     });
     let y = host_labels(y)?;
     let loss = with_cpu_real!(x1.dtype(), T => {
-        cpu::margin::forward::<T>(&values::<T>(x1)?, &values::<T>(x2)?, y, dim, opts.margin)
+        let (v1, v2) = (values::<T>(x1)?, values::<T>(x2)?);
+        match opts.variant {
+            MarginVariant::Hadsell => cpu::margin::forward::<T>(&v1, &v2, y, dim, opts.margin),
+            MarginVariant::PmlContrastive => {
+                cpu::margin::pml_forward::<T>(&v1, &v2, y, dim, opts.margin).0
+            }
+        }
     });
     if loss.is_finite() {
         host_loss(loss, x1.device())
@@ -260,9 +293,15 @@ fn input_grads(
     });
     let y = host_labels(y)?;
     let (g1, g2) = with_cpu_real!(x1.dtype(), T => {
-        let (g1, g2) = cpu::margin::backward::<T>(
-            &values::<T>(x1)?, &values::<T>(x2)?, y, dim, opts.margin, grad_loss,
-        );
+        let (v1, v2) = (values::<T>(x1)?, values::<T>(x2)?);
+        let (g1, g2) = match opts.variant {
+            MarginVariant::Hadsell => {
+                cpu::margin::backward::<T>(&v1, &v2, y, dim, opts.margin, grad_loss)
+            }
+            MarginVariant::PmlContrastive => {
+                cpu::margin::pml_backward::<T>(&v1, &v2, y, dim, opts.margin, grad_loss)
+            }
+        };
         (output_like(x1, g1, x1.shape())?, output_like(x2, g2, x2.shape())?)
     });
     check_result(BACKWARD, "grad_x1", &g1, BLAME)?;
@@ -278,7 +317,7 @@ fn input_grads(
 /// let x2 = Tensor::from_vec(vec![0.3f64, 0.4, 0.3, 0.4], &[2, 2], Device::Cpu)?;
 /// // Both pairs are 0.5 apart: the similar one costs 0.5^2 / 2, the dissimilar one
 /// // (1 - 0.5)^2 / 2 with margin 1.
-/// let out = margin_loss(&x1, &x2, &[0, 1], &MarginOptions { margin: 1.0 })?;
+/// let out = margin_loss(&x1, &x2, &[0, 1], &MarginOptions { margin: 1.0, ..Default::default() })?;
 /// assert!((out.loss.to_scalar()? - (0.125 + 0.125) / 2.0).abs() < 1e-12);
 /// assert_eq!(out.grad_x2.shape(), &[2, 2]);
 /// # Ok::<(), contra::Error>(())

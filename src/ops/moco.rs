@@ -185,7 +185,9 @@ pub fn moco(q: &Tensor, k: &Tensor, queue: &Tensor, opts: &MocoOptions) -> Resul
 
 /// Writes the L2-normalized keys `k` (N x D) into `queue` (K x D) at rows `(ptr + i) mod K` and
 /// returns the new pointer `(ptr + N) mod K`. Wraps around; needs neither `K mod N = 0` nor
-/// `N <= K` (with N > K the last keys win).
+/// `N <= K` (with N > K the last keys win). This is MoCo's ring buffer: every key enters the
+/// queue. (lightly's memory bank instead truncates a batch that passes the end of the queue and
+/// resets the pointer to 0, so those keys never enter it.)
 ///
 /// ```
 /// use contra::{moco_enqueue, Device, Tensor};

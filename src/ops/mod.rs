@@ -16,7 +16,7 @@ pub mod triplet;
 pub use clip::{clip, clip_backward, clip_forward, ClipForward, ClipGrads, ClipOutput, ClipSaved};
 pub use margin::{
     margin_backward, margin_forward, margin_loss, MarginForward, MarginOptions, MarginOutput,
-    MarginSaved,
+    MarginSaved, MarginVariant,
 };
 pub use moco::{moco, moco_backward, moco_enqueue, moco_forward, MocoOptions, MocoOutput};
 pub use momentum::momentum_update;
@@ -27,7 +27,7 @@ pub use supcon::{
 };
 pub use triplet::{
     triplet, triplet_backward, triplet_forward, Distance, Mining, TripletCounts, TripletForward,
-    TripletOptions, TripletOutput, TripletSaved, TripletStats,
+    TripletOptions, TripletOutput, TripletReduction, TripletSaved, TripletStats,
 };
 
 pub use infonce::{

@@ -237,7 +237,8 @@ pub fn supcon_backward(
 ///     &[3, 2, 2],
 ///     Device::Cpu,
 /// )?;
-/// let out = supcon(&features, &[7, 7, 3], &SupConOptions { temperature: 0.1, base_temperature: 0.1 })?;
+/// let opts = SupConOptions { temperature: 0.1, base_temperature: 0.1, ..Default::default() };
+/// let out = supcon(&features, &[7, 7, 3], &opts)?;
 /// assert!(out.loss.to_scalar()? > 0.0);
 /// assert_eq!(out.grad_features.shape(), &[3, 2, 2]);
 /// # Ok::<(), contra::Error>(())

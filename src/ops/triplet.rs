@@ -12,6 +12,11 @@
 //! - semi-hard (TF-Addons `triplet_semihard_loss`): per positive pair (a, p) whose anchor has a
 //!   negative, the nearest negative with `d_an > d_ap`, or, if there is none, the farthest negative;
 //!   the mean of `relu(d_ap - d_an + m)` over those pairs, which `count` counts.
+//! - semi-hard-all (pytorch-metric-learning's `TripletMarginMiner("semihard")`): every triplet
+//!   with `d_an > d_ap` and `d_ap - d_an + m >= 0`; the mean of its positive terms.
+//!
+//! `reduction` changes what the sum is divided by (and `count`): `NonZero` the terms that are
+//! positive (pytorch-metric-learning's `AvgNonZeroReducer`), `AllMined` every mined term.
 //!
 //! Ties between equal distances pick the lowest row index. The CPU backend computes in f64 whatever
 //! the input dtype, with O(N^2) memory (the pairwise distances), never O(N^3).
@@ -27,7 +32,7 @@ use crate::checks::{Checks, Recorder};
 use crate::kernels::storage::DeviceBuf;
 use crate::kernels::{self, run_on_kernels, Backend};
 use crate::shared::{Classes, Coefs};
-pub use crate::shared::{Distance, Mining, TripletStats};
+pub use crate::shared::{Distance, Mining, TripletReduction, TripletStats};
 use crate::{cpu, AsIndices, DType, Device, Error, Result, Tensor};
 
 const OP: &str = "triplet";
@@ -40,6 +45,8 @@ pub struct TripletOptions {
     pub mining: Mining,
     /// Margin `m >= 0`.
     pub margin: f64,
+    /// What the sum of the terms is divided by (the value of `counts.count()`).
+    pub reduction: TripletReduction,
 }
 
 impl Default for TripletOptions {
@@ -48,6 +55,7 @@ impl Default for TripletOptions {
             distance: Distance::Euclidean,
             mining: Mining::BatchHard,
             margin: 0.2,
+            reduction: TripletReduction::Conventional,
         }
     }
 }
@@ -119,8 +127,9 @@ enum Counts {
 }
 
 impl TripletCounts {
-    /// batch_all: triplets with a positive loss; batch_hard: anchors with a positive and a
-    /// negative; semi_hard: positive pairs whose anchor has a negative.
+    /// What the loss's sum was divided by. With the conventional reduction: batch_all and
+    /// semi_hard_all, triplets with a positive loss; batch_hard, anchors with a positive and a
+    /// negative; semi_hard, positive pairs whose anchor has a negative.
     pub fn count(&self) -> Result<u64> {
         Ok(self.read()?.0)
     }
@@ -226,6 +235,7 @@ fn kernel_problem<'a, B: Backend>(
         distance: opts.distance,
         mining: opts.mining,
         margin: opts.margin,
+        nonzero_only: opts.reduction.nonzero_only(opts.mining),
     }
 }
 
@@ -305,6 +315,7 @@ fn triplet_forward_unchecked(
         distance: opts.distance,
         mining: opts.mining,
         margin: opts.margin,
+        reduction: opts.reduction,
     }
     .forward();
     Ok(TripletForward {
@@ -408,7 +419,12 @@ fn triplet_backward_unchecked(
 /// use contra::{triplet, Device, Distance, Mining, Tensor, TripletOptions};
 /// // Two classes on a line: 0.0 and 0.1 are class 7, 1.0 and 0.5 are class 9.
 /// let x = Tensor::from_vec(vec![0.0f64, 0.1, 1.0, 0.5], &[4, 1], Device::Cpu)?;
-/// let opts = TripletOptions { distance: Distance::Euclidean, mining: Mining::BatchHard, margin: 0.2 };
+/// let opts = TripletOptions {
+///     distance: Distance::Euclidean,
+///     mining: Mining::BatchHard,
+///     margin: 0.2,
+///     ..Default::default()
+/// };
 /// let out = triplet(&x, &[7, 7, 9, 9], &opts)?;
 /// // Anchor 0.5: hardest positive 1.0 (0.5 away), hardest negative 0.1 (0.4 away).
 /// assert!((out.loss.to_scalar()? - (0.5 - 0.4 + 0.2) / 4.0).abs() < 1e-12);

@@ -9,6 +9,14 @@ Formulas (transcribed from the libraries' documentation and source, not imported
 - supcon_pml: pytorch-metric-learning 2.x SupConLoss (cosine similarity, AvgNonZeroReducer):
   per anchor -mean_{p in P(a)} log softmax_{j != a}(s_aj / t)_p; the mean over the anchors whose
   loss is non-zero (those with a positive); 0 for a batch without positive or negative pairs.
+- triplet_pml_batch_hard: PML TripletMarginLoss(margin) on BatchHardMiner's triplets (per anchor
+  the farthest positive and the nearest negative), AvgNonZeroReducer: the mean of the positive
+  relu(d_ap - d_an + m). Distances: LpDistance(normalize_embeddings=False), i.e. euclidean.
+- triplet_pml_semi_hard: PML TripletMarginLoss on TripletMarginMiner(margin, "semihard")'s
+  triplets, 0 < d_an - d_ap <= m, AvgNonZeroReducer.
+- margin_pml_contrastive: PML ContrastiveLoss(pos_margin=0, neg_margin=m) over given pairs
+  (LpDistance without normalization): AvgNonZero of the similar pairs' d plus AvgNonZero of the
+  dissimilar pairs' relu(m - d).
 """
 import json
 import os
@@ -76,9 +84,70 @@ def supcon_cases(gen):
               "grad_features": grad})
 
 
+def euclidean(x):
+    sq = (x * x).sum(1)
+    return torch.sqrt(torch.clamp(sq[:, None] + sq[None, :] - 2 * x @ x.T, min=1e-12))
+
+
+def avg_nonzero(terms):
+    nonzero = terms > 0
+    return terms[nonzero].mean() if nonzero.any() else terms.sum() * 0
+
+
+def pml_triplet(x, labels, margin, miner):
+    d = euclidean(x)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool)
+    pos, neg = same & ~eye, ~same
+    if miner == "batch_hard":
+        terms = []
+        for a in range(len(labels)):
+            if pos[a].any() and neg[a].any():
+                terms.append(torch.relu(d[a][pos[a]].max() - d[a][neg[a]].min() + margin))
+        terms = torch.stack(terms) if terms else (x * 0).sum().reshape(1)
+    else:
+        a, p, q = torch.nonzero(pos[:, :, None] & neg[:, None, :], as_tuple=True)
+        gap = d[a, q] - d[a, p]
+        keep = (gap > 0) & (gap <= margin)
+        terms = torch.relu(d[a, p] - d[a, q] + margin)[keep]
+    return avg_nonzero(terms)
+
+
+def triplet_cases(gen):
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3, 0, 1])
+    for miner, mining, margin in [("batch_hard", "batch_hard", 0.8),
+                                  ("semi_hard", "semi_hard_all", 0.6)]:
+        # Spread so that some anchors' hardest triplets are inactive and some semi-hard ones.
+        x = (torch.randn(len(labels), 5, generator=gen) * 0.6).requires_grad_(True)
+        loss = pml_triplet(x, labels, margin, miner)
+        (grad,) = torch.autograd.grad(loss, x)
+        options = {"distance": "euclidean", "mining": mining, "margin": margin,
+                   "reduction": "nonzero", "default_differs": miner == "batch_hard",
+                   "peer": f"pytorch-metric-learning TripletMarginLoss, {miner} triplets, "
+                           "AvgNonZeroReducer"}
+        save(f"triplet_pml_{miner}", "triplet", options,
+             {"x": x, "labels": labels.to(torch.int64), "loss": loss, "grad_x": grad})
+
+
+def margin_cases(gen):
+    y = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0])
+    x1 = torch.randn(len(y), 6, generator=gen, requires_grad=True)
+    x2 = (x1.detach() + torch.randn(len(y), 6, generator=gen) * 0.7).requires_grad_(True)
+    margin = 1.7
+    d = torch.sqrt(((x1 - x2) ** 2).sum(1))
+    loss = avg_nonzero(d[y == 0]) + avg_nonzero(torch.relu(margin - d[y == 1]))
+    g1, g2 = torch.autograd.grad(loss, (x1, x2))
+    save("margin_pml_contrastive", "margin",
+         {"margin": margin, "variant": "pml_contrastive", "default_differs": True,
+          "peer": "pytorch-metric-learning ContrastiveLoss (AvgNonZeroReducer per group)"},
+         {"x1": x1, "x2": x2, "y": y.to(torch.int64), "loss": loss, "grad_x1": g1, "grad_x2": g2})
+
+
 def main():
     gen = torch.Generator().manual_seed(15)
     supcon_cases(gen)
+    triplet_cases(gen)
+    margin_cases(gen)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 //! for a zero reference, which side holds a NaN; an unknown kind is skipped and counted as a
 //! failure; `count` and `base_temperature` are optional (issue 15, items 2 and 3).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use contra::fixtures::{compare, print_reports, run_case, Case, Precision, F32_TOLERANCE};
@@ -24,18 +26,9 @@ fn copy_case(name: &str, test: &str) -> PathBuf {
     dst
 }
 
-/// Writes `values` as a little-endian f8 `.npy` of `shape` (numpy's 1.0 header layout).
+/// Writes `values` as a little-endian f8 `.npy` of `shape`.
 fn write_f8(path: &Path, shape: &str, values: &[f64]) {
-    let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-    std::fs::write(path, out).unwrap();
+    std::fs::write(path, common::f8_npy(shape, values)).unwrap();
 }
 
 fn edit_json(dir: &Path, from: &str, to: &str) {

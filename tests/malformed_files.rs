@@ -1,8 +1,12 @@
 //! Malformed files read by the library or the `contra` command line are errors that name the
 //! file and the problem, never a panic, an abort or a silently wrong value (issue 13, part 6).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::{f8_npy, npy};
 
 use contra::data::parse_digits_csv;
 use contra::fixtures::{read_npy, run_case, Case, Precision};
@@ -17,28 +21,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A version 1.0 `.npy` file with the header dict `dict` (padded like numpy) and `payload`.
-fn npy(dict: &str, payload: &[u8]) -> Vec<u8> {
-    let mut header = dict.to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-fn f8_npy(shape: &str, values: &[f64]) -> Vec<u8> {
-    let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    npy(
-        &format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}"),
-        &payload,
-    )
 }
 
 /// `read_npy` of `bytes` written to `dir/name`: the error message, which must name the file.

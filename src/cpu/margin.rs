@@ -74,6 +74,20 @@ pub fn backward<T: Real>(
     grad_loss: f64,
 ) -> (Vec<T>, Vec<T>) {
     let scale = grad_loss / y.len() as f64;
+    pair_grads(x1, x2, y, dim, |sq, yi| {
+        scale * pair_coef(sq, yi == 0, margin)
+    })
+}
+
+/// `d / d x1 = k (x1 - x2)` and `d / d x2 = -k (x1 - x2)` per pair, `k = coef(sq, y)` of the
+/// pair's squared distance and label.
+fn pair_grads<T: Real>(
+    x1: &[T],
+    x2: &[T],
+    y: &[i64],
+    dim: usize,
+    coef: impl Fn(f64, i64) -> f64 + Sync,
+) -> (Vec<T>, Vec<T>) {
     let mut g1 = vec![T::zero(); x1.len()];
     let mut g2 = vec![T::zero(); x2.len()];
     g1.par_chunks_mut(dim)
@@ -81,7 +95,7 @@ pub fn backward<T: Real>(
         .zip(x1.par_chunks(dim).zip(x2.par_chunks(dim)))
         .zip(y.par_iter())
         .for_each(|(((g1_row, g2_row), (a, b)), &yi)| {
-            let k = scale * pair_coef(squared_distance(a, b), yi == 0, margin);
+            let k = coef(squared_distance(a, b), yi);
             for (((o1, o2), &u), &v) in g1_row.iter_mut().zip(g2_row.iter_mut()).zip(a).zip(b) {
                 let t = u.f64() - v.f64();
                 // A difference beyond f64 (f64 rows near f64::MAX) is taken halved.
@@ -147,29 +161,16 @@ pub fn pml_backward<T: Real>(
     grad_loss: f64,
 ) -> (Vec<T>, Vec<T>) {
     let (_, scales) = pml_forward(x1, x2, y, dim, margin);
-    let mut g1 = vec![T::zero(); x1.len()];
-    let mut g2 = vec![T::zero(); x2.len()];
-    g1.par_chunks_mut(dim)
-        .zip(g2.par_chunks_mut(dim))
-        .zip(x1.par_chunks(dim).zip(x2.par_chunks(dim)))
-        .zip(y.par_iter())
-        .for_each(|(((g1_row, g2_row), (a, b)), &yi)| {
-            let sq = squared_distance(a, b);
-            if sq < DIST_EPS {
-                return;
-            }
-            let d = sq.sqrt();
-            // d d / d x1 = (x1 - x2) / d.
-            let k = match yi {
-                0 => grad_loss * scales[0] / d,
-                _ if d < margin => -grad_loss * scales[1] / d,
-                _ => 0.0,
-            };
-            for (((o1, o2), &u), &v) in g1_row.iter_mut().zip(g2_row.iter_mut()).zip(a).zip(b) {
-                let g = k * (u.f64() - v.f64());
-                *o1 = T::of(g);
-                *o2 = T::of(-g);
-            }
-        });
-    (g1, g2)
+    // d d / d x1 = (x1 - x2) / d; 0 for a pair at the clamp.
+    pair_grads(x1, x2, y, dim, |sq, yi| {
+        if sq < DIST_EPS {
+            return 0.0;
+        }
+        let d = sq.sqrt();
+        match yi {
+            0 => grad_loss * scales[0] / d,
+            _ if d < margin => -grad_loss * scales[1] / d,
+            _ => 0.0,
+        }
+    })
 }

@@ -1,7 +1,7 @@
 //! Launch sequences of `kernels/margin.cu`: the Hadsell margin loss over pairs of rows.
 
 use super::params::{ContraMarginFinishParams, ContraMarginParams};
-use super::status::{Terms, LOSS_WORDS};
+use super::status::Terms;
 use super::{blocks_for, extent, handles, Backend, BufInfo, Elem, Launch};
 use crate::Result;
 
@@ -64,13 +64,7 @@ impl<B: Backend> Problem<'_, B> {
             },
         )?;
         let out = match slots {
-            Some(slots) => Some(b.output_of(
-                "loss",
-                BufInfo {
-                    elem: Elem::I32,
-                    count: LOSS_WORDS + slots + 1,
-                },
-            )?),
+            Some(slots) => Some(super::status::loss_buffer(b, slots)?),
             None => None,
         };
         let params = ContraMarginFinishParams {

@@ -100,6 +100,22 @@ pub(crate) enum Terms<'a, Buf> {
     },
 }
 
+/// An output buffer laid out like a loss: [`LOSS_WORDS`], then `slots` status words and the
+/// loss's own.
+pub(crate) fn loss_buffer<B: Backend>(b: &B, slots: usize) -> Result<B::Buf> {
+    let words = LOSS_WORDS
+        .checked_add(slots)
+        .and_then(|w| w.checked_add(1))
+        .ok_or_else(|| Error::Device(format!("{slots} status words overflow usize")))?;
+    b.output_of(
+        "loss",
+        BufInfo {
+            elem: Elem::I32,
+            count: words,
+        },
+    )
+}
+
 /// The loss buffer: `sum(terms) / divisor` in f64 ([`LOSS_WORDS`] words), then the `slots`
 /// status words of `status`, then the loss's own status word.
 pub(crate) fn finish_loss<B: Backend>(
@@ -111,13 +127,7 @@ pub(crate) fn finish_loss<B: Backend>(
     slots: usize,
 ) -> Result<B::Buf> {
     let n = b.info(values).count;
-    let out = b.output_of(
-        "loss",
-        BufInfo {
-            elem: Elem::I32,
-            count: LOSS_WORDS + slots + 1,
-        },
-    )?;
+    let out = loss_buffer(b, slots)?;
     let (labels, margin, dist_exp) = match terms {
         Terms::Values => (std::ptr::null_mut(), 0.0, 0),
         Terms::Margin {

@@ -4,7 +4,6 @@
 //! for the cosine distance). Nothing crosses to the host.
 
 use super::params::*;
-use super::status::LOSS_WORDS;
 use super::{
     blocks_for, elementwise, extent, handles, normalize, similarity, Backend, BufInfo, Elem, Launch,
 };
@@ -251,13 +250,7 @@ impl<B: Backend> Problem<'_, B> {
         status: &B::Buf,
         slots: usize,
     ) -> Result<B::Buf> {
-        let out = b.output_of(
-            "loss",
-            BufInfo {
-                elem: Elem::I32,
-                count: LOSS_WORDS + slots + 1,
-            },
-        )?;
+        let out = super::status::loss_buffer(b, slots)?;
         let params = ContraTripletFinishParams {
             anchor_sum: b.ptr(&mined.anchor_sum).cast(),
             anchor_count: b.ptr(&mined.anchor_count).cast(),

@@ -159,3 +159,26 @@ pub fn output<'a>(outputs: &'a Outputs, name: &str) -> &'a [f64] {
 pub fn scaled(values: &[f64], factor: f64) -> Vec<f64> {
     values.iter().map(|v| v * factor).collect()
 }
+
+/// A version 1.0 `.npy` file with the header dict `dict` (padded like numpy) and `payload`.
+pub fn npy(dict: &str, payload: &[u8]) -> Vec<u8> {
+    let mut header = dict.to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A little-endian f8 `.npy` of `shape` (a Python tuple, e.g. `(3,)`) holding `values`.
+pub fn f8_npy(shape: &str, values: &[f64]) -> Vec<u8> {
+    let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    npy(
+        &format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}"),
+        &payload,
+    )
+}

@@ -28,6 +28,8 @@
 #[cfg(feature = "bench")]
 #[doc(hidden)]
 pub mod bench;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub(crate) mod checks;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]

@@ -105,7 +105,7 @@ fn bad_input_is_a_candle_error_that_says_what() {
     let err = contra::candle::ntxent(&ints, &opts)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("U32") && err.contains("f32"), "{err}");
+    assert!(err.contains("`z`") && err.contains("float tensor"), "{err}");
     let transposed = views(DType::F32).t().unwrap();
     let err = contra::candle::ntxent(&transposed, &opts)
         .unwrap_err()
@@ -115,4 +115,187 @@ fn bad_input_is_a_candle_error_that_says_what() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("temperature"), "{err}");
+}
+
+/// candle's gradient of `input` (as f64 values).
+fn grad_of(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Vec<f64> {
+    grads
+        .get(t)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `values` as a candle f64 Var and a contra host tensor of `shape`.
+fn both(values: &[f64], shape: &[usize]) -> (Var, contra::Tensor) {
+    let var =
+        Var::from_tensor(&Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap()).unwrap();
+    let host = contra::Tensor::from_vec(values.to_vec(), shape, contra::Device::Cpu).unwrap();
+    (var, host)
+}
+
+fn values(len: usize, seed: usize) -> Vec<f64> {
+    (0..len)
+        .map(|i| ((i * 37 + seed * 11) % 101) as f64 / 50.0 - 1.0)
+        .collect()
+}
+
+fn assert_close(what: &str, got: &[f64], want: &[f64]) {
+    let err = max_rel(got, want);
+    assert!(err < 1e-10, "{what}: gradient error {err:e}");
+}
+
+#[test]
+fn every_loss_backward_gives_contras_gradients() {
+    let labels: Vec<i64> = vec![0, 1, 2, 0, 1, 2, 0, 1, 3, 3, 0];
+    let n = labels.len();
+    let label_t = Tensor::from_vec(labels.clone(), n, &Device::Cpu).unwrap();
+
+    // InfoNCE: q (11 x 5), k (13 x 5), positives as u32.
+    let (q, qh) = both(&values(n * 5, 1), &[n, 5]);
+    let (k, kh) = both(&values(13 * 5, 2), &[13, 5]);
+    let positives: Vec<u32> = (0..n as u32).map(|i| (i * 3 + 1) % 13).collect();
+    let opts = contra::InfoNceOptions::default();
+    let loss = contra::candle::infonce(
+        q.as_tensor(),
+        k.as_tensor(),
+        &Tensor::from_vec(positives.clone(), n, &Device::Cpu).unwrap(),
+        &opts,
+    )
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let pos: Vec<usize> = positives.iter().map(|&p| p as usize).collect();
+    let want = contra::infonce(&qh, &kh, &pos, &opts).unwrap();
+    assert_close(
+        "infonce q",
+        &grad_of(&grads, q.as_tensor()),
+        &want.grad_q.to_vec_f64().unwrap(),
+    );
+    assert_close(
+        "infonce k",
+        &grad_of(&grads, k.as_tensor()),
+        &want.grad_k.to_vec_f64().unwrap(),
+    );
+
+    // SupCon: 11 samples x 2 views x 5.
+    let (f, fh) = both(&values(n * 2 * 5, 3), &[n, 2, 5]);
+    let sopts = contra::SupConOptions {
+        temperature: 0.2,
+        base_temperature: 0.2,
+        ..Default::default()
+    };
+    let grads = contra::candle::supcon(f.as_tensor(), &label_t, &sopts)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let want = contra::supcon(&fh, &labels, &sopts).unwrap();
+    assert_close(
+        "supcon",
+        &grad_of(&grads, f.as_tensor()),
+        &want.grad_features.to_vec_f64().unwrap(),
+    );
+
+    // Triplet: every mining.
+    let (x, xh) = both(&values(n * 5, 4), &[n, 5]);
+    for mining in [
+        contra::Mining::BatchAll,
+        contra::Mining::BatchHard,
+        contra::Mining::SemiHard,
+    ] {
+        let topts = contra::TripletOptions {
+            mining,
+            margin: 0.4,
+            ..Default::default()
+        };
+        let grads = contra::candle::triplet(x.as_tensor(), &label_t, &topts)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want = contra::triplet(&xh, &labels, &topts).unwrap();
+        assert_close(
+            &format!("triplet {mining:?}"),
+            &grad_of(&grads, x.as_tensor()),
+            &want.grad_x.to_vec_f64().unwrap(),
+        );
+    }
+
+    // Margin loss: y as u8.
+    let (x1, x1h) = both(&values(n * 5, 5), &[n, 5]);
+    let (x2, x2h) = both(&values(n * 5, 6), &[n, 5]);
+    let y: Vec<u8> = (0..n as u8).map(|i| i % 2).collect();
+    let mopts = contra::MarginOptions {
+        margin: 1.5,
+        ..Default::default()
+    };
+    let grads = contra::candle::margin_loss(
+        x1.as_tensor(),
+        x2.as_tensor(),
+        &Tensor::from_vec(y.clone(), n, &Device::Cpu).unwrap(),
+        &mopts,
+    )
+    .unwrap()
+    .backward()
+    .unwrap();
+    let yi: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+    let want = contra::margin_loss(&x1h, &x2h, &yi, &mopts).unwrap();
+    assert_close(
+        "margin x1",
+        &grad_of(&grads, x1.as_tensor()),
+        &want.grad_x1.to_vec_f64().unwrap(),
+    );
+    assert_close(
+        "margin x2",
+        &grad_of(&grads, x2.as_tensor()),
+        &want.grad_x2.to_vec_f64().unwrap(),
+    );
+
+    // CLIP with a learnable log_scale.
+    let (a, ah) = both(&values(n * 5, 7), &[n, 5]);
+    let (b, bh) = both(&values(n * 5, 8), &[n, 5]);
+    let (s, _) = both(&[2.3], &[1]);
+    let grads = contra::candle::clip(a.as_tensor(), b.as_tensor(), s.as_tensor())
+        .unwrap()
+        .backward()
+        .unwrap();
+    let want = contra::clip(&ah, &bh, 2.3).unwrap();
+    assert_close(
+        "clip a",
+        &grad_of(&grads, a.as_tensor()),
+        &want.grad_a.to_vec_f64().unwrap(),
+    );
+    assert_close(
+        "clip b",
+        &grad_of(&grads, b.as_tensor()),
+        &want.grad_b.to_vec_f64().unwrap(),
+    );
+    assert_close(
+        "clip log_scale",
+        &grad_of(&grads, s.as_tensor()),
+        &[want.grad_log_scale.to_scalar().unwrap()],
+    );
+
+    // Labels out of range: a candle error naming them.
+    let bad = Tensor::from_vec(vec![0u32, 99], 2, &Device::Cpu).unwrap();
+    let err = contra::candle::infonce(
+        &q.as_tensor().narrow(0, 0, 2).unwrap(),
+        k.as_tensor(),
+        &bad,
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("positives[1] = 99"), "{err}");
+    // Float labels: refused.
+    let err = contra::candle::supcon(
+        f.as_tensor(),
+        &label_t.to_dtype(DType::F32).unwrap(),
+        &sopts,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("labels") && err.contains("integer"), "{err}");
 }

@@ -5,7 +5,7 @@
 //!
 //! Covered so far: NT-Xent, InfoNCE, SupCon, triplet, the margin loss and CLIP on candle's CPU
 //! storage (f32, f64, bf16, f16; contiguous inputs; labels and indices as u8, u32 or i64
-//! tensors); CUDA storage and the MoCo queue follow.
+//! tensors) and MoCo with [`MocoQueue`]; CUDA storage follows.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -525,4 +525,115 @@ pub fn clip(
     log_scale: &candle_core::Tensor,
 ) -> candle_core::Result<candle_core::Tensor> {
     a.apply_op3(b, log_scale, Op::new(ClipLoss))
+}
+
+struct MocoLoss(crate::MocoOptions);
+
+impl Loss for MocoLoss {
+    const NAME: &'static str = "moco";
+    type Saved = SoftmaxSaved;
+
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(f64, SoftmaxSaved)> {
+        let (q, k, queue) = (
+            inputs[0].values("q")?,
+            inputs[1].values("k")?,
+            inputs[2].values("queue")?,
+        );
+        let fwd = crate::moco_forward(q, k, queue, &self.0)?;
+        Ok((fwd.loss.to_scalar()?, fwd.saved))
+    }
+
+    fn backward(
+        &self,
+        inputs: &[Input],
+        saved: &SoftmaxSaved,
+        g: f64,
+    ) -> crate::Result<Vec<Option<crate::Tensor>>> {
+        let (q, k, queue) = (
+            inputs[0].values("q")?,
+            inputs[1].values("k")?,
+            inputs[2].values("queue")?,
+        );
+        // MoCo's keys come from the momentum encoder: no gradient for them or the queue.
+        Ok(vec![
+            Some(crate::moco_backward(q, k, queue, &self.0, saved, g)?),
+            None,
+            None,
+        ])
+    }
+}
+
+/// MoCo's queue of negatives as a candle tensor (K x D) with its write pointer: the loss of a
+/// batch against it, and the enqueue of that batch's keys.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use contra::candle::MocoQueue;
+///
+/// let mut queue = MocoQueue::new(Tensor::randn(0f32, 1.0, (16, 4), &Device::Cpu)?)?;
+/// let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu)?)?;
+/// let k = Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu)?;
+/// let loss = queue.loss(q.as_tensor(), &k, &contra::MocoOptions::default())?;
+/// let grad_q = loss.backward()?.remove(q.as_tensor()).unwrap();
+/// queue.enqueue(&k)?;
+/// assert_eq!((grad_q.dims(), queue.ptr()), (&[3usize, 4][..], 3));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub struct MocoQueue {
+    queue: candle_core::Tensor,
+    ptr: usize,
+}
+
+impl MocoQueue {
+    /// A queue holding `initial` (K x D; MoCo starts from random unit vectors), pointer 0.
+    pub fn new(initial: candle_core::Tensor) -> candle_core::Result<Self> {
+        if initial.rank() != 2 {
+            return Err(candle_core::Error::Msg(format!(
+                "contra::candle::MocoQueue: the queue must be K x D, not {:?}",
+                initial.dims()
+            )));
+        }
+        Ok(MocoQueue {
+            queue: initial.detach(),
+            ptr: 0,
+        })
+    }
+
+    /// The queue (K x D), detached: no gradient flows into it.
+    pub fn queue(&self) -> &candle_core::Tensor {
+        &self.queue
+    }
+
+    /// The row the next key goes to.
+    pub fn ptr(&self) -> usize {
+        self.ptr
+    }
+
+    /// MoCo's loss of queries `q` (N x D) with positive keys `k` (N x D) against the queue's
+    /// negatives; `loss.backward()` gives q's gradient (the keys get none).
+    pub fn loss(
+        &self,
+        q: &candle_core::Tensor,
+        k: &candle_core::Tensor,
+        opts: &crate::MocoOptions,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        q.apply_op3(&k.detach(), &self.queue, Op::new(MocoLoss(*opts)))
+    }
+
+    /// Writes the L2-normalized keys `k` (N x D) at rows `(ptr + i) mod K` and moves the pointer
+    /// ([`crate::moco_enqueue`]: the ring wraps around).
+    pub fn enqueue(&mut self, k: &candle_core::Tensor) -> candle_core::Result<()> {
+        let as_host = |t: &candle_core::Tensor| -> candle_core::Result<crate::Tensor> {
+            let values: Vec<f64> = t
+                .to_dtype(candle_core::DType::F64)?
+                .flatten_all()?
+                .to_vec1()?;
+            crate::Tensor::from_vec(values, t.dims(), crate::Device::Cpu).map_err(candle_error)
+        };
+        let mut queue = as_host(&self.queue)?;
+        self.ptr = crate::moco_enqueue(&mut queue, &as_host(&k.detach())?, self.ptr)
+            .map_err(candle_error)?;
+        self.queue = to_candle(&queue, &self.queue)?;
+        Ok(())
+    }
 }

@@ -30,7 +30,12 @@ fn max_rel(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn ntxent_backward_gives_contras_gradient() {
     let opts = NtXentOptions { temperature: 0.3 };
-    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+    for (dtype, tol) in [
+        (DType::F64, 1e-10),
+        (DType::F32, 1e-5),
+        (DType::BF16, 2e-2),
+        (DType::F16, 2e-2),
+    ] {
         let z = Var::from_tensor(&views(dtype)).unwrap();
         let loss = contra::candle::ntxent(z.as_tensor(), &opts).unwrap();
         assert_eq!(loss.dims(), &[] as &[usize]);
@@ -49,6 +54,8 @@ fn ntxent_backward_gives_contras_gradient() {
         let zc = contra::Tensor::from_vec(host, &[26, 7], contra::Device::Cpu).unwrap();
         let zc = match dtype {
             DType::F32 => zc.to_dtype(contra::DType::F32).unwrap(),
+            DType::BF16 => zc.to_dtype(contra::DType::Bf16).unwrap(),
+            DType::F16 => zc.to_dtype(contra::DType::F16).unwrap(),
             _ => zc,
         };
         let want = contra::ntxent(&zc, &opts).unwrap();
@@ -298,4 +305,39 @@ fn every_loss_backward_gives_contras_gradients() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("labels") && err.contains("integer"), "{err}");
+}
+
+#[test]
+fn moco_queue_loss_and_enqueue_match_contra() {
+    let (q, qh) = both(&values(5 * 4, 9), &[5, 4]);
+    let (k, kh) = both(&values(5 * 4, 10), &[5, 4]);
+    let (initial, queue_h) = both(&values(7 * 4, 11), &[7, 4]);
+    let mut queue = contra::candle::MocoQueue::new(initial.as_tensor().clone()).unwrap();
+    let opts = contra::MocoOptions { temperature: 0.2 };
+    let loss = queue.loss(q.as_tensor(), k.as_tensor(), &opts).unwrap();
+    let grads = loss.backward().unwrap();
+    let want = contra::moco(&qh, &kh, &queue_h, &opts).unwrap();
+    assert_close(
+        "moco q",
+        &grad_of(&grads, q.as_tensor()),
+        &want.grad_q.to_vec_f64().unwrap(),
+    );
+    assert!(
+        grads.get(k.as_tensor()).is_none(),
+        "the keys get no gradient"
+    );
+    // Pointer 5 of 7: the second enqueue wraps around.
+    let mut want_queue = queue_h.clone();
+    let mut ptr = 0;
+    for _ in 0..2 {
+        queue.enqueue(k.as_tensor()).unwrap();
+        ptr = contra::moco_enqueue(&mut want_queue, &kh, ptr).unwrap();
+    }
+    assert_eq!(queue.ptr(), ptr);
+    let got: Vec<f64> = queue.queue().flatten_all().unwrap().to_vec1().unwrap();
+    assert_close(
+        "queue after enqueue",
+        &got,
+        &want_queue.to_vec_f64().unwrap(),
+    );
 }

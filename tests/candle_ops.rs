@@ -138,10 +138,14 @@ fn grad_of(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Vec<f64> {
 }
 
 /// `values` as a candle f64 Var and a contra host tensor of `shape`.
-fn both(values: &[f64], shape: &[usize]) -> (Var, contra::Tensor) {
-    let var =
-        Var::from_tensor(&Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap()).unwrap();
+fn both(dtype: DType, values: &[f64], shape: &[usize]) -> (Var, contra::Tensor) {
+    let t = Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap();
+    let var = Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
     let host = contra::Tensor::from_vec(values.to_vec(), shape, contra::Device::Cpu).unwrap();
+    let host = match dtype {
+        DType::F32 => host.to_dtype(contra::DType::F32).unwrap(),
+        _ => host,
+    };
     (var, host)
 }
 
@@ -151,20 +155,26 @@ fn values(len: usize, seed: usize) -> Vec<f64> {
         .collect()
 }
 
-fn assert_close(what: &str, got: &[f64], want: &[f64]) {
+fn assert_close(tol: f64, what: &str, got: &[f64], want: &[f64]) {
     let err = max_rel(got, want);
-    assert!(err < 1e-10, "{what}: gradient error {err:e}");
+    assert!(err < tol, "{what}: gradient error {err:e} > {tol:e}");
 }
 
 #[test]
 fn every_loss_backward_gives_contras_gradients() {
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+        check_every_loss(dtype, tol);
+    }
+}
+
+fn check_every_loss(dtype: DType, tol: f64) {
     let labels: Vec<i64> = vec![0, 1, 2, 0, 1, 2, 0, 1, 3, 3, 0];
     let n = labels.len();
     let label_t = Tensor::from_vec(labels.clone(), n, &Device::Cpu).unwrap();
 
     // InfoNCE: q (11 x 5), k (13 x 5), positives as u32.
-    let (q, qh) = both(&values(n * 5, 1), &[n, 5]);
-    let (k, kh) = both(&values(13 * 5, 2), &[13, 5]);
+    let (q, qh) = both(dtype, &values(n * 5, 1), &[n, 5]);
+    let (k, kh) = both(dtype, &values(13 * 5, 2), &[13, 5]);
     let positives: Vec<u32> = (0..n as u32).map(|i| (i * 3 + 1) % 13).collect();
     let opts = contra::InfoNceOptions::default();
     let loss = contra::candle::infonce(
@@ -178,18 +188,20 @@ fn every_loss_backward_gives_contras_gradients() {
     let pos: Vec<usize> = positives.iter().map(|&p| p as usize).collect();
     let want = contra::infonce(&qh, &kh, &pos, &opts).unwrap();
     assert_close(
+        tol,
         "infonce q",
         &grad_of(&grads, q.as_tensor()),
         &want.grad_q.to_vec_f64().unwrap(),
     );
     assert_close(
+        tol,
         "infonce k",
         &grad_of(&grads, k.as_tensor()),
         &want.grad_k.to_vec_f64().unwrap(),
     );
 
     // SupCon: 11 samples x 2 views x 5.
-    let (f, fh) = both(&values(n * 2 * 5, 3), &[n, 2, 5]);
+    let (f, fh) = both(dtype, &values(n * 2 * 5, 3), &[n, 2, 5]);
     let sopts = contra::SupConOptions {
         temperature: 0.2,
         base_temperature: 0.2,
@@ -201,13 +213,14 @@ fn every_loss_backward_gives_contras_gradients() {
         .unwrap();
     let want = contra::supcon(&fh, &labels, &sopts).unwrap();
     assert_close(
+        tol,
         "supcon",
         &grad_of(&grads, f.as_tensor()),
         &want.grad_features.to_vec_f64().unwrap(),
     );
 
     // Triplet: every mining.
-    let (x, xh) = both(&values(n * 5, 4), &[n, 5]);
+    let (x, xh) = both(dtype, &values(n * 5, 4), &[n, 5]);
     for mining in [
         contra::Mining::BatchAll,
         contra::Mining::BatchHard,
@@ -224,6 +237,7 @@ fn every_loss_backward_gives_contras_gradients() {
             .unwrap();
         let want = contra::triplet(&xh, &labels, &topts).unwrap();
         assert_close(
+            tol,
             &format!("triplet {mining:?}"),
             &grad_of(&grads, x.as_tensor()),
             &want.grad_x.to_vec_f64().unwrap(),
@@ -231,8 +245,8 @@ fn every_loss_backward_gives_contras_gradients() {
     }
 
     // Margin loss: y as u8.
-    let (x1, x1h) = both(&values(n * 5, 5), &[n, 5]);
-    let (x2, x2h) = both(&values(n * 5, 6), &[n, 5]);
+    let (x1, x1h) = both(dtype, &values(n * 5, 5), &[n, 5]);
+    let (x2, x2h) = both(dtype, &values(n * 5, 6), &[n, 5]);
     let y: Vec<u8> = (0..n as u8).map(|i| i % 2).collect();
     let mopts = contra::MarginOptions {
         margin: 1.5,
@@ -250,36 +264,41 @@ fn every_loss_backward_gives_contras_gradients() {
     let yi: Vec<i64> = y.iter().map(|&v| v as i64).collect();
     let want = contra::margin_loss(&x1h, &x2h, &yi, &mopts).unwrap();
     assert_close(
+        tol,
         "margin x1",
         &grad_of(&grads, x1.as_tensor()),
         &want.grad_x1.to_vec_f64().unwrap(),
     );
     assert_close(
+        tol,
         "margin x2",
         &grad_of(&grads, x2.as_tensor()),
         &want.grad_x2.to_vec_f64().unwrap(),
     );
 
     // CLIP with a learnable log_scale.
-    let (a, ah) = both(&values(n * 5, 7), &[n, 5]);
-    let (b, bh) = both(&values(n * 5, 8), &[n, 5]);
-    let (s, _) = both(&[2.3], &[1]);
+    let (a, ah) = both(dtype, &values(n * 5, 7), &[n, 5]);
+    let (b, bh) = both(dtype, &values(n * 5, 8), &[n, 5]);
+    let (s, _) = both(dtype, &[2.3], &[1]);
     let grads = contra::candle::clip(a.as_tensor(), b.as_tensor(), s.as_tensor())
         .unwrap()
         .backward()
         .unwrap();
     let want = contra::clip(&ah, &bh, 2.3).unwrap();
     assert_close(
+        tol,
         "clip a",
         &grad_of(&grads, a.as_tensor()),
         &want.grad_a.to_vec_f64().unwrap(),
     );
     assert_close(
+        tol,
         "clip b",
         &grad_of(&grads, b.as_tensor()),
         &want.grad_b.to_vec_f64().unwrap(),
     );
     assert_close(
+        tol,
         "clip log_scale",
         &grad_of(&grads, s.as_tensor()),
         &[want.grad_log_scale.to_scalar().unwrap()],
@@ -309,15 +328,16 @@ fn every_loss_backward_gives_contras_gradients() {
 
 #[test]
 fn moco_queue_loss_and_enqueue_match_contra() {
-    let (q, qh) = both(&values(5 * 4, 9), &[5, 4]);
-    let (k, kh) = both(&values(5 * 4, 10), &[5, 4]);
-    let (initial, queue_h) = both(&values(7 * 4, 11), &[7, 4]);
+    let (q, qh) = both(DType::F64, &values(5 * 4, 9), &[5, 4]);
+    let (k, kh) = both(DType::F64, &values(5 * 4, 10), &[5, 4]);
+    let (initial, queue_h) = both(DType::F64, &values(7 * 4, 11), &[7, 4]);
     let mut queue = contra::candle::MocoQueue::new(initial.as_tensor().clone()).unwrap();
     let opts = contra::MocoOptions { temperature: 0.2 };
     let loss = queue.loss(q.as_tensor(), k.as_tensor(), &opts).unwrap();
     let grads = loss.backward().unwrap();
     let want = contra::moco(&qh, &kh, &queue_h, &opts).unwrap();
     assert_close(
+        1e-10,
         "moco q",
         &grad_of(&grads, q.as_tensor()),
         &want.grad_q.to_vec_f64().unwrap(),
@@ -336,6 +356,7 @@ fn moco_queue_loss_and_enqueue_match_contra() {
     assert_eq!(queue.ptr(), ptr);
     let got: Vec<f64> = queue.queue().flatten_all().unwrap().to_vec1().unwrap();
     assert_close(
+        1e-10,
         "queue after enqueue",
         &got,
         &want_queue.to_vec_f64().unwrap(),

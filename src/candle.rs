@@ -398,7 +398,11 @@ pub fn supcon(
     features.apply_op2(labels, Op::new(SupConLoss(*opts)))
 }
 
-struct TripletLoss(crate::TripletOptions);
+struct TripletLoss {
+    opts: crate::TripletOptions,
+    /// The forward's counts, for the caller.
+    counts: std::sync::Arc<Mutex<Option<crate::TripletCounts>>>,
+}
 
 impl Loss for TripletLoss {
     const NAME: &'static str = "triplet";
@@ -408,8 +412,11 @@ impl Loss for TripletLoss {
         let fwd = crate::triplet_forward(
             inputs[0].values("x")?,
             inputs[1].indices("labels")?,
-            &self.0,
+            &self.opts,
         )?;
+        if let Ok(mut counts) = self.counts.lock() {
+            *counts = Some(fwd.counts.clone());
+        }
         Ok((fwd.loss.to_scalar()?, fwd.saved))
     }
 
@@ -421,20 +428,32 @@ impl Loss for TripletLoss {
     ) -> crate::Result<Vec<Option<crate::Tensor>>> {
         let (x, labels) = (inputs[0].values("x")?, inputs[1].indices("labels")?);
         Ok(vec![
-            Some(crate::triplet_backward(x, labels, &self.0, saved, g)?),
+            Some(crate::triplet_backward(x, labels, &self.opts, saved, g)?),
             None,
         ])
     }
 }
 
-/// The triplet loss of `x` (N x D) with one label per row (`labels`, an integer tensor of N);
-/// the gradient for x.
+/// The triplet loss of `x` (N x D) with one label per row (`labels`, an integer tensor of N),
+/// and its counts (what the mean is over, and the hard / semi-hard / easy split); the loss's
+/// backward gives the gradient for x.
 pub fn triplet(
     x: &candle_core::Tensor,
     labels: &candle_core::Tensor,
     opts: &crate::TripletOptions,
-) -> candle_core::Result<candle_core::Tensor> {
-    x.apply_op2(labels, Op::new(TripletLoss(*opts)))
+) -> candle_core::Result<(candle_core::Tensor, crate::TripletCounts)> {
+    let counts = std::sync::Arc::new(Mutex::new(None));
+    let op = TripletLoss {
+        opts: *opts,
+        counts: counts.clone(),
+    };
+    let loss = x.apply_op2(labels, Op::new(op))?;
+    let counts = counts
+        .lock()
+        .ok()
+        .and_then(|mut c| c.take())
+        .ok_or_else(|| candle_core::Error::Msg("contra::candle::triplet: no counts".into()))?;
+    Ok((loss, counts))
 }
 
 struct MarginLoss(crate::MarginOptions);

@@ -231,11 +231,11 @@ fn check_every_loss(dtype: DType, tol: f64) {
             margin: 0.4,
             ..Default::default()
         };
-        let grads = contra::candle::triplet(x.as_tensor(), &label_t, &topts)
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (loss, counts) = contra::candle::triplet(x.as_tensor(), &label_t, &topts).unwrap();
+        let grads = loss.backward().unwrap();
         let want = contra::triplet(&xh, &labels, &topts).unwrap();
+        assert_eq!(counts.count().unwrap(), want.counts.count().unwrap());
+        assert_eq!(counts.stats().unwrap(), want.counts.stats().unwrap());
         assert_close(
             tol,
             &format!("triplet {mining:?}"),

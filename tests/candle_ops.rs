@@ -144,6 +144,8 @@ fn both(dtype: DType, values: &[f64], shape: &[usize]) -> (Var, contra::Tensor) 
     let host = contra::Tensor::from_vec(values.to_vec(), shape, contra::Device::Cpu).unwrap();
     let host = match dtype {
         DType::F32 => host.to_dtype(contra::DType::F32).unwrap(),
+        DType::BF16 => host.to_dtype(contra::DType::Bf16).unwrap(),
+        DType::F16 => host.to_dtype(contra::DType::F16).unwrap(),
         _ => host,
     };
     (var, host)
@@ -162,7 +164,12 @@ fn assert_close(tol: f64, what: &str, got: &[f64], want: &[f64]) {
 
 #[test]
 fn every_loss_backward_gives_contras_gradients() {
-    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+    for (dtype, tol) in [
+        (DType::F64, 1e-10),
+        (DType::F32, 1e-5),
+        (DType::BF16, 2e-2),
+        (DType::F16, 2e-2),
+    ] {
         check_every_loss(dtype, tol);
     }
 }

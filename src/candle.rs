@@ -1,22 +1,46 @@
 //! contra's losses as candle ops (feature `candle`): a function from candle tensors to a 0-d loss
 //! tensor whose `backward()` gives the inputs' gradients through candle's autograd. The forward
-//! keeps what the backward needs (the per-row log-sum-exp), so the backward does not run the
-//! forward again.
+//! keeps what the backward needs (the per-row log-sum-exp, with the inputs as it read them), so
+//! the backward does not run the forward again.
 //!
-//! Covered so far: NT-Xent, InfoNCE, SupCon, triplet, the margin loss and CLIP on candle's CPU
-//! storage (f32, f64, bf16, f16; contiguous inputs; labels and indices as u8, u32 or i64
-//! tensors) and MoCo with [`MocoQueue`]; CUDA storage follows.
+//! The losses: [`ntxent`], [`infonce`], [`supcon`], [`triplet`] (with its counts),
+//! [`margin_loss`], [`clip`] (its `log_scale` a one-element `Var` that learns) and MoCo through
+//! [`MocoQueue`]. Inputs are contiguous f32, f64, bf16 or f16 tensors; labels and indices are
+//! u8, u32 or i64 tensors. On candle's CPU storage contra's CPU backend runs; with the feature
+//! `candle-cuda`, on CUDA storage contra's kernels read candle's memory in place on candle's
+//! stream and their gradients become candle storage without a copy (labels and indices are
+//! read on the host, one small copy).
+//!
+//! A training step with a candle-nn model:
 //!
 //! ```
-//! use candle_core::{Device, Tensor, Var};
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{linear, seq, Activation, AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 //! use contra::NtXentOptions;
 //!
-//! let z = Var::from_tensor(&Tensor::randn(0f32, 1.0, (8, 4), &Device::Cpu)?)?;
-//! let loss = contra::candle::ntxent(z.as_tensor(), &NtXentOptions::default())?;
-//! let grads = loss.backward()?;
-//! assert_eq!(grads.get(z.as_tensor()).unwrap().dims(), &[8, 4]);
+//! let device = Device::Cpu; // or Device::new_cuda(0)? with the feature `candle-cuda`
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+//! let encoder = seq()
+//!     .add(linear(64, 128, vb.pp("fc1"))?)
+//!     .add(Activation::Relu)
+//!     .add(linear(128, 32, vb.pp("fc2"))?);
+//! let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: 1e-2, ..Default::default() })?;
+//! let batch = Tensor::randn(0f32, 1.0, (128, 64), &device)?;
+//! let mut losses = Vec::new();
+//! for _ in 0..30 {
+//!     // Two noisy views of the batch: rows i and i + 128 are a positive pair.
+//!     let view = || (&batch + batch.randn_like(0.0, 0.3)?);
+//!     let z = encoder.forward(&Tensor::cat(&[view()?, view()?], 0)?)?;
+//!     let loss = contra::candle::ntxent(&z, &NtXentOptions { temperature: 0.5 })?;
+//!     opt.backward_step(&loss)?;
+//!     losses.push(loss.to_scalar::<f32>()?);
+//! }
+//! assert!(losses[29] < losses[0]);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
+//!
+//! `examples/candle_simclr.rs` trains a CNN this way on Fashion-MNIST.
 
 use std::sync::Mutex;
 
@@ -70,9 +94,13 @@ fn scalar_like(like: &CpuStorage, value: f64) -> CpuStorage {
 
 /// A candle tensor (CPU) holding a contra tensor's values, of `like`'s dtype and shape.
 fn to_candle(
-    t: &crate::Tensor,
+    t: crate::Tensor,
     like: &candle_core::Tensor,
 ) -> candle_core::Result<candle_core::Tensor> {
+    #[cfg(feature = "candle-cuda")]
+    if let candle_core::Device::Cuda(device) = like.device() {
+        return on_cuda::to_candle(t, like, device);
+    }
     let values = t.to_vec_f64().map_err(candle_error)?;
     candle_core::Tensor::from_vec(values, like.shape(), like.device())?.to_dtype(like.dtype())
 }
@@ -112,7 +140,7 @@ impl Input {
 trait Loss: Send + Sync + 'static {
     const NAME: &'static str;
     type Saved: Send + 'static;
-    fn forward(&self, inputs: &[Input]) -> crate::Result<(f64, Self::Saved)>;
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, Self::Saved)>;
     fn backward(
         &self,
         inputs: &[Input],
@@ -121,22 +149,37 @@ trait Loss: Send + Sync + 'static {
     ) -> crate::Result<Vec<Option<crate::Tensor>>>;
 }
 
-/// A loss with the state its forward left for its backward.
+/// A loss with its inputs (candle tensors, which keep their storage alive while a contra
+/// tensor reads it) and what its forward left for its backward: the inputs as contra took
+/// them and the loss's saved state.
 struct Op<L: Loss> {
     loss: L,
-    saved: Mutex<Option<L::Saved>>,
+    args: Vec<candle_core::Tensor>,
+    saved: Mutex<Option<Forwarded<L>>>,
 }
 
+/// The inputs as the forward took them and the state it saved.
+type Forwarded<L> = (Vec<Input>, <L as Loss>::Saved);
+
 impl<L: Loss> Op<L> {
-    fn new(loss: L) -> Self {
+    /// The op of `loss` on `args`, in the order `apply_op*` passes their storages.
+    fn new(loss: L, args: &[&candle_core::Tensor]) -> Self {
         Op {
             loss,
+            args: args.iter().map(|&t| t.clone()).collect(),
             saved: Mutex::new(None),
         }
     }
 
     fn name(&self) -> &'static str {
         L::NAME
+    }
+
+    /// Runs the forward on `inputs` and keeps them with the saved state; the loss.
+    fn forward(&self, inputs: Vec<Input>) -> candle_core::Result<crate::Tensor> {
+        let (loss, saved) = self.loss.forward(&inputs).map_err(candle_error)?;
+        *self.lock()? = Some((inputs, saved));
+        Ok(loss)
     }
 
     /// The forward on CPU storages: the loss in the first input's dtype, shape `()`.
@@ -148,52 +191,52 @@ impl<L: Loss> Op<L> {
             .iter()
             .map(|(s, l)| input_of(L::NAME, s, l))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let (loss, saved) = self.loss.forward(&inputs).map_err(candle_error)?;
-        *self.lock()? = Some(saved);
+        let loss = self.forward(inputs)?.to_scalar().map_err(candle_error)?;
         Ok((scalar_like(args[0].0, loss), Shape::from(())))
     }
 
-    fn lock(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Option<L::Saved>>> {
+    fn lock(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Option<Forwarded<L>>>> {
         self.saved
             .lock()
             .map_err(|_| candle_core::Error::Msg(format!("{}: state poisoned", L::NAME)))
     }
 
-    /// The gradients of `grad_res * loss` for `args`, as candle tensors like them.
+    /// The gradients of `grad_res * loss` for the inputs, as candle tensors like them (on
+    /// their device).
     fn backward(
         &self,
-        args: &[&candle_core::Tensor],
         grad_res: &candle_core::Tensor,
     ) -> candle_core::Result<Vec<Option<candle_core::Tensor>>> {
         let grad_loss = grad_res
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
-        let inputs = args
-            .iter()
-            .map(|t| {
-                let (storage, layout) = t.storage_and_layout();
-                match &*storage {
-                    candle_core::Storage::Cpu(cpu) => input_of(L::NAME, cpu, layout),
-                    _ => Err(candle_core::Error::Msg(format!(
-                        "{}: contra::candle runs on CPU storage so far",
-                        L::NAME
-                    ))),
-                }
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let guard = self.lock()?;
-        let saved = guard.as_ref().ok_or_else(|| {
+        let (inputs, saved) = guard.as_ref().ok_or_else(|| {
             candle_core::Error::Msg(format!("{}: backward before forward", L::NAME))
         })?;
-        let grads = self
-            .loss
-            .backward(&inputs, saved, grad_loss)
-            .map_err(candle_error)?;
+        let grads = on_device_of(&self.args[0], || {
+            self.loss
+                .backward(inputs, saved, grad_loss)
+                .map_err(candle_error)
+        })?;
         grads
-            .iter()
-            .zip(args)
-            .map(|(g, like)| g.as_ref().map(|g| to_candle(g, like)).transpose())
+            .into_iter()
+            .zip(&self.args)
+            .map(|(g, like)| g.map(|g| to_candle(g, like)).transpose())
             .collect()
+    }
+}
+
+/// Runs `f` (contra work on `like`'s device) ordered with candle's work there: on candle's
+/// stream for CUDA storage.
+fn on_device_of<R>(
+    like: &candle_core::Tensor,
+    f: impl FnOnce() -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match like.device() {
+        #[cfg(feature = "candle-cuda")]
+        candle_core::Device::Cuda(device) => on_cuda::on_stream(device, f),
+        _ => f(),
     }
 }
 
@@ -235,13 +278,22 @@ macro_rules! custom_op {
                 self.cpu_forward(&[$(($s, $l)),+])
             }
 
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_fwd(
+                &self,
+                $($s: &candle_core::CudaStorage, $l: &Layout),+
+            ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+                self.cuda_forward(&[$(($s, $l)),+])
+            }
+
             fn bwd(
                 &self,
                 $($a: &candle_core::Tensor,)+
                 _res: &candle_core::Tensor,
                 grad_res: &candle_core::Tensor,
             ) -> candle_core::Result<$out> {
-                let grads = self.backward(&[$($a),+], grad_res)?;
+                let _ = ($($a),+);
+                let grads = self.backward(grad_res)?;
                 Ok($pick(grads))
             }
         }
@@ -277,9 +329,9 @@ impl Loss for NtXentLoss {
     const NAME: &'static str = "ntxent";
     type Saved = SoftmaxSaved;
 
-    fn forward(&self, inputs: &[Input]) -> crate::Result<(f64, SoftmaxSaved)> {
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, SoftmaxSaved)> {
         let fwd = ntxent_forward(inputs[0].values("z")?, &self.0)?;
-        Ok((fwd.loss.to_scalar()?, fwd.saved))
+        Ok((fwd.loss, fwd.saved))
     }
 
     fn backward(
@@ -304,7 +356,7 @@ pub fn ntxent(
     z: &candle_core::Tensor,
     opts: &NtXentOptions,
 ) -> candle_core::Result<candle_core::Tensor> {
-    z.apply_op1(Op::new(NtXentLoss(*opts)))
+    z.apply_op1(Op::new(NtXentLoss(*opts), &[z]))
 }
 
 struct InfoNceLoss(crate::InfoNceOptions);
@@ -328,7 +380,7 @@ impl Loss for InfoNceLoss {
     const NAME: &'static str = "infonce";
     type Saved = SoftmaxSaved;
 
-    fn forward(&self, inputs: &[Input]) -> crate::Result<(f64, SoftmaxSaved)> {
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, SoftmaxSaved)> {
         let positives = usizes(inputs[2].indices("positives")?, "positives")?;
         let fwd = crate::infonce_forward(
             inputs[0].values("q")?,
@@ -336,7 +388,7 @@ impl Loss for InfoNceLoss {
             &positives,
             &self.0,
         )?;
-        Ok((fwd.loss.to_scalar()?, fwd.saved))
+        Ok((fwd.loss, fwd.saved))
     }
 
     fn backward(
@@ -360,7 +412,11 @@ pub fn infonce(
     positives: &candle_core::Tensor,
     opts: &crate::InfoNceOptions,
 ) -> candle_core::Result<candle_core::Tensor> {
-    q.apply_op3(k, positives, Op::new(InfoNceLoss(*opts)))
+    q.apply_op3(
+        k,
+        positives,
+        Op::new(InfoNceLoss(*opts), &[q, k, positives]),
+    )
 }
 
 struct SupConLoss(crate::SupConOptions);
@@ -369,10 +425,10 @@ impl Loss for SupConLoss {
     const NAME: &'static str = "supcon";
     type Saved = SoftmaxSaved;
 
-    fn forward(&self, inputs: &[Input]) -> crate::Result<(f64, SoftmaxSaved)> {
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, SoftmaxSaved)> {
         let labels = inputs[1].indices("labels")?;
         let fwd = crate::supcon_forward(inputs[0].values("features")?, labels, &self.0)?;
-        Ok((fwd.loss.to_scalar()?, fwd.saved))
+        Ok((fwd.loss, fwd.saved))
     }
 
     fn backward(
@@ -395,7 +451,7 @@ pub fn supcon(
     labels: &candle_core::Tensor,
     opts: &crate::SupConOptions,
 ) -> candle_core::Result<candle_core::Tensor> {
-    features.apply_op2(labels, Op::new(SupConLoss(*opts)))
+    features.apply_op2(labels, Op::new(SupConLoss(*opts), &[features, labels]))
 }
 
 struct TripletLoss {
@@ -408,7 +464,7 @@ impl Loss for TripletLoss {
     const NAME: &'static str = "triplet";
     type Saved = crate::TripletSaved;
 
-    fn forward(&self, inputs: &[Input]) -> crate::Result<(f64, crate::TripletSaved)> {
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, crate::TripletSaved)> {
         let fwd = crate::triplet_forward(
             inputs[0].values("x")?,
             inputs[1].indices("labels")?,
@@ -417,7 +473,7 @@ impl Loss for TripletLoss {
         if let Ok(mut counts) = self.counts.lock() {
             *counts = Some(fwd.counts.clone());
         }
-        Ok((fwd.loss.to_scalar()?, fwd.saved))
+        Ok((fwd.loss, fwd.saved))
     }
 
     fn backward(
@@ -447,7 +503,7 @@ pub fn triplet(
         opts: *opts,
         counts: counts.clone(),
     };
-    let loss = x.apply_op2(labels, Op::new(op))?;
+    let loss = x.apply_op2(labels, Op::new(op, &[x, labels]))?;
     let counts = counts
         .lock()
         .ok()
@@ -462,14 +518,14 @@ impl Loss for MarginLoss {
     const NAME: &'static str = "margin_loss";
     type Saved = crate::MarginSaved;
 
-    fn forward(&self, inputs: &[Input]) -> crate::Result<(f64, crate::MarginSaved)> {
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, crate::MarginSaved)> {
         let (x1, x2, y) = (
             inputs[0].values("x1")?,
             inputs[1].values("x2")?,
             inputs[2].indices("y")?,
         );
         let fwd = crate::margin_forward(x1, x2, y, &self.0)?;
-        Ok((fwd.loss.to_scalar()?, fwd.saved))
+        Ok((fwd.loss, fwd.saved))
     }
 
     fn backward(
@@ -496,7 +552,7 @@ pub fn margin_loss(
     y: &candle_core::Tensor,
     opts: &crate::MarginOptions,
 ) -> candle_core::Result<candle_core::Tensor> {
-    x1.apply_op3(x2, y, Op::new(MarginLoss(*opts)))
+    x1.apply_op3(x2, y, Op::new(MarginLoss(*opts), &[x1, x2, y]))
 }
 
 struct ClipLoss;
@@ -505,14 +561,14 @@ impl Loss for ClipLoss {
     const NAME: &'static str = "clip";
     type Saved = crate::ClipSaved;
 
-    fn forward(&self, inputs: &[Input]) -> crate::Result<(f64, crate::ClipSaved)> {
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, crate::ClipSaved)> {
         let (a, b, s) = (
             inputs[0].values("a")?,
             inputs[1].values("b")?,
             inputs[2].values("log_scale")?,
         );
         let fwd = crate::clip_forward(a, b, s)?;
-        Ok((fwd.loss.to_scalar()?, fwd.saved))
+        Ok((fwd.loss, fwd.saved))
     }
 
     fn backward(
@@ -527,11 +583,7 @@ impl Loss for ClipLoss {
             inputs[2].values("log_scale")?,
         );
         let grads = crate::clip_backward(a, b, s, saved, g)?;
-        let grad_s = crate::Tensor::from_vec(
-            vec![grads.grad_log_scale.to_scalar()?],
-            s.shape(),
-            crate::Device::Cpu,
-        )?;
+        let grad_s = grads.grad_log_scale.reshape(s.shape())?;
         Ok(vec![Some(grads.grad_a), Some(grads.grad_b), Some(grad_s)])
     }
 }
@@ -543,7 +595,7 @@ pub fn clip(
     b: &candle_core::Tensor,
     log_scale: &candle_core::Tensor,
 ) -> candle_core::Result<candle_core::Tensor> {
-    a.apply_op3(b, log_scale, Op::new(ClipLoss))
+    a.apply_op3(b, log_scale, Op::new(ClipLoss, &[a, b, log_scale]))
 }
 
 struct MocoLoss(crate::MocoOptions);
@@ -552,14 +604,14 @@ impl Loss for MocoLoss {
     const NAME: &'static str = "moco";
     type Saved = SoftmaxSaved;
 
-    fn forward(&self, inputs: &[Input]) -> crate::Result<(f64, SoftmaxSaved)> {
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, SoftmaxSaved)> {
         let (q, k, queue) = (
             inputs[0].values("q")?,
             inputs[1].values("k")?,
             inputs[2].values("queue")?,
         );
         let fwd = crate::moco_forward(q, k, queue, &self.0)?;
-        Ok((fwd.loss.to_scalar()?, fwd.saved))
+        Ok((fwd.loss, fwd.saved))
     }
 
     fn backward(
@@ -636,7 +688,12 @@ impl MocoQueue {
         k: &candle_core::Tensor,
         opts: &crate::MocoOptions,
     ) -> candle_core::Result<candle_core::Tensor> {
-        q.apply_op3(&k.detach(), &self.queue, Op::new(MocoLoss(*opts)))
+        let k = k.detach();
+        q.apply_op3(
+            &k,
+            &self.queue,
+            Op::new(MocoLoss(*opts), &[q, &k, &self.queue]),
+        )
     }
 
     /// Writes the L2-normalized keys `k` (N x D) at rows `(ptr + i) mod K` and moves the pointer
@@ -652,7 +709,180 @@ impl MocoQueue {
         let mut queue = as_host(&self.queue)?;
         self.ptr = crate::moco_enqueue(&mut queue, &as_host(&k.detach())?, self.ptr)
             .map_err(candle_error)?;
-        self.queue = to_candle(&queue, &self.queue)?;
+        self.queue = to_candle(queue, &self.queue)?;
         Ok(())
+    }
+}
+
+/// The losses on candle's CUDA storage: contra's kernels read candle's memory in place and
+/// their results become candle storage without a copy, on candle's stream.
+#[cfg(feature = "candle-cuda")]
+mod on_cuda {
+    use std::any::Any;
+    use std::sync::Arc;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+    use candle_core::{DType, Layout, Shape};
+
+    use super::{candle_error, input_of, Input, Loss, Op};
+
+    /// Runs `f` with contra's work ordered after candle's queued work on `device` and
+    /// candle's later work after contra's: contra adopts candle's stream when it has not run
+    /// on that GPU yet, else the two streams wait for each other around `f`.
+    pub(super) fn on_stream<R>(
+        device: &CudaDevice,
+        f: impl FnOnce() -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let candle = device.cuda_stream();
+        if crate::cuda::use_stream(candle.clone()).is_ok() {
+            return f();
+        }
+        let contra = crate::cuda::stream(candle.context().ordinal()).map_err(candle_error)?;
+        let join = |waiter: &cudarc::driver::CudaStream, on: &cudarc::driver::CudaStream| {
+            waiter
+                .join(on)
+                .map_err(|e| candle_core::Error::Cuda(format!("ordering streams: {e:?}").into()))
+        };
+        join(&contra, &candle)?;
+        let out = f();
+        join(&candle, &contra)?;
+        out
+    }
+
+    /// A CUDA storage as a loss input: float values as a contra tensor reading candle's memory
+    /// in place (`lender` is the candle tensor owning `storage`), integers as host labels.
+    fn input(
+        op: &str,
+        storage: &CudaStorage,
+        layout: &Layout,
+        lender: &candle_core::Tensor,
+    ) -> candle_core::Result<Input> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "contra::candle::{op}: the input is not contiguous (call .contiguous() first)"
+            ))
+        })?;
+        let dims = layout.shape().dims();
+        debug_assert_eq!(end - start, layout.shape().elem_count());
+        let lender: Arc<dyn Any + Send + Sync> = Arc::new(lender.clone());
+        macro_rules! borrow {
+            ($slice:expr) => {
+                // SAFETY: `lender` is the candle tensor whose storage this is (`Op::new` keeps
+                // the args in the order `apply_op*` passes their storages), and candle frees
+                // or moves a CUDA storage only when its last tensor drops (in-place writes such
+                // as `Var::set` copy into the same allocation).
+                unsafe { crate::Tensor::borrow_cuda_slice($slice, start, dims, lender) }
+            };
+        }
+        let t = match &storage.slice {
+            CudaStorageSlice::F32(s) => borrow!(s),
+            CudaStorageSlice::F64(s) => borrow!(s),
+            CudaStorageSlice::BF16(s) => borrow!(s),
+            CudaStorageSlice::F16(s) => borrow!(s),
+            CudaStorageSlice::U8(_) | CudaStorageSlice::U32(_) | CudaStorageSlice::I64(_) => {
+                // Labels and indices are read on the host (one small copy each way).
+                return input_of(op, &storage.to_cpu_storage()?, layout);
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "contra::candle::{op}: {:?} inputs are not supported (f32, f64, bf16, f16; \
+                     labels u8, u32, i64)",
+                    storage.dtype()
+                )))
+            }
+        };
+        t.map(Input::Values).map_err(candle_error)
+    }
+
+    impl<L: Loss> Op<L> {
+        /// The forward on CUDA storages: the loss in the first input's dtype, shape `()`, on
+        /// the GPU.
+        pub(super) fn cuda_forward(
+            &self,
+            args: &[(&CudaStorage, &Layout)],
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let device = args[0].0.device.clone();
+            on_stream(&device, || {
+                let inputs = args
+                    .iter()
+                    .zip(&self.args)
+                    .map(|((s, l), lender)| input(L::NAME, s, l, lender))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let loss = self.forward(inputs)?;
+                let storage = storage_of(loss, args[0].0.dtype(), &device)?;
+                Ok((storage, Shape::from(())))
+            })
+        }
+    }
+
+    /// A contra tensor as CUDA storage of `dtype` on `device` (converted on the GPU; moved
+    /// without a copy when contra owns it).
+    fn storage_of(
+        t: crate::Tensor,
+        dtype: DType,
+        device: &CudaDevice,
+    ) -> candle_core::Result<CudaStorage> {
+        let cast = |t: &crate::Tensor, to: crate::DType| {
+            if t.dtype() == to {
+                Ok(t.clone())
+            } else {
+                t.to_dtype(to)
+            }
+        };
+        let t = match t.device() {
+            crate::Device::Cuda(_) => t,
+            _ => t
+                .to_device(crate::Device::Cuda(
+                    device.cuda_stream().context().ordinal(),
+                ))
+                .map_err(candle_error)?,
+        };
+        // f64 and the 16-bit types convert through f32 on the GPU.
+        let (via, to) = match dtype {
+            DType::F64 => (crate::DType::F64, crate::DType::F64),
+            DType::BF16 => (crate::DType::F32, crate::DType::Bf16),
+            DType::F16 => (crate::DType::F32, crate::DType::F16),
+            _ => (crate::DType::F32, crate::DType::F32),
+        };
+        let t = if t.dtype() == to {
+            t
+        } else {
+            cast(&cast(&t, via).map_err(candle_error)?, to).map_err(candle_error)?
+        };
+        let device = device.clone();
+        Ok(match to {
+            crate::DType::F64 => CudaStorage::wrap_cuda_slice(
+                t.into_cuda_slice::<f64>().map_err(candle_error)?,
+                device,
+            ),
+            crate::DType::Bf16 => CudaStorage::wrap_cuda_slice(
+                t.into_cuda_slice::<half::bf16>().map_err(candle_error)?,
+                device,
+            ),
+            crate::DType::F16 => CudaStorage::wrap_cuda_slice(
+                t.into_cuda_slice::<half::f16>().map_err(candle_error)?,
+                device,
+            ),
+            crate::DType::F32 => CudaStorage::wrap_cuda_slice(
+                t.into_cuda_slice::<f32>().map_err(candle_error)?,
+                device,
+            ),
+        })
+    }
+
+    /// A contra tensor as a candle tensor of `like`'s dtype and shape on `device`.
+    pub(super) fn to_candle(
+        t: crate::Tensor,
+        like: &candle_core::Tensor,
+        device: &CudaDevice,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let storage = storage_of(t, like.dtype(), device)?;
+        Ok(candle_core::Tensor::from_storage(
+            candle_core::Storage::Cuda(storage),
+            like.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
     }
 }

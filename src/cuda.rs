@@ -74,6 +74,37 @@ impl Tensor {
         ))
     }
 
+    /// `shape`'s elements of `T` from element `offset` of `slice` as a tensor on its GPU that
+    /// reads and writes the caller's memory in place (a copy only when the elements do not
+    /// start on a 32-bit word, or a 16-bit tail would reach past the slice). The tensor never
+    /// frees the memory and holds `lender` as long as it or a clone lives.
+    ///
+    /// # Safety
+    /// `lender` must keep `slice`'s allocation alive (not freed, not reallocated) for as long
+    /// as it lives.
+    #[cfg(feature = "candle-cuda")]
+    pub(crate) unsafe fn borrow_cuda_slice<T: Element>(
+        slice: &CudaSlice<T>,
+        offset: usize,
+        shape: &[usize],
+        lender: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Tensor> {
+        const OP: &str = "Tensor::borrow_cuda_slice";
+        let numel = checked_numel(OP, "shape", shape, T::DTYPE)?;
+        let info = BufInfo {
+            elem: elem_of(T::DTYPE),
+            count: numel,
+        };
+        let cuda = Cuda::get(slice.ordinal())?;
+        // SAFETY: the caller's contract is `borrow_slice`'s.
+        let buf = unsafe { cuda.borrow_slice(slice, offset, info, lender)? };
+        Ok(Tensor::from_device_buf(
+            shape.to_vec(),
+            T::DTYPE,
+            DeviceBuf::Cuda(buf),
+        ))
+    }
+
     /// The tensor's memory as a `CudaSlice<T>` (`T` the tensor's dtype) on contra's stream,
     /// without a copy when no clone shares it (copied on the device otherwise). The device's
     /// checks of the op that made the tensor are verified first (one small read): a NaN input
@@ -94,7 +125,7 @@ impl Tensor {
         }
         let numel = self.numel();
         match self.into_device_buf()? {
-            DeviceBuf::Cuda(buf) => Ok(Cuda::get(ordinal)?.release_slice(buf, numel)),
+            DeviceBuf::Cuda(buf) => Cuda::get(ordinal)?.release_slice(buf, numel),
             #[allow(unreachable_patterns)]
             _ => Err(Error::Device(format!("{OP}: no GPU buffer"))),
         }

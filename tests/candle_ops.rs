@@ -1,6 +1,7 @@
-//! contra's losses inside candle (feature `candle`, CPU storage): candle's `backward()` gives
-//! contra's own gradients, a few optimizer steps on a `Var` lower the loss, and bad input is a
-//! candle error that says what was wrong.
+//! contra's losses inside candle (feature `candle`, CPU storage; with `candle-cuda` also CUDA
+//! storage when a GPU is there): candle's `backward()` gives contra's own gradients, a few
+//! optimizer steps on a `Var` lower the loss, and bad input is a candle error that says what was
+//! wrong.
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use contra::NtXentOptions;
@@ -137,9 +138,9 @@ fn grad_of(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-/// `values` as a candle f64 Var and a contra host tensor of `shape`.
-fn both(dtype: DType, values: &[f64], shape: &[usize]) -> (Var, contra::Tensor) {
-    let t = Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap();
+/// `values` as a candle Var of `dtype` on `device` and a contra host tensor of `shape`.
+fn both(device: &Device, dtype: DType, values: &[f64], shape: &[usize]) -> (Var, contra::Tensor) {
+    let t = Tensor::from_vec(values.to_vec(), shape, device).unwrap();
     let var = Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
     let host = contra::Tensor::from_vec(values.to_vec(), shape, contra::Device::Cpu).unwrap();
     let host = match dtype {
@@ -170,24 +171,62 @@ fn every_loss_backward_gives_contras_gradients() {
         (DType::BF16, 2e-2),
         (DType::F16, 2e-2),
     ] {
-        check_every_loss(dtype, tol);
+        check_every_loss(&Device::Cpu, dtype, tol);
     }
 }
 
-fn check_every_loss(dtype: DType, tol: f64) {
+/// The same checks on candle's CUDA storage (contra's kernels on candle's memory and stream).
+#[cfg(feature = "candle-cuda")]
+#[test]
+fn every_loss_on_cuda_storage_gives_contras_gradients() {
+    let device = match Device::new_cuda(0) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("skipped: no GPU for candle's CUDA storage ({e})");
+            return;
+        }
+    };
+    for (dtype, tol) in [
+        (DType::F64, 1e-10),
+        (DType::F32, 1e-5),
+        (DType::BF16, 2e-2),
+        (DType::F16, 2e-2),
+    ] {
+        check_every_loss(&device, dtype, tol);
+    }
+    check_moco_queue(&device);
+}
+
+/// Every loss on candle storage of `device` against contra on the host.
+fn check_every_loss(device: &Device, dtype: DType, tol: f64) {
+    // NT-Xent: 2 x 13 rows of 7.
+    let (z, zh) = both(device, dtype, &values(26 * 7, 12), &[26, 7]);
+    let nopts = NtXentOptions { temperature: 0.3 };
+    let grads = contra::candle::ntxent(z.as_tensor(), &nopts)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let want = contra::ntxent(&zh, &nopts).unwrap();
+    assert_close(
+        tol,
+        "ntxent",
+        &grad_of(&grads, z.as_tensor()),
+        &want.grad_z.to_vec_f64().unwrap(),
+    );
+
     let labels: Vec<i64> = vec![0, 1, 2, 0, 1, 2, 0, 1, 3, 3, 0];
     let n = labels.len();
-    let label_t = Tensor::from_vec(labels.clone(), n, &Device::Cpu).unwrap();
+    let label_t = Tensor::from_vec(labels.clone(), n, device).unwrap();
 
     // InfoNCE: q (11 x 5), k (13 x 5), positives as u32.
-    let (q, qh) = both(dtype, &values(n * 5, 1), &[n, 5]);
-    let (k, kh) = both(dtype, &values(13 * 5, 2), &[13, 5]);
+    let (q, qh) = both(device, dtype, &values(n * 5, 1), &[n, 5]);
+    let (k, kh) = both(device, dtype, &values(13 * 5, 2), &[13, 5]);
     let positives: Vec<u32> = (0..n as u32).map(|i| (i * 3 + 1) % 13).collect();
     let opts = contra::InfoNceOptions::default();
     let loss = contra::candle::infonce(
         q.as_tensor(),
         k.as_tensor(),
-        &Tensor::from_vec(positives.clone(), n, &Device::Cpu).unwrap(),
+        &Tensor::from_vec(positives.clone(), n, device).unwrap(),
         &opts,
     )
     .unwrap();
@@ -208,7 +247,7 @@ fn check_every_loss(dtype: DType, tol: f64) {
     );
 
     // SupCon: 11 samples x 2 views x 5.
-    let (f, fh) = both(dtype, &values(n * 2 * 5, 3), &[n, 2, 5]);
+    let (f, fh) = both(device, dtype, &values(n * 2 * 5, 3), &[n, 2, 5]);
     let sopts = contra::SupConOptions {
         temperature: 0.2,
         base_temperature: 0.2,
@@ -227,7 +266,7 @@ fn check_every_loss(dtype: DType, tol: f64) {
     );
 
     // Triplet: every mining.
-    let (x, xh) = both(dtype, &values(n * 5, 4), &[n, 5]);
+    let (x, xh) = both(device, dtype, &values(n * 5, 4), &[n, 5]);
     for mining in [
         contra::Mining::BatchAll,
         contra::Mining::BatchHard,
@@ -252,8 +291,8 @@ fn check_every_loss(dtype: DType, tol: f64) {
     }
 
     // Margin loss: y as u8.
-    let (x1, x1h) = both(dtype, &values(n * 5, 5), &[n, 5]);
-    let (x2, x2h) = both(dtype, &values(n * 5, 6), &[n, 5]);
+    let (x1, x1h) = both(device, dtype, &values(n * 5, 5), &[n, 5]);
+    let (x2, x2h) = both(device, dtype, &values(n * 5, 6), &[n, 5]);
     let y: Vec<u8> = (0..n as u8).map(|i| i % 2).collect();
     let mopts = contra::MarginOptions {
         margin: 1.5,
@@ -262,7 +301,7 @@ fn check_every_loss(dtype: DType, tol: f64) {
     let grads = contra::candle::margin_loss(
         x1.as_tensor(),
         x2.as_tensor(),
-        &Tensor::from_vec(y.clone(), n, &Device::Cpu).unwrap(),
+        &Tensor::from_vec(y.clone(), n, device).unwrap(),
         &mopts,
     )
     .unwrap()
@@ -284,9 +323,9 @@ fn check_every_loss(dtype: DType, tol: f64) {
     );
 
     // CLIP with a learnable log_scale.
-    let (a, ah) = both(dtype, &values(n * 5, 7), &[n, 5]);
-    let (b, bh) = both(dtype, &values(n * 5, 8), &[n, 5]);
-    let (s, _) = both(dtype, &[2.3], &[1]);
+    let (a, ah) = both(device, dtype, &values(n * 5, 7), &[n, 5]);
+    let (b, bh) = both(device, dtype, &values(n * 5, 8), &[n, 5]);
+    let (s, _) = both(device, dtype, &[2.3], &[1]);
     let grads = contra::candle::clip(a.as_tensor(), b.as_tensor(), s.as_tensor())
         .unwrap()
         .backward()
@@ -312,7 +351,7 @@ fn check_every_loss(dtype: DType, tol: f64) {
     );
 
     // Labels out of range: a candle error naming them.
-    let bad = Tensor::from_vec(vec![0u32, 99], 2, &Device::Cpu).unwrap();
+    let bad = Tensor::from_vec(vec![0u32, 99], 2, device).unwrap();
     let err = contra::candle::infonce(
         &q.as_tensor().narrow(0, 0, 2).unwrap(),
         k.as_tensor(),
@@ -335,9 +374,13 @@ fn check_every_loss(dtype: DType, tol: f64) {
 
 #[test]
 fn moco_queue_loss_and_enqueue_match_contra() {
-    let (q, qh) = both(DType::F64, &values(5 * 4, 9), &[5, 4]);
-    let (k, kh) = both(DType::F64, &values(5 * 4, 10), &[5, 4]);
-    let (initial, queue_h) = both(DType::F64, &values(7 * 4, 11), &[7, 4]);
+    check_moco_queue(&Device::Cpu);
+}
+
+fn check_moco_queue(device: &Device) {
+    let (q, qh) = both(device, DType::F64, &values(5 * 4, 9), &[5, 4]);
+    let (k, kh) = both(device, DType::F64, &values(5 * 4, 10), &[5, 4]);
+    let (initial, queue_h) = both(device, DType::F64, &values(7 * 4, 11), &[7, 4]);
     let mut queue = contra::candle::MocoQueue::new(initial.as_tensor().clone()).unwrap();
     let opts = contra::MocoOptions { temperature: 0.2 };
     let loss = queue.loss(q.as_tensor(), k.as_tensor(), &opts).unwrap();

@@ -1,8 +1,11 @@
 //! The GPU backend: the fatbins nvcc built (build.rs) loaded lazily through cudarc's dynamic
 //! driver bindings, one context and stream per GPU, and the kernel launches.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::mem::ManuallyDrop;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -98,6 +101,8 @@ impl Cuda {
         if let Some(cuda) = open.get(&ordinal) {
             return Ok(cuda.clone());
         }
+        // With `candle-cuda` cudarc links the CUDA libraries (candle's choice): they are there.
+        #[cfg(not(feature = "candle-cuda"))]
         // SAFETY: only probes whether libcuda can be loaded; cudarc panics on first use otherwise.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(Error::Device(
@@ -180,10 +185,79 @@ impl Cuda {
         // up; it holds `words` 32-bit words (the caller checked its byte length), and from here
         // the new slice owns and frees it.
         let words = unsafe { self.stream.upgrade_device_ptr::<u32>(ptr, words) };
+        Ok(CudaBuf::owned(words, info, self.ordinal))
+    }
+
+    /// `info.count` elements of `T` from element `offset` of `slice` as a buffer, without a copy
+    /// when they start on a 32-bit word and the whole words covering them lie inside the slice
+    /// (else a copy): the buffer reads the caller's memory and never frees it, and holds
+    /// `lender` as long as it lives. Work pending on contra's stream comes after the caller's
+    /// on the slice's stream.
+    ///
+    /// # Safety
+    /// `lender` must keep `slice`'s allocation alive (not freed, not reallocated) for as long
+    /// as it lives, as the framework tensor owning the slice does.
+    #[cfg(feature = "candle-cuda")]
+    pub unsafe fn borrow_slice<T>(
+        &self,
+        slice: &CudaSlice<T>,
+        offset: usize,
+        info: BufInfo,
+        lender: Arc<dyn Any + Send + Sync>,
+    ) -> Result<CudaBuf> {
+        if slice.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::Device(format!(
+                "the slice belongs to another CUDA context than contra's on cuda:{}",
+                self.ordinal
+            )));
+        }
+        let size = std::mem::size_of::<T>();
+        let words = info.elem.words(info.count);
+        let fits = offset
+            .checked_add(info.count)
+            .is_some_and(|end| end <= slice.len());
+        if !fits {
+            return Err(Error::Device(format!(
+                "elements {offset}.. ({} of them) are outside a slice of {}",
+                info.count,
+                slice.len()
+            )));
+        }
+        let start_byte = offset * size;
+        let words_fit = (slice.len() - offset) * size >= words * 4;
+        self.stream
+            .join(slice.stream())
+            .map_err(|e| device_error("ordering the slice's stream before contra's", e))?;
+        let (base, _read) = slice.device_ptr(&self.stream);
+        let start = base + start_byte as u64;
+        if start_byte % 4 != 0 || !words_fit || info.count == 0 {
+            let out = self.output_of("borrowed slice", info)?;
+            {
+                let (dst, _write) = out.words.device_ptr(&self.stream);
+                // SAFETY: `start` points at `info.count` live elements of the slice (checked
+                // above), `dst` holds at least as many bytes; the copy is ordered on this
+                // stream, which the guards record.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst,
+                        start,
+                        info.count * size,
+                        self.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| device_error("device to device copy", e))?;
+            }
+            return Ok(out);
+        }
+        // SAFETY: `start` is 4-byte aligned and `words` whole words from it lie inside the
+        // slice (checked above), which `lender` keeps alive as long as the buffer holds it; the
+        // buffer's drop leaks this slice instead of freeing it.
+        let words = unsafe { self.stream.upgrade_device_ptr::<u32>(start, words) };
         Ok(CudaBuf {
-            words,
+            words: ManuallyDrop::new(words),
             info,
             ordinal: self.ordinal,
+            lender: Some(AssertUnwindSafe(lender)),
         })
     }
 
@@ -205,13 +279,23 @@ impl Cuda {
         Ok(out)
     }
 
-    /// The words of `buf` as a slice of `len` elements of `T`, without a copy (the slice owns
-    /// the allocation from here). The caller checked that `T` is the buffer's element type.
-    pub fn release_slice<T>(&self, buf: CudaBuf, len: usize) -> CudaSlice<T> {
-        let ptr = buf.words.leak();
+    /// The words of `buf` as a slice of `len` elements of `T`, without a copy when contra owns
+    /// them (the slice owns the allocation from here), else copied. The caller checked that `T`
+    /// is the buffer's element type.
+    pub fn release_slice<T>(&self, buf: CudaBuf, len: usize) -> Result<CudaSlice<T>> {
+        let mut buf = if buf.lender.is_some() {
+            self.duplicate(&buf)?
+        } else {
+            buf
+        };
+        // SAFETY: `words` is taken once and `buf` is forgotten right after, so its drop does
+        // not see the taken slice (an owned buffer has no lender to release).
+        let words = unsafe { ManuallyDrop::take(&mut buf.words) };
+        std::mem::forget(buf);
+        let ptr = words.leak();
         // SAFETY: `ptr` is the live allocation `leak` gave up, of at least `len` elements of
         // `T` (the buffer's element type and count); the new slice owns and frees it.
-        unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) }
+        Ok(unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) })
     }
 
     /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".
@@ -227,6 +311,7 @@ impl Cuda {
             .get_or_init(|| {
                 // SAFETY: only probes whether libcublas can be loaded (cudarc panics on first use
                 // otherwise).
+                #[cfg(not(feature = "candle-cuda"))]
                 if !unsafe { cudarc::cublas::sys::is_culib_present() } {
                     return None;
                 }
@@ -282,14 +367,37 @@ impl Cuda {
     }
 }
 
-/// A device allocation of 32-bit words and what they hold.
+/// A device allocation of 32-bit words and what they hold: contra's own, or a range of a
+/// caller's allocation that `lender` keeps alive (never freed here).
 pub(crate) struct CudaBuf {
-    words: CudaSlice<u32>,
+    words: ManuallyDrop<CudaSlice<u32>>,
     info: BufInfo,
     ordinal: usize,
+    /// Only kept alive, never read: unwinding cannot see it half-changed.
+    lender: Option<AssertUnwindSafe<Arc<dyn Any + Send + Sync>>>,
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        // SAFETY: `words` is taken once, here, and not used afterwards.
+        let words = unsafe { ManuallyDrop::take(&mut self.words) };
+        if self.lender.is_some() {
+            // The lender's allocation: forget the pointer, its owner frees it.
+            words.leak();
+        }
+    }
 }
 
 impl CudaBuf {
+    fn owned(words: CudaSlice<u32>, info: BufInfo, ordinal: usize) -> CudaBuf {
+        CudaBuf {
+            words: ManuallyDrop::new(words),
+            info,
+            ordinal,
+            lender: None,
+        }
+    }
+
     pub fn info(&self) -> BufInfo {
         self.info
     }
@@ -382,11 +490,7 @@ impl Backend for Cuda {
             self.stream.clone_htod(words)
         }
         .map_err(|e| device_error("host to device copy", e))?;
-        Ok(CudaBuf {
-            words,
-            info,
-            ordinal: self.ordinal,
-        })
+        Ok(CudaBuf::owned(words, info, self.ordinal))
     }
 
     fn output_of(&self, name: &'static str, info: BufInfo) -> Result<CudaBuf> {
@@ -394,23 +498,15 @@ impl Backend for Cuda {
             .stream
             .alloc_zeros(info.elem.words(info.count).max(1))
             .map_err(|e| device_error(&format!("allocating `{name}`"), e))?;
-        Ok(CudaBuf {
-            words,
-            info,
-            ordinal: self.ordinal,
-        })
+        Ok(CudaBuf::owned(words, info, self.ordinal))
     }
 
     fn duplicate(&self, buf: &CudaBuf) -> Result<CudaBuf> {
         let words = self
             .stream
-            .clone_dtod(&buf.words)
+            .clone_dtod(&*buf.words)
             .map_err(|e| device_error("device to device copy", e))?;
-        Ok(CudaBuf {
-            words,
-            info: buf.info,
-            ordinal: self.ordinal,
-        })
+        Ok(CudaBuf::owned(words, buf.info, self.ordinal))
     }
 
     fn adopt(&self, buf: CudaBuf) -> Result<DeviceBuf> {
@@ -442,7 +538,7 @@ impl Backend for Cuda {
         count_to_host(buf.info.elem.words(buf.info.count));
         let mut words = self
             .stream
-            .clone_dtoh(&buf.words)
+            .clone_dtoh(&*buf.words)
             .map_err(|e| device_error("device to host copy", e))?;
         words.truncate(buf.info.elem.words(buf.info.count));
         Ok(words)

@@ -7,12 +7,14 @@
 //! cargo run --release --features candle-cuda --example candle_simclr -- --device cuda
 //! ```
 //!
-//! The encoder is three 3 x 3 convolutions (32, 64, 128 channels, each with batch norm and ReLU,
-//! the first two followed by 2 x 2 max pooling) and a global average pool: a 128-d feature. A
-//! two-layer projection head maps it to the 64-d embedding the loss sees. Each step draws two
-//! augmented views of a batch (contra's seeded crop / jitter / flip / noise / erasing pipeline),
-//! runs them through the network as one `2B`-row batch and calls `contra::candle::ntxent`; candle's
-//! autograd carries the loss's gradient back into the CNN and AdamW updates it.
+//! The encoder: two 3 x 3 convolutions (32 and 64 channels, each followed by 2 x 2 max pooling,
+//! batch norm and ReLU) and a fully connected layer over the 7 x 7 map (512 units, batch norm,
+//! ReLU): the 512-d feature. A two-layer projection head maps it to the 128-d embedding the loss
+//! sees. Each step draws two augmented views of a batch (contra's seeded crop / flip / jitter /
+//! noise / erasing pipeline), runs them through the network as one `2B`-row batch and calls
+//! `contra::candle::ntxent`; candle's autograd carries the loss's gradient back into the CNN and
+//! AdamW (cosine schedule) updates it. After each epoch a cheap monitor prints kNN-1 and a
+//! one-draw 10-labels-per-class probe on 5000 / 2000 images.
 //!
 //! At the end the backbone features of the trained CNN, of the same CNN before training and the
 //! raw pixels go through contra's evaluation protocol: kNN (k = 1, 5) and a linear probe on all
@@ -30,10 +32,10 @@ use candle_nn::{
 };
 use contra::data::Dataset;
 use contra::train::augment::Augment;
-use contra::train::eval::evaluate;
+use contra::train::eval::{evaluate, knn_accuracy, probe_accuracy, ProbeOptions};
 use contra::train::idx::{fashion_mnist, DEFAULT_FASHION_MNIST_DIR};
 use contra::train::report::EvalTable;
-use contra::train::split::{derive_seed, stratified_split};
+use contra::train::split::{derive_seed, labels_per_class, stratified_split};
 use contra::NtXentOptions;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -47,7 +49,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 const USAGE: &str = "usage: candle_simclr [--device cpu|cuda] [--epochs N] [--batch B] \
-[--lr LR] [--temperature T] [--eval test|validation] [--train-subset N] [--seed S] \
+[--lr LR] [--temperature T] [--crop-min F] [--eval test|validation] [--train-subset N] [--seed S] \
 [--data-dir DIR]";
 
 /// The command line, with the defaults of a run.
@@ -57,6 +59,7 @@ struct Args {
     batch: usize,
     lr: f64,
     temperature: f64,
+    crop_min: f32,
     eval: String,
     train_subset: Option<usize>,
     seed: u64,
@@ -70,7 +73,8 @@ impl Args {
             epochs: 6,
             batch: 256,
             lr: 2e-3,
-            temperature: 0.2,
+            temperature: 0.5,
+            crop_min: 0.5,
             eval: "test".into(),
             train_subset: None,
             seed: 0,
@@ -92,6 +96,7 @@ impl Args {
                 "--batch" => args.batch = value.parse().map_err(|e| bad(&e))?,
                 "--lr" => args.lr = value.parse().map_err(|e| bad(&e))?,
                 "--temperature" => args.temperature = value.parse().map_err(|e| bad(&e))?,
+                "--crop-min" => args.crop_min = value.parse().map_err(|e| bad(&e))?,
                 "--eval" => args.eval = value.clone(),
                 "--train-subset" => args.train_subset = Some(value.parse().map_err(|e| bad(&e))?),
                 "--seed" => args.seed = value.parse().map_err(|e| bad(&e))?,
@@ -211,6 +216,46 @@ fn all_features(net: &SimClrNet, data: &Dataset, device: &Device) -> Result<Vec<
     Ok(out)
 }
 
+/// The per-epoch monitor's (reference, query) images: 5000 training images and 2000 of the
+/// evaluation images, stratified.
+fn monitor_sets(train: &Dataset, eval: &Dataset, seed: u64) -> Result<(Dataset, Dataset)> {
+    let pick = |data: &Dataset, n: usize, stream: u64| -> Result<Dataset> {
+        let (_, keep) =
+            stratified_split(&data.labels, n.min(data.len()), derive_seed(seed, stream))?;
+        Ok(data.subset(&keep)?)
+    };
+    Ok((pick(train, 5000, 9)?, pick(eval, 2000, 10)?))
+}
+
+/// The monitor's kNN-1 (all 5000 references) and linear probe on 10 labels per class (one
+/// draw) of the current backbone features: a cheap trend, not the final evaluation.
+fn monitor(net: &SimClrNet, sets: &(Dataset, Dataset), device: &Device) -> Result<(f64, f64)> {
+    let (reference, queries) = sets;
+    let (rx, qx) = (
+        all_features(net, reference, device)?,
+        all_features(net, queries, device)?,
+    );
+    let dim = SimClrNet::FEATURES;
+    let knn1 = knn_accuracy(&rx, &reference.labels, &qx, &queries.labels, dim, 1)?;
+    let few = labels_per_class(&reference.labels, 10, 0)?;
+    let (mut fx, mut fy) = (Vec::new(), Vec::new());
+    for &i in &few {
+        fx.extend_from_slice(&rx[i * dim..(i + 1) * dim]);
+        fy.push(reference.labels[i]);
+    }
+    let classes = reference.classes.max(queries.classes);
+    let probe10 = probe_accuracy(
+        &fx,
+        &fy,
+        &qx,
+        &queries.labels,
+        dim,
+        classes,
+        &ProbeOptions::default(),
+    )?;
+    Ok((knn1, probe10))
+}
+
 /// The (SimCLR training, evaluation) images: the official split, or a validation split held out
 /// of the training images.
 fn load(args: &Args) -> Result<(Dataset, Dataset)> {
@@ -252,6 +297,7 @@ fn main() -> Result<()> {
 
     let mut aug = Augment::for_size(train.height, train.width);
     aug.flip_prob = 0.5; // clothes are mirror-symmetric
+    aug.crop_scale.0 = args.crop_min;
     let params = ParamsAdamW {
         lr: args.lr,
         weight_decay: 1e-4,
@@ -264,6 +310,7 @@ fn main() -> Result<()> {
     let (dim, b) = (train.dim(), args.batch);
     let steps_per_epoch = train.len() / b;
     let total_steps = (steps_per_epoch * args.epochs) as f64;
+    let monitor_sets = monitor_sets(&train, &eval, args.seed)?;
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = StdRng::seed_from_u64(args.seed);
     let start = Instant::now();
@@ -296,12 +343,16 @@ fn main() -> Result<()> {
                 );
             }
         }
+        let seconds = epoch_start.elapsed().as_secs_f64();
+        let (knn1, probe10) = monitor(&net, &monitor_sets, &device)?;
         println!(
-            "epoch {}/{}: loss {:.4}, {:.0} s",
+            "epoch {}/{}: loss {:.4}, {:.0} s; monitor: kNN1 {:.4}, probe10 {:.4}",
             epoch + 1,
             args.epochs,
             loss_sum / steps_per_epoch as f64,
-            epoch_start.elapsed().as_secs_f64()
+            seconds,
+            knn1,
+            probe10
         );
     }
     let train_seconds = start.elapsed().as_secs_f64();

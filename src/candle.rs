@@ -1,7 +1,7 @@
 //! contra's losses as candle ops (feature `candle`): a function from candle tensors to a 0-d loss
 //! tensor whose `backward()` gives the inputs' gradients through candle's autograd. The forward
-//! keeps what the backward needs (the per-row log-sum-exp, with the inputs as it read them), so
-//! the backward does not run the forward again.
+//! keeps what the backward needs (the per-row log-sum-exp), so the backward does not run the
+//! forward again.
 //!
 //! The losses: [`ntxent`], [`infonce`], [`supcon`], [`triplet`] (with its counts),
 //! [`margin_loss`], [`clip`] (its `log_scale` a one-element `Var` that learns) and MoCo through
@@ -9,7 +9,9 @@
 //! u8, u32 or i64 tensors. On candle's CPU storage contra's CPU backend runs; with the feature
 //! `candle-cuda`, on CUDA storage contra's kernels read candle's memory in place on candle's
 //! stream and their gradients become candle storage without a copy (labels and indices are
-//! read on the host, one small copy).
+//! read on the host, one small copy). There the backward reads the inputs' memory as it is when
+//! `backward()` runs: change an input in place (`Var::set`, an optimizer step) only after it,
+//! as a training step does.
 //!
 //! A training step with a candle-nn model:
 //!
@@ -699,6 +701,14 @@ impl MocoQueue {
     /// Writes the L2-normalized keys `k` (N x D) at rows `(ptr + i) mod K` and moves the pointer
     /// ([`crate::moco_enqueue`]: the ring wraps around).
     pub fn enqueue(&mut self, k: &candle_core::Tensor) -> candle_core::Result<()> {
+        #[cfg(feature = "candle-cuda")]
+        if let candle_core::Device::Cuda(device) = self.queue.device() {
+            if self.queue.dtype() == candle_core::DType::F32 {
+                let k = k.detach().to_dtype(candle_core::DType::F32)?.contiguous()?;
+                (self.queue, self.ptr) = on_cuda::enqueue(&self.queue, &k, self.ptr, device)?;
+                return Ok(());
+            }
+        }
         let as_host = |t: &candle_core::Tensor| -> candle_core::Result<crate::Tensor> {
             let values: Vec<f64> = t
                 .to_dtype(candle_core::DType::F64)?
@@ -765,6 +775,7 @@ mod on_cuda {
         })?;
         let dims = layout.shape().dims();
         debug_assert_eq!(end - start, layout.shape().elem_count());
+        debug_assert!(lender.layout() == layout && lender.dtype() == storage.dtype());
         let lender: Arc<dyn Any + Send + Sync> = Arc::new(lender.clone());
         macro_rules! borrow {
             ($slice:expr) => {
@@ -816,6 +827,40 @@ mod on_cuda {
         }
     }
 
+    /// A contra tensor reading `t`'s CUDA storage in place.
+    fn borrowed(op: &str, t: &candle_core::Tensor) -> candle_core::Result<crate::Tensor> {
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(cuda) = &*storage else {
+            return Err(candle_core::Error::Msg(format!(
+                "contra::candle::{op}: the tensors must all be on the GPU"
+            )));
+        };
+        match input(op, cuda, layout, t)? {
+            Input::Values(v) => Ok(v),
+            Input::Indices(_) => Err(candle_core::Error::Msg(format!(
+                "contra::candle::{op}: needs float tensors"
+            ))),
+        }
+    }
+
+    /// MoCo's enqueue of keys `k` (f32, contiguous) into a copy of the f32 `queue` on the GPU
+    /// (candle tensors do not change under their holders): the new queue and pointer.
+    pub(super) fn enqueue(
+        queue: &candle_core::Tensor,
+        k: &candle_core::Tensor,
+        ptr: usize,
+        device: &CudaDevice,
+    ) -> candle_core::Result<(candle_core::Tensor, usize)> {
+        let queue = queue.copy()?;
+        let ptr = on_stream(device, || {
+            // contra writes the new rows in place, into the copy's memory.
+            let mut slots = borrowed("MocoQueue::enqueue", &queue)?;
+            let keys = borrowed("MocoQueue::enqueue", k)?;
+            crate::moco_enqueue(&mut slots, &keys, ptr).map_err(candle_error)
+        })?;
+        Ok((queue, ptr))
+    }
+
     /// A contra tensor as CUDA storage of `dtype` on `device` (converted on the GPU; moved
     /// without a copy when contra owns it).
     fn storage_of(
@@ -850,22 +895,27 @@ mod on_cuda {
         } else {
             cast(&cast(&t, via).map_err(candle_error)?, to).map_err(candle_error)?
         };
+        // The slices belong to candle's stream: candle frees them there, after its own use.
+        let candle_stream = device.cuda_stream();
+        let stream = Some(&candle_stream);
         let device = device.clone();
         Ok(match to {
             crate::DType::F64 => CudaStorage::wrap_cuda_slice(
-                t.into_cuda_slice::<f64>().map_err(candle_error)?,
+                t.into_cuda_slice_on::<f64>(stream).map_err(candle_error)?,
                 device,
             ),
             crate::DType::Bf16 => CudaStorage::wrap_cuda_slice(
-                t.into_cuda_slice::<half::bf16>().map_err(candle_error)?,
+                t.into_cuda_slice_on::<half::bf16>(stream)
+                    .map_err(candle_error)?,
                 device,
             ),
             crate::DType::F16 => CudaStorage::wrap_cuda_slice(
-                t.into_cuda_slice::<half::f16>().map_err(candle_error)?,
+                t.into_cuda_slice_on::<half::f16>(stream)
+                    .map_err(candle_error)?,
                 device,
             ),
             crate::DType::F32 => CudaStorage::wrap_cuda_slice(
-                t.into_cuda_slice::<f32>().map_err(candle_error)?,
+                t.into_cuda_slice_on::<f32>(stream).map_err(candle_error)?,
                 device,
             ),
         })
@@ -877,7 +927,8 @@ mod on_cuda {
         like: &candle_core::Tensor,
         device: &CudaDevice,
     ) -> candle_core::Result<candle_core::Tensor> {
-        let storage = storage_of(t, like.dtype(), device)?;
+        // The conversions and uploads run on contra's stream: ordered before candle's next use.
+        let storage = on_stream(device, || storage_of(t, like.dtype(), device))?;
         Ok(candle_core::Tensor::from_storage(
             candle_core::Storage::Cuda(storage),
             like.shape().clone(),

@@ -110,6 +110,15 @@ impl Tensor {
     /// checks of the op that made the tensor are verified first (one small read): a NaN input
     /// or an overflow is the error here.
     pub fn into_cuda_slice<T: Element>(self) -> Result<CudaSlice<T>> {
+        self.into_cuda_slice_on(None)
+    }
+
+    /// [`Tensor::into_cuda_slice`] with the slice freed on `stream` (a framework's stream that
+    /// will use it) instead of contra's.
+    pub(crate) fn into_cuda_slice_on<T: Element>(
+        self,
+        stream: Option<&Arc<CudaStream>>,
+    ) -> Result<CudaSlice<T>> {
         const OP: &str = "Tensor::into_cuda_slice";
         let Device::Cuda(ordinal) = self.device() else {
             return Err(Error::Mismatch {
@@ -125,7 +134,7 @@ impl Tensor {
         }
         let numel = self.numel();
         match self.into_device_buf()? {
-            DeviceBuf::Cuda(buf) => Cuda::get(ordinal)?.release_slice(buf, numel),
+            DeviceBuf::Cuda(buf) => Cuda::get(ordinal)?.release_slice(buf, numel, stream),
             #[allow(unreachable_patterns)]
             _ => Err(Error::Device(format!("{OP}: no GPU buffer"))),
         }

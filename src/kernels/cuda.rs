@@ -189,8 +189,7 @@ impl Cuda {
     }
 
     /// `info.count` elements of `T` from element `offset` of `slice` as a buffer, without a copy
-    /// when they start on a 32-bit word and the whole words covering them lie inside the slice
-    /// (else a copy): the buffer reads the caller's memory and never frees it, and holds
+    /// when they start on a 32-bit word and fill whole words (else a copy): the buffer reads the caller's memory and never frees it, and holds
     /// `lender` as long as it lives. Work pending on contra's stream comes after the caller's
     /// on the slice's stream.
     ///
@@ -224,13 +223,15 @@ impl Cuda {
             )));
         }
         let start_byte = offset * size;
-        let words_fit = (slice.len() - offset) * size >= words * 4;
+        // Whole words only: an odd 16-bit count would take in the next element, which a
+        // kernel writing whole words could change.
+        let exact_words = words * 4 == info.count * size;
         self.stream
             .join(slice.stream())
             .map_err(|e| device_error("ordering the slice's stream before contra's", e))?;
         let (base, _read) = slice.device_ptr(&self.stream);
         let start = base + start_byte as u64;
-        if start_byte % 4 != 0 || !words_fit || info.count == 0 {
+        if start_byte % 4 != 0 || !exact_words || info.count == 0 {
             let out = self.output_of("borrowed slice", info)?;
             {
                 let (dst, _write) = out.words.device_ptr(&self.stream);
@@ -249,8 +250,8 @@ impl Cuda {
             }
             return Ok(out);
         }
-        // SAFETY: `start` is 4-byte aligned and `words` whole words from it lie inside the
-        // slice (checked above), which `lender` keeps alive as long as the buffer holds it; the
+        // SAFETY: `start` is 4-byte aligned and the `words` whole words from it are exactly the
+        // elements asked for, inside the slice (checked above), which `lender` keeps alive as long as the buffer holds it; the
         // buffer's drop leaks this slice instead of freeing it.
         let words = unsafe { self.stream.upgrade_device_ptr::<u32>(start, words) };
         Ok(CudaBuf {
@@ -280,9 +281,22 @@ impl Cuda {
     }
 
     /// The words of `buf` as a slice of `len` elements of `T`, without a copy when contra owns
-    /// them (the slice owns the allocation from here), else copied. The caller checked that `T`
-    /// is the buffer's element type.
-    pub fn release_slice<T>(&self, buf: CudaBuf, len: usize) -> Result<CudaSlice<T>> {
+    /// them (the slice owns the allocation from here), else copied; the slice belongs to
+    /// `stream` (frees there), contra's own by default. The caller checked that `T` is the
+    /// buffer's element type, and orders `stream`'s use after contra's work.
+    pub fn release_slice<T>(
+        &self,
+        buf: CudaBuf,
+        len: usize,
+        stream: Option<&Arc<CudaStream>>,
+    ) -> Result<CudaSlice<T>> {
+        let stream = stream.unwrap_or(&self.stream);
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::Device(format!(
+                "the stream belongs to another CUDA context than contra's on cuda:{}",
+                self.ordinal
+            )));
+        }
         let mut buf = if buf.lender.is_some() {
             self.duplicate(&buf)?
         } else {
@@ -293,9 +307,10 @@ impl Cuda {
         let words = unsafe { ManuallyDrop::take(&mut buf.words) };
         std::mem::forget(buf);
         let ptr = words.leak();
-        // SAFETY: `ptr` is the live allocation `leak` gave up, of at least `len` elements of
-        // `T` (the buffer's element type and count); the new slice owns and frees it.
-        Ok(unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) })
+        // SAFETY: `ptr` is the live allocation `leak` gave up (of this context, like `stream`),
+        // of at least `len` elements of `T` (the buffer's element type and count); the new
+        // slice owns and frees it.
+        Ok(unsafe { stream.upgrade_device_ptr::<T>(ptr, len) })
     }
 
     /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".

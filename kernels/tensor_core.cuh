@@ -1,5 +1,6 @@
 // Tensor-core building blocks for sm_80+: the warp-wide mma.sync m16n8k16 (bf16 / f16 operands,
-// f32 accumulators) and the cp.async global -> shared copies with their commit / wait groups.
+// f32 accumulators), ldmatrix (shared memory -> fragments) and the cp.async global -> shared
+// copies with their commit / wait groups.
 //
 // On the GPU these are the PTX instructions. In the interpreted mode they are emulated with the
 // semantics the PTX ISA documents, so that CI checks the callers' fragment indexing and pipeline
@@ -8,6 +9,8 @@
 //     receives its elements of D; the emulation gathers the A rows and B columns it needs from
 //     the other lanes with warp shuffles, so a caller that loads a fragment from the wrong place
 //     gets a wrong product.
+//   * ldmatrix: each lane reads its elements through the row addresses the other lanes hold
+//     (shuffled), so a lane giving the wrong row gets another lane's elements wrong.
 //   * cp.async: on the GPU a copy lands at some time between its issue and the
 //     cp.async.wait_group that covers it. The emulation takes both extremes: the copies of
 //     even warps land at the wait (so reading a stage before waiting for it reads stale data),
@@ -84,6 +87,60 @@ __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const
             "{%0, %1, %2, %3};\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#endif
+}
+
+// Loads `count` (1, 2 or 4) 8 x 8 matrices of 16-bit elements from shared memory, one register
+// per matrix; every lane of the warp calls it together (PTX ldmatrix.sync.aligned.m8n8.x{count}
+// [.trans].shared.b16). Lane 8 i + r gives the address of row r of matrix i (8 contiguous
+// elements, 16-byte aligned); the other lanes' addresses are not read. With g = lane / 4 and
+// t = lane % 4, lane receives in d[i] elements (g, 2t) and (g, 2t + 1) of matrix i, the first in
+// the low half: the A / B fragment layout of mma_16816 above. `transposed` delivers those of the
+// transposed matrix, elements (2t, g) and (2t + 1, g): a B operand from a row-major K x N tile.
+template <int count, bool transposed>
+__device__ __forceinline__ void ldmatrix(unsigned d[count], const void* row_address) {
+    static_assert(count == 1 || count == 2 || count == 4, "ldmatrix loads 1, 2 or 4 matrices");
+#if defined(CONTRA_INTERP)
+    const unsigned full = 0xffffffffu;
+    const int lane = (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32;
+    const int g = lane / 4, t = lane % 4;
+    const unsigned long long mine = reinterpret_cast<unsigned long long>(row_address);
+    if (lane < 8 * count && mine % 16 != 0) {
+        __trap();  // the hardware faults on a misaligned row too
+    }
+    // Every lane joins every shuffle, as the warp does the one instruction together.
+    for (int i = 0; i < count; ++i) {
+        if (!transposed) {
+            const auto row = reinterpret_cast<const unsigned char*>(__shfl_sync(full, mine, 8 * i + g));
+            std::memcpy(&d[i], row + 4 * t, 4);
+        } else {
+            const auto top = reinterpret_cast<const unsigned char*>(__shfl_sync(full, mine, 8 * i + 2 * t));
+            const auto bottom = reinterpret_cast<const unsigned char*>(__shfl_sync(full, mine, 8 * i + 2 * t + 1));
+            unsigned short low = 0, high = 0;
+            std::memcpy(&low, top + 2 * g, 2);
+            std::memcpy(&high, bottom + 2 * g, 2);
+            d[i] = static_cast<unsigned>(low) | (static_cast<unsigned>(high) << 16);
+        }
+    }
+#elif defined(__CUDA_ARCH__)
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
+    if constexpr (count == 1 && !transposed) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(d[0]) : "r"(a) : "memory");
+    } else if constexpr (count == 1) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(d[0]) : "r"(a) : "memory");
+    } else if constexpr (count == 2 && !transposed) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                     : "=r"(d[0]), "=r"(d[1]) : "r"(a) : "memory");
+    } else if constexpr (count == 2) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                     : "=r"(d[0]), "=r"(d[1]) : "r"(a) : "memory");
+    } else if constexpr (!transposed) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(a) : "memory");
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(a) : "memory");
     }
 #endif
 }

@@ -590,3 +590,40 @@ fn check_clip(device: Device) {
 fn clip_matches_cpu() {
     on_kernel_devices("clip_matches_cpu", check_clip);
 }
+
+/// ldmatrix (kernels/tensor_core.cuh) gives the PTX ISA's fragment layouts: lane l = 4 g + t
+/// holds elements (g, 2t), (g, 2t + 1) of each matrix, or (2t, g), (2t + 1, g) with .trans. On
+/// a GPU this checks the hardware against the layouts the interpreted mode emulates.
+#[test]
+fn ldmatrix_fragments_follow_the_ptx_layouts() {
+    common::on_kernel_devices("ldmatrix", |device| {
+        let got = contra::testing::ldmatrix_fragments(device).unwrap();
+        let forms = [
+            (1, false),
+            (2, false),
+            (4, false),
+            (1, true),
+            (2, true),
+            (4, true),
+        ];
+        for (form, (count, transposed)) in forms.into_iter().enumerate() {
+            for lane in 0..32 {
+                let (g, t) = (lane / 4, lane % 4);
+                for i in 0..4 {
+                    let at = |r: usize, c: usize| (i * 64 + r * 8 + c + 1) as u32;
+                    let want = match (i < count, transposed) {
+                        (false, _) => 0,
+                        (true, false) => at(g, 2 * t) | at(g, 2 * t + 1) << 16,
+                        (true, true) => at(2 * t, g) | at(2 * t + 1, g) << 16,
+                    };
+                    let dot = if transposed { ".trans" } else { "" };
+                    assert_eq!(
+                        got[form * 128 + lane * 4 + i],
+                        want,
+                        "{device}: ldmatrix x{count}{dot}, lane {lane}, d[{i}]"
+                    );
+                }
+            }
+        }
+    });
+}

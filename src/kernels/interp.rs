@@ -264,6 +264,25 @@ pub fn out_of_bounds_launch() -> Result<()> {
     b.launch(handles::OOB_TEST_F32, Launch::linear(1, 8), &params, &[&y])
 }
 
+/// The registers of `ldmatrix_test` (kernels/testing.cu) on `device`: per form (x1, x2, x4,
+/// then the .trans ones), 32 lanes x 4 registers.
+pub fn ldmatrix_fragments(device: crate::Device) -> Result<Vec<u32>> {
+    crate::kernels::run_on_kernels!(device, b => {
+        let y = b.output("y", 6 * 32 * 4)?;
+        let params = ContraNormalizeParams {
+            y: b.ptr(&y),
+            rows: 1,
+            dim: 6 * 32 * 4,
+            ..Default::default()
+        };
+        b.launch(handles::LDMATRIX_TEST, Launch::linear(1, 32), &params, &[&y])?;
+        b.download_words(&y)
+    });
+    Err(Error::Device(format!(
+        "ldmatrix_fragments: {device} runs no kernels"
+    )))
+}
+
 /// Launches `normalize_fwd_f32` with one block too few, so rows are left unwritten; the poison
 /// check must turn it into an error.
 pub fn unwritten_output_launch() -> Result<()> {

@@ -49,7 +49,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 const USAGE: &str = "usage: candle_simclr [--device cpu|cuda] [--epochs N] [--batch B] \
-[--lr LR] [--temperature T] [--crop-min F] [--eval test|validation] [--train-subset N] [--seed S] \
+[--lr LR] [--temperature T] [--crop-min F] [--width W] [--eval test|validation] [--train-subset N] [--seed S] \
 [--data-dir DIR]";
 
 /// The command line, with the defaults of a run.
@@ -60,6 +60,7 @@ struct Args {
     lr: f64,
     temperature: f64,
     crop_min: f32,
+    width: usize,
     eval: String,
     train_subset: Option<usize>,
     seed: u64,
@@ -70,11 +71,12 @@ impl Args {
     fn parse() -> Result<Self> {
         let mut args = Args {
             device: "cpu".into(),
-            epochs: 6,
-            batch: 256,
+            epochs: 12,
+            batch: 128,
             lr: 2e-3,
-            temperature: 0.5,
-            crop_min: 0.5,
+            temperature: 0.2,
+            crop_min: 0.8,
+            width: 512,
             eval: "test".into(),
             train_subset: None,
             seed: 0,
@@ -97,6 +99,7 @@ impl Args {
                 "--lr" => args.lr = value.parse().map_err(|e| bad(&e))?,
                 "--temperature" => args.temperature = value.parse().map_err(|e| bad(&e))?,
                 "--crop-min" => args.crop_min = value.parse().map_err(|e| bad(&e))?,
+                "--width" => args.width = value.parse().map_err(|e| bad(&e))?,
                 "--eval" => args.eval = value.clone(),
                 "--train-subset" => args.train_subset = Some(value.parse().map_err(|e| bad(&e))?),
                 "--seed" => args.seed = value.parse().map_err(|e| bad(&e))?,
@@ -104,8 +107,10 @@ impl Args {
                 _ => return Err(format!("unknown option {flag}\n{USAGE}").into()),
             }
         }
-        if args.epochs == 0 || args.batch < 2 {
-            return Err(format!("need --epochs >= 1 and --batch >= 2\n{USAGE}").into());
+        if args.epochs == 0 || args.batch < 2 || args.width == 0 {
+            return Err(
+                format!("need --epochs >= 1, --batch >= 2 and --width >= 1\n{USAGE}").into(),
+            );
         }
         if args.eval != "test" && args.eval != "validation" {
             return Err(format!("--eval is test or validation, not {}\n{USAGE}", args.eval).into());
@@ -124,16 +129,15 @@ impl Args {
 
 /// The CNN backbone and the SimCLR projection head.
 struct SimClrNet {
+    /// Width of the backbone's feature (what the probes see).
+    width: usize,
     convs: Vec<(Conv2d, BatchNorm)>,
     fc: (Linear, BatchNorm),
     head: (Linear, Linear),
 }
 
 impl SimClrNet {
-    /// Width of the backbone's feature (what the probes see).
-    const FEATURES: usize = 512;
-
-    fn new(vb: VarBuilder) -> Result<Self> {
+    fn new(vb: VarBuilder, width: usize) -> Result<Self> {
         let conv = Conv2dConfig {
             padding: 1,
             ..Default::default()
@@ -147,17 +151,22 @@ impl SimClrNet {
             ));
         }
         let fc = (
-            linear_no_bias(64 * 7 * 7, Self::FEATURES, vb.pp("fc"))?,
-            batch_norm(Self::FEATURES, bn, vb.pp("bn_fc"))?,
+            linear_no_bias(64 * 7 * 7, width, vb.pp("fc"))?,
+            batch_norm(width, bn, vb.pp("bn_fc"))?,
         );
         let head = (
-            linear(Self::FEATURES, 256, vb.pp("head0"))?,
+            linear(width, 256, vb.pp("head0"))?,
             linear(256, 128, vb.pp("head1"))?,
         );
-        Ok(SimClrNet { convs, fc, head })
+        Ok(SimClrNet {
+            width,
+            convs,
+            fc,
+            head,
+        })
     }
 
-    /// Backbone features (`n x 512`) of `n x 1 x 28 x 28` images; `train` selects batch
+    /// Backbone features (`n x width`) of `n x 1 x 28 x 28` images; `train` selects batch
     /// statistics (and updates the running ones) or the running statistics.
     fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.clone();
@@ -206,7 +215,7 @@ fn seed_weights(varmap: &VarMap, seed: u64) -> Result<()> {
 /// Backbone features of every image of `data`, in eval mode, as a row-major host matrix.
 fn all_features(net: &SimClrNet, data: &Dataset, device: &Device) -> Result<Vec<f32>> {
     let dim = data.dim();
-    let mut out = Vec::with_capacity(data.len() * SimClrNet::FEATURES);
+    let mut out = Vec::with_capacity(data.len() * net.width);
     for chunk in data.images.chunks(1000 * dim) {
         let n = chunk.len() / dim;
         let x = Tensor::from_slice(chunk, (n, 1, data.height, data.width), device)?;
@@ -235,7 +244,7 @@ fn monitor(net: &SimClrNet, sets: &(Dataset, Dataset), device: &Device) -> Resul
         all_features(net, reference, device)?,
         all_features(net, queries, device)?,
     );
-    let dim = SimClrNet::FEATURES;
+    let dim = net.width;
     let knn1 = knn_accuracy(&rx, &reference.labels, &qx, &queries.labels, dim, 1)?;
     let few = labels_per_class(&reference.labels, 10, 0)?;
     let (mut fx, mut fy) = (Vec::new(), Vec::new());
@@ -288,7 +297,10 @@ fn main() -> Result<()> {
         device
     );
     let varmap = VarMap::new();
-    let net = SimClrNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+    let net = SimClrNet::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        args.width,
+    )?;
     seed_weights(&varmap, args.seed)?;
     let untrained = (
         all_features(&net, &train, &device)?,
@@ -368,8 +380,8 @@ fn main() -> Result<()> {
         all_features(&net, &eval, &device)?,
     );
     let table = EvalTable {
-        encoder: features(&trained.0, &trained.1, SimClrNet::FEATURES)?,
-        untrained: features(&untrained.0, &untrained.1, SimClrNet::FEATURES)?,
+        encoder: features(&trained.0, &trained.1, net.width)?,
+        untrained: features(&untrained.0, &untrained.1, net.width)?,
         raw_pixels: features(&train.images, &eval.images, dim)?,
         seconds: eval_start.elapsed().as_secs_f64(),
     };

@@ -94,7 +94,8 @@ fn scalar_like(like: &CpuStorage, value: f64) -> CpuStorage {
     }
 }
 
-/// A candle tensor (CPU) holding a contra tensor's values, of `like`'s dtype and shape.
+/// A contra tensor as a candle tensor of `like`'s dtype and shape, on `like`'s device (through
+/// the host for CPU storage, handed over on the GPU for CUDA storage).
 fn to_candle(
     t: crate::Tensor,
     like: &candle_core::Tensor,
@@ -294,7 +295,6 @@ macro_rules! custom_op {
                 _res: &candle_core::Tensor,
                 grad_res: &candle_core::Tensor,
             ) -> candle_core::Result<$out> {
-                let _ = ($($a),+);
                 let grads = self.backward(grad_res)?;
                 Ok($pick(grads))
             }
@@ -312,15 +312,15 @@ fn take<const N: usize>(
     out
 }
 
-custom_op!(CustomOp1, cpu_fwd(s1, l1), bwd(a1) -> Option<candle_core::Tensor>, |g| {
+custom_op!(CustomOp1, cpu_fwd(s1, l1), bwd(_a1) -> Option<candle_core::Tensor>, |g| {
     let [g1] = take::<1>(g);
     g1
 });
-custom_op!(CustomOp2, cpu_fwd(s1, l1, s2, l2), bwd(a1, a2) -> (Option<candle_core::Tensor>, Option<candle_core::Tensor>), |g| {
+custom_op!(CustomOp2, cpu_fwd(s1, l1, s2, l2), bwd(_a1, _a2) -> (Option<candle_core::Tensor>, Option<candle_core::Tensor>), |g| {
     let [g1, g2] = take::<2>(g);
     (g1, g2)
 });
-custom_op!(CustomOp3, cpu_fwd(s1, l1, s2, l2, s3, l3), bwd(a1, a2, a3) -> (Option<candle_core::Tensor>, Option<candle_core::Tensor>, Option<candle_core::Tensor>), |g| {
+custom_op!(CustomOp3, cpu_fwd(s1, l1, s2, l2, s3, l3), bwd(_a1, _a2, _a3) -> (Option<candle_core::Tensor>, Option<candle_core::Tensor>, Option<candle_core::Tensor>), |g| {
     let [g1, g2, g3] = take::<3>(g);
     (g1, g2, g3)
 });

@@ -49,7 +49,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 const USAGE: &str = "usage: candle_simclr [--device cpu|cuda] [--epochs N] [--batch B] \
-[--lr LR] [--temperature T] [--crop-min F] [--width W] [--eval test|validation] [--train-subset N] [--seed S] \
+[--lr LR] [--temperature T] [--crop-min F] [--shift PIXELS] [--width W] [--eval test|validation] [--train-subset N] [--seed S] \
 [--data-dir DIR]";
 
 /// The command line, with the defaults of a run.
@@ -60,6 +60,7 @@ struct Args {
     lr: f64,
     temperature: f64,
     crop_min: f32,
+    shift: usize,
     width: usize,
     eval: String,
     train_subset: Option<usize>,
@@ -76,6 +77,7 @@ impl Args {
             lr: 2e-3,
             temperature: 0.2,
             crop_min: 0.8,
+            shift: 0,
             width: 512,
             eval: "test".into(),
             train_subset: None,
@@ -99,6 +101,7 @@ impl Args {
                 "--lr" => args.lr = value.parse().map_err(|e| bad(&e))?,
                 "--temperature" => args.temperature = value.parse().map_err(|e| bad(&e))?,
                 "--crop-min" => args.crop_min = value.parse().map_err(|e| bad(&e))?,
+                "--shift" => args.shift = value.parse().map_err(|e| bad(&e))?,
                 "--width" => args.width = value.parse().map_err(|e| bad(&e))?,
                 "--eval" => args.eval = value.clone(),
                 "--train-subset" => args.train_subset = Some(value.parse().map_err(|e| bad(&e))?),
@@ -310,6 +313,7 @@ fn main() -> Result<()> {
     let mut aug = Augment::for_size(train.height, train.width);
     aug.flip_prob = 0.5; // clothes are mirror-symmetric
     aug.crop_scale.0 = args.crop_min;
+    aug.max_shift = args.shift;
     let params = ParamsAdamW {
         lr: args.lr,
         weight_decay: 1e-4,

@@ -49,8 +49,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 const USAGE: &str = "usage: candle_simclr [--device cpu|cuda] [--epochs N] [--batch B] \
-[--lr LR] [--temperature T] [--crop-min F] [--shift PIXELS] [--width W] [--eval test|validation] [--train-subset N] [--seed S] \
-[--data-dir DIR]";
+[--lr LR] [--temperature T] [--crop-min F] [--shift PIXELS] [--jitter P] [--erase P] [--noise STD] \
+[--channels C1,C2] [--width W] [--eval test|validation] [--train-subset N] [--seed S] [--data-dir DIR]";
 
 /// The command line, with the defaults of a run.
 struct Args {
@@ -61,6 +61,14 @@ struct Args {
     temperature: f64,
     crop_min: f32,
     shift: usize,
+    /// Probability of the brightness / contrast jitter.
+    jitter: f32,
+    /// Probability of erasing a rectangle.
+    erase: f32,
+    /// Standard deviation of the additive noise.
+    noise: f32,
+    /// Output channels of the two convolutions.
+    channels: (usize, usize),
     width: usize,
     eval: String,
     train_subset: Option<usize>,
@@ -78,6 +86,10 @@ impl Args {
             temperature: 0.2,
             crop_min: 0.8,
             shift: 0,
+            jitter: 0.8,
+            erase: 0.25,
+            noise: 0.05,
+            channels: (32, 64),
             width: 512,
             eval: "test".into(),
             train_subset: None,
@@ -102,6 +114,18 @@ impl Args {
                 "--temperature" => args.temperature = value.parse().map_err(|e| bad(&e))?,
                 "--crop-min" => args.crop_min = value.parse().map_err(|e| bad(&e))?,
                 "--shift" => args.shift = value.parse().map_err(|e| bad(&e))?,
+                "--jitter" => args.jitter = value.parse().map_err(|e| bad(&e))?,
+                "--erase" => args.erase = value.parse().map_err(|e| bad(&e))?,
+                "--noise" => args.noise = value.parse().map_err(|e| bad(&e))?,
+                "--channels" => {
+                    let (c1, c2) = value
+                        .split_once(',')
+                        .ok_or_else(|| bad(&"expected C1,C2"))?;
+                    args.channels = (
+                        c1.parse().map_err(|e| bad(&e))?,
+                        c2.parse().map_err(|e| bad(&e))?,
+                    );
+                }
                 "--width" => args.width = value.parse().map_err(|e| bad(&e))?,
                 "--eval" => args.eval = value.clone(),
                 "--train-subset" => args.train_subset = Some(value.parse().map_err(|e| bad(&e))?),
@@ -110,10 +134,16 @@ impl Args {
                 _ => return Err(format!("unknown option {flag}\n{USAGE}").into()),
             }
         }
-        if args.epochs == 0 || args.batch < 2 || args.width == 0 {
-            return Err(
-                format!("need --epochs >= 1, --batch >= 2 and --width >= 1\n{USAGE}").into(),
-            );
+        if args.epochs == 0
+            || args.batch < 2
+            || args.width == 0
+            || args.channels.0 == 0
+            || args.channels.1 == 0
+        {
+            return Err(format!(
+                "need --epochs >= 1, --batch >= 2, --width >= 1 and --channels >= 1\n{USAGE}"
+            )
+            .into());
         }
         if args.eval != "test" && args.eval != "validation" {
             return Err(format!("--eval is test or validation, not {}\n{USAGE}", args.eval).into());
@@ -140,21 +170,21 @@ struct SimClrNet {
 }
 
 impl SimClrNet {
-    fn new(vb: VarBuilder, width: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: (usize, usize), width: usize) -> Result<Self> {
         let conv = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
         let bn = BatchNormConfig::default();
         let mut convs = Vec::new();
-        for (i, (cin, cout)) in [(1, 32), (32, 64)].into_iter().enumerate() {
+        for (i, (cin, cout)) in [(1, channels.0), channels].into_iter().enumerate() {
             convs.push((
                 conv2d_no_bias(cin, cout, 3, conv, vb.pp(format!("conv{i}")))?,
                 batch_norm(cout, bn, vb.pp(format!("bn{i}")))?,
             ));
         }
         let fc = (
-            linear_no_bias(64 * 7 * 7, width, vb.pp("fc"))?,
+            linear_no_bias(channels.1 * 7 * 7, width, vb.pp("fc"))?,
             batch_norm(width, bn, vb.pp("bn_fc"))?,
         );
         let head = (
@@ -302,6 +332,7 @@ fn main() -> Result<()> {
     let varmap = VarMap::new();
     let net = SimClrNet::new(
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        args.channels,
         args.width,
     )?;
     seed_weights(&varmap, args.seed)?;
@@ -314,6 +345,10 @@ fn main() -> Result<()> {
     aug.flip_prob = 0.5; // clothes are mirror-symmetric
     aug.crop_scale.0 = args.crop_min;
     aug.max_shift = args.shift;
+    aug.jitter_prob = args.jitter;
+    aug.erase_prob = args.erase;
+    aug.noise_std = args.noise;
+    aug.validate()?;
     let params = ParamsAdamW {
         lr: args.lr,
         weight_decay: 1e-4,

@@ -8,8 +8,8 @@
 //! [`MocoQueue`]. Inputs are contiguous f32, f64, bf16 or f16 tensors; labels and indices are
 //! u8, u32 or i64 tensors. On candle's CPU storage contra's CPU backend runs; with the feature
 //! `candle-cuda`, on CUDA storage contra's kernels read candle's memory in place on candle's
-//! stream and their gradients become candle storage without a copy (labels and indices are
-//! read on the host, one small copy). There the backward reads the inputs' memory as it is when
+//! stream and their gradients become candle storage without a copy (u32 and u8 labels and
+//! indices are read on the GPU too; i64 ones on the host, one small copy). There the backward reads the inputs' memory as it is when
 //! `backward()` runs: change an input in place (`Var::set`, an optimizer step) only after it,
 //! as a training step does.
 //!
@@ -108,10 +108,10 @@ fn to_candle(
     candle_core::Tensor::from_vec(values, like.shape(), like.device())?.to_dtype(like.dtype())
 }
 
-/// One input of a loss as contra takes it: values (a host tensor), or integer labels / indices.
+/// One input of a loss as contra takes it: values, or integer labels / indices.
 enum Input {
     Values(crate::Tensor),
-    Indices(Vec<i64>),
+    Indices(crate::Indices),
 }
 
 impl Input {
@@ -126,7 +126,7 @@ impl Input {
         }
     }
 
-    fn indices(&self, what: &'static str) -> crate::Result<&[i64]> {
+    fn indices(&self, what: &'static str) -> crate::Result<&crate::Indices> {
         match self {
             Input::Indices(v) => Ok(v),
             Input::Values(_) => Err(crate::Error::invalid(
@@ -136,6 +136,24 @@ impl Input {
             )),
         }
     }
+}
+
+/// The first `N` inputs as float tensors; `names` name them in errors.
+fn values<'a, const N: usize>(
+    inputs: &'a [Input],
+    names: [&'static str; N],
+) -> crate::Result<[&'a crate::Tensor; N]> {
+    let mut out = Vec::with_capacity(N);
+    for (input, name) in inputs.iter().zip(names) {
+        out.push(input.values(name)?);
+    }
+    out.try_into().map_err(|_| {
+        crate::Error::invalid(
+            "contra::candle",
+            names[0],
+            format!("needs {N} float inputs"),
+        )
+    })
 }
 
 /// A contra loss as a candle op: its forward (the loss and what the backward needs) and its
@@ -245,7 +263,11 @@ fn on_device_of<R>(
 
 /// A CPU storage as a loss input: float values as a contra host tensor, integers as labels.
 fn input_of(op: &str, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Input> {
-    let ints = |v: Vec<i64>| Ok(Input::Indices(v));
+    let ints = |v: Vec<i64>| {
+        crate::Indices::new(&v, crate::Device::Cpu)
+            .map(Input::Indices)
+            .map_err(candle_error)
+    };
     let range = || {
         layout.contiguous_offsets().ok_or_else(|| {
             candle_core::Error::Msg(format!(
@@ -332,7 +354,8 @@ impl Loss for NtXentLoss {
     type Saved = SoftmaxSaved;
 
     fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, SoftmaxSaved)> {
-        let fwd = ntxent_forward(inputs[0].values("z")?, &self.0)?;
+        let [z] = values(inputs, ["z"])?;
+        let fwd = ntxent_forward(z, &self.0)?;
         Ok((fwd.loss, fwd.saved))
     }
 
@@ -342,12 +365,8 @@ impl Loss for NtXentLoss {
         saved: &SoftmaxSaved,
         g: f64,
     ) -> crate::Result<Vec<Option<crate::Tensor>>> {
-        Ok(vec![Some(ntxent_backward(
-            inputs[0].values("z")?,
-            &self.0,
-            saved,
-            g,
-        )?)])
+        let [z] = values(inputs, ["z"])?;
+        Ok(vec![Some(ntxent_backward(z, &self.0, saved, g)?)])
     }
 }
 
@@ -363,33 +382,13 @@ pub fn ntxent(
 
 struct InfoNceLoss(crate::InfoNceOptions);
 
-fn usizes(v: &[i64], what: &'static str) -> crate::Result<Vec<usize>> {
-    v.iter()
-        .enumerate()
-        .map(|(i, &p)| {
-            usize::try_from(p).map_err(|_| {
-                crate::Error::invalid(
-                    "infonce",
-                    "positives",
-                    format!("{what}[{i}] = {p} is negative"),
-                )
-            })
-        })
-        .collect()
-}
-
 impl Loss for InfoNceLoss {
     const NAME: &'static str = "infonce";
     type Saved = SoftmaxSaved;
 
     fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, SoftmaxSaved)> {
-        let positives = usizes(inputs[2].indices("positives")?, "positives")?;
-        let fwd = crate::infonce_forward(
-            inputs[0].values("q")?,
-            inputs[1].values("k")?,
-            &positives,
-            &self.0,
-        )?;
+        let ([q, k], positives) = (values(inputs, ["q", "k"])?, inputs[2].indices("positives")?);
+        let fwd = crate::infonce_forward(q, k, positives, &self.0)?;
         Ok((fwd.loss, fwd.saved))
     }
 
@@ -399,9 +398,8 @@ impl Loss for InfoNceLoss {
         saved: &SoftmaxSaved,
         g: f64,
     ) -> crate::Result<Vec<Option<crate::Tensor>>> {
-        let positives = usizes(inputs[2].indices("positives")?, "positives")?;
-        let (q, k) = (inputs[0].values("q")?, inputs[1].values("k")?);
-        let (dq, dk) = crate::infonce_backward(q, k, &positives, &self.0, saved, g)?;
+        let ([q, k], positives) = (values(inputs, ["q", "k"])?, inputs[2].indices("positives")?);
+        let (dq, dk) = crate::infonce_backward(q, k, positives, &self.0, saved, g)?;
         Ok(vec![Some(dq), Some(dk), None])
     }
 }
@@ -428,8 +426,8 @@ impl Loss for SupConLoss {
     type Saved = SoftmaxSaved;
 
     fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, SoftmaxSaved)> {
-        let labels = inputs[1].indices("labels")?;
-        let fwd = crate::supcon_forward(inputs[0].values("features")?, labels, &self.0)?;
+        let ([features], labels) = (values(inputs, ["features"])?, inputs[1].indices("labels")?);
+        let fwd = crate::supcon_forward(features, labels, &self.0)?;
         Ok((fwd.loss, fwd.saved))
     }
 
@@ -439,9 +437,8 @@ impl Loss for SupConLoss {
         saved: &SoftmaxSaved,
         g: f64,
     ) -> crate::Result<Vec<Option<crate::Tensor>>> {
-        let labels = inputs[1].indices("labels")?;
-        let grad =
-            crate::supcon_backward(inputs[0].values("features")?, labels, &self.0, saved, g)?;
+        let ([features], labels) = (values(inputs, ["features"])?, inputs[1].indices("labels")?);
+        let grad = crate::supcon_backward(features, labels, &self.0, saved, g)?;
         Ok(vec![Some(grad), None])
     }
 }
@@ -467,11 +464,8 @@ impl Loss for TripletLoss {
     type Saved = crate::TripletSaved;
 
     fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, crate::TripletSaved)> {
-        let fwd = crate::triplet_forward(
-            inputs[0].values("x")?,
-            inputs[1].indices("labels")?,
-            &self.opts,
-        )?;
+        let ([x], labels) = (values(inputs, ["x"])?, inputs[1].indices("labels")?);
+        let fwd = crate::triplet_forward(x, labels, &self.opts)?;
         if let Ok(mut counts) = self.counts.lock() {
             *counts = Some(fwd.counts.clone());
         }
@@ -484,7 +478,7 @@ impl Loss for TripletLoss {
         saved: &crate::TripletSaved,
         g: f64,
     ) -> crate::Result<Vec<Option<crate::Tensor>>> {
-        let (x, labels) = (inputs[0].values("x")?, inputs[1].indices("labels")?);
+        let ([x], labels) = (values(inputs, ["x"])?, inputs[1].indices("labels")?);
         Ok(vec![
             Some(crate::triplet_backward(x, labels, &self.opts, saved, g)?),
             None,
@@ -521,11 +515,7 @@ impl Loss for MarginLoss {
     type Saved = crate::MarginSaved;
 
     fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, crate::MarginSaved)> {
-        let (x1, x2, y) = (
-            inputs[0].values("x1")?,
-            inputs[1].values("x2")?,
-            inputs[2].indices("y")?,
-        );
+        let ([x1, x2], y) = (values(inputs, ["x1", "x2"])?, inputs[2].indices("y")?);
         let fwd = crate::margin_forward(x1, x2, y, &self.0)?;
         Ok((fwd.loss, fwd.saved))
     }
@@ -536,11 +526,7 @@ impl Loss for MarginLoss {
         saved: &crate::MarginSaved,
         g: f64,
     ) -> crate::Result<Vec<Option<crate::Tensor>>> {
-        let (x1, x2, y) = (
-            inputs[0].values("x1")?,
-            inputs[1].values("x2")?,
-            inputs[2].indices("y")?,
-        );
+        let ([x1, x2], y) = (values(inputs, ["x1", "x2"])?, inputs[2].indices("y")?);
         let (g1, g2) = crate::margin_backward(x1, x2, y, &self.0, saved, g)?;
         Ok(vec![Some(g1), Some(g2), None])
     }
@@ -564,11 +550,7 @@ impl Loss for ClipLoss {
     type Saved = crate::ClipSaved;
 
     fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, crate::ClipSaved)> {
-        let (a, b, s) = (
-            inputs[0].values("a")?,
-            inputs[1].values("b")?,
-            inputs[2].values("log_scale")?,
-        );
+        let [a, b, s] = values(inputs, ["a", "b", "log_scale"])?;
         let fwd = crate::clip_forward(a, b, s)?;
         Ok((fwd.loss, fwd.saved))
     }
@@ -579,11 +561,7 @@ impl Loss for ClipLoss {
         saved: &crate::ClipSaved,
         g: f64,
     ) -> crate::Result<Vec<Option<crate::Tensor>>> {
-        let (a, b, s) = (
-            inputs[0].values("a")?,
-            inputs[1].values("b")?,
-            inputs[2].values("log_scale")?,
-        );
+        let [a, b, s] = values(inputs, ["a", "b", "log_scale"])?;
         let grads = crate::clip_backward(a, b, s, saved, g)?;
         let grad_s = grads.grad_log_scale.reshape(s.shape())?;
         Ok(vec![Some(grads.grad_a), Some(grads.grad_b), Some(grad_s)])
@@ -607,11 +585,7 @@ impl Loss for MocoLoss {
     type Saved = SoftmaxSaved;
 
     fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, SoftmaxSaved)> {
-        let (q, k, queue) = (
-            inputs[0].values("q")?,
-            inputs[1].values("k")?,
-            inputs[2].values("queue")?,
-        );
+        let [q, k, queue] = values(inputs, ["q", "k", "queue"])?;
         let fwd = crate::moco_forward(q, k, queue, &self.0)?;
         Ok((fwd.loss, fwd.saved))
     }
@@ -622,11 +596,7 @@ impl Loss for MocoLoss {
         saved: &SoftmaxSaved,
         g: f64,
     ) -> crate::Result<Vec<Option<crate::Tensor>>> {
-        let (q, k, queue) = (
-            inputs[0].values("q")?,
-            inputs[1].values("k")?,
-            inputs[2].values("queue")?,
-        );
+        let [q, k, queue] = values(inputs, ["q", "k", "queue"])?;
         // MoCo's keys come from the momentum encoder: no gradient for them or the queue.
         Ok(vec![
             Some(crate::moco_backward(q, k, queue, &self.0, saved, g)?),
@@ -791,8 +761,30 @@ mod on_cuda {
             CudaStorageSlice::F64(s) => borrow!(s),
             CudaStorageSlice::BF16(s) => borrow!(s),
             CudaStorageSlice::F16(s) => borrow!(s),
-            CudaStorageSlice::U8(_) | CudaStorageSlice::U32(_) | CudaStorageSlice::I64(_) => {
-                // Labels and indices are read on the host (one small copy each way).
+            CudaStorageSlice::U32(s) => {
+                // SAFETY: as for `borrow!`.
+                let labels =
+                    unsafe { crate::Indices::borrow_cuda_slice(s, start, end - start, lender) };
+                return labels.map(Input::Indices).map_err(candle_error);
+            }
+            CudaStorageSlice::U8(_) => {
+                // Widened to u32 by candle on its stream; the new storage lends itself.
+                let wide = Arc::new(storage.to_dtype(layout, DType::U32)?);
+                let CudaStorageSlice::U32(s) = &wide.slice else {
+                    return Err(candle_core::Error::Msg(format!(
+                        "contra::candle::{op}: u8 labels did not widen to u32"
+                    )));
+                };
+                let lender: Arc<dyn Any + Send + Sync> = wide.clone();
+                // SAFETY: `lender` owns `s`'s allocation (a fresh contiguous storage of the
+                // layout's elements from 0) and nothing else holds it.
+                let labels =
+                    unsafe { crate::Indices::borrow_cuda_slice(s, 0, end - start, lender) };
+                return labels.map(Input::Indices).map_err(candle_error);
+            }
+            CudaStorageSlice::I64(_) => {
+                // Read on the host, where their range to the kernels' i32 is checked (one
+                // small copy each way); u32 labels stay on the GPU.
                 return input_of(op, &storage.to_cpu_storage()?, layout);
             }
             _ => {

@@ -25,7 +25,7 @@ use crate::kernels::cuda::Cuda;
 use crate::kernels::storage::{elem_of, DeviceBuf};
 use crate::kernels::BufInfo;
 use crate::tensor::checked_numel;
-use crate::{Device, Element, Error, Result, Tensor};
+use crate::{Device, Element, Error, Indices, Result, Tensor};
 
 /// Runs contra's work on `stream`'s GPU on `stream`, so that its kernels are ordered with the
 /// caller's (a framework's stream, for example). Call it before contra's first op or tensor on
@@ -138,5 +138,33 @@ impl Tensor {
             #[allow(unreachable_patterns)]
             _ => Err(Error::Device(format!("{OP}: no GPU buffer"))),
         }
+    }
+}
+
+impl Indices {
+    /// `len` u32 values from element `offset` of `slice` as indices on its GPU that the kernels
+    /// read in place, as i32 (a value of 2^31 or more reads as negative: labels stay equal
+    /// exactly where they were, and a positive index out of range is still refused by the op's
+    /// check on the device). The indices never free the memory and hold `lender` as long as
+    /// they or a clone live.
+    ///
+    /// # Safety
+    /// `lender` must keep `slice`'s allocation alive (not freed, not reallocated) for as long
+    /// as it lives.
+    #[cfg(feature = "candle-cuda")]
+    pub(crate) unsafe fn borrow_cuda_slice(
+        slice: &CudaSlice<u32>,
+        offset: usize,
+        len: usize,
+        lender: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Indices> {
+        let info = BufInfo {
+            elem: crate::kernels::Elem::I32,
+            count: len,
+        };
+        let cuda = Cuda::get(slice.ordinal())?;
+        // SAFETY: the caller's contract is `borrow_slice`'s.
+        let buf = unsafe { cuda.borrow_slice(slice, offset, info, lender)? };
+        Ok(Indices::from_device_buf(len, DeviceBuf::Cuda(buf)))
     }
 }

@@ -72,6 +72,17 @@ impl Indices {
         })
     }
 
+    /// Indices over `len` i32 values a kernel device already holds (`buf`), keyed as values
+    /// no host has seen: a saved state made with them matches only these indices (or clones).
+    #[cfg(feature = "candle-cuda")]
+    pub(crate) fn from_device_buf(len: usize, buf: DeviceBuf) -> Indices {
+        Indices {
+            len,
+            storage: Storage::Device(Arc::new(buf)),
+            key: crate::tensor::fresh_key(),
+        }
+    }
+
     /// [`Indices::new`] of `usize` values (positive indices).
     pub fn from_usize(values: &[usize], device: Device) -> Result<Indices> {
         let wide = values

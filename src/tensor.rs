@@ -174,7 +174,7 @@ pub(crate) enum Storage {
 }
 
 /// A fresh content key for values only a kernel has seen.
-fn fresh_key() -> u64 {
+pub(crate) fn fresh_key() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     // Odd multiples of a large odd constant: distinct, and spread like the value hashes.
     NEXT.fetch_add(1, Ordering::Relaxed)

@@ -163,6 +163,23 @@ fn assert_close(tol: f64, what: &str, got: &[f64], want: &[f64]) {
     assert!(err < tol, "{what}: gradient error {err:e} > {tol:e}");
 }
 
+/// Asserts candle's gradient of each var equals contra's gradient paired with it.
+fn assert_grads(
+    tol: f64,
+    what: &str,
+    grads: &candle_core::backprop::GradStore,
+    pairs: &[(&Var, &contra::Tensor)],
+) {
+    for (i, (var, want)) in pairs.iter().enumerate() {
+        assert_close(
+            tol,
+            &format!("{what} input {i}"),
+            &grad_of(grads, var.as_tensor()),
+            &want.to_vec_f64().unwrap(),
+        );
+    }
+}
+
 #[test]
 fn every_loss_backward_gives_contras_gradients() {
     for (dtype, tol) in [
@@ -207,12 +224,7 @@ fn check_every_loss(device: &Device, dtype: DType, tol: f64) {
         .backward()
         .unwrap();
     let want = contra::ntxent(&zh, &nopts).unwrap();
-    assert_close(
-        tol,
-        "ntxent",
-        &grad_of(&grads, z.as_tensor()),
-        &want.grad_z.to_vec_f64().unwrap(),
-    );
+    assert_grads(tol, "ntxent", &grads, &[(&z, &want.grad_z)]);
 
     let labels: Vec<i64> = vec![0, 1, 2, 0, 1, 2, 0, 1, 3, 3, 0];
     let n = labels.len();
@@ -233,17 +245,11 @@ fn check_every_loss(device: &Device, dtype: DType, tol: f64) {
     let grads = loss.backward().unwrap();
     let pos: Vec<usize> = positives.iter().map(|&p| p as usize).collect();
     let want = contra::infonce(&qh, &kh, &pos, &opts).unwrap();
-    assert_close(
+    assert_grads(
         tol,
-        "infonce q",
-        &grad_of(&grads, q.as_tensor()),
-        &want.grad_q.to_vec_f64().unwrap(),
-    );
-    assert_close(
-        tol,
-        "infonce k",
-        &grad_of(&grads, k.as_tensor()),
-        &want.grad_k.to_vec_f64().unwrap(),
+        "infonce",
+        &grads,
+        &[(&q, &want.grad_q), (&k, &want.grad_k)],
     );
 
     // SupCon: 11 samples x 2 views x 5.
@@ -253,17 +259,14 @@ fn check_every_loss(device: &Device, dtype: DType, tol: f64) {
         base_temperature: 0.2,
         ..Default::default()
     };
-    let grads = contra::candle::supcon(f.as_tensor(), &label_t, &sopts)
+    // Labels as u32 here (i64 for the triplets).
+    let label_u32 = label_t.to_dtype(DType::U32).unwrap();
+    let grads = contra::candle::supcon(f.as_tensor(), &label_u32, &sopts)
         .unwrap()
         .backward()
         .unwrap();
     let want = contra::supcon(&fh, &labels, &sopts).unwrap();
-    assert_close(
-        tol,
-        "supcon",
-        &grad_of(&grads, f.as_tensor()),
-        &want.grad_features.to_vec_f64().unwrap(),
-    );
+    assert_grads(tol, "supcon", &grads, &[(&f, &want.grad_features)]);
 
     // Triplet: every mining.
     let (x, xh) = both(device, dtype, &values(n * 5, 4), &[n, 5]);
@@ -282,11 +285,11 @@ fn check_every_loss(device: &Device, dtype: DType, tol: f64) {
         let want = contra::triplet(&xh, &labels, &topts).unwrap();
         assert_eq!(counts.count().unwrap(), want.counts.count().unwrap());
         assert_eq!(counts.stats().unwrap(), want.counts.stats().unwrap());
-        assert_close(
+        assert_grads(
             tol,
             &format!("triplet {mining:?}"),
-            &grad_of(&grads, x.as_tensor()),
-            &want.grad_x.to_vec_f64().unwrap(),
+            &grads,
+            &[(&x, &want.grad_x)],
         );
     }
 
@@ -309,17 +312,11 @@ fn check_every_loss(device: &Device, dtype: DType, tol: f64) {
     .unwrap();
     let yi: Vec<i64> = y.iter().map(|&v| v as i64).collect();
     let want = contra::margin_loss(&x1h, &x2h, &yi, &mopts).unwrap();
-    assert_close(
+    assert_grads(
         tol,
-        "margin x1",
-        &grad_of(&grads, x1.as_tensor()),
-        &want.grad_x1.to_vec_f64().unwrap(),
-    );
-    assert_close(
-        tol,
-        "margin x2",
-        &grad_of(&grads, x2.as_tensor()),
-        &want.grad_x2.to_vec_f64().unwrap(),
+        "margin",
+        &grads,
+        &[(&x1, &want.grad_x1), (&x2, &want.grad_x2)],
     );
 
     // CLIP with a learnable log_scale.
@@ -331,17 +328,11 @@ fn check_every_loss(device: &Device, dtype: DType, tol: f64) {
         .backward()
         .unwrap();
     let want = contra::clip(&ah, &bh, 2.3).unwrap();
-    assert_close(
+    assert_grads(
         tol,
-        "clip a",
-        &grad_of(&grads, a.as_tensor()),
-        &want.grad_a.to_vec_f64().unwrap(),
-    );
-    assert_close(
-        tol,
-        "clip b",
-        &grad_of(&grads, b.as_tensor()),
-        &want.grad_b.to_vec_f64().unwrap(),
+        "clip",
+        &grads,
+        &[(&a, &want.grad_a), (&b, &want.grad_b)],
     );
     assert_close(
         tol,

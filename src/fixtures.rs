@@ -673,6 +673,7 @@ pub const KINDS: &[&str] = &[
     "infonce",
     "ntxent",
     "clip",
+    "siglip",
     "moco",
     "supcon",
     "triplet",
@@ -881,6 +882,29 @@ fn run_kind(
             check.tensor("grad_a", &out.grad_a)?;
             check.tensor("grad_b", &out.grad_b)?;
             check.scalar("grad_log_scale", out.grad_log_scale.to_scalar()?)?;
+        }
+        "siglip" => {
+            let opts = SigLipOptions {
+                normalize: case.option_bool("normalize")?,
+            };
+            match case.option_str_or("reduction", "sum over pairs / N")? {
+                "sum over pairs / N" => {}
+                other => return Err(case.unknown_option("reduction", other)),
+            }
+            let (a, b) = (t("a")?, t("b")?);
+            let (log_scale, bias) = (case.single_value("log_scale")?, case.single_value("bias")?);
+            let out = siglip(&a, &b, log_scale, bias, &opts)?;
+            check.scalar("loss", out.loss.to_scalar()?)?;
+            check.tensor("grad_a", &out.grad_a)?;
+            check.tensor("grad_b", &out.grad_b)?;
+            check.scalar("grad_log_scale", out.grad_log_scale.to_scalar()?)?;
+            check.scalar("grad_bias", out.grad_bias.to_scalar()?)?;
+            // The two-call form, from the same inputs.
+            let loss = siglip_forward(&a, &b, log_scale, bias, &opts)?;
+            check.scalar("loss", loss.to_scalar()?)?;
+            let grads = siglip_backward(&a, &b, log_scale, bias, &opts, 1.0)?;
+            check.tensor("grad_a", &grads.grad_a)?;
+            check.scalar("grad_bias", grads.grad_bias.to_scalar()?)?;
         }
         "moco" => {
             let (q, k) = (t("q")?, t("k")?);

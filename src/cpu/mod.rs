@@ -13,6 +13,7 @@ pub mod moco;
 pub mod momentum;
 pub mod nce;
 pub mod normalize;
+pub mod siglip;
 pub mod similarity;
 pub mod softmax;
 pub mod supcon;
@@ -39,6 +40,12 @@ pub trait Real:
     fn exp_fast(self) -> Self {
         self.exp()
     }
+    /// `(softplus(self), sigmoid(self))` for the SigLIP sweeps: branch-free so the loops
+    /// vectorize (f32), exact in f64.
+    fn softplus_sigmoid(self) -> (Self, Self) {
+        let x = self.f64();
+        (Self::of(softplus(x)), Self::of(sigmoid(x)))
+    }
 }
 
 impl Real for f32 {
@@ -46,6 +53,31 @@ impl Real for f32 {
     fn exp_fast(self) -> f32 {
         exp_f32(self)
     }
+
+    #[inline(always)]
+    fn softplus_sigmoid(self) -> (f32, f32) {
+        // e = exp(-|x|) in (0, 1]: softplus(x) = max(x, 0) + ln(1 + e), and sigmoid(x) is
+        // 1 / (1 + e) or e / (1 + e) by the sign, neither of which overflows.
+        let e = exp_f32(-self.abs());
+        let inv = 1.0 / (1.0 + e);
+        let sigmoid = if self >= 0.0 { inv } else { e * inv };
+        (self.max(0.0) + ln_1p_unit(e), sigmoid)
+    }
+}
+
+/// `ln(1 + t)` for `t` in [0, 1] within about 1 ulp of f32, as straight-line code: `2 atanh(u)`
+/// with `u = t / (2 + t)` in [0, 1/3], by its odd series to `u^15` (the next term is under
+/// 2e-9 relative).
+#[inline(always)]
+pub fn ln_1p_unit(t: f32) -> f32 {
+    let u = t / (2.0 + t);
+    let u2 = u * u;
+    let series = 1.0
+        + u2 * (1.0 / 3.0
+            + u2 * (1.0 / 5.0
+                + u2 * (1.0 / 7.0
+                    + u2 * (1.0 / 9.0 + u2 * (1.0 / 11.0 + u2 * (1.0 / 13.0 + u2 / 15.0))))));
+    2.0 * u * series
 }
 impl Real for f64 {}
 
@@ -215,6 +247,26 @@ mod tests {
         assert_eq!(exponent(f64::from_bits(1)), -1073);
         assert_eq!(exponent(1.0), 1);
         assert_eq!(exponent(0.75), 0);
+    }
+
+    /// The f32 softplus / sigmoid against f64 over logits of both signs and large magnitude.
+    #[test]
+    fn softplus_sigmoid_f32_is_accurate() {
+        let (mut worst_softplus, mut worst_sigmoid) = (0.0f64, 0.0f64);
+        let mut x = -120.0f32;
+        while x <= 120.0 {
+            let (sp, sg) = x.softplus_sigmoid();
+            let (want_sp, want_sg) = (softplus(x as f64), sigmoid(x as f64));
+            worst_softplus = worst_softplus.max((sp as f64 - want_sp).abs() / want_sp);
+            // Below exp(-87) the f32 sigmoid is 0: an absolute error under 1e-37.
+            let err = (sg as f64 - want_sg).abs();
+            worst_sigmoid = worst_sigmoid.max(if want_sg > 1e-37 { err / want_sg } else { err });
+            x += 0.0013;
+        }
+        assert!(worst_softplus < 4e-7, "softplus: {worst_softplus:e}");
+        assert!(worst_sigmoid < 4e-7, "sigmoid: {worst_sigmoid:e}");
+        assert_eq!(ln_1p_unit(0.0), 0.0);
+        assert!((ln_1p_unit(1.0) as f64 - 2f64.ln()).abs() < 1e-7);
     }
 
     #[test]

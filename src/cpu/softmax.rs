@@ -91,7 +91,7 @@ impl<T: Real> Scores<'_, T> {
 /// The least number of row tiles a rayon job takes so that there is one job per worker thread:
 /// each job of a backward owns a key-gradient accumulator (cols x dim), so their count must not
 /// grow with the batch (rayon's adaptive splitting alone makes many more).
-fn tiles_per_job(rows: usize, tile: usize) -> usize {
+pub(super) fn tiles_per_job(rows: usize, tile: usize) -> usize {
     rows.div_ceil(tile)
         .div_ceil(rayon::current_num_threads())
         .max(1)

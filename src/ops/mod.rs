@@ -9,6 +9,7 @@ pub mod momentum;
 pub mod nce;
 pub mod normalize;
 pub mod ntxent;
+pub mod siglip;
 pub mod similarity;
 pub mod supcon;
 pub mod triplet;
@@ -21,6 +22,9 @@ pub use margin::{
 pub use moco::{moco, moco_backward, moco_enqueue, moco_forward, MocoOptions, MocoOutput};
 pub use momentum::momentum_update;
 pub use nce::{nce, nce_backward, nce_forward, NceForward, NceOutput, NceSaved};
+pub use siglip::{
+    siglip, siglip_backward, siglip_forward, SigLipGrads, SigLipOptions, SigLipOutput,
+};
 pub use similarity::{similarity, Similarity};
 pub use supcon::{
     supcon, supcon_backward, supcon_forward, SupConOptions, SupConOutput, SupConReduction,

@@ -22,7 +22,7 @@
 //     from the one recomputed logit: 2, so 3 in all, and no atomics;
 //   * MoCo: the keys get no gradient: 2, so 3 in all.
 // with G_ij = grad_scale * scale * (softmax_ij - target_ij).
-#include "infonce_tc.cuh"
+#include "grad_product.cuh"
 
 // The logit is rounded once (__fmul_rn) and identically in both passes: left to itself, nvcc
 // fuses `acc * scale - lse` into one FMA in the backward only, and a row whose softmax is a
@@ -115,52 +115,6 @@ __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
         infonce_fwd_tensor_cores<T>(p);
     } else {
         infonce_fwd_cuda_cores<T>(p);
-    }
-}
-
-// The backward's second products, on CUDA cores (f32 accumulation):
-// out[dst0 + r] (how)= sum_t G'[r][t] src[src0 + t] over the 64 x 64 tile G' (g, or g^T with
-// `transposed`), in 64-feature chunks staged in `staged` (64 src rows x 64 features). Thread
-// (ty, tx) owns rows ty + 16 i and features tx + 16 j of each chunk.
-template <bool transposed, typename T>
-__device__ void grad_product(const float (*g)[kTilePad], float (*staged)[kTilePad], const T* src, int n_src, int src0,
-                             int dim, float* out, int dst0, int n_dst, Write how) {
-    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
-    for (int d0 = 0; d0 < dim; d0 += kTile) {
-        __syncthreads();  // g is complete / the previous chunk is consumed
-        for (int e = tid; e < kTile * kTile; e += 256) {
-            const int t = e / kTile, d = e % kTile;
-            staged[t][d] = (src0 + t < n_src && d0 + d < dim) ? load(src, (long long)(src0 + t) * dim + d0 + d) : 0.0f;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-            const int r = ty + 16 * i;
-            float sum[kPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int t = 0; t < kTile; ++t) {
-                const float gv = transposed ? g[t][r] : g[r][t];  // resolved at compile time
-#pragma unroll
-                for (int j = 0; j < kPerThread; ++j) sum[j] = fmaf(gv, staged[t][tx + 16 * j], sum[j]);
-            }
-            if (dst0 + r >= n_dst) continue;
-#pragma unroll
-            for (int j = 0; j < kPerThread; ++j) {
-                const int d = d0 + tx + 16 * j;
-                if (d < dim) write_grad(out + (long long)(dst0 + r) * dim + d, sum[j], how);
-            }
-        }
-    }
-}
-
-// The second products on the engine of the operand type: tensor cores for bf16 (see
-// grad_product_tc), CUDA cores otherwise (f16's G would underflow as an mma operand).
-template <bool transposed, typename T>
-__device__ void grad_product_for(const float (*g)[kTilePad], float (*staged)[kTilePad], const T* src, int n_src,
-                                 int src0, int dim, float* out, int dst0, int n_dst, Write how) {
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-        grad_product_tc<transposed>(g, staged, src, n_src, src0, dim, out, dst0, n_dst, how);
-    } else {
-        grad_product<transposed>(g, staged, src, n_src, src0, dim, out, dst0, n_dst, how);
     }
 }
 

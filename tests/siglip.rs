@@ -316,3 +316,128 @@ fn bad_input_is_an_error_that_says_what() {
     let e = err(siglip(&huge, &huge, 0.0, 0.0, &raw));
     assert!(e.contains("log_scale"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Kernels (Interp always, GPU 0 when usable) against the CPU in f64
+// ---------------------------------------------------------------------------------------------
+
+mod common;
+use common::{compare_with_cpu, feature_matrix, on_kernel_devices, Outputs};
+
+/// (N, D): rows and columns across 64-wide tiles, feature counts off every slice and chunk, a
+/// single pair, one feature.
+const KERNEL_SHAPES: &[(usize, usize)] = &[(37, 77), (1, 5), (3, 17), (37, 1), (130, 70)];
+
+/// The forward, the backward and the one-call form of one case, as named outputs.
+fn all_outputs(t: &[Tensor], log_scale: f64, bias: f64, opts: &SigLipOptions) -> Result<Outputs> {
+    let loss = siglip_forward(&t[0], &t[1], log_scale, bias, opts)?;
+    let grads = siglip_backward(&t[0], &t[1], log_scale, bias, opts, 1.25)?;
+    let one = siglip(&t[0], &t[1], log_scale, bias, opts)?;
+    Ok(vec![
+        ("loss", vec![loss.to_scalar()?]),
+        ("grad_a", grads.grad_a.to_vec_f64()?),
+        ("grad_b", grads.grad_b.to_vec_f64()?),
+        ("grad_log_scale", vec![grads.grad_log_scale.to_scalar()?]),
+        ("grad_bias", vec![grads.grad_bias.to_scalar()?]),
+        ("one-call loss", vec![one.loss.to_scalar()?]),
+        ("one-call grad_a", one.grad_a.to_vec_f64()?),
+        ("one-call grad_bias", vec![one.grad_bias.to_scalar()?]),
+    ])
+}
+
+fn check_kernels(device: Device) {
+    let mut rng = StdRng::seed_from_u64(0x5161);
+    // The SigLIP init (scale 10, bias -10), a scale of 100 (logits near +-110), and the dot
+    // product form.
+    let settings = [
+        (true, 10f64.ln(), -10.0),
+        (true, 100f64.ln(), -10.0),
+        (false, -0.5, 0.3),
+    ];
+    for (normalize, log_scale, bias) in settings {
+        let opts = SigLipOptions { normalize };
+        for &(n, d) in KERNEL_SHAPES {
+            let a = feature_matrix(&mut rng, n, d);
+            let b = feature_matrix(&mut rng, n, d);
+            let case = format!("siglip {n}x{d} normalize={normalize} log_scale={log_scale:.2}");
+            compare_with_cpu(device, &case, &[(&a, &[n, d]), (&b, &[n, d])], |t| {
+                all_outputs(t, log_scale, bias, &opts)
+            });
+        }
+    }
+}
+
+#[test]
+fn kernels_match_the_cpu() {
+    on_kernel_devices("siglip kernels_match_the_cpu", check_kernels);
+}
+
+/// log_scale and bias as tensors on the device: read there, the same results as the values.
+#[test]
+fn scalars_on_the_device_give_the_values_results() {
+    on_kernel_devices("siglip scalars_on_the_device", |device| {
+        let (n, d) = (70, 33);
+        let a = Tensor::from_slice(&uniform(41, n * d), &[n, d], device).unwrap();
+        let b = Tensor::from_slice(&uniform(42, n * d), &[n, d], device).unwrap();
+        let (a, b) = (
+            a.to_dtype(DType::F32).unwrap(),
+            b.to_dtype(DType::F32).unwrap(),
+        );
+        let on_device = |v: f32| Tensor::from_vec(vec![v], &[], device).unwrap();
+        let (log_scale, bias) = (on_device(2.5), on_device(-4.0));
+        let opts = SigLipOptions::default();
+        let before = Transfers::current();
+        let out = siglip(&a, &b, &log_scale, &bias, &opts).unwrap();
+        let copies = (Transfers::current() - before).copies();
+        assert_eq!(copies, 0, "copies for a call with every input on {device}");
+        let want = siglip(&a, &b, 2.5, -4.0, &opts).unwrap();
+        for (got, want, what) in [
+            (&out.loss, &want.loss, "loss"),
+            (&out.grad_log_scale, &want.grad_log_scale, "grad_log_scale"),
+            (&out.grad_bias, &want.grad_bias, "grad_bias"),
+            (&out.grad_a, &want.grad_a, "grad_a"),
+        ] {
+            assert_close(&v64(got), &v64(want), 1e-6, what);
+        }
+    });
+}
+
+/// bf16 and f16 operands (the tensor-core tiles) against the CPU on the same rounded values.
+#[test]
+fn half_kernels_match_the_cpu() {
+    on_kernel_devices("siglip half_kernels_match_the_cpu", |device| {
+        let mut rng = StdRng::seed_from_u64(0x5162);
+        for &(n, d) in &[(37usize, 77usize), (130, 40)] {
+            let a = feature_matrix(&mut rng, n, d);
+            let b = feature_matrix(&mut rng, n, d);
+            for dtype in [DType::Bf16, DType::F16] {
+                let rounded = |v: &[f32]| {
+                    let half = Tensor::from_vec(v.to_vec(), &[n, d], Device::Cpu)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap();
+                    let wide = Tensor::from_vec(half.to_vec_f64().unwrap(), &[n, d], Device::Cpu);
+                    (half.to_device(device).unwrap(), wide.unwrap())
+                };
+                let ((ha, wa), (hb, wb)) = (rounded(&a), rounded(&b));
+                let opts = SigLipOptions::default();
+                testing::take_launched_kernels();
+                let got = all_outputs(&[ha, hb], 10f64.ln(), -10.0, &opts).unwrap();
+                if device == Device::Interp {
+                    let launched = testing::take_launched_kernels();
+                    let kernel = format!(
+                        "siglip_sweep_{}",
+                        if dtype == DType::Bf16 { "bf16" } else { "f16" }
+                    );
+                    assert!(
+                        launched.contains(&kernel.as_str()),
+                        "{kernel} did not run: {launched:?}"
+                    );
+                }
+                let want = all_outputs(&[wa, wb], 10f64.ln(), -10.0, &opts).unwrap();
+                for ((name, g), (_, w)) in got.iter().zip(&want) {
+                    assert_close(g, w, 2e-2, &format!("{n}x{d} {dtype} on {device}: {name}"));
+                }
+            }
+        }
+    });
+}

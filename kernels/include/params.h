@@ -468,6 +468,31 @@ typedef struct ContraClipColumnsParams {
     int rows;
 } ContraClipColumnsParams;
 
+/* siglip_sweep: SigLIP's pairwise sigmoid loss over the tiles of a b^T (rows x rows, never
+ * materialized), one block per 64 rows of a. logit_ij = scale s_ij + bias with s_ij = a_i . b_j
+ * (a and b already normalized for the cosine form); scale = exp(*log_scale) when log_scale is
+ * set, else `scale`; bias = *bias_value when set, else `bias`. Writes row_loss[i] =
+ * sum_j softplus(-z_ij logit_ij) (z = +1 on the diagonal, -1 elsewhere). With grad_a set (the
+ * backward), also G_ij = grad_weight (sigmoid(logit_ij) - [i = j]): grad_a = scale G b
+ * (overwritten), grad_b += scale G^T a (atomic; zeroed by the caller), and per block
+ * log_scale_partial[block] = sum G_ij scale s_ij, bias_partial[block] = sum G_ij. */
+typedef struct ContraSiglipParams {
+    const void* a;
+    const void* b;
+    const float* log_scale; /* may be NULL */
+    const float* bias_value; /* may be NULL */
+    float* row_loss;
+    float* grad_a; /* NULL: the loss only */
+    float* grad_b;
+    float* log_scale_partial;
+    float* bias_partial;
+    int rows;
+    int dim;
+    float scale;
+    float bias;
+    float grad_weight;
+} ContraSiglipParams;
+
 /* nonfinite_rows: status[slot] = min(status[slot], r) for the first row r of x (`row_len`
  * elements per row, `len` elements in all) holding a NaN or an infinity; status[slot] is left
  * as it is when every element is finite. x has the kernel's type (f32, bf16, f16). */

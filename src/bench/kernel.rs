@@ -327,7 +327,7 @@ impl<B: Backend> KernelRunner<B> {
                     diagonal: &set.ints[0],
                     rows: n,
                     dim: d,
-                    log_scale: kernels::clip::LogScale::Value(cases::clip_log_scale()),
+                    log_scale: kernels::ScalarArg::Value(cases::clip_log_scale()),
                 };
                 let fwd = problem.forward(b)?;
                 let loss = host_sum(b, &fwd.row_value)? / problem.divisor();

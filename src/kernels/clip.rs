@@ -5,7 +5,7 @@
 
 use super::infonce::{empty_lse_states, fused_forward, row_dots, BackwardPass, Softmax};
 use super::params::ContraClipColumnsParams;
-use super::{blocks_for, extent, handles, normalize, Backend, Launch};
+use super::{blocks_for, extent, handles, normalize, Backend, Launch, ScalarArg};
 use crate::Result;
 
 /// Rows per block of the InfoNCE kernels.
@@ -20,14 +20,7 @@ pub(crate) struct Clip<'a, B: Backend> {
     pub rows: usize,
     pub dim: usize,
     /// The learnable log of the logit scale: a value, or one f32 on the device.
-    pub log_scale: LogScale<'a, B::Buf>,
-}
-
-/// CLIP's log-scale as the kernels take it.
-pub(crate) enum LogScale<'a, Buf> {
-    Value(f64),
-    /// One f32 on the device, read there (no copy to the host).
-    Device(&'a Buf),
+    pub log_scale: ScalarArg<'a, B::Buf>,
 }
 
 /// What the forward leaves on the device.
@@ -41,17 +34,11 @@ pub(crate) struct ClipForward<Buf> {
 impl<B: Backend> Clip<'_, B> {
     /// The logit scale passed by value (unused when the log-scale is on the device).
     fn scale(&self) -> f32 {
-        match self.log_scale {
-            LogScale::Value(log_scale) => log_scale.exp() as f32,
-            LogScale::Device(_) => 1.0,
-        }
+        self.log_scale.passed(f64::exp, 1.0)
     }
 
     fn device_log_scale(&self) -> Option<&B::Buf> {
-        match self.log_scale {
-            LogScale::Value(_) => None,
-            LogScale::Device(buf) => Some(buf),
-        }
+        self.log_scale.device()
     }
 
     fn normalized(&self, b: &B) -> Result<(B::Buf, B::Buf)> {

@@ -22,6 +22,7 @@ pub(crate) mod optim;
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, clippy::all)]
 pub(crate) mod params;
 pub(crate) mod queue;
+pub(crate) mod siglip;
 pub(crate) mod similarity;
 pub(crate) mod status;
 pub(crate) mod storage;
@@ -102,6 +103,32 @@ pub(crate) fn blocks_for(n: usize, per_block: usize) -> usize {
     n.div_ceil(per_block)
 }
 
+/// A learnable scalar (CLIP's and SigLIP's `log_scale`, SigLIP's `bias`) as a kernel takes it:
+/// a value, or one f32 the kernel reads on the device (no copy to the host).
+#[derive(Clone, Copy)]
+pub(crate) enum ScalarArg<'a, Buf> {
+    Value(f64),
+    Device(&'a Buf),
+}
+
+impl<'a, Buf> ScalarArg<'a, Buf> {
+    /// The value passed by value: `of(value)`, or `unused` when the kernel reads the device one.
+    pub fn passed(&self, of: impl FnOnce(f64) -> f64, unused: f64) -> f32 {
+        match *self {
+            ScalarArg::Value(value) => of(value) as f32,
+            ScalarArg::Device(_) => unused as f32,
+        }
+    }
+
+    /// The device operand, when there is one.
+    pub fn device(&self) -> Option<&'a Buf> {
+        match *self {
+            ScalarArg::Value(_) => None,
+            ScalarArg::Device(buf) => Some(buf),
+        }
+    }
+}
+
 /// The kernel parameter structs of `kernels/include/params.h` (plain C data, passed by value).
 #[cfg(not(feature = "cuda"))]
 pub(crate) trait KernelParams: Copy {}
@@ -131,6 +158,7 @@ impl KernelParams for params::ContraBatchNormBwdParams {}
 impl KernelParams for params::ContraBaselineParams {}
 impl KernelParams for params::ContraScanParams {}
 impl KernelParams for params::ContraClipColumnsParams {}
+impl KernelParams for params::ContraSiglipParams {}
 impl KernelParams for params::ContraLossParams {}
 impl KernelParams for params::ContraFillParams {}
 impl KernelParams for params::ContraCastParams {}

@@ -1152,6 +1152,66 @@ impl Default for ContraClipColumnsParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct ContraSiglipParams {
+    pub a: *const ::std::os::raw::c_void,
+    pub b: *const ::std::os::raw::c_void,
+    pub log_scale: *const f32,
+    pub bias_value: *const f32,
+    pub row_loss: *mut f32,
+    pub grad_a: *mut f32,
+    pub grad_b: *mut f32,
+    pub log_scale_partial: *mut f32,
+    pub bias_partial: *mut f32,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub scale: f32,
+    pub bias: f32,
+    pub grad_weight: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraSiglipParams"][::std::mem::size_of::<ContraSiglipParams>() - 96usize];
+    ["Alignment of ContraSiglipParams"][::std::mem::align_of::<ContraSiglipParams>() - 8usize];
+    ["Offset of field: ContraSiglipParams::a"]
+        [::std::mem::offset_of!(ContraSiglipParams, a) - 0usize];
+    ["Offset of field: ContraSiglipParams::b"]
+        [::std::mem::offset_of!(ContraSiglipParams, b) - 8usize];
+    ["Offset of field: ContraSiglipParams::log_scale"]
+        [::std::mem::offset_of!(ContraSiglipParams, log_scale) - 16usize];
+    ["Offset of field: ContraSiglipParams::bias_value"]
+        [::std::mem::offset_of!(ContraSiglipParams, bias_value) - 24usize];
+    ["Offset of field: ContraSiglipParams::row_loss"]
+        [::std::mem::offset_of!(ContraSiglipParams, row_loss) - 32usize];
+    ["Offset of field: ContraSiglipParams::grad_a"]
+        [::std::mem::offset_of!(ContraSiglipParams, grad_a) - 40usize];
+    ["Offset of field: ContraSiglipParams::grad_b"]
+        [::std::mem::offset_of!(ContraSiglipParams, grad_b) - 48usize];
+    ["Offset of field: ContraSiglipParams::log_scale_partial"]
+        [::std::mem::offset_of!(ContraSiglipParams, log_scale_partial) - 56usize];
+    ["Offset of field: ContraSiglipParams::bias_partial"]
+        [::std::mem::offset_of!(ContraSiglipParams, bias_partial) - 64usize];
+    ["Offset of field: ContraSiglipParams::rows"]
+        [::std::mem::offset_of!(ContraSiglipParams, rows) - 72usize];
+    ["Offset of field: ContraSiglipParams::dim"]
+        [::std::mem::offset_of!(ContraSiglipParams, dim) - 76usize];
+    ["Offset of field: ContraSiglipParams::scale"]
+        [::std::mem::offset_of!(ContraSiglipParams, scale) - 80usize];
+    ["Offset of field: ContraSiglipParams::bias"]
+        [::std::mem::offset_of!(ContraSiglipParams, bias) - 84usize];
+    ["Offset of field: ContraSiglipParams::grad_weight"]
+        [::std::mem::offset_of!(ContraSiglipParams, grad_weight) - 88usize];
+};
+impl Default for ContraSiglipParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct ContraScanParams {
     pub x: *const ::std::os::raw::c_void,
     pub status: *mut ::std::os::raw::c_int,

@@ -5,11 +5,11 @@ use super::{
     attach_loss_checks, check_finite_scalar, check_grad_loss, check_host_finite, check_result,
     check_scalar_result, compute_dtype, expect_shape, host_loss, kernel_grads, kernel_state,
     matrix_dims, output_like, same_place, state_like, upload_f32, upload_features, values,
-    with_cpu_real, Fingerprint, Origin, Scalar,
+    with_cpu_real, Fingerprint, Origin, Scalar, ScalarInput, ScalarOperand,
 };
 use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
-use crate::{cpu, DType, Device, Error, Result, Tensor};
+use crate::{cpu, DType, Error, Result, Tensor};
 
 const OP: &str = "clip";
 const BACKWARD: &str = "clip_backward";
@@ -62,7 +62,7 @@ fn validate<'t>(
     a: &Tensor,
     b: &Tensor,
     log_scale: Scalar<'t>,
-) -> Result<((usize, usize), LogScale<'t>)> {
+) -> Result<((usize, usize), ScalarInput<'t>)> {
     let (rows, dim) = matrix_dims(op, "a", a)?;
     matrix_dims(op, "b", b)?;
     same_place(op, &[("a", a), ("b", b)])?;
@@ -74,62 +74,13 @@ fn validate<'t>(
             format!("{:?} (the same shape as a: one pair per row)", a.shape()),
         ));
     }
-    let log_scale = LogScale::resolve(op, log_scale, a)?;
-    if let LogScale::Value(value) = log_scale {
+    let log_scale = ScalarInput::resolve(op, "log_scale", log_scale, a)?;
+    if let ScalarInput::Value(value) = log_scale {
         check_log_scale(op, value, compute_dtype(a.device(), a.dtype()))?;
     }
     check_host_finite(op, "a", a)?;
     check_host_finite(op, "b", b)?;
     Ok(((rows, dim), log_scale))
-}
-
-/// The log-scale of one call: a value (given, or read from a host tensor), or a tensor on a's
-/// kernel device, which the kernels read there (a non-finite one is caught there, and an
-/// `exp(log_scale)` that overflows makes the logits overflow, an error naming it).
-#[derive(Clone, Copy, Debug)]
-enum LogScale<'t> {
-    Value(f64),
-    Device(&'t Tensor),
-}
-
-impl<'t> LogScale<'t> {
-    fn resolve(op: &'static str, log_scale: Scalar<'t>, a: &Tensor) -> Result<LogScale<'t>> {
-        let t = match log_scale {
-            Scalar::Value(value) => return Ok(LogScale::Value(value)),
-            Scalar::Tensor(t) => t,
-        };
-        if t.numel() != 1 {
-            return Err(Error::shape(
-                op,
-                "log_scale",
-                t.shape(),
-                "one element (a 0-d tensor)",
-            ));
-        }
-        if t.device() == a.device() && a.device() != Device::Cpu {
-            return Ok(LogScale::Device(t));
-        }
-        if t.device() != Device::Cpu && a.device() != Device::Cpu {
-            return Err(Error::Mismatch {
-                op,
-                reason: format!(
-                    "`a` is on {} but `log_scale` is on {}",
-                    a.device(),
-                    t.device()
-                ),
-            });
-        }
-        // On the CPU (or `a` on the CPU): read it.
-        Ok(LogScale::Value(t.to_scalar()?))
-    }
-
-    /// The value, for the CPU path (where a log-scale is never left on a device).
-    fn value(self) -> Result<f64> {
-        match self {
-            LogScale::Value(value) => Ok(value),
-            LogScale::Device(t) => t.to_scalar(),
-        }
-    }
 }
 
 /// Rejects a `log_scale` whose logit scale `exp(log_scale)` (times log2(e), which the kernels
@@ -154,11 +105,11 @@ fn check_log_scale(op: &'static str, log_scale: f64, compute: DType) -> Result<(
 }
 
 /// The origin of clip's saved state.
-fn origin(a: &Tensor, b: &Tensor, log_scale: LogScale<'_>) -> Origin {
+fn origin(a: &Tensor, b: &Tensor, log_scale: ScalarInput<'_>) -> Origin {
     let inputs = Fingerprint::new().tensor(a).tensor(b);
     match log_scale {
-        LogScale::Value(value) => Origin::new(OP, &value, inputs),
-        LogScale::Device(t) => Origin::new(OP, &"log_scale tensor", inputs.tensor(t)),
+        ScalarInput::Value(value) => Origin::new(OP, &value, inputs),
+        ScalarInput::Device(t) => Origin::new(OP, &"log_scale tensor", inputs.tensor(t)),
     }
 }
 
@@ -229,7 +180,7 @@ fn clip_forward_cpu(
     let saved = ClipSaved {
         row_lse,
         col_lse,
-        origin: origin(a, b, LogScale::Value(log_scale)),
+        origin: origin(a, b, ScalarInput::Value(log_scale)),
     };
     Ok(ClipForward {
         loss: host_loss(loss, a.device())?,
@@ -348,13 +299,7 @@ struct KernelInputs<'t, B: Backend> {
     a: Operand<'t, B::Buf>,
     b: Operand<'t, B::Buf>,
     diagonal: B::Buf,
-    log_scale: ScaleOperand<'t, B::Buf>,
-}
-
-/// The log-scale as the kernels take it: by value, or as an f32 operand on the device.
-enum ScaleOperand<'t, Buf> {
-    Value(f64),
-    Device(Operand<'t, Buf>),
+    log_scale: ScalarOperand<'t, B::Buf>,
 }
 
 impl<'t, B: Backend> KernelInputs<'t, B> {
@@ -366,16 +311,9 @@ impl<'t, B: Backend> KernelInputs<'t, B> {
         a: &'t Tensor,
         b: &'t Tensor,
         rows: usize,
-        log_scale: LogScale<'t>,
+        log_scale: ScalarInput<'t>,
     ) -> Result<Self> {
-        let log_scale = match log_scale {
-            LogScale::Value(value) => ScaleOperand::Value(value),
-            LogScale::Device(t) => {
-                let operand = upload_f32(k, "log_scale", t)?;
-                rec.input("log_scale", t, &operand)?;
-                ScaleOperand::Device(operand)
-            }
-        };
+        let log_scale = ScalarOperand::new(k, rec, "log_scale", log_scale)?;
         let inputs = KernelInputs {
             a: upload_features(k, "a", a)?,
             b: upload_features(k, "b", b)?,
@@ -394,10 +332,7 @@ impl<'t, B: Backend> KernelInputs<'t, B> {
             diagonal: &self.diagonal,
             rows,
             dim,
-            log_scale: match &self.log_scale {
-                ScaleOperand::Value(value) => kernels::clip::LogScale::Value(*value),
-                ScaleOperand::Device(operand) => kernels::clip::LogScale::Device(operand),
-            },
+            log_scale: self.log_scale.arg(),
         }
     }
 }

@@ -79,6 +79,91 @@ impl<'a> From<&'a Tensor> for Scalar<'a> {
 
 use std::sync::Arc;
 
+/// A learnable scalar of one call: a value (given, or read from a host tensor), or a one-element
+/// tensor on the inputs' kernel device, which the kernels read there (a non-finite one is caught
+/// there by the scan of its operand).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ScalarInput<'t> {
+    Value(f64),
+    Device(&'t Tensor),
+}
+
+impl<'t> ScalarInput<'t> {
+    /// `scalar` (argument `arg` of `op`) for inputs like `a`: a tensor is kept on `a`'s kernel
+    /// device, read when it or `a` is on the CPU, and an error when the two are on different
+    /// devices or it has more than one element.
+    pub fn resolve(
+        op: &'static str,
+        arg: &'static str,
+        scalar: Scalar<'t>,
+        a: &Tensor,
+    ) -> Result<ScalarInput<'t>> {
+        let t = match scalar {
+            Scalar::Value(value) => return Ok(ScalarInput::Value(value)),
+            Scalar::Tensor(t) => t,
+        };
+        if t.numel() != 1 {
+            return Err(Error::shape(
+                op,
+                arg,
+                t.shape(),
+                "one element (a 0-d tensor)",
+            ));
+        }
+        if t.device() == a.device() && a.device() != Device::Cpu {
+            return Ok(ScalarInput::Device(t));
+        }
+        if t.device() != Device::Cpu && a.device() != Device::Cpu {
+            return Err(Error::Mismatch {
+                op,
+                reason: format!("`a` is on {} but `{arg}` is on {}", a.device(), t.device()),
+            });
+        }
+        // On the CPU (or `a` on the CPU): read it.
+        Ok(ScalarInput::Value(t.to_scalar()?))
+    }
+
+    /// The value, for the CPU path (where a scalar is never left on a device).
+    pub fn value(self) -> Result<f64> {
+        match self {
+            ScalarInput::Value(value) => Ok(value),
+            ScalarInput::Device(t) => t.to_scalar(),
+        }
+    }
+}
+
+/// A learnable scalar as a kernel operand: by value, or as one f32 on the device (its scan
+/// recorded).
+pub(crate) enum ScalarOperand<'t, Buf> {
+    Value(f64),
+    Device(Operand<'t, Buf>),
+}
+
+impl<'t, Buf> ScalarOperand<'t, Buf> {
+    pub fn new<B: Backend<Buf = Buf>>(
+        k: &B,
+        rec: &mut Recorder<'_, B>,
+        arg: &'static str,
+        input: ScalarInput<'t>,
+    ) -> Result<Self> {
+        Ok(match input {
+            ScalarInput::Value(value) => ScalarOperand::Value(value),
+            ScalarInput::Device(t) => {
+                let operand = upload_f32(k, arg, t)?;
+                rec.input(arg, t, &operand)?;
+                ScalarOperand::Device(operand)
+            }
+        })
+    }
+
+    pub fn arg(&self) -> crate::kernels::ScalarArg<'_, Buf> {
+        match self {
+            ScalarOperand::Value(value) => crate::kernels::ScalarArg::Value(*value),
+            ScalarOperand::Device(operand) => crate::kernels::ScalarArg::Device(operand),
+        }
+    }
+}
+
 use crate::checks::{Checks, IndexRule, Recorder};
 use crate::cpu::Real;
 use crate::kernels::{Backend, Elem, Operand};
@@ -490,6 +575,7 @@ pub const KERNEL_KINDS: &[&str] = &[
     "supcon",
     "clip",
     "triplet",
+    "siglip",
 ];
 
 /// Which implementation runs ops of `kind` on `device` (reported per fixture case).

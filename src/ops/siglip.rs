@@ -6,10 +6,12 @@
 //! the forward and the backward: each recomputes its tiles.
 
 use super::{
-    check_finite_scalar, check_grad_loss, check_host_finite, check_result, check_scalar_result,
-    compute_dtype, host_loss, largest, matrix_dims, output_like, same_place, values, with_cpu_real,
-    Scalar,
+    attach_loss_checks, check_finite_scalar, check_grad_loss, check_host_finite, check_result,
+    check_scalar_result, compute_dtype, host_loss, kernel_grads, largest, matrix_dims, output_like,
+    same_place, upload_features, values, with_cpu_real, Scalar, ScalarInput, ScalarOperand,
 };
+use crate::checks::Recorder;
+use crate::kernels::{self, run_on_kernels, Backend, Operand};
 use crate::{cpu, Error, Result, Tensor};
 
 const OP: &str = "siglip";
@@ -66,22 +68,23 @@ pub struct SigLipOutput {
     pub grad_bias: Tensor,
 }
 
-/// One validated call: `(rows, dim)`, `log_scale` and `bias`.
-struct Call {
+/// One validated call: `(rows, dim)`, `log_scale` and `bias` (values, or tensors on the
+/// inputs' kernel device).
+struct Call<'t> {
     rows: usize,
     dim: usize,
-    log_scale: f64,
-    bias: f64,
+    log_scale: ScalarInput<'t>,
+    bias: ScalarInput<'t>,
 }
 
 /// Validates the inputs (errors named after `op`).
-fn validate(
+fn validate<'t>(
     op: &'static str,
     a: &Tensor,
     b: &Tensor,
-    log_scale: Scalar<'_>,
-    bias: Scalar<'_>,
-) -> Result<Call> {
+    log_scale: Scalar<'t>,
+    bias: Scalar<'t>,
+) -> Result<Call<'t>> {
     let (rows, dim) = matrix_dims(op, "a", a)?;
     matrix_dims(op, "b", b)?;
     same_place(op, &[("a", a), ("b", b)])?;
@@ -94,26 +97,20 @@ fn validate(
         ));
     }
     let compute = compute_dtype(a.device(), a.dtype());
-    let log_scale = scalar_value(op, "log_scale", log_scale)?;
-    let scale = log_scale.exp();
-    if scale > largest(compute) {
-        return Err(Error::invalid(
-            op,
-            "log_scale",
-            format!(
-                "{log_scale} gives a logit scale of {scale:e}, which overflows the {compute} the \
-                 loss is computed in (the largest accepted is {:.3})",
-                largest(compute).ln()
-            ),
-        ));
+    let log_scale = ScalarInput::resolve(op, "log_scale", log_scale, a)?;
+    if let ScalarInput::Value(value) = log_scale {
+        check_log_scale(op, value, compute)?;
     }
-    let bias = scalar_value(op, "bias", bias)?;
-    if bias.abs() > largest(compute) {
-        return Err(Error::invalid(
-            op,
-            "bias",
-            format!("{bias:e} overflows the {compute} the loss is computed in"),
-        ));
+    let bias = ScalarInput::resolve(op, "bias", bias, a)?;
+    if let ScalarInput::Value(value) = bias {
+        check_finite_scalar(op, "bias", value)?;
+        if value.abs() > largest(compute) {
+            return Err(Error::invalid(
+                op,
+                "bias",
+                format!("{value:e} overflows the {compute} the loss is computed in"),
+            ));
+        }
     }
     check_host_finite(op, "a", a)?;
     check_host_finite(op, "b", b)?;
@@ -125,41 +122,122 @@ fn validate(
     })
 }
 
-/// The value of a learnable scalar (a one-element tensor is read, from its device if need be),
-/// which must be finite.
-fn scalar_value(op: &'static str, arg: &'static str, scalar: Scalar<'_>) -> Result<f64> {
-    let value = match scalar {
-        Scalar::Value(value) => value,
-        Scalar::Tensor(t) if t.numel() == 1 => t.to_vec_f64()?[0],
-        Scalar::Tensor(t) => {
-            return Err(Error::shape(
-                op,
-                arg,
-                t.shape(),
-                "one element (a 0-d tensor)",
-            ))
-        }
-    };
-    check_finite_scalar(op, arg, value)?;
-    Ok(value)
+/// Rejects a `log_scale` whose logit scale `exp(log_scale)` overflows the compute dtype. A
+/// tensor left on the device is checked there: a non-finite one by the scan of its operand, an
+/// overflowing scale through the infinite logits it makes.
+fn check_log_scale(op: &'static str, log_scale: f64, compute: crate::DType) -> Result<()> {
+    check_finite_scalar(op, "log_scale", log_scale)?;
+    let scale = log_scale.exp();
+    if scale <= largest(compute) {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        op,
+        "log_scale",
+        format!(
+            "{log_scale} gives a logit scale of {scale:e}, which overflows the {compute} the \
+             loss is computed in (the largest accepted is {:.3})",
+            largest(compute).ln()
+        ),
+    ))
 }
 
 /// The CPU problem of one call.
 fn problem<'a, T>(
     a: &'a [T],
     b: &'a [T],
-    call: &Call,
+    call: &Call<'_>,
     opts: &SigLipOptions,
-) -> cpu::siglip::Problem<'a, T> {
-    cpu::siglip::Problem {
+) -> Result<cpu::siglip::Problem<'a, T>> {
+    Ok(cpu::siglip::Problem {
         a,
         b,
         rows: call.rows,
         dim: call.dim,
-        log_scale: call.log_scale,
-        bias: call.bias,
+        log_scale: call.log_scale.value()?,
+        bias: call.bias.value()?,
         normalize: opts.normalize,
+    })
+}
+
+/// a, b and the scalars as kernel operands, their scans recorded.
+struct KernelInputs<'t, B: Backend> {
+    a: Operand<'t, B::Buf>,
+    b: Operand<'t, B::Buf>,
+    log_scale: ScalarOperand<'t, B::Buf>,
+    bias: ScalarOperand<'t, B::Buf>,
+}
+
+impl<'t, B: Backend> KernelInputs<'t, B> {
+    fn new(
+        k: &B,
+        rec: &mut Recorder<'_, B>,
+        a: &'t Tensor,
+        b: &'t Tensor,
+        call: &Call<'t>,
+    ) -> Result<Self> {
+        let inputs = KernelInputs {
+            a: upload_features(k, "a", a)?,
+            b: upload_features(k, "b", b)?,
+            log_scale: ScalarOperand::new(k, rec, "log_scale", call.log_scale)?,
+            bias: ScalarOperand::new(k, rec, "bias", call.bias)?,
+        };
+        rec.input("a", a, &inputs.a)?;
+        rec.input("b", b, &inputs.b)?;
+        Ok(inputs)
     }
+
+    fn problem(&self, call: &Call<'_>, opts: &SigLipOptions) -> kernels::siglip::SigLip<'_, B> {
+        kernels::siglip::SigLip {
+            a: &self.a,
+            b: &self.b,
+            rows: call.rows,
+            dim: call.dim,
+            normalize: opts.normalize,
+            log_scale: self.log_scale.arg(),
+            bias: self.bias.arg(),
+        }
+    }
+}
+
+/// The loss and gradients on a kernel backend (errors named after `op`): the gradients of
+/// `grad_loss * loss`, each scalar gradient a 0-d f64 tensor whose reads verify the call's
+/// checks.
+fn kernel_sweep<B: Backend>(
+    k: &B,
+    op: &'static str,
+    (a, b): (&Tensor, &Tensor),
+    call: &Call<'_>,
+    opts: &SigLipOptions,
+    grad_loss: f64,
+) -> Result<(Tensor, SigLipGrads)> {
+    let mut rec = Recorder::new(k, op)?;
+    let inputs = KernelInputs::new(k, &mut rec, a, b, call)?;
+    let problem = inputs.problem(call, opts);
+    let (row_loss, grads) = problem.sweep(k, Some(grad_loss))?;
+    let grads = grads.ok_or_else(|| Error::Device(format!("{op}: no gradients")))?;
+    let scalar = |what, partial: &B::Buf| {
+        Recorder::new(k, op)?
+            .finish_scalar(what, partial, 1.0, BLAME)
+            .map(|(t, _)| t)
+    };
+    let grad_log_scale = scalar("grad_log_scale", &grads.log_scale_partial)?;
+    let grad_bias = scalar("grad_bias", &grads.bias_partial)?;
+    let finish = |rec: Recorder<'_, _>| rec.finish_loss(&row_loss, problem.divisor(), BLAME);
+    let (loss, [grad_a, grad_b]) = kernel_grads(
+        k,
+        rec,
+        [("grad_a", grads.a, a), ("grad_b", grads.b, b)],
+        BLAME,
+        finish,
+    )?;
+    let grads = SigLipGrads {
+        grad_a,
+        grad_b,
+        grad_log_scale: attach_loss_checks(grad_log_scale, &loss),
+        grad_bias: attach_loss_checks(grad_bias, &loss),
+    };
+    Ok((loss, grads))
 }
 
 /// The loss of paired embeddings `a`, `b` (N x D each). Nothing is saved for the backward:
@@ -172,9 +250,16 @@ pub fn siglip_forward<'s, 'b>(
     opts: &SigLipOptions,
 ) -> Result<Tensor> {
     let call = validate(FORWARD, a, b, log_scale.into(), bias.into())?;
+    run_on_kernels!(a.device(), k => {
+        let mut rec = Recorder::new(k, FORWARD)?;
+        let inputs = KernelInputs::new(k, &mut rec, a, b, &call)?;
+        let problem = inputs.problem(&call, opts);
+        let (row_loss, _) = problem.sweep(k, None)?;
+        Ok(rec.finish_loss(&row_loss, problem.divisor(), BLAME)?.0)
+    });
     let loss = with_cpu_real!(a.dtype(), T => {
         let (av, bv) = (values::<T>(a)?, values::<T>(b)?);
-        problem(&av, &bv, &call, opts).forward()
+        problem(&av, &bv, &call, opts)?.forward()
     });
     check_scalar_result(FORWARD, "loss", loss, BLAME)?;
     host_loss(loss, a.device())
@@ -192,6 +277,9 @@ pub fn siglip_backward<'s, 'b>(
 ) -> Result<SigLipGrads> {
     let call = validate(BACKWARD, a, b, log_scale.into(), bias.into())?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(a.device(), a.dtype()))?;
+    run_on_kernels!(a.device(), k => {
+        kernel_sweep(k, BACKWARD, (a, b), &call, opts, grad_loss).map(|(_, grads)| grads)
+    });
     let (_, grads) = cpu_sweep(BACKWARD, a, b, &call, opts, grad_loss)?;
     Ok(grads)
 }
@@ -202,13 +290,13 @@ fn cpu_sweep(
     op: &'static str,
     a: &Tensor,
     b: &Tensor,
-    call: &Call,
+    call: &Call<'_>,
     opts: &SigLipOptions,
     grad_loss: f64,
 ) -> Result<(f64, SigLipGrads)> {
     let (loss, grad_a, grad_b, grad_log_scale, grad_bias) = with_cpu_real!(a.dtype(), T => {
         let (av, bv) = (values::<T>(a)?, values::<T>(b)?);
-        let (loss, g) = problem(&av, &bv, call, opts).forward_backward(grad_loss);
+        let (loss, g) = problem(&av, &bv, call, opts)?.forward_backward(grad_loss);
         (loss, output_like(a, g.a, a.shape())?, output_like(b, g.b, b.shape())?, g.log_scale, g.bias)
     });
     check_scalar_result(op, "loss", loss, BLAME)?;
@@ -250,6 +338,16 @@ pub fn siglip<'s, 'b>(
     opts: &SigLipOptions,
 ) -> Result<SigLipOutput> {
     let call = validate(OP, a, b, log_scale.into(), bias.into())?;
+    run_on_kernels!(a.device(), k => {
+        let (loss, grads) = kernel_sweep(k, OP, (a, b), &call, opts, 1.0)?;
+        Ok(SigLipOutput {
+            loss,
+            grad_a: grads.grad_a,
+            grad_b: grads.grad_b,
+            grad_log_scale: grads.grad_log_scale,
+            grad_bias: grads.grad_bias,
+        })
+    });
     let (loss, grads) = cpu_sweep(OP, a, b, &call, opts, 1.0)?;
     Ok(SigLipOutput {
         loss: host_loss(loss, a.device())?,

@@ -41,6 +41,8 @@ INFONCE_TAU = 0.1
 MOCO_TAU = 0.2
 SUPCON_TAU = (0.1, 0.07)
 CLIP_LOG_SCALE = math.log(1.0 / 0.07)
+SIGLIP_LOG_SCALE = math.log(10.0)
+SIGLIP_BIAS = -10.0
 TRIPLET_MARGIN = 0.2
 MARGIN_MARGIN = 1.0
 MOMENTUM_M = 0.999
@@ -62,7 +64,7 @@ def shape_label(cs):
 def dims_label(cs):
     n, d, k, v, c = cs["n"], cs["d"], cs["k"], cs["v"], cs["c"]
     op = cs["op"]
-    if op in ("ntxent", "clip", "margin", "normalize"):
+    if op in ("ntxent", "clip", "siglip", "margin", "normalize"):
         return f"N={n} D={d}"
     if op in ("infonce", "similarity"):
         return f"N={n} M={k} D={d}"
@@ -92,6 +94,7 @@ def quick_cases():
     for n in (1024, 4096):
         cases += both(lambda p: case("ntxent", p, n, 128))
     cases.append(case("clip", "fwd+bwd", 1024, 128))
+    cases.append(case("siglip", "fwd+bwd", 4096, 128))
     cases.append(case("moco", "fwd+bwd", 256, 128, k=4096))
     cases.append(case("supcon", "fwd+bwd", 512, 128, v=2, c=10))
     cases.append(case("triplet", "fwd+bwd", 1024, 128, c=16))
@@ -105,6 +108,8 @@ def full_cases():
             cases += both(lambda p: case("ntxent", p, n, d))
     cases += both(lambda p: case("infonce", p, 4096, 128, k=4096))
     cases += both(lambda p: case("clip", p, 4096, 512))
+    for n in (4096, 16384):
+        cases += both(lambda p: case("siglip", p, n, 128))
     cases += both(lambda p: case("moco", p, 256, 128, k=65536))
     cases += both(lambda p: case("supcon", p, 2048, 128, v=2, c=100))
     for n in (256, 1024, 4096):
@@ -126,7 +131,7 @@ def input_bytes(cs):
         elems = n * d * (2 if cs["pass"] == "fwd+bwd" else 1)
     elif op in ("infonce", "similarity"):
         elems = (n + k) * d
-    elif op in ("clip", "margin"):
+    elif op in ("clip", "siglip", "margin"):
         elems = 2 * n * d
     elif op == "moco":
         elems = (2 * n + k) * d
@@ -200,7 +205,7 @@ def make_inputs(torch, cs, set_index, device):
         return [u((n, d), 0)]
     if op in ("infonce", "similarity"):
         return [u((n, d), 0), u((k, d), 1)]
-    if op in ("clip", "margin"):
+    if op in ("clip", "siglip", "margin"):
         return [u((n, d), 0), u((n, d), 1)]
     if op == "moco":
         return [u((n, d), 0), u((n, d), 1), u((k, d), 2)]
@@ -258,6 +263,20 @@ def build_op(torch, cs, device):
             return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
         return clip, [0, 1]
+
+    if op == "siglip":
+        # open_clip's SigLipLoss (features normalized by the model, logit_scale passed as
+        # exp(log_scale)), with its learnable scale and bias.
+        log_scale = torch.tensor(SIGLIP_LOG_SCALE, device=device, requires_grad=True)
+        bias = torch.tensor(SIGLIP_BIAS, device=device, requires_grad=True)
+
+        def siglip(a, b):
+            logits = log_scale.exp() * F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+            logits += bias
+            labels = 2 * torch.eye(n, device=device, dtype=a.dtype) - torch.ones(n, n, device=device, dtype=a.dtype)
+            return -F.logsigmoid(labels * logits).sum() / n
+
+        return siglip, [0, 1]
 
     if op == "moco":
         labels = torch.zeros(n, dtype=torch.long, device=device)
@@ -553,7 +572,7 @@ def eager_bytes_estimate(cs):
     n, d, k, v = cs["n"], cs["d"], cs["k"], cs["v"]
     op = cs["op"]
     r = n * v if op == "supcon" else n
-    if op in ("ntxent", "supcon", "clip", "triplet"):
+    if op in ("ntxent", "supcon", "clip", "siglip", "triplet"):
         matrix = r * r
     elif op in ("infonce", "similarity", "nce"):
         matrix = n * k

@@ -19,6 +19,8 @@ pub enum Op {
     Infonce,
     /// a, b (N x D), log_scale = ln(1 / 0.07).
     Clip,
+    /// a, b (N x D), cosine, log_scale = ln 10, bias = -10 (the SigLIP init).
+    Siglip,
     /// q, k (N x D), queue (K x D), tau = 0.2.
     Moco,
     /// features (N x V x D), labels `i % C`, tau = 0.1, base tau = 0.07.
@@ -38,10 +40,11 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 12] = [
         Op::Ntxent,
         Op::Infonce,
         Op::Clip,
+        Op::Siglip,
         Op::Moco,
         Op::Supcon,
         Op::Triplet,
@@ -57,6 +60,7 @@ impl Op {
             Op::Ntxent => "ntxent",
             Op::Infonce => "infonce",
             Op::Clip => "clip",
+            Op::Siglip => "siglip",
             Op::Moco => "moco",
             Op::Supcon => "supcon",
             Op::Triplet => "triplet",
@@ -152,7 +156,7 @@ impl Case {
     pub fn engine(&self, device: crate::Device) -> &'static str {
         let softmax = matches!(
             self.op,
-            Op::Ntxent | Op::Infonce | Op::Clip | Op::Moco | Op::Supcon
+            Op::Ntxent | Op::Infonce | Op::Clip | Op::Siglip | Op::Moco | Op::Supcon
         );
         match device {
             crate::Device::Cpu => "cpu",
@@ -172,6 +176,9 @@ impl Case {
     }
     pub fn clip(pass: Pass, n: usize, d: usize) -> Case {
         Case::new(Op::Clip, pass, n, d)
+    }
+    pub fn siglip(pass: Pass, n: usize, d: usize) -> Case {
+        Case::new(Op::Siglip, pass, n, d)
     }
     pub fn moco(pass: Pass, n: usize, queue: usize, d: usize) -> Case {
         Case {
@@ -226,7 +233,9 @@ impl Case {
     fn dims(&self) -> String {
         let (n, d, k, v, c) = (self.n, self.d, self.k, self.v, self.c);
         match self.op {
-            Op::Ntxent | Op::Clip | Op::Margin | Op::Normalize => format!("N={n} D={d}"),
+            Op::Ntxent | Op::Clip | Op::Siglip | Op::Margin | Op::Normalize => {
+                format!("N={n} D={d}")
+            }
             Op::Infonce | Op::Similarity => format!("N={n} M={k} D={d}"),
             Op::Moco => format!("N={n} K={k} D={d}"),
             Op::Supcon => format!("N={n} V={v} D={d} C={c}"),
@@ -255,7 +264,7 @@ impl Case {
     ///
     /// | op | fwd | fwd+bwd |
     /// |---|---|---|
-    /// | ntxent, supcon (R rows), clip | 2 R² D | 6 R² D (one GEMM forward, two backward) |
+    /// | ntxent, supcon (R rows), clip, siglip | 2 R² D | 6 R² D (one GEMM forward, two backward) |
     /// | infonce (N x M) | 2 N M D | 6 N M D |
     /// | moco | 2 N K D | 4 N K D (no gradient for the queue) |
     /// | triplet | 2 N² D (Gram matrix) | 6 N² D (autograd through the Gram matrix) |
@@ -264,7 +273,9 @@ impl Case {
         let (n, d, k) = (self.n as f64, self.d as f64, self.k as f64);
         let r = self.softmax_rows() as f64;
         let (fwd, bwd) = match self.op {
-            Op::Ntxent | Op::Supcon | Op::Clip | Op::Triplet => (2.0 * r * r * d, 4.0 * r * r * d),
+            Op::Ntxent | Op::Supcon | Op::Clip | Op::Siglip | Op::Triplet => {
+                (2.0 * r * r * d, 4.0 * r * r * d)
+            }
             Op::Infonce => (2.0 * n * k * d, 4.0 * n * k * d),
             Op::Moco => (2.0 * n * k * d, 2.0 * n * k * d),
             Op::Similarity => (2.0 * n * k * d, 0.0),
@@ -282,7 +293,7 @@ impl Case {
         4 * match self.op {
             Op::Ntxent | Op::Triplet | Op::Normalize => n * d * self.pass_inputs(),
             Op::Infonce | Op::Similarity => (n + k) * d,
-            Op::Clip | Op::Margin => 2 * n * d,
+            Op::Clip | Op::Siglip | Op::Margin => 2 * n * d,
             Op::Moco => (2 * n + k) * d,
             Op::Supcon => n * v * d,
             Op::Nce => 2 * n * (k + 1),
@@ -312,7 +323,7 @@ impl Case {
     pub fn eager_bytes_estimate(&self) -> usize {
         let r = self.softmax_rows();
         let matrix = 4 * match self.op {
-            Op::Ntxent | Op::Supcon | Op::Clip | Op::Triplet => r * r,
+            Op::Ntxent | Op::Supcon | Op::Clip | Op::Siglip | Op::Triplet => r * r,
             Op::Infonce | Op::Similarity => self.n * self.k,
             Op::Moco => self.n * (self.k + 1),
             Op::Nce => self.n * self.k,
@@ -382,6 +393,7 @@ pub fn quick_cases() -> Vec<Case> {
         cases.extend(both(|p| Case::ntxent(p, n, 128)));
     }
     cases.push(Case::clip(Pass::ForwardBackward, 1024, 128));
+    cases.push(Case::siglip(Pass::ForwardBackward, 4096, 128));
     cases.push(Case::moco(Pass::ForwardBackward, 256, 4096, 128));
     cases.push(Case::supcon(Pass::ForwardBackward, 512, 2, 128, 10));
     cases.push(Case::triplet(Pass::ForwardBackward, 1024, 128, 16));
@@ -398,6 +410,9 @@ pub fn full_cases() -> Vec<Case> {
     }
     cases.extend(both(|p| Case::infonce(p, 4096, 4096, 128)));
     cases.extend(both(|p| Case::clip(p, 4096, 512)));
+    for n in [4096, 16384] {
+        cases.extend(both(|p| Case::siglip(p, n, 128)));
+    }
     cases.extend(both(|p| Case::moco(p, 256, 65536, 128)));
     cases.extend(both(|p| Case::supcon(p, 2048, 2, 128, 100)));
     for n in [256, 1024, 4096] {
@@ -417,6 +432,7 @@ pub fn tiny_cases() -> Vec<Case> {
     cases.extend(both(|p| Case::ntxent(p, 64, 16)));
     cases.extend(both(|p| Case::infonce(p, 32, 32, 16)));
     cases.extend(both(|p| Case::clip(p, 32, 16)));
+    cases.extend(both(|p| Case::siglip(p, 32, 16)));
     cases.extend(both(|p| Case::moco(p, 16, 64, 16)));
     cases.extend(both(|p| Case::supcon(p, 16, 2, 16, 4)));
     cases.extend(both(|p| Case::triplet(p, 32, 16, 4)));
@@ -480,6 +496,9 @@ pub const SUPCON_TAU: (f64, f64) = (0.1, 0.07);
 pub fn clip_log_scale() -> f64 {
     (1.0f64 / 0.07).ln()
 }
+/// SigLIP's `log_scale` and `bias` in the suite (the paper's initialization).
+pub const SIGLIP_LOG_SCALE: f64 = std::f64::consts::LN_10;
+pub const SIGLIP_BIAS: f64 = -10.0;
 /// Triplet margin.
 pub const TRIPLET_MARGIN: f64 = 0.2;
 /// Margin of the margin loss.

@@ -340,6 +340,26 @@ impl<B: Backend> KernelRunner<B> {
                     grad_check: self.grad(&da, check)?,
                 })
             }
+            Op::Siglip => {
+                let problem = kernels::siglip::SigLip::<Counted<B>> {
+                    a: &t[0],
+                    b: &t[1],
+                    rows: n,
+                    dim: d,
+                    normalize: true,
+                    log_scale: kernels::ScalarArg::Value(cases::SIGLIP_LOG_SCALE),
+                    bias: kernels::ScalarArg::Value(cases::SIGLIP_BIAS),
+                };
+                let (row_loss, grads) = problem.sweep(b, bwd.then_some(1.0))?;
+                let loss = host_sum(b, &row_loss)? / problem.divisor();
+                match grads {
+                    None => Ok(loss_only(loss)),
+                    Some(grads) => Ok(Outcome {
+                        check: loss,
+                        grad_check: self.grad(&grads.a, check)?,
+                    }),
+                }
+            }
             Op::Moco => {
                 let problem = kernels::moco::Moco::<Counted<B>> {
                     q: &t[0],

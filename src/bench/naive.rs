@@ -308,6 +308,60 @@ pub fn clip(
     (loss, Some(da))
 }
 
+/// SigLIP as open_clip writes it: `logits = exp(log_scale) an bn^T + bias`, labels `2 I - 1`,
+/// `loss = -sum(logsigmoid(labels * logits)) / N`, each step a materialized N x N matrix: loss
+/// and da.
+pub fn siglip(
+    a: &[f32],
+    b: &[f32],
+    dim: usize,
+    (log_scale, bias): (f64, f64),
+    backward: bool,
+) -> (f64, Option<Vec<f32>>) {
+    let rows = a.len() / dim;
+    let (an, anorm) = normalize(a, dim);
+    let (bn, bnorm) = normalize(b, dim);
+    let scale = log_scale.exp() as f32;
+    let mut logits = scores(scale, &an, &bn, dim);
+    // open_clip adds the bias in place.
+    logits.par_iter_mut().for_each(|l| *l += bias as f32);
+    let label = |i: usize, j: usize| if i == j { 1.0f32 } else { -1.0 };
+    // labels * logits, then -logsigmoid of it: two more matrices.
+    let signed: Vec<f32> = logits
+        .par_iter()
+        .enumerate()
+        .map(|(e, &l)| label(e / rows, e % rows) * l)
+        .collect();
+    let terms: Vec<f32> = signed.par_iter().map(|&x| softplus(-x)).collect();
+    let loss = terms.par_iter().map(|&t| t as f64).sum::<f64>() / rows as f64;
+    if !backward {
+        return (loss, None);
+    }
+    drop(terms);
+    // d loss / d logits = -labels * sigmoid(-labels * logits) / N.
+    let w = 1.0 / rows as f32;
+    let g: Vec<f32> = signed
+        .par_iter()
+        .enumerate()
+        .map(|(e, &x)| -label(e / rows, e % rows) * sigmoid(-x) * w)
+        .collect();
+    drop(signed);
+    // The scalar gradients, as autograd computes them (only da is returned).
+    let _grad_bias: f64 = g.par_iter().map(|&x| x as f64).sum();
+    let _grad_log_scale: f64 = g
+        .par_iter()
+        .zip(&logits)
+        .map(|(&x, &l)| (x * (l - bias as f32)) as f64)
+        .sum();
+    drop(logits);
+    let dan = g_times(scale, &g, rows, rows, &bn, dim);
+    let dbn = gt_times(scale, &g, rows, rows, &an, dim);
+    drop(g);
+    let da = normalize_backward(&an, &anorm, &dan, dim);
+    let _db = normalize_backward(&bn, &bnorm, &dbn, dim);
+    (loss, Some(da))
+}
+
 /// MoCo: `CE(cat([qn . kn, qn queue^T]) / tau, 0)`: loss and dq.
 pub fn moco(
     q: &[f32],
@@ -821,6 +875,23 @@ mod tests {
         close("clip loss", loss, out.loss.to_scalar().unwrap());
         close_vec(
             "clip da",
+            &grad.unwrap(),
+            &out.grad_a.to_vec::<f32>().unwrap(),
+        );
+    }
+
+    #[test]
+    fn siglip_matches_contra() {
+        let (n, d) = (48, 16);
+        let (a, b) = (uniform(n * d, 3), uniform(n * d, 4));
+        let (log_scale, bias) = (10f64.ln(), -10.0);
+        let (loss, grad) = siglip(&a, &b, d, (log_scale, bias), true);
+        let opts = crate::SigLipOptions::default();
+        let (ta, tb) = (tensor(&a, &[n, d]), tensor(&b, &[n, d]));
+        let out = crate::siglip(&ta, &tb, log_scale, bias, &opts).unwrap();
+        close("siglip loss", loss, out.loss.to_scalar().unwrap());
+        close_vec(
+            "siglip da",
             &grad.unwrap(),
             &out.grad_a.to_vec::<f32>().unwrap(),
         );

@@ -87,7 +87,7 @@ pub(crate) fn raw_inputs(case: &Case, set: usize) -> RawSet {
     let (tensors, labels) = match case.op {
         Op::Ntxent | Op::Triplet => (vec![u(n * d, 0)], cases::labels(n, c)),
         Op::Infonce | Op::Similarity => (vec![u(n * d, 0), u(k * d, 1)], vec![]),
-        Op::Clip => (vec![u(n * d, 0), u(n * d, 1)], vec![]),
+        Op::Clip | Op::Siglip => (vec![u(n * d, 0), u(n * d, 1)], vec![]),
         Op::Moco => (vec![u(n * d, 0), u(n * d, 1), u(k * d, 2)], vec![]),
         Op::Supcon => (vec![u(n * v * d, 0)], cases::labels(n, c)),
         Op::Margin => (
@@ -118,7 +118,7 @@ fn shapes(case: &Case) -> Vec<Vec<usize>> {
     match case.op {
         Op::Ntxent | Op::Triplet => vec![vec![n, d]],
         Op::Infonce | Op::Similarity => vec![vec![n, d], vec![k, d]],
-        Op::Clip | Op::Margin => vec![vec![n, d], vec![n, d]],
+        Op::Clip | Op::Siglip | Op::Margin => vec![vec![n, d], vec![n, d]],
         Op::Moco => vec![vec![n, d], vec![n, d], vec![k, d]],
         Op::Supcon => vec![vec![n, v, d]],
         Op::Nce => vec![vec![n], vec![n, k], vec![n], vec![n, k]],
@@ -349,6 +349,22 @@ impl RunOnce for ContraApi {
                     }
                 }
             }
+            Op::Siglip => {
+                let (s, bias) = (cases::SIGLIP_LOG_SCALE, cases::SIGLIP_BIAS);
+                let opts = crate::SigLipOptions::default();
+                if bwd {
+                    let out = crate::siglip(&t[0], &t[1], s, bias, &opts)?;
+                    Outcome {
+                        check: out.loss.to_scalar()?,
+                        grad_check: grad(&out.grad_a),
+                    }
+                } else {
+                    Outcome {
+                        check: crate::siglip_forward(&t[0], &t[1], s, bias, &opts)?.to_scalar()?,
+                        grad_check: None,
+                    }
+                }
+            }
             Op::Moco => {
                 let opts = crate::MocoOptions {
                     temperature: cases::MOCO_TAU,
@@ -512,6 +528,13 @@ impl RunOnce for NaiveCpu {
             Op::Ntxent => naive::ntxent(&t[0], d, cases::NTXENT_TAU, bwd),
             Op::Infonce => naive::infonce(&t[0], &t[1], d, cases::INFONCE_TAU, bwd),
             Op::Clip => naive::clip(&t[0], &t[1], d, cases::clip_log_scale(), bwd),
+            Op::Siglip => naive::siglip(
+                &t[0],
+                &t[1],
+                d,
+                (cases::SIGLIP_LOG_SCALE, cases::SIGLIP_BIAS),
+                bwd,
+            ),
             Op::Moco => naive::moco(&t[0], &t[1], &t[2], d, cases::MOCO_TAU, bwd),
             Op::Supcon => naive::supcon(&t[0], labels, case.v, d, cases::SUPCON_TAU, bwd),
             Op::Triplet => naive::triplet_batch_hard(&t[0], labels, d, cases::TRIPLET_MARGIN, bwd),

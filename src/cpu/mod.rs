@@ -46,6 +46,10 @@ pub trait Real:
         let x = self.f64();
         (Self::of(softplus(x)), Self::of(sigmoid(x)))
     }
+    /// `softplus(self)` alone, likewise.
+    fn softplus(self) -> Self {
+        Self::of(softplus(self.f64()))
+    }
 }
 
 impl Real for f32 {
@@ -62,6 +66,11 @@ impl Real for f32 {
         let inv = 1.0 / (1.0 + e);
         let sigmoid = if self >= 0.0 { inv } else { e * inv };
         (self.max(0.0) + ln_1p_unit(e), sigmoid)
+    }
+
+    #[inline(always)]
+    fn softplus(self) -> f32 {
+        self.max(0.0) + ln_1p_unit(exp_f32(-self.abs()))
     }
 }
 

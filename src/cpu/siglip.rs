@@ -91,6 +91,7 @@ impl<T: Real> Problem<'_, T> {
         let weight = grad_loss.unwrap_or(0.0) / rows as f64;
         let scale = self.log_scale.exp();
         let (alpha, bias) = (T::of(scale), T::of(self.bias));
+        let grad_alpha = T::of(scale * weight);
         let mut grad_a = vec![T::zero(); if want { rows * dim } else { 0 }];
         let row_tiles = rows.div_ceil(ROW_TILE);
         let grad_a_tiles: Vec<&mut [T]> = if want {
@@ -113,6 +114,7 @@ impl<T: Real> Problem<'_, T> {
                     // On the heap: up to 512 KiB, too much for a worker thread's stack.
                     #[allow(clippy::useless_vec)]
                     let mut tile = vec![T::zero(); ROW_TILE * KEY_TILE];
+                    let mut scratch = Scratch::new(KEY_TILE);
                     for k0 in (0..rows).step_by(KEY_TILE) {
                         let key_len = KEY_TILE.min(rows - k0);
                         let b_tile =
@@ -122,17 +124,17 @@ impl<T: Real> Problem<'_, T> {
                         T::gemm(alpha, a_tile, b_tile.t(), T::zero(), tile);
                         for (r, row) in tile.chunks_mut(key_len).enumerate() {
                             let diagonal = (r0 + r).checked_sub(k0).filter(|&c| c < key_len);
-                            let pairs = PairTerms::of_row(row, bias, diagonal, weight, want);
+                            let pairs = scratch.row_terms(row, bias, diagonal, want);
                             part.loss += pairs.loss;
                             part.log_scale += pairs.log_scale;
                             part.bias += pairs.bias;
                         }
                         if want {
-                            // The tile now holds weight * dlogit; the scale joins in alpha.
+                            // The tile now holds dlogit; the scale and the weight join in alpha.
                             let g = MatRef::row_major(tile, row_len, key_len);
-                            T::gemm(alpha, g, b_tile, T::one(), grad_a_tile);
+                            T::gemm(grad_alpha, g, b_tile, T::one(), grad_a_tile);
                             let grad_b = &mut part.grad_b[k0 * dim..(k0 + key_len) * dim];
-                            T::gemm(alpha, g.t(), a_tile, T::one(), grad_b);
+                            T::gemm(grad_alpha, g.t(), a_tile, T::one(), grad_b);
                         }
                     }
                     part
@@ -140,6 +142,7 @@ impl<T: Real> Problem<'_, T> {
             )
             .reduce(|| Partial::new(grad_b_len), Partial::merge);
         let loss = total.loss / rows as f64;
+        let (log_scale, bias) = (total.log_scale * weight, total.bias * weight);
         let grads = want.then(|| {
             let (grad_a, grad_b) = if self.normalize {
                 (
@@ -152,87 +155,87 @@ impl<T: Real> Problem<'_, T> {
             Grads {
                 a: grad_a,
                 b: grad_b,
-                log_scale: total.log_scale,
-                bias: total.bias,
+                log_scale,
+                bias,
             }
         });
         (loss, grads)
     }
 }
 
-/// One row of a tile's sums: its loss terms, and (with gradients) its shares of the scalar
-/// gradients.
+/// A row's per-pair values before they are summed (one key tile wide): separate map and sum
+/// loops vectorize where one fused loop does not.
+struct Scratch<T> {
+    loss: Vec<T>,
+    log_scale: Vec<T>,
+}
+
+/// One row of a tile's sums: its loss terms, and (with gradients) the unweighted shares of the
+/// scalar gradients.
 struct PairTerms {
     loss: f64,
     log_scale: f64,
     bias: f64,
 }
 
-impl PairTerms {
-    /// Turns `row` (the scaled similarities of one row against a key tile) into its
-    /// `weight * dlogit` when `want` (left as is otherwise) and returns its sums (the scalar
-    /// gradients' shares weighted too). `diagonal` is the
-    /// column of the row's positive, when the tile holds it.
-    fn of_row<T: Real>(
+impl<T: Real> Scratch<T> {
+    fn new(len: usize) -> Self {
+        Scratch {
+            loss: vec![T::zero(); len],
+            log_scale: vec![T::zero(); len],
+        }
+    }
+
+    /// Turns `row` (the scaled similarities of one row against a key tile) into its `dlogit`
+    /// when `want` (left as is otherwise) and returns its sums. `diagonal` is the column of the
+    /// row's positive, when the tile holds it.
+    fn row_terms(
+        &mut self,
         row: &mut [T],
         bias: T,
         diagonal: Option<usize>,
-        weight: f64,
         want: bool,
     ) -> PairTerms {
         // Every pair as a negative first: the loss term softplus(logit), dlogit sigmoid(logit).
-        let mut positive_scaled = None;
-        if let Some(c) = diagonal {
-            positive_scaled = Some(row[c]);
-            // Zeroed out of the vector sums below; its own terms are added exactly after.
-            row[c] = T::neg_infinity();
-        }
+        let positive_scaled = diagonal.map(|c| {
+            let scaled = row[c];
+            // A logit so negative that its terms are exactly 0 (and 0 times it is 0, where
+            // -inf would give NaN): out of the sums below; its own terms come after.
+            row[c] = T::of(-1e30);
+            (c, scaled)
+        });
+        let losses = &mut self.loss[..row.len()];
         let mut terms = PairTerms {
             loss: 0.0,
             log_scale: 0.0,
             bias: 0.0,
         };
-        let w = T::of(weight);
-        let loss: T = if want {
-            let mut losses = [T::zero(); 8];
-            let mut log_scale = [T::zero(); 8];
-            let mut bias_sum = [T::zero(); 8];
-            for (i, x) in row.iter_mut().enumerate() {
+        if want {
+            let shares = &mut self.log_scale[..row.len()];
+            for ((x, loss), share) in row.iter_mut().zip(losses.iter_mut()).zip(shares.iter_mut()) {
                 let (term, sigmoid) = (*x + bias).softplus_sigmoid();
-                let lane = i % 8;
-                losses[lane] += term;
-                // d logit / d log_scale is the scaled similarity, 0 for the excluded positive.
-                let scaled = if *x == T::neg_infinity() {
-                    T::zero()
-                } else {
-                    *x
-                };
-                log_scale[lane] += sigmoid * scaled;
-                bias_sum[lane] += sigmoid;
-                *x = sigmoid * w;
+                *loss = term;
+                // d logit / d log_scale is the scaled similarity.
+                *share = sigmoid * *x;
+                *x = sigmoid;
             }
-            terms.log_scale = lane_sum(&log_scale).f64();
-            terms.bias = lane_sum(&bias_sum).f64();
-            lane_sum(&losses)
+            terms.log_scale = lane_sum(shares).f64();
+            terms.bias = lane_sum(row).f64();
         } else {
-            let mut losses = [T::zero(); 8];
-            for (i, x) in row.iter().enumerate() {
-                losses[i % 8] += (*x + bias).softplus_sigmoid().0;
+            for (x, loss) in row.iter().zip(losses.iter_mut()) {
+                *loss = (*x + bias).softplus();
             }
-            lane_sum(&losses)
-        };
-        terms.loss = loss.f64();
-        if let Some((c, scaled)) = diagonal.zip(positive_scaled) {
+        }
+        terms.loss = lane_sum(losses).f64();
+        if let Some((c, scaled)) = positive_scaled {
             // The positive: softplus(-logit), dlogit sigmoid(logit) - 1 = -sigmoid(-logit).
             let logit = scaled.f64() + bias.f64();
             terms.loss += softplus(-logit);
             let dlogit = -super::sigmoid(-logit);
             terms.log_scale += dlogit * scaled.f64();
             terms.bias += dlogit;
-            row[c] = T::of(dlogit * weight);
+            row[c] = T::of(dlogit);
         }
-        terms.log_scale *= weight;
-        terms.bias *= weight;
         terms
     }
 }

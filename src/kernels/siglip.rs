@@ -41,11 +41,7 @@ impl<B: Backend> SigLip<'_, B> {
 
     /// The per-row losses (their sum over `rows` is the loss) and, with `grad_loss`, the
     /// gradients of `grad_loss * loss`.
-    pub fn sweep(
-        &self,
-        b: &B,
-        grad_loss: Option<f64>,
-    ) -> Result<Sweep<B::Buf>> {
+    pub fn sweep(&self, b: &B, grad_loss: Option<f64>) -> Result<Sweep<B::Buf>> {
         let normalized;
         let (a_op, b_op) = if self.normalize {
             normalized = (

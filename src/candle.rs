@@ -4,7 +4,8 @@
 //! forward again.
 //!
 //! The losses: [`ntxent`], [`infonce`], [`supcon`], [`triplet`] (with its counts),
-//! [`margin_loss`], [`clip`] (its `log_scale` a one-element `Var` that learns) and MoCo through
+//! [`margin_loss`], [`clip`] (its `log_scale` a one-element `Var` that learns), [`siglip`] (its
+//! `log_scale` and `bias` too) and MoCo through
 //! [`MocoQueue`]. Inputs are contiguous f32, f64, bf16 or f16 tensors; labels and indices are
 //! u8, u32 or i64 tensors. On candle's CPU storage contra's CPU backend runs; with the feature
 //! `candle-cuda`, on CUDA storage contra's kernels read candle's memory in place on candle's
@@ -576,6 +577,79 @@ pub fn clip(
     log_scale: &candle_core::Tensor,
 ) -> candle_core::Result<candle_core::Tensor> {
     a.apply_op3(b, log_scale, Op::new(ClipLoss, &[a, b, log_scale]))
+}
+
+struct SigLipLoss(crate::SigLipOptions);
+
+impl SigLipLoss {
+    /// `log_scale` and `bias` from the op's two-element scalars input (read on the host: one
+    /// small copy on a GPU).
+    fn scalars(inputs: &[Input]) -> crate::Result<(f64, f64)> {
+        let [scalars] = values(&inputs[2..], ["log_scale and bias"])?;
+        match scalars.to_vec_f64()?[..] {
+            [log_scale, bias] => Ok((log_scale, bias)),
+            _ => Err(crate::Error::invalid(
+                "contra::candle::siglip",
+                "log_scale, bias",
+                "each must hold one element",
+            )),
+        }
+    }
+}
+
+impl Loss for SigLipLoss {
+    const NAME: &'static str = "siglip";
+    type Saved = ();
+
+    fn forward(&self, inputs: &[Input]) -> crate::Result<(crate::Tensor, ())> {
+        let ([a, b], (log_scale, bias)) = (values(inputs, ["a", "b"])?, Self::scalars(inputs)?);
+        Ok((crate::siglip_forward(a, b, log_scale, bias, &self.0)?, ()))
+    }
+
+    fn backward(
+        &self,
+        inputs: &[Input],
+        _: &(),
+        g: f64,
+    ) -> crate::Result<Vec<Option<crate::Tensor>>> {
+        let ([a, b], (log_scale, bias)) = (values(inputs, ["a", "b"])?, Self::scalars(inputs)?);
+        let grads = crate::siglip_backward(a, b, log_scale, bias, &self.0, g)?;
+        let [_, _, scalars] = values(inputs, ["a", "b", "log_scale and bias"])?;
+        let pair = vec![
+            grads.grad_log_scale.to_scalar()?,
+            grads.grad_bias.to_scalar()?,
+        ];
+        let grad_scalars = crate::Tensor::from_vec(pair, &[2], scalars.device())?;
+        Ok(vec![
+            Some(grads.grad_a),
+            Some(grads.grad_b),
+            Some(grad_scalars),
+        ])
+    }
+}
+
+/// The SigLIP loss of paired rows `a`, `b` (N x D) with a learnable `log_scale` and `bias`
+/// (one-element tensors, `Var`s that learn; `SigLipOptions::INIT_LOG_SCALE` and `INIT_BIAS`
+/// are the paper's start); gradients for all four. The two scalars are read on the host (one
+/// small copy on a GPU).
+pub fn siglip(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    log_scale: &candle_core::Tensor,
+    bias: &candle_core::Tensor,
+    opts: &crate::SigLipOptions,
+) -> candle_core::Result<candle_core::Tensor> {
+    // candle's custom ops take at most three inputs: the scalars travel as one pair, and
+    // candle's autograd splits its gradient back to the two.
+    let scalars = candle_core::Tensor::cat(&[log_scale.flatten_all()?, bias.flatten_all()?], 0)?;
+    if scalars.elem_count() != 2 {
+        return Err(candle_core::Error::Msg(format!(
+            "contra::candle::siglip: log_scale and bias must hold one element each, not {:?} and {:?}",
+            log_scale.dims(),
+            bias.dims()
+        )));
+    }
+    a.apply_op3(b, &scalars, Op::new(SigLipLoss(*opts), &[a, b, &scalars]))
 }
 
 struct MocoLoss(crate::MocoOptions);

@@ -319,6 +319,41 @@ fn check_every_loss(device: &Device, dtype: DType, tol: f64) {
         &[(&x1, &want.grad_x1), (&x2, &want.grad_x2)],
     );
 
+    // SigLIP with a learnable log_scale and bias.
+    let (a, ah) = both(device, dtype, &values(n * 5, 13), &[n, 5]);
+    let (b, bh) = both(device, dtype, &values(n * 5, 14), &[n, 5]);
+    let (s, _) = both(device, dtype, &[1.5], &[1]);
+    let (bias, _) = both(device, dtype, &[-2.0], &[]);
+    let gopts = contra::SigLipOptions::default();
+    let grads = contra::candle::siglip(
+        a.as_tensor(),
+        b.as_tensor(),
+        s.as_tensor(),
+        bias.as_tensor(),
+        &gopts,
+    )
+    .unwrap()
+    .backward()
+    .unwrap();
+    let want = contra::siglip(&ah, &bh, 1.5, -2.0, &gopts).unwrap();
+    assert_grads(
+        tol,
+        "siglip",
+        &grads,
+        &[(&a, &want.grad_a), (&b, &want.grad_b)],
+    );
+    for (var, want, what) in [
+        (&s, &want.grad_log_scale, "siglip log_scale"),
+        (&bias, &want.grad_bias, "siglip bias"),
+    ] {
+        assert_close(
+            tol,
+            what,
+            &grad_of(&grads, var.as_tensor()),
+            &[want.to_scalar().unwrap()],
+        );
+    }
+
     // CLIP with a learnable log_scale.
     let (a, ah) = both(device, dtype, &values(n * 5, 7), &[n, 5]);
     let (b, bh) = both(device, dtype, &values(n * 5, 8), &[n, 5]);

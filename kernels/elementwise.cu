@@ -55,6 +55,20 @@ __device__ void swap_row_blocks(const ContraSwapParams& p) {
     }
 }
 
+__device__ void split_halves(const ContraHalvesParams& p) {
+    for (long long i = first_index(); i < p.len; i += grid_stride()) {
+        p.first[i] = p.whole[i];
+        p.second[i] = p.whole[p.len + i];
+    }
+}
+
+__device__ void join_halves(const ContraHalvesParams& p) {
+    for (long long i = first_index(); i < p.len; i += grid_stride()) {
+        p.whole[i] = p.first[i];
+        p.whole[p.len + i] = p.second[i];
+    }
+}
+
 // O(n) per sample, O(n^2) in all: SupCon's batches are thousands of samples, not millions.
 __device__ void class_weights(const ContraClassWeightsParams& p) {
     for (long long i = first_index(); i < p.n; i += grid_stride()) {
@@ -78,6 +92,10 @@ extern "C" __global__ void __launch_bounds__(256) fill_words(const ContraFillPar
 INTERP_EXPORT(fill_words, ContraFillParams)
 extern "C" __global__ void __launch_bounds__(256) index_ring(const ContraFillParams p) { contra::index_ring(p); }
 INTERP_EXPORT(index_ring, ContraFillParams)
+extern "C" __global__ void __launch_bounds__(256) split_halves(const ContraHalvesParams p) { contra::split_halves(p); }
+INTERP_EXPORT(split_halves, ContraHalvesParams)
+extern "C" __global__ void __launch_bounds__(256) join_halves(const ContraHalvesParams p) { contra::join_halves(p); }
+INTERP_EXPORT(join_halves, ContraHalvesParams)
 extern "C" __global__ void __launch_bounds__(256) swap_row_blocks(const ContraSwapParams p) { contra::swap_row_blocks(p); }
 INTERP_EXPORT(swap_row_blocks, ContraSwapParams)
 CONTRA_TYPED_KERNELS(cast_from_f32, ContraCastParams, 256)

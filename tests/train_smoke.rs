@@ -73,6 +73,11 @@ fn supcon_loss_goes_down() {
 }
 
 #[test]
+fn siglip_loss_goes_down() {
+    assert_goes_down(Method::SigLip, 8);
+}
+
+#[test]
 fn training_is_reproducible_and_mi_bound_is_log_n_minus_loss() {
     let (data, _) = digits_subset(200);
     let cfg = small(Method::SimClr, 2);

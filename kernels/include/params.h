@@ -565,6 +565,16 @@ typedef struct ContraSwapParams {
     int dim;
 } ContraSwapParams;
 
+/* The two halves of a batch of two views (32-bit words, `len` per half):
+ * split_halves: first[i] = whole[i], second[i] = whole[len + i] for i < len;
+ * join_halves: whole[i] = first[i] for i < len, whole[len + i] = second[i]. */
+typedef struct ContraHalvesParams {
+    unsigned* whole;
+    unsigned* first;
+    unsigned* second;
+    long long len;
+} ContraHalvesParams;
+
 /* cast_from_f32_{f32,bf16,f16}: out[i] = in[i] (f32) rounded to the suffix's type;
  * cast_to_f32_{f32,bf16,f16}: out[i] (f32) = in[i] of the suffix's type;
  * cast_f64_to_f32 and cast_f32_to_f64 as named; i < len. */

@@ -34,7 +34,7 @@ enum Command {
     },
     /// Show the devices this build can use.
     Info,
-    /// Train an MLP encoder with SimCLR, MoCo v2 or SupCon, evaluate it (kNN, linear probe with
+    /// Train an MLP encoder with SimCLR, MoCo v2, SupCon or SigLIP, evaluate it (kNN, linear probe with
     /// all labels and with 10 per class) against the untrained encoder and raw pixels, and write
     /// report.json, curves.png and checkpoint.safetensors into --out.
     ///
@@ -44,7 +44,7 @@ enum Command {
     /// The optimizer step and evaluation run on the CPU. Unset flags take the per-method, per-data-set defaults (the README's trainer
     /// section and `contra::train::config::TrainConfig::defaults` say which and why).
     Train(Box<TrainArgs>),
-    /// Train a few steps of SimCLR, MoCo v2 and SupCon on the digits from the same seed with the
+    /// Train a few steps of SimCLR, MoCo v2, SupCon and SigLIP on the digits from the same seed with the
     /// whole step (encoder and loss) on the CPU and on --device, print both loss sequences and
     /// fail when they differ (relative 1e-4 at the first step, 1e-3 after): the trainer's GPU
     /// check.
@@ -152,7 +152,8 @@ fn main() -> ExitCode {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// simclr, moco or supcon.
+    /// simclr, moco, supcon or siglip (the sigmoid loss between the two views, its scale and
+    /// bias learned).
     method: Method,
     /// digits (embedded, default), fashion-mnist or mnist.
     #[arg(long, default_value = "digits")]

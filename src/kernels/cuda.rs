@@ -54,6 +54,7 @@ unsafe impl DeviceRepr for ContraBaselineParams {}
 unsafe impl DeviceRepr for ContraScanParams {}
 unsafe impl DeviceRepr for ContraClipColumnsParams {}
 unsafe impl DeviceRepr for ContraSiglipParams {}
+unsafe impl DeviceRepr for ContraHalvesParams {}
 unsafe impl DeviceRepr for ContraLossParams {}
 unsafe impl DeviceRepr for ContraFillParams {}
 unsafe impl DeviceRepr for ContraCastParams {}

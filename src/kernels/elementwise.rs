@@ -2,7 +2,8 @@
 //! casts, so that constants and conversions never cross between host and device.
 
 use super::params::{
-    ContraCastParams, ContraClassWeightsParams, ContraFillParams, ContraSwapParams,
+    ContraCastParams, ContraClassWeightsParams, ContraFillParams, ContraHalvesParams,
+    ContraSwapParams,
 };
 use super::{blocks_for, handles, Backend, BufInfo, Elem, Kernel, Launch};
 use crate::{Error, Result};
@@ -126,6 +127,72 @@ pub(crate) fn swap_row_blocks<B: Backend>(
         b.launch(handles::SWAP_ROW_BLOCKS, grid(len), &params, &[&out])?;
     }
     Ok(out)
+}
+
+/// The first and second halves of `whole` (f32, `2 len` words): the two views of a batch (the
+/// trainer's SigLIP step).
+#[cfg_attr(not(feature = "train"), allow(dead_code))]
+pub(crate) fn split_halves<B: Backend>(b: &B, whole: &B::Buf) -> Result<(B::Buf, B::Buf)> {
+    let len = even_half(b, "split_halves", whole)?;
+    let (first, second) = (b.output("first", len)?, b.output("second", len)?);
+    halves(
+        b,
+        handles::SPLIT_HALVES,
+        (whole, &first, &second),
+        len,
+        &[&first, &second],
+    )?;
+    Ok((first, second))
+}
+
+/// `first`'s words, then `second`'s (f32, the same length), in a new buffer.
+#[cfg_attr(not(feature = "train"), allow(dead_code))]
+pub(crate) fn join_halves<B: Backend>(b: &B, first: &B::Buf, second: &B::Buf) -> Result<B::Buf> {
+    let len = b.info(first).count;
+    if b.info(second).count != len {
+        return Err(Error::Device(
+            "join_halves: halves of different lengths".into(),
+        ));
+    }
+    let whole = b.output("whole", 2 * len)?;
+    halves(
+        b,
+        handles::JOIN_HALVES,
+        (&whole, first, second),
+        len,
+        &[&whole],
+    )?;
+    Ok(whole)
+}
+
+/// Half of `buf`'s f32 count, which must be even.
+fn even_half<B: Backend>(b: &B, op: &str, buf: &B::Buf) -> Result<usize> {
+    let count = b.info(buf).count;
+    match count % 2 {
+        0 => Ok(count / 2),
+        _ => Err(Error::Device(format!(
+            "{op}: {count} elements do not split in two halves"
+        ))),
+    }
+}
+
+fn halves<B: Backend>(
+    b: &B,
+    kernel: Kernel<ContraHalvesParams>,
+    (whole, first, second): (&B::Buf, &B::Buf, &B::Buf),
+    len: usize,
+    written: &[&B::Buf],
+) -> Result<()> {
+    let params = ContraHalvesParams {
+        whole: b.ptr(whole).cast(),
+        first: b.ptr(first).cast(),
+        second: b.ptr(second).cast(),
+        len: len as i64,
+    };
+    if len > 0 {
+        b.launch(kernel, grid(len), &params, written)?;
+    }
+    Ok(())
 }
 
 /// SupCon's per-view class table from `labels` (i32, one per sample): each of the `views` rows

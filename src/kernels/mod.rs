@@ -159,6 +159,7 @@ impl KernelParams for params::ContraBaselineParams {}
 impl KernelParams for params::ContraScanParams {}
 impl KernelParams for params::ContraClipColumnsParams {}
 impl KernelParams for params::ContraSiglipParams {}
+impl KernelParams for params::ContraHalvesParams {}
 impl KernelParams for params::ContraLossParams {}
 impl KernelParams for params::ContraFillParams {}
 impl KernelParams for params::ContraCastParams {}

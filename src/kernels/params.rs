@@ -1429,6 +1429,36 @@ impl Default for ContraSwapParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct ContraHalvesParams {
+    pub whole: *mut ::std::os::raw::c_uint,
+    pub first: *mut ::std::os::raw::c_uint,
+    pub second: *mut ::std::os::raw::c_uint,
+    pub len: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ContraHalvesParams"][::std::mem::size_of::<ContraHalvesParams>() - 32usize];
+    ["Alignment of ContraHalvesParams"][::std::mem::align_of::<ContraHalvesParams>() - 8usize];
+    ["Offset of field: ContraHalvesParams::whole"]
+        [::std::mem::offset_of!(ContraHalvesParams, whole) - 0usize];
+    ["Offset of field: ContraHalvesParams::first"]
+        [::std::mem::offset_of!(ContraHalvesParams, first) - 8usize];
+    ["Offset of field: ContraHalvesParams::second"]
+        [::std::mem::offset_of!(ContraHalvesParams, second) - 16usize];
+    ["Offset of field: ContraHalvesParams::len"]
+        [::std::mem::offset_of!(ContraHalvesParams, len) - 24usize];
+};
+impl Default for ContraHalvesParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct ContraCastParams {
     pub in_: *const ::std::os::raw::c_void,
     pub out: *mut ::std::os::raw::c_void,

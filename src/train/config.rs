@@ -87,16 +87,20 @@ pub enum Method {
     Moco,
     /// Supervised contrastive learning: V views per image, positives share the label.
     SupCon,
+    /// SigLIP's pairwise sigmoid loss between the two views of each image, with a learnable
+    /// logit scale and bias.
+    SigLip,
 }
 
 impl Method {
-    pub const ALL: [Method; 3] = [Method::SimClr, Method::Moco, Method::SupCon];
+    pub const ALL: [Method; 4] = [Method::SimClr, Method::Moco, Method::SupCon, Method::SigLip];
 
     pub fn name(self) -> &'static str {
         match self {
             Method::SimClr => "simclr",
             Method::Moco => "moco",
             Method::SupCon => "supcon",
+            Method::SigLip => "siglip",
         }
     }
 
@@ -119,10 +123,11 @@ impl FromStr for Method {
             "simclr" => Ok(Method::SimClr),
             "moco" | "mocov2" | "moco-v2" => Ok(Method::Moco),
             "supcon" => Ok(Method::SupCon),
+            "siglip" => Ok(Method::SigLip),
             _ => Err(Error::invalid(
                 "Method::from_str",
                 "method",
-                format!("`{s}` is not one of simclr, moco, supcon"),
+                format!("`{s}` is not one of simclr, moco, supcon, siglip"),
             )),
         }
     }
@@ -347,6 +352,8 @@ impl TrainConfig {
             Method::SupCon => {
                 c.temperature = 0.1;
             }
+            // The temperature is not used: the logit scale is learned.
+            Method::SigLip => {}
         }
         c
     }
@@ -454,7 +461,7 @@ impl TrainConfig {
                 v["moco_symmetric"] = json!(self.moco_symmetric);
             }
             Method::SupCon => v["views"] = json!(self.views),
-            Method::SimClr => {}
+            Method::SimClr | Method::SigLip => {}
         }
         v
     }

@@ -1,7 +1,7 @@
-//! End-to-end training: data sets and augmentations, the SimCLR / MoCo v2 / SupCon loops and
+//! End-to-end training: data sets and augmentations, the SimCLR / MoCo v2 / SupCon / SigLIP loops and
 //! their evaluation (kNN and linear probe), reports, plots and checkpoints.
 //!
-//! `contra train simclr|moco|supcon` ([`run::run`]) trains an MLP encoder ([`crate::nn`]) on the
+//! `contra train simclr|moco|supcon|siglip` ([`run::run`]) trains an MLP encoder ([`crate::nn`]) on the
 //! training split, then evaluates on the held-out split, with the same protocol
 //! ([`eval::evaluate`]: kNN k = 1, 5 with cosine similarity; a linear probe on all labels and on
 //! 10 labels per class, mean and spread over seeds 0..5), the trained backbone's features, the
@@ -9,7 +9,7 @@
 //! (default `runs/<method>-<date>-<time>/`):
 //!
 //! - `report.json`: `method`, `data`, `device`, `epochs`, `seconds`, `loss` and `mi_bound`
-//!   (`log N - loss` per epoch; `null` for SupCon, whose loss is not an InfoNCE bound), the loss
+//!   (`log N - loss` per epoch; `null` for SupCon and SigLIP, whose losses are not InfoNCE bounds), the loss
 //!   of every step (`step_loss`), the monitor curve, `eval` with `encoder`, `untrained` and
 //!   `raw_pixels` (each with `knn1`, `knn5`, `probe_full`, `probe_10_per_class` as fractions,
 //!   plus the spread of the 10-label scores), the configuration and the encoder's layout;

@@ -38,8 +38,9 @@ use super::split::{derive_seed, labels_per_class};
 use crate::data::Dataset;
 use crate::nn::{lr_at, AdamW, Encoder, Lars, Mat, MlpSpec, Optimizer, ResidentEncoder, Sgd};
 use crate::{
-    moco_backward, moco_enqueue, moco_forward, ntxent_backward, ntxent_forward, supcon_backward,
-    supcon_forward, Error, Indices, MocoOptions, NtXentOptions, Result, SupConOptions, Tensor,
+    moco_backward, moco_enqueue, moco_forward, ntxent_backward, ntxent_forward, siglip,
+    supcon_backward, supcon_forward, Error, Indices, MocoOptions, NtXentOptions, Result,
+    SigLipOptions, SupConOptions, Tensor,
 };
 
 /// What the training loop reports as it goes.
@@ -114,7 +115,7 @@ pub fn encoder_specs(cfg: &TrainConfig, in_features: usize) -> (MlpSpec, MlpSpec
     let backbone = MlpSpec::backbone(&widths);
     let head = match cfg.method {
         Method::Moco => MlpSpec::moco_v2_head(feat, cfg.head_hidden, cfg.head_out),
-        Method::SimClr | Method::SupCon => {
+        Method::SimClr | Method::SupCon | Method::SigLip => {
             MlpSpec::simclr_head(feat, cfg.head_hidden, cfg.head_out)
         }
     };
@@ -261,6 +262,40 @@ impl MocoState {
 struct Stepper<'a> {
     cfg: &'a TrainConfig,
     moco: Option<MocoState>,
+    siglip: SigLipScalars,
+}
+
+/// SigLIP's learnable `log_scale` and `bias` (the paper's initialization), stepped by their own
+/// Adam on the host: two numbers, whose gradients are read with the loss.
+struct SigLipScalars {
+    values: [f64; 2],
+    moments: [(f64, f64); 2],
+    steps: i32,
+}
+
+impl SigLipScalars {
+    /// Adam's step size for the two scalars (they start at ln 10 and -10 and move a few units).
+    const LR: f64 = 1e-2;
+
+    fn new() -> Self {
+        SigLipScalars {
+            values: [SigLipOptions::INIT_LOG_SCALE, SigLipOptions::INIT_BIAS],
+            moments: [(0.0, 0.0); 2],
+            steps: 0,
+        }
+    }
+
+    fn step(&mut self, grads: [f64; 2]) {
+        const BETAS: (f64, f64) = (0.9, 0.999);
+        self.steps += 1;
+        for ((value, (m, v)), g) in self.values.iter_mut().zip(&mut self.moments).zip(grads) {
+            *m = BETAS.0 * *m + (1.0 - BETAS.0) * g;
+            *v = BETAS.1 * *v + (1.0 - BETAS.1) * g * g;
+            let m_hat = *m / (1.0 - BETAS.0.powi(self.steps));
+            let v_hat = *v / (1.0 - BETAS.1.powi(self.steps));
+            *value -= Self::LR * m_hat / (v_hat.sqrt() + 1e-8);
+        }
+    }
 }
 
 impl Stepper<'_> {
@@ -324,6 +359,18 @@ impl Stepper<'_> {
                 }
                 Ok(loss)
             }
+            Method::SigLip => {
+                let x = Mat::from_vec(aug.two_views(images, n, h, w, seed)?, 2 * n, dim)?;
+                let z = enc.forward(&x, true)?;
+                // The two views' halves of z are the pairs; their gradients join back into z's.
+                let (a, b) = split_halves(&z)?;
+                let [log_scale, bias] = self.siglip.values;
+                let out = siglip(&a, &b, log_scale, bias, &SigLipOptions::default())?;
+                enc.backward_params(&join_halves(&out.grad_a, &out.grad_b)?)?;
+                let scalar_grads = [out.grad_log_scale.to_scalar()?, out.grad_bias.to_scalar()?];
+                self.siglip.step(scalar_grads);
+                Ok(out.loss.to_scalar()?)
+            }
             Method::SupCon => {
                 let v = cfg.views;
                 let x = Mat::from_vec(aug.views(images, n, h, w, v, seed)?, v * n, dim)?;
@@ -347,6 +394,40 @@ impl Stepper<'_> {
             }
         }
     }
+}
+
+/// The first and second halves of `t`'s rows (f32, `2n x d`), on its device.
+fn split_halves(t: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (rows, dim) = (t.shape()[0], t.shape()[1]);
+    let (half, len) = (rows / 2, rows / 2 * dim);
+    let shape = [half, dim];
+    crate::kernels::run_on_kernels!(t.device(), b => {
+        let input = crate::ops::upload_f32(b, "t", t)?;
+        let (first, second) = crate::kernels::elementwise::split_halves(b, &input)?;
+        Ok((
+            crate::ops::kernel_output(b, t, first, &shape)?,
+            crate::ops::kernel_output(b, t, second, &shape)?,
+        ))
+    });
+    let values = t.to_vec::<f32>()?;
+    Ok((
+        Tensor::from_vec(values[..len].to_vec(), &shape, t.device())?,
+        Tensor::from_vec(values[len..2 * len].to_vec(), &shape, t.device())?,
+    ))
+}
+
+/// `a`'s rows, then `b`'s (f32, the same shape), on their device.
+fn join_halves(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (rows, dim) = (a.shape()[0], a.shape()[1]);
+    let shape = [2 * rows, dim];
+    crate::kernels::run_on_kernels!(a.device(), k => {
+        let (first, second) = (crate::ops::upload_f32(k, "a", a)?, crate::ops::upload_f32(k, "b", b)?);
+        let whole = crate::kernels::elementwise::join_halves(k, &first, &second)?;
+        crate::ops::kernel_output(k, a, whole, &shape)
+    });
+    let mut values = a.to_vec::<f32>()?;
+    values.extend(b.to_vec::<f32>()?);
+    Tensor::from_vec(values, &shape, a.device())
 }
 
 /// `t` (f32, `outer * inner` rows) with its row blocks swapped: row `j * outer + i` of the
@@ -408,7 +489,7 @@ pub fn train(
     let log_candidates = match cfg.method {
         Method::SimClr => Some(((2 * batch - 1) as f64).ln()),
         Method::Moco => Some(((cfg.moco_k + 1) as f64).ln()),
-        Method::SupCon => None,
+        Method::SupCon | Method::SigLip => None,
     };
     let aug = augment_for(cfg, train.height, train.width)?;
     let mut opt = make_optimizer(cfg)?;
@@ -418,6 +499,7 @@ pub fn train(
             Method::Moco => Some(MocoState::new(cfg, &encoder)?),
             _ => None,
         },
+        siglip: SigLipScalars::new(),
     };
     on_event(Event::Start {
         total_steps,

@@ -44,14 +44,14 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
     const T* b = static_cast<const T*>(p.b);
     double row_loss[kPerThread] = {0.0, 0.0, 0.0, 0.0};  // rows ty + 16 i, this thread's columns
     double log_scale_acc = 0.0, bias_acc = 0.0;
-    for (int c0 = 0; c0 < p.rows; c0 += kTile) {
+    for (int c0 = 0; c0 < p.cols; c0 += kTile) {
         if constexpr (kIsHalf<T>) {
             float d[4][4];
-            tile_mma<kTcSlice>(a, p.rows, r0, b, p.rows, c0, p.dim, d);
+            tile_mma<kTcSlice>(a, p.rows, r0, b, p.cols, c0, p.dim, d);
             store_fragments(d, g);
         } else {
             float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
-            tile_dot<T, false>(a, p.rows, r0, b, p.rows, c0, p.dim, acc, unused_a, unused_b);
+            tile_dot<T, false>(a, p.rows, r0, b, p.cols, c0, p.dim, acc, unused_a, unused_b);
 #pragma unroll
             for (int i = 0; i < kPerThread; ++i)
 #pragma unroll
@@ -67,10 +67,10 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
             for (int j = 0; j < kPerThread; ++j) {
                 const int c = tx + 16 * j, col = c0 + c;
                 float value = 0.0f;
-                if (row < p.rows && col < p.rows) {
+                if (row < p.rows && col < p.cols) {
                     const float scaled = scale * g[r][c];
                     const float logit = scaled + bias;
-                    const bool positive = row == col;
+                    const bool positive = p.positives && row == col;
                     const SigmoidTerms terms = sigmoid_terms(positive ? -logit : logit);
                     tile_loss += terms.softplus;
                     // sigmoid(logit) - 1 = -sigmoid(-logit) for the positive.
@@ -87,8 +87,8 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
         bias_acc += tile_bias;
         if (backward) {
             const Write own = c0 == 0 ? Write::kOverwrite : Write::kAdd;
-            grad_product_for<false>(g, staged, b, p.rows, c0, p.dim, p.grad_a, r0, p.rows, own);
-            grad_product_for<true>(g, staged, a, p.rows, r0, p.dim, p.grad_b, c0, p.rows, Write::kAtomicAdd);
+            grad_product_for<false>(g, staged, b, p.cols, c0, p.dim, p.grad_a, r0, p.rows, own);
+            grad_product_for<true>(g, staged, a, p.rows, r0, p.dim, p.grad_b, c0, p.cols, Write::kAtomicAdd);
         }
         __syncthreads();  // g and the staged rows are rewritten by the next tile
     }

@@ -886,6 +886,7 @@ fn run_kind(
         "siglip" => {
             let opts = SigLipOptions {
                 normalize: case.option_bool("normalize")?,
+                negatives_only: case.option_bool("negatives_only")?,
             };
             match case.option_str_or("reduction", "sum over pairs / N")? {
                 "sum over pairs / N" => {}

@@ -69,7 +69,20 @@ fn reference_loss(
     bias: f64,
     cosine: bool,
 ) -> f64 {
-    let rows = a.len() / dim;
+    reference(a, b, dim, (log_scale, bias), cosine, true)
+}
+
+/// [`reference_loss`] of `a` (N rows) against `b` (M rows); without `positives` every pair is a
+/// negative.
+fn reference(
+    a: &[f64],
+    b: &[f64],
+    dim: usize,
+    (log_scale, bias): (f64, f64),
+    cosine: bool,
+    positives: bool,
+) -> f64 {
+    let (rows, cols) = (a.len() / dim, b.len() / dim);
     let unit = |r: &[f64]| {
         let n = r.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
         r.iter()
@@ -80,11 +93,11 @@ fn reference_loss(
     let mut total = 0.0;
     for i in 0..rows {
         let ai = unit(&a[i * dim..(i + 1) * dim]);
-        for j in 0..rows {
+        for j in 0..cols {
             let bj = unit(&b[j * dim..(j + 1) * dim]);
             let s: f64 = ai.iter().zip(&bj).map(|(x, y)| x * y).sum();
             let logit = log_scale.exp() * s + bias;
-            let z = if i == j { 1.0 } else { -1.0 };
+            let z = if positives && i == j { 1.0 } else { -1.0 };
             total += softplus(-z * logit);
         }
     }
@@ -94,7 +107,10 @@ fn reference_loss(
 fn check_gradients(normalize: bool, log_scale: f64, bias: f64, seed: u64) {
     let (n, d) = (6, 4);
     let (a, b) = (uniform(seed, n * d), uniform(seed + 1, n * d));
-    let opts = SigLipOptions { normalize };
+    let opts = SigLipOptions {
+        normalize,
+        ..Default::default()
+    };
     let loss_at = |a: &[f64], b: &[f64], ls: f64, bias: f64| {
         scalar(&siglip_forward(&t64(a, &[n, d]), &t64(b, &[n, d]), ls, bias, &opts).unwrap())
     };
@@ -210,7 +226,10 @@ fn f32_matches_f64_across_tiles() {
     let (n, d) = (517, 37);
     let (a, b) = (uniform(11, n * d), uniform(12, n * d));
     for (normalize, log_scale, bias) in [(true, 10f64.ln(), -10.0), (false, -1.0, 0.5)] {
-        let opts = SigLipOptions { normalize };
+        let opts = SigLipOptions {
+            normalize,
+            ..Default::default()
+        };
         let hi = siglip(&t64(&a, &[n, d]), &t64(&b, &[n, d]), log_scale, bias, &opts).unwrap();
         let lo = siglip(&t32(&a, &[n, d]), &t32(&b, &[n, d]), log_scale, bias, &opts).unwrap();
         let what = format!("normalize {normalize}");
@@ -244,6 +263,75 @@ fn f32_matches_f64_across_tiles() {
             );
         }
     }
+}
+
+/// A block of negatives only (another shard's b, M rows): the definition, finite differences,
+/// and the identity `loss = loss_negatives_only - (1/N) sum_i logit_ii` on the same pairs.
+#[test]
+fn negatives_only_blocks() {
+    let (n, m, d) = (5, 7, 3);
+    let (a, b) = (uniform(51, n * d), uniform(52, m * d));
+    let opts = SigLipOptions {
+        negatives_only: true,
+        ..Default::default()
+    };
+    let (log_scale, bias) = (1.2, -0.4);
+    let out = siglip(&t64(&a, &[n, d]), &t64(&b, &[m, d]), log_scale, bias, &opts).unwrap();
+    let want = reference(&a, &b, d, (log_scale, bias), true, false);
+    assert_close(&[scalar(&out.loss)], &[want], 1e-13, "negatives-only loss");
+    let loss_at = |a: &[f64], b: &[f64], ls: f64, bias: f64| {
+        scalar(&siglip_forward(&t64(a, &[n, d]), &t64(b, &[m, d]), ls, bias, &opts).unwrap())
+    };
+    let num_a = numeric_grad(|x| loss_at(x, &b, log_scale, bias), &a);
+    let num_b = numeric_grad(|x| loss_at(&a, x, log_scale, bias), &b);
+    let num_ls = numeric_grad(|x| loss_at(&a, &b, x[0], bias), &[log_scale]);
+    let num_bias = numeric_grad(|x| loss_at(&a, &b, log_scale, x[0]), &[bias]);
+    assert_close(&v64(&out.grad_a), &num_a, 1e-6, "negatives-only grad_a");
+    assert_close(&v64(&out.grad_b), &num_b, 1e-6, "negatives-only grad_b");
+    assert_close(
+        &[scalar(&out.grad_log_scale)],
+        &num_ls,
+        1e-6,
+        "negatives-only log_scale",
+    );
+    assert_close(
+        &[scalar(&out.grad_bias)],
+        &num_bias,
+        1e-6,
+        "negatives-only bias",
+    );
+
+    let b = uniform(53, n * d);
+    let (ta, tb) = (t64(&a, &[n, d]), t64(&b, &[n, d]));
+    let full = siglip_forward(&ta, &tb, log_scale, bias, &SigLipOptions::default()).unwrap();
+    let negatives = siglip_forward(&ta, &tb, log_scale, bias, &opts).unwrap();
+    let unit = |r: &[f64]| {
+        let norm = r.iter().map(|x| x * x).sum::<f64>().sqrt();
+        r.iter().map(|x| x / norm).collect::<Vec<_>>()
+    };
+    let diagonal: f64 = (0..n)
+        .map(|i| {
+            let (ai, bi) = (unit(&a[i * d..(i + 1) * d]), unit(&b[i * d..(i + 1) * d]));
+            let s: f64 = ai.iter().zip(&bi).map(|(x, y)| x * y).sum();
+            log_scale.exp() * s + bias
+        })
+        .sum();
+    let want = scalar(&negatives) - diagonal / n as f64;
+    assert_close(
+        &[scalar(&full)],
+        &[want],
+        1e-13,
+        "full = negatives-only - diagonal / N",
+    );
+    // Without negatives_only, a b of another row count is an error naming it.
+    let e = siglip(
+        &ta,
+        &t64(&uniform(54, 2 * d), &[2, d]),
+        1.0,
+        0.0,
+        &SigLipOptions::default(),
+    );
+    assert!(e.unwrap_err().to_string().contains("same shape as a"));
 }
 
 #[test]
@@ -312,7 +400,10 @@ fn bad_input_is_an_error_that_says_what() {
     assert!(e.to_string().contains("grad_loss"), "{e}");
     // Finite inputs whose dot products overflow f32: an error naming what scales the logits.
     let huge = t32(&[3e19; 12], &[4, 3]);
-    let raw = SigLipOptions { normalize: false };
+    let raw = SigLipOptions {
+        normalize: false,
+        ..Default::default()
+    };
     let e = err(siglip(&huge, &huge, 0.0, 0.0, &raw));
     assert!(e.contains("log_scale"), "{e}");
 }
@@ -355,7 +446,10 @@ fn check_kernels(device: Device) {
         (false, -0.5, 0.3),
     ];
     for (normalize, log_scale, bias) in settings {
-        let opts = SigLipOptions { normalize };
+        let opts = SigLipOptions {
+            normalize,
+            ..Default::default()
+        };
         for &(n, d) in KERNEL_SHAPES {
             let a = feature_matrix(&mut rng, n, d);
             let b = feature_matrix(&mut rng, n, d);
@@ -370,6 +464,26 @@ fn check_kernels(device: Device) {
 #[test]
 fn kernels_match_the_cpu() {
     on_kernel_devices("siglip kernels_match_the_cpu", check_kernels);
+}
+
+/// Blocks of negatives only, a and b of different row counts (across the 64-wide tiles).
+#[test]
+fn negatives_only_kernels_match_the_cpu() {
+    on_kernel_devices("siglip negatives_only_kernels", |device| {
+        let mut rng = StdRng::seed_from_u64(0x5163);
+        let opts = SigLipOptions {
+            negatives_only: true,
+            ..Default::default()
+        };
+        for &(n, m, d) in &[(37usize, 70usize, 33usize), (130, 3, 17), (1, 65, 5)] {
+            let a = feature_matrix(&mut rng, n, d);
+            let b = feature_matrix(&mut rng, m, d);
+            let case = format!("siglip negatives only {n}x{m}x{d}");
+            compare_with_cpu(device, &case, &[(&a, &[n, d]), (&b, &[m, d])], |t| {
+                all_outputs(t, 10f64.ln(), -10.0, &opts)
+            });
+        }
+    });
 }
 
 /// log_scale and bias as tensors on the device: read there, the same results as the values.

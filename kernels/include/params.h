@@ -468,12 +468,12 @@ typedef struct ContraClipColumnsParams {
     int rows;
 } ContraClipColumnsParams;
 
-/* siglip_sweep: SigLIP's pairwise sigmoid loss over the tiles of a b^T (rows x rows, never
+/* siglip_sweep: SigLIP's pairwise sigmoid loss over the tiles of a b^T (rows x cols, never
  * materialized), one block per 64 rows of a. logit_ij = scale s_ij + bias with s_ij = a_i . b_j
  * (a and b already normalized for the cosine form); scale = exp(*log_scale) when log_scale is
  * set, else `scale`; bias = *bias_value when set, else `bias`. Writes row_loss[i] =
- * sum_j softplus(-z_ij logit_ij) (z = +1 on the diagonal, -1 elsewhere). With grad_a set (the
- * backward), also G_ij = grad_weight (sigmoid(logit_ij) - [i = j]): grad_a = scale G b
+ * sum_j softplus(-z_ij logit_ij) (z = +1 on the diagonal when `positives`, -1 elsewhere). With
+ * grad_a set (the backward), also G_ij = grad_weight (sigmoid(logit_ij) - [z_ij = +1]): grad_a = scale G b
  * (overwritten), grad_b += scale G^T a (atomic; zeroed by the caller), and per block
  * log_scale_partial[block] = sum G_ij scale s_ij, bias_partial[block] = sum G_ij. */
 typedef struct ContraSiglipParams {
@@ -487,6 +487,8 @@ typedef struct ContraSiglipParams {
     float* log_scale_partial;
     float* bias_partial;
     int rows;
+    int cols;
+    int positives; /* 0: every pair is a negative (b another shard's block, cols rows) */
     int dim;
     float scale;
     float bias;

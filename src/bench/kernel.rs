@@ -345,6 +345,8 @@ impl<B: Backend> KernelRunner<B> {
                     a: &t[0],
                     b: &t[1],
                     rows: n,
+                    cols: n,
+                    positives: true,
                     dim: d,
                     normalize: true,
                     log_scale: kernels::ScalarArg::Value(cases::SIGLIP_LOG_SCALE),

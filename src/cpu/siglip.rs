@@ -12,13 +12,16 @@ use super::gemm::MatRef;
 use super::softmax::tiles_per_job;
 use super::{lane_sum, normalize, softplus, Real, KEY_TILE, ROW_TILE};
 
-/// One SigLIP problem: paired rows `a`, `b` (rows x dim each), the log of the logit scale and
-/// the bias. Sizes are validated by the caller.
+/// One SigLIP problem: `a` (rows x dim) against `b` (cols x dim), the log of the logit scale
+/// and the bias. With `positives`, `cols == rows` and pair `(i, i)` is a positive; without, every
+/// pair is a negative (a block of another shard's `b`). Sizes are validated by the caller.
 #[derive(Clone, Copy)]
 pub struct Problem<'a, T> {
     pub a: &'a [T],
     pub b: &'a [T],
     pub rows: usize,
+    pub cols: usize,
+    pub positives: bool,
     pub dim: usize,
     pub log_scale: f64,
     pub bias: f64,
@@ -78,7 +81,7 @@ impl<T: Real> Problem<'_, T> {
 
     /// The sweep over every tile: the loss, and the gradients when `grad_loss` is given.
     fn sweep(&self, grad_loss: Option<f64>) -> (f64, Option<Grads<T>>) {
-        let (rows, dim) = (self.rows, self.dim);
+        let (rows, cols, dim) = (self.rows, self.cols, self.dim);
         let (an, bn);
         let (a, b) = if self.normalize {
             an = normalize::forward(self.a, dim);
@@ -99,7 +102,7 @@ impl<T: Real> Problem<'_, T> {
         } else {
             (0..row_tiles).map(|_| &mut [][..]).collect()
         };
-        let grad_b_len = if want { rows * dim } else { 0 };
+        let grad_b_len = if want { cols * dim } else { 0 };
         let total = grad_a_tiles
             .into_par_iter()
             .enumerate()
@@ -115,15 +118,17 @@ impl<T: Real> Problem<'_, T> {
                     #[allow(clippy::useless_vec)]
                     let mut tile = vec![T::zero(); ROW_TILE * KEY_TILE];
                     let mut scratch = Scratch::new(KEY_TILE);
-                    for k0 in (0..rows).step_by(KEY_TILE) {
-                        let key_len = KEY_TILE.min(rows - k0);
+                    for k0 in (0..cols).step_by(KEY_TILE) {
+                        let key_len = KEY_TILE.min(cols - k0);
                         let b_tile =
                             MatRef::row_major(&b[k0 * dim..(k0 + key_len) * dim], key_len, dim);
                         let tile = &mut tile[..row_len * key_len];
                         // exp(log_scale) s_ij: the logit before its bias.
                         T::gemm(alpha, a_tile, b_tile.t(), T::zero(), tile);
                         for (r, row) in tile.chunks_mut(key_len).enumerate() {
-                            let diagonal = (r0 + r).checked_sub(k0).filter(|&c| c < key_len);
+                            let diagonal = (r0 + r)
+                                .checked_sub(k0)
+                                .filter(|&c| self.positives && c < key_len);
                             let pairs = scratch.row_terms(row, bias, diagonal, want);
                             part.loss += pairs.loss;
                             part.log_scale += pairs.log_scale;

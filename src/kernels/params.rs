@@ -1163,6 +1163,8 @@ pub struct ContraSiglipParams {
     pub log_scale_partial: *mut f32,
     pub bias_partial: *mut f32,
     pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
+    pub positives: ::std::os::raw::c_int,
     pub dim: ::std::os::raw::c_int,
     pub scale: f32,
     pub bias: f32,
@@ -1170,7 +1172,7 @@ pub struct ContraSiglipParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraSiglipParams"][::std::mem::size_of::<ContraSiglipParams>() - 96usize];
+    ["Size of ContraSiglipParams"][::std::mem::size_of::<ContraSiglipParams>() - 104usize];
     ["Alignment of ContraSiglipParams"][::std::mem::align_of::<ContraSiglipParams>() - 8usize];
     ["Offset of field: ContraSiglipParams::a"]
         [::std::mem::offset_of!(ContraSiglipParams, a) - 0usize];
@@ -1192,14 +1194,18 @@ const _: () = {
         [::std::mem::offset_of!(ContraSiglipParams, bias_partial) - 64usize];
     ["Offset of field: ContraSiglipParams::rows"]
         [::std::mem::offset_of!(ContraSiglipParams, rows) - 72usize];
+    ["Offset of field: ContraSiglipParams::cols"]
+        [::std::mem::offset_of!(ContraSiglipParams, cols) - 76usize];
+    ["Offset of field: ContraSiglipParams::positives"]
+        [::std::mem::offset_of!(ContraSiglipParams, positives) - 80usize];
     ["Offset of field: ContraSiglipParams::dim"]
-        [::std::mem::offset_of!(ContraSiglipParams, dim) - 76usize];
+        [::std::mem::offset_of!(ContraSiglipParams, dim) - 84usize];
     ["Offset of field: ContraSiglipParams::scale"]
-        [::std::mem::offset_of!(ContraSiglipParams, scale) - 80usize];
+        [::std::mem::offset_of!(ContraSiglipParams, scale) - 88usize];
     ["Offset of field: ContraSiglipParams::bias"]
-        [::std::mem::offset_of!(ContraSiglipParams, bias) - 84usize];
+        [::std::mem::offset_of!(ContraSiglipParams, bias) - 92usize];
     ["Offset of field: ContraSiglipParams::grad_weight"]
-        [::std::mem::offset_of!(ContraSiglipParams, grad_weight) - 88usize];
+        [::std::mem::offset_of!(ContraSiglipParams, grad_weight) - 96usize];
 };
 impl Default for ContraSiglipParams {
     fn default() -> Self {

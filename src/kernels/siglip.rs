@@ -9,11 +9,14 @@ use crate::Result;
 /// Rows per block of `siglip_sweep`.
 const TILE: usize = 64;
 
-/// One SigLIP problem: paired rows of a and b (rows x dim), raw.
+/// One SigLIP problem: a (rows x dim) against b (cols x dim), raw; with `positives` the pairs
+/// `(i, i)` are positives (cols == rows), else every pair is a negative.
 pub(crate) struct SigLip<'a, B: Backend> {
     pub a: &'a B::Buf,
     pub b: &'a B::Buf,
     pub rows: usize,
+    pub cols: usize,
+    pub positives: bool,
     pub dim: usize,
     pub normalize: bool,
     pub log_scale: ScalarArg<'a, B::Buf>,
@@ -46,7 +49,7 @@ impl<B: Backend> SigLip<'_, B> {
         let (a_op, b_op) = if self.normalize {
             normalized = (
                 normalize::forward(b, self.a, self.rows, self.dim)?,
-                normalize::forward(b, self.b, self.rows, self.dim)?,
+                normalize::forward(b, self.b, self.cols, self.dim)?,
             );
             (&normalized.0, &normalized.1)
         } else {
@@ -58,7 +61,7 @@ impl<B: Backend> SigLip<'_, B> {
             None => None,
             Some(_) => Some(SigLipGrads {
                 a: b.output("grad_a", self.rows * self.dim)?,
-                b: b.zeros("grad_b", self.rows * self.dim)?,
+                b: b.zeros("grad_b", self.cols * self.dim)?,
                 log_scale_partial: b.output("log_scale_partial", blocks)?,
                 bias_partial: b.output("bias_partial", blocks)?,
             }),
@@ -75,6 +78,8 @@ impl<B: Backend> SigLip<'_, B> {
             log_scale_partial: ptr(grads.as_ref().map(|g| &g.log_scale_partial)).cast(),
             bias_partial: ptr(grads.as_ref().map(|g| &g.bias_partial)).cast(),
             rows: extent("rows", self.rows)?,
+            cols: extent("cols", self.cols)?,
+            positives: self.positives as i32,
             dim: extent("dim", self.dim)?,
             scale: self.log_scale.passed(f64::exp, 1.0),
             bias: self.bias.passed(|bias| bias, 0.0),
@@ -96,7 +101,7 @@ impl<B: Backend> SigLip<'_, B> {
         let grads = match grads {
             Some(g) if self.normalize => Some(SigLipGrads {
                 a: normalize::backward(b, self.a, &g.a, self.rows, self.dim)?,
-                b: normalize::backward(b, self.b, &g.b, self.rows, self.dim)?,
+                b: normalize::backward(b, self.b, &g.b, self.cols, self.dim)?,
                 ..g
             }),
             other => other,

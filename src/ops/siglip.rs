@@ -3,12 +3,15 @@
 //! dot product without `normalize`); pair `(i, i)` is a positive, every other pair a negative;
 //! `loss = (1/N) sum_ij softplus(-z_ij logit_ij)`, `z_ij = +1` if `i = j` else -1 (a sum over all
 //! N^2 pairs divided by N, not a mean). No N x N matrix is built, and nothing is saved between
-//! the forward and the backward: each recomputes its tiles.
+//! the forward and the backward: each recomputes its tiles. With `negatives_only`, `b` is a block
+//! of M rows from another shard and every pair is a negative (the term a data-parallel SigLIP
+//! adds per other shard).
 
 use super::{
     attach_loss_checks, check_finite_scalar, check_grad_loss, check_host_finite, check_result,
     check_scalar_result, compute_dtype, host_loss, kernel_grads, largest, matrix_dims, output_like,
-    same_place, upload_features, values, with_cpu_real, Scalar, ScalarInput, ScalarOperand,
+    same_place, same_width, upload_features, values, with_cpu_real, Scalar, ScalarInput,
+    ScalarOperand,
 };
 use crate::checks::Recorder;
 use crate::kernels::{self, run_on_kernels, Backend, Operand};
@@ -29,11 +32,18 @@ pub struct SigLipOptions {
     /// Cosine similarity (a and b normalized inside), as SigLIP trains; `false` takes the dot
     /// product of the embeddings as given.
     pub normalize: bool,
+    /// Every pair is a negative, and `b` may have any number of rows M (same D): the loss of
+    /// `a` against a block of another shard's `b`, `(1/N) sum_ij softplus(logit_ij)` (open_clip's
+    /// `negative_only`), the term a data-parallel SigLIP adds for every other shard.
+    pub negatives_only: bool,
 }
 
 impl Default for SigLipOptions {
     fn default() -> Self {
-        SigLipOptions { normalize: true }
+        SigLipOptions {
+            normalize: true,
+            negatives_only: false,
+        }
     }
 }
 
@@ -68,10 +78,11 @@ pub struct SigLipOutput {
     pub grad_bias: Tensor,
 }
 
-/// One validated call: `(rows, dim)`, `log_scale` and `bias` (values, or tensors on the
-/// inputs' kernel device).
+/// One validated call: the rows of a and b, `dim`, `log_scale` and `bias` (values, or tensors
+/// on the inputs' kernel device).
 struct Call<'t> {
     rows: usize,
+    cols: usize,
     dim: usize,
     log_scale: ScalarInput<'t>,
     bias: ScalarInput<'t>,
@@ -80,15 +91,15 @@ struct Call<'t> {
 /// Validates the inputs (errors named after `op`).
 fn validate<'t>(
     op: &'static str,
-    a: &Tensor,
-    b: &Tensor,
+    (a, b): (&Tensor, &Tensor),
     log_scale: Scalar<'t>,
     bias: Scalar<'t>,
+    opts: &SigLipOptions,
 ) -> Result<Call<'t>> {
     let (rows, dim) = matrix_dims(op, "a", a)?;
-    matrix_dims(op, "b", b)?;
+    let cols = same_width(op, "b", b, "M", "a", dim)?;
     same_place(op, &[("a", a), ("b", b)])?;
-    if b.shape() != a.shape() {
+    if !opts.negatives_only && b.shape() != a.shape() {
         return Err(Error::shape(
             op,
             "b",
@@ -116,6 +127,7 @@ fn validate<'t>(
     check_host_finite(op, "b", b)?;
     Ok(Call {
         rows,
+        cols,
         dim,
         log_scale,
         bias,
@@ -153,6 +165,8 @@ fn problem<'a, T>(
         a,
         b,
         rows: call.rows,
+        cols: call.cols,
+        positives: !opts.negatives_only,
         dim: call.dim,
         log_scale: call.log_scale.value()?,
         bias: call.bias.value()?,
@@ -192,6 +206,8 @@ impl<'t, B: Backend> KernelInputs<'t, B> {
             a: &self.a,
             b: &self.b,
             rows: call.rows,
+            cols: call.cols,
+            positives: !opts.negatives_only,
             dim: call.dim,
             normalize: opts.normalize,
             log_scale: self.log_scale.arg(),
@@ -249,7 +265,7 @@ pub fn siglip_forward<'s, 'b>(
     bias: impl Into<Scalar<'b>>,
     opts: &SigLipOptions,
 ) -> Result<Tensor> {
-    let call = validate(FORWARD, a, b, log_scale.into(), bias.into())?;
+    let call = validate(FORWARD, (a, b), log_scale.into(), bias.into(), opts)?;
     run_on_kernels!(a.device(), k => {
         let mut rec = Recorder::new(k, FORWARD)?;
         let inputs = KernelInputs::new(k, &mut rec, a, b, &call)?;
@@ -275,7 +291,7 @@ pub fn siglip_backward<'s, 'b>(
     opts: &SigLipOptions,
     grad_loss: f64,
 ) -> Result<SigLipGrads> {
-    let call = validate(BACKWARD, a, b, log_scale.into(), bias.into())?;
+    let call = validate(BACKWARD, (a, b), log_scale.into(), bias.into(), opts)?;
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(a.device(), a.dtype()))?;
     run_on_kernels!(a.device(), k => {
         kernel_sweep(k, BACKWARD, (a, b), &call, opts, grad_loss).map(|(_, grads)| grads)
@@ -337,7 +353,7 @@ pub fn siglip<'s, 'b>(
     bias: impl Into<Scalar<'b>>,
     opts: &SigLipOptions,
 ) -> Result<SigLipOutput> {
-    let call = validate(OP, a, b, log_scale.into(), bias.into())?;
+    let call = validate(OP, (a, b), log_scale.into(), bias.into(), opts)?;
     run_on_kernels!(a.device(), k => {
         let (loss, grads) = kernel_sweep(k, OP, (a, b), &call, opts, 1.0)?;
         Ok(SigLipOutput {

@@ -166,18 +166,7 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     for (int c0 = 0; c0 < p.cols; c0 += kTile) {
         // The tile's dot products go to g, then g becomes G in a flat, not unrolled loop: the
         // loss-specific per-element code stays out of the register-heavy tile loop.
-        if constexpr (kIsHalf<T>) {
-            float d[4][4];
-            tile_mma<kTcSlice>(q, p.rows, r0, k, p.cols, c0, p.dim, d);
-            store_fragments(d, g);
-        } else {
-            float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
-            tile_dot<T, false>(q, p.rows, r0, k, p.cols, c0, p.dim, acc, unused_a, unused_b);
-#pragma unroll
-            for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-                for (int j = 0; j < kPerThread; ++j) g[ty + 16 * i][tx + 16 * j] = acc[i][j];
-        }
+        dot_tile_to_shared(q, p.rows, r0, k, p.cols, c0, p.dim, g);
         __syncthreads();
         for (int e = tid; e < kTile * kTile; e += 256) {
             const int r = e / kTile, c = e % kTile, row = r0 + r, col = c0 + c;

@@ -45,18 +45,7 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
     double row_loss[kPerThread] = {0.0, 0.0, 0.0, 0.0};  // rows ty + 16 i, this thread's columns
     double log_scale_acc = 0.0, bias_acc = 0.0;
     for (int c0 = 0; c0 < p.cols; c0 += kTile) {
-        if constexpr (kIsHalf<T>) {
-            float d[4][4];
-            tile_mma<kTcSlice>(a, p.rows, r0, b, p.cols, c0, p.dim, d);
-            store_fragments(d, g);
-        } else {
-            float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
-            tile_dot<T, false>(a, p.rows, r0, b, p.cols, c0, p.dim, acc, unused_a, unused_b);
-#pragma unroll
-            for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-                for (int j = 0; j < kPerThread; ++j) g[ty + 16 * i][tx + 16 * j] = acc[i][j];
-        }
+        dot_tile_to_shared(a, p.rows, r0, b, p.cols, c0, p.dim, g);
         __syncthreads();
         float tile_log_scale = 0.0f, tile_bias = 0.0f;
 #pragma unroll

@@ -180,4 +180,25 @@ __device__ void tile_dot(const T* a, int a_rows, int a0, const T* b, int b_rows,
     }
 }
 
+// The 64 x 64 tile of dot products a_{a0 + r} . b_{b0 + c} written to the shared tile `tile`
+// (row r, column c), on the operand type's engine: tile_mma for bf16 / f16, tile_dot for f32.
+// Every thread of the block must call it; the caller synchronizes before reading the tile.
+template <typename T>
+__device__ __forceinline__ void dot_tile_to_shared(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0,
+                                                   int dim, float (*tile)[kTilePad]) {
+    if constexpr (kIsHalf<T>) {
+        float d[4][4];
+        tile_mma<kTcSlice>(a, a_rows, a0, b, b_rows, b0, dim, d);
+        store_fragments(d, tile);
+    } else {
+        const int tx = threadIdx.x, ty = threadIdx.y;
+        float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
+        tile_dot<T, false>(a, a_rows, a0, b, b_rows, b0, dim, acc, unused_a, unused_b);
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i)
+#pragma unroll
+            for (int j = 0; j < kPerThread; ++j) tile[ty + 16 * i][tx + 16 * j] = acc[i][j];
+    }
+}
+
 }  // namespace contra

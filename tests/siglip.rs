@@ -7,57 +7,25 @@ use contra::fixtures::{run_case, Case, Precision};
 use contra::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod common;
+use common::{
+    compare_with_cpu, feature_matrix, numeric_grad, on_kernel_devices, rel_err, t32, t64, v64,
+    Outputs,
+};
+
 fn uniform(seed: u64, n: usize) -> Vec<f64> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n).map(|_| 2.0 * rng.random::<f64>() - 1.0).collect()
-}
-
-fn t64(values: &[f64], shape: &[usize]) -> Tensor {
-    Tensor::from_slice(values, shape, Device::Cpu).unwrap()
-}
-
-fn t32(values: &[f64], shape: &[usize]) -> Tensor {
-    t64(values, shape).to_dtype(DType::F32).unwrap()
-}
-
-fn v64(t: &Tensor) -> Vec<f64> {
-    t.to_vec_f64().unwrap()
 }
 
 fn scalar(t: &Tensor) -> f64 {
     t.to_scalar().unwrap()
 }
 
-/// `||got - want|| / max(||want||, 1e-12)`; NaN or a length mismatch gives infinity.
-fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    if got.len() != want.len() || got.iter().chain(want).any(|v| v.is_nan()) {
-        return f64::INFINITY;
-    }
-    let diff = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b));
-    let norm = want.iter().map(|b| b * b).sum::<f64>().sqrt();
-    diff.sum::<f64>().sqrt() / norm.max(1e-12)
-}
-
 #[track_caller]
 fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
     let err = rel_err(got, want);
     assert!(err < tol, "{what}: relative error {err:e} >= {tol:e}");
-}
-
-/// Central differences with h = 1e-6.
-fn numeric_grad(f: impl Fn(&[f64]) -> f64, x: &[f64]) -> Vec<f64> {
-    const H: f64 = 1e-6;
-    let mut probe = x.to_vec();
-    (0..x.len())
-        .map(|i| {
-            probe[i] = x[i] + H;
-            let up = f(&probe);
-            probe[i] = x[i] - H;
-            let down = f(&probe);
-            probe[i] = x[i];
-            (up - down) / (2.0 * H)
-        })
-        .collect()
 }
 
 /// The loss straight from its definition, in f64: every pair, a stable log-sigmoid.
@@ -411,9 +379,6 @@ fn bad_input_is_an_error_that_says_what() {
 // ---------------------------------------------------------------------------------------------
 // Kernels (Interp always, GPU 0 when usable) against the CPU in f64
 // ---------------------------------------------------------------------------------------------
-
-mod common;
-use common::{compare_with_cpu, feature_matrix, on_kernel_devices, Outputs};
 
 /// (N, D): rows and columns across 64-wide tiles, feature counts off every slice and chunk, a
 /// single pair, one feature.

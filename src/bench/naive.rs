@@ -249,6 +249,23 @@ pub fn infonce(
     (loss, grads.map(|(dq, _)| dq))
 }
 
+/// The backward of `scale an bn^T` (an, bn the normalized rows with their norms) from the
+/// gradient of the logits `g`: da (db computed too, as autograd does, and dropped).
+fn paired_backward(
+    scale: f32,
+    g: Vec<f32>,
+    (an, anorm): (&[f32], &[f32]),
+    (bn, bnorm): (&[f32], &[f32]),
+    dim: usize,
+) -> Vec<f32> {
+    let rows = an.len() / dim;
+    let dan = g_times(scale, &g, rows, rows, bn, dim);
+    let dbn = gt_times(scale, &g, rows, rows, an, dim);
+    drop(g);
+    let _db = normalize_backward(bn, bnorm, &dbn, dim);
+    normalize_backward(an, anorm, &dan, dim)
+}
+
 /// CLIP: `(CE(s an bn^T, diag) + CE((s an bn^T)^T, diag)) / 2` with `s = exp(log_scale)`: loss
 /// and da.
 pub fn clip(
@@ -300,11 +317,7 @@ pub fn clip(
         .map(|(&x, &l)| (x * l) as f64)
         .sum();
     drop(logits);
-    let dan = g_times(scale, &g, rows, rows, &bn, dim);
-    let dbn = gt_times(scale, &g, rows, rows, &an, dim);
-    drop(g);
-    let da = normalize_backward(&an, &anorm, &dan, dim);
-    let _db = normalize_backward(&bn, &bnorm, &dbn, dim);
+    let da = paired_backward(scale, g, (&an, &anorm), (&bn, &bnorm), dim);
     (loss, Some(da))
 }
 
@@ -354,11 +367,7 @@ pub fn siglip(
         .map(|(&x, &l)| (x * (l - bias as f32)) as f64)
         .sum();
     drop(logits);
-    let dan = g_times(scale, &g, rows, rows, &bn, dim);
-    let dbn = gt_times(scale, &g, rows, rows, &an, dim);
-    drop(g);
-    let da = normalize_backward(&an, &anorm, &dan, dim);
-    let _db = normalize_backward(&bn, &bnorm, &dbn, dim);
+    let da = paired_backward(scale, g, (&an, &anorm), (&bn, &bnorm), dim);
     (loss, Some(da))
 }
 

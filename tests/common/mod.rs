@@ -43,6 +43,37 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     diff / norm.max(1e-12)
 }
 
+/// `values` as an f64 tensor of `shape` on the CPU.
+pub fn t64(values: &[f64], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(values, shape, Device::Cpu).unwrap()
+}
+
+/// `values` as an f32 tensor of `shape` on the CPU.
+pub fn t32(values: &[f64], shape: &[usize]) -> Tensor {
+    t64(values, shape).to_dtype(DType::F32).unwrap()
+}
+
+/// The values of `t` as f64.
+pub fn v64(t: &Tensor) -> Vec<f64> {
+    t.to_vec_f64().unwrap()
+}
+
+/// d f / d x by central differences with h = 1e-6.
+pub fn numeric_grad(f: impl Fn(&[f64]) -> f64, x: &[f64]) -> Vec<f64> {
+    const H: f64 = 1e-6;
+    let mut probe = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            probe[i] = x[i] + H;
+            let up = f(&probe);
+            probe[i] = x[i] - H;
+            let down = f(&probe);
+            probe[i] = x[i];
+            (up - down) / (2.0 * H)
+        })
+        .collect()
+}
+
 /// A `rows x cols` matrix (row-major) of uniform values in [-1, 1).
 pub fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
     (0..rows * cols)

@@ -3,7 +3,6 @@
 //! that cross the CPU tiles, the two-call form against the one-call form, the fixtures in f64,
 //! and one test per input error.
 
-use contra::fixtures::{run_case, Case, Precision};
 use contra::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -334,8 +333,10 @@ fn two_calls_give_the_one_call_results_scaled_by_grad_loss() {
 }
 
 /// The fixtures in f64 (the checker runs them in f32): PyTorch's float64 values to 1e-9.
+#[cfg(feature = "fixtures")]
 #[test]
 fn fixtures_in_f64() {
+    use contra::fixtures::{run_case, Case, Precision};
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     for name in ["siglip_small", "siglip_odd", "siglip_raw"] {
         let case = Case::load(&root.join(name)).unwrap();

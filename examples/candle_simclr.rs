@@ -86,9 +86,11 @@ impl Args {
             temperature: 0.2,
             crop_min: 0.8,
             shift: 0,
-            jitter: 0.8,
+            // Half the crate's default jitter and no noise: +0.007 probe10 over them on the
+            // validation split (3 epochs: 0.734 against 0.727); no jitter at all scored 0.668.
+            jitter: 0.4,
             erase: 0.25,
-            noise: 0.05,
+            noise: 0.0,
             channels: (32, 64),
             width: 512,
             eval: "test".into(),

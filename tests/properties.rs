@@ -926,6 +926,167 @@ fn clip_case(regime: Regime, device: Device, c: ClipCase) -> Result<Tally, TestC
 }
 
 // ---------------------------------------------------------------------------------------------
+// SigLIP
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct SigLipCase {
+    dtype: DType,
+    rows: usize,
+    dim: usize,
+    a: Values,
+    b: Values,
+    /// `log_scale = -ln(10) log_tau`: logit scales 1 to 20 (moderate), 1e-3 to 1e3 (extreme).
+    log_tau: f64,
+    bias: f64,
+    seed: u64,
+}
+
+fn siglip_strategy(regime: Regime) -> impl Strategy<Value = SigLipCase> {
+    let shape = prop_oneof![
+        12 => (extent(), extent()),
+        1 => (prop::sample::select(vec![128usize, 257]), extent_upto(17)),
+    ];
+    let bias = match regime {
+        Regime::Moderate => (-10.0f64..2.0).boxed(),
+        Regime::Extreme => {
+            prop_oneof![(-60.0f64..60.0), prop::sample::select(vec![-50.0, 50.0])].boxed()
+        }
+        Regime::Overflow => (-10.0f64..0.0).boxed(),
+    };
+    (
+        dtype(),
+        shape,
+        values(regime),
+        values(regime),
+        log_tau(regime),
+        bias,
+        any::<u64>(),
+    )
+        .prop_map(
+            |(dtype, (rows, dim), a, b, log_tau, bias, seed)| SigLipCase {
+                dtype,
+                rows,
+                dim,
+                a,
+                b,
+                log_tau,
+                bias,
+                seed,
+            },
+        )
+}
+
+fn siglip_outs(loss: &Tensor, g: &SigLipGrads) -> contra::Result<Outs> {
+    let mut outs = loss_outs(loss, &[("grad_a", &g.grad_a), ("grad_b", &g.grad_b)])?;
+    outs.push(("grad_log_scale", Val::Scalar(g.grad_log_scale.to_scalar()?)));
+    outs.push(("grad_bias", Val::Scalar(g.grad_bias.to_scalar()?)));
+    Ok(outs)
+}
+
+fn siglip_case(regime: Regime, device: Device, c: SigLipCase) -> Result<Tally, TestCaseError> {
+    let (rows, dim, bias) = (c.rows, c.dim, c.bias);
+    let av = matrix(c.seed, 1, rows, dim, &c.a, c.dtype, regime);
+    let bv = matrix(
+        c.seed,
+        2,
+        rows,
+        dim,
+        &laid_out_as(&c.a, &c.b),
+        c.dtype,
+        regime,
+    );
+    let log_scale = -c.log_tau * std::f64::consts::LN_10;
+    let opts = SigLipOptions::default();
+    let (refs, devs) = inputs([(&av, &[rows, dim]), (&bv, &[rows, dim])], c.dtype, device);
+    let [ar, br] = &refs;
+    let (reference, variants) = one_and_split(
+        ["siglip", "siglip_forward + siglip_backward"],
+        &refs,
+        devs,
+        |[a, b]: [Tensor; 2]| {
+            guarded(move || {
+                let o = siglip(&a, &b, log_scale, bias, &opts)?;
+                let g = SigLipGrads {
+                    grad_a: o.grad_a,
+                    grad_b: o.grad_b,
+                    grad_log_scale: o.grad_log_scale,
+                    grad_bias: o.grad_bias,
+                };
+                siglip_outs(&o.loss, &g)
+            })
+        },
+        |[a, b]: [Tensor; 2]| {
+            guarded(move || {
+                let loss = siglip_forward(&a, &b, log_scale, bias, &opts)?;
+                let g = siglip_backward(&a, &b, log_scale, bias, &opts, 1.0)?;
+                siglip_outs(&loss, &g)
+            })
+        },
+    );
+    let desc = format!("{c:?} (b laid out as a; log_scale {log_scale})");
+    let ctx = ctx("siglip", device, c.dtype, regime, false, desc.clone());
+    let beyond = input_beyond_compute(&ctx.prec, &[&av, &bv]);
+    let prec = ctx.prec;
+    let mut loss_mag = 1.0;
+    let mut tally = verdict(&ctx, Expect::Valid, reference, variants, |want| {
+        let (au, an) = unit_rows(&av, dim);
+        let (bu, bn) = unit_rows(&bv, dim);
+        let scale = log_scale.exp();
+        // Per pair: the loss term, the gradient G = (sigmoid(l) - [i = j]) / N, and the size of
+        // what an error of coef(1, D) (scale + |l| + 1) in the logit moves: the term (by at most
+        // that much) and G (by sigmoid' <= 1/4 of it).
+        let (mut naive, mut mag, mut ls_mag, mut bias_mag) = (0.0, 0.0, 0.0, 0.0);
+        let (mut mag_a, mut mag_b) = (vec![0.0; rows], vec![0.0; rows]);
+        for i in 0..rows {
+            for j in 0..rows {
+                let cos: f64 = (0..dim).map(|d| au[i * dim + d] * bu[j * dim + d]).sum();
+                let l = scale * cos + bias;
+                let positive = i == j;
+                naive += softplus(if positive { -l } else { l });
+                let m = scale + l.abs() + 1.0;
+                let g = (sigmoid(l) - if positive { 1.0 } else { 0.0 }) / rows as f64;
+                let h = m * sigmoid(l) * sigmoid(-l) / rows as f64 + g.abs();
+                mag += m;
+                ls_mag += h * m;
+                bias_mag += h;
+                mag_a[i] += scale * h;
+                mag_b[j] += scale * h;
+            }
+        }
+        naive /= rows as f64;
+        loss_mag = mag / rows as f64;
+        loss_vs_naive("siglip", want, naive, dim, loss_mag)?;
+        let c1 = prec.coef(1.0, dim) + prec.coef_compute(1.0, rows * rows);
+        let floors = [
+            ("loss", c1 * loss_mag),
+            ("grad_a", c1 * through_norm(&mag_a, &an)),
+            ("grad_b", c1 * through_norm(&mag_b, &bn)),
+            ("grad_log_scale", c1 * ls_mag),
+            ("grad_bias", c1 * bias_mag),
+        ];
+        Ok(Judgement::within(&prec, &floors, beyond))
+    })?;
+    if regime == Regime::Moderate && device == Device::Cpu {
+        let out = siglip(ar, br, log_scale, bias, &opts).unwrap();
+        let f = |x: &[Vec<f64>]| -> contra::Result<f64> {
+            let (a, b) = (host_f64(&x[0], &[rows, dim]), host_f64(&x[1], &[rows, dim]));
+            siglip_forward(&a, &b, log_scale, bias, &opts)?.to_scalar()
+        };
+        let wrt = [(&av[..], &out.grad_a, dim), (&bv[..], &out.grad_b, dim)];
+        tally.fd(fd_check(
+            "siglip (a, b)",
+            &desc,
+            &f,
+            &wrt,
+            c.seed,
+            loss_mag,
+        )?);
+    }
+    Ok(tally)
+}
+
+// ---------------------------------------------------------------------------------------------
 // MoCo
 // ---------------------------------------------------------------------------------------------
 
@@ -2003,6 +2164,13 @@ properties! {
     clip_extreme_interp: clip_strategy, clip_case, Extreme, Interp;
     clip_overflow_cpu: clip_strategy, clip_case, Overflow, Cpu;
     clip_overflow_interp: clip_strategy, clip_case, Overflow, Interp;
+
+    siglip_moderate_cpu: siglip_strategy, siglip_case, Moderate, Cpu;
+    siglip_moderate_interp: siglip_strategy, siglip_case, Moderate, Interp;
+    siglip_extreme_cpu: siglip_strategy, siglip_case, Extreme, Cpu;
+    siglip_extreme_interp: siglip_strategy, siglip_case, Extreme, Interp;
+    siglip_overflow_cpu: siglip_strategy, siglip_case, Overflow, Cpu;
+    siglip_overflow_interp: siglip_strategy, siglip_case, Overflow, Interp;
 
     moco_moderate_cpu: moco_strategy, moco_case, Moderate, Cpu;
     moco_moderate_interp: moco_strategy, moco_case, Moderate, Interp;

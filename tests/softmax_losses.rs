@@ -5,6 +5,9 @@
 use contra::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod common;
+use common::{numeric_grad, rel_err, t32, t64, v64};
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
@@ -16,49 +19,6 @@ fn rng(seed: u64) -> StdRng {
 /// Uniform values in [-1, 1).
 fn uniform(rng: &mut StdRng, n: usize) -> Vec<f64> {
     (0..n).map(|_| 2.0 * rng.random::<f64>() - 1.0).collect()
-}
-
-fn t64(values: &[f64], shape: &[usize]) -> Tensor {
-    Tensor::from_slice(values, shape, Device::Cpu).unwrap()
-}
-
-fn t32(values: &[f64], shape: &[usize]) -> Tensor {
-    t64(values, shape).to_dtype(DType::F32).unwrap()
-}
-
-fn v64(t: &Tensor) -> Vec<f64> {
-    t.to_vec_f64().unwrap()
-}
-
-/// Central differences with h = 1e-6.
-fn numeric_grad(f: impl Fn(&[f64]) -> f64, x: &[f64]) -> Vec<f64> {
-    const H: f64 = 1e-6;
-    let mut probe = x.to_vec();
-    (0..x.len())
-        .map(|i| {
-            probe[i] = x[i] + H;
-            let up = f(&probe);
-            probe[i] = x[i] - H;
-            let down = f(&probe);
-            probe[i] = x[i];
-            (up - down) / (2.0 * H)
-        })
-        .collect()
-}
-
-/// `||got - want|| / max(||want||, 1e-12)`; NaN or a length mismatch gives infinity.
-fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    if got.len() != want.len() || got.iter().chain(want).any(|v| v.is_nan()) {
-        return f64::INFINITY;
-    }
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    let norm = want.iter().map(|b| b * b).sum::<f64>().sqrt();
-    diff / norm.max(1e-12)
 }
 
 #[track_caller]

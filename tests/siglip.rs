@@ -482,7 +482,8 @@ fn scalars_on_the_device_give_the_values_results() {
     });
 }
 
-/// bf16 and f16 operands (the tensor-core tiles) against the CPU on the same rounded values.
+/// bf16 and f16 operands (the tensor-core tiles) against the CPU on the same rounded values, at
+/// the SigLIP init and at logits near +-110.
 #[test]
 fn half_kernels_match_the_cpu() {
     on_kernel_devices("siglip half_kernels_match_the_cpu", |device| {
@@ -500,22 +501,26 @@ fn half_kernels_match_the_cpu() {
                 };
                 let ((ha, wa), (hb, wb)) = (rounded(&a), rounded(&b));
                 let opts = SigLipOptions::default();
-                testing::take_launched_kernels();
-                let got = all_outputs(&[ha, hb], 10f64.ln(), -10.0, &opts).unwrap();
-                if device == Device::Interp {
-                    let launched = testing::take_launched_kernels();
-                    let kernel = format!(
-                        "siglip_sweep_{}",
-                        if dtype == DType::Bf16 { "bf16" } else { "f16" }
-                    );
-                    assert!(
-                        launched.contains(&kernel.as_str()),
-                        "{kernel} did not run: {launched:?}"
-                    );
-                }
-                let want = all_outputs(&[wa, wb], 10f64.ln(), -10.0, &opts).unwrap();
-                for ((name, g), (_, w)) in got.iter().zip(&want) {
-                    assert_close(g, w, 2e-2, &format!("{n}x{d} {dtype} on {device}: {name}"));
+                // The SigLIP init, and a logit scale of 100 (logits near +-110).
+                for log_scale in [10f64.ln(), 100f64.ln()] {
+                    testing::take_launched_kernels();
+                    let got = all_outputs(&[ha.clone(), hb.clone()], log_scale, -10.0, &opts);
+                    if device == Device::Interp {
+                        let launched = testing::take_launched_kernels();
+                        let kernel = format!(
+                            "siglip_sweep_{}",
+                            if dtype == DType::Bf16 { "bf16" } else { "f16" }
+                        );
+                        assert!(
+                            launched.contains(&kernel.as_str()),
+                            "{kernel} did not run: {launched:?}"
+                        );
+                    }
+                    let want = all_outputs(&[wa.clone(), wb.clone()], log_scale, -10.0, &opts);
+                    let case = format!("{n}x{d} {dtype} log_scale {log_scale:.2} on {device}");
+                    for ((name, g), (_, w)) in got.unwrap().iter().zip(&want.unwrap()) {
+                        assert_close(g, w, 2e-2, &format!("{case}: {name}"));
+                    }
                 }
             }
         }

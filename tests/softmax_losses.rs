@@ -416,8 +416,20 @@ fn moco_equals_infonce_per_row() {
 
 #[test]
 fn clip_is_mean_of_two_infonce() {
-    let mut r = rng(14);
-    let (n, d, ls) = (6, 4, 2.1f64);
+    check_clip_against_two_infonce(6, 4, 14);
+}
+
+/// CLIP's one sweep gathers the row and the column log-sum-exps from the same logit tiles: across
+/// several row tiles and key tiles (N beyond the CPU's 1024-key tile) it must still equal the
+/// two InfoNCE passes, each computed on its own, and its log-scale gradient the loss's slope.
+#[test]
+fn clip_across_tiles_is_mean_of_two_infonce() {
+    check_clip_against_two_infonce(1100, 5, 15);
+}
+
+fn check_clip_against_two_infonce(n: usize, d: usize, seed: u64) {
+    let mut r = rng(seed);
+    let ls = 2.1f64;
     let (a, b) = (
         t64(&uniform(&mut r, n * d), &[n, d]),
         t64(&uniform(&mut r, n * d), &[n, d]),
@@ -455,6 +467,32 @@ fn clip_is_mean_of_two_infonce() {
         &half_sum(&ab.grad_k, &ba.grad_q),
         1e-12,
         "clip grad_b",
+    );
+    let h = 1e-5;
+    let loss_at = |s: f64| clip_forward(&a, &b, s).unwrap().loss.to_scalar().unwrap();
+    let slope = (loss_at(ls + h) - loss_at(ls - h)) / (2.0 * h);
+    assert_scalar_close(
+        out.grad_log_scale.to_scalar().unwrap(),
+        slope,
+        1e-7,
+        "clip d log_scale",
+    );
+    // f32 through the same sweeps, against the f64 results.
+    let (a32, b32) = (t32(&v64(&a), &[n, d]), t32(&v64(&b), &[n, d]));
+    let out32 = clip(&a32, &b32, ls).unwrap();
+    assert_scalar_close(
+        out32.loss.to_scalar().unwrap(),
+        out.loss.to_scalar().unwrap(),
+        1e-5,
+        "f32 loss",
+    );
+    assert_close(&v64(&out32.grad_a), &v64(&out.grad_a), 1e-5, "f32 grad_a");
+    assert_close(&v64(&out32.grad_b), &v64(&out.grad_b), 1e-5, "f32 grad_b");
+    assert_scalar_close(
+        out32.grad_log_scale.to_scalar().unwrap(),
+        out.grad_log_scale.to_scalar().unwrap(),
+        1e-5,
+        "f32 d log_scale",
     );
 }
 
@@ -1569,6 +1607,35 @@ fn one_call_matches_forward_backward_across_strips() {
             "ntxent one call",
         );
         assert_close(&v64(&one.grad_z), &v64(&g), tol, "ntxent one call");
+    }
+}
+
+/// `moco` in one call takes one sweep with the positive as each row's extra logit; across several
+/// row strips and a queue longer than a key tile it must agree with `moco_forward` +
+/// `moco_backward` (a forward sweep, then a backward sweep), in f32 and f64.
+#[test]
+fn moco_one_call_matches_forward_backward_across_strips() {
+    let mut r = rng(73);
+    let (n, kq, d) = (300, 1100, 7);
+    let (q, k, queue) = (
+        uniform(&mut r, n * d),
+        uniform(&mut r, n * d),
+        uniform(&mut r, kq * d),
+    );
+    let opts = MocoOptions { temperature: 0.1 };
+    for (to, tol) in [(t64 as fn(&[f64], &[usize]) -> Tensor, 1e-12), (t32, 1e-5)] {
+        let (qt, kt, queue_t) = (to(&q, &[n, d]), to(&k, &[n, d]), to(&queue, &[kq, d]));
+        let one = moco(&qt, &kt, &queue_t, &opts).unwrap();
+        let fwd = moco_forward(&qt, &kt, &queue_t, &opts).unwrap();
+        let g = moco_backward(&qt, &kt, &queue_t, &opts, &fwd.saved, 1.0).unwrap();
+        let what = format!("moco one call, tol {tol:e}");
+        assert_scalar_close(
+            one.loss.to_scalar().unwrap(),
+            fwd.loss.to_scalar().unwrap(),
+            tol,
+            &what,
+        );
+        assert_close(&v64(&one.grad_q), &v64(&g), tol, &what);
     }
 }
 

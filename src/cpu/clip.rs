@@ -26,38 +26,35 @@ pub struct Grads<T> {
 }
 
 impl<T: Real> Problem<'_, T> {
-    /// Runs `f` on the row pass (`a'` against `b'`) and the column pass (`b'` against `a'`).
-    fn with_passes<R>(&self, f: impl FnOnce(&Scores<'_, T>, &Scores<'_, T>) -> R) -> R {
+    /// Runs `f` on the row pass's scores (`a'` against `b'`); the column pass's logits are
+    /// their transpose.
+    fn with_scores<R>(&self, f: impl FnOnce(&Scores<'_, T>) -> R) -> R {
         let an = normalize::forward(self.a, self.dim);
         let bn = normalize::forward(self.b, self.dim);
-        let pass = |queries, keys| Scores {
-            queries,
-            keys,
+        f(&Scores {
+            queries: &an,
+            keys: &bn,
             rows: self.rows,
             cols: self.rows,
             dim: self.dim,
             scale: self.log_scale.exp(),
             self_mask: false,
-        };
-        f(&pass(&an, &bn), &pass(&bn, &an))
+        })
     }
 
-    /// The loss and the per-row log-sum-exp of the row pass and of the column pass.
+    /// The loss and the per-row log-sum-exp of the row pass and of the column pass, from one
+    /// sweep over the row pass's logits (the column pass's are the same, transposed).
     pub fn forward(&self) -> (f64, Vec<f64>, Vec<f64>) {
-        let (row, col) = self.with_passes(|row, col| {
-            (
-                softmax::forward(row, None, &Diagonal),
-                softmax::forward(col, None, &Diagonal),
-            )
-        });
-        let total: f64 = row
+        let stats = self.with_scores(|row| softmax::forward(row, None, &Diagonal, true));
+        // The column pass's target logits are the same diagonal.
+        let total: f64 = stats
             .lse
             .iter()
-            .zip(&row.target_logit)
-            .chain(col.lse.iter().zip(&col.target_logit))
-            .map(|(l, t)| l - t)
+            .zip(&stats.col_lse)
+            .zip(&stats.target_logit)
+            .map(|((row, col), t)| (row - t) + (col - t))
             .sum();
-        (total / (2 * self.rows) as f64, row.lse, col.lse)
+        (total / (2 * self.rows) as f64, stats.lse, stats.col_lse)
     }
 
     /// Gradients of `grad_loss * loss` with respect to `a`, `b` and `log_scale`.
@@ -65,7 +62,7 @@ impl<T: Real> Problem<'_, T> {
         let weight = vec![grad_loss / (2 * self.rows) as f64; self.rows];
         // One sweep over the row pass's logits with both softmaxes: its queries are a', its keys
         // b', and the column pass's gradients are the same products transposed.
-        let grads = self.with_passes(|row, _| {
+        let grads = self.with_scores(|row| {
             let clip = ClipColumns {
                 col_lse,
                 want_log_scale: true,

@@ -71,7 +71,8 @@ impl<'a, T: Real> Problem<'a, T> {
 
     /// The mean loss and the per-row log-sum-exp the backward needs.
     pub fn forward(&self) -> (f64, Vec<f64>) {
-        let stats = self.with_scores(|s| softmax::forward(s, None, &IndexTargets(self.positives)));
+        let stats =
+            self.with_scores(|s| softmax::forward(s, None, &IndexTargets(self.positives), false));
         (self.mean_loss(&stats), stats.lse)
     }
 
@@ -93,7 +94,7 @@ impl<'a, T: Real> Problem<'a, T> {
         }
         let weight = self.row_weights(grad_loss);
         let (stats, grads) = self.with_scores(|s| {
-            softmax::forward_backward(s, &weight, &IndexTargets(self.positives), true)
+            softmax::forward_backward(s, None, &weight, &IndexTargets(self.positives), true)
         });
         let (dq, dk) = self.input_grads(grads);
         (self.mean_loss(&stats), dq, dk)

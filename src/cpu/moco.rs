@@ -4,7 +4,7 @@
 //! joins row `i`'s softmax as its extra logit, the negatives are `q'_i . queue_j / tau` with the
 //! queue used as given. `k` and the queue get no gradient.
 
-use super::softmax::{self, NoTargets, Scores};
+use super::softmax::{self, NoTargets, Scores, STRIP_MAX_COLS};
 use super::{dot, normalize, Real};
 use crate::tensor::Element;
 
@@ -49,7 +49,7 @@ impl<T: Real> Problem<'_, T> {
     /// The mean loss and the per-query log-sum-exp over `[l_pos, l_neg]`.
     pub fn forward(&self) -> (f64, Vec<f64>) {
         self.with_scores(|s, _, l_pos| {
-            let stats = softmax::forward(s, Some(l_pos), &NoTargets);
+            let stats = softmax::forward(s, Some(l_pos), &NoTargets, false);
             let total: f64 = stats.lse.iter().zip(l_pos).map(|(l, p)| l - p).sum();
             (total / self.rows as f64, stats.lse)
         })
@@ -57,22 +57,51 @@ impl<T: Real> Problem<'_, T> {
 
     /// The gradient of `grad_loss * loss` with respect to `q`.
     pub fn backward(&self, lse: &[f64], grad_loss: f64) -> Vec<T> {
+        let weight = vec![grad_loss / self.rows as f64; self.rows];
+        self.with_scores(|s, kn, l_pos| {
+            let dqn = softmax::backward(s, lse, None, &weight, &NoTargets, false).queries;
+            self.input_grad(dqn, kn, l_pos, lse, grad_loss)
+        })
+    }
+
+    /// Loss, lse and the gradient of `grad_loss * loss` with respect to `q` in one sweep (see
+    /// [`softmax::forward_backward`]); two sweeps when the queue is too long for a row strip.
+    pub fn forward_backward(&self, grad_loss: f64) -> (f64, Vec<f64>, Vec<T>) {
+        if self.queue_len > STRIP_MAX_COLS {
+            let (loss, lse) = self.forward();
+            let grad = self.backward(&lse, grad_loss);
+            return (loss, lse, grad);
+        }
+        let weight = vec![grad_loss / self.rows as f64; self.rows];
+        self.with_scores(|s, kn, l_pos| {
+            let (stats, grads) =
+                softmax::forward_backward(s, Some(l_pos), &weight, &NoTargets, false);
+            let total: f64 = stats.lse.iter().zip(l_pos).map(|(l, p)| l - p).sum();
+            let grad = self.input_grad(grads.queries, kn, l_pos, &stats.lse, grad_loss);
+            (total / self.rows as f64, stats.lse, grad)
+        })
+    }
+
+    /// The gradient with respect to `q` from the queue part of the normalized queries'
+    /// gradient, `dqn`: adds the positive part and goes through the normalization.
+    fn input_grad(
+        &self,
+        mut dqn: Vec<T>,
+        kn: &[T],
+        l_pos: &[f64],
+        lse: &[f64],
+        grad_loss: f64,
+    ) -> Vec<T> {
         let w = grad_loss / self.rows as f64;
-        let weight = vec![w; self.rows];
         let dim = self.dim;
-        let dqn = self.with_scores(|s, kn, l_pos| {
-            // The queue part: w * softmax_ij / tau * queue_j.
-            let mut dqn = softmax::backward(s, lse, None, &weight, &NoTargets, false).queries;
-            // The positive part: w * (softmax_i,pos - 1) / tau * k'_i.
-            for (i, (dq, k)) in dqn.chunks_mut(dim).zip(kn.chunks(dim)).enumerate() {
-                // exp_m1: the positive's softmax minus 1 keeps its digits when it is dominant.
-                let c = w * (l_pos[i] - lse[i]).exp_m1() / self.temperature;
-                for (g, &kv) in dq.iter_mut().zip(k) {
-                    *g += T::of(c * kv.f64());
-                }
+        // The positive part: w * (softmax_i,pos - 1) / tau * k'_i.
+        for (i, (dq, k)) in dqn.chunks_mut(dim).zip(kn.chunks(dim)).enumerate() {
+            // exp_m1: the positive's softmax minus 1 keeps its digits when it is dominant.
+            let c = w * (l_pos[i] - lse[i]).exp_m1() / self.temperature;
+            for (g, &kv) in dq.iter_mut().zip(k) {
+                *g += T::of(c * kv.f64());
             }
-            dqn
-        });
+        }
         normalize::backward(self.q, &dqn, dim)
     }
 }

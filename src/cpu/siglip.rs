@@ -4,13 +4,13 @@
 //! No pair depends on another (no row statistics), so one sweep over the tiles of the pair
 //! matrix gives the loss and, when asked, every gradient: `d loss / d logit_ij = (sigmoid(logit_ij)
 //! - [i = j]) / N`. Row tiles run in parallel, key tiles in order; memory is one
-//! `ROW_TILE x KEY_TILE` tile per thread plus one b-gradient accumulator per job, never N x N.
+//! `sweep_rows x KEY_TILE` tile per thread plus one b-gradient accumulator per job, never N x N.
 
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
 use super::softmax::tiles_per_job;
-use super::{lane_sum, normalize, softplus, Real, KEY_TILE, ROW_TILE};
+use super::{lane_sum, normalize, softplus, sweep_rows, Real, KEY_TILE};
 
 /// One SigLIP problem: `a` (rows x dim) against `b` (cols x dim), the log of the logit scale
 /// and the bias. With `positives`, `cols == rows` and pair `(i, i)` is a positive; without, every
@@ -96,9 +96,10 @@ impl<T: Real> Problem<'_, T> {
         let (alpha, bias) = (T::of(scale), T::of(self.bias));
         let grad_alpha = T::of(scale * weight);
         let mut grad_a = vec![T::zero(); if want { rows * dim } else { 0 }];
-        let row_tiles = rows.div_ceil(ROW_TILE);
+        let tile_rows = sweep_rows(rows);
+        let row_tiles = rows.div_ceil(tile_rows);
         let grad_a_tiles: Vec<&mut [T]> = if want {
-            grad_a.chunks_mut(ROW_TILE * dim).collect()
+            grad_a.chunks_mut(tile_rows * dim).collect()
         } else {
             (0..row_tiles).map(|_| &mut [][..]).collect()
         };
@@ -106,17 +107,17 @@ impl<T: Real> Problem<'_, T> {
         let total = grad_a_tiles
             .into_par_iter()
             .enumerate()
-            .with_min_len(tiles_per_job(rows, ROW_TILE))
+            .with_min_len(tiles_per_job(rows, tile_rows))
             .fold(
                 || Partial::new(grad_b_len),
                 |mut part, (t, grad_a_tile)| {
-                    let r0 = t * ROW_TILE;
-                    let row_len = ROW_TILE.min(rows - r0);
+                    let r0 = t * tile_rows;
+                    let row_len = tile_rows.min(rows - r0);
                     let a_tile =
                         MatRef::row_major(&a[r0 * dim..(r0 + row_len) * dim], row_len, dim);
-                    // On the heap: up to 512 KiB, too much for a worker thread's stack.
+                    // On the heap: up to 2 MiB, too much for a worker thread's stack.
                     #[allow(clippy::useless_vec)]
-                    let mut tile = vec![T::zero(); ROW_TILE * KEY_TILE];
+                    let mut tile = vec![T::zero(); row_len * KEY_TILE];
                     let mut scratch = Scratch::new(KEY_TILE);
                     for k0 in (0..cols).step_by(KEY_TILE) {
                         let key_len = KEY_TILE.min(cols - k0);

@@ -1,7 +1,7 @@
 //! The tiled softmax core shared by every temperature-softmax loss (InfoNCE, NT-Xent, CLIP, MoCo,
 //! SupCon). Logits are `logit_ij = scale * q_i . k_j` for queries `q` (rows x dim) and keys `k`
 //! (cols x dim). Row tiles run in parallel; within a row tile, key tiles are visited in order with
-//! a running max and sum of exponentials, so memory is O(ROW_TILE x KEY_TILE) per thread and never
+//! a running max and sum of exponentials, so memory is O(sweep_rows x KEY_TILE) per thread and never
 //! rows x cols. The backward recomputes each score tile from the saved per-row log-sum-exp.
 
 use std::ops::Range;
@@ -9,7 +9,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
-use super::{lane_sum, Real, KEY_TILE, ROW_TILE};
+use super::{lane_sum, sweep_rows, Real, KEY_TILE};
 
 /// Queries, keys and how their scores become logits.
 #[derive(Clone, Copy)]
@@ -31,6 +31,8 @@ pub struct RowStats {
     pub lse: Vec<f64>,
     /// `sum_j target(i, j) * logit_ij`: the positive logit (or mean of positive logits).
     pub target_logit: Vec<f64>,
+    /// `LSE_i logit_ij` per column, when the sweep was asked for it (else empty).
+    pub col_lse: Vec<f64>,
 }
 
 /// Gradients of `sum_i row_weight_i * (lse_i - target_logit_i)`.
@@ -140,71 +142,169 @@ impl Targets for Diagonal {
 }
 
 /// The forward sweep: per-row log-sum-exp and target logit. `extra` adds one more logit to row
-/// `i`'s softmax (MoCo's positive); `targets` weights logits in `target_logit`.
+/// `i`'s softmax (MoCo's positive); `targets` weights logits in `target_logit`. With `columns`
+/// the same logits also give every column's log-sum-exp (CLIP's column pass, without a second
+/// GEMM): each rayon job keeps a running (max, sum) per column, and the jobs' are merged.
 pub fn forward<T: Real>(
     s: &Scores<'_, T>,
     extra: Option<&[f64]>,
     targets: &impl Targets,
+    columns: bool,
 ) -> RowStats {
     let mut lse = vec![0.0f64; s.rows];
     let mut target_logit = vec![0.0f64; s.rows];
-    lse.par_chunks_mut(ROW_TILE)
-        .zip(target_logit.par_chunks_mut(ROW_TILE))
+    let col_len = if columns { s.cols } else { 0 };
+    let tile_rows = sweep_rows(s.rows);
+    let col_stats = lse
+        .par_chunks_mut(tile_rows)
+        .zip(target_logit.par_chunks_mut(tile_rows))
         .enumerate()
-        .for_each(|(t, (lse_tile, tgt_tile))| {
-            let r0 = t * ROW_TILE;
-            let row_len = lse_tile.len();
-            let mut tile = vec![T::zero(); ROW_TILE * KEY_TILE];
-            // Running max and sum of exp(logit - max) per row.
-            let mut max = vec![f64::NEG_INFINITY; row_len];
-            let mut sum = vec![0.0f64; row_len];
-            if let Some(extra) = extra {
-                for r in 0..row_len {
-                    max[r] = extra[r0 + r];
-                    sum[r] = 1.0;
-                }
-            }
-            for (k0, key_len) in tiles(s.cols, KEY_TILE) {
-                s.logits(r0, row_len, k0, key_len, &mut tile);
-                for r in 0..row_len {
-                    let row = &tile[r * key_len..(r + 1) * key_len];
-                    let tile_max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x)).f64();
-                    if tile_max == f64::NEG_INFINITY {
-                        continue;
+        .with_min_len(if columns {
+            tiles_per_job(s.rows, tile_rows)
+        } else {
+            1
+        })
+        .fold(
+            || ColumnStats::new(col_len),
+            |mut col_stats, (t, (lse_tile, tgt_tile))| {
+                let r0 = t * tile_rows;
+                let row_len = lse_tile.len();
+                let mut tile = vec![T::zero(); row_len * KEY_TILE];
+                // Running max and sum of exp(logit - max) per row.
+                let mut max = vec![f64::NEG_INFINITY; row_len];
+                let mut sum = vec![0.0f64; row_len];
+                if let Some(extra) = extra {
+                    for r in 0..row_len {
+                        max[r] = extra[r0 + r];
+                        sum[r] = 1.0;
                     }
-                    targets.visit(r0 + r, k0..k0 + key_len, &mut |j, w| {
-                        tgt_tile[r] += w * row[j - k0].f64()
-                    });
-                    let new_max = max[r].max(tile_max);
-                    let shift = T::of(new_max);
-                    let row = &mut tile[r * key_len..(r + 1) * key_len];
-                    for x in row.iter_mut() {
-                        *x = (*x - shift).exp_fast();
-                    }
-                    sum[r] = sum[r] * (max[r] - new_max).exp() + lane_sum(row).f64();
-                    max[r] = new_max;
                 }
+                for (k0, key_len) in tiles(s.cols, KEY_TILE) {
+                    s.logits(r0, row_len, k0, key_len, &mut tile);
+                    let tile = &mut tile[..row_len * key_len];
+                    if columns {
+                        col_stats.add_tile(k0, key_len, tile);
+                    }
+                    for r in 0..row_len {
+                        let row = &tile[r * key_len..(r + 1) * key_len];
+                        let tile_max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x)).f64();
+                        if tile_max == f64::NEG_INFINITY {
+                            continue;
+                        }
+                        targets.visit(r0 + r, k0..k0 + key_len, &mut |j, w| {
+                            tgt_tile[r] += w * row[j - k0].f64()
+                        });
+                        let new_max = max[r].max(tile_max);
+                        let shift = T::of(new_max);
+                        let row = &mut tile[r * key_len..(r + 1) * key_len];
+                        for x in row.iter_mut() {
+                            *x = (*x - shift).exp_fast();
+                        }
+                        sum[r] = sum[r] * (max[r] - new_max).exp() + lane_sum(row).f64();
+                        max[r] = new_max;
+                    }
+                }
+                for r in 0..row_len {
+                    lse_tile[r] = max[r] + sum[r].ln();
+                }
+                col_stats
+            },
+        )
+        .reduce(|| ColumnStats::new(col_len), ColumnStats::merge);
+    RowStats {
+        lse,
+        target_logit,
+        col_lse: col_stats.lse(),
+    }
+}
+
+/// A running max and sum of `exp(logit - max)` per column, over the row tiles seen so far.
+struct ColumnStats {
+    max: Vec<f64>,
+    sum: Vec<f64>,
+}
+
+/// `sum * exp(max - new_max)`, which is 0 for an empty sum (max = -inf).
+fn rescaled(sum: f64, max: f64, new_max: f64) -> f64 {
+    if max == f64::NEG_INFINITY {
+        0.0
+    } else {
+        sum * (max - new_max).exp()
+    }
+}
+
+impl ColumnStats {
+    fn new(cols: usize) -> Self {
+        ColumnStats {
+            max: vec![f64::NEG_INFINITY; cols],
+            sum: vec![0.0; cols],
+        }
+    }
+
+    /// Adds the columns `k0..k0 + key_len` of a `rows x key_len` logit tile.
+    fn add_tile<T: Real>(&mut self, k0: usize, key_len: usize, tile: &[T]) {
+        let mut tile_max = vec![T::neg_infinity(); key_len];
+        for row in tile.chunks_exact(key_len) {
+            for (m, &x) in tile_max.iter_mut().zip(row) {
+                *m = m.max(x);
             }
-            for r in 0..row_len {
-                lse_tile[r] = max[r] + sum[r].ln();
+        }
+        let max = &mut self.max[k0..k0 + key_len];
+        let shift: Vec<T> = max
+            .iter()
+            .zip(&tile_max)
+            .map(|(&old, &new)| T::of(old.max(new.f64())))
+            .collect();
+        let mut tile_sum = vec![T::zero(); key_len];
+        for row in tile.chunks_exact(key_len) {
+            for ((acc, &x), &m) in tile_sum.iter_mut().zip(row).zip(&shift) {
+                *acc += (x - m).exp_fast();
             }
-        });
-    RowStats { lse, target_logit }
+        }
+        let sum = &mut self.sum[k0..k0 + key_len];
+        for c in 0..key_len {
+            let new_max = shift[c].f64();
+            if new_max == f64::NEG_INFINITY {
+                continue;
+            }
+            sum[c] = rescaled(sum[c], max[c], new_max) + tile_sum[c].f64();
+            max[c] = new_max;
+        }
+    }
+
+    fn merge(mut self, other: Self) -> Self {
+        for c in 0..self.max.len() {
+            let new_max = self.max[c].max(other.max[c]);
+            self.sum[c] = rescaled(self.sum[c], self.max[c], new_max)
+                + rescaled(other.sum[c], other.max[c], new_max);
+            self.max[c] = new_max;
+        }
+        self
+    }
+
+    fn lse(self) -> Vec<f64> {
+        self.max
+            .iter()
+            .zip(&self.sum)
+            .map(|(m, s)| m + s.ln())
+            .collect()
+    }
 }
 
 /// Key counts up to which [`forward_backward`] keeps a whole row strip of logits
-/// (`STRIP_ROWS x cols` per thread: 64 MiB of f32 at this bound) instead of sweeping twice.
+/// (`sweep_rows x cols` per thread: 64 MiB of f32 at this bound) instead of sweeping twice.
 pub const STRIP_MAX_COLS: usize = 65_536;
-/// Rows per strip: taller than ROW_TILE, because every strip repacks all the keys for its GEMMs.
-const STRIP_ROWS: usize = 256;
 
 /// Forward and backward in one sweep, for the one-call losses: each row tile computes its whole
-/// strip of logits (`STRIP_ROWS x cols`, never `rows x cols`) with one GEMM, takes the row
+/// strip of logits (`sweep_rows x cols`, never `rows x cols`) with one GEMM, takes the row
 /// log-sum-exp from it, turns it into `dlogit` in place and multiplies it out. That saves the
 /// backward's recomputation of the logits and its second pass of exponentials: three GEMMs
-/// instead of four. Needs `cols <= STRIP_MAX_COLS`; no extra logit, no `d log_scale`.
+/// instead of four (two instead of three without key gradients). `extra` adds one more logit to
+/// row `i`'s softmax (MoCo's positive; its gradient is the caller's, from the returned lse).
+/// Needs `cols <= STRIP_MAX_COLS`; no `d log_scale`.
 pub fn forward_backward<T: Real>(
     s: &Scores<'_, T>,
+    extra: Option<&[f64]>,
     row_weight: &[f64],
     targets: &impl Targets,
     want_keys: bool,
@@ -217,16 +317,17 @@ pub fn forward_backward<T: Real>(
     let key_len_total = if want_keys { cols * dim } else { 0 };
     let scale = T::of(s.scale);
     let all_keys = s.key_tile(0, cols);
+    let strip_rows = sweep_rows(rows);
     let dk = dq
-        .par_chunks_mut(STRIP_ROWS * dim)
-        .zip(lse.par_chunks_mut(STRIP_ROWS))
-        .zip(target_logit.par_chunks_mut(STRIP_ROWS))
+        .par_chunks_mut(strip_rows * dim)
+        .zip(lse.par_chunks_mut(strip_rows))
+        .zip(target_logit.par_chunks_mut(strip_rows))
         .enumerate()
-        .with_min_len(tiles_per_job(rows, STRIP_ROWS))
+        .with_min_len(tiles_per_job(rows, strip_rows))
         .fold(
             || vec![T::zero(); key_len_total],
             |mut dk, (t, ((dq_tile, lse_tile), tgt_tile))| {
-                let r0 = t * STRIP_ROWS;
+                let r0 = t * strip_rows;
                 let row_len = lse_tile.len();
                 let mut strip = vec![T::zero(); row_len * cols];
                 s.logits(r0, row_len, 0, cols, &mut strip);
@@ -234,7 +335,11 @@ pub fn forward_backward<T: Real>(
                     let i = r0 + r;
                     let row = &mut strip[r * cols..(r + 1) * cols];
                     targets.visit(i, 0..cols, &mut |j, w| tgt_tile[r] += w * row[j].f64());
-                    let max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                    let row_max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                    let max = match extra {
+                        Some(extra) => T::of(row_max.f64().max(extra[i])),
+                        None => row_max,
+                    };
                     if max == T::neg_infinity() {
                         // Every key masked: no softmax, and nothing to differentiate.
                         lse_tile[r] = f64::NEG_INFINITY;
@@ -244,7 +349,8 @@ pub fn forward_backward<T: Real>(
                     for x in row.iter_mut() {
                         *x = (*x - max).exp_fast();
                     }
-                    let sum = lane_sum(row).f64();
+                    let extra_exp = extra.map_or(0.0, |extra| (extra[i] - max.f64()).exp());
+                    let sum = lane_sum(row).f64() + extra_exp;
                     lse_tile[r] = max.f64() + sum.ln();
                     // dlogit = w * softmax - w * target.
                     let w = row_weight[i];
@@ -272,7 +378,11 @@ pub fn forward_backward<T: Real>(
             },
         );
     (
-        RowStats { lse, target_logit },
+        RowStats {
+            lse,
+            target_logit,
+            col_lse: Vec::new(),
+        },
         Grads {
             queries: dq,
             keys: want_keys.then_some(dk),
@@ -294,21 +404,28 @@ fn two_softmax_terms<T: Real>(
     row: &mut [T],
     w: T,
     lse: T,
-    col_lse: &[f64],
-    centres: Option<(f64, &[f64])>,
+    col_lse: &[T],
+    centres: Option<(T, &[T], &mut [T])>,
 ) -> f64 {
-    let mut total = 0.0;
-    for (c, (x, &col)) in row.iter_mut().zip(col_lse).enumerate() {
-        let (row_softmax, col_softmax) = ((*x - lse).exp_fast(), (*x - T::of(col)).exp_fast());
-        if let Some((row_centre, col_centres)) = centres {
-            let logit = x.f64();
-            total += w.f64()
-                * (row_softmax.f64() * (logit - row_centre)
-                    + col_softmax.f64() * (logit - col_centres[c]));
+    let Some((row_centre, col_centres, terms)) = centres else {
+        for (x, &col) in row.iter_mut().zip(col_lse) {
+            *x = w * ((*x - lse).exp_fast() + (*x - col).exp_fast());
         }
+        return 0.0;
+    };
+    // The terms go to a scratch row and are summed after: a loop without a running sum
+    // vectorizes.
+    for (((x, &col), &col_centre), term) in row
+        .iter_mut()
+        .zip(col_lse)
+        .zip(col_centres)
+        .zip(terms.iter_mut())
+    {
+        let (row_softmax, col_softmax) = ((*x - lse).exp_fast(), (*x - col).exp_fast());
+        *term = row_softmax * (*x - row_centre) + col_softmax * (*x - col_centre);
         *x = w * (row_softmax + col_softmax);
     }
-    total
+    w.f64() * lane_sum(&terms[..row.len()]).f64()
 }
 
 /// CLIP's column pass, folded into the row pass's backward sweep.
@@ -339,24 +456,30 @@ pub fn backward<T: Real>(
 ) -> Grads<T> {
     let (rows, cols, dim) = (s.rows, s.cols, s.dim);
     // CLIP's log-scale derivative is taken against the diagonal logits (see two_softmax_terms).
-    let centres: Option<Vec<f64>> = clip
+    let centres: Option<Vec<T>> = clip
         .filter(|c| c.want_log_scale)
-        .map(|_| (0..rows).map(|i| s.logit(i, i)).collect());
+        .map(|_| (0..rows).map(|i| T::of(s.logit(i, i))).collect());
+    // The column log-sum-exp in the compute type, converted once.
+    let col_lse: Vec<T> = clip
+        .map(|c| c.col_lse.iter().map(|&v| T::of(v)).collect())
+        .unwrap_or_default();
     let mut dq = vec![T::zero(); rows * dim];
     // Each rayon job (one per thread) owns a dK accumulator (cols x dim, never rows x cols);
     // the jobs' accumulators are summed.
     let key_len_total = if want_keys { cols * dim } else { 0 };
     let scale = T::of(s.scale);
+    let tile_rows = sweep_rows(rows);
     let (dk, log_scale) = dq
-        .par_chunks_mut(ROW_TILE * dim)
+        .par_chunks_mut(tile_rows * dim)
         .enumerate()
-        .with_min_len(tiles_per_job(rows, ROW_TILE))
+        .with_min_len(tiles_per_job(rows, tile_rows))
         .fold(
             || (vec![T::zero(); key_len_total], 0.0f64),
             |(mut dk, mut log_scale), (t, dq_tile)| {
-                let r0 = t * ROW_TILE;
+                let r0 = t * tile_rows;
                 let row_len = dq_tile.len() / dim;
-                let mut tile = vec![T::zero(); ROW_TILE * KEY_TILE];
+                let mut tile = vec![T::zero(); row_len * KEY_TILE];
+                let mut terms = vec![T::zero(); if centres.is_some() { KEY_TILE } else { 0 }];
                 for (k0, key_len) in tiles(cols, KEY_TILE) {
                     s.logits(r0, row_len, k0, key_len, &mut tile);
                     for r in 0..row_len {
@@ -365,10 +488,11 @@ pub fn backward<T: Real>(
                         let row = &mut tile[r * key_len..(r + 1) * key_len];
                         // dlogit = w * softmax (masked logits are -inf: exp gives 0).
                         match clip {
-                            Some(clip) => {
-                                let col = &clip.col_lse[k0..k0 + key_len];
-                                let centres =
-                                    centres.as_deref().map(|c| (c[i], &c[k0..k0 + key_len]));
+                            Some(_) => {
+                                let col = &col_lse[k0..k0 + key_len];
+                                let centres = centres
+                                    .as_deref()
+                                    .map(|c| (c[i], &c[k0..k0 + key_len], &mut terms[..key_len]));
                                 log_scale += two_softmax_terms(row, w, lse_i, col, centres);
                             }
                             None => {

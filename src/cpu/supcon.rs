@@ -54,7 +54,7 @@ impl<T: Real> Problem<'_, T> {
     /// The mean loss over the N·V anchors and the per-anchor log-sum-exp over `j != a`.
     pub fn forward(&self) -> (f64, Vec<f64>) {
         self.with_scores(|s, classes| {
-            let stats = softmax::forward(s, None, classes);
+            let stats = softmax::forward(s, None, classes, false);
             let total = anchor_total(&stats, classes);
             // A single anchor has nothing to contrast with: its LSE is -inf, and it has no
             // positive either, so its (unused) saved value is set to 0.
@@ -85,7 +85,7 @@ impl<T: Real> Problem<'_, T> {
         }
         let (loss, dzn) = self.with_scores(|s, classes| {
             let weight = self.row_weights(classes, grad_loss);
-            let (stats, grads) = softmax::forward_backward(s, &weight, classes, true);
+            let (stats, grads) = softmax::forward_backward(s, None, &weight, classes, true);
             (
                 anchor_total(&stats, classes) * self.anchor_weight(classes),
                 view_grads(grads),

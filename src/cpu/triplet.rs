@@ -77,8 +77,52 @@ struct Anchor {
     mined: u64,
     active: u64,
     stats: TripletStats,
-    /// Nonzero coefficients the anchor left in its row.
-    nonzero: usize,
+}
+
+/// The hard, semi-hard and easy counts of one anchor's valid triplets, from its positive
+/// distances and its negatives `(distance, row)`, and the nearest negative (the first of the
+/// smallest distance; `None` without negatives). A triplet is hard when `d_an < d_ap`,
+/// semi-hard when `d_ap <= d_an < d_ap + m`, easy otherwise. The positives' thresholds `d_ap`
+/// and `d_ap + m` (few) are sorted once with running counts of each kind, and each negative
+/// finds how many of each lie at or below it with one binary search: O((P + N) log P), where
+/// sorting the negatives cost O(N log N) and dominated the forward.
+fn triplet_stats(
+    positive_d: &[f64],
+    negatives: impl Iterator<Item = (f64, usize)>,
+    m: f64,
+) -> (TripletStats, Option<(f64, usize)>) {
+    let mut thresholds: Vec<(f64, bool)> = positive_d
+        .iter()
+        .flat_map(|&dp| [(dp, true), (dp + m, false)])
+        .collect();
+    thresholds.sort_unstable_by(|x, y| x.0.total_cmp(&y.0));
+    let values: Vec<f64> = thresholds.iter().map(|t| t.0).collect();
+    // at_or_below[k]: how many `d_ap` and how many `d_ap + m` are among the first k thresholds.
+    let mut at_or_below = Vec::with_capacity(values.len() + 1);
+    at_or_below.push((0u64, 0u64));
+    for &(_, is_distance) in &thresholds {
+        let (d, t) = at_or_below[at_or_below.len() - 1];
+        at_or_below.push(if is_distance { (d + 1, t) } else { (d, t + 1) });
+    }
+    let p = positive_d.len() as u64;
+    let (mut hard, mut within, mut count) = (0u64, 0u64, 0u64);
+    let mut nearest: Option<(f64, usize)> = None;
+    for (dn, j) in negatives {
+        let (distances, margins) = at_or_below[values.partition_point(|&t| t <= dn)];
+        hard += p - distances;
+        within += p - margins;
+        count += 1;
+        if nearest.is_none_or(|(best, _)| dn < best) {
+            nearest = Some((dn, j));
+        }
+    }
+    // m >= 0, so d_ap + m >= d_ap and "within the margin" includes "hard".
+    let stats = TripletStats {
+        hard,
+        semi_hard: within - hard,
+        easy: p * count - within,
+    };
+    (stats, nearest)
 }
 
 impl Problem<'_> {
@@ -155,21 +199,27 @@ impl Problem<'_> {
         }
     }
 
-    /// Stats and mined terms of anchor `a`. `row` holds the raw pair quantities of the anchor on
-    /// entry and their coefficients in the loss (before the division by the count) on return.
-    fn anchor(&self, a: usize, row: &mut [f64], eps: f64) -> Anchor {
-        let (mut anchor, terms) = self.mine(a, row, eps);
-        // Chain each distance coefficient to its raw quantity before the row is overwritten.
-        let grads: Vec<(usize, f64)> = terms
+    /// Stats and loss coefficients of anchor `a` (before the division by the count), from its
+    /// row of raw pair quantities: `(j, coefficient of raw_aj)` by `j`, each `j` once, zeros
+    /// dropped.
+    fn anchor(&self, a: usize, row: &[f64], eps: f64) -> (Anchor, Vec<(usize, f64)>) {
+        let (anchor, terms) = self.mine(a, row, eps);
+        // Chain each distance coefficient to its raw quantity, then add the terms of each row
+        // in the order they were mined.
+        let mut grads: Vec<(usize, f64)> = terms
             .iter()
             .map(|&(j, c)| (j, c * self.dist_grad(row[j], eps)))
             .collect();
-        row.fill(0.0);
+        grads.sort_by_key(|&(j, _)| j);
+        let mut merged: Vec<(usize, f64)> = Vec::with_capacity(grads.len());
         for (j, g) in grads {
-            row[j] += g;
+            match merged.last_mut() {
+                Some((last, sum)) if *last == j => *sum += g,
+                _ => merged.push((j, g)),
+            }
         }
-        anchor.nonzero = row.iter().filter(|&&c| c != 0.0).count();
-        anchor
+        merged.retain(|&(_, c)| c != 0.0);
+        (anchor, merged)
     }
 
     /// Stats and mined terms of anchor `a`, whose raw row is `raw_row`: the anchor's sums and the
@@ -180,31 +230,48 @@ impl Problem<'_> {
         let ya = self.labels[a];
         let d = |j: usize| self.dist(raw_row[j], eps);
         let positives: Vec<usize> = (0..n).filter(|&j| j != a && self.labels[j] == ya).collect();
-        let mut negs: Vec<(f64, usize)> = (0..n)
-            .filter(|&j| self.labels[j] != ya)
-            .map(|j| (d(j), j))
-            .collect();
+        // The negatives are most rows: walked in place rather than collected.
+        let negatives = || (0..n).filter(move |&j| self.labels[j] != ya);
         let mut out = Anchor::default();
         let mut coefs = Vec::new();
-        if positives.is_empty() || negs.is_empty() {
+        if positives.is_empty() {
             return (out, coefs);
         }
+        let positive_d: Vec<f64> = positives.iter().map(|&p| d(p)).collect();
+        let (stats, nearest) = triplet_stats(&positive_d, negatives().map(|j| (d(j), j)), m);
+        let Some((dn_min, nearest)) = nearest else {
+            return (out, coefs);
+        };
+        out.stats = stats;
         // By distance, then by index (so unique keys): among equal distances the lowest index
         // comes first.
-        negs.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-        let len = negs.len();
-
-        for &p in &positives {
-            let dp = d(p);
-            let hard = negs.partition_point(|&(dn, _)| dn < dp);
-            let within = negs.partition_point(|&(dn, _)| dn < dp + m);
-            out.stats.hard += hard as u64;
-            out.stats.semi_hard += within.saturating_sub(hard) as u64;
-            out.stats.easy += (len - within.max(hard)) as u64;
-        }
-
+        let sorted_negatives = || {
+            let mut negs: Vec<(f64, usize)> = negatives().map(|j| (d(j), j)).collect();
+            negs.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+            negs
+        };
         match self.mining {
+            Mining::BatchHard => {
+                // The first of the largest positive distances, and the nearest negative.
+                let p = (1..positive_d.len()).fold(0, |best, i| {
+                    if positive_d[i] > positive_d[best] {
+                        i
+                    } else {
+                        best
+                    }
+                });
+                out.mined = 1;
+                let term = positive_d[p] - dn_min + m;
+                if term > 0.0 {
+                    out.active = 1;
+                    out.sum = term;
+                    coefs.push((positives[p], 1.0));
+                    coefs.push((nearest, -1.0));
+                }
+            }
             Mining::BatchAll | Mining::SemiHardAll => {
+                let negs = sorted_negatives();
+                let len = negs.len();
                 let semi_hard_only = self.mining == Mining::SemiHardAll;
                 let mut prefix = Vec::with_capacity(len + 1);
                 prefix.push(0.0);
@@ -245,25 +312,9 @@ impl Problem<'_> {
                     }
                 }
             }
-            Mining::BatchHard => {
-                let (mut p_best, mut dp_best) = (positives[0], d(positives[0]));
-                for &p in &positives[1..] {
-                    let dp = d(p);
-                    if dp > dp_best {
-                        (p_best, dp_best) = (p, dp);
-                    }
-                }
-                let (dn, n_best) = negs[0];
-                out.mined = 1;
-                let term = dp_best - dn + m;
-                if term > 0.0 {
-                    out.active = 1;
-                    out.sum = term;
-                    coefs.push((p_best, 1.0));
-                    coefs.push((n_best, -1.0));
-                }
-            }
             Mining::SemiHard => {
+                let negs = sorted_negatives();
+                let len = negs.len();
                 let d_max = negs[len - 1].0;
                 let farthest = negs[negs.partition_point(|&(dn, _)| dn < d_max)];
                 for &p in &positives {
@@ -323,16 +374,16 @@ impl Problem<'_> {
     fn forward_eps(&self, eps: f64) -> Forward {
         let n = self.rows;
         let mut w = self.raw_matrix();
-        let anchors: Vec<Anchor> = w
-            .par_chunks_mut(n)
+        let anchors: Vec<(Anchor, Vec<(usize, f64)>)> = w
+            .par_chunks(n)
             .enumerate()
             .map(|(a, row)| self.anchor(a, row, eps))
             .collect();
         let mut stats = TripletStats::default();
         let (mut sum, mut count, mut nonzero) = (0.0, 0u64, 0usize);
         let nonzero_only = self.reduction.nonzero_only(self.mining);
-        for an in &anchors {
-            nonzero += an.nonzero;
+        for (an, coefs) in &anchors {
+            nonzero += coefs.len();
             sum += an.sum;
             count += if nonzero_only { an.active } else { an.mined };
             stats.hard += an.stats.hard;
@@ -346,21 +397,27 @@ impl Problem<'_> {
         };
         // A sparse entry takes three words, a dense one one.
         let coefs = if nonzero.saturating_mul(3) >= n * n {
-            w.par_iter_mut().for_each(|c| *c *= scale);
+            // The raw matrix's memory becomes the dense coefficients.
+            w.par_chunks_mut(n)
+                .zip(&anchors)
+                .for_each(|(row, (_, coefs))| {
+                    row.fill(0.0);
+                    for &(j, c) in coefs {
+                        row[j] = c * scale;
+                    }
+                });
             Coefs::Dense(w)
         } else {
             Coefs::Sparse(
-                w.chunks(n)
+                anchors
+                    .iter()
                     .enumerate()
-                    .flat_map(|(i, row)| {
-                        row.iter()
-                            .enumerate()
-                            .filter(|&(_, &c)| c != 0.0)
-                            .map(move |(j, &c)| PairCoef {
-                                i,
-                                j,
-                                coef: c * scale,
-                            })
+                    .flat_map(|(i, (_, coefs))| {
+                        coefs.iter().map(move |&(j, c)| PairCoef {
+                            i,
+                            j,
+                            coef: c * scale,
+                        })
                     })
                     .collect(),
             )

@@ -14,6 +14,7 @@ pub mod momentum;
 pub mod nce;
 pub mod normalize;
 pub mod siglip;
+mod simd;
 pub mod similarity;
 pub mod softmax;
 pub mod supcon;

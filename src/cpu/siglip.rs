@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
+use super::simd::dispatched;
 use super::softmax::tiles_per_job;
 use super::{lane_sum, normalize, softplus, sweep_rows, Real, KEY_TILE};
 
@@ -218,19 +219,11 @@ impl<T: Real> Scratch<T> {
         };
         if want {
             let shares = &mut self.log_scale[..row.len()];
-            for ((x, loss), share) in row.iter_mut().zip(losses.iter_mut()).zip(shares.iter_mut()) {
-                let (term, sigmoid) = (*x + bias).softplus_sigmoid();
-                *loss = term;
-                // d logit / d log_scale is the scaled similarity.
-                *share = sigmoid * *x;
-                *x = sigmoid;
-            }
+            negative_terms(row, losses, shares, bias);
             terms.log_scale = lane_sum(shares).f64();
             terms.bias = lane_sum(row).f64();
         } else {
-            for (x, loss) in row.iter().zip(losses.iter_mut()) {
-                *loss = (*x + bias).softplus();
-            }
+            negative_losses(row, losses, bias);
         }
         terms.loss = lane_sum(losses).f64();
         if let Some((c, scaled)) = positive_scaled {
@@ -243,5 +236,26 @@ impl<T: Real> Scratch<T> {
             row[c] = T::of(dlogit);
         }
         terms
+    }
+}
+
+dispatched! {
+    /// Every pair of `row` (scaled similarities) as a negative: `loss = softplus(x + bias)`,
+    /// `share = sigmoid(x + bias) * x` (d logit / d log_scale is the scaled similarity) and
+    /// `x <- sigmoid(x + bias)`, its dlogit.
+    fn negative_terms<T: Real>(row: &mut [T], losses: &mut [T], shares: &mut [T], bias: T) {
+        for ((x, loss), share) in row.iter_mut().zip(losses.iter_mut()).zip(shares.iter_mut()) {
+            let (term, sigmoid) = (*x + bias).softplus_sigmoid();
+            *loss = term;
+            *share = sigmoid * *x;
+            *x = sigmoid;
+        }
+    }
+
+    /// `loss = softplus(x + bias)` for every pair of `row` as a negative.
+    fn negative_losses<T: Real>(row: &[T], losses: &mut [T], bias: T) {
+        for (x, loss) in row.iter().zip(losses.iter_mut()) {
+            *loss = (*x + bias).softplus();
+        }
     }
 }

@@ -9,6 +9,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
+use super::simd::{self, dispatched};
 use super::{lane_sum, sweep_rows, Real, KEY_TILE};
 
 /// Queries, keys and how their scores become logits.
@@ -187,7 +188,7 @@ pub fn forward<T: Real>(
                     }
                     for r in 0..row_len {
                         let row = &tile[r * key_len..(r + 1) * key_len];
-                        let tile_max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x)).f64();
+                        let tile_max = simd::row_max(row).f64();
                         if tile_max == f64::NEG_INFINITY {
                             continue;
                         }
@@ -195,12 +196,9 @@ pub fn forward<T: Real>(
                             tgt_tile[r] += w * row[j - k0].f64()
                         });
                         let new_max = max[r].max(tile_max);
-                        let shift = T::of(new_max);
                         let row = &mut tile[r * key_len..(r + 1) * key_len];
-                        for x in row.iter_mut() {
-                            *x = (*x - shift).exp_fast();
-                        }
-                        sum[r] = sum[r] * (max[r] - new_max).exp() + lane_sum(row).f64();
+                        let row_sum = simd::exp_shifted_sum(row, T::of(new_max)).f64();
+                        sum[r] = sum[r] * (max[r] - new_max).exp() + row_sum;
                         max[r] = new_max;
                     }
                 }
@@ -244,11 +242,7 @@ impl ColumnStats {
     /// Adds the columns `k0..k0 + key_len` of a `rows x key_len` logit tile.
     fn add_tile<T: Real>(&mut self, k0: usize, key_len: usize, tile: &[T]) {
         let mut tile_max = vec![T::neg_infinity(); key_len];
-        for row in tile.chunks_exact(key_len) {
-            for (m, &x) in tile_max.iter_mut().zip(row) {
-                *m = m.max(x);
-            }
-        }
+        simd::column_max(tile, &mut tile_max);
         let max = &mut self.max[k0..k0 + key_len];
         let shift: Vec<T> = max
             .iter()
@@ -256,11 +250,7 @@ impl ColumnStats {
             .map(|(&old, &new)| T::of(old.max(new.f64())))
             .collect();
         let mut tile_sum = vec![T::zero(); key_len];
-        for row in tile.chunks_exact(key_len) {
-            for ((acc, &x), &m) in tile_sum.iter_mut().zip(row).zip(&shift) {
-                *acc += (x - m).exp_fast();
-            }
-        }
+        simd::column_exp_sums(tile, &shift, &mut tile_sum);
         let sum = &mut self.sum[k0..k0 + key_len];
         for c in 0..key_len {
             let new_max = shift[c].f64();
@@ -335,7 +325,7 @@ pub fn forward_backward<T: Real>(
                     let i = r0 + r;
                     let row = &mut strip[r * cols..(r + 1) * cols];
                     targets.visit(i, 0..cols, &mut |j, w| tgt_tile[r] += w * row[j].f64());
-                    let row_max = row.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                    let row_max = simd::row_max(row);
                     let max = match extra {
                         Some(extra) => T::of(row_max.f64().max(extra[i])),
                         None => row_max,
@@ -346,11 +336,8 @@ pub fn forward_backward<T: Real>(
                         row.fill(T::zero());
                         continue;
                     }
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp_fast();
-                    }
                     let extra_exp = extra.map_or(0.0, |extra| (extra[i] - max.f64()).exp());
-                    let sum = lane_sum(row).f64() + extra_exp;
+                    let sum = simd::exp_shifted_sum(row, max).f64() + extra_exp;
                     lse_tile[r] = max.f64() + sum.ln();
                     // dlogit = w * softmax - w * target.
                     let w = row_weight[i];
@@ -391,41 +378,43 @@ pub fn forward_backward<T: Real>(
     )
 }
 
-/// `row[c] <- w * (exp(row[c] - lse) + exp(row[c] - col_lse[c]))`, returning CLIP's share of
-/// `d loss / d log(scale)` from this row when `centres` (the diagonal logits) are given, else 0.
-///
-/// That derivative is `sum_ij dlogit_ij * logit_ij`, where `dlogit` sums to zero along every
-/// row (row softmax minus its target) and every column (column softmax minus its target). Summed
-/// as is, it cancels catastrophically when the logits cluster (early training): terms of size
-/// `scale` cancel to a result of size `scale * spread`. Each softmax is therefore taken against
-/// its own target's logit, `P_ij (l_ij - l_ii) + Q_ij (l_ij - l_jj)`: the same sum in exact
-/// arithmetic, with the targets' terms exactly zero and no large terms left to cancel.
-fn two_softmax_terms<T: Real>(
-    row: &mut [T],
-    w: T,
-    lse: T,
-    col_lse: &[T],
-    centres: Option<(T, &[T], &mut [T])>,
-) -> f64 {
-    let Some((row_centre, col_centres, terms)) = centres else {
-        for (x, &col) in row.iter_mut().zip(col_lse) {
-            *x = w * ((*x - lse).exp_fast() + (*x - col).exp_fast());
+dispatched! {
+    /// `row[c] <- w * (exp(row[c] - lse) + exp(row[c] - col_lse[c]))`, returning CLIP's share of
+    /// `d loss / d log(scale)` from this row when `centres` (the diagonal logits) are given, else 0.
+    ///
+    /// That derivative is `sum_ij dlogit_ij * logit_ij`, where `dlogit` sums to zero along every
+    /// row (row softmax minus its target) and every column (column softmax minus its target). Summed
+    /// as is, it cancels catastrophically when the logits cluster (early training): terms of size
+    /// `scale` cancel to a result of size `scale * spread`. Each softmax is therefore taken against
+    /// its own target's logit, `P_ij (l_ij - l_ii) + Q_ij (l_ij - l_jj)`: the same sum in exact
+    /// arithmetic, with the targets' terms exactly zero and no large terms left to cancel.
+    fn two_softmax_terms<T: Real>(
+        row: &mut [T],
+        w: T,
+        lse: T,
+        col_lse: &[T],
+        centres: Option<(T, &[T], &mut [T])>,
+    ) -> f64 {
+        let Some((row_centre, col_centres, terms)) = centres else {
+            for (x, &col) in row.iter_mut().zip(col_lse) {
+                *x = w * ((*x - lse).exp_fast() + (*x - col).exp_fast());
+            }
+            return 0.0;
+        };
+        // The terms go to a scratch row and are summed after: a loop without a running sum
+        // vectorizes.
+        for (((x, &col), &col_centre), term) in row
+            .iter_mut()
+            .zip(col_lse)
+            .zip(col_centres)
+            .zip(terms.iter_mut())
+        {
+            let (row_softmax, col_softmax) = ((*x - lse).exp_fast(), (*x - col).exp_fast());
+            *term = row_softmax * (*x - row_centre) + col_softmax * (*x - col_centre);
+            *x = w * (row_softmax + col_softmax);
         }
-        return 0.0;
-    };
-    // The terms go to a scratch row and are summed after: a loop without a running sum
-    // vectorizes.
-    for (((x, &col), &col_centre), term) in row
-        .iter_mut()
-        .zip(col_lse)
-        .zip(col_centres)
-        .zip(terms.iter_mut())
-    {
-        let (row_softmax, col_softmax) = ((*x - lse).exp_fast(), (*x - col).exp_fast());
-        *term = row_softmax * (*x - row_centre) + col_softmax * (*x - col_centre);
-        *x = w * (row_softmax + col_softmax);
+        w.f64() * lane_sum(&terms[..row.len()]).f64()
     }
-    w.f64() * lane_sum(&terms[..row.len()]).f64()
 }
 
 /// CLIP's column pass, folded into the row pass's backward sweep.
@@ -495,11 +484,7 @@ pub fn backward<T: Real>(
                                     .map(|c| (c[i], &c[k0..k0 + key_len], &mut terms[..key_len]));
                                 log_scale += two_softmax_terms(row, w, lse_i, col, centres);
                             }
-                            None => {
-                                for x in row.iter_mut() {
-                                    *x = w * (*x - lse_i).exp_fast();
-                                }
-                            }
+                            None => simd::weighted_exp(row, lse_i, w),
                         }
                         // The targets' own log-scale terms are zero against their centres.
                         let target_count = if clip.is_some() { 2.0 } else { 1.0 };

@@ -2,10 +2,12 @@
 //! forward and backward, computed in f64.
 //!
 //! The forward builds the N x N matrix of pairwise distances (one GEMM; O(N^2) memory, which
-//! triplet mining needs anyway) and then walks the anchors in parallel. For each anchor the
-//! negatives are sorted by distance once, so counting the hard / semi-hard / easy triplets and the
-//! batch-all sums take O(N log N) per anchor instead of O(N^2): the whole forward is
-//! O(N^2 (D + log N)) time and never O(N^3) memory.
+//! triplet mining needs anyway) and then walks the anchors in parallel. Batch-hard takes each
+//! anchor's farthest positive and nearest negative in one walk (O(N)); batch-all and the
+//! semi-hard minings sort the anchor's negatives by distance once, so their sums take
+//! O(N log N) per anchor instead of O(N^2). The whole forward is O(N^2 (D + log N)) time and
+//! never O(N^3) memory. The hard / semi-hard / easy counts are a separate pass
+//! ([`Problem::stats`], O(N^2 log P) with P positives per anchor), run when they are read.
 //!
 //! The loss is a linear combination of pairwise distances (the relu terms that are active), so the
 //! forward keeps, per ordered pair (i, j) that occurs in an active term, the coefficient of its
@@ -64,7 +66,6 @@ const F64_ROW_NORM_EXP: i32 = 400;
 pub struct Forward {
     pub loss: f64,
     pub count: u64,
-    pub stats: TripletStats,
     /// What the backward needs.
     pub coefs: Coefs,
 }
@@ -76,21 +77,19 @@ struct Anchor {
     /// Its mined terms, and those of them that are positive.
     mined: u64,
     active: u64,
-    stats: TripletStats,
 }
 
 /// The hard, semi-hard and easy counts of one anchor's valid triplets, from its positive
-/// distances and its negatives `(distance, row)`, and the nearest negative (the first of the
-/// smallest distance; `None` without negatives). A triplet is hard when `d_an < d_ap`,
-/// semi-hard when `d_ap <= d_an < d_ap + m`, easy otherwise. The positives' thresholds `d_ap`
-/// and `d_ap + m` (few) are sorted once with running counts of each kind, and each negative
-/// finds how many of each lie at or below it with one binary search: O((P + N) log P), where
-/// sorting the negatives cost O(N log N) and dominated the forward.
+/// distances and its negative ones. A triplet is hard when `d_an < d_ap`, semi-hard when
+/// `d_ap <= d_an < d_ap + m`, easy otherwise. The positives' thresholds `d_ap` and `d_ap + m`
+/// (few) are sorted once with running counts of each kind, and each negative finds how many of
+/// each lie at or below it with one binary search: O((P + N) log P), not a sort of the N
+/// negatives.
 fn triplet_stats(
     positive_d: &[f64],
-    negatives: impl Iterator<Item = (f64, usize)>,
+    negative_d: impl Iterator<Item = f64>,
     m: f64,
-) -> (TripletStats, Option<(f64, usize)>) {
+) -> TripletStats {
     let mut thresholds: Vec<(f64, bool)> = positive_d
         .iter()
         .flat_map(|&dp| [(dp, true), (dp + m, false)])
@@ -106,23 +105,18 @@ fn triplet_stats(
     }
     let p = positive_d.len() as u64;
     let (mut hard, mut within, mut count) = (0u64, 0u64, 0u64);
-    let mut nearest: Option<(f64, usize)> = None;
-    for (dn, j) in negatives {
+    for dn in negative_d {
         let (distances, margins) = at_or_below[values.partition_point(|&t| t <= dn)];
         hard += p - distances;
         within += p - margins;
         count += 1;
-        if nearest.is_none_or(|(best, _)| dn < best) {
-            nearest = Some((dn, j));
-        }
     }
     // m >= 0, so d_ap + m >= d_ap and "within the margin" includes "hard".
-    let stats = TripletStats {
+    TripletStats {
         hard,
         semi_hard: within - hard,
         easy: p * count - within,
-    };
-    (stats, nearest)
+    }
 }
 
 impl Problem<'_> {
@@ -222,7 +216,22 @@ impl Problem<'_> {
         (anchor, merged)
     }
 
-    /// Stats and mined terms of anchor `a`, whose raw row is `raw_row`: the anchor's sums and the
+    /// The stats of anchor `a`'s valid triplets, whose raw row is `raw_row`.
+    fn anchor_stats(&self, a: usize, raw_row: &[f64], eps: f64) -> TripletStats {
+        let ya = self.labels[a];
+        let d = |j: usize| self.dist(raw_row[j], eps);
+        let positive_d: Vec<f64> = (0..self.rows)
+            .filter(|&j| j != a && self.labels[j] == ya)
+            .map(d)
+            .collect();
+        if positive_d.is_empty() {
+            return TripletStats::default();
+        }
+        let negative_d = (0..self.rows).filter(|&j| self.labels[j] != ya).map(d);
+        triplet_stats(&positive_d, negative_d, self.margin)
+    }
+
+    /// Mined terms of anchor `a`, whose raw row is `raw_row`: the anchor's sums and the
     /// coefficients `(j, dloss/dd_aj)` of its terms (a row may occur more than once).
     fn mine(&self, a: usize, raw_row: &[f64], eps: f64) -> (Anchor, Vec<(usize, f64)>) {
         let n = self.rows;
@@ -234,15 +243,14 @@ impl Problem<'_> {
         let negatives = || (0..n).filter(move |&j| self.labels[j] != ya);
         let mut out = Anchor::default();
         let mut coefs = Vec::new();
-        if positives.is_empty() {
-            return (out, coefs);
-        }
-        let positive_d: Vec<f64> = positives.iter().map(|&p| d(p)).collect();
-        let (stats, nearest) = triplet_stats(&positive_d, negatives().map(|j| (d(j), j)), m);
-        let Some((dn_min, nearest)) = nearest else {
+        // The first of the smallest negative distances.
+        let nearest = negatives()
+            .map(|j| (d(j), j))
+            .reduce(|best, x| if x.0 < best.0 { x } else { best });
+        let Some((dn_min, nearest)) = nearest.filter(|_| !positives.is_empty()) else {
             return (out, coefs);
         };
-        out.stats = stats;
+        let positive_d: Vec<f64> = positives.iter().map(|&p| d(p)).collect();
         // By distance, then by index (so unique keys): among equal distances the lowest index
         // comes first.
         let sorted_negatives = || {
@@ -335,8 +343,7 @@ impl Problem<'_> {
         (out, coefs)
     }
 
-    /// The loss (0 when nothing counts), its count, the stats of all valid triplets and the pair
-    /// coefficients for [`backward`].
+    /// The loss (0 when nothing counts), its count and the pair coefficients for [`backward`].
     ///
     /// Overflow: the raw matrix holds squared distances, which overflow f64 for rows of norm
     /// above ~1e154. Rows whose largest norm `M` passes 2^400 are therefore mined scaled by
@@ -346,29 +353,58 @@ impl Problem<'_> {
     /// (infinite when that exceeds f64); the coefficients come back in the rows' units, so
     /// [`backward`] needs no scale. The cosine distance is scale-invariant already.
     pub fn forward(&self) -> Forward {
+        let (mut fwd, k, p) = self.as_mined(|problem, eps| problem.forward_eps(eps));
+        if k != 0 {
+            fwd.loss = ldexp(fwd.loss, k * p);
+            // d loss / d raw = 2^(kp) (d loss' / d raw') 2^(-2k).
+            fwd.coefs.scale_exp(k * (p - 2));
+        }
+        fwd
+    }
+
+    /// The hard / semi-hard / easy split of every valid triplet (a second pass over the
+    /// distances: the forward leaves it out, so a training step that does not read it does not
+    /// pay for it). Counts are scale-invariant, so the rows are scaled as [`Problem::forward`]
+    /// scales them.
+    pub fn stats(&self) -> TripletStats {
+        self.as_mined(|problem, eps| {
+            let raw = problem.raw_matrix();
+            raw.par_chunks(problem.rows)
+                .enumerate()
+                .map(|(a, row)| problem.anchor_stats(a, row, eps))
+                .reduce(TripletStats::default, |x, y| TripletStats {
+                    hard: x.hard + y.hard,
+                    semi_hard: x.semi_hard + y.semi_hard,
+                    easy: x.easy + y.easy,
+                })
+        })
+        .0
+    }
+
+    /// Runs `f` on the problem as it is mined, with its distance clamp: the rows scaled by
+    /// `2^-k` when their norms need it (see [`Problem::forward`]), the margin and the clamp
+    /// scaled alike. Returns `f`'s result, `k` and the power `p` the distances scale with.
+    fn as_mined<R>(&self, f: impl FnOnce(&Problem<'_>, f64) -> R) -> (R, i32, i32) {
         let k = match self.distance {
             Distance::Cosine => 0,
             _ => prescale_exponent(self.x, self.dim, F64_ROW_NORM_EXP),
         };
-        if k == 0 {
-            return self.forward_eps(DIST_EPS);
-        }
         let p = if self.distance == Distance::SquaredEuclidean {
             2
         } else {
             1
         };
+        if k == 0 {
+            return (f(self, DIST_EPS), 0, p);
+        }
         let x: Vec<f64> = self.x.iter().map(|&v| ldexp(v, -k)).collect();
         let scaled = Problem {
             x: &x,
             margin: scaled_margin(self.margin, -k * p, f64::MIN_POSITIVE),
             ..*self
         };
-        let mut fwd = scaled.forward_eps(ldexp(DIST_EPS, -2 * k).max(f64::MIN_POSITIVE));
-        fwd.loss = ldexp(fwd.loss, k * p);
-        // d loss / d raw = 2^(kp) (d loss' / d raw') 2^(-2k).
-        fwd.coefs.scale_exp(k * (p - 2));
-        fwd
+        let eps = ldexp(DIST_EPS, -2 * k).max(f64::MIN_POSITIVE);
+        (f(&scaled, eps), k, p)
     }
 
     fn forward_eps(&self, eps: f64) -> Forward {
@@ -379,16 +415,12 @@ impl Problem<'_> {
             .enumerate()
             .map(|(a, row)| self.anchor(a, row, eps))
             .collect();
-        let mut stats = TripletStats::default();
         let (mut sum, mut count, mut nonzero) = (0.0, 0u64, 0usize);
         let nonzero_only = self.reduction.nonzero_only(self.mining);
         for (an, coefs) in &anchors {
             nonzero += coefs.len();
             sum += an.sum;
             count += if nonzero_only { an.active } else { an.mined };
-            stats.hard += an.stats.hard;
-            stats.semi_hard += an.stats.semi_hard;
-            stats.easy += an.stats.easy;
         }
         let (loss, scale) = if count > 0 {
             (sum / count as f64, 1.0 / count as f64)
@@ -422,12 +454,7 @@ impl Problem<'_> {
                     .collect(),
             )
         };
-        Forward {
-            loss,
-            count,
-            stats,
-            coefs,
-        }
+        Forward { loss, count, coefs }
     }
 }
 

@@ -21,7 +21,7 @@
 //! Ties between equal distances pick the lowest row index. The CPU backend computes in f64 whatever
 //! the input dtype, with O(N^2) memory (the pairwise distances), never O(N^3).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::{
     check_grad_loss, check_host_finite, check_labels_len, check_result, host_loss, index_operand,
@@ -110,7 +110,10 @@ impl SavedCoefs {
 }
 
 /// The counts of a triplet call: on the host from the CPU, or in the kernels' summary on the
-/// device until read (reading them waits for the call, like reading its loss).
+/// device until read (reading them waits for the call, like reading its loss). A CPU call's
+/// hard / semi-hard / easy split is computed on the first [`TripletCounts::stats`] (a second
+/// pass over the distances, from the call's inputs kept until then), so a training step that
+/// does not read it does not pay for it.
 #[derive(Clone, Debug)]
 pub struct TripletCounts(Counts);
 
@@ -118,7 +121,7 @@ pub struct TripletCounts(Counts);
 enum Counts {
     Host {
         count: u64,
-        stats: TripletStats,
+        stats: Arc<HostStats>,
     },
     Device {
         summary: Arc<DeviceBuf>,
@@ -141,13 +144,58 @@ impl TripletCounts {
 
     fn read(&self) -> Result<(u64, TripletStats)> {
         match &self.0 {
-            Counts::Host { count, stats } => Ok((*count, *stats)),
+            Counts::Host { count, stats } => Ok((*count, stats.get())),
             Counts::Device { summary, checks } => {
                 checks.verify(None)?;
                 let (count, stats, _) = kernels::triplet::read_summary(&summary.download_words()?)?;
                 Ok((count, stats))
             }
         }
+    }
+}
+
+/// A CPU forward's inputs, kept for its stats until they are first asked for.
+struct HostStats {
+    x: Vec<f64>,
+    labels: Vec<i64>,
+    dim: usize,
+    opts: TripletOptions,
+    stats: OnceLock<TripletStats>,
+}
+
+impl HostStats {
+    fn get(&self) -> TripletStats {
+        *self
+            .stats
+            .get_or_init(|| cpu_problem(&self.x, &self.labels, self.dim, &self.opts).stats())
+    }
+}
+
+impl std::fmt::Debug for HostStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.stats.get() {
+            Some(stats) => write!(f, "{stats:?}"),
+            None => write!(f, "(computed when first read)"),
+        }
+    }
+}
+
+/// The CPU problem over f64 rows `x` (rows x dim) and their labels.
+fn cpu_problem<'a>(
+    x: &'a [f64],
+    labels: &'a [i64],
+    dim: usize,
+    opts: &TripletOptions,
+) -> cpu::triplet::Problem<'a> {
+    cpu::triplet::Problem {
+        x,
+        rows: labels.len(),
+        dim,
+        labels,
+        distance: opts.distance,
+        mining: opts.mining,
+        margin: opts.margin,
+        reduction: opts.reduction,
     }
 }
 
@@ -307,22 +355,19 @@ fn triplet_forward_unchecked(
     let labels = labels
         .host()
         .ok_or_else(|| Error::Device("triplet: device labels on the CPU path".into()))?;
-    let fwd = cpu::triplet::Problem {
-        x: &xv,
-        rows,
+    let fwd = cpu_problem(&xv, labels, dim, opts).forward();
+    let stats = HostStats {
+        labels: labels.to_vec(),
+        x: xv.into_owned(),
         dim,
-        labels,
-        distance: opts.distance,
-        mining: opts.mining,
-        margin: opts.margin,
-        reduction: opts.reduction,
-    }
-    .forward();
+        opts: *opts,
+        stats: OnceLock::new(),
+    };
     Ok(TripletForward {
         loss: checked_loss(fwd.loss, opts, x.device())?,
         counts: TripletCounts(Counts::Host {
             count: fwd.count,
-            stats: fwd.stats,
+            stats: Arc::new(stats),
         }),
         saved: TripletSaved {
             rows,

@@ -98,6 +98,8 @@ def quick_cases():
     cases.append(case("moco", "fwd+bwd", 256, 128, k=4096))
     cases.append(case("supcon", "fwd+bwd", 512, 128, v=2, c=10))
     cases.append(case("triplet", "fwd+bwd", 1024, 128, c=16))
+    cases.append(case("margin", "fwd+bwd", 16384, 128))
+    cases.append(case("nce", "fwd+bwd", 1024, k=4096))
     return cases
 
 

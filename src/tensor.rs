@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::checks::Checks;
 use crate::kernels::storage::{self, DeviceBuf};
@@ -184,14 +185,42 @@ pub(crate) fn fresh_key() -> u64 {
 /// A 64-bit hash of the values (FxHash-style multiply-rotate over each element's bits, widened
 /// to 64): the content key of host values, the same wherever they are copied.
 fn hash_values(data: &HostData) -> u64 {
-    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-    let fold = |h: u64, bits: u64| (h.rotate_left(5) ^ bits).wrapping_mul(K);
     match data {
-        HostData::F32(v) => v.iter().fold(0, |h, x| fold(h, x.to_bits() as u64)),
-        HostData::F64(v) => v.iter().fold(0, |h, x| fold(h, x.to_bits())),
-        HostData::Bf16(v) => v.iter().fold(0, |h, x| fold(h, x.to_bits() as u64)),
-        HostData::F16(v) => v.iter().fold(0, |h, x| fold(h, x.to_bits() as u64)),
+        HostData::F32(v) => hash_bits(v, |x| x.to_bits() as u64),
+        HostData::F64(v) => hash_bits(v, |x| x.to_bits()),
+        HostData::Bf16(v) => hash_bits(v, |x| x.to_bits() as u64),
+        HostData::F16(v) => hash_bits(v, |x| x.to_bits() as u64),
     }
+}
+
+/// Elements per parallel block of the whole-tensor scans (hash, finiteness).
+const SCAN_BLOCK: usize = 1 << 16;
+
+/// The multiply-rotate hash over blocks of [`SCAN_BLOCK`] elements in parallel, each block in
+/// eight independent lanes (one serial chain ran at a multiply's latency per element: the
+/// fingerprint of a 65536 x 128 input took 28 ms), the lanes and then the blocks folded in order,
+/// so the result does not depend on the thread count.
+fn hash_bits<T: Sync>(values: &[T], bits: impl Fn(&T) -> u64 + Sync) -> u64 {
+    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+    let fold = |h: u64, word: u64| (h.rotate_left(5) ^ word).wrapping_mul(K);
+    let block_hashes: Vec<u64> = values
+        .par_chunks(SCAN_BLOCK)
+        .map(|block| {
+            let mut lanes = [0u64; 8];
+            let chunks = block.chunks_exact(8);
+            let tail = chunks.remainder();
+            for chunk in chunks {
+                for (lane, x) in lanes.iter_mut().zip(chunk) {
+                    *lane = fold(*lane, bits(x));
+                }
+            }
+            let lanes = lanes.iter().fold(0, |h, &lane| fold(h, lane));
+            tail.iter().fold(lanes, |h, x| fold(h, bits(x)))
+        })
+        .collect();
+    block_hashes
+        .iter()
+        .fold(values.len() as u64, |h, &b| fold(h, b))
 }
 
 /// A dense, row-major tensor on a [`Device`].
@@ -473,12 +502,24 @@ impl Tensor {
 
     /// The index and value of the first NaN or infinity, if any (no copy on the host).
     pub(crate) fn first_non_finite(&self) -> Result<Option<(usize, f64)>> {
+        // Blocks in parallel, each first checked with a loop that vectorizes (no early exit);
+        // only a block with a non-finite value is searched for its position.
         fn find<T: Element>(values: &[T]) -> Option<(usize, f64)> {
             values
-                .iter()
-                .map(|v| v.to_f64())
+                .par_chunks(SCAN_BLOCK)
                 .enumerate()
-                .find(|(_, v)| !v.is_finite())
+                .find_map_first(|(b, block)| {
+                    let all_finite = block.iter().fold(true, |ok, v| ok & v.to_f64().is_finite());
+                    if all_finite {
+                        return None;
+                    }
+                    let (i, v) = block
+                        .iter()
+                        .map(|v| v.to_f64())
+                        .enumerate()
+                        .find(|(_, v)| !v.is_finite())?;
+                    Some((b * SCAN_BLOCK + i, v))
+                })
         }
         Ok(match &*self.host_data()? {
             HostData::F32(v) => find(v),

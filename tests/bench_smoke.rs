@@ -281,7 +281,15 @@ fn scaling_sweep_draws_a_png() {
         .iter()
         .filter(|p| p.implementation == "contra")
         .collect();
-    assert_eq!(contra.len(), 3, "N = 64, 128, 256");
+    assert_eq!(
+        contra.len(),
+        9,
+        "N = 64, 128, 256 for NT-Xent, CLIP and SupCon"
+    );
+    for op in bench::scaling::SCALING_OPS {
+        let ns: Vec<usize> = contra.iter().filter(|p| p.op == op).map(|p| p.n).collect();
+        assert_eq!(ns, [64, 128, 256], "{op:?}");
+    }
     assert!(contra.iter().all(|p| p.result.is_ok()));
     assert!(report.points.iter().any(|p| p.implementation == "naive"));
     bench::scaling::plot(&report, &png).unwrap();
@@ -289,6 +297,9 @@ fn scaling_sweep_draws_a_png() {
     assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
     let table = bench::scaling::table(&report);
     assert!(table.contains("contra peak / input"), "{table}");
+    for op in ["ntxent", "clip", "supcon"] {
+        assert!(table.contains(&format!("{op} fwd+bwd scaling")), "{table}");
+    }
     let v = bench::scaling::report_json(&report);
     assert_eq!(v["points"].as_array().unwrap().len(), report.points.len());
 }

@@ -397,6 +397,8 @@ pub fn quick_cases() -> Vec<Case> {
     cases.push(Case::moco(Pass::ForwardBackward, 256, 4096, 128));
     cases.push(Case::supcon(Pass::ForwardBackward, 512, 2, 128, 10));
     cases.push(Case::triplet(Pass::ForwardBackward, 1024, 128, 16));
+    cases.push(Case::margin(Pass::ForwardBackward, 16384, 128));
+    cases.push(Case::nce(Pass::ForwardBackward, 1024, 4096));
     cases
 }
 

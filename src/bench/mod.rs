@@ -60,8 +60,8 @@ pub struct BenchArgs {
     /// Also write the rows (or the scaling points) as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Run the NT-Xent scaling sweep (forward + backward time and peak memory against N) instead
-    /// of the table, and draw it as a PNG (--out).
+    /// Run the scaling sweep (NT-Xent, CLIP and SupCon forward + backward time and peak memory
+    /// against N) instead of the table, and draw it as a PNG (--out).
     #[arg(long)]
     pub scaling: bool,
     /// The PNG of --scaling.

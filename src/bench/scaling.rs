@@ -1,6 +1,7 @@
-//! The scaling sweep: NT-Xent forward + backward time and peak memory against N (D = 128, powers
-//! of two), for contra and the references, as a table, a PNG and JSON. contra's peak memory
-//! should grow like the input (O(N·D)); the references' like the N x N matrix.
+//! The scaling sweep: forward + backward time and peak memory of the softmax losses (NT-Xent,
+//! CLIP, SupCon) against N, the rows of their N x N logits (D = 128, powers of two), for contra
+//! and the references, as tables, one PNG and JSON. contra's peak memory should grow like the
+//! input (O(N·D)); the references' like the N x N matrix.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -8,18 +9,35 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
-use super::cases::{Case, Pass};
+use super::cases::{Case, Op, Pass};
 use super::runner::{Impl, Measurement, Timing};
 use super::torch::{self, TorchOptions, TorchStatus};
 use super::{check_device, fmt_bytes, fmt_ms, reference_budget, BenchArgs, Machine, RustSide};
 use crate::train::plot::{register_font, FONT};
 use crate::{Device, Error, Result};
 
+/// The losses of the sweep.
+pub const SCALING_OPS: [Op; 3] = [Op::Ntxent, Op::Clip, Op::Supcon];
+
+/// The forward + backward case of `op` whose logits are `n x n`: NT-Xent's N rows, CLIP's N
+/// pairs, SupCon's N / 2 samples of 2 views (10 classes).
+fn scaling_case(op: Op, n: usize, d: usize) -> Case {
+    match op {
+        Op::Clip => Case::clip(Pass::ForwardBackward, n, d),
+        Op::Supcon => Case::supcon(Pass::ForwardBackward, n / 2, 2, d, 10),
+        _ => Case::ntxent(Pass::ForwardBackward, n, d),
+    }
+}
+
 /// One point of the sweep.
 #[derive(Clone, Debug)]
 pub struct ScalingPoint {
+    pub op: Op,
+    /// Rows of the N x N logits.
     pub n: usize,
     pub d: usize,
+    /// Bytes of the case's inputs (f32).
+    pub input_bytes: usize,
     /// `contra`, `naive`, `torch-eager`, `torch-compile`.
     pub implementation: String,
     pub result: std::result::Result<Measurement, String>,
@@ -70,9 +88,9 @@ pub fn run_scaling(args: &BenchArgs) -> Result<ScalingReport> {
     let side = RustSide::new(args, timing, &mut report.notes);
     let budget = reference_budget();
     let cpu = args.device == Device::Cpu;
-    let cases: Vec<Case> = ns
+    let cases: Vec<Case> = SCALING_OPS
         .iter()
-        .map(|&n| Case::ntxent(Pass::ForwardBackward, n, d))
+        .flat_map(|&op| ns.iter().map(move |&n| scaling_case(op, n, d)))
         .collect();
     for case in &cases {
         let m = side.measure(case, Impl::Contra);
@@ -130,8 +148,10 @@ fn point(
     result: std::result::Result<Measurement, String>,
 ) -> ScalingPoint {
     ScalingPoint {
-        n: case.n,
+        op: case.op,
+        n: case.n * case.v.max(1),
         d: case.d,
+        input_bytes: case.input_bytes(),
         implementation: name.to_string(),
         result,
     }
@@ -148,68 +168,70 @@ fn implementations(report: &ScalingReport) -> Vec<String> {
     names
 }
 
-/// The sweep as a markdown table: per N, each implementation's time and peak, and contra's peak
-/// divided by the input size (constant when the memory is O(N·D)).
+/// The sweep as markdown tables, one per loss: per N, each implementation's time and peak, and
+/// contra's peak divided by the input size (constant when the memory is O(N·D)).
 pub fn table(report: &ScalingReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "NT-Xent fwd+bwd scaling on {} (D = {}): {}\n",
-        report.device,
-        report.d,
-        report.machine.describe()
-    );
     let names = implementations(report);
-    let mut header = String::from("| N |");
-    let mut rule = String::from("|---|");
-    for name in &names {
-        let _ = write!(header, " {name} time | {name} peak |");
-        rule.push_str("---|---|");
-    }
-    header.push_str(" contra peak / input |");
-    rule.push_str("---|");
-    let _ = writeln!(out, "{header}\n{rule}");
-    let mut ns: Vec<usize> = report.points.iter().map(|p| p.n).collect();
-    ns.sort_unstable();
-    ns.dedup();
-    for n in ns {
-        let mut line = format!("| {n} |");
-        for name in &names {
-            match report
-                .points
-                .iter()
-                .find(|p| p.n == n && &p.implementation == name)
-                .map(|p| &p.result)
-            {
-                Some(Ok(m)) => {
-                    let _ = write!(
-                        line,
-                        " {} | {} |",
-                        fmt_ms(m.median_ms),
-                        m.peak_bytes.map_or("n/a".into(), fmt_bytes)
-                    );
-                }
-                Some(Err(e)) => {
-                    let _ = write!(line, " {e} | - |");
-                }
-                None => line.push_str(" - | - |"),
-            }
+    for op in SCALING_OPS {
+        let points: Vec<&ScalingPoint> = report.points.iter().filter(|p| p.op == op).collect();
+        if points.is_empty() {
+            continue;
         }
-        let ratio = report
-            .points
-            .iter()
-            .find(|p| p.n == n && p.implementation == "contra")
-            .and_then(|p| p.result.as_ref().ok()?.peak_bytes)
-            .map(|b| b as f64 / (4 * n * report.d) as f64);
-        let _ = write!(
-            line,
-            " {} |",
-            ratio.map_or("-".into(), |r| format!("{r:.1}"))
+        let _ = writeln!(
+            out,
+            "{} fwd+bwd scaling on {} (D = {}): {}\n",
+            op.name(),
+            report.device,
+            report.d,
+            report.machine.describe()
         );
-        let _ = writeln!(out, "{line}");
+        let mut header = String::from("| N |");
+        let mut rule = String::from("|---|");
+        for name in &names {
+            let _ = write!(header, " {name} time | {name} peak |");
+            rule.push_str("---|---|");
+        }
+        header.push_str(" contra peak / input |");
+        rule.push_str("---|");
+        let _ = writeln!(out, "{header}\n{rule}");
+        let mut ns: Vec<usize> = points.iter().map(|p| p.n).collect();
+        ns.sort_unstable();
+        ns.dedup();
+        for n in ns {
+            let at = |name: &str| points.iter().find(|p| p.n == n && p.implementation == name);
+            let mut line = format!("| {n} |");
+            for name in &names {
+                match at(name).map(|p| &p.result) {
+                    Some(Ok(m)) => {
+                        let _ = write!(
+                            line,
+                            " {} | {} |",
+                            fmt_ms(m.median_ms),
+                            m.peak_bytes.map_or("n/a".into(), fmt_bytes)
+                        );
+                    }
+                    Some(Err(e)) => {
+                        let _ = write!(line, " {e} | - |");
+                    }
+                    None => line.push_str(" - | - |"),
+                }
+            }
+            let ratio = at("contra").and_then(|p| {
+                let peak = p.result.as_ref().ok()?.peak_bytes?;
+                Some(peak as f64 / p.input_bytes as f64)
+            });
+            let _ = write!(
+                line,
+                " {} |",
+                ratio.map_or("-".into(), |r| format!("{r:.1}"))
+            );
+            let _ = writeln!(out, "{line}");
+        }
+        out.push('\n');
     }
     for n in &report.notes {
-        let _ = writeln!(out, "\nnote: {n}");
+        let _ = writeln!(out, "note: {n}");
     }
     out
 }
@@ -217,12 +239,13 @@ pub fn table(report: &ScalingReport) -> String {
 /// The sweep as JSON.
 pub fn report_json(report: &ScalingReport) -> Value {
     json!({
-        "op": "ntxent fwd+bwd",
+        "ops": SCALING_OPS.iter().map(|op| format!("{} fwd+bwd", op.name())).collect::<Vec<_>>(),
         "device": report.device.to_string(),
         "d": report.d,
         "machine": report.machine.to_json(),
         "notes": report.notes,
         "points": report.points.iter().map(|p| json!({
+            "op": p.op.name(),
             "n": p.n,
             "d": p.d,
             "implementation": p.implementation,
@@ -261,24 +284,33 @@ fn axis_label(v: f64) -> String {
 pub fn plot(report: &ScalingReport, path: &Path) -> Result<()> {
     register_font();
     let err = |e: String| Error::format(path, format!("plotting: {e}"));
-    let names = implementations(report);
-    let series = |value: &dyn Fn(&Measurement) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
-        names
+    // One series per loss and implementation, in the order they first appear.
+    let mut keys: Vec<(Op, String)> = Vec::new();
+    for p in &report.points {
+        if !keys
             .iter()
-            .map(|name| {
+            .any(|(op, name)| *op == p.op && *name == p.implementation)
+        {
+            keys.push((p.op, p.implementation.clone()));
+        }
+    }
+    type Series = Vec<(Op, String, Vec<(f64, f64)>)>;
+    let series = |value: &dyn Fn(&Measurement) -> Option<f64>| -> Series {
+        keys.iter()
+            .map(|(op, name)| {
                 let pts = report
                     .points
                     .iter()
-                    .filter(|p| &p.implementation == name)
+                    .filter(|p| p.op == *op && &p.implementation == name)
                     .filter_map(|p| Some(((p.n as f64).log2(), value(p.result.as_ref().ok()?)?)))
                     .filter(|&(_, v)| v > 0.0)
                     .collect();
-                (name.clone(), pts)
+                (*op, name.clone(), pts)
             })
             .collect()
     };
     let times = series(&|m| Some(m.median_ms));
-    let mut memory = series(&|m| m.peak_bytes.map(|b| b as f64 / (1u64 << 20) as f64));
+    let memory = series(&|m| m.peak_bytes.map(|b| b as f64 / (1u64 << 20) as f64));
     let ns: Vec<f64> = report.points.iter().map(|p| p.n as f64).collect();
     let (n_lo, n_hi) = ns.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &n| {
         (lo.min(n), hi.max(n))
@@ -294,25 +326,31 @@ pub fn plot(report: &ScalingReport, path: &Path) -> Result<()> {
             .map(|n| (n.log2(), 4.0 * n * report.d as f64 / (1u64 << 20) as f64))
             .collect()
     };
-    memory.push(("input z (N·D f32)".into(), input));
 
     let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let title = format!(
-        "NT-Xent forward + backward, D = {}, {} ({})",
+        "NT-Xent, CLIP and SupCon forward + backward, D = {}, {} ({})",
         report.d, report.device, report.machine.cpu
     );
     let root = root
         .titled(&title, (FONT, 20))
         .map_err(|e| err(e.to_string()))?;
     let (left, right) = root.split_horizontally(600);
-    for (area, data, caption, unit) in [
-        (&left, &times, "time per call", "ms"),
-        (&right, &memory, "peak memory added by one call", "MiB"),
+    for (area, data, caption, unit, reference) in [
+        (&left, &times, "time per call", "ms", None),
+        (
+            &right,
+            &memory,
+            "peak memory added by one call",
+            "MiB",
+            Some(("N·D f32 (the size of one input)", &input)),
+        ),
     ] {
         let values: Vec<f64> = data
             .iter()
-            .flat_map(|(_, p)| p.iter().map(|q| q.1))
+            .flat_map(|(_, _, p)| p.iter().map(|q| q.1))
+            .chain(reference.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)))
             .collect();
         let (lo, hi) = values.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
@@ -332,7 +370,7 @@ pub fn plot(report: &ScalingReport, path: &Path) -> Result<()> {
             .map_err(|e| err(e.to_string()))?;
         chart
             .configure_mesh()
-            .x_desc("N (rows of z)")
+            .x_desc("N (rows of the N x N logits)")
             .y_desc(unit)
             .label_style((FONT, 13))
             .x_labels(((x_hi - x_lo).ceil() as usize + 1).max(2))
@@ -348,20 +386,49 @@ pub fn plot(report: &ScalingReport, path: &Path) -> Result<()> {
             .light_line_style(WHITE.mix(0.0))
             .draw()
             .map_err(|e| err(e.to_string()))?;
-        for (name, pts) in data {
+        if let Some((label, pts)) = reference {
+            let c = color("");
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(1)))
+                .map_err(|e| err(e.to_string()))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(1))
+                });
+        }
+        for (op, name, pts) in data {
             if pts.is_empty() {
                 continue;
             }
+            // Colour by implementation, marker by loss.
             let c = color(name);
-            chart
+            let op = *op;
+            let marker = move |p: (f64, f64)| -> DynElement<'static, BitMapBackend, (f64, f64)> {
+                match op {
+                    Op::Clip => TriangleMarker::new(p, 5, c.filled()).into_dyn(),
+                    Op::Supcon => Cross::new(p, 4, c.stroke_width(2)).into_dyn(),
+                    _ => Circle::new(p, 3, c.filled()).into_dyn(),
+                }
+            };
+            let series = chart
                 .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
                 .map_err(|e| err(e.to_string()))?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
+                .label(format!("{} {name}", op.name()));
+            let line = move |(x, y): (i32, i32)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (20, 0)], c.stroke_width(2))
+            };
+            match op {
+                Op::Clip => {
+                    series.legend(move |p| line(p) + TriangleMarker::new((10, 0), 5, c.filled()))
+                }
+                Op::Supcon => {
+                    series.legend(move |p| line(p) + Cross::new((10, 0), 4, c.stroke_width(2)))
+                }
+                _ => series.legend(move |p| line(p) + Circle::new((10, 0), 3, c.filled())),
+            };
             chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                .draw_series(pts.iter().map(|&p| marker(p)))
                 .map_err(|e| err(e.to_string()))?;
         }
         chart

@@ -82,7 +82,7 @@ enum Command {
         json: Option<PathBuf>,
     },
     /// Benchmark contra against PyTorch eager (and torch.compile) and a naive Rust reference:
-    /// one table of time, speedup, peak memory and GFLOP/s; --scaling for the NT-Xent sweep.
+    /// one table of time, speedup, peak memory and GFLOP/s; --scaling for the NT-Xent / CLIP / SupCon sweep.
     Bench(contra::bench::BenchArgs),
     /// The tensor-core NT-Xent through the public API (bf16 features on the device, the loss
     /// read after each call): forward + backward at N x --dim, median wall time and TFLOP/s

@@ -1,9 +1,11 @@
-//! Noise-contrastive estimation, forward and backward, accumulated in f64 with a stable
-//! softplus / sigmoid. Rows run in parallel.
+//! Noise-contrastive estimation, forward and backward, with a stable softplus / sigmoid: each
+//! `delta` formed in f64, the per-element softplus and sigmoid in the compute type (vectorized for
+//! f32, exact for f64), the row sums accumulated in f64. Rows run in parallel.
 
 use rayon::prelude::*;
 
-use super::{sigmoid, softplus, Real};
+use super::simd::dispatched;
+use super::{lane_sum, sigmoid, softplus, Real};
 
 /// One NCE batch: `s_pos` and `logq_pos` hold `rows` values, `s_neg` and `logq_neg` hold
 /// `rows x k`. Sizes are validated by the caller.
@@ -31,11 +33,8 @@ impl<T: Real> Problem<'_, T> {
             .map(|b| {
                 let delta_pos = self.s_pos[b].f64() - log_k - self.logq_pos[b].f64();
                 let row = b * self.k..(b + 1) * self.k;
-                let neg: f64 = self.s_neg[row.clone()]
-                    .iter()
-                    .zip(&self.logq_neg[row])
-                    .map(|(&s, &q)| softplus(s.f64() - log_k - q.f64()))
-                    .sum();
+                let neg =
+                    negative_softplus_sum(&self.s_neg[row.clone()], &self.logq_neg[row], log_k);
                 softplus(-delta_pos) + neg
             })
             .collect();
@@ -53,12 +52,40 @@ impl<T: Real> Problem<'_, T> {
             .zip(self.logq_pos.par_iter())
             .map(|(&s, &q)| T::of(-scale * sigmoid(-(s.f64() - log_k - q.f64()))))
             .collect();
-        let grad_neg: Vec<T> = self
-            .s_neg
-            .par_iter()
-            .zip(self.logq_neg.par_iter())
-            .map(|(&s, &q)| T::of(scale * sigmoid(s.f64() - log_k - q.f64())))
-            .collect();
+        let mut grad_neg = vec![T::zero(); self.s_neg.len()];
+        grad_neg
+            .par_chunks_mut(self.k)
+            .zip(self.s_neg.par_chunks(self.k))
+            .zip(self.logq_neg.par_chunks(self.k))
+            .for_each(|((g, s), q)| negative_sigmoids(s, q, log_k, scale, g));
         (grad_pos, grad_neg)
+    }
+}
+
+/// Elements of a row taken at a time by the loops below (on the stack).
+const BLOCK: usize = 256;
+
+dispatched! {
+    /// `sum_j softplus(s_j - log_k - q_j)`: each delta formed in f64 and rounded once to the
+    /// compute type, the softplus in the compute type (vectorized for f32), the sums in order.
+    fn negative_softplus_sum<T: Real>(s: &[T], q: &[T], log_k: f64) -> f64 {
+        let mut terms = [T::zero(); BLOCK];
+        let mut total = 0.0;
+        for (s, q) in s.chunks(BLOCK).zip(q.chunks(BLOCK)) {
+            let terms = &mut terms[..s.len()];
+            for ((t, &s), &q) in terms.iter_mut().zip(s).zip(q) {
+                *t = T::of(s.f64() - log_k - q.f64()).softplus();
+            }
+            total += lane_sum(terms).f64();
+        }
+        total
+    }
+
+    /// `g_j = scale * sigmoid(s_j - log_k - q_j)`, likewise in the compute type.
+    fn negative_sigmoids<T: Real>(s: &[T], q: &[T], log_k: f64, scale: f64, g: &mut [T]) {
+        let scale = T::of(scale);
+        for ((g, &s), &q) in g.iter_mut().zip(s).zip(q) {
+            *g = scale * T::of(s.f64() - log_k - q.f64()).softplus_sigmoid().1;
+        }
     }
 }

@@ -19,6 +19,12 @@ torch.cuda.max_memory_allocated minus the allocation before the call), then is t
 a minimum count and a minimum time are reached (CPU: perf_counter; GPU: CUDA events), rotating
 through 3 input sets. The reported time is the median.
 
+Peers: when pytorch-metric-learning (`pip install pytorch-metric-learning`) or open_clip
+(`pip install open_clip_torch`; only its `loss.py` is loaded, so `--no-deps` is enough) is
+installed, their own classes join as extra rows on the same inputs: `pml` (NTXentLoss,
+SupConLoss, TripletMarginLoss with BatchHardMiner) and `open_clip` (ClipLoss, SigLipLoss).
+`--no-peers` leaves them out.
+
 Exit status: 0 on success, 3 when torch cannot be imported (a clear message on stderr, and a JSON
 {"error": "torch-missing"} when --json is given), 2 on bad arguments.
 """
@@ -26,6 +32,7 @@ Exit status: 0 on success, 3 when torch cannot be imported (a clear message on s
 import argparse
 import ctypes
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -52,8 +59,13 @@ MOMENTUM_M = 0.999
 # Cases (mirrors src/bench/cases.rs; `contra bench` passes its own list with --cases)
 
 
-def case(op, pass_, n, d=0, k=0, v=0, c=0, dtype="f32"):
-    return {"op": op, "pass": pass_, "n": n, "d": d, "k": k, "v": v, "c": c, "dtype": dtype}
+def case(op, pass_, n, d=0, k=0, v=0, c=0, dtype="f32", mining="batch-hard"):
+    return {"op": op, "pass": pass_, "n": n, "d": d, "k": k, "v": v, "c": c, "dtype": dtype,
+            "mining": mining}
+
+
+def mining(cs):
+    return cs.get("mining", "batch-hard")
 
 
 def shape_label(cs):
@@ -73,7 +85,9 @@ def dims_label(cs):
     if op == "supcon":
         return f"N={n} V={v} D={d} C={c}"
     if op == "triplet":
-        return f"N={n} D={d} C={c}"
+        # Batch-hard, the first triplet case, keeps its id without a suffix.
+        suffix = "" if mining(cs) == "batch-hard" else f" {mining(cs)}"
+        return f"N={n} D={d} C={c}{suffix}"
     if op == "nce":
         return f"B={n} k={k}"
     if op == "momentum":
@@ -98,6 +112,8 @@ def quick_cases():
     cases.append(case("moco", "fwd+bwd", 256, 128, k=4096))
     cases.append(case("supcon", "fwd+bwd", 512, 128, v=2, c=10))
     cases.append(case("triplet", "fwd+bwd", 1024, 128, c=16))
+    for m in ("batch-all", "semi-hard"):
+        cases.append(case("triplet", "fwd+bwd", 256, 128, c=16, mining=m))
     cases.append(case("margin", "fwd+bwd", 16384, 128))
     cases.append(case("nce", "fwd+bwd", 1024, k=4096))
     return cases
@@ -116,6 +132,9 @@ def full_cases():
     cases += both(lambda p: case("supcon", p, 2048, 128, v=2, c=100))
     for n in (256, 1024, 4096):
         cases += both(lambda p: case("triplet", p, n, 128, c=min(64, n // 4)))
+    for m in ("batch-all", "semi-hard"):
+        for n in (256, 512):
+            cases += both(lambda p: case("triplet", p, n, 128, c=16, mining=m))
     cases += both(lambda p: case("margin", p, 65536, 128))
     cases += both(lambda p: case("nce", p, 4096, k=4096))
     cases += both(lambda p: case("normalize", p, 65536, 128))
@@ -325,12 +344,44 @@ def build_op(torch, cs, device):
         pos_mask = same & ~torch.eye(n, dtype=torch.bool, device=device)
         valid = pos_mask.any(1) & (~same).any(1)
 
-        def triplet(x):
-            # Batch-hard (Hermans et al.) from the Gram matrix, as the common PyTorch code does.
+        def distances(x):
+            # From the Gram matrix, as the common PyTorch code does.
             dot = x @ x.T
             sq = torch.diagonal(dot)
             d2 = sq.unsqueeze(0) - 2.0 * dot + sq.unsqueeze(1)
-            dist = torch.sqrt(torch.clamp(d2, min=1e-12))
+            return torch.sqrt(torch.clamp(d2, min=1e-12))
+
+        if mining(cs) == "batch-all":
+            # Every valid (a, p, n) as an N x N x N tensor; the mean of the positive terms.
+            triplets = pos_mask.unsqueeze(2) & ~same.unsqueeze(1)
+
+            def triplet(x):
+                dist = distances(x)
+                terms = F.relu(dist.unsqueeze(2) - dist.unsqueeze(1) + TRIPLET_MARGIN) * triplets
+                return terms.sum() / (terms > 0).sum().clamp(min=1)
+
+            return triplet, [0]
+        if mining(cs) == "semi-hard":
+            # TF-Addons' semi-hard: per positive pair the nearest negative farther than the
+            # positive, else the farthest negative; N x N x N masks.
+            negative = ~same
+
+            def triplet(x):
+                dist = distances(x)
+                d_ap, d_an = dist.unsqueeze(2), dist.unsqueeze(1)
+                farther = negative.unsqueeze(1) & (d_an > d_ap)
+                inf = torch.tensor(float("inf"), device=device)
+                nearest_farther = torch.where(farther, d_an, inf).min(dim=2).values
+                farthest = torch.where(negative, dist, -inf).max(dim=1, keepdim=True).values
+                chosen = torch.where(farther.any(2), nearest_farther, farthest)
+                mined = pos_mask & negative.any(1, keepdim=True)
+                return F.relu(dist - chosen + TRIPLET_MARGIN)[mined].mean()
+
+            return triplet, [0]
+
+        def triplet(x):
+            # Batch-hard (Hermans et al.): masked max / min per anchor.
+            dist = distances(x)
             hardest_pos = (dist * pos_mask).max(dim=1).values
             max_dist = dist.max(dim=1, keepdim=True).values
             hardest_neg = (dist + max_dist * same).min(dim=1).values
@@ -376,6 +427,102 @@ def build_op(torch, cs, device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Peers: other libraries' own loss classes on the same inputs
+
+
+def load_peer(name):
+    """The peer library (its modules), or None when it is not installed here."""
+    try:
+        if name == "pml":
+            import pytorch_metric_learning
+            from pytorch_metric_learning import distances, losses, miners, reducers
+            return {"version": pytorch_metric_learning.__version__, "distances": distances,
+                    "losses": losses, "miners": miners, "reducers": reducers}
+        if name == "open_clip":
+            # Its loss module alone: importing the package would import its models (timm, ...).
+            spec = importlib.util.find_spec("open_clip")
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+            loss_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+            module = importlib.util.module_from_spec(loss_spec)
+            loss_spec.loader.exec_module(module)
+            try:
+                from importlib.metadata import version
+                found = version("open_clip_torch")
+            except Exception:  # noqa: BLE001 - the version is only reported
+                found = "?"
+            return {"version": found, "loss": module}
+    except Exception:  # noqa: BLE001 - not installed, or broken: no rows from it
+        return None
+    return None
+
+
+PEER_NAMES = ("pml", "open_clip")
+
+
+def peer_bytes_estimate(cs, name):
+    """Like eager_bytes_estimate, for the peer's own formulation: PML's NTXentLoss compares each
+    positive pair with every negative pair of its anchor in one (pairs x pairs) matrix, N^3."""
+    if name == "pml" and cs["op"] == "ntxent":
+        return 4 * 4 * cs["n"] ** 3 + 3 * input_bytes(cs)
+    return eager_bytes_estimate(cs)
+
+
+def build_peer_op(torch, cs, device, name, lib):
+    """(loss_fn, grad_inputs) of the peer's own class for the case, or None when it has none.
+    Each is set up to compute the suite's definition, so its loss agrees with contra's."""
+    F = torch.nn.functional
+    n, c, op = cs["n"], cs["c"], cs["op"]
+    if name == "pml":
+        if op == "ntxent":
+            # One positive per row (its pair): PML's NT-Xent over positive pairs is the suite's.
+            labels = torch.arange(n, device=device) % (n // 2)
+            loss = lib["losses"].NTXentLoss(temperature=NTXENT_TAU)
+            return (lambda z: loss(z, labels)), [0]
+        if op == "supcon":
+            tau, base = SUPCON_TAU
+            labels = (torch.arange(n, device=device) % c).repeat(cs["v"])
+            loss = lib["losses"].SupConLoss(temperature=tau)
+
+            def supcon(features):
+                views = torch.cat(torch.unbind(features, dim=1), dim=0)
+                # PML's SupConLoss has no base temperature: Khosla et al.'s is it times tau / base.
+                return loss(views, labels) * (tau / base)
+
+            return supcon, [0]
+        if op == "triplet" and mining(cs) == "batch-hard":
+            labels = torch.arange(n, device=device) % c
+            dist = lib["distances"].LpDistance(normalize_embeddings=False)
+            miner = lib["miners"].BatchHardMiner(distance=dist)
+            # MeanReducer: the mean over every mined triplet, the suite's batch-hard.
+            loss = lib["losses"].TripletMarginLoss(
+                margin=TRIPLET_MARGIN, distance=dist, reducer=lib["reducers"].MeanReducer())
+            return (lambda x: loss(x, labels, miner(x, labels))), [0]
+        if op == "triplet" and mining(cs) == "batch-all":
+            # No miner: every triplet; its default AvgNonZeroReducer: the mean of the positive
+            # terms, the suite's batch-all.
+            labels = torch.arange(n, device=device) % c
+            dist = lib["distances"].LpDistance(normalize_embeddings=False)
+            loss = lib["losses"].TripletMarginLoss(margin=TRIPLET_MARGIN, distance=dist)
+            return (lambda x: loss(x, labels)), [0]
+    if name == "open_clip":
+        # open_clip's models normalize the features before the loss; the scale is exp(log_scale).
+        if op == "clip":
+            log_scale = torch.tensor(CLIP_LOG_SCALE, device=device, requires_grad=True)
+            loss = lib["loss"].ClipLoss()
+            return (lambda a, b: loss(F.normalize(a, dim=1), F.normalize(b, dim=1),
+                                      log_scale.exp())), [0, 1]
+        if op == "siglip":
+            log_scale = torch.tensor(SIGLIP_LOG_SCALE, device=device, requires_grad=True)
+            bias = torch.tensor(SIGLIP_BIAS, device=device, requires_grad=True)
+            loss = lib["loss"].SigLipLoss()
+            return (lambda a, b: loss(F.normalize(a, dim=1), F.normalize(b, dim=1),
+                                      log_scale.exp(), bias)), [0, 1]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Measurement
 
 
@@ -416,12 +563,12 @@ def reset_peak_rss():
 class Call:
     """One implementation of one case over rotated input sets."""
 
-    def __init__(self, torch, cs, device, compiled):
+    def __init__(self, torch, cs, device, compiled, op=None):
         self.torch = torch
         self.cs = cs
         self.device = device
         self.bwd = cs["pass"] == "fwd+bwd"
-        fn, self.grad_inputs = build_op(torch, cs, device)
+        fn, self.grad_inputs = op if op is not None else build_op(torch, cs, device)
         if compiled:
             fn = torch.compile(fn)
         self.fn = fn
@@ -565,6 +712,8 @@ def parse_args(argv):
     p.add_argument("--max-bytes", type=int, default=None,
                    help="skip cases whose eager estimate exceeds this many bytes")
     p.add_argument("--no-gemm", action="store_true", help="skip the GEMM peak measurement")
+    p.add_argument("--no-peers", action="store_true",
+                   help="leave out the peer libraries' rows (pml, open_clip)")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -584,7 +733,9 @@ def eager_bytes_estimate(cs):
         matrix = n * d
     else:
         matrix = n
-    return 5 * 4 * matrix + 3 * input_bytes(cs)
+    # Eager batch-all and semi-hard build N x N x N tensors (a few of them).
+    cube = 4 * 4 * n ** 3 if op == "triplet" and mining(cs) != "batch-hard" else 0
+    return 5 * 4 * matrix + cube + 3 * input_bytes(cs)
 
 
 def write_json(path, payload):
@@ -653,21 +804,36 @@ def main(argv=None):
         print(f"reference_torch.py: torch GEMM {info['gemm_shape']}: "
               f"{info['gemm_gflops']:.1f} GFLOP/s", file=sys.stderr)
 
-    impls = ([] if args.no_eager else [("torch-eager", False)])
+    impls = ([] if args.no_eager else [("torch-eager", False, None)])
     if args.compile:
-        impls.append(("torch-compile", True))
+        impls.append(("torch-compile", True, None))
+    peers = {} if args.no_peers else {name: load_peer(name) for name in PEER_NAMES}
+    info["peers"] = {name: (lib["version"] if lib else None) for name, lib in peers.items()}
+    for name, lib in peers.items():
+        if lib is not None:
+            impls.append((name, False, lib))
+    if peers:
+        found = ", ".join(f"{n} {lib['version']}" for n, lib in peers.items() if lib) or "none"
+        missing = ", ".join(n for n, lib in peers.items() if not lib)
+        print(f"reference_torch.py: peers: {found}"
+              + (f" (not installed: {missing})" if missing else ""), file=sys.stderr)
     results = []
     for cs in cases:
-        for name, compiled in impls:
+        for name, compiled, lib in impls:
+            op = None
+            if lib is not None:
+                op = build_peer_op(torch, cs, device, name, lib)
+                if op is None:
+                    continue  # the peer has no class for this loss
             row = {"id": cs["id"], "impl": name}
-            estimate = eager_bytes_estimate(cs)
+            estimate = peer_bytes_estimate(cs, name) if lib is not None else eager_bytes_estimate(cs)
             if args.max_bytes is not None and estimate > args.max_bytes:
                 row["error"] = f"skipped: needs about {estimate / 2**30:.1f} GiB"
                 results.append(row)
                 continue
             t0 = time.perf_counter()
             try:
-                call = Call(torch, cs, device, compiled)
+                call = Call(torch, cs, device, compiled, op)
                 row.update(measure(torch, call, device, timing))
             except Exception as e:  # noqa: BLE001 - report and go on (compile failures, OOM)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -28,7 +28,7 @@ pub enum Distance {
 }
 
 /// Which triplets contribute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mining {
     /// Every valid (a, p, n); mean over the terms that are positive.
     BatchAll,

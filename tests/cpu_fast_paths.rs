@@ -38,6 +38,34 @@ fn nce_f32_matches_f64() {
     assert!(neg_err < 1e-6, "grad_s_neg: {neg_err:e}");
 }
 
+/// NCE's one call (one pass for the loss and both gradients) against the forward and the
+/// backward called separately, in f64 and f32.
+#[test]
+fn nce_one_call_matches_forward_and_backward() {
+    let mut r = StdRng::seed_from_u64(94);
+    let (b, k) = (29, 301);
+    let inputs = [
+        (uniform(&mut r, b, 20.0), vec![b]),
+        (uniform(&mut r, b * k, 20.0), vec![b, k]),
+        (uniform(&mut r, b, 5.0), vec![b]),
+        (uniform(&mut r, b * k, 5.0), vec![b, k]),
+    ];
+    for (to, tol) in [(t64 as fn(&[f64], &[usize]) -> Tensor, 1e-12), (t32, 1e-6)] {
+        let t: Vec<Tensor> = inputs.iter().map(|(v, s)| to(v, s)).collect();
+        let one = nce(&t[0], &t[1], &t[2], &t[3]).unwrap();
+        let fwd = nce_forward(&t[0], &t[1], &t[2], &t[3]).unwrap();
+        let (gp, gn) = nce_backward(&t[0], &t[1], &t[2], &t[3], &fwd.saved, 1.0).unwrap();
+        for (what, got, want) in [
+            ("loss", &one.loss, &fwd.loss),
+            ("grad_s_pos", &one.grad_s_pos, &gp),
+            ("grad_s_neg", &one.grad_s_neg, &gn),
+        ] {
+            let err = rel_err(&v64(got), &v64(want));
+            assert!(err < tol, "{what} (tolerance {tol:e}): {err:e}");
+        }
+    }
+}
+
 /// The margin loss's eight-lane distances at D = 37 (four chunks and a tail), f32 against f64.
 #[test]
 fn margin_f32_matches_f64() {
@@ -58,6 +86,34 @@ fn margin_f32_matches_f64() {
     ] {
         let err = rel_err(&v64(got), &v64(want));
         assert!(err < 1e-6, "{what}: {err:e}");
+    }
+}
+
+/// The margin loss's one call (each distance once) against the forward and the backward called
+/// separately, in f64 and f32, with similar and dissimilar pairs inside and beyond the margin.
+#[test]
+fn margin_one_call_matches_forward_and_backward() {
+    let mut r = StdRng::seed_from_u64(95);
+    let (n, d) = (61, 13);
+    let (x1, x2) = (uniform(&mut r, n * d, 1.0), uniform(&mut r, n * d, 1.0));
+    let y: Vec<i64> = (0..n as i64).map(|i| (i / 3) % 2).collect();
+    let opts = MarginOptions {
+        margin: 2.0,
+        ..Default::default()
+    };
+    for (to, tol) in [(t64 as fn(&[f64], &[usize]) -> Tensor, 1e-12), (t32, 1e-6)] {
+        let (a, b) = (to(&x1, &[n, d]), to(&x2, &[n, d]));
+        let one = margin_loss(&a, &b, &y, &opts).unwrap();
+        let fwd = margin_forward(&a, &b, &y, &opts).unwrap();
+        let (g1, g2) = margin_backward(&a, &b, &y, &opts, &fwd.saved, 1.0).unwrap();
+        for (what, got, want) in [
+            ("loss", &one.loss, &fwd.loss),
+            ("grad_x1", &one.grad_x1, &g1),
+            ("grad_x2", &one.grad_x2, &g2),
+        ] {
+            let err = rel_err(&v64(got), &v64(want));
+            assert!(err < tol, "{what} (tolerance {tol:e}): {err:e}");
+        }
     }
 }
 

@@ -8,6 +8,8 @@ use std::fmt;
 
 use serde_json::{json, Value};
 
+use crate::shared::Mining;
+
 use crate::{Error, Result};
 
 /// One op of the suite.
@@ -130,6 +132,30 @@ pub struct Case {
     pub c: usize,
     /// Inputs in bf16 (kernel devices: the tensor-core kernels of the softmax losses), else f32.
     pub bf16: bool,
+    /// The triplet mining (batch-hard unless a triplet case says otherwise).
+    pub mining: Mining,
+}
+
+/// A mining's name in case ids and JSON.
+pub fn mining_name(mining: Mining) -> &'static str {
+    match mining {
+        Mining::BatchAll => "batch-all",
+        Mining::BatchHard => "batch-hard",
+        Mining::SemiHard => "semi-hard",
+        Mining::SemiHardAll => "semi-hard-all",
+    }
+}
+
+fn parse_mining(name: &str) -> Result<Mining> {
+    [
+        Mining::BatchAll,
+        Mining::BatchHard,
+        Mining::SemiHard,
+        Mining::SemiHardAll,
+    ]
+    .into_iter()
+    .find(|&m| mining_name(m) == name)
+    .ok_or_else(|| Error::invalid("bench", "mining", format!("unknown mining `{name}`")))
 }
 
 impl Case {
@@ -143,6 +169,7 @@ impl Case {
             v: 0,
             c: 0,
             bf16: false,
+            mining: Mining::BatchHard,
         }
     }
 
@@ -199,6 +226,13 @@ impl Case {
             ..Case::new(Op::Triplet, pass, n, d)
         }
     }
+    /// A triplet case with another mining than batch-hard.
+    pub fn triplet_mined(pass: Pass, n: usize, d: usize, classes: usize, mining: Mining) -> Case {
+        Case {
+            mining,
+            ..Case::triplet(pass, n, d, classes)
+        }
+    }
     pub fn margin(pass: Pass, n: usize, d: usize) -> Case {
         Case::new(Op::Margin, pass, n, d)
     }
@@ -239,7 +273,9 @@ impl Case {
             Op::Infonce | Op::Similarity => format!("N={n} M={k} D={d}"),
             Op::Moco => format!("N={n} K={k} D={d}"),
             Op::Supcon => format!("N={n} V={v} D={d} C={c}"),
-            Op::Triplet => format!("N={n} D={d} C={c}"),
+            // Batch-hard, the first triplet case, keeps its id without a suffix.
+            Op::Triplet if self.mining == Mining::BatchHard => format!("N={n} D={d} C={c}"),
+            Op::Triplet => format!("N={n} D={d} C={c} {}", mining_name(self.mining)),
             Op::Nce => format!("B={n} k={k}"),
             Op::Momentum => format!("P={n}"),
         }
@@ -330,7 +366,14 @@ impl Case {
             Op::Margin | Op::Normalize => self.n * self.d,
             Op::Momentum => self.n,
         };
-        5 * matrix + 3 * self.input_bytes()
+        // PyTorch eager's batch-all and semi-hard build N x N x N tensors (a few of them).
+        let cube = match (self.op, self.mining) {
+            (Op::Triplet, Mining::BatchAll | Mining::SemiHard | Mining::SemiHardAll) => {
+                4 * 4 * self.n * self.n * self.n
+            }
+            _ => 0,
+        };
+        5 * matrix + cube + 3 * self.input_bytes()
     }
 
     /// The case as the JSON object the child processes and the reference script read.
@@ -341,6 +384,7 @@ impl Case {
             "pass": self.pass.name(),
             "n": self.n, "d": self.d, "k": self.k, "v": self.v, "c": self.c,
             "dtype": if self.bf16 { "bf16" } else { "f32" },
+            "mining": mining_name(self.mining),
             "rotations": self.rotations(),
         })
     }
@@ -371,6 +415,10 @@ impl Case {
                 Some("bf16") => true,
                 Some(other) => return Err(bad(&format!("unknown dtype `{other}`"))),
             },
+            mining: match v.get("mining").and_then(Value::as_str) {
+                None => Mining::BatchHard,
+                Some(name) => parse_mining(name)?,
+            },
         })
     }
 }
@@ -397,6 +445,15 @@ pub fn quick_cases() -> Vec<Case> {
     cases.push(Case::moco(Pass::ForwardBackward, 256, 4096, 128));
     cases.push(Case::supcon(Pass::ForwardBackward, 512, 2, 128, 10));
     cases.push(Case::triplet(Pass::ForwardBackward, 1024, 128, 16));
+    for mining in [Mining::BatchAll, Mining::SemiHard] {
+        cases.push(Case::triplet_mined(
+            Pass::ForwardBackward,
+            256,
+            128,
+            16,
+            mining,
+        ));
+    }
     cases.push(Case::margin(Pass::ForwardBackward, 16384, 128));
     cases.push(Case::nce(Pass::ForwardBackward, 1024, 4096));
     cases
@@ -419,6 +476,12 @@ pub fn full_cases() -> Vec<Case> {
     cases.extend(both(|p| Case::supcon(p, 2048, 2, 128, 100)));
     for n in [256, 1024, 4096] {
         cases.extend(both(|p| Case::triplet(p, n, 128, 64.min(n / 4))));
+    }
+    // The other minings: PyTorch eager builds N x N x N masks for them.
+    for mining in [Mining::BatchAll, Mining::SemiHard] {
+        for n in [256, 512] {
+            cases.extend(both(|p| Case::triplet_mined(p, n, 128, 16, mining)));
+        }
     }
     cases.extend(both(|p| Case::margin(p, 65536, 128)));
     cases.extend(both(|p| Case::nce(p, 4096, 4096)));

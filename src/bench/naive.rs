@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::gemm::{Gemm, MatRef};
+use crate::shared::Mining;
 
 const EPS: f32 = 1e-12;
 
@@ -508,13 +509,21 @@ pub fn supcon(
     (loss, Some(normalize_backward(&f, &norm, &df, dim)))
 }
 
-/// Batch-hard triplet loss with Euclidean distance `sqrt(max(d2, 1e-12))` from the Gram matrix:
-/// loss and dx (autograd through the distance matrix: dense N x N gradient, two GEMMs).
-pub fn triplet_batch_hard(
+/// One mined triplet term of an anchor: `(p, n, d_ap - d_an + m)`.
+type Term = (usize, usize, f32);
+
+/// The triplet loss with Euclidean distance `sqrt(max(d2, 1e-12))` from the Gram matrix, as the
+/// common PyTorch code computes it: the distance matrix, the mined terms `(a, p, n)` of each
+/// anchor (batch-hard: the farthest positive and nearest negative; batch-all: every valid
+/// triplet; semi-hard: per positive the nearest negative farther than it, else the farthest),
+/// the mean of the terms' relu over the mining's count, and dx by autograd through the distance
+/// matrix (dense N x N gradient, two GEMMs).
+pub fn triplet(
     x: &[f32],
     labels: &[i64],
     dim: usize,
     margin: f64,
+    mining: Mining,
     backward: bool,
 ) -> (f64, Option<Vec<f32>>) {
     let rows = x.len() / dim;
@@ -531,47 +540,81 @@ pub fn triplet_batch_hard(
         }
     });
     drop(gram);
-    // Hardest positive and negative per anchor (the reference code's masked max / min).
-    let picks: Vec<Option<(usize, usize, f32)>> = dist
+    let m = margin as f32;
+    // Each anchor's mined terms (p, n, d_ap - d_an + m), and how many count in the mean.
+    let mined: Vec<(Vec<Term>, usize)> = dist
         .par_chunks(rows)
         .enumerate()
         .map(|(a, row)| {
-            let mut pos: Option<(usize, f32)> = None;
-            let mut neg: Option<(usize, f32)> = None;
-            for (j, &d) in row.iter().enumerate() {
-                if labels[j] == labels[a] {
-                    if j != a && pos.is_none_or(|(_, best)| d > best) {
-                        pos = Some((j, d));
-                    }
-                } else if neg.is_none_or(|(_, best)| d < best) {
-                    neg = Some((j, d));
+            let positives: Vec<usize> = (0..rows)
+                .filter(|&j| j != a && labels[j] == labels[a])
+                .collect();
+            let negatives: Vec<usize> = (0..rows).filter(|&j| labels[j] != labels[a]).collect();
+            if positives.is_empty() || negatives.is_empty() {
+                return (Vec::new(), 0);
+            }
+            let term = |p: usize, n: usize| (p, n, row[p] - row[n] + m);
+            let first_best = |set: &[usize], better: fn(f32, f32) -> bool| {
+                set.iter()
+                    .copied()
+                    .reduce(|best, j| if better(row[j], row[best]) { j } else { best })
+                    .unwrap_or(a)
+            };
+            let nearest = first_best(&negatives, |x, best| x < best);
+            let farthest = first_best(&negatives, |x, best| x > best);
+            match mining {
+                Mining::BatchHard => {
+                    let p = first_best(&positives, |x, best| x > best);
+                    (vec![term(p, nearest)], 1)
+                }
+                Mining::BatchAll | Mining::SemiHardAll => {
+                    let semi_only = mining == Mining::SemiHardAll;
+                    let terms: Vec<_> = positives
+                        .iter()
+                        .flat_map(|&p| negatives.iter().map(move |&n| term(p, n)))
+                        .filter(|&(p, n, _)| !semi_only || row[n] > row[p])
+                        .collect();
+                    let active = terms.iter().filter(|t| t.2 > 0.0).count();
+                    (terms, active)
+                }
+                Mining::SemiHard => {
+                    let terms: Vec<_> = positives
+                        .iter()
+                        .map(|&p| {
+                            let farther = negatives
+                                .iter()
+                                .copied()
+                                .filter(|&n| row[n] > row[p])
+                                .reduce(|best, n| if row[n] < row[best] { n } else { best });
+                            term(p, farther.unwrap_or(farthest))
+                        })
+                        .collect();
+                    let count = terms.len();
+                    (terms, count)
                 }
             }
-            let (p, dp) = pos?;
-            let (n, dn) = neg?;
-            Some((p, n, dp - dn + margin as f32))
         })
         .collect();
-    let valid = picks.iter().flatten().count().max(1);
-    let loss = picks
+    let count = mined.iter().map(|(_, c)| c).sum::<usize>().max(1);
+    let loss = mined
         .iter()
-        .flatten()
+        .flat_map(|(terms, _)| terms)
         .map(|&(_, _, v)| v.max(0.0) as f64)
         .sum::<f64>()
-        / valid as f64;
+        / count as f64;
     if !backward {
         return (loss, None);
     }
-    // d loss / d dist (dense, as autograd's scatter of the max / min), then through the sqrt
-    // into d loss / d d2, a new matrix.
+    // d loss / d dist (dense, as autograd's scatter), then through the sqrt into d loss / d d2,
+    // a new matrix.
+    let w = 1.0 / count as f32;
     let mut g = vec![0.0f32; rows * rows];
     g.par_chunks_mut(rows)
-        .zip(&picks)
+        .zip(&mined)
         .enumerate()
-        .for_each(|(a, (row, pick))| {
-            if let Some((p, n, v)) = *pick {
+        .for_each(|(a, (row, (terms, _)))| {
+            for &(p, n, v) in terms {
                 if v > 0.0 {
-                    let w = 1.0 / valid as f32;
                     row[p] += w / (2.0 * dist[a * rows + p]);
                     row[n] -= w / (2.0 * dist[a * rows + n]);
                 }
@@ -955,20 +998,31 @@ mod tests {
         let (n, d, c) = (40, 16, 4);
         let x = uniform(n * d, 9);
         let y = labels(n, c);
-        let (loss, grad) = triplet_batch_hard(&x, &y, d, 0.2, true);
-        let opts = crate::TripletOptions {
-            distance: crate::Distance::Euclidean,
-            mining: crate::Mining::BatchHard,
-            margin: 0.2,
-            ..Default::default()
-        };
-        let out = crate::triplet(&tensor(&x, &[n, d]), &y, &opts).unwrap();
-        close("triplet loss", loss, out.loss.to_scalar().unwrap());
-        close_vec(
-            "triplet grad",
-            &grad.unwrap(),
-            &out.grad_x.to_vec::<f32>().unwrap(),
-        );
+        for mining in [
+            Mining::BatchHard,
+            Mining::BatchAll,
+            Mining::SemiHard,
+            Mining::SemiHardAll,
+        ] {
+            let (loss, grad) = triplet(&x, &y, d, 0.2, mining, true);
+            let opts = crate::TripletOptions {
+                distance: crate::Distance::Euclidean,
+                mining,
+                margin: 0.2,
+                ..Default::default()
+            };
+            let out = crate::triplet(&tensor(&x, &[n, d]), &y, &opts).unwrap();
+            close(
+                &format!("triplet {mining:?} loss"),
+                loss,
+                out.loss.to_scalar().unwrap(),
+            );
+            close_vec(
+                &format!("triplet {mining:?} grad"),
+                &grad.unwrap(),
+                &out.grad_x.to_vec::<f32>().unwrap(),
+            );
+        }
     }
 
     #[test]

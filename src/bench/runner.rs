@@ -408,7 +408,7 @@ impl RunOnce for ContraApi {
             Op::Triplet => {
                 let opts = crate::TripletOptions {
                     distance: crate::Distance::Euclidean,
-                    mining: crate::Mining::BatchHard,
+                    mining: case.mining,
                     margin: cases::TRIPLET_MARGIN,
                     ..Default::default()
                 };
@@ -537,7 +537,9 @@ impl RunOnce for NaiveCpu {
             ),
             Op::Moco => naive::moco(&t[0], &t[1], &t[2], d, cases::MOCO_TAU, bwd),
             Op::Supcon => naive::supcon(&t[0], labels, case.v, d, cases::SUPCON_TAU, bwd),
-            Op::Triplet => naive::triplet_batch_hard(&t[0], labels, d, cases::TRIPLET_MARGIN, bwd),
+            Op::Triplet => {
+                naive::triplet(&t[0], labels, d, cases::TRIPLET_MARGIN, case.mining, bwd)
+            }
             Op::Margin => naive::margin(&t[0], &t[1], labels, d, cases::MARGIN_MARGIN, bwd),
             Op::Nce => naive::nce(&t[0], &t[1], &t[2], &t[3], bwd),
             Op::Normalize => naive::normalize_op(&t[0], d, bwd.then(|| &t[1][..])),

@@ -93,6 +93,34 @@ pub fn forward<T: Real>(x1: &[T], x2: &[T], y: &[i64], dim: usize, margin: f64) 
     mean(&losses)
 }
 
+/// The loss and the gradients of `grad_loss * loss` with respect to `x1` and `x2`, each pair's
+/// distance computed once.
+pub fn forward_backward<T: Real>(
+    x1: &[T],
+    x2: &[T],
+    y: &[i64],
+    dim: usize,
+    margin: f64,
+    grad_loss: f64,
+) -> (f64, Vec<T>, Vec<T>) {
+    let scale = grad_loss / y.len() as f64;
+    let mut g1 = vec![T::zero(); x1.len()];
+    let mut g2 = vec![T::zero(); x2.len()];
+    let losses: Vec<f64> = g1
+        .par_chunks_mut(dim)
+        .zip(g2.par_chunks_mut(dim))
+        .zip(x1.par_chunks(dim).zip(x2.par_chunks(dim)))
+        .zip(y.par_iter())
+        .map(|(((g1_row, g2_row), (a, b)), &yi)| {
+            let sq = squared_distance(a, b);
+            let k = scale * pair_coef(sq, yi == 0, margin);
+            pair_row_grads(k, a, b, g1_row, g2_row);
+            pair_loss(sq, yi == 0, margin)
+        })
+        .collect();
+    (mean(&losses), g1, g2)
+}
+
 /// Gradients of `grad_loss * loss` with respect to `x1` and `x2`.
 pub fn backward<T: Real>(
     x1: &[T],

@@ -62,6 +62,31 @@ impl<T: Real> Problem<'_, T> {
     }
 }
 
+impl<T: Real> Problem<'_, T> {
+    /// The loss and the gradients of `grad_loss * loss` in one pass: each element's softplus and
+    /// sigmoid come from the same exponential.
+    pub fn forward_backward(&self, grad_loss: f64) -> (f64, Vec<T>, Vec<T>) {
+        let log_k = self.log_k();
+        let scale = grad_loss / self.rows as f64;
+        let mut grad_pos = vec![T::zero(); self.rows];
+        let mut grad_neg = vec![T::zero(); self.s_neg.len()];
+        let per_row: Vec<f64> = grad_neg
+            .par_chunks_mut(self.k)
+            .zip(grad_pos.par_iter_mut())
+            .enumerate()
+            .map(|(b, (g, g_pos))| {
+                let delta_pos = self.s_pos[b].f64() - log_k - self.logq_pos[b].f64();
+                *g_pos = T::of(-scale * sigmoid(-delta_pos));
+                let row = b * self.k..(b + 1) * self.k;
+                let (s, q) = (&self.s_neg[row.clone()], &self.logq_neg[row]);
+                softplus(-delta_pos) + negative_terms(s, q, log_k, scale, g)
+            })
+            .collect();
+        let loss = per_row.iter().sum::<f64>() / self.rows as f64;
+        (loss, grad_pos, grad_neg)
+    }
+}
+
 /// Elements of a row taken at a time by the loops below (on the stack).
 const BLOCK: usize = 256;
 
@@ -75,6 +100,25 @@ dispatched! {
             let terms = &mut terms[..s.len()];
             for ((t, &s), &q) in terms.iter_mut().zip(s).zip(q) {
                 *t = T::of(s.f64() - log_k - q.f64()).softplus();
+            }
+            total += lane_sum(terms).f64();
+        }
+        total
+    }
+
+    /// `sum_j softplus(delta_j)` and `g_j = scale * sigmoid(delta_j)` with
+    /// `delta_j = s_j - log_k - q_j`, as [`negative_softplus_sum`] and [`negative_sigmoids`]
+    /// compute them, in one pass.
+    fn negative_terms<T: Real>(s: &[T], q: &[T], log_k: f64, scale: f64, g: &mut [T]) -> f64 {
+        let scale = T::of(scale);
+        let mut terms = [T::zero(); BLOCK];
+        let mut total = 0.0;
+        for ((s, q), g) in s.chunks(BLOCK).zip(q.chunks(BLOCK)).zip(g.chunks_mut(BLOCK)) {
+            let terms = &mut terms[..s.len()];
+            for (((t, g), &s), &q) in terms.iter_mut().zip(g.iter_mut()).zip(s).zip(q) {
+                let (softplus, sigmoid) = T::of(s.f64() - log_k - q.f64()).softplus_sigmoid();
+                *t = softplus;
+                *g = scale * sigmoid;
             }
             total += lane_sum(terms).f64();
         }

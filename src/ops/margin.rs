@@ -168,6 +168,9 @@ fn kernel_problem<'a, B: Backend>(
 
 /// What the margin loss overflows on (a distance beyond f64 when squared).
 const LOSS_BLAME: &str = "a similar pair's ||x1 - x2||^2 / 2 is beyond f64::MAX";
+/// What a gradient beyond its output's range blames.
+const GRAD_BLAME: &str =
+    "its exact value is beyond the output's range; scale `grad_loss` or `x1` - `x2` down";
 
 /// What [`margin_backward`] needs from [`margin_forward`]: only the record of the call that made
 /// it (the backward recomputes each pair's distance, O(N D)), so that a backward of other
@@ -281,14 +284,12 @@ fn input_grads(
     grad_loss: f64,
 ) -> Result<(Tensor, Tensor)> {
     check_grad_loss(BACKWARD, grad_loss, compute_dtype(x1.device(), x1.dtype()))?;
-    const BLAME: &str =
-        "its exact value is beyond the output's range; scale `grad_loss` or `x1` - `x2` down";
     run_on_kernels!(x1.device(), b => {
         let mut rec = Recorder::new(b, BACKWARD)?;
         let buffers = upload(b, &mut rec, x1, x2, y)?;
         let (g1, g2) = kernel_problem(&buffers, y.len(), dim, opts).backward(b, grad_loss)?;
         let grads = [("grad_x1", g1, x1), ("grad_x2", g2, x2)];
-        let ((), [g1, g2]) = kernel_grads(b, rec, grads, BLAME, |rec| Ok(((), rec.finish()?)))?;
+        let ((), [g1, g2]) = kernel_grads(b, rec, grads, GRAD_BLAME, |rec| Ok(((), rec.finish()?)))?;
         Ok((g1, g2))
     });
     let y = host_labels(y)?;
@@ -304,8 +305,8 @@ fn input_grads(
         };
         (output_like(x1, g1, x1.shape())?, output_like(x2, g2, x2.shape())?)
     });
-    check_result(BACKWARD, "grad_x1", &g1, BLAME)?;
-    check_result(BACKWARD, "grad_x2", &g2, BLAME)?;
+    check_result(BACKWARD, "grad_x1", &g1, GRAD_BLAME)?;
+    check_result(BACKWARD, "grad_x2", &g2, GRAD_BLAME)?;
     Ok((g1, g2))
 }
 
@@ -330,11 +331,43 @@ pub fn margin_loss(
 ) -> Result<MarginOutput> {
     // Validated once; no saved state to fingerprint or verify.
     let (dim, y) = validate(OP, x1, x2, y, opts)?;
+    if x1.device() == Device::Cpu && opts.variant == MarginVariant::Hadsell {
+        return hadsell_cpu(x1, x2, host_labels(&y)?, opts.margin, dim);
+    }
     let loss = forward_loss(x1, x2, &y, opts, dim)?;
     let (grad_x1, grad_x2) = input_grads(x1, x2, &y, opts, dim, 1.0)?;
     Ok(MarginOutput {
         loss,
         grad_x1,
         grad_x2,
+    })
+}
+
+/// The Hadsell loss and gradients on the CPU in one pass over the pairs.
+fn hadsell_cpu(
+    x1: &Tensor,
+    x2: &Tensor,
+    y: &[i64],
+    margin: f64,
+    dim: usize,
+) -> Result<MarginOutput> {
+    let (loss, g1, g2) = with_cpu_real!(x1.dtype(), T => {
+        let (v1, v2) = (values::<T>(x1)?, values::<T>(x2)?);
+        let (loss, g1, g2) = cpu::margin::forward_backward::<T>(&v1, &v2, y, dim, margin, 1.0);
+        (loss, output_like(x1, g1, x1.shape())?, output_like(x2, g2, x2.shape())?)
+    });
+    if !loss.is_finite() {
+        return Err(Error::invalid(
+            OP,
+            "x1",
+            format!("the loss overflows f64 ({LOSS_BLAME})"),
+        ));
+    }
+    check_result(OP, "grad_x1", &g1, GRAD_BLAME)?;
+    check_result(OP, "grad_x2", &g2, GRAD_BLAME)?;
+    Ok(MarginOutput {
+        loss: host_loss(loss, x1.device())?,
+        grad_x1: g1,
+        grad_x2: g2,
     })
 }

@@ -235,11 +235,26 @@ pub fn nce(
     // Validated once; no saved state to fingerprint or verify.
     let dims = validate(OP, s_pos, s_neg, logq_pos, logq_neg)?;
     let inputs = [s_pos, s_neg, logq_pos, logq_neg];
-    let loss = forward_loss(inputs, dims)?;
-    let (grad_s_pos, grad_s_neg) = input_grads(inputs, dims, 1.0)?;
+    run_on_kernels!(s_pos.device(), _b => {
+        let loss = forward_loss(inputs, dims)?;
+        let (grad_s_pos, grad_s_neg) = input_grads(inputs, dims, 1.0)?;
+        Ok(NceOutput { loss, grad_s_pos, grad_s_neg })
+    });
+    // The CPU: one pass for the loss and both gradients.
+    let (rows, k) = dims;
+    let (loss, gp, gn) = with_cpu_real!(s_pos.dtype(), T => {
+        let (sp, sn, qp, qn) =
+            (values::<T>(s_pos)?, values::<T>(s_neg)?, values::<T>(logq_pos)?, values::<T>(logq_neg)?);
+        let problem = cpu::nce::Problem { s_pos: &sp, s_neg: &sn, logq_pos: &qp, logq_neg: &qn, rows, k };
+        let (loss, gp, gn) = problem.forward_backward(1.0);
+        (loss, output_like(s_pos, gp, &[rows])?, output_like(s_neg, gn, &[rows, k])?)
+    });
+    check_scalar_result(OP, "loss", loss, BLAME)?;
+    check_result(OP, "grad_s_pos", &gp, BLAME)?;
+    check_result(OP, "grad_s_neg", &gn, BLAME)?;
     Ok(NceOutput {
-        loss,
-        grad_s_pos,
-        grad_s_neg,
+        loss: host_loss(loss, s_pos.device())?,
+        grad_s_pos: gp,
+        grad_s_neg: gn,
     })
 }

@@ -112,7 +112,7 @@ def quick_cases():
     cases.append(case("moco", "fwd+bwd", 256, 128, k=4096))
     cases.append(case("supcon", "fwd+bwd", 512, 128, v=2, c=10))
     cases.append(case("triplet", "fwd+bwd", 1024, 128, c=16))
-    for m in ("batch-all", "semi-hard"):
+    for m in ("batch-all", "semi-hard", "semi-hard-all"):
         cases.append(case("triplet", "fwd+bwd", 256, 128, c=16, mining=m))
     cases.append(case("margin", "fwd+bwd", 16384, 128))
     cases.append(case("nce", "fwd+bwd", 1024, k=4096))
@@ -132,7 +132,7 @@ def full_cases():
     cases += both(lambda p: case("supcon", p, 2048, 128, v=2, c=100))
     for n in (256, 1024, 4096):
         cases += both(lambda p: case("triplet", p, n, 128, c=min(64, n // 4)))
-    for m in ("batch-all", "semi-hard"):
+    for m in ("batch-all", "semi-hard", "semi-hard-all"):
         for n in (256, 512):
             cases += both(lambda p: case("triplet", p, n, 128, c=16, mining=m))
     cases += both(lambda p: case("margin", p, 65536, 128))
@@ -351,13 +351,17 @@ def build_op(torch, cs, device):
             d2 = sq.unsqueeze(0) - 2.0 * dot + sq.unsqueeze(1)
             return torch.sqrt(torch.clamp(d2, min=1e-12))
 
-        if mining(cs) == "batch-all":
-            # Every valid (a, p, n) as an N x N x N tensor; the mean of the positive terms.
+        if mining(cs) in ("batch-all", "semi-hard-all"):
+            # Every valid (a, p, n) as an N x N x N tensor (semi-hard-all: only those with
+            # 0 < d_an - d_ap <= m); the mean of the positive terms.
             triplets = pos_mask.unsqueeze(2) & ~same.unsqueeze(1)
+            semi_only = mining(cs) == "semi-hard-all"
 
             def triplet(x):
                 dist = distances(x)
-                terms = F.relu(dist.unsqueeze(2) - dist.unsqueeze(1) + TRIPLET_MARGIN) * triplets
+                gap = dist.unsqueeze(2) - dist.unsqueeze(1)
+                mined = triplets & (gap < 0) & (gap + TRIPLET_MARGIN >= 0) if semi_only else triplets
+                terms = F.relu(gap + TRIPLET_MARGIN) * mined
                 return terms.sum() / (terms > 0).sum().clamp(min=1)
 
             return triplet, [0]
@@ -498,6 +502,14 @@ def build_peer_op(torch, cs, device, name, lib):
             # MeanReducer: the mean over every mined triplet, the suite's batch-hard.
             loss = lib["losses"].TripletMarginLoss(
                 margin=TRIPLET_MARGIN, distance=dist, reducer=lib["reducers"].MeanReducer())
+            return (lambda x: loss(x, labels, miner(x, labels))), [0]
+        if op == "triplet" and mining(cs) == "semi-hard-all":
+            # PML's TripletMarginMiner("semihard"): 0 < d_an - d_ap <= m; AvgNonZeroReducer.
+            labels = torch.arange(n, device=device) % c
+            dist = lib["distances"].LpDistance(normalize_embeddings=False)
+            miner = lib["miners"].TripletMarginMiner(
+                margin=TRIPLET_MARGIN, type_of_triplets="semihard", distance=dist)
+            loss = lib["losses"].TripletMarginLoss(margin=TRIPLET_MARGIN, distance=dist)
             return (lambda x: loss(x, labels, miner(x, labels))), [0]
         if op == "triplet" and mining(cs) == "batch-all":
             # No miner: every triplet; its default AvgNonZeroReducer: the mean of the positive

@@ -295,8 +295,9 @@ impl Case {
     }
 
     /// Nominal floating-point work per call: the matrix products of the eager (PyTorch)
-    /// formulation, multiply-add = 2. The same count is used for contra and every reference, so
-    /// a ratio of GFLOP/s is the ratio of times. `None` for the memory-bound element-wise ops.
+    /// formulation, multiply-add = 2: what the references execute, and contra's count on a
+    /// kernel device (on the CPU, [`Case::cpu_flops`]). `None` for the memory-bound element-wise
+    /// ops.
     ///
     /// | op | fwd | fwd+bwd |
     /// |---|---|---|
@@ -320,6 +321,26 @@ impl Case {
         Some(match self.pass {
             Pass::Forward => fwd,
             Pass::ForwardBackward => fwd + bwd,
+        })
+    }
+
+    /// The floating-point work contra's CPU backend executes per call (multiply-add = 2), where
+    /// it differs from the nominal [`Case::flops`]: CLIP fwd+bwd 8 R² D (one forward GEMM gives
+    /// both directions' statistics; the backward recomputes the logits, then two products);
+    /// triplet fwd+bwd with batch-hard or semi-hard mining 2 N² D (the Gram matrix; the backward
+    /// walks the few mined pairs, O(N D) per pair list, no GEMM). The other softmax losses'
+    /// one-call sweeps execute the nominal count (NT-Xent, SupCon, InfoNCE: three GEMMs; MoCo: two;
+    /// SigLIP: three), and so are batch-all and semi-hard-all counted (their coefficients go
+    /// dense, two GEMMs backward, when most pairs occur in a term).
+    pub fn cpu_flops(&self) -> Option<f64> {
+        let nominal = self.flops()?;
+        let (r, d) = (self.softmax_rows() as f64, self.d as f64);
+        Some(match (self.op, self.pass, self.mining) {
+            (Op::Clip, Pass::ForwardBackward, _) => 8.0 * r * r * d,
+            (Op::Triplet, Pass::ForwardBackward, Mining::BatchHard | Mining::SemiHard) => {
+                2.0 * r * r * d
+            }
+            _ => nominal,
         })
     }
 
@@ -445,7 +466,7 @@ pub fn quick_cases() -> Vec<Case> {
     cases.push(Case::moco(Pass::ForwardBackward, 256, 4096, 128));
     cases.push(Case::supcon(Pass::ForwardBackward, 512, 2, 128, 10));
     cases.push(Case::triplet(Pass::ForwardBackward, 1024, 128, 16));
-    for mining in [Mining::BatchAll, Mining::SemiHard] {
+    for mining in [Mining::BatchAll, Mining::SemiHard, Mining::SemiHardAll] {
         cases.push(Case::triplet_mined(
             Pass::ForwardBackward,
             256,
@@ -478,7 +499,7 @@ pub fn full_cases() -> Vec<Case> {
         cases.extend(both(|p| Case::triplet(p, n, 128, 64.min(n / 4))));
     }
     // The other minings: PyTorch eager builds N x N x N masks for them.
-    for mining in [Mining::BatchAll, Mining::SemiHard] {
+    for mining in [Mining::BatchAll, Mining::SemiHard, Mining::SemiHardAll] {
         for n in [256, 512] {
             cases.extend(both(|p| Case::triplet_mined(p, n, 128, 16, mining)));
         }
@@ -597,8 +618,35 @@ mod tests {
 
     #[test]
     fn cases_round_trip_through_json() {
-        for case in full_cases().into_iter().chain(tiny_cases()) {
+        for case in full_cases()
+            .into_iter()
+            .chain(tiny_cases())
+            .chain(quick_cases())
+        {
             assert_eq!(Case::from_json(&case.to_json()).unwrap(), case);
         }
+    }
+
+    #[test]
+    fn cpu_flops_count_what_the_cpu_backend_runs() {
+        let fb = Pass::ForwardBackward;
+        let ratio = |c: Case| c.cpu_flops().unwrap() / c.flops().unwrap();
+        // CLIP: four GEMMs where eager PyTorch runs three; triplet batch-hard and semi-hard:
+        // the Gram matrix only; the others: the nominal count.
+        assert_eq!(ratio(Case::clip(fb, 64, 8)), 8.0 / 6.0);
+        assert_eq!(ratio(Case::triplet(fb, 64, 8, 4)), 1.0 / 3.0);
+        let semi = Case::triplet_mined(fb, 64, 8, 4, Mining::SemiHard);
+        assert_eq!(ratio(semi), 1.0 / 3.0);
+        let all = Case::triplet_mined(fb, 64, 8, 4, Mining::BatchAll);
+        assert_eq!(ratio(all), 1.0);
+        for case in [
+            Case::ntxent(fb, 64, 8),
+            Case::clip(Pass::Forward, 64, 8),
+            Case::moco(fb, 16, 64, 8),
+            Case::supcon(fb, 16, 2, 8, 4),
+        ] {
+            assert_eq!(ratio(case), 1.0, "{case}");
+        }
+        assert_eq!(Case::margin(fb, 64, 8).cpu_flops(), None);
     }
 }

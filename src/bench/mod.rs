@@ -271,6 +271,8 @@ impl GemmPeak {
 #[derive(Clone, Debug)]
 pub struct BenchRow {
     pub case: Case,
+    /// Where contra ran.
+    pub device: Device,
     /// `naive` (Rust, CPU), `unfused` (kernels, GPU), `torch-eager`, `torch-compile`, or `-` when no reference ran.
     pub reference: String,
     pub contra: Option<Measurement>,
@@ -289,8 +291,14 @@ impl BenchRow {
         Some(self.case.flops()? / (m?.median_ms * 1e-3) / 1e9)
     }
 
+    /// contra's GFLOP/s: over the work its CPU backend executes ([`Case::cpu_flops`]) on the
+    /// CPU, over the nominal count on a kernel device.
     pub fn contra_gflops(&self) -> Option<f64> {
-        self.gflops(self.contra.as_ref())
+        let flops = match self.device {
+            Device::Cpu => self.case.cpu_flops()?,
+            _ => self.case.flops()?,
+        };
+        Some(flops / (self.contra.as_ref()?.median_ms * 1e-3) / 1e9)
     }
 
     pub fn reference_gflops(&self) -> Option<f64> {
@@ -551,6 +559,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         if refs.is_empty() {
             report.rows.push(BenchRow {
                 case: *case,
+                device: args.device,
                 reference: "-".into(),
                 contra: contra_m.clone(),
                 reference_result: None,
@@ -565,6 +574,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             };
             let mut row = BenchRow {
                 case: *case,
+                device: args.device,
                 reference: name,
                 contra: contra_m.clone(),
                 reference_result,

@@ -104,20 +104,13 @@ pub fn forward_backward<T: Real>(
     grad_loss: f64,
 ) -> (f64, Vec<T>, Vec<T>) {
     let scale = grad_loss / y.len() as f64;
-    let mut g1 = vec![T::zero(); x1.len()];
-    let mut g2 = vec![T::zero(); x2.len()];
-    let losses: Vec<f64> = g1
-        .par_chunks_mut(dim)
-        .zip(g2.par_chunks_mut(dim))
-        .zip(x1.par_chunks(dim).zip(x2.par_chunks(dim)))
-        .zip(y.par_iter())
-        .map(|(((g1_row, g2_row), (a, b)), &yi)| {
-            let sq = squared_distance(a, b);
-            let k = scale * pair_coef(sq, yi == 0, margin);
-            pair_row_grads(k, a, b, g1_row, g2_row);
-            pair_loss(sq, yi == 0, margin)
-        })
-        .collect();
+    let (losses, g1, g2) = pair_pass(x1, x2, y, dim, |sq, yi| {
+        let similar = yi == 0;
+        (
+            scale * pair_coef(sq, similar, margin),
+            pair_loss(sq, similar, margin),
+        )
+    });
     (mean(&losses), g1, g2)
 }
 
@@ -145,17 +138,33 @@ fn pair_grads<T: Real>(
     dim: usize,
     coef: impl Fn(f64, i64) -> f64 + Sync,
 ) -> (Vec<T>, Vec<T>) {
+    let (_, g1, g2) = pair_pass(x1, x2, y, dim, |sq, yi| (coef(sq, yi), 0.0));
+    (g1, g2)
+}
+
+/// One parallel pass over the pairs: `per_pair(sq, y)` gives the pair's gradient coefficient `k`
+/// (`d / d x1 = k (x1 - x2)`, `d / d x2 = -k (x1 - x2)`) and a value, collected per pair.
+fn pair_pass<T: Real>(
+    x1: &[T],
+    x2: &[T],
+    y: &[i64],
+    dim: usize,
+    per_pair: impl Fn(f64, i64) -> (f64, f64) + Sync,
+) -> (Vec<f64>, Vec<T>, Vec<T>) {
     let mut g1 = vec![T::zero(); x1.len()];
     let mut g2 = vec![T::zero(); x2.len()];
-    g1.par_chunks_mut(dim)
+    let values = g1
+        .par_chunks_mut(dim)
         .zip(g2.par_chunks_mut(dim))
         .zip(x1.par_chunks(dim).zip(x2.par_chunks(dim)))
         .zip(y.par_iter())
-        .for_each(|(((g1_row, g2_row), (a, b)), &yi)| {
-            let k = coef(squared_distance(a, b), yi);
+        .map(|(((g1_row, g2_row), (a, b)), &yi)| {
+            let (k, value) = per_pair(squared_distance(a, b), yi);
             pair_row_grads(k, a, b, g1_row, g2_row);
-        });
-    (g1, g2)
+            value
+        })
+        .collect();
+    (values, g1, g2)
 }
 
 /// pytorch-metric-learning's `ContrastiveLoss` (pos_margin 0, neg_margin `margin`,

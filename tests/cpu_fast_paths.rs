@@ -13,6 +13,14 @@ fn uniform(rng: &mut StdRng, n: usize, scale: f64) -> Vec<f64> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
 }
 
+/// Asserts `||got - want|| / ||want|| < tol` for every named `(got, want)` pair.
+fn assert_all_close(pairs: [(&str, &Tensor, &Tensor); 3], tol: f64) {
+    for (what, got, want) in pairs {
+        let err = rel_err(&v64(got), &v64(want));
+        assert!(err < tol, "{what} (tolerance {tol:e}): {err:e}");
+    }
+}
+
 /// NCE's f32 loops (softplus and sigmoid in f32 over 256-element blocks, rows summed in f64)
 /// against the exact f64 path, with k = 300 (one block and a tail) and scores up to +-30.
 #[test]
@@ -30,12 +38,14 @@ fn nce_f32_matches_f64() {
         nce(&t[0], &t[1], &t[2], &t[3]).unwrap()
     };
     let (exact, fast) = (run(t64), run(t32));
-    let loss_err = rel_err(&v64(&fast.loss), &v64(&exact.loss));
-    let pos_err = rel_err(&v64(&fast.grad_s_pos), &v64(&exact.grad_s_pos));
-    let neg_err = rel_err(&v64(&fast.grad_s_neg), &v64(&exact.grad_s_neg));
-    assert!(loss_err < 1e-6, "loss: {loss_err:e}");
-    assert!(pos_err < 1e-6, "grad_s_pos: {pos_err:e}");
-    assert!(neg_err < 1e-6, "grad_s_neg: {neg_err:e}");
+    assert_all_close(
+        [
+            ("loss", &fast.loss, &exact.loss),
+            ("grad_s_pos", &fast.grad_s_pos, &exact.grad_s_pos),
+            ("grad_s_neg", &fast.grad_s_neg, &exact.grad_s_neg),
+        ],
+        1e-6,
+    );
 }
 
 /// NCE's one call (one pass for the loss and both gradients) against the forward and the
@@ -55,14 +65,14 @@ fn nce_one_call_matches_forward_and_backward() {
         let one = nce(&t[0], &t[1], &t[2], &t[3]).unwrap();
         let fwd = nce_forward(&t[0], &t[1], &t[2], &t[3]).unwrap();
         let (gp, gn) = nce_backward(&t[0], &t[1], &t[2], &t[3], &fwd.saved, 1.0).unwrap();
-        for (what, got, want) in [
-            ("loss", &one.loss, &fwd.loss),
-            ("grad_s_pos", &one.grad_s_pos, &gp),
-            ("grad_s_neg", &one.grad_s_neg, &gn),
-        ] {
-            let err = rel_err(&v64(got), &v64(want));
-            assert!(err < tol, "{what} (tolerance {tol:e}): {err:e}");
-        }
+        assert_all_close(
+            [
+                ("loss", &one.loss, &fwd.loss),
+                ("grad_s_pos", &one.grad_s_pos, &gp),
+                ("grad_s_neg", &one.grad_s_neg, &gn),
+            ],
+            tol,
+        );
     }
 }
 
@@ -79,14 +89,14 @@ fn margin_f32_matches_f64() {
     };
     let exact = margin_loss(&t64(&x1, &[n, d]), &t64(&x2, &[n, d]), &y, &opts).unwrap();
     let fast = margin_loss(&t32(&x1, &[n, d]), &t32(&x2, &[n, d]), &y, &opts).unwrap();
-    for (what, got, want) in [
-        ("loss", &fast.loss, &exact.loss),
-        ("grad_x1", &fast.grad_x1, &exact.grad_x1),
-        ("grad_x2", &fast.grad_x2, &exact.grad_x2),
-    ] {
-        let err = rel_err(&v64(got), &v64(want));
-        assert!(err < 1e-6, "{what}: {err:e}");
-    }
+    assert_all_close(
+        [
+            ("loss", &fast.loss, &exact.loss),
+            ("grad_x1", &fast.grad_x1, &exact.grad_x1),
+            ("grad_x2", &fast.grad_x2, &exact.grad_x2),
+        ],
+        1e-6,
+    );
 }
 
 /// The margin loss's one call (each distance once) against the forward and the backward called
@@ -106,14 +116,14 @@ fn margin_one_call_matches_forward_and_backward() {
         let one = margin_loss(&a, &b, &y, &opts).unwrap();
         let fwd = margin_forward(&a, &b, &y, &opts).unwrap();
         let (g1, g2) = margin_backward(&a, &b, &y, &opts, &fwd.saved, 1.0).unwrap();
-        for (what, got, want) in [
-            ("loss", &one.loss, &fwd.loss),
-            ("grad_x1", &one.grad_x1, &g1),
-            ("grad_x2", &one.grad_x2, &g2),
-        ] {
-            let err = rel_err(&v64(got), &v64(want));
-            assert!(err < tol, "{what} (tolerance {tol:e}): {err:e}");
-        }
+        assert_all_close(
+            [
+                ("loss", &one.loss, &fwd.loss),
+                ("grad_x1", &one.grad_x1, &g1),
+                ("grad_x2", &one.grad_x2, &g2),
+            ],
+            tol,
+        );
     }
 }
 

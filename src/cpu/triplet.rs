@@ -193,7 +193,7 @@ impl Problem<'_> {
         }
     }
 
-    /// Stats and loss coefficients of anchor `a` (before the division by the count), from its
+    /// Mined sums and loss coefficients of anchor `a` (before the division by the count), from its
     /// row of raw pair quantities: `(j, coefficient of raw_aj)` by `j`, each `j` once, zeros
     /// dropped.
     fn anchor(&self, a: usize, row: &[f64], eps: f64) -> (Anchor, Vec<(usize, f64)>) {
@@ -243,13 +243,9 @@ impl Problem<'_> {
         let negatives = || (0..n).filter(move |&j| self.labels[j] != ya);
         let mut out = Anchor::default();
         let mut coefs = Vec::new();
-        // The first of the smallest negative distances.
-        let nearest = negatives()
-            .map(|j| (d(j), j))
-            .reduce(|best, x| if x.0 < best.0 { x } else { best });
-        let Some((dn_min, nearest)) = nearest.filter(|_| !positives.is_empty()) else {
+        if positives.is_empty() || negatives().next().is_none() {
             return (out, coefs);
-        };
+        }
         let positive_d: Vec<f64> = positives.iter().map(|&p| d(p)).collect();
         // By distance, then by index (so unique keys): among equal distances the lowest index
         // comes first.
@@ -260,7 +256,15 @@ impl Problem<'_> {
         };
         match self.mining {
             Mining::BatchHard => {
-                // The first of the largest positive distances, and the nearest negative.
+                // The first of the largest positive distances, and the first of the smallest
+                // negative ones (one walk: no sort).
+                let nearest =
+                    negatives()
+                        .map(|j| (d(j), j))
+                        .reduce(|best, x| if x.0 < best.0 { x } else { best });
+                let Some((dn_min, nearest)) = nearest else {
+                    return (out, coefs);
+                };
                 let p = (1..positive_d.len()).fold(0, |best, i| {
                     if positive_d[i] > positive_d[best] {
                         i

@@ -43,7 +43,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 //!
-//! `examples/candle_simclr.rs` trains a CNN this way on Fashion-MNIST.
+//! `examples/candle_simclr/` trains a CNN this way on Fashion-MNIST.
 
 use std::sync::Mutex;
 

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! The encoder: two 3 x 3 convolutions (32 and 64 channels, each followed by 2 x 2 max pooling,
-//! batch norm and ReLU) and a fully connected layer over the 7 x 7 map (512 units, batch norm,
+//! batch norm and ReLU; on the CPU through `conv.rs`, whose backward is GEMMs where candle's is
+//! not) and a fully connected layer over the 7 x 7 map (512 units, batch norm,
 //! ReLU): the 512-d feature. A two-layer projection head maps it to the 128-d embedding the loss
 //! sees. Each step draws two augmented views of a batch (contra's seeded crop / flip / jitter /
 //! noise / erasing pipeline), runs them through the network as one `2B`-row batch and calls
@@ -21,6 +22,8 @@
 //! labels and on 10 labels per class (5 draws). `--eval test` (the default) trains on the 60 000
 //! training images and evaluates on the official 10 000 test images; `--eval validation` holds
 //! 10 000 training images out instead and never reads the test set (tune there).
+
+mod conv;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -37,6 +40,7 @@ use contra::train::idx::{fashion_mnist, DEFAULT_FASHION_MNIST_DIR};
 use contra::train::report::EvalTable;
 use contra::train::split::{derive_seed, labels_per_class, stratified_split};
 use contra::NtXentOptions;
+use conv::conv3x3;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -208,7 +212,7 @@ impl SimClrNet {
         for (conv, bn) in &self.convs {
             // Pooling before the batch norm and ReLU (max pooling commutes with the ReLU) runs
             // them on a quarter of the activations, most of a step's time on the CPU.
-            x = conv.forward(&x)?.max_pool2d(2)?;
+            x = conv3x3(&x, conv.weight())?.max_pool2d(2)?;
             x = bn.forward_t(&x, train)?.relu()?;
         }
         // A fully connected layer over the 7 x 7 map keeps where things are, which 10 labels
@@ -321,6 +325,12 @@ fn load(args: &Args) -> Result<(Dataset, Dataset)> {
 }
 
 fn main() -> Result<()> {
+    // candle asks /proc/cpuinfo for its thread count on every CPU matmul unless RAYON_NUM_THREADS
+    // is set (4 % of a step): pin its own answer once, before any thread starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
     let args = Args::parse()?;
     let device = args.device()?;
     let (train, eval) = load(&args)?;

@@ -84,7 +84,9 @@ impl Args {
     fn parse() -> Result<Self> {
         let mut args = Args {
             device: "cpu".into(),
-            epochs: 12,
+            // What fits in 30 minutes on 2 cores; on the validation split 20 epochs scored probe10
+            // 0.745 (kNN5 0.900) against 12 epochs' 0.741 (kNN5 0.894).
+            epochs: 20,
             batch: 128,
             lr: 2e-3,
             temperature: 0.2,

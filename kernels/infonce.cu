@@ -31,7 +31,8 @@
 namespace contra {
 
 // Forward on CUDA cores: thread (ty, tx) holds rows ty + 16 i and columns tx + 16 j of a tile.
-template <typename T>
+// kSplit: block (x, y) sweeps key range y only (MoCo's long queue; see params.h).
+template <typename T, bool kSplit>
 __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<16> columns;  // CLIP / symmetric sweep: per-ty partials
     const int tx = threadIdx.x, ty = threadIdx.y;
@@ -46,14 +47,14 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
         query[i].load(p, r0 + ty + 16 * i);
         state[i].init();
         target[i] = 0.0f;
-        if (p.extra_key) {
+        if (p.extra_key && (!kSplit || blockIdx.y == 0)) {  // a key split adds it once
             const float u = extra_logit<16>(p, q, query[i].row, tx, scale_log2);
             state[i].merge(u, 1.0f);
             if (tx == 0) target[i] = u;  // summed over the 16 lanes of the row at the end
         }
     }
     float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
-    const KeyTiles tiles(p, blockIdx.x);
+    const KeyTiles tiles = kSplit ? KeyTiles(p, blockIdx.x, blockIdx.y) : KeyTiles(p, blockIdx.x);
     for (int step = 0; step < tiles.count; ++step) {
         const int c0 = tiles.column(step);
         tile_dot<T, false>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, acc, unused_a,
@@ -77,7 +78,7 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
                 for (int j = 0; j < kPerThread; ++j) local_sum += exp2f(u[j] - tile_max);
             state[i].merge(tile_max, group_sum<16>(local_sum));
         }
-        if (tiles.folds_columns(p, step)) {
+        if (!kSplit && tiles.folds_columns(p, step)) {
             // Column statistics from the same logits: this thread's 4 rows per column, then the
             // 16 ty's through shared memory.
 #pragma unroll
@@ -105,17 +106,29 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
         const float row_target = group_sum<16>(target[i]);
-        if (tx == 0) query[i].finish(p, state[i], row_target);
+        if (tx == 0) query[i].finish(p, state[i], row_target, kSplit);
+    }
+}
+
+template <typename T, bool kSplit>
+__device__ void infonce_fwd_engine(const ContraInfonceFwdParams& p) {
+    if constexpr (kIsHalf<T>) {
+        infonce_fwd_tensor_cores<T, kSplit>(p);
+    } else {
+        infonce_fwd_cuda_cores<T, kSplit>(p);
     }
 }
 
 template <typename T>
 __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
-    if constexpr (kIsHalf<T>) {
-        infonce_fwd_tensor_cores<T>(p);
-    } else {
-        infonce_fwd_cuda_cores<T>(p);
-    }
+    infonce_fwd_engine<T, false>(p);
+}
+
+// The key-split forward: its own instantiation, as the split's few extra registers make the
+// plain forward spill at its 80-register bound.
+template <typename T>
+__device__ void infonce_fwd_split(const ContraInfonceFwdParams& p) {
+    infonce_fwd_engine<T, true>(p);
 }
 
 // d(grad_scale * loss) / d logit_ij for query i and key j, from u = logit_ij log2(e).
@@ -161,9 +174,13 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
     // bf16 with dim <= 256: dQ stays in registers for the whole sweep (grad_product_tc_resident).
     constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-    const bool keep_resident = kBf16 && p.dim <= kResidentChunks * kTile;
+    // A key split's blocks share their rows of grad_q: atomic adds, never resident.
+    const bool split = p.split_tiles > 0;
+    const int c_begin = split ? blockIdx.y * p.split_tiles * kTile : 0;
+    const int c_end = split ? min(p.cols, c_begin + p.split_tiles * kTile) : p.cols;
+    const bool keep_resident = kBf16 && !split && p.dim <= kResidentChunks * kTile;
     float resident[kBf16 ? kResidentChunks : 1][4][4] = {};
-    for (int c0 = 0; c0 < p.cols; c0 += kTile) {
+    for (int c0 = c_begin; c0 < c_end; c0 += kTile) {
         // The tile's dot products go to g, then g becomes G in a flat, not unrolled loop: the
         // loss-specific per-element code stays out of the register-heavy tile loop.
         dot_tile_to_shared(q, p.rows, r0, k, p.cols, c0, p.dim, g);
@@ -183,7 +200,7 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
         if (keep_resident) {
             if constexpr (kBf16) grad_product_tc_resident(g, staged, k, p.cols, c0, p.dim, resident);
         } else {
-            const Write own = c0 == 0 ? Write::kOverwrite : Write::kAdd;
+            const Write own = split ? Write::kAtomicAdd : c0 == 0 ? Write::kOverwrite : Write::kAdd;
             grad_product_for<false>(g, staged, k, p.cols, c0, p.dim, p.grad_q, r0, p.rows, own);
         }
         if (p.grad_k) grad_product_for<true>(g, staged, q, p.rows, r0, p.dim, p.grad_k, c0, p.cols, Write::kAtomicAdd);
@@ -274,6 +291,7 @@ INTERP_EXPORT(infonce_finish, ContraInfonceFwdParams)
 // (left alone it caps sm_90 at 64 and spills in the backward). The bf16 backward keeps dQ in
 // registers (about 150): one block per SM, no spills.
 CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd, ContraInfonceFwdParams, (256, 3))
+CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd_split, ContraInfonceFwdParams, (256, 3))
 CONTRA_TYPED_KERNELS_EACH(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3))
 CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)
 CONTRA_TYPED_KERNELS(infonce_row_dot, ContraRowDotParams, 256)

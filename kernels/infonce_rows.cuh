@@ -40,11 +40,11 @@ struct QueryRow {
     }
 
     // Writes lse (natural units) and the row's loss from its softmax state and target term, or,
-    // in a symmetric forward, folds both into the row's shared state.
-    __device__ __forceinline__ void finish(const ContraInfonceFwdParams& p, const OnlineLse& state,
-                                           float target) const {
+    // in a symmetric or key-split forward (`shared`), folds both into the row's shared state.
+    __device__ __forceinline__ void finish(const ContraInfonceFwdParams& p, const OnlineLse& state, float target,
+                                           bool shared) const {
         if (row >= p.rows) return;
-        if (p.symmetric) {
+        if (p.symmetric || shared) {
             merge_lse_state(p.col_state + row, state.running_max, state.running_sum);
             atomicAdd(p.col_target + row, target);
         } else {
@@ -76,6 +76,13 @@ struct KeyTiles {
         first = p.symmetric ? tile : 0;
         const int half = tiles / 2;
         count = !p.symmetric ? tiles : (tiles % 2 == 0 && tile >= half) ? half : half + 1;
+    }
+    // Key split (`infonce_fwd_split`): range `split` of p.split_tiles tiles; the launch leaves
+    // none empty.
+    __device__ __forceinline__ KeyTiles(const ContraInfonceFwdParams& p, int /*tile*/, int split) {
+        tiles = (p.cols + kTile - 1) / kTile;
+        first = split * p.split_tiles;
+        count = min(p.split_tiles, tiles - first);
     }
     // The first key (column) of the step-th visited tile.
     __device__ __forceinline__ int column(int step) const { return ((first + step) % tiles) * kTile; }

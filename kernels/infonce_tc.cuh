@@ -19,7 +19,7 @@ namespace contra {
 // the backward, which also holds G and the product's staging buffer, keeps 16.
 constexpr int kForwardSlice = 64;
 
-template <typename T>
+template <typename T, bool kSplit>
 __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<4> columns;  // CLIP / symmetric sweep: per row-warp partials
     __shared__ float second_half[3][kTile];  // column half 1: each row's max, sum and target
@@ -38,14 +38,14 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
         query[h].load(p, r0 + m0 + g + 8 * h);
         state[h].init();
         target[h] = 0.0f;
-        if (p.extra_key && half == 0) {  // warp-uniform: the quad of column half 0 adds it
+        if (p.extra_key && half == 0 && (!kSplit || blockIdx.y == 0)) {  // warp-uniform; once per split
             const float u = extra_logit<4>(p, q, query[h].row, t, scale_log2);
             state[h].merge(u, 1.0f);
             if (t == 0) target[h] = u;
         }
     }
     float d[4][4];
-    const KeyTiles tiles(p, blockIdx.x);
+    const KeyTiles tiles = kSplit ? KeyTiles(p, blockIdx.x, blockIdx.y) : KeyTiles(p, blockIdx.x);
     for (int step = 0; step < tiles.count; ++step) {
         const int c0 = tiles.column(step);
         tile_mma<kForwardSlice>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, d);
@@ -69,7 +69,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
                 for (int e = 0; e < 8; ++e) local_sum += exp2f(u[e] - tile_max);
             state[h].merge(tile_max, group_sum<4>(local_sum));
         }
-        if (tiles.folds_columns(p, step)) {
+        if (!kSplit && tiles.folds_columns(p, step)) {
             // Column statistics: this lane's 2 rows per column, the 8 lanes of the column (same
             // t) across the warp, then the 4 row-warps through shared memory.
 #pragma unroll
@@ -118,7 +118,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
         for (int h = 0; h < 2; ++h) {
             const int r = m0 + g + 8 * h;
             state[h].merge(second_half[0][r], second_half[1][r]);
-            query[h].finish(p, state[h], target[h] + second_half[2][r]);
+            query[h].finish(p, state[h], target[h] + second_half[2][r], kSplit);
         }
 }
 

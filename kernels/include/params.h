@@ -78,6 +78,12 @@ typedef struct ContraInfonceFwdParams {
     /* CLIP's learnable scalar left on the device: when not NULL, the logit scale is
      * exp(*log_scale) and `scale` is unused. */
     const float* log_scale;
+    /* Key split (few rows, many keys: MoCo's queue), read by infonce_fwd_split only: block
+     * (x, y) sweeps key tiles y * split_tiles .. (y + 1) * split_tiles - 1 (none empty) for row
+     * tile x, only blocks with y = 0 add extra_key's logit, and the rows' states go to
+     * col_state / col_target (rows entries, as in a symmetric forward) for infonce_finish. Not
+     * with symmetric or a column softmax. infonce_fwd (0 here) sweeps all keys. */
+    int split_tiles;
 } ContraInfonceFwdParams;
 
 /* infonce_bwd: the gradients, in one pass over blocks of 64 query rows. With
@@ -114,6 +120,10 @@ typedef struct ContraInfonceBwdParams {
     float grad_scale;
     /* As in ContraInfonceFwdParams: when not NULL, the logit scale is exp(*log_scale). */
     const float* log_scale;
+    /* Key split as in ContraInfonceFwdParams: block (x, y) takes key tiles y * split_tiles ..
+     * (y + 1) * split_tiles - 1 and adds its share of grad_q atomically (zeros on entry). 0: each
+     * block sweeps all keys and writes its rows of grad_q. */
+    int split_tiles;
 } ContraInfonceBwdParams;
 
 /* infonce_extra_bwd: the gradient through MoCo's extra (positive) logit, added to grad_q:

@@ -62,6 +62,7 @@ impl<B: Backend> Clip<'_, B> {
             col_lse,
             log_scale: self.device_log_scale(),
             symmetric: false,
+            split_keys: false,
             rows: self.rows,
             cols: self.rows,
             dim: self.dim,

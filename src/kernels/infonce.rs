@@ -8,11 +8,34 @@ use crate::Result;
 /// Query (or owner) rows per block in infonce.cu.
 const TILE: usize = 64;
 
+/// Blocks that keep a 132-SM H100 busy twice over: a key split aims at least this many.
+const FILL_BLOCKS: usize = 2 * 132;
+
 fn launch_shape(rows: usize) -> Launch {
     Launch {
         grid: [blocks_for(rows, TILE), 1, 1],
         block: [16, 16, 1],
     }
+}
+
+/// The key tiles each block of a sweep over `s` takes (0: all of them, no split) and the sweep's
+/// grid. A softmax that may split its keys (MoCo) and has fewer than `FILL_BLOCKS` row tiles gets
+/// its key tiles cut into at least `FILL_BLOCKS / row tiles` ranges along grid y (N = 256 rows
+/// against a 65536-key queue: 4 x 69 blocks instead of 4).
+pub(crate) fn sweep_grid<Buf>(s: &Softmax<'_, Buf>) -> (usize, Launch) {
+    let row_blocks = blocks_for(s.rows, TILE);
+    let tiles = blocks_for(s.cols, TILE);
+    if !s.split_keys || row_blocks >= FILL_BLOCKS || tiles < 2 {
+        return (0, launch_shape(s.rows));
+    }
+    let splits = FILL_BLOCKS.div_ceil(row_blocks).min(tiles);
+    // Rounding the range down keeps the block count at `splits` or more.
+    let per_block = (tiles / splits).max(1);
+    let launch = Launch {
+        grid: [row_blocks, tiles.div_ceil(per_block), 1],
+        block: [16, 16, 1],
+    };
+    (per_block, launch)
 }
 
 /// One InfoNCE problem on a backend. `q` and `k` are the raw inputs; with `normalize` the
@@ -77,6 +100,7 @@ impl<B: Backend> Problem<'_, B> {
             col_lse: None,
             log_scale: None,
             symmetric: self.symmetric,
+            split_keys: false,
             rows: self.rows,
             cols: self.cols,
             dim: self.dim,
@@ -191,6 +215,8 @@ pub(crate) struct Softmax<'a, Buf> {
     pub log_scale: Option<&'a Buf>,
     /// q and k are the same rows (NT-Xent, SupCon): the forward visits each pair of tiles once.
     pub symmetric: bool,
+    /// MoCo: few rows against a long queue may split the keys across blocks (`sweep_grid`).
+    pub split_keys: bool,
     pub rows: usize,
     pub cols: usize,
     pub dim: usize,
@@ -224,7 +250,10 @@ pub(crate) fn fused_forward<B: Backend>(
 ) -> Result<(B::Buf, B::Buf)> {
     let lse = b.output("lse", s.rows)?;
     let row_loss = b.output("row_loss", s.rows)?;
-    let row_states = match s.symmetric {
+    let (split_tiles, shape) = sweep_grid(&s);
+    // Rows whose statistics several blocks add to are finished by infonce_finish.
+    let shared_rows = s.symmetric || split_tiles > 0;
+    let row_states = match shared_rows {
         true => Some((empty_lse_states(b, s.rows)?, b.zeros("row_target", s.rows)?)),
         false => None,
     };
@@ -247,10 +276,15 @@ pub(crate) fn fused_forward<B: Backend>(
         self_mask: self_mask as i32,
         scale,
         log_scale: or_null(b, s.log_scale).cast(),
+        split_tiles: extent("split_tiles", split_tiles)?,
     };
-    let kernel = handles::INFONCE_FWD.of(b.info(s.q).elem);
-    if s.symmetric {
-        b.launch(kernel, launch_shape(s.rows), &params, &[])?;
+    let kernel = match split_tiles {
+        0 => handles::INFONCE_FWD,
+        _ => handles::INFONCE_FWD_SPLIT,
+    }
+    .of(b.info(s.q).elem);
+    if shared_rows {
+        b.launch(kernel, shape, &params, &[])?;
         b.launch(
             handles::INFONCE_FINISH,
             Launch::linear(blocks_for(s.rows, 256), 256),
@@ -258,7 +292,7 @@ pub(crate) fn fused_forward<B: Backend>(
             &[&lse, &row_loss],
         )?;
     } else {
-        b.launch(kernel, launch_shape(s.rows), &params, &[&lse, &row_loss])?;
+        b.launch(kernel, shape, &params, &[&lse, &row_loss])?;
     }
     Ok((row_loss, lse))
 }
@@ -276,7 +310,8 @@ pub(crate) struct BackwardPass<'a, Buf> {
 }
 
 impl<Buf> BackwardPass<'_, Buf> {
-    /// The query gradient only (MoCo: the keys get none).
+    /// The query gradient only (MoCo: the keys get none). Under a key split (`sweep_grid`)
+    /// `grad_q` must hold zeros: the blocks add to it.
     pub fn queries<B: Backend<Buf = Buf>>(
         &self,
         b: &B,
@@ -316,6 +351,7 @@ impl<Buf> BackwardPass<'_, Buf> {
         grad_k: Option<&Buf>,
         symmetric: bool,
     ) -> Result<()> {
+        let (split_tiles, shape) = sweep_grid(s);
         let params = ContraInfonceBwdParams {
             q: b.ptr(s.q),
             k: b.ptr(s.k),
@@ -337,12 +373,18 @@ impl<Buf> BackwardPass<'_, Buf> {
             scale: self.scale,
             grad_scale: self.grad_scale,
             log_scale: or_null(b, s.log_scale).cast(),
+            split_tiles: extent("split_tiles", split_tiles)?,
         };
-        let mut written = vec![grad_q];
+        // Under a key split the blocks add to grad_q, which the caller zeroed.
+        let mut written = if split_tiles > 0 {
+            vec![]
+        } else {
+            vec![grad_q]
+        };
         written.extend(grad_k);
         b.launch(
             handles::INFONCE_BWD.of(b.info(s.q).elem),
-            launch_shape(s.rows),
+            shape,
             &params,
             &written,
         )
@@ -373,4 +415,79 @@ pub(crate) fn row_dots<B: Backend>(
         &[&out],
     )?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moco_softmax(rows: usize, cols: usize) -> Softmax<'static, ()> {
+        Softmax {
+            q: &(),
+            k: &(),
+            positives: None,
+            labels: None,
+            col_lse: None,
+            log_scale: None,
+            symmetric: false,
+            split_keys: true,
+            rows,
+            cols,
+            dim: 128,
+        }
+    }
+
+    /// Every key tile in exactly one non-empty range of a block column.
+    fn assert_ranges_cover(tiles: usize, per_block: usize, ranges: usize) {
+        assert!(
+            per_block >= 1 && per_block * ranges >= tiles,
+            "{ranges} x {per_block} < {tiles}"
+        );
+        assert!(
+            per_block * (ranges - 1) < tiles,
+            "range {} is empty",
+            ranges - 1
+        );
+    }
+
+    #[test]
+    fn moco_at_256_rows_and_a_65536_key_queue_fills_two_blocks_per_sm() {
+        let (per_block, launch) = sweep_grid(&moco_softmax(256, 65536));
+        assert_eq!(launch.grid[0], 4);
+        assert!(
+            launch.grid[0] * launch.grid[1] >= 2 * 132,
+            "{:?}",
+            launch.grid
+        );
+        assert_ranges_cover(1024, per_block, launch.grid[1]);
+    }
+
+    #[test]
+    fn key_splits_cover_every_tile_once() {
+        for (rows, cols) in [
+            (37, 101),
+            (1, 3),
+            (130, 70),
+            (64, 64 * 300 + 1),
+            (300, 5000),
+        ] {
+            let (per_block, launch) = sweep_grid(&moco_softmax(rows, cols));
+            let tiles = blocks_for(cols, TILE);
+            if per_block == 0 {
+                assert!(tiles < 2, "{rows}x{cols} not split");
+                assert_eq!(launch.grid[1], 1);
+            } else {
+                assert_ranges_cover(tiles, per_block, launch.grid[1]);
+            }
+        }
+    }
+
+    #[test]
+    fn only_a_softmax_that_asks_and_lacks_row_blocks_splits() {
+        let mut s = moco_softmax(256, 65536);
+        s.split_keys = false;
+        assert_eq!(sweep_grid(&s).0, 0);
+        let many_rows = moco_softmax(64 * 264, 65536);
+        assert_eq!(sweep_grid(&many_rows).0, 0);
+    }
 }

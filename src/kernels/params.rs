@@ -108,10 +108,11 @@ pub struct ContraInfonceFwdParams {
     pub self_mask: ::std::os::raw::c_int,
     pub scale: f32,
     pub log_scale: *const f32,
+    pub split_tiles: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 120usize];
+    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 128usize];
     ["Alignment of ContraInfonceFwdParams"]
         [::std::mem::align_of::<ContraInfonceFwdParams>() - 8usize];
     ["Offset of field: ContraInfonceFwdParams::q"]
@@ -148,6 +149,8 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 104usize];
     ["Offset of field: ContraInfonceFwdParams::log_scale"]
         [::std::mem::offset_of!(ContraInfonceFwdParams, log_scale) - 112usize];
+    ["Offset of field: ContraInfonceFwdParams::split_tiles"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, split_tiles) - 120usize];
 };
 impl Default for ContraInfonceFwdParams {
     fn default() -> Self {
@@ -180,10 +183,11 @@ pub struct ContraInfonceBwdParams {
     pub scale: f32,
     pub grad_scale: f32,
     pub log_scale: *const f32,
+    pub split_tiles: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 128usize];
+    ["Size of ContraInfonceBwdParams"][::std::mem::size_of::<ContraInfonceBwdParams>() - 136usize];
     ["Alignment of ContraInfonceBwdParams"]
         [::std::mem::align_of::<ContraInfonceBwdParams>() - 8usize];
     ["Offset of field: ContraInfonceBwdParams::q"]
@@ -224,6 +228,8 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceBwdParams, grad_scale) - 112usize];
     ["Offset of field: ContraInfonceBwdParams::log_scale"]
         [::std::mem::offset_of!(ContraInfonceBwdParams, log_scale) - 120usize];
+    ["Offset of field: ContraInfonceBwdParams::split_tiles"]
+        [::std::mem::offset_of!(ContraInfonceBwdParams, split_tiles) - 128usize];
 };
 impl Default for ContraInfonceBwdParams {
     fn default() -> Self {

@@ -37,6 +37,7 @@ impl<B: Backend> SupCon<'_, B> {
             col_lse: None,
             log_scale: None,
             symmetric: true,
+            split_keys: false,
             rows: self.rows,
             cols: self.rows,
             dim: self.dim,

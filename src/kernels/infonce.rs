@@ -222,6 +222,26 @@ pub(crate) struct Softmax<'a, Buf> {
     pub dim: usize,
 }
 
+impl<'a, Buf> Softmax<'a, Buf> {
+    /// MoCo's softmax: each query against the queue, its positive an extra logit (given at the
+    /// launch), the keys splittable across blocks.
+    pub fn queue(q: &'a Buf, queue: &'a Buf, rows: usize, queue_len: usize, dim: usize) -> Self {
+        Softmax {
+            q,
+            k: queue,
+            positives: None,
+            labels: None,
+            col_lse: None,
+            log_scale: None,
+            symmetric: false,
+            split_keys: true,
+            rows,
+            cols: queue_len,
+            dim,
+        }
+    }
+}
+
 /// The kernel address of an optional buffer (NULL when absent).
 fn or_null<B: Backend>(b: &B, buf: Option<&B::Buf>) -> *mut std::ffi::c_void {
     buf.map_or(std::ptr::null_mut(), |buf| b.ptr(buf))
@@ -422,19 +442,7 @@ mod tests {
     use super::*;
 
     fn moco_softmax(rows: usize, cols: usize) -> Softmax<'static, ()> {
-        Softmax {
-            q: &(),
-            k: &(),
-            positives: None,
-            labels: None,
-            col_lse: None,
-            log_scale: None,
-            symmetric: false,
-            split_keys: true,
-            rows,
-            cols,
-            dim: 128,
-        }
+        Softmax::queue(&(), &(), rows, cols, 128)
     }
 
     /// Every key tile in exactly one non-empty range of a block column.

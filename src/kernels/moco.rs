@@ -31,19 +31,7 @@ impl<B: Backend> Moco<'_, B> {
     }
 
     fn softmax<'s>(&'s self, qn: &'s B::Buf) -> Softmax<'s, B::Buf> {
-        Softmax {
-            q: qn,
-            k: self.queue,
-            positives: None,
-            labels: None,
-            col_lse: None,
-            log_scale: None,
-            symmetric: false,
-            split_keys: true,
-            rows: self.rows,
-            cols: self.queue_len,
-            dim: self.dim,
-        }
+        Softmax::queue(qn, self.queue, self.rows, self.queue_len, self.dim)
     }
 
     /// The per-row losses (the loss is their mean) and the per-row log-sum-exp (over the

@@ -96,7 +96,7 @@ impl CustomOp2 for Conv3x3 {
                 |cols, (y_img, x_img)| {
                     im2col(x_img, d, cols);
                     // y (O x HW) = w (O x C9) * cols (C9 x HW)
-                    gemm(o, d.taps(), d.hw(), weight, false, cols, false, y_img);
+                    gemm(o, d.taps(), d.hw(), weight, false, cols, false, 0.0, y_img);
                 },
             );
         Ok((CpuStorage::F32(y), Shape::from((b, o, h, w))))
@@ -139,7 +139,7 @@ impl CustomOp2 for InputGrad {
                 || vec![0f32; d.taps() * d.hw()],
                 |cols, (dx_img, g_img)| {
                     // dcols (C9 x HW) = w^T (C9 x O) * g (O x HW), then back onto the pixels.
-                    gemm(d.taps(), o, d.hw(), weight, true, g_img, false, cols);
+                    gemm(d.taps(), o, d.hw(), weight, true, g_img, false, 0.0, cols);
                     col2im(cols, d, dx_img);
                 },
             );
@@ -173,7 +173,7 @@ impl CustomOp2 for WeightGrad {
                 for (x_img, g_img) in x_chunk.chunks(c * d.hw()).zip(g_chunk.chunks(o * d.hw())) {
                     im2col(x_img, d, &mut cols);
                     // dw (O x C9) += g (O x HW) * cols^T (HW x C9)
-                    gemm_add(o, d.hw(), d.taps(), g_img, false, &cols, true, &mut dw);
+                    gemm(o, d.hw(), d.taps(), g_img, false, &cols, true, 1.0, &mut dw);
                 }
                 dw
             })
@@ -241,20 +241,9 @@ fn col2im(cols: &[f32], d: Dims, img: &mut [f32]) {
     }
 }
 
-/// `c = a * b` for row-major `a (m x k)` and `b (k x n)`, either given transposed.
+/// `c = a * b + beta * c` for row-major `a (m x k)` and `b (k x n)`, either given transposed.
 #[allow(clippy::too_many_arguments)]
-fn gemm(m: usize, k: usize, n: usize, a: &[f32], at: bool, b: &[f32], bt: bool, c: &mut [f32]) {
-    product(m, k, n, a, at, b, bt, 0.0, c);
-}
-
-/// `c += a * b`, as `gemm`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_add(m: usize, k: usize, n: usize, a: &[f32], at: bool, b: &[f32], bt: bool, c: &mut [f32]) {
-    product(m, k, n, a, at, b, bt, 1.0, c);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn product(
+fn gemm(
     m: usize,
     k: usize,
     n: usize,

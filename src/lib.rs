@@ -61,7 +61,8 @@ pub use tensor::{DType, Element, Tensor};
 #[doc(hidden)]
 pub mod testing {
     pub use crate::kernels::interp::{
-        ldmatrix_fragments, out_of_bounds_launch, take_launched_kernels, unwritten_output_launch,
+        ldmatrix_fragments, out_of_bounds_launch, take_launched_kernels, take_launches,
+        unwritten_output_launch, LaunchRecord,
     };
     pub use crate::kernels::momentum::update_at_offsets as momentum_update_at_offsets;
 }

@@ -513,6 +513,43 @@ fn moco_matches_cpu() {
     on_kernel_devices("moco_matches_cpu", check_moco);
 }
 
+/// MoCo with 256 queries against a 65536-key queue: the forward and backward sweeps the
+/// interpreted mode ran had at least 2 blocks per SM of a 132-SM card (the keys split across
+/// blocks; unsplit, 256 rows are 4 blocks), and the results are the CPU's.
+#[test]
+fn moco_fills_the_card_at_256_queries_and_65536_keys() {
+    const FILL_BLOCKS: u32 = 2 * 132;
+    let (n, queue_len, d) = (256, 65536, 3);
+    let mut rng = StdRng::seed_from_u64(0x3c0d);
+    let q = random_matrix(&mut rng, n, d);
+    let k = random_matrix(&mut rng, n, d);
+    let queue = random_matrix(&mut rng, queue_len, d);
+    let opts = MocoOptions { temperature: 0.2 };
+    let inputs: &[Input] = &[(&q, &[n, d]), (&k, &[n, d]), (&queue, &[queue_len, d])];
+    contra::testing::take_launches();
+    compare_with_cpu(Device::Interp, "moco 256x65536x3", inputs, |t| {
+        let fwd = moco_forward(&t[0], &t[1], &t[2], &opts)?;
+        let grad_q = moco_backward(&t[0], &t[1], &t[2], &opts, &fwd.saved, 1.0)?;
+        Ok(vec![
+            ("loss", vec![fwd.loss.to_scalar().unwrap()]),
+            ("grad_q", grad_q.to_vec_f64().unwrap()),
+        ])
+    });
+    let launches = contra::testing::take_launches();
+    for sweep in ["infonce_fwd_split_f32", "infonce_bwd_f32"] {
+        let launch = launches
+            .iter()
+            .find(|l| l.kernel == sweep)
+            .unwrap_or_else(|| panic!("no {sweep} among {launches:?}"));
+        let blocks = launch.grid.iter().product::<u32>();
+        assert!(
+            blocks >= FILL_BLOCKS,
+            "{sweep} ran {:?} = {blocks} blocks, fewer than {FILL_BLOCKS}",
+            launch.grid
+        );
+    }
+}
+
 /// (N, V, D) for SupCon: N·V across a 64-row tile, a lone view (every key masked), V = 3, and
 /// 3 and 4 row tiles for the symmetric forward.
 const SUPCON_SHAPES: &[(usize, usize, usize)] = &[

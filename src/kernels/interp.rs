@@ -126,15 +126,31 @@ fn kernel_error(kernel: &str, reason: String) -> Error {
     }
 }
 
+/// One kernel launch the interpreted mode ran.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchRecord {
+    pub kernel: &'static str,
+    /// Blocks along x, y, z.
+    pub grid: [u32; 3],
+    /// Threads per block along x, y, z.
+    pub block: [u32; 3],
+}
+
 thread_local! {
-    /// The kernels launched on this thread since the last [`take_launched_kernels`].
-    static LAUNCHED: RefCell<Vec<&'static str>> = const { RefCell::new(Vec::new()) };
+    /// The launches on this thread since the last [`take_launches`].
+    static LAUNCHED: RefCell<Vec<LaunchRecord>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The launches the interpreted mode ran on this thread since the last call (lets the tests see
+/// the grid an op used).
+pub fn take_launches() -> Vec<LaunchRecord> {
+    LAUNCHED.with(|l| std::mem::take(&mut *l.borrow_mut()))
 }
 
 /// The names of the kernels the interpreted mode ran on this thread since the last call (lets the
 /// tests see which instantiation, e.g. `_bf16`, an op picked).
 pub fn take_launched_kernels() -> Vec<&'static str> {
-    LAUNCHED.with(|l| std::mem::take(&mut *l.borrow_mut()))
+    take_launches().into_iter().map(|l| l.kernel).collect()
 }
 
 /// The interpreted-mode backend.
@@ -213,7 +229,13 @@ impl Backend for Interp {
         let entry = entry(kernel)
             .ok_or_else(|| kernel_error(kernel, "no interpreted build of this kernel".into()))?;
         let (grid, block) = launch.dims(kernel)?;
-        LAUNCHED.with(|l| l.borrow_mut().push(kernel));
+        LAUNCHED.with(|l| {
+            l.borrow_mut().push(LaunchRecord {
+                kernel,
+                grid,
+                block,
+            })
+        });
         let cfg = InterpLaunchConfig {
             grid,
             block,

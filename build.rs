@@ -36,12 +36,14 @@ fn main() {
 }
 
 /// One exported kernel: its source module, name and parameter struct; `typed` when it is the
-/// `{name}_{f32,bf16,f16}` family of `CONTRA_TYPED_KERNELS*`.
+/// `{name}_{f32,bf16,f16}` family of `CONTRA_TYPED_KERNELS*`, `tf32` when that family also has
+/// `{name}_tf32` (`CONTRA_TYPED_KERNELS_TF32`).
 struct Export {
     module: String,
     name: String,
     params: String,
     typed: bool,
+    tf32: bool,
 }
 
 /// The kernels every source exports (its `INTERP_EXPORT` and `CONTRA_TYPED_KERNELS*` lines).
@@ -54,11 +56,11 @@ fn exports(sources: &[PathBuf]) -> Vec<Export> {
             .expect("kernel file name");
         let text = std::fs::read_to_string(source).expect("read kernel source");
         for line in text.lines() {
-            let (typed, rest) = if let Some(rest) = line.strip_prefix("INTERP_EXPORT(") {
-                (false, rest)
+            let (typed, tf32, rest) = if let Some(rest) = line.strip_prefix("INTERP_EXPORT(") {
+                (false, false, rest)
             } else if let Some(rest) = line.strip_prefix("CONTRA_TYPED_KERNELS") {
                 match rest.split_once('(') {
-                    Some((_, args)) => (true, args),
+                    Some((variant, args)) => (true, variant == "_TF32", args),
                     None => continue,
                 }
             } else {
@@ -73,6 +75,7 @@ fn exports(sources: &[PathBuf]) -> Vec<Export> {
                 name: name.to_string(),
                 params: params.to_string(),
                 typed,
+                tf32,
             });
         }
     }
@@ -93,15 +96,22 @@ fn generate_kernel_handles(sources: &[PathBuf]) {
         let (module, params) = (&e.module, &e.params);
         if e.typed {
             let each = |dtype: &str| format!("Kernel::new(\"{module}\", \"{}_{dtype}\")", e.name);
+            let tf32 = match e.tf32 {
+                true => format!("Some({})", each("tf32")),
+                false => "None".to_string(),
+            };
             handles += &format!(
                 "/// `{n}_{{f32,bf16,f16}}` of kernels/{module}.cu.\n\
-                 pub(crate) const {constant}: Typed<{params}> = Typed {{ f32: {}, bf16: {}, f16: {} }};\n",
+                 pub(crate) const {constant}: Typed<{params}> = Typed {{ f32: {}, bf16: {}, f16: {}, tf32: {tf32} }};\n",
                 each("f32"),
                 each("bf16"),
                 each("f16"),
                 n = e.name,
             );
             names.extend(["f32", "bf16", "f16"].map(|d| format!("{}_{d}", e.name)));
+            if e.tf32 {
+                names.push(format!("{}_tf32", e.name));
+            }
         } else {
             handles += &format!(
                 "/// `{n}` of kernels/{module}.cu.\n\

@@ -30,6 +30,7 @@ Exit status: 0 on success, 3 when torch cannot be imported (a clear message on s
 """
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import importlib.util
@@ -70,7 +71,8 @@ def mining(cs):
 
 def shape_label(cs):
     dims = dims_label(cs)
-    return f"{dims} bf16" if cs.get("dtype", "f32") == "bf16" else dims
+    dtype = cs.get("dtype", "f32")
+    return dims if dtype == "f32" else f"{dims} {dtype}"
 
 
 def dims_label(cs):
@@ -213,7 +215,8 @@ def make_inputs(torch, cs, set_index, device):
     op = cs["op"]
 
     # bf16 cases: the same values rounded to bf16, as contra uploads them (autocast-free: the
-    # ops then run in bf16 with PyTorch's own tensor-core GEMMs on a GPU).
+    # ops then run in bf16 with PyTorch's own tensor-core GEMMs on a GPU). tf32 cases keep f32
+    # inputs; their GEMMs run with allow_tf32 (see tf32_matmuls).
     dtype = torch.bfloat16 if cs.get("dtype", "f32") == "bf16" else torch.float32
 
     def u(shape, t):
@@ -627,6 +630,17 @@ class Call:
         return (value, None) if check else None
 
 
+@contextlib.contextmanager
+def tf32_matmuls(torch, enabled):
+    """PyTorch's f32 GEMMs on the TF32 tensor cores while a tf32 case runs, exact f32 otherwise."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def measure(torch, call, device, timing):
     cuda = device.type == "cuda"
     call()  # warm-up (and compilation for torch.compile)
@@ -846,7 +860,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             try:
                 call = Call(torch, cs, device, compiled, op)
-                row.update(measure(torch, call, device, timing))
+                with tf32_matmuls(torch, cs.get("dtype", "f32") == "tf32"):
+                    row.update(measure(torch, call, device, timing))
             except Exception as e:  # noqa: BLE001 - report and go on (compile failures, OOM)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             finally:

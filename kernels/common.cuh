@@ -13,8 +13,15 @@
 
 namespace contra {
 
+// f32 operands that the kernel multiplies on the TF32 tensor cores (the `_tf32` instantiations):
+// the storage is f32, the type only picks the engine.
+struct tf32 {
+    float value;
+};
+
 // Every kernel computes in f32; these read and write the storage type.
 __device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load(const tf32* p, long long i) { return p[i].value; }
 __device__ __forceinline__ float load(const __half* p, long long i) { return __half2float(p[i]); }
 __device__ __forceinline__ float load(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
@@ -96,5 +103,13 @@ __device__ __forceinline__ void merge_lse_state(unsigned long long* state, float
     INTERP_EXPORT(name##_f32, Params)                                                                        \
     INTERP_EXPORT(name##_bf16, Params)                                                                       \
     INTERP_EXPORT(name##_f16, Params)
+// The three above and a fourth, `name_tf32` (contra::name<contra::tf32>): f32 operands on the TF32
+// tensor cores.
+#define CONTRA_TYPED_KERNELS_TF32(name, Params, f32_bounds, bf16_bounds, f16_bounds, tf32_bounds)             \
+    CONTRA_TYPED_KERNELS_EACH(name, Params, f32_bounds, bf16_bounds, f16_bounds)                               \
+    extern "C" __global__ void __launch_bounds__ tf32_bounds name##_tf32(const Params p) {                   \
+        contra::name<contra::tf32>(p);                                                                       \
+    }                                                                                                        \
+    INTERP_EXPORT(name##_tf32, Params)
 #define CONTRA_TYPED_KERNELS_BOUNDED(name, Params, bounds) CONTRA_TYPED_KERNELS_EACH(name, Params, bounds, bounds, bounds)
 #define CONTRA_TYPED_KERNELS(name, Params, threads) CONTRA_TYPED_KERNELS_BOUNDED(name, Params, (threads))

@@ -31,3 +31,24 @@ extern "C" __global__ void ldmatrix_test(const ContraNormalizeParams p) {
     ldmatrix_form<4, true>(out + 640);
 }
 INTERP_EXPORT(ldmatrix_test, ContraNormalizeParams)
+
+// mma_1688_tf32 and to_tf32 (tensor_core.cuh) on known operands, for the test that the
+// interpreted layouts and rounding are the hardware's. One warp: A[i][k] = 1 + (8 i + k) / 128
+// + 3 / 2^12 and B[k][n] = -(1 + (8 k + n) / 64 + 5 / 2^13), each a fraction of a tf32 unit off
+// the grid so that the rounding shows; y[4 lane + e] receives lane's D fragment element e (D = A B,
+// f32 bits), then y[128 + i] = to_tf32(x[i]) for 32 values x.
+__device__ float tf32_test_a(int i, int k) { return 1.0f + (8 * i + k) / 128.0f + 3.0f / 4096.0f; }
+__device__ float tf32_test_b(int k, int n) { return -(1.0f + (8 * k + n) / 64.0f + 5.0f / 8192.0f); }
+
+extern "C" __global__ void tf32_mma_test(const ContraNormalizeParams p) {
+    unsigned* out = static_cast<unsigned*>(p.y);
+    const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    const unsigned a[4] = {contra::to_tf32(tf32_test_a(g, t)), contra::to_tf32(tf32_test_a(g + 8, t)),
+                           contra::to_tf32(tf32_test_a(g, t + 4)), contra::to_tf32(tf32_test_a(g + 8, t + 4))};
+    const unsigned b[2] = {contra::to_tf32(tf32_test_b(t, g)), contra::to_tf32(tf32_test_b(t + 4, g))};
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    contra::mma_1688_tf32(d, a, b);
+    for (int e = 0; e < 4; ++e) out[4 * lane + e] = __float_as_uint(d[e]);
+    out[128 + lane] = contra::to_tf32(static_cast<const float*>(p.x)[lane]);
+}
+INTERP_EXPORT(tf32_mma_test, ContraNormalizeParams)

@@ -112,7 +112,7 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
 
 template <typename T, bool kSplit>
 __device__ void infonce_fwd_engine(const ContraInfonceFwdParams& p) {
-    if constexpr (kIsHalf<T>) {
+    if constexpr (kOnTensorCores<T>) {
         infonce_fwd_tensor_cores<T, kSplit>(p);
     } else {
         infonce_fwd_cuda_cores<T, kSplit>(p);
@@ -290,8 +290,8 @@ INTERP_EXPORT(infonce_finish, ContraInfonceFwdParams)
 // At least 3 resident blocks per SM: ptxas then allows 80 registers on sm_80 and sm_90 alike
 // (left alone it caps sm_90 at 64 and spills in the backward). The bf16 backward keeps dQ in
 // registers (about 150): one block per SM, no spills.
-CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd, ContraInfonceFwdParams, (256, 3))
-CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd_split, ContraInfonceFwdParams, (256, 3))
-CONTRA_TYPED_KERNELS_EACH(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 3))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 3))
+CONTRA_TYPED_KERNELS_TF32(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)
 CONTRA_TYPED_KERNELS(infonce_row_dot, ContraRowDotParams, 256)

@@ -1,4 +1,5 @@
-// The tensor-core engine of the InfoNCE-family kernels (bf16 / f16 operands, sm_80+).
+// The tensor-core engine of the InfoNCE-family kernels (bf16 / f16 operands, and f32 ones as
+// tf32; sm_80+).
 //
 // Forward: each warp holds a 16 x 32 part of the 64 x 64 score tile as mma D fragments
 // (tile_mma) and folds it into its rows' running max and sum right there, in registers: a row's
@@ -15,9 +16,11 @@
 
 namespace contra {
 
-// The forward streams 64-feature slices (16 mma per warp between barriers, 36 KB of stages);
-// the backward, which also holds G and the product's staging buffer, keeps 16.
-constexpr int kForwardSlice = 64;
+// The forward streams 36 KB of stages: 64-feature slices of bf16 / f16 (16 mma per warp between
+// barriers), 32 of tf32 (also 16); the backward, which also holds G and the product's staging
+// buffer, keeps kTcSlice.
+template <typename T>
+constexpr int kForwardSlice = kIsTf32<T> ? 32 : 64;
 
 template <typename T, bool kSplit>
 __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
@@ -48,7 +51,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     const KeyTiles tiles = kSplit ? KeyTiles(p, blockIdx.x, blockIdx.y) : KeyTiles(p, blockIdx.x);
     for (int step = 0; step < tiles.count; ++step) {
         const int c0 = tiles.column(step);
-        tile_mma<kForwardSlice>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, d);
+        tile_mma<kForwardSlice<T>>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, d);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float u[8], local_max = -INFINITY;

@@ -111,4 +111,4 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
 
 }  // namespace contra
 
-CONTRA_TYPED_KERNELS_BOUNDED(siglip_sweep, ContraSiglipParams, (256, 2))
+CONTRA_TYPED_KERNELS_TF32(siglip_sweep, ContraSiglipParams, (256, 2), (256, 2), (256, 2), (256, 2))

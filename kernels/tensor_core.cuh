@@ -24,6 +24,11 @@
 //                           a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9]
 //   B (16 x 8, "col"):      b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]
 //   C, D (16 x 8, f32):     c[0] = C[g][2t], c[1] = C[g][2t+1], c[2] = C[g+8][2t], c[3] = C[g+8][2t+1]
+//
+// and of m16n8k8 with tf32 operands ("Matrix Fragments for mma.m16n8k8", .tf32), one element per
+// 32-bit register, C and D as above:
+//   A (16 x 8, row-major):  a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4]
+//   B (8 x 8, "col"):       b[0] = B[t][g], b[1] = B[t+4][g]
 #pragma once
 #include <type_traits>
 
@@ -88,6 +93,63 @@ __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
     }
+#endif
+}
+
+// x rounded to tf32 (8-bit exponent, 10-bit mantissa; PTX cvt.rna.tf32.f32: to nearest, ties
+// away from zero), as the 32-bit word mma_1688_tf32 takes: the low 13 bits are zero.
+__device__ __forceinline__ unsigned to_tf32(float x) {
+#if defined(CONTRA_INTERP)
+    const unsigned bits = __float_as_uint(x);
+    if ((bits & 0x7f800000u) == 0x7f800000u) return bits;  // inf and NaN stay what they are
+    // Half of the dropped unit added to the magnitude carries into the kept bits exactly when
+    // the dropped part is at least half: nearest, ties away (a carry into the exponent is right).
+    return (bits + 0x1000u) & 0xffffe000u;
+#elif defined(__CUDA_ARCH__)
+    unsigned word;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(word) : "f"(x));
+    return word;
+#else
+    return __float_as_uint(x);
+#endif
+}
+
+#if defined(CONTRA_INTERP)
+// The value the tensor core reads from a tf32 operand register: its low 13 bits are not part of
+// the format (a caller that skips to_tf32 gets its operands truncated).
+inline float tf32_operand(unsigned word) {
+    return __uint_as_float((word & 0x7f800000u) == 0x7f800000u ? word : word & 0xffffe000u);
+}
+#endif
+
+// d += A B for one 16 x 8 x 8 tile of tf32 operands (to_tf32 words), f32 accumulation; every
+// lane of the warp must call it together.
+__device__ __forceinline__ void mma_1688_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
+#if defined(CONTRA_INTERP)
+    const unsigned full = 0xffffffffu;
+    const int lane = (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32;
+    const int g = lane / 4, t = lane % 4;
+    // Lane 4 r + p holds columns p and p + 4 of A rows r and r + 8; lane 4 c + p holds rows p and
+    // p + 4 of B column c. A product of two tf32 values is exact in f32.
+    for (int p = 0; p < 4; ++p) {
+        const float a_top = tf32_operand(__shfl_sync(full, a[0], 4 * g + p));
+        const float a_bot = tf32_operand(__shfl_sync(full, a[1], 4 * g + p));
+        const float a_top_hi = tf32_operand(__shfl_sync(full, a[2], 4 * g + p));
+        const float a_bot_hi = tf32_operand(__shfl_sync(full, a[3], 4 * g + p));
+        for (int c = 0; c < 2; ++c) {
+            const int col = 2 * t + c;
+            const float b_lo = tf32_operand(__shfl_sync(full, b[0], 4 * col + p));
+            const float b_hi = tf32_operand(__shfl_sync(full, b[1], 4 * col + p));
+            d[c] += a_top * b_lo + a_top_hi * b_hi;
+            d[2 + c] += a_bot * b_lo + a_bot_hi * b_hi;
+        }
+    }
+#elif defined(__CUDA_ARCH__)
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
 

@@ -4,10 +4,10 @@
 //     norms): 256 threads as 16 x 16, thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j
 //     (i, j < 4), so a row's 64 values sit in 16 lanes of one warp and row reductions are
 //     16-lane shuffles; FMAs over 16-wide feature slices staged through shared memory as f32.
-//   * tile_mma (tensor cores; bf16 / f16 operands): each of the 8 warps computes a 16 x 32 part
-//     of the tile with mma.sync m16n8k16 (f32 accumulators) from 16-bit slices that cp.async
-//     streams into a two-stage shared-memory pipeline (the next slice loads while the current
-//     one multiplies), and keeps it as mma fragments.
+//   * tile_mma (tensor cores; bf16 / f16 operands, and f32 ones as tf32): each of the 8 warps
+//     computes a 16 x 32 part of the tile with mma.sync m16n8k16 (m16n8k8 for tf32; f32
+//     accumulators) from slices that cp.async streams into a two-stage shared-memory pipeline
+//     (the next slice loads while the current one multiplies), and keeps it as mma fragments.
 #pragma once
 #include <stdint.h>
 
@@ -37,55 +37,100 @@ __device__ __forceinline__ void load_slice(const T* m, int rows, int dim, int ro
     }
 }
 
-// Features per slice of the tensor-core pipeline (the default; a multiple of 16), and the
-// padded row length of a staged slice: 16 more bytes, so the 8 rows a fragment load touches
-// start in different banks.
-constexpr int kTcSlice = 16;
-template <int features>
-constexpr int kStageStride = features + 8;
-
 template <typename T>
 constexpr bool kIsHalf = std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value;
+template <typename T>
+constexpr bool kIsTf32 = std::is_same<T, tf32>::value;
+// Operands of type T run on the tensor cores (tile_mma), not on CUDA cores (tile_dot).
+template <typename T>
+constexpr bool kOnTensorCores = kIsHalf<T> || kIsTf32<T>;
 
-// Stages 16-byte chunk `chunk` (row chunk / (features / 8), features 8 (chunk % (features / 8))
-// ..+8) of rows [row0, row0 + 64) x features [k0, k0 + features) of `m` into `s`: one cp.async
-// when the chunk is whole and aligned, else element by element with zeros outside the matrix.
+// A staged operand element as raw bits: 16-bit halves, or f32 words for tf32.
+template <typename T>
+using StageWord = typename std::conditional<kIsTf32<T>, unsigned, unsigned short>::type;
+// Elements per 16-byte cp.async chunk.
+template <typename T>
+constexpr int kChunkElems = 16 / static_cast<int>(sizeof(StageWord<T>));
+// The mma's k: 16 for bf16 / f16 (m16n8k16), 8 for tf32 (m16n8k8).
+template <typename T>
+constexpr int kMmaK = kIsTf32<T> ? 8 : 16;
+
+// Features per slice of the tensor-core pipeline (the default; 16 bytes x 2 per staged row), and
+// the padded row length of a staged slice: one chunk more, so the 8 rows a fragment load touches
+// start in different banks.
+template <typename T>
+constexpr int kTcSlice = kIsTf32<T> ? 8 : 16;
+template <typename T, int features>
+constexpr int kStageStride = features + kChunkElems<T>;
+
+// Stages 16-byte chunk `chunk` (row chunk / (features / kChunkElems), then the chunk's features)
+// of rows [row0, row0 + 64) x features [k0, k0 + features) of `m` into `s`: one cp.async when
+// the chunk is whole and aligned, else element by element with zeros outside the matrix.
 template <int features, typename T>
 __device__ __forceinline__ void stage_chunk(const T* m, int rows, int dim, int row0, int k0, int chunk,
-                                            unsigned short (*s)[kStageStride<features>]) {
-    constexpr int chunks_per_row = features / 8;
-    const int r = chunk / chunks_per_row, c = 8 * (chunk % chunks_per_row);
+                                            StageWord<T> (*s)[kStageStride<T, features>]) {
+    constexpr int per = kChunkElems<T>, chunks_per_row = features / per;
+    const int r = chunk / chunks_per_row, c = per * (chunk % chunks_per_row);
     const int row = row0 + r, col = k0 + c;
-    unsigned short* dst = &s[r][c];
-    const unsigned short* bits = reinterpret_cast<const unsigned short*>(m);
+    StageWord<T>* dst = &s[r][c];
+    const StageWord<T>* bits = reinterpret_cast<const StageWord<T>*>(m);
     const long long at = (long long)row * dim + col;
-    const bool whole = row < rows && col + 8 <= dim && dim % 8 == 0 && reinterpret_cast<uintptr_t>(bits) % 16 == 0;
+    const bool whole =
+        row < rows && col + per <= dim && dim % per == 0 && reinterpret_cast<uintptr_t>(bits) % 16 == 0;
     if (whole) {
         cp_async_16(dst, bits + at);
     } else {
-        for (int e = 0; e < 8; ++e) dst[e] = (row < rows && col + e < dim) ? bits[at + e] : 0;
+        for (int e = 0; e < per; ++e) dst[e] = (row < rows && col + e < dim) ? bits[at + e] : 0;
     }
 }
 
 // Two consecutive 16-bit elements as one fragment register (the lower index in the low half).
 __device__ __forceinline__ unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
+// One staged f32 element as a tf32 fragment register.
+__device__ __forceinline__ unsigned tf32_at(const unsigned* p) { return to_tf32(__uint_as_float(*p)); }
 
-// The warp-level part of the tensor-core engine (T: bf16 or f16): warp w computes rows
+// One k-step of a warp's 16 x 32 part of the tile from the staged slices `as` / `bs` at feature
+// kk (tensor_core.cuh gives the fragment layouts).
+template <typename T, int stride>
+__device__ __forceinline__ void mma_step(const StageWord<T> (*as)[stride], const StageWord<T> (*bs)[stride], int m0,
+                                         int n0, int kk, float d[4][4]) {
+    const int lane = (threadIdx.y * 16 + threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+    if constexpr (kIsTf32<T>) {
+        const unsigned af[4] = {tf32_at(&as[m0 + g][kk + t]), tf32_at(&as[m0 + g + 8][kk + t]),
+                                tf32_at(&as[m0 + g][kk + t + 4]), tf32_at(&as[m0 + g + 8][kk + t + 4])};
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const int n = n0 + 8 * nt + g;  // b row n is column n of the product
+            const unsigned bf[2] = {tf32_at(&bs[n][kk + t]), tf32_at(&bs[n][kk + t + 4])};
+            mma_1688_tf32(d[nt], af, bf);
+        }
+    } else {
+        const unsigned af[4] = {pair_at(&as[m0 + g][kk + 2 * t]), pair_at(&as[m0 + g + 8][kk + 2 * t]),
+                                pair_at(&as[m0 + g][kk + 2 * t + 8]), pair_at(&as[m0 + g + 8][kk + 2 * t + 8])};
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const int n = n0 + 8 * nt + g;
+            const unsigned bf[2] = {pair_at(&bs[n][kk + 2 * t]), pair_at(&bs[n][kk + 2 * t + 8])};
+            mma_16816<T>(d[nt], af, bf);
+        }
+    }
+}
+
+// The warp-level part of the tensor-core engine (T: bf16, f16 or tf32): warp w computes rows
 // m0 = 16 (w % 4) .. +16 and columns n0 = 32 (w / 4) .. +32 of the 64 x 64 tile of dot products
 // a_{a0 + r} . b_{b0 + c}, and returns them in the mma D-fragment layout: d[nt] holds columns
 // n0 + 8 nt .. +8 (tensor_core.cuh). The operands stream through two shared-memory stages of
 // `features` features each (wider: fewer barriers per tile, more shared memory:
-// 2 x 2 x 64 x (features + 8) x 2 bytes). Every thread of the block must call it (it
-// synchronizes).
+// 2 x 2 x 64 x (features + kChunkElems) x sizeof(StageWord) bytes). Every thread of the block
+// must call it (it synchronizes).
 template <int features, typename T>
 __device__ void tile_mma(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0, int dim, float d[4][4]) {
-    static_assert(features % 16 == 0, "a slice is whole mma k-steps");
-    constexpr int stride = kStageStride<features>;
-    constexpr int chunks = kTile * features / 8;  // 16-byte chunks per operand and slice
-    __shared__ __align__(16) unsigned short a_stage[2][kTile][stride];
-    __shared__ __align__(16) unsigned short b_stage[2][kTile][stride];
-    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int g = lane / 4, t = lane % 4;
+    static_assert(features % kMmaK<T> == 0 && features % kChunkElems<T> == 0, "a slice is whole mma k-steps");
+    constexpr int stride = kStageStride<T, features>;
+    constexpr int chunks = kTile * features / kChunkElems<T>;  // 16-byte chunks per operand and slice
+    __shared__ __align__(16) StageWord<T> a_stage[2][kTile][stride];
+    __shared__ __align__(16) StageWord<T> b_stage[2][kTile][stride];
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32;
     const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
@@ -111,19 +156,9 @@ __device__ void tile_mma(const T* a, int a_rows, int a0, const T* b, int b_rows,
             cp_async_wait<0>();
         }
         __syncthreads();
-        const unsigned short(*as)[stride] = a_stage[slice % 2];
-        const unsigned short(*bs)[stride] = b_stage[slice % 2];
 #pragma unroll
-        for (int kk = 0; kk < features; kk += 16) {
-            const unsigned af[4] = {pair_at(&as[m0 + g][kk + 2 * t]), pair_at(&as[m0 + g + 8][kk + 2 * t]),
-                                    pair_at(&as[m0 + g][kk + 2 * t + 8]), pair_at(&as[m0 + g + 8][kk + 2 * t + 8])};
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-                const int n = n0 + 8 * nt + g;  // b row n is column n of the product
-                const unsigned bf[2] = {pair_at(&bs[n][kk + 2 * t]), pair_at(&bs[n][kk + 2 * t + 8])};
-                mma_16816<T>(d[nt], af, bf);
-            }
-        }
+        for (int kk = 0; kk < features; kk += kMmaK<T>)
+            mma_step<T, stride>(a_stage[slice % 2], b_stage[slice % 2], m0, n0, kk, d);
         __syncthreads();  // this buffer is refilled two slices on
     }
 }
@@ -181,14 +216,15 @@ __device__ void tile_dot(const T* a, int a_rows, int a0, const T* b, int b_rows,
 }
 
 // The 64 x 64 tile of dot products a_{a0 + r} . b_{b0 + c} written to the shared tile `tile`
-// (row r, column c), on the operand type's engine: tile_mma for bf16 / f16, tile_dot for f32.
+// (row r, column c), on the operand type's engine: tile_mma for bf16 / f16 / tf32, tile_dot for
+// f32.
 // Every thread of the block must call it; the caller synchronizes before reading the tile.
 template <typename T>
 __device__ __forceinline__ void dot_tile_to_shared(const T* a, int a_rows, int a0, const T* b, int b_rows, int b0,
                                                    int dim, float (*tile)[kTilePad]) {
-    if constexpr (kIsHalf<T>) {
+    if constexpr (kOnTensorCores<T>) {
         float d[4][4];
-        tile_mma<kTcSlice>(a, a_rows, a0, b, b_rows, b0, dim, d);
+        tile_mma<kTcSlice<T>>(a, a_rows, a0, b, b_rows, b0, dim, d);
         store_fragments(d, tile);
     } else {
         const int tx = threadIdx.x, ty = threadIdx.y;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything the GPU check needs on a machine with nvcc and no GPU, into gpu-bundle/:
 # the release test binaries (kernels, kernels_elementwise, kernels_triplet, kernels_half,
-# nn_device, nn_resident, transfers, fixtures) and the contra binary, all with --features cuda,
+# kernels_tf32, nn_device, nn_resident, transfers, fixtures) and the contra binary, all with --features cuda,
 # plus scripts/gpu-run.sh. Then, on the GPU machine, from the repository root:
 #     bash gpu-bundle/gpu-run.sh gpu-bundle report.md
 # runs every kernel test and the fixtures on cuda:0, compute-sanitizer memcheck and racecheck
@@ -16,7 +16,7 @@ rm -rf "$bundle" && mkdir -p "$bundle"
 cargo build --release --features cuda --bin contra
 cp "$target/release/contra" "$bundle/contra"
 # The test binaries: cargo prints their paths as JSON.
-cargo test --release --features cuda --no-run --test kernels --test kernels_elementwise --test kernels_triplet --test kernels_half --test nn_device --test nn_resident --test transfers --test fixtures --message-format=json \
+cargo test --release --features cuda --no-run --test kernels --test kernels_elementwise --test kernels_triplet --test kernels_half --test kernels_tf32 --test nn_device --test nn_resident --test transfers --test fixtures --message-format=json \
   | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | while read -r exe; do
     name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
     cp "$exe" "$bundle/$name"

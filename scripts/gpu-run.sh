@@ -6,7 +6,7 @@
 # next to the kernel-only sequences.
 #
 # Phases, in this order of priority (default: all): check (kernel tests, fixtures, trainer),
-# tensor (the tensor-core NT-Xent figures: TFLOP/s, ratio to PyTorch, largest N), sanitize
+# tensor (the tensor-core figures, bf16 and tf32: TFLOP/s, ratio to PyTorch, largest N), sanitize
 # (compute-sanitizer), bench (timings and the full benchmark table). The whole run keeps to
 # CONTRA_GPU_BUDGET_S seconds (default 540, under the device tool's 600 s per call): each step's
 # limit is cut to what is left, and a step with no time left is reported as skipped. Split a run
@@ -67,9 +67,9 @@ run() {
   echo "- phases: $phases (time budget ${CONTRA_GPU_BUDGET_S:-540} s)"
 } >"$report"
 
-# Every kernel test binary: f32 softmax losses, elementwise ops, triplet mining, bf16/f16, and
-# the encoder's layers (GEMM through cuBLAS, bias, ReLU, BatchNorm).
-kernel_tests="kernels kernels_half kernels_elementwise kernels_triplet nn_device nn_resident transfers"
+# Every kernel test binary: f32 softmax losses, elementwise ops, triplet mining, bf16/f16, tf32,
+# and the encoder's layers (GEMM through cuBLAS, bias, ReLU, BatchNorm).
+kernel_tests="kernels kernels_half kernels_tf32 kernels_elementwise kernels_triplet nn_device nn_resident transfers"
 if wants check; then
   section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
   for t in $kernel_tests; do
@@ -81,10 +81,14 @@ if wants check; then
   run "train-check on cuda:0" 120 "$bundle/contra" train-check --device cuda --steps 5
 fi
 if wants tensor; then
-  section "Tensor cores: NT-Xent forward + backward through the public API (bf16 on the device, loss read), N = 65536, D = 256 (TFLOP/s over 8 N^2 D)"
-  run "tensor-core NT-Xent N=65536 D=256" 120 "$bundle/contra" ntxent-timing --device cuda --n 65536 --dim 256 --repeats 5
-  section "At the tensor-core shape (bf16, same card): contra (public API) vs kernels (kernel-only) vs unfused vs PyTorch eager"
-  run "bench N=65536 D=256 bf16" 180 "$bundle/contra" bench --device cuda --filter "N=65536 D=256 bf16" --json "${report%.md}-bench-tc.json"
+  section "Tensor cores: NT-Xent forward + backward through the public API (on the device, loss read), N = 65536, D = 256 (TFLOP/s over 8 N^2 D): bf16, tf32 (f32 inputs), and the exact f32 kernels"
+  for precision in bf16 tf32 f32; do
+    run "NT-Xent N=65536 D=256 $precision" 120 "$bundle/contra" ntxent-timing --device cuda --n 65536 --dim 256 --repeats 5 --precision "$precision"
+  done
+  section "At the tensor-core shapes (same card): NT-Xent, CLIP, SupCon and MoCo forward + backward, contra (public API) vs kernels (kernel-only) vs PyTorch eager (tf32: allow_tf32)"
+  for precision in bf16 tf32; do
+    run "bench tensor cores $precision" 240 "$bundle/contra" bench --device cuda --filter "$precision" --json "${report%.md}-bench-$precision.json"
+  done
   section "Tensor cores: the largest N that runs (D = 256, doubling from 65536 up to 1048576)"
   run "largest N" 240 "$bundle/contra" ntxent-timing --device cuda --n 65536 --dim 256 --repeats 1 --largest 1048576
 fi

@@ -45,6 +45,7 @@ pub(crate) mod kernels;
 #[cfg(feature = "nn")]
 pub mod nn;
 pub mod ops;
+mod precision;
 pub(crate) mod shared;
 pub mod tensor;
 #[cfg(feature = "train")]
@@ -55,6 +56,7 @@ pub use error::{Error, Result};
 pub use indices::{AsIndices, IndexView, Indices};
 pub use kernels::storage::Transfers;
 pub use ops::*;
+pub use precision::{f32_precision, set_f32_precision, with_f32_precision, F32Precision};
 pub use tensor::{DType, Element, Tensor};
 
 /// Hooks for the crate's own tests of the interpreted mode (not part of the API).
@@ -62,7 +64,7 @@ pub use tensor::{DType, Element, Tensor};
 pub mod testing {
     pub use crate::kernels::interp::{
         ldmatrix_fragments, out_of_bounds_launch, take_launched_kernels, take_launches,
-        unwritten_output_launch, LaunchRecord,
+        tf32_mma_fragments, unwritten_output_launch, LaunchRecord,
     };
     pub use crate::kernels::momentum::update_at_offsets as momentum_update_at_offsets;
 }

@@ -248,21 +248,64 @@ fn bf16_cases_run_the_tensor_core_kernels() {
     assert!(Runner::new(&case, Impl::Unfused, Device::Interp).is_err());
 }
 
+/// A tf32 case runs contra's side under `F32Precision::Tf32` (the `_tf32` kernels, through the
+/// public API and kernel-only alike) on the same f32 inputs as the naive reference, and agrees
+/// with it to tf32's accuracy; the exact-f32 unfused baseline refuses it.
+#[test]
+fn tf32_cases_run_the_tf32_kernels() {
+    use cases::{Case, Pass, Precision};
+    let case = Case::ntxent(Pass::ForwardBackward, 38, 24).at(Precision::Tf32);
+    assert_eq!(case.shape(), "N=38 D=24 tf32");
+    assert_eq!(case.engine(Device::Interp), "tensor cores");
+    assert_eq!(Case::from_json(&case.to_json()).unwrap(), case);
+    let mut naive = Runner::new(&case, Impl::Naive, Device::Cpu).unwrap();
+    let want = measure(&mut naive, &Timing::once()).unwrap();
+    for imp in [Impl::Contra, Impl::Kernels] {
+        contra::testing::take_launched_kernels();
+        let mut interp = Runner::new(&case, imp, Device::Interp).unwrap();
+        let got = measure(&mut interp, &Timing::once()).unwrap();
+        let launched = contra::testing::take_launched_kernels();
+        for kernel in ["infonce_fwd_tf32", "infonce_bwd_tf32"] {
+            assert!(
+                launched.contains(&kernel),
+                "{imp:?}: {kernel} did not run: {launched:?}"
+            );
+        }
+        let rel = (got.outcome.check - want.outcome.check).abs() / want.outcome.check.abs();
+        assert!(
+            rel < 5e-3,
+            "{imp:?}: {:?} vs {:?}",
+            got.outcome,
+            want.outcome
+        );
+    }
+    assert_eq!(contra::f32_precision(), contra::F32Precision::Highest);
+    assert!(Runner::new(&case, Impl::Unfused, Device::Interp).is_err());
+}
+
 /// `contra ntxent-timing`'s measurements run the public call (the tensor-core kernels on bf16
-/// features) and time it; the largest-N search doubles N and stops at its limit.
+/// features, or the tf32 ones on f32 features) and time it; the largest-N search doubles N and
+/// stops at its limit.
 #[test]
 fn ntxent_timing_runs_the_public_call() {
     use contra::bench::ntxent_timing::{at_shape, largest};
-    contra::testing::take_launched_kernels();
-    let t = at_shape(Device::Interp, 38, 24, 2).unwrap();
-    let launched = contra::testing::take_launched_kernels();
-    assert!(launched.contains(&"infonce_fwd_bf16"), "{launched:?}");
-    assert!(t.median_ms > 0.0 && t.tflops() > 0.0, "{t:?}");
-    let (best, stop) = largest(Device::Interp, 8, 16, 70);
+    use contra::bench::Precision;
+    for (precision, kernel) in [
+        (Precision::Bf16, "infonce_fwd_bf16"),
+        (Precision::Tf32, "infonce_fwd_tf32"),
+        (Precision::F32, "infonce_fwd_f32"),
+    ] {
+        contra::testing::take_launched_kernels();
+        let t = at_shape(Device::Interp, 38, 24, 2, precision).unwrap();
+        let launched = contra::testing::take_launched_kernels();
+        assert!(launched.contains(&kernel), "{launched:?}");
+        assert!(t.median_ms > 0.0 && t.tflops() > 0.0, "{t:?}");
+    }
+    let (best, stop) = largest(Device::Interp, 8, 16, 70, Precision::Bf16);
     assert_eq!(best.map(|t| t.n), Some(64));
     assert!(stop.is_none());
     // A call that fails ends the search with its error (here: features of width 0).
-    let (best, stop) = largest(Device::Interp, 0, 16, 64);
+    let (best, stop) = largest(Device::Interp, 0, 16, 64, Precision::Bf16);
     assert!(best.is_none());
     assert!(stop.unwrap().starts_with("N = 16: "));
 }

@@ -628,6 +628,112 @@ fn clip_matches_cpu() {
     on_kernel_devices("clip_matches_cpu", check_clip);
 }
 
+/// `x` rounded to tf32 as PTX's cvt.rna.tf32.f32 does (10 mantissa bits, to nearest, ties away
+/// from zero), computed from the value's binade rather than from its bits.
+fn tf32_reference(x: f32) -> f32 {
+    if !x.is_finite() || x == 0.0 {
+        return x;
+    }
+    let magnitude = x.abs() as f64;
+    let mut exponent = (magnitude.log2().floor() as i32).max(-126);
+    while exponent > -126 && 2f64.powi(exponent) > magnitude {
+        exponent -= 1;
+    }
+    while 2f64.powi(exponent + 1) <= magnitude {
+        exponent += 1;
+    }
+    let unit = 2f64.powi(exponent - 10);
+    let rounded = (magnitude / unit + 0.5).floor() * unit; // exact: unit is a power of two
+    (rounded as f32).copysign(x) // 2^128 (past f32::MAX) becomes inf
+}
+
+/// mma_1688_tf32 and to_tf32 (kernels/tensor_core.cuh) follow the PTX ISA: lane l = 4 g + t
+/// holds A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4] and B[t][g], B[t+4][g] and receives D[g][2t],
+/// D[g][2t+1], D[g+8][2t], D[g+8][2t+1]; operands round to nearest with ties away from zero. On a
+/// GPU this checks the hardware against what the interpreted mode emulates.
+/// Values whose tf32 rounding covers ties (both signs), the carry into the exponent, overflow to
+/// inf, inf, NaN, signed zeros, subnormals and ordinary numbers.
+fn tf32_rounding_cases() -> [f32; 32] {
+    let tie = 1.0 + 2f32.powi(-11);
+    [
+        1.0,
+        tie,
+        -tie,
+        f32::from_bits(tie.to_bits() - 1),
+        1.0 + 3.0 * 2f32.powi(-11),
+        f32::from_bits(0x3fff_ffff),
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        0.0,
+        -0.0,
+        f32::MIN_POSITIVE,
+        2f32.powi(-140) + 2f32.powi(-149),
+        -2f32.powi(-137) * 3.0,
+        std::f32::consts::PI,
+        -std::f32::consts::E,
+        1e-3,
+        -7.77e20,
+        123_456.79,
+        0.1,
+        -0.3,
+        65_504.0,
+        1.000_976_6,
+        2.0f32.powi(100) * 1.999,
+        -1e-30,
+        5.0e-39,
+        0.999_999_94,
+        -1.5,
+        1.0 / 3.0,
+        9_999.999,
+    ]
+}
+
+#[test]
+fn tf32_mma_and_rounding_follow_the_ptx_isa() {
+    common::on_kernel_devices("tf32_mma", |device| {
+        let values = tf32_rounding_cases();
+        let got = contra::testing::tf32_mma_fragments(device, &values).unwrap();
+        let a = |i: usize, k: usize| 1.0 + (8 * i + k) as f32 / 128.0 + 3.0 / 4096.0;
+        let b = |k: usize, n: usize| -(1.0 + (8 * k + n) as f32 / 64.0 + 5.0 / 8192.0);
+        let d = |r: usize, c: usize| -> f64 {
+            (0..8)
+                .map(|k| tf32_reference(a(r, k)) as f64 * tf32_reference(b(k, c)) as f64)
+                .sum()
+        };
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            let places = [
+                (g, 2 * t),
+                (g, 2 * t + 1),
+                (g + 8, 2 * t),
+                (g + 8, 2 * t + 1),
+            ];
+            for (e, &(r, c)) in places.iter().enumerate() {
+                let have = f32::from_bits(got[4 * lane + e]) as f64;
+                let want = d(r, c);
+                assert!(
+                    (have - want).abs() <= 1e-6 * want.abs(),
+                    "{device}: lane {lane} d[{e}] = D[{r}][{c}]: {have} != {want}"
+                );
+            }
+        }
+        for (i, &x) in values.iter().enumerate() {
+            let have = f32::from_bits(got[128 + i]);
+            let want = tf32_reference(x);
+            assert!(
+                have.to_bits() == want.to_bits() || (have.is_nan() && want.is_nan()),
+                "{device}: to_tf32({x:e} = {:#010x}) = {:#010x}, want {:#010x}",
+                x.to_bits(),
+                have.to_bits(),
+                want.to_bits()
+            );
+        }
+    });
+}
+
 /// ldmatrix (kernels/tensor_core.cuh) gives the PTX ISA's fragment layouts: lane l = 4 g + t
 /// holds elements (g, 2t), (g, 2t + 1) of each matrix, or (2t, g), (2t + 1, g) with .trans. On
 /// a GPU this checks the hardware against the layouts the interpreted mode emulates.

@@ -81,20 +81,6 @@ fn compare_half(
     println!("  {device} {case} {dtype}: worst relative error {worst:.2e}");
 }
 
-/// Rows near one random centre per cluster (`cluster[r]` of row r), so rows of a cluster have
-/// large logits with each other: centre + `noise` x uniform noise in [-1, 1].
-fn clustered_rows(rng: &mut StdRng, cluster: &[usize], d: usize, noise: f32) -> Vec<f32> {
-    let clusters = cluster.iter().max().map_or(0, |&c| c + 1);
-    let centres = random_matrix(rng, clusters, d);
-    let jitter = random_matrix(rng, cluster.len(), d);
-    cluster
-        .iter()
-        .enumerate()
-        .flat_map(|(r, &c)| (0..d).map(move |j| (r, c, j)))
-        .map(|(r, c, j)| centres[c * d + j] + noise * jitter[r * d + j])
-        .collect()
-}
-
 #[test]
 fn half_normalize_and_similarity_match_cpu() {
     on_kernel_devices("half_normalize_and_similarity_match_cpu", |device| {

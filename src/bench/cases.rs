@@ -115,6 +115,43 @@ impl Pass {
     }
 }
 
+/// A case's inputs and the arithmetic of its softmax-loss products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 inputs, exact f32 products (CUDA cores).
+    F32,
+    /// f32 inputs, products on the TF32 tensor cores ([`crate::F32Precision::Tf32`]; PyTorch's
+    /// side runs with `allow_tf32`).
+    Tf32,
+    /// bf16 inputs (tensor cores).
+    Bf16,
+}
+
+impl Precision {
+    /// The name in case labels and JSON (`dtype`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Precision> {
+        [Precision::F32, Precision::Tf32, Precision::Bf16]
+            .into_iter()
+            .find(|p| p.name() == name)
+    }
+
+    /// The library setting contra's side runs under.
+    pub fn f32_precision(self) -> crate::F32Precision {
+        match self {
+            Precision::Tf32 => crate::F32Precision::Tf32,
+            Precision::F32 | Precision::Bf16 => crate::F32Precision::Highest,
+        }
+    }
+}
+
 /// One measured case: an op, a pass and its sizes. Unused sizes are 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Case {
@@ -130,8 +167,8 @@ pub struct Case {
     pub v: usize,
     /// Classes (SupCon, triplet).
     pub c: usize,
-    /// Inputs in bf16 (kernel devices: the tensor-core kernels of the softmax losses), else f32.
-    pub bf16: bool,
+    /// The inputs' type and the arithmetic of the softmax losses' products.
+    pub precision: Precision,
     /// The triplet mining (batch-hard unless a triplet case says otherwise).
     pub mining: Mining,
 }
@@ -168,18 +205,23 @@ impl Case {
             k: 0,
             v: 0,
             c: 0,
-            bf16: false,
+            precision: Precision::F32,
             mining: Mining::BatchHard,
         }
     }
 
     /// The same case with bf16 inputs.
     pub fn in_bf16(self) -> Case {
-        Case { bf16: true, ..self }
+        self.at(Precision::Bf16)
+    }
+
+    /// The same case at `precision`.
+    pub fn at(self, precision: Precision) -> Case {
+        Case { precision, ..self }
     }
 
     /// What runs contra's side of the case on `device`: "cpu", or on a kernel device
-    /// "tensor cores" (bf16 softmax losses: mma.sync kernels) or "CUDA cores".
+    /// "tensor cores" (bf16 and tf32 softmax losses: mma.sync kernels) or "CUDA cores".
     pub fn engine(&self, device: crate::Device) -> &'static str {
         let softmax = matches!(
             self.op,
@@ -187,7 +229,7 @@ impl Case {
         );
         match device {
             crate::Device::Cpu => "cpu",
-            _ if self.bf16 && softmax => "tensor cores",
+            _ if self.precision != Precision::F32 && softmax => "tensor cores",
             _ => "CUDA cores",
         }
     }
@@ -255,12 +297,13 @@ impl Case {
         Case::new(Op::Momentum, Pass::Forward, params, 0)
     }
 
-    /// The sizes as a short label, e.g. `N=4096 D=128` (with ` bf16` for bf16 inputs).
+    /// The sizes as a short label, e.g. `N=4096 D=128` (with ` bf16` or ` tf32` unless exact
+    /// f32).
     pub fn shape(&self) -> String {
         let dims = self.dims();
-        match self.bf16 {
-            true => format!("{dims} bf16"),
-            false => dims,
+        match self.precision {
+            Precision::F32 => dims,
+            other => format!("{dims} {}", other.name()),
         }
     }
 
@@ -404,7 +447,7 @@ impl Case {
             "op": self.op.name(),
             "pass": self.pass.name(),
             "n": self.n, "d": self.d, "k": self.k, "v": self.v, "c": self.c,
-            "dtype": if self.bf16 { "bf16" } else { "f32" },
+            "dtype": self.precision.name(),
             "mining": mining_name(self.mining),
             "rotations": self.rotations(),
         })
@@ -431,10 +474,11 @@ impl Case {
             k: size("k")?,
             v: size("v")?,
             c: size("c")?,
-            bf16: match v.get("dtype").and_then(Value::as_str) {
-                None | Some("f32") => false,
-                Some("bf16") => true,
-                Some(other) => return Err(bad(&format!("unknown dtype `{other}`"))),
+            precision: match v.get("dtype").and_then(Value::as_str) {
+                None => Precision::F32,
+                Some(name) => {
+                    Precision::parse(name).ok_or_else(|| bad(&format!("unknown dtype `{name}`")))?
+                }
             },
             mining: match v.get("mining").and_then(Value::as_str) {
                 None => Mining::BatchHard,
@@ -530,16 +574,27 @@ pub fn tiny_cases() -> Vec<Case> {
     cases
 }
 
-/// The tensor-core cases of a GPU run: NT-Xent forward + backward with bf16 inputs (quick: N =
-/// 4096 and 16384 at D = 128; full: also N = 65536 at D = 256, the tensor-core issue's shape).
+/// The tensor-core cases of a GPU run, each in bf16 and in tf32 (f32 inputs, `F32Precision::Tf32`):
+/// NT-Xent forward + backward at N = 4096 and 16384, D = 128 (quick); the full run adds the
+/// tensor-core issue's shape, D = 256 at a 65536-row softmax, for NT-Xent, CLIP, SupCon
+/// (32768 samples x 2 views) and MoCo (256 queries against a 65536-key queue, the MoCo v2 shape).
 pub fn tensor_core_cases(quick: bool) -> Vec<Case> {
-    let mut shapes = vec![(4096, 128), (16384, 128)];
-    if !quick {
-        shapes.push((65536, 256));
-    }
-    shapes
+    let mut cases: Vec<Case> = [(4096, 128), (16384, 128)]
         .into_iter()
-        .map(|(n, d)| Case::ntxent(Pass::ForwardBackward, n, d).in_bf16())
+        .map(|(n, d)| Case::ntxent(Pass::ForwardBackward, n, d))
+        .collect();
+    if !quick {
+        let pass = Pass::ForwardBackward;
+        cases.extend([
+            Case::ntxent(pass, 65536, 256),
+            Case::clip(pass, 65536, 256),
+            Case::supcon(pass, 32768, 2, 256, 1000),
+            Case::moco(pass, 256, 65536, 256),
+        ]);
+    }
+    cases
+        .into_iter()
+        .flat_map(|c| [c.at(Precision::Bf16), c.at(Precision::Tf32)])
         .collect()
 }
 

@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::cases::{self, Case, Op, Pass};
+use super::cases::{self, Case, Op, Pass, Precision};
 use super::runner::{raw_inputs, Impl, Outcome, RunOnce};
 use crate::kernels::nn::GemmShape;
 use crate::kernels::storage::DeviceBuf;
@@ -185,7 +185,7 @@ impl<B: Backend> KernelRunner<B> {
             let tensors = raw
                 .tensors
                 .iter()
-                .map(|t| match case.bf16 {
+                .map(|t| match case.precision == Precision::Bf16 {
                     true => {
                         let bits: Vec<u16> = t
                             .iter()

@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::cases::{self, Case, Op, Pass};
+use super::cases::{self, Case, Op, Pass, Precision};
 use super::naive;
-use crate::{Device, Error, Result, Tensor};
+use crate::{with_f32_precision, Device, Error, Result, Tensor};
 
 /// Which implementation a runner calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -165,7 +165,7 @@ impl Runner {
                 format!("{} has no backward", case.op.name()),
             ));
         }
-        if case.bf16 && imp == Impl::Naive {
+        if case.precision == Precision::Bf16 && imp == Impl::Naive {
             return Err(Error::invalid(
                 "bench",
                 "dtype",
@@ -229,12 +229,14 @@ impl Runner {
     /// One call on the next input set. On a kernel backend the gradient checksum is left out
     /// (it needs a transfer); [`Runner::run_checked`] includes it.
     pub fn run(&mut self) -> Result<Outcome> {
-        self.inner.run(false)
+        let inner = &mut self.inner;
+        with_f32_precision(self.case.precision.f32_precision(), || inner.run(false))
     }
 
     /// One call on the next input set, with every checksum.
     pub fn run_checked(&mut self) -> Result<Outcome> {
-        self.inner.run(true)
+        let inner = &mut self.inner;
+        with_f32_precision(self.case.precision.f32_precision(), || inner.run(true))
     }
 }
 
@@ -258,9 +260,9 @@ impl ContraApi {
                     .zip(&shapes)
                     .map(|(v, s)| {
                         let t = Tensor::from_vec(v, s, Device::Cpu)?;
-                        let t = match case.bf16 {
-                            true => t.to_dtype(crate::DType::Bf16)?,
-                            false => t,
+                        let t = match case.precision {
+                            Precision::Bf16 => t.to_dtype(crate::DType::Bf16)?,
+                            Precision::F32 | Precision::Tf32 => t,
                         };
                         t.to_device(device)
                     })
@@ -652,6 +654,11 @@ impl Measurement {
 /// Runs `runner` once as the warm-up, once for the peak memory and the checksums, then times
 /// calls per `timing`.
 pub fn measure(runner: &mut Runner, timing: &Timing) -> Result<Measurement> {
+    let precision = runner.case.precision.f32_precision();
+    with_f32_precision(precision, || measure_at_precision(runner, timing))
+}
+
+fn measure_at_precision(runner: &mut Runner, timing: &Timing) -> Result<Measurement> {
     // Start the worker threads (and touch their stacks) before anything is measured.
     rayon::broadcast(|_| std::hint::black_box(0u8));
     runner.inner.run(false)?;

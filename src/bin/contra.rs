@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use contra::bench::cases::Precision;
 use contra::fixtures::{load_cases, print_reports, run_all};
 use contra::train::config::{DataSet, Method, OptimizerKind, TrainConfig};
 use contra::train::trainer::Event;
@@ -84,10 +85,10 @@ enum Command {
     /// Benchmark contra against PyTorch eager (and torch.compile) and a naive Rust reference:
     /// one table of time, speedup, peak memory and GFLOP/s; --scaling for the NT-Xent / CLIP / SupCon sweep.
     Bench(contra::bench::BenchArgs),
-    /// The tensor-core NT-Xent through the public API (bf16 features on the device, the loss
-    /// read after each call): forward + backward at N x --dim, median wall time and TFLOP/s
-    /// over 8 N^2 D; with --largest MAX, also the largest N (doubling from N up to MAX) that
-    /// runs.
+    /// The tensor-core NT-Xent through the public API (features on the device: bf16, or f32
+    /// multiplied as tf32 with --precision tf32; the loss read after each call): forward +
+    /// backward at N x --dim, median wall time and TFLOP/s over 8 N^2 D; with --largest MAX,
+    /// also the largest N (doubling from N up to MAX) that runs.
     NtxentTiming {
         #[arg(long, default_value = "cuda")]
         device: Device,
@@ -99,7 +100,14 @@ enum Command {
         repeats: usize,
         #[arg(long)]
         largest: Option<usize>,
+        /// bf16, tf32 (f32 features on the TF32 tensor cores) or f32 (exact, CUDA cores).
+        #[arg(long, default_value = "bf16", value_parser = parse_precision)]
+        precision: Precision,
     },
+}
+
+fn parse_precision(name: &str) -> Result<Precision, String> {
+    Precision::parse(name).ok_or_else(|| format!("`{name}`: expected bf16, tf32 or f32"))
 }
 
 fn main() -> ExitCode {
@@ -121,7 +129,8 @@ fn main() -> ExitCode {
             dim,
             repeats,
             largest,
-        } => ntxent_timing(device, n, dim, repeats, largest),
+            precision,
+        } => ntxent_timing(device, n, dim, repeats, largest, precision),
         Command::Bench(args) => match contra::bench::main(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -532,16 +541,18 @@ fn ntxent_timing(
     dim: usize,
     repeats: usize,
     largest: Option<usize>,
+    precision: Precision,
 ) -> ExitCode {
     use contra::bench::ntxent_timing::{at_shape, largest as largest_n};
     if let Err(reason) = contra::device_available(device) {
         eprintln!("error: {device} is not available: {reason}");
         return ExitCode::from(2);
     }
-    match at_shape(device, n, dim, repeats) {
+    match at_shape(device, n, dim, repeats, precision) {
         Ok(t) => println!(
-            "ntxent fwd+bwd bf16 {n}x{dim} on {device} (public API, loss read): {:.3} ms \
+            "ntxent fwd+bwd {} {n}x{dim} on {device} (public API, loss read): {:.3} ms \
              (median of {repeats}), {:.1} TFLOP/s over 8 N^2 D",
+            precision.name(),
             t.median_ms,
             t.tflops()
         ),
@@ -551,7 +562,7 @@ fn ntxent_timing(
         }
     }
     if let Some(max_n) = largest {
-        let (best, stop) = largest_n(device, dim, n, max_n);
+        let (best, stop) = largest_n(device, dim, n, max_n, precision);
         match best {
             Some(t) => println!(
                 "largest N that ran: {}x{dim} ({:.1} ms, {:.1} TFLOP/s)",

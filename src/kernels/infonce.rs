@@ -302,7 +302,7 @@ pub(crate) fn fused_forward<B: Backend>(
         0 => handles::INFONCE_FWD,
         _ => handles::INFONCE_FWD_SPLIT,
     }
-    .of(b.info(s.q).elem);
+    .of_product(b.info(s.q).elem);
     if shared_rows {
         b.launch(kernel, shape, &params, &[])?;
         b.launch(
@@ -403,7 +403,7 @@ impl<Buf> BackwardPass<'_, Buf> {
         };
         written.extend(grad_k);
         b.launch(
-            handles::INFONCE_BWD.of(b.info(s.q).elem),
+            handles::INFONCE_BWD.of_product(b.info(s.q).elem),
             shape,
             &params,
             &written,

@@ -305,6 +305,27 @@ pub fn ldmatrix_fragments(device: crate::Device) -> Result<Vec<u32>> {
     )))
 }
 
+/// The words of `tf32_mma_test` (kernels/fragments.cu) on `device`: 32 lanes x 4 elements of a
+/// known 16 x 8 x 8 tf32 product (f32 bits), then `to_tf32` of each of the 32 `values`.
+pub fn tf32_mma_fragments(device: crate::Device, values: &[f32; 32]) -> Result<Vec<u32>> {
+    crate::kernels::run_on_kernels!(device, b => {
+        let x = b.upload("x", values)?;
+        let y = b.output("y", 128 + 32)?;
+        let params = ContraNormalizeParams {
+            x: b.ptr(&x),
+            y: b.ptr(&y),
+            rows: 1,
+            dim: 128 + 32,
+            ..Default::default()
+        };
+        b.launch(handles::TF32_MMA_TEST, Launch::linear(1, 32), &params, &[&y])?;
+        b.download_words(&y)
+    });
+    Err(Error::Device(format!(
+        "tf32_mma_fragments: {device} runs no kernels"
+    )))
+}
+
 /// Launches `normalize_fwd_f32` with one block too few, so rows are left unwritten; the poison
 /// check must turn it into an error.
 pub fn unwritten_output_launch() -> Result<()> {

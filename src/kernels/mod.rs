@@ -228,11 +228,13 @@ impl<P> Clone for Kernel<P> {
 }
 impl<P> Copy for Kernel<P> {}
 
-/// The f32, bf16 and f16 instantiations of one kernel body (`CONTRA_TYPED_KERNELS*`).
+/// The f32, bf16 and f16 instantiations of one kernel body (`CONTRA_TYPED_KERNELS*`), and the
+/// tf32 one where the body has it (`CONTRA_TYPED_KERNELS_TF32`: f32 operands on tensor cores).
 pub(crate) struct Typed<P> {
     pub f32: Kernel<P>,
     pub bf16: Kernel<P>,
     pub f16: Kernel<P>,
+    pub tf32: Option<Kernel<P>>,
 }
 
 impl<P> Typed<P> {
@@ -242,6 +244,15 @@ impl<P> Typed<P> {
             Elem::Bf16 => self.bf16,
             Elem::F16 => self.f16,
             Elem::F32 | Elem::I32 | Elem::F64 => self.f32,
+        }
+    }
+
+    /// The instantiation for products of `elem` operands at the calling thread's
+    /// [`crate::f32_precision`]: tf32 for f32 operands when it asks for TF32 and the body has it.
+    pub fn of_product(&self, elem: Elem) -> Kernel<P> {
+        match (elem, crate::f32_precision(), self.tf32) {
+            (Elem::F32, crate::F32Precision::Tf32, Some(tf32)) => tf32,
+            _ => self.of(elem),
         }
     }
 }

@@ -90,7 +90,7 @@ impl<B: Backend> SigLip<'_, B> {
             written.extend([&g.a, &g.b, &g.log_scale_partial, &g.bias_partial]);
         }
         b.launch(
-            handles::SIGLIP_SWEEP.of(b.info(a_op).elem),
+            handles::SIGLIP_SWEEP.of_product(b.info(a_op).elem),
             Launch {
                 grid: [blocks, 1, 1],
                 block: [16, 16, 1],

@@ -81,6 +81,20 @@ pub fn random_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Rows near one random centre per cluster (`cluster[r]` of row r), so rows of a cluster have
+/// large logits with each other: centre + `noise` x uniform noise in [-1, 1].
+pub fn clustered_rows(rng: &mut StdRng, cluster: &[usize], d: usize, noise: f32) -> Vec<f32> {
+    let clusters = cluster.iter().max().map_or(0, |&c| c + 1);
+    let centres = random_matrix(rng, clusters, d);
+    let jitter = random_matrix(rng, cluster.len(), d);
+    cluster
+        .iter()
+        .enumerate()
+        .flat_map(|(r, &c)| (0..d).map(move |j| (r, c, j)))
+        .map(|(r, c, j)| centres[c * d + j] + noise * jitter[r * d + j])
+        .collect()
+}
+
 /// Like [`random_matrix`], except that with one feature (`cols == 1`) the entries are signed powers
 /// of two. Then f32 normalization is exact (y = +-1) and the gradient through it, exactly 0 in every
 /// precision, comes out exactly 0 rather than as f32 rounding noise, which no relative tolerance

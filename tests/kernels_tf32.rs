@@ -1,0 +1,187 @@
+//! The TF32 instantiations of every softmax loss (InfoNCE, NT-Xent, CLIP, MoCo, SupCon) and of
+//! SigLIP: f32 inputs under `with_f32_precision(F32Precision::Tf32)` on every kernel device,
+//! forward and backward, against the CPU backend in f64 on the same inputs. The operands are
+//! rounded to tf32 (10 mantissa bits) and the products accumulate in f32, so every output must
+//! be within a relative norm error of 5e-3.
+//!
+//! On the interpreted mode each case also checks that the `_tf32` forward and backward kernels ran,
+//! and that without the setting the same op runs the exact `_f32` ones. `Device::Cuda(0)` runs too
+//! when it is usable; otherwise the test prints why it was skipped.
+
+use contra::*;
+use rand::{rngs::StdRng, SeedableRng};
+
+mod common;
+use common::*;
+
+/// The tolerance of the issue for tf32 operands with f32 accumulation.
+const TF32_TOL: f64 = 5e-3;
+
+/// Runs `op` under TF32 on `device` and in f64 on the CPU and compares every output; on the
+/// interpreted mode, checks that the `_tf32` instantiation of each of `sweeps` ran (the key-split
+/// forward counts as the forward) and that the default precision runs `_f32` instead.
+fn compare_tf32(
+    device: Device,
+    case: &str,
+    sweeps: &[&str],
+    inputs: &[Input],
+    op: impl Fn(&[Tensor]) -> Result<Outputs>,
+) {
+    testing::take_launched_kernels();
+    with_f32_precision(F32Precision::Tf32, || {
+        compare_with_cpu_within(device, &format!("{case} tf32"), inputs, TF32_TOL, &op)
+    });
+    if device != Device::Interp {
+        return;
+    }
+    let ran = |launched: &[&str], base: &str, suffix: &str| {
+        launched
+            .iter()
+            .any(|k| k.starts_with(base) && k.ends_with(suffix))
+    };
+    let launched = testing::take_launched_kernels();
+    for base in sweeps {
+        assert!(
+            ran(&launched, base, "_tf32"),
+            "{case}: no {base}*_tf32 ran: {launched:?}"
+        );
+    }
+    compare_with_cpu(device, &format!("{case} f32"), inputs, &op);
+    let launched = testing::take_launched_kernels();
+    for base in sweeps {
+        assert!(
+            ran(&launched, base, "_f32") && !ran(&launched, base, "_tf32"),
+            "{case}: the default precision ran {launched:?}"
+        );
+    }
+}
+
+const SOFTMAX_SWEEPS: &[&str] = &["infonce_fwd", "infonce_bwd"];
+
+#[test]
+fn tf32_infonce_and_ntxent_match_cpu() {
+    on_kernel_devices("tf32_infonce_and_ntxent_match_cpu", |device| {
+        let mut rng = StdRng::seed_from_u64(0x7f32);
+        // d = 19: rows not 16-byte aligned, every chunk element by element; d = 40: whole
+        // 16-byte chunks through cp.async and a slice tail; d = 72: two 64-feature chunks in
+        // the backward's second product; d = 100: four of the forward's 32-feature slices, so
+        // each stage buffer is refilled.
+        for d in [19, 40, 72, 100] {
+            let (n, m) = (37, 70);
+            let q = random_matrix(&mut rng, n, d);
+            let k = random_matrix(&mut rng, m, d);
+            let positives = random_positives(&mut rng, n, m, false);
+            for normalize in [true, false] {
+                let opts = InfoNceOptions {
+                    temperature: if normalize { 0.1 } else { 1.0 },
+                    normalize,
+                    self_mask: false,
+                };
+                let case = format!("infonce 37x70x{d} normalize={normalize}");
+                let inputs: &[Input] = &[(&q, &[n, d]), (&k, &[m, d])];
+                compare_tf32(device, &case, SOFTMAX_SWEEPS, inputs, |t| {
+                    let out = infonce(&t[0], &t[1], &positives, &opts)?;
+                    Ok(vec![
+                        ("loss", vec![out.loss.to_scalar().unwrap()]),
+                        ("grad_q", out.grad_q.to_vec_f64().unwrap()),
+                        ("grad_k", out.grad_k.to_vec_f64().unwrap()),
+                    ])
+                });
+            }
+            // 2 and 4 row tiles: the symmetric forward's pairs of tiles, with close views.
+            for rows in [66, 194] {
+                let cluster: Vec<usize> = (0..rows).map(|i| i % (rows / 2)).collect();
+                let z = clustered_rows(&mut rng, &cluster, d, 0.3);
+                let opts = NtXentOptions { temperature: 0.2 };
+                let case = format!("ntxent {rows}x{d}");
+                compare_tf32(device, &case, SOFTMAX_SWEEPS, &[(&z, &[rows, d])], |t| {
+                    let out = ntxent(&t[0], &opts)?;
+                    Ok(vec![
+                        ("loss", vec![out.loss.to_scalar().unwrap()]),
+                        ("grad_z", out.grad_z.to_vec_f64().unwrap()),
+                    ])
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn tf32_clip_moco_supcon_siglip_match_cpu() {
+    on_kernel_devices("tf32_clip_moco_supcon_siglip_match_cpu", |device| {
+        let mut rng = StdRng::seed_from_u64(0x7f33);
+        // d = 19: element-by-element staging; d = 76: cp.async chunks and a slice tail.
+        for d in [19, 76] {
+            let n = 37;
+            let a = random_matrix(&mut rng, n, d);
+            let b = random_matrix(&mut rng, n, d);
+            let pair: &[Input] = &[(&a, &[n, d]), (&b, &[n, d])];
+            compare_tf32(device, &format!("clip 37x{d}"), SOFTMAX_SWEEPS, pair, |t| {
+                let out = clip(&t[0], &t[1], (1.0f64 / 0.07).ln())?;
+                Ok(vec![
+                    ("loss", vec![out.loss.to_scalar().unwrap()]),
+                    ("grad_a", out.grad_a.to_vec_f64().unwrap()),
+                    ("grad_b", out.grad_b.to_vec_f64().unwrap()),
+                    (
+                        "grad_log_scale",
+                        vec![out.grad_log_scale.to_scalar().unwrap()],
+                    ),
+                ])
+            });
+            // 101 and 700 keys: the second splits across blocks (`infonce_fwd_split_tf32`).
+            for queue_len in [101, 700] {
+                let queue = random_matrix(&mut rng, queue_len, d);
+                let opts = MocoOptions { temperature: 0.2 };
+                let inputs: &[Input] = &[(&a, &[n, d]), (&b, &[n, d]), (&queue, &[queue_len, d])];
+                let case = format!("moco 37x{queue_len}x{d}");
+                compare_tf32(device, &case, SOFTMAX_SWEEPS, inputs, |t| {
+                    let out = moco(&t[0], &t[1], &t[2], &opts)?;
+                    Ok(vec![
+                        ("loss", vec![out.loss.to_scalar().unwrap()]),
+                        ("grad_q", out.grad_q.to_vec_f64().unwrap()),
+                    ])
+                });
+            }
+            // 1 and 4 row tiles (N·V = 46, 201).
+            for (samples, views) in [(23, 2), (67, 3)] {
+                let labels: Vec<i64> = (0..samples as i64).map(|i| i % 5).collect();
+                let classes: Vec<usize> = (0..samples * views).map(|r| (r / views) % 5).collect();
+                let features = clustered_rows(&mut rng, &classes, d, 1.0);
+                let opts = SupConOptions {
+                    temperature: 0.1,
+                    base_temperature: 0.07,
+                    ..Default::default()
+                };
+                let case = format!("supcon {samples}x{views}x{d}");
+                let inputs: &[Input] = &[(&features, &[samples, views, d])];
+                compare_tf32(device, &case, SOFTMAX_SWEEPS, inputs, |t| {
+                    let out = supcon(&t[0], &labels, &opts)?;
+                    Ok(vec![
+                        ("loss", vec![out.loss.to_scalar().unwrap()]),
+                        ("grad_features", out.grad_features.to_vec_f64().unwrap()),
+                    ])
+                });
+            }
+            let opts = SigLipOptions::default();
+            compare_tf32(
+                device,
+                &format!("siglip 37x{d}"),
+                &["siglip_sweep"],
+                pair,
+                |t| {
+                    let out = siglip(&t[0], &t[1], 10f64.ln(), -10.0, &opts)?;
+                    Ok(vec![
+                        ("loss", vec![out.loss.to_scalar().unwrap()]),
+                        ("grad_a", out.grad_a.to_vec_f64().unwrap()),
+                        ("grad_b", out.grad_b.to_vec_f64().unwrap()),
+                        (
+                            "grad_log_scale",
+                            vec![out.grad_log_scale.to_scalar().unwrap()],
+                        ),
+                        ("grad_bias", vec![out.grad_bias.to_scalar().unwrap()]),
+                    ])
+                },
+            );
+        }
+    });
+}

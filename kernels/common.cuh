@@ -28,6 +28,19 @@ __device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v
 __device__ __forceinline__ void store(__half* p, long long i, float v) { p[i] = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, long long i, float v) { p[i] = __float2bfloat16_rn(v); }
 
+// Bytes of dynamic shared memory the launch gave this block (PTX %dynamic_smem_size).
+__device__ __forceinline__ unsigned dynamic_shared_size() {
+#if defined(CONTRA_INTERP)
+    return static_cast<unsigned>(interp::dynamic_shared_bytes());
+#elif defined(__CUDA_ARCH__)
+    unsigned bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+#else
+    return 0;
+#endif
+}
+
 // Sum over the 32 lanes of a warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -2,6 +2,7 @@
 // testing.cu's deliberately faulty ones): tests compare the interpreted emulation with the
 // hardware through them.
 #include "common.cuh"
+#include "interp/dynamic_shared.h"
 #include "tensor_core.cuh"
 
 // ldmatrix's six forms (tensor_core.cuh) on a known tile, for the test that the interpreted
@@ -52,3 +53,27 @@ extern "C" __global__ void tf32_mma_test(const ContraNormalizeParams p) {
     out[128 + lane] = contra::to_tf32(static_cast<const float*>(p.x)[lane]);
 }
 INTERP_EXPORT(tf32_mma_test, ContraNormalizeParams)
+
+// Dynamic shared memory beyond the default 48 KB: y[0] = the bytes the block has
+// (dynamic_shared_size); every thread writes word i = i * 2654435761 of the whole buffer, then,
+// after a barrier, reads back another thread's words: y[1] = how many words came back wrong.
+// One block of 256 threads.
+extern "C" __global__ void dynamic_shared_test(const ContraNormalizeParams p) {
+    CONTRA_DYNAMIC_SHARED(unsigned, words);
+    unsigned* out = static_cast<unsigned*>(p.y);
+    const unsigned count = contra::dynamic_shared_size() / 4;
+    for (unsigned i = threadIdx.x; i < count; i += blockDim.x) words[i] = i * 2654435761u;
+    __syncthreads();
+    __shared__ unsigned wrong;
+    if (threadIdx.x == 0) wrong = 0;
+    __syncthreads();
+    unsigned mine = 0;
+    for (unsigned i = blockDim.x - 1 - threadIdx.x; i < count; i += blockDim.x) mine += words[i] != i * 2654435761u;
+    atomicAdd(&wrong, mine);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        out[0] = count * 4;
+        out[1] = wrong;
+    }
+}
+INTERP_EXPORT(dynamic_shared_test, ContraNormalizeParams)

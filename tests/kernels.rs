@@ -734,6 +734,22 @@ fn tf32_mma_and_rounding_follow_the_ptx_isa() {
     });
 }
 
+/// A launch may give a block more than 48 KB of dynamic shared memory (up to 227 KB): the kernel
+/// sees that many bytes and every word of them holds what was written; beyond 227 KB the launch is
+/// an error naming the shared memory.
+#[test]
+fn dynamic_shared_memory_beyond_48_kb() {
+    common::on_kernel_devices("dynamic_shared", |device| {
+        for bytes in [1024, 100 * 1024, 227 * 1024] {
+            let (seen, wrong) = contra::testing::dynamic_shared_roundtrip(device, bytes).unwrap();
+            assert_eq!(seen as usize, bytes, "{device}");
+            assert_eq!(wrong, 0, "{device}: {bytes} B");
+        }
+        let err = contra::testing::dynamic_shared_roundtrip(device, 227 * 1024 + 4).unwrap_err();
+        assert!(err.to_string().contains("shared memory"), "{err}");
+    });
+}
+
 /// ldmatrix (kernels/tensor_core.cuh) gives the PTX ISA's fragment layouts: lane l = 4 g + t
 /// holds elements (g, 2t), (g, 2t + 1) of each matrix, or (2t, g), (2t + 1, g) with .trans. On
 /// a GPU this checks the hardware against the layouts the interpreted mode emulates.

@@ -102,7 +102,9 @@ constexpr int warpSize = 32;
 namespace interp {
 
 extern __thread unsigned char* tls_dynamic_shared;
+extern __thread unsigned long long tls_dynamic_shared_bytes;
 inline void* dynamic_shared_ptr() { return tls_dynamic_shared; }
+inline unsigned long long dynamic_shared_bytes() { return tls_dynamic_shared_bytes; }
 
 enum SyncOp { SYNC_PLAIN = 0, SYNC_COUNT = 1, SYNC_AND = 2, SYNC_OR = 3 };
 int sync_block(int op, int pred);

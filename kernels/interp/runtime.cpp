@@ -66,6 +66,7 @@ __thread dim3 gridDim;
 
 namespace interp {
 __thread unsigned char* tls_dynamic_shared;
+__thread unsigned long long tls_dynamic_shared_bytes;
 }
 
 namespace {
@@ -622,6 +623,7 @@ void worker_body(Launch* L) {
 #endif
     tls_worker = &w;
     interp::tls_dynamic_shared = w.dyn;
+    interp::tls_dynamic_shared_bytes = w.dyn_bytes;
     blockDim = dim3(c.block[0], c.block[1], c.block[2]);
     gridDim = dim3(c.grid[0], c.grid[1], c.grid[2]);
     while (!L->failed.load(std::memory_order_relaxed)) {
@@ -630,6 +632,7 @@ void worker_body(Launch* L) {
     }
     tls_worker = nullptr;
     interp::tls_dynamic_shared = nullptr;
+    interp::tls_dynamic_shared_bytes = 0;
 
 #if INTERP_TSAN
     for (Fiber& f : w.fibers) tsan_fiber_put(f.tsan);

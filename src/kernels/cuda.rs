@@ -9,7 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{
     CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
     PushKernelArg,
@@ -574,10 +574,21 @@ impl Backend for Cuda {
             .module(module, kernel)?
             .load_function(kernel)
             .map_err(|e| device_error(&format!("kernel `{kernel}`"), e))?;
+        if launch.shared_bytes > super::DEFAULT_SHARED_BYTES {
+            // Above 48 KB a kernel must opt in; the driver checks the request against the GPU
+            // (`dims` above bounds it by 227 KB, so the casts below are exact).
+            let attribute = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            let bytes = launch.shared_bytes;
+            function
+                .set_attribute(attribute, bytes as i32)
+                .map_err(|e| {
+                    device_error(&format!("`{kernel}` with {bytes} B of shared memory"), e)
+                })?;
+        }
         let cfg = LaunchConfig {
             grid_dim: (grid[0], grid[1], grid[2]),
             block_dim: (block[0], block[1], block[2]),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: launch.shared_bytes as u32,
         };
         let mut builder = self.stream.launch_builder(&function);
         builder.arg(params);

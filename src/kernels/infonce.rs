@@ -15,6 +15,7 @@ fn launch_shape(rows: usize) -> Launch {
     Launch {
         grid: [blocks_for(rows, TILE), 1, 1],
         block: [16, 16, 1],
+        shared_bytes: 0,
     }
 }
 
@@ -34,6 +35,7 @@ pub(crate) fn sweep_grid<Buf>(s: &Softmax<'_, Buf>) -> (usize, Launch) {
     let launch = Launch {
         grid: [row_blocks, tiles.div_ceil(per_block), 1],
         block: [16, 16, 1],
+        shared_bytes: 0,
     };
     (per_block, launch)
 }

@@ -239,7 +239,7 @@ impl Backend for Interp {
         let cfg = InterpLaunchConfig {
             grid,
             block,
-            shared_bytes: 0,
+            shared_bytes: launch.shared_bytes as u64,
         };
         let mut message = vec![0u8; 512];
         // SAFETY: `entry` is the INTERP_EXPORT wrapper of `kernel`, whose params type is `P`
@@ -323,6 +323,30 @@ pub fn tf32_mma_fragments(device: crate::Device, values: &[f32; 32]) -> Result<V
     });
     Err(Error::Device(format!(
         "tf32_mma_fragments: {device} runs no kernels"
+    )))
+}
+
+/// `dynamic_shared_test` (kernels/fragments.cu) with `bytes` of dynamic shared memory on
+/// `device`: the bytes the block saw and how many of its words read back wrong.
+pub fn dynamic_shared_roundtrip(device: crate::Device, bytes: usize) -> Result<(u32, u32)> {
+    crate::kernels::run_on_kernels!(device, b => {
+        let y = b.output("y", 2)?;
+        let params = ContraNormalizeParams {
+            y: b.ptr(&y),
+            rows: 1,
+            dim: 2,
+            ..Default::default()
+        };
+        let launch = Launch {
+            shared_bytes: bytes,
+            ..Launch::linear(1, 256)
+        };
+        b.launch(handles::DYNAMIC_SHARED_TEST, launch, &params, &[&y])?;
+        let words = b.download_words(&y)?;
+        Ok((words[0], words[1]))
+    });
+    Err(Error::Device(format!(
+        "dynamic_shared_roundtrip: {device} runs no kernels"
     )))
 }
 

@@ -42,10 +42,19 @@ use crate::Result;
 pub(crate) struct Launch {
     pub grid: [usize; 3],
     pub block: [u32; 3],
+    /// Dynamic shared memory per block, bytes (the backends raise a kernel's limit above the
+    /// default 48 KB when a launch asks for more).
+    pub shared_bytes: usize,
 }
 
 /// CUDA's grid limits: 2^31 - 1 blocks along x, 65535 along y and z.
 const MAX_GRID: [usize; 3] = [i32::MAX as usize, 65535, 65535];
+/// The most dynamic shared memory a block may have (227 KB: sm_90; the launch layer asks for
+/// more than 48 KB only where the kernel's data needs it).
+pub(crate) const MAX_DYNAMIC_SHARED_BYTES: usize = 227 * 1024;
+/// Dynamic shared memory a kernel may use without raising its limit.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 
 impl Launch {
     /// A 1-D grid of `blocks` blocks of `threads` threads.
@@ -53,6 +62,7 @@ impl Launch {
         Launch {
             grid: [blocks, 1, 1],
             block: [threads, 1, 1],
+            shared_bytes: 0,
         }
     }
 
@@ -72,6 +82,17 @@ impl Launch {
                 ));
             }
             grid[axis] = blocks as u32;
+        }
+        if self.shared_bytes > MAX_DYNAMIC_SHARED_BYTES {
+            return Err(crate::Error::invalid(
+                "kernel launch",
+                "shared memory",
+                format!(
+                    "`{kernel}` needs {} bytes of shared memory per block, more than the {} a \
+                     block may have",
+                    self.shared_bytes, MAX_DYNAMIC_SHARED_BYTES
+                ),
+            ));
         }
         Ok((grid, self.block))
     }
@@ -429,6 +450,7 @@ mod tests {
         let fine = Launch {
             grid: [MAX_GRID[0], 65535, 65535],
             block: [256, 1, 1],
+            shared_bytes: 0,
         };
         assert_eq!(fine.dims("k").unwrap().0, [i32::MAX as u32, 65535, 65535]);
         for axis in 0..3 {

@@ -128,6 +128,7 @@ pub(crate) fn gemm_kernel<B: Backend>(
     let launch = Launch {
         grid: [blocks_for(shape.n, GEMM_TILE), row_tiles, 1],
         block: [GEMM_TILE as u32, GEMM_TILE as u32, 1],
+        shared_bytes: 0,
     };
     backend.launch(handles::NN_GEMM_F32, launch, &params, &[c])
 }

@@ -94,6 +94,7 @@ impl<B: Backend> SigLip<'_, B> {
             Launch {
                 grid: [blocks, 1, 1],
                 block: [16, 16, 1],
+                shared_bytes: 0,
             },
             &params,
             &written,

@@ -35,6 +35,7 @@ pub(crate) fn forward<B: Backend>(
     let launch = Launch {
         grid: [blocks_for(cols, TILE), blocks_for(rows, TILE), 1],
         block: [16, 16, 1],
+        shared_bytes: 0,
     };
     let kernel = handles::SIMILARITY_FWD.of(b.info(a).elem);
     b.launch(kernel, launch, &params, &[&out])?;

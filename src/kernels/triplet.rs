@@ -311,6 +311,7 @@ impl<B: Backend> Problem<'_, B> {
         let launch = Launch {
             grid: [blocks_for(n, BWD_ROWS), blocks_for(dim, BWD_THREADS), 1],
             block: [BWD_THREADS as u32, 1, 1],
+            shared_bytes: 0,
         };
         b.launch(handles::TRIPLET_BWD_F32, launch, &params, &[&out])?;
         if cosine {

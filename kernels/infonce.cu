@@ -110,10 +110,10 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
     }
 }
 
-template <typename T, bool kSplit>
+template <typename T, bool kSplit, bool kResident>
 __device__ void infonce_fwd_engine(const ContraInfonceFwdParams& p) {
     if constexpr (kOnTensorCores<T>) {
-        infonce_fwd_tensor_cores<T, kSplit>(p);
+        infonce_fwd_tensor_cores<T, kSplit, kResident>(p);
     } else {
         infonce_fwd_cuda_cores<T, kSplit>(p);
     }
@@ -121,14 +121,27 @@ __device__ void infonce_fwd_engine(const ContraInfonceFwdParams& p) {
 
 template <typename T>
 __device__ void infonce_fwd(const ContraInfonceFwdParams& p) {
-    infonce_fwd_engine<T, false>(p);
+    infonce_fwd_engine<T, false, false>(p);
 }
 
 // The key-split forward: its own instantiation, as the split's few extra registers make the
 // plain forward spill at its 80-register bound.
 template <typename T>
 __device__ void infonce_fwd_split(const ContraInfonceFwdParams& p) {
-    infonce_fwd_engine<T, true>(p);
+    infonce_fwd_engine<T, true, false>(p);
+}
+
+// The tensor-core forward with the block's query rows resident in dynamic shared memory and the
+// keys pipelined across tiles (infonce_tc.cuh); the launch gives it ResidentGeometry's bytes.
+// Exact f32 has no such path: the launch layer picks this kernel for tensor-core operands only,
+// and the f32 instantiation stops (a second copy of the CUDA-core forward made ptxas spill it).
+template <typename T>
+__device__ void infonce_fwd_resident(const ContraInfonceFwdParams& p) {
+    if constexpr (kOnTensorCores<T>) {
+        infonce_fwd_tensor_cores<T, false, true>(p);
+    } else {
+        __trap();
+    }
 }
 
 // d(grad_scale * loss) / d logit_ij for query i and key j, from u = logit_ij log2(e).
@@ -292,6 +305,9 @@ INTERP_EXPORT(infonce_finish, ContraInfonceFwdParams)
 // registers (about 150): one block per SM, no spills.
 CONTRA_TYPED_KERNELS_TF32(infonce_fwd, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 3))
 CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 3))
+// tf32's resident rows take 94 KB at D = 256, so 2 blocks per SM fit anyway: (256, 2) (at 80
+// registers it spilled on sm_90).
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)
 CONTRA_TYPED_KERNELS(infonce_row_dot, ContraRowDotParams, 256)

@@ -13,6 +13,7 @@
 // sweep and writes them once at the end.
 #pragma once
 #include "infonce_rows.cuh"
+#include "interp/dynamic_shared.h"
 
 namespace contra {
 
@@ -22,7 +23,91 @@ namespace contra {
 template <typename T>
 constexpr int kForwardSlice = kIsTf32<T> ? 32 : 64;
 
-template <typename T, bool kSplit>
+// The forward's resident data path (`infonce_fwd_resident`): the block's 64 query rows are
+// staged once into dynamic shared memory, and the key tiles of the whole sweep stream through a
+// kResidentStages-deep cp.async pipeline of kForwardSlice-feature slices that runs on from one tile
+// into the next (no restart per tile, one barrier per slice); both operands reach the mma through
+// ldmatrix.x4. Dynamic shared memory: the rows (64 x q_stride words), then the stages
+// (kResidentStages x 64 x kKeyStride words). src/kernels/infonce.rs computes the same size.
+constexpr int kResidentStages = 3;
+
+template <typename T>
+struct ResidentGeometry {
+    // A staged key row: one slice and one 16-byte chunk, so that the 8 rows an ldmatrix phase
+    // reads start in 8 different 16-byte bank groups.
+    static constexpr int kKeyStride = kForwardSlice<T> + kChunkElems<T>;
+    static constexpr int kStageWords = kTile * kKeyStride;
+    int padded;    // features rounded up to whole mma k-steps (zeros past dim)
+    int q_stride;  // words per resident query row: padded and one chunk (same reason)
+    int slices;    // key slices per tile
+    __device__ __forceinline__ explicit ResidentGeometry(int dim)
+        : padded((dim + kMmaK<T> - 1) / kMmaK<T> * kMmaK<T>),
+          q_stride(padded + kChunkElems<T>),
+          slices((padded + kForwardSlice<T> - 1) / kForwardSlice<T>) {}
+    __device__ __forceinline__ unsigned bytes() const {
+        return static_cast<unsigned>((kTile * q_stride + kResidentStages * kStageWords) * sizeof(StageWord<T>));
+    }
+};
+
+// Stages rows [row0, row0 + 64) x features [k0, k0 + width) of `m` (width: whole chunks) into
+// `dst` (row stride `stride` words); no commit.
+template <typename T>
+__device__ __forceinline__ void stage_rows(const T* m, int rows, int dim, int row0, int k0, int width,
+                                           StageWord<T>* dst, int stride) {
+    const int tid = threadIdx.y * 16 + threadIdx.x, per_row = width / kChunkElems<T>;
+    for (int c = tid; c < kTile * per_row; c += 256) {
+        const int r = c / per_row, col = kChunkElems<T> * (c % per_row);
+        stage_16_bytes(m, rows, dim, row0 + r, k0 + col, dst + r * stride + col);
+    }
+}
+
+// An ldmatrix.x4 of 16-bit pairs or of f32 words; tf32 operands are rounded once loaded.
+template <typename T>
+__device__ __forceinline__ void ldmatrix_operand(unsigned r[4], const StageWord<T>* row) {
+    ldmatrix<4, false>(r, row);
+    if constexpr (kIsTf32<T>)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) r[i] = to_tf32(__uint_as_float(r[i]));
+}
+
+// One k-step's mma of T: m16n8k16 (bf16 / f16) or m16n8k8 (tf32).
+template <typename T>
+__device__ __forceinline__ void mma_k_step(float d[4], const unsigned a[4], const unsigned b[2]) {
+    if constexpr (kIsTf32<T>) {
+        mma_1688_tf32(d, a, b);
+    } else {
+        mma_16816<T>(d, a, b);
+    }
+}
+
+// `steps` k-steps from feature k0 of this warp's 16 x 32 part (rows m0.., keys n0..): A from the
+// resident rows, B from the staged key slice. ldmatrix.x4 lane l addresses: A row m0 + l % 16 at
+// chunk l / 16 (the four 8 x 8 matrices are a[0..3]); B key n0 + 16 pair + l % 8 + 8 (l / 16) at
+// chunk (l / 8) % 2 (b[0], b[1] of key tile 2 pair, then of 2 pair + 1).
+template <typename T>
+__device__ __forceinline__ void mma_resident_slice(const StageWord<T>* q_rows, int q_stride, int k0, int steps,
+                                                   const StageWord<T>* stage, int m0, int n0, float d[4][4]) {
+    constexpr int stride = ResidentGeometry<T>::kKeyStride;
+    const int lane = (threadIdx.y * 16 + threadIdx.x) % 32;
+    const StageWord<T>* a_row = q_rows + (m0 + lane % 16) * q_stride + k0 + kChunkElems<T> * (lane / 16);
+    const StageWord<T>* b_row = stage + (n0 + lane % 8 + 8 * (lane / 16)) * stride + kChunkElems<T> * ((lane / 8) % 2);
+#pragma unroll
+    for (int ks = 0; ks < kForwardSlice<T> / kMmaK<T>; ++ks) {
+        if (ks < steps) {
+            unsigned a[4];
+            ldmatrix_operand<T>(a, a_row + ks * kMmaK<T>);
+#pragma unroll
+            for (int pair = 0; pair < 2; ++pair) {
+                unsigned b[4];
+                ldmatrix_operand<T>(b, b_row + 16 * pair * stride + ks * kMmaK<T>);
+                mma_k_step<T>(d[2 * pair], a, b);
+                mma_k_step<T>(d[2 * pair + 1], a, b + 2);
+            }
+        }
+    }
+}
+
+template <typename T, bool kSplit, bool kResident>
 __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<4> columns;  // CLIP / symmetric sweep: per row-warp partials
     __shared__ float second_half[3][kTile];  // column half 1: each row's max, sum and target
@@ -48,10 +133,48 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
         }
     }
     float d[4][4];
+    const T* k = static_cast<const T*>(p.k);
     const KeyTiles tiles = kSplit ? KeyTiles(p, blockIdx.x, blockIdx.y) : KeyTiles(p, blockIdx.x);
+    // The resident path's shared memory and its pipeline: unit u = slice u % slices of the
+    // (u / slices)-th visited tile, staged into stage u % kResidentStages; every unit commits one
+    // group (an empty one past the end), so a wait for all but the newest kResidentStages - 2
+    // groups is a wait for the unit about to be read.
+    CONTRA_DYNAMIC_SHARED(StageWord<T>, resident);
+    const ResidentGeometry<T> geo(p.dim);
+    StageWord<T>* k_stages = resident + kTile * geo.q_stride;
+    auto issue = [&](int unit) {
+        if (unit < tiles.count * geo.slices) {
+            const int slice = unit % geo.slices, k0 = slice * kForwardSlice<T>;
+            stage_rows(k, p.cols, p.dim, tiles.column(unit / geo.slices), k0, min(kForwardSlice<T>, geo.padded - k0),
+                       k_stages + (unit % kResidentStages) * ResidentGeometry<T>::kStageWords,
+                       ResidentGeometry<T>::kKeyStride);
+        }
+        cp_async_commit();
+    };
+    if constexpr (kResident) {
+        if (geo.bytes() > dynamic_shared_size()) __trap();  // the launch must give the layout's size
+        stage_rows(q, p.rows, p.dim, r0, 0, geo.padded, resident, geo.q_stride);  // joins unit 0's group
+        for (int unit = 0; unit < kResidentStages - 1; ++unit) issue(unit);
+    }
     for (int step = 0; step < tiles.count; ++step) {
         const int c0 = tiles.column(step);
-        tile_mma<kForwardSlice<T>>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, d);
+        if constexpr (kResident) {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) d[nt][e] = 0.0f;
+            for (int slice = 0; slice < geo.slices; ++slice) {
+                const int unit = step * geo.slices + slice, k0 = slice * kForwardSlice<T>;
+                cp_async_wait<kResidentStages - 2>();
+                __syncthreads();  // the unit is visible to all; the stage refilled next is read by none
+                issue(unit + kResidentStages - 1);
+                mma_resident_slice<T>(resident, geo.q_stride, k0, min(kForwardSlice<T>, geo.padded - k0) / kMmaK<T>,
+                                      k_stages + (unit % kResidentStages) * ResidentGeometry<T>::kStageWords, m0,
+                                      n0, d);
+            }
+        } else {
+            tile_mma<kForwardSlice<T>>(q, p.rows, r0, k, p.cols, c0, p.dim, d);
+        }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float u[8], local_max = -INFINITY;
@@ -105,6 +228,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
             __syncthreads();
         }
     }
+    if constexpr (kResident) cp_async_wait<0>();  // no copy outlives the block
 #pragma unroll
     for (int h = 0; h < 2; ++h) target[h] = group_sum<4>(target[h]);
     if (half == 1 && t == 0)

@@ -63,16 +63,12 @@ constexpr int kTcSlice = kIsTf32<T> ? 8 : 16;
 template <typename T, int features>
 constexpr int kStageStride = features + kChunkElems<T>;
 
-// Stages 16-byte chunk `chunk` (row chunk / (features / kChunkElems), then the chunk's features)
-// of rows [row0, row0 + 64) x features [k0, k0 + features) of `m` into `s`: one cp.async when
-// the chunk is whole and aligned, else element by element with zeros outside the matrix.
-template <int features, typename T>
-__device__ __forceinline__ void stage_chunk(const T* m, int rows, int dim, int row0, int k0, int chunk,
-                                            StageWord<T> (*s)[kStageStride<T, features>]) {
-    constexpr int per = kChunkElems<T>, chunks_per_row = features / per;
-    const int r = chunk / chunks_per_row, c = per * (chunk % chunks_per_row);
-    const int row = row0 + r, col = k0 + c;
-    StageWord<T>* dst = &s[r][c];
+// Copies the 16 bytes of row `row`, features [col, col + kChunkElems) of the rows x dim matrix
+// `m` to shared `dst`: one cp.async when the chunk is whole and aligned, else element by element
+// with zeros outside the matrix.
+template <typename T>
+__device__ __forceinline__ void stage_16_bytes(const T* m, int rows, int dim, int row, int col, StageWord<T>* dst) {
+    constexpr int per = kChunkElems<T>;
     const StageWord<T>* bits = reinterpret_cast<const StageWord<T>*>(m);
     const long long at = (long long)row * dim + col;
     const bool whole =
@@ -82,6 +78,16 @@ __device__ __forceinline__ void stage_chunk(const T* m, int rows, int dim, int r
     } else {
         for (int e = 0; e < per; ++e) dst[e] = (row < rows && col + e < dim) ? bits[at + e] : 0;
     }
+}
+
+// Stages 16-byte chunk `chunk` (row chunk / (features / kChunkElems), then the chunk's features)
+// of rows [row0, row0 + 64) x features [k0, k0 + features) of `m` into `s`.
+template <int features, typename T>
+__device__ __forceinline__ void stage_chunk(const T* m, int rows, int dim, int row0, int k0, int chunk,
+                                            StageWord<T> (*s)[kStageStride<T, features>]) {
+    constexpr int per = kChunkElems<T>, chunks_per_row = features / per;
+    const int r = chunk / chunks_per_row, c = per * (chunk % chunks_per_row);
+    stage_16_bytes(m, rows, dim, row0 + r, k0 + c, &s[r][c]);
 }
 
 // Two consecutive 16-bit elements as one fragment register (the lower index in the low half).

@@ -27,27 +27,28 @@ fn rounded(values: &[f32], shape: &[usize], dtype: DType, device: Device) -> (Te
 }
 
 /// Runs `op` on the 16-bit inputs on `device` and on their f64 copies on the CPU, and compares
-/// every output; on the interpreted mode, checks that a `_bf16` / `_f16` kernel ran.
+/// every output; on the interpreted mode, checks that a `_bf16` / `_f16` kernel ran, and returns
+/// the kernels that ran on the device (none elsewhere).
 fn compare_half(
     device: Device,
     dtype: DType,
     case: &str,
     inputs: &[Input],
     op: impl Fn(&[Tensor]) -> Result<Outputs>,
-) {
+) -> Vec<&'static str> {
     let (on_device, reference): (Vec<Tensor>, Vec<Tensor>) = inputs
         .iter()
         .map(|&(values, shape)| rounded(values, shape, dtype, device))
         .unzip();
     testing::take_launched_kernels();
     let got = op(&on_device).unwrap_or_else(|e| panic!("{case} {dtype} on {device}: {e}"));
+    let launched = testing::take_launched_kernels();
     if device == Device::Interp {
         let suffix = if dtype == DType::Bf16 {
             "_bf16"
         } else {
             "_f16"
         };
-        let launched = testing::take_launched_kernels();
         assert!(
             launched.iter().any(|k| k.ends_with(suffix)),
             "{case} {dtype}: no {suffix} kernel ran: {launched:?}"
@@ -79,6 +80,7 @@ fn compare_half(
         worst = worst.max(err);
     }
     println!("  {device} {case} {dtype}: worst relative error {worst:.2e}");
+    launched
 }
 
 #[test]
@@ -182,6 +184,51 @@ fn half_infonce_and_ntxent_match_cpu() {
             }
         }
     });
+}
+
+/// The tensor-core forward keeps the block's query rows resident in dynamic shared memory
+/// (`infonce_fwd_resident_*`) where they fit in 96 KB (bf16 / f16: up to 544 features) and runs
+/// `infonce_fwd_*`, which re-stages them per key tile, beyond; both match the CPU. 130 rows: a
+/// sweep of three key tiles, so the key pipeline runs on from one tile into the next.
+#[test]
+fn half_forward_keeps_rows_resident_where_they_fit() {
+    let device = Device::Interp;
+    let mut rng = StdRng::seed_from_u64(0x4a22);
+    for (dtype, d, resident) in [
+        (DType::Bf16, 544, true),
+        (DType::F16, 136, true),
+        (DType::Bf16, 545, false),
+        (DType::F16, 600, false),
+    ] {
+        let (n, m) = (130, 150);
+        let q = random_matrix(&mut rng, n, d);
+        let k = random_matrix(&mut rng, m, d);
+        let positives = random_positives(&mut rng, n, m, false);
+        // Raw dot products of uniform rows: logits of spread sqrt(D / 9), so each row's lse
+        // depends on which keys it met (cosine logits near 0 would hide a wrong row).
+        let opts = InfoNceOptions {
+            temperature: 1.0,
+            normalize: false,
+            self_mask: false,
+        };
+        let case = format!("forward of infonce 130x150x{d}");
+        let launched = compare_half(device, dtype, &case, &[(&q, &[n, d]), (&k, &[m, d])], |t| {
+            let fwd = infonce_forward(&t[0], &t[1], &positives, &opts)?;
+            Ok(vec![
+                ("loss", vec![fwd.loss.to_scalar().unwrap()]),
+                ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
+            ])
+        });
+        let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
+        let want = match resident {
+            true => format!("infonce_fwd_resident_{suffix}"),
+            false => format!("infonce_fwd_{suffix}"),
+        };
+        assert!(
+            launched.iter().any(|k| *k == want),
+            "{case} {dtype}: {want} did not run: {launched:?}"
+        );
+    }
 }
 
 #[test]

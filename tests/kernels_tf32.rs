@@ -19,31 +19,32 @@ const TF32_TOL: f64 = 5e-3;
 
 /// Runs `op` under TF32 on `device` and in f64 on the CPU and compares every output; on the
 /// interpreted mode, checks that the `_tf32` instantiation of each of `sweeps` ran (the key-split
-/// forward counts as the forward) and that the default precision runs `_f32` instead.
+/// and resident forwards count as the forward) and that the default precision runs `_f32`
+/// instead, and returns the kernels of the TF32 run (none elsewhere).
 fn compare_tf32(
     device: Device,
     case: &str,
     sweeps: &[&str],
     inputs: &[Input],
     op: impl Fn(&[Tensor]) -> Result<Outputs>,
-) {
+) -> Vec<&'static str> {
     testing::take_launched_kernels();
     with_f32_precision(F32Precision::Tf32, || {
         compare_with_cpu_within(device, &format!("{case} tf32"), inputs, TF32_TOL, &op)
     });
+    let tf32_launched = testing::take_launched_kernels();
     if device != Device::Interp {
-        return;
+        return tf32_launched;
     }
     let ran = |launched: &[&str], base: &str, suffix: &str| {
         launched
             .iter()
             .any(|k| k.starts_with(base) && k.ends_with(suffix))
     };
-    let launched = testing::take_launched_kernels();
     for base in sweeps {
         assert!(
-            ran(&launched, base, "_tf32"),
-            "{case}: no {base}*_tf32 ran: {launched:?}"
+            ran(&tf32_launched, base, "_tf32"),
+            "{case}: no {base}*_tf32 ran: {tf32_launched:?}"
         );
     }
     compare_with_cpu(device, &format!("{case} f32"), inputs, &op);
@@ -54,6 +55,7 @@ fn compare_tf32(
             "{case}: the default precision ran {launched:?}"
         );
     }
+    tf32_launched
 }
 
 const SOFTMAX_SWEEPS: &[&str] = &["infonce_fwd", "infonce_bwd"];
@@ -184,4 +186,43 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
             );
         }
     });
+}
+
+/// Under TF32 the forward keeps the block's query rows resident (`infonce_fwd_resident_tf32`)
+/// where they fit in 96 KB (up to 272 features) and runs `infonce_fwd_tf32` beyond; both match
+/// the CPU. 130 rows against 150 keys: three key tiles, so the key pipeline runs across tiles.
+#[test]
+fn tf32_forward_keeps_rows_resident_where_they_fit() {
+    let mut rng = StdRng::seed_from_u64(0x7f34);
+    for (d, resident) in [(272, true), (33, true), (273, false)] {
+        let (n, m) = (130, 150);
+        let q = random_matrix(&mut rng, n, d);
+        let k = random_matrix(&mut rng, m, d);
+        let positives = random_positives(&mut rng, n, m, false);
+        // Raw dot products of uniform rows: logits of spread sqrt(D / 9), so each row's lse
+        // depends on which keys it met (cosine logits near 0 would hide a wrong row).
+        let opts = InfoNceOptions {
+            temperature: 1.0,
+            normalize: false,
+            self_mask: false,
+        };
+        let case = format!("forward of infonce 130x150x{d}");
+        let inputs: &[Input] = &[(&q, &[n, d]), (&k, &[m, d])];
+        let launched = compare_tf32(Device::Interp, &case, &["infonce_fwd"], inputs, |t| {
+            let fwd = infonce_forward(&t[0], &t[1], &positives, &opts)?;
+            Ok(vec![
+                ("loss", vec![fwd.loss.to_scalar().unwrap()]),
+                ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
+            ])
+        });
+        let want = if resident {
+            "infonce_fwd_resident_tf32"
+        } else {
+            "infonce_fwd_tf32"
+        };
+        assert!(
+            launched.contains(&want),
+            "{case}: {want} did not run: {launched:?}"
+        );
+    }
 }

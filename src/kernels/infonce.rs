@@ -11,6 +11,43 @@ const TILE: usize = 64;
 /// Blocks that keep a 132-SM H100 busy twice over: a key split aims at least this many.
 const FILL_BLOCKS: usize = 2 * 132;
 
+/// `infonce_fwd_resident`'s pipeline depth (kResidentStages in kernels/infonce_tc.cuh).
+const RESIDENT_STAGES: usize = 3;
+
+/// The most dynamic shared memory the resident forward takes: two blocks per SM of an H100 (or
+/// an A100) still fit, next to their static shared memory. Wider rows run `infonce_fwd`.
+const RESIDENT_MAX_BYTES: usize = 96 * 1024;
+
+/// How the tensor cores take operands of `elem` at the calling thread's precision: the bytes of
+/// a staged word, the mma's k-step and the forward's slice (kernels/tile_dot.cuh and
+/// infonce_tc.cuh), or None for CUDA cores (exact f32).
+fn tensor_core_operands(elem: Elem) -> Option<(usize, usize, usize)> {
+    match elem {
+        Elem::Bf16 | Elem::F16 => Some((2, 16, 64)),
+        Elem::F32 if crate::f32_precision() == crate::F32Precision::Tf32 => Some((4, 8, 32)),
+        _ => None,
+    }
+}
+
+/// The dynamic shared memory of `infonce_fwd_resident` at `dim` features (ResidentGeometry in
+/// kernels/infonce_tc.cuh: 64 query rows of the features rounded up to a k-step plus one 16-byte
+/// chunk, and the key stages), or None when the operands run on CUDA cores or the rows do not
+/// fit in `RESIDENT_MAX_BYTES`.
+fn resident_forward_bytes(elem: Elem, dim: usize) -> Option<usize> {
+    let (word, k_step, slice) = tensor_core_operands(elem)?;
+    let chunk = 16 / word;
+    let q_stride = dim
+        .div_ceil(k_step)
+        .checked_mul(k_step)?
+        .checked_add(chunk)?;
+    let stages = RESIDENT_STAGES * TILE * (slice + chunk);
+    let bytes = TILE
+        .checked_mul(q_stride)?
+        .checked_add(stages)?
+        .checked_mul(word)?;
+    (bytes <= RESIDENT_MAX_BYTES).then_some(bytes)
+}
+
 fn launch_shape(rows: usize) -> Launch {
     Launch {
         grid: [blocks_for(rows, TILE), 1, 1],
@@ -300,11 +337,24 @@ pub(crate) fn fused_forward<B: Backend>(
         log_scale: or_null(b, s.log_scale).cast(),
         split_tiles: extent("split_tiles", split_tiles)?,
     };
-    let kernel = match split_tiles {
-        0 => handles::INFONCE_FWD,
-        _ => handles::INFONCE_FWD_SPLIT,
-    }
-    .of_product(b.info(s.q).elem);
+    let elem = b.info(s.q).elem;
+    // Tensor-core operands whose query rows fit stay resident (a key split keeps the plain path).
+    let resident = match split_tiles {
+        0 => resident_forward_bytes(elem, s.dim),
+        _ => None,
+    };
+    let (kernel, shape) = match (split_tiles, resident) {
+        (0, Some(bytes)) => (
+            handles::INFONCE_FWD_RESIDENT,
+            Launch {
+                shared_bytes: bytes,
+                ..shape
+            },
+        ),
+        (0, None) => (handles::INFONCE_FWD, shape),
+        _ => (handles::INFONCE_FWD_SPLIT, shape),
+    };
+    let kernel = kernel.of_product(elem);
     if shared_rows {
         b.launch(kernel, shape, &params, &[])?;
         b.launch(
@@ -442,6 +492,26 @@ pub(crate) fn row_dots<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resident_rows_take_their_shared_memory_up_to_the_cap() {
+        // bf16 at D = 256: 64 x (256 + 8) + 3 x 64 x (64 + 8) halves.
+        assert_eq!(resident_forward_bytes(Elem::Bf16, 256), Some(61_440));
+        // D = 19 rounds up to two 16-feature k-steps.
+        assert_eq!(
+            resident_forward_bytes(Elem::F16, 19),
+            Some((64 * (32 + 8) + 3 * 64 * 72) * 2)
+        );
+        assert_eq!(resident_forward_bytes(Elem::Bf16, 544), Some(96 * 1024));
+        assert_eq!(resident_forward_bytes(Elem::Bf16, 545), None);
+        assert_eq!(resident_forward_bytes(Elem::F32, 256), None);
+        crate::with_f32_precision(crate::F32Precision::Tf32, || {
+            // tf32 at D = 256: 64 x (256 + 4) + 3 x 64 x (32 + 4) words of 4 bytes.
+            assert_eq!(resident_forward_bytes(Elem::F32, 256), Some(94_208));
+            assert_eq!(resident_forward_bytes(Elem::F32, 300), None);
+        });
+        assert_eq!(resident_forward_bytes(Elem::Bf16, usize::MAX), None);
+    }
 
     fn moco_softmax(rows: usize, cols: usize) -> Softmax<'static, ()> {
         Softmax::queue(&(), &(), rows, cols, 128)

@@ -193,7 +193,12 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     const int c_end = split ? min(p.cols, c_begin + p.split_tiles * kTile) : p.cols;
     const bool keep_resident = kBf16 && !split && p.dim <= kResidentChunks * kTile;
     float resident[kBf16 ? kResidentChunks : 1][4][4] = {};
-    for (int c0 = c_begin; c0 < c_end; c0 += kTile) {
+    // With dK, block b starts at key tile b (mod the tiles): the blocks' atomic adds then land
+    // on different keys' rows instead of all on the same ones.
+    const int steps = (c_end - c_begin + kTile - 1) / kTile;
+    const int rotation = (p.grad_k && steps > 0) ? blockIdx.x % steps : 0;
+    for (int step = 0; step < steps; ++step) {
+        const int c0 = c_begin + (step + rotation) % steps * kTile;
         // The tile's dot products go to g, then g becomes G in a flat, not unrolled loop: the
         // loss-specific per-element code stays out of the register-heavy tile loop.
         dot_tile_to_shared(q, p.rows, r0, k, p.cols, c0, p.dim, g);
@@ -213,7 +218,7 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
         if (keep_resident) {
             if constexpr (kBf16) grad_product_tc_resident(g, staged, k, p.cols, c0, p.dim, resident);
         } else {
-            const Write own = split ? Write::kAtomicAdd : c0 == 0 ? Write::kOverwrite : Write::kAdd;
+            const Write own = split ? Write::kAtomicAdd : step == 0 ? Write::kOverwrite : Write::kAdd;
             grad_product_for<false>(g, staged, k, p.cols, c0, p.dim, p.grad_q, r0, p.rows, own);
         }
         if (p.grad_k) grad_product_for<true>(g, staged, q, p.rows, r0, p.dim, p.grad_k, c0, p.cols, Write::kAtomicAdd);

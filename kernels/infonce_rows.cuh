@@ -65,15 +65,17 @@ struct QueryRow {
     }
 };
 
-// The key tiles that row tile `tile` of `tiles` visits. Full sweep: all of them, in order.
-// Symmetric sweep: tile, tile + 1, ..., tile + tiles / 2 (mod tiles), and one fewer for the
-// upper half when `tiles` is even, so that every unordered pair of tiles is visited exactly once
-// and every block does about half a row of tiles.
+// The key tiles that row tile `tile` of `tiles` visits. Full sweep: all of them, in order,
+// starting at tile `tile` (mod tiles) when the sweep folds column statistics (CLIP), so that the
+// blocks do not all compare-and-swap the same columns' states at once. Symmetric sweep: tile,
+// tile + 1, ..., tile + tiles / 2 (mod tiles), and one fewer for the upper half when `tiles` is
+// even, so that every unordered pair of tiles is visited exactly once and every block does about
+// half a row of tiles.
 struct KeyTiles {
     int first, count, tiles;
     __device__ __forceinline__ KeyTiles(const ContraInfonceFwdParams& p, int tile) {
         tiles = (p.cols + kTile - 1) / kTile;
-        first = p.symmetric ? tile : 0;
+        first = (p.symmetric || p.col_state) ? tile : 0;
         const int half = tiles / 2;
         count = !p.symmetric ? tiles : (tiles % 2 == 0 && tile >= half) ? half : half + 1;
     }

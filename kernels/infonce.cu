@@ -175,8 +175,10 @@ __device__ __forceinline__ float clip_log_scale_term(const ContraInfonceBwdParam
     return p.grad_scale * scale * (row * (dot - p.diag_dot[qi]) + col * (dot - p.diag_dot[kj]));
 }
 
-template <typename T>
-__device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
+// kResident: the S recompute from resident query rows and key slices pipelined across tiles
+// (ResidentSweep, infonce_tc.cuh), in place of a re-staged tile_mma per tile.
+template <typename T, bool kResident>
+__device__ void infonce_bwd_engine(const ContraInfonceBwdParams& p) {
     __shared__ float g[kTile][kTilePad];  // G restricted to this (query, key) tile
     __shared__ __align__(16) float staged[kTile][kTilePad];  // the second products' source rows
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
@@ -197,11 +199,22 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
     // on different keys' rows instead of all on the same ones.
     const int steps = (c_end - c_begin + kTile - 1) / kTile;
     const int rotation = (p.grad_k && steps > 0) ? blockIdx.x % steps : 0;
+    const auto column = [&](int step) { return c_begin + (step + rotation) % steps * kTile; };
+    CONTRA_DYNAMIC_SHARED(StageWord<T>, resident_rows);
+    const ResidentSweep<T, decltype(column)> sweep(resident_rows, k, p.cols, p.dim, steps, column);
+    if constexpr (kResident) sweep.start(q, p.rows, r0);
     for (int step = 0; step < steps; ++step) {
-        const int c0 = c_begin + (step + rotation) % steps * kTile;
+        const int c0 = column(step);
         // The tile's dot products go to g, then g becomes G in a flat, not unrolled loop: the
         // loss-specific per-element code stays out of the register-heavy tile loop.
-        dot_tile_to_shared(q, p.rows, r0, k, p.cols, c0, p.dim, g);
+        if constexpr (kResident) {
+            const int warp = tid / 32;
+            float d[4][4];
+            sweep.tile(step, 16 * (warp % 4), 32 * (warp / 4), d);
+            store_fragments(d, g);
+        } else {
+            dot_tile_to_shared(q, p.rows, r0, k, p.cols, c0, p.dim, g);
+        }
         __syncthreads();
         for (int e = tid; e < kTile * kTile; e += 256) {
             const int r = e / kTile, c = e % kTile, row = r0 + r, col = c0 + c;
@@ -224,6 +237,7 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
         if (p.grad_k) grad_product_for<true>(g, staged, q, p.rows, r0, p.dim, p.grad_k, c0, p.cols, Write::kAtomicAdd);
         __syncthreads();  // g and the staged rows are rewritten by the next tile
     }
+    if constexpr (kResident) sweep.finish();
     if constexpr (kBf16)
         if (keep_resident) write_resident(resident, p.grad_q, r0, p.rows, p.dim);
     if (p.log_scale_partial) {
@@ -237,6 +251,22 @@ __device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
             for (int w = 0; w < 8; ++w) total += warp_partial[w];
             p.log_scale_partial[blockIdx.x] = total;
         }
+    }
+}
+
+template <typename T>
+__device__ void infonce_bwd(const ContraInfonceBwdParams& p) {
+    infonce_bwd_engine<T, false>(p);
+}
+
+// The backward whose S recompute keeps the block's query rows resident (the launch gives it
+// ResidentGeometry's bytes); for tensor-core operands only, as infonce_fwd_resident.
+template <typename T>
+__device__ void infonce_bwd_resident(const ContraInfonceBwdParams& p) {
+    if constexpr (kOnTensorCores<T>) {
+        infonce_bwd_engine<T, true>(p);
+    } else {
+        __trap();
     }
 }
 
@@ -314,5 +344,6 @@ CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split, ContraInfonceFwdParams, (256, 3), (
 // registers it spilled on sm_90).
 CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3), (256, 2))
+CONTRA_TYPED_KERNELS_TF32(infonce_bwd_resident, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 2), (256, 2))
 CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)
 CONTRA_TYPED_KERNELS(infonce_row_dot, ContraRowDotParams, 256)

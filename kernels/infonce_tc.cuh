@@ -107,6 +107,67 @@ __device__ __forceinline__ void mma_resident_slice(const StageWord<T>* q_rows, i
     }
 }
 
+// A resident sweep of a block over `count` key tiles, the step-th starting at key `column(step)`:
+// unit u = slice u % slices of the (u / slices)-th tile, staged into stage u % kResidentStages.
+// Every unit commits one group (an empty one past the end), so a wait for all but the newest
+// kResidentStages - 2 groups is a wait for the unit about to be read. Between two tiles the
+// caller may use any shared memory but the sweep's; the next tile's first units are in flight.
+template <typename T, typename Column>
+struct ResidentSweep {
+    const ResidentGeometry<T> geo;
+    StageWord<T>* const rows;    // the block's query rows (dynamic shared memory)
+    StageWord<T>* const stages;  // then the key stages
+    const T* const k;
+    const int cols, dim, count;
+    const Column column;
+
+    __device__ __forceinline__ ResidentSweep(StageWord<T>* shared, const T* keys, int n_keys, int features,
+                                             int tiles, Column first_key)
+        : geo(features), rows(shared), stages(shared + kTile * geo.q_stride), k(keys), cols(n_keys),
+          dim(features), count(tiles), column(first_key) {}
+
+    __device__ __forceinline__ StageWord<T>* stage(int unit) const {
+        return stages + (unit % kResidentStages) * ResidentGeometry<T>::kStageWords;
+    }
+
+    __device__ __forceinline__ void issue(int unit) const {
+        if (unit < count * geo.slices) {
+            const int k0 = unit % geo.slices * kForwardSlice<T>;
+            stage_rows(k, cols, dim, column(unit / geo.slices), k0, min(kForwardSlice<T>, geo.padded - k0),
+                       stage(unit), ResidentGeometry<T>::kKeyStride);
+        }
+        cp_async_commit();
+    }
+
+    // Stages rows [r0, r0 + 64) of q (with the first unit's group) and the first units; traps
+    // unless the launch gave the layout's dynamic shared memory.
+    __device__ __forceinline__ void start(const T* q, int n_rows, int r0) const {
+        if (geo.bytes() > dynamic_shared_size()) __trap();
+        stage_rows(q, n_rows, dim, r0, 0, geo.padded, rows, geo.q_stride);
+        for (int unit = 0; unit < kResidentStages - 1; ++unit) issue(unit);
+    }
+
+    // The step-th tile's 64 x 64 dot products, this warp's 16 x 32 part (rows m0.., keys n0..) as
+    // mma D fragments. Every thread of the block must call it (it synchronizes).
+    __device__ __forceinline__ void tile(int step, int m0, int n0, float d[4][4]) const {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) d[nt][e] = 0.0f;
+        for (int slice = 0; slice < geo.slices; ++slice) {
+            const int unit = step * geo.slices + slice, k0 = slice * kForwardSlice<T>;
+            cp_async_wait<kResidentStages - 2>();
+            __syncthreads();  // the unit is visible to all; the stage refilled next is read by none
+            issue(unit + kResidentStages - 1);
+            mma_resident_slice<T>(rows, geo.q_stride, k0, min(kForwardSlice<T>, geo.padded - k0) / kMmaK<T>,
+                                  stage(unit), m0, n0, d);
+        }
+    }
+
+    // No copy outlives the block.
+    __device__ __forceinline__ void finish() const { cp_async_wait<0>(); }
+};
+
 template <typename T, bool kSplit, bool kResident>
 __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<4> columns;  // CLIP / symmetric sweep: per row-warp partials
@@ -135,43 +196,14 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     float d[4][4];
     const T* k = static_cast<const T*>(p.k);
     const KeyTiles tiles = kSplit ? KeyTiles(p, blockIdx.x, blockIdx.y) : KeyTiles(p, blockIdx.x);
-    // The resident path's shared memory and its pipeline: unit u = slice u % slices of the
-    // (u / slices)-th visited tile, staged into stage u % kResidentStages; every unit commits one
-    // group (an empty one past the end), so a wait for all but the newest kResidentStages - 2
-    // groups is a wait for the unit about to be read.
     CONTRA_DYNAMIC_SHARED(StageWord<T>, resident);
-    const ResidentGeometry<T> geo(p.dim);
-    StageWord<T>* k_stages = resident + kTile * geo.q_stride;
-    auto issue = [&](int unit) {
-        if (unit < tiles.count * geo.slices) {
-            const int slice = unit % geo.slices, k0 = slice * kForwardSlice<T>;
-            stage_rows(k, p.cols, p.dim, tiles.column(unit / geo.slices), k0, min(kForwardSlice<T>, geo.padded - k0),
-                       k_stages + (unit % kResidentStages) * ResidentGeometry<T>::kStageWords,
-                       ResidentGeometry<T>::kKeyStride);
-        }
-        cp_async_commit();
-    };
-    if constexpr (kResident) {
-        if (geo.bytes() > dynamic_shared_size()) __trap();  // the launch must give the layout's size
-        stage_rows(q, p.rows, p.dim, r0, 0, geo.padded, resident, geo.q_stride);  // joins unit 0's group
-        for (int unit = 0; unit < kResidentStages - 1; ++unit) issue(unit);
-    }
+    const auto column = [&](int step) { return tiles.column(step); };
+    const ResidentSweep<T, decltype(column)> sweep(resident, k, p.cols, p.dim, tiles.count, column);
+    if constexpr (kResident) sweep.start(q, p.rows, r0);
     for (int step = 0; step < tiles.count; ++step) {
         const int c0 = tiles.column(step);
         if constexpr (kResident) {
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) d[nt][e] = 0.0f;
-            for (int slice = 0; slice < geo.slices; ++slice) {
-                const int unit = step * geo.slices + slice, k0 = slice * kForwardSlice<T>;
-                cp_async_wait<kResidentStages - 2>();
-                __syncthreads();  // the unit is visible to all; the stage refilled next is read by none
-                issue(unit + kResidentStages - 1);
-                mma_resident_slice<T>(resident, geo.q_stride, k0, min(kForwardSlice<T>, geo.padded - k0) / kMmaK<T>,
-                                      k_stages + (unit % kResidentStages) * ResidentGeometry<T>::kStageWords, m0,
-                                      n0, d);
-            }
+            sweep.tile(step, m0, n0, d);
         } else {
             tile_mma<kForwardSlice<T>>(q, p.rows, r0, k, p.cols, c0, p.dim, d);
         }
@@ -228,7 +260,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
             __syncthreads();
         }
     }
-    if constexpr (kResident) cp_async_wait<0>();  // no copy outlives the block
+    if constexpr (kResident) sweep.finish();
 #pragma unroll
     for (int h = 0; h < 2; ++h) target[h] = group_sum<4>(target[h]);
     if (half == 1 && t == 0)

@@ -186,19 +186,22 @@ fn half_infonce_and_ntxent_match_cpu() {
     });
 }
 
-/// The tensor-core forward keeps the block's query rows resident in dynamic shared memory
-/// (`infonce_fwd_resident_*`) where they fit in 96 KB (bf16 / f16: up to 544 features) and runs
-/// `infonce_fwd_*`, which re-stages them per key tile, beyond; both match the CPU. 130 rows: a
-/// sweep of three key tiles, so the key pipeline runs on from one tile into the next.
+/// The tensor-core kernels keep the block's query rows resident in dynamic shared memory where
+/// they fit: the forward (`infonce_fwd_resident_*`) up to 96 KB (544 features), the backward's
+/// S recompute (`infonce_bwd_resident_*`) as well for bf16, and for f16 while two blocks still
+/// share an SM (up to 416 features); beyond, `infonce_fwd_*` / `infonce_bwd_*` re-stage them per
+/// key tile. Every path matches the CPU. 130 x 150: three key tiles per block, so the key
+/// pipeline runs from one tile into the next, and the backward's rotated start tiles differ.
 #[test]
-fn half_forward_keeps_rows_resident_where_they_fit() {
+fn half_kernels_keep_rows_resident_where_they_fit() {
     let device = Device::Interp;
     let mut rng = StdRng::seed_from_u64(0x4a22);
-    for (dtype, d, resident) in [
-        (DType::Bf16, 544, true),
-        (DType::F16, 136, true),
-        (DType::Bf16, 545, false),
-        (DType::F16, 600, false),
+    for (dtype, d, forward_resident, backward_resident) in [
+        (DType::Bf16, 544, true, true),
+        (DType::F16, 136, true, true),
+        (DType::F16, 450, true, false),
+        (DType::Bf16, 545, false, false),
+        (DType::F16, 600, false, false),
     ] {
         let (n, m) = (130, 150);
         let q = random_matrix(&mut rng, n, d);
@@ -211,23 +214,26 @@ fn half_forward_keeps_rows_resident_where_they_fit() {
             normalize: false,
             self_mask: false,
         };
-        let case = format!("forward of infonce 130x150x{d}");
+        let case = format!("infonce 130x150x{d} raw");
         let launched = compare_half(device, dtype, &case, &[(&q, &[n, d]), (&k, &[m, d])], |t| {
-            let fwd = infonce_forward(&t[0], &t[1], &positives, &opts)?;
+            let out = infonce(&t[0], &t[1], &positives, &opts)?;
             Ok(vec![
-                ("loss", vec![fwd.loss.to_scalar().unwrap()]),
-                ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
+                ("loss", vec![out.loss.to_scalar().unwrap()]),
+                ("grad_q", out.grad_q.to_vec_f64().unwrap()),
+                ("grad_k", out.grad_k.to_vec_f64().unwrap()),
             ])
         });
         let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
-        let want = match resident {
-            true => format!("infonce_fwd_resident_{suffix}"),
-            false => format!("infonce_fwd_{suffix}"),
-        };
-        assert!(
-            launched.iter().any(|k| *k == want),
-            "{case} {dtype}: {want} did not run: {launched:?}"
-        );
+        for (pass, resident) in [("fwd", forward_resident), ("bwd", backward_resident)] {
+            let want = match resident {
+                true => format!("infonce_{pass}_resident_{suffix}"),
+                false => format!("infonce_{pass}_{suffix}"),
+            };
+            assert!(
+                launched.iter().any(|k| *k == want),
+                "{case} {dtype}: {want} did not run: {launched:?}"
+            );
+        }
     }
 }
 

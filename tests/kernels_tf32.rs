@@ -188,13 +188,20 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
     });
 }
 
-/// Under TF32 the forward keeps the block's query rows resident (`infonce_fwd_resident_tf32`)
-/// where they fit in 96 KB (up to 272 features) and runs `infonce_fwd_tf32` beyond; both match
-/// the CPU. 130 rows against 150 keys: three key tiles, so the key pipeline runs across tiles.
+/// Under TF32 the kernels keep the block's query rows resident where they fit: the forward
+/// (`infonce_fwd_resident_tf32`) up to 96 KB (272 features), the backward
+/// (`infonce_bwd_resident_tf32`) while two blocks still share an SM (208 features); beyond,
+/// `infonce_fwd_tf32` / `infonce_bwd_tf32`. Every path matches the CPU. 130 rows against 150
+/// keys: three key tiles, so the key pipeline runs across tiles.
 #[test]
-fn tf32_forward_keeps_rows_resident_where_they_fit() {
+fn tf32_kernels_keep_rows_resident_where_they_fit() {
     let mut rng = StdRng::seed_from_u64(0x7f34);
-    for (d, resident) in [(272, true), (33, true), (273, false)] {
+    for (d, forward_resident, backward_resident) in [
+        (33, true, true),
+        (208, true, true),
+        (209, true, false),
+        (273, false, false),
+    ] {
         let (n, m) = (130, 150);
         let q = random_matrix(&mut rng, n, d);
         let k = random_matrix(&mut rng, m, d);
@@ -206,23 +213,25 @@ fn tf32_forward_keeps_rows_resident_where_they_fit() {
             normalize: false,
             self_mask: false,
         };
-        let case = format!("forward of infonce 130x150x{d}");
+        let case = format!("infonce 130x150x{d} raw");
         let inputs: &[Input] = &[(&q, &[n, d]), (&k, &[m, d])];
-        let launched = compare_tf32(Device::Interp, &case, &["infonce_fwd"], inputs, |t| {
-            let fwd = infonce_forward(&t[0], &t[1], &positives, &opts)?;
+        let launched = compare_tf32(Device::Interp, &case, SOFTMAX_SWEEPS, inputs, |t| {
+            let out = infonce(&t[0], &t[1], &positives, &opts)?;
             Ok(vec![
-                ("loss", vec![fwd.loss.to_scalar().unwrap()]),
-                ("lse", fwd.saved.lse.to_vec_f64().unwrap()),
+                ("loss", vec![out.loss.to_scalar().unwrap()]),
+                ("grad_q", out.grad_q.to_vec_f64().unwrap()),
+                ("grad_k", out.grad_k.to_vec_f64().unwrap()),
             ])
         });
-        let want = if resident {
-            "infonce_fwd_resident_tf32"
-        } else {
-            "infonce_fwd_tf32"
-        };
-        assert!(
-            launched.contains(&want),
-            "{case}: {want} did not run: {launched:?}"
-        );
+        for (pass, resident) in [("fwd", forward_resident), ("bwd", backward_resident)] {
+            let want = match resident {
+                true => format!("infonce_{pass}_resident_tf32"),
+                false => format!("infonce_{pass}_tf32"),
+            };
+            assert!(
+                launched.iter().any(|k| *k == want),
+                "{case}: {want} did not run: {launched:?}"
+            );
+        }
     }
 }

@@ -29,11 +29,12 @@ fn tensor_core_operands(elem: Elem) -> Option<(usize, usize, usize)> {
     }
 }
 
-/// The dynamic shared memory of `infonce_fwd_resident` at `dim` features (ResidentGeometry in
+/// The dynamic shared memory of `infonce_fwd_resident` and `infonce_bwd_resident` at `dim`
+/// features (ResidentGeometry in
 /// kernels/infonce_tc.cuh: 64 query rows of the features rounded up to a k-step plus one 16-byte
 /// chunk, and the key stages), or None when the operands run on CUDA cores or the rows do not
 /// fit in `RESIDENT_MAX_BYTES`.
-fn resident_forward_bytes(elem: Elem, dim: usize) -> Option<usize> {
+fn resident_rows_bytes(elem: Elem, dim: usize) -> Option<usize> {
     let (word, k_step, slice) = tensor_core_operands(elem)?;
     let chunk = 16 / word;
     let q_stride = dim
@@ -296,6 +297,23 @@ pub(crate) fn empty_lse_states<B: Backend>(b: &B, n: usize) -> Result<B::Buf> {
     elementwise::filled(b, "lse_states", info, &[f32::NEG_INFINITY.to_bits(), 0])
 }
 
+/// `infonce_bwd`'s static shared memory: G and the second products' staging buffer (64 x 65 f32
+/// each) and 8 warp partials.
+const BACKWARD_STATIC_SHARED: usize = 2 * TILE * (TILE + 1) * 4 + 8 * 4;
+
+/// Shared memory per block that still lets two blocks share an SM of an H100 (228 KB, 1 KB of it
+/// reserved per block).
+const TWO_BLOCKS_SHARED: usize = 113 * 1024;
+
+/// The dynamic shared memory of `infonce_bwd_resident`, when the backward takes it: bf16 (one
+/// block per SM anyway: its dQ stays in registers) whenever the rows fit, other tensor-core
+/// operands while two blocks still fit per SM (tf32 at D = 256 would drop to one: it keeps
+/// `infonce_bwd`).
+fn resident_backward_bytes(elem: Elem, dim: usize) -> Option<usize> {
+    resident_rows_bytes(elem, dim)
+        .filter(|&bytes| elem == Elem::Bf16 || bytes + BACKWARD_STATIC_SHARED <= TWO_BLOCKS_SHARED)
+}
+
 /// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp. `extra_key` adds MoCo's positive
 /// logit `scale * q_i . extra_key_i` to each row and makes it the target. A symmetric softmax
 /// sweeps half the tiles into shared row states, then `infonce_finish` writes lse and the loss.
@@ -340,7 +358,7 @@ pub(crate) fn fused_forward<B: Backend>(
     let elem = b.info(s.q).elem;
     // Tensor-core operands whose query rows fit stay resident (a key split keeps the plain path).
     let resident = match split_tiles {
-        0 => resident_forward_bytes(elem, s.dim),
+        0 => resident_rows_bytes(elem, s.dim),
         _ => None,
     };
     let (kernel, shape) = match (split_tiles, resident) {
@@ -454,12 +472,18 @@ impl<Buf> BackwardPass<'_, Buf> {
             vec![grad_q]
         };
         written.extend(grad_k);
-        b.launch(
-            handles::INFONCE_BWD.of_product(b.info(s.q).elem),
-            shape,
-            &params,
-            &written,
-        )
+        let elem = b.info(s.q).elem;
+        let (kernel, shape) = match resident_backward_bytes(elem, s.dim) {
+            Some(bytes) => (
+                handles::INFONCE_BWD_RESIDENT,
+                Launch {
+                    shared_bytes: bytes,
+                    ..shape
+                },
+            ),
+            None => (handles::INFONCE_BWD, shape),
+        };
+        b.launch(kernel.of_product(elem), shape, &params, &written)
     }
 }
 
@@ -496,21 +520,32 @@ mod tests {
     #[test]
     fn resident_rows_take_their_shared_memory_up_to_the_cap() {
         // bf16 at D = 256: 64 x (256 + 8) + 3 x 64 x (64 + 8) halves.
-        assert_eq!(resident_forward_bytes(Elem::Bf16, 256), Some(61_440));
+        assert_eq!(resident_rows_bytes(Elem::Bf16, 256), Some(61_440));
         // D = 19 rounds up to two 16-feature k-steps.
         assert_eq!(
-            resident_forward_bytes(Elem::F16, 19),
+            resident_rows_bytes(Elem::F16, 19),
             Some((64 * (32 + 8) + 3 * 64 * 72) * 2)
         );
-        assert_eq!(resident_forward_bytes(Elem::Bf16, 544), Some(96 * 1024));
-        assert_eq!(resident_forward_bytes(Elem::Bf16, 545), None);
-        assert_eq!(resident_forward_bytes(Elem::F32, 256), None);
+        assert_eq!(resident_rows_bytes(Elem::Bf16, 544), Some(96 * 1024));
+        assert_eq!(resident_rows_bytes(Elem::Bf16, 545), None);
+        assert_eq!(resident_rows_bytes(Elem::F32, 256), None);
         crate::with_f32_precision(crate::F32Precision::Tf32, || {
             // tf32 at D = 256: 64 x (256 + 4) + 3 x 64 x (32 + 4) words of 4 bytes.
-            assert_eq!(resident_forward_bytes(Elem::F32, 256), Some(94_208));
-            assert_eq!(resident_forward_bytes(Elem::F32, 300), None);
+            assert_eq!(resident_rows_bytes(Elem::F32, 256), Some(94_208));
+            assert_eq!(resident_rows_bytes(Elem::F32, 300), None);
         });
-        assert_eq!(resident_forward_bytes(Elem::Bf16, usize::MAX), None);
+        assert_eq!(resident_rows_bytes(Elem::Bf16, usize::MAX), None);
+    }
+
+    #[test]
+    fn the_backward_keeps_rows_resident_unless_it_costs_a_block_per_sm() {
+        assert_eq!(resident_backward_bytes(Elem::Bf16, 544), Some(96 * 1024));
+        assert_eq!(resident_backward_bytes(Elem::F16, 256), Some(61_440));
+        assert_eq!(resident_backward_bytes(Elem::F16, 544), None);
+        crate::with_f32_precision(crate::F32Precision::Tf32, || {
+            assert_eq!(resident_backward_bytes(Elem::F32, 256), None);
+            assert!(resident_backward_bytes(Elem::F32, 128).is_some());
+        });
     }
 
     fn moco_softmax(rows: usize, cols: usize) -> Softmax<'static, ()> {

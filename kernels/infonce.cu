@@ -144,6 +144,16 @@ __device__ void infonce_fwd_resident(const ContraInfonceFwdParams& p) {
     }
 }
 
+// The same with a key split (MoCo's few rows against a long queue).
+template <typename T>
+__device__ void infonce_fwd_split_resident(const ContraInfonceFwdParams& p) {
+    if constexpr (kOnTensorCores<T>) {
+        infonce_fwd_tensor_cores<T, true, true>(p);
+    } else {
+        __trap();
+    }
+}
+
 // d(grad_scale * loss) / d logit_ij for query i and key j, from u = logit_ij log2(e).
 __device__ __forceinline__ float dlogit(const ContraInfonceBwdParams& p, int qi, int kj, float u) {
     if (p.self_mask && qi == kj) return 0.0f;
@@ -343,6 +353,7 @@ CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split, ContraInfonceFwdParams, (256, 3), (
 // tf32's resident rows take 94 KB at D = 256, so 2 blocks per SM fit anyway: (256, 2) (at 80
 // registers it spilled on sm_90).
 CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split_resident, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd_resident, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 2), (256, 2))
 CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)

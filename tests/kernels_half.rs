@@ -266,13 +266,20 @@ fn half_clip_moco_supcon_match_cpu() {
             let queue = random_matrix(&mut rng, 101, d);
             let opts = MocoOptions { temperature: 0.2 };
             let inputs: &[Input] = &[(&a, &[n, d]), (&b, &[n, d]), (&queue, &[101, d])];
-            compare_half(device, dtype, "moco 37x101x40", inputs, |t| {
+            let launched = compare_half(device, dtype, "moco 37x101x40", inputs, |t| {
                 let out = moco(&t[0], &t[1], &t[2], &opts)?;
                 Ok(vec![
                     ("loss", vec![out.loss.to_scalar().unwrap()]),
                     ("grad_q", out.grad_q.to_vec_f64().unwrap()),
                 ])
             });
+            // Two key tiles, split across blocks, the rows resident in each.
+            let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
+            let want = format!("infonce_fwd_split_resident_{suffix}");
+            assert!(
+                device != Device::Interp || launched.iter().any(|k| *k == want),
+                "moco {dtype}: {want} did not run: {launched:?}"
+            );
             // 1 and 4 row tiles (N·V = 46, 201).
             for (samples, views) in [(23, 2), (67, 3)] {
                 let labels: Vec<i64> = (0..samples as i64).map(|i| i % 5).collect();

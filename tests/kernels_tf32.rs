@@ -136,13 +136,19 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
                 let opts = MocoOptions { temperature: 0.2 };
                 let inputs: &[Input] = &[(&a, &[n, d]), (&b, &[n, d]), (&queue, &[queue_len, d])];
                 let case = format!("moco 37x{queue_len}x{d}");
-                compare_tf32(device, &case, SOFTMAX_SWEEPS, inputs, |t| {
+                let launched = compare_tf32(device, &case, SOFTMAX_SWEEPS, inputs, |t| {
                     let out = moco(&t[0], &t[1], &t[2], &opts)?;
                     Ok(vec![
                         ("loss", vec![out.loss.to_scalar().unwrap()]),
                         ("grad_q", out.grad_q.to_vec_f64().unwrap()),
                     ])
                 });
+                // The keys split across blocks, the rows resident in each.
+                assert!(
+                    device != Device::Interp
+                        || launched.contains(&"infonce_fwd_split_resident_tf32"),
+                    "{case}: {launched:?}"
+                );
             }
             // 1 and 4 row tiles (N·V = 46, 201).
             for (samples, views) in [(23, 2), (67, 3)] {

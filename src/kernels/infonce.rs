@@ -356,21 +356,20 @@ pub(crate) fn fused_forward<B: Backend>(
         split_tiles: extent("split_tiles", split_tiles)?,
     };
     let elem = b.info(s.q).elem;
-    // Tensor-core operands whose query rows fit stay resident (a key split keeps the plain path).
-    let resident = match split_tiles {
-        0 => resident_rows_bytes(elem, s.dim),
-        _ => None,
-    };
-    let (kernel, shape) = match (split_tiles, resident) {
-        (0, Some(bytes)) => (
-            handles::INFONCE_FWD_RESIDENT,
+    // Tensor-core operands whose query rows fit stay resident.
+    let (kernel, shape) = match (split_tiles, resident_rows_bytes(elem, s.dim)) {
+        (0, None) => (handles::INFONCE_FWD, shape),
+        (_, None) => (handles::INFONCE_FWD_SPLIT, shape),
+        (split, Some(bytes)) => (
+            match split {
+                0 => handles::INFONCE_FWD_RESIDENT,
+                _ => handles::INFONCE_FWD_SPLIT_RESIDENT,
+            },
             Launch {
                 shared_bytes: bytes,
                 ..shape
             },
         ),
-        (0, None) => (handles::INFONCE_FWD, shape),
-        _ => (handles::INFONCE_FWD_SPLIT, shape),
     };
     let kernel = kernel.of_product(elem);
     if shared_rows {

@@ -75,14 +75,7 @@ __device__ void grad_product_tf32(const float (*g)[kTilePad], float (*staged)[kT
                 mma_1688_tf32(sum[nt], af, bf);
             }
         }
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int row, feature;
-                fragment_place(dst0, d0, nt, e, row, feature);
-                if (row < n_dst && feature < dim) write_grad(out + (long long)row * dim + feature, sum[nt][e], how);
-            }
+        write_chunk(sum, out, dst0, n_dst, d0, dim, how);
     }
 }
 

@@ -344,6 +344,20 @@ __device__ __forceinline__ void fragment_place(int dst0, int d0, int nt, int e, 
     feature = d0 + 32 * (warp / 4) + 8 * nt + 2 * (lane % 4) + e % 2;
 }
 
+// Writes this warp's fragments of output chunk d0 (rows from dst0, `how`: the gradient's write
+// mode), inside the n_dst x dim output.
+__device__ __forceinline__ void write_chunk(const float sum[4][4], float* out, int dst0, int n_dst, int d0, int dim,
+                                            Write how) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int row, feature;
+            fragment_place(dst0, d0, nt, e, row, feature);
+            if (row < n_dst && feature < dim) write_grad(out + (long long)row * dim + feature, sum[nt][e], how);
+        }
+}
+
 // The product written to global memory chunk by chunk (`how`: the gradient's write mode).
 template <bool transposed>
 __device__ void grad_product_tc(const float (*g)[kTilePad], float (*staged)[kTilePad], const __nv_bfloat16* src,
@@ -354,14 +368,7 @@ __device__ void grad_product_tc(const float (*g)[kTilePad], float (*staged)[kTil
     for (int d0 = 0; d0 < dim; d0 += kTile) {
         float sum[4][4] = {};
         product_chunk(af, staged, src, n_src, src0, dim, d0, sum);
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int row, feature;
-                fragment_place(dst0, d0, nt, e, row, feature);
-                if (row < n_dst && feature < dim) write_grad(out + (long long)row * dim + feature, sum[nt][e], how);
-            }
+        write_chunk(sum, out, dst0, n_dst, d0, dim, how);
     }
 }
 
@@ -386,14 +393,7 @@ __device__ __forceinline__ void write_resident(const float resident[kResidentChu
                                                int n_dst, int dim) {
 #pragma unroll
     for (int chunk = 0; chunk < kResidentChunks; ++chunk)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int row, feature;
-                fragment_place(dst0, chunk * kTile, nt, e, row, feature);
-                if (row < n_dst && feature < dim) out[(long long)row * dim + feature] = resident[chunk][nt][e];
-            }
+        write_chunk(resident[chunk], out, dst0, n_dst, chunk * kTile, dim, Write::kOverwrite);
 }
 
 }  // namespace contra

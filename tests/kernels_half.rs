@@ -134,53 +134,17 @@ fn half_infonce_and_ntxent_match_cpu() {
         // than one 64-feature chunk in the backward's second product; d = 136: three of the
         // forward's 64-feature pipeline slices, so a stage buffer is refilled; d = 264: past the
         // 256 features whose bf16 dQ stays in registers, so dQ goes through global memory.
+        // NT-Xent at 2 and 4 row tiles: the symmetric forward's pairs of tiles.
         for (dtype, d) in HALF_DTYPES
             .into_iter()
             .flat_map(|t| [(t, 40), (t, 19), (t, 72), (t, 136), (t, 264)])
         {
-            let (n, m) = (37, 70);
-            let q = random_matrix(&mut rng, n, d);
-            let k = random_matrix(&mut rng, m, d);
-            let positives = random_positives(&mut rng, n, m, false);
-            for normalize in [true, false] {
-                let opts = InfoNceOptions {
-                    temperature: if normalize { 0.1 } else { 1.0 },
-                    normalize,
-                    self_mask: false,
-                };
-                let case = format!("infonce 37x70x{d} normalize={normalize}");
-                compare_half(device, dtype, &case, &[(&q, &[n, d]), (&k, &[m, d])], |t| {
-                    let out = infonce(&t[0], &t[1], &positives, &opts)?;
-                    Ok(vec![
-                        ("loss", vec![out.loss.to_scalar().unwrap()]),
-                        ("grad_q", out.grad_q.to_vec_f64().unwrap()),
-                        ("grad_k", out.grad_k.to_vec_f64().unwrap()),
-                    ])
-                });
-            }
-            // 2 and 4 row tiles: the symmetric forward's pairs of tiles. The two views are close
-            // (large positive logits), so a lost target term shows in the loss.
-            for rows in [66, 194] {
-                let z = clustered_rows(
-                    &mut rng,
-                    &(0..rows).map(|i| i % (rows / 2)).collect::<Vec<_>>(),
-                    d,
-                    0.3,
-                );
-                let opts = NtXentOptions { temperature: 0.2 };
-                compare_half(
-                    device,
-                    dtype,
-                    &format!("ntxent {rows}x{d}"),
-                    &[(&z, &[rows, d])],
-                    |t| {
-                        let out = ntxent(&t[0], &opts)?;
-                        Ok(vec![
-                            ("loss", vec![out.loss.to_scalar().unwrap()]),
-                            ("grad_z", out.grad_z.to_vec_f64().unwrap()),
-                        ])
-                    },
-                );
+            let mut cases: Vec<LossCase> = [true, false]
+                .map(|normalize| infonce_case(&mut rng, 37, 70, d, normalize))
+                .into();
+            cases.extend([66, 194].map(|rows| ntxent_case(&mut rng, rows, d)));
+            for case in &cases {
+                compare_half(device, dtype, &case.name, &case.input_refs(), &case.op);
             }
         }
     });
@@ -203,26 +167,8 @@ fn half_kernels_keep_rows_resident_where_they_fit() {
         (DType::Bf16, 545, false, false),
         (DType::F16, 600, false, false),
     ] {
-        let (n, m) = (130, 150);
-        let q = random_matrix(&mut rng, n, d);
-        let k = random_matrix(&mut rng, m, d);
-        let positives = random_positives(&mut rng, n, m, false);
-        // Raw dot products of uniform rows: logits of spread sqrt(D / 9), so each row's lse
-        // depends on which keys it met (cosine logits near 0 would hide a wrong row).
-        let opts = InfoNceOptions {
-            temperature: 1.0,
-            normalize: false,
-            self_mask: false,
-        };
-        let case = format!("infonce 130x150x{d} raw");
-        let launched = compare_half(device, dtype, &case, &[(&q, &[n, d]), (&k, &[m, d])], |t| {
-            let out = infonce(&t[0], &t[1], &positives, &opts)?;
-            Ok(vec![
-                ("loss", vec![out.loss.to_scalar().unwrap()]),
-                ("grad_q", out.grad_q.to_vec_f64().unwrap()),
-                ("grad_k", out.grad_k.to_vec_f64().unwrap()),
-            ])
-        });
+        let case = infonce_case(&mut rng, 130, 150, d, false);
+        let launched = compare_half(device, dtype, &case.name, &case.input_refs(), &case.op);
         let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
         for (pass, resident) in [("fwd", forward_resident), ("bwd", backward_resident)] {
             let want = match resident {
@@ -231,7 +177,8 @@ fn half_kernels_keep_rows_resident_where_they_fit() {
             };
             assert!(
                 launched.iter().any(|k| *k == want),
-                "{case} {dtype}: {want} did not run: {launched:?}"
+                "{} {dtype}: {want} did not run: {launched:?}",
+                case.name
             );
         }
     }
@@ -242,69 +189,24 @@ fn half_clip_moco_supcon_match_cpu() {
     on_kernel_devices("half_clip_moco_supcon_match_cpu", |device| {
         let mut rng = StdRng::seed_from_u64(0x4a21);
         for dtype in HALF_DTYPES {
-            let (n, d) = (37, 40);
-            let a = random_matrix(&mut rng, n, d);
-            let b = random_matrix(&mut rng, n, d);
-            compare_half(
-                device,
-                dtype,
-                "clip 37x40",
-                &[(&a, &[n, d]), (&b, &[n, d])],
-                |t| {
-                    let out = clip(&t[0], &t[1], (1.0f64 / 0.07).ln())?;
-                    Ok(vec![
-                        ("loss", vec![out.loss.to_scalar().unwrap()]),
-                        ("grad_a", out.grad_a.to_vec_f64().unwrap()),
-                        ("grad_b", out.grad_b.to_vec_f64().unwrap()),
-                        (
-                            "grad_log_scale",
-                            vec![out.grad_log_scale.to_scalar().unwrap()],
-                        ),
-                    ])
-                },
+            let d = 40;
+            // MoCo: two key tiles, split across blocks, the rows resident in each. SupCon: 1
+            // and 4 row tiles (N·V = 46, 201).
+            let mut cases = vec![clip_case(&mut rng, 37, d), moco_case(&mut rng, 37, 101, d)];
+            cases.extend(
+                [(23, 2), (67, 3)].map(|(samples, views)| supcon_case(&mut rng, samples, views, d)),
             );
-            let queue = random_matrix(&mut rng, 101, d);
-            let opts = MocoOptions { temperature: 0.2 };
-            let inputs: &[Input] = &[(&a, &[n, d]), (&b, &[n, d]), (&queue, &[101, d])];
-            let launched = compare_half(device, dtype, "moco 37x101x40", inputs, |t| {
-                let out = moco(&t[0], &t[1], &t[2], &opts)?;
-                Ok(vec![
-                    ("loss", vec![out.loss.to_scalar().unwrap()]),
-                    ("grad_q", out.grad_q.to_vec_f64().unwrap()),
-                ])
-            });
-            // Two key tiles, split across blocks, the rows resident in each.
             let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
-            let want = format!("infonce_fwd_split_resident_{suffix}");
-            assert!(
-                device != Device::Interp || launched.iter().any(|k| *k == want),
-                "moco {dtype}: {want} did not run: {launched:?}"
-            );
-            // 1 and 4 row tiles (N·V = 46, 201).
-            for (samples, views) in [(23, 2), (67, 3)] {
-                let labels: Vec<i64> = (0..samples as i64).map(|i| i % 5).collect();
-                // Views [sample][view], each near its class's centre.
-                let classes: Vec<usize> = (0..samples * views).map(|r| (r / views) % 5).collect();
-                // (Closer views make the gradient a small difference of large terms, which the
-                // bf16 backward product cannot resolve to 2e-2.)
-                let features = clustered_rows(&mut rng, &classes, d, 1.0);
-                let opts = SupConOptions {
-                    temperature: 0.1,
-                    base_temperature: 0.07,
-                    ..Default::default()
-                };
-                compare_half(
-                    device,
-                    dtype,
-                    &format!("supcon {samples}x{views}x{d}"),
-                    &[(&features, &[samples, views, d])],
-                    |t| {
-                        let out = supcon(&t[0], &labels, &opts)?;
-                        Ok(vec![
-                            ("loss", vec![out.loss.to_scalar().unwrap()]),
-                            ("grad_features", out.grad_features.to_vec_f64().unwrap()),
-                        ])
-                    },
+            for case in &cases {
+                let launched =
+                    compare_half(device, dtype, &case.name, &case.input_refs(), &case.op);
+                let want = format!("infonce_fwd_split_resident_{suffix}");
+                assert!(
+                    device != Device::Interp
+                        || !case.name.starts_with("moco")
+                        || launched.iter().any(|k| *k == want),
+                    "{} {dtype}: {want} did not run: {launched:?}",
+                    case.name
                 );
             }
         }

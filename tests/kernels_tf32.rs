@@ -67,42 +67,21 @@ fn tf32_infonce_and_ntxent_match_cpu() {
         // d = 19: rows not 16-byte aligned, every chunk element by element; d = 40: whole
         // 16-byte chunks through cp.async and a slice tail; d = 72: two 64-feature chunks in
         // the backward's second product; d = 100: four of the forward's 32-feature slices, so
-        // each stage buffer is refilled.
+        // each stage buffer is refilled. NT-Xent at 2 and 4 row tiles: the symmetric forward's
+        // pairs of tiles.
         for d in [19, 40, 72, 100] {
-            let (n, m) = (37, 70);
-            let q = random_matrix(&mut rng, n, d);
-            let k = random_matrix(&mut rng, m, d);
-            let positives = random_positives(&mut rng, n, m, false);
-            for normalize in [true, false] {
-                let opts = InfoNceOptions {
-                    temperature: if normalize { 0.1 } else { 1.0 },
-                    normalize,
-                    self_mask: false,
-                };
-                let case = format!("infonce 37x70x{d} normalize={normalize}");
-                let inputs: &[Input] = &[(&q, &[n, d]), (&k, &[m, d])];
-                compare_tf32(device, &case, SOFTMAX_SWEEPS, inputs, |t| {
-                    let out = infonce(&t[0], &t[1], &positives, &opts)?;
-                    Ok(vec![
-                        ("loss", vec![out.loss.to_scalar().unwrap()]),
-                        ("grad_q", out.grad_q.to_vec_f64().unwrap()),
-                        ("grad_k", out.grad_k.to_vec_f64().unwrap()),
-                    ])
-                });
-            }
-            // 2 and 4 row tiles: the symmetric forward's pairs of tiles, with close views.
-            for rows in [66, 194] {
-                let cluster: Vec<usize> = (0..rows).map(|i| i % (rows / 2)).collect();
-                let z = clustered_rows(&mut rng, &cluster, d, 0.3);
-                let opts = NtXentOptions { temperature: 0.2 };
-                let case = format!("ntxent {rows}x{d}");
-                compare_tf32(device, &case, SOFTMAX_SWEEPS, &[(&z, &[rows, d])], |t| {
-                    let out = ntxent(&t[0], &opts)?;
-                    Ok(vec![
-                        ("loss", vec![out.loss.to_scalar().unwrap()]),
-                        ("grad_z", out.grad_z.to_vec_f64().unwrap()),
-                    ])
-                });
+            let mut cases: Vec<LossCase> = [true, false]
+                .map(|normalize| infonce_case(&mut rng, 37, 70, d, normalize))
+                .into();
+            cases.extend([66, 194].map(|rows| ntxent_case(&mut rng, rows, d)));
+            for case in &cases {
+                compare_tf32(
+                    device,
+                    &case.name,
+                    SOFTMAX_SWEEPS,
+                    &case.input_refs(),
+                    &case.op,
+                );
             }
         }
     });
@@ -115,61 +94,32 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
         // d = 19: element-by-element staging; d = 76: cp.async chunks and a slice tail.
         for d in [19, 76] {
             let n = 37;
+            // MoCo with 101 and 700 keys: both split across blocks, the rows resident in each.
+            let mut cases = vec![clip_case(&mut rng, n, d)];
+            cases.extend([101, 700].map(|queue_len| moco_case(&mut rng, n, queue_len, d)));
+            // 1 and 4 row tiles (N·V = 46, 201).
+            cases.extend(
+                [(23, 2), (67, 3)].map(|(samples, views)| supcon_case(&mut rng, samples, views, d)),
+            );
+            for case in &cases {
+                let launched = compare_tf32(
+                    device,
+                    &case.name,
+                    SOFTMAX_SWEEPS,
+                    &case.input_refs(),
+                    &case.op,
+                );
+                assert!(
+                    device != Device::Interp
+                        || !case.name.starts_with("moco")
+                        || launched.contains(&"infonce_fwd_split_resident_tf32"),
+                    "{}: {launched:?}",
+                    case.name
+                );
+            }
             let a = random_matrix(&mut rng, n, d);
             let b = random_matrix(&mut rng, n, d);
             let pair: &[Input] = &[(&a, &[n, d]), (&b, &[n, d])];
-            compare_tf32(device, &format!("clip 37x{d}"), SOFTMAX_SWEEPS, pair, |t| {
-                let out = clip(&t[0], &t[1], (1.0f64 / 0.07).ln())?;
-                Ok(vec![
-                    ("loss", vec![out.loss.to_scalar().unwrap()]),
-                    ("grad_a", out.grad_a.to_vec_f64().unwrap()),
-                    ("grad_b", out.grad_b.to_vec_f64().unwrap()),
-                    (
-                        "grad_log_scale",
-                        vec![out.grad_log_scale.to_scalar().unwrap()],
-                    ),
-                ])
-            });
-            // 101 and 700 keys: the second splits across blocks (`infonce_fwd_split_tf32`).
-            for queue_len in [101, 700] {
-                let queue = random_matrix(&mut rng, queue_len, d);
-                let opts = MocoOptions { temperature: 0.2 };
-                let inputs: &[Input] = &[(&a, &[n, d]), (&b, &[n, d]), (&queue, &[queue_len, d])];
-                let case = format!("moco 37x{queue_len}x{d}");
-                let launched = compare_tf32(device, &case, SOFTMAX_SWEEPS, inputs, |t| {
-                    let out = moco(&t[0], &t[1], &t[2], &opts)?;
-                    Ok(vec![
-                        ("loss", vec![out.loss.to_scalar().unwrap()]),
-                        ("grad_q", out.grad_q.to_vec_f64().unwrap()),
-                    ])
-                });
-                // The keys split across blocks, the rows resident in each.
-                assert!(
-                    device != Device::Interp
-                        || launched.contains(&"infonce_fwd_split_resident_tf32"),
-                    "{case}: {launched:?}"
-                );
-            }
-            // 1 and 4 row tiles (N·V = 46, 201).
-            for (samples, views) in [(23, 2), (67, 3)] {
-                let labels: Vec<i64> = (0..samples as i64).map(|i| i % 5).collect();
-                let classes: Vec<usize> = (0..samples * views).map(|r| (r / views) % 5).collect();
-                let features = clustered_rows(&mut rng, &classes, d, 1.0);
-                let opts = SupConOptions {
-                    temperature: 0.1,
-                    base_temperature: 0.07,
-                    ..Default::default()
-                };
-                let case = format!("supcon {samples}x{views}x{d}");
-                let inputs: &[Input] = &[(&features, &[samples, views, d])];
-                compare_tf32(device, &case, SOFTMAX_SWEEPS, inputs, |t| {
-                    let out = supcon(&t[0], &labels, &opts)?;
-                    Ok(vec![
-                        ("loss", vec![out.loss.to_scalar().unwrap()]),
-                        ("grad_features", out.grad_features.to_vec_f64().unwrap()),
-                    ])
-                });
-            }
             let opts = SigLipOptions::default();
             compare_tf32(
                 device,
@@ -208,27 +158,15 @@ fn tf32_kernels_keep_rows_resident_where_they_fit() {
         (209, true, false),
         (273, false, false),
     ] {
-        let (n, m) = (130, 150);
-        let q = random_matrix(&mut rng, n, d);
-        let k = random_matrix(&mut rng, m, d);
-        let positives = random_positives(&mut rng, n, m, false);
-        // Raw dot products of uniform rows: logits of spread sqrt(D / 9), so each row's lse
-        // depends on which keys it met (cosine logits near 0 would hide a wrong row).
-        let opts = InfoNceOptions {
-            temperature: 1.0,
-            normalize: false,
-            self_mask: false,
-        };
-        let case = format!("infonce 130x150x{d} raw");
-        let inputs: &[Input] = &[(&q, &[n, d]), (&k, &[m, d])];
-        let launched = compare_tf32(Device::Interp, &case, SOFTMAX_SWEEPS, inputs, |t| {
-            let out = infonce(&t[0], &t[1], &positives, &opts)?;
-            Ok(vec![
-                ("loss", vec![out.loss.to_scalar().unwrap()]),
-                ("grad_q", out.grad_q.to_vec_f64().unwrap()),
-                ("grad_k", out.grad_k.to_vec_f64().unwrap()),
-            ])
-        });
+        let case = infonce_case(&mut rng, 130, 150, d, false);
+        let inputs = case.input_refs();
+        let launched = compare_tf32(
+            Device::Interp,
+            &case.name,
+            SOFTMAX_SWEEPS,
+            &inputs,
+            &case.op,
+        );
         for (pass, resident) in [("fwd", forward_resident), ("bwd", backward_resident)] {
             let want = match resident {
                 true => format!("infonce_{pass}_resident_tf32"),
@@ -236,7 +174,8 @@ fn tf32_kernels_keep_rows_resident_where_they_fit() {
             };
             assert!(
                 launched.iter().any(|k| *k == want),
-                "{case}: {want} did not run: {launched:?}"
+                "{}: {want} did not run: {launched:?}",
+                case.name
             );
         }
     }

@@ -227,3 +227,138 @@ pub fn f8_npy(shape: &str, values: &[f64]) -> Vec<u8> {
         &payload,
     )
 }
+
+/// An op under test: the tensors in, every output out.
+pub type TestOp = Box<dyn Fn(&[Tensor]) -> Result<Outputs>>;
+
+/// One case of the softmax-loss family for the precision tests (kernels_half, kernels_tf32): its
+/// name, its inputs (values and shape) and the op, forward and backward, with every output.
+pub struct LossCase {
+    pub name: String,
+    pub inputs: Vec<(Vec<f32>, Vec<usize>)>,
+    pub op: TestOp,
+}
+
+impl LossCase {
+    pub fn input_refs(&self) -> Vec<Input<'_>> {
+        self.inputs
+            .iter()
+            .map(|(values, shape)| (values.as_slice(), shape.as_slice()))
+            .collect()
+    }
+}
+
+/// InfoNCE of `n` queries against `m` keys: cosine with tau = 0.1, or raw dot products with
+/// tau = 1 (logits of uniform rows then spread by sqrt(D / 9), so each row's lse depends on
+/// which keys it met).
+pub fn infonce_case(rng: &mut StdRng, n: usize, m: usize, d: usize, normalize: bool) -> LossCase {
+    let q = random_matrix(rng, n, d);
+    let k = random_matrix(rng, m, d);
+    let positives = random_positives(rng, n, m, false);
+    let opts = InfoNceOptions {
+        temperature: if normalize { 0.1 } else { 1.0 },
+        normalize,
+        self_mask: false,
+    };
+    LossCase {
+        name: format!("infonce {n}x{m}x{d} normalize={normalize}"),
+        inputs: vec![(q, vec![n, d]), (k, vec![m, d])],
+        op: Box::new(move |t| {
+            let out = infonce(&t[0], &t[1], &positives, &opts)?;
+            Ok(vec![
+                ("loss", vec![out.loss.to_scalar().unwrap()]),
+                ("grad_q", out.grad_q.to_vec_f64().unwrap()),
+                ("grad_k", out.grad_k.to_vec_f64().unwrap()),
+            ])
+        }),
+    }
+}
+
+/// NT-Xent of `rows` rows whose two views are close (large positive logits, so a lost target
+/// term shows in the loss), tau = 0.2.
+pub fn ntxent_case(rng: &mut StdRng, rows: usize, d: usize) -> LossCase {
+    let cluster: Vec<usize> = (0..rows).map(|i| i % (rows / 2)).collect();
+    let z = clustered_rows(rng, &cluster, d, 0.3);
+    let opts = NtXentOptions { temperature: 0.2 };
+    LossCase {
+        name: format!("ntxent {rows}x{d}"),
+        inputs: vec![(z, vec![rows, d])],
+        op: Box::new(move |t| {
+            let out = ntxent(&t[0], &opts)?;
+            Ok(vec![
+                ("loss", vec![out.loss.to_scalar().unwrap()]),
+                ("grad_z", out.grad_z.to_vec_f64().unwrap()),
+            ])
+        }),
+    }
+}
+
+/// CLIP of `n` pairs at the CLIP init scale (1 / 0.07).
+pub fn clip_case(rng: &mut StdRng, n: usize, d: usize) -> LossCase {
+    let a = random_matrix(rng, n, d);
+    let b = random_matrix(rng, n, d);
+    LossCase {
+        name: format!("clip {n}x{d}"),
+        inputs: vec![(a, vec![n, d]), (b, vec![n, d])],
+        op: Box::new(|t| {
+            let out = clip(&t[0], &t[1], (1.0f64 / 0.07).ln())?;
+            Ok(vec![
+                ("loss", vec![out.loss.to_scalar().unwrap()]),
+                ("grad_a", out.grad_a.to_vec_f64().unwrap()),
+                ("grad_b", out.grad_b.to_vec_f64().unwrap()),
+                (
+                    "grad_log_scale",
+                    vec![out.grad_log_scale.to_scalar().unwrap()],
+                ),
+            ])
+        }),
+    }
+}
+
+/// MoCo of `n` queries against a `queue_len`-key queue, tau = 0.2.
+pub fn moco_case(rng: &mut StdRng, n: usize, queue_len: usize, d: usize) -> LossCase {
+    let q = random_matrix(rng, n, d);
+    let k = random_matrix(rng, n, d);
+    let queue = random_matrix(rng, queue_len, d);
+    let opts = MocoOptions { temperature: 0.2 };
+    LossCase {
+        name: format!("moco {n}x{queue_len}x{d}"),
+        inputs: vec![
+            (q, vec![n, d]),
+            (k, vec![n, d]),
+            (queue, vec![queue_len, d]),
+        ],
+        op: Box::new(move |t| {
+            let out = moco(&t[0], &t[1], &t[2], &opts)?;
+            Ok(vec![
+                ("loss", vec![out.loss.to_scalar().unwrap()]),
+                ("grad_q", out.grad_q.to_vec_f64().unwrap()),
+            ])
+        }),
+    }
+}
+
+/// SupCon of `samples` x `views` rows in 5 classes, each view near its class's centre
+/// (closer views make the gradient a small difference of large terms, which a bf16 backward
+/// product cannot resolve to 2e-2), tau = 0.1.
+pub fn supcon_case(rng: &mut StdRng, samples: usize, views: usize, d: usize) -> LossCase {
+    let labels: Vec<i64> = (0..samples as i64).map(|i| i % 5).collect();
+    let classes: Vec<usize> = (0..samples * views).map(|r| (r / views) % 5).collect();
+    let features = clustered_rows(rng, &classes, d, 1.0);
+    let opts = SupConOptions {
+        temperature: 0.1,
+        base_temperature: 0.07,
+        ..Default::default()
+    };
+    LossCase {
+        name: format!("supcon {samples}x{views}x{d}"),
+        inputs: vec![(features, vec![samples, views, d])],
+        op: Box::new(move |t| {
+            let out = supcon(&t[0], &labels, &opts)?;
+            Ok(vec![
+                ("loss", vec![out.loss.to_scalar().unwrap()]),
+                ("grad_features", out.grad_features.to_vec_f64().unwrap()),
+            ])
+        }),
+    }
+}

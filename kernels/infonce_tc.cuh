@@ -289,9 +289,10 @@ __device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
 
 // The backward's second products on the tensor cores (bf16 sources):
 // out[dst0 + r] (+)= sum_t G'[r][t] src[src0 + t], G' = g or g^T (`transposed`), with G' rounded
-// to bf16 as the A operand and the src rows' 64-feature chunks staged transposed as the "col" B
-// operand. Warp w owns output rows 16 (w % 4) .. +16 and features 32 (w / 4) .. +32 of each chunk.
-constexpr int kSrcStride = kTile + 8;  // a staged chunk's row: 64 src rows, padded
+// to bf16 as the A operand and the src rows' 64-feature chunks, staged as they are (row-major)
+// by cp.async, read as the "col" B operand by ldmatrix.trans. Warp w owns output rows
+// 16 (w % 4) .. +16 and features 32 (w / 4) .. +32 of each chunk.
+constexpr int kSrcStride = kTile + 8;  // a staged src row: 64 features and 16 bytes of pad
 static_assert(kTile * kSrcStride * 2 <= kTile * kTilePad * 4, "a staged chunk fits the staging buffer");
 
 // This warp's A fragments of G' for the tile's four 16-wide k-steps (after a barrier that
@@ -311,30 +312,33 @@ __device__ __forceinline__ void g_fragments(const float (*g)[kTilePad], unsigned
     }
 }
 
-// One 64-feature chunk [d0, d0 + 64): stages the src rows' features transposed into `staged`
-// (the caller's buffer, 9216 of its 16640 bytes), then sum[nt] += G' src for this warp's part.
+// One 64-feature chunk [d0, d0 + 64): stages the 64 src rows' features into `staged` (the
+// caller's buffer, 9216 of its 16640 bytes; a row's 144 bytes put the 8 rows an ldmatrix phase
+// reads in 8 different bank groups), then sum[nt] += G' src for this warp's part. B fragments
+// by ldmatrix.x4.trans: lane l addresses src row 16 step + l % 8 + 8 ((l / 8) % 2) at feature
+// n0 + 16 pair + 8 (l / 16), giving b[0], b[1] of feature tile 2 pair, then of 2 pair + 1.
 __device__ __forceinline__ void product_chunk(const unsigned af[4][4], float (*staged)[kTilePad],
                                               const __nv_bfloat16* src, int n_src, int src0, int dim, int d0,
                                               float sum[4][4]) {
-    unsigned short(*src_t)[kSrcStride] = reinterpret_cast<unsigned short(*)[kSrcStride]>(staged);
+    unsigned short(*src_rows)[kSrcStride] = reinterpret_cast<unsigned short(*)[kSrcStride]>(staged);
     const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = 32 * (tid / 32 / 4);
-    const unsigned short* bits = reinterpret_cast<const unsigned short*>(src);
     __syncthreads();  // the previous chunk is consumed
-    for (int e = tid; e < kTile * kTile; e += 256) {
-        const int s = e / kTile, d = e % kTile;  // consecutive threads read consecutive features
-        src_t[d][s] = (src0 + s < n_src && d0 + d < dim) ? bits[(long long)(src0 + s) * dim + d0 + d] : 0;
+    for (int c = tid; c < kTile * kTile / 8; c += 256) {
+        const int r = c / 8, col = 8 * (c % 8);
+        stage_16_bytes(src, n_src, dim, src0 + r, d0 + col, &src_rows[r][col]);
     }
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
 #pragma unroll
-    for (int step = 0; step < 4; ++step) {
-        const int k = 16 * step + 2 * (lane % 4);
+    for (int step = 0; step < 4; ++step)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-            const int n = n0 + 8 * nt + lane / 4;
-            const unsigned bf[2] = {pair_at(&src_t[n][k]), pair_at(&src_t[n][k + 8])};
-            mma_16816<__nv_bfloat16>(sum[nt], af[step], bf);
+        for (int pair = 0; pair < 2; ++pair) {
+            unsigned b[4];
+            ldmatrix<4, true>(b, &src_rows[16 * step + lane % 8 + 8 * ((lane / 8) % 2)][n0 + 16 * pair + 8 * (lane / 16)]);
+            mma_16816<__nv_bfloat16>(sum[2 * pair], af[step], b);
+            mma_16816<__nv_bfloat16>(sum[2 * pair + 1], af[step], b + 2);
         }
-    }
 }
 
 // Where element e of fragment nt of chunk d0 lands in the output: (row, feature).

@@ -174,4 +174,17 @@ __device__ __forceinline__ void write_grad(float* dst, float value, Write how) {
     }
 }
 
+// Two adjacent values (dst 8-byte aligned) written as `how` says: on sm_90 an atomic add is one
+// vector atomic (float2), elsewhere two.
+__device__ __forceinline__ void write_grad_pair(float* dst, float first, float second, Write how) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(CONTRA_INTERP)
+    if (how == Write::kAtomicAdd) {
+        atomicAdd(reinterpret_cast<float2*>(dst), make_float2(first, second));
+        return;
+    }
+#endif
+    write_grad(dst, first, how);
+    write_grad(dst + 1, second, how);
+}
+
 }  // namespace contra

@@ -350,15 +350,24 @@ __device__ __forceinline__ void fragment_place(int dst0, int d0, int nt, int e, 
 
 // Writes this warp's fragments of output chunk d0 (rows from dst0, `how`: the gradient's write
 // mode), inside the n_dst x dim output.
+// A lane's elements come in pairs of adjacent features (e = 0, 1 and 2, 3), written together
+// (one vector atomic on sm_90) when both are inside and the pair is 8-byte aligned (even dim).
 __device__ __forceinline__ void write_chunk(const float sum[4][4], float* out, int dst0, int n_dst, int d0, int dim,
                                             Write how) {
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < 4; e += 2) {
             int row, feature;
             fragment_place(dst0, d0, nt, e, row, feature);
-            if (row < n_dst && feature < dim) write_grad(out + (long long)row * dim + feature, sum[nt][e], how);
+            if (row >= n_dst) continue;
+            float* dst = out + (long long)row * dim + feature;
+            if (feature + 1 < dim && dim % 2 == 0) {
+                write_grad_pair(dst, sum[nt][e], sum[nt][e + 1], how);
+            } else {
+                if (feature < dim) write_grad(dst, sum[nt][e], how);
+                if (feature + 1 < dim) write_grad(dst + 1, sum[nt][e + 1], how);
+            }
         }
 }
 

@@ -42,8 +42,8 @@ __device__ void grad_product(const float (*g)[kTilePad], float (*staged)[kTilePa
 // The second products on the TF32 tensor cores: the same product as grad_product, with G' and
 // the src chunk rounded to tf32 as the mma operands (G keeps f32's range, so small
 // probabilities do not underflow). Warp w owns output rows 16 (w % 4) .. +16 and features
-// 32 (w / 4) .. +32 of each chunk. The chunk is staged row-major in the first 64 x 64 floats of
-// `staged`, each row's 8-feature groups permuted (feature d of src row s at d ^ 8 (s % 4)), so
+// 32 (w / 4) .. +32 of each chunk. The chunk is staged row-major (cp.async) in the first 64 x 64
+// floats of `staged`, each row's 8-feature groups permuted (feature d of src row s at d ^ 8 (s % 4)), so
 // that the B fragment's 32 loads (rows s .. s + 3, 8 features each) hit 32 different banks.
 __device__ __forceinline__ int tf32_staged_at(int s, int d) { return s * kTile + (d ^ (8 * (s % 4))); }
 
@@ -56,11 +56,13 @@ __device__ void grad_product_tf32(const float (*g)[kTilePad], float (*staged)[kT
     auto g_at = [&](int row, int k) { return to_tf32(transposed ? g[k][row] : g[row][k]); };
     for (int d0 = 0; d0 < dim; d0 += kTile) {
         __syncthreads();  // g is complete / the previous chunk is consumed
-        for (int e = tid; e < kTile * kTile; e += 256) {
-            const int s = e / kTile, d = e % kTile;  // consecutive threads read consecutive features
-            chunk[tf32_staged_at(s, d)] =
-                (src0 + s < n_src && d0 + d < dim) ? load(src, (long long)(src0 + s) * dim + d0 + d) : 0.0f;
+        // 16-byte copies: the permutation moves whole 8-feature groups, so 4 features stay together.
+        for (int c = tid; c < kTile * kTile / 4; c += 256) {
+            const int s = c / (kTile / 4), d = 4 * (c % (kTile / 4));
+            stage_16_bytes(src, n_src, dim, src0 + s, d0 + d, reinterpret_cast<unsigned*>(chunk) + tf32_staged_at(s, d));
         }
+        cp_async_commit();
+        cp_async_wait<0>();
         __syncthreads();
         float sum[4][4] = {};
 #pragma unroll

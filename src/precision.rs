@@ -13,7 +13,8 @@
 //! ```
 //! use contra::{with_f32_precision, F32Precision, NtXentOptions, Tensor, Device};
 //!
-//! let z = Tensor::from_vec(vec![0.3f32, -1.0, 0.5, 0.25, 1.0, 0.5, -0.5, 2.0], &[4, 2], Device::Cpu)?;
+//! // On a GPU (or the interpreted mode, as here) the products run on the TF32 tensor cores.
+//! let z = Tensor::from_vec(vec![0.3f32, -1.0, 0.5, 0.25, 1.0, 0.5, -0.5, 2.0], &[4, 2], Device::Interp)?;
 //! let out = with_f32_precision(F32Precision::Tf32, || contra::ntxent(&z, &NtXentOptions::default()))?;
 //! assert!(out.loss.to_scalar()?.is_finite());
 //! # Ok::<(), contra::Error>(())

@@ -14,8 +14,9 @@ const FILL_BLOCKS: usize = 2 * 132;
 /// `infonce_fwd_resident`'s pipeline depth (kResidentStages in kernels/infonce_tc.cuh).
 const RESIDENT_STAGES: usize = 3;
 
-/// The most dynamic shared memory the resident forward takes: two blocks per SM of an H100 (or
-/// an A100) still fit, next to their static shared memory. Wider rows run `infonce_fwd`.
+/// The most dynamic shared memory the resident kernels take: two blocks of the forward still fit
+/// per SM of an H100 next to their static shared memory (an A100's 164 KB holds one at this
+/// size). Wider rows run `infonce_fwd` / `infonce_bwd`.
 const RESIDENT_MAX_BYTES: usize = 96 * 1024;
 
 /// How the tensor cores take operands of `elem` at the calling thread's precision: the bytes of
@@ -30,10 +31,9 @@ fn tensor_core_operands(elem: Elem) -> Option<(usize, usize, usize)> {
 }
 
 /// The dynamic shared memory of `infonce_fwd_resident` and `infonce_bwd_resident` at `dim`
-/// features (ResidentGeometry in
-/// kernels/infonce_tc.cuh: 64 query rows of the features rounded up to a k-step plus one 16-byte
-/// chunk, and the key stages), or None when the operands run on CUDA cores or the rows do not
-/// fit in `RESIDENT_MAX_BYTES`.
+/// features (ResidentGeometry in kernels/infonce_tc.cuh: 64 query rows of the features rounded
+/// up to a k-step plus one 16-byte chunk, and the key stages), or None when the operands run on
+/// CUDA cores or the rows do not fit in `RESIDENT_MAX_BYTES`.
 fn resident_rows_bytes(elem: Elem, dim: usize) -> Option<usize> {
     let (word, k_step, slice) = tensor_core_operands(elem)?;
     let chunk = 16 / word;

@@ -44,7 +44,11 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
     const T* b = static_cast<const T*>(p.b);
     double row_loss[kPerThread] = {0.0, 0.0, 0.0, 0.0};  // rows ty + 16 i, this thread's columns
     double log_scale_acc = 0.0, bias_acc = 0.0;
-    for (int c0 = 0; c0 < p.cols; c0 += kTile) {
+    // Block b starts at column tile b (mod the tiles), so that the blocks' atomic adds to dB do
+    // not all land on the same rows at once.
+    const int steps = (p.cols + kTile - 1) / kTile, rotation = steps > 0 ? blockIdx.x % steps : 0;
+    for (int step = 0; step < steps; ++step) {
+        const int c0 = (step + rotation) % steps * kTile;
         dot_tile_to_shared(a, p.rows, r0, b, p.cols, c0, p.dim, g);
         __syncthreads();
         float tile_log_scale = 0.0f, tile_bias = 0.0f;
@@ -75,7 +79,7 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
         log_scale_acc += tile_log_scale;
         bias_acc += tile_bias;
         if (backward) {
-            const Write own = c0 == 0 ? Write::kOverwrite : Write::kAdd;
+            const Write own = step == 0 ? Write::kOverwrite : Write::kAdd;
             grad_product_for<false>(g, staged, b, p.cols, c0, p.dim, p.grad_a, r0, p.rows, own);
             grad_product_for<true>(g, staged, a, p.rows, r0, p.dim, p.grad_b, c0, p.cols, Write::kAtomicAdd);
         }

@@ -23,8 +23,9 @@ namespace contra {
 template <typename T>
 constexpr int kForwardSlice = kIsTf32<T> ? 32 : 64;
 
-// The forward's resident data path (`infonce_fwd_resident`): the block's 64 query rows are
-// staged once into dynamic shared memory, and the key tiles of the whole sweep stream through a
+// The resident data path (`infonce_fwd_resident`, and the S recompute of `infonce_bwd_resident`):
+// the block's 64 query rows are staged once into dynamic shared memory, and the key tiles of the
+// whole sweep stream through a
 // kResidentStages-deep cp.async pipeline of kForwardSlice-feature slices that runs on from one tile
 // into the next (no restart per tile, one barrier per slice); both operands reach the mma through
 // ldmatrix.x4. Dynamic shared memory: the rows (64 x q_stride words), then the stages
@@ -44,8 +45,8 @@ struct ResidentGeometry {
         : padded((dim + kMmaK<T> - 1) / kMmaK<T> * kMmaK<T>),
           q_stride(padded + kChunkElems<T>),
           slices((padded + kForwardSlice<T> - 1) / kForwardSlice<T>) {}
-    __device__ __forceinline__ unsigned bytes() const {
-        return static_cast<unsigned>((kTile * q_stride + kResidentStages * kStageWords) * sizeof(StageWord<T>));
+    __device__ __forceinline__ unsigned long long bytes() const {
+        return ((unsigned long long)kTile * q_stride + kResidentStages * kStageWords) * sizeof(StageWord<T>);
     }
 };
 
@@ -115,19 +116,19 @@ __device__ __forceinline__ void mma_resident_slice(const StageWord<T>* q_rows, i
 template <typename T, typename Column>
 struct ResidentSweep {
     const ResidentGeometry<T> geo;
-    StageWord<T>* const rows;    // the block's query rows (dynamic shared memory)
-    StageWord<T>* const stages;  // then the key stages
+    StageWord<T>* const rows;  // the block's query rows (dynamic shared memory), then the stages
     const T* const k;
     const int cols, dim, count;
     const Column column;
 
+    // Only geometry: a kernel that does not take the resident path may construct it for any dim.
     __device__ __forceinline__ ResidentSweep(StageWord<T>* shared, const T* keys, int n_keys, int features,
                                              int tiles, Column first_key)
-        : geo(features), rows(shared), stages(shared + kTile * geo.q_stride), k(keys), cols(n_keys),
-          dim(features), count(tiles), column(first_key) {}
+        : geo(features), rows(shared), k(keys), cols(n_keys), dim(features), count(tiles), column(first_key) {}
 
+    // (64-bit: the layout is only formed when the launch gave it, so no wider dim reaches here.)
     __device__ __forceinline__ StageWord<T>* stage(int unit) const {
-        return stages + (unit % kResidentStages) * ResidentGeometry<T>::kStageWords;
+        return rows + (long long)kTile * geo.q_stride + (unit % kResidentStages) * ResidentGeometry<T>::kStageWords;
     }
 
     __device__ __forceinline__ void issue(int unit) const {

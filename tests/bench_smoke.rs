@@ -209,7 +209,7 @@ fn unfused_baseline_matches_contra_and_materializes_the_matrix() {
 #[test]
 fn bf16_cases_run_the_tensor_core_kernels() {
     use cases::{Case, Pass};
-    let case = Case::ntxent(Pass::ForwardBackward, 38, 24).in_bf16();
+    let case = Case::ntxent(Pass::ForwardBackward, 38, 24).at(cases::Precision::Bf16);
     assert_eq!(case.shape(), "N=38 D=24 bf16");
     assert_eq!(case.engine(Device::Interp), "tensor cores");
     assert_eq!(case.engine(Device::Cpu), "cpu");

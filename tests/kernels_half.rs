@@ -170,17 +170,14 @@ fn half_kernels_keep_rows_resident_where_they_fit() {
         let case = infonce_case(&mut rng, 130, 150, d, false);
         let launched = compare_half(device, dtype, &case.name, &case.input_refs(), &case.op);
         let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
-        for (pass, resident) in [("fwd", forward_resident), ("bwd", backward_resident)] {
-            let want = match resident {
-                true => format!("infonce_{pass}_resident_{suffix}"),
-                false => format!("infonce_{pass}_{suffix}"),
-            };
-            assert!(
-                launched.iter().any(|k| *k == want),
-                "{} {dtype}: {want} did not run: {launched:?}",
-                case.name
-            );
-        }
+        let case_dtype = format!("{} {dtype}", case.name);
+        assert_resident_kernels(
+            &launched,
+            &case_dtype,
+            suffix,
+            forward_resident,
+            backward_resident,
+        );
     }
 }
 

@@ -117,28 +117,13 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
                     case.name
                 );
             }
-            let a = random_matrix(&mut rng, n, d);
-            let b = random_matrix(&mut rng, n, d);
-            let pair: &[Input] = &[(&a, &[n, d]), (&b, &[n, d])];
-            let opts = SigLipOptions::default();
+            let case = siglip_case(&mut rng, n, d);
             compare_tf32(
                 device,
-                &format!("siglip 37x{d}"),
+                &case.name,
                 &["siglip_sweep"],
-                pair,
-                |t| {
-                    let out = siglip(&t[0], &t[1], 10f64.ln(), -10.0, &opts)?;
-                    Ok(vec![
-                        ("loss", vec![out.loss.to_scalar().unwrap()]),
-                        ("grad_a", out.grad_a.to_vec_f64().unwrap()),
-                        ("grad_b", out.grad_b.to_vec_f64().unwrap()),
-                        (
-                            "grad_log_scale",
-                            vec![out.grad_log_scale.to_scalar().unwrap()],
-                        ),
-                        ("grad_bias", vec![out.grad_bias.to_scalar().unwrap()]),
-                    ])
-                },
+                &case.input_refs(),
+                &case.op,
             );
         }
     });
@@ -167,16 +152,12 @@ fn tf32_kernels_keep_rows_resident_where_they_fit() {
             &inputs,
             &case.op,
         );
-        for (pass, resident) in [("fwd", forward_resident), ("bwd", backward_resident)] {
-            let want = match resident {
-                true => format!("infonce_{pass}_resident_tf32"),
-                false => format!("infonce_{pass}_tf32"),
-            };
-            assert!(
-                launched.iter().any(|k| *k == want),
-                "{}: {want} did not run: {launched:?}",
-                case.name
-            );
-        }
+        assert_resident_kernels(
+            &launched,
+            &case.name,
+            "tf32",
+            forward_resident,
+            backward_resident,
+        );
     }
 }

@@ -210,11 +210,6 @@ impl Case {
         }
     }
 
-    /// The same case with bf16 inputs.
-    pub fn in_bf16(self) -> Case {
-        self.at(Precision::Bf16)
-    }
-
     /// The same case at `precision`.
     pub fn at(self, precision: Precision) -> Case {
         Case { precision, ..self }

@@ -185,15 +185,15 @@ impl<B: Backend> KernelRunner<B> {
             let tensors = raw
                 .tensors
                 .iter()
-                .map(|t| match case.precision == Precision::Bf16 {
-                    true => {
+                .map(|t| match case.precision {
+                    Precision::Bf16 => {
                         let bits: Vec<u16> = t
                             .iter()
                             .map(|&v| half::bf16::from_f32(v).to_bits())
                             .collect();
                         b.upload_half("input", &bits, kernels::Elem::Bf16)
                     }
-                    false => b.upload("input", t),
+                    Precision::F32 | Precision::Tf32 => b.upload("input", t),
                 })
                 .collect::<Result<Vec<_>>>()?;
             let n = case.n;

@@ -362,3 +362,48 @@ pub fn supcon_case(rng: &mut StdRng, samples: usize, views: usize, d: usize) -> 
         }),
     }
 }
+
+/// SigLIP of `n` pairs, cosine, at log_scale ln 10 and bias -10 (the paper's initial values).
+pub fn siglip_case(rng: &mut StdRng, n: usize, d: usize) -> LossCase {
+    let a = random_matrix(rng, n, d);
+    let b = random_matrix(rng, n, d);
+    LossCase {
+        name: format!("siglip {n}x{d}"),
+        inputs: vec![(a, vec![n, d]), (b, vec![n, d])],
+        op: Box::new(|t| {
+            let out = siglip(&t[0], &t[1], 10f64.ln(), -10.0, &SigLipOptions::default())?;
+            Ok(vec![
+                ("loss", vec![out.loss.to_scalar().unwrap()]),
+                ("grad_a", out.grad_a.to_vec_f64().unwrap()),
+                ("grad_b", out.grad_b.to_vec_f64().unwrap()),
+                (
+                    "grad_log_scale",
+                    vec![out.grad_log_scale.to_scalar().unwrap()],
+                ),
+                ("grad_bias", vec![out.grad_bias.to_scalar().unwrap()]),
+            ])
+        }),
+    }
+}
+
+/// Asserts that the InfoNCE forward and backward that ran (`launched`) are the resident
+/// instantiations (`infonce_{fwd,bwd}_resident_{suffix}`) or the plain ones, as expected.
+#[track_caller]
+pub fn assert_resident_kernels(
+    launched: &[&str],
+    case: &str,
+    suffix: &str,
+    forward: bool,
+    backward: bool,
+) {
+    for (pass, resident) in [("fwd", forward), ("bwd", backward)] {
+        let want = match resident {
+            true => format!("infonce_{pass}_resident_{suffix}"),
+            false => format!("infonce_{pass}_{suffix}"),
+        };
+        assert!(
+            launched.iter().any(|k| *k == want),
+            "{case}: {want} did not run: {launched:?}"
+        );
+    }
+}

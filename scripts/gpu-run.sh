@@ -7,7 +7,9 @@
 #
 # Phases, in this order of priority (default: all): check (kernel tests, fixtures, trainer),
 # tensor (the tensor-core figures, bf16 and tf32: TFLOP/s, ratio to PyTorch, largest N), sanitize
-# (compute-sanitizer), bench (timings and the full benchmark table). The whole run keeps to
+# (compute-sanitizer), bench (timings and the full benchmark table). Knobs: CONTRA_GPU_MIN_TIME
+# (seconds of timed calls per tensor-core case, default 0.5), CONTRA_GPU_LARGEST_N (default
+# 1048576), CONTRA_GPU_SANITIZE (the binaries compute-sanitizer runs, default every kernel test). The whole run keeps to
 # CONTRA_GPU_BUDGET_S seconds (default 540, under the device tool's 600 s per call): each step's
 # limit is cut to what is left, and a step with no time left is reported as skipped. Split a run
 # over several calls by naming phases.
@@ -70,6 +72,8 @@ run() {
 # Every kernel test binary: f32 softmax losses, elementwise ops, triplet mining, bf16/f16, tf32,
 # and the encoder's layers (GEMM through cuBLAS, bias, ReLU, BatchNorm).
 kernel_tests="kernels kernels_half kernels_tf32 kernels_elementwise kernels_triplet nn_device nn_resident transfers"
+# The sanitizer's list, tensor-core binaries first (CONTRA_GPU_SANITIZE narrows it).
+sanitize_tests=${CONTRA_GPU_SANITIZE:-$kernel_tests}
 if wants check; then
   section "Kernel tests: every kernel on Interp and cuda:0 against the CPU reference"
   for t in $kernel_tests; do
@@ -87,16 +91,16 @@ if wants tensor; then
   done
   section "At the tensor-core shapes (same card): NT-Xent, CLIP, SupCon and MoCo forward + backward, contra (public API) vs kernels (kernel-only) vs PyTorch eager (tf32: allow_tf32)"
   for precision in bf16 tf32; do
-    run "bench tensor cores $precision" 240 "$bundle/contra" bench --device cuda --filter "$precision" --json "${report%.md}-bench-$precision.json"
+    run "bench tensor cores $precision" 240 "$bundle/contra" bench --device cuda --filter "$precision" --min-time "${CONTRA_GPU_MIN_TIME:-0.5}" --json "${report%.md}-bench-$precision.json"
   done
-  section "Tensor cores: the largest N that runs (D = 256, doubling from 65536 up to 1048576)"
-  run "largest N" 240 "$bundle/contra" ntxent-timing --device cuda --n 65536 --dim 256 --repeats 1 --largest 1048576
+  section "Tensor cores: the largest N that runs (D = 256, doubling from 65536 up to ${CONTRA_GPU_LARGEST_N:-1048576})"
+  run "largest N" 240 "$bundle/contra" ntxent-timing --device cuda --n 65536 --dim 256 --repeats 1 --largest "${CONTRA_GPU_LARGEST_N:-1048576}"
 fi
 if wants sanitize; then
   if [ -n "$sanitizer" ]; then
     for tool in memcheck racecheck; do
       section "compute-sanitizer $tool over the kernel tests"
-      for t in $kernel_tests; do
+      for t in $sanitize_tests; do
         run "$tool $t" 180 "$sanitizer" --tool "$tool" --error-exitcode 1 "$bundle/$t" --test-threads=1
       done
     done

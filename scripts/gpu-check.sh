@@ -2,7 +2,7 @@
 # Builds everything the GPU check needs on a machine with nvcc and no GPU, into gpu-bundle/:
 # the release test binaries (kernels, kernels_elementwise, kernels_triplet, kernels_half,
 # kernels_tf32, nn_device, nn_resident, transfers, fixtures) and the contra binary, all with --features cuda,
-# plus scripts/gpu-run.sh. Then, on the GPU machine, from the repository root:
+# plus scripts/gpu-run.sh and scripts/gpu-profile.sh. Then, on the GPU machine, from the repository root:
 #     bash gpu-bundle/gpu-run.sh gpu-bundle report.md
 # runs every kernel test and the fixtures on cuda:0, compute-sanitizer memcheck and racecheck
 # over the kernel tests, the public calls timed next to the kernel-only sequences, and writes
@@ -22,7 +22,7 @@ cargo test --release --features cuda --no-run --test kernels --test kernels_elem
     cp "$exe" "$bundle/$name"
   done
 strip --strip-debug "$bundle"/* 2>/dev/null || true
-cp scripts/gpu-run.sh "$bundle/"
+cp scripts/gpu-run.sh scripts/gpu-profile.sh "$bundle/"
 # The GPU machine gets a copy of the tree without .git: record what was built.
 git describe --always --dirty >"$bundle/COMMIT" 2>/dev/null || echo unknown >"$bundle/COMMIT"
 ls -la "$bundle"

@@ -25,6 +25,18 @@ fn as_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
+fn l2(v: &[f32]) -> f64 {
+    v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+fn l2_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
 fn assert_close(what: &str, device: Device, got: &[f32], want: &[f32]) {
     let err = rel_err(&as_f64(got), &as_f64(want));
     assert!(
@@ -76,11 +88,18 @@ fn compare_pass(device: Device, name: &str, enc: &Encoder, x: &Mat, train: bool,
     dev.zero_grad();
     let gx_cpu = cpu.backward(&grad).unwrap();
     let gx_dev = runner.backward(&mut dev, &grad).unwrap();
-    assert_close(
-        &format!("{what}: grad x"),
-        device,
-        &gx_dev.data,
-        &gx_cpu.data,
+    // With two rows in train mode, BatchNorm's normalized inputs are +-1 and its input gradient
+    // cancels down to the eps term (about 1 % of the upstream gradient here): both sides are then
+    // mostly rounding, so the error is measured against the upstream gradient's scale instead.
+    let floor = if train && x.rows == 2 {
+        l2(&grad.data)
+    } else {
+        0.0
+    };
+    let err = l2_diff(&gx_dev.data, &gx_cpu.data) / l2(&gx_cpu.data).max(floor).max(1e-12);
+    assert!(
+        err <= TOL,
+        "{what}: grad x on {device}: relative error {err:e} > {TOL:e}"
     );
     for (a, b) in dev.params().iter().zip(cpu.params()) {
         assert!(

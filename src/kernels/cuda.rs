@@ -9,10 +9,10 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 
 use cudarc::cublas::sys::cublasOperation_t;
@@ -358,6 +358,41 @@ impl Cuda {
     }
 
     /// The module (kernels/<name>.cu) holding `kernel`, loaded on first use.
+    /// Raises `function`'s dynamic shared-memory limit to `dynamic` bytes. The driver's default
+    /// limit is 48 KB less the kernel's static shared memory, so a kernel with static arrays
+    /// needs this even below 48 KB of dynamic memory; the request is checked against the GPU's
+    /// per-block maximum first, so that a request too large is an error that names both sizes.
+    fn allow_dynamic_shared(
+        &self,
+        function: &CudaFunction,
+        kernel: &str,
+        dynamic: usize,
+    ) -> Result<()> {
+        let error = |what: &str, e| device_error(&format!("`{kernel}`: {what}"), e);
+        let static_bytes = function
+            .shared_size_bytes()
+            .map_err(|e| error("reading its static shared memory", e))?;
+        let per_block = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| error("reading the GPU's shared memory per block", e))?;
+        let (static_bytes, per_block) = (static_bytes.max(0) as usize, per_block.max(0) as usize);
+        if static_bytes.saturating_add(dynamic) > per_block {
+            return Err(Error::Device(format!(
+                "`{kernel}` needs {dynamic} B of dynamic shared memory next to its {static_bytes} B \
+                 of static shared memory, over the {per_block} B a block may have on cuda:{}",
+                self.ordinal
+            )));
+        }
+        // `dynamic` is at most `per_block`, an i32, so the cast is exact.
+        function
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dynamic as i32,
+            )
+            .map_err(|e| error(&format!("allowing {dynamic} B of dynamic shared memory"), e))
+    }
+
     fn module(&self, name: &'static str, kernel: &str) -> Result<Arc<CudaModule>> {
         let mut modules = self
             .modules
@@ -574,16 +609,8 @@ impl Backend for Cuda {
             .module(module, kernel)?
             .load_function(kernel)
             .map_err(|e| device_error(&format!("kernel `{kernel}`"), e))?;
-        if launch.shared_bytes > super::DEFAULT_SHARED_BYTES {
-            // Above 48 KB a kernel must opt in; the driver checks the request against the GPU
-            // (`dims` above bounds it by 227 KB, so the casts below are exact).
-            let attribute = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            let bytes = launch.shared_bytes;
-            function
-                .set_attribute(attribute, bytes as i32)
-                .map_err(|e| {
-                    device_error(&format!("`{kernel}` with {bytes} B of shared memory"), e)
-                })?;
+        if launch.shared_bytes > 0 {
+            self.allow_dynamic_shared(&function, kernel, launch.shared_bytes)?;
         }
         let cfg = LaunchConfig {
             grid_dim: (grid[0], grid[1], grid[2]),

@@ -52,9 +52,6 @@ const MAX_GRID: [usize; 3] = [i32::MAX as usize, 65535, 65535];
 /// The most dynamic shared memory a block may have (227 KB: sm_90; the launch layer asks for
 /// more than 48 KB only where the kernel's data needs it).
 pub(crate) const MAX_DYNAMIC_SHARED_BYTES: usize = 227 * 1024;
-/// Dynamic shared memory a kernel may use without raising its limit.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 
 impl Launch {
     /// A 1-D grid of `blocks` blocks of `threads` threads.

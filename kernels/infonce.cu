@@ -185,6 +185,22 @@ __device__ __forceinline__ float clip_log_scale_term(const ContraInfonceBwdParam
     return p.grad_scale * scale * (row * (dot - p.diag_dot[qi]) + col * (dot - p.diag_dot[kj]));
 }
 
+// CLIP: one partial of sum_ij dlogit_ij * logit_ij per block (summed on the host in f64): warp
+// sums, then the 8 warps. Every thread of the block calls it.
+__device__ __forceinline__ void write_log_scale_partial(const ContraInfonceBwdParams& p, float acc) {
+    if (!p.log_scale_partial) return;
+    const int tid = threadIdx.y * 16 + threadIdx.x;
+    const float warp_total = warp_sum(acc);
+    __shared__ float warp_partial[8];
+    if (tid % 32 == 0) warp_partial[tid / 32] = warp_total;
+    __syncthreads();
+    if (tid == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < 8; ++w) total += warp_partial[w];
+        p.log_scale_partial[blockIdx.x] = total;
+    }
+}
+
 // kResident: the S recompute from resident query rows and key slices pipelined across tiles
 // (ResidentSweep, infonce_tc.cuh), in place of a re-staged tile_mma per tile.
 template <typename T, bool kResident>
@@ -249,19 +265,8 @@ __device__ void infonce_bwd_engine(const ContraInfonceBwdParams& p) {
     }
     if constexpr (kResident) sweep.finish();
     if constexpr (kBf16)
-        if (keep_resident) write_resident(resident, p.grad_q, r0, p.rows, p.dim);
-    if (p.log_scale_partial) {
-        // One partial per block (summed on the host in f64): warp sums, then the 8 warps.
-        const float warp_total = warp_sum(log_scale_acc);
-        __shared__ float warp_partial[8];
-        if (tid % 32 == 0) warp_partial[tid / 32] = warp_total;
-        __syncthreads();
-        if (tid == 0) {
-            float total = 0.0f;
-            for (int w = 0; w < 8; ++w) total += warp_partial[w];
-            p.log_scale_partial[blockIdx.x] = total;
-        }
-    }
+        if (keep_resident) write_resident(resident, p.grad_q, r0, p.rows, p.dim, Write::kOverwrite);
+    write_log_scale_partial(p, log_scale_acc);
 }
 
 template <typename T>
@@ -278,6 +283,96 @@ __device__ void infonce_bwd_resident(const ContraInfonceBwdParams& p) {
     } else {
         __trap();
     }
+}
+
+// The fused bf16 backward (FusedGeometry in infonce_tc.cuh; the launch gives its bytes): per key
+// tile, one wait and one barrier for the whole tile (staged while the previous tile was worked
+// on); S from the resident rows and the tile by ldmatrix; G formed on S's accumulator fragments
+// and stored once, as bf16, for both products; dQ += G K kept in registers across the sweep (added
+// at the end under a key split), dK += G^T Q added per tile with the tile's B operands read from
+// the resident rows.
+__device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
+    using T = __nv_bfloat16;
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4, m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
+    const int r0 = blockIdx.x * kTile;
+    const float scale = logit_scale(p), scale_log2 = scale * kLog2e;
+    const T* q = static_cast<const T*>(p.q);
+    const T* k = static_cast<const T*>(p.k);
+    const FusedGeometry geo(p.dim);
+    CONTRA_DYNAMIC_SHARED(unsigned short, shared);
+    if (p.dim > kFusedMaxDim || geo.bytes() > dynamic_shared_size()) __trap();
+    unsigned short* const q_rows = shared;
+    unsigned short* const g_tile = shared + 3 * kTile * geo.stride;
+    const auto key_tile = [&](int step) { return shared + (1 + step % 2) * kTile * geo.stride; };
+    const bool split = p.split_tiles > 0;
+    const int c_begin = split ? blockIdx.y * p.split_tiles * kTile : 0;
+    const int c_end = split ? min(p.cols, c_begin + p.split_tiles * kTile) : p.cols;
+    const int steps = (c_end - c_begin + kTile - 1) / kTile;
+    // With dK, block b starts at key tile b (mod the tiles), so that the blocks' atomic adds
+    // land on different keys' rows.
+    const int rotation = (p.grad_k && steps > 0) ? blockIdx.x % steps : 0;
+    const auto column = [&](int step) { return c_begin + (step + rotation) % steps * kTile; };
+    // The rows and the first key tile form the first group.
+    stage_rows<T>(q, p.rows, p.dim, r0, 0, geo.padded, q_rows, geo.stride);
+    const RowStager<T> stage_keys(k, p.cols, p.dim, geo.padded, geo.stride);
+    if (steps > 0) stage_keys.stage(column(0), key_tile(0));
+    cp_async_commit();
+    float resident[kResidentChunks][4][4] = {};
+    float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
+    for (int step = 0; step < steps; ++step) {
+        const int c0 = column(step);
+        const unsigned short* keys = key_tile(step);
+        cp_async_wait<0>();
+        __syncthreads();  // the tile landed for all; the previous tile's buffer and G are consumed
+        if (step + 1 < steps) stage_keys.stage(column(step + 1), key_tile(step + 1));
+        cp_async_commit();
+        float d[4][4] = {};
+        scores_from_rows(q_rows, keys, geo.stride, geo.padded, m0, n0, d);
+        // G on the fragments: element (nt, 2 h + e) is query m0 + g + 8 h, key n0 + 8 nt + 2 t + e.
+        // All 16 values first, then the stores: with no store in between, the compiler may keep a
+        // row's loads (lse, positive) once and overlap the elements' loads and exponentials.
+        float value[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = r0 + m0 + g + 8 * (e / 2), col = c0 + n0 + 8 * nt + 2 * t + e % 2;
+                value[nt][e] = 0.0f;
+                if (row < p.rows && col < p.cols) {
+                    const float dot = d[nt][e], u = __fmul_rn(dot, scale_log2);
+                    float dl = dlogit(p, row, col, u);
+                    if (p.symmetric) dl += dlogit(p, col, row, u);  // logit_ji == logit_ij
+                    if (p.log_scale_partial) log_scale_acc += clip_log_scale_term(p, scale, row, col, u, dot);
+                    value[nt][e] = dl * scale;
+                }
+            }
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                *reinterpret_cast<unsigned*>(g_tile + (m0 + g + 8 * h) * kGStride + n0 + 8 * nt + 2 * t) =
+                    bf16_pair(value[nt][2 * h], value[nt][2 * h + 1]);
+        __syncthreads();  // G is complete
+        unsigned af[4][4];
+        g_tile_fragments<false>(g_tile, af);
+#pragma unroll
+        for (int chunk = 0; chunk < kResidentChunks; ++chunk)
+            if (chunk * kTile < p.dim) product_from_rows(af, keys, geo.stride, chunk * kTile, resident[chunk]);
+        if (p.grad_k) {
+            g_tile_fragments<true>(g_tile, af);
+#pragma unroll
+            for (int chunk = 0; chunk < kResidentChunks; ++chunk)
+                if (chunk * kTile < p.dim) {
+                    float sum[4][4] = {};
+                    product_from_rows(af, q_rows, geo.stride, chunk * kTile, sum);
+                    write_chunk(sum, p.grad_k, c0, p.cols, chunk * kTile, p.dim, Write::kAtomicAdd);
+                }
+        }
+    }
+    cp_async_wait<0>();
+    write_resident(resident, p.grad_q, r0, p.rows, p.dim, split ? Write::kAtomicAdd : Write::kOverwrite);
+    write_log_scale_partial(p, log_scale_acc);
 }
 
 // MoCo's extra logit in the backward: one warp per query row adds
@@ -356,5 +451,9 @@ CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident, ContraInfonceFwdParams, (256, 3)
 CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split_resident, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd_resident, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 2), (256, 2))
+extern "C" __global__ void __launch_bounds__(256, 1) infonce_bwd_fused_bf16(const ContraInfonceBwdParams p) {
+    contra::infonce_bwd_fused(p);
+}
+INTERP_EXPORT(infonce_bwd_fused_bf16, ContraInfonceBwdParams)
 CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)
 CONTRA_TYPED_KERNELS(infonce_row_dot, ContraRowDotParams, 256)

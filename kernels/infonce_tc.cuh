@@ -51,16 +51,62 @@ struct ResidentGeometry {
 };
 
 // Stages rows [row0, row0 + 64) x features [k0, k0 + width) of `m` (width: whole chunks) into
-// `dst` (row stride `stride` words); no commit.
-template <typename T>
+// `dst` (row stride `stride` words); no commit. A width known at compile time (kWidth > 0, then
+// `width` is ignored) turns the chunk's row and column into shifts.
+template <typename T, int kWidth = 0>
 __device__ __forceinline__ void stage_rows(const T* m, int rows, int dim, int row0, int k0, int width,
                                            StageWord<T>* dst, int stride) {
-    const int tid = threadIdx.y * 16 + threadIdx.x, per_row = width / kChunkElems<T>;
+    const int tid = threadIdx.y * 16 + threadIdx.x, per_row = (kWidth > 0 ? kWidth : width) / kChunkElems<T>;
     for (int c = tid; c < kTile * per_row; c += 256) {
         const int r = c / per_row, col = kChunkElems<T> * (c % per_row);
         stage_16_bytes(m, rows, dim, row0 + r, k0 + col, dst + r * stride + col);
     }
 }
+
+// stage_rows for a block that stages the same shape many times (the fused backward's key tiles):
+// each thread's first chunk and its step from one chunk to its next are worked out once, and
+// a chunk inside the matrix is one test and one cp.async when the matrix allows 16-byte copies
+// (whole chunks per row, 16-byte aligned); the rest take stage_16_bytes' zero-filling path.
+template <typename T>
+struct RowStager {
+    const T* m;
+    int rows, dim, stride;
+    int per_row;               // chunks per staged row
+    int first_row, first_col;  // this thread's first chunk
+    int row_step, col_step;    // from one of its chunks to the next (256 chunks on)
+    bool vectors;
+
+    __device__ __forceinline__ RowStager(const T* matrix, int n_rows, int features, int width, int dst_stride)
+        : m(matrix), rows(n_rows), dim(features), stride(dst_stride), per_row(width / kChunkElems<T>) {
+        const int tid = threadIdx.y * 16 + threadIdx.x;
+        first_row = tid / per_row;
+        first_col = tid % per_row;
+        row_step = 256 / per_row;
+        col_step = 256 % per_row;
+        vectors = dim % kChunkElems<T> == 0 && reinterpret_cast<uintptr_t>(matrix) % 16 == 0;
+    }
+
+    // Rows [row0, row0 + 64) into `dst`; no commit.
+    __device__ __forceinline__ void stage(int row0, StageWord<T>* dst) const {
+        const StageWord<T>* bits = reinterpret_cast<const StageWord<T>*>(m);
+        int r = first_row, c = first_col;
+        for (int chunk = threadIdx.y * 16 + threadIdx.x; chunk < kTile * per_row; chunk += 256) {
+            const int row = row0 + r, col = kChunkElems<T> * c;
+            StageWord<T>* to = dst + r * stride + col;
+            if (vectors && row < rows && col + kChunkElems<T> <= dim) {
+                cp_async_16(to, bits + (long long)row * dim + col);
+            } else {
+                stage_16_bytes(m, rows, dim, row, col, to);
+            }
+            r += row_step;
+            c += col_step;
+            if (c >= per_row) {
+                c -= per_row;
+                ++r;
+            }
+        }
+    }
+};
 
 // An ldmatrix.x4 of 16-bit pairs or of f32 words; tf32 operands are rounded once loaded.
 template <typename T>
@@ -133,9 +179,11 @@ struct ResidentSweep {
 
     __device__ __forceinline__ void issue(int unit) const {
         if (unit < count * geo.slices) {
+            // Always a whole slice (zeros past dim; the mma reads only the padded features): its
+            // width known at compile time keeps the index arithmetic to shifts.
             const int k0 = unit % geo.slices * kForwardSlice<T>;
-            stage_rows(k, cols, dim, column(unit / geo.slices), k0, min(kForwardSlice<T>, geo.padded - k0),
-                       stage(unit), ResidentGeometry<T>::kKeyStride);
+            stage_rows<T, kForwardSlice<T>>(k, cols, dim, column(unit / geo.slices), k0, 0, stage(unit),
+                                            ResidentGeometry<T>::kKeyStride);
         }
         cp_async_commit();
     }
@@ -313,16 +361,35 @@ __device__ __forceinline__ void g_fragments(const float (*g)[kTilePad], unsigned
     }
 }
 
+// sum[nt] += A B for this warp's part of a 64-feature chunk (output rows 16 (w % 4) .. +16,
+// features d0 + 32 (w / 4) .. +32) over k = 64: A given as the four k-steps' fragments, B the
+// 64 source rows (k) x features (n) held row-major in shared memory, `stride` elements per row
+// (an odd number of 16-byte chunks). B fragments by ldmatrix.x4.trans: lane l addresses source
+// row 16 step + l % 8 + 8 ((l / 8) % 2) at feature d0 + n0 + 16 pair + 8 (l / 16), giving b[0],
+// b[1] of feature tile 2 pair, then of 2 pair + 1.
+__device__ __forceinline__ void product_from_rows(const unsigned af[4][4], const unsigned short* src, int stride,
+                                                  int d0, float sum[4][4]) {
+    const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = 32 * (tid / 32 / 4);
+    const unsigned short* at = src + (lane % 8 + 8 * ((lane / 8) % 2)) * stride + d0 + n0 + 8 * (lane / 16);
+#pragma unroll
+    for (int step = 0; step < 4; ++step)
+#pragma unroll
+        for (int pair = 0; pair < 2; ++pair) {
+            unsigned b[4];
+            ldmatrix<4, true>(b, at + 16 * step * stride + 16 * pair);
+            mma_16816<__nv_bfloat16>(sum[2 * pair], af[step], b);
+            mma_16816<__nv_bfloat16>(sum[2 * pair + 1], af[step], b + 2);
+        }
+}
+
 // One 64-feature chunk [d0, d0 + 64): stages the 64 src rows' features into `staged` (the
 // caller's buffer, 9216 of its 16640 bytes; a row's 144 bytes put the 8 rows an ldmatrix phase
-// reads in 8 different bank groups), then sum[nt] += G' src for this warp's part. B fragments
-// by ldmatrix.x4.trans: lane l addresses src row 16 step + l % 8 + 8 ((l / 8) % 2) at feature
-// n0 + 16 pair + 8 (l / 16), giving b[0], b[1] of feature tile 2 pair, then of 2 pair + 1.
+// reads in 8 different bank groups), then sum[nt] += G' src for this warp's part.
 __device__ __forceinline__ void product_chunk(const unsigned af[4][4], float (*staged)[kTilePad],
                                               const __nv_bfloat16* src, int n_src, int src0, int dim, int d0,
                                               float sum[4][4]) {
     unsigned short(*src_rows)[kSrcStride] = reinterpret_cast<unsigned short(*)[kSrcStride]>(staged);
-    const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = 32 * (tid / 32 / 4);
+    const int tid = threadIdx.y * 16 + threadIdx.x;
     __syncthreads();  // the previous chunk is consumed
     for (int c = tid; c < kTile * kTile / 8; c += 256) {
         const int r = c / 8, col = 8 * (c % 8);
@@ -331,15 +398,7 @@ __device__ __forceinline__ void product_chunk(const unsigned af[4][4], float (*s
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-#pragma unroll
-    for (int step = 0; step < 4; ++step)
-#pragma unroll
-        for (int pair = 0; pair < 2; ++pair) {
-            unsigned b[4];
-            ldmatrix<4, true>(b, &src_rows[16 * step + lane % 8 + 8 * ((lane / 8) % 2)][n0 + 16 * pair + 8 * (lane / 16)]);
-            mma_16816<__nv_bfloat16>(sum[2 * pair], af[step], b);
-            mma_16816<__nv_bfloat16>(sum[2 * pair + 1], af[step], b + 2);
-        }
+    product_from_rows(af, &src_rows[0][0], kSrcStride, 0, sum);
 }
 
 // Where element e of fragment nt of chunk d0 lands in the output: (row, feature).
@@ -402,12 +461,73 @@ __device__ __forceinline__ void grad_product_tc_resident(const float (*g)[kTileP
         if (chunk * kTile < dim) product_chunk(af, staged, src, n_src, src0, dim, chunk * kTile, resident[chunk]);
 }
 
-// Writes the resident dQ of rows [dst0, dst0 + 64) (overwriting).
+// Writes the resident dQ of rows [dst0, dst0 + 64) (`how`: overwrite, or add under a key split).
 __device__ __forceinline__ void write_resident(const float resident[kResidentChunks][4][4], float* out, int dst0,
-                                               int n_dst, int dim) {
+                                               int n_dst, int dim, Write how) {
 #pragma unroll
     for (int chunk = 0; chunk < kResidentChunks; ++chunk)
-        write_chunk(resident[chunk], out, dst0, n_dst, chunk * kTile, dim, Write::kOverwrite);
+        if (chunk * kTile < dim) write_chunk(resident[chunk], out, dst0, n_dst, chunk * kTile, dim, how);
+}
+
+// The fused bf16 backward (`infonce_bwd_fused_bf16`, up to kFusedMaxDim features: dQ stays in
+// registers). Dynamic shared memory: the block's 64 query rows, two whole 64-key tiles (the one
+// in use, the next one in flight), then the tile's G in bf16 (64 x kGStride). A row holds the
+// features rounded up to whole 64-feature chunks (zeros past dim, so every chunk's product reads
+// staged values) and one 16-byte chunk of pad: an odd number of 16-byte chunks, so the 8 rows an
+// ldmatrix phase reads start in 8 different bank groups. src/kernels/infonce.rs computes the
+// same size.
+constexpr int kFusedMaxDim = kResidentChunks * kTile;
+constexpr int kGStride = kTile + 8;
+
+struct FusedGeometry {
+    int padded;  // features rounded up to whole chunks
+    int stride;  // elements per staged row
+    __device__ __forceinline__ explicit FusedGeometry(int dim)
+        : padded((dim + kTile - 1) / kTile * kTile), stride(padded + 8) {}
+    __device__ __forceinline__ unsigned long long bytes() const {
+        return (3ull * kTile * stride + (unsigned long long)kTile * kGStride) * sizeof(unsigned short);
+    }
+};
+
+// This warp's 16 x 32 part of S (rows m0.., keys n0..) over `padded` features: A from the
+// resident rows, B from the staged key tile, both row-major with `stride` and read by
+// ldmatrix.x4 (lane l: A row m0 + l % 16 at chunk l / 16; B key n0 + l % 8 + 8 (l / 16) at chunk
+// (l / 8) % 2, b[0], b[1] of key tile 2 pair, then of 2 pair + 1).
+__device__ __forceinline__ void scores_from_rows(const unsigned short* rows, const unsigned short* keys, int stride,
+                                                 int padded, int m0, int n0, float d[4][4]) {
+    const int lane = (threadIdx.y * 16 + threadIdx.x) % 32;
+    const unsigned short* a_row = rows + (m0 + lane % 16) * stride + 8 * (lane / 16);
+    const unsigned short* b_row = keys + (n0 + lane % 8 + 8 * (lane / 16)) * stride + 8 * ((lane / 8) % 2);
+    for (int k0 = 0; k0 < padded; k0 += 16) {
+        unsigned a[4];
+        ldmatrix<4, false>(a, a_row + k0);
+#pragma unroll
+        for (int pair = 0; pair < 2; ++pair) {
+            unsigned b[4];
+            ldmatrix<4, false>(b, b_row + 16 * pair * stride + k0);
+            mma_16816<__nv_bfloat16>(d[2 * pair], a, b);
+            mma_16816<__nv_bfloat16>(d[2 * pair + 1], a, b + 2);
+        }
+    }
+}
+
+// A fragments of the tile's G (64 x kGStride bf16, [query][key]) for the four 16-wide k-steps of
+// this warp's 16 output rows: of G itself (dQ = G K: rows are queries, k runs over keys; lane l
+// addresses query 16 (w % 4) + l % 16 at key 16 step + 8 (l / 16)), or with `transposed` of G^T
+// (dK = G^T Q: rows are keys, k runs over queries; ldmatrix.trans, lane l addresses query
+// 16 step + l % 8 + 8 (l / 16) at key 16 (w % 4) + 8 ((l / 8) % 2)).
+template <bool transposed>
+__device__ __forceinline__ void g_tile_fragments(const unsigned short* g_tile, unsigned af[4][4]) {
+    const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32 % 4);
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+        if constexpr (transposed) {
+            ldmatrix<4, true>(af[step], g_tile + (16 * step + lane % 8 + 8 * (lane / 16)) * kGStride + m0 +
+                                            8 * ((lane / 8) % 2));
+        } else {
+            ldmatrix<4, false>(af[step], g_tile + (m0 + lane % 16) * kGStride + 16 * step + 8 * (lane / 16));
+        }
+    }
 }
 
 }  // namespace contra

@@ -9,7 +9,9 @@
 # tensor (the tensor-core figures, bf16 and tf32: TFLOP/s, ratio to PyTorch, largest N), sanitize
 # (compute-sanitizer), bench (timings and the full benchmark table). Knobs: CONTRA_GPU_MIN_TIME
 # (seconds of timed calls per tensor-core case, default 0.5), CONTRA_GPU_LARGEST_N (default
-# 1048576), CONTRA_GPU_SANITIZE (the binaries compute-sanitizer runs, default every kernel test). The whole run keeps to
+# 1048576), CONTRA_GPU_SANITIZE (the binaries compute-sanitizer runs, NAME or NAME:FILTER, default every
+# kernel test),
+# CONTRA_GPU_PRECISIONS (the tensor-core bench's precisions, default "bf16 tf32"). The whole run keeps to
 # CONTRA_GPU_BUDGET_S seconds (default 540, under the device tool's 600 s per call): each step's
 # limit is cut to what is left, and a step with no time left is reported as skipped. Split a run
 # over several calls by naming phases.
@@ -90,7 +92,7 @@ if wants tensor; then
     run "NT-Xent N=65536 D=256 $precision" 120 "$bundle/contra" ntxent-timing --device cuda --n 65536 --dim 256 --repeats 5 --precision "$precision"
   done
   section "At the tensor-core shapes (same card): NT-Xent, CLIP, SupCon and MoCo forward + backward, contra (public API) vs kernels (kernel-only) vs PyTorch eager (tf32: allow_tf32)"
-  for precision in bf16 tf32; do
+  for precision in ${CONTRA_GPU_PRECISIONS:-bf16 tf32}; do
     run "bench tensor cores $precision" 240 "$bundle/contra" bench --device cuda --filter "$precision" --min-time "${CONTRA_GPU_MIN_TIME:-0.5}" --json "${report%.md}-bench-$precision.json"
   done
   section "Tensor cores: the largest N that runs (D = 256, doubling from 65536 up to ${CONTRA_GPU_LARGEST_N:-1048576})"
@@ -100,8 +102,11 @@ if wants sanitize; then
   if [ -n "$sanitizer" ]; then
     for tool in memcheck racecheck; do
       section "compute-sanitizer $tool over the kernel tests"
-      for t in $sanitize_tests; do
-        run "$tool $t" 180 "$sanitizer" --tool "$tool" --error-exitcode 1 "$bundle/$t" --test-threads=1
+      for entry in $sanitize_tests; do
+        # NAME or NAME:FILTER (only the tests whose name contains FILTER).
+        t=${entry%%:*} filter=
+        [ "$entry" != "$t" ] && filter=${entry#*:}
+        run "$tool $entry" 180 "$sanitizer" --tool "$tool" --error-exitcode 1 "$bundle/$t" --test-threads=1 $filter
       done
     done
   else

@@ -224,7 +224,7 @@ fn bf16_cases_run_the_tensor_core_kernels() {
     let mut interp = Runner::new(&case, Impl::Contra, Device::Interp).unwrap();
     let got = measure(&mut interp, &Timing::once()).unwrap();
     let launched = contra::testing::take_launched_kernels();
-    for kernel in ["infonce_fwd_resident_bf16", "infonce_bwd_resident_bf16"] {
+    for kernel in ["infonce_fwd_resident_bf16", "infonce_bwd_fused_bf16"] {
         assert!(
             launched.contains(&kernel),
             "{kernel} did not run: {launched:?}"

@@ -152,7 +152,8 @@ fn half_infonce_and_ntxent_match_cpu() {
 
 /// The tensor-core kernels keep the block's query rows resident in dynamic shared memory where
 /// they fit: the forward (`infonce_fwd_resident_*`) up to 96 KB (544 features), the backward's
-/// S recompute (`infonce_bwd_resident_*`) as well for bf16, and for f16 while two blocks still
+/// S recompute (`infonce_bwd_resident_*`) as well for bf16 past the fused backward's 256 features,
+/// and for f16 while two blocks still
 /// share an SM (up to 416 features); beyond, `infonce_fwd_*` / `infonce_bwd_*` re-stage them per
 /// key tile. Every path matches the CPU. 130 x 150: three key tiles per block, so the key
 /// pipeline runs from one tile into the next, and the backward's rotated start tiles differ.
@@ -177,6 +178,40 @@ fn half_kernels_keep_rows_resident_where_they_fit() {
             suffix,
             forward_resident,
             backward_resident,
+        );
+    }
+}
+
+/// bf16 backwards up to 256 features run `infonce_bwd_fused_bf16` (each key tile staged whole once,
+/// G formed on the score fragments and read by ldmatrix for dQ and dK): every loss of the family
+/// at widths that are no multiple of 64 (19, 200) and at the 256 limit, against the CPU. 130 x 150
+/// gives three key tiles per block (the next tile in flight across tiles, rotated starts); CLIP
+/// adds dK and the log-scale partials, MoCo a key split (dQ added at the end).
+#[test]
+fn bf16_backward_is_fused_up_to_256_features() {
+    let device = Device::Interp;
+    let mut rng = StdRng::seed_from_u64(0x4a23);
+    let mut cases = Vec::new();
+    for d in [19, 200, 256] {
+        cases.push(infonce_case(&mut rng, 130, 150, d, false));
+    }
+    cases.push(infonce_case(&mut rng, 70, 129, 64, true));
+    cases.push(ntxent_case(&mut rng, 134, 200));
+    cases.push(clip_case(&mut rng, 130, 200));
+    cases.push(moco_case(&mut rng, 37, 201, 19));
+    cases.push(supcon_case(&mut rng, 67, 2, 72));
+    for case in &cases {
+        let launched = compare_half(
+            device,
+            DType::Bf16,
+            &case.name,
+            &case.input_refs(),
+            &case.op,
+        );
+        assert!(
+            launched.contains(&"infonce_bwd_fused_bf16"),
+            "{}: the fused backward did not run: {launched:?}",
+            case.name
         );
     }
 }

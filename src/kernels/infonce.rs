@@ -305,13 +305,30 @@ const BACKWARD_STATIC_SHARED: usize = 2 * TILE * (TILE + 1) * 4 + 8 * 4;
 /// reserved per block).
 const TWO_BLOCKS_SHARED: usize = 113 * 1024;
 
-/// The dynamic shared memory of `infonce_bwd_resident`, when the backward takes it: bf16 (one
+/// The dynamic shared memory of `infonce_bwd_resident`, when the backward takes it (bf16 past
+/// `FUSED_MAX_DIM` features, where `infonce_bwd_fused_bf16` does not take it): bf16 (one
 /// block per SM anyway: its dQ stays in registers) whenever the rows fit, other tensor-core
 /// operands while two blocks still fit per SM (tf32 at D = 256 would drop to one: it keeps
 /// `infonce_bwd`).
 fn resident_backward_bytes(elem: Elem, dim: usize) -> Option<usize> {
     resident_rows_bytes(elem, dim)
         .filter(|&bytes| elem == Elem::Bf16 || bytes + BACKWARD_STATIC_SHARED <= TWO_BLOCKS_SHARED)
+}
+
+/// `infonce_bwd_fused_bf16`'s widest rows: its dQ stays in registers (kFusedMaxDim in
+/// kernels/infonce_tc.cuh).
+const FUSED_MAX_DIM: usize = 4 * TILE;
+
+/// The dynamic shared memory of `infonce_bwd_fused_bf16` (FusedGeometry in
+/// kernels/infonce_tc.cuh): the block's query rows and two key tiles, each row the features
+/// rounded up to whole 64-feature chunks and 8 elements of pad, then G in bf16 (64 x 72); for
+/// bf16 operands up to `FUSED_MAX_DIM` features, else None.
+fn fused_backward_bytes(elem: Elem, dim: usize) -> Option<usize> {
+    if elem != Elem::Bf16 || dim > FUSED_MAX_DIM {
+        return None;
+    }
+    let stride = dim.div_ceil(TILE) * TILE + 8;
+    Some((3 * TILE * stride + TILE * (TILE + 8)) * 2)
 }
 
 /// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp. `extra_key` adds MoCo's positive
@@ -472,6 +489,13 @@ impl<Buf> BackwardPass<'_, Buf> {
         };
         written.extend(grad_k);
         let elem = b.info(s.q).elem;
+        if let Some(bytes) = fused_backward_bytes(elem, s.dim) {
+            let shape = Launch {
+                shared_bytes: bytes,
+                ..shape
+            };
+            return b.launch(handles::INFONCE_BWD_FUSED_BF16, shape, &params, &written);
+        }
         let (kernel, shape) = match resident_backward_bytes(elem, s.dim) {
             Some(bytes) => (
                 handles::INFONCE_BWD_RESIDENT,
@@ -534,6 +558,20 @@ mod tests {
             assert_eq!(resident_rows_bytes(Elem::F32, 300), None);
         });
         assert_eq!(resident_rows_bytes(Elem::Bf16, usize::MAX), None);
+    }
+
+    #[test]
+    fn the_fused_backward_takes_bf16_rows_up_to_256_features() {
+        // 64 rows and two key tiles of 256 + 8 elements, and G: 108 KB.
+        assert_eq!(fused_backward_bytes(Elem::Bf16, 256), Some(110_592));
+        // 40 features are staged as one whole 64-feature chunk.
+        assert_eq!(
+            fused_backward_bytes(Elem::Bf16, 40),
+            fused_backward_bytes(Elem::Bf16, 64)
+        );
+        assert_eq!(fused_backward_bytes(Elem::Bf16, 257), None);
+        assert_eq!(fused_backward_bytes(Elem::F16, 64), None);
+        assert_eq!(fused_backward_bytes(Elem::F32, 64), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::cases::{self, Case, Op, Pass, Precision};
-use super::runner::{raw_inputs, Impl, Outcome, RunOnce};
+use super::runner::{raw_inputs, GradCheck, Impl, Outcome, RunOnce};
 use crate::kernels::nn::GemmShape;
 use crate::kernels::storage::DeviceBuf;
 use crate::kernels::{self, Backend, BufInfo, Kernel, KernelParams, Launch};
@@ -243,9 +243,10 @@ impl<B: Backend> KernelRunner<B> {
             .sum())
     }
 
-    fn grad(&self, buf: &CountedBuf<B>, check: bool) -> Result<Option<f64>> {
+    fn grad(&self, buf: &CountedBuf<B>, check: bool) -> Result<Option<GradCheck>> {
         if check {
-            self.head(buf).map(Some)
+            let values = self.b.download(buf)?;
+            Ok(Some(GradCheck::of(values.iter().map(|&v| v as f64))))
         } else {
             Ok(None)
         }

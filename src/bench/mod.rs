@@ -39,7 +39,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 pub use cases::{Case, Op, Pass, Precision};
-pub use runner::{child_main, measure, Impl, Measurement, Outcome, Runner, Timing};
+pub use runner::{child_main, measure, GradCheck, Impl, Measurement, Outcome, Runner, Timing};
 pub use scaling::{run_scaling, ScalingPoint, ScalingReport};
 pub use torch::{TorchOptions, TorchRun, TorchStatus};
 
@@ -324,7 +324,7 @@ impl BenchRow {
         };
         let loss = close(a.check, b.check, loss_tol);
         let grad = match (a.grad_check, b.grad_check) {
-            (Some(x), Some(y)) => close(x, y, grad_tol),
+            (Some(x), Some(y)) => x.agrees(&y, grad_tol),
             _ => true,
         };
         Some(loss && grad)

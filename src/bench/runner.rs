@@ -56,15 +56,47 @@ impl Impl {
 
 /// What one call returned, to compare implementations: the loss (or the sum of the first 64
 /// outputs for normalize and similarity, of the updated parameters for momentum) and, for
-/// fwd+bwd, the sum of the first 64 entries of the first input's gradient.
+/// fwd+bwd, the first 64 entries of the first input's gradient, summed.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Outcome {
     pub check: f64,
-    pub grad_check: Option<f64>,
+    pub grad_check: Option<GradCheck>,
+}
+
+/// The first 64 entries of a gradient: their sum and the sum of their magnitudes. The signed
+/// sum largely cancels (a softmax gradient sums to about zero), so two implementations are
+/// compared to the scale of the magnitudes, not of the sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GradCheck {
+    pub sum: f64,
+    pub abs_sum: f64,
+}
+
+impl GradCheck {
+    pub fn of(v: impl IntoIterator<Item = f64>) -> GradCheck {
+        v.into_iter()
+            .take(64)
+            .fold(GradCheck::default(), |acc, x| GradCheck {
+                sum: acc.sum + x,
+                abs_sum: acc.abs_sum + x.abs(),
+            })
+    }
+
+    /// The sums differ by at most `tol` times the larger magnitude sum (or 1e-7).
+    pub fn agrees(&self, other: &GradCheck, tol: f64) -> bool {
+        (self.sum - other.sum).abs() <= (tol * self.abs_sum.max(other.abs_sum)).max(1e-7)
+    }
 }
 
 fn head_sum(v: &[f32]) -> f64 {
     v.iter().take(64).map(|&x| x as f64).sum()
+}
+
+fn grad_head(t: &Tensor) -> Result<GradCheck> {
+    Ok(match t.host::<f32>() {
+        Some(v) => GradCheck::of(v.iter().map(|&x| x as f64)),
+        None => GradCheck::of(t.to_vec_f64()?),
+    })
 }
 
 fn tensor_head(t: &Tensor) -> Result<f64> {
@@ -291,7 +323,7 @@ impl RunOnce for ContraApi {
         // Reading a gradient or an output from a device is a copy a training step does not
         // make: only the checked calls do; the others wait for the device instead.
         let read = check || device == Device::Cpu;
-        let grad = |g: &Tensor| read.then(|| tensor_head(g).ok()).flatten();
+        let grad = |g: &Tensor| read.then(|| grad_head(g).ok()).flatten();
         let head = |out: &Tensor| match read {
             true => tensor_head(out),
             false => device.synchronize().map(|()| 0.0),
@@ -554,7 +586,7 @@ impl RunOnce for NaiveCpu {
         };
         Ok(Outcome {
             check,
-            grad_check: grad.map(|g| head_sum(&g)),
+            grad_check: grad.map(|g| GradCheck::of(g.iter().map(|&x| x as f64))),
         })
     }
 }
@@ -631,7 +663,8 @@ impl Measurement {
             "reps": self.reps,
             "peak_bytes": self.peak_bytes,
             "check": self.outcome.check,
-            "grad_check": self.outcome.grad_check,
+            "grad_check": self.outcome.grad_check.map(|g| g.sum),
+            "grad_abs": self.outcome.grad_check.map(|g| g.abs_sum),
         })
     }
 
@@ -645,7 +678,10 @@ impl Measurement {
             peak_bytes: v.get("peak_bytes").and_then(Value::as_u64),
             outcome: Outcome {
                 check: f("check").unwrap_or(f64::NAN),
-                grad_check: f("grad_check"),
+                grad_check: f("grad_check").map(|sum| GradCheck {
+                    sum,
+                    abs_sum: f("grad_abs").unwrap_or(sum.abs()),
+                }),
             },
         })
     }

@@ -154,20 +154,41 @@ __device__ void infonce_fwd_split_resident(const ContraInfonceFwdParams& p) {
     }
 }
 
+// What the softmax gradient reads of one index, as a query (row) or as a key (column), loaded
+// once: a kernel that meets the same index many times (the fused backward's rows for the whole
+// sweep, its columns for a tile) keeps it in registers. Only the inputs p has are read.
+struct LogitEnd {
+    float lse2;           // the row softmax's lse, log2 units
+    float col_lse2;       // CLIP: the column softmax's lse, log2 units
+    float diag;           // CLIP's log-scale term: the index's own (positive) dot product
+    float target_weight;  // SupCon: 1 / |P(i)|, 0 without positives
+    int positive;         // the positive key, -1 for none
+    int label;            // SupCon
+
+    __device__ __forceinline__ LogitEnd(const ContraInfonceBwdParams& p, int i)
+        : lse2(__fmul_rn(p.lse[i], kLog2e)),
+          col_lse2(p.col_lse ? __fmul_rn(p.col_lse[i], kLog2e) : 0.0f),
+          diag(p.diag_dot ? p.diag_dot[i] : 0.0f),
+          target_weight(p.labels ? p.target_weight[i] : 0.0f),
+          positive(p.positives ? p.positives[i] : -1),
+          label(p.labels ? p.labels[i] : 0) {}
+};
+
 // d(grad_scale * loss) / d logit_ij for query i and key j, from u = logit_ij log2(e).
-__device__ __forceinline__ float dlogit(const ContraInfonceBwdParams& p, int qi, int kj, float u) {
+__device__ __forceinline__ float dlogit(const ContraInfonceBwdParams& p, int qi, const LogitEnd& q, int kj,
+                                        const LogitEnd& k, float u) {
     if (p.self_mask && qi == kj) return 0.0f;
-    float prob = exp2f(u - __fmul_rn(p.lse[qi], kLog2e));
-    float target = (p.positives && p.positives[qi] == kj) ? 1.0f : 0.0f, weight = 1.0f;
+    float prob = exp2f(u - q.lse2);
+    float target = q.positive == kj ? 1.0f : 0.0f, weight = 1.0f;
     if (p.col_lse) {
         // CLIP: the column softmax of the same logit, with the same target.
-        prob += exp2f(u - __fmul_rn(p.col_lse[kj], kLog2e));
+        prob += exp2f(u - k.col_lse2);
         target *= 2.0f;
     }
     if (p.labels) {
         // SupCon: every other row with the anchor's label, weighted 1 / |P(i)|.
-        target = p.labels[qi] == p.labels[kj] ? p.target_weight[qi] : 0.0f;
-        weight = p.target_weight[qi] > 0.0f ? 1.0f : 0.0f;
+        target = q.label == k.label ? q.target_weight : 0.0f;
+        weight = q.target_weight > 0.0f ? 1.0f : 0.0f;
     }
     return p.grad_scale * weight * (prob - target);
 }
@@ -177,12 +198,23 @@ __device__ __forceinline__ float dlogit(const ContraInfonceBwdParams& p, int qi,
 // j's. Each sums to zero along its row (column), so the centring changes only the rounding; the
 // plain sum of dlogit * logit cancels terms of size `scale` down to `scale * spread` when the
 // embeddings cluster, and got the sign wrong.
-__device__ __forceinline__ float clip_log_scale_term(const ContraInfonceBwdParams& p, float scale, int qi, int kj,
-                                                      float u, float dot) {
-    const float target = p.positives[qi] == kj ? 1.0f : 0.0f;
-    const float row = exp2f(u - __fmul_rn(p.lse[qi], kLog2e)) - target;
-    const float col = exp2f(u - __fmul_rn(p.col_lse[kj], kLog2e)) - target;
-    return p.grad_scale * scale * (row * (dot - p.diag_dot[qi]) + col * (dot - p.diag_dot[kj]));
+__device__ __forceinline__ float clip_log_scale_term(const ContraInfonceBwdParams& p, float scale, const LogitEnd& q,
+                                                      int kj, const LogitEnd& k, float u, float dot) {
+    const float target = q.positive == kj ? 1.0f : 0.0f;
+    const float row = exp2f(u - q.lse2) - target;
+    const float col = exp2f(u - k.col_lse2) - target;
+    return p.grad_scale * scale * (row * (dot - q.diag) + col * (dot - k.diag));
+}
+
+// G at logit (i, j) (both directions of a symmetric sweep: logit_ji == logit_ij), and CLIP's
+// log-scale term there (0 without it).
+__device__ __forceinline__ float softmax_grad(const ContraInfonceBwdParams& p, float scale, int qi, const LogitEnd& q,
+                                              int kj, const LogitEnd& k, float dot, float& log_scale_term) {
+    const float u = __fmul_rn(dot, scale * kLog2e);
+    float dl = dlogit(p, qi, q, kj, k, u);
+    if (p.symmetric) dl += dlogit(p, kj, k, qi, q, u);
+    log_scale_term = p.log_scale_partial ? clip_log_scale_term(p, scale, q, kj, k, u, dot) : 0.0f;
+    return dl * scale;
 }
 
 // CLIP: one partial of sum_ij dlogit_ij * logit_ij per block (summed on the host in f64): warp
@@ -209,7 +241,7 @@ __device__ void infonce_bwd_engine(const ContraInfonceBwdParams& p) {
     __shared__ __align__(16) float staged[kTile][kTilePad];  // the second products' source rows
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
     const int r0 = blockIdx.x * kTile;
-    const float scale = logit_scale(p), scale_log2 = scale * kLog2e;
+    const float scale = logit_scale(p);
     const T* q = static_cast<const T*>(p.q);
     const T* k = static_cast<const T*>(p.k);
     float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
@@ -246,11 +278,9 @@ __device__ void infonce_bwd_engine(const ContraInfonceBwdParams& p) {
             const int r = e / kTile, c = e % kTile, row = r0 + r, col = c0 + c;
             float value = 0.0f;
             if (row < p.rows && col < p.cols) {
-                const float dot = g[r][c], u = __fmul_rn(dot, scale_log2);
-                float dl = dlogit(p, row, col, u);
-                if (p.symmetric) dl += dlogit(p, col, row, u);  // logit_ji == logit_ij
-                if (p.log_scale_partial) log_scale_acc += clip_log_scale_term(p, scale, row, col, u, dot);
-                value = dl * scale;
+                float term;
+                value = softmax_grad(p, scale, row, LogitEnd(p, row), col, LogitEnd(p, col), g[r][c], term);
+                log_scale_acc += term;
             }
             g[r][c] = value;
         }
@@ -296,7 +326,7 @@ __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4, m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
     const int r0 = blockIdx.x * kTile;
-    const float scale = logit_scale(p), scale_log2 = scale * kLog2e;
+    const float scale = logit_scale(p);
     const T* q = static_cast<const T*>(p.q);
     const T* k = static_cast<const T*>(p.k);
     const FusedGeometry geo(p.dim);
@@ -320,6 +350,9 @@ __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
     cp_async_commit();
     float resident[kResidentChunks][4][4] = {};
     float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
+    // This lane's rows (fragment elements 0, 1 and 2, 3) and what G reads of them.
+    const int rows_at[2] = {r0 + m0 + g, r0 + m0 + g + 8};
+    const LogitEnd row_end[2] = {LogitEnd(p, min(rows_at[0], p.rows - 1)), LogitEnd(p, min(rows_at[1], p.rows - 1))};
     for (int step = 0; step < steps; ++step) {
         const int c0 = column(step);
         const unsigned short* keys = key_tile(step);
@@ -330,21 +363,23 @@ __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
         float d[4][4] = {};
         scores_from_rows(q_rows, keys, geo.stride, geo.padded, m0, n0, d);
         // G on the fragments: element (nt, 2 h + e) is query m0 + g + 8 h, key n0 + 8 nt + 2 t + e.
-        // All 16 values first, then the stores: with no store in between, the compiler may keep a
-        // row's loads (lse, positive) once and overlap the elements' loads and exponentials.
+        // The rows' ends were loaded before the sweep, each column's is loaded once for its two
+        // rows; indices past the matrix read the last row / column and the value is zeroed, so
+        // the loop has no branch around its loads and exponentials.
         float value[4][4];
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = r0 + m0 + g + 8 * (e / 2), col = c0 + n0 + 8 * nt + 2 * t + e % 2;
-                value[nt][e] = 0.0f;
-                if (row < p.rows && col < p.cols) {
-                    const float dot = d[nt][e], u = __fmul_rn(dot, scale_log2);
-                    float dl = dlogit(p, row, col, u);
-                    if (p.symmetric) dl += dlogit(p, col, row, u);  // logit_ji == logit_ij
-                    if (p.log_scale_partial) log_scale_acc += clip_log_scale_term(p, scale, row, col, u, dot);
-                    value[nt][e] = dl * scale;
+            for (int e = 0; e < 2; ++e) {
+                const int col = c0 + n0 + 8 * nt + 2 * t + e;
+                const LogitEnd key(p, min(col, p.cols - 1));
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float term;
+                    const float v = softmax_grad(p, scale, rows_at[h], row_end[h], col, key, d[nt][2 * h + e], term);
+                    const bool inside = rows_at[h] < p.rows && col < p.cols;
+                    value[nt][2 * h + e] = inside ? v : 0.0f;
+                    log_scale_acc += inside ? term : 0.0f;
                 }
             }
 #pragma unroll

@@ -154,6 +154,32 @@ __device__ void infonce_fwd_split_resident(const ContraInfonceFwdParams& p) {
     }
 }
 
+// Which optional terms of the family's softmax gradient a kernel computes: read from p at run
+// time (AnyLoss, the general engines), or fixed at compile time (FixedLoss, the fused backward's
+// instantiations per loss), so that the per-element code has no branch on them.
+struct AnyLoss {
+    static __device__ __forceinline__ bool symmetric(const ContraInfonceBwdParams& p) { return p.symmetric; }
+    static __device__ __forceinline__ bool column_softmax(const ContraInfonceBwdParams& p) { return p.col_lse; }
+    static __device__ __forceinline__ bool labels(const ContraInfonceBwdParams& p) { return p.labels; }
+    static __device__ __forceinline__ bool log_scale(const ContraInfonceBwdParams& p) { return p.log_scale_partial; }
+};
+// NT-Xent (kSymmetric), CLIP (kColumnSoftmax: the column softmax and, when asked, the
+// log-scale term), SupCon (kSymmetric, kLabels), InfoNCE and MoCo (none).
+template <bool kSymmetric, bool kColumnSoftmax, bool kLabels>
+struct FixedLoss {
+    static __device__ __forceinline__ bool symmetric(const ContraInfonceBwdParams&) { return kSymmetric; }
+    static __device__ __forceinline__ bool column_softmax(const ContraInfonceBwdParams&) { return kColumnSoftmax; }
+    static __device__ __forceinline__ bool labels(const ContraInfonceBwdParams&) { return kLabels; }
+    static __device__ __forceinline__ bool log_scale(const ContraInfonceBwdParams& p) {
+        return kColumnSoftmax && p.log_scale_partial;
+    }
+    // p is one of these losses.
+    static __device__ __forceinline__ bool matches(const ContraInfonceBwdParams& p) {
+        return (p.symmetric != 0) == kSymmetric && (p.col_lse != nullptr) == kColumnSoftmax &&
+               (p.labels != nullptr) == kLabels;
+    }
+};
+
 // What the softmax gradient reads of one index, as a query (row) or as a key (column), loaded
 // once: a kernel that meets the same index many times (the fused backward's rows for the whole
 // sweep, its columns for a tile) keeps it in registers. Only the inputs p has are read.
@@ -165,32 +191,37 @@ struct LogitEnd {
     int positive;         // the positive key, -1 for none
     int label;            // SupCon
 
-    __device__ __forceinline__ LogitEnd(const ContraInfonceBwdParams& p, int i)
-        : lse2(__fmul_rn(p.lse[i], kLog2e)),
-          col_lse2(p.col_lse ? __fmul_rn(p.col_lse[i], kLog2e) : 0.0f),
-          diag(p.diag_dot ? p.diag_dot[i] : 0.0f),
-          target_weight(p.labels ? p.target_weight[i] : 0.0f),
-          positive(p.positives ? p.positives[i] : -1),
-          label(p.labels ? p.labels[i] : 0) {}
+    template <typename Loss = AnyLoss>
+    __device__ __forceinline__ static LogitEnd load(const ContraInfonceBwdParams& p, int i) {
+        LogitEnd end;
+        end.lse2 = __fmul_rn(p.lse[i], kLog2e);
+        end.col_lse2 = Loss::column_softmax(p) ? __fmul_rn(p.col_lse[i], kLog2e) : 0.0f;
+        end.diag = Loss::log_scale(p) ? p.diag_dot[i] : 0.0f;
+        end.target_weight = Loss::labels(p) ? p.target_weight[i] : 0.0f;
+        end.positive = p.positives ? p.positives[i] : -1;
+        end.label = Loss::labels(p) ? p.labels[i] : 0;
+        return end;
+    }
 };
 
 // d(grad_scale * loss) / d logit_ij for query i and key j, from u = logit_ij log2(e).
+template <typename Loss>
 __device__ __forceinline__ float dlogit(const ContraInfonceBwdParams& p, int qi, const LogitEnd& q, int kj,
                                         const LogitEnd& k, float u) {
-    if (p.self_mask && qi == kj) return 0.0f;
     float prob = exp2f(u - q.lse2);
     float target = q.positive == kj ? 1.0f : 0.0f, weight = 1.0f;
-    if (p.col_lse) {
+    if (Loss::column_softmax(p)) {
         // CLIP: the column softmax of the same logit, with the same target.
         prob += exp2f(u - k.col_lse2);
         target *= 2.0f;
     }
-    if (p.labels) {
+    if (Loss::labels(p)) {
         // SupCon: every other row with the anchor's label, weighted 1 / |P(i)|.
         target = q.label == k.label ? q.target_weight : 0.0f;
         weight = q.target_weight > 0.0f ? 1.0f : 0.0f;
     }
-    return p.grad_scale * weight * (prob - target);
+    // A select, not an early return: no divergent branch around each element's exponentials.
+    return (p.self_mask && qi == kj) ? 0.0f : p.grad_scale * weight * (prob - target);
 }
 
 // CLIP's share of d(grad_scale * loss) / d log_scale at logit (i, j), centred: the row softmax
@@ -208,12 +239,13 @@ __device__ __forceinline__ float clip_log_scale_term(const ContraInfonceBwdParam
 
 // G at logit (i, j) (both directions of a symmetric sweep: logit_ji == logit_ij), and CLIP's
 // log-scale term there (0 without it).
+template <typename Loss = AnyLoss>
 __device__ __forceinline__ float softmax_grad(const ContraInfonceBwdParams& p, float scale, int qi, const LogitEnd& q,
                                               int kj, const LogitEnd& k, float dot, float& log_scale_term) {
     const float u = __fmul_rn(dot, scale * kLog2e);
-    float dl = dlogit(p, qi, q, kj, k, u);
-    if (p.symmetric) dl += dlogit(p, kj, k, qi, q, u);
-    log_scale_term = p.log_scale_partial ? clip_log_scale_term(p, scale, q, kj, k, u, dot) : 0.0f;
+    float dl = dlogit<Loss>(p, qi, q, kj, k, u);
+    if (Loss::symmetric(p)) dl += dlogit<Loss>(p, kj, k, qi, q, u);
+    log_scale_term = Loss::log_scale(p) ? clip_log_scale_term(p, scale, q, kj, k, u, dot) : 0.0f;
     return dl * scale;
 }
 
@@ -279,7 +311,7 @@ __device__ void infonce_bwd_engine(const ContraInfonceBwdParams& p) {
             float value = 0.0f;
             if (row < p.rows && col < p.cols) {
                 float term;
-                value = softmax_grad(p, scale, row, LogitEnd(p, row), col, LogitEnd(p, col), g[r][c], term);
+                value = softmax_grad(p, scale, row, LogitEnd::load(p, row), col, LogitEnd::load(p, col), g[r][c], term);
                 log_scale_acc += term;
             }
             g[r][c] = value;
@@ -321,7 +353,8 @@ __device__ void infonce_bwd_resident(const ContraInfonceBwdParams& p) {
 // and stored once, as bf16, for both products; dQ += G K kept in registers across the sweep (added
 // at the end under a key split), dK += G^T Q added per tile with the tile's B operands read from
 // the resident rows.
-__device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
+template <typename Loss>
+__device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
     using T = __nv_bfloat16;
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4, m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
@@ -352,7 +385,8 @@ __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
     float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
     // This lane's rows (fragment elements 0, 1 and 2, 3) and what G reads of them.
     const int rows_at[2] = {r0 + m0 + g, r0 + m0 + g + 8};
-    const LogitEnd row_end[2] = {LogitEnd(p, min(rows_at[0], p.rows - 1)), LogitEnd(p, min(rows_at[1], p.rows - 1))};
+    const LogitEnd row_end[2] = {LogitEnd::load<Loss>(p, min(rows_at[0], p.rows - 1)),
+                                 LogitEnd::load<Loss>(p, min(rows_at[1], p.rows - 1))};
     for (int step = 0; step < steps; ++step) {
         const int c0 = column(step);
         const unsigned short* keys = key_tile(step);
@@ -372,11 +406,11 @@ __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int col = c0 + n0 + 8 * nt + 2 * t + e;
-                const LogitEnd key(p, min(col, p.cols - 1));
+                const LogitEnd key = LogitEnd::load<Loss>(p, min(col, p.cols - 1));
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     float term;
-                    const float v = softmax_grad(p, scale, rows_at[h], row_end[h], col, key, d[nt][2 * h + e], term);
+                    const float v = softmax_grad<Loss>(p, scale, rows_at[h], row_end[h], col, key, d[nt][2 * h + e], term);
                     const bool inside = rows_at[h] < p.rows && col < p.cols;
                     value[nt][2 * h + e] = inside ? v : 0.0f;
                     log_scale_acc += inside ? term : 0.0f;
@@ -408,6 +442,25 @@ __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
     cp_async_wait<0>();
     write_resident(resident, p.grad_q, r0, p.rows, p.dim, split ? Write::kAtomicAdd : Write::kOverwrite);
     write_log_scale_partial(p, log_scale_acc);
+}
+
+// The fused backward instantiated per loss of the family (AnyLoss for any other mix of inputs).
+__device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
+    using NtXent = FixedLoss<true, false, false>;
+    using Clip = FixedLoss<false, true, false>;
+    using SupCon = FixedLoss<true, false, true>;
+    using InfoNce = FixedLoss<false, false, false>;
+    if (NtXent::matches(p)) {
+        infonce_bwd_fused_for<NtXent>(p);
+    } else if (Clip::matches(p)) {
+        infonce_bwd_fused_for<Clip>(p);
+    } else if (SupCon::matches(p)) {
+        infonce_bwd_fused_for<SupCon>(p);
+    } else if (InfoNce::matches(p)) {
+        infonce_bwd_fused_for<InfoNce>(p);
+    } else {
+        infonce_bwd_fused_for<AnyLoss>(p);
+    }
 }
 
 // MoCo's extra logit in the backward: one warp per query row adds

@@ -347,26 +347,25 @@ __device__ void infonce_bwd_resident(const ContraInfonceBwdParams& p) {
     }
 }
 
-// The fused bf16 backward (FusedGeometry in infonce_tc.cuh; the launch gives its bytes): per key
-// tile, one wait and one barrier for the whole tile (staged while the previous tile was worked
-// on); S from the resident rows and the tile by ldmatrix; G formed on S's accumulator fragments
-// and stored once, as bf16, for both products; dQ += G K kept in registers across the sweep (added
+// The fused backward, bf16 or tf32 (FusedGeometry in infonce_tc.cuh; the launch gives its bytes):
+// per key tile, one wait and one barrier for the whole tile (staged while the previous tile was
+// worked on); S from the resident rows and the tile by ldmatrix; G formed on S's accumulator
+// fragments and stored once, as the operand type, for both products; dQ += G K kept in registers across the sweep (added
 // at the end under a key split), dK += G^T Q added per tile with the tile's B operands read from
 // the resident rows.
-template <typename Loss>
+template <typename T, typename Loss>
 __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
-    using T = __nv_bfloat16;
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4, m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
     const int r0 = blockIdx.x * kTile;
     const float scale = logit_scale(p);
     const T* q = static_cast<const T*>(p.q);
     const T* k = static_cast<const T*>(p.k);
-    const FusedGeometry geo(p.dim);
-    CONTRA_DYNAMIC_SHARED(unsigned short, shared);
+    const FusedGeometry<T> geo(p.dim);
+    CONTRA_DYNAMIC_SHARED(StageWord<T>, shared);
     if (p.dim > kFusedMaxDim || geo.bytes() > dynamic_shared_size()) __trap();
-    unsigned short* const q_rows = shared;
-    unsigned short* const g_tile = shared + 3 * kTile * geo.stride;
+    StageWord<T>* const q_rows = shared;
+    StageWord<T>* const g_tile = shared + 3 * kTile * geo.stride;
     const auto key_tile = [&](int step) { return shared + (1 + step % 2) * kTile * geo.stride; };
     const bool split = p.split_tiles > 0;
     const int c_begin = split ? blockIdx.y * p.split_tiles * kTile : 0;
@@ -389,13 +388,13 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
                                  LogitEnd::load<Loss>(p, min(rows_at[1], p.rows - 1))};
     for (int step = 0; step < steps; ++step) {
         const int c0 = column(step);
-        const unsigned short* keys = key_tile(step);
+        const StageWord<T>* keys = key_tile(step);
         cp_async_wait<0>();
         __syncthreads();  // the tile landed for all; the previous tile's buffer and G are consumed
         if (step + 1 < steps) stage_keys.stage(column(step + 1), key_tile(step + 1));
         cp_async_commit();
         float d[4][4] = {};
-        scores_from_rows(q_rows, keys, geo.stride, geo.padded, m0, n0, d);
+        scores_from_rows<T>(q_rows, keys, geo.stride, geo.padded, m0, n0, d);
         // G on the fragments: element (nt, 2 h + e) is query m0 + g + 8 h, key n0 + 8 nt + 2 t + e.
         // The rows' ends were loaded before the sweep, each column's is loaded once for its two
         // rows; indices past the matrix read the last row / column and the value is zeroed, so
@@ -420,21 +419,20 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                *reinterpret_cast<unsigned*>(g_tile + (m0 + g + 8 * h) * kGStride + n0 + 8 * nt + 2 * t) =
-                    bf16_pair(value[nt][2 * h], value[nt][2 * h + 1]);
+                store_g_pair<T>(g_tile, m0 + g + 8 * h, n0 + 8 * nt + 2 * t, value[nt][2 * h], value[nt][2 * h + 1]);
         __syncthreads();  // G is complete
-        unsigned af[4][4];
-        g_tile_fragments<false>(g_tile, af);
+        unsigned af[kGSteps<T>][4];
+        g_tile_fragments<T, false>(g_tile, af);
 #pragma unroll
         for (int chunk = 0; chunk < kResidentChunks; ++chunk)
-            if (chunk * kTile < p.dim) product_from_rows(af, keys, geo.stride, chunk * kTile, resident[chunk]);
+            if (chunk * kTile < p.dim) fused_product<T>(af, keys, geo.stride, chunk * kTile, resident[chunk]);
         if (p.grad_k) {
-            g_tile_fragments<true>(g_tile, af);
+            g_tile_fragments<T, true>(g_tile, af);
 #pragma unroll
             for (int chunk = 0; chunk < kResidentChunks; ++chunk)
                 if (chunk * kTile < p.dim) {
                     float sum[4][4] = {};
-                    product_from_rows(af, q_rows, geo.stride, chunk * kTile, sum);
+                    fused_product<T>(af, q_rows, geo.stride, chunk * kTile, sum);
                     write_chunk(sum, p.grad_k, c0, p.cols, chunk * kTile, p.dim, Write::kAtomicAdd);
                 }
         }
@@ -445,21 +443,23 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
 }
 
 // The fused backward instantiated per loss of the family (AnyLoss for any other mix of inputs).
+template <typename T>
 __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
+    static_assert(std::is_same<T, __nv_bfloat16>::value || kIsTf32<T>, "bf16 or tf32 operands");
     using NtXent = FixedLoss<true, false, false>;
     using Clip = FixedLoss<false, true, false>;
     using SupCon = FixedLoss<true, false, true>;
     using InfoNce = FixedLoss<false, false, false>;
     if (NtXent::matches(p)) {
-        infonce_bwd_fused_for<NtXent>(p);
+        infonce_bwd_fused_for<T, NtXent>(p);
     } else if (Clip::matches(p)) {
-        infonce_bwd_fused_for<Clip>(p);
+        infonce_bwd_fused_for<T, Clip>(p);
     } else if (SupCon::matches(p)) {
-        infonce_bwd_fused_for<SupCon>(p);
+        infonce_bwd_fused_for<T, SupCon>(p);
     } else if (InfoNce::matches(p)) {
-        infonce_bwd_fused_for<InfoNce>(p);
+        infonce_bwd_fused_for<T, InfoNce>(p);
     } else {
-        infonce_bwd_fused_for<AnyLoss>(p);
+        infonce_bwd_fused_for<T, AnyLoss>(p);
     }
 }
 
@@ -540,8 +540,12 @@ CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split_resident, ContraInfonceFwdParams, (2
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd_resident, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 2), (256, 2))
 extern "C" __global__ void __launch_bounds__(256, 1) infonce_bwd_fused_bf16(const ContraInfonceBwdParams p) {
-    contra::infonce_bwd_fused(p);
+    contra::infonce_bwd_fused<__nv_bfloat16>(p);
 }
 INTERP_EXPORT(infonce_bwd_fused_bf16, ContraInfonceBwdParams)
+extern "C" __global__ void __launch_bounds__(256, 1) infonce_bwd_fused_tf32(const ContraInfonceBwdParams p) {
+    contra::infonce_bwd_fused<contra::tf32>(p);
+}
+INTERP_EXPORT(infonce_bwd_fused_tf32, ContraInfonceBwdParams)
 CONTRA_TYPED_KERNELS(infonce_extra_bwd, ContraInfonceExtraBwdParams, 256)
 CONTRA_TYPED_KERNELS(infonce_row_dot, ContraRowDotParams, 256)

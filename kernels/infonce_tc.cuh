@@ -469,64 +469,114 @@ __device__ __forceinline__ void write_resident(const float resident[kResidentChu
         if (chunk * kTile < dim) write_chunk(resident[chunk], out, dst0, n_dst, chunk * kTile, dim, how);
 }
 
-// The fused bf16 backward (`infonce_bwd_fused_bf16`, up to kFusedMaxDim features: dQ stays in
-// registers). Dynamic shared memory: the block's 64 query rows, two whole 64-key tiles (the one
-// in use, the next one in flight), then the tile's G in bf16 (64 x kGStride). A row holds the
-// features rounded up to whole 64-feature chunks (zeros past dim, so every chunk's product reads
-// staged values) and one 16-byte chunk of pad: an odd number of 16-byte chunks, so the 8 rows an
-// ldmatrix phase reads start in 8 different bank groups. src/kernels/infonce.rs computes the
-// same size.
+// The fused backward (`infonce_bwd_fused_bf16`, `_tf32`; up to kFusedMaxDim features: dQ stays
+// in registers). Dynamic shared memory: the block's 64 query rows, two whole 64-key tiles (the
+// one in use, the next one in flight), then the tile's G (bf16, or tf32-rounded f32 words:
+// 64 x kGStride). A row holds the features rounded up to whole 64-feature chunks (zeros past
+// dim, so every chunk's product reads staged values) and one 16-byte chunk of pad: an odd number
+// of 16-byte chunks, so the 8 rows an ldmatrix phase reads start in 8 different bank groups.
+// src/kernels/infonce.rs computes the same size.
 constexpr int kFusedMaxDim = kResidentChunks * kTile;
-constexpr int kGStride = kTile + 8;
+template <typename T>
+constexpr int kGStride = kTile + kChunkElems<T>;
 
+template <typename T>
 struct FusedGeometry {
     int padded;  // features rounded up to whole chunks
-    int stride;  // elements per staged row
+    int stride;  // words per staged row
     __device__ __forceinline__ explicit FusedGeometry(int dim)
-        : padded((dim + kTile - 1) / kTile * kTile), stride(padded + 8) {}
+        : padded((dim + kTile - 1) / kTile * kTile), stride(padded + kChunkElems<T>) {}
     __device__ __forceinline__ unsigned long long bytes() const {
-        return (3ull * kTile * stride + (unsigned long long)kTile * kGStride) * sizeof(unsigned short);
+        return (3ull * kTile * stride + (unsigned long long)kTile * kGStride<T>) * sizeof(StageWord<T>);
     }
 };
 
 // This warp's 16 x 32 part of S (rows m0.., keys n0..) over `padded` features: A from the
-// resident rows, B from the staged key tile, both row-major with `stride` and read by
+// resident rows, B from the staged key tile, both row-major with `stride` words and read by
 // ldmatrix.x4 (lane l: A row m0 + l % 16 at chunk l / 16; B key n0 + l % 8 + 8 (l / 16) at chunk
-// (l / 8) % 2, b[0], b[1] of key tile 2 pair, then of 2 pair + 1).
-__device__ __forceinline__ void scores_from_rows(const unsigned short* rows, const unsigned short* keys, int stride,
+// (l / 8) % 2, b[0], b[1] of key tile 2 pair, then of 2 pair + 1; tf32 operands rounded).
+template <typename T>
+__device__ __forceinline__ void scores_from_rows(const StageWord<T>* rows, const StageWord<T>* keys, int stride,
                                                  int padded, int m0, int n0, float d[4][4]) {
     const int lane = (threadIdx.y * 16 + threadIdx.x) % 32;
-    const unsigned short* a_row = rows + (m0 + lane % 16) * stride + 8 * (lane / 16);
-    const unsigned short* b_row = keys + (n0 + lane % 8 + 8 * (lane / 16)) * stride + 8 * ((lane / 8) % 2);
-    for (int k0 = 0; k0 < padded; k0 += 16) {
+    const StageWord<T>* a_row = rows + (m0 + lane % 16) * stride + kChunkElems<T> * (lane / 16);
+    const StageWord<T>* b_row = keys + (n0 + lane % 8 + 8 * (lane / 16)) * stride + kChunkElems<T> * ((lane / 8) % 2);
+    for (int k0 = 0; k0 < padded; k0 += kMmaK<T>) {
         unsigned a[4];
-        ldmatrix<4, false>(a, a_row + k0);
+        ldmatrix_operand<T>(a, a_row + k0);
 #pragma unroll
         for (int pair = 0; pair < 2; ++pair) {
             unsigned b[4];
-            ldmatrix<4, false>(b, b_row + 16 * pair * stride + k0);
-            mma_16816<__nv_bfloat16>(d[2 * pair], a, b);
-            mma_16816<__nv_bfloat16>(d[2 * pair + 1], a, b + 2);
+            ldmatrix_operand<T>(b, b_row + 16 * pair * stride + k0);
+            mma_k_step<T>(d[2 * pair], a, b);
+            mma_k_step<T>(d[2 * pair + 1], a, b + 2);
         }
     }
 }
 
-// A fragments of the tile's G (64 x kGStride bf16, [query][key]) for the four 16-wide k-steps of
-// this warp's 16 output rows: of G itself (dQ = G K: rows are queries, k runs over keys; lane l
-// addresses query 16 (w % 4) + l % 16 at key 16 step + 8 (l / 16)), or with `transposed` of G^T
-// (dK = G^T Q: rows are keys, k runs over queries; ldmatrix.trans, lane l addresses query
-// 16 step + l % 8 + 8 (l / 16) at key 16 (w % 4) + 8 ((l / 8) % 2)).
-template <bool transposed>
-__device__ __forceinline__ void g_tile_fragments(const unsigned short* g_tile, unsigned af[4][4]) {
+// G's k-steps over a tile's 64 keys (or queries): 4 of bf16's 16, 8 of tf32's 8.
+template <typename T>
+constexpr int kGSteps = kTile / kMmaK<T>;
+
+// Stores G's two adjacent values (row, col even) as the operand type: a bf16 pair, or two
+// tf32-rounded words.
+template <typename T>
+__device__ __forceinline__ void store_g_pair(StageWord<T>* g_tile, int row, int col, float first, float second) {
+    if constexpr (kIsTf32<T>) {
+        *reinterpret_cast<uint2*>(g_tile + row * kGStride<T> + col) = make_uint2(to_tf32(first), to_tf32(second));
+    } else {
+        *reinterpret_cast<unsigned*>(g_tile + row * kGStride<T> + col) = bf16_pair(first, second);
+    }
+}
+
+// A fragments of the tile's G ([query][key]) for the k-steps of this warp's 16 output rows: of G
+// itself (dQ = G K: rows are queries, k runs over keys; ldmatrix, lane l addresses query
+// 16 (w % 4) + l % 16 at chunk l / 16 of the k-step), or with `transposed` of G^T (dK = G^T Q:
+// rows are keys, k runs over queries). bf16 takes G^T by ldmatrix.trans (lane l addresses query
+// 16 step + l % 8 + 8 (l / 16) at key 16 (w % 4) + 8 ((l / 8) % 2)); tf32, whose words ldmatrix
+// cannot transpose, by single loads in the m16n8k8 layout (a0 = G^T(g, t), a1 = G^T(g + 8, t),
+// a2 = G^T(g, t + 4), a3 = G^T(g + 8, t + 4)).
+template <typename T, bool transposed>
+__device__ __forceinline__ void g_tile_fragments(const StageWord<T>* g_tile, unsigned af[kGSteps<T>][4]) {
+    constexpr int stride = kGStride<T>, chunk = kChunkElems<T>;
     const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32 % 4);
+    const int g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int step = 0; step < 4; ++step) {
-        if constexpr (transposed) {
-            ldmatrix<4, true>(af[step], g_tile + (16 * step + lane % 8 + 8 * (lane / 16)) * kGStride + m0 +
-                                            8 * ((lane / 8) % 2));
+    for (int step = 0; step < kGSteps<T>; ++step) {
+        const int k0 = kMmaK<T> * step;
+        if constexpr (!transposed) {
+            ldmatrix<4, false>(af[step], g_tile + (m0 + lane % 16) * stride + k0 + chunk * (lane / 16));
+        } else if constexpr (kIsTf32<T>) {
+            af[step][0] = g_tile[(k0 + t) * stride + m0 + g];
+            af[step][1] = g_tile[(k0 + t) * stride + m0 + g + 8];
+            af[step][2] = g_tile[(k0 + t + 4) * stride + m0 + g];
+            af[step][3] = g_tile[(k0 + t + 4) * stride + m0 + g + 8];
         } else {
-            ldmatrix<4, false>(af[step], g_tile + (m0 + lane % 16) * kGStride + 16 * step + 8 * (lane / 16));
+            ldmatrix<4, true>(af[step], g_tile + (k0 + lane % 8 + 8 * (lane / 16)) * stride + m0 + 8 * ((lane / 8) % 2));
         }
+    }
+}
+
+// sum[nt] += A B for this warp's part of a 64-feature chunk (output rows 16 (w % 4) .. +16,
+// features d0 + 32 (w / 4) .. +32) over k = 64 staged rows: bf16 by product_from_rows; tf32 with
+// B by single loads in the m16n8k8 layout (b0 = src(k0 + t, n), b1 = src(k0 + t + 4, n),
+// n = feature n0 + 8 nt + g), rounded to tf32.
+template <typename T>
+__device__ __forceinline__ void fused_product(const unsigned af[kGSteps<T>][4], const StageWord<T>* src, int stride,
+                                              int d0, float sum[4][4]) {
+    if constexpr (kIsTf32<T>) {
+        const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = 32 * (tid / 32 / 4);
+        const int g = lane / 4, t = lane % 4;
+#pragma unroll
+        for (int step = 0; step < kGSteps<T>; ++step)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const StageWord<T>* at = src + (8 * step + t) * stride + d0 + n0 + 8 * nt + g;
+                const unsigned b[2] = {to_tf32(__uint_as_float(at[0])), to_tf32(__uint_as_float(at[4 * stride]))};
+                mma_1688_tf32(sum[nt], af[step], b);
+            }
+    } else {
+        product_from_rows(af, src, stride, d0, sum);
     }
 }
 

@@ -131,17 +131,23 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
 
 /// Under TF32 the kernels keep the block's query rows resident where they fit: the forward
 /// (`infonce_fwd_resident_tf32`) up to 96 KB (272 features), the backward
-/// (`infonce_bwd_resident_tf32`) while two blocks still share an SM (208 features); beyond,
+/// (`infonce_bwd_resident_tf32`) while two blocks still share an SM (208 features), then the fused
+/// backward (`infonce_bwd_fused_tf32`, whole key tiles, G on the fragments) up to 256; beyond,
 /// `infonce_fwd_tf32` / `infonce_bwd_tf32`. Every path matches the CPU. 130 rows against 150
-/// keys: three key tiles, so the key pipeline runs across tiles.
+/// keys: three key tiles, so the key pipelines run across tiles.
 #[test]
 fn tf32_kernels_keep_rows_resident_where_they_fit() {
     let mut rng = StdRng::seed_from_u64(0x7f34);
-    for (d, forward_resident, backward_resident) in [
-        (33, true, true),
-        (208, true, true),
-        (209, true, false),
-        (273, false, false),
+    for (d, forward, backward) in [
+        (33, "infonce_fwd_resident_tf32", "infonce_bwd_resident_tf32"),
+        (
+            208,
+            "infonce_fwd_resident_tf32",
+            "infonce_bwd_resident_tf32",
+        ),
+        (209, "infonce_fwd_resident_tf32", "infonce_bwd_fused_tf32"),
+        (256, "infonce_fwd_resident_tf32", "infonce_bwd_fused_tf32"),
+        (273, "infonce_fwd_tf32", "infonce_bwd_tf32"),
     ] {
         let case = infonce_case(&mut rng, 130, 150, d, false);
         let inputs = case.input_refs();
@@ -152,12 +158,45 @@ fn tf32_kernels_keep_rows_resident_where_they_fit() {
             &inputs,
             &case.op,
         );
-        assert_resident_kernels(
-            &launched,
-            &case.name,
-            "tf32",
-            forward_resident,
-            backward_resident,
-        );
+        for kernel in [forward, backward] {
+            assert!(
+                launched.contains(&kernel),
+                "{}: {kernel} did not run: {launched:?}",
+                case.name
+            );
+        }
     }
+}
+
+/// The fused tf32 backward for every loss of the family, at 209 to 256 features (where it runs):
+/// CLIP with dK (G^T by single loads) and its log-scale term, NT-Xent and SupCon symmetric,
+/// MoCo under a key split, against the CPU at the tf32 tolerance.
+#[test]
+fn tf32_fused_backward_matches_cpu_for_every_loss() {
+    on_kernel_devices("tf32_fused_backward_matches_cpu_for_every_loss", |device| {
+        let mut rng = StdRng::seed_from_u64(0x7f35);
+        let cases = [
+            clip_case(&mut rng, 130, 250),
+            ntxent_case(&mut rng, 134, 256),
+            supcon_case(&mut rng, 67, 2, 230),
+            moco_case(&mut rng, 37, 201, 211),
+            infonce_case(&mut rng, 70, 129, 240, true),
+        ];
+        for case in &cases {
+            let launched = compare_tf32(
+                device,
+                &case.name,
+                SOFTMAX_SWEEPS,
+                &case.input_refs(),
+                &case.op,
+            );
+            if device == Device::Interp {
+                assert!(
+                    launched.contains(&"infonce_bwd_fused_tf32"),
+                    "{}: the fused backward did not run: {launched:?}",
+                    case.name
+                );
+            }
+        }
+    });
 }

@@ -2,7 +2,9 @@
 //! around the fused forward (per-row LSE, no N x M buffer) and the one-pass backward.
 
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams, ContraRowDotParams};
-use super::{blocks_for, elementwise, extent, handles, normalize, Backend, BufInfo, Elem, Launch};
+use super::{
+    blocks_for, elementwise, extent, handles, normalize, Backend, BufInfo, Elem, Kernel, Launch,
+};
 use crate::Result;
 
 /// Query (or owner) rows per block in infonce.cu.
@@ -315,20 +317,34 @@ fn resident_backward_bytes(elem: Elem, dim: usize) -> Option<usize> {
         .filter(|&bytes| elem == Elem::Bf16 || bytes + BACKWARD_STATIC_SHARED <= TWO_BLOCKS_SHARED)
 }
 
-/// `infonce_bwd_fused_bf16`'s widest rows: its dQ stays in registers (kFusedMaxDim in
+/// The fused backward's widest rows: its dQ stays in registers (kFusedMaxDim in
 /// kernels/infonce_tc.cuh).
 const FUSED_MAX_DIM: usize = 4 * TILE;
 
-/// The dynamic shared memory of `infonce_bwd_fused_bf16` (FusedGeometry in
-/// kernels/infonce_tc.cuh): the block's query rows and two key tiles, each row the features
-/// rounded up to whole 64-feature chunks and 8 elements of pad, then G in bf16 (64 x 72); for
-/// bf16 operands up to `FUSED_MAX_DIM` features, else None.
-fn fused_backward_bytes(elem: Elem, dim: usize) -> Option<usize> {
-    if elem != Elem::Bf16 || dim > FUSED_MAX_DIM {
+/// The fused backward for operands of `elem` at the calling thread's precision, with its dynamic
+/// shared memory (FusedGeometry in kernels/infonce_tc.cuh): the block's query rows and two key
+/// tiles, each row the features rounded up to whole 64-feature chunks and one 16-byte chunk of
+/// pad, then G (64 rows of 64 keys and the pad) in the operand type. bf16
+/// (`infonce_bwd_fused_bf16`, measured faster than the resident backward on an H200) up to
+/// `FUSED_MAX_DIM` features; f32 as tf32 (`infonce_bwd_fused_tf32`, 217 KB at D = 256) where the
+/// resident backward does not fit two blocks per SM (past 208 features), in place of the
+/// re-staging `infonce_bwd` (not measured yet: the tf32 resident backward keeps the narrower
+/// rows until a GPU run compares the two); None otherwise.
+fn fused_backward(elem: Elem, dim: usize) -> Option<(Kernel<ContraInfonceBwdParams>, usize)> {
+    let kernel = match (elem, tensor_core_operands(elem)) {
+        (Elem::Bf16, _) => handles::INFONCE_BWD_FUSED_BF16,
+        (Elem::F32, Some(_)) if resident_backward_bytes(elem, dim).is_none() => {
+            handles::INFONCE_BWD_FUSED_TF32
+        }
+        _ => return None,
+    };
+    let (word, _, _) = tensor_core_operands(elem)?;
+    if dim > FUSED_MAX_DIM {
         return None;
     }
-    let stride = dim.div_ceil(TILE) * TILE + 8;
-    Some((3 * TILE * stride + TILE * (TILE + 8)) * 2)
+    let chunk = 16 / word;
+    let stride = dim.div_ceil(TILE) * TILE + chunk;
+    Some((kernel, (3 * TILE * stride + TILE * (TILE + chunk)) * word))
 }
 
 /// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp. `extra_key` adds MoCo's positive
@@ -489,12 +505,12 @@ impl<Buf> BackwardPass<'_, Buf> {
         };
         written.extend(grad_k);
         let elem = b.info(s.q).elem;
-        if let Some(bytes) = fused_backward_bytes(elem, s.dim) {
+        if let Some((kernel, bytes)) = fused_backward(elem, s.dim) {
             let shape = Launch {
                 shared_bytes: bytes,
                 ..shape
             };
-            return b.launch(handles::INFONCE_BWD_FUSED_BF16, shape, &params, &written);
+            return b.launch(kernel, shape, &params, &written);
         }
         let (kernel, shape) = match resident_backward_bytes(elem, s.dim) {
             Some(bytes) => (
@@ -561,17 +577,23 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_backward_takes_bf16_rows_up_to_256_features() {
+    fn the_fused_backward_takes_bf16_and_tf32_rows_up_to_256_features() {
+        let bytes = |elem, dim| fused_backward(elem, dim).map(|(_, bytes)| bytes);
         // 64 rows and two key tiles of 256 + 8 elements, and G: 108 KB.
-        assert_eq!(fused_backward_bytes(Elem::Bf16, 256), Some(110_592));
+        assert_eq!(bytes(Elem::Bf16, 256), Some(110_592));
         // 40 features are staged as one whole 64-feature chunk.
-        assert_eq!(
-            fused_backward_bytes(Elem::Bf16, 40),
-            fused_backward_bytes(Elem::Bf16, 64)
-        );
-        assert_eq!(fused_backward_bytes(Elem::Bf16, 257), None);
-        assert_eq!(fused_backward_bytes(Elem::F16, 64), None);
-        assert_eq!(fused_backward_bytes(Elem::F32, 64), None);
+        assert_eq!(bytes(Elem::Bf16, 40), bytes(Elem::Bf16, 64));
+        assert_eq!(bytes(Elem::Bf16, 257), None);
+        assert_eq!(bytes(Elem::F16, 64), None);
+        // f32: only as tf32; 64 rows and two key tiles of 256 + 4 words, and G: 212 KB.
+        assert_eq!(bytes(Elem::F32, 256), None);
+        crate::with_f32_precision(crate::F32Precision::Tf32, || {
+            assert_eq!(bytes(Elem::F32, 256), Some(217_088));
+            assert_eq!(bytes(Elem::F32, 257), None);
+            // Up to 208 features the resident backward keeps two blocks per SM.
+            assert_eq!(bytes(Elem::F32, 208), None);
+            assert!(bytes(Elem::F32, 209).is_some());
+        });
     }
 
     #[test]

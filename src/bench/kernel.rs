@@ -124,6 +124,10 @@ impl<B: Backend> Backend for Counted<B> {
         None
     }
 
+    fn shared_bytes_per_block(&self) -> usize {
+        self.inner.shared_bytes_per_block()
+    }
+
     fn launch<P: KernelParams>(
         &self,
         kernel: Kernel<P>,

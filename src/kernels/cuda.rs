@@ -596,6 +596,16 @@ impl Backend for Cuda {
         Ok(words)
     }
 
+    fn shared_bytes_per_block(&self) -> usize {
+        // The driver's answer, or the launch layer's own bound if it cannot give one (a launch
+        // past the GPU's figure is still refused with a clear error).
+        self.ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_or(super::MAX_DYNAMIC_SHARED_BYTES, |bytes| {
+                bytes.max(0) as usize
+            })
+    }
+
     fn launch<P: KernelParams>(
         &self,
         kernel: Kernel<P>,

@@ -321,6 +321,9 @@ fn resident_backward_bytes(elem: Elem, dim: usize) -> Option<usize> {
 /// kernels/infonce_tc.cuh).
 const FUSED_MAX_DIM: usize = 4 * TILE;
 
+/// The fused backward's static shared memory (the log-scale partials of its 8 warps).
+const FUSED_STATIC_SHARED: usize = 8 * 4;
+
 /// The fused backward for operands of `elem` at the calling thread's precision, with its dynamic
 /// shared memory (FusedGeometry in kernels/infonce_tc.cuh): the block's query rows and two key
 /// tiles, each row the features rounded up to whole 64-feature chunks and one 16-byte chunk of
@@ -329,8 +332,14 @@ const FUSED_MAX_DIM: usize = 4 * TILE;
 /// `FUSED_MAX_DIM` features; f32 as tf32 (`infonce_bwd_fused_tf32`, 217 KB at D = 256) where the
 /// resident backward does not fit two blocks per SM (past 208 features), in place of the
 /// re-staging `infonce_bwd` (not measured yet: the tf32 resident backward keeps the narrower
-/// rows until a GPU run compares the two); None otherwise.
-fn fused_backward(elem: Elem, dim: usize) -> Option<(Kernel<ContraInfonceBwdParams>, usize)> {
+/// rows until a GPU run compares the two). Only where it fits the `per_block` bytes of shared
+/// memory the GPU gives a block (an A100's 163 KB holds the bf16 layout, not the tf32 one at
+/// D = 256); None otherwise.
+fn fused_backward(
+    elem: Elem,
+    dim: usize,
+    per_block: usize,
+) -> Option<(Kernel<ContraInfonceBwdParams>, usize)> {
     let kernel = match (elem, tensor_core_operands(elem)) {
         (Elem::Bf16, _) => handles::INFONCE_BWD_FUSED_BF16,
         (Elem::F32, Some(_)) if resident_backward_bytes(elem, dim).is_none() => {
@@ -344,7 +353,8 @@ fn fused_backward(elem: Elem, dim: usize) -> Option<(Kernel<ContraInfonceBwdPara
     }
     let chunk = 16 / word;
     let stride = dim.div_ceil(TILE) * TILE + chunk;
-    Some((kernel, (3 * TILE * stride + TILE * (TILE + chunk)) * word))
+    let bytes = (3 * TILE * stride + TILE * (TILE + chunk)) * word;
+    (bytes + FUSED_STATIC_SHARED <= per_block).then_some((kernel, bytes))
 }
 
 /// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp. `extra_key` adds MoCo's positive
@@ -505,7 +515,7 @@ impl<Buf> BackwardPass<'_, Buf> {
         };
         written.extend(grad_k);
         let elem = b.info(s.q).elem;
-        if let Some((kernel, bytes)) = fused_backward(elem, s.dim) {
+        if let Some((kernel, bytes)) = fused_backward(elem, s.dim, b.shared_bytes_per_block()) {
             let shape = Launch {
                 shared_bytes: bytes,
                 ..shape
@@ -578,7 +588,8 @@ mod tests {
 
     #[test]
     fn the_fused_backward_takes_bf16_and_tf32_rows_up_to_256_features() {
-        let bytes = |elem, dim| fused_backward(elem, dim).map(|(_, bytes)| bytes);
+        let h100 = 227 * 1024;
+        let bytes = |elem, dim| fused_backward(elem, dim, h100).map(|(_, bytes)| bytes);
         // 64 rows and two key tiles of 256 + 8 elements, and G: 108 KB.
         assert_eq!(bytes(Elem::Bf16, 256), Some(110_592));
         // 40 features are staged as one whole 64-feature chunk.
@@ -593,7 +604,14 @@ mod tests {
             // Up to 208 features the resident backward keeps two blocks per SM.
             assert_eq!(bytes(Elem::F32, 208), None);
             assert!(bytes(Elem::F32, 209).is_some());
+            // An A100 (163 KB per block) takes neither the tf32 layout at 256 nor at 209.
+            let a100 = 163 * 1024;
+            assert_eq!(fused_backward(Elem::F32, 256, a100).map(|(_, b)| b), None);
+            assert_eq!(fused_backward(Elem::F32, 209, a100).map(|(_, b)| b), None);
         });
+        // The bf16 layout fits one: the static 32 B on top of the dynamic bytes.
+        assert!(fused_backward(Elem::Bf16, 256, 110_592 + 32).is_some());
+        assert!(fused_backward(Elem::Bf16, 256, 110_592 + 31).is_none());
     }
 
     #[test]

@@ -311,6 +311,13 @@ pub(crate) trait Backend {
         written: &[&Self::Buf],
     ) -> Result<()>;
 
+    /// The shared memory, static and dynamic, one block may have: 227 KB (an H100's) in the
+    /// interpreted mode; the GPU's own figure on a GPU (an A100 gives 163 KB), so that a launch
+    /// sequence can pick a layout that fits.
+    fn shared_bytes_per_block(&self) -> usize {
+        MAX_DYNAMIC_SHARED_BYTES
+    }
+
     /// `c = alpha op(a) op(b) + beta c` on row-major f32 buffers: our tiled kernel here; the
     /// GPU backend uses cuBLAS when it can load it.
     #[cfg_attr(not(feature = "nn"), allow(dead_code))]

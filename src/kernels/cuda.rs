@@ -357,7 +357,6 @@ impl Cuda {
         }
     }
 
-    /// The module (kernels/<name>.cu) holding `kernel`, loaded on first use.
     /// Raises `function`'s dynamic shared-memory limit to `dynamic` bytes. The driver's default
     /// limit is 48 KB less the kernel's static shared memory, so a kernel with static arrays
     /// needs this even below 48 KB of dynamic memory; the request is checked against the GPU's
@@ -393,6 +392,7 @@ impl Cuda {
             .map_err(|e| error(&format!("allowing {dynamic} B of dynamic shared memory"), e))
     }
 
+    /// The module (kernels/<name>.cu) holding `kernel`, loaded on first use.
     fn module(&self, name: &'static str, kernel: &str) -> Result<Arc<CudaModule>> {
         let mut modules = self
             .modules

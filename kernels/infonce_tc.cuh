@@ -10,7 +10,8 @@
 // Backward (bf16): the second products G K and G^T Q on mma with G rounded to bf16 (its range
 // is f32's, so small probabilities do not underflow; f16 keeps those products in f32). Up to
 // 256 features, each lane keeps its fragments of the block's dQ in registers for the whole key
-// sweep and writes them once at the end.
+// sweep and writes them once at the end. There (and for tf32 where its layout fits) the fused
+// backward (end of this file) stages each key tile once for S and both products.
 #pragma once
 #include "infonce_rows.cuh"
 #include "interp/dynamic_shared.h"

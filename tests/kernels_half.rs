@@ -210,14 +210,7 @@ fn bf16_backward_is_fused_up_to_256_features() {
                 &case.input_refs(),
                 &case.op,
             );
-            // The interpreted mode records its launches; a GPU runs the same host-side choice.
-            if device == Device::Interp {
-                assert!(
-                    launched.contains(&"infonce_bwd_fused_bf16"),
-                    "{}: the fused backward did not run: {launched:?}",
-                    case.name
-                );
-            }
+            assert_ran_on_interp(device, &launched, "infonce_bwd_fused_bf16", &case.name);
         }
     });
 }

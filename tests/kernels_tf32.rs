@@ -190,13 +190,7 @@ fn tf32_fused_backward_matches_cpu_for_every_loss() {
                 &case.input_refs(),
                 &case.op,
             );
-            if device == Device::Interp {
-                assert!(
-                    launched.contains(&"infonce_bwd_fused_tf32"),
-                    "{}: the fused backward did not run: {launched:?}",
-                    case.name
-                );
-            }
+            assert_ran_on_interp(device, &launched, "infonce_bwd_fused_tf32", &case.name);
         }
     });
 }

@@ -386,6 +386,18 @@ pub fn siglip_case(rng: &mut StdRng, n: usize, d: usize) -> LossCase {
     }
 }
 
+/// On the interpreted mode, which records its launches, asserts that `kernel` is among them (a GPU
+/// runs the same host-side choice of kernel).
+#[track_caller]
+pub fn assert_ran_on_interp(device: Device, launched: &[&str], kernel: &str, case: &str) {
+    if device == Device::Interp {
+        assert!(
+            launched.contains(&kernel),
+            "{case}: {kernel} did not run: {launched:?}"
+        );
+    }
+}
+
 /// Asserts that the InfoNCE forward and backward that ran (`launched`) are the resident
 /// instantiations (`infonce_{fwd,bwd}_resident_{suffix}`) or the plain ones, as expected.
 #[track_caller]

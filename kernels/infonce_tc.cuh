@@ -128,31 +128,48 @@ __device__ __forceinline__ void mma_k_step(float d[4], const unsigned a[4], cons
     }
 }
 
+// ldmatrix.x4 lane l's rows for a warp's 16 x 32 part of a score tile (rows m0.., keys n0..),
+// both operands row-major: A row m0 + l % 16 at chunk l / 16 (the four 8 x 8 matrices are
+// a[0..3]); B key n0 + l % 8 + 8 (l / 16) at chunk (l / 8) % 2 (b[0], b[1] of key tile 2 pair,
+// then of 2 pair + 1, the pair's keys 16 rows further on).
+template <typename T>
+__device__ __forceinline__ const StageWord<T>* score_a_row(const StageWord<T>* rows, int stride, int m0) {
+    const int lane = (threadIdx.y * 16 + threadIdx.x) % 32;
+    return rows + (m0 + lane % 16) * stride + kChunkElems<T> * (lane / 16);
+}
+template <typename T>
+__device__ __forceinline__ const StageWord<T>* score_b_row(const StageWord<T>* keys, int stride, int n0) {
+    const int lane = (threadIdx.y * 16 + threadIdx.x) % 32;
+    return keys + (n0 + lane % 8 + 8 * (lane / 16)) * stride + kChunkElems<T> * ((lane / 8) % 2);
+}
+
+// One k-step of that 16 x 32 part from the lane's rows (score_a_row / score_b_row) at the
+// k-step's first feature.
+template <typename T>
+__device__ __forceinline__ void score_k_step(const StageWord<T>* a_row, const StageWord<T>* b_row, int b_stride,
+                                             float d[4][4]) {
+    unsigned a[4];
+    ldmatrix_operand<T>(a, a_row);
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair) {
+        unsigned b[4];
+        ldmatrix_operand<T>(b, b_row + 16 * pair * b_stride);
+        mma_k_step<T>(d[2 * pair], a, b);
+        mma_k_step<T>(d[2 * pair + 1], a, b + 2);
+    }
+}
+
 // `steps` k-steps from feature k0 of this warp's 16 x 32 part (rows m0.., keys n0..): A from the
-// resident rows, B from the staged key slice. ldmatrix.x4 lane l addresses: A row m0 + l % 16 at
-// chunk l / 16 (the four 8 x 8 matrices are a[0..3]); B key n0 + 16 pair + l % 8 + 8 (l / 16) at
-// chunk (l / 8) % 2 (b[0], b[1] of key tile 2 pair, then of 2 pair + 1).
+// resident rows, B from the staged key slice.
 template <typename T>
 __device__ __forceinline__ void mma_resident_slice(const StageWord<T>* q_rows, int q_stride, int k0, int steps,
                                                    const StageWord<T>* stage, int m0, int n0, float d[4][4]) {
     constexpr int stride = ResidentGeometry<T>::kKeyStride;
-    const int lane = (threadIdx.y * 16 + threadIdx.x) % 32;
-    const StageWord<T>* a_row = q_rows + (m0 + lane % 16) * q_stride + k0 + kChunkElems<T> * (lane / 16);
-    const StageWord<T>* b_row = stage + (n0 + lane % 8 + 8 * (lane / 16)) * stride + kChunkElems<T> * ((lane / 8) % 2);
+    const StageWord<T>* a_row = score_a_row<T>(q_rows, q_stride, m0) + k0;
+    const StageWord<T>* b_row = score_b_row<T>(stage, stride, n0);
 #pragma unroll
-    for (int ks = 0; ks < kForwardSlice<T> / kMmaK<T>; ++ks) {
-        if (ks < steps) {
-            unsigned a[4];
-            ldmatrix_operand<T>(a, a_row + ks * kMmaK<T>);
-#pragma unroll
-            for (int pair = 0; pair < 2; ++pair) {
-                unsigned b[4];
-                ldmatrix_operand<T>(b, b_row + 16 * pair * stride + ks * kMmaK<T>);
-                mma_k_step<T>(d[2 * pair], a, b);
-                mma_k_step<T>(d[2 * pair + 1], a, b + 2);
-            }
-        }
-    }
+    for (int ks = 0; ks < kForwardSlice<T> / kMmaK<T>; ++ks)
+        if (ks < steps) score_k_step<T>(a_row + ks * kMmaK<T>, b_row + ks * kMmaK<T>, stride, d);
 }
 
 // A resident sweep of a block over `count` key tiles, the step-th starting at key `column(step)`:
@@ -493,26 +510,13 @@ struct FusedGeometry {
 };
 
 // This warp's 16 x 32 part of S (rows m0.., keys n0..) over `padded` features: A from the
-// resident rows, B from the staged key tile, both row-major with `stride` words and read by
-// ldmatrix.x4 (lane l: A row m0 + l % 16 at chunk l / 16; B key n0 + l % 8 + 8 (l / 16) at chunk
-// (l / 8) % 2, b[0], b[1] of key tile 2 pair, then of 2 pair + 1; tf32 operands rounded).
+// resident rows, B from the staged key tile, both row-major with `stride` words.
 template <typename T>
 __device__ __forceinline__ void scores_from_rows(const StageWord<T>* rows, const StageWord<T>* keys, int stride,
                                                  int padded, int m0, int n0, float d[4][4]) {
-    const int lane = (threadIdx.y * 16 + threadIdx.x) % 32;
-    const StageWord<T>* a_row = rows + (m0 + lane % 16) * stride + kChunkElems<T> * (lane / 16);
-    const StageWord<T>* b_row = keys + (n0 + lane % 8 + 8 * (lane / 16)) * stride + kChunkElems<T> * ((lane / 8) % 2);
-    for (int k0 = 0; k0 < padded; k0 += kMmaK<T>) {
-        unsigned a[4];
-        ldmatrix_operand<T>(a, a_row + k0);
-#pragma unroll
-        for (int pair = 0; pair < 2; ++pair) {
-            unsigned b[4];
-            ldmatrix_operand<T>(b, b_row + 16 * pair * stride + k0);
-            mma_k_step<T>(d[2 * pair], a, b);
-            mma_k_step<T>(d[2 * pair + 1], a, b + 2);
-        }
-    }
+    const StageWord<T>* a_row = score_a_row<T>(rows, stride, m0);
+    const StageWord<T>* b_row = score_b_row<T>(keys, stride, n0);
+    for (int k0 = 0; k0 < padded; k0 += kMmaK<T>) score_k_step<T>(a_row + k0, b_row + k0, stride, d);
 }
 
 // G's k-steps over a tile's 64 keys (or queries): 4 of bf16's 16, 8 of tf32's 8.

@@ -265,11 +265,11 @@ pub fn infonce_case(rng: &mut StdRng, n: usize, m: usize, d: usize, normalize: b
         inputs: vec![(q, vec![n, d]), (k, vec![m, d])],
         op: Box::new(move |t| {
             let out = infonce(&t[0], &t[1], &positives, &opts)?;
-            Ok(vec![
-                ("loss", vec![out.loss.to_scalar().unwrap()]),
-                ("grad_q", out.grad_q.to_vec_f64().unwrap()),
-                ("grad_k", out.grad_k.to_vec_f64().unwrap()),
-            ])
+            loss_outputs(
+                &out.loss,
+                &[("grad_q", &out.grad_q), ("grad_k", &out.grad_k)],
+                &[],
+            )
         }),
     }
 }
@@ -285,10 +285,7 @@ pub fn ntxent_case(rng: &mut StdRng, rows: usize, d: usize) -> LossCase {
         inputs: vec![(z, vec![rows, d])],
         op: Box::new(move |t| {
             let out = ntxent(&t[0], &opts)?;
-            Ok(vec![
-                ("loss", vec![out.loss.to_scalar().unwrap()]),
-                ("grad_z", out.grad_z.to_vec_f64().unwrap()),
-            ])
+            loss_outputs(&out.loss, &[("grad_z", &out.grad_z)], &[])
         }),
     }
 }
@@ -302,15 +299,11 @@ pub fn clip_case(rng: &mut StdRng, n: usize, d: usize) -> LossCase {
         inputs: vec![(a, vec![n, d]), (b, vec![n, d])],
         op: Box::new(|t| {
             let out = clip(&t[0], &t[1], (1.0f64 / 0.07).ln())?;
-            Ok(vec![
-                ("loss", vec![out.loss.to_scalar().unwrap()]),
-                ("grad_a", out.grad_a.to_vec_f64().unwrap()),
-                ("grad_b", out.grad_b.to_vec_f64().unwrap()),
-                (
-                    "grad_log_scale",
-                    vec![out.grad_log_scale.to_scalar().unwrap()],
-                ),
-            ])
+            loss_outputs(
+                &out.loss,
+                &[("grad_a", &out.grad_a), ("grad_b", &out.grad_b)],
+                &[("grad_log_scale", &out.grad_log_scale)],
+            )
         }),
     }
 }
@@ -330,10 +323,7 @@ pub fn moco_case(rng: &mut StdRng, n: usize, queue_len: usize, d: usize) -> Loss
         ],
         op: Box::new(move |t| {
             let out = moco(&t[0], &t[1], &t[2], &opts)?;
-            Ok(vec![
-                ("loss", vec![out.loss.to_scalar().unwrap()]),
-                ("grad_q", out.grad_q.to_vec_f64().unwrap()),
-            ])
+            loss_outputs(&out.loss, &[("grad_q", &out.grad_q)], &[])
         }),
     }
 }
@@ -355,10 +345,7 @@ pub fn supcon_case(rng: &mut StdRng, samples: usize, views: usize, d: usize) -> 
         inputs: vec![(features, vec![samples, views, d])],
         op: Box::new(move |t| {
             let out = supcon(&t[0], &labels, &opts)?;
-            Ok(vec![
-                ("loss", vec![out.loss.to_scalar().unwrap()]),
-                ("grad_features", out.grad_features.to_vec_f64().unwrap()),
-            ])
+            loss_outputs(&out.loss, &[("grad_features", &out.grad_features)], &[])
         }),
     }
 }
@@ -372,18 +359,33 @@ pub fn siglip_case(rng: &mut StdRng, n: usize, d: usize) -> LossCase {
         inputs: vec![(a, vec![n, d]), (b, vec![n, d])],
         op: Box::new(|t| {
             let out = siglip(&t[0], &t[1], 10f64.ln(), -10.0, &SigLipOptions::default())?;
-            Ok(vec![
-                ("loss", vec![out.loss.to_scalar().unwrap()]),
-                ("grad_a", out.grad_a.to_vec_f64().unwrap()),
-                ("grad_b", out.grad_b.to_vec_f64().unwrap()),
-                (
-                    "grad_log_scale",
-                    vec![out.grad_log_scale.to_scalar().unwrap()],
-                ),
-                ("grad_bias", vec![out.grad_bias.to_scalar().unwrap()]),
-            ])
+            loss_outputs(
+                &out.loss,
+                &[("grad_a", &out.grad_a), ("grad_b", &out.grad_b)],
+                &[
+                    ("grad_log_scale", &out.grad_log_scale),
+                    ("grad_bias", &out.grad_bias),
+                ],
+            )
         }),
     }
+}
+
+/// What a loss case compares: its loss, then each named tensor's values and each named scalar
+/// (a scalar must hold one value).
+fn loss_outputs(
+    loss: &Tensor,
+    tensors: &[(&'static str, &Tensor)],
+    scalars: &[(&'static str, &Tensor)],
+) -> Result<Outputs> {
+    let mut out = vec![("loss", vec![loss.to_scalar()?])];
+    for &(name, tensor) in tensors {
+        out.push((name, tensor.to_vec_f64()?));
+    }
+    for &(name, scalar) in scalars {
+        out.push((name, vec![scalar.to_scalar()?]));
+    }
+    Ok(out)
 }
 
 /// On the interpreted mode, which records its launches, asserts that `kernel` is among them (a GPU

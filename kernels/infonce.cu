@@ -250,17 +250,18 @@ __device__ __forceinline__ float softmax_grad(const ContraInfonceBwdParams& p, f
 }
 
 // CLIP: one partial of sum_ij dlogit_ij * logit_ij per block (summed on the host in f64): warp
-// sums, then the 8 warps. Every thread of the block calls it.
+// sums, then the block's kWarps warps. Every thread of the block calls it.
+template <int kWarps = 8>
 __device__ __forceinline__ void write_log_scale_partial(const ContraInfonceBwdParams& p, float acc) {
     if (!p.log_scale_partial) return;
     const int tid = threadIdx.y * 16 + threadIdx.x;
     const float warp_total = warp_sum(acc);
-    __shared__ float warp_partial[8];
+    __shared__ float warp_partial[kWarps];
     if (tid % 32 == 0) warp_partial[tid / 32] = warp_total;
     __syncthreads();
     if (tid == 0) {
         float total = 0.0f;
-        for (int w = 0; w < 8; ++w) total += warp_partial[w];
+        for (int w = 0; w < kWarps; ++w) total += warp_partial[w];
         p.log_scale_partial[blockIdx.x] = total;
     }
 }
@@ -347,23 +348,24 @@ __device__ void infonce_bwd_resident(const ContraInfonceBwdParams& p) {
     }
 }
 
-// The fused backward, bf16 or tf32 (FusedGeometry in infonce_tc.cuh; the launch gives its bytes):
-// per key tile, one wait and one barrier for the whole tile (staged while the previous tile was
-// worked on); S from the resident rows and the tile by ldmatrix; G formed on S's accumulator
-// fragments and stored once, as the operand type, for both products; dQ += G K kept in registers across the sweep (added
-// at the end under a key split), dK += G^T Q added per tile with the tile's B operands read from
-// the resident rows.
+// The fused backward, bf16 or tf32 (FusedGeometry in infonce_tc.cuh; the launch gives its bytes
+// and kFusedThreads threads): per key tile, one wait and one barrier for the whole tile (staged
+// while the previous tile was worked on); S from the resident rows and the tile by ldmatrix; G
+// formed on S's accumulator fragments and stored once, as the operand type, for both products;
+// dQ += G K kept in registers across the sweep (added at the end under a key split), dK += G^T Q
+// added per tile with the tile's B operands read from the resident rows.
 template <typename T, typename Loss>
 __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int g = lane / 4, t = lane % 4, m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
+    const int g = lane / 4, t = lane % 4, m0 = 16 * (warp % 4), n0 = kFusedWarpCols * (warp / 4);
     const int r0 = blockIdx.x * kTile;
     const float scale = logit_scale(p);
     const T* q = static_cast<const T*>(p.q);
     const T* k = static_cast<const T*>(p.k);
     const FusedGeometry<T> geo(p.dim);
     CONTRA_DYNAMIC_SHARED(StageWord<T>, shared);
-    if (p.dim > kFusedMaxDim || geo.bytes() > dynamic_shared_size()) __trap();
+    if (p.dim > kFusedMaxDim || geo.bytes() > dynamic_shared_size() || blockDim.x * blockDim.y != kFusedThreads)
+        __trap();
     StageWord<T>* const q_rows = shared;
     StageWord<T>* const g_tile = shared + 3 * kTile * geo.stride;
     const auto key_tile = [&](int step) { return shared + (1 + step % 2) * kTile * geo.stride; };
@@ -372,36 +374,35 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
     const int c_end = split ? min(p.cols, c_begin + p.split_tiles * kTile) : p.cols;
     const int steps = (c_end - c_begin + kTile - 1) / kTile;
     // With dK, block b starts at key tile b (mod the tiles), so that the blocks' atomic adds
-    // land on different keys' rows.
-    const int rotation = (p.grad_k && steps > 0) ? blockIdx.x % steps : 0;
-    const auto column = [&](int step) { return c_begin + (step + rotation) % steps * kTile; };
+    // land on different keys' rows; each next tile is one on, wrapping round (no division).
+    const auto next_column = [&](int c) { return c + kTile < c_end ? c + kTile : c_begin; };
+    int c0 = c_begin + ((p.grad_k && steps > 0) ? blockIdx.x % steps : 0) * kTile;
     // The rows and the first key tile form the first group.
-    stage_rows<T>(q, p.rows, p.dim, r0, 0, geo.padded, q_rows, geo.stride);
-    const RowStager<T> stage_keys(k, p.cols, p.dim, geo.padded, geo.stride);
-    if (steps > 0) stage_keys.stage(column(0), key_tile(0));
+    stage_rows<T, 0, kFusedThreads>(q, p.rows, p.dim, r0, 0, geo.padded, q_rows, geo.stride);
+    const RowStager<T, kFusedThreads> stage_keys(k, p.cols, p.dim, geo.padded, geo.stride);
+    if (steps > 0) stage_keys.stage(c0, key_tile(0));
     cp_async_commit();
-    float resident[kResidentChunks][4][4] = {};
+    float resident[kResidentChunks][kFusedTiles][4] = {};
     float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
     // This lane's rows (fragment elements 0, 1 and 2, 3) and what G reads of them.
     const int rows_at[2] = {r0 + m0 + g, r0 + m0 + g + 8};
     const LogitEnd row_end[2] = {LogitEnd::load<Loss>(p, min(rows_at[0], p.rows - 1)),
                                  LogitEnd::load<Loss>(p, min(rows_at[1], p.rows - 1))};
-    for (int step = 0; step < steps; ++step) {
-        const int c0 = column(step);
+    for (int step = 0; step < steps; ++step, c0 = next_column(c0)) {
         const StageWord<T>* keys = key_tile(step);
         cp_async_wait<0>();
         __syncthreads();  // the tile landed for all; the previous tile's buffer and G are consumed
-        if (step + 1 < steps) stage_keys.stage(column(step + 1), key_tile(step + 1));
+        if (step + 1 < steps) stage_keys.stage(next_column(c0), key_tile(step + 1));
         cp_async_commit();
-        float d[4][4] = {};
-        scores_from_rows<T>(q_rows, keys, geo.stride, geo.padded, m0, n0, d);
+        float d[kFusedTiles][4] = {};
+        scores_from_rows<T, kFusedWarpCols>(q_rows, keys, geo.stride, geo.padded, m0, n0, d);
         // G on the fragments: element (nt, 2 h + e) is query m0 + g + 8 h, key n0 + 8 nt + 2 t + e.
         // The rows' ends were loaded before the sweep, each column's is loaded once for its two
         // rows; indices past the matrix read the last row / column and the value is zeroed, so
         // the loop has no branch around its loads and exponentials.
-        float value[4][4];
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < kFusedTiles; ++nt) {
+            float value[4];  // (2 h + e)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int col = c0 + n0 + 8 * nt + 2 * t + e;
@@ -411,38 +412,26 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
                     float term;
                     const float v = softmax_grad<Loss>(p, scale, rows_at[h], row_end[h], col, key, d[nt][2 * h + e], term);
                     const bool inside = rows_at[h] < p.rows && col < p.cols;
-                    value[nt][2 * h + e] = inside ? v : 0.0f;
+                    value[2 * h + e] = inside ? v : 0.0f;
                     log_scale_acc += inside ? term : 0.0f;
                 }
             }
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
             for (int h = 0; h < 2; ++h)
-                store_g_pair<T>(g_tile, m0 + g + 8 * h, n0 + 8 * nt + 2 * t, value[nt][2 * h], value[nt][2 * h + 1]);
-        __syncthreads();  // G is complete
-        unsigned af[kGSteps<T>][4];
-        g_tile_fragments<T, false>(g_tile, af);
-#pragma unroll
-        for (int chunk = 0; chunk < kResidentChunks; ++chunk)
-            if (chunk * kTile < p.dim) fused_product<T>(af, keys, geo.stride, chunk * kTile, resident[chunk]);
-        if (p.grad_k) {
-            g_tile_fragments<T, true>(g_tile, af);
-#pragma unroll
-            for (int chunk = 0; chunk < kResidentChunks; ++chunk)
-                if (chunk * kTile < p.dim) {
-                    float sum[4][4] = {};
-                    fused_product<T>(af, q_rows, geo.stride, chunk * kTile, sum);
-                    write_chunk(sum, p.grad_k, c0, p.cols, chunk * kTile, p.dim, Write::kAtomicAdd);
-                }
+                store_g_pair<T>(g_tile, m0 + g + 8 * h, n0 + 8 * nt + 2 * t, value[2 * h], value[2 * h + 1]);
         }
+        __syncthreads();  // G is complete
+        fused_dq_product<T>(g_tile, keys, geo.stride, p.dim, resident);
+        if (p.grad_k) fused_dk_product<T>(g_tile, q_rows, geo.stride, p.grad_k, c0, p.cols, p.dim);
     }
     cp_async_wait<0>();
-    write_resident(resident, p.grad_q, r0, p.rows, p.dim, split ? Write::kAtomicAdd : Write::kOverwrite);
-    write_log_scale_partial(p, log_scale_acc);
+    write_resident<kFusedWarpCols>(resident, p.grad_q, r0, p.rows, p.dim, split ? Write::kAtomicAdd : Write::kOverwrite);
+    write_log_scale_partial<kFusedWarps>(p, log_scale_acc);
 }
 
-// The fused backward instantiated per loss of the family (AnyLoss for any other mix of inputs).
+// The fused backward instantiated per loss of the family. The launch layer takes it for these
+// four mixes of inputs only (src/kernels/infonce.rs, fused_loss): a fifth, general instantiation
+// would cost every loss's registers nothing but the kernel its 128-register fit.
 template <typename T>
 __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
     static_assert(std::is_same<T, __nv_bfloat16>::value || kIsTf32<T>, "bf16 or tf32 operands");
@@ -459,7 +448,7 @@ __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
     } else if (InfoNce::matches(p)) {
         infonce_bwd_fused_for<T, InfoNce>(p);
     } else {
-        infonce_bwd_fused_for<T, AnyLoss>(p);
+        __trap();
     }
 }
 
@@ -539,11 +528,13 @@ CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident, ContraInfonceFwdParams, (256, 3)
 CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split_resident, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd_resident, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 2), (256, 2))
-extern "C" __global__ void __launch_bounds__(256, 1) infonce_bwd_fused_bf16(const ContraInfonceBwdParams p) {
+// The fused backward: one block of 16 warps per SM, so at most 128 registers (ptxas: bf16 112,
+// tf32 128; the dQ product's k-steps and the dK product's chunks are loops, not unrolled, to fit).
+extern "C" __global__ void __launch_bounds__(contra::kFusedThreads, 1) infonce_bwd_fused_bf16(const ContraInfonceBwdParams p) {
     contra::infonce_bwd_fused<__nv_bfloat16>(p);
 }
 INTERP_EXPORT(infonce_bwd_fused_bf16, ContraInfonceBwdParams)
-extern "C" __global__ void __launch_bounds__(256, 1) infonce_bwd_fused_tf32(const ContraInfonceBwdParams p) {
+extern "C" __global__ void __launch_bounds__(contra::kFusedThreads, 1) infonce_bwd_fused_tf32(const ContraInfonceBwdParams p) {
     contra::infonce_bwd_fused<contra::tf32>(p);
 }
 INTERP_EXPORT(infonce_bwd_fused_tf32, ContraInfonceBwdParams)

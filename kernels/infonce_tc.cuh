@@ -52,13 +52,13 @@ struct ResidentGeometry {
 };
 
 // Stages rows [row0, row0 + 64) x features [k0, k0 + width) of `m` (width: whole chunks) into
-// `dst` (row stride `stride` words); no commit. A width known at compile time (kWidth > 0, then
-// `width` is ignored) turns the chunk's row and column into shifts.
-template <typename T, int kWidth = 0>
+// `dst` (row stride `stride` words) with the block's kThreads threads; no commit. A width known at
+// compile time (kWidth > 0, then `width` is ignored) turns the chunk's row and column into shifts.
+template <typename T, int kWidth = 0, int kThreads = 256>
 __device__ __forceinline__ void stage_rows(const T* m, int rows, int dim, int row0, int k0, int width,
                                            StageWord<T>* dst, int stride) {
     const int tid = threadIdx.y * 16 + threadIdx.x, per_row = (kWidth > 0 ? kWidth : width) / kChunkElems<T>;
-    for (int c = tid; c < kTile * per_row; c += 256) {
+    for (int c = tid; c < kTile * per_row; c += kThreads) {
         const int r = c / per_row, col = kChunkElems<T> * (c % per_row);
         stage_16_bytes(m, rows, dim, row0 + r, k0 + col, dst + r * stride + col);
     }
@@ -68,13 +68,13 @@ __device__ __forceinline__ void stage_rows(const T* m, int rows, int dim, int ro
 // each thread's first chunk and its step from one chunk to its next are worked out once, and
 // a chunk inside the matrix is one test and one cp.async when the matrix allows 16-byte copies
 // (whole chunks per row, 16-byte aligned); the rest take stage_16_bytes' zero-filling path.
-template <typename T>
+template <typename T, int kThreads>
 struct RowStager {
     const T* m;
     int rows, dim, stride;
     int per_row;               // chunks per staged row
     int first_row, first_col;  // this thread's first chunk
-    int row_step, col_step;    // from one of its chunks to the next (256 chunks on)
+    int row_step, col_step;    // from one of its chunks to the next (kThreads chunks on)
     bool vectors;
 
     __device__ __forceinline__ RowStager(const T* matrix, int n_rows, int features, int width, int dst_stride)
@@ -82,8 +82,8 @@ struct RowStager {
         const int tid = threadIdx.y * 16 + threadIdx.x;
         first_row = tid / per_row;
         first_col = tid % per_row;
-        row_step = 256 / per_row;
-        col_step = 256 % per_row;
+        row_step = kThreads / per_row;
+        col_step = kThreads % per_row;
         vectors = dim % kChunkElems<T> == 0 && reinterpret_cast<uintptr_t>(matrix) % 16 == 0;
     }
 
@@ -91,7 +91,7 @@ struct RowStager {
     __device__ __forceinline__ void stage(int row0, StageWord<T>* dst) const {
         const StageWord<T>* bits = reinterpret_cast<const StageWord<T>*>(m);
         int r = first_row, c = first_col;
-        for (int chunk = threadIdx.y * 16 + threadIdx.x; chunk < kTile * per_row; chunk += 256) {
+        for (int chunk = threadIdx.y * 16 + threadIdx.x; chunk < kTile * per_row; chunk += kThreads) {
             const int row = row0 + r, col = kChunkElems<T> * c;
             StageWord<T>* to = dst + r * stride + col;
             if (vectors && row < rows && col + kChunkElems<T> <= dim) {
@@ -144,14 +144,14 @@ __device__ __forceinline__ const StageWord<T>* score_b_row(const StageWord<T>* k
 }
 
 // One k-step of that 16 x 32 part from the lane's rows (score_a_row / score_b_row) at the
-// k-step's first feature.
-template <typename T>
+// k-step's first feature; of a 16 x 16 part (its first key pair) with kPairs = 1.
+template <typename T, int kPairs = 2>
 __device__ __forceinline__ void score_k_step(const StageWord<T>* a_row, const StageWord<T>* b_row, int b_stride,
-                                             float d[4][4]) {
+                                             float d[2 * kPairs][4]) {
     unsigned a[4];
     ldmatrix_operand<T>(a, a_row);
 #pragma unroll
-    for (int pair = 0; pair < 2; ++pair) {
+    for (int pair = 0; pair < kPairs; ++pair) {
         unsigned b[4];
         ldmatrix_operand<T>(b, b_row + 16 * pair * b_stride);
         mma_k_step<T>(d[2 * pair], a, b);
@@ -380,24 +380,31 @@ __device__ __forceinline__ void g_fragments(const float (*g)[kTilePad], unsigned
 }
 
 // sum[nt] += A B for this warp's part of a 64-feature chunk (output rows 16 (w % 4) .. +16,
-// features d0 + 32 (w / 4) .. +32) over k = 64: A given as the four k-steps' fragments, B the
-// 64 source rows (k) x features (n) held row-major in shared memory, `stride` elements per row
-// (an odd number of 16-byte chunks). B fragments by ldmatrix.x4.trans: lane l addresses source
-// row 16 step + l % 8 + 8 ((l / 8) % 2) at feature d0 + n0 + 16 pair + 8 (l / 16), giving b[0],
-// b[1] of feature tile 2 pair, then of 2 pair + 1.
+// features d0 + n0 .. + kWarpCols, n0 = kWarpCols (w / 4): 32 for 8 warps, 16 for 16) over
+// k = 64: A given as the four k-steps' fragments, B the 64 source rows (k) x features (n) held
+// row-major in shared memory, `stride` elements per row (an odd number of 16-byte chunks).
+// B fragments by ldmatrix.x4.trans: lane l addresses source row 16 step + l % 8 + 8 ((l / 8) % 2)
+// at feature d0 + n0 + 16 pair + 8 (l / 16), giving b[0], b[1] of feature tile 2 pair, then of
+// 2 pair + 1.
+// product_rows_step is one k-step of it (A: that step's fragment).
+template <int kWarpCols = 32>
+__device__ __forceinline__ void product_rows_step(const unsigned a[4], const unsigned short* src, int stride, int d0,
+                                                  int step, float sum[kWarpCols / 8][4]) {
+    const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = kWarpCols * (tid / 32 / 4);
+    const unsigned short* at = src + (16 * step + lane % 8 + 8 * ((lane / 8) % 2)) * stride + d0 + n0 + 8 * (lane / 16);
+#pragma unroll
+    for (int pair = 0; pair < kWarpCols / 16; ++pair) {
+        unsigned b[4];
+        ldmatrix<4, true>(b, at + 16 * pair);
+        mma_16816<__nv_bfloat16>(sum[2 * pair], a, b);
+        mma_16816<__nv_bfloat16>(sum[2 * pair + 1], a, b + 2);
+    }
+}
+template <int kWarpCols = 32>
 __device__ __forceinline__ void product_from_rows(const unsigned af[4][4], const unsigned short* src, int stride,
-                                                  int d0, float sum[4][4]) {
-    const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = 32 * (tid / 32 / 4);
-    const unsigned short* at = src + (lane % 8 + 8 * ((lane / 8) % 2)) * stride + d0 + n0 + 8 * (lane / 16);
+                                                  int d0, float sum[kWarpCols / 8][4]) {
 #pragma unroll
-    for (int step = 0; step < 4; ++step)
-#pragma unroll
-        for (int pair = 0; pair < 2; ++pair) {
-            unsigned b[4];
-            ldmatrix<4, true>(b, at + 16 * step * stride + 16 * pair);
-            mma_16816<__nv_bfloat16>(sum[2 * pair], af[step], b);
-            mma_16816<__nv_bfloat16>(sum[2 * pair + 1], af[step], b + 2);
-        }
+    for (int step = 0; step < 4; ++step) product_rows_step<kWarpCols>(af[step], src, stride, d0, step, sum);
 }
 
 // One 64-feature chunk [d0, d0 + 64): stages the 64 src rows' features into `staged` (the
@@ -419,32 +426,34 @@ __device__ __forceinline__ void product_chunk(const unsigned af[4][4], float (*s
     product_from_rows(af, &src_rows[0][0], kSrcStride, 0, sum);
 }
 
-// Where element e of fragment nt of chunk d0 lands in the output: (row, feature).
-__device__ __forceinline__ void fragment_place(int dst0, int d0, int nt, int e, int& row, int& feature) {
-    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
-    row = dst0 + 16 * (warp % 4) + lane / 4 + 8 * (e / 2);
-    feature = d0 + 32 * (warp / 4) + 8 * nt + 2 * (lane % 4) + e % 2;
-}
-
 // Writes this warp's fragments of output chunk d0 (rows from dst0, `how`: the gradient's write
-// mode), inside the n_dst x dim output.
+// mode), inside the n_dst x dim output. Element e of feature tile nt is row
+// dst0 + 16 (w % 4) + l / 4 + 8 (e / 2), feature d0 + kWarpCols (w / 4) + 8 nt + 2 (l % 4) + e % 2
+// (the layout of product_from_rows).
 // A lane's elements come in pairs of adjacent features (e = 0, 1 and 2, 3), written together
 // (one vector atomic on sm_90) when both are inside and the pair is 8-byte aligned (even dim).
-__device__ __forceinline__ void write_chunk(const float sum[4][4], float* out, int dst0, int n_dst, int d0, int dim,
-                                            Write how) {
+// The bounds are tested as each tile's offset from the lane's first feature against the room
+// left after it: one register for all the tests, not a feature per tile.
+template <int kWarpCols = 32>
+__device__ __forceinline__ void write_chunk(const float sum[kWarpCols / 8][4], float* out, int dst0, int n_dst, int d0,
+                                            int dim, Write how) {
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int first_row = dst0 + 16 * (warp % 4) + lane / 4;
+    const int first_feature = kWarpCols * (warp / 4) + 2 * (lane % 4);
+    const int room = dim - first_feature;  // features from the lane's first one to the end
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < kWarpCols / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; e += 2) {
-            int row, feature;
-            fragment_place(dst0, d0, nt, e, row, feature);
+        for (int h = 0; h < 2; ++h) {
+            const int row = first_row + 8 * h, offset = d0 + 8 * nt;
             if (row >= n_dst) continue;
-            float* dst = out + (long long)row * dim + feature;
-            if (feature + 1 < dim && dim % 2 == 0) {
-                write_grad_pair(dst, sum[nt][e], sum[nt][e + 1], how);
+            float* dst = out + (long long)row * dim + first_feature + offset;
+            const float first = sum[nt][2 * h], second = sum[nt][2 * h + 1];
+            if (offset + 1 < room && dim % 2 == 0) {
+                write_grad_pair(dst, first, second, how);
             } else {
-                if (feature < dim) write_grad(dst, sum[nt][e], how);
-                if (feature + 1 < dim) write_grad(dst + 1, sum[nt][e + 1], how);
+                if (offset < room) write_grad(dst, first, how);
+                if (offset + 1 < room) write_grad(dst + 1, second, how);
             }
         }
 }
@@ -480,11 +489,12 @@ __device__ __forceinline__ void grad_product_tc_resident(const float (*g)[kTileP
 }
 
 // Writes the resident dQ of rows [dst0, dst0 + 64) (`how`: overwrite, or add under a key split).
-__device__ __forceinline__ void write_resident(const float resident[kResidentChunks][4][4], float* out, int dst0,
-                                               int n_dst, int dim, Write how) {
+template <int kWarpCols = 32>
+__device__ __forceinline__ void write_resident(const float resident[kResidentChunks][kWarpCols / 8][4], float* out,
+                                               int dst0, int n_dst, int dim, Write how) {
 #pragma unroll
     for (int chunk = 0; chunk < kResidentChunks; ++chunk)
-        if (chunk * kTile < dim) write_chunk(resident[chunk], out, dst0, n_dst, chunk * kTile, dim, how);
+        if (chunk * kTile < dim) write_chunk<kWarpCols>(resident[chunk], out, dst0, n_dst, chunk * kTile, dim, how);
 }
 
 // The fused backward (`infonce_bwd_fused_bf16`, `_tf32`; up to kFusedMaxDim features: dQ stays
@@ -495,6 +505,14 @@ __device__ __forceinline__ void write_resident(const float resident[kResidentChu
 // of 16-byte chunks, so the 8 rows an ldmatrix phase reads start in 8 different bank groups.
 // src/kernels/infonce.rs computes the same size.
 constexpr int kFusedMaxDim = kResidentChunks * kTile;
+// Its block: 16 warps, warp w the 16 x 16 part (rows 16 (w % 4), keys 16 (w / 4)) of each score
+// tile, and of each 64-feature chunk of the products the rows 16 (w % 4) and features
+// 16 (w / 4): at the same shared memory, twice the warps per SM of 8 warps with 16 x 32 parts,
+// each holding half the registers (dQ: 32 a lane, not 64), so the kernel fits 128 registers.
+constexpr int kFusedThreads = 512;
+constexpr int kFusedWarps = kFusedThreads / 32;
+constexpr int kFusedWarpCols = 16;
+constexpr int kFusedTiles = kFusedWarpCols / 8;  // n8 tiles in a warp's part
 template <typename T>
 constexpr int kGStride = kTile + kChunkElems<T>;
 
@@ -509,14 +527,15 @@ struct FusedGeometry {
     }
 };
 
-// This warp's 16 x 32 part of S (rows m0.., keys n0..) over `padded` features: A from the
+// This warp's 16 x kWarpCols part of S (rows m0.., keys n0..) over `padded` features: A from the
 // resident rows, B from the staged key tile, both row-major with `stride` words.
-template <typename T>
+template <typename T, int kWarpCols>
 __device__ __forceinline__ void scores_from_rows(const StageWord<T>* rows, const StageWord<T>* keys, int stride,
-                                                 int padded, int m0, int n0, float d[4][4]) {
+                                                 int padded, int m0, int n0, float d[kWarpCols / 8][4]) {
     const StageWord<T>* a_row = score_a_row<T>(rows, stride, m0);
     const StageWord<T>* b_row = score_b_row<T>(keys, stride, n0);
-    for (int k0 = 0; k0 < padded; k0 += kMmaK<T>) score_k_step<T>(a_row + k0, b_row + k0, stride, d);
+    for (int k0 = 0; k0 < padded; k0 += kMmaK<T>)
+        score_k_step<T, kWarpCols / 16>(a_row + k0, b_row + k0, stride, d);
 }
 
 // G's k-steps over a tile's 64 keys (or queries): 4 of bf16's 16, 8 of tf32's 8.
@@ -534,7 +553,7 @@ __device__ __forceinline__ void store_g_pair(StageWord<T>* g_tile, int row, int 
     }
 }
 
-// A fragments of the tile's G ([query][key]) for the k-steps of this warp's 16 output rows: of G
+// A fragment of the tile's G ([query][key]) for k-step `step` of this warp's 16 output rows: of G
 // itself (dQ = G K: rows are queries, k runs over keys; ldmatrix, lane l addresses query
 // 16 (w % 4) + l % 16 at chunk l / 16 of the k-step), or with `transposed` of G^T (dK = G^T Q:
 // rows are keys, k runs over queries). bf16 takes G^T by ldmatrix.trans (lane l addresses query
@@ -542,47 +561,75 @@ __device__ __forceinline__ void store_g_pair(StageWord<T>* g_tile, int row, int 
 // cannot transpose, by single loads in the m16n8k8 layout (a0 = G^T(g, t), a1 = G^T(g + 8, t),
 // a2 = G^T(g, t + 4), a3 = G^T(g + 8, t + 4)).
 template <typename T, bool transposed>
-__device__ __forceinline__ void g_tile_fragments(const StageWord<T>* g_tile, unsigned af[kGSteps<T>][4]) {
+__device__ __forceinline__ void g_step_fragment(const StageWord<T>* g_tile, int step, unsigned a[4]) {
     constexpr int stride = kGStride<T>, chunk = kChunkElems<T>;
     const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, m0 = 16 * (tid / 32 % 4);
-    const int g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int step = 0; step < kGSteps<T>; ++step) {
-        const int k0 = kMmaK<T> * step;
-        if constexpr (!transposed) {
-            ldmatrix<4, false>(af[step], g_tile + (m0 + lane % 16) * stride + k0 + chunk * (lane / 16));
-        } else if constexpr (kIsTf32<T>) {
-            af[step][0] = g_tile[(k0 + t) * stride + m0 + g];
-            af[step][1] = g_tile[(k0 + t) * stride + m0 + g + 8];
-            af[step][2] = g_tile[(k0 + t + 4) * stride + m0 + g];
-            af[step][3] = g_tile[(k0 + t + 4) * stride + m0 + g + 8];
-        } else {
-            ldmatrix<4, true>(af[step], g_tile + (k0 + lane % 8 + 8 * (lane / 16)) * stride + m0 + 8 * ((lane / 8) % 2));
-        }
+    const int g = lane / 4, t = lane % 4, k0 = kMmaK<T> * step;
+    if constexpr (!transposed) {
+        ldmatrix<4, false>(a, g_tile + (m0 + lane % 16) * stride + k0 + chunk * (lane / 16));
+    } else if constexpr (kIsTf32<T>) {
+        a[0] = g_tile[(k0 + t) * stride + m0 + g];
+        a[1] = g_tile[(k0 + t) * stride + m0 + g + 8];
+        a[2] = g_tile[(k0 + t + 4) * stride + m0 + g];
+        a[3] = g_tile[(k0 + t + 4) * stride + m0 + g + 8];
+    } else {
+        ldmatrix<4, true>(a, g_tile + (k0 + lane % 8 + 8 * (lane / 16)) * stride + m0 + 8 * ((lane / 8) % 2));
     }
 }
 
-// sum[nt] += A B for this warp's part of a 64-feature chunk (output rows 16 (w % 4) .. +16,
-// features d0 + 32 (w / 4) .. +32) over k = 64 staged rows: bf16 by product_from_rows; tf32 with
-// B by single loads in the m16n8k8 layout (b0 = src(k0 + t, n), b1 = src(k0 + t + 4, n),
-// n = feature n0 + 8 nt + g), rounded to tf32.
+// One k-step of sum[nt] += A B for this warp's part of a 64-feature chunk (output rows
+// 16 (w % 4) .. +16, features d0 + n0 .. + kFusedWarpCols, n0 = kFusedWarpCols (w / 4)) over the
+// k-step's staged rows: bf16 by product_rows_step; tf32 with B by single loads in the m16n8k8
+// layout (b0 = src(k0 + t, n), b1 = src(k0 + t + 4, n), n = feature n0 + 8 nt + g), rounded to tf32.
 template <typename T>
-__device__ __forceinline__ void fused_product(const unsigned af[kGSteps<T>][4], const StageWord<T>* src, int stride,
-                                              int d0, float sum[4][4]) {
+__device__ __forceinline__ void fused_product_step(const unsigned a[4], const StageWord<T>* src, int stride, int d0,
+                                                   int step, float sum[kFusedTiles][4]) {
     if constexpr (kIsTf32<T>) {
-        const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = 32 * (tid / 32 / 4);
+        const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = kFusedWarpCols * (tid / 32 / 4);
         const int g = lane / 4, t = lane % 4;
 #pragma unroll
-        for (int step = 0; step < kGSteps<T>; ++step)
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-                const StageWord<T>* at = src + (8 * step + t) * stride + d0 + n0 + 8 * nt + g;
-                const unsigned b[2] = {to_tf32(__uint_as_float(at[0])), to_tf32(__uint_as_float(at[4 * stride]))};
-                mma_1688_tf32(sum[nt], af[step], b);
-            }
+        for (int nt = 0; nt < kFusedTiles; ++nt) {
+            const StageWord<T>* at = src + (8 * step + t) * stride + d0 + n0 + 8 * nt + g;
+            const unsigned b[2] = {to_tf32(__uint_as_float(at[0])), to_tf32(__uint_as_float(at[4 * stride]))};
+            mma_1688_tf32(sum[nt], a, b);
+        }
     } else {
-        product_from_rows(af, src, stride, d0, sum);
+        product_rows_step<kFusedWarpCols>(a, src, stride, d0, step, sum);
     }
+}
+
+// dQ += G K into the resident chunks (`dim` features): k-step by k-step, so that one step's A
+// fragment is live at a time, not the tile's.
+template <typename T>
+__device__ __forceinline__ void fused_dq_product(const StageWord<T>* g_tile, const StageWord<T>* keys, int stride,
+                                                 int dim, float resident[kResidentChunks][kFusedTiles][4]) {
+#pragma unroll 1
+    for (int step = 0; step < kGSteps<T>; ++step) {
+        unsigned a[4];
+        g_step_fragment<T, false>(g_tile, step, a);
+#pragma unroll
+        for (int chunk = 0; chunk < kResidentChunks; ++chunk)
+            if (chunk * kTile < dim) fused_product_step<T>(a, keys, stride, chunk * kTile, step, resident[chunk]);
+    }
+}
+
+// dK += G^T Q, added to grad_k (rows from key c0) chunk by chunk: the A fragments of the tile's
+// k-steps are loaded once, each chunk's sum is written before the next is formed.
+template <typename T>
+__device__ __forceinline__ void fused_dk_product(const StageWord<T>* g_tile, const StageWord<T>* q_rows, int stride,
+                                                 float* grad_k, int c0, int cols, int dim) {
+    unsigned af[kGSteps<T>][4];
+#pragma unroll
+    for (int step = 0; step < kGSteps<T>; ++step) g_step_fragment<T, true>(g_tile, step, af[step]);
+#pragma unroll 1
+    for (int chunk = 0; chunk < kResidentChunks; ++chunk)
+        if (chunk * kTile < dim) {
+            float sum[kFusedTiles][4] = {};
+#pragma unroll
+            for (int step = 0; step < kGSteps<T>; ++step)
+                fused_product_step<T>(af[step], q_rows, stride, chunk * kTile, step, sum);
+            write_chunk<kFusedWarpCols>(sum, grad_k, c0, cols, chunk * kTile, dim, Write::kAtomicAdd);
+        }
 }
 
 }  // namespace contra

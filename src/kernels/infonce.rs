@@ -321,14 +321,18 @@ fn resident_backward_bytes(elem: Elem, dim: usize) -> Option<usize> {
 /// kernels/infonce_tc.cuh).
 const FUSED_MAX_DIM: usize = 4 * TILE;
 
-/// The fused backward's static shared memory (the log-scale partials of its 8 warps).
-const FUSED_STATIC_SHARED: usize = 8 * 4;
+/// The fused backward's block: 16 warps (kFusedThreads in kernels/infonce_tc.cuh).
+const FUSED_BLOCK: [u32; 3] = [16, 32, 1];
+
+/// The fused backward's static shared memory (the log-scale partials of its 16 warps).
+const FUSED_STATIC_SHARED: usize = 16 * 4;
 
 /// The fused backward for operands of `elem` at the calling thread's precision, with its dynamic
 /// shared memory (FusedGeometry in kernels/infonce_tc.cuh): the block's query rows and two key
 /// tiles, each row the features rounded up to whole 64-feature chunks and one 16-byte chunk of
 /// pad, then G (64 rows of 64 keys and the pad) in the operand type. bf16
-/// (`infonce_bwd_fused_bf16`, measured faster than the resident backward on an H200) up to
+/// (`infonce_bwd_fused_bf16`: its 8-warp form measured faster than the resident backward on an
+/// H200; the 16-warp form not measured yet) up to
 /// `FUSED_MAX_DIM` features; f32 as tf32 (`infonce_bwd_fused_tf32`, 217 KB at D = 256) where the
 /// resident backward does not fit two blocks per SM (past 208 features), in place of the
 /// re-staging `infonce_bwd` (not measured yet: the tf32 resident backward keeps the narrower
@@ -355,6 +359,17 @@ fn fused_backward(
     let stride = dim.div_ceil(TILE) * TILE + chunk;
     let bytes = (3 * TILE * stride + TILE * (TILE + chunk)) * word;
     (bytes + FUSED_STATIC_SHARED <= per_block).then_some((kernel, bytes))
+}
+
+/// Whether the fused backward has an instantiation for this mix of the family's inputs (its
+/// `FixedLoss`es in kernels/infonce.cu): NT-Xent (symmetric), SupCon (symmetric, labels), CLIP
+/// (column softmax), InfoNCE and MoCo (none). Every loss of the crate is one of them; any other
+/// mix keeps the general backward.
+fn fused_loss(symmetric: bool, column_softmax: bool, labels: bool) -> bool {
+    matches!(
+        (symmetric, column_softmax, labels),
+        (true, false, false) | (true, false, true) | (false, true, false) | (false, false, false)
+    )
 }
 
 /// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp. `extra_key` adds MoCo's positive
@@ -515,8 +530,11 @@ impl<Buf> BackwardPass<'_, Buf> {
         };
         written.extend(grad_k);
         let elem = b.info(s.q).elem;
-        if let Some((kernel, bytes)) = fused_backward(elem, s.dim, b.shared_bytes_per_block()) {
+        let fused = fused_backward(elem, s.dim, b.shared_bytes_per_block())
+            .filter(|_| fused_loss(symmetric, s.col_lse.is_some(), s.labels.is_some()));
+        if let Some((kernel, bytes)) = fused {
             let shape = Launch {
+                block: FUSED_BLOCK,
                 shared_bytes: bytes,
                 ..shape
             };
@@ -609,9 +627,23 @@ mod tests {
             assert_eq!(fused_backward(Elem::F32, 256, a100).map(|(_, b)| b), None);
             assert_eq!(fused_backward(Elem::F32, 209, a100).map(|(_, b)| b), None);
         });
-        // The bf16 layout fits one: the static 32 B on top of the dynamic bytes.
-        assert!(fused_backward(Elem::Bf16, 256, 110_592 + 32).is_some());
-        assert!(fused_backward(Elem::Bf16, 256, 110_592 + 31).is_none());
+        // The bf16 layout fits one: the static 64 B on top of the dynamic bytes.
+        assert!(fused_backward(Elem::Bf16, 256, 110_592 + 64).is_some());
+        assert!(fused_backward(Elem::Bf16, 256, 110_592 + 63).is_none());
+    }
+
+    #[test]
+    fn the_fused_backward_is_taken_for_the_four_instantiated_losses_only() {
+        // NT-Xent, SupCon, CLIP, InfoNCE / MoCo.
+        assert!(fused_loss(true, false, false));
+        assert!(fused_loss(true, false, true));
+        assert!(fused_loss(false, true, false));
+        assert!(fused_loss(false, false, false));
+        // No loss of the crate mixes these; the kernel would trap on them.
+        assert!(!fused_loss(true, true, false));
+        assert!(!fused_loss(false, false, true));
+        assert!(!fused_loss(false, true, true));
+        assert!(!fused_loss(true, true, true));
     }
 
     #[test]

@@ -73,12 +73,24 @@ fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
 }
 
-/// One GPU: its context, a stream, and the modules loaded so far.
+/// A kernel's function, looked up once, and the dynamic shared memory it is allowed so far.
+struct LoadedKernel {
+    function: CudaFunction,
+    dynamic_limit: usize,
+}
+
+/// One GPU: its context, a stream, and the modules and kernels loaded so far.
 pub(crate) struct Cuda {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// The kernels launched so far. Each is looked up in its module once, and its dynamic
+    /// shared-memory limit is raised only when a launch asks for more than any before: both
+    /// are driver calls, a few microseconds per launch otherwise (MoCo's whole call takes 0.5 ms).
+    kernels: Mutex<HashMap<&'static str, LoadedKernel>>,
+    /// The GPU's opt-in shared memory per block, read once (None: the driver could not say).
+    shared_per_block: OnceLock<Option<usize>>,
     /// cuBLAS on this GPU's stream, or `None` when libcublas cannot be loaded (the GEMMs then
     /// run our `nn_gemm_f32` kernel).
     blas: OnceLock<Option<CudaBlas>>,
@@ -130,6 +142,8 @@ impl Cuda {
             ctx: stream.context().clone(),
             stream,
             modules: Mutex::new(HashMap::new()),
+            kernels: Mutex::new(HashMap::new()),
+            shared_per_block: OnceLock::new(),
             blas: OnceLock::new(),
             sync_launches: AtomicBool::new(sync_launches_asked()),
         })
@@ -371,11 +385,13 @@ impl Cuda {
         let static_bytes = function
             .shared_size_bytes()
             .map_err(|e| error("reading its static shared memory", e))?;
-        let per_block = self
-            .ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(|e| error("reading the GPU's shared memory per block", e))?;
-        let (static_bytes, per_block) = (static_bytes.max(0) as usize, per_block.max(0) as usize);
+        let per_block = self.shared_optin().ok_or_else(|| {
+            Error::Device(format!(
+                "`{kernel}`: the driver does not say how much shared memory a block may have on cuda:{}",
+                self.ordinal
+            ))
+        })?;
+        let static_bytes = static_bytes.max(0) as usize;
         if static_bytes.saturating_add(dynamic) > per_block {
             return Err(Error::Device(format!(
                 "`{kernel}` needs {dynamic} B of dynamic shared memory next to its {static_bytes} B \
@@ -390,6 +406,50 @@ impl Cuda {
                 dynamic as i32,
             )
             .map_err(|e| error(&format!("allowing {dynamic} B of dynamic shared memory"), e))
+    }
+
+    /// The GPU's opt-in shared memory per block, asked of the driver once.
+    fn shared_optin(&self) -> Option<usize> {
+        *self.shared_per_block.get_or_init(|| {
+            self.ctx
+                .attribute(
+                    CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
+                .ok()
+                .map(|bytes| bytes.max(0) as usize)
+        })
+    }
+
+    /// `kernel` (of module `module`), looked up on its first launch, with its dynamic
+    /// shared-memory limit raised to `dynamic` bytes unless an earlier launch raised it as far.
+    fn function(
+        &self,
+        module: &'static str,
+        kernel: &'static str,
+        dynamic: usize,
+    ) -> Result<CudaFunction> {
+        let mut kernels = self
+            .kernels
+            .lock()
+            .map_err(|_| Error::Device("poisoned lock".into()))?;
+        let loaded = match kernels.entry(kernel) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let function = self
+                    .module(module, kernel)?
+                    .load_function(kernel)
+                    .map_err(|e| device_error(&format!("kernel `{kernel}`"), e))?;
+                entry.insert(LoadedKernel {
+                    function,
+                    dynamic_limit: 0,
+                })
+            }
+        };
+        if dynamic > loaded.dynamic_limit {
+            self.allow_dynamic_shared(&loaded.function, kernel, dynamic)?;
+            loaded.dynamic_limit = dynamic;
+        }
+        Ok(loaded.function.clone())
     }
 
     /// The module (kernels/<name>.cu) holding `kernel`, loaded on first use.
@@ -599,11 +659,8 @@ impl Backend for Cuda {
     fn shared_bytes_per_block(&self) -> usize {
         // The driver's answer, or the launch layer's own bound if it cannot give one (a launch
         // past the GPU's figure is still refused with a clear error).
-        self.ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_or(super::MAX_DYNAMIC_SHARED_BYTES, |bytes| {
-                bytes.max(0) as usize
-            })
+        self.shared_optin()
+            .unwrap_or(super::MAX_DYNAMIC_SHARED_BYTES)
     }
 
     fn launch<P: KernelParams>(
@@ -615,13 +672,7 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let (module, kernel) = (kernel.module, kernel.name);
         let (grid, block) = launch.dims(kernel)?;
-        let function = self
-            .module(module, kernel)?
-            .load_function(kernel)
-            .map_err(|e| device_error(&format!("kernel `{kernel}`"), e))?;
-        if launch.shared_bytes > 0 {
-            self.allow_dynamic_shared(&function, kernel, launch.shared_bytes)?;
-        }
+        let function = self.function(module, kernel, launch.shared_bytes)?;
         let cfg = LaunchConfig {
             grid_dim: (grid[0], grid[1], grid[2]),
             block_dim: (block[0], block[1], block[2]),

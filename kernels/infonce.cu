@@ -135,14 +135,30 @@ __device__ void infonce_fwd_split(const ContraInfonceFwdParams& p) {
 // keys pipelined across tiles (infonce_tc.cuh); the launch gives it ResidentGeometry's bytes.
 // Exact f32 has no such path: the launch layer picks this kernel for tensor-core operands only,
 // and the f32 instantiation stops (a second copy of the CUDA-core forward made ptxas spill it).
-template <typename T>
-__device__ void infonce_fwd_resident(const ContraInfonceFwdParams& p) {
+// Instantiated per loss of the family (FixedLoss: the per-element code has no branch on the
+// loss's optional inputs; in sm_90 SASS NT-Xent's kernel has 2 272 instructions and 50 global
+// loads where the general one had 5 768 and 372), each its own kernel: in one kernel the
+// instantiations spilled together at the 80-register bound, and each adds its static shared
+// memory. Any other mix of inputs (no loss of the crate makes one) takes infonce_fwd.
+template <typename T, typename Loss>
+__device__ void infonce_fwd_resident_for(const ContraInfonceFwdParams& p) {
     if constexpr (kOnTensorCores<T>) {
-        infonce_fwd_tensor_cores<T, false, true>(p);
+        if (!Loss::matches(p)) __trap();
+        infonce_fwd_tensor_cores<T, false, true, Loss>(p);
     } else {
         __trap();
     }
 }
+// infonce_fwd_resident_<loss><T>, the name the kernel macros instantiate per operand type.
+#define CONTRA_RESIDENT_FORWARD_OF(loss, Loss)                                      \
+    template <typename T>                                                           \
+    __device__ void infonce_fwd_resident_##loss(const ContraInfonceFwdParams& p) { \
+        infonce_fwd_resident_for<T, Loss>(p);                                       \
+    }
+CONTRA_RESIDENT_FORWARD_OF(ntxent, NtXentLoss)
+CONTRA_RESIDENT_FORWARD_OF(clip, ClipLoss)
+CONTRA_RESIDENT_FORWARD_OF(supcon, SupConLoss)
+CONTRA_RESIDENT_FORWARD_OF(infonce, InfoNceLoss)
 
 // The same with a key split (MoCo's few rows against a long queue).
 template <typename T>
@@ -153,32 +169,6 @@ __device__ void infonce_fwd_split_resident(const ContraInfonceFwdParams& p) {
         __trap();
     }
 }
-
-// Which optional terms of the family's softmax gradient a kernel computes: read from p at run
-// time (AnyLoss, the general engines), or fixed at compile time (FixedLoss, the fused backward's
-// instantiations per loss), so that the per-element code has no branch on them.
-struct AnyLoss {
-    static __device__ __forceinline__ bool symmetric(const ContraInfonceBwdParams& p) { return p.symmetric; }
-    static __device__ __forceinline__ bool column_softmax(const ContraInfonceBwdParams& p) { return p.col_lse; }
-    static __device__ __forceinline__ bool labels(const ContraInfonceBwdParams& p) { return p.labels; }
-    static __device__ __forceinline__ bool log_scale(const ContraInfonceBwdParams& p) { return p.log_scale_partial; }
-};
-// NT-Xent (kSymmetric), CLIP (kColumnSoftmax: the column softmax and, when asked, the
-// log-scale term), SupCon (kSymmetric, kLabels), InfoNCE and MoCo (none).
-template <bool kSymmetric, bool kColumnSoftmax, bool kLabels>
-struct FixedLoss {
-    static __device__ __forceinline__ bool symmetric(const ContraInfonceBwdParams&) { return kSymmetric; }
-    static __device__ __forceinline__ bool column_softmax(const ContraInfonceBwdParams&) { return kColumnSoftmax; }
-    static __device__ __forceinline__ bool labels(const ContraInfonceBwdParams&) { return kLabels; }
-    static __device__ __forceinline__ bool log_scale(const ContraInfonceBwdParams& p) {
-        return kColumnSoftmax && p.log_scale_partial;
-    }
-    // p is one of these losses.
-    static __device__ __forceinline__ bool matches(const ContraInfonceBwdParams& p) {
-        return (p.symmetric != 0) == kSymmetric && (p.col_lse != nullptr) == kColumnSoftmax &&
-               (p.labels != nullptr) == kLabels;
-    }
-};
 
 // What the softmax gradient reads of one index, as a query (row) or as a key (column), loaded
 // once: a kernel that meets the same index many times (the fused backward's rows for the whole
@@ -435,18 +425,14 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
 template <typename T>
 __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
     static_assert(std::is_same<T, __nv_bfloat16>::value || kIsTf32<T>, "bf16 or tf32 operands");
-    using NtXent = FixedLoss<true, false, false>;
-    using Clip = FixedLoss<false, true, false>;
-    using SupCon = FixedLoss<true, false, true>;
-    using InfoNce = FixedLoss<false, false, false>;
-    if (NtXent::matches(p)) {
-        infonce_bwd_fused_for<T, NtXent>(p);
-    } else if (Clip::matches(p)) {
-        infonce_bwd_fused_for<T, Clip>(p);
-    } else if (SupCon::matches(p)) {
-        infonce_bwd_fused_for<T, SupCon>(p);
-    } else if (InfoNce::matches(p)) {
-        infonce_bwd_fused_for<T, InfoNce>(p);
+    if (NtXentLoss::matches(p)) {
+        infonce_bwd_fused_for<T, NtXentLoss>(p);
+    } else if (ClipLoss::matches(p)) {
+        infonce_bwd_fused_for<T, ClipLoss>(p);
+    } else if (SupConLoss::matches(p)) {
+        infonce_bwd_fused_for<T, SupConLoss>(p);
+    } else if (InfoNceLoss::matches(p)) {
+        infonce_bwd_fused_for<T, InfoNceLoss>(p);
     } else {
         __trap();
     }
@@ -524,7 +510,10 @@ CONTRA_TYPED_KERNELS_TF32(infonce_fwd, ContraInfonceFwdParams, (256, 3), (256, 3
 CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 3))
 // tf32's resident rows take 94 KB at D = 256, so 2 blocks per SM fit anyway: (256, 2) (at 80
 // registers it spilled on sm_90).
-CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident_ntxent, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident_clip, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident_supcon, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_resident_infonce, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_fwd_split_resident, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 3), (256, 2))
 CONTRA_TYPED_KERNELS_TF32(infonce_bwd_resident, ContraInfonceBwdParams, (256, 3), (256, 1), (256, 2), (256, 2))

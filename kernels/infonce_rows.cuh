@@ -12,19 +12,69 @@ __device__ __forceinline__ float logit_scale(const Params& p) {
     return p.log_scale ? expf(*p.log_scale) : p.scale;
 }
 
-// One query row of the forward: its positive key (or SupCon label and weight).
+// Which optional terms of the family a kernel computes: read from p at run time (AnyLoss, the
+// general engines), or fixed at compile time (FixedLoss, the instantiations per loss of the fused
+// backward and the resident forward), so that the per-element code has no branch on them. The
+// forward's p marks CLIP's column softmax by col_state without symmetric (a symmetric sweep keeps
+// its rows' states there).
+struct AnyLoss {
+    static __device__ __forceinline__ bool symmetric(const ContraInfonceBwdParams& p) { return p.symmetric; }
+    static __device__ __forceinline__ bool column_softmax(const ContraInfonceBwdParams& p) { return p.col_lse; }
+    static __device__ __forceinline__ bool labels(const ContraInfonceBwdParams& p) { return p.labels; }
+    static __device__ __forceinline__ bool log_scale(const ContraInfonceBwdParams& p) { return p.log_scale_partial; }
+    static __device__ __forceinline__ bool symmetric(const ContraInfonceFwdParams& p) { return p.symmetric; }
+    static __device__ __forceinline__ bool column_softmax(const ContraInfonceFwdParams& p) {
+        return p.col_state && !p.symmetric;
+    }
+    static __device__ __forceinline__ bool labels(const ContraInfonceFwdParams& p) { return p.labels; }
+    // The forward keeps states in col_state (a symmetric sweep's rows, CLIP's columns, a key
+    // split's rows).
+    static __device__ __forceinline__ bool column_states(const ContraInfonceFwdParams& p) { return p.col_state; }
+};
+// NT-Xent (kSymmetric), CLIP (kColumnSoftmax: the column softmax and, when asked, the
+// log-scale term), SupCon (kSymmetric, kLabels), InfoNCE and MoCo (none). Not for a key-split
+// forward, whose col_state holds its rows' states (matches would read it as CLIP's).
+template <bool kSymmetric, bool kColumnSoftmax, bool kLabels>
+struct FixedLoss {
+    template <typename Params>
+    static __device__ __forceinline__ bool symmetric(const Params&) { return kSymmetric; }
+    template <typename Params>
+    static __device__ __forceinline__ bool column_softmax(const Params&) { return kColumnSoftmax; }
+    template <typename Params>
+    static __device__ __forceinline__ bool labels(const Params&) { return kLabels; }
+    static __device__ __forceinline__ bool column_states(const ContraInfonceFwdParams&) {
+        return kSymmetric || kColumnSoftmax;
+    }
+    static __device__ __forceinline__ bool log_scale(const ContraInfonceBwdParams& p) {
+        return kColumnSoftmax && p.log_scale_partial;
+    }
+    // p is one of these losses.
+    template <typename Params>
+    static __device__ __forceinline__ bool matches(const Params& p) {
+        return AnyLoss::symmetric(p) == kSymmetric && AnyLoss::column_softmax(p) == kColumnSoftmax &&
+               AnyLoss::labels(p) == kLabels;
+    }
+};
+using NtXentLoss = FixedLoss<true, false, false>;
+using ClipLoss = FixedLoss<false, true, false>;
+using SupConLoss = FixedLoss<true, false, true>;
+using InfoNceLoss = FixedLoss<false, false, false>;
+
+// One query row of the forward: its positive key (or SupCon label and weight). Loss: what the
+// kernel knows of the loss at compile time (AnyLoss: nothing).
 struct QueryRow {
     int row;
     int positive;         // the positive key, -1 for none (MoCo, SupCon)
     int label;            // SupCon
     float target_weight;  // SupCon: 1 / |P(row)|, 0 without positives
 
+    template <typename Loss = AnyLoss>
     __device__ __forceinline__ void load(const ContraInfonceFwdParams& p, int r) {
         row = r;
         const bool valid = r < p.rows;
         positive = (valid && p.positives) ? p.positives[r] : -1;
-        label = (valid && p.labels) ? p.labels[r] : 0;
-        target_weight = (valid && p.labels) ? p.target_weight[r] : 0.0f;
+        label = (valid && Loss::labels(p)) ? p.labels[r] : 0;
+        target_weight = (valid && Loss::labels(p)) ? p.target_weight[r] : 0.0f;
     }
 
     // Key `col` is outside the matrix or is the row itself under the self mask.
@@ -33,18 +83,20 @@ struct QueryRow {
     }
 
     // The share of logit `u` (log2 units) of key `col` in the row's target term.
+    template <typename Loss = AnyLoss>
     __device__ __forceinline__ float target_share(const ContraInfonceFwdParams& p, int col, bool masked,
                                                   float u) const {
-        if (p.labels) return (!masked && p.labels[col] == label) ? u * target_weight : 0.0f;
+        if (Loss::labels(p)) return (!masked && p.labels[col] == label) ? u * target_weight : 0.0f;
         return col == positive ? u : 0.0f;
     }
 
     // Writes lse (natural units) and the row's loss from its softmax state and target term, or,
     // in a symmetric or key-split forward (`shared`), folds both into the row's shared state.
+    template <typename Loss = AnyLoss>
     __device__ __forceinline__ void finish(const ContraInfonceFwdParams& p, const OnlineLse& state, float target,
                                            bool shared) const {
         if (row >= p.rows) return;
-        if (p.symmetric || shared) {
+        if (Loss::symmetric(p) || shared) {
             merge_lse_state(p.col_state + row, state.running_max, state.running_sum);
             atomicAdd(p.col_target + row, target);
         } else {
@@ -88,9 +140,11 @@ struct KeyTiles {
     }
     // The first key (column) of the step-th visited tile.
     __device__ __forceinline__ int column(int step) const { return ((first + step) % tiles) * kTile; }
-    // A symmetric sweep's off-diagonal tile also gives its columns' rows their statistics.
+    // A symmetric sweep's off-diagonal tile also gives its columns' rows their statistics (not
+    // called under a key split, whose col_state holds its rows' states).
+    template <typename Loss = AnyLoss>
     __device__ __forceinline__ bool folds_columns(const ContraInfonceFwdParams& p, int step) const {
-        return p.col_state && !(p.symmetric && step == 0);
+        return Loss::column_states(p) && !(Loss::symmetric(p) && step == 0);
     }
 };
 
@@ -129,15 +183,16 @@ __device__ __forceinline__ float column_target_share(const ContraInfonceFwdParam
 // A key column of a symmetric sweep as a row of its own: the shares of its target term that come
 // from the logits with the block's rows (logit_ij = logit_ji). Loaded once per column and tile;
 // outside a symmetric sweep every share is 0.
+template <typename Loss = AnyLoss>
 struct KeyColumn {
     QueryRow key;
     bool active;
     __device__ __forceinline__ KeyColumn(const ContraInfonceFwdParams& p, int col)
-        : active(p.symmetric && col < p.cols) {
-        if (active) key.load(p, col);
+        : active(Loss::symmetric(p) && col < p.cols) {
+        if (active) key.template load<Loss>(p, col);
     }
     __device__ __forceinline__ float share(const ContraInfonceFwdParams& p, int row, float u) const {
-        return (active && row < p.rows) ? key.target_share(p, row, false, u) : 0.0f;
+        return (active && row < p.rows) ? key.template target_share<Loss>(p, row, false, u) : 0.0f;
     }
 };
 

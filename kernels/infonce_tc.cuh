@@ -235,7 +235,9 @@ struct ResidentSweep {
     __device__ __forceinline__ void finish() const { cp_async_wait<0>(); }
 };
 
-template <typename T, bool kSplit, bool kResident>
+// Loss: what the kernel knows of the loss at compile time (AnyLoss: nothing; FixedLoss is not
+// for a key split).
+template <typename T, bool kSplit, bool kResident, typename Loss = AnyLoss>
 __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<4> columns;  // CLIP / symmetric sweep: per row-warp partials
     __shared__ float second_half[3][kTile];  // column half 1: each row's max, sum and target
@@ -251,7 +253,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     float target[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        query[h].load(p, r0 + m0 + g + 8 * h);
+        query[h].template load<Loss>(p, r0 + m0 + g + 8 * h);
         state[h].init();
         target[h] = 0.0f;
         if (p.extra_key && half == 0 && (!kSplit || blockIdx.y == 0)) {  // warp-uniform; once per split
@@ -284,7 +286,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
                     const int col = c0 + n0 + 8 * nt + 2 * t + e;
                     const bool masked = query[h].masked(p, col);
                     u[2 * nt + e] = masked ? -INFINITY : __fmul_rn(d[nt][2 * h + e], scale_log2);
-                    target[h] += query[h].target_share(p, col, masked, u[2 * nt + e]);
+                    target[h] += query[h].template target_share<Loss>(p, col, masked, u[2 * nt + e]);
                     local_max = fmaxf(local_max, u[2 * nt + e]);
                 }
             const float tile_max = group_max<4>(local_max);
@@ -294,7 +296,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
                 for (int e = 0; e < 8; ++e) local_sum += exp2f(u[e] - tile_max);
             state[h].merge(tile_max, group_sum<4>(local_sum));
         }
-        if (!kSplit && tiles.folds_columns(p, step)) {
+        if (!kSplit && tiles.template folds_columns<Loss>(p, step)) {
             // Column statistics: this lane's 2 rows per column, the 8 lanes of the column (same
             // t) across the warp, then the 4 row-warps through shared memory.
 #pragma unroll
@@ -305,7 +307,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
                     const float u_top = query[0].row < p.rows ? __fmul_rn(d[nt][e], scale_log2) : -INFINITY;
                     const float u_bottom = query[1].row < p.rows ? __fmul_rn(d[nt][2 + e], scale_log2) : -INFINITY;
                     float m = fmaxf(u_top, u_bottom);
-                    const KeyColumn key(p, c0 + c);
+                    const KeyColumn<Loss> key(p, c0 + c);
                     float share = key.share(p, query[0].row, u_top) + key.share(p, query[1].row, u_bottom);
 #pragma unroll
                     for (int offset = 4; offset < 32; offset <<= 1)
@@ -344,7 +346,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
         for (int h = 0; h < 2; ++h) {
             const int r = m0 + g + 8 * h;
             state[h].merge(second_half[0][r], second_half[1][r]);
-            query[h].finish(p, state[h], target[h] + second_half[2][r], kSplit);
+            query[h].template finish<Loss>(p, state[h], target[h] + second_half[2][r], kSplit);
         }
 }
 

@@ -229,7 +229,7 @@ fn bf16_cases_run_the_tensor_core_kernels() {
     let mut interp = Runner::new(&case, Impl::Contra, Device::Interp).unwrap();
     let got = measure(&mut interp, &Timing::once()).unwrap();
     let launched = contra::testing::take_launched_kernels();
-    for kernel in ["infonce_fwd_resident_bf16", "infonce_bwd_fused_bf16"] {
+    for kernel in ["infonce_fwd_resident_ntxent_bf16", "infonce_bwd_fused_bf16"] {
         assert!(
             launched.contains(&kernel),
             "{kernel} did not run: {launched:?}"
@@ -271,7 +271,10 @@ fn tf32_cases_run_the_tf32_kernels() {
         let mut interp = Runner::new(&case, imp, Device::Interp).unwrap();
         let got = measure(&mut interp, &Timing::once()).unwrap();
         let launched = contra::testing::take_launched_kernels();
-        for kernel in ["infonce_fwd_resident_tf32", "infonce_bwd_resident_tf32"] {
+        for kernel in [
+            "infonce_fwd_resident_ntxent_tf32",
+            "infonce_bwd_resident_tf32",
+        ] {
             assert!(
                 launched.contains(&kernel),
                 "{imp:?}: {kernel} did not run: {launched:?}"
@@ -297,8 +300,8 @@ fn ntxent_timing_runs_the_public_call() {
     use contra::bench::ntxent_timing::{at_shape, largest};
     use contra::bench::Precision;
     for (precision, kernel) in [
-        (Precision::Bf16, "infonce_fwd_resident_bf16"),
-        (Precision::Tf32, "infonce_fwd_resident_tf32"),
+        (Precision::Bf16, "infonce_fwd_resident_ntxent_bf16"),
+        (Precision::Tf32, "infonce_fwd_resident_ntxent_tf32"),
         (Precision::F32, "infonce_fwd_f32"),
     ] {
         contra::testing::take_launched_kernels();

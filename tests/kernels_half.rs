@@ -151,7 +151,7 @@ fn half_infonce_and_ntxent_match_cpu() {
 }
 
 /// The tensor-core kernels keep the block's query rows resident in dynamic shared memory where
-/// they fit: the forward (`infonce_fwd_resident_*`) up to 96 KB (544 features), the backward's
+/// they fit: the forward (`infonce_fwd_resident_*`, per loss) up to 96 KB (544 features), the backward's
 /// S recompute (`infonce_bwd_resident_*`) as well for bf16 past the fused backward's 256 features,
 /// and for f16 while two blocks still
 /// share an SM (up to 416 features); beyond, `infonce_fwd_*` / `infonce_bwd_*` re-stage them per

@@ -130,7 +130,7 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
 }
 
 /// Under TF32 the kernels keep the block's query rows resident where they fit: the forward
-/// (`infonce_fwd_resident_tf32`) up to 96 KB (272 features), the backward
+/// (`infonce_fwd_resident_infonce_tf32`, its InfoNCE instantiation) up to 96 KB (272 features), the backward
 /// (`infonce_bwd_resident_tf32`) while two blocks still share an SM (208 features), then the fused
 /// backward (`infonce_bwd_fused_tf32`, whole key tiles, G on the fragments) up to 256; beyond,
 /// `infonce_fwd_tf32` / `infonce_bwd_tf32`. Every path matches the CPU. 130 rows against 150
@@ -139,14 +139,26 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
 fn tf32_kernels_keep_rows_resident_where_they_fit() {
     let mut rng = StdRng::seed_from_u64(0x7f34);
     for (d, forward, backward) in [
-        (33, "infonce_fwd_resident_tf32", "infonce_bwd_resident_tf32"),
         (
-            208,
-            "infonce_fwd_resident_tf32",
+            33,
+            "infonce_fwd_resident_infonce_tf32",
             "infonce_bwd_resident_tf32",
         ),
-        (209, "infonce_fwd_resident_tf32", "infonce_bwd_fused_tf32"),
-        (256, "infonce_fwd_resident_tf32", "infonce_bwd_fused_tf32"),
+        (
+            208,
+            "infonce_fwd_resident_infonce_tf32",
+            "infonce_bwd_resident_tf32",
+        ),
+        (
+            209,
+            "infonce_fwd_resident_infonce_tf32",
+            "infonce_bwd_fused_tf32",
+        ),
+        (
+            256,
+            "infonce_fwd_resident_infonce_tf32",
+            "infonce_bwd_fused_tf32",
+        ),
         (273, "infonce_fwd_tf32", "infonce_bwd_tf32"),
     ] {
         let case = infonce_case(&mut rng, 130, 150, d, false);

@@ -4,6 +4,7 @@
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams, ContraRowDotParams};
 use super::{
     blocks_for, elementwise, extent, handles, normalize, Backend, BufInfo, Elem, Kernel, Launch,
+    Typed,
 };
 use crate::Result;
 
@@ -361,15 +362,41 @@ fn fused_backward(
     (bytes + FUSED_STATIC_SHARED <= per_block).then_some((kernel, bytes))
 }
 
-/// Whether the fused backward has an instantiation for this mix of the family's inputs (its
-/// `FixedLoss`es in kernels/infonce.cu): NT-Xent (symmetric), SupCon (symmetric, labels), CLIP
-/// (column softmax), InfoNCE and MoCo (none). Every loss of the crate is one of them; any other
-/// mix keeps the general backward.
-fn fused_loss(symmetric: bool, column_softmax: bool, labels: bool) -> bool {
-    matches!(
-        (symmetric, column_softmax, labels),
-        (true, false, false) | (true, false, true) | (false, true, false) | (false, false, false)
-    )
+/// The losses the kernels are instantiated for at compile time (`FixedLoss` in
+/// kernels/infonce_rows.cuh: the fused backward, the resident forward), by the mix of the
+/// family's inputs they use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FixedLoss {
+    /// Symmetric.
+    NtXent,
+    /// Symmetric, with labels.
+    SupCon,
+    /// With the column softmax.
+    Clip,
+    /// None of them (InfoNCE, MoCo).
+    InfoNce,
+}
+
+/// The `FixedLoss` of this mix of inputs; None for any other mix (no loss of the crate makes
+/// one), which keeps the general kernels.
+fn fixed_loss(symmetric: bool, column_softmax: bool, labels: bool) -> Option<FixedLoss> {
+    match (symmetric, column_softmax, labels) {
+        (true, false, false) => Some(FixedLoss::NtXent),
+        (true, false, true) => Some(FixedLoss::SupCon),
+        (false, true, false) => Some(FixedLoss::Clip),
+        (false, false, false) => Some(FixedLoss::InfoNce),
+        _ => None,
+    }
+}
+
+/// The resident forward of `loss` (an instantiation per loss).
+fn resident_forward(loss: FixedLoss) -> Typed<ContraInfonceFwdParams> {
+    match loss {
+        FixedLoss::NtXent => handles::INFONCE_FWD_RESIDENT_NTXENT,
+        FixedLoss::SupCon => handles::INFONCE_FWD_RESIDENT_SUPCON,
+        FixedLoss::Clip => handles::INFONCE_FWD_RESIDENT_CLIP,
+        FixedLoss::InfoNce => handles::INFONCE_FWD_RESIDENT_INFONCE,
+    }
 }
 
 /// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp. `extra_key` adds MoCo's positive
@@ -392,6 +419,7 @@ pub(crate) fn fused_forward<B: Backend>(
         true => Some((empty_lse_states(b, s.rows)?, b.zeros("row_target", s.rows)?)),
         false => None,
     };
+    let col_state_given = col_state.is_some();
     let col_state = row_states.as_ref().map(|(states, _)| states).or(col_state);
     let params = ContraInfonceFwdParams {
         q: b.ptr(s.q),
@@ -414,20 +442,27 @@ pub(crate) fn fused_forward<B: Backend>(
         split_tiles: extent("split_tiles", split_tiles)?,
     };
     let elem = b.info(s.q).elem;
-    // Tensor-core operands whose query rows fit stay resident.
-    let (kernel, shape) = match (split_tiles, resident_rows_bytes(elem, s.dim)) {
-        (0, None) => (handles::INFONCE_FWD, shape),
-        (_, None) => (handles::INFONCE_FWD_SPLIT, shape),
-        (split, Some(bytes)) => (
-            match split {
-                0 => handles::INFONCE_FWD_RESIDENT,
-                _ => handles::INFONCE_FWD_SPLIT_RESIDENT,
-            },
+    // CLIP's column softmax is the caller's col_state (the others' states are the rows').
+    let loss = fixed_loss(s.symmetric, col_state_given, s.labels.is_some());
+    // Tensor-core operands whose query rows fit stay resident (one instantiation per loss).
+    let resident = resident_rows_bytes(elem, s.dim);
+    let (kernel, shape) = match (split_tiles, resident, loss) {
+        (0, Some(bytes), Some(loss)) => (
+            resident_forward(loss),
             Launch {
                 shared_bytes: bytes,
                 ..shape
             },
         ),
+        (0, _, _) => (handles::INFONCE_FWD, shape),
+        (_, Some(bytes), _) => (
+            handles::INFONCE_FWD_SPLIT_RESIDENT,
+            Launch {
+                shared_bytes: bytes,
+                ..shape
+            },
+        ),
+        (_, None, _) => (handles::INFONCE_FWD_SPLIT, shape),
     };
     let kernel = kernel.of_product(elem);
     if shared_rows {
@@ -531,7 +566,7 @@ impl<Buf> BackwardPass<'_, Buf> {
         written.extend(grad_k);
         let elem = b.info(s.q).elem;
         let fused = fused_backward(elem, s.dim, b.shared_bytes_per_block())
-            .filter(|_| fused_loss(symmetric, s.col_lse.is_some(), s.labels.is_some()));
+            .filter(|_| fixed_loss(symmetric, s.col_lse.is_some(), s.labels.is_some()).is_some());
         if let Some((kernel, bytes)) = fused {
             let shape = Launch {
                 block: FUSED_BLOCK,
@@ -633,17 +668,25 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_backward_is_taken_for_the_four_instantiated_losses_only() {
-        // NT-Xent, SupCon, CLIP, InfoNCE / MoCo.
-        assert!(fused_loss(true, false, false));
-        assert!(fused_loss(true, false, true));
-        assert!(fused_loss(false, true, false));
-        assert!(fused_loss(false, false, false));
-        // No loss of the crate mixes these; the kernel would trap on them.
-        assert!(!fused_loss(true, true, false));
-        assert!(!fused_loss(false, false, true));
-        assert!(!fused_loss(false, true, true));
-        assert!(!fused_loss(true, true, true));
+    fn each_mix_of_inputs_has_its_instantiated_loss_or_none() {
+        assert_eq!(fixed_loss(true, false, false), Some(FixedLoss::NtXent));
+        assert_eq!(fixed_loss(true, false, true), Some(FixedLoss::SupCon));
+        assert_eq!(fixed_loss(false, true, false), Some(FixedLoss::Clip));
+        assert_eq!(fixed_loss(false, false, false), Some(FixedLoss::InfoNce));
+        // No loss of the crate mixes these: the general kernels take them (the per-loss
+        // instantiations would trap).
+        for (symmetric, column_softmax, labels) in [
+            (true, true, false),
+            (false, false, true),
+            (false, true, true),
+            (true, true, true),
+        ] {
+            assert_eq!(fixed_loss(symmetric, column_softmax, labels), None);
+        }
+        assert_eq!(
+            resident_forward(FixedLoss::Clip).tf32.map(|k| k.name),
+            Some("infonce_fwd_resident_clip_tf32")
+        );
     }
 
     #[test]

@@ -401,7 +401,8 @@ pub fn assert_ran_on_interp(device: Device, launched: &[&str], kernel: &str, cas
 }
 
 /// Asserts that the InfoNCE forward and backward that ran (`launched`) are the resident
-/// instantiations (`infonce_{fwd,bwd}_resident_{suffix}`) or the plain ones, as expected.
+/// instantiations (the forward's for InfoNCE, `infonce_fwd_resident_infonce_{suffix}`, and
+/// `infonce_bwd_resident_{suffix}`) or the plain ones, as expected.
 #[track_caller]
 pub fn assert_resident_kernels(
     launched: &[&str],
@@ -412,6 +413,7 @@ pub fn assert_resident_kernels(
 ) {
     for (pass, resident) in [("fwd", forward), ("bwd", backward)] {
         let want = match resident {
+            true if pass == "fwd" => format!("infonce_fwd_resident_infonce_{suffix}"),
             true => format!("infonce_{pass}_resident_{suffix}"),
             false => format!("infonce_{pass}_{suffix}"),
         };

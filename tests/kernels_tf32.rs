@@ -58,6 +58,17 @@ fn compare_tf32(
     tf32_launched
 }
 
+/// compare_tf32 for a loss case of the InfoNCE family (its softmax sweeps on tf32).
+fn compare_tf32_softmax(device: Device, case: &LossCase) -> Vec<&'static str> {
+    compare_tf32(
+        device,
+        &case.name,
+        SOFTMAX_SWEEPS,
+        &case.input_refs(),
+        &case.op,
+    )
+}
+
 const SOFTMAX_SWEEPS: &[&str] = &["infonce_fwd", "infonce_bwd"];
 
 #[test]
@@ -75,13 +86,7 @@ fn tf32_infonce_and_ntxent_match_cpu() {
                 .into();
             cases.extend([66, 194].map(|rows| ntxent_case(&mut rng, rows, d)));
             for case in &cases {
-                compare_tf32(
-                    device,
-                    &case.name,
-                    SOFTMAX_SWEEPS,
-                    &case.input_refs(),
-                    &case.op,
-                );
+                compare_tf32_softmax(device, case);
             }
         }
     });
@@ -102,13 +107,7 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
                 [(23, 2), (67, 3)].map(|(samples, views)| supcon_case(&mut rng, samples, views, d)),
             );
             for case in &cases {
-                let launched = compare_tf32(
-                    device,
-                    &case.name,
-                    SOFTMAX_SWEEPS,
-                    &case.input_refs(),
-                    &case.op,
-                );
+                let launched = compare_tf32_softmax(device, case);
                 assert!(
                     device != Device::Interp
                         || !case.name.starts_with("moco")
@@ -162,14 +161,7 @@ fn tf32_kernels_keep_rows_resident_where_they_fit() {
         (273, "infonce_fwd_tf32", "infonce_bwd_tf32"),
     ] {
         let case = infonce_case(&mut rng, 130, 150, d, false);
-        let inputs = case.input_refs();
-        let launched = compare_tf32(
-            Device::Interp,
-            &case.name,
-            SOFTMAX_SWEEPS,
-            &inputs,
-            &case.op,
-        );
+        let launched = compare_tf32_softmax(Device::Interp, &case);
         for kernel in [forward, backward] {
             assert!(
                 launched.contains(&kernel),
@@ -195,13 +187,7 @@ fn tf32_fused_backward_matches_cpu_for_every_loss() {
             infonce_case(&mut rng, 70, 129, 240, true),
         ];
         for case in &cases {
-            let launched = compare_tf32(
-                device,
-                &case.name,
-                SOFTMAX_SWEEPS,
-                &case.input_refs(),
-                &case.op,
-            );
+            let launched = compare_tf32_softmax(device, case);
             assert_ran_on_interp(device, &launched, "infonce_bwd_fused_tf32", &case.name);
         }
     });

@@ -37,6 +37,8 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<16> columns;  // CLIP / symmetric sweep: per-ty partials
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int r0 = blockIdx.x * kTile;
+    const KeyTiles tiles(p, blockIdx.x, blockIdx.y);
+    if (tiles.count == 0) return;  // a split symmetric row's empty last range
     const float scale_log2 = logit_scale(p) * kLog2e;
     const T* q = static_cast<const T*>(p.q);
     QueryRow query[kPerThread];
@@ -54,7 +56,6 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
         }
     }
     float acc[kPerThread][kPerThread], unused_a[kPerThread], unused_b[kPerThread];
-    const KeyTiles tiles = kSplit ? KeyTiles(p, blockIdx.x, blockIdx.y) : KeyTiles(p, blockIdx.x);
     for (int step = 0; step < tiles.count; ++step) {
         const int c0 = tiles.column(step);
         tile_dot<T, false>(q, p.rows, r0, static_cast<const T*>(p.k), p.cols, c0, p.dim, acc, unused_a,
@@ -78,7 +79,7 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
                 for (int j = 0; j < kPerThread; ++j) local_sum += exp2f(u[j] - tile_max);
             state[i].merge(tile_max, group_sum<16>(local_sum));
         }
-        if (!kSplit && tiles.folds_columns(p, step)) {
+        if (!kSplit && tiles.folds_columns(p, c0, r0)) {
             // Column statistics from the same logits: this thread's 4 rows per column, then the
             // 16 ty's through shared memory.
 #pragma unroll

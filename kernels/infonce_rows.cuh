@@ -117,34 +117,36 @@ struct QueryRow {
     }
 };
 
-// The key tiles that row tile `tile` of `tiles` visits. Full sweep: all of them, in order,
-// starting at tile `tile` (mod tiles) when the sweep folds column statistics (CLIP), so that the
-// blocks do not all compare-and-swap the same columns' states at once. Symmetric sweep: tile,
-// tile + 1, ..., tile + tiles / 2 (mod tiles), and one fewer for the upper half when `tiles` is
-// even, so that every unordered pair of tiles is visited exactly once and every block does about
-// half a row of tiles.
+// The key tiles that the block of row tile `tile` and key range `range` visits. Full sweep: all
+// of them, in order, starting at tile `tile` (mod tiles) when the sweep keeps column states (CLIP,
+// a key split's rows), so that the blocks do not all compare-and-swap the same columns' states at
+// once. Symmetric sweep: tile, tile + 1, ..., tile + tiles / 2 (mod tiles), and one fewer for the
+// upper half when `tiles` is even, so that every unordered pair of tiles is visited exactly once
+// and every block does about half a row of tiles. Under a split (p.split_tiles > 0) the block
+// takes range `range` (grid y) of p.split_tiles of those tiles: MoCo's long queue, and a
+// symmetric sweep cut against the wave tail. A symmetric row of tiles one shorter may leave its
+// last range empty (count 0).
 struct KeyTiles {
     int first, count, tiles;
-    __device__ __forceinline__ KeyTiles(const ContraInfonceFwdParams& p, int tile) {
+    __device__ __forceinline__ KeyTiles(const ContraInfonceFwdParams& p, int tile, int range) {
         tiles = (p.cols + kTile - 1) / kTile;
         first = (p.symmetric || p.col_state) ? tile : 0;
         const int half = tiles / 2;
         count = !p.symmetric ? tiles : (tiles % 2 == 0 && tile >= half) ? half : half + 1;
-    }
-    // Key split (`infonce_fwd_split`): range `split` of p.split_tiles tiles; the launch leaves
-    // none empty.
-    __device__ __forceinline__ KeyTiles(const ContraInfonceFwdParams& p, int /*tile*/, int split) {
-        tiles = (p.cols + kTile - 1) / kTile;
-        first = split * p.split_tiles;
-        count = min(p.split_tiles, tiles - first);
+        if (p.split_tiles > 0) {
+            const int skipped = range * p.split_tiles;
+            first += skipped;
+            count = max(0, min(p.split_tiles, count - skipped));
+        }
     }
     // The first key (column) of the step-th visited tile.
     __device__ __forceinline__ int column(int step) const { return ((first + step) % tiles) * kTile; }
-    // A symmetric sweep's off-diagonal tile also gives its columns' rows their statistics (not
-    // called under a key split, whose col_state holds its rows' states).
+    // Whether the tile at key c0 also gives its columns statistics (CLIP's column softmax; in a
+    // symmetric sweep the key rows' own, except on the diagonal tile, c0 = r0, whose rows are
+    // the block's). Not asked under a MoCo key split, whose col_state holds its rows' states.
     template <typename Loss = AnyLoss>
-    __device__ __forceinline__ bool folds_columns(const ContraInfonceFwdParams& p, int step) const {
-        return Loss::column_states(p) && !(Loss::symmetric(p) && step == 0);
+    __device__ __forceinline__ bool folds_columns(const ContraInfonceFwdParams& p, int c0, int r0) const {
+        return Loss::column_states(p) && !(Loss::symmetric(p) && c0 == r0);
     }
 };
 

@@ -245,6 +245,8 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     const int g = lane / 4, t = lane % 4;
     const int m0 = 16 * (warp % 4), half = warp / 4, n0 = 32 * half;
     const int r0 = blockIdx.x * kTile;
+    const KeyTiles tiles(p, blockIdx.x, blockIdx.y);
+    if (tiles.count == 0) return;  // a split symmetric row's empty last range
     const float scale_log2 = logit_scale(p) * kLog2e;
     const T* q = static_cast<const T*>(p.q);
     // This lane's rows: m0 + g (fragment elements 0, 1) and m0 + g + 8 (elements 2, 3).
@@ -264,7 +266,6 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     }
     float d[4][4];
     const T* k = static_cast<const T*>(p.k);
-    const KeyTiles tiles = kSplit ? KeyTiles(p, blockIdx.x, blockIdx.y) : KeyTiles(p, blockIdx.x);
     CONTRA_DYNAMIC_SHARED(StageWord<T>, resident);
     const auto column = [&](int step) { return tiles.column(step); };
     const ResidentSweep<T, decltype(column)> sweep(resident, k, p.cols, p.dim, tiles.count, column);
@@ -296,7 +297,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
                 for (int e = 0; e < 8; ++e) local_sum += exp2f(u[e] - tile_max);
             state[h].merge(tile_max, group_sum<4>(local_sum));
         }
-        if (!kSplit && tiles.template folds_columns<Loss>(p, step)) {
+        if (!kSplit && tiles.template folds_columns<Loss>(p, c0, r0)) {
             // Column statistics: this lane's 2 rows per column, the 8 lanes of the column (same
             // t) across the warp, then the 4 row-warps through shared memory.
 #pragma unroll

@@ -28,21 +28,22 @@ fn rounded(values: &[f32], shape: &[usize], dtype: DType, device: Device) -> (Te
 
 /// Runs `op` on the 16-bit inputs on `device` and on their f64 copies on the CPU, and compares
 /// every output; on the interpreted mode, checks that a `_bf16` / `_f16` kernel ran, and returns
-/// the kernels that ran on the device (none elsewhere).
+/// the launches on the device (none elsewhere).
 fn compare_half(
     device: Device,
     dtype: DType,
     case: &str,
     inputs: &[Input],
     op: impl Fn(&[Tensor]) -> Result<Outputs>,
-) -> Vec<&'static str> {
+) -> Vec<testing::LaunchRecord> {
     let (on_device, reference): (Vec<Tensor>, Vec<Tensor>) = inputs
         .iter()
         .map(|&(values, shape)| rounded(values, shape, dtype, device))
         .unzip();
-    testing::take_launched_kernels();
+    testing::take_launches();
     let got = op(&on_device).unwrap_or_else(|e| panic!("{case} {dtype} on {device}: {e}"));
-    let launched = testing::take_launched_kernels();
+    let launches = testing::take_launches();
+    let launched = kernel_names(&launches);
     if device == Device::Interp {
         let suffix = if dtype == DType::Bf16 {
             "_bf16"
@@ -80,7 +81,7 @@ fn compare_half(
         worst = worst.max(err);
     }
     println!("  {device} {case} {dtype}: worst relative error {worst:.2e}");
-    launched
+    launches
 }
 
 #[test]
@@ -169,7 +170,13 @@ fn half_kernels_keep_rows_resident_where_they_fit() {
         (DType::F16, 600, false, false),
     ] {
         let case = infonce_case(&mut rng, 130, 150, d, false);
-        let launched = compare_half(device, dtype, &case.name, &case.input_refs(), &case.op);
+        let launched = kernel_names(&compare_half(
+            device,
+            dtype,
+            &case.name,
+            &case.input_refs(),
+            &case.op,
+        ));
         let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
         let case_dtype = format!("{} {dtype}", case.name);
         assert_resident_kernels(
@@ -203,13 +210,13 @@ fn bf16_backward_is_fused_up_to_256_features() {
         cases.push(moco_case(&mut rng, 37, 201, 19));
         cases.push(supcon_case(&mut rng, 67, 2, 72));
         for case in &cases {
-            let launched = compare_half(
+            let launched = kernel_names(&compare_half(
                 device,
                 DType::Bf16,
                 &case.name,
                 &case.input_refs(),
                 &case.op,
-            );
+            ));
             assert_ran_on_interp(device, &launched, "infonce_bwd_fused_bf16", &case.name);
         }
     });
@@ -229,8 +236,13 @@ fn half_clip_moco_supcon_match_cpu() {
             );
             let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
             for case in &cases {
-                let launched =
-                    compare_half(device, dtype, &case.name, &case.input_refs(), &case.op);
+                let launched = kernel_names(&compare_half(
+                    device,
+                    dtype,
+                    &case.name,
+                    &case.input_refs(),
+                    &case.op,
+                ));
                 let want = format!("infonce_fwd_split_resident_{suffix}");
                 assert!(
                     device != Device::Interp
@@ -242,4 +254,26 @@ fn half_clip_moco_supcon_match_cpu() {
             }
         }
     });
+}
+
+/// The symmetric forwards (NT-Xent, SupCon) cut their rows of key tiles into ranges where the
+/// wave model says the card fills better: on a modelled device, in bf16 and f16, with ranges
+/// that start past the diagonal tile and ranges left empty, every range folds into the shared
+/// row states and the results match the CPU.
+#[test]
+fn half_symmetric_forward_splits_its_key_ranges() {
+    let mut rng = StdRng::seed_from_u64(0x4a24);
+    for dtype in HALF_DTYPES {
+        for (blocks, case, grid) in split_symmetric_cases(&mut rng, 40) {
+            let _device = ModelledDevice::running(blocks);
+            let launches = compare_half(
+                Device::Interp,
+                dtype,
+                &case.name,
+                &case.input_refs(),
+                &case.op,
+            );
+            assert_forward_grid(&launches, grid, &format!("{} {dtype}", case.name));
+        }
+    }
 }

@@ -20,22 +20,23 @@ const TF32_TOL: f64 = 5e-3;
 /// Runs `op` under TF32 on `device` and in f64 on the CPU and compares every output; on the
 /// interpreted mode, checks that the `_tf32` instantiation of each of `sweeps` ran (the key-split
 /// and resident forwards count as the forward) and that the default precision runs `_f32`
-/// instead, and returns the kernels of the TF32 run (none elsewhere).
+/// instead, and returns the launches of the TF32 run (none elsewhere).
 fn compare_tf32(
     device: Device,
     case: &str,
     sweeps: &[&str],
     inputs: &[Input],
     op: impl Fn(&[Tensor]) -> Result<Outputs>,
-) -> Vec<&'static str> {
-    testing::take_launched_kernels();
+) -> Vec<testing::LaunchRecord> {
+    testing::take_launches();
     with_f32_precision(F32Precision::Tf32, || {
         compare_with_cpu_within(device, &format!("{case} tf32"), inputs, TF32_TOL, &op)
     });
-    let tf32_launched = testing::take_launched_kernels();
+    let tf32_launches = testing::take_launches();
     if device != Device::Interp {
-        return tf32_launched;
+        return tf32_launches;
     }
+    let tf32_launched = kernel_names(&tf32_launches);
     let ran = |launched: &[&str], base: &str, suffix: &str| {
         launched
             .iter()
@@ -55,11 +56,11 @@ fn compare_tf32(
             "{case}: the default precision ran {launched:?}"
         );
     }
-    tf32_launched
+    tf32_launches
 }
 
 /// compare_tf32 for a loss case of the InfoNCE family (its softmax sweeps on tf32).
-fn compare_tf32_softmax(device: Device, case: &LossCase) -> Vec<&'static str> {
+fn compare_tf32_softmax(device: Device, case: &LossCase) -> Vec<testing::LaunchRecord> {
     compare_tf32(
         device,
         &case.name,
@@ -107,7 +108,7 @@ fn tf32_clip_moco_supcon_siglip_match_cpu() {
                 [(23, 2), (67, 3)].map(|(samples, views)| supcon_case(&mut rng, samples, views, d)),
             );
             for case in &cases {
-                let launched = compare_tf32_softmax(device, case);
+                let launched = kernel_names(&compare_tf32_softmax(device, case));
                 assert!(
                     device != Device::Interp
                         || !case.name.starts_with("moco")
@@ -161,7 +162,7 @@ fn tf32_kernels_keep_rows_resident_where_they_fit() {
         (273, "infonce_fwd_tf32", "infonce_bwd_tf32"),
     ] {
         let case = infonce_case(&mut rng, 130, 150, d, false);
-        let launched = compare_tf32_softmax(Device::Interp, &case);
+        let launched = kernel_names(&compare_tf32_softmax(Device::Interp, &case));
         for kernel in [forward, backward] {
             assert!(
                 launched.contains(&kernel),
@@ -187,8 +188,20 @@ fn tf32_fused_backward_matches_cpu_for_every_loss() {
             infonce_case(&mut rng, 70, 129, 240, true),
         ];
         for case in &cases {
-            let launched = compare_tf32_softmax(device, case);
+            let launched = kernel_names(&compare_tf32_softmax(device, case));
             assert_ran_on_interp(device, &launched, "infonce_bwd_fused_tf32", &case.name);
         }
     });
+}
+
+/// The symmetric forwards' key ranges (see `split_symmetric_cases`) under TF32, and, in
+/// compare_tf32's second run, on the exact f32 CUDA-core forward.
+#[test]
+fn tf32_symmetric_forward_splits_its_key_ranges() {
+    let mut rng = StdRng::seed_from_u64(0x7f36);
+    for (blocks, case, grid) in split_symmetric_cases(&mut rng, 40) {
+        let _device = ModelledDevice::running(blocks);
+        let launches = compare_tf32_softmax(Device::Interp, &case);
+        assert_forward_grid(&launches, grid, &case.name);
+    }
 }

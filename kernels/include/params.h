@@ -78,11 +78,14 @@ typedef struct ContraInfonceFwdParams {
     /* CLIP's learnable scalar left on the device: when not NULL, the logit scale is
      * exp(*log_scale) and `scale` is unused. */
     const float* log_scale;
-    /* Key split (few rows, many keys: MoCo's queue), read by infonce_fwd_split only: block
-     * (x, y) sweeps key tiles y * split_tiles .. (y + 1) * split_tiles - 1 (none empty) for row
-     * tile x, only blocks with y = 0 add extra_key's logit, and the rows' states go to
-     * col_state / col_target (rows entries, as in a symmetric forward) for infonce_finish. Not
-     * with symmetric or a column softmax. infonce_fwd (0 here) sweeps all keys. */
+    /* Key split, 0 for none: block (x, y) sweeps range y of split_tiles of row tile x's key
+     * tiles (KeyTiles in infonce_rows.cuh). Two uses:
+     * - infonce_fwd_split (few rows, many keys: MoCo's queue; not with symmetric or a column
+     *   softmax): no range empty, only blocks with y = 0 add extra_key's logit, and the rows'
+     *   states go to col_state / col_target (rows entries) for infonce_finish;
+     * - a symmetric forward (any symmetric kernel) against the wave tail: its half row of tiles
+     *   cut into ranges (the last one of a shorter row may be empty), every range folding into
+     *   the shared row states as the whole sweep does. */
     int split_tiles;
 } ContraInfonceFwdParams;
 

@@ -91,6 +91,8 @@ pub(crate) struct Cuda {
     kernels: Mutex<HashMap<&'static str, LoadedKernel>>,
     /// The GPU's opt-in shared memory per block, read once (None: the driver could not say).
     shared_per_block: OnceLock<Option<usize>>,
+    /// The GPU's SM count, read once (None: the driver could not say).
+    multiprocessors: OnceLock<Option<usize>>,
     /// cuBLAS on this GPU's stream, or `None` when libcublas cannot be loaded (the GEMMs then
     /// run our `nn_gemm_f32` kernel).
     blas: OnceLock<Option<CudaBlas>>,
@@ -144,6 +146,7 @@ impl Cuda {
             modules: Mutex::new(HashMap::new()),
             kernels: Mutex::new(HashMap::new()),
             shared_per_block: OnceLock::new(),
+            multiprocessors: OnceLock::new(),
             blas: OnceLock::new(),
             sync_launches: AtomicBool::new(sync_launches_asked()),
         })
@@ -420,6 +423,16 @@ impl Cuda {
         })
     }
 
+    /// The GPU's SM count, asked of the driver once.
+    fn multiprocessor_count(&self) -> Option<usize> {
+        *self.multiprocessors.get_or_init(|| {
+            self.ctx
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .ok()
+                .and_then(|count| usize::try_from(count).ok())
+        })
+    }
+
     /// `kernel` (of module `module`), looked up on its first launch, with its dynamic
     /// shared-memory limit raised to `dynamic` bytes unless an earlier launch raised it as far.
     fn function(
@@ -654,6 +667,27 @@ impl Backend for Cuda {
             .map_err(|e| device_error("device to host copy", e))?;
         words.truncate(buf.info.elem.words(buf.info.count));
         Ok(words)
+    }
+
+    fn concurrent_blocks<P: KernelParams>(
+        &self,
+        kernel: Kernel<P>,
+        launch: &Launch,
+    ) -> Option<usize> {
+        // Loads the kernel and allows its shared memory, as the launch that follows would.
+        let function = self
+            .function(kernel.module, kernel.name, launch.shared_bytes)
+            .ok()?;
+        let threads = launch
+            .block
+            .iter()
+            .try_fold(1u32, |all, &along| all.checked_mul(along))?;
+        let per_sm = function
+            .occupancy_max_active_blocks_per_multiprocessor(threads, launch.shared_bytes, None)
+            .ok()?;
+        usize::try_from(per_sm)
+            .ok()?
+            .checked_mul(self.multiprocessor_count()?)
     }
 
     fn shared_bytes_per_block(&self) -> usize {

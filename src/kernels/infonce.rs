@@ -3,8 +3,8 @@
 
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams, ContraRowDotParams};
 use super::{
-    blocks_for, elementwise, extent, handles, normalize, Backend, BufInfo, Elem, Kernel, Launch,
-    Typed,
+    blocks_for, elementwise, extent, handles, normalize, Backend, BufInfo, Elem, Kernel,
+    KernelParams, Launch, Typed,
 };
 use crate::Result;
 
@@ -79,6 +79,63 @@ pub(crate) fn sweep_grid<Buf>(s: &Softmax<'_, Buf>) -> (usize, Launch) {
         shared_bytes: 0,
     };
     (per_block, launch)
+}
+
+/// A block's start, in key tiles: its query rows staged and the key pipeline filled before its
+/// first mma (the wave model's price of one more range per row of tiles).
+const RANGE_START_TILES: usize = 1;
+
+/// The most key ranges a symmetric row of tiles is cut into.
+const MAX_SYMMETRIC_RANGES: usize = 16;
+
+/// Tiles per key range of a symmetric forward over `row_blocks` row tiles and `tiles` key tiles
+/// (0: no split) on a device that runs `concurrent` blocks at once, by the wave model: blocks of
+/// one length run in waves of `concurrent`, so rows of `tiles / 2 + 1` tiles cut into ranges of
+/// r tiles take ceil(blocks / concurrent) x (r + RANGE_START_TILES). NT-Xent at N = 65536 on an
+/// H100 (1024 row tiles, 3 x 132 blocks at once): unsplit 2.59 waves of 513 tiles (3 x 514 by
+/// the model), in 5 ranges 12.9 waves of 103 (13 x 104, 12 % less). At N = 4096 (64 row tiles
+/// on 132 SMs) 6 ranges of 6 tiles fill the card: 7 against 34.
+fn symmetric_range_tiles(row_blocks: usize, tiles: usize, concurrent: usize) -> usize {
+    let longest = tiles / 2 + 1;
+    let model = |per_range: usize| {
+        let blocks = row_blocks.saturating_mul(longest.div_ceil(per_range));
+        blocks
+            .div_ceil(concurrent.max(1))
+            .saturating_mul(per_range + RANGE_START_TILES)
+    };
+    // Fewest ranges first: of equal estimates the one with fewer blocks.
+    let best = (1..=MAX_SYMMETRIC_RANGES.min(longest))
+        .map(|ranges| longest.div_ceil(ranges))
+        .min_by_key(|&per_range| model(per_range))
+        .unwrap_or(longest);
+    if best >= longest {
+        0
+    } else {
+        best
+    }
+}
+
+/// `shape` (a symmetric forward's grid of row tiles) with its rows of key tiles cut into ranges
+/// along grid y where the device's figure for `kernel` says the card fills better
+/// (`symmetric_range_tiles`), and the tiles per range (0: as it was).
+fn symmetric_split<B: Backend, P: KernelParams>(
+    b: &B,
+    kernel: Kernel<P>,
+    shape: Launch,
+    cols: usize,
+) -> (usize, Launch) {
+    let Some(concurrent) = b.concurrent_blocks(kernel, &shape) else {
+        return (0, shape);
+    };
+    let tiles = blocks_for(cols, TILE);
+    match symmetric_range_tiles(shape.grid[0], tiles, concurrent) {
+        0 => (0, shape),
+        per_range => {
+            let ranges = (tiles / 2 + 1).div_ceil(per_range);
+            let grid = [shape.grid[0], ranges, 1];
+            (per_range, Launch { grid, ..shape })
+        }
+    }
 }
 
 /// One InfoNCE problem on a backend. `q` and `k` are the raw inputs; with `normalize` the
@@ -412,15 +469,44 @@ pub(crate) fn fused_forward<B: Backend>(
 ) -> Result<(B::Buf, B::Buf)> {
     let lse = b.output("lse", s.rows)?;
     let row_loss = b.output("row_loss", s.rows)?;
-    let (split_tiles, shape) = sweep_grid(&s);
+    let (key_split, shape) = sweep_grid(&s);
     // Rows whose statistics several blocks add to are finished by infonce_finish.
-    let shared_rows = s.symmetric || split_tiles > 0;
+    let shared_rows = s.symmetric || key_split > 0;
     let row_states = match shared_rows {
         true => Some((empty_lse_states(b, s.rows)?, b.zeros("row_target", s.rows)?)),
         false => None,
     };
     let col_state_given = col_state.is_some();
     let col_state = row_states.as_ref().map(|(states, _)| states).or(col_state);
+    let elem = b.info(s.q).elem;
+    // CLIP's column softmax is the caller's col_state (the others' states are the rows').
+    let loss = fixed_loss(s.symmetric, col_state_given, s.labels.is_some());
+    // Tensor-core operands whose query rows fit stay resident (one instantiation per loss).
+    let resident = resident_rows_bytes(elem, s.dim);
+    let (kernel, shape) = match (key_split, resident, loss) {
+        (0, Some(bytes), Some(loss)) => (
+            resident_forward(loss),
+            Launch {
+                shared_bytes: bytes,
+                ..shape
+            },
+        ),
+        (0, _, _) => (handles::INFONCE_FWD, shape),
+        (_, Some(bytes), _) => (
+            handles::INFONCE_FWD_SPLIT_RESIDENT,
+            Launch {
+                shared_bytes: bytes,
+                ..shape
+            },
+        ),
+        (_, None, _) => (handles::INFONCE_FWD_SPLIT, shape),
+    };
+    let kernel = kernel.of_product(elem);
+    // A symmetric sweep's rows already meet in shared states: its key ranges may run apart.
+    let (split_tiles, shape) = match s.symmetric {
+        true => symmetric_split(b, kernel, shape, s.cols),
+        false => (key_split, shape),
+    };
     let params = ContraInfonceFwdParams {
         q: b.ptr(s.q),
         k: b.ptr(s.k),
@@ -441,30 +527,6 @@ pub(crate) fn fused_forward<B: Backend>(
         log_scale: or_null(b, s.log_scale).cast(),
         split_tiles: extent("split_tiles", split_tiles)?,
     };
-    let elem = b.info(s.q).elem;
-    // CLIP's column softmax is the caller's col_state (the others' states are the rows').
-    let loss = fixed_loss(s.symmetric, col_state_given, s.labels.is_some());
-    // Tensor-core operands whose query rows fit stay resident (one instantiation per loss).
-    let resident = resident_rows_bytes(elem, s.dim);
-    let (kernel, shape) = match (split_tiles, resident, loss) {
-        (0, Some(bytes), Some(loss)) => (
-            resident_forward(loss),
-            Launch {
-                shared_bytes: bytes,
-                ..shape
-            },
-        ),
-        (0, _, _) => (handles::INFONCE_FWD, shape),
-        (_, Some(bytes), _) => (
-            handles::INFONCE_FWD_SPLIT_RESIDENT,
-            Launch {
-                shared_bytes: bytes,
-                ..shape
-            },
-        ),
-        (_, None, _) => (handles::INFONCE_FWD_SPLIT, shape),
-    };
-    let kernel = kernel.of_product(elem);
     if shared_rows {
         b.launch(kernel, shape, &params, &[])?;
         b.launch(
@@ -745,6 +807,42 @@ mod tests {
                 assert_eq!(launch.grid[1], 1);
             } else {
                 assert_ranges_cover(tiles, per_block, launch.grid[1]);
+            }
+        }
+    }
+
+    #[test]
+    fn symmetric_ranges_follow_the_wave_model() {
+        let h100 = 3 * 132;
+        // NT-Xent at N = 65536: 5 ranges of 103 tiles (13 x 104 against 3 x 514 unsplit).
+        assert_eq!(symmetric_range_tiles(1024, 1024, h100), 103);
+        // N = 4096: 6 ranges of 6 tiles, 384 blocks in one wave.
+        assert_eq!(symmetric_range_tiles(64, 64, h100), 6);
+        // One full wave unsplit, or a single key tile: nothing to gain.
+        assert_eq!(symmetric_range_tiles(396, 396, h100), 0);
+        assert_eq!(symmetric_range_tiles(1, 1, h100), 0);
+        // The interp tests' modelled devices (tests/common: split_symmetric_cases).
+        assert_eq!(symmetric_range_tiles(8, 8, 24), 2);
+        assert_eq!(symmetric_range_tiles(9, 9, 18), 3);
+        // A split is taken only where the model says it is faster, and never leaves a range of
+        // the longest row empty.
+        for row_blocks in [1, 2, 7, 64, 255, 1024] {
+            for concurrent in [1, 24, 264, 396, 1056] {
+                let tiles = row_blocks;
+                let longest = tiles / 2 + 1;
+                let per_range = symmetric_range_tiles(row_blocks, tiles, concurrent);
+                if per_range == 0 {
+                    continue;
+                }
+                let ranges = longest.div_ceil(per_range);
+                let time = |blocks: usize, per: usize| {
+                    blocks.div_ceil(concurrent) * (per + RANGE_START_TILES)
+                };
+                assert!(
+                    time(row_blocks * ranges, per_range) < time(row_blocks, longest),
+                    "{row_blocks} x {tiles} at {concurrent}"
+                );
+                assert!(ranges <= MAX_SYMMETRIC_RANGES && per_range * (ranges - 1) < longest);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! that writes out of bounds or leaves an output element unwritten is an error naming the kernel
 //! and the buffer, never a silent pass.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int, c_ulong, c_void};
 use std::sync::{Mutex, MutexGuard};
 
@@ -139,6 +139,16 @@ pub struct LaunchRecord {
 thread_local! {
     /// The launches on this thread since the last [`take_launches`].
     static LAUNCHED: RefCell<Vec<LaunchRecord>> = const { RefCell::new(Vec::new()) };
+    /// The blocks a modelled device runs at once ([`model_concurrent_blocks`]).
+    static MODELLED_CONCURRENCY: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Makes the interpreted mode answer [`Backend::concurrent_blocks`] on this thread as a device
+/// that runs `blocks` blocks of any kernel at once (None: no figure, the default), so that a test
+/// reaches the launch layer's choices against the wave tail at small sizes; returns the previous
+/// setting.
+pub fn model_concurrent_blocks(blocks: Option<usize>) -> Option<usize> {
+    MODELLED_CONCURRENCY.with(|m| m.replace(blocks))
 }
 
 /// The launches the interpreted mode ran on this thread since the last call (lets the tests see
@@ -158,6 +168,14 @@ pub(crate) struct Interp;
 
 impl Backend for Interp {
     type Buf = GuardedBuf;
+
+    fn concurrent_blocks<P: KernelParams>(
+        &self,
+        _kernel: Kernel<P>,
+        _launch: &Launch,
+    ) -> Option<usize> {
+        MODELLED_CONCURRENCY.with(Cell::get)
+    }
 
     fn upload_words(&self, name: &'static str, words: &[u32], info: BufInfo) -> Result<GuardedBuf> {
         count_to_device(words.len());

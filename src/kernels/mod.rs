@@ -318,6 +318,18 @@ pub(crate) trait Backend {
         MAX_DYNAMIC_SHARED_BYTES
     }
 
+    /// How many blocks of `kernel` at `launch`'s block size and shared memory the whole device
+    /// runs at once (its SMs times the kernel's occupancy), for the launch layer's choices
+    /// against the wave tail; None where no figure is known: the interpreted mode, unless a test
+    /// models a device (`testing::model_concurrent_blocks`), and a driver that cannot say.
+    fn concurrent_blocks<P: KernelParams>(
+        &self,
+        _kernel: Kernel<P>,
+        _launch: &Launch,
+    ) -> Option<usize> {
+        None
+    }
+
     /// `c = alpha op(a) op(b) + beta c` on row-major f32 buffers: our tiled kernel here; the
     /// GPU backend uses cuBLAS when it can load it.
     #[cfg_attr(not(feature = "nn"), allow(dead_code))]

@@ -423,3 +423,51 @@ pub fn assert_resident_kernels(
         );
     }
 }
+
+/// The kernel names of `launches`.
+pub fn kernel_names(launches: &[testing::LaunchRecord]) -> Vec<&'static str> {
+    launches.iter().map(|launch| launch.kernel).collect()
+}
+
+/// While it lives, the interpreted mode answers on this thread as a device that runs a given
+/// number of blocks at once (`testing::model_concurrent_blocks`), so the launch layer makes the
+/// choices against the wave tail that it makes on a GPU; dropping it restores the setting.
+pub struct ModelledDevice(Option<usize>);
+
+impl ModelledDevice {
+    pub fn running(blocks: usize) -> Self {
+        ModelledDevice(testing::model_concurrent_blocks(Some(blocks)))
+    }
+}
+
+impl Drop for ModelledDevice {
+    fn drop(&mut self) {
+        testing::model_concurrent_blocks(self.0);
+    }
+}
+
+/// Symmetric losses whose forward cuts its rows of key tiles into ranges on a modelled device:
+/// (blocks the device runs at once, the case, the forward's grid). 450 rows: 8 row tiles of
+/// 5 (lower half) and 4 (upper half) key tiles; at 24 blocks the wave model takes ranges of 2
+/// tiles, 3 per row, and the upper half's third range is empty. 520 rows: 9 tiles, 5 per row;
+/// at 18 blocks ranges of 3, so the second starts 3 tiles on and holds 2.
+pub fn split_symmetric_cases(rng: &mut StdRng, d: usize) -> Vec<(usize, LossCase, [u32; 3])> {
+    vec![
+        (24, ntxent_case(rng, 450, d), [8, 3, 1]),
+        (24, supcon_case(rng, 150, 3, d), [8, 3, 1]),
+        (18, ntxent_case(rng, 520, d), [9, 2, 1]),
+    ]
+}
+
+/// Asserts that the one forward among `launches` ran on `grid` (its key ranges along y).
+#[track_caller]
+pub fn assert_forward_grid(launches: &[testing::LaunchRecord], grid: [u32; 3], case: &str) {
+    let forwards: Vec<_> = launches
+        .iter()
+        .filter(|launch| launch.kernel.starts_with("infonce_fwd"))
+        .collect();
+    assert!(
+        forwards.len() == 1 && forwards[0].grid == grid,
+        "{case}: want one forward on grid {grid:?}, got {forwards:?}"
+    );
+}

@@ -241,8 +241,9 @@ __device__ __forceinline__ float softmax_grad(const ContraInfonceBwdParams& p, f
     return dl * scale;
 }
 
-// CLIP: one partial of sum_ij dlogit_ij * logit_ij per block (summed on the host in f64): warp
-// sums, then the block's kWarps warps. Every thread of the block calls it.
+// CLIP: one partial of sum_ij dlogit_ij * logit_ij per block, row tile x and key range y at
+// y * gridDim.x + x (summed in f64 after): warp sums, then the block's kWarps warps. Every thread
+// of the block calls it.
 template <int kWarps = 8>
 __device__ __forceinline__ void write_log_scale_partial(const ContraInfonceBwdParams& p, float acc) {
     if (!p.log_scale_partial) return;
@@ -254,7 +255,7 @@ __device__ __forceinline__ void write_log_scale_partial(const ContraInfonceBwdPa
     if (tid == 0) {
         float total = 0.0f;
         for (int w = 0; w < kWarps; ++w) total += warp_partial[w];
-        p.log_scale_partial[blockIdx.x] = total;
+        p.log_scale_partial[(long long)blockIdx.y * gridDim.x + blockIdx.x] = total;
     }
 }
 

@@ -432,17 +432,17 @@ fn ntxent_split_backward_scales_with_grad_loss() {
     );
 }
 
-/// The symmetric forwards (NT-Xent, SupCon) cut their rows of key tiles into ranges where the
-/// wave model says the card fills better (`split_symmetric_cases`): on a modelled device the
-/// exact f32 forward runs on that grid and matches the CPU.
+/// Where the wave model says the card fills better, the symmetric forwards (NT-Xent, SupCon) and
+/// every backward cut their rows of key tiles into ranges (`split_cases`): on a modelled device
+/// the exact f32 kernels run on those grids and match the CPU.
 #[test]
-fn symmetric_forward_splits_its_key_ranges() {
+fn sweeps_split_their_key_ranges() {
     let mut rng = StdRng::seed_from_u64(0x7e03);
-    for (blocks, case, grid) in split_symmetric_cases(&mut rng, 24) {
+    for (blocks, case, forward, backward) in split_cases(&mut rng, 24) {
         let _device = ModelledDevice::running(blocks);
         testing::take_launches();
         compare_with_cpu(Device::Interp, &case.name, &case.input_refs(), &case.op);
-        assert_forward_grid(&testing::take_launches(), grid, &case.name);
+        assert_sweep_grids(&testing::take_launches(), forward, backward, &case.name);
     }
 }
 

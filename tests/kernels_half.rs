@@ -256,15 +256,16 @@ fn half_clip_moco_supcon_match_cpu() {
     });
 }
 
-/// The symmetric forwards (NT-Xent, SupCon) cut their rows of key tiles into ranges where the
-/// wave model says the card fills better: on a modelled device, in bf16 and f16, with ranges
-/// that start past the diagonal tile and ranges left empty, every range folds into the shared
-/// row states and the results match the CPU.
+/// Where the wave model says the card fills better, the symmetric forwards (NT-Xent, SupCon)
+/// and every backward cut their rows of key tiles into ranges along grid y (`split_cases`): on
+/// a modelled device, in bf16 and f16, with ranges that start past the diagonal tile, ranges
+/// left empty, dQ added atomically and CLIP's log-scale partials one per block, the results match
+/// the CPU.
 #[test]
-fn half_symmetric_forward_splits_its_key_ranges() {
+fn half_sweeps_split_their_key_ranges() {
     let mut rng = StdRng::seed_from_u64(0x4a24);
     for dtype in HALF_DTYPES {
-        for (blocks, case, grid) in split_symmetric_cases(&mut rng, 40) {
+        for (blocks, case, forward, backward) in split_cases(&mut rng, 40) {
             let _device = ModelledDevice::running(blocks);
             let launches = compare_half(
                 Device::Interp,
@@ -273,7 +274,12 @@ fn half_symmetric_forward_splits_its_key_ranges() {
                 &case.input_refs(),
                 &case.op,
             );
-            assert_forward_grid(&launches, grid, &format!("{} {dtype}", case.name));
+            assert_sweep_grids(
+                &launches,
+                forward,
+                backward,
+                &format!("{} {dtype}", case.name),
+            );
         }
     }
 }

@@ -194,14 +194,14 @@ fn tf32_fused_backward_matches_cpu_for_every_loss() {
     });
 }
 
-/// The symmetric forwards' key ranges (see `split_symmetric_cases`) under TF32, and, in
-/// compare_tf32's second run, on the exact f32 CUDA-core forward.
+/// The sweeps' key ranges (see `split_cases`) under TF32, and, in compare_tf32's second run, on
+/// the exact f32 kernels.
 #[test]
-fn tf32_symmetric_forward_splits_its_key_ranges() {
+fn tf32_sweeps_split_their_key_ranges() {
     let mut rng = StdRng::seed_from_u64(0x7f36);
-    for (blocks, case, grid) in split_symmetric_cases(&mut rng, 40) {
+    for (blocks, case, forward, backward) in split_cases(&mut rng, 40) {
         let _device = ModelledDevice::running(blocks);
         let launches = compare_tf32_softmax(Device::Interp, &case);
-        assert_forward_grid(&launches, grid, &case.name);
+        assert_sweep_grids(&launches, forward, backward, &case.name);
     }
 }

@@ -100,8 +100,8 @@ typedef struct ContraInfonceBwdParams {
     const float* target_weight;  /* with labels: 1 / |P(i)|, 0 for a row without positives */
     const float* lse;
     /* CLIP: the column log-sum-exp; then G also gets exp(logit - col_lse[j]) - [j == p_i], and
-     * log_scale_partial[block] receives sum of G_ij logit_ij / scale over the block's rows.
-     * Both may be NULL. */
+     * log_scale_partial[y * gridDim.x + x] receives sum of G_ij logit_ij / scale over block
+     * (x, y)'s rows and keys. Both may be NULL. */
     const float* col_lse;
     float* log_scale_partial;
     /* CLIP with log_scale_partial: q_i . k_i per row. Each softmax's share of the log_scale sum
@@ -123,9 +123,9 @@ typedef struct ContraInfonceBwdParams {
     float grad_scale;
     /* As in ContraInfonceFwdParams: when not NULL, the logit scale is exp(*log_scale). */
     const float* log_scale;
-    /* Key split as in ContraInfonceFwdParams: block (x, y) takes key tiles y * split_tiles ..
-     * (y + 1) * split_tiles - 1 and adds its share of grad_q atomically (zeros on entry). 0: each
-     * block sweeps all keys and writes its rows of grad_q. */
+    /* Key split (MoCo's queue; rows too few to fill the card): block (x, y) takes key tiles
+     * y * split_tiles .. (y + 1) * split_tiles - 1 (none empty) and adds its share of grad_q
+     * atomically (zeros on entry). 0: each block sweeps all keys and writes its rows of grad_q. */
     int split_tiles;
 } ContraInfonceBwdParams;
 

@@ -8,9 +8,6 @@ use super::params::ContraClipColumnsParams;
 use super::{blocks_for, extent, handles, normalize, Backend, Launch, ScalarArg};
 use crate::Result;
 
-/// Rows per block of the InfoNCE kernels.
-const TILE: usize = 64;
-
 /// One CLIP problem: paired rows of a and b (rows x dim), raw.
 pub(crate) struct Clip<'a, B: Backend> {
     pub a: &'a B::Buf,
@@ -122,18 +119,14 @@ impl<B: Backend> Clip<'_, B> {
         let (an, bn) = self.normalized(b)?;
         let softmax = self.softmax(&an, &bn, Some(col_lse));
         let grad_scale = (grad_loss / (2 * self.rows) as f64) as f32;
-        let partial = b.output("log_scale_partial", blocks_for(self.rows, TILE))?;
         let diag_dot = row_dots(b, &an, &bn, self.rows, self.dim)?;
-        let grad_an = b.output("grad_a", self.rows * self.dim)?;
-        let grad_bn = b.zeros("grad_b", self.rows * self.dim)?;
         let pass = BackwardPass {
             lse: row_lse,
             scale: self.scale(),
             grad_scale,
             self_mask: false,
-            log_scale_partial: Some((&partial, &diag_dot)),
         };
-        pass.both_sides(b, &softmax, &grad_an, &grad_bn)?;
+        let (grad_an, grad_bn, partial) = pass.both_sides_and_log_scale(b, &softmax, &diag_dot)?;
         Ok((
             normalize::backward(b, self.a, &grad_an, self.rows, self.dim)?,
             normalize::backward(b, self.b, &grad_bn, self.rows, self.dim)?,

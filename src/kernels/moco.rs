@@ -2,7 +2,7 @@
 //! given; the fused InfoNCE forward with k as each row's extra (positive) logit; the backward's
 //! query pass over the queue plus the extra logit's term, then the normalize backward.
 
-use super::infonce::{fused_forward, sweep_grid, BackwardPass, Softmax};
+use super::infonce::{fused_forward, BackwardPass, Softmax};
 use super::params::ContraInfonceExtraBwdParams;
 use super::{blocks_for, extent, handles, normalize, Backend, Launch};
 use crate::Result;
@@ -70,19 +70,13 @@ impl<B: Backend> Moco<'_, B> {
     ) -> Result<B::Buf> {
         let grad_scale = (grad_loss / self.rows as f64) as f32;
         let softmax = self.softmax(qn);
-        // A key split's blocks add their shares to grad_q.
-        let grad_qn = match sweep_grid(&softmax).0 {
-            0 => b.output("grad_q", self.rows * self.dim)?,
-            _ => b.zeros("grad_q", self.rows * self.dim)?,
-        };
         let pass = BackwardPass {
             lse,
             scale: self.scale(),
             grad_scale,
             self_mask: false,
-            log_scale_partial: None,
         };
-        pass.queries(b, &softmax, &grad_qn)?;
+        let grad_qn = pass.queries(b, &softmax)?;
         let params = ContraInfonceExtraBwdParams {
             q: b.ptr(qn),
             extra_key: b.ptr(kn),

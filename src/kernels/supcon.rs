@@ -62,15 +62,13 @@ impl<B: Backend> SupCon<'_, B> {
         let softmax = self.softmax(&zn);
         let grad_scale =
             (grad_loss * self.temperature / self.base_temperature / self.anchors) as f32;
-        let grad = b.output("grad_features", self.rows * self.dim)?;
         let pass = BackwardPass {
             lse,
             scale: self.scale(),
             grad_scale,
             self_mask: true,
-            log_scale_partial: None,
         };
-        pass.symmetric(b, &softmax, &grad)?;
+        let grad = pass.symmetric(b, &softmax)?;
         normalize::backward(b, self.views, &grad, self.rows, self.dim)
     }
 }

@@ -446,28 +446,45 @@ impl Drop for ModelledDevice {
     }
 }
 
-/// Symmetric losses whose forward cuts its rows of key tiles into ranges on a modelled device:
-/// (blocks the device runs at once, the case, the forward's grid). 450 rows: 8 row tiles of
-/// 5 (lower half) and 4 (upper half) key tiles; at 24 blocks the wave model takes ranges of 2
-/// tiles, 3 per row, and the upper half's third range is empty. 520 rows: 9 tiles, 5 per row;
-/// at 18 blocks ranges of 3, so the second starts 3 tiles on and holds 2.
-pub fn split_symmetric_cases(rng: &mut StdRng, d: usize) -> Vec<(usize, LossCase, [u32; 3])> {
+/// Losses whose kernels cut their rows of key tiles into ranges on a modelled device: (blocks the
+/// device runs at once, the case, the forward's grid, the backward's grid). 450 rows: 8 row
+/// tiles; at 24 blocks the symmetric forward's half-rows of 5 (lower half) and 4 (upper half)
+/// tiles take ranges of 2, 3 per row, the upper half's third one empty; the backwards' rows of
+/// 8 tiles take 3 ranges of 3 (the last one 2), and InfoNCE's rows of 5 keys 3 ranges of 2. CLIP's
+/// and InfoNCE's forwards stay whole. 520 rows: 9 tiles; at 18 blocks the forward's ranges of 3
+/// (the second starts 3 tiles on and holds 2), the backward's of 5.
+pub fn split_cases(rng: &mut StdRng, d: usize) -> Vec<(usize, LossCase, [u32; 3], [u32; 3])> {
     vec![
-        (24, ntxent_case(rng, 450, d), [8, 3, 1]),
-        (24, supcon_case(rng, 150, 3, d), [8, 3, 1]),
-        (18, ntxent_case(rng, 520, d), [9, 2, 1]),
+        (24, ntxent_case(rng, 450, d), [8, 3, 1], [8, 3, 1]),
+        (24, supcon_case(rng, 150, 3, d), [8, 3, 1], [8, 3, 1]),
+        (24, clip_case(rng, 450, d), [8, 1, 1], [8, 3, 1]),
+        (
+            24,
+            infonce_case(rng, 450, 300, d, true),
+            [8, 1, 1],
+            [8, 3, 1],
+        ),
+        (18, ntxent_case(rng, 520, d), [9, 2, 1], [9, 2, 1]),
     ]
 }
 
-/// Asserts that the one forward among `launches` ran on `grid` (its key ranges along y).
+/// Asserts that the one forward and the one backward among `launches` ran on their grids (key
+/// ranges along y).
 #[track_caller]
-pub fn assert_forward_grid(launches: &[testing::LaunchRecord], grid: [u32; 3], case: &str) {
-    let forwards: Vec<_> = launches
-        .iter()
-        .filter(|launch| launch.kernel.starts_with("infonce_fwd"))
-        .collect();
-    assert!(
-        forwards.len() == 1 && forwards[0].grid == grid,
-        "{case}: want one forward on grid {grid:?}, got {forwards:?}"
-    );
+pub fn assert_sweep_grids(
+    launches: &[testing::LaunchRecord],
+    forward: [u32; 3],
+    backward: [u32; 3],
+    case: &str,
+) {
+    for (prefix, grid) in [("infonce_fwd", forward), ("infonce_bwd", backward)] {
+        let sweeps: Vec<_> = launches
+            .iter()
+            .filter(|launch| launch.kernel.starts_with(prefix))
+            .collect();
+        assert!(
+            sweeps.len() == 1 && sweeps[0].grid == grid,
+            "{case}: want one {prefix}* on grid {grid:?}, got {sweeps:?}"
+        );
+    }
 }

@@ -31,7 +31,8 @@
 namespace contra {
 
 // Forward on CUDA cores: thread (ty, tx) holds rows ty + 16 i and columns tx + 16 j of a tile.
-// kSplit: block (x, y) sweeps key range y only (MoCo's long queue; see params.h).
+// kSplit: MoCo's key-split instantiation, which folds no column statistics (every forward takes
+// the key range y of block (x, y) under a split; see params.h).
 template <typename T, bool kSplit>
 __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<16> columns;  // CLIP / symmetric sweep: per-ty partials
@@ -49,7 +50,7 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
         query[i].load(p, r0 + ty + 16 * i);
         state[i].init();
         target[i] = 0.0f;
-        if (p.extra_key && (!kSplit || blockIdx.y == 0)) {  // a key split adds it once
+        if (p.extra_key && blockIdx.y == 0) {  // a key split adds it once
             const float u = extra_logit<16>(p, q, query[i].row, tx, scale_log2);
             state[i].merge(u, 1.0f);
             if (tx == 0) target[i] = u;  // summed over the 16 lanes of the row at the end
@@ -107,7 +108,7 @@ __device__ void infonce_fwd_cuda_cores(const ContraInfonceFwdParams& p) {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
         const float row_target = group_sum<16>(target[i]);
-        if (tx == 0) query[i].finish(p, state[i], row_target, kSplit);
+        if (tx == 0) query[i].finish(p, state[i], row_target);
     }
 }
 
@@ -475,13 +476,13 @@ __device__ void infonce_row_dot(const ContraRowDotParams& p) {
 __device__ __forceinline__ float state_max(unsigned long long state) { return __uint_as_float((unsigned)(state & 0xffffffffull)); }
 __device__ __forceinline__ float state_sum(unsigned long long state) { return __uint_as_float((unsigned)(state >> 32)); }
 
-// Symmetric forward, second step: each row's lse and loss from the state and target term the
-// sweep folded in (one thread per row).
+// A forward whose rows several blocks add to (symmetric, key split), second step: each row's lse
+// and loss from the state and target term the sweep folded in (one thread per row).
 __device__ void infonce_finish(const ContraInfonceFwdParams& p) {
     const int row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= p.rows) return;
-    const unsigned long long state = p.col_state[row];
-    QueryRow::write_row_loss(p, row, state_max(state), state_sum(state), p.col_target[row]);
+    const unsigned long long state = p.row_state[row];
+    QueryRow::write_row_loss(p, row, state_max(state), state_sum(state), p.row_target[row]);
 }
 
 // CLIP's forward, last step: each column's lse from its state, and each row's share of the loss.

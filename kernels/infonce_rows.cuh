@@ -15,8 +15,8 @@ __device__ __forceinline__ float logit_scale(const Params& p) {
 // Which optional terms of the family a kernel computes: read from p at run time (AnyLoss, the
 // general engines), or fixed at compile time (FixedLoss, the instantiations per loss of the fused
 // backward and the resident forward), so that the per-element code has no branch on them. The
-// forward's p marks CLIP's column softmax by col_state without symmetric (a symmetric sweep keeps
-// its rows' states there).
+// forward's p marks CLIP's column softmax by col_state without symmetric (a symmetric sweep's
+// columns are its rows).
 struct AnyLoss {
     static __device__ __forceinline__ bool symmetric(const ContraInfonceBwdParams& p) { return p.symmetric; }
     static __device__ __forceinline__ bool column_softmax(const ContraInfonceBwdParams& p) { return p.col_lse; }
@@ -27,13 +27,11 @@ struct AnyLoss {
         return p.col_state && !p.symmetric;
     }
     static __device__ __forceinline__ bool labels(const ContraInfonceFwdParams& p) { return p.labels; }
-    // The forward keeps states in col_state (a symmetric sweep's rows, CLIP's columns, a key
-    // split's rows).
+    // The forward folds column states (CLIP's column softmax, a symmetric sweep's rows).
     static __device__ __forceinline__ bool column_states(const ContraInfonceFwdParams& p) { return p.col_state; }
 };
 // NT-Xent (kSymmetric), CLIP (kColumnSoftmax: the column softmax and, when asked, the
-// log-scale term), SupCon (kSymmetric, kLabels), InfoNCE and MoCo (none). Not for a key-split
-// forward, whose col_state holds its rows' states (matches would read it as CLIP's).
+// log-scale term), SupCon (kSymmetric, kLabels), InfoNCE and MoCo (none).
 template <bool kSymmetric, bool kColumnSoftmax, bool kLabels>
 struct FixedLoss {
     template <typename Params>
@@ -91,14 +89,13 @@ struct QueryRow {
     }
 
     // Writes lse (natural units) and the row's loss from its softmax state and target term, or,
-    // in a symmetric or key-split forward (`shared`), folds both into the row's shared state.
-    template <typename Loss = AnyLoss>
-    __device__ __forceinline__ void finish(const ContraInfonceFwdParams& p, const OnlineLse& state, float target,
-                                           bool shared) const {
+    // where several blocks add to the row (p.row_state: a symmetric sweep, a key split), folds
+    // both into the row's shared state for infonce_finish.
+    __device__ __forceinline__ void finish(const ContraInfonceFwdParams& p, const OnlineLse& state, float target) const {
         if (row >= p.rows) return;
-        if (Loss::symmetric(p) || shared) {
-            merge_lse_state(p.col_state + row, state.running_max, state.running_sum);
-            atomicAdd(p.col_target + row, target);
+        if (p.row_state) {
+            merge_lse_state(p.row_state + row, state.running_max, state.running_sum);
+            atomicAdd(p.row_target + row, target);
         } else {
             write_row_loss(p, row, state.running_max, state.running_sum, target);
         }
@@ -143,7 +140,7 @@ struct KeyTiles {
     __device__ __forceinline__ int column(int step) const { return ((first + step) % tiles) * kTile; }
     // Whether the tile at key c0 also gives its columns statistics (CLIP's column softmax; in a
     // symmetric sweep the key rows' own, except on the diagonal tile, c0 = r0, whose rows are
-    // the block's). Not asked under a MoCo key split, whose col_state holds its rows' states.
+    // the block's).
     template <typename Loss = AnyLoss>
     __device__ __forceinline__ bool folds_columns(const ContraInfonceFwdParams& p, int c0, int r0) const {
         return Loss::column_states(p) && !(Loss::symmetric(p) && c0 == r0);

@@ -258,7 +258,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
         query[h].template load<Loss>(p, r0 + m0 + g + 8 * h);
         state[h].init();
         target[h] = 0.0f;
-        if (p.extra_key && half == 0 && (!kSplit || blockIdx.y == 0)) {  // warp-uniform; once per split
+        if (p.extra_key && half == 0 && blockIdx.y == 0) {  // warp-uniform; once per split
             const float u = extra_logit<4>(p, q, query[h].row, t, scale_log2);
             state[h].merge(u, 1.0f);
             if (t == 0) target[h] = u;
@@ -347,7 +347,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
         for (int h = 0; h < 2; ++h) {
             const int r = m0 + g + 8 * h;
             state[h].merge(second_half[0][r], second_half[1][r]);
-            query[h].template finish<Loss>(p, state[h], target[h] + second_half[2][r], kSplit);
+            query[h].finish(p, state[h], target[h] + second_half[2][r]);
         }
 }
 

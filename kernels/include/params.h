@@ -56,18 +56,23 @@ typedef struct ContraInfonceFwdParams {
      * and the row's loss is 0). `positives` is then NULL. */
     const int* labels;
     const float* target_weight;
-    /* CLIP: with `col_state` (cols entries, each a packed {running max, running sum} pair of
-     * floats, initialised to {-inf, 0}) the same sweep also folds every column's log-sum-exp
-     * over the rows in, with a compare-and-swap per block and column. In log2 units: the
-     * column's natural lse is (max + log2(sum)) * ln(2). May be NULL. */
+    /* Columns' softmax states (cols entries, each a packed {running max, running sum} pair of
+     * floats, initialised to {-inf, 0}; log2 units: the natural lse is (max + log2(sum)) ln 2)
+     * and target logit sums (log2 units, zeros on entry), folded in with a compare-and-swap and
+     * an atomic add per block and column. CLIP: col_state is its column softmax (col_target
+     * NULL). Symmetric forward (NT-Xent, SupCon: q and k are the same rows): each unordered pair
+     * of 64-row tiles is computed once and folded into the statistics of both its row tile and
+     * its column tile, so the columns are rows too: col_state and col_target are row_state and
+     * row_target. NULL otherwise. */
     unsigned long long* col_state;
-    /* Symmetric forward (NT-Xent, SupCon: q and k are the same rows): each unordered pair of
-     * 64-row tiles is computed once and folded into the statistics of both its row tile and its
-     * column tile. Every row's state then goes to col_state (rows entries, as above) and its
-     * target logit sum (log2 units) to col_target (rows entries, zeros on entry) with atomic adds;
-     * infonce_finish turns them into lse and row_loss. */
     int symmetric;
     float* col_target;
+    /* Rows whose statistics several blocks add to (a symmetric sweep, a key split): each row's
+     * state and target sum, as col_state and col_target (rows entries), merged there;
+     * infonce_finish turns them into lse and row_loss. NULL when each block writes its rows'
+     * lse and row_loss itself. */
+    unsigned long long* row_state;
+    float* row_target;
     float* lse;
     float* row_loss;
     int rows;
@@ -79,13 +84,10 @@ typedef struct ContraInfonceFwdParams {
      * exp(*log_scale) and `scale` is unused. */
     const float* log_scale;
     /* Key split, 0 for none: block (x, y) sweeps range y of split_tiles of row tile x's key
-     * tiles (KeyTiles in infonce_rows.cuh). Two uses:
-     * - infonce_fwd_split (few rows, many keys: MoCo's queue; not with symmetric or a column
-     *   softmax): no range empty, only blocks with y = 0 add extra_key's logit, and the rows'
-     *   states go to col_state / col_target (rows entries) for infonce_finish;
-     * - a symmetric forward (any symmetric kernel) against the wave tail: its half row of tiles
-     *   cut into ranges (the last one of a shorter row may be empty), every range folding into
-     *   the shared row states as the whole sweep does. */
+     * tiles (KeyTiles in infonce_rows.cuh); the rows' states go to row_state / row_target, and
+     * only blocks with y = 0 add extra_key's logit. MoCo's queue (infonce_fwd_split, not with
+     * symmetric or a column softmax: no range empty), and against the wave tail any other
+     * forward (a symmetric sweep's half-rows; the last range of a shorter one may be empty). */
     int split_tiles;
 } ContraInfonceFwdParams;
 

@@ -472,21 +472,13 @@ pub(crate) fn fused_forward<B: Backend>(
 ) -> Result<(B::Buf, B::Buf)> {
     let lse = b.output("lse", s.rows)?;
     let row_loss = b.output("row_loss", s.rows)?;
-    let (key_split, shape) = sweep_grid(&s);
-    // Rows whose statistics several blocks add to are finished by infonce_finish.
-    let shared_rows = s.symmetric || key_split > 0;
-    let row_states = match shared_rows {
-        true => Some((empty_lse_states(b, s.rows)?, b.zeros("row_target", s.rows)?)),
-        false => None,
-    };
-    let col_state_given = col_state.is_some();
-    let col_state = row_states.as_ref().map(|(states, _)| states).or(col_state);
     let elem = b.info(s.q).elem;
-    // CLIP's column softmax is the caller's col_state (the others' states are the rows').
-    let loss = fixed_loss(s.symmetric, col_state_given, s.labels.is_some());
+    // CLIP's column softmax is the caller's col_state.
+    let loss = fixed_loss(s.symmetric, col_state.is_some(), s.labels.is_some());
     // Tensor-core operands whose query rows fit stay resident (one instantiation per loss).
     let resident = resident_rows_bytes(elem, s.dim);
-    let (kernel, shape) = match (key_split, resident, loss) {
+    let (queue_split, shape) = sweep_grid(&s);
+    let (kernel, shape) = match (queue_split, resident, loss) {
         (0, Some(bytes), Some(loss)) => (
             resident_forward(loss),
             Launch {
@@ -505,10 +497,28 @@ pub(crate) fn fused_forward<B: Backend>(
         (_, None, _) => (handles::INFONCE_FWD_SPLIT, shape),
     };
     let kernel = kernel.of_product(elem);
-    // A symmetric sweep's rows already meet in shared states: its key ranges may run apart.
-    let (split_tiles, shape) = match s.symmetric {
-        true => key_ranges(b, kernel, shape, blocks_for(s.cols, TILE) / 2 + 1),
-        false => (key_split, shape),
+    // Other than MoCo's queue, rows too few to fill the card cut their keys into ranges where
+    // the wave model says so; a symmetric sweep's rows are half-rows.
+    let tiles = blocks_for(s.cols, TILE);
+    let longest = if s.symmetric { tiles / 2 + 1 } else { tiles };
+    let (split_tiles, shape) = match queue_split {
+        0 => key_ranges(b, kernel, shape, longest),
+        _ => (queue_split, shape),
+    };
+    // Rows whose statistics several blocks add to are finished by infonce_finish.
+    let shared_rows = s.symmetric || split_tiles > 0;
+    let row_states = match shared_rows {
+        true => Some((empty_lse_states(b, s.rows)?, b.zeros("row_target", s.rows)?)),
+        false => None,
+    };
+    let (row_state, row_target) = match &row_states {
+        Some((states, target)) => (Some(states), Some(target)),
+        None => (None, None),
+    };
+    // A symmetric sweep's columns are its rows.
+    let (col_state, col_target) = match s.symmetric {
+        true => (row_state, row_target),
+        false => (col_state, None),
     };
     let params = ContraInfonceFwdParams {
         q: b.ptr(s.q),
@@ -519,7 +529,9 @@ pub(crate) fn fused_forward<B: Backend>(
         extra_key: or_null(b, extra_key),
         col_state: or_null(b, col_state).cast(),
         symmetric: s.symmetric as i32,
-        col_target: or_null(b, row_states.as_ref().map(|(_, target)| target)).cast(),
+        col_target: or_null(b, col_target).cast(),
+        row_state: or_null(b, row_state).cast(),
+        row_target: or_null(b, row_target).cast(),
         lse: b.ptr(&lse).cast(),
         row_loss: b.ptr(&row_loss).cast(),
         rows: extent("rows", s.rows)?,

@@ -100,6 +100,8 @@ pub struct ContraInfonceFwdParams {
     pub col_state: *mut ::std::os::raw::c_ulonglong,
     pub symmetric: ::std::os::raw::c_int,
     pub col_target: *mut f32,
+    pub row_state: *mut ::std::os::raw::c_ulonglong,
+    pub row_target: *mut f32,
     pub lse: *mut f32,
     pub row_loss: *mut f32,
     pub rows: ::std::os::raw::c_int,
@@ -112,7 +114,7 @@ pub struct ContraInfonceFwdParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 128usize];
+    ["Size of ContraInfonceFwdParams"][::std::mem::size_of::<ContraInfonceFwdParams>() - 144usize];
     ["Alignment of ContraInfonceFwdParams"]
         [::std::mem::align_of::<ContraInfonceFwdParams>() - 8usize];
     ["Offset of field: ContraInfonceFwdParams::q"]
@@ -133,24 +135,28 @@ const _: () = {
         [::std::mem::offset_of!(ContraInfonceFwdParams, symmetric) - 56usize];
     ["Offset of field: ContraInfonceFwdParams::col_target"]
         [::std::mem::offset_of!(ContraInfonceFwdParams, col_target) - 64usize];
+    ["Offset of field: ContraInfonceFwdParams::row_state"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, row_state) - 72usize];
+    ["Offset of field: ContraInfonceFwdParams::row_target"]
+        [::std::mem::offset_of!(ContraInfonceFwdParams, row_target) - 80usize];
     ["Offset of field: ContraInfonceFwdParams::lse"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, lse) - 72usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, lse) - 88usize];
     ["Offset of field: ContraInfonceFwdParams::row_loss"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, row_loss) - 80usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, row_loss) - 96usize];
     ["Offset of field: ContraInfonceFwdParams::rows"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, rows) - 88usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, rows) - 104usize];
     ["Offset of field: ContraInfonceFwdParams::cols"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, cols) - 92usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, cols) - 108usize];
     ["Offset of field: ContraInfonceFwdParams::dim"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, dim) - 96usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, dim) - 112usize];
     ["Offset of field: ContraInfonceFwdParams::self_mask"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, self_mask) - 100usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, self_mask) - 116usize];
     ["Offset of field: ContraInfonceFwdParams::scale"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 104usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, scale) - 120usize];
     ["Offset of field: ContraInfonceFwdParams::log_scale"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, log_scale) - 112usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, log_scale) - 128usize];
     ["Offset of field: ContraInfonceFwdParams::split_tiles"]
-        [::std::mem::offset_of!(ContraInfonceFwdParams, split_tiles) - 120usize];
+        [::std::mem::offset_of!(ContraInfonceFwdParams, split_tiles) - 136usize];
 };
 impl Default for ContraInfonceFwdParams {
     fn default() -> Self {

@@ -449,19 +449,19 @@ impl Drop for ModelledDevice {
 /// Losses whose kernels cut their rows of key tiles into ranges on a modelled device: (blocks the
 /// device runs at once, the case, the forward's grid, the backward's grid). 450 rows: 8 row
 /// tiles; at 24 blocks the symmetric forward's half-rows of 5 (lower half) and 4 (upper half)
-/// tiles take ranges of 2, 3 per row, the upper half's third one empty; the backwards' rows of
-/// 8 tiles take 3 ranges of 3 (the last one 2), and InfoNCE's rows of 5 keys 3 ranges of 2. CLIP's
-/// and InfoNCE's forwards stay whole. 520 rows: 9 tiles; at 18 blocks the forward's ranges of 3
-/// (the second starts 3 tiles on and holds 2), the backward's of 5.
+/// tiles take ranges of 2, 3 per row, the upper half's third one empty; rows of 8 tiles (the
+/// backwards, CLIP's forward) take 3 ranges of 3 (the last one 2), and InfoNCE's rows of 5 keys
+/// 3 ranges of 2. 520 rows: 9 tiles; at 18 blocks the forward's ranges of 3 (the second starts 3
+/// tiles on and holds 2), the backward's of 5.
 pub fn split_cases(rng: &mut StdRng, d: usize) -> Vec<(usize, LossCase, [u32; 3], [u32; 3])> {
     vec![
         (24, ntxent_case(rng, 450, d), [8, 3, 1], [8, 3, 1]),
         (24, supcon_case(rng, 150, 3, d), [8, 3, 1], [8, 3, 1]),
-        (24, clip_case(rng, 450, d), [8, 1, 1], [8, 3, 1]),
+        (24, clip_case(rng, 450, d), [8, 3, 1], [8, 3, 1]),
         (
             24,
             infonce_case(rng, 450, 300, d, true),
-            [8, 1, 1],
+            [8, 3, 1],
             [8, 3, 1],
         ),
         (18, ntxent_case(rng, 520, d), [9, 2, 1], [9, 2, 1]),

@@ -44,11 +44,16 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
     const T* b = static_cast<const T*>(p.b);
     double row_loss[kPerThread] = {0.0, 0.0, 0.0, 0.0};  // rows ty + 16 i, this thread's columns
     double log_scale_acc = 0.0, bias_acc = 0.0;
-    // Block b starts at column tile b (mod the tiles), so that the blocks' atomic adds to dB do
+    // Under a key split the block takes its range of column tiles, and its rows' loss and dA
+    // are shares, added atomically.
+    const bool split = p.split_tiles > 0;
+    const int first = split ? blockIdx.y * p.split_tiles : 0, tiles = (p.cols + kTile - 1) / kTile;
+    const int steps = split ? min(p.split_tiles, tiles - first) : tiles;
+    // Block b starts at column tile b (mod its tiles), so that the blocks' atomic adds to dB do
     // not all land on the same rows at once.
-    const int steps = (p.cols + kTile - 1) / kTile, rotation = steps > 0 ? blockIdx.x % steps : 0;
+    const int rotation = steps > 0 ? blockIdx.x % steps : 0;
     for (int step = 0; step < steps; ++step) {
-        const int c0 = (step + rotation) % steps * kTile;
+        const int c0 = (first + (step + rotation) % steps) * kTile;
         dot_tile_to_shared(a, p.rows, r0, b, p.cols, c0, p.dim, g);
         __syncthreads();
         float tile_log_scale = 0.0f, tile_bias = 0.0f;
@@ -79,7 +84,7 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
         log_scale_acc += tile_log_scale;
         bias_acc += tile_bias;
         if (backward) {
-            const Write own = step == 0 ? Write::kOverwrite : Write::kAdd;
+            const Write own = split ? Write::kAtomicAdd : step == 0 ? Write::kOverwrite : Write::kAdd;
             grad_product_for<false>(g, staged, b, p.cols, c0, p.dim, p.grad_a, r0, p.rows, own);
             grad_product_for<true>(g, staged, a, p.rows, r0, p.dim, p.grad_b, c0, p.cols, Write::kAtomicAdd);
         }
@@ -90,10 +95,11 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
         // The 16 lanes holding row ty + 16 i.
         const float total = group_sum<16>((float)row_loss[i]);
         const int row = r0 + ty + 16 * i;
-        if (tx == 0 && row < p.rows) p.row_loss[row] = total;
+        if (tx == 0 && row < p.rows) write_grad(p.row_loss + row, total, split ? Write::kAtomicAdd : Write::kOverwrite);
     }
     if (backward) {
-        // One partial of each scalar gradient per block (summed in f64 by loss_finish).
+        // One partial of each scalar gradient per block (summed in f64 by loss_finish), block
+        // (x, y) at y * gridDim.x + x.
         __shared__ float warp_partial[2][8];
         const float log_scale_warp = warp_sum((float)log_scale_acc), bias_warp = warp_sum((float)bias_acc);
         if (tid % 32 == 0) {
@@ -107,8 +113,9 @@ __device__ void siglip_sweep(const ContraSiglipParams& p) {
                 log_scale_total += warp_partial[0][w];
                 bias_total += warp_partial[1][w];
             }
-            p.log_scale_partial[blockIdx.x] = log_scale_total;
-            p.bias_partial[blockIdx.x] = bias_total;
+            const long long block = (long long)blockIdx.y * gridDim.x + blockIdx.x;
+            p.log_scale_partial[block] = log_scale_total;
+            p.bias_partial[block] = bias_total;
         }
     }
 }

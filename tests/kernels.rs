@@ -432,17 +432,18 @@ fn ntxent_split_backward_scales_with_grad_loss() {
     );
 }
 
-/// Where the wave model says the card fills better, the symmetric forwards (NT-Xent, SupCon) and
-/// every backward cut their rows of key tiles into ranges (`split_cases`): on a modelled device
-/// the exact f32 kernels run on those grids and match the CPU.
+/// Where the wave model says the card fills better, the forwards, the backwards and SigLIP's
+/// sweep cut their rows of key tiles into ranges (`split_cases`): on a modelled device the exact
+/// f32 kernels run on those grids and match the CPU.
 #[test]
 fn sweeps_split_their_key_ranges() {
     let mut rng = StdRng::seed_from_u64(0x7e03);
-    for (blocks, case, forward, backward) in split_cases(&mut rng, 24) {
-        let _device = ModelledDevice::running(blocks);
+    for split in split_cases(&mut rng, 24) {
+        let _device = ModelledDevice::running(split.blocks);
+        let case = &split.case;
         testing::take_launches();
         compare_with_cpu(Device::Interp, &case.name, &case.input_refs(), &case.op);
-        assert_sweep_grids(&testing::take_launches(), forward, backward, &case.name);
+        assert_split_grids(&testing::take_launches(), &split, &case.name);
     }
 }
 

@@ -256,17 +256,18 @@ fn half_clip_moco_supcon_match_cpu() {
     });
 }
 
-/// Where the wave model says the card fills better, the symmetric forwards (NT-Xent, SupCon)
-/// and every backward cut their rows of key tiles into ranges along grid y (`split_cases`): on
-/// a modelled device, in bf16 and f16, with ranges that start past the diagonal tile, ranges
-/// left empty, dQ added atomically and CLIP's log-scale partials one per block, the results match
-/// the CPU.
+/// Where the wave model says the card fills better, the forwards, the backwards and SigLIP's
+/// sweep cut their rows of key tiles into ranges along grid y (`split_cases`): on a modelled
+/// device, in bf16 and f16, with ranges that start past the diagonal tile, ranges left empty,
+/// rows' shares added atomically and the scalar partials one per block, the results match the
+/// CPU.
 #[test]
 fn half_sweeps_split_their_key_ranges() {
     let mut rng = StdRng::seed_from_u64(0x4a24);
     for dtype in HALF_DTYPES {
-        for (blocks, case, forward, backward) in split_cases(&mut rng, 40) {
-            let _device = ModelledDevice::running(blocks);
+        for split in split_cases(&mut rng, 40) {
+            let _device = ModelledDevice::running(split.blocks);
+            let case = &split.case;
             let launches = compare_half(
                 Device::Interp,
                 dtype,
@@ -274,12 +275,7 @@ fn half_sweeps_split_their_key_ranges() {
                 &case.input_refs(),
                 &case.op,
             );
-            assert_sweep_grids(
-                &launches,
-                forward,
-                backward,
-                &format!("{} {dtype}", case.name),
-            );
+            assert_split_grids(&launches, &split, &format!("{} {dtype}", case.name));
         }
     }
 }

@@ -199,9 +199,16 @@ fn tf32_fused_backward_matches_cpu_for_every_loss() {
 #[test]
 fn tf32_sweeps_split_their_key_ranges() {
     let mut rng = StdRng::seed_from_u64(0x7f36);
-    for (blocks, case, forward, backward) in split_cases(&mut rng, 40) {
-        let _device = ModelledDevice::running(blocks);
-        let launches = compare_tf32_softmax(Device::Interp, &case);
-        assert_sweep_grids(&launches, forward, backward, &case.name);
+    for split in split_cases(&mut rng, 40) {
+        let _device = ModelledDevice::running(split.blocks);
+        let case = &split.case;
+        let launches = compare_tf32(
+            Device::Interp,
+            &case.name,
+            &split.sweeps(),
+            &case.input_refs(),
+            &case.op,
+        );
+        assert_split_grids(&launches, &split, &case.name);
     }
 }

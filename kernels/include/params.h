@@ -490,7 +490,8 @@ typedef struct ContraClipColumnsParams {
  * sum_j softplus(-z_ij logit_ij) (z = +1 on the diagonal when `positives`, -1 elsewhere). With
  * grad_a set (the backward), also G_ij = grad_weight (sigmoid(logit_ij) - [z_ij = +1]): grad_a = scale G b
  * (overwritten), grad_b += scale G^T a (atomic; zeroed by the caller), and per block
- * log_scale_partial[block] = sum G_ij scale s_ij, bias_partial[block] = sum G_ij. */
+ * log_scale_partial[block] = sum G_ij scale s_ij, bias_partial[block] = sum G_ij (block
+ * y * gridDim.x + x under a key split). */
 typedef struct ContraSiglipParams {
     const void* a;
     const void* b;
@@ -508,6 +509,11 @@ typedef struct ContraSiglipParams {
     float scale;
     float bias;
     float grad_weight;
+    /* Key split, 0 for none: block (x, y) takes column tiles y * split_tiles ..
+     * (y + 1) * split_tiles - 1 (none empty) of row tile x, and adds its rows' shares of row_loss
+     * and grad_a atomically (both zeros on entry); the partials are per block, at
+     * y * gridDim.x + x. */
+    int split_tiles;
 } ContraSiglipParams;
 
 /* nonfinite_rows: status[slot] = min(status[slot], r) for the first row r of x (`row_len`

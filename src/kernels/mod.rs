@@ -28,6 +28,7 @@ pub(crate) mod status;
 pub(crate) mod storage;
 pub(crate) mod supcon;
 pub(crate) mod triplet;
+pub(crate) mod waves;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

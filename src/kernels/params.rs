@@ -1181,6 +1181,7 @@ pub struct ContraSiglipParams {
     pub scale: f32,
     pub bias: f32,
     pub grad_weight: f32,
+    pub split_tiles: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -1218,6 +1219,8 @@ const _: () = {
         [::std::mem::offset_of!(ContraSiglipParams, bias) - 92usize];
     ["Offset of field: ContraSiglipParams::grad_weight"]
         [::std::mem::offset_of!(ContraSiglipParams, grad_weight) - 96usize];
+    ["Offset of field: ContraSiglipParams::split_tiles"]
+        [::std::mem::offset_of!(ContraSiglipParams, split_tiles) - 100usize];
 };
 impl Default for ContraSiglipParams {
     fn default() -> Self {

@@ -3,7 +3,9 @@
 //! gradients (the normalize backward after it).
 
 use super::params::ContraSiglipParams;
-use super::{blocks_for, extent, handles, normalize, Backend, Launch, ScalarArg};
+use super::{
+    blocks_for, extent, handles, normalize, waves::key_ranges, Backend, Launch, ScalarArg,
+};
 use crate::Result;
 
 /// Rows per block of `siglip_sweep`.
@@ -55,12 +57,25 @@ impl<B: Backend> SigLip<'_, B> {
         } else {
             (self.a, self.b)
         };
-        let blocks = blocks_for(self.rows, TILE);
-        let row_loss = b.output("row_loss", self.rows)?;
+        let kernel = handles::SIGLIP_SWEEP.of_product(b.info(a_op).elem);
+        let shape = Launch {
+            grid: [blocks_for(self.rows, TILE), 1, 1],
+            block: [16, 16, 1],
+            shared_bytes: 0,
+        };
+        // Rows too few to fill the card cut their column tiles into ranges (the wave model); the
+        // blocks then add their rows' loss and dA to zeros.
+        let (split_tiles, shape) = key_ranges(b, kernel, shape, blocks_for(self.cols, TILE));
+        let row_shares = |name, len| match split_tiles {
+            0 => b.output(name, len),
+            _ => b.zeros(name, len),
+        };
+        let blocks = shape.grid.iter().product();
+        let row_loss = row_shares("row_loss", self.rows)?;
         let grads = match grad_loss {
             None => None,
             Some(_) => Some(SigLipGrads {
-                a: b.output("grad_a", self.rows * self.dim)?,
+                a: row_shares("grad_a", self.rows * self.dim)?,
                 b: b.zeros("grad_b", self.cols * self.dim)?,
                 log_scale_partial: b.output("log_scale_partial", blocks)?,
                 bias_partial: b.output("bias_partial", blocks)?,
@@ -84,21 +99,20 @@ impl<B: Backend> SigLip<'_, B> {
             scale: self.log_scale.passed(f64::exp, 1.0),
             bias: self.bias.passed(|bias| bias, 0.0),
             grad_weight: (grad_loss.unwrap_or(0.0) / self.rows as f64) as f32,
+            split_tiles: extent("split_tiles", split_tiles)?,
         };
-        let mut written = vec![&row_loss];
-        if let Some(g) = &grads {
-            written.extend([&g.a, &g.b, &g.log_scale_partial, &g.bias_partial]);
+        // The outputs the kernel must fill (a split's shares are added to zeros).
+        let mut written = vec![];
+        if split_tiles == 0 {
+            written.push(&row_loss);
         }
-        b.launch(
-            handles::SIGLIP_SWEEP.of_product(b.info(a_op).elem),
-            Launch {
-                grid: [blocks, 1, 1],
-                block: [16, 16, 1],
-                shared_bytes: 0,
-            },
-            &params,
-            &written,
-        )?;
+        if let Some(g) = &grads {
+            if split_tiles == 0 {
+                written.push(&g.a);
+            }
+            written.extend([&g.b, &g.log_scale_partial, &g.bias_partial]);
+        }
+        b.launch(kernel, shape, &params, &written)?;
         let grads = match grads {
             Some(g) if self.normalize => Some(SigLipGrads {
                 a: normalize::backward(b, self.a, &g.a, self.rows, self.dim)?,

@@ -446,45 +446,64 @@ impl Drop for ModelledDevice {
     }
 }
 
-/// Losses whose kernels cut their rows of key tiles into ranges on a modelled device: (blocks the
-/// device runs at once, the case, the forward's grid, the backward's grid). 450 rows: 8 row
-/// tiles; at 24 blocks the symmetric forward's half-rows of 5 (lower half) and 4 (upper half)
-/// tiles take ranges of 2, 3 per row, the upper half's third one empty; rows of 8 tiles (the
-/// backwards, CLIP's forward) take 3 ranges of 3 (the last one 2), and InfoNCE's rows of 5 keys
-/// 3 ranges of 2. 520 rows: 9 tiles; at 18 blocks the forward's ranges of 3 (the second starts 3
-/// tiles on and holds 2), the backward's of 5.
-pub fn split_cases(rng: &mut StdRng, d: usize) -> Vec<(usize, LossCase, [u32; 3], [u32; 3])> {
+/// A loss whose kernels cut their rows of key tiles into ranges on a modelled device.
+pub struct SplitCase {
+    /// The blocks the modelled device runs at once.
+    pub blocks: usize,
+    pub case: LossCase,
+    /// Each sweep kernel, by the start of its name, with the grid it must run on (the key
+    /// ranges along y).
+    pub grids: Vec<(&'static str, [u32; 3])>,
+}
+
+impl SplitCase {
+    /// The sweep kernels' names (starts), as the precision tests' `sweeps`.
+    pub fn sweeps(&self) -> Vec<&'static str> {
+        self.grids.iter().map(|&(sweep, _)| sweep).collect()
+    }
+}
+
+/// The split cases. 450 rows: 8 row tiles; at 24 blocks the symmetric forward's half-rows of 5
+/// (lower half) and 4 (upper half) tiles take ranges of 2, 3 per row, the upper half's third one
+/// empty; rows of 8 tiles (the backwards, CLIP's forward, SigLIP) take 3 ranges of 3 (the last one
+/// 2), and InfoNCE's rows of 5 keys 3 ranges of 2. 520 rows: 9 tiles; at 18 blocks the forward's
+/// ranges of 3 (the second starts 3 tiles on and holds 2), the backward's of 5.
+pub fn split_cases(rng: &mut StdRng, d: usize) -> Vec<SplitCase> {
+    let softmax = |blocks, case, forward, backward| SplitCase {
+        blocks,
+        case,
+        grids: vec![("infonce_fwd", forward), ("infonce_bwd", backward)],
+    };
     vec![
-        (24, ntxent_case(rng, 450, d), [8, 3, 1], [8, 3, 1]),
-        (24, supcon_case(rng, 150, 3, d), [8, 3, 1], [8, 3, 1]),
-        (24, clip_case(rng, 450, d), [8, 3, 1], [8, 3, 1]),
-        (
+        softmax(24, ntxent_case(rng, 450, d), [8, 3, 1], [8, 3, 1]),
+        softmax(24, supcon_case(rng, 150, 3, d), [8, 3, 1], [8, 3, 1]),
+        softmax(24, clip_case(rng, 450, d), [8, 3, 1], [8, 3, 1]),
+        softmax(
             24,
             infonce_case(rng, 450, 300, d, true),
             [8, 3, 1],
             [8, 3, 1],
         ),
-        (18, ntxent_case(rng, 520, d), [9, 2, 1], [9, 2, 1]),
+        softmax(18, ntxent_case(rng, 520, d), [9, 2, 1], [9, 2, 1]),
+        SplitCase {
+            blocks: 24,
+            case: siglip_case(rng, 450, d),
+            grids: vec![("siglip_sweep", [8, 3, 1])],
+        },
     ]
 }
 
-/// Asserts that the one forward and the one backward among `launches` ran on their grids (key
-/// ranges along y).
+/// Asserts that each of `split`'s sweeps ran once among `launches`, on its grid.
 #[track_caller]
-pub fn assert_sweep_grids(
-    launches: &[testing::LaunchRecord],
-    forward: [u32; 3],
-    backward: [u32; 3],
-    case: &str,
-) {
-    for (prefix, grid) in [("infonce_fwd", forward), ("infonce_bwd", backward)] {
+pub fn assert_split_grids(launches: &[testing::LaunchRecord], split: &SplitCase, what: &str) {
+    for &(prefix, grid) in &split.grids {
         let sweeps: Vec<_> = launches
             .iter()
             .filter(|launch| launch.kernel.starts_with(prefix))
             .collect();
         assert!(
             sweeps.len() == 1 && sweeps[0].grid == grid,
-            "{case}: want one {prefix}* on grid {grid:?}, got {sweeps:?}"
+            "{what}: want one {prefix}* on grid {grid:?}, got {sweeps:?}"
         );
     }
 }

@@ -115,14 +115,14 @@ struct QueryRow {
 };
 
 // The key tiles that the block of row tile `tile` and key range `range` visits. Full sweep: all
-// of them, in order, starting at tile `tile` (mod tiles) when the sweep keeps column states (CLIP,
-// a key split's rows), so that the blocks do not all compare-and-swap the same columns' states at
-// once. Symmetric sweep: tile, tile + 1, ..., tile + tiles / 2 (mod tiles), and one fewer for the
-// upper half when `tiles` is even, so that every unordered pair of tiles is visited exactly once
-// and every block does about half a row of tiles. Under a split (p.split_tiles > 0) the block
-// takes range `range` (grid y) of p.split_tiles of those tiles: MoCo's long queue, and a
-// symmetric sweep cut against the wave tail. A symmetric row of tiles one shorter may leave its
-// last range empty (count 0).
+// of them, in order, starting at tile `tile` (mod tiles) when the sweep folds column states
+// (CLIP), so that the blocks do not all compare-and-swap the same columns' states at once.
+// Symmetric sweep: tile, tile + 1, ..., tile + tiles / 2 (mod tiles), and one fewer for the upper
+// half when `tiles` is even, so that every unordered pair of tiles is visited exactly once and
+// every block does about half a row of tiles. Under a split (p.split_tiles > 0: MoCo's long
+// queue, or rows too few to fill the card) the block takes range `range` (grid y) of
+// p.split_tiles of those tiles; a symmetric row of tiles one shorter may leave its last range
+// empty (count 0).
 struct KeyTiles {
     int first, count, tiles;
     __device__ __forceinline__ KeyTiles(const ContraInfonceFwdParams& p, int tile, int range) {

@@ -73,10 +73,12 @@ fn device_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("{what}: {e:?}"))
 }
 
-/// A kernel's function, looked up once, and the dynamic shared memory it is allowed so far.
+/// A kernel's function, looked up once, the dynamic shared memory it is allowed so far, and
+/// the driver's last occupancy answer for it: ((threads, dynamic shared bytes), blocks per SM).
 struct LoadedKernel {
     function: CudaFunction,
     dynamic_limit: usize,
+    occupancy: Option<((u32, usize), u32)>,
 }
 
 /// One GPU: its context, a stream, and the modules and kernels loaded so far.
@@ -441,6 +443,19 @@ impl Cuda {
         kernel: &'static str,
         dynamic: usize,
     ) -> Result<CudaFunction> {
+        self.with_loaded(module, kernel, dynamic, |loaded| {
+            Ok(loaded.function.clone())
+        })
+    }
+
+    /// Runs `work` on `kernel` as `function` prepares it, under the kernels' lock.
+    fn with_loaded<R>(
+        &self,
+        module: &'static str,
+        kernel: &'static str,
+        dynamic: usize,
+        work: impl FnOnce(&mut LoadedKernel) -> Result<R>,
+    ) -> Result<R> {
         let mut kernels = self
             .kernels
             .lock()
@@ -455,6 +470,7 @@ impl Cuda {
                 entry.insert(LoadedKernel {
                     function,
                     dynamic_limit: 0,
+                    occupancy: None,
                 })
             }
         };
@@ -462,7 +478,7 @@ impl Cuda {
             self.allow_dynamic_shared(&loaded.function, kernel, dynamic)?;
             loaded.dynamic_limit = dynamic;
         }
-        Ok(loaded.function.clone())
+        work(loaded)
     }
 
     /// The module (kernels/<name>.cu) holding `kernel`, loaded on first use.
@@ -674,16 +690,27 @@ impl Backend for Cuda {
         kernel: Kernel<P>,
         launch: &Launch,
     ) -> Option<usize> {
-        // Loads the kernel and allows its shared memory, as the launch that follows would.
-        let function = self
-            .function(kernel.module, kernel.name, launch.shared_bytes)
-            .ok()?;
         let threads = launch
             .block
             .iter()
             .try_fold(1u32, |all, &along| all.checked_mul(along))?;
-        let per_sm = function
-            .occupancy_max_active_blocks_per_multiprocessor(threads, launch.shared_bytes, None)
+        let asked = (threads, launch.shared_bytes);
+        // Loads the kernel and allows its shared memory, as the launch that follows would; the
+        // driver is asked once per block size and shared memory.
+        let per_sm = self
+            .with_loaded(kernel.module, kernel.name, launch.shared_bytes, |loaded| {
+                if let Some((seen, per_sm)) = loaded.occupancy {
+                    if seen == asked {
+                        return Ok(per_sm);
+                    }
+                }
+                let per_sm = loaded
+                    .function
+                    .occupancy_max_active_blocks_per_multiprocessor(threads, asked.1, None)
+                    .map_err(|e| device_error("occupancy", e))?;
+                loaded.occupancy = Some((asked, per_sm));
+                Ok(per_sm)
+            })
             .ok()?;
         usize::try_from(per_sm)
             .ok()?

@@ -394,9 +394,12 @@ fn resident_forward(loss: FixedLoss) -> Typed<ContraInfonceFwdParams> {
     }
 }
 
-/// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp. `extra_key` adds MoCo's positive
-/// logit `scale * q_i . extra_key_i` to each row and makes it the target. A symmetric softmax
-/// sweeps half the tiles into shared row states, then `infonce_finish` writes lse and the loss.
+/// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp.
+/// `extra_key` adds MoCo's positive logit `scale * q_i . extra_key_i` to each row and makes it
+/// the target; `col_state` (CLIP) receives the columns' softmax states. A symmetric softmax
+/// sweeps half the tiles, and a sweep cut into key ranges (MoCo's queue, or rows too few to fill
+/// the card) sweeps each range in its own block: both fold their rows into shared row states,
+/// then `infonce_finish` writes lse and the loss.
 pub(crate) fn fused_forward<B: Backend>(
     b: &B,
     s: Softmax<'_, B::Buf>,

@@ -437,14 +437,12 @@ fn ntxent_split_backward_scales_with_grad_loss() {
 /// f32 kernels run on those grids and match the CPU.
 #[test]
 fn sweeps_split_their_key_ranges() {
-    let mut rng = StdRng::seed_from_u64(0x7e03);
-    for split in split_cases(&mut rng, 24) {
-        let _device = ModelledDevice::running(split.blocks);
+    check_split_cases(0x7e03, 24, "f32", |split| {
         let case = &split.case;
         testing::take_launches();
         compare_with_cpu(Device::Interp, &case.name, &case.input_refs(), &case.op);
-        assert_split_grids(&testing::take_launches(), &split, &case.name);
-    }
+        testing::take_launches()
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -84,6 +84,11 @@ fn compare_half(
     launches
 }
 
+/// compare_half for a loss case.
+fn compare_half_case(device: Device, dtype: DType, case: &LossCase) -> Vec<testing::LaunchRecord> {
+    compare_half(device, dtype, &case.name, &case.input_refs(), &case.op)
+}
+
 #[test]
 fn half_normalize_and_similarity_match_cpu() {
     on_kernel_devices("half_normalize_and_similarity_match_cpu", |device| {
@@ -145,7 +150,7 @@ fn half_infonce_and_ntxent_match_cpu() {
                 .into();
             cases.extend([66, 194].map(|rows| ntxent_case(&mut rng, rows, d)));
             for case in &cases {
-                compare_half(device, dtype, &case.name, &case.input_refs(), &case.op);
+                compare_half_case(device, dtype, case);
             }
         }
     });
@@ -170,13 +175,7 @@ fn half_kernels_keep_rows_resident_where_they_fit() {
         (DType::F16, 600, false, false),
     ] {
         let case = infonce_case(&mut rng, 130, 150, d, false);
-        let launched = kernel_names(&compare_half(
-            device,
-            dtype,
-            &case.name,
-            &case.input_refs(),
-            &case.op,
-        ));
+        let launched = kernel_names(&compare_half_case(device, dtype, &case));
         let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
         let case_dtype = format!("{} {dtype}", case.name);
         assert_resident_kernels(
@@ -210,13 +209,7 @@ fn bf16_backward_is_fused_up_to_256_features() {
         cases.push(moco_case(&mut rng, 37, 201, 19));
         cases.push(supcon_case(&mut rng, 67, 2, 72));
         for case in &cases {
-            let launched = kernel_names(&compare_half(
-                device,
-                DType::Bf16,
-                &case.name,
-                &case.input_refs(),
-                &case.op,
-            ));
+            let launched = kernel_names(&compare_half_case(device, DType::Bf16, case));
             assert_ran_on_interp(device, &launched, "infonce_bwd_fused_bf16", &case.name);
         }
     });
@@ -236,13 +229,7 @@ fn half_clip_moco_supcon_match_cpu() {
             );
             let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
             for case in &cases {
-                let launched = kernel_names(&compare_half(
-                    device,
-                    dtype,
-                    &case.name,
-                    &case.input_refs(),
-                    &case.op,
-                ));
+                let launched = kernel_names(&compare_half_case(device, dtype, case));
                 let want = format!("infonce_fwd_split_resident_{suffix}");
                 assert!(
                     device != Device::Interp
@@ -263,19 +250,9 @@ fn half_clip_moco_supcon_match_cpu() {
 /// CPU.
 #[test]
 fn half_sweeps_split_their_key_ranges() {
-    let mut rng = StdRng::seed_from_u64(0x4a24);
-    for dtype in HALF_DTYPES {
-        for split in split_cases(&mut rng, 40) {
-            let _device = ModelledDevice::running(split.blocks);
-            let case = &split.case;
-            let launches = compare_half(
-                Device::Interp,
-                dtype,
-                &case.name,
-                &case.input_refs(),
-                &case.op,
-            );
-            assert_split_grids(&launches, &split, &format!("{} {dtype}", case.name));
-        }
+    for (dtype, seed) in [(DType::Bf16, 0x4a24), (DType::F16, 0x4a25)] {
+        check_split_cases(seed, 40, &dtype.to_string(), |split| {
+            compare_half_case(Device::Interp, dtype, &split.case)
+        });
     }
 }

@@ -198,17 +198,14 @@ fn tf32_fused_backward_matches_cpu_for_every_loss() {
 /// the exact f32 kernels.
 #[test]
 fn tf32_sweeps_split_their_key_ranges() {
-    let mut rng = StdRng::seed_from_u64(0x7f36);
-    for split in split_cases(&mut rng, 40) {
-        let _device = ModelledDevice::running(split.blocks);
+    check_split_cases(0x7f36, 40, "tf32", |split| {
         let case = &split.case;
-        let launches = compare_tf32(
+        compare_tf32(
             Device::Interp,
             &case.name,
             &split.sweeps(),
             &case.input_refs(),
             &case.op,
-        );
-        assert_split_grids(&launches, &split, &case.name);
-    }
+        )
+    });
 }

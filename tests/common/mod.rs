@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test file uses a subset
 
 use contra::*;
-use rand::{rngs::StdRng, Rng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Largest accepted `||device - cpu|| / max(||cpu||, 1e-12)` for every output.
 pub const TOL: f64 = 1e-4;
@@ -493,9 +493,26 @@ pub fn split_cases(rng: &mut StdRng, d: usize) -> Vec<SplitCase> {
     ]
 }
 
+/// Runs `compare` (a precision test's comparison with the CPU, returning the device's launches)
+/// on each of the split cases (`d` features, inputs from `seed`) on its modelled device, and
+/// asserts that each sweep ran once, on its grid.
+pub fn check_split_cases(
+    seed: u64,
+    d: usize,
+    what: &str,
+    compare: impl Fn(&SplitCase) -> Vec<testing::LaunchRecord>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for split in split_cases(&mut rng, d) {
+        let _device = ModelledDevice::running(split.blocks);
+        let launches = compare(&split);
+        assert_split_grids(&launches, &split, &format!("{} {what}", split.case.name));
+    }
+}
+
 /// Asserts that each of `split`'s sweeps ran once among `launches`, on its grid.
 #[track_caller]
-pub fn assert_split_grids(launches: &[testing::LaunchRecord], split: &SplitCase, what: &str) {
+fn assert_split_grids(launches: &[testing::LaunchRecord], split: &SplitCase, what: &str) {
     for &(prefix, grid) in &split.grids {
         let sweeps: Vec<_> = launches
             .iter()

@@ -91,6 +91,11 @@ if wants tensor; then
   for precision in bf16 tf32 f32; do
     run "NT-Xent N=65536 D=256 $precision" 120 "$bundle/contra" ntxent-timing --device cuda --n 65536 --dim 256 --repeats 5 --precision "$precision"
   done
+  section "Key ranges (docs/kernels.md, session 15): NT-Xent bf16 forward + backward, D = 256, with the sweeps cut by the wave model and whole (CONTRA_KEY_RANGES=off)"
+  for n in 4096 16384 65536; do
+    run "NT-Xent N=$n bf16, key ranges" 60 "$bundle/contra" ntxent-timing --device cuda --n "$n" --dim 256 --repeats 5 --precision bf16
+    run "NT-Xent N=$n bf16, whole sweeps" 60 env CONTRA_KEY_RANGES=off "$bundle/contra" ntxent-timing --device cuda --n "$n" --dim 256 --repeats 5 --precision bf16
+  done
   section "At the tensor-core shapes (same card): NT-Xent, CLIP, SupCon and MoCo forward + backward, contra (public API) vs kernels (kernel-only) vs PyTorch eager (tf32: allow_tf32)"
   for precision in ${CONTRA_GPU_PRECISIONS:-bf16 tf32}; do
     run "bench tensor cores $precision" 240 "$bundle/contra" bench --device cuda --filter "$precision" --min-time "${CONTRA_GPU_MIN_TIME:-0.5}" --json "${report%.md}-bench-$precision.json"

@@ -49,6 +49,13 @@ fn range_tiles(row_blocks: usize, longest: usize, concurrent: usize) -> usize {
     }
 }
 
+/// Whether sweeps may be cut into key ranges: yes unless `CONTRA_KEY_RANGES=off` (read once),
+/// which keeps every sweep whole, so that a GPU run can time both in one session.
+fn ranges_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var("CONTRA_KEY_RANGES").map_or(true, |v| v != "off"))
+}
+
 /// `shape` (a sweep's grid of row tiles, each sweeping up to `longest` key tiles) with its rows
 /// cut into key ranges along grid y where the device's figure for `kernel` says the card fills
 /// better (`range_tiles`), and the tiles per range (0: as it was).
@@ -58,7 +65,10 @@ pub(crate) fn key_ranges<B: Backend, P: KernelParams>(
     shape: Launch,
     longest: usize,
 ) -> (usize, Launch) {
-    let Some(concurrent) = b.concurrent_blocks(kernel, &shape) else {
+    let concurrent = b
+        .concurrent_blocks(kernel, &shape)
+        .filter(|_| ranges_allowed());
+    let Some(concurrent) = concurrent else {
         return (0, shape);
     };
     match range_tiles(shape.grid[0], longest, concurrent) {

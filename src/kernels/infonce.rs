@@ -4,7 +4,7 @@
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams, ContraRowDotParams};
 use super::{
     blocks_for, elementwise, extent, handles, normalize, waves::key_ranges, Backend, BufInfo, Elem,
-    Kernel, Launch, Typed,
+    Kernel, KernelParams, Launch, Typed,
 };
 use crate::Result;
 
@@ -61,9 +61,10 @@ fn launch_shape(rows: usize) -> Launch {
 }
 
 /// The key tiles each block of a sweep over `s` takes (0: all of them, no split) and the sweep's
-/// grid. A softmax that may split its keys (MoCo) and has fewer than `FILL_BLOCKS` row tiles gets
-/// its key tiles cut into at least `FILL_BLOCKS / row tiles` ranges along grid y (N = 256 rows
-/// against a 65536-key queue: 4 x 69 blocks instead of 4).
+/// grid where the device gives no figure for the wave model (the interpreted mode). A softmax
+/// that may split its keys (MoCo) and has fewer than `FILL_BLOCKS` row tiles gets its key tiles
+/// cut into at least `FILL_BLOCKS / row tiles` ranges along grid y (N = 256 rows against a
+/// 65536-key queue: 4 x 69 blocks instead of 4).
 pub(crate) fn sweep_grid<Buf>(s: &Softmax<'_, Buf>) -> (usize, Launch) {
     let row_blocks = blocks_for(s.rows, TILE);
     let tiles = blocks_for(s.cols, TILE);
@@ -79,6 +80,28 @@ pub(crate) fn sweep_grid<Buf>(s: &Softmax<'_, Buf>) -> (usize, Launch) {
         shared_bytes: 0,
     };
     (per_block, launch)
+}
+
+/// The key split of a sweep over `s` by `kernel` at `shape`, rows of `longest` key tiles: by the
+/// wave model where the device gives a figure (`key_ranges`), else MoCo's `sweep_grid`; (tiles
+/// per range or 0, the launch).
+fn key_split<B: Backend, P: KernelParams>(
+    b: &B,
+    s: &Softmax<'_, B::Buf>,
+    kernel: Kernel<P>,
+    shape: Launch,
+    longest: usize,
+) -> (usize, Launch) {
+    key_ranges(b, kernel, shape, longest).unwrap_or_else(|| {
+        let (per_range, grid) = sweep_grid(s);
+        (
+            per_range,
+            Launch {
+                grid: grid.grid,
+                ..shape
+            },
+        )
+    })
 }
 
 /// One InfoNCE problem on a backend. `q` and `k` are the raw inputs; with `normalize` the
@@ -415,33 +438,33 @@ pub(crate) fn fused_forward<B: Backend>(
     let loss = fixed_loss(s.symmetric, col_state.is_some(), s.labels.is_some());
     // Tensor-core operands whose query rows fit stay resident (one instantiation per loss).
     let resident = resident_rows_bytes(elem, s.dim);
-    let (queue_split, shape) = sweep_grid(&s);
-    let (kernel, shape) = match (queue_split, resident, loss) {
-        (0, Some(bytes), Some(loss)) => (
-            resident_forward(loss),
-            Launch {
-                shared_bytes: bytes,
-                ..shape
-            },
-        ),
-        (0, _, _) => (handles::INFONCE_FWD, shape),
-        (_, Some(bytes), _) => (
-            handles::INFONCE_FWD_SPLIT_RESIDENT,
-            Launch {
-                shared_bytes: bytes,
-                ..shape
-            },
-        ),
-        (_, None, _) => (handles::INFONCE_FWD_SPLIT, shape),
+    let rows_shape = launch_shape(s.rows);
+    let resident_shape = |bytes| Launch {
+        shared_bytes: bytes,
+        ..rows_shape
     };
-    let kernel = kernel.of_product(elem);
-    // Other than MoCo's queue, rows too few to fill the card cut their keys into ranges where
-    // the wave model says so; a symmetric sweep's rows are half-rows.
+    let (whole, whole_shape) = match (resident, loss) {
+        (Some(bytes), Some(loss)) => (resident_forward(loss), resident_shape(bytes)),
+        _ => (handles::INFONCE_FWD, rows_shape),
+    };
+    let whole = whole.of_product(elem);
+    // Rows too few to fill the card cut their keys into ranges; a symmetric sweep's rows are
+    // half-rows.
     let tiles = blocks_for(s.cols, TILE);
     let longest = if s.symmetric { tiles / 2 + 1 } else { tiles };
-    let (split_tiles, shape) = match queue_split {
-        0 => key_ranges(b, kernel, shape, longest),
-        _ => (queue_split, shape),
+    let (kernel, (split_tiles, shape)) = if s.split_keys {
+        // MoCo's queue splits by its own instantiation (no column folds).
+        let (split, split_shape) = match resident {
+            Some(bytes) => (handles::INFONCE_FWD_SPLIT_RESIDENT, resident_shape(bytes)),
+            None => (handles::INFONCE_FWD_SPLIT, rows_shape),
+        };
+        let split = split.of_product(elem);
+        match key_split(b, &s, split, split_shape, longest) {
+            (0, _) => (whole, (0, whole_shape)),
+            cut => (split, cut),
+        }
+    } else {
+        (whole, key_split(b, &s, whole, whole_shape, longest))
     };
     // Rows whose statistics several blocks add to are finished by infonce_finish.
     let shared_rows = s.symmetric || split_tiles > 0;
@@ -626,33 +649,30 @@ impl<Buf> BackwardPass<'_, Buf> {
 /// otherwise rows too few to fill the card cut their keys into ranges where the wave model says
 /// so (`key_ranges`), and the blocks add their shares of grad_q atomically.
 fn backward_plan<B: Backend>(b: &B, s: &Softmax<'_, B::Buf>, symmetric: bool) -> BackwardPlan {
-    let (queue_split, shape) = sweep_grid(s);
     let elem = b.info(s.q).elem;
     let fused = fused_backward(elem, s.dim, b.shared_bytes_per_block())
         .filter(|_| fixed_loss(symmetric, s.col_lse.is_some(), s.labels.is_some()).is_some());
+    let rows_shape = launch_shape(s.rows);
     let (kernel, shape) = match (fused, resident_backward_bytes(elem, s.dim)) {
         (Some((kernel, bytes)), _) => (
             kernel,
             Launch {
                 block: FUSED_BLOCK,
                 shared_bytes: bytes,
-                ..shape
+                ..rows_shape
             },
         ),
         (None, Some(bytes)) => (
             handles::INFONCE_BWD_RESIDENT.of_product(elem),
             Launch {
                 shared_bytes: bytes,
-                ..shape
+                ..rows_shape
             },
         ),
-        (None, None) => (handles::INFONCE_BWD.of_product(elem), shape),
+        (None, None) => (handles::INFONCE_BWD.of_product(elem), rows_shape),
     };
     // Every block of the backward sweeps all its row's key tiles.
-    let (split_tiles, shape) = match queue_split {
-        0 => key_ranges(b, kernel, shape, blocks_for(s.cols, TILE)),
-        _ => (queue_split, shape),
-    };
+    let (split_tiles, shape) = key_split(b, s, kernel, shape, blocks_for(s.cols, TILE));
     BackwardPlan {
         kernel,
         shape,

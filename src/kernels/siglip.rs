@@ -65,7 +65,8 @@ impl<B: Backend> SigLip<'_, B> {
         };
         // Rows too few to fill the card cut their column tiles into ranges (the wave model); the
         // blocks then add their rows' loss and dA to zeros.
-        let (split_tiles, shape) = key_ranges(b, kernel, shape, blocks_for(self.cols, TILE));
+        let (split_tiles, shape) =
+            key_ranges(b, kernel, shape, blocks_for(self.cols, TILE)).unwrap_or((0, shape));
         let row_shares = |name, len| match split_tiles {
             0 => b.output(name, len),
             _ => b.zeros(name, len),

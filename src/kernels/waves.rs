@@ -13,8 +13,9 @@ const RANGE_START_TILES: usize = 1;
 /// unsplit time (9 / 10).
 const SPLIT_GAIN: (usize, usize) = (9, 10);
 
-/// The most key ranges a row of tiles is cut into.
-const MAX_KEY_RANGES: usize = 16;
+/// The most key ranges a row of tiles is cut into (MoCo's few rows against a long queue take
+/// the most: 94 at N = 256, K = 65536 on an H100).
+const MAX_KEY_RANGES: usize = 256;
 
 /// Tiles per key range (0: no split) for `row_blocks` row tiles whose blocks sweep up to
 /// `longest` key tiles each, on a device that runs `concurrent` blocks at once, by the wave
@@ -49,8 +50,9 @@ fn range_tiles(row_blocks: usize, longest: usize, concurrent: usize) -> usize {
     }
 }
 
-/// Whether sweeps may be cut into key ranges: yes unless `CONTRA_KEY_RANGES=off` (read once),
-/// which keeps every sweep whole, so that a GPU run can time both in one session.
+/// Whether sweeps may be cut into key ranges by the wave model: yes unless
+/// `CONTRA_KEY_RANGES=off` (read once), which keeps every sweep whole but MoCo's (its fixed
+/// split, `sweep_grid`), so that a GPU run can time both in one session.
 fn ranges_allowed() -> bool {
     static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ALLOWED.get_or_init(|| std::env::var("CONTRA_KEY_RANGES").map_or(true, |v| v != "off"))
@@ -58,26 +60,24 @@ fn ranges_allowed() -> bool {
 
 /// `shape` (a sweep's grid of row tiles, each sweeping up to `longest` key tiles) with its rows
 /// cut into key ranges along grid y where the device's figure for `kernel` says the card fills
-/// better (`range_tiles`), and the tiles per range (0: as it was).
+/// better (`range_tiles`), and the tiles per range (0: as it was); None where the device gives
+/// no figure or `CONTRA_KEY_RANGES=off`.
 pub(crate) fn key_ranges<B: Backend, P: KernelParams>(
     b: &B,
     kernel: Kernel<P>,
     shape: Launch,
     longest: usize,
-) -> (usize, Launch) {
+) -> Option<(usize, Launch)> {
     let concurrent = b
         .concurrent_blocks(kernel, &shape)
-        .filter(|_| ranges_allowed());
-    let Some(concurrent) = concurrent else {
-        return (0, shape);
-    };
-    match range_tiles(shape.grid[0], longest, concurrent) {
+        .filter(|_| ranges_allowed())?;
+    Some(match range_tiles(shape.grid[0], longest, concurrent) {
         0 => (0, shape),
         per_range => {
             let grid = [shape.grid[0], longest.div_ceil(per_range), 1];
             (per_range, Launch { grid, ..shape })
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -95,6 +95,10 @@ mod tests {
         // 2 of 32.
         assert_eq!(range_tiles(64, 33, h100_forward), 6);
         assert_eq!(range_tiles(64, 64, h100_fused_backward), 32);
+        // MoCo, 256 queries against a 65536-key queue: the forward in 94 ranges of 11 (376
+        // blocks, one wave), the fused backward in 32 of 32 (128 blocks, one wave).
+        assert_eq!(range_tiles(4, 1024, h100_forward), 11);
+        assert_eq!(range_tiles(4, 1024, h100_fused_backward), 32);
         // One full wave unsplit, or a single key tile: nothing to gain.
         assert_eq!(range_tiles(396, 199, h100_forward), 0);
         assert_eq!(range_tiles(1, 1, h100_forward), 0);

@@ -467,7 +467,8 @@ impl SplitCase {
 /// (lower half) and 4 (upper half) tiles take ranges of 2, 3 per row, the upper half's third one
 /// empty; rows of 8 tiles (the backwards, CLIP's forward, SigLIP) take 3 ranges of 3 (the last one
 /// 2), and InfoNCE's rows of 5 keys 3 ranges of 2. 520 rows: 9 tiles; at 18 blocks the forward's
-/// ranges of 3 (the second starts 3 tiles on and holds 2), the backward's of 5.
+/// ranges of 3 (the second starts 3 tiles on and holds 2), the backward's of 5. MoCo, 70 queries
+/// against 700 keys (2 row tiles, 11 key tiles): at 8 blocks 4 ranges of 3, the last one 2.
 pub fn split_cases(rng: &mut StdRng, d: usize) -> Vec<SplitCase> {
     let softmax = |blocks, case, forward, backward| SplitCase {
         blocks,
@@ -485,6 +486,7 @@ pub fn split_cases(rng: &mut StdRng, d: usize) -> Vec<SplitCase> {
             [8, 3, 1],
         ),
         softmax(18, ntxent_case(rng, 520, d), [9, 2, 1], [9, 2, 1]),
+        softmax(8, moco_case(rng, 70, 700, d), [2, 4, 1], [2, 4, 1]),
         SplitCase {
             blocks: 24,
             case: siglip_case(rng, 450, d),

@@ -645,9 +645,9 @@ impl<Buf> BackwardPass<'_, Buf> {
     }
 }
 
-/// The backward's plan for `s` (symmetric or not). MoCo's split comes from `sweep_grid`;
-/// otherwise rows too few to fill the card cut their keys into ranges where the wave model says
-/// so (`key_ranges`), and the blocks add their shares of grad_q atomically.
+/// The backward's plan for `s` (symmetric or not): rows too few to fill the card cut their keys
+/// into ranges (`key_split`: the wave model, or without a device figure MoCo's fixed split), and
+/// the blocks add their shares of grad_q atomically.
 fn backward_plan<B: Backend>(b: &B, s: &Softmax<'_, B::Buf>, symmetric: bool) -> BackwardPlan {
     let elem = b.info(s.q).elem;
     let fused = fused_backward(elem, s.dim, b.shared_bytes_per_block())

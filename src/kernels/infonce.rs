@@ -3,8 +3,9 @@
 
 use super::params::{ContraInfonceBwdParams, ContraInfonceFwdParams, ContraRowDotParams};
 use super::{
-    blocks_for, elementwise, extent, handles, normalize, waves::key_ranges, Backend, BufInfo, Elem,
-    Kernel, KernelParams, Launch, Typed,
+    blocks_for, elementwise, extent, handles, normalize,
+    waves::{key_ranges, row_output},
+    Backend, BufInfo, Elem, Kernel, KernelParams, Launch, Typed,
 };
 use crate::Result;
 
@@ -540,10 +541,7 @@ struct BackwardPlan {
 impl BackwardPlan {
     /// grad_q for this plan: zeros under a key split, an output the kernel fills otherwise.
     fn grad_q<B: Backend>(&self, b: &B, s: &Softmax<'_, B::Buf>) -> Result<B::Buf> {
-        match self.split_tiles {
-            0 => b.output("grad_q", s.rows * s.dim),
-            _ => b.zeros("grad_q", s.rows * s.dim),
-        }
+        row_output(b, "grad_q", s.rows * s.dim, self.split_tiles)
     }
 
     fn blocks(&self) -> usize {

@@ -4,7 +4,9 @@
 
 use super::params::ContraSiglipParams;
 use super::{
-    blocks_for, extent, handles, normalize, waves::key_ranges, Backend, Launch, ScalarArg,
+    blocks_for, extent, handles, normalize,
+    waves::{key_ranges, row_output},
+    Backend, Launch, ScalarArg,
 };
 use crate::Result;
 
@@ -67,16 +69,12 @@ impl<B: Backend> SigLip<'_, B> {
         // blocks then add their rows' loss and dA to zeros.
         let (split_tiles, shape) =
             key_ranges(b, kernel, shape, blocks_for(self.cols, TILE)).unwrap_or((0, shape));
-        let row_shares = |name, len| match split_tiles {
-            0 => b.output(name, len),
-            _ => b.zeros(name, len),
-        };
         let blocks = shape.grid.iter().product();
-        let row_loss = row_shares("row_loss", self.rows)?;
+        let row_loss = row_output(b, "row_loss", self.rows, split_tiles)?;
         let grads = match grad_loss {
             None => None,
             Some(_) => Some(SigLipGrads {
-                a: row_shares("grad_a", self.rows * self.dim)?,
+                a: row_output(b, "grad_a", self.rows * self.dim, split_tiles)?,
                 b: b.zeros("grad_b", self.cols * self.dim)?,
                 log_scale_partial: b.output("log_scale_partial", blocks)?,
                 bias_partial: b.output("bias_partial", blocks)?,

@@ -3,6 +3,7 @@
 //! along grid y. How many, by the wave model, for the InfoNCE family and SigLIP alike.
 
 use super::{Backend, Kernel, KernelParams, Launch};
+use crate::Result;
 
 /// A block's start, in key tiles: its rows staged and the key pipeline filled before its first
 /// product, its rows' shares written at its end (the wave model's price of one more range per
@@ -78,6 +79,21 @@ pub(crate) fn key_ranges<B: Backend, P: KernelParams>(
             (per_range, Launch { grid, ..shape })
         }
     })
+}
+
+/// A buffer of `len` elements that each row's blocks write (a row's loss, its gradient): an
+/// output the kernel fills when the sweep is whole, zeros the blocks add their shares to under
+/// a key split (`split_tiles` > 0).
+pub(crate) fn row_output<B: Backend>(
+    b: &B,
+    name: &'static str,
+    len: usize,
+    split_tiles: usize,
+) -> Result<B::Buf> {
+    match split_tiles {
+        0 => b.output(name, len),
+        _ => b.zeros(name, len),
+    }
 }
 
 #[cfg(test)]

@@ -236,8 +236,9 @@ struct ResidentSweep {
 };
 
 // Loss: what the kernel knows of the loss at compile time (AnyLoss: nothing; FixedLoss is not
-// for a key split).
-template <typename T, bool kSplit, bool kResident, typename Loss = AnyLoss>
+// for a key split). Sweep: the resident data path (ResidentSweep, or Hopper's WgmmaSweep).
+template <typename T, bool kSplit, bool kResident, typename Loss = AnyLoss,
+          template <typename, typename> class Sweep = ResidentSweep>
 __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     __shared__ ColumnParts<4> columns;  // CLIP / symmetric sweep: per row-warp partials
     __shared__ float second_half[3][kTile];  // column half 1: each row's max, sum and target
@@ -268,7 +269,7 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
     const T* k = static_cast<const T*>(p.k);
     CONTRA_DYNAMIC_SHARED(StageWord<T>, resident);
     const auto column = [&](int step) { return tiles.column(step); };
-    const ResidentSweep<T, decltype(column)> sweep(resident, k, p.cols, p.dim, tiles.count, column);
+    const Sweep<T, decltype(column)> sweep(resident, k, p.cols, p.dim, tiles.count, column);
     if constexpr (kResident) sweep.start(q, p.rows, r0);
     for (int step = 0; step < tiles.count; ++step) {
         const int c0 = tiles.column(step);

@@ -63,9 +63,9 @@ pub use tensor::{DType, Element, Tensor};
 #[doc(hidden)]
 pub mod testing {
     pub use crate::kernels::interp::{
-        dynamic_shared_roundtrip, ldmatrix_fragments, model_concurrent_blocks,
+        dynamic_shared_roundtrip, ldmatrix_fragments, model_concurrent_blocks, model_hopper,
         out_of_bounds_launch, take_launched_kernels, take_launches, tf32_mma_fragments,
-        unwritten_output_launch, LaunchRecord,
+        unwritten_output_launch, wgmma_fragments, LaunchRecord,
     };
     pub use crate::kernels::momentum::update_at_offsets as momentum_update_at_offsets;
 }

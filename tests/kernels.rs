@@ -747,6 +747,41 @@ fn tf32_mma_and_rounding_follow_the_ptx_isa() {
     });
 }
 
+/// Hopper's warpgroup MMA (kernels/wgmma.cuh) follows the PTX ISA: K-major operands in the
+/// 128-byte swizzle described by their shared-memory descriptors, a k-step 32 bytes on, and the
+/// accumulators of thread 32 w + 4 g + t at row 16 w + g + 8 ((i / 2) % 2), column
+/// 8 (i / 4) + 2 t + i % 2; the first op of a chain ignores what the accumulators held (NaN). On
+/// a Hopper GPU this checks the hardware against what the interpreted mode emulates; elsewhere
+/// the GPU run is reported as skipped.
+#[test]
+fn wgmma_follows_the_ptx_isa() {
+    common::on_kernel_devices("wgmma", |device| {
+        let got = match contra::testing::wgmma_fragments(device) {
+            Ok(words) => words,
+            Err(e) if device != Device::Interp => {
+                println!("wgmma on {device}: skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("{device}: {e}"),
+        };
+        let a = |row: usize, k: usize| ((7 * row + 3 * k) % 17) as f64 - 8.0;
+        let b = |col: usize, k: usize| ((5 * col + 11 * k) % 13) as f64 - 6.0;
+        for tid in 0..128 {
+            let (warp, g, t) = (tid / 32, tid % 32 / 4, tid % 4);
+            for i in 0..16 {
+                let row = 16 * warp + g + 8 * ((i / 2) % 2);
+                let col = 8 * (i / 4) + 2 * t + i % 2;
+                let want: f64 = (0..64).map(|k| a(row, k) * b(col, k)).sum();
+                let have = f32::from_bits(got[16 * tid + i]) as f64;
+                assert!(
+                    have == want,
+                    "{device}: thread {tid} d[{i}] = D[{row}][{col}]: {have} != {want}"
+                );
+            }
+        }
+    });
+}
+
 /// A launch may give a block more than 48 KB of dynamic shared memory (up to 227 KB): the kernel
 /// sees that many bytes and every word of them holds what was written; beyond 227 KB the launch is
 /// an error naming the shared memory.

@@ -256,3 +256,47 @@ fn half_sweeps_split_their_key_ranges() {
         });
     }
 }
+
+/// On a modelled Hopper GPU the forward of every loss of the family with 16-bit operands runs
+/// its sm_90a kernel (`infonce_fwd_wgmma_<loss>_<type>`: query rows in 128-byte-swizzled panels,
+/// scores by wgmma from shared memory, emulated with the descriptors' addressing and both
+/// extremes of its asynchrony) and matches the CPU. Widths: 19 and 40 (one panel, zeros past the
+/// features), 72 (a second panel nearly empty), 136 (three panels, so a stage is refilled within a
+/// tile) and 256 (four whole panels); 130 rows make three row tiles (the symmetric sweeps' pairs of
+/// tiles, and a pipeline that runs on from tile to tile).
+#[test]
+fn wgmma_forwards_match_cpu() {
+    let _hopper = ModelledHopper::on();
+    let mut rng = StdRng::seed_from_u64(0x4a26);
+    for (dtype, d) in HALF_DTYPES
+        .into_iter()
+        .flat_map(|t| [(t, 19), (t, 40), (t, 72), (t, 136), (t, 256)])
+    {
+        let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
+        let cases = [
+            ("ntxent", ntxent_case(&mut rng, 130, d)),
+            ("supcon", supcon_case(&mut rng, 45, 3, d)),
+            ("clip", clip_case(&mut rng, 130, d)),
+            ("infonce", infonce_case(&mut rng, 70, 150, d, true)),
+        ];
+        for (loss, case) in &cases {
+            let launched = kernel_names(&compare_half_case(Device::Interp, dtype, case));
+            let want = format!("infonce_fwd_wgmma_{loss}_{suffix}");
+            assert!(
+                launched.iter().any(|k| *k == want),
+                "{} {dtype}: {want} did not run: {launched:?}",
+                case.name
+            );
+        }
+    }
+}
+
+/// The wgmma forwards cut their rows of key tiles into ranges as the other forwards do
+/// (`split_cases` on modelled devices, bf16).
+#[test]
+fn wgmma_sweeps_split_their_key_ranges() {
+    let _hopper = ModelledHopper::on();
+    check_split_cases(0x4a27, 40, "bf16 on a modelled Hopper", |split| {
+        compare_half_case(Device::Interp, DType::Bf16, &split.case)
+    });
+}

@@ -103,6 +103,9 @@ namespace interp {
 
 extern __thread unsigned char* tls_dynamic_shared;
 extern __thread unsigned long long tls_dynamic_shared_bytes;
+// Counts the blocks a worker thread has run: per-thread state kept across calls (the emulated
+// asynchronous operations) knows by it that a block ended.
+extern __thread unsigned long long tls_block_serial;
 inline void* dynamic_shared_ptr() { return tls_dynamic_shared; }
 inline unsigned long long dynamic_shared_bytes() { return tls_dynamic_shared_bytes; }
 

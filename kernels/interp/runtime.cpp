@@ -67,6 +67,7 @@ __thread dim3 gridDim;
 namespace interp {
 __thread unsigned char* tls_dynamic_shared;
 __thread unsigned long long tls_dynamic_shared_bytes;
+__thread unsigned long long tls_block_serial;
 }
 
 namespace {
@@ -533,6 +534,7 @@ bool run_block(Worker* w, unsigned long long linear) {
                      static_cast<unsigned>(linear / c.grid[0] % c.grid[1]),
                      static_cast<unsigned>(linear / (static_cast<unsigned long long>(c.grid[0]) * c.grid[1]))};
     if (w->dyn_bytes) memset(w->dyn, 0xff, w->dyn_bytes);  // NaN garbage, like uninitialised smem
+    ++interp::tls_block_serial;
 #if INTERP_ASAN
     if (w->arena.dirty) {  // frames of abandoned fibers were never unpoisoned
         __asan_unpoison_memory_region(w->arena.base, w->arena.bytes);

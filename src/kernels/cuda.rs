@@ -95,6 +95,8 @@ pub(crate) struct Cuda {
     shared_per_block: OnceLock<Option<usize>>,
     /// The GPU's SM count, read once (None: the driver could not say).
     multiprocessors: OnceLock<Option<usize>>,
+    /// Whether the GPU is compute capability 9.0 (the sm_90a kernels' SASS), read once.
+    hopper: OnceLock<bool>,
     /// cuBLAS on this GPU's stream, or `None` when libcublas cannot be loaded (the GEMMs then
     /// run our `nn_gemm_f32` kernel).
     blas: OnceLock<Option<CudaBlas>>,
@@ -149,6 +151,7 @@ impl Cuda {
             kernels: Mutex::new(HashMap::new()),
             shared_per_block: OnceLock::new(),
             multiprocessors: OnceLock::new(),
+            hopper: OnceLock::new(),
             blas: OnceLock::new(),
             sync_launches: AtomicBool::new(sync_launches_asked()),
         })
@@ -435,6 +438,16 @@ impl Cuda {
         })
     }
 
+    /// Whether the GPU is compute capability 9.0, asked of the driver once (no: it could not say).
+    fn is_hopper(&self) -> bool {
+        *self.hopper.get_or_init(|| {
+            let attribute = |a| self.ctx.attribute(a).ok();
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) == Some(9)
+                && attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                    == Some(0)
+        })
+    }
+
     /// `kernel` (of module `module`), looked up on its first launch, with its dynamic
     /// shared-memory limit raised to `dynamic` bytes unless an earlier launch raised it as far.
     fn function(
@@ -715,6 +728,10 @@ impl Backend for Cuda {
         usize::try_from(per_sm)
             .ok()?
             .checked_mul(self.multiprocessor_count()?)
+    }
+
+    fn runs_sm90a(&self) -> bool {
+        self.is_hopper() && super::sm90a_allowed()
     }
 
     fn shared_bytes_per_block(&self) -> usize {

@@ -53,6 +53,24 @@ fn resident_rows_bytes(elem: Elem, dim: usize) -> Option<usize> {
     (bytes <= RESIDENT_MAX_BYTES).then_some(bytes)
 }
 
+/// Dynamic shared memory of the wgmma forward (kernels/infonce_wgmma.cuh) at `dim` features: a
+/// 1024-byte alignment margin, the query rows in 8 KB panels of 64 features and RESIDENT_STAGES
+/// 8 KB key slices; None unless the backend runs the sm_90a kernels, the operands are 16-bit and
+/// the rows fit in `RESIDENT_MAX_BYTES`.
+fn wgmma_rows_bytes<B: Backend>(b: &B, elem: Elem, dim: usize) -> Option<usize> {
+    const PANEL_FEATURES: usize = 64;
+    const PANEL_BYTES: usize = TILE * 128;
+    if !matches!(elem, Elem::Bf16 | Elem::F16) || !b.runs_sm90a() {
+        return None;
+    }
+    let panels = dim.div_ceil(PANEL_FEATURES);
+    let bytes = panels
+        .checked_add(RESIDENT_STAGES)?
+        .checked_mul(PANEL_BYTES)?
+        .checked_add(1024)?;
+    (bytes <= RESIDENT_MAX_BYTES).then_some(bytes)
+}
+
 fn launch_shape(rows: usize) -> Launch {
     Launch {
         grid: [blocks_for(rows, TILE), 1, 1],
@@ -418,6 +436,16 @@ fn resident_forward(loss: FixedLoss) -> Typed<ContraInfonceFwdParams> {
     }
 }
 
+/// The sm_90a (wgmma) forward of `loss`.
+fn wgmma_forward(loss: FixedLoss) -> Typed<ContraInfonceFwdParams> {
+    match loss {
+        FixedLoss::NtXent => handles::INFONCE_FWD_WGMMA_NTXENT,
+        FixedLoss::SupCon => handles::INFONCE_FWD_WGMMA_SUPCON,
+        FixedLoss::Clip => handles::INFONCE_FWD_WGMMA_CLIP,
+        FixedLoss::InfoNce => handles::INFONCE_FWD_WGMMA_INFONCE,
+    }
+}
+
 /// `infonce_fwd`: the per-row losses (the loss is their mean) and the per-row log-sum-exp.
 /// `extra_key` adds MoCo's positive logit `scale * q_i . extra_key_i` to each row and makes it
 /// the target; `col_state` (CLIP) receives the columns' softmax states. A symmetric softmax
@@ -437,15 +465,17 @@ pub(crate) fn fused_forward<B: Backend>(
     let elem = b.info(s.q).elem;
     // CLIP's column softmax is the caller's col_state.
     let loss = fixed_loss(s.symmetric, col_state.is_some(), s.labels.is_some());
-    // Tensor-core operands whose query rows fit stay resident (one instantiation per loss).
+    // Tensor-core operands whose query rows fit stay resident (one instantiation per loss), on
+    // Hopper's wgmma where the device has it.
     let resident = resident_rows_bytes(elem, s.dim);
     let rows_shape = launch_shape(s.rows);
     let resident_shape = |bytes| Launch {
         shared_bytes: bytes,
         ..rows_shape
     };
-    let (whole, whole_shape) = match (resident, loss) {
-        (Some(bytes), Some(loss)) => (resident_forward(loss), resident_shape(bytes)),
+    let (whole, whole_shape) = match (resident, loss, wgmma_rows_bytes(b, elem, s.dim)) {
+        (Some(_), Some(loss), Some(bytes)) => (wgmma_forward(loss), resident_shape(bytes)),
+        (Some(bytes), Some(loss), None) => (resident_forward(loss), resident_shape(bytes)),
         _ => (handles::INFONCE_FWD, rows_shape),
     };
     let whole = whole.of_product(elem);

@@ -141,6 +141,15 @@ thread_local! {
     static LAUNCHED: RefCell<Vec<LaunchRecord>> = const { RefCell::new(Vec::new()) };
     /// The blocks a modelled device runs at once ([`model_concurrent_blocks`]).
     static MODELLED_CONCURRENCY: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Whether the interpreted mode runs the sm_90a kernels ([`model_hopper`]).
+    static MODELLED_HOPPER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes the interpreted mode answer [`Backend::runs_sm90a`] on this thread as a Hopper GPU
+/// (true: the `*_sm90a` kernels, with wgmma emulated) or as any other device (false, the
+/// default); returns the previous setting.
+pub fn model_hopper(hopper: bool) -> bool {
+    MODELLED_HOPPER.with(|m| m.replace(hopper))
 }
 
 /// Makes the interpreted mode answer [`Backend::concurrent_blocks`] on this thread as a device
@@ -175,6 +184,10 @@ impl Backend for Interp {
         _launch: &Launch,
     ) -> Option<usize> {
         MODELLED_CONCURRENCY.with(Cell::get)
+    }
+
+    fn runs_sm90a(&self) -> bool {
+        MODELLED_HOPPER.with(Cell::get) && super::sm90a_allowed()
     }
 
     fn upload_words(&self, name: &'static str, words: &[u32], info: BufInfo) -> Result<GuardedBuf> {
@@ -341,6 +354,36 @@ pub fn tf32_mma_fragments(device: crate::Device, values: &[f32; 32]) -> Result<V
     });
     Err(Error::Device(format!(
         "tf32_mma_fragments: {device} runs no kernels"
+    )))
+}
+
+/// The words of `wgmma_test` (kernels/fragments_sm90a.cu) on `device`: 128 threads x 16
+/// accumulators (f32 bits) of a known 64 x 32 x 64 bf16 product by Hopper's warpgroup MMA. The
+/// interpreted mode always runs it (emulated); a GPU only where it runs the sm_90a kernels.
+pub fn wgmma_fragments(device: crate::Device) -> Result<Vec<u32>> {
+    crate::kernels::run_on_kernels!(device, b => {
+        if device != crate::Device::Interp && !b.runs_sm90a() {
+            return Err(Error::Device(format!(
+                "wgmma_fragments: {device} runs no sm_90a kernels (not compute capability 9.0, or \
+                 CONTRA_WGMMA=off)"
+            )));
+        }
+        let y = b.output("y", 128 * 16)?;
+        let params = ContraNormalizeParams {
+            y: b.ptr(&y),
+            rows: 1,
+            dim: 128 * 16,
+            ..Default::default()
+        };
+        let launch = Launch {
+            shared_bytes: 1024 + 96 * 128,
+            ..Launch::linear(1, 128)
+        };
+        b.launch(handles::WGMMA_TEST, launch, &params, &[&y])?;
+        b.download_words(&y)
+    });
+    Err(Error::Device(format!(
+        "wgmma_fragments: {device} runs no kernels"
     )))
 }
 

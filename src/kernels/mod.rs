@@ -284,6 +284,13 @@ pub(crate) mod handles {
     include!(concat!(env!("OUT_DIR"), "/kernel_handles.rs"));
 }
 
+/// Whether the `*_sm90a` kernels may run where the device has them: yes unless `CONTRA_WGMMA=off`
+/// (read once), so that a GPU session can time both paths and a user can step around them.
+pub(crate) fn sm90a_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var("CONTRA_WGMMA").map_or(true, |v| v != "off"))
+}
+
 /// A device that runs the kernels. Buffers hold 32-bit words: f32 values, i32 indices, or pairs
 /// of 16-bit floats.
 pub(crate) trait Backend {
@@ -329,6 +336,14 @@ pub(crate) trait Backend {
         _launch: &Launch,
     ) -> Option<usize> {
         None
+    }
+
+    /// Whether the device runs the `*_sm90a` kernels (Hopper's warpgroup MMA, wgmma): compute
+    /// capability 9.0 exactly, unless `CONTRA_WGMMA=off` (read once) keeps every launch on the
+    /// sm_80 / sm_90 kernels. The interpreted mode runs them where a test asks
+    /// (`testing::model_hopper`).
+    fn runs_sm90a(&self) -> bool {
+        false
     }
 
     /// `c = alpha op(a) op(b) + beta c` on row-major f32 buffers: our tiled kernel here; the

@@ -446,6 +446,23 @@ impl Drop for ModelledDevice {
     }
 }
 
+/// While it lives, the interpreted mode answers on this thread as a Hopper GPU
+/// (`testing::model_hopper`): the launch layer picks the sm_90a kernels, whose wgmma it emulates;
+/// dropping it restores the setting.
+pub struct ModelledHopper(bool);
+
+impl ModelledHopper {
+    pub fn on() -> Self {
+        ModelledHopper(testing::model_hopper(true))
+    }
+}
+
+impl Drop for ModelledHopper {
+    fn drop(&mut self) {
+        testing::model_hopper(self.0);
+    }
+}
+
 /// A loss whose kernels cut their rows of key tiles into ranges on a modelled device.
 pub struct SplitCase {
     /// The blocks the modelled device runs at once.

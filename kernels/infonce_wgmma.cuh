@@ -1,0 +1,121 @@
+// The InfoNCE-family forward's key sweep on Hopper's warpgroup MMA (wgmma.cuh), for bf16 / f16
+// operands: the same interface as ResidentSweep (infonce_tc.cuh), so infonce_fwd_tensor_cores
+// runs it unchanged. Its two warpgroups (warps 0-3 and 4-7) each compute one 64 x 32 half of
+// the 64 x 64 score tile, keys n0 = 0 and n0 = 32, with one wgmma m64n32k16 per k-step; the
+// accumulators are mma_16816's fragments of the same 16 x 32 warp part (wgmma.cuh), so the
+// kernel's epilogue is the resident one's.
+//
+// Dynamic shared memory, from the first 1024-aligned shared address (the launch adds a 1024-byte
+// margin for that): the block's 64 query rows as kWgmmaPanelBytes panels of 64 features, then
+// kResidentStages stages of one 64-key x 64-feature slice each, every panel 128-byte swizzled.
+// Keys stream through the stages as in ResidentSweep: cp.async, one unit per slice, a pipeline
+// that runs on from tile to tile. src/kernels/infonce.rs computes the same size.
+#pragma once
+#include "infonce_tc.cuh"
+#include "wgmma.cuh"
+
+namespace contra {
+
+constexpr int kWgmmaPanelFeatures = 64;
+constexpr int kWgmmaPanelBytes = kTile * kSwizzleRowBytes;  // 64 rows of one panel: 8 KB
+constexpr int kWgmmaStepsPerPanel = kWgmmaPanelFeatures / 16;
+
+struct WgmmaGeometry {
+    int steps;   // k-steps of 16 features (zeros past dim)
+    int panels;  // query panels, = key slices per tile
+    __device__ __forceinline__ explicit WgmmaGeometry(int dim)
+        : steps((dim + 15) / 16), panels((steps + kWgmmaStepsPerPanel - 1) / kWgmmaStepsPerPanel) {}
+    __device__ __forceinline__ unsigned long long bytes() const {
+        return kSwizzleAtomBytes + (unsigned long long)(panels + kResidentStages) * kWgmmaPanelBytes;
+    }
+};
+
+// Stages rows [row0, row0 + 64) x features [k0, k0 + 64 panels) of `m` as `panels` swizzled
+// panels at `dst` (zeros past the matrix); no commit.
+template <typename T>
+__device__ __forceinline__ void stage_swizzled(const T* m, int rows, int dim, int row0, int k0, int panels,
+                                               unsigned char* dst) {
+    constexpr int chunks_per_row = kWgmmaPanelFeatures / kChunkElems<T>;  // 8
+    const int tid = threadIdx.y * 16 + threadIdx.x;
+    for (int c = tid; c < panels * kTile * chunks_per_row; c += 256) {
+        const int panel = c / (kTile * chunks_per_row), r = c / chunks_per_row % kTile, chunk = c % chunks_per_row;
+        unsigned char* to = dst + panel * kWgmmaPanelBytes + swizzled_chunk(r, chunk);
+        stage_16_bytes(m, rows, dim, row0 + r, k0 + panel * kWgmmaPanelFeatures + chunk * kChunkElems<T>,
+                       reinterpret_cast<StageWord<T>*>(to));
+    }
+}
+
+template <typename T, typename Column>
+struct WgmmaSweep {
+    static_assert(kIsHalf<T>, "wgmma sweeps take bf16 / f16 operands");
+    const WgmmaGeometry geo;
+    unsigned char* const shared;  // the launch's dynamic shared memory (aligned in start)
+    const T* const k;
+    const int cols, dim, count;
+    const Column column;
+
+    __device__ __forceinline__ WgmmaSweep(StageWord<T>* dynamic, const T* keys, int n_keys, int features, int tiles,
+                                          Column first_key)
+        : geo(features),
+          shared(reinterpret_cast<unsigned char*>(dynamic)),
+          k(keys),
+          cols(n_keys),
+          dim(features),
+          count(tiles),
+          column(first_key) {}
+
+    // The query panels: the first 1024-aligned shared address of the launch's memory.
+    __device__ __forceinline__ unsigned char* rows() const {
+        return shared + (kSwizzleAtomBytes - shared_window(shared) % kSwizzleAtomBytes) % kSwizzleAtomBytes;
+    }
+    __device__ __forceinline__ unsigned char* stage(int unit) const {
+        return rows() + (geo.panels + unit % kResidentStages) * kWgmmaPanelBytes;
+    }
+
+    __device__ __forceinline__ void issue(int unit) const {
+        if (unit < count * geo.panels) {
+            const int k0 = unit % geo.panels * kWgmmaPanelFeatures;
+            stage_swizzled(k, cols, dim, column(unit / geo.panels), k0, 1, stage(unit));
+        }
+        cp_async_commit();
+    }
+
+    // Stages the block's query rows from r0 (with the first unit's group) and the first units;
+    // traps unless the launch gave the layout's dynamic shared memory.
+    __device__ __forceinline__ void start(const T* q, int n_rows, int r0) const {
+        if (geo.bytes() > dynamic_shared_size()) __trap();
+        stage_swizzled(q, n_rows, dim, r0, 0, geo.panels, rows());
+        for (int unit = 0; unit < kResidentStages - 1; ++unit) issue(unit);
+    }
+
+    // The step-th tile's dot products, this warp's 16 x 32 part (rows 16 (warp % 4).., keys n0..)
+    // as mma D fragments. Every thread of the block must call it (it synchronizes).
+    __device__ __forceinline__ void tile(int step, int /* m0: the warp's place in its warpgroup */, int n0,
+                                         float d[4][4]) const {
+        const unsigned query = shared_window(rows());
+        for (int slice = 0; slice < geo.panels; ++slice) {
+            const int unit = step * geo.panels + slice;
+            cp_async_wait<kResidentStages - 2>();
+            fence_async_shared();  // this thread's copies, to the proxy wgmma reads through
+            __syncthreads();       // everyone's; and the stage refilled next is read by none
+            issue(unit + kResidentStages - 1);
+            const unsigned a = query + slice * kWgmmaPanelBytes;
+            const unsigned b = shared_window(stage(unit)) + n0 / 8 * kSwizzleAtomBytes;
+            // Whole panels (zeros past dim): a k-step count known at compile time keeps ptxas
+            // from serializing the wgmmas behind a branch it cannot prove uniform.
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
+                wgmma_64x32x16<T>(&d[0][0], swizzled_operand(a + 32 * ks), swizzled_operand(b + 32 * ks),
+                                  slice > 0 || ks > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_fence_operands(&d[0][0], 16);
+        }
+    }
+
+    // No copy outlives the block.
+    __device__ __forceinline__ void finish() const { cp_async_wait<0>(); }
+};
+
+}  // namespace contra

@@ -1,0 +1,225 @@
+// Hopper's warpgroup MMA (sm_90a): wgmma.mma_async with both operands in shared memory, each
+// described by a 64-bit matrix descriptor, and the fences, commit groups and waits around it.
+// Only the sm_90a build (kernels/*_sm90a.cu) has the instructions; the host picks those kernels
+// on compute capability 9.0 alone.
+//
+// Operand layout (PTX ISA, "Shared Memory Matrix Layout", K-major with the 128-byte swizzle): a
+// panel of 64 features (bf16 / f16) gives each operand row (M for A, N for B) 128 bytes; 8 rows
+// make a 1024-byte atom, which starts at a shared address that is a multiple of 1024, and the
+// next 8 rows follow at the stride byte offset (1024 here). In a row, 16-byte chunk c is stored at
+// chunk c ^ (row % 8): the swizzle is a function of the address, bits 4-6 XOR bits 7-9, so a
+// k-step's operand (16 features, 32 bytes of each row) is described by the panel's address plus
+// 32 bytes per k-step and the hardware finds the swizzled chunks itself.
+//
+// Descriptor ("Matrix Descriptor Format"): bits 0-13 start address >> 4; 16-29 leading byte
+// offset >> 4 (not used by a K-major swizzled operand whose k-step fits the 128 bytes: 1 by
+// convention); 32-45 stride byte offset >> 4; 49-51 base offset (0: atoms 1024-aligned); 62-63
+// swizzle (1: 128 bytes).
+//
+// Accumulators of m64nNk16 with f32 D ("Register Fragment" of wgmma D): warp w of the warpgroup
+// holds rows 16 w .. 16 w + 15; with g = lane / 4 and t = lane % 4, d[i] is row
+// 16 w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2 t + i % 2. That is mma_16816's C layout
+// (tensor_core.cuh) repeated along N: d[4 nt + e] is mma_16816's d[nt][e] for 8-column tile nt.
+//
+// Interpreted mode: each thread computes its own accumulator elements, reading A and B through
+// the descriptors and the swizzle of the shared address, so a wrong start, stride or panel
+// offset, or an atom off its 1024-byte alignment, reads wrong elements. (The emulated shared
+// window starts at kInterpSharedWindow, deliberately not a multiple of 1024.) Like cp.async in
+// tensor_core.cuh, an mma_async lands at one of its extremes: the ops of odd warps at issue
+// (operands not yet staged and made visible are read wrong), those of even warps at the
+// wgmma_wait that covers them (reading D before the wait, or refilling an operand's stage
+// before it, gives wrong results).
+#pragma once
+#include <type_traits>
+
+#include "common.cuh"
+#include "tensor_core.cuh"
+
+#if defined(CONTRA_INTERP)
+#include <vector>
+#endif
+
+namespace contra {
+
+#if defined(CONTRA_INTERP)
+// The emulated shared-window address of the dynamic shared memory's first byte.
+constexpr unsigned kInterpSharedWindow = 0x480;
+#endif
+
+// The shared-window address of `p`, a pointer into the block's dynamic shared memory.
+__device__ __forceinline__ unsigned shared_window(const void* p) {
+#if defined(CONTRA_INTERP)
+    const auto* base = static_cast<const unsigned char*>(interp::dynamic_shared_ptr());
+    const auto* at = static_cast<const unsigned char*>(p);
+    if (at < base || at >= base + interp::dynamic_shared_bytes()) __trap();  // not in dynamic shared memory
+    return kInterpSharedWindow + static_cast<unsigned>(at - base);
+#elif defined(__CUDA_ARCH__)
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+#else
+    return 0;
+#endif
+}
+
+constexpr unsigned kSwizzleAtomBytes = 1024;  // 8 rows of 128 bytes
+constexpr unsigned kSwizzleRowBytes = 128;
+
+// The descriptor of a K-major, 128-byte-swizzled operand whose row 0 of the k-step starts at
+// shared address `address` (a 1024-aligned atom plus 32 bytes per k-step).
+__device__ __forceinline__ unsigned long long swizzled_operand(unsigned address) {
+    const unsigned long long start = (address & 0x3ffffu) >> 4;
+    const unsigned long long leading = 1, stride = kSwizzleAtomBytes >> 4, swizzle_128 = 1;
+    return start | (leading << 16) | (stride << 32) | (swizzle_128 << 62);
+}
+
+// The byte offset, in a panel of 128-byte-swizzled rows that starts on a 1024-byte boundary, of
+// 16-byte chunk `chunk` (0..7) of row `row`.
+__device__ __forceinline__ unsigned swizzled_chunk(int row, int chunk) {
+    return row * kSwizzleRowBytes + 16 * (chunk ^ (row % 8));
+}
+
+#if defined(CONTRA_INTERP)
+namespace warpgroup_mma {
+struct Op;
+using Run = void (*)(const Op&);
+struct Op {
+    float* d;
+    unsigned long long a, b;
+    bool accumulate;
+    Run run;  // the shape and operand type's arithmetic
+};
+// Per CUDA thread: the committed groups not yet waited for (oldest first) and the open group, of
+// the block whose serial they carry.
+struct State {
+    unsigned long long block = 0;
+    std::vector<std::vector<Op>> committed;
+    std::vector<Op> open;
+};
+inline State& state() {
+    static thread_local State states[1024];
+    State& s = states[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
+    if (s.block != interp::tls_block_serial) {  // a block that ended left these (never waited for)
+        s = State();
+        s.block = interp::tls_block_serial;
+    }
+    return s;
+}
+
+// Element (row, k) of the K-major 128-byte-swizzled operand `desc` (k < 16: one k-step).
+template <typename T>
+inline float operand(unsigned long long desc, int row, int k) {
+    const unsigned start = static_cast<unsigned>(desc & 0x3fffu) << 4;
+    const unsigned stride = static_cast<unsigned>((desc >> 32) & 0x3fffu) << 4;
+    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) __trap();  // only the layout this file makes
+    const unsigned logical = start + (row / 8) * stride + (row % 8) * kSwizzleRowBytes + 2 * k;
+    const unsigned address = logical ^ (((logical >> 7) & 7) << 4);
+    const unsigned long long bytes = interp::dynamic_shared_bytes();
+    if (address < kInterpSharedWindow || address + 2 > kInterpSharedWindow + bytes) __trap();
+    unsigned short bits;
+    std::memcpy(&bits, static_cast<const unsigned char*>(interp::dynamic_shared_ptr()) + (address - kInterpSharedWindow),
+                2);
+    return half_bits_to_float<T>(bits);
+}
+
+// This thread's accumulators of one m64nNk16.
+template <typename T, int N>
+inline void run(const Op& op) {
+    const int linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const int lane = linear % 32, g = lane / 4, t = lane % 4, row0 = 16 * ((linear / 32) % 4);
+    for (int i = 0; i < N / 2; ++i) {
+        const int row = row0 + g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t + i % 2;
+        float sum = op.accumulate ? op.d[i] : 0.0f;
+        for (int k = 0; k < 16; ++k) sum += operand<T>(op.a, row, k) * operand<T>(op.b, col, k);
+        op.d[i] = sum;
+    }
+}
+}  // namespace warpgroup_mma
+#endif
+
+// Orders this thread's register accesses before the warpgroup's next mma_async (before the first
+// one, and after the accumulators were read or written by other instructions).
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Makes this thread's shared-memory writes (plain stores, and cp.async copies it has waited for)
+// visible to the async proxy that wgmma reads operands through; a barrier then publishes them.
+__device__ __forceinline__ void fence_async_shared() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Closes the group of the mma_async ops issued since the last commit.
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(CONTRA_INTERP)
+    warpgroup_mma::State& s = warpgroup_mma::state();
+    s.committed.push_back(s.open);
+    s.open.clear();
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most `pending` of the warpgroup's committed groups are in flight (the newest);
+// their accumulators may be read, and their operands' shared memory reused, after it.
+template <int pending>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(CONTRA_INTERP)
+    warpgroup_mma::State& s = warpgroup_mma::state();
+    while (s.committed.size() > static_cast<size_t>(pending)) {
+        for (const warpgroup_mma::Op& op : s.committed.front()) op.run(op);
+        s.committed.erase(s.committed.begin());
+    }
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
+#endif
+}
+
+// Pins `count` accumulators after the wgmma_wait that completes them: each is redefined here as
+// far as the compiler knows, so no read of it moves above the wait (whose asm names no register).
+__device__ __forceinline__ void wgmma_fence_operands(float* d, int count) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#pragma unroll
+    for (int i = 0; i < count; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#endif
+}
+
+// d (+)= A B^T for the warpgroup's 64 x 32 x 16 step: A (64 rows) and B (32 rows) K-major,
+// 128-byte swizzled, given by their descriptors; `accumulate` false overwrites d. Every thread of
+// the warpgroup calls it together. Asynchronous: d is this thread's 16 accumulators, valid after
+// the wgmma_wait covering the op's commit group.
+template <typename T>
+__device__ __forceinline__ void wgmma_64x32x16(float d[16], unsigned long long a, unsigned long long b,
+                                               bool accumulate) {
+    static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit operands");
+#if defined(CONTRA_INTERP)
+    const warpgroup_mma::Op op{d, a, b, accumulate, warpgroup_mma::run<T, 32>};
+    const int linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    if ((linear / 32) % 2 == 1) {  // an odd warp: the op lands at issue
+        op.run(op);
+    } else {
+        warpgroup_mma::state().open.push_back(op);
+    }
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CONTRA_WGMMA_64x32x16(kind)                                                                        \
+    asm volatile(                                                                                         \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                       \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." kind "." kind                                          \
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),     \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])  \
+        : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)))
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        CONTRA_WGMMA_64x32x16("bf16");
+    } else {
+        CONTRA_WGMMA_64x32x16("f16");
+    }
+#undef CONTRA_WGMMA_64x32x16
+#elif defined(__CUDA_ARCH__)
+    __trap();  // no wgmma below sm_90a: the host never launches these kernels there
+#endif
+}
+
+}  // namespace contra

@@ -9,10 +9,12 @@
 __device__ __forceinline__ float wgmma_test_a(int row, int k) { return static_cast<float>((7 * row + 3 * k) % 17 - 8); }
 __device__ __forceinline__ float wgmma_test_b(int col, int k) { return static_cast<float>((5 * col + 11 * k) % 13 - 6); }
 
-// One warpgroup (128 threads) and 1024 + 12 KB of dynamic shared memory: A (64 rows) and B
-// (32 rows) of 64 features each, bf16, K-major and 128-byte swizzled (written element by element
-// with plain stores), then D = A B^T by four wgmma m64n32k16, the first one overwriting
-// accumulators that hold NaN. y[16 tid + i] receives thread tid's d[i] (f32 bits).
+// One warpgroup (128 threads) and 1024 + 12 KB of dynamic shared memory: panels A (64 rows) and
+// B (32 rows) of 64 columns each, bf16, 128-byte swizzled (written element by element with plain
+// stores). Then two products by four k-steps each, the first overwriting accumulators that hold
+// NaN: D = A B^T with both K-major (wgmma m64n32k16), y[16 tid + i] receiving thread tid's d[i]
+// (f32 bits); and E = A^T A[:, 16..32), both MN-major (the panel's rows are K; the second starts
+// 16 columns into the panel; m64n16k16), y[2048 + 8 tid + i] receiving e[i].
 extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     CONTRA_DYNAMIC_SHARED(unsigned char, shared);
     using contra::kSwizzleAtomBytes;
@@ -36,12 +38,26 @@ extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     contra::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
-        contra::wgmma_64x32x16<__nv_bfloat16>(d, contra::swizzled_operand(a_address + 32 * ks),
+        contra::wgmma_64xNx16<__nv_bfloat16, 32>(d, contra::swizzled_operand(a_address + 32 * ks),
                                               contra::swizzled_operand(b_address + 32 * ks), ks > 0);
     contra::wgmma_commit();
     contra::wgmma_wait<0>();
     contra::wgmma_fence_operands(d, 16);
+    float e[8];
+    for (int i = 0; i < 8; ++i) e[i] = __int_as_float(0x7fc00000);
+    contra::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        const unsigned rows = 16 * contra::kSwizzleRowBytes * ks;
+        contra::wgmma_64xNx16<__nv_bfloat16, 16, true, true>(
+            e, contra::swizzled_descriptor(a_address + rows, 64 * contra::kSwizzleRowBytes),
+            contra::swizzled_descriptor(a_address + rows + 2 * 16, 64 * contra::kSwizzleRowBytes), ks > 0);
+    }
+    contra::wgmma_commit();
+    contra::wgmma_wait<0>();
+    contra::wgmma_fence_operands(e, 8);
     unsigned* out = static_cast<unsigned*>(p.y);
     for (int i = 0; i < 16; ++i) out[16 * tid + i] = __float_as_uint(d[i]);
+    for (int i = 0; i < 8; ++i) out[2048 + 8 * tid + i] = __float_as_uint(e[i]);
 }
 INTERP_EXPORT(wgmma_test, ContraNormalizeParams)

@@ -106,7 +106,7 @@ struct WgmmaSweep {
             wgmma_fence();
 #pragma unroll
             for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
-                wgmma_64x32x16<T>(&d[0][0], swizzled_operand(a + 32 * ks), swizzled_operand(b + 32 * ks),
+                wgmma_64xNx16<T, 32>(&d[0][0], swizzled_operand(a + 32 * ks), swizzled_operand(b + 32 * ks),
                                   slice > 0 || ks > 0);
             wgmma_commit();
             wgmma_wait<0>();

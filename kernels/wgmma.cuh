@@ -3,17 +3,21 @@
 // Only the sm_90a build (kernels/*_sm90a.cu) has the instructions; the host picks those kernels
 // on compute capability 9.0 alone.
 //
-// Operand layout (PTX ISA, "Shared Memory Matrix Layout", K-major with the 128-byte swizzle): a
-// panel of 64 features (bf16 / f16) gives each operand row (M for A, N for B) 128 bytes; 8 rows
-// make a 1024-byte atom, which starts at a shared address that is a multiple of 1024, and the
-// next 8 rows follow at the stride byte offset (1024 here). In a row, 16-byte chunk c is stored at
-// chunk c ^ (row % 8): the swizzle is a function of the address, bits 4-6 XOR bits 7-9, so a
-// k-step's operand (16 features, 32 bytes of each row) is described by the panel's address plus
-// 32 bytes per k-step and the hardware finds the swizzled chunks itself.
+// Operand layouts (PTX ISA, "Shared Memory Matrix Layout", 128-byte swizzle): the crate's
+// matrices are staged as panels of 64 columns (bf16 / f16), one 128-byte row per matrix row; 8
+// rows make a 1024-byte atom, which starts at a shared address that is a multiple of 1024. In a
+// row, 16-byte chunk c is stored at chunk c ^ (row % 8): the swizzle is a function of the
+// address, bits 4-6 XOR bits 7-9, so an operand may start anywhere in an atom's first row (a
+// k-step, or a few columns on) and the hardware finds the swizzled chunks itself.
+//   * K-major (a panel's rows are the operand's M or N, its columns K): element (mn, k) of a
+//     k-step at start + (mn / 8) SBO + (mn % 8) 128 + 2 k; SBO = 1024, LBO unused (the k-step's
+//     32 bytes fit the row). A k-step is the panel's address plus 32 bytes per step.
+//   * MN-major ("transposed": a panel's rows are K, its columns M or N): element (mn, k) at
+//     start + (mn / 64) LBO + 2 (mn % 64) + (k / 8) SBO + (k % 8) 128; SBO = 1024 (8 rows of K),
+//     LBO the step from one 64-column panel to the next. A k-step is 2048 bytes (16 rows) on.
 //
 // Descriptor ("Matrix Descriptor Format"): bits 0-13 start address >> 4; 16-29 leading byte
-// offset >> 4 (not used by a K-major swizzled operand whose k-step fits the 128 bytes: 1 by
-// convention); 32-45 stride byte offset >> 4; 49-51 base offset (0: atoms 1024-aligned); 62-63
+// offset >> 4; 32-45 stride byte offset >> 4; 49-51 base offset (0: atoms 1024-aligned); 62-63
 // swizzle (1: 128 bytes).
 //
 // Accumulators of m64nNk16 with f32 D ("Register Fragment" of wgmma D): warp w of the warpgroup
@@ -63,12 +67,16 @@ __device__ __forceinline__ unsigned shared_window(const void* p) {
 constexpr unsigned kSwizzleAtomBytes = 1024;  // 8 rows of 128 bytes
 constexpr unsigned kSwizzleRowBytes = 128;
 
-// The descriptor of a K-major, 128-byte-swizzled operand whose row 0 of the k-step starts at
-// shared address `address` (a 1024-aligned atom plus 32 bytes per k-step).
-__device__ __forceinline__ unsigned long long swizzled_operand(unsigned address) {
-    const unsigned long long start = (address & 0x3ffffu) >> 4;
-    const unsigned long long leading = 1, stride = kSwizzleAtomBytes >> 4, swizzle_128 = 1;
+// The descriptor of a 128-byte-swizzled operand starting at shared address `address`, its
+// atoms of 8 rows 1024 bytes apart and its 64-column panels `panel_bytes` apart.
+__device__ __forceinline__ unsigned long long swizzled_descriptor(unsigned address, unsigned panel_bytes) {
+    const unsigned long long start = (address & 0x3ffffu) >> 4, leading = (panel_bytes & 0x3ffffu) >> 4;
+    const unsigned long long stride = kSwizzleAtomBytes >> 4, swizzle_128 = 1;
     return start | (leading << 16) | (stride << 32) | (swizzle_128 << 62);
+}
+// A K-major operand (its leading byte offset unused: 1 by convention).
+__device__ __forceinline__ unsigned long long swizzled_operand(unsigned address) {
+    return swizzled_descriptor(address, 16);
 }
 
 // The byte offset, in a panel of 128-byte-swizzled rows that starts on a 1024-byte boundary, of
@@ -85,7 +93,7 @@ struct Op {
     float* d;
     unsigned long long a, b;
     bool accumulate;
-    Run run;  // the shape and operand type's arithmetic
+    Run run;  // the shape, operand type and majors' arithmetic
 };
 // Per CUDA thread: the committed groups not yet waited for (oldest first) and the open group, of
 // the block whose serial they carry.
@@ -104,13 +112,17 @@ inline State& state() {
     return s;
 }
 
-// Element (row, k) of the K-major 128-byte-swizzled operand `desc` (k < 16: one k-step).
-template <typename T>
-inline float operand(unsigned long long desc, int row, int k) {
+// Element (mn, k) of the 128-byte-swizzled operand `desc`, K-major or MN-major (k < 16: one
+// k-step).
+template <typename T, bool kMnMajor>
+inline float operand(unsigned long long desc, int mn, int k) {
     const unsigned start = static_cast<unsigned>(desc & 0x3fffu) << 4;
+    const unsigned leading = static_cast<unsigned>((desc >> 16) & 0x3fffu) << 4;
     const unsigned stride = static_cast<unsigned>((desc >> 32) & 0x3fffu) << 4;
     if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) __trap();  // only the layout this file makes
-    const unsigned logical = start + (row / 8) * stride + (row % 8) * kSwizzleRowBytes + 2 * k;
+    const unsigned logical = kMnMajor ? start + (mn / 64) * leading + 2 * (mn % 64) + (k / 8) * stride +
+                                            (k % 8) * kSwizzleRowBytes
+                                      : start + (mn / 8) * stride + (mn % 8) * kSwizzleRowBytes + 2 * k;
     const unsigned address = logical ^ (((logical >> 7) & 7) << 4);
     const unsigned long long bytes = interp::dynamic_shared_bytes();
     if (address < kInterpSharedWindow || address + 2 > kInterpSharedWindow + bytes) __trap();
@@ -121,14 +133,14 @@ inline float operand(unsigned long long desc, int row, int k) {
 }
 
 // This thread's accumulators of one m64nNk16.
-template <typename T, int N>
+template <typename T, int N, bool kTransA, bool kTransB>
 inline void run(const Op& op) {
     const int linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
     const int lane = linear % 32, g = lane / 4, t = lane % 4, row0 = 16 * ((linear / 32) % 4);
     for (int i = 0; i < N / 2; ++i) {
         const int row = row0 + g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t + i % 2;
         float sum = op.accumulate ? op.d[i] : 0.0f;
-        for (int k = 0; k < 16; ++k) sum += operand<T>(op.a, row, k) * operand<T>(op.b, col, k);
+        for (int k = 0; k < 16; ++k) sum += operand<T, kTransA>(op.a, row, k) * operand<T, kTransB>(op.b, col, k);
         op.d[i] = sum;
     }
 }
@@ -186,16 +198,17 @@ __device__ __forceinline__ void wgmma_fence_operands(float* d, int count) {
 #endif
 }
 
-// d (+)= A B^T for the warpgroup's 64 x 32 x 16 step: A (64 rows) and B (32 rows) K-major,
-// 128-byte swizzled, given by their descriptors; `accumulate` false overwrites d. Every thread of
-// the warpgroup calls it together. Asynchronous: d is this thread's 16 accumulators, valid after
-// the wgmma_wait covering the op's commit group.
-template <typename T>
-__device__ __forceinline__ void wgmma_64x32x16(float d[16], unsigned long long a, unsigned long long b,
-                                               bool accumulate) {
+// d (+)= A B for the warpgroup's 64 x N x 16 step (N = 16 or 32): A (64 x 16) and B (16 x N)
+// 128-byte swizzled in shared memory, given by their descriptors, K-major unless kTransA /
+// kTransB (MN-major); `accumulate` false overwrites d. Every thread of the warpgroup calls it
+// together. Asynchronous: d is this thread's N / 2 accumulators, valid after the wgmma_wait
+// covering the op's commit group.
+template <typename T, int N, bool kTransA = false, bool kTransB = false>
+__device__ __forceinline__ void wgmma_64xNx16(float* d, unsigned long long a, unsigned long long b, bool accumulate) {
     static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit operands");
+    static_assert(N == 16 || N == 32, "the shapes the crate's kernels use");
 #if defined(CONTRA_INTERP)
-    const warpgroup_mma::Op op{d, a, b, accumulate, warpgroup_mma::run<T, 32>};
+    const warpgroup_mma::Op op{d, a, b, accumulate, warpgroup_mma::run<T, N, kTransA, kTransB>};
     const int linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
     if ((linear / 32) % 2 == 1) {  // an odd warp: the op lands at issue
         op.run(op);
@@ -203,20 +216,32 @@ __device__ __forceinline__ void wgmma_64x32x16(float d[16], unsigned long long a
         warpgroup_mma::state().open.push_back(op);
     }
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define CONTRA_WGMMA_64x32x16(kind)                                                                        \
-    asm volatile(                                                                                         \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                       \
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." kind "." kind                                          \
-        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),     \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])  \
-        : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)))
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-        CONTRA_WGMMA_64x32x16("bf16");
+    constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+#define CONTRA_WGMMA_TYPES(shape, kind) "wgmma.mma_async.sync.aligned." shape ".f32." kind "." kind " "
+#define CONTRA_WGMMA_16(kind)                                                                                      \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n" CONTRA_WGMMA_TYPES("m64n16k16", kind)               \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, %12;\n}\n"                                 \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+                 : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)), "n"(int(kTransA)), "n"(int(kTransB)))
+#define CONTRA_WGMMA_32(kind)                                                                                       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" CONTRA_WGMMA_TYPES("m64n32k16", kind)               \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n" \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),         \
+                   "+f"(d[15])                                                                                      \
+                 : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)), "n"(int(kTransA)), "n"(int(kTransB)))
+    if constexpr (N == 16 && kBf16) {
+        CONTRA_WGMMA_16("bf16");
+    } else if constexpr (N == 16) {
+        CONTRA_WGMMA_16("f16");
+    } else if constexpr (kBf16) {
+        CONTRA_WGMMA_32("bf16");
     } else {
-        CONTRA_WGMMA_64x32x16("f16");
+        CONTRA_WGMMA_32("f16");
     }
-#undef CONTRA_WGMMA_64x32x16
+#undef CONTRA_WGMMA_32
+#undef CONTRA_WGMMA_16
+#undef CONTRA_WGMMA_TYPES
 #elif defined(__CUDA_ARCH__)
     __trap();  // no wgmma below sm_90a: the host never launches these kernels there
 #endif

@@ -747,8 +747,9 @@ fn tf32_mma_and_rounding_follow_the_ptx_isa() {
     });
 }
 
-/// Hopper's warpgroup MMA (kernels/wgmma.cuh) follows the PTX ISA: K-major operands in the
-/// 128-byte swizzle described by their shared-memory descriptors, a k-step 32 bytes on, and the
+/// Hopper's warpgroup MMA (kernels/wgmma.cuh) follows the PTX ISA: operands in the 128-byte
+/// swizzle described by their shared-memory descriptors, K-major (a k-step 32 bytes on) and
+/// MN-major (a k-step 16 rows on, an operand starting 16 columns into its panel), and the
 /// accumulators of thread 32 w + 4 g + t at row 16 w + g + 8 ((i / 2) % 2), column
 /// 8 (i / 4) + 2 t + i % 2; the first op of a chain ignores what the accumulators held (NaN). On
 /// a Hopper GPU this checks the hardware against what the interpreted mode emulates; elsewhere
@@ -766,17 +767,28 @@ fn wgmma_follows_the_ptx_isa() {
         };
         let a = |row: usize, k: usize| ((7 * row + 3 * k) % 17) as f64 - 8.0;
         let b = |col: usize, k: usize| ((5 * col + 11 * k) % 13) as f64 - 6.0;
-        for tid in 0..128 {
-            let (warp, g, t) = (tid / 32, tid % 32 / 4, tid % 4);
-            for i in 0..16 {
-                let row = 16 * warp + g + 8 * ((i / 2) % 2);
-                let col = 8 * (i / 4) + 2 * t + i % 2;
-                let want: f64 = (0..64).map(|k| a(row, k) * b(col, k)).sum();
-                let have = f32::from_bits(got[16 * tid + i]) as f64;
-                assert!(
-                    have == want,
-                    "{device}: thread {tid} d[{i}] = D[{row}][{col}]: {have} != {want}"
-                );
+        // D = A B^T (K-major), then E = A^T A[:, 16..32) (MN-major).
+        let products: [(&str, usize, usize, &dyn Fn(usize, usize) -> f64); 2] = [
+            ("D", 0, 32, &|row, col| {
+                (0..64).map(|k| a(row, k) * b(col, k)).sum()
+            }),
+            ("E", 2048, 16, &|row, col| {
+                (0..64).map(|k| a(k, row) * a(k, 16 + col)).sum()
+            }),
+        ];
+        for (name, offset, n, want) in products {
+            for tid in 0..128 {
+                let (warp, g, t) = (tid / 32, tid % 32 / 4, tid % 4);
+                for i in 0..n / 2 {
+                    let row = 16 * warp + g + 8 * ((i / 2) % 2);
+                    let col = 8 * (i / 4) + 2 * t + i % 2;
+                    let have = f32::from_bits(got[offset + n / 2 * tid + i]) as f64;
+                    assert!(
+                        have == want(row, col),
+                        "{device}: thread {tid} {name} element {i} = {name}[{row}][{col}]: {have} != {}",
+                        want(row, col)
+                    );
+                }
             }
         }
     });

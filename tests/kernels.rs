@@ -768,7 +768,8 @@ fn wgmma_follows_the_ptx_isa() {
         let a = |row: usize, k: usize| ((7 * row + 3 * k) % 17) as f64 - 8.0;
         let b = |col: usize, k: usize| ((5 * col + 11 * k) % 13) as f64 - 6.0;
         // D = A B^T (K-major), then E = A^T A[:, 16..32) (MN-major).
-        let products: [(&str, usize, usize, &dyn Fn(usize, usize) -> f64); 2] = [
+        type Product<'a> = &'a dyn Fn(usize, usize) -> f64;
+        let products: [(&str, usize, usize, Product); 2] = [
             ("D", 0, 32, &|row, col| {
                 (0..64).map(|k| a(row, k) * b(col, k)).sum()
             }),

@@ -23,6 +23,7 @@
 //   * MoCo: the keys get no gradient: 2, so 3 in all.
 // with G_ij = grad_scale * scale * (softmax_ij - target_ij).
 #include "grad_product.cuh"
+#include "infonce_grad.cuh"
 
 // The logit is rounded once (__fmul_rn) and identically in both passes: left to itself, nvcc
 // fuses `acc * scale - lse` into one FMA in the backward only, and a row whose softmax is a
@@ -173,92 +174,6 @@ __device__ void infonce_fwd_split_resident(const ContraInfonceFwdParams& p) {
     }
 }
 
-// What the softmax gradient reads of one index, as a query (row) or as a key (column), loaded
-// once: a kernel that meets the same index many times (the fused backward's rows for the whole
-// sweep, its columns for a tile) keeps it in registers. Only the inputs p has are read.
-struct LogitEnd {
-    float lse2;           // the row softmax's lse, log2 units
-    float col_lse2;       // CLIP: the column softmax's lse, log2 units
-    float diag;           // CLIP's log-scale term: the index's own (positive) dot product
-    float target_weight;  // SupCon: 1 / |P(i)|, 0 without positives
-    int positive;         // the positive key, -1 for none
-    int label;            // SupCon
-
-    template <typename Loss = AnyLoss>
-    __device__ __forceinline__ static LogitEnd load(const ContraInfonceBwdParams& p, int i) {
-        LogitEnd end;
-        end.lse2 = __fmul_rn(p.lse[i], kLog2e);
-        end.col_lse2 = Loss::column_softmax(p) ? __fmul_rn(p.col_lse[i], kLog2e) : 0.0f;
-        end.diag = Loss::log_scale(p) ? p.diag_dot[i] : 0.0f;
-        end.target_weight = Loss::labels(p) ? p.target_weight[i] : 0.0f;
-        end.positive = p.positives ? p.positives[i] : -1;
-        end.label = Loss::labels(p) ? p.labels[i] : 0;
-        return end;
-    }
-};
-
-// d(grad_scale * loss) / d logit_ij for query i and key j, from u = logit_ij log2(e).
-template <typename Loss>
-__device__ __forceinline__ float dlogit(const ContraInfonceBwdParams& p, int qi, const LogitEnd& q, int kj,
-                                        const LogitEnd& k, float u) {
-    float prob = exp2f(u - q.lse2);
-    float target = q.positive == kj ? 1.0f : 0.0f, weight = 1.0f;
-    if (Loss::column_softmax(p)) {
-        // CLIP: the column softmax of the same logit, with the same target.
-        prob += exp2f(u - k.col_lse2);
-        target *= 2.0f;
-    }
-    if (Loss::labels(p)) {
-        // SupCon: every other row with the anchor's label, weighted 1 / |P(i)|.
-        target = q.label == k.label ? q.target_weight : 0.0f;
-        weight = q.target_weight > 0.0f ? 1.0f : 0.0f;
-    }
-    // A select, not an early return: no divergent branch around each element's exponentials.
-    return (p.self_mask && qi == kj) ? 0.0f : p.grad_scale * weight * (prob - target);
-}
-
-// CLIP's share of d(grad_scale * loss) / d log_scale at logit (i, j), centred: the row softmax
-// minus its target against row i's own logit, the column softmax minus its target against column
-// j's. Each sums to zero along its row (column), so the centring changes only the rounding; the
-// plain sum of dlogit * logit cancels terms of size `scale` down to `scale * spread` when the
-// embeddings cluster, and got the sign wrong.
-__device__ __forceinline__ float clip_log_scale_term(const ContraInfonceBwdParams& p, float scale, const LogitEnd& q,
-                                                      int kj, const LogitEnd& k, float u, float dot) {
-    const float target = q.positive == kj ? 1.0f : 0.0f;
-    const float row = exp2f(u - q.lse2) - target;
-    const float col = exp2f(u - k.col_lse2) - target;
-    return p.grad_scale * scale * (row * (dot - q.diag) + col * (dot - k.diag));
-}
-
-// G at logit (i, j) (both directions of a symmetric sweep: logit_ji == logit_ij), and CLIP's
-// log-scale term there (0 without it).
-template <typename Loss = AnyLoss>
-__device__ __forceinline__ float softmax_grad(const ContraInfonceBwdParams& p, float scale, int qi, const LogitEnd& q,
-                                              int kj, const LogitEnd& k, float dot, float& log_scale_term) {
-    const float u = __fmul_rn(dot, scale * kLog2e);
-    float dl = dlogit<Loss>(p, qi, q, kj, k, u);
-    if (Loss::symmetric(p)) dl += dlogit<Loss>(p, kj, k, qi, q, u);
-    log_scale_term = Loss::log_scale(p) ? clip_log_scale_term(p, scale, q, kj, k, u, dot) : 0.0f;
-    return dl * scale;
-}
-
-// CLIP: one partial of sum_ij dlogit_ij * logit_ij per block, row tile x and key range y at
-// y * gridDim.x + x (summed in f64 after): warp sums, then the block's kWarps warps. Every thread
-// of the block calls it.
-template <int kWarps = 8>
-__device__ __forceinline__ void write_log_scale_partial(const ContraInfonceBwdParams& p, float acc) {
-    if (!p.log_scale_partial) return;
-    const int tid = threadIdx.y * 16 + threadIdx.x;
-    const float warp_total = warp_sum(acc);
-    __shared__ float warp_partial[kWarps];
-    if (tid % 32 == 0) warp_partial[tid / 32] = warp_total;
-    __syncthreads();
-    if (tid == 0) {
-        float total = 0.0f;
-        for (int w = 0; w < kWarps; ++w) total += warp_partial[w];
-        p.log_scale_partial[(long long)blockIdx.y * gridDim.x + blockIdx.x] = total;
-    }
-}
 
 // kResident: the S recompute from resident query rows and key slices pipelined across tiles
 // (ResidentSweep, infonce_tc.cuh), in place of a re-staged tile_mma per tile.
@@ -363,64 +278,34 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
     StageWord<T>* const q_rows = shared;
     StageWord<T>* const g_tile = shared + 3 * kTile * geo.stride;
     const auto key_tile = [&](int step) { return shared + (1 + step % 2) * kTile * geo.stride; };
-    const bool split = p.split_tiles > 0;
-    const int c_begin = split ? blockIdx.y * p.split_tiles * kTile : 0;
-    const int c_end = split ? min(p.cols, c_begin + p.split_tiles * kTile) : p.cols;
-    const int steps = (c_end - c_begin + kTile - 1) / kTile;
-    // With dK, block b starts at key tile b (mod the tiles), so that the blocks' atomic adds
-    // land on different keys' rows; each next tile is one on, wrapping round (no division).
-    const auto next_column = [&](int c) { return c + kTile < c_end ? c + kTile : c_begin; };
-    int c0 = c_begin + ((p.grad_k && steps > 0) ? blockIdx.x % steps : 0) * kTile;
+    const BackwardKeys keys_of(p);
+    int c0 = keys_of.first_column(p);
     // The rows and the first key tile form the first group.
     stage_rows<T, 0, kFusedThreads>(q, p.rows, p.dim, r0, 0, geo.padded, q_rows, geo.stride);
     const RowStager<T, kFusedThreads> stage_keys(k, p.cols, p.dim, geo.padded, geo.stride);
-    if (steps > 0) stage_keys.stage(c0, key_tile(0));
+    if (keys_of.steps > 0) stage_keys.stage(c0, key_tile(0));
     cp_async_commit();
     float resident[kResidentChunks][kFusedTiles][4] = {};
-    float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
-    // This lane's rows (fragment elements 0, 1 and 2, 3) and what G reads of them.
-    const int rows_at[2] = {r0 + m0 + g, r0 + m0 + g + 8};
-    const LogitEnd row_end[2] = {LogitEnd::load<Loss>(p, min(rows_at[0], p.rows - 1)),
-                                 LogitEnd::load<Loss>(p, min(rows_at[1], p.rows - 1))};
-    for (int step = 0; step < steps; ++step, c0 = next_column(c0)) {
+    const GradRows<Loss> grad_rows(p, r0 + m0 + g);
+    for (int step = 0; step < keys_of.steps; ++step, c0 = keys_of.next_column(c0)) {
         const StageWord<T>* keys = key_tile(step);
         cp_async_wait<0>();
         __syncthreads();  // the tile landed for all; the previous tile's buffer and G are consumed
-        if (step + 1 < steps) stage_keys.stage(next_column(c0), key_tile(step + 1));
+        if (step + 1 < keys_of.steps) stage_keys.stage(keys_of.next_column(c0), key_tile(step + 1));
         cp_async_commit();
         float d[kFusedTiles][4] = {};
         scores_from_rows<T, kFusedWarpCols>(q_rows, keys, geo.stride, geo.padded, m0, n0, d);
-        // G on the fragments: element (nt, 2 h + e) is query m0 + g + 8 h, key n0 + 8 nt + 2 t + e.
-        // The rows' ends were loaded before the sweep, each column's is loaded once for its two
-        // rows; indices past the matrix read the last row / column and the value is zeroed, so
-        // the loop has no branch around its loads and exponentials.
-#pragma unroll
-        for (int nt = 0; nt < kFusedTiles; ++nt) {
-            float value[4];  // (2 h + e)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int col = c0 + n0 + 8 * nt + 2 * t + e;
-                const LogitEnd key = LogitEnd::load<Loss>(p, min(col, p.cols - 1));
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    float term;
-                    const float v = softmax_grad<Loss>(p, scale, rows_at[h], row_end[h], col, key, d[nt][2 * h + e], term);
-                    const bool inside = rows_at[h] < p.rows && col < p.cols;
-                    value[2 * h + e] = inside ? v : 0.0f;
-                    log_scale_acc += inside ? term : 0.0f;
-                }
-            }
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                store_g_pair<T>(g_tile, m0 + g + 8 * h, n0 + 8 * nt + 2 * t, value[2 * h], value[2 * h + 1]);
-        }
+        grad_rows.tile(p, scale, c0 + n0 + 2 * t, d, [&](int h, int nt, float first, float second) {
+            store_g_pair<T>(g_tile, m0 + g + 8 * h, n0 + 8 * nt + 2 * t, first, second);
+        });
         __syncthreads();  // G is complete
         fused_dq_product<T>(g_tile, keys, geo.stride, p.dim, resident);
         if (p.grad_k) fused_dk_product<T>(g_tile, q_rows, geo.stride, p.grad_k, c0, p.cols, p.dim);
     }
     cp_async_wait<0>();
-    write_resident<kFusedWarpCols>(resident, p.grad_q, r0, p.rows, p.dim, split ? Write::kAtomicAdd : Write::kOverwrite);
-    write_log_scale_partial<kFusedWarps>(p, log_scale_acc);
+    write_resident<kFusedWarpCols>(resident, p.grad_q, r0, p.rows, p.dim,
+                                   keys_of.split ? Write::kAtomicAdd : Write::kOverwrite);
+    write_log_scale_partial<kFusedWarps>(p, grad_rows.log_scale_acc);
 }
 
 // The fused backward instantiated per loss of the family. The launch layer takes it for these

@@ -29,7 +29,145 @@ CONTRA_WGMMA_FORWARD_OF(clip, ClipLoss)
 CONTRA_WGMMA_FORWARD_OF(supcon, SupConLoss)
 CONTRA_WGMMA_FORWARD_OF(infonce, InfoNceLoss)
 
+// The fused backward on Hopper's warpgroup MMA, bf16, up to kPanels * 64 features (the host
+// picks the narrowest that holds dim): the fused backward's sweep (infonce.cu, same 512 threads,
+// the same G and key order) with every product on wgmma from 128-byte-swizzled panels. Dynamic
+// shared memory, from the first 1024-aligned address (the launch adds 1024 bytes for that): the
+// block's query rows, two key tiles (the one in use and the next in flight), G; each kPanels
+// panels of 8 KB but G, one. Warpgroup w (warps 4 w .. 4 w + 3) owns keys 16 w .. +16 of S and
+// features 16 w .. +16 of each panel of dQ and dK, so each warp holds the fused backward's
+// 16 x 16 parts and its epilogues (G, write_chunk, write_resident) are unchanged:
+//   S = Q K^T   m64n16k16, A the query panels, B the tile's key rows 16 w.. (both K-major);
+//   dQ += G K   A = G (K-major: rows x keys), B = the key tile's features 16 w.. of a panel
+//               (MN-major: its rows are the k dimension), kept in registers for the sweep;
+//   dK += G^T Q A = G^T (MN-major: G's rows are the k dimension), B = the query panels' features
+//               16 w.. (MN-major), added to grad_k per panel.
+template <typename Loss, int kPanels>
+__device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
+    using T = __nv_bfloat16;
+    constexpr unsigned kPanelBytes = kWgmmaPanelBytes, kTileBytes = kPanels * kPanelBytes;
+    constexpr unsigned kRowsBytes = 16 * kSwizzleRowBytes;  // a k-step of an MN-major operand
+    const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4, m0 = 16 * (warp % 4), n0 = kFusedWarpCols * (warp / 4);
+    const int r0 = blockIdx.x * kTile;
+    const float scale = logit_scale(p);
+    CONTRA_DYNAMIC_SHARED(unsigned char, shared);
+    const unsigned long long bytes = kSwizzleAtomBytes + (3ull * kPanels + 1) * kPanelBytes;
+    if (p.dim > kPanels * kWgmmaPanelFeatures || bytes > dynamic_shared_size() ||
+        blockDim.x * blockDim.y != kFusedThreads)
+        __trap();
+    unsigned char* const q_rows =
+        shared + (kSwizzleAtomBytes - shared_window(shared) % kSwizzleAtomBytes) % kSwizzleAtomBytes;
+    unsigned char* const g_tile = q_rows + 3 * kTileBytes;
+    const auto key_tile = [&](int step) { return q_rows + (1 + step % 2) * kTileBytes; };
+    const unsigned q_at = shared_window(q_rows), g_at = shared_window(g_tile);
+    const BackwardKeys keys_of(p);
+    int c0 = keys_of.first_column(p);
+    // The rows and the first key tile form the first group.
+    const T* k = static_cast<const T*>(p.k);
+    stage_swizzled<T, kFusedThreads>(static_cast<const T*>(p.q), p.rows, p.dim, r0, 0, kPanels, q_rows);
+    if (keys_of.steps > 0) stage_swizzled<T, kFusedThreads>(k, p.cols, p.dim, c0, 0, kPanels, key_tile(0));
+    cp_async_commit();
+    float resident[kPanels][kFusedTiles][4] = {};
+    const GradRows<Loss> grad_rows(p, r0 + m0 + g);
+    for (int step = 0; step < keys_of.steps; ++step, c0 = keys_of.next_column(c0)) {
+        const unsigned keys_at = shared_window(key_tile(step));
+        cp_async_wait<0>();
+        fence_async_shared();  // this thread's copies and G stores, to the proxy wgmma reads through
+        __syncthreads();       // the tile landed for all; the previous tile's buffer and G are consumed
+        if (step + 1 < keys_of.steps)
+            stage_swizzled<T, kFusedThreads>(k, p.cols, p.dim, keys_of.next_column(c0), 0, kPanels,
+                                             key_tile(step + 1));
+        cp_async_commit();
+        float d[kFusedTiles][4];
+        wgmma_fence();
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel)
+#pragma unroll
+            for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
+                wgmma_64xNx16<T, 16>(&d[0][0], swizzled_operand(q_at + panel * kPanelBytes + 32 * ks),
+                                     swizzled_operand(keys_at + panel * kPanelBytes + n0 / 8 * kSwizzleAtomBytes + 32 * ks),
+                                     panel > 0 || ks > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(&d[0][0], 8);
+        grad_rows.tile(p, scale, c0 + n0 + 2 * t, d, [&](int h, int nt, float first, float second) {
+            const int row = m0 + g + 8 * h, col = n0 + 8 * nt + 2 * t;
+            *reinterpret_cast<unsigned*>(g_tile + swizzled_chunk(row, col / 8) + 2 * (col % 8)) =
+                bf16_pair(first, second);
+        });
+        fence_async_shared();
+        __syncthreads();  // G is complete
+        wgmma_fence();
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel)
+#pragma unroll
+            for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
+                wgmma_64xNx16<T, 16, false, true>(
+                    &resident[panel][0][0], swizzled_operand(g_at + 32 * ks),
+                    swizzled_descriptor(keys_at + panel * kPanelBytes + 2 * n0 + ks * kRowsBytes, kPanelBytes), true);
+        wgmma_commit();
+        if (p.grad_k) {
+#pragma unroll
+            for (int panel = 0; panel < kPanels; ++panel) {
+                float sum[kFusedTiles][4];
+                wgmma_fence();  // the previous panel's sum was read
+#pragma unroll
+                for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
+                    wgmma_64xNx16<T, 16, true, true>(
+                        &sum[0][0], swizzled_descriptor(g_at + ks * kRowsBytes, kPanelBytes),
+                        swizzled_descriptor(q_at + panel * kPanelBytes + 2 * n0 + ks * kRowsBytes, kPanelBytes), ks > 0);
+                wgmma_commit();
+                wgmma_wait<0>();
+                wgmma_fence_operands(&sum[0][0], 8);
+                write_chunk<kFusedWarpCols>(sum, p.grad_k, c0, p.cols, panel * kWgmmaPanelFeatures, p.dim,
+                                            Write::kAtomicAdd);
+            }
+        }
+        wgmma_wait<0>();  // dQ's products are done with G and the tile
+        wgmma_fence_operands(&resident[0][0][0], kPanels * 8);
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int panel = 0; panel < kPanels; ++panel)
+        if (panel * kTile < p.dim)
+            write_chunk<kFusedWarpCols>(resident[panel], p.grad_q, r0, p.rows, panel * kTile, p.dim,
+                                        keys_of.split ? Write::kAtomicAdd : Write::kOverwrite);
+    write_log_scale_partial<kFusedWarps>(p, grad_rows.log_scale_acc);
+}
+
+// The wgmma backward instantiated per loss of the family, as infonce_bwd_fused.
+template <int kPanels>
+__device__ void infonce_bwd_wgmma(const ContraInfonceBwdParams& p) {
+    if (NtXentLoss::matches(p)) {
+        infonce_bwd_wgmma_for<NtXentLoss, kPanels>(p);
+    } else if (ClipLoss::matches(p)) {
+        infonce_bwd_wgmma_for<ClipLoss, kPanels>(p);
+    } else if (SupConLoss::matches(p)) {
+        infonce_bwd_wgmma_for<SupConLoss, kPanels>(p);
+    } else if (InfoNceLoss::matches(p)) {
+        infonce_bwd_wgmma_for<InfoNceLoss, kPanels>(p);
+    } else {
+        __trap();
+    }
+}
+
 }  // namespace contra
+
+// infonce_bwd_wgmma_<features>_bf16: up to 64, 128, 192 and 256 features.
+#define CONTRA_WGMMA_BACKWARD(features)                                                    \
+    extern "C" __global__ void __launch_bounds__(contra::kFusedThreads, 1)                 \
+        infonce_bwd_wgmma_##features##_bf16(const ContraInfonceBwdParams p) {               \
+        contra::infonce_bwd_wgmma<features / contra::kWgmmaPanelFeatures>(p);               \
+    }
+CONTRA_WGMMA_BACKWARD(64)
+CONTRA_WGMMA_BACKWARD(128)
+CONTRA_WGMMA_BACKWARD(192)
+CONTRA_WGMMA_BACKWARD(256)
+INTERP_EXPORT(infonce_bwd_wgmma_64_bf16, ContraInfonceBwdParams)
+INTERP_EXPORT(infonce_bwd_wgmma_128_bf16, ContraInfonceBwdParams)
+INTERP_EXPORT(infonce_bwd_wgmma_192_bf16, ContraInfonceBwdParams)
+INTERP_EXPORT(infonce_bwd_wgmma_256_bf16, ContraInfonceBwdParams)
 
 // 57 KB of dynamic shared memory at D = 256: three blocks per SM, as the resident forward.
 CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd_wgmma_ntxent, ContraInfonceFwdParams, (256, 3))

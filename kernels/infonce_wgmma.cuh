@@ -11,7 +11,7 @@
 // Keys stream through the stages as in ResidentSweep: cp.async, one unit per slice, a pipeline
 // that runs on from tile to tile. src/kernels/infonce.rs computes the same size.
 #pragma once
-#include "infonce_tc.cuh"
+#include "infonce_grad.cuh"
 #include "wgmma.cuh"
 
 namespace contra {
@@ -31,13 +31,13 @@ struct WgmmaGeometry {
 };
 
 // Stages rows [row0, row0 + 64) x features [k0, k0 + 64 panels) of `m` as `panels` swizzled
-// panels at `dst` (zeros past the matrix); no commit.
-template <typename T>
+// panels at `dst` (zeros past the matrix) with the block's kThreads threads; no commit.
+template <typename T, int kThreads = 256>
 __device__ __forceinline__ void stage_swizzled(const T* m, int rows, int dim, int row0, int k0, int panels,
                                                unsigned char* dst) {
     constexpr int chunks_per_row = kWgmmaPanelFeatures / kChunkElems<T>;  // 8
     const int tid = threadIdx.y * 16 + threadIdx.x;
-    for (int c = tid; c < panels * kTile * chunks_per_row; c += 256) {
+    for (int c = tid; c < panels * kTile * chunks_per_row; c += kThreads) {
         const int panel = c / (kTile * chunks_per_row), r = c / chunks_per_row % kTile, chunk = c % chunks_per_row;
         unsigned char* to = dst + panel * kWgmmaPanelBytes + swizzled_chunk(r, chunk);
         stage_16_bytes(m, rows, dim, row0 + r, k0 + panel * kWgmmaPanelFeatures + chunk * kChunkElems<T>,

@@ -257,13 +257,15 @@ fn half_sweeps_split_their_key_ranges() {
     }
 }
 
-/// On a modelled Hopper GPU the forward of every loss of the family with 16-bit operands runs
-/// its sm_90a kernel (`infonce_fwd_wgmma_<loss>_<type>`: query rows in 128-byte-swizzled panels,
-/// scores by wgmma from shared memory, emulated with the descriptors' addressing and both
-/// extremes of its asynchrony) and matches the CPU. Widths: 19 and 40 (one panel, zeros past the
-/// features), 72 (a second panel nearly empty), 136 (three panels, so a stage is refilled within a
-/// tile) and 256 (four whole panels); 130 rows make three row tiles (the symmetric sweeps' pairs of
-/// tiles, and a pipeline that runs on from tile to tile).
+/// On a modelled Hopper GPU every loss of the family with 16-bit operands runs its sm_90a
+/// forward (`infonce_fwd_wgmma_<loss>_<type>`: query rows in 128-byte-swizzled panels, scores by
+/// wgmma from shared memory, emulated with the descriptors' addressing and both extremes of its
+/// asynchrony), bf16 also the sm_90a backward (`infonce_bwd_wgmma_<width>_bf16`: S, dQ and dK on
+/// wgmma with K-major and MN-major operands), and matches the CPU. Widths: 19 and 40 (one panel,
+/// zeros past the features), 72 (a second panel nearly empty), 136 (three panels, so a stage is
+/// refilled within a tile) and 256 (four whole panels): each of the backward's four widths; 130
+/// rows make three row tiles (the symmetric sweeps' pairs of tiles, pipelines that run on from
+/// tile to tile, rotated key orders).
 #[test]
 fn wgmma_forwards_match_cpu() {
     let _hopper = ModelledHopper::on();
@@ -281,12 +283,18 @@ fn wgmma_forwards_match_cpu() {
         ];
         for (loss, case) in &cases {
             let launched = kernel_names(&compare_half_case(Device::Interp, dtype, case));
-            let want = format!("infonce_fwd_wgmma_{loss}_{suffix}");
-            assert!(
-                launched.iter().any(|k| *k == want),
-                "{} {dtype}: {want} did not run: {launched:?}",
-                case.name
-            );
+            let mut wanted = vec![format!("infonce_fwd_wgmma_{loss}_{suffix}")];
+            if dtype == DType::Bf16 {
+                let width = d.div_ceil(64) * 64;
+                wanted.push(format!("infonce_bwd_wgmma_{width}_bf16"));
+            }
+            for want in wanted {
+                assert!(
+                    launched.iter().any(|k| *k == want),
+                    "{} {dtype}: {want} did not run: {launched:?}",
+                    case.name
+                );
+            }
         }
     }
 }

@@ -58,17 +58,49 @@ fn resident_rows_bytes(elem: Elem, dim: usize) -> Option<usize> {
 /// 8 KB key slices; None unless the backend runs the sm_90a kernels, the operands are 16-bit and
 /// the rows fit in `RESIDENT_MAX_BYTES`.
 fn wgmma_rows_bytes<B: Backend>(b: &B, elem: Elem, dim: usize) -> Option<usize> {
-    const PANEL_FEATURES: usize = 64;
-    const PANEL_BYTES: usize = TILE * 128;
     if !matches!(elem, Elem::Bf16 | Elem::F16) || !b.runs_sm90a() {
         return None;
     }
-    let panels = dim.div_ceil(PANEL_FEATURES);
-    let bytes = panels
+    let bytes = wgmma_panels(dim)
         .checked_add(RESIDENT_STAGES)?
-        .checked_mul(PANEL_BYTES)?
-        .checked_add(1024)?;
+        .checked_mul(WGMMA_PANEL_BYTES)?
+        .checked_add(WGMMA_ALIGNMENT)?;
     (bytes <= RESIDENT_MAX_BYTES).then_some(bytes)
+}
+
+/// The sm_90a kernels' operands: panels of 64 features, 128 bytes a row (kernels/wgmma.cuh),
+/// from a 1024-aligned shared address that the launch leaves room for.
+const WGMMA_PANEL_FEATURES: usize = 64;
+const WGMMA_PANEL_BYTES: usize = TILE * 128;
+const WGMMA_ALIGNMENT: usize = 1024;
+
+/// The 64-feature panels that hold `dim` features (at least one).
+fn wgmma_panels(dim: usize) -> usize {
+    dim.div_ceil(WGMMA_PANEL_FEATURES).max(1)
+}
+
+/// Hopper's fused backward (`infonce_bwd_wgmma_<width>_bf16`, kernels/infonce_sm90a.cu) where the
+/// backend runs the sm_90a kernels: bf16 up to `FUSED_MAX_DIM` features, the narrowest of its
+/// four widths that holds `dim`, with its dynamic shared memory (the rows, two key tiles and G:
+/// 105 KB at D = 256) where it fits the `per_block` bytes the GPU gives a block.
+fn wgmma_backward<B: Backend>(
+    b: &B,
+    elem: Elem,
+    dim: usize,
+    per_block: usize,
+) -> Option<(Kernel<ContraInfonceBwdParams>, usize)> {
+    if elem != Elem::Bf16 || dim > FUSED_MAX_DIM || !b.runs_sm90a() {
+        return None;
+    }
+    let panels = wgmma_panels(dim);
+    let kernel = match panels {
+        1 => handles::INFONCE_BWD_WGMMA_64_BF16,
+        2 => handles::INFONCE_BWD_WGMMA_128_BF16,
+        3 => handles::INFONCE_BWD_WGMMA_192_BF16,
+        _ => handles::INFONCE_BWD_WGMMA_256_BF16,
+    };
+    let bytes = (3 * panels + 1) * WGMMA_PANEL_BYTES + WGMMA_ALIGNMENT;
+    (bytes + FUSED_STATIC_SHARED <= per_block).then_some((kernel, bytes))
 }
 
 fn launch_shape(rows: usize) -> Launch {
@@ -678,7 +710,9 @@ impl<Buf> BackwardPass<'_, Buf> {
 /// the blocks add their shares of grad_q atomically.
 fn backward_plan<B: Backend>(b: &B, s: &Softmax<'_, B::Buf>, symmetric: bool) -> BackwardPlan {
     let elem = b.info(s.q).elem;
-    let fused = fused_backward(elem, s.dim, b.shared_bytes_per_block())
+    let per_block = b.shared_bytes_per_block();
+    let fused = wgmma_backward(b, elem, s.dim, per_block)
+        .or_else(|| fused_backward(elem, s.dim, per_block))
         .filter(|_| fixed_loss(symmetric, s.col_lse.is_some(), s.labels.is_some()).is_some());
     let rows_shape = launch_shape(s.rows);
     let (kernel, shape) = match (fused, resident_backward_bytes(elem, s.dim)) {

@@ -147,7 +147,8 @@ thread_local! {
 
 /// Makes the interpreted mode answer [`Backend::runs_sm90a`] on this thread as a Hopper GPU
 /// (true: the `*_sm90a` kernels, with wgmma emulated) or as any other device (false, the
-/// default); returns the previous setting.
+/// default, unless `CONTRA_INTERP_HOPPER=1` models a Hopper GPU for the whole process, so that a
+/// whole test suite runs the sm_90a kernels); returns the previous setting.
 pub fn model_hopper(hopper: bool) -> bool {
     MODELLED_HOPPER.with(|m| m.replace(hopper))
 }
@@ -172,6 +173,12 @@ pub fn take_launched_kernels() -> Vec<&'static str> {
     take_launches().into_iter().map(|l| l.kernel).collect()
 }
 
+/// Whether `CONTRA_INTERP_HOPPER=1` (read once) models a Hopper GPU for every thread.
+fn hopper_for_the_process() -> bool {
+    static HOPPER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HOPPER.get_or_init(|| std::env::var("CONTRA_INTERP_HOPPER").is_ok_and(|v| v == "1"))
+}
+
 /// The interpreted-mode backend.
 pub(crate) struct Interp;
 
@@ -187,7 +194,7 @@ impl Backend for Interp {
     }
 
     fn runs_sm90a(&self) -> bool {
-        MODELLED_HOPPER.with(Cell::get) && super::sm90a_allowed()
+        (MODELLED_HOPPER.with(Cell::get) || hopper_for_the_process()) && super::sm90a_allowed()
     }
 
     fn upload_words(&self, name: &'static str, words: &[u32], info: BufInfo) -> Result<GuardedBuf> {

@@ -11,10 +11,11 @@ __device__ __forceinline__ float wgmma_test_b(int col, int k) { return static_ca
 
 // One warpgroup (128 threads) and 1024 + 12 KB of dynamic shared memory: panels A (64 rows) and
 // B (32 rows) of 64 columns each, bf16, 128-byte swizzled (written element by element with plain
-// stores). Then two products by four k-steps each, the first overwriting accumulators that hold
-// NaN: D = A B^T with both K-major (wgmma m64n32k16), y[16 tid + i] receiving thread tid's d[i]
-// (f32 bits); and E = A^T A[:, 16..32), both MN-major (the panel's rows are K; the second starts
-// 16 columns into the panel; m64n16k16), y[2048 + 8 tid + i] receiving e[i].
+// stores). Then five products by four k-steps each, each first op overwriting accumulators that
+// hold NaN: D = A B^T with both K-major (wgmma m64n32k16), y[16 tid + i] receiving thread tid's
+// d[i] (f32 bits); and for o = 0..3, E_o = A^T A[:, 16 o..16 o + 16), both MN-major (the panel's
+// rows are K; the second operand starts 32 o bytes into the panel's rows, as the fused backward's
+// warpgroups do; m64n16k16), y[2048 + 32 tid + 8 o + i] receiving e[i].
 extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     CONTRA_DYNAMIC_SHARED(unsigned char, shared);
     using contra::kSwizzleAtomBytes;
@@ -32,10 +33,11 @@ extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     }
     contra::fence_async_shared();
     __syncthreads();
+    unsigned* out = static_cast<unsigned*>(p.y);
     float d[16];
     for (int i = 0; i < 16; ++i) d[i] = __int_as_float(0x7fc00000);
     const unsigned a_address = contra::shared_window(a), b_address = contra::shared_window(b);
-    contra::wgmma_fence();
+    contra::wgmma_fence(d, 16);
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
         contra::wgmma_64xNx16<__nv_bfloat16, 32>(d, contra::swizzled_operand(a_address + 32 * ks),
@@ -43,21 +45,24 @@ extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     contra::wgmma_commit();
     contra::wgmma_wait<0>();
     contra::wgmma_fence_operands(d, 16);
-    float e[8];
-    for (int i = 0; i < 8; ++i) e[i] = __int_as_float(0x7fc00000);
-    contra::wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-        const unsigned rows = 16 * contra::kSwizzleRowBytes * ks;
-        contra::wgmma_64xNx16<__nv_bfloat16, 16, true, true>(
-            e, contra::swizzled_descriptor(a_address + rows, 64 * contra::kSwizzleRowBytes),
-            contra::swizzled_descriptor(a_address + rows + 2 * 16, 64 * contra::kSwizzleRowBytes), ks > 0);
-    }
-    contra::wgmma_commit();
-    contra::wgmma_wait<0>();
-    contra::wgmma_fence_operands(e, 8);
-    unsigned* out = static_cast<unsigned*>(p.y);
     for (int i = 0; i < 16; ++i) out[16 * tid + i] = __float_as_uint(d[i]);
-    for (int i = 0; i < 8; ++i) out[2048 + 8 * tid + i] = __float_as_uint(e[i]);
+    constexpr unsigned kPanel = 64 * contra::kSwizzleRowBytes;
+#pragma unroll
+    for (int o = 0; o < 4; ++o) {
+        float e[8];
+        for (int i = 0; i < 8; ++i) e[i] = __int_as_float(0x7fc00000);
+        contra::wgmma_fence(e, 8);
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+            const unsigned rows = 16 * contra::kSwizzleRowBytes * ks;
+            contra::wgmma_64xNx16<__nv_bfloat16, 16, true, true>(
+                e, contra::swizzled_descriptor(a_address + rows, kPanel),
+                contra::swizzled_descriptor(a_address + rows + 2 * 16 * o, kPanel), ks > 0);
+        }
+        contra::wgmma_commit();
+        contra::wgmma_wait<0>();
+        contra::wgmma_fence_operands(e, 8);
+        for (int i = 0; i < 8; ++i) out[2048 + 32 * tid + 8 * o + i] = __float_as_uint(e[i]);
+    }
 }
 INTERP_EXPORT(wgmma_test, ContraNormalizeParams)

@@ -144,25 +144,7 @@ __device__ void infonce_fwd_split(const ContraInfonceFwdParams& p) {
 // kernel: in one kernel the instantiations spilled together at the 80-register bound, and each
 // adds its static shared memory. Any other mix of inputs (no loss of the crate makes one) takes
 // infonce_fwd.
-template <typename T, typename Loss>
-__device__ void infonce_fwd_resident_for(const ContraInfonceFwdParams& p) {
-    if constexpr (kOnTensorCores<T>) {
-        if (!Loss::matches(p)) __trap();
-        infonce_fwd_tensor_cores<T, false, true, Loss>(p);
-    } else {
-        __trap();
-    }
-}
-// infonce_fwd_resident_<loss><T>, the name the kernel macros instantiate per operand type.
-#define CONTRA_RESIDENT_FORWARD_OF(loss, Loss)                                      \
-    template <typename T>                                                           \
-    __device__ void infonce_fwd_resident_##loss(const ContraInfonceFwdParams& p) { \
-        infonce_fwd_resident_for<T, Loss>(p);                                       \
-    }
-CONTRA_RESIDENT_FORWARD_OF(ntxent, NtXentLoss)
-CONTRA_RESIDENT_FORWARD_OF(clip, ClipLoss)
-CONTRA_RESIDENT_FORWARD_OF(supcon, SupConLoss)
-CONTRA_RESIDENT_FORWARD_OF(infonce, InfoNceLoss)
+CONTRA_FIXED_FORWARDS(resident, ResidentSweep, kOnTensorCores)
 
 // The same with a key split (MoCo's few rows against a long queue).
 template <typename T>

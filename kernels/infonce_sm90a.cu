@@ -9,25 +9,7 @@
 
 namespace contra {
 
-template <typename T, typename Loss>
-__device__ void infonce_fwd_wgmma_for(const ContraInfonceFwdParams& p) {
-    if constexpr (kIsHalf<T>) {
-        if (!Loss::matches(p)) __trap();
-        infonce_fwd_tensor_cores<T, false, true, Loss, WgmmaSweep>(p);
-    } else {
-        __trap();
-    }
-}
-// infonce_fwd_wgmma_<loss><T>, the name the kernel macros instantiate per operand type.
-#define CONTRA_WGMMA_FORWARD_OF(loss, Loss)                                      \
-    template <typename T>                                                        \
-    __device__ void infonce_fwd_wgmma_##loss(const ContraInfonceFwdParams& p) { \
-        infonce_fwd_wgmma_for<T, Loss>(p);                                       \
-    }
-CONTRA_WGMMA_FORWARD_OF(ntxent, NtXentLoss)
-CONTRA_WGMMA_FORWARD_OF(clip, ClipLoss)
-CONTRA_WGMMA_FORWARD_OF(supcon, SupConLoss)
-CONTRA_WGMMA_FORWARD_OF(infonce, InfoNceLoss)
+CONTRA_FIXED_FORWARDS(wgmma, WgmmaSweep, kIsHalf)
 
 // The fused backward on Hopper's warpgroup MMA, bf16, up to kPanels * 64 features (the host
 // picks the narrowest that holds dim): the fused backward's sweep (infonce.cu, same 512 threads,
@@ -80,7 +62,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
                                              key_tile(step + 1));
         cp_async_commit();
         float d[kFusedTiles][4];
-        wgmma_fence();
+        wgmma_fence(&d[0][0], 8);
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel)
 #pragma unroll
@@ -98,7 +80,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
         });
         fence_async_shared();
         __syncthreads();  // G is complete
-        wgmma_fence();
+        wgmma_fence(&resident[0][0][0], kPanels * 8);
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel)
 #pragma unroll
@@ -111,7 +93,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
 #pragma unroll
             for (int panel = 0; panel < kPanels; ++panel) {
                 float sum[kFusedTiles][4];
-                wgmma_fence();  // the previous panel's sum was read
+                wgmma_fence(&sum[0][0], 8);
 #pragma unroll
                 for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
                     wgmma_64xNx16<T, 16, true, true>(

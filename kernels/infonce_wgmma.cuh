@@ -103,7 +103,7 @@ struct WgmmaSweep {
             const unsigned b = shared_window(stage(unit)) + n0 / 8 * kSwizzleAtomBytes;
             // Whole panels (zeros past dim): a k-step count known at compile time keeps ptxas
             // from serializing the wgmmas behind a branch it cannot prove uniform.
-            wgmma_fence();
+            wgmma_fence(&d[0][0], 16);
 #pragma unroll
             for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
                 wgmma_64xNx16<T, 32>(&d[0][0], swizzled_operand(a + 32 * ks), swizzled_operand(b + 32 * ks),

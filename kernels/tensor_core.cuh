@@ -208,21 +208,46 @@ __device__ __forceinline__ void ldmatrix(unsigned d[count], const void* row_addr
 }
 
 #if defined(CONTRA_INTERP)
+// The emulation of an asynchronous operation with commit groups (cp.async here, wgmma in
+// wgmma.cuh): per CUDA thread, the committed groups not yet waited for (oldest first) and the
+// open group, of the block whose serial they carry. An Op lands by op.land().
+template <typename Op>
+struct AsyncGroups {
+    unsigned long long block = 0;
+    std::vector<std::vector<Op>> committed;
+    std::vector<Op> open;
+
+    // This thread's groups: one table per worker thread, i.e. per running block, indexed by the
+    // thread's linear id; what a block that ended left (never waited for) is dropped.
+    static AsyncGroups& of_this_thread() {
+        static thread_local AsyncGroups states[1024];
+        AsyncGroups& s = states[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
+        if (s.block != interp::tls_block_serial) {
+            s = AsyncGroups();
+            s.block = interp::tls_block_serial;
+        }
+        return s;
+    }
+    void commit() {
+        committed.push_back(open);
+        open.clear();
+    }
+    // Lands the oldest groups until at most `pending` are in flight.
+    void wait(size_t pending) {
+        while (committed.size() > pending) {
+            for (const Op& op : committed.front()) op.land();
+            committed.erase(committed.begin());
+        }
+    }
+};
+
 namespace async_copy {
 struct Copy {
     void* dst;
     unsigned char bytes[16];
+    void land() const { std::memcpy(dst, bytes, 16); }
 };
-// Per CUDA thread: the committed groups not yet waited for (oldest first) and the open group.
-struct State {
-    std::vector<std::vector<Copy>> committed;
-    std::vector<Copy> open;
-};
-inline State& state() {
-    // One table per worker thread, i.e. per running block; indexed by the thread's linear id.
-    static thread_local State states[1024];
-    return states[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
-}
+inline AsyncGroups<Copy>& state() { return AsyncGroups<Copy>::of_this_thread(); }
 }  // namespace async_copy
 #endif
 
@@ -249,9 +274,7 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
 // Closes the group of the copies started since the last commit.
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(CONTRA_INTERP)
-    async_copy::State& s = async_copy::state();
-    s.committed.push_back(s.open);
-    s.open.clear();
+    async_copy::state().commit();
 #elif defined(__CUDA_ARCH__)
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
@@ -262,11 +285,7 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int pending>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(CONTRA_INTERP)
-    async_copy::State& s = async_copy::state();
-    while (s.committed.size() > static_cast<size_t>(pending)) {
-        for (const async_copy::Copy& copy : s.committed.front()) std::memcpy(copy.dst, copy.bytes, 16);
-        s.committed.erase(s.committed.begin());
-    }
+    async_copy::state().wait(pending);
 #elif defined(__CUDA_ARCH__)
     asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
 #endif

@@ -39,10 +39,6 @@
 #include "common.cuh"
 #include "tensor_core.cuh"
 
-#if defined(CONTRA_INTERP)
-#include <vector>
-#endif
-
 namespace contra {
 
 #if defined(CONTRA_INTERP)
@@ -87,30 +83,14 @@ __device__ __forceinline__ unsigned swizzled_chunk(int row, int chunk) {
 
 #if defined(CONTRA_INTERP)
 namespace warpgroup_mma {
-struct Op;
-using Run = void (*)(const Op&);
 struct Op {
     float* d;
     unsigned long long a, b;
     bool accumulate;
-    Run run;  // the shape, operand type and majors' arithmetic
+    void (*run)(const Op&);  // the shape, operand type and majors' arithmetic
+    void land() const { run(*this); }
 };
-// Per CUDA thread: the committed groups not yet waited for (oldest first) and the open group, of
-// the block whose serial they carry.
-struct State {
-    unsigned long long block = 0;
-    std::vector<std::vector<Op>> committed;
-    std::vector<Op> open;
-};
-inline State& state() {
-    static thread_local State states[1024];
-    State& s = states[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
-    if (s.block != interp::tls_block_serial) {  // a block that ended left these (never waited for)
-        s = State();
-        s.block = interp::tls_block_serial;
-    }
-    return s;
-}
+inline AsyncGroups<Op>& state() { return AsyncGroups<Op>::of_this_thread(); }
 
 // Element (mn, k) of the 128-byte-swizzled operand `desc`, K-major or MN-major (k < 16: one
 // k-step).
@@ -147,9 +127,22 @@ inline void run(const Op& op) {
 }  // namespace warpgroup_mma
 #endif
 
-// Orders this thread's register accesses before the warpgroup's next mma_async (before the first
-// one, and after the accumulators were read or written by other instructions).
-__device__ __forceinline__ void wgmma_fence() {
+// Pins `count` accumulators here: each is redefined at this point as far as the compiler knows,
+// so no access to it moves across. After the wgmma_wait that completes them no read moves above
+// the wait, and in wgmma_fence no earlier access moves below the fence (the asm of neither names
+// a register).
+__device__ __forceinline__ void wgmma_fence_operands(float* d, int count) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#pragma unroll
+    for (int i = 0; i < count; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#endif
+}
+
+// Orders this thread's accesses to the `count` accumulators at d (pinned first) before the
+// warpgroup's next mma_async on them: before the first one, and after they were read or written
+// by other instructions (PTX: otherwise undefined).
+__device__ __forceinline__ void wgmma_fence(float* d, int count) {
+    wgmma_fence_operands(d, count);
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
@@ -166,9 +159,7 @@ __device__ __forceinline__ void fence_async_shared() {
 // Closes the group of the mma_async ops issued since the last commit.
 __device__ __forceinline__ void wgmma_commit() {
 #if defined(CONTRA_INTERP)
-    warpgroup_mma::State& s = warpgroup_mma::state();
-    s.committed.push_back(s.open);
-    s.open.clear();
+    warpgroup_mma::state().commit();
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
@@ -179,22 +170,9 @@ __device__ __forceinline__ void wgmma_commit() {
 template <int pending>
 __device__ __forceinline__ void wgmma_wait() {
 #if defined(CONTRA_INTERP)
-    warpgroup_mma::State& s = warpgroup_mma::state();
-    while (s.committed.size() > static_cast<size_t>(pending)) {
-        for (const warpgroup_mma::Op& op : s.committed.front()) op.run(op);
-        s.committed.erase(s.committed.begin());
-    }
+    warpgroup_mma::state().wait(pending);
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
-#endif
-}
-
-// Pins `count` accumulators after the wgmma_wait that completes them: each is redefined here as
-// far as the compiler knows, so no read of it moves above the wait (whose asm names no register).
-__device__ __forceinline__ void wgmma_fence_operands(float* d, int count) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#pragma unroll
-    for (int i = 0; i < count; ++i) asm volatile("" : "+f"(d[i])::"memory");
 #endif
 }
 

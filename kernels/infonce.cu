@@ -296,17 +296,7 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
 template <typename T>
 __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
     static_assert(std::is_same<T, __nv_bfloat16>::value || kIsTf32<T>, "bf16 or tf32 operands");
-    if (NtXentLoss::matches(p)) {
-        infonce_bwd_fused_for<T, NtXentLoss>(p);
-    } else if (ClipLoss::matches(p)) {
-        infonce_bwd_fused_for<T, ClipLoss>(p);
-    } else if (SupConLoss::matches(p)) {
-        infonce_bwd_fused_for<T, SupConLoss>(p);
-    } else if (InfoNceLoss::matches(p)) {
-        infonce_bwd_fused_for<T, InfoNceLoss>(p);
-    } else {
-        __trap();
-    }
+    with_fixed_loss(p, [&](auto loss) { infonce_bwd_fused_for<T, decltype(loss)>(p); });
 }
 
 // MoCo's extra logit in the backward: one warp per query row adds

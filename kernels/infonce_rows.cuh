@@ -58,6 +58,23 @@ using ClipLoss = FixedLoss<false, true, false>;
 using SupConLoss = FixedLoss<true, false, true>;
 using InfoNceLoss = FixedLoss<false, false, false>;
 
+// Runs `body(Loss{})` for the fixed loss that p is (a kernel instantiated per loss of the family
+// behind one entry point); traps for any other mix of inputs (the host never sends one).
+template <typename Params, typename Body>
+__device__ __forceinline__ void with_fixed_loss(const Params& p, Body body) {
+    if (NtXentLoss::matches(p)) {
+        body(NtXentLoss{});
+    } else if (ClipLoss::matches(p)) {
+        body(ClipLoss{});
+    } else if (SupConLoss::matches(p)) {
+        body(SupConLoss{});
+    } else if (InfoNceLoss::matches(p)) {
+        body(InfoNceLoss{});
+    } else {
+        __trap();
+    }
+}
+
 // One query row of the forward: its positive key (or SupCon label and weight). Loss: what the
 // kernel knows of the loss at compile time (AnyLoss: nothing).
 struct QueryRow {

@@ -121,17 +121,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
 // The wgmma backward instantiated per loss of the family, as infonce_bwd_fused.
 template <int kPanels>
 __device__ void infonce_bwd_wgmma(const ContraInfonceBwdParams& p) {
-    if (NtXentLoss::matches(p)) {
-        infonce_bwd_wgmma_for<NtXentLoss, kPanels>(p);
-    } else if (ClipLoss::matches(p)) {
-        infonce_bwd_wgmma_for<ClipLoss, kPanels>(p);
-    } else if (SupConLoss::matches(p)) {
-        infonce_bwd_wgmma_for<SupConLoss, kPanels>(p);
-    } else if (InfoNceLoss::matches(p)) {
-        infonce_bwd_wgmma_for<InfoNceLoss, kPanels>(p);
-    } else {
-        __trap();
-    }
+    with_fixed_loss(p, [&](auto loss) { infonce_bwd_wgmma_for<decltype(loss), kPanels>(p); });
 }
 
 }  // namespace contra

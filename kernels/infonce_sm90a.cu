@@ -1,6 +1,8 @@
-// The InfoNCE family's forward on Hopper's warpgroup MMA (sm_90a only: build.rs compiles the
-// *_sm90a.cu modules for compute_90a alone, and the host loads this one on compute capability
-// 9.0). The kernel is infonce_fwd_tensor_cores with the key sweep of infonce_wgmma.cuh: query rows
+// The InfoNCE family's forward and fused backward on Hopper's warpgroup MMA (sm_90a only:
+// build.rs compiles the *_sm90a.cu modules for compute_90a alone, and the host loads this one on
+// compute capability 9.0).
+//
+// The forward is infonce_fwd_tensor_cores with the key sweep of infonce_wgmma.cuh: query rows
 // resident in swizzled panels, keys streamed by cp.async, scores by wgmma m64n32k16 straight from
 // shared memory, the statistics from the accumulators as on the other tensor-core paths. One
 // kernel per loss of the family, as infonce_fwd_resident_* (infonce.cu), and for bf16 / f16

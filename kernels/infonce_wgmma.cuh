@@ -21,10 +21,9 @@ constexpr int kWgmmaPanelBytes = kTile * kSwizzleRowBytes;  // 64 rows of one pa
 constexpr int kWgmmaStepsPerPanel = kWgmmaPanelFeatures / 16;
 
 struct WgmmaGeometry {
-    int steps;   // k-steps of 16 features (zeros past dim)
-    int panels;  // query panels, = key slices per tile
+    int panels;  // query panels, = key slices per tile (zeros past dim)
     __device__ __forceinline__ explicit WgmmaGeometry(int dim)
-        : steps((dim + 15) / 16), panels((steps + kWgmmaStepsPerPanel - 1) / kWgmmaStepsPerPanel) {}
+        : panels((dim + kWgmmaPanelFeatures - 1) / kWgmmaPanelFeatures) {}
     __device__ __forceinline__ unsigned long long bytes() const {
         return kSwizzleAtomBytes + (unsigned long long)(panels + kResidentStages) * kWgmmaPanelBytes;
     }

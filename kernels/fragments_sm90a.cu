@@ -7,29 +7,28 @@
 
 // Small integers, exact in bf16, whose products and sums of 64 are exact in f32.
 __device__ __forceinline__ float wgmma_test_a(int row, int k) { return static_cast<float>((7 * row + 3 * k) % 17 - 8); }
-__device__ __forceinline__ float wgmma_test_b(int col, int k) { return static_cast<float>((5 * col + 11 * k) % 13 - 6); }
+__device__ __forceinline__ float wgmma_test_b(int row, int k) { return static_cast<float>((5 * row + 11 * k) % 13 - 6); }
 
-// One warpgroup (128 threads) and 1024 + 12 KB of dynamic shared memory: panels A (64 rows) and
-// B (32 rows) of 64 columns each, bf16, 128-byte swizzled (written element by element with plain
-// stores). Then five products by four k-steps each, each first op overwriting accumulators that
-// hold NaN: D = A B^T with both K-major (wgmma m64n32k16), y[16 tid + i] receiving thread tid's
-// d[i] (f32 bits); and for o = 0..3, E_o = A^T A[:, 16 o..16 o + 16), both MN-major (the panel's
-// rows are K; the second operand starts 32 o bytes into the panel's rows, as the fused backward's
-// warpgroups do; m64n16k16), y[2048 + 32 tid + 8 o + i] receiving e[i].
+// One warpgroup (128 threads) and 1024 + 16 KB of dynamic shared memory: panels A and B of 64
+// rows and 64 columns each, bf16, 128-byte swizzled (written element by element with plain
+// stores). Then two products by four k-steps each, each first op overwriting accumulators that
+// hold NaN: D = A B[0..32)^T with both operands K-major (wgmma m64n32k16, a k-step 32 bytes
+// into the rows), y[16 tid + i] receiving thread tid's d[i] (f32 bits); and E = A^T B with both
+// MN-major (the panels' rows are K, a k-step 16 rows on; m64n64k16, as the wgmma backward's dQ
+// and dK products), y[2048 + 32 tid + i] receiving e[i].
 extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     CONTRA_DYNAMIC_SHARED(unsigned char, shared);
     using contra::kSwizzleAtomBytes;
+    constexpr unsigned kPanel = 64 * contra::kSwizzleRowBytes;
     unsigned char* a = shared + (kSwizzleAtomBytes - contra::shared_window(shared) % kSwizzleAtomBytes) % kSwizzleAtomBytes;
-    unsigned char* b = a + 64 * contra::kSwizzleRowBytes;
+    unsigned char* b = a + kPanel;
     const int tid = threadIdx.x;
-    for (int e = tid; e < (64 + 32) * 64; e += blockDim.x) {
+    for (int e = tid; e < 2 * 64 * 64; e += blockDim.x) {
         const int row = e / 64 % 64, k = e % 64;
         const bool is_a = e < 64 * 64;
-        const float value = is_a ? wgmma_test_a(row, k) : wgmma_test_b(e / 64 - 64, k);
-        unsigned char* panel = is_a ? a : b;
-        const int r = is_a ? row : e / 64 - 64;
-        const unsigned offset = contra::swizzled_chunk(r, k / 8) + 2 * (k % 8);
-        *reinterpret_cast<__nv_bfloat16*>(panel + offset) = __float2bfloat16_rn(value);
+        const float value = is_a ? wgmma_test_a(row, k) : wgmma_test_b(row, k);
+        const unsigned offset = contra::swizzled_chunk(row, k / 8) + 2 * (k % 8);
+        *reinterpret_cast<__nv_bfloat16*>((is_a ? a : b) + offset) = __float2bfloat16_rn(value);
     }
     contra::fence_async_shared();
     __syncthreads();
@@ -46,23 +45,19 @@ extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     contra::wgmma_wait<0>();
     contra::wgmma_fence_operands(d, 16);
     for (int i = 0; i < 16; ++i) out[16 * tid + i] = __float_as_uint(d[i]);
-    constexpr unsigned kPanel = 64 * contra::kSwizzleRowBytes;
+    float e[32];
+    for (int i = 0; i < 32; ++i) e[i] = __int_as_float(0x7fc00000);
+    contra::wgmma_fence(e, 32);
 #pragma unroll
-    for (int o = 0; o < 4; ++o) {
-        float e[8];
-        for (int i = 0; i < 8; ++i) e[i] = __int_as_float(0x7fc00000);
-        contra::wgmma_fence(e, 8);
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            const unsigned rows = 16 * contra::kSwizzleRowBytes * ks;
-            contra::wgmma_64xNx16<__nv_bfloat16, 16, true, true>(
-                e, contra::swizzled_descriptor(a_address + rows, kPanel),
-                contra::swizzled_descriptor(a_address + rows + 2 * 16 * o, kPanel), ks > 0);
-        }
-        contra::wgmma_commit();
-        contra::wgmma_wait<0>();
-        contra::wgmma_fence_operands(e, 8);
-        for (int i = 0; i < 8; ++i) out[2048 + 32 * tid + 8 * o + i] = __float_as_uint(e[i]);
+    for (int ks = 0; ks < 4; ++ks) {
+        const unsigned rows = 16 * contra::kSwizzleRowBytes * ks;
+        contra::wgmma_64xNx16<__nv_bfloat16, 64, true, true>(e, contra::swizzled_descriptor(a_address + rows, kPanel),
+                                                              contra::swizzled_descriptor(b_address + rows, kPanel),
+                                                              ks > 0);
     }
+    contra::wgmma_commit();
+    contra::wgmma_wait<0>();
+    contra::wgmma_fence_operands(e, 32);
+    for (int i = 0; i < 32; ++i) out[2048 + 32 * tid + i] = __float_as_uint(e[i]);
 }
 INTERP_EXPORT(wgmma_test, ContraNormalizeParams)

@@ -18,21 +18,32 @@ CONTRA_FIXED_FORWARDS(wgmma, WgmmaSweep, kIsHalf)
 // the same G and key order) with every product on wgmma from 128-byte-swizzled panels. Dynamic
 // shared memory, from the first 1024-aligned address (the launch adds 1024 bytes for that): the
 // block's query rows, two key tiles (the one in use and the next in flight), G; each kPanels
-// panels of 8 KB but G, one. Warpgroup w (warps 4 w .. 4 w + 3) owns keys 16 w .. +16 of S and
-// features 16 w .. +16 of each panel of dQ and dK, so each warp holds the fused backward's
-// 16 x 16 parts and its epilogues (G, write_chunk, write_resident) are unchanged:
-//   S = Q K^T   m64n16k16, A the query panels, B the tile's key rows 16 w.. (both K-major);
-//   dQ += G K   A = G (K-major: rows x keys), B = the key tile's features 16 w.. of a panel
-//               (MN-major: its rows are the k dimension), kept in registers for the sweep;
-//   dK += G^T Q A = G^T (MN-major: G's rows are the k dimension), B = the query panels' features
-//               16 w.. (MN-major), added to grad_k per panel.
+// panels of 8 KB but G, one.
+//   S = Q K^T   m64n16k16: warpgroup w (warps 4 w .. 4 w + 3) owns keys 16 w .. +16, A the query
+//               panels, B the tile's key rows 16 w .. (both K-major), so each warp holds the
+//               fused backward's 16 x 16 part of S and computes G on it as that kernel does.
+//   dQ += G K   m64n64k16: A = G (K-major: rows x keys), B = one panel of the key tile (MN-major:
+//               its rows are the k dimension), accumulated in registers for the whole sweep;
+//   dK += G^T Q m64n64k16: A = G^T (MN-major: G's rows are the k dimension), B = one query panel
+//               (MN-major), added to grad_k per tile.
+// The products take whole panels, N = 64: each k-step reads its 2 KB A once per 64 features,
+// not once per 16 (the shared-memory bound of m64n16, docs/kernels.md), and every operand starts
+// at a row of its panel. Warpgroup w takes panel w % kPanels and part w / kPanels of the
+// reduction (keys for dQ, queries for dK): at 1 and 2 panels the four warpgroups split the 64
+// keys, and their dQ parts meet in shared memory at the end; at 3 the fourth warpgroup only
+// computes S and G.
 template <typename Loss, int kPanels>
 __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
     using T = __nv_bfloat16;
     constexpr unsigned kPanelBytes = kWgmmaPanelBytes, kTileBytes = kPanels * kPanelBytes;
     constexpr unsigned kRowsBytes = 16 * kSwizzleRowBytes;  // a k-step of an MN-major operand
+    constexpr int kGroups = kFusedThreads / 128;
+    constexpr int kParts = kPanels == 3 ? 1 : kGroups / kPanels;  // of a product's 64-long reduction
+    constexpr int kPartSteps = kWgmmaStepsPerPanel / kParts;
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4, m0 = 16 * (warp % 4), n0 = kFusedWarpCols * (warp / 4);
+    const int panel = warp / 4 % kPanels, part = warp / 4 / kPanels;
+    const bool products = part < kParts;  // the same for the whole warpgroup
     const int r0 = blockIdx.x * kTile;
     const float scale = logit_scale(p);
     CONTRA_DYNAMIC_SHARED(unsigned char, shared);
@@ -44,7 +55,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
         shared + (kSwizzleAtomBytes - shared_window(shared) % kSwizzleAtomBytes) % kSwizzleAtomBytes;
     unsigned char* const g_tile = q_rows + 3 * kTileBytes;
     const auto key_tile = [&](int step) { return q_rows + (1 + step % 2) * kTileBytes; };
-    const unsigned q_at = shared_window(q_rows), g_at = shared_window(g_tile);
+    const unsigned rows_at = shared_window(q_rows), g_tile_at = shared_window(g_tile);
     const BackwardKeys keys_of(p);
     int c0 = keys_of.first_column(p);
     // The rows and the first key tile form the first group.
@@ -52,10 +63,10 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
     stage_swizzled<T, kFusedThreads>(static_cast<const T*>(p.q), p.rows, p.dim, r0, 0, kPanels, q_rows);
     if (keys_of.steps > 0) stage_swizzled<T, kFusedThreads>(k, p.cols, p.dim, c0, 0, kPanels, key_tile(0));
     cp_async_commit();
-    float resident[kPanels][kFusedTiles][4] = {};
+    float dq[kWgmmaPanelFeatures / 8][4] = {};  // this warpgroup's part of dQ: 64 rows x its panel
     const GradRows<Loss> grad_rows(p, r0 + m0 + g);
     for (int step = 0; step < keys_of.steps; ++step, c0 = keys_of.next_column(c0)) {
-        const unsigned keys_at = shared_window(key_tile(step));
+        const unsigned keys_at = shared_window(key_tile(step)), q_at = opaque(rows_at), g_at = opaque(g_tile_at);
         cp_async_wait<0>();
         fence_async_shared();  // this thread's copies and G stores, to the proxy wgmma reads through
         __syncthreads();       // the tile landed for all; the previous tile's buffer and G are consumed
@@ -66,12 +77,12 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
         float d[kFusedTiles][4];
         wgmma_fence(&d[0][0], 8);
 #pragma unroll
-        for (int panel = 0; panel < kPanels; ++panel)
+        for (int slice = 0; slice < kPanels; ++slice)
 #pragma unroll
             for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
-                wgmma_64xNx16<T, 16>(&d[0][0], swizzled_operand(q_at + panel * kPanelBytes + 32 * ks),
-                                     swizzled_operand(keys_at + panel * kPanelBytes + n0 / 8 * kSwizzleAtomBytes + 32 * ks),
-                                     panel > 0 || ks > 0);
+                wgmma_64xNx16<T, 16>(&d[0][0], swizzled_operand(q_at + slice * kPanelBytes + 32 * ks),
+                                     swizzled_operand(keys_at + slice * kPanelBytes + n0 / 8 * kSwizzleAtomBytes + 32 * ks),
+                                     slice > 0 || ks > 0);
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_operands(&d[0][0], 8);
@@ -82,41 +93,57 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
         });
         fence_async_shared();
         __syncthreads();  // G is complete
-        wgmma_fence(&resident[0][0][0], kPanels * 8);
+        if (!products) continue;
+        wgmma_fence(&dq[0][0], 32);
 #pragma unroll
-        for (int panel = 0; panel < kPanels; ++panel)
-#pragma unroll
-            for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
-                wgmma_64xNx16<T, 16, false, true>(
-                    &resident[panel][0][0], swizzled_operand(g_at + 32 * ks),
-                    swizzled_descriptor(keys_at + panel * kPanelBytes + 2 * n0 + ks * kRowsBytes, kPanelBytes), true);
+        for (int ks = 0; ks < kPartSteps; ++ks) {
+            const int key_step = part * kPartSteps + ks;
+            wgmma_64xNx16<T, 64, false, true>(
+                &dq[0][0], swizzled_operand(g_at + 32 * key_step),
+                swizzled_descriptor(keys_at + panel * kPanelBytes + key_step * kRowsBytes, kPanelBytes), true);
+        }
         wgmma_commit();
         if (p.grad_k) {
+            float dk[kWgmmaPanelFeatures / 8][4];
+            wgmma_fence(&dk[0][0], 32);
 #pragma unroll
-            for (int panel = 0; panel < kPanels; ++panel) {
-                float sum[kFusedTiles][4];
-                wgmma_fence(&sum[0][0], 8);
-#pragma unroll
-                for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
-                    wgmma_64xNx16<T, 16, true, true>(
-                        &sum[0][0], swizzled_descriptor(g_at + ks * kRowsBytes, kPanelBytes),
-                        swizzled_descriptor(q_at + panel * kPanelBytes + 2 * n0 + ks * kRowsBytes, kPanelBytes), ks > 0);
-                wgmma_commit();
-                wgmma_wait<0>();
-                wgmma_fence_operands(&sum[0][0], 8);
-                write_chunk<kFusedWarpCols>(sum, p.grad_k, c0, p.cols, panel * kWgmmaPanelFeatures, p.dim,
-                                            Write::kAtomicAdd);
+            for (int ks = 0; ks < kPartSteps; ++ks) {
+                const int query_step = part * kPartSteps + ks;
+                wgmma_64xNx16<T, 64, true, true>(
+                    &dk[0][0], swizzled_descriptor(g_at + query_step * kRowsBytes, kPanelBytes),
+                    swizzled_descriptor(q_at + panel * kPanelBytes + query_step * kRowsBytes, kPanelBytes), ks > 0);
             }
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_fence_operands(&dk[0][0], 32);
+            write_fragments<kWgmmaPanelFeatures>(dk, p.grad_k, c0, p.cols, panel * kWgmmaPanelFeatures, p.dim,
+                                                 Write::kAtomicAdd);
         }
         wgmma_wait<0>();  // dQ's products are done with G and the tile
-        wgmma_fence_operands(&resident[0][0][0], kPanels * 8);
+        wgmma_fence_operands(&dq[0][0], 32);
     }
     cp_async_wait<0>();
+    if constexpr (kParts > 1) {
+        // The parts of each panel's dQ meet in f32 in the (now free) panels, one part at a time.
+        float* const partial = reinterpret_cast<float*>(q_rows);
+        const auto each_element = [&](auto body) {
 #pragma unroll
-    for (int panel = 0; panel < kPanels; ++panel)
-        if (panel * kTile < p.dim)
-            write_chunk<kFusedWarpCols>(resident[panel], p.grad_q, r0, p.rows, panel * kTile, p.dim,
-                                        keys_of.split ? Write::kAtomicAdd : Write::kOverwrite);
+            for (int nt = 0; nt < kWgmmaPanelFeatures / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    body(dq[nt][e], partial[(panel * kTile + m0 + g + 8 * (e / 2)) * kWgmmaPanelFeatures + 8 * nt +
+                                            2 * t + e % 2]);
+        };
+        __syncthreads();  // no warpgroup reads the panels any more
+        for (int from = 1; from < kParts; ++from) {
+            if (part == from) each_element([&](float mine, float& sum) { sum = (from == 1 ? 0.0f : sum) + mine; });
+            __syncthreads();
+        }
+        if (part == 0) each_element([](float& mine, float sum) { mine += sum; });
+    }
+    if (part == 0)
+        write_fragments<kWgmmaPanelFeatures>(dq, p.grad_q, r0, p.rows, panel * kWgmmaPanelFeatures, p.dim,
+                                             keys_of.split ? Write::kAtomicAdd : Write::kOverwrite);
     write_log_scale_partial<kFusedWarps>(p, grad_rows.log_scale_acc);
 }
 

@@ -455,26 +455,26 @@ __device__ __forceinline__ void product_chunk(const unsigned af[4][4], float (*s
     product_from_rows(af, &src_rows[0][0], kSrcStride, 0, sum);
 }
 
-// Writes this warp's fragments of output chunk d0 (rows from dst0, `how`: the gradient's write
-// mode), inside the n_dst x dim output. Element e of feature tile nt is row
-// dst0 + 16 (w % 4) + l / 4 + 8 (e / 2), feature d0 + kWarpCols (w / 4) + 8 nt + 2 (l % 4) + e % 2
-// (the layout of product_from_rows).
+// Writes this warp's fragments of a kCols-feature part of the gradient, rows from dst0 (the
+// warp's rows: dst0 + 16 (w % 4) ..) and features from feature0, inside the n_dst x dim output
+// (`how`: the gradient's write mode): element e of feature tile nt is row
+// dst0 + 16 (w % 4) + l / 4 + 8 (e / 2), feature feature0 + 8 nt + 2 (l % 4) + e % 2.
 // A lane's elements come in pairs of adjacent features (e = 0, 1 and 2, 3), written together
 // (one vector atomic on sm_90) when both are inside and the pair is 8-byte aligned (even dim).
 // The bounds are tested as each tile's offset from the lane's first feature against the room
 // left after it: one register for all the tests, not a feature per tile.
-template <int kWarpCols = 32>
-__device__ __forceinline__ void write_chunk(const float sum[kWarpCols / 8][4], float* out, int dst0, int n_dst, int d0,
-                                            int dim, Write how) {
+template <int kCols>
+__device__ __forceinline__ void write_fragments(const float sum[kCols / 8][4], float* out, int dst0, int n_dst,
+                                                int feature0, int dim, Write how) {
     const int tid = threadIdx.y * 16 + threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int first_row = dst0 + 16 * (warp % 4) + lane / 4;
-    const int first_feature = kWarpCols * (warp / 4) + 2 * (lane % 4);
+    const int first_feature = feature0 + 2 * (lane % 4);
     const int room = dim - first_feature;  // features from the lane's first one to the end
 #pragma unroll
-    for (int nt = 0; nt < kWarpCols / 8; ++nt)
+    for (int nt = 0; nt < kCols / 8; ++nt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int row = first_row + 8 * h, offset = d0 + 8 * nt;
+            const int row = first_row + 8 * h, offset = 8 * nt;
             if (row >= n_dst) continue;
             float* dst = out + (long long)row * dim + first_feature + offset;
             const float first = sum[nt][2 * h], second = sum[nt][2 * h + 1];
@@ -485,6 +485,15 @@ __device__ __forceinline__ void write_chunk(const float sum[kWarpCols / 8][4], f
                 if (offset + 1 < room) write_grad(dst + 1, second, how);
             }
         }
+}
+
+// Writes this warp's fragments of output chunk d0 in the layout of product_from_rows: warp w's
+// kWarpCols features start at d0 + kWarpCols (w / 4).
+template <int kWarpCols = 32>
+__device__ __forceinline__ void write_chunk(const float sum[kWarpCols / 8][4], float* out, int dst0, int n_dst, int d0,
+                                            int dim, Write how) {
+    const int warp = (threadIdx.y * 16 + threadIdx.x) / 32;
+    write_fragments<kWarpCols>(sum, out, dst0, n_dst, d0 + kWarpCols * (warp / 4), dim, how);
 }
 
 // The product written to global memory chunk by chunk (`how`: the gradient's write mode).

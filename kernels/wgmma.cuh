@@ -7,8 +7,10 @@
 // matrices are staged as panels of 64 columns (bf16 / f16), one 128-byte row per matrix row; 8
 // rows make a 1024-byte atom, which starts at a shared address that is a multiple of 1024. In a
 // row, 16-byte chunk c is stored at chunk c ^ (row % 8): the swizzle is a function of the
-// address, bits 4-6 XOR bits 7-9, so an operand may start anywhere in an atom's first row (a
-// k-step, or a few columns on) and the hardware finds the swizzled chunks itself.
+// address, bits 4-6 XOR bits 7-9, so a K-major operand's k-step may start 32, 64 or 96 bytes
+// into an atom's first row and the hardware finds the swizzled chunks itself (as CUTLASS steps
+// its K-major descriptors). The crate's MN-major operands start at a row: a whole panel's 64
+// columns (N = 64) or 16-row k-steps on, never a few columns into the rows.
 //   * K-major (a panel's rows are the operand's M or N, its columns K): element (mn, k) of a
 //     k-step at start + (mn / 8) SBO + (mn % 8) 128 + 2 k; SBO = 1024, LBO unused (the k-step's
 //     32 bytes fit the row). A k-step is the panel's address plus 32 bytes per step.
@@ -62,6 +64,16 @@ __device__ __forceinline__ unsigned shared_window(const void* p) {
 
 constexpr unsigned kSwizzleAtomBytes = 1024;  // 8 rows of 128 bytes
 constexpr unsigned kSwizzleRowBytes = 128;
+
+// `address`, opaque to the compiler from here on: the descriptors built from it in a loop are
+// computed there (an add each), not hoisted out of it into 64-bit registers held for the whole
+// loop, which a kernel at its register bound cannot spare.
+__device__ __forceinline__ unsigned opaque(unsigned address) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("" : "+r"(address));
+#endif
+    return address;
+}
 
 // The descriptor of a 128-byte-swizzled operand starting at shared address `address`, its
 // atoms of 8 rows 1024 bytes apart and its 64-column panels `panel_bytes` apart.
@@ -176,7 +188,7 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
-// d (+)= A B for the warpgroup's 64 x N x 16 step (N = 16 or 32): A (64 x 16) and B (16 x N)
+// d (+)= A B for the warpgroup's 64 x N x 16 step (N = 16, 32 or 64): A (64 x 16) and B (16 x N)
 // 128-byte swizzled in shared memory, given by their descriptors, K-major unless kTransA /
 // kTransB (MN-major); `accumulate` false overwrites d. Every thread of the warpgroup calls it
 // together. Asynchronous: d is this thread's N / 2 accumulators, valid after the wgmma_wait
@@ -184,7 +196,7 @@ __device__ __forceinline__ void wgmma_wait() {
 template <typename T, int N, bool kTransA = false, bool kTransB = false>
 __device__ __forceinline__ void wgmma_64xNx16(float* d, unsigned long long a, unsigned long long b, bool accumulate) {
     static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit operands");
-    static_assert(N == 16 || N == 32, "the shapes the crate's kernels use");
+    static_assert(N == 16 || N == 32 || N == 64, "the shapes the crate's kernels use");
 #if defined(CONTRA_INTERP)
     const warpgroup_mma::Op op{d, a, b, accumulate, warpgroup_mma::run<T, N, kTransA, kTransB>};
     const int linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
@@ -208,15 +220,30 @@ __device__ __forceinline__ void wgmma_64xNx16(float* d, unsigned long long a, un
                    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),         \
                    "+f"(d[15])                                                                                      \
                  : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)), "n"(int(kTransA)), "n"(int(kTransB)))
+#define CONTRA_WGMMA_64(kind)                                                                                       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" CONTRA_WGMMA_TYPES("m64n64k16", kind)               \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "          \
+                 "%32, %33, p, 1, 1, %35, %36;\n}\n"                                                  \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])  \
+                 : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)), "n"(int(kTransA)), "n"(int(kTransB)))
     if constexpr (N == 16 && kBf16) {
         CONTRA_WGMMA_16("bf16");
     } else if constexpr (N == 16) {
         CONTRA_WGMMA_16("f16");
-    } else if constexpr (kBf16) {
+    } else if constexpr (N == 32 && kBf16) {
         CONTRA_WGMMA_32("bf16");
-    } else {
+    } else if constexpr (N == 32) {
         CONTRA_WGMMA_32("f16");
+    } else if constexpr (kBf16) {
+        CONTRA_WGMMA_64("bf16");
+    } else {
+        CONTRA_WGMMA_64("f16");
     }
+#undef CONTRA_WGMMA_64
 #undef CONTRA_WGMMA_32
 #undef CONTRA_WGMMA_16
 #undef CONTRA_WGMMA_TYPES

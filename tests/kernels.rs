@@ -749,12 +749,11 @@ fn tf32_mma_and_rounding_follow_the_ptx_isa() {
 
 /// Hopper's warpgroup MMA (kernels/wgmma.cuh) follows the PTX ISA: operands in the 128-byte
 /// swizzle described by their shared-memory descriptors, K-major (a k-step 32 bytes on) and
-/// MN-major (a k-step 16 rows on, an operand starting 0, 16, 32 or 48 columns into its panel, as
-/// the fused backward's warpgroups read the key tile and the query rows), and the
-/// accumulators of thread 32 w + 4 g + t at row 16 w + g + 8 ((i / 2) % 2), column
-/// 8 (i / 4) + 2 t + i % 2; the first op of a chain ignores what the accumulators held (NaN). On
-/// a Hopper GPU this checks the hardware against what the interpreted mode emulates; elsewhere
-/// the GPU run is reported as skipped.
+/// MN-major (a whole 64-column panel, a k-step 16 rows on, as the wgmma backward reads the key
+/// tile, G and the query rows), and the accumulators of thread 32 w + 4 g + t at row
+/// 16 w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2 t + i % 2; the first op of a chain ignores
+/// what the accumulators held (NaN). On a Hopper GPU this checks the hardware against what the
+/// interpreted mode emulates; elsewhere the GPU run is reported as skipped.
 #[test]
 fn wgmma_follows_the_ptx_isa() {
     common::on_kernel_devices("wgmma", |device| {
@@ -766,30 +765,24 @@ fn wgmma_follows_the_ptx_isa() {
             }
             Err(e) => panic!("{device}: {e}"),
         };
+        // Panel element (row, column) of A and of B.
         let a = |row: usize, k: usize| ((7 * row + 3 * k) % 17) as f64 - 8.0;
-        let b = |col: usize, k: usize| ((5 * col + 11 * k) % 13) as f64 - 6.0;
-        // D = A B^T (K-major), then E_o = A^T A[:, 16 o..16 o + 16) (MN-major), o = 0..3.
+        let b = |row: usize, k: usize| ((5 * row + 11 * k) % 13) as f64 - 6.0;
         type Product<'a> = &'a dyn Fn(usize, usize) -> f64;
-        let mn_major = |o: usize| {
-            move |row: usize, col: usize| -> f64 {
-                (0..64).map(|k| a(k, row) * a(k, 16 * o + col)).sum()
-            }
-        };
-        let (e0, e1, e2, e3) = (mn_major(0), mn_major(1), mn_major(2), mn_major(3));
-        // (name, first word, words per thread, the thread's words at, accumulators, reference)
-        let products: [(&str, usize, usize, usize, Product); 5] = [
-            ("D", 0, 16, 16, &|row, col| {
+        // (name, first word, words per thread, the product): D = A B[0..32)^T with both operands
+        // K-major (the panels' rows are M and N), E = A^T B with both MN-major (their rows are K).
+        let products: [(&str, usize, usize, Product); 2] = [
+            ("D", 0, 16, &|row, col| {
                 (0..64).map(|k| a(row, k) * b(col, k)).sum()
             }),
-            ("E0", 2048, 32, 8, &e0),
-            ("E1", 2048 + 8, 32, 8, &e1),
-            ("E2", 2048 + 16, 32, 8, &e2),
-            ("E3", 2048 + 24, 32, 8, &e3),
+            ("E", 2048, 32, &|row, col| {
+                (0..64).map(|k| a(k, row) * b(k, col)).sum()
+            }),
         ];
-        for (name, first, per_thread, count, want) in products {
+        for (name, first, per_thread, want) in products {
             for tid in 0..128 {
                 let (warp, g, t) = (tid / 32, tid % 32 / 4, tid % 4);
-                for i in 0..count {
+                for i in 0..per_thread {
                     let row = 16 * warp + g + 8 * ((i / 2) % 2);
                     let col = 8 * (i / 4) + 2 * t + i % 2;
                     let have = f32::from_bits(got[first + per_thread * tid + i]) as f64;

@@ -239,7 +239,7 @@ __device__ void infonce_bwd_resident(const ContraInfonceBwdParams& p) {
     }
 }
 
-// The fused backward, bf16 or tf32 (FusedGeometry in infonce_tc.cuh; the launch gives its bytes
+// The fused backward, bf16, f16 or tf32 (FusedGeometry in infonce_tc.cuh; the launch gives its bytes
 // and kFusedThreads threads): per key tile, one wait and one barrier for the whole tile (staged
 // while the previous tile was worked on); S from the resident rows and the tile by ldmatrix; G
 // formed on S's accumulator fragments and stored once, as the operand type, for both products;
@@ -268,7 +268,7 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
     if (keys_of.steps > 0) stage_keys.stage(c0, key_tile(0));
     cp_async_commit();
     float resident[kResidentChunks][kFusedTiles][4] = {};
-    const GradRows<Loss> grad_rows(p, r0 + m0 + g);
+    const GradRows<Loss> grad_rows(p, scale, r0 + m0 + g);
     for (int step = 0; step < keys_of.steps; ++step, c0 = keys_of.next_column(c0)) {
         const StageWord<T>* keys = key_tile(step);
         cp_async_wait<0>();
@@ -282,9 +282,10 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
         });
         __syncthreads();  // G is complete
         fused_dq_product<T>(g_tile, keys, geo.stride, p.dim, resident);
-        if (p.grad_k) fused_dk_product<T>(g_tile, q_rows, geo.stride, p.grad_k, c0, p.cols, p.dim);
+        if (p.grad_k) fused_dk_product<T>(g_tile, q_rows, geo.stride, p.grad_k, c0, p.cols, p.dim, grad_rows.g_unscale);
     }
     cp_async_wait<0>();
+    scale_fragments(&resident[0][0][0], kResidentChunks * kFusedTiles * 4, grad_rows.g_unscale);
     write_resident<kFusedWarpCols>(resident, p.grad_q, r0, p.rows, p.dim,
                                    keys_of.split ? Write::kAtomicAdd : Write::kOverwrite);
     write_log_scale_partial<kFusedWarps>(p, grad_rows.log_scale_acc);
@@ -295,7 +296,7 @@ __device__ void infonce_bwd_fused_for(const ContraInfonceBwdParams& p) {
 // would cost every loss's registers nothing but the kernel its 128-register fit.
 template <typename T>
 __device__ void infonce_bwd_fused(const ContraInfonceBwdParams& p) {
-    static_assert(std::is_same<T, __nv_bfloat16>::value || kIsTf32<T>, "bf16 or tf32 operands");
+    static_assert(kIsHalf<T> || kIsTf32<T>, "bf16, f16 or tf32 operands");
     with_fixed_loss(p, [&](auto loss) { infonce_bwd_fused_for<T, decltype(loss)>(p); });
 }
 
@@ -384,6 +385,10 @@ extern "C" __global__ void __launch_bounds__(contra::kFusedThreads, 1) infonce_b
     contra::infonce_bwd_fused<__nv_bfloat16>(p);
 }
 INTERP_EXPORT(infonce_bwd_fused_bf16, ContraInfonceBwdParams)
+extern "C" __global__ void __launch_bounds__(contra::kFusedThreads, 1) infonce_bwd_fused_f16(const ContraInfonceBwdParams p) {
+    contra::infonce_bwd_fused<__half>(p);
+}
+INTERP_EXPORT(infonce_bwd_fused_f16, ContraInfonceBwdParams)
 extern "C" __global__ void __launch_bounds__(contra::kFusedThreads, 1) infonce_bwd_fused_tf32(const ContraInfonceBwdParams p) {
     contra::infonce_bwd_fused<contra::tf32>(p);
 }

@@ -111,21 +111,41 @@ struct BackwardKeys {
     __device__ __forceinline__ int next_column(int c) const { return c + kTile < c_end ? c + kTile : c_begin; }
 };
 
+// 2^e for e in [-126, 127] (a normal f32, exactly).
+__device__ __forceinline__ float power_of_two(int e) { return __int_as_float((127 + e) << 23); }
+
+// The exponent e that brings x (> 0) into [1, 2) as 2^e x, within [-126, 126] so that 2^e and
+// 2^-e are normal f32 values; 0 for x zero, negative, inf or NaN.
+__device__ __forceinline__ int normalizing_exponent(float x) {
+    const int biased = (__float_as_int(x) >> 23) & 0xff;
+    if (!(x > 0.0f) || biased == 0xff) return 0;
+    return min(max(127 - biased, -126), 126);
+}
+
 // G on a warp's 16 x 16 part of a score tile, from S's accumulator fragments: this lane's two
 // rows (row0 and row0 + 8: fragment elements 0, 1 and 2, 3), what G reads of them loaded once
 // for the sweep, and its share of CLIP's log-scale sum.
+//
+// G is handed on times g_scale, the power of two that brings scale |grad_scale| into [1, 2):
+// G's largest values are then a few units, and f16, whose smallest normal value is 6e-5, keeps
+// the small probabilities' share (grad_scale = 1 / N would put them far below it). bf16 and tf32
+// have f32's exponents, so the factor changes no bit of theirs. The products' sums are multiplied
+// back by g_unscale, exactly.
 template <typename Loss>
 struct GradRows {
     int rows_at[2];
     LogitEnd row_end[2];
+    float g_scale, g_unscale;
     mutable float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
 
-    __device__ __forceinline__ GradRows(const ContraInfonceBwdParams& p, int row0)
+    __device__ __forceinline__ GradRows(const ContraInfonceBwdParams& p, float scale, int row0)
         : rows_at{row0, row0 + 8},
-          row_end{LogitEnd::load<Loss>(p, min(row0, p.rows - 1)), LogitEnd::load<Loss>(p, min(row0 + 8, p.rows - 1))} {}
+          row_end{LogitEnd::load<Loss>(p, min(row0, p.rows - 1)), LogitEnd::load<Loss>(p, min(row0 + 8, p.rows - 1))},
+          g_scale(power_of_two(normalizing_exponent(scale * fabsf(p.grad_scale)))),
+          g_unscale(power_of_two(-normalizing_exponent(scale * fabsf(p.grad_scale)))) {}
 
     // G of the part whose fragment element (nt, 2 h + e) is key col0 + 8 nt + e of row h:
-    // store(h, nt, G at e = 0, G at e = 1) per row and n8 tile. Each column's end is loaded once
+    // store(h, nt, g_scale G at e = 0, g_scale G at e = 1) per row and n8 tile. Each column's end is loaded once
     // for its two rows; indices past the matrix read the last row / column and the value is
     // zeroed, so the loop has no branch around its loads and exponentials.
     template <typename Store>
@@ -143,7 +163,7 @@ struct GradRows {
                     float term;
                     const float v = softmax_grad<Loss>(p, scale, rows_at[h], row_end[h], col, key, d[nt][2 * h + e], term);
                     const bool inside = rows_at[h] < p.rows && col < p.cols;
-                    value[2 * h + e] = inside ? v : 0.0f;
+                    value[2 * h + e] = inside ? v * g_scale : 0.0f;
                     log_scale_acc += inside ? term : 0.0f;
                 }
             }

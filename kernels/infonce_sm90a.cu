@@ -13,7 +13,8 @@ namespace contra {
 
 CONTRA_FIXED_FORWARDS(wgmma, WgmmaSweep, kIsHalf)
 
-// The fused backward on Hopper's warpgroup MMA, bf16, up to kPanels * 64 features (the host
+// The fused backward on Hopper's warpgroup MMA, bf16 or f16 (G scaled into f16's range as in
+// the fused backward: GradRows), up to kPanels * 64 features (the host
 // picks the narrowest that holds dim): the fused backward's sweep (infonce.cu, same 512 threads,
 // the same G and key order) with every product on wgmma from 128-byte-swizzled panels. Dynamic
 // shared memory, from the first 1024-aligned address (the launch adds 1024 bytes for that): the
@@ -32,9 +33,8 @@ CONTRA_FIXED_FORWARDS(wgmma, WgmmaSweep, kIsHalf)
 // reduction (keys for dQ, queries for dK): at 1 and 2 panels the four warpgroups split the 64
 // keys, and their dQ parts meet in shared memory at the end; at 3 the fourth warpgroup only
 // computes S and G.
-template <typename Loss, int kPanels>
+template <typename T, typename Loss, int kPanels>
 __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
-    using T = __nv_bfloat16;
     constexpr unsigned kPanelBytes = kWgmmaPanelBytes, kTileBytes = kPanels * kPanelBytes;
     constexpr unsigned kRowsBytes = 16 * kSwizzleRowBytes;  // a k-step of an MN-major operand
     constexpr int kGroups = kFusedThreads / 128;
@@ -64,7 +64,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
     if (keys_of.steps > 0) stage_swizzled<T, kFusedThreads>(k, p.cols, p.dim, c0, 0, kPanels, key_tile(0));
     cp_async_commit();
     float dq[kWgmmaPanelFeatures / 8][4] = {};  // this warpgroup's part of dQ: 64 rows x its panel
-    const GradRows<Loss> grad_rows(p, r0 + m0 + g);
+    const GradRows<Loss> grad_rows(p, scale, r0 + m0 + g);
     for (int step = 0; step < keys_of.steps; ++step, c0 = keys_of.next_column(c0)) {
         const unsigned keys_at = shared_window(key_tile(step)), q_at = opaque(rows_at), g_at = opaque(g_tile_at);
         cp_async_wait<0>();
@@ -89,7 +89,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
         grad_rows.tile(p, scale, c0 + n0 + 2 * t, d, [&](int h, int nt, float first, float second) {
             const int row = m0 + g + 8 * h, col = n0 + 8 * nt + 2 * t;
             *reinterpret_cast<unsigned*>(g_tile + swizzled_chunk(row, col / 8) + 2 * (col % 8)) =
-                bf16_pair(first, second);
+                half_pair<T>(first, second);
         });
         fence_async_shared();
         __syncthreads();  // G is complete
@@ -116,6 +116,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_fence_operands(&dk[0][0], 32);
+            scale_fragments(&dk[0][0], 32, grad_rows.g_unscale);
             write_fragments<kWgmmaPanelFeatures>(dk, p.grad_k, c0, p.cols, panel * kWgmmaPanelFeatures, p.dim,
                                                  Write::kAtomicAdd);
         }
@@ -141,6 +142,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
         }
         if (part == 0) each_element([](float& mine, float sum) { mine += sum; });
     }
+    scale_fragments(&dq[0][0], 32, grad_rows.g_unscale);
     if (part == 0)
         write_fragments<kWgmmaPanelFeatures>(dq, p.grad_q, r0, p.rows, panel * kWgmmaPanelFeatures, p.dim,
                                              keys_of.split ? Write::kAtomicAdd : Write::kOverwrite);
@@ -148,27 +150,34 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
 }
 
 // The wgmma backward instantiated per loss of the family, as infonce_bwd_fused.
-template <int kPanels>
+template <typename T, int kPanels>
 __device__ void infonce_bwd_wgmma(const ContraInfonceBwdParams& p) {
-    with_fixed_loss(p, [&](auto loss) { infonce_bwd_wgmma_for<decltype(loss), kPanels>(p); });
+    with_fixed_loss(p, [&](auto loss) { infonce_bwd_wgmma_for<T, decltype(loss), kPanels>(p); });
 }
 
 }  // namespace contra
 
-// infonce_bwd_wgmma_<features>_bf16: up to 64, 128, 192 and 256 features.
-#define CONTRA_WGMMA_BACKWARD(features)                                                    \
+// infonce_bwd_wgmma_<features>_<type>: up to 64, 128, 192 and 256 features, bf16 and f16.
+#define CONTRA_WGMMA_BACKWARD(features, type, T)                                            \
     extern "C" __global__ void __launch_bounds__(contra::kFusedThreads, 1)                 \
-        infonce_bwd_wgmma_##features##_bf16(const ContraInfonceBwdParams p) {               \
-        contra::infonce_bwd_wgmma<features / contra::kWgmmaPanelFeatures>(p);               \
+        infonce_bwd_wgmma_##features##_##type(const ContraInfonceBwdParams p) {             \
+        contra::infonce_bwd_wgmma<T, features / contra::kWgmmaPanelFeatures>(p);            \
     }
-CONTRA_WGMMA_BACKWARD(64)
-CONTRA_WGMMA_BACKWARD(128)
-CONTRA_WGMMA_BACKWARD(192)
-CONTRA_WGMMA_BACKWARD(256)
+#define CONTRA_WGMMA_BACKWARDS(features)                   \
+    CONTRA_WGMMA_BACKWARD(features, bf16, __nv_bfloat16) \
+    CONTRA_WGMMA_BACKWARD(features, f16, __half)
+CONTRA_WGMMA_BACKWARDS(64)
+CONTRA_WGMMA_BACKWARDS(128)
+CONTRA_WGMMA_BACKWARDS(192)
+CONTRA_WGMMA_BACKWARDS(256)
 INTERP_EXPORT(infonce_bwd_wgmma_64_bf16, ContraInfonceBwdParams)
 INTERP_EXPORT(infonce_bwd_wgmma_128_bf16, ContraInfonceBwdParams)
 INTERP_EXPORT(infonce_bwd_wgmma_192_bf16, ContraInfonceBwdParams)
 INTERP_EXPORT(infonce_bwd_wgmma_256_bf16, ContraInfonceBwdParams)
+INTERP_EXPORT(infonce_bwd_wgmma_64_f16, ContraInfonceBwdParams)
+INTERP_EXPORT(infonce_bwd_wgmma_128_f16, ContraInfonceBwdParams)
+INTERP_EXPORT(infonce_bwd_wgmma_192_f16, ContraInfonceBwdParams)
+INTERP_EXPORT(infonce_bwd_wgmma_256_f16, ContraInfonceBwdParams)
 
 // 57 KB of dynamic shared memory at D = 256: three blocks per SM, as the resident forward.
 CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd_wgmma_ntxent, ContraInfonceFwdParams, (256, 3))

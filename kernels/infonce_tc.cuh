@@ -8,10 +8,11 @@
 // one exp2 of a value the temperature was folded into.
 //
 // Backward (bf16): the second products G K and G^T Q on mma with G rounded to bf16 (its range
-// is f32's, so small probabilities do not underflow; f16 keeps those products in f32). Up to
-// 256 features, each lane keeps its fragments of the block's dQ in registers for the whole key
+// is f32's, so small probabilities do not underflow; f16 keeps those products in f32 here). Up
+// to 256 features, each lane keeps its fragments of the block's dQ in registers for the whole key
 // sweep and writes them once at the end. There (and for tf32 where its layout fits) the fused
-// backward (end of this file) stages each key tile once for S and both products.
+// backward (end of this file) stages each key tile once for S and both products; it takes f16
+// too, with G scaled by a power of two into f16's range (GradRows, infonce_grad.cuh).
 #pragma once
 #include "infonce_rows.cuh"
 #include "interp/dynamic_shared.h"
@@ -383,6 +384,17 @@ __device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
            ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
 }
 
+// A packed pair of two f32 values as T, bf16 or f16 (round to nearest even), the lower index in
+// the low half.
+template <typename T>
+__device__ __forceinline__ unsigned half_pair(float lo, float hi) {
+    if constexpr (std::is_same<T, __half>::value) {
+        return (unsigned)__half_as_ushort(__float2half_rn(lo)) | ((unsigned)__half_as_ushort(__float2half_rn(hi)) << 16);
+    } else {
+        return bf16_pair(lo, hi);
+    }
+}
+
 // The backward's second products on the tensor cores (bf16 sources):
 // out[dst0 + r] (+)= sum_t G'[r][t] src[src0 + t], G' = g or g^T (`transposed`), with G' rounded
 // to bf16 as the A operand and the src rows' 64-feature chunks, staged as they are (row-major)
@@ -416,7 +428,7 @@ __device__ __forceinline__ void g_fragments(const float (*g)[kTilePad], unsigned
 // at feature d0 + n0 + 16 pair + 8 (l / 16), giving b[0], b[1] of feature tile 2 pair, then of
 // 2 pair + 1.
 // product_rows_step is one k-step of it (A: that step's fragment).
-template <int kWarpCols = 32>
+template <int kWarpCols = 32, typename T = __nv_bfloat16>
 __device__ __forceinline__ void product_rows_step(const unsigned a[4], const unsigned short* src, int stride, int d0,
                                                   int step, float sum[kWarpCols / 8][4]) {
     const int tid = threadIdx.y * 16 + threadIdx.x, lane = tid % 32, n0 = kWarpCols * (tid / 32 / 4);
@@ -425,8 +437,8 @@ __device__ __forceinline__ void product_rows_step(const unsigned a[4], const uns
     for (int pair = 0; pair < kWarpCols / 16; ++pair) {
         unsigned b[4];
         ldmatrix<4, true>(b, at + 16 * pair);
-        mma_16816<__nv_bfloat16>(sum[2 * pair], a, b);
-        mma_16816<__nv_bfloat16>(sum[2 * pair + 1], a, b + 2);
+        mma_16816<T>(sum[2 * pair], a, b);
+        mma_16816<T>(sum[2 * pair + 1], a, b + 2);
     }
 }
 template <int kWarpCols = 32>
@@ -453,6 +465,12 @@ __device__ __forceinline__ void product_chunk(const unsigned af[4][4], float (*s
     cp_async_wait<0>();
     __syncthreads();
     product_from_rows(af, &src_rows[0][0], kSrcStride, 0, sum);
+}
+
+// Multiplies `count` accumulators by `factor`.
+__device__ __forceinline__ void scale_fragments(float* d, int count, float factor) {
+#pragma unroll
+    for (int i = 0; i < count; ++i) d[i] *= factor;
 }
 
 // Writes this warp's fragments of a kCols-feature part of the gradient, rows from dst0 (the
@@ -580,14 +598,14 @@ __device__ __forceinline__ void scores_from_rows(const StageWord<T>* rows, const
 template <typename T>
 constexpr int kGSteps = kTile / kMmaK<T>;
 
-// Stores G's two adjacent values (row, col even) as the operand type: a bf16 pair, or two
+// Stores G's two adjacent values (row, col even) as the operand type: a bf16 or f16 pair, or two
 // tf32-rounded words.
 template <typename T>
 __device__ __forceinline__ void store_g_pair(StageWord<T>* g_tile, int row, int col, float first, float second) {
     if constexpr (kIsTf32<T>) {
         *reinterpret_cast<uint2*>(g_tile + row * kGStride<T> + col) = make_uint2(to_tf32(first), to_tf32(second));
     } else {
-        *reinterpret_cast<unsigned*>(g_tile + row * kGStride<T> + col) = bf16_pair(first, second);
+        *reinterpret_cast<unsigned*>(g_tile + row * kGStride<T> + col) = half_pair<T>(first, second);
     }
 }
 
@@ -617,7 +635,7 @@ __device__ __forceinline__ void g_step_fragment(const StageWord<T>* g_tile, int 
 
 // One k-step of sum[nt] += A B for this warp's part of a 64-feature chunk (output rows
 // 16 (w % 4) .. +16, features d0 + n0 .. + kFusedWarpCols, n0 = kFusedWarpCols (w / 4)) over the
-// k-step's staged rows: bf16 by product_rows_step; tf32 with B by single loads in the m16n8k8
+// k-step's staged rows: bf16 / f16 by product_rows_step; tf32 with B by single loads in the m16n8k8
 // layout (b0 = src(k0 + t, n), b1 = src(k0 + t + 4, n), n = feature n0 + 8 nt + g), rounded to tf32.
 template <typename T>
 __device__ __forceinline__ void fused_product_step(const unsigned a[4], const StageWord<T>* src, int stride, int d0,
@@ -632,7 +650,7 @@ __device__ __forceinline__ void fused_product_step(const unsigned a[4], const St
             mma_1688_tf32(sum[nt], a, b);
         }
     } else {
-        product_rows_step<kFusedWarpCols>(a, src, stride, d0, step, sum);
+        product_rows_step<kFusedWarpCols, T>(a, src, stride, d0, step, sum);
     }
 }
 
@@ -652,10 +670,11 @@ __device__ __forceinline__ void fused_dq_product(const StageWord<T>* g_tile, con
 }
 
 // dK += G^T Q, added to grad_k (rows from key c0) chunk by chunk: the A fragments of the tile's
-// k-steps are loaded once, each chunk's sum is written before the next is formed.
+// k-steps are loaded once, each chunk's sum is written (times `unscale`, G's stored scale undone)
+// before the next is formed.
 template <typename T>
 __device__ __forceinline__ void fused_dk_product(const StageWord<T>* g_tile, const StageWord<T>* q_rows, int stride,
-                                                 float* grad_k, int c0, int cols, int dim) {
+                                                 float* grad_k, int c0, int cols, int dim, float unscale) {
     unsigned af[kGSteps<T>][4];
 #pragma unroll
     for (int step = 0; step < kGSteps<T>; ++step) g_step_fragment<T, true>(g_tile, step, af[step]);
@@ -666,6 +685,7 @@ __device__ __forceinline__ void fused_dk_product(const StageWord<T>* g_tile, con
 #pragma unroll
             for (int step = 0; step < kGSteps<T>; ++step)
                 fused_product_step<T>(af[step], q_rows, stride, chunk * kTile, step, sum);
+            scale_fragments(&sum[0][0], 4 * kFusedTiles, unscale);
             write_chunk<kFusedWarpCols>(sum, grad_k, c0, cols, chunk * kTile, dim, Write::kAtomicAdd);
         }
 }

@@ -45,11 +45,7 @@ fn compare_half(
     let launches = testing::take_launches();
     let launched = kernel_names(&launches);
     if device == Device::Interp {
-        let suffix = if dtype == DType::Bf16 {
-            "_bf16"
-        } else {
-            "_f16"
-        };
+        let suffix = &format!("_{}", kernel_suffix(dtype));
         assert!(
             launched.iter().any(|k| k.ends_with(suffix)),
             "{case} {dtype}: no {suffix} kernel ran: {launched:?}"
@@ -156,10 +152,19 @@ fn half_infonce_and_ntxent_match_cpu() {
     });
 }
 
+/// The suffix of the kernels instantiated for `dtype` (bf16 or f16).
+fn kernel_suffix(dtype: DType) -> &'static str {
+    if dtype == DType::Bf16 {
+        "bf16"
+    } else {
+        "f16"
+    }
+}
+
 /// The tensor-core kernels keep the block's query rows resident in dynamic shared memory where
 /// they fit: the forward (`infonce_fwd_resident_*`, per loss) up to 96 KB (544 features), the backward's
-/// S recompute (`infonce_bwd_resident_*`) as well for bf16 past the fused backward's 256 features,
-/// and for f16 while two blocks still
+/// S recompute (`infonce_bwd_resident_*`) as well past the fused backward's 256 features, for
+/// bf16 and for f16 while two blocks still
 /// share an SM (up to 416 features); beyond, `infonce_fwd_*` / `infonce_bwd_*` re-stage them per
 /// key tile. Every path matches the CPU. 130 x 150: three key tiles per block, so the key
 /// pipeline runs from one tile into the next, and the backward's rotated start tiles differ.
@@ -169,14 +174,14 @@ fn half_kernels_keep_rows_resident_where_they_fit() {
     let mut rng = StdRng::seed_from_u64(0x4a22);
     for (dtype, d, forward_resident, backward_resident) in [
         (DType::Bf16, 544, true, true),
-        (DType::F16, 136, true, true),
+        (DType::F16, 300, true, true),
         (DType::F16, 450, true, false),
         (DType::Bf16, 545, false, false),
         (DType::F16, 600, false, false),
     ] {
         let case = infonce_case(&mut rng, 130, 150, d, false);
         let launched = kernel_names(&compare_half_case(device, dtype, &case));
-        let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
+        let suffix = kernel_suffix(dtype);
         let case_dtype = format!("{} {dtype}", case.name);
         assert_resident_kernels(
             &launched,
@@ -188,14 +193,15 @@ fn half_kernels_keep_rows_resident_where_they_fit() {
     }
 }
 
-/// bf16 backwards up to 256 features run `infonce_bwd_fused_bf16` (each key tile staged whole once,
-/// G formed on the score fragments and read by ldmatrix for dQ and dK): every loss of the family
-/// at widths that are no multiple of 64 (19, 150, 200) and at the 256 limit, against the CPU. 130 x 150
-/// gives three key tiles per block (the next tile in flight across tiles, rotated starts); CLIP
-/// adds dK and the log-scale partials, MoCo a key split (dQ added at the end).
+/// bf16 and f16 backwards up to 256 features run `infonce_bwd_fused_<type>` (each key tile staged
+/// whole once, G formed on the score fragments and read by ldmatrix for dQ and dK; f16's G scaled
+/// into its range): every loss of the family at widths that are no multiple of 64 (19, 150, 200)
+/// and at the 256 limit, against the CPU. 130 x 150 gives three key tiles per block (the next tile
+/// in flight across tiles, rotated starts); CLIP adds dK and the log-scale partials, MoCo a key
+/// split (dQ added at the end).
 #[test]
-fn bf16_backward_is_fused_up_to_256_features() {
-    on_kernel_devices("bf16_backward_is_fused_up_to_256_features", |device| {
+fn half_backward_is_fused_up_to_256_features() {
+    on_kernel_devices("half_backward_is_fused_up_to_256_features", |device| {
         let mut rng = StdRng::seed_from_u64(0x4a23);
         let mut cases = Vec::new();
         // 19, 150 and 200 features are staged as 1, 3 and 4 whole 64-feature chunks (rows of 8,
@@ -208,9 +214,12 @@ fn bf16_backward_is_fused_up_to_256_features() {
         cases.push(clip_case(&mut rng, 130, 200));
         cases.push(moco_case(&mut rng, 37, 201, 19));
         cases.push(supcon_case(&mut rng, 67, 2, 72));
-        for case in &cases {
-            let launched = kernel_names(&compare_half_case(device, DType::Bf16, case));
-            assert_ran_on_interp(device, &launched, "infonce_bwd_fused_bf16", &case.name);
+        for dtype in HALF_DTYPES {
+            let want = format!("infonce_bwd_fused_{}", kernel_suffix(dtype));
+            for case in &cases {
+                let launched = kernel_names(&compare_half_case(device, dtype, case));
+                assert_ran_on_interp(device, &launched, &want, &case.name);
+            }
         }
     });
 }
@@ -227,7 +236,7 @@ fn half_clip_moco_supcon_match_cpu() {
             cases.extend(
                 [(23, 2), (67, 3)].map(|(samples, views)| supcon_case(&mut rng, samples, views, d)),
             );
-            let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
+            let suffix = kernel_suffix(dtype);
             for case in &cases {
                 let launched = kernel_names(&compare_half_case(device, dtype, case));
                 let want = format!("infonce_fwd_split_resident_{suffix}");
@@ -260,7 +269,7 @@ fn half_sweeps_split_their_key_ranges() {
 /// On a modelled Hopper GPU every loss of the family with 16-bit operands runs its sm_90a
 /// forward (`infonce_fwd_wgmma_<loss>_<type>`: query rows in 128-byte-swizzled panels, scores by
 /// wgmma from shared memory, emulated with the descriptors' addressing and both extremes of its
-/// asynchrony), bf16 also the sm_90a backward (`infonce_bwd_wgmma_<width>_bf16`: S, dQ and dK on
+/// asynchrony) and its sm_90a backward (`infonce_bwd_wgmma_<width>_<type>`: S, dQ and dK on
 /// wgmma with K-major and MN-major operands), and matches the CPU. Widths: 19 and 40 (one panel,
 /// zeros past the features), 72 (a second panel nearly empty), 136 (three panels, so a stage is
 /// refilled within a tile) and 256 (four whole panels): each of the backward's four widths; 130
@@ -274,7 +283,7 @@ fn wgmma_forwards_match_cpu() {
         .into_iter()
         .flat_map(|t| [(t, 19), (t, 40), (t, 72), (t, 136), (t, 256)])
     {
-        let suffix = if dtype == DType::Bf16 { "bf16" } else { "f16" };
+        let suffix = kernel_suffix(dtype);
         let cases = [
             ("ntxent", ntxent_case(&mut rng, 130, d)),
             ("supcon", supcon_case(&mut rng, 45, 3, d)),
@@ -283,12 +292,11 @@ fn wgmma_forwards_match_cpu() {
         ];
         for (loss, case) in &cases {
             let launched = kernel_names(&compare_half_case(Device::Interp, dtype, case));
-            let mut wanted = vec![format!("infonce_fwd_wgmma_{loss}_{suffix}")];
-            if dtype == DType::Bf16 {
-                let width = d.div_ceil(64) * 64;
-                wanted.push(format!("infonce_bwd_wgmma_{width}_bf16"));
-            }
-            for want in wanted {
+            let width = d.div_ceil(64) * 64;
+            for want in [
+                format!("infonce_fwd_wgmma_{loss}_{suffix}"),
+                format!("infonce_bwd_wgmma_{width}_{suffix}"),
+            ] {
                 assert!(
                     launched.iter().any(|k| *k == want),
                     "{} {dtype}: {want} did not run: {launched:?}",
@@ -307,4 +315,56 @@ fn wgmma_sweeps_split_their_key_ranges() {
     check_split_cases(0x4a27, 40, "bf16 on a modelled Hopper", |split| {
         compare_half_case(Device::Interp, DType::Bf16, &split.case)
     });
+}
+
+/// The 16-bit backwards store G, the softmax gradient, in the operand type. f16 tops out at 65504,
+/// so its G is scaled by a power of two first (and the products' sums back after): a loss scaled
+/// by 2^20, as mixed-precision training scales its loss, puts G's positives near 1e5 and still
+/// gets the exact gradient from the fused backward and from a modelled Hopper's wgmma one, for
+/// NT-Xent (dQ only) and CLIP (dK too).
+#[test]
+fn f16_backwards_take_a_scaled_loss() {
+    let mut rng = StdRng::seed_from_u64(0x4a27);
+    let grad_loss = 2f64.powi(20);
+    let (rows, d) = (130, 72);
+    let cluster: Vec<usize> = (0..rows).map(|i| i % (rows / 2)).collect();
+    let z = clustered_rows(&mut rng, &cluster, d, 0.3);
+    let a = random_matrix(&mut rng, rows, d);
+    let b = random_matrix(&mut rng, rows, d);
+    let opts = NtXentOptions { temperature: 0.2 };
+    let log_scale = (1.0f64 / 0.07).ln();
+    for (hopper, backward) in [
+        (false, "infonce_bwd_fused_f16"),
+        (true, "infonce_bwd_wgmma_128_f16"),
+    ] {
+        let _hopper = hopper.then(ModelledHopper::on);
+        let launched = compare_half(
+            Device::Interp,
+            DType::F16,
+            "ntxent 130x72, loss x 2^20",
+            &[(&z, &[rows, d])],
+            |t| {
+                let forward = ntxent_forward(&t[0], &opts)?;
+                let grad_z = ntxent_backward(&t[0], &opts, &forward.saved, grad_loss)?;
+                loss_outputs(&forward.loss, &[("grad_z", &grad_z)], &[])
+            },
+        );
+        assert_ran_on_interp(Device::Interp, &kernel_names(&launched), backward, "ntxent");
+        let launched = compare_half(
+            Device::Interp,
+            DType::F16,
+            "clip 130x72, loss x 2^20",
+            &[(&a, &[rows, d]), (&b, &[rows, d])],
+            |t| {
+                let forward = clip_forward(&t[0], &t[1], log_scale)?;
+                let grads = clip_backward(&t[0], &t[1], log_scale, &forward.saved, grad_loss)?;
+                loss_outputs(
+                    &forward.loss,
+                    &[("grad_a", &grads.grad_a), ("grad_b", &grads.grad_b)],
+                    &[("grad_log_scale", &grads.grad_log_scale)],
+                )
+            },
+        );
+        assert_ran_on_interp(Device::Interp, &kernel_names(&launched), backward, "clip");
+    }
 }

@@ -79,9 +79,9 @@ fn wgmma_panels(dim: usize) -> usize {
     dim.div_ceil(WGMMA_PANEL_FEATURES).max(1)
 }
 
-/// Hopper's fused backward (`infonce_bwd_wgmma_<width>_bf16`, kernels/infonce_sm90a.cu) where the
-/// backend runs the sm_90a kernels: bf16 up to `FUSED_MAX_DIM` features, the narrowest of its
-/// four widths that holds `dim`, with its dynamic shared memory (the rows, two key tiles and G:
+/// Hopper's fused backward (`infonce_bwd_wgmma_<width>_<bf16|f16>`, kernels/infonce_sm90a.cu)
+/// where the backend runs the sm_90a kernels: bf16 and f16 up to `FUSED_MAX_DIM` features, the
+/// narrowest of its four widths that holds `dim`, with its dynamic shared memory (the rows, two key tiles and G:
 /// 105 KB at D = 256) where it fits the `per_block` bytes the GPU gives a block.
 fn wgmma_backward<B: Backend>(
     b: &B,
@@ -89,15 +89,20 @@ fn wgmma_backward<B: Backend>(
     dim: usize,
     per_block: usize,
 ) -> Option<(Kernel<ContraInfonceBwdParams>, usize)> {
-    if elem != Elem::Bf16 || dim > FUSED_MAX_DIM || !b.runs_sm90a() {
+    if dim > FUSED_MAX_DIM || !b.runs_sm90a() {
         return None;
     }
     let panels = wgmma_panels(dim);
-    let kernel = match panels {
-        1 => handles::INFONCE_BWD_WGMMA_64_BF16,
-        2 => handles::INFONCE_BWD_WGMMA_128_BF16,
-        3 => handles::INFONCE_BWD_WGMMA_192_BF16,
-        _ => handles::INFONCE_BWD_WGMMA_256_BF16,
+    let kernel = match (elem, panels) {
+        (Elem::Bf16, 1) => handles::INFONCE_BWD_WGMMA_64_BF16,
+        (Elem::Bf16, 2) => handles::INFONCE_BWD_WGMMA_128_BF16,
+        (Elem::Bf16, 3) => handles::INFONCE_BWD_WGMMA_192_BF16,
+        (Elem::Bf16, _) => handles::INFONCE_BWD_WGMMA_256_BF16,
+        (Elem::F16, 1) => handles::INFONCE_BWD_WGMMA_64_F16,
+        (Elem::F16, 2) => handles::INFONCE_BWD_WGMMA_128_F16,
+        (Elem::F16, 3) => handles::INFONCE_BWD_WGMMA_192_F16,
+        (Elem::F16, _) => handles::INFONCE_BWD_WGMMA_256_F16,
+        _ => return None,
     };
     let bytes = (3 * panels + 1) * WGMMA_PANEL_BYTES + WGMMA_ALIGNMENT;
     (bytes + FUSED_STATIC_SHARED <= per_block).then_some((kernel, bytes))
@@ -402,8 +407,9 @@ const FUSED_STATIC_SHARED: usize = 16 * 4;
 /// tiles, each row the features rounded up to whole 64-feature chunks and one 16-byte chunk of
 /// pad, then G (64 rows of 64 keys and the pad) in the operand type. bf16
 /// (`infonce_bwd_fused_bf16`: its 8-warp form measured faster than the resident backward on an
-/// H200; the 16-warp form not measured yet) up to
-/// `FUSED_MAX_DIM` features; f32 as tf32 (`infonce_bwd_fused_tf32`, 217 KB at D = 256) where the
+/// H200; the 16-warp form not measured yet) and f16 (`infonce_bwd_fused_f16`, G scaled by a
+/// power of two into f16's range; in place of the resident backward, whose f16 products run on
+/// CUDA cores) up to `FUSED_MAX_DIM` features; f32 as tf32 (`infonce_bwd_fused_tf32`, 217 KB at D = 256) where the
 /// resident backward does not fit two blocks per SM (past 208 features), in place of the
 /// re-staging `infonce_bwd` (not measured yet: the tf32 resident backward keeps the narrower
 /// rows until a GPU run compares the two). Only where it fits the `per_block` bytes of shared
@@ -416,6 +422,7 @@ fn fused_backward(
 ) -> Option<(Kernel<ContraInfonceBwdParams>, usize)> {
     let kernel = match (elem, tensor_core_operands(elem)) {
         (Elem::Bf16, _) => handles::INFONCE_BWD_FUSED_BF16,
+        (Elem::F16, _) => handles::INFONCE_BWD_FUSED_F16,
         (Elem::F32, Some(_)) if resident_backward_bytes(elem, dim).is_none() => {
             handles::INFONCE_BWD_FUSED_TF32
         }
@@ -794,7 +801,7 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_backward_takes_bf16_and_tf32_rows_up_to_256_features() {
+    fn the_fused_backward_takes_16_bit_and_tf32_rows_up_to_256_features() {
         let h100 = 227 * 1024;
         let bytes = |elem, dim| fused_backward(elem, dim, h100).map(|(_, bytes)| bytes);
         // 64 rows and two key tiles of 256 + 8 elements, and G: 108 KB.
@@ -802,7 +809,9 @@ mod tests {
         // 40 features are staged as one whole 64-feature chunk.
         assert_eq!(bytes(Elem::Bf16, 40), bytes(Elem::Bf16, 64));
         assert_eq!(bytes(Elem::Bf16, 257), None);
-        assert_eq!(bytes(Elem::F16, 64), None);
+        // f16: bf16's layout.
+        assert_eq!(bytes(Elem::F16, 256), Some(110_592));
+        assert_eq!(bytes(Elem::F16, 257), None);
         // f32: only as tf32; 64 rows and two key tiles of 256 + 4 words, and G: 212 KB.
         assert_eq!(bytes(Elem::F32, 256), None);
         crate::with_f32_precision(crate::F32Precision::Tf32, || {

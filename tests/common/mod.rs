@@ -373,7 +373,7 @@ pub fn siglip_case(rng: &mut StdRng, n: usize, d: usize) -> LossCase {
 
 /// What a loss case compares: its loss, then each named tensor's values and each named scalar
 /// (a scalar must hold one value).
-fn loss_outputs(
+pub fn loss_outputs(
     loss: &Tensor,
     tensors: &[(&'static str, &Tensor)],
     scalars: &[(&'static str, &Tensor)],

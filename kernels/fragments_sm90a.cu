@@ -9,20 +9,30 @@
 __device__ __forceinline__ float wgmma_test_a(int row, int k) { return static_cast<float>((7 * row + 3 * k) % 17 - 8); }
 __device__ __forceinline__ float wgmma_test_b(int row, int k) { return static_cast<float>((5 * row + 11 * k) % 13 - 6); }
 
-// One warpgroup (128 threads) and 1024 + 16 KB of dynamic shared memory: panels A and B of 64
-// rows and 64 columns each, bf16, 128-byte swizzled (written element by element with plain
-// stores). Then two products by four k-steps each, each first op overwriting accumulators that
+// One warpgroup (128 threads) and 1024 + 28 KB of dynamic shared memory: panels A and B of 64
+// rows and 64 columns each, bf16, and A' (64 rows) and B' (32 rows) of 32 f32 columns, each
+// 128-byte swizzled (written element by element with plain stores). Then two products by four k-steps each, each first op overwriting accumulators that
 // hold NaN: D = A B[0..32)^T with both operands K-major (wgmma m64n32k16, a k-step 32 bytes
 // into the rows), y[16 tid + i] receiving thread tid's d[i] (f32 bits); and E = A^T B with both
 // MN-major (the panels' rows are K, a k-step 16 rows on; m64n64k16, as the wgmma backward's dQ
-// and dK products), y[2048 + 32 tid + i] receiving e[i].
+// and dK products), y[2048 + 32 tid + i] receiving e[i]; then F = A' B'^T, both K-major tf32
+// (m64n32k8, a k-step 32 bytes into the rows), y[6144 + 16 tid + i] receiving f[i].
 extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     CONTRA_DYNAMIC_SHARED(unsigned char, shared);
     using contra::kSwizzleAtomBytes;
     constexpr unsigned kPanel = 64 * contra::kSwizzleRowBytes;
     unsigned char* a = shared + (kSwizzleAtomBytes - contra::shared_window(shared) % kSwizzleAtomBytes) % kSwizzleAtomBytes;
     unsigned char* b = a + kPanel;
+    unsigned char* a32 = b + kPanel;
+    unsigned char* b32 = a32 + kPanel;
     const int tid = threadIdx.x;
+    for (int e = tid; e < (64 + 32) * 32; e += blockDim.x) {
+        const int row = e / 32 % 64, k = e % 32;
+        const bool is_a = e < 64 * 32;
+        const float value = is_a ? wgmma_test_a(row, k) : wgmma_test_b(row, k);
+        const unsigned offset = contra::swizzled_chunk(row, k / 4) + 4 * (k % 4);
+        *reinterpret_cast<float*>((is_a ? a32 : b32) + offset) = value;
+    }
     for (int e = tid; e < 2 * 64 * 64; e += blockDim.x) {
         const int row = e / 64 % 64, k = e % 64;
         const bool is_a = e < 64 * 64;
@@ -39,7 +49,7 @@ extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     contra::wgmma_fence(d, 16);
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
-        contra::wgmma_64xNx16<__nv_bfloat16, 32>(d, contra::swizzled_operand(a_address + 32 * ks),
+        contra::wgmma_k_step<__nv_bfloat16, 32>(d, contra::swizzled_operand(a_address + 32 * ks),
                                               contra::swizzled_operand(b_address + 32 * ks), ks > 0);
     contra::wgmma_commit();
     contra::wgmma_wait<0>();
@@ -51,7 +61,7 @@ extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
         const unsigned rows = 16 * contra::kSwizzleRowBytes * ks;
-        contra::wgmma_64xNx16<__nv_bfloat16, 64, true, true>(e, contra::swizzled_descriptor(a_address + rows, kPanel),
+        contra::wgmma_k_step<__nv_bfloat16, 64, true, true>(e, contra::swizzled_descriptor(a_address + rows, kPanel),
                                                               contra::swizzled_descriptor(b_address + rows, kPanel),
                                                               ks > 0);
     }
@@ -59,5 +69,17 @@ extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     contra::wgmma_wait<0>();
     contra::wgmma_fence_operands(e, 32);
     for (int i = 0; i < 32; ++i) out[2048 + 32 * tid + i] = __float_as_uint(e[i]);
+    float f[16];
+    for (int i = 0; i < 16; ++i) f[i] = __int_as_float(0x7fc00000);
+    const unsigned a32_address = contra::shared_window(a32), b32_address = contra::shared_window(b32);
+    contra::wgmma_fence(f, 16);
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+        contra::wgmma_k_step<contra::tf32, 32>(f, contra::swizzled_operand(a32_address + 32 * ks),
+                                               contra::swizzled_operand(b32_address + 32 * ks), ks > 0);
+    contra::wgmma_commit();
+    contra::wgmma_wait<0>();
+    contra::wgmma_fence_operands(f, 16);
+    for (int i = 0; i < 16; ++i) out[6144 + 16 * tid + i] = __float_as_uint(f[i]);
 }
 INTERP_EXPORT(wgmma_test, ContraNormalizeParams)

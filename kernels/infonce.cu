@@ -144,7 +144,7 @@ __device__ void infonce_fwd_split(const ContraInfonceFwdParams& p) {
 // kernel: in one kernel the instantiations spilled together at the 80-register bound, and each
 // adds its static shared memory. Any other mix of inputs (no loss of the crate makes one) takes
 // infonce_fwd.
-CONTRA_FIXED_FORWARDS(resident, ResidentSweep, kOnTensorCores)
+CONTRA_FIXED_FORWARDS(resident, ResidentSweep)
 
 // The same with a key split (MoCo's few rows against a long queue).
 template <typename T>

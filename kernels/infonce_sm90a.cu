@@ -5,13 +5,14 @@
 // The forward is infonce_fwd_tensor_cores with the key sweep of infonce_wgmma.cuh: query rows
 // resident in swizzled panels, keys streamed by cp.async, scores by wgmma m64n32k16 straight from
 // shared memory, the statistics from the accumulators as on the other tensor-core paths. One
-// kernel per loss of the family, as infonce_fwd_resident_* (infonce.cu), and for bf16 / f16
-// operands: the f32 instantiations stop (the host never picks them).
+// kernel per loss of the family, as infonce_fwd_resident_* (infonce.cu), for bf16 / f16 operands
+// and f32 ones as tf32 (rounded in shared memory); the exact f32 instantiations stop (the host
+// never picks them).
 #include "infonce_wgmma.cuh"
 
 namespace contra {
 
-CONTRA_FIXED_FORWARDS(wgmma, WgmmaSweep, kIsHalf)
+CONTRA_FIXED_FORWARDS(wgmma, WgmmaSweep)
 
 // The fused backward on Hopper's warpgroup MMA, bf16 or f16 (G scaled into f16's range as in
 // the fused backward: GradRows), up to kPanels * 64 features (the host
@@ -80,7 +81,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
         for (int slice = 0; slice < kPanels; ++slice)
 #pragma unroll
             for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
-                wgmma_64xNx16<T, 16>(&d[0][0], swizzled_operand(q_at + slice * kPanelBytes + 32 * ks),
+                wgmma_k_step<T, 16>(&d[0][0], swizzled_operand(q_at + slice * kPanelBytes + 32 * ks),
                                      swizzled_operand(keys_at + slice * kPanelBytes + n0 / 8 * kSwizzleAtomBytes + 32 * ks),
                                      slice > 0 || ks > 0);
         wgmma_commit();
@@ -98,7 +99,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
 #pragma unroll
         for (int ks = 0; ks < kPartSteps; ++ks) {
             const int key_step = part * kPartSteps + ks;
-            wgmma_64xNx16<T, 64, false, true>(
+            wgmma_k_step<T, 64, false, true>(
                 &dq[0][0], swizzled_operand(g_at + 32 * key_step),
                 swizzled_descriptor(keys_at + panel * kPanelBytes + key_step * kRowsBytes, kPanelBytes), true);
         }
@@ -109,7 +110,7 @@ __device__ void infonce_bwd_wgmma_for(const ContraInfonceBwdParams& p) {
 #pragma unroll
             for (int ks = 0; ks < kPartSteps; ++ks) {
                 const int query_step = part * kPartSteps + ks;
-                wgmma_64xNx16<T, 64, true, true>(
+                wgmma_k_step<T, 64, true, true>(
                     &dk[0][0], swizzled_descriptor(g_at + query_step * kRowsBytes, kPanelBytes),
                     swizzled_descriptor(q_at + panel * kPanelBytes + query_step * kRowsBytes, kPanelBytes), ks > 0);
             }
@@ -179,8 +180,9 @@ INTERP_EXPORT(infonce_bwd_wgmma_128_f16, ContraInfonceBwdParams)
 INTERP_EXPORT(infonce_bwd_wgmma_192_f16, ContraInfonceBwdParams)
 INTERP_EXPORT(infonce_bwd_wgmma_256_f16, ContraInfonceBwdParams)
 
-// 57 KB of dynamic shared memory at D = 256: three blocks per SM, as the resident forward.
-CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd_wgmma_ntxent, ContraInfonceFwdParams, (256, 3))
-CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd_wgmma_clip, ContraInfonceFwdParams, (256, 3))
-CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd_wgmma_supcon, ContraInfonceFwdParams, (256, 3))
-CONTRA_TYPED_KERNELS_BOUNDED(infonce_fwd_wgmma_infonce, ContraInfonceFwdParams, (256, 3))
+// 57 KB of dynamic shared memory at D = 256: three blocks per SM, as the resident forward; tf32
+// 89 KB, two.
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_wgmma_ntxent, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_wgmma_clip, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_wgmma_supcon, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))
+CONTRA_TYPED_KERNELS_TF32(infonce_fwd_wgmma_infonce, ContraInfonceFwdParams, (256, 3), (256, 3), (256, 3), (256, 2))

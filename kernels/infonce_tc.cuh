@@ -353,12 +353,12 @@ __device__ void infonce_fwd_tensor_cores(const ContraInfonceFwdParams& p) {
         }
 }
 
-// The forward of one loss of the family with its data path Sweep, for the operand types
-// kSupported has (the others stop: the host never picks them): the resident forward
-// (infonce.cu) and Hopper's (infonce_sm90a.cu).
-template <typename T, typename Loss, template <typename, typename> class Sweep, bool kSupported>
+// The forward of one loss of the family with its data path Sweep, for tensor-core operands (the
+// exact f32 instantiations stop: the host never picks them): the resident forward (infonce.cu)
+// and Hopper's (infonce_sm90a.cu).
+template <typename T, typename Loss, template <typename, typename> class Sweep>
 __device__ void infonce_fwd_fixed(const ContraInfonceFwdParams& p) {
-    if constexpr (kSupported) {
+    if constexpr (kOnTensorCores<T>) {
         if (!Loss::matches(p)) __trap();
         infonce_fwd_tensor_cores<T, false, true, Loss, Sweep>(p);
     } else {
@@ -366,17 +366,17 @@ __device__ void infonce_fwd_fixed(const ContraInfonceFwdParams& p) {
     }
 }
 // infonce_fwd_<path>_<loss><T> for each loss, the names the kernel macros instantiate per
-// operand type; `supported` is a variable template of T (kOnTensorCores, kIsHalf).
-#define CONTRA_FIXED_FORWARD_OF(path, loss, Loss, Sweep, supported)                   \
-    template <typename T>                                                              \
-    __device__ void infonce_fwd_##path##_##loss(const ContraInfonceFwdParams& p) {     \
-        infonce_fwd_fixed<T, Loss, Sweep, supported<T>>(p);                            \
+// operand type.
+#define CONTRA_FIXED_FORWARD_OF(path, loss, Loss, Sweep)                           \
+    template <typename T>                                                          \
+    __device__ void infonce_fwd_##path##_##loss(const ContraInfonceFwdParams& p) { \
+        infonce_fwd_fixed<T, Loss, Sweep>(p);                                      \
     }
-#define CONTRA_FIXED_FORWARDS(path, Sweep, supported)                  \
-    CONTRA_FIXED_FORWARD_OF(path, ntxent, NtXentLoss, Sweep, supported) \
-    CONTRA_FIXED_FORWARD_OF(path, clip, ClipLoss, Sweep, supported)     \
-    CONTRA_FIXED_FORWARD_OF(path, supcon, SupConLoss, Sweep, supported) \
-    CONTRA_FIXED_FORWARD_OF(path, infonce, InfoNceLoss, Sweep, supported)
+#define CONTRA_FIXED_FORWARDS(path, Sweep)                  \
+    CONTRA_FIXED_FORWARD_OF(path, ntxent, NtXentLoss, Sweep) \
+    CONTRA_FIXED_FORWARD_OF(path, clip, ClipLoss, Sweep)     \
+    CONTRA_FIXED_FORWARD_OF(path, supcon, SupConLoss, Sweep) \
+    CONTRA_FIXED_FORWARD_OF(path, infonce, InfoNceLoss, Sweep)
 
 // bf16 packed pair of two f32 values (round to nearest even), the lower index in the low half.
 __device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {

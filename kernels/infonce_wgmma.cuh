@@ -1,53 +1,84 @@
 // The InfoNCE-family forward's key sweep on Hopper's warpgroup MMA (wgmma.cuh), for bf16 / f16
-// operands: the same interface as ResidentSweep (infonce_tc.cuh), so infonce_fwd_tensor_cores
-// runs it unchanged. Its two warpgroups (warps 0-3 and 4-7) each compute one 64 x 32 half of
-// the 64 x 64 score tile, keys n0 = 0 and n0 = 32, with one wgmma m64n32k16 per k-step; the
+// operands and f32 ones as tf32: the same interface as ResidentSweep (infonce_tc.cuh), so
+// infonce_fwd_tensor_cores runs it unchanged. Its two warpgroups (warps 0-3 and 4-7) each compute
+// one 64 x 32 half of the 64 x 64 score tile, keys n0 = 0 and n0 = 32, with one wgmma m64n32k16
+// (tf32: m64n32k8) per 32-byte k-step; the
 // accumulators are mma_16816's fragments of the same 16 x 32 warp part (wgmma.cuh), so the
 // kernel's epilogue is the resident one's.
 //
 // Dynamic shared memory, from the first 1024-aligned shared address (the launch adds a 1024-byte
-// margin for that): the block's 64 query rows as kWgmmaPanelBytes panels of 64 features, then
+// margin for that): the block's 64 query rows as kWgmmaPanelBytes panels of 64 features (tf32:
+// 32; a panel row is 128 bytes), then
 // kResidentStages stages of one 64-key x 64-feature slice each, every panel 128-byte swizzled.
 // Keys stream through the stages as in ResidentSweep: cp.async, one unit per slice, a pipeline
-// that runs on from tile to tile. src/kernels/infonce.rs computes the same size.
+// that runs on from tile to tile. src/kernels/infonce.rs computes the same size. wgmma reads
+// tf32 operands as the top 19 bits of each f32 word (truncated), so each thread rounds the words
+// it copied to tf32 in place (cvt.rna, as the mma.sync kernels round their fragments) once its
+// copy has landed, before the fence and barrier that publish the stage.
 #pragma once
 #include "infonce_grad.cuh"
 #include "wgmma.cuh"
 
 namespace contra {
 
-constexpr int kWgmmaPanelFeatures = 64;
-constexpr int kWgmmaPanelBytes = kTile * kSwizzleRowBytes;  // 64 rows of one panel: 8 KB
-constexpr int kWgmmaStepsPerPanel = kWgmmaPanelFeatures / 16;
+// A panel's features: a 128-byte row of the operand's words (64 bf16 / f16, 32 tf32).
+template <typename T>
+constexpr int kPanelFeatures = static_cast<int>(kSwizzleRowBytes / sizeof(StageWord<T>));
+constexpr int kWgmmaPanelFeatures = kPanelFeatures<__nv_bfloat16>;  // the backward's (16-bit)
+constexpr int kWgmmaPanelBytes = kTile * kSwizzleRowBytes;         // 64 rows of one panel: 8 KB
+constexpr int kWgmmaStepsPerPanel = kSwizzleRowBytes / 32;         // 32-byte k-steps
 
+template <typename T>
 struct WgmmaGeometry {
     int panels;  // query panels, = key slices per tile (zeros past dim)
     __device__ __forceinline__ explicit WgmmaGeometry(int dim)
-        : panels((dim + kWgmmaPanelFeatures - 1) / kWgmmaPanelFeatures) {}
+        : panels((dim + kPanelFeatures<T> - 1) / kPanelFeatures<T>) {}
     __device__ __forceinline__ unsigned long long bytes() const {
         return kSwizzleAtomBytes + (unsigned long long)(panels + kResidentStages) * kWgmmaPanelBytes;
     }
 };
 
-// Stages rows [row0, row0 + 64) x features [k0, k0 + 64 panels) of `m` as `panels` swizzled
+// body(panel, row, chunk, offset) for the 16-byte chunks of `panels` swizzled 64-row panels that
+// this thread of the block's kThreads stages (offset: the chunk's bytes from the first panel).
+template <int kThreads, typename Body>
+__device__ __forceinline__ void for_own_swizzled_chunks(int panels, Body body) {
+    constexpr int chunks_per_row = kSwizzleRowBytes / 16;  // 8
+    const int tid = threadIdx.y * 16 + threadIdx.x;
+    for (int c = tid; c < panels * kTile * chunks_per_row; c += kThreads) {
+        const int panel = c / (kTile * chunks_per_row), r = c / chunks_per_row % kTile, chunk = c % chunks_per_row;
+        body(panel, r, chunk, panel * kWgmmaPanelBytes + swizzled_chunk(r, chunk));
+    }
+}
+
+// Stages rows [row0, row0 + 64) x features [k0, k0 + panels panels) of `m` as `panels` swizzled
 // panels at `dst` (zeros past the matrix) with the block's kThreads threads; no commit.
 template <typename T, int kThreads = 256>
 __device__ __forceinline__ void stage_swizzled(const T* m, int rows, int dim, int row0, int k0, int panels,
                                                unsigned char* dst) {
-    constexpr int chunks_per_row = kWgmmaPanelFeatures / kChunkElems<T>;  // 8
-    const int tid = threadIdx.y * 16 + threadIdx.x;
-    for (int c = tid; c < panels * kTile * chunks_per_row; c += kThreads) {
-        const int panel = c / (kTile * chunks_per_row), r = c / chunks_per_row % kTile, chunk = c % chunks_per_row;
-        unsigned char* to = dst + panel * kWgmmaPanelBytes + swizzled_chunk(r, chunk);
-        stage_16_bytes(m, rows, dim, row0 + r, k0 + panel * kWgmmaPanelFeatures + chunk * kChunkElems<T>,
-                       reinterpret_cast<StageWord<T>*>(to));
+    for_own_swizzled_chunks<kThreads>(panels, [&](int panel, int r, int chunk, unsigned offset) {
+        stage_16_bytes(m, rows, dim, row0 + r, k0 + panel * kPanelFeatures<T> + chunk * kChunkElems<T>,
+                       reinterpret_cast<StageWord<T>*>(dst + offset));
+    });
+}
+
+// tf32: rounds the words this thread staged into `panels` panels at `dst` (stage_swizzled's
+// chunks, its copies landed) to tf32 in place; nothing for 16-bit operands.
+template <typename T, int kThreads = 256>
+__device__ __forceinline__ void round_own_chunks(int panels, unsigned char* dst) {
+    if constexpr (kIsTf32<T>) {
+        for_own_swizzled_chunks<kThreads>(panels, [&](int, int, int, unsigned offset) {
+            uint4* words = reinterpret_cast<uint4*>(dst + offset);
+            const uint4 w = *words;
+            *words = make_uint4(to_tf32(__uint_as_float(w.x)), to_tf32(__uint_as_float(w.y)),
+                                to_tf32(__uint_as_float(w.z)), to_tf32(__uint_as_float(w.w)));
+        });
     }
 }
 
 template <typename T, typename Column>
 struct WgmmaSweep {
-    static_assert(kIsHalf<T>, "wgmma sweeps take bf16 / f16 operands");
-    const WgmmaGeometry geo;
+    static_assert(kOnTensorCores<T>, "wgmma sweeps take bf16 / f16 or tf32 operands");
+    const WgmmaGeometry<T> geo;
     unsigned char* const shared;  // the launch's dynamic shared memory (aligned in start)
     const T* const k;
     const int cols, dim, count;
@@ -73,7 +104,7 @@ struct WgmmaSweep {
 
     __device__ __forceinline__ void issue(int unit) const {
         if (unit < count * geo.panels) {
-            const int k0 = unit % geo.panels * kWgmmaPanelFeatures;
+            const int k0 = unit % geo.panels * kPanelFeatures<T>;
             stage_swizzled(k, cols, dim, column(unit / geo.panels), k0, 1, stage(unit));
         }
         cp_async_commit();
@@ -95,6 +126,8 @@ struct WgmmaSweep {
         for (int slice = 0; slice < geo.panels; ++slice) {
             const int unit = step * geo.panels + slice;
             cp_async_wait<kResidentStages - 2>();
+            if (unit == 0) round_own_chunks<T>(geo.panels, rows());  // the rows came with the first unit
+            round_own_chunks<T>(1, stage(unit));
             fence_async_shared();  // this thread's copies, to the proxy wgmma reads through
             __syncthreads();       // everyone's; and the stage refilled next is read by none
             issue(unit + kResidentStages - 1);
@@ -105,8 +138,8 @@ struct WgmmaSweep {
             wgmma_fence(&d[0][0], 16);
 #pragma unroll
             for (int ks = 0; ks < kWgmmaStepsPerPanel; ++ks)
-                wgmma_64xNx16<T, 32>(&d[0][0], swizzled_operand(a + 32 * ks), swizzled_operand(b + 32 * ks),
-                                  slice > 0 || ks > 0);
+                wgmma_k_step<T, 32>(&d[0][0], swizzled_operand(a + 32 * ks), swizzled_operand(b + 32 * ks),
+                                    slice > 0 || ks > 0);
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_fence_operands(&d[0][0], 16);

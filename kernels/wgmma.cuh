@@ -4,7 +4,8 @@
 // on compute capability 9.0 alone.
 //
 // Operand layouts (PTX ISA, "Shared Memory Matrix Layout", 128-byte swizzle): the crate's
-// matrices are staged as panels of 64 columns (bf16 / f16), one 128-byte row per matrix row; 8
+// matrices are staged as panels of 64 columns (bf16 / f16; 32 of tf32), one 128-byte row per
+// matrix row; 8
 // rows make a 1024-byte atom, which starts at a shared address that is a multiple of 1024. In a
 // row, 16-byte chunk c is stored at chunk c ^ (row % 8): the swizzle is a function of the
 // address, bits 4-6 XOR bits 7-9, so a K-major operand's k-step may start 32, 64 or 96 bytes
@@ -12,8 +13,9 @@
 // its K-major descriptors). The crate's MN-major operands start at a row: a whole panel's 64
 // columns (N = 64) or 16-row k-steps on, never a few columns into the rows.
 //   * K-major (a panel's rows are the operand's M or N, its columns K): element (mn, k) of a
-//     k-step at start + (mn / 8) SBO + (mn % 8) 128 + 2 k; SBO = 1024, LBO unused (the k-step's
-//     32 bytes fit the row). A k-step is the panel's address plus 32 bytes per step.
+//     k-step at start + (mn / 8) SBO + (mn % 8) 128 + e k (e: the element's 2 or 4 bytes);
+//     SBO = 1024, LBO unused (the k-step's 32 bytes fit the row). A k-step is the panel's
+//     address plus 32 bytes per step.
 //   * MN-major ("transposed": a panel's rows are K, its columns M or N): element (mn, k) at
 //     start + (mn / 64) LBO + 2 (mn % 64) + (k / 8) SBO + (k % 8) 128; SBO = 1024 (8 rows of K),
 //     LBO the step from one 64-column panel to the next. A k-step is 2048 bytes (16 rows) on.
@@ -104,35 +106,44 @@ struct Op {
 };
 inline AsyncGroups<Op>& state() { return AsyncGroups<Op>::of_this_thread(); }
 
-// Element (mn, k) of the 128-byte-swizzled operand `desc`, K-major or MN-major (k < 16: one
-// k-step).
+// Element (mn, k) of the 128-byte-swizzled operand `desc`, K-major or MN-major (16-bit only),
+// k within one 32-byte k-step. tf32 reads the 19 bits the format keeps (the kernels round the
+// staged words first).
 template <typename T, bool kMnMajor>
 inline float operand(unsigned long long desc, int mn, int k) {
+    constexpr unsigned kBytes = std::is_same<T, tf32>::value ? 4 : 2;
     const unsigned start = static_cast<unsigned>(desc & 0x3fffu) << 4;
     const unsigned leading = static_cast<unsigned>((desc >> 16) & 0x3fffu) << 4;
     const unsigned stride = static_cast<unsigned>((desc >> 32) & 0x3fffu) << 4;
     if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) __trap();  // only the layout this file makes
     const unsigned logical = kMnMajor ? start + (mn / 64) * leading + 2 * (mn % 64) + (k / 8) * stride +
                                             (k % 8) * kSwizzleRowBytes
-                                      : start + (mn / 8) * stride + (mn % 8) * kSwizzleRowBytes + 2 * k;
+                                      : start + (mn / 8) * stride + (mn % 8) * kSwizzleRowBytes + kBytes * k;
     const unsigned address = logical ^ (((logical >> 7) & 7) << 4);
     const unsigned long long bytes = interp::dynamic_shared_bytes();
-    if (address < kInterpSharedWindow || address + 2 > kInterpSharedWindow + bytes) __trap();
-    unsigned short bits;
-    std::memcpy(&bits, static_cast<const unsigned char*>(interp::dynamic_shared_ptr()) + (address - kInterpSharedWindow),
-                2);
-    return half_bits_to_float<T>(bits);
+    if (address < kInterpSharedWindow || address + kBytes > kInterpSharedWindow + bytes) __trap();
+    const unsigned char* at = static_cast<const unsigned char*>(interp::dynamic_shared_ptr()) + (address - kInterpSharedWindow);
+    if constexpr (kBytes == 4) {
+        unsigned word;
+        std::memcpy(&word, at, 4);
+        return __uint_as_float(word & 0xffffe000u);
+    } else {
+        unsigned short bits;
+        std::memcpy(&bits, at, 2);
+        return half_bits_to_float<T>(bits);
+    }
 }
 
-// This thread's accumulators of one m64nNk16.
+// This thread's accumulators of one m64nNk16 (tf32: m64nNk8).
 template <typename T, int N, bool kTransA, bool kTransB>
 inline void run(const Op& op) {
+    constexpr int kSteps = std::is_same<T, tf32>::value ? 8 : 16;
     const int linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
     const int lane = linear % 32, g = lane / 4, t = lane % 4, row0 = 16 * ((linear / 32) % 4);
     for (int i = 0; i < N / 2; ++i) {
         const int row = row0 + g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t + i % 2;
         float sum = op.accumulate ? op.d[i] : 0.0f;
-        for (int k = 0; k < 16; ++k) sum += operand<T, kTransA>(op.a, row, k) * operand<T, kTransB>(op.b, col, k);
+        for (int k = 0; k < kSteps; ++k) sum += operand<T, kTransA>(op.a, row, k) * operand<T, kTransB>(op.b, col, k);
         op.d[i] = sum;
     }
 }
@@ -188,15 +199,20 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
-// d (+)= A B for the warpgroup's 64 x N x 16 step (N = 16, 32 or 64): A (64 x 16) and B (16 x N)
-// 128-byte swizzled in shared memory, given by their descriptors, K-major unless kTransA /
-// kTransB (MN-major); `accumulate` false overwrites d. Every thread of the warpgroup calls it
+// d (+)= A B for the warpgroup's 64 x N step over one 32-byte k-step of the operands' rows:
+// 16 bf16 / f16 elements (m64nNk16, N = 16, 32 or 64), or 8 tf32 ones (T = tf32: f32 words
+// already rounded to tf32; m64n32k8, K-major only). A (64 x k) and B (k x N) 128-byte swizzled in
+// shared memory, given by their descriptors, K-major unless kTransA / kTransB (MN-major);
+// `accumulate` false overwrites d. Every thread of the warpgroup calls it
 // together. Asynchronous: d is this thread's N / 2 accumulators, valid after the wgmma_wait
 // covering the op's commit group.
 template <typename T, int N, bool kTransA = false, bool kTransB = false>
-__device__ __forceinline__ void wgmma_64xNx16(float* d, unsigned long long a, unsigned long long b, bool accumulate) {
-    static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit operands");
+__device__ __forceinline__ void wgmma_k_step(float* d, unsigned long long a, unsigned long long b, bool accumulate) {
+    constexpr bool kTf32 = std::is_same<T, tf32>::value;
+    static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value || kTf32,
+                  "bf16, f16 or tf32 operands");
     static_assert(N == 16 || N == 32 || N == 64, "the shapes the crate's kernels use");
+    static_assert(!kTf32 || (N == 32 && !kTransA && !kTransB), "tf32: K-major m64n32k8 (the forward's)");
 #if defined(CONTRA_INTERP)
     const warpgroup_mma::Op op{d, a, b, accumulate, warpgroup_mma::run<T, N, kTransA, kTransB>};
     const int linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
@@ -230,7 +246,15 @@ __device__ __forceinline__ void wgmma_64xNx16(float* d, unsigned long long a, un
                    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
                    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])  \
                  : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)), "n"(int(kTransA)), "n"(int(kTransB)))
-    if constexpr (N == 16 && kBf16) {
+    if constexpr (kTf32) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                       "+f"(d[15])
+                     : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
+    } else if constexpr (N == 16 && kBf16) {
         CONTRA_WGMMA_16("bf16");
     } else if constexpr (N == 16) {
         CONTRA_WGMMA_16("f16");

@@ -96,10 +96,12 @@ if wants tensor; then
     run "NT-Xent N=$n bf16, key ranges" 60 "$bundle/contra" ntxent-timing --device cuda --n "$n" --dim 256 --repeats 5 --precision bf16
     run "NT-Xent N=$n bf16, whole sweeps" 60 env CONTRA_KEY_RANGES=off "$bundle/contra" ntxent-timing --device cuda --n "$n" --dim 256 --repeats 5 --precision bf16
   done
-  section "Hopper's wgmma forward (docs/kernels.md, session 16): NT-Xent bf16 forward + backward, D = 256, with the sm_90a forward and without it (CONTRA_WGMMA=off; only a compute capability 9.0 GPU runs it)"
-  for n in 16384 65536; do
-    run "NT-Xent N=$n bf16, wgmma forward" 60 "$bundle/contra" ntxent-timing --device cuda --n "$n" --dim 256 --repeats 5 --precision bf16
-    run "NT-Xent N=$n bf16, mma.sync forward" 60 env CONTRA_WGMMA=off "$bundle/contra" ntxent-timing --device cuda --n "$n" --dim 256 --repeats 5 --precision bf16
+  section "Hopper's wgmma kernels (docs/kernels.md, sessions 16 and 17): NT-Xent forward + backward, D = 256, bf16 (wgmma forward and backward) and tf32 (wgmma forward), with the sm_90a kernels and without them (CONTRA_WGMMA=off; only a compute capability 9.0 GPU runs them)"
+  for precision in bf16 tf32; do
+    for n in 16384 65536; do
+      run "NT-Xent N=$n $precision, wgmma" 60 "$bundle/contra" ntxent-timing --device cuda --n "$n" --dim 256 --repeats 5 --precision "$precision"
+      run "NT-Xent N=$n $precision, mma.sync" 60 env CONTRA_WGMMA=off "$bundle/contra" ntxent-timing --device cuda --n "$n" --dim 256 --repeats 5 --precision "$precision"
+    done
   done
   section "At the tensor-core shapes (same card): NT-Xent, CLIP, SupCon and MoCo forward + backward, contra (public API) vs kernels (kernel-only) vs PyTorch eager (tf32: allow_tf32)"
   for precision in ${CONTRA_GPU_PRECISIONS:-bf16 tf32}; do

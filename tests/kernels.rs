@@ -750,10 +750,11 @@ fn tf32_mma_and_rounding_follow_the_ptx_isa() {
 /// Hopper's warpgroup MMA (kernels/wgmma.cuh) follows the PTX ISA: operands in the 128-byte
 /// swizzle described by their shared-memory descriptors, K-major (a k-step 32 bytes on) and
 /// MN-major (a whole 64-column panel, a k-step 16 rows on, as the wgmma backward reads the key
-/// tile, G and the query rows), and the accumulators of thread 32 w + 4 g + t at row
-/// 16 w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2 t + i % 2; the first op of a chain ignores
-/// what the accumulators held (NaN). On a Hopper GPU this checks the hardware against what the
-/// interpreted mode emulates; elsewhere the GPU run is reported as skipped.
+/// tile, G and the query rows), bf16 and tf32 (K-major, 8 f32 words a k-step), and the
+/// accumulators of thread 32 w + 4 g + t at row 16 w + g + 8 ((i / 2) % 2), column
+/// 8 (i / 4) + 2 t + i % 2; the first op of a chain ignores what the accumulators held (NaN). On
+/// a Hopper GPU this checks the hardware against what the interpreted mode emulates; elsewhere
+/// the GPU run is reported as skipped.
 #[test]
 fn wgmma_follows_the_ptx_isa() {
     common::on_kernel_devices("wgmma", |device| {
@@ -770,13 +771,17 @@ fn wgmma_follows_the_ptx_isa() {
         let b = |row: usize, k: usize| ((5 * row + 11 * k) % 13) as f64 - 6.0;
         type Product<'a> = &'a dyn Fn(usize, usize) -> f64;
         // (name, first word, words per thread, the product): D = A B[0..32)^T with both operands
-        // K-major (the panels' rows are M and N), E = A^T B with both MN-major (their rows are K).
-        let products: [(&str, usize, usize, Product); 2] = [
+        // K-major (the panels' rows are M and N), E = A^T B with both MN-major (their rows are K),
+        // F = A' B'^T in tf32 over the first 32 columns, K-major.
+        let products: [(&str, usize, usize, Product); 3] = [
             ("D", 0, 16, &|row, col| {
                 (0..64).map(|k| a(row, k) * b(col, k)).sum()
             }),
             ("E", 2048, 32, &|row, col| {
                 (0..64).map(|k| a(k, row) * b(k, col)).sum()
+            }),
+            ("F", 6144, 16, &|row, col| {
+                (0..32).map(|k| a(row, k) * b(col, k)).sum()
             }),
         ];
         for (name, first, per_thread, want) in products {

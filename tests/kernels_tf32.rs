@@ -209,3 +209,31 @@ fn tf32_sweeps_split_their_key_ranges() {
         )
     });
 }
+
+/// On a modelled Hopper GPU every loss of the family with f32 inputs under TF32 runs its sm_90a
+/// forward (`infonce_fwd_wgmma_<loss>_tf32`: panels of 32 f32 features, 128-byte swizzled, each
+/// word rounded to tf32 in shared memory before wgmma m64n32k8 reads it) and matches the CPU at
+/// the tf32 tolerance. Widths: 19 (one panel, zeros past the features), 40 and 72 (two and three
+/// panels), 136 (five) and 256 (eight, the widest its 96 KB hold); 130 rows make three row tiles.
+#[test]
+fn wgmma_tf32_forwards_match_cpu() {
+    let _hopper = ModelledHopper::on();
+    let mut rng = StdRng::seed_from_u64(0x7f37);
+    for d in [19, 40, 72, 136, 256] {
+        let cases = [
+            ("ntxent", ntxent_case(&mut rng, 130, d)),
+            ("supcon", supcon_case(&mut rng, 45, 3, d)),
+            ("clip", clip_case(&mut rng, 130, d)),
+            ("infonce", infonce_case(&mut rng, 70, 150, d, true)),
+        ];
+        for (loss, case) in &cases {
+            let launched = kernel_names(&compare_tf32_softmax(Device::Interp, case));
+            let want = format!("infonce_fwd_wgmma_{loss}_tf32");
+            assert!(
+                launched.iter().any(|k| *k == want),
+                "{}: {want} did not run: {launched:?}",
+                case.name
+            );
+        }
+    }
+}

@@ -54,29 +54,31 @@ fn resident_rows_bytes(elem: Elem, dim: usize) -> Option<usize> {
 }
 
 /// Dynamic shared memory of the wgmma forward (kernels/infonce_wgmma.cuh) at `dim` features: a
-/// 1024-byte alignment margin, the query rows in 8 KB panels of 64 features and RESIDENT_STAGES
-/// 8 KB key slices; None unless the backend runs the sm_90a kernels, the operands are 16-bit and
-/// the rows fit in `RESIDENT_MAX_BYTES`.
+/// 1024-byte alignment margin, the query rows in 8 KB panels (of 64 16-bit features or 32 tf32
+/// ones) and RESIDENT_STAGES 8 KB key slices; None unless the backend runs the sm_90a kernels,
+/// the operands go to the tensor cores (16-bit, or f32 under TF32) and the rows fit in
+/// `RESIDENT_MAX_BYTES` (up to 512 16-bit features, 256 tf32).
 fn wgmma_rows_bytes<B: Backend>(b: &B, elem: Elem, dim: usize) -> Option<usize> {
-    if !matches!(elem, Elem::Bf16 | Elem::F16) || !b.runs_sm90a() {
+    let (word, _, _) = tensor_core_operands(elem)?;
+    if !b.runs_sm90a() {
         return None;
     }
-    let bytes = wgmma_panels(dim)
+    let bytes = wgmma_panels(dim, word)
         .checked_add(RESIDENT_STAGES)?
         .checked_mul(WGMMA_PANEL_BYTES)?
         .checked_add(WGMMA_ALIGNMENT)?;
     (bytes <= RESIDENT_MAX_BYTES).then_some(bytes)
 }
 
-/// The sm_90a kernels' operands: panels of 64 features, 128 bytes a row (kernels/wgmma.cuh),
-/// from a 1024-aligned shared address that the launch leaves room for.
-const WGMMA_PANEL_FEATURES: usize = 64;
-const WGMMA_PANEL_BYTES: usize = TILE * 128;
+/// The sm_90a kernels' operands: panels of 128-byte rows (64 16-bit features, 32 tf32;
+/// kernels/wgmma.cuh), from a 1024-aligned shared address that the launch leaves room for.
+const WGMMA_ROW_BYTES: usize = 128;
+const WGMMA_PANEL_BYTES: usize = TILE * WGMMA_ROW_BYTES;
 const WGMMA_ALIGNMENT: usize = 1024;
 
-/// The 64-feature panels that hold `dim` features (at least one).
-fn wgmma_panels(dim: usize) -> usize {
-    dim.div_ceil(WGMMA_PANEL_FEATURES).max(1)
+/// The panels that hold `dim` features of `word`-byte operands (at least one).
+fn wgmma_panels(dim: usize, word: usize) -> usize {
+    dim.div_ceil(WGMMA_ROW_BYTES / word).max(1)
 }
 
 /// Hopper's fused backward (`infonce_bwd_wgmma_<width>_<bf16|f16>`, kernels/infonce_sm90a.cu)
@@ -92,7 +94,7 @@ fn wgmma_backward<B: Backend>(
     if dim > FUSED_MAX_DIM || !b.runs_sm90a() {
         return None;
     }
-    let panels = wgmma_panels(dim);
+    let panels = wgmma_panels(dim, 2);
     let kernel = match (elem, panels) {
         (Elem::Bf16, 1) => handles::INFONCE_BWD_WGMMA_64_BF16,
         (Elem::Bf16, 2) => handles::INFONCE_BWD_WGMMA_128_BF16,
@@ -798,6 +800,19 @@ mod tests {
             assert_eq!(resident_rows_bytes(Elem::F32, 300), None);
         });
         assert_eq!(resident_rows_bytes(Elem::Bf16, usize::MAX), None);
+    }
+
+    #[test]
+    fn wgmma_panels_hold_128_bytes_of_each_row() {
+        // 64 16-bit features or 32 tf32 ones a panel (kPanelFeatures in kernels/infonce_wgmma.cuh).
+        assert_eq!(wgmma_panels(64, 2), 1);
+        assert_eq!(wgmma_panels(65, 2), 2);
+        assert_eq!(wgmma_panels(256, 2), 4);
+        assert_eq!(wgmma_panels(19, 4), 1);
+        assert_eq!(wgmma_panels(33, 4), 2);
+        assert_eq!(wgmma_panels(256, 4), 8);
+        // An empty row still stages one panel (of zeros).
+        assert_eq!(wgmma_panels(0, 4), 1);
     }
 
     #[test]

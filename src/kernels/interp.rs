@@ -366,7 +366,8 @@ pub fn tf32_mma_fragments(device: crate::Device, values: &[f32; 32]) -> Result<V
 
 /// The words of `wgmma_test` (kernels/fragments_sm90a.cu) on `device`: 128 threads x 16
 /// accumulators (f32 bits) of a known 64 x 32 x 64 bf16 product by Hopper's warpgroup MMA with
-/// K-major operands, then 128 x 32 of a 64 x 64 x 64 one with MN-major operands. The
+/// K-major operands, then 128 x 32 of a 64 x 64 x 64 one with MN-major operands, then 128 x 16
+/// of a 64 x 32 x 32 tf32 one with K-major operands. The
 /// interpreted mode always runs it (emulated); a GPU only where it runs the sm_90a kernels.
 pub fn wgmma_fragments(device: crate::Device) -> Result<Vec<u32>> {
     crate::kernels::run_on_kernels!(device, b => {
@@ -376,15 +377,15 @@ pub fn wgmma_fragments(device: crate::Device) -> Result<Vec<u32>> {
                  CONTRA_WGMMA=off)"
             )));
         }
-        let y = b.output("y", 128 * 48)?;
+        let y = b.output("y", 128 * 64)?;
         let params = ContraNormalizeParams {
             y: b.ptr(&y),
             rows: 1,
-            dim: 128 * 48,
+            dim: 128 * 64,
             ..Default::default()
         };
         let launch = Launch {
-            shared_bytes: 1024 + 128 * 128,
+            shared_bytes: 1024 + 224 * 128,
             ..Launch::linear(1, 128)
         };
         b.launch(handles::WGMMA_TEST, launch, &params, &[&y])?;

@@ -284,24 +284,15 @@ fn wgmma_forwards_match_cpu() {
         .flat_map(|t| [(t, 19), (t, 40), (t, 72), (t, 136), (t, 256)])
     {
         let suffix = kernel_suffix(dtype);
-        let cases = [
-            ("ntxent", ntxent_case(&mut rng, 130, d)),
-            ("supcon", supcon_case(&mut rng, 45, 3, d)),
-            ("clip", clip_case(&mut rng, 130, d)),
-            ("infonce", infonce_case(&mut rng, 70, 150, d, true)),
-        ];
-        for (loss, case) in &cases {
+        for (loss, case) in &fixed_loss_cases(&mut rng, d) {
             let launched = kernel_names(&compare_half_case(Device::Interp, dtype, case));
             let width = d.div_ceil(64) * 64;
             for want in [
                 format!("infonce_fwd_wgmma_{loss}_{suffix}"),
                 format!("infonce_bwd_wgmma_{width}_{suffix}"),
             ] {
-                assert!(
-                    launched.iter().any(|k| *k == want),
-                    "{} {dtype}: {want} did not run: {launched:?}",
-                    case.name
-                );
+                let name = format!("{} {dtype}", case.name);
+                assert_ran_on_interp(Device::Interp, &launched, &want, &name);
             }
         }
     }

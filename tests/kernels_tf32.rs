@@ -220,20 +220,10 @@ fn wgmma_tf32_forwards_match_cpu() {
     let _hopper = ModelledHopper::on();
     let mut rng = StdRng::seed_from_u64(0x7f37);
     for d in [19, 40, 72, 136, 256] {
-        let cases = [
-            ("ntxent", ntxent_case(&mut rng, 130, d)),
-            ("supcon", supcon_case(&mut rng, 45, 3, d)),
-            ("clip", clip_case(&mut rng, 130, d)),
-            ("infonce", infonce_case(&mut rng, 70, 150, d, true)),
-        ];
-        for (loss, case) in &cases {
+        for (loss, case) in &fixed_loss_cases(&mut rng, d) {
             let launched = kernel_names(&compare_tf32_softmax(Device::Interp, case));
             let want = format!("infonce_fwd_wgmma_{loss}_tf32");
-            assert!(
-                launched.iter().any(|k| *k == want),
-                "{}: {want} did not run: {launched:?}",
-                case.name
-            );
+            assert_ran_on_interp(Device::Interp, &launched, &want, &case.name);
         }
     }
 }

@@ -290,6 +290,18 @@ pub fn ntxent_case(rng: &mut StdRng, rows: usize, d: usize) -> LossCase {
     }
 }
 
+/// The InfoNCE family's four instantiated losses at `d` features, each with the name its
+/// per-loss kernels carry (`infonce_fwd_<path>_<loss>_<type>`): NT-Xent of 130 rows (three row
+/// tiles), SupCon of 45 samples x 3 views, CLIP of 130 pairs, InfoNCE of 70 x 150, normalized.
+pub fn fixed_loss_cases(rng: &mut StdRng, d: usize) -> [(&'static str, LossCase); 4] {
+    [
+        ("ntxent", ntxent_case(rng, 130, d)),
+        ("supcon", supcon_case(rng, 45, 3, d)),
+        ("clip", clip_case(rng, 130, d)),
+        ("infonce", infonce_case(rng, 70, 150, d, true)),
+    ]
+}
+
 /// CLIP of `n` pairs at the CLIP init scale (1 / 0.07).
 pub fn clip_case(rng: &mut StdRng, n: usize, d: usize) -> LossCase {
     let a = random_matrix(rng, n, d);

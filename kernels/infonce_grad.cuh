@@ -145,9 +145,9 @@ struct GradRows {
           g_unscale(power_of_two(-normalizing_exponent(scale * fabsf(p.grad_scale)))) {}
 
     // G of the part whose fragment element (nt, 2 h + e) is key col0 + 8 nt + e of row h:
-    // store(h, nt, g_scale G at e = 0, g_scale G at e = 1) per row and n8 tile. Each column's end is loaded once
-    // for its two rows; indices past the matrix read the last row / column and the value is
-    // zeroed, so the loop has no branch around its loads and exponentials.
+    // store(h, nt, g_scale G at e = 0, g_scale G at e = 1) per row and n8 tile. Each column's
+    // end is loaded once for its two rows; indices past the matrix read the last row / column
+    // and the value is zeroed, so the loop has no branch around its loads and exponentials.
     template <typename Store>
     __device__ __forceinline__ void tile(const ContraInfonceBwdParams& p, float scale, int col0,
                                          const float d[kFusedTiles][4], Store store) const {

@@ -3,8 +3,8 @@
 // compute capability 9.0).
 //
 // The forward is infonce_fwd_tensor_cores with the key sweep of infonce_wgmma.cuh: query rows
-// resident in swizzled panels, keys streamed by cp.async, scores by wgmma m64n32k16 straight from
-// shared memory, the statistics from the accumulators as on the other tensor-core paths. One
+// resident in swizzled panels, keys streamed by cp.async, scores by wgmma m64n32k16 (tf32:
+// m64n32k8) straight from shared memory, the statistics from the accumulators as on the other tensor-core paths. One
 // kernel per loss of the family, as infonce_fwd_resident_* (infonce.cu), for bf16 / f16 operands
 // and f32 ones as tf32 (rounded in shared memory); the exact f32 instantiations stop (the host
 // never picks them).

@@ -11,10 +11,11 @@
 // 32; a panel row is 128 bytes), then
 // kResidentStages stages of one 64-key x 64-feature slice each, every panel 128-byte swizzled.
 // Keys stream through the stages as in ResidentSweep: cp.async, one unit per slice, a pipeline
-// that runs on from tile to tile. src/kernels/infonce.rs computes the same size. wgmma reads
-// tf32 operands as the top 19 bits of each f32 word (truncated), so each thread rounds the words
-// it copied to tf32 in place (cvt.rna, as the mma.sync kernels round their fragments) once its
-// copy has landed, before the fence and barrier that publish the stage.
+// that runs on from tile to tile. src/kernels/infonce.rs computes the same size. wgmma takes tf32
+// operands straight from shared memory as f32 words, with no rounding on the way (dropping their
+// low 13 bits would truncate), so each thread rounds the words it copied to tf32 in place
+// (cvt.rna, as the mma.sync kernels round each fragment they load) once its copy has landed,
+// before the fence and barrier that publish the stage.
 #pragma once
 #include "infonce_grad.cuh"
 #include "wgmma.cuh"

@@ -162,11 +162,11 @@ fn kernel_suffix(dtype: DType) -> &'static str {
 }
 
 /// The tensor-core kernels keep the block's query rows resident in dynamic shared memory where
-/// they fit: the forward (`infonce_fwd_resident_*`, per loss) up to 96 KB (544 features), the backward's
-/// S recompute (`infonce_bwd_resident_*`) as well past the fused backward's 256 features, for
-/// bf16 and for f16 while two blocks still
-/// share an SM (up to 416 features); beyond, `infonce_fwd_*` / `infonce_bwd_*` re-stage them per
-/// key tile. Every path matches the CPU. 130 x 150: three key tiles per block, so the key
+/// they fit: the forward (`infonce_fwd_resident_*`, per loss) up to 96 KB (544 features), the
+/// backward's S recompute (`infonce_bwd_resident_*`) as well past the fused backward's 256
+/// features, for bf16 and for f16 while two blocks still share an SM (up to 416 features);
+/// beyond, `infonce_fwd_*` / `infonce_bwd_*` re-stage them per key tile. Every path matches the
+/// CPU. 130 x 150: three key tiles per block, so the key
 /// pipeline runs from one tile into the next, and the backward's rotated start tiles differ.
 #[test]
 fn half_kernels_keep_rows_resident_where_they_fit() {

@@ -83,8 +83,8 @@ fn wgmma_panels(dim: usize, word: usize) -> usize {
 
 /// Hopper's fused backward (`infonce_bwd_wgmma_<width>_<bf16|f16>`, kernels/infonce_sm90a.cu)
 /// where the backend runs the sm_90a kernels: bf16 and f16 up to `FUSED_MAX_DIM` features, the
-/// narrowest of its four widths that holds `dim`, with its dynamic shared memory (the rows, two key tiles and G:
-/// 105 KB at D = 256) where it fits the `per_block` bytes the GPU gives a block.
+/// narrowest of its four widths that holds `dim`, with its dynamic shared memory (the rows, two
+/// key tiles and G: 105 KB at D = 256) where it fits the `per_block` bytes the GPU gives a block.
 fn wgmma_backward<B: Backend>(
     b: &B,
     elem: Elem,
@@ -411,12 +411,12 @@ const FUSED_STATIC_SHARED: usize = 16 * 4;
 /// (`infonce_bwd_fused_bf16`: its 8-warp form measured faster than the resident backward on an
 /// H200; the 16-warp form not measured yet) and f16 (`infonce_bwd_fused_f16`, G scaled by a
 /// power of two into f16's range; in place of the resident backward, whose f16 products run on
-/// CUDA cores) up to `FUSED_MAX_DIM` features; f32 as tf32 (`infonce_bwd_fused_tf32`, 217 KB at D = 256) where the
-/// resident backward does not fit two blocks per SM (past 208 features), in place of the
-/// re-staging `infonce_bwd` (not measured yet: the tf32 resident backward keeps the narrower
-/// rows until a GPU run compares the two). Only where it fits the `per_block` bytes of shared
-/// memory the GPU gives a block (an A100's 163 KB holds the bf16 layout, not the tf32 one at
-/// D = 256); None otherwise.
+/// CUDA cores) up to `FUSED_MAX_DIM` features; f32 as tf32 (`infonce_bwd_fused_tf32`, 217 KB at
+/// D = 256) where the resident backward does not fit two blocks per SM (past 208 features), in
+/// place of the re-staging `infonce_bwd` (not measured yet: the tf32 resident backward keeps the
+/// narrower rows until a GPU run compares the two). Only where it fits the `per_block` bytes of
+/// shared memory the GPU gives a block (an A100's 163 KB holds the 16-bit layout, not the tf32
+/// one at D = 256); None otherwise.
 fn fused_backward(
     elem: Elem,
     dim: usize,

@@ -9,10 +9,26 @@
 __device__ __forceinline__ float wgmma_test_a(int row, int k) { return static_cast<float>((7 * row + 3 * k) % 17 - 8); }
 __device__ __forceinline__ float wgmma_test_b(int row, int k) { return static_cast<float>((5 * row + 11 * k) % 13 - 6); }
 
+// Four k-steps of a 64 x N product by the warpgroup, k-step ks reading the operands a_of(ks) and
+// b_of(ks), onto accumulators that hold NaN (the first op must overwrite them); thread tid's N / 2
+// accumulators go to out[first + N / 2 tid + i] as f32 bits.
+template <typename T, int N, bool kTransA = false, bool kTransB = false, typename A, typename B>
+__device__ __forceinline__ void wgmma_test_product(unsigned* out, int first, A a_of, B b_of) {
+    float d[N / 2];
+    for (int i = 0; i < N / 2; ++i) d[i] = __int_as_float(0x7fc00000);
+    contra::wgmma_fence(d, N / 2);
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) contra::wgmma_k_step<T, N, kTransA, kTransB>(d, a_of(ks), b_of(ks), ks > 0);
+    contra::wgmma_commit();
+    contra::wgmma_wait<0>();
+    contra::wgmma_fence_operands(d, N / 2);
+    for (int i = 0; i < N / 2; ++i) out[first + N / 2 * threadIdx.x + i] = __float_as_uint(d[i]);
+}
+
 // One warpgroup (128 threads) and 1024 + 28 KB of dynamic shared memory: panels A and B of 64
 // rows and 64 columns each, bf16, and A' (64 rows) and B' (32 rows) of 32 f32 columns, each
-// 128-byte swizzled (written element by element with plain stores). Then two products by four k-steps each, each first op overwriting accumulators that
-// hold NaN: D = A B[0..32)^T with both operands K-major (wgmma m64n32k16, a k-step 32 bytes
+// 128-byte swizzled (written element by element with plain stores). Then three products
+// (wgmma_test_product: four k-steps, onto NaN accumulators): D = A B[0..32)^T with both operands K-major (wgmma m64n32k16, a k-step 32 bytes
 // into the rows), y[16 tid + i] receiving thread tid's d[i] (f32 bits); and E = A^T B with both
 // MN-major (the panels' rows are K, a k-step 16 rows on; m64n64k16, as the wgmma backward's dQ
 // and dK products), y[2048 + 32 tid + i] receiving e[i]; then F = A' B'^T, both K-major tf32
@@ -43,43 +59,18 @@ extern "C" __global__ void wgmma_test(const ContraNormalizeParams p) {
     contra::fence_async_shared();
     __syncthreads();
     unsigned* out = static_cast<unsigned*>(p.y);
-    float d[16];
-    for (int i = 0; i < 16; ++i) d[i] = __int_as_float(0x7fc00000);
     const unsigned a_address = contra::shared_window(a), b_address = contra::shared_window(b);
-    contra::wgmma_fence(d, 16);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-        contra::wgmma_k_step<__nv_bfloat16, 32>(d, contra::swizzled_operand(a_address + 32 * ks),
-                                              contra::swizzled_operand(b_address + 32 * ks), ks > 0);
-    contra::wgmma_commit();
-    contra::wgmma_wait<0>();
-    contra::wgmma_fence_operands(d, 16);
-    for (int i = 0; i < 16; ++i) out[16 * tid + i] = __float_as_uint(d[i]);
-    float e[32];
-    for (int i = 0; i < 32; ++i) e[i] = __int_as_float(0x7fc00000);
-    contra::wgmma_fence(e, 32);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-        const unsigned rows = 16 * contra::kSwizzleRowBytes * ks;
-        contra::wgmma_k_step<__nv_bfloat16, 64, true, true>(e, contra::swizzled_descriptor(a_address + rows, kPanel),
-                                                              contra::swizzled_descriptor(b_address + rows, kPanel),
-                                                              ks > 0);
-    }
-    contra::wgmma_commit();
-    contra::wgmma_wait<0>();
-    contra::wgmma_fence_operands(e, 32);
-    for (int i = 0; i < 32; ++i) out[2048 + 32 * tid + i] = __float_as_uint(e[i]);
-    float f[16];
-    for (int i = 0; i < 16; ++i) f[i] = __int_as_float(0x7fc00000);
     const unsigned a32_address = contra::shared_window(a32), b32_address = contra::shared_window(b32);
-    contra::wgmma_fence(f, 16);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-        contra::wgmma_k_step<contra::tf32, 32>(f, contra::swizzled_operand(a32_address + 32 * ks),
-                                               contra::swizzled_operand(b32_address + 32 * ks), ks > 0);
-    contra::wgmma_commit();
-    contra::wgmma_wait<0>();
-    contra::wgmma_fence_operands(f, 16);
-    for (int i = 0; i < 16; ++i) out[6144 + 16 * tid + i] = __float_as_uint(f[i]);
+    const auto k_major = [](unsigned address) {
+        return [address](int ks) { return contra::swizzled_operand(address + 32 * ks); };
+    };
+    const auto mn_major = [kPanel](unsigned address) {
+        return [address, kPanel](int ks) {
+            return contra::swizzled_descriptor(address + 16 * contra::kSwizzleRowBytes * ks, kPanel);
+        };
+    };
+    wgmma_test_product<__nv_bfloat16, 32>(out, 0, k_major(a_address), k_major(b_address));
+    wgmma_test_product<__nv_bfloat16, 64, true, true>(out, 2048, mn_major(a_address), mn_major(b_address));
+    wgmma_test_product<contra::tf32, 32>(out, 6144, k_major(a32_address), k_major(b32_address));
 }
 INTERP_EXPORT(wgmma_test, ContraNormalizeParams)

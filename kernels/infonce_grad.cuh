@@ -135,14 +135,16 @@ template <typename Loss>
 struct GradRows {
     int rows_at[2];
     LogitEnd row_end[2];
+    int g_exponent;
     float g_scale, g_unscale;
     mutable float log_scale_acc = 0.0f;  // CLIP: this thread's share of sum_ij dlogit_ij * logit_ij
 
     __device__ __forceinline__ GradRows(const ContraInfonceBwdParams& p, float scale, int row0)
         : rows_at{row0, row0 + 8},
           row_end{LogitEnd::load<Loss>(p, min(row0, p.rows - 1)), LogitEnd::load<Loss>(p, min(row0 + 8, p.rows - 1))},
-          g_scale(power_of_two(normalizing_exponent(scale * fabsf(p.grad_scale)))),
-          g_unscale(power_of_two(-normalizing_exponent(scale * fabsf(p.grad_scale)))) {}
+          g_exponent(normalizing_exponent(scale * fabsf(p.grad_scale))),
+          g_scale(power_of_two(g_exponent)),
+          g_unscale(power_of_two(-g_exponent)) {}
 
     // G of the part whose fragment element (nt, 2 h + e) is key col0 + 8 nt + e of row h:
     // store(h, nt, g_scale G at e = 0, g_scale G at e = 1) per row and n8 tile. Each column's
